@@ -1,0 +1,97 @@
+"""Delayed labels: decisions wait for a purchase within the attribution window.
+
+A purchase by the user labels their latest open decision 1 (or, when it carries ``offer_id``,
+the decision that issued that offer). A decision whose window passes without a purchase is
+labelled 0. Expiry follows event-time progress, never the wall clock, so a live run and a
+backtest of the same events produce the same labels.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class PendingDecision:
+    decision_id: str
+    user_id: str
+    campaign: str
+    ts: int
+    features: Mapping[str, float]
+    discount_pct: float
+    propensity: float
+    model_version: str
+    offer_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class LabelledExample:
+    decision: PendingDecision
+    label: int
+    labeled_at: int
+
+    def to_message(self) -> dict[str, object]:
+        """The training example v1 message."""
+        return {
+            "decision_id": self.decision.decision_id,
+            "features": dict(self.decision.features),
+            "discount_pct": self.decision.discount_pct,
+            "label": self.label,
+            "labeled_at": self.labeled_at,
+        }
+
+
+class PendingLabels:
+    """Open decisions per user, labelled by purchases or by the passing of event time."""
+
+    def __init__(self, attribution_window_ms: int = 24 * 3600 * 1000) -> None:
+        self.attribution_window_ms = attribution_window_ms
+        self._by_user: dict[str, list[PendingDecision]] = {}
+        self._expiry: list[tuple[int, str, str]] = []  # (deadline, decision_id, user_id)
+
+    def __len__(self) -> int:
+        return sum(len(items) for items in self._by_user.values())
+
+    def add(self, decision: PendingDecision) -> None:
+        self._by_user.setdefault(decision.user_id, []).append(decision)
+        deadline = decision.ts + self.attribution_window_ms
+        heapq.heappush(self._expiry, (deadline, decision.decision_id, decision.user_id))
+
+    def on_purchase(
+        self, user_id: str, ts: int, offer_id: str | None = None
+    ) -> LabelledExample | None:
+        """Label the decision this purchase is attributed to, if one is open."""
+        pending = self._by_user.get(user_id)
+        if not pending:
+            return None
+        in_window = [d for d in pending if 0 <= ts - d.ts <= self.attribution_window_ms]
+        chosen: PendingDecision | None = None
+        if offer_id is not None:
+            chosen = next((d for d in in_window if d.offer_id == offer_id), None)
+        if chosen is None and in_window:
+            chosen = max(in_window, key=lambda d: d.ts)
+        if chosen is None:
+            return None
+        pending.remove(chosen)
+        if not pending:
+            del self._by_user[user_id]
+        return LabelledExample(chosen, 1, ts)
+
+    def expire(self, now: int) -> list[LabelledExample]:
+        """Label 0 every open decision whose attribution window ended before ``now``."""
+        examples: list[LabelledExample] = []
+        while self._expiry and self._expiry[0][0] < now:
+            deadline, decision_id, user_id = heapq.heappop(self._expiry)
+            pending = self._by_user.get(user_id)
+            if not pending:
+                continue
+            for index, decision in enumerate(pending):
+                if decision.decision_id == decision_id:
+                    del pending[index]
+                    if not pending:
+                        del self._by_user[user_id]
+                    examples.append(LabelledExample(decision, 0, deadline))
+                    break
+        return examples

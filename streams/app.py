@@ -1,0 +1,140 @@
+"""The composition root of the live worker: settings in, a ready Faust app out.
+
+``bootstrap`` builds every client and the engine once; ``create_app`` wires them into a Faust
+app whose single agent consumes the event topics in micro-batches (``take_events``) and hands
+each batch to ``BatchWorker``. Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+import redis.asyncio as aioredis
+
+from engine.campaigns import Campaign, default_campaigns, load_campaigns
+from engine.pipeline import DiscountEngine, EngineConfig
+from streams.decode import DecodeLimits, RawRecord
+from streams.redis_store import RedisFeatureStore
+from streams.settings import Settings
+from streams.worker import BatchWorker
+
+log = logging.getLogger("dealstream.worker")
+
+
+class FaustSink:
+    """Sends through the Faust app's producer; ``flush`` waits for every delivery."""
+
+    def __init__(self, app: faust.App) -> None:
+        self._app = app
+        self._pending: list[Any] = []
+
+    async def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+    ) -> None:
+        future = await self._app.producer.send(
+            topic, key, value, None, None, list(headers) if headers else None
+        )
+        self._pending.append(future)
+
+    async def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if pending:
+            await asyncio.gather(*pending)
+
+
+@dataclass(slots=True)
+class Runtime:
+    """Everything the worker process owns, built once by ``bootstrap``."""
+
+    settings: Settings
+    redis: aioredis.Redis
+    engine: DiscountEngine
+    campaigns: tuple[Campaign, ...]
+
+
+def bootstrap(settings: Settings, *, redis_client: aioredis.Redis | None = None) -> Runtime:
+    campaigns = (
+        load_campaigns(settings.campaigns_path)
+        if settings.campaigns_path is not None
+        else default_campaigns()
+    )
+    client = redis_client or aioredis.Redis.from_url(settings.redis_url.reveal())
+    store = RedisFeatureStore(client, prefix=settings.redis_prefix)
+    engine = DiscountEngine(
+        store,
+        campaigns=campaigns,
+        config=EngineConfig(
+            allowed_lateness_ms=int(settings.allowed_lateness_s * 1000),
+            attribution_window_ms=int(settings.attribution_window_s * 1000),
+        ),
+    )
+    return Runtime(settings=settings, redis=client, engine=engine, campaigns=campaigns)
+
+
+def _raw_record(message: Any) -> RawRecord:
+    headers = message.headers or ()
+    if isinstance(headers, dict):
+        headers = tuple(headers.items())
+    return RawRecord(
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        key=message.key,
+        value=message.value,
+        timestamp_ms=int(message.timestamp * 1000) if message.timestamp else None,
+        headers=tuple((str(k), bytes(v or b"")) for k, v in headers),
+    )
+
+
+def create_app(runtime: Runtime) -> faust.App:
+    settings = runtime.settings
+    app = faust.App(
+        settings.group_id,
+        broker=f"kafka://{settings.kafka_bootstrap}",
+        key_serializer="raw",
+        value_serializer="raw",
+        store="memory://",
+        topic_replication_factor=1,
+        topic_partitions=settings.partitions,
+        web_port=settings.http_port,
+        web_bind="0.0.0.0",
+        consumer_auto_offset_reset="earliest",
+        autodiscover=False,
+        producer_acks=-1,
+        producer_linger=0.005,
+    )
+    sink = FaustSink(app)
+    worker = BatchWorker(
+        runtime.engine,
+        sink,
+        topics=settings.topics,
+        limits=DecodeLimits(
+            max_message_bytes=settings.max_message_bytes,
+            max_clock_skew_ms=int(settings.max_clock_skew_s * 1000),
+        ),
+    )
+    events_topic = app.topic(*settings.topics.events, key_serializer="raw", value_serializer="raw")
+
+    @app.agent(events_topic, name="dealstream-events")  # type: ignore[misc]
+    async def process_events(stream: faust.StreamT[bytes]) -> None:
+        async for events in stream.take_events(settings.batch_max, within=settings.batch_within_s):
+            await worker.handle([_raw_record(event.message) for event in events])
+            # Outputs are delivered before Faust acks (and later commits) the inputs.
+            await sink.flush()
+
+    @app.timer(interval=5.0)  # type: ignore[misc]
+    async def log_progress() -> None:
+        log.info(json.dumps({"msg": "progress", **worker.counters.as_dict()}))
+
+    app.dealstream_worker = worker  # type: ignore[attr-defined]
+    return app

@@ -1,0 +1,155 @@
+"""``dealstream``: the command line. The only place that reads settings from the environment."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import orjson
+
+from engine.errors import EngineError
+from engine.features import compute_features
+from streams.errors import StreamsError
+from streams.settings import Settings
+
+
+def _cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from streams.run import run_worker
+
+    return run_worker(settings)
+
+
+def _cmd_topics(settings: Settings, args: argparse.Namespace) -> int:
+    from streams.kafka_io import check_kafka, ensure_topics
+
+    async def run() -> list[str]:
+        await check_kafka(settings.kafka_bootstrap)
+        return await ensure_topics(
+            settings.kafka_bootstrap, settings.topics.all, partitions=settings.partitions
+        )
+
+    created = asyncio.run(run())
+    print(f"topics: created {len(created)}, all present: {', '.join(settings.topics.all)}")
+    return 0
+
+
+def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
+    from streams.simulate import simulate_to_file, simulate_to_kafka
+
+    if args.kafka:
+        from streams.kafka_io import check_kafka, ensure_topics
+
+        async def run() -> int:
+            await check_kafka(settings.kafka_bootstrap)
+            await ensure_topics(
+                settings.kafka_bootstrap, settings.topics.all, partitions=settings.partitions
+            )
+            return await simulate_to_kafka(
+                users=args.users,
+                events=args.events,
+                seed=args.seed,
+                bootstrap=settings.kafka_bootstrap,
+                topics=settings.topics,
+                rate=args.rate,
+            )
+
+        sent = asyncio.run(run())
+        print(f"simulate: sent {sent} events to {settings.kafka_bootstrap}", file=sys.stderr)
+        return 0
+    count = simulate_to_file(users=args.users, events=args.events, seed=args.seed, out=args.out)
+    print(f"simulate: wrote {count} events to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _cmd_features(settings: Settings, args: argparse.Namespace) -> int:
+    from streams.tools import read_feature_states
+
+    states = asyncio.run(read_feature_states(settings, args.user_ids))
+    for user_id in args.user_ids:
+        state = states[user_id]
+        vector = compute_features(state) if state else None
+        if args.json:
+            print(orjson.dumps({"user_id": user_id, "features": vector}).decode())
+        elif vector is None:
+            print(f"{user_id}: no history")
+        else:
+            shown = ", ".join(f"{k}={v:g}" for k, v in vector.items() if v)
+            print(f"{user_id}: {shown}")
+    return 0
+
+
+def _cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
+    from streams.tools import forget_user
+
+    removed = asyncio.run(forget_user(settings, args.user_id))
+    print(f"forget: removed {removed} key(s) for the user")
+    return 0
+
+
+def _cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from streams.demo import run_demo
+
+    return run_demo(settings, duration_s=args.duration, rate=args.rate, users=args.users)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dealstream",
+        description="Streaming personalized discounts: Kafka events -> features -> model -> offers.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    worker = sub.add_parser("worker", help="run the stream worker (features, scoring, offers)")
+    worker.set_defaults(handler=_cmd_worker)
+
+    topics = sub.add_parser("topics", help="create the contract's topics when missing")
+    topics.set_defaults(handler=_cmd_topics)
+
+    simulate = sub.add_parser("simulate", help="generate seeded synthetic shopper traffic")
+    simulate.add_argument("--users", type=int, default=1000)
+    simulate.add_argument("--events", type=int, default=10_000)
+    simulate.add_argument("--seed", type=int, default=1)
+    target = simulate.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", type=Path, help="JSONL file to write ('-' for stdout)")
+    target.add_argument("--kafka", action="store_true", help="produce to the event topics")
+    simulate.add_argument("--rate", type=float, default=None, help="events/s (with --kafka)")
+    simulate.set_defaults(handler=_cmd_simulate)
+
+    features = sub.add_parser("features", help="print users' current feature vectors")
+    features.add_argument("user_ids", nargs="+", metavar="USER_ID")
+    features.add_argument("--json", action="store_true", help="one JSON line per user")
+    features.set_defaults(handler=_cmd_features)
+
+    forget = sub.add_parser("forget", help="delete every key stored about a user")
+    forget.add_argument("user_id", metavar="USER_ID")
+    forget.set_defaults(handler=_cmd_forget)
+
+    demo = sub.add_parser("demo", help="worker + simulator, printing offers as they arrive")
+    demo.add_argument("--duration", type=float, default=60.0, help="seconds (0 = until Ctrl-C)")
+    demo.add_argument("--rate", type=float, default=200.0, help="simulated events/s")
+    demo.add_argument("--users", type=int, default=300)
+    demo.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        logging.basicConfig(
+            level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+        )
+        return int(args.handler(settings, args))
+    except (StreamsError, EngineError) as exc:
+        print(f"dealstream: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Kafka plumbing shared by the CLI, the worker and the tools: admin, preflight, producing."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from streams.errors import ServiceUnavailable
+from streams.settings import redact_url
+
+
+async def check_kafka(bootstrap: str, *, timeout_s: float = 10.0) -> None:
+    """Raise ``ServiceUnavailable`` with advice unless a broker answers a metadata request."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    try:
+        await asyncio.wait_for(admin.start(), timeout_s)
+        await asyncio.wait_for(admin.list_topics(), timeout_s)
+    except (TimeoutError, KafkaError, OSError) as exc:
+        raise ServiceUnavailable(
+            f"cannot reach Kafka at {bootstrap} ({type(exc).__name__}): start it with "
+            "`make services` or set DEALSTREAM_KAFKA_BOOTSTRAP"
+        ) from None
+    finally:
+        await admin.close()
+
+
+async def check_redis(client: aioredis.Redis, url: str, *, timeout_s: float = 5.0) -> None:
+    """Raise ``ServiceUnavailable`` with advice unless Redis answers PING."""
+    try:
+        await asyncio.wait_for(client.ping(), timeout_s)
+    except (TimeoutError, OSError, aioredis.RedisError) as exc:
+        raise ServiceUnavailable(
+            f"cannot reach Redis at {redact_url(url)} ({type(exc).__name__}): start it with "
+            "`make services` or set DEALSTREAM_REDIS_URL"
+        ) from None
+
+
+async def ensure_topics(bootstrap: str, names: Sequence[str], *, partitions: int) -> list[str]:
+    """Create the topics that do not exist yet; returns the names it created."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [name for name in names if name not in existing]
+        if missing:
+            try:
+                await admin.create_topics(
+                    [NewTopic(name, num_partitions=partitions, replication_factor=1)
+                     for name in missing]
+                )
+            except TopicAlreadyExistsError:
+                pass
+        return missing
+    finally:
+        await admin.close()
+
+
+class ProducerSink:
+    """An aiokafka producer behind the worker's ``Sink`` interface; sends are not awaited one
+    by one: ``flush`` waits for every pending delivery."""
+
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self._producer = producer
+        self._pending: list[asyncio.Future[Any]] = []
+
+    @classmethod
+    def create(cls, bootstrap: str, **options: Any) -> ProducerSink:
+        options.setdefault("linger_ms", 5)
+        options.setdefault("acks", "all")
+        options.setdefault("enable_idempotence", True)
+        return cls(AIOKafkaProducer(bootstrap_servers=bootstrap, **options))
+
+    async def start(self) -> None:
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        await self.flush()
+        await self._producer.stop()
+
+    async def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+        timestamp_ms: int | None = None,
+    ) -> None:
+        future = await self._producer.send(
+            topic,
+            value=value,
+            key=key,
+            headers=list(headers) if headers else None,
+            timestamp_ms=timestamp_ms,
+        )
+        self._pending.append(future)
+        if len(self._pending) >= 10_000:
+            await self.flush()
+
+    async def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if pending:
+            await asyncio.gather(*pending)

@@ -1,0 +1,103 @@
+"""The Redis feature store: one Lua call per micro-batch, same contract as the in-memory store.
+
+Keys (``P`` = the configured key prefix, ``V`` = the feature catalogue version):
+
+- ``P f V :{user}``  hash of the user's raw feature state (see ``engine/features.py``)
+- ``P d V :{user}``  sorted set of the user's recent event ids (dedup within allowed lateness)
+- ``P wm``           hash of per-partition offset watermarks ``<topic>:<partition>``
+
+The ``{user}`` part is a Redis Cluster hash tag, so a user's keys share a slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from engine.features import CATALOGUE_VERSION, LONGEST_WINDOW_MS, State
+from engine.store import BatchOutcome, StateUpdate, UpdateStatus
+
+TTL_MARGIN_S = 24 * 3600
+"""Keys outlive the longest window by a day, so a quiet user's history expires on its own."""
+
+
+def _decode_state(flat: Sequence[bytes]) -> State:
+    return {flat[k].decode(): float(flat[k + 1]) for k in range(0, len(flat), 2)}
+
+
+class RedisFeatureStore:
+    """Feature state in Redis, updated and read back with one script call per batch."""
+
+    def __init__(self, client: aioredis.Redis, *, prefix: str = "ds:") -> None:
+        self._client = client
+        self._prefix = prefix
+        source = resources.files("streams").joinpath("features.lua").read_text()
+        self._script = client.register_script(source)
+        self.ttl_seconds = LONGEST_WINDOW_MS // 1000 + TTL_MARGIN_S
+
+    def state_key(self, user_id: str) -> str:
+        return f"{self._prefix}f{CATALOGUE_VERSION}:{{{user_id}}}"
+
+    def dedup_key(self, user_id: str) -> str:
+        return f"{self._prefix}d{CATALOGUE_VERSION}:{{{user_id}}}"
+
+    @property
+    def watermark_key(self) -> str:
+        return f"{self._prefix}wm"
+
+    def user_keys(self, user_id: str) -> list[str]:
+        """Every key this store keeps for a user (for ``dealstream forget``)."""
+        return [self.state_key(user_id), self.dedup_key(user_id)]
+
+    async def apply_batch(
+        self, updates: Sequence[StateUpdate], *, allowed_lateness_ms: int
+    ) -> BatchOutcome:
+        if not updates:
+            return BatchOutcome(statuses=[], before={})
+        user_index: dict[str, int] = {}
+        keys: list[str] = [self.watermark_key]
+        args: list[Any] = [allowed_lateness_ms, self.ttl_seconds, len(updates)]
+        for update in updates:
+            index = user_index.get(update.user_id)
+            if index is None:
+                index = user_index[update.user_id] = len(user_index) + 1
+                keys.append(self.state_key(update.user_id))
+                keys.append(self.dedup_key(update.user_id))
+            position = update.position
+            args.append(index)
+            if position is None:
+                args.extend(("", 0))
+            else:
+                args.extend((f"{position.source}:{position.partition}", position.offset))
+            args.extend((update.event_id, update.ts, len(update.ops)))
+            for op, field, value in update.ops:
+                args.extend((op, field, int(value)))
+        reply = await self._script(keys=keys, args=args)
+        statuses = [UpdateStatus(int(code)) for code in reply[0]]
+        before = {user_id: _decode_state(reply[index]) for user_id, index in user_index.items()}
+        return BatchOutcome(statuses=statuses, before=before)
+
+    async def read_states(self, user_ids: Iterable[str]) -> dict[str, State]:
+        ids = list(user_ids)
+        async with self._client.pipeline(transaction=False) as pipe:
+            for user_id in ids:
+                pipe.hgetall(self.state_key(user_id))
+            replies = await pipe.execute()
+        return {
+            user_id: {k.decode(): float(v) for k, v in reply.items()}
+            for user_id, reply in zip(ids, replies, strict=True)
+        }
+
+    async def watermarks(self) -> dict[tuple[str, int], int]:
+        raw = await self._client.hgetall(self.watermark_key)
+        marks: dict[tuple[str, int], int] = {}
+        for field, offset in raw.items():
+            source, _, partition = field.decode().rpartition(":")
+            marks[(source, int(partition))] = int(float(offset))
+        return marks
+
+    async def forget(self, user_id: str) -> int:
+        return int(await self._client.delete(*self.user_keys(user_id)))

@@ -1,0 +1,155 @@
+"""Settings: one frozen, typed object read from ``DEALSTREAM_*`` environment variables.
+
+Only the entrypoint (``streams/cli.py``) calls ``Settings.from_env``; everything else receives
+the object it needs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from streams.errors import ConfigError
+
+ENV_PREFIX = "DEALSTREAM_"
+
+
+@dataclass(frozen=True, slots=True)
+class Secret:
+    """A value that never shows up in reprs or logs."""
+
+    _value: str = field(repr=False)
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, safe to log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":****@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Topic names of the contract, with the configured prefix."""
+
+    prefix: str = ""
+
+    @property
+    def browse(self) -> str:
+        return f"{self.prefix}events.browse"
+
+    @property
+    def search(self) -> str:
+        return f"{self.prefix}events.search"
+
+    @property
+    def purchase(self) -> str:
+        return f"{self.prefix}events.purchase"
+
+    @property
+    def events(self) -> tuple[str, str, str]:
+        return (self.browse, self.search, self.purchase)
+
+    @property
+    def offers(self) -> str:
+        return f"{self.prefix}offers"
+
+    @property
+    def decisions(self) -> str:
+        return f"{self.prefix}decisions"
+
+    @property
+    def training(self) -> str:
+        return f"{self.prefix}training"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.prefix}events.dlq"
+
+    @property
+    def all(self) -> tuple[str, ...]:
+        return (*self.events, self.offers, self.decisions, self.training, self.dlq)
+
+    def event_type_of(self, topic: str) -> str | None:
+        """The event type a topic carries (``browse`` for ``<prefix>events.browse``)."""
+        if topic.startswith(f"{self.prefix}events.") and topic != self.dlq:
+            return topic[len(self.prefix) + len("events.") :]
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    redis_url: Secret = Secret("redis://127.0.0.1:6379/0")
+    topic_prefix: str = ""
+    redis_prefix: str = "ds:"
+    campaigns_path: Path | None = None
+    http_port: int = 6066
+    group_id: str = "dealstream"
+    partitions: int = 4
+    batch_max: int = 500
+    batch_within_s: float = 0.05
+    allowed_lateness_s: float = 3600.0
+    attribution_window_s: float = 24 * 3600.0
+    max_clock_skew_s: float = 300.0
+    max_message_bytes: int = 1_000_000
+    log_level: str = "INFO"
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.topic_prefix)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+
+        def get(name: str) -> str | None:
+            value = env.get(ENV_PREFIX + name)
+            return value if value not in (None, "") else None
+
+        def number(name: str, default: float, kind: type[int] | type[float]) -> float:
+            raw = get(name)
+            if raw is None:
+                return default
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise ConfigError(f"{ENV_PREFIX}{name}={raw!r} is not a valid {kind.__name__}")
+            if value < 0:
+                raise ConfigError(f"{ENV_PREFIX}{name} must not be negative, got {raw}")
+            return value
+
+        defaults = cls()
+        campaigns = get("CAMPAIGNS")
+        return cls(
+            kafka_bootstrap=get("KAFKA_BOOTSTRAP") or defaults.kafka_bootstrap,
+            redis_url=Secret(get("REDIS_URL") or defaults.redis_url.reveal()),
+            topic_prefix=get("TOPIC_PREFIX") or "",
+            redis_prefix=get("REDIS_PREFIX") or defaults.redis_prefix,
+            campaigns_path=Path(campaigns) if campaigns else None,
+            http_port=int(number("HTTP_PORT", defaults.http_port, int)),
+            group_id=get("GROUP_ID") or defaults.group_id,
+            partitions=max(1, int(number("PARTITIONS", defaults.partitions, int))),
+            batch_max=max(1, int(number("BATCH_MAX", defaults.batch_max, int))),
+            batch_within_s=number("BATCH_WITHIN_S", defaults.batch_within_s, float),
+            allowed_lateness_s=number("ALLOWED_LATENESS_S", defaults.allowed_lateness_s, float),
+            attribution_window_s=number(
+                "ATTRIBUTION_WINDOW_S", defaults.attribution_window_s, float
+            ),
+            max_clock_skew_s=number("MAX_CLOCK_SKEW_S", defaults.max_clock_skew_s, float),
+            max_message_bytes=int(number("MAX_MESSAGE_BYTES", defaults.max_message_bytes, int)),
+            log_level=(get("LOG_LEVEL") or defaults.log_level).upper(),
+        )

@@ -1,0 +1,141 @@
+"""The worker's batch step, independent of Faust: decode, run the engine, emit the results.
+
+Every consumed record ends in exactly one bucket of ``WorkerCounters``:
+consumed = applied + redelivered + duplicates + late + dead-lettered.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import orjson
+
+from engine.pipeline import BatchResult, DiscountEngine, Incoming
+from engine.store import UpdateStatus
+from streams.decode import DeadLetter, DecodeLimits, RawRecord, decode_record
+from streams.settings import Topics
+
+
+class Sink(Protocol):
+    """Where the worker's output goes (a Kafka producer in production)."""
+
+    async def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+    ) -> None: ...
+
+
+@dataclass(slots=True)
+class WorkerCounters:
+    consumed: int = 0
+    applied: int = 0
+    redelivered: int = 0
+    duplicates: int = 0
+    late: int = 0
+    dead_lettered: Counter[str] = field(default_factory=Counter)
+    offers: int = 0
+    decisions: int = 0
+    training: int = 0
+    batches: int = 0
+
+    def balanced(self) -> bool:
+        """The accounting invariant: nothing consumed went unaccounted for."""
+        accounted = (
+            self.applied
+            + self.redelivered
+            + self.duplicates
+            + self.late
+            + sum(self.dead_lettered.values())
+        )
+        return accounted == self.consumed
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "consumed": self.consumed,
+            "applied": self.applied,
+            "redelivered": self.redelivered,
+            "duplicates": self.duplicates,
+            "late": self.late,
+            "dead_lettered": dict(self.dead_lettered),
+            "offers": self.offers,
+            "decisions": self.decisions,
+            "training": self.training,
+            "batches": self.batches,
+        }
+
+
+_STATUS_FIELD = {
+    UpdateStatus.APPLIED: "applied",
+    UpdateStatus.REDELIVERED: "redelivered",
+    UpdateStatus.DUPLICATE: "duplicates",
+    UpdateStatus.LATE: "late",
+}
+
+
+class BatchWorker:
+    """Runs one micro-batch of raw records through the engine and sends what comes out."""
+
+    def __init__(
+        self,
+        engine: DiscountEngine,
+        sink: Sink,
+        *,
+        topics: Topics,
+        limits: DecodeLimits,
+        wall_clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+    ) -> None:
+        self.engine = engine
+        self.sink = sink
+        self.topics = topics
+        self.limits = limits
+        self.counters = WorkerCounters()
+        self._wall_clock_ms = wall_clock_ms
+
+    async def handle(self, records: Sequence[RawRecord]) -> BatchResult:
+        now_ms = self._wall_clock_ms()
+        incoming: list[Incoming] = []
+        dead: list[DeadLetter] = []
+        for record in records:
+            decoded = decode_record(record, topics=self.topics, limits=self.limits, now_ms=now_ms)
+            if isinstance(decoded, DeadLetter):
+                dead.append(decoded)
+            else:
+                incoming.append(decoded)
+        result = await self.engine.process(incoming)
+        await self._emit(result, dead)
+        counters = self.counters
+        counters.consumed += len(records)
+        counters.batches += 1
+        for status in result.statuses:
+            name = _STATUS_FIELD[status]
+            setattr(counters, name, getattr(counters, name) + 1)
+        for letter in dead:
+            counters.dead_lettered[letter.code] += 1
+        counters.offers += len(result.offers)
+        counters.decisions += len(result.decisions)
+        counters.training += len(result.training)
+        return result
+
+    async def _emit(self, result: BatchResult, dead: Sequence[DeadLetter]) -> None:
+        topics = self.topics
+        for letter in dead:
+            await self.sink.send(
+                topics.dlq, letter.record.key, letter.record.value or b"", letter.headers()
+            )
+        for offer in result.offers:
+            await self.sink.send(topics.offers, str(offer["user_id"]).encode(), orjson.dumps(offer))
+        for decision in result.decisions:
+            await self.sink.send(
+                topics.decisions, str(decision["user_id"]).encode(), orjson.dumps(decision)
+            )
+        for example in result.training:
+            await self.sink.send(
+                topics.training, str(example["decision_id"]).encode(), orjson.dumps(example)
+            )

@@ -1,0 +1,155 @@
+"""The walking skeleton end to end: producer -> worker subprocess -> offers + Redis state."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from jsonschema import Draft202012Validator
+
+from engine.events import parse_event
+from engine.features import KIND_CODE, event_kind
+from engine.pipeline import DiscountEngine, Incoming
+from engine.simulator import generate
+from engine.store import InMemoryFeatureStore
+from engine.campaigns import load_campaigns
+from streams.kafka_io import ensure_topics
+from streams.redis_store import RedisFeatureStore
+from streams.settings import Topics
+from tests.conftest import REPO, Isolation, Services
+
+pytestmark = pytest.mark.e2e
+
+EVENTS = 1000
+CAMPAIGNS = """
+[[campaign]]
+name = "e2e-everyone"
+policy = "threshold"
+threshold = 0.0
+discount_pct = 15
+decision_interval_s = 0
+"""
+
+
+def schema(name: str) -> Draft202012Validator:
+    document = json.loads((REPO / "schemas" / name).read_text())
+    return Draft202012Validator(document)
+
+
+async def produce(services: Services, topics: Topics, events: list[dict[str, object]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=services.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        for event in events:
+            topic = f"{topics.prefix}events.{event['type']}"
+            await producer.send(topic, orjson.dumps(event), key=str(event["user_id"]).encode())
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def consume_all(services: Services, topic: str, expected: int, timeout_s: float) -> list[dict]:
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=services.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    messages: list[dict] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(messages) < expected and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for records in batch.values():
+                messages.extend(orjson.loads(r.value) for r in records)
+    finally:
+        await consumer.stop()
+    return messages
+
+
+async def expected_offers(events: list[dict[str, object]], campaigns_path: Path) -> set[str]:
+    engine = DiscountEngine(InMemoryFeatureStore(), campaigns=load_campaigns(campaigns_path))
+    result = await engine.process([Incoming(parse_event(e)) for e in events])
+    return {str(offer["offer_id"]) for offer in result.offers}
+
+
+def test_worker_turns_events_into_valid_offers_and_redis_counts(
+    services: Services, isolation: Isolation, free_port: int, tmp_path: Path
+) -> None:
+    campaigns_path = tmp_path / "campaigns.toml"
+    campaigns_path.write_text(CAMPAIGNS)
+    topics = Topics(isolation.topic_prefix)
+    start_ms = int(time.time() * 1000) - 3600 * 1000
+    events = list(generate(users=60, events=EVENTS, seed=7, start_ms=start_ms, mean_gap_ms=3000))
+    want_offers = asyncio.run(expected_offers(events, campaigns_path))
+    assert want_offers, "the campaign should offer something to this traffic"
+
+    asyncio.run(ensure_topics(services.kafka_bootstrap, topics.all, partitions=4))
+    asyncio.run(produce(services, topics, events))
+
+    env = {
+        **os.environ,
+        **isolation.env(services),
+        "DEALSTREAM_HTTP_PORT": str(free_port),
+        "DEALSTREAM_CAMPAIGNS": str(campaigns_path),
+    }
+    log_path = tmp_path / "worker.log"
+    with log_path.open("wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "streams.cli", "worker"], env=env, stdout=log, stderr=log
+        )
+        try:
+            offers = asyncio.run(consume_all(services, topics.offers, len(want_offers), 120))
+            decisions = asyncio.run(consume_all(services, topics.decisions, 1, 30))
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                code = worker.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                code = worker.wait()
+    log_text = log_path.read_text(errors="replace")
+    assert {o["offer_id"] for o in offers} == want_offers, log_text[-3000:]
+    assert code == 0, log_text[-3000:]
+
+    offer_schema = schema("offer.v1.json")
+    for offer in offers:
+        offer_schema.validate(offer)
+        assert offer["campaign"] == "e2e-everyone"
+        assert offer["discount_pct"] == 15
+    decision_schema = schema("decision.v1.json")
+    for decision in decisions:
+        decision_schema.validate(decision)
+
+    expected_counts: dict[str, Counter[str]] = {}
+    for raw in events:
+        event = parse_event(raw)
+        expected_counts.setdefault(event.user_id, Counter())[KIND_CODE[event_kind(event)]] += 1
+
+    async def read_counts() -> dict[str, dict[str, float]]:
+        client = aioredis.Redis.from_url(services.redis_url)
+        try:
+            store = RedisFeatureStore(client, prefix=isolation.redis_prefix)
+            return await store.read_states(list(expected_counts))
+        finally:
+            keys = [k async for k in client.scan_iter(match=f"{isolation.redis_prefix}*")]
+            if keys:
+                await client.delete(*keys)
+            await client.aclose()
+
+    states = asyncio.run(read_counts())
+    for user_id, counts in expected_counts.items():
+        for code in KIND_CODE.values():
+            assert states[user_id].get(f"n{code}", 0.0) == counts[code], (user_id, code)

@@ -1,0 +1,154 @@
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.events import BrowseEvent, Event, PurchaseEvent, PurchaseItem, SearchEvent
+from engine.features import (
+    CATALOGUE,
+    FEATURE_NAMES,
+    HOUR_MS,
+    MINUTE_MS,
+    RECENCY_DEFAULT_S,
+    apply_ops,
+    compute_features,
+    event_ops,
+)
+from engine.store import InMemoryFeatureStore, StateUpdate, UpdateStatus
+
+T0 = 1_767_225_600_000
+
+
+def browse(eid: str, ts: int, action: str = "view", user: str = "u1") -> BrowseEvent:
+    return BrowseEvent(
+        event_id=eid, user_id=user, ts=ts, item_id="i1", category="books",
+        price=10.0, action=action,  # type: ignore[arg-type]
+    )
+
+
+def purchase(eid: str, ts: int, amount: float, user: str = "u1") -> PurchaseEvent:
+    item = PurchaseItem(item_id="i1", category="books", price=amount, quantity=1)
+    return PurchaseEvent(
+        event_id=eid, user_id=user, ts=ts, order_id=f"o{eid}",
+        items=(item,), amount=amount, offer_id=None,
+    )
+
+
+def search(eid: str, ts: int, user: str = "u1") -> SearchEvent:
+    return SearchEvent(
+        event_id=eid, user_id=user, ts=ts, query="lamp", category=None
+    )
+
+
+def state_of(events: list[Event]) -> dict[str, float]:
+    state: dict[str, float] = {}
+    for event in events:
+        apply_ops(state, event_ops(event))
+    return state
+
+
+def test_catalogue_names_are_unique_and_cover_the_guide() -> None:
+    assert len(set(FEATURE_NAMES)) == len(FEATURE_NAMES) == len(CATALOGUE)
+    for kind in ("view", "cart", "favorite", "search", "purchase"):
+        for window in ("1h", "24h", "7d", "30d"):
+            assert f"{kind}_count_{window}" in FEATURE_NAMES
+        assert f"recency_{kind}_s" in FEATURE_NAMES
+    for window in ("1h", "24h", "7d", "30d"):
+        assert f"spend_{window}" in FEATURE_NAMES
+
+
+def test_empty_history_gives_defaults_not_nan() -> None:
+    vector = compute_features({}, now=T0)
+    assert list(vector) == list(FEATURE_NAMES)
+    assert vector["view_count_1h"] == 0.0
+    assert vector["recency_purchase_s"] == RECENCY_DEFAULT_S
+    assert all(value == value for value in vector.values())
+
+
+def test_windows_count_only_recent_events() -> None:
+    events: list[Event] = [
+        browse("a", T0),
+        browse("b", T0 + 30 * MINUTE_MS),
+        browse("c", T0 + 2 * HOUR_MS, action="cart"),
+        purchase("d", T0 + 3 * HOUR_MS, 25.5),
+        search("e", T0 + 3 * HOUR_MS + MINUTE_MS),
+    ]
+    vector = compute_features(state_of(events))
+    assert vector["view_count_1h"] == 0
+    assert vector["view_count_24h"] == 2
+    assert vector["cart_count_1h"] == 0
+    assert vector["cart_count_24h"] == 1
+    assert vector["purchase_count_1h"] == 1
+    assert vector["spend_1h"] == 25.5
+    assert vector["spend_30d"] == 25.5
+    assert vector["search_count_1h"] == 1
+    assert vector["recency_purchase_s"] == 60.0
+    assert vector["session_events"] == 2
+    assert vector["days_since_first_seen"] == pytest.approx((3 * 60 + 1) / (24 * 60))
+
+
+def test_session_resets_after_thirty_quiet_minutes() -> None:
+    events: list[Event] = [browse(str(i), T0 + i * 5 * MINUTE_MS) for i in range(4)]
+    events.append(browse("late", T0 + 15 * MINUTE_MS + 31 * MINUTE_MS))
+    assert compute_features(state_of(events))["session_events"] == 1
+
+
+def _random_events(seed: int, count: int) -> list[Event]:
+    rng = random.Random(seed)
+    events: list[Event] = []
+    ts = T0
+    for index in range(count):
+        ts += rng.randrange(0, 20 * MINUTE_MS)
+        user = f"u{rng.randrange(3)}"
+        roll = rng.random()
+        if roll < 0.6:
+            action = rng.choice(["view", "cart", "favorite"])
+            events.append(browse(f"e{index}", ts, action=action, user=user))
+        elif roll < 0.8:
+            events.append(search(f"e{index}", ts, user=user))
+        else:
+            events.append(purchase(f"e{index}", ts, round(rng.uniform(1, 200), 2), user=user))
+    return events
+
+
+def _updates(events: list[Event]) -> list[StateUpdate]:
+    return [StateUpdate(e.user_id, e.event_id, e.ts, event_ops(e)) for e in events]
+
+
+LATENESS_MS = HOUR_MS
+
+
+def shuffled_within_lateness(events: list[Event], rng: random.Random) -> list[Event]:
+    """Each event moves by a random delay of at most half the allowed lateness."""
+    keyed = [(e.ts + rng.randrange(0, LATENESS_MS // 2), i, e) for i, e in enumerate(events)]
+    return [e for _, _, e in sorted(keyed)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), count=st.integers(1, 80), dup_rate=st.floats(0, 0.5))
+def test_duplicates_and_reordering_give_the_in_order_features(
+    seed: int, count: int, dup_rate: float
+) -> None:
+    rng = random.Random(seed)
+    events = _random_events(seed, count)
+    reference = InMemoryFeatureStore()
+    reference.apply_batch_now(_updates(events), allowed_lateness_ms=LATENESS_MS)
+
+    messy = shuffled_within_lateness(events, rng)
+    messy += [e for e in events if rng.random() < dup_rate]
+    messy = shuffled_within_lateness(messy, rng)
+    store = InMemoryFeatureStore()
+    for start in range(0, len(messy), 7):
+        outcome = store.apply_batch_now(
+            _updates(messy[start : start + 7]), allowed_lateness_ms=LATENESS_MS
+        )
+        assert UpdateStatus.LATE not in outcome.statuses
+
+    for user in {e.user_id for e in events}:
+        assert store._users[user].state == reference._users[user].state
+        assert compute_features(store._users[user].state) == compute_features(
+            reference._users[user].state
+        )
