@@ -216,9 +216,9 @@ def expired_fields(state: Mapping[str, float]) -> list[str]:
     cutoffs = {g: int(latest) // GRAIN_MS[g] - RETENTION_BUCKETS[g] for g in GRAIN_MS}
     stale: list[str] = []
     for field in state:
-        if len(field) > 2 and field[1] in cutoffs and field[2:].isdigit():
-            if int(field[2:]) <= cutoffs[field[1]]:
-                stale.append(field)
+        is_bucket = len(field) > 2 and field[1] in cutoffs and field[2:].isdigit()
+        if is_bucket and int(field[2:]) <= cutoffs[field[1]]:
+            stale.append(field)
     return stale
 
 

@@ -76,7 +76,7 @@ class PurchaseModel:
         self, features: Mapping[str, float], discount_pct: float, top: int = 3
     ) -> list[tuple[str, float]]:
         """The largest terms w_i * x_i of the linear score (x after scaling), by magnitude."""
-        scaled = self._scaler.transform_one(model_inputs(features, discount_pct))
+        scaled = self._scaler.transform_one(model_inputs(features, discount_pct))  # type: ignore[no-untyped-call]
         weights = self._classifier.weights
         terms = [(name, float(weights.get(name, 0.0)) * value) for name, value in scaled.items()]
         terms.sort(key=lambda term: (-abs(term[1]), term[0]))

@@ -17,7 +17,8 @@ class PolicyChoice:
 
 
 class Policy(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def choose(self, p_purchase: float, features: Mapping[str, float]) -> PolicyChoice: ...
 

@@ -125,14 +125,14 @@ def create_app(runtime: Runtime) -> faust.App:
     )
     events_topic = app.topic(*settings.topics.events, key_serializer="raw", value_serializer="raw")
 
-    @app.agent(events_topic, name="dealstream-events")  # type: ignore[misc]
-    async def process_events(stream: faust.StreamT[bytes]) -> None:
+    @app.agent(events_topic, name="dealstream-events")
+    async def process_events(stream: Any) -> None:
         async for events in stream.take_events(settings.batch_max, within=settings.batch_within_s):
             await worker.handle([_raw_record(event.message) for event in events])
             # Outputs are delivered before Faust acks (and later commits) the inputs.
             await sink.flush()
 
-    @app.timer(interval=5.0)  # type: ignore[misc]
+    @app.timer(interval=5.0)  # type: ignore[untyped-decorator]
     async def log_progress() -> None:
         log.info(json.dumps({"msg": "progress", **worker.counters.as_dict()}))
 

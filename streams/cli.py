@@ -99,7 +99,7 @@ def _cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dealstream",
-        description="Streaming personalized discounts: Kafka events -> features -> model -> offers.",
+        description="Personalized discounts on a stream: events -> features -> model -> offers.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

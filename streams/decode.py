@@ -66,9 +66,7 @@ def decode_record(
     except InvalidEvent as exc:
         return DeadLetter(record, exc.code, str(exc))
     if record.key != event.user_id.encode():
-        return DeadLetter(
-            record, "key_mismatch", "record key differs from the event's user_id"
-        )
+        return DeadLetter(record, "key_mismatch", "record key differs from the event's user_id")
     if event.ts > now_ms + limits.max_clock_skew_ms:
         ahead_s = (event.ts - now_ms) / 1000
         return DeadLetter(

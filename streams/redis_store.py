@@ -95,7 +95,8 @@ class RedisFeatureStore:
         raw = await self._client.hgetall(self.watermark_key)
         marks: dict[tuple[str, int], int] = {}
         for field, offset in raw.items():
-            source, _, partition = field.decode().rpartition(":")
+            name = field.decode() if isinstance(field, bytes) else str(field)
+            source, _, partition = name.rpartition(":")
             marks[(source, int(partition))] = int(float(offset))
         return marks
 

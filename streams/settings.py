@@ -127,7 +127,9 @@ class Settings:
             try:
                 value = kind(raw)
             except ValueError:
-                raise ConfigError(f"{ENV_PREFIX}{name}={raw!r} is not a valid {kind.__name__}")
+                raise ConfigError(
+                    f"{ENV_PREFIX}{name}={raw!r} is not a valid {kind.__name__}"
+                ) from None
             if value < 0:
                 raise ConfigError(f"{ENV_PREFIX}{name} must not be negative, got {raw}")
             return value

@@ -18,12 +18,12 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from jsonschema import Draft202012Validator
 
+from engine.campaigns import load_campaigns
 from engine.events import parse_event
 from engine.features import KIND_CODE, event_kind
 from engine.pipeline import DiscountEngine, Incoming
 from engine.simulator import generate
 from engine.store import InMemoryFeatureStore
-from engine.campaigns import load_campaigns
 from streams.kafka_io import ensure_topics
 from streams.redis_store import RedisFeatureStore
 from streams.settings import Topics
@@ -59,7 +59,9 @@ async def produce(services: Services, topics: Topics, events: list[dict[str, obj
         await producer.stop()
 
 
-async def consume_all(services: Services, topic: str, expected: int, timeout_s: float) -> list[dict]:
+async def consume_all(
+    services: Services, topic: str, expected: int, timeout_s: float
+) -> list[dict[str, object]]:
     consumer = AIOKafkaConsumer(
         topic,
         bootstrap_servers=services.kafka_bootstrap,
@@ -67,7 +69,7 @@ async def consume_all(services: Services, topic: str, expected: int, timeout_s: 
         enable_auto_commit=False,
     )
     await consumer.start()
-    messages: list[dict] = []
+    messages: list[dict[str, object]] = []
     deadline = time.monotonic() + timeout_s
     try:
         while len(messages) < expected and time.monotonic() < deadline:

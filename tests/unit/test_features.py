@@ -24,23 +24,31 @@ T0 = 1_767_225_600_000
 
 def browse(eid: str, ts: int, action: str = "view", user: str = "u1") -> BrowseEvent:
     return BrowseEvent(
-        event_id=eid, user_id=user, ts=ts, item_id="i1", category="books",
-        price=10.0, action=action,  # type: ignore[arg-type]
+        event_id=eid,
+        user_id=user,
+        ts=ts,
+        item_id="i1",
+        category="books",
+        price=10.0,
+        action=action,  # type: ignore[arg-type]
     )
 
 
 def purchase(eid: str, ts: int, amount: float, user: str = "u1") -> PurchaseEvent:
     item = PurchaseItem(item_id="i1", category="books", price=amount, quantity=1)
     return PurchaseEvent(
-        event_id=eid, user_id=user, ts=ts, order_id=f"o{eid}",
-        items=(item,), amount=amount, offer_id=None,
+        event_id=eid,
+        user_id=user,
+        ts=ts,
+        order_id=f"o{eid}",
+        items=(item,),
+        amount=amount,
+        offer_id=None,
     )
 
 
 def search(eid: str, ts: int, user: str = "u1") -> SearchEvent:
-    return SearchEvent(
-        event_id=eid, user_id=user, ts=ts, query="lamp", category=None
-    )
+    return SearchEvent(event_id=eid, user_id=user, ts=ts, query="lamp", category=None)
 
 
 def state_of(events: list[Event]) -> dict[str, float]:

@@ -1,0 +1,58 @@
+# dealstream: developer and CI entry points. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DURATION ?= 60
+RATE ?= 200
+
+.DEFAULT_GOAL := help
+.PHONY: help install services services-stop services-status topics demo test test-unit \
+	test-integration lint bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
+
+$(BIN)/dealstream: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+install: $(BIN)/dealstream ## create .venv and install dealstream with the dev extras
+
+services: $(BIN)/dealstream ## start local Kafka (KRaft, from Maven Central jars) and Redis; idempotent
+	PYTHON=$(BIN)/python bash deploy/services.sh start
+
+services-stop: ## stop the local Kafka and Redis that `make services` started
+	bash deploy/services.sh stop
+
+services-status: ## say whether Kafka and Redis are up and answering
+	bash deploy/services.sh status
+
+topics: services ## create the contract's topics
+	$(BIN)/dealstream topics
+
+demo: services ## worker + simulator on real Kafka/Redis, printing offers (DURATION=60 RATE=200)
+	$(BIN)/dealstream demo --duration $(DURATION) --rate $(RATE)
+
+test: services ## the whole suite: unit + integration + e2e against real services
+	$(BIN)/pytest -q
+
+test-unit: $(BIN)/dealstream ## unit tests only (no services needed)
+	$(BIN)/pytest -q tests/unit
+
+test-integration: services ## integration and e2e tests only
+	$(BIN)/pytest -q tests/integration tests/e2e
+
+lint: $(BIN)/dealstream ## ruff and mypy (strict)
+	$(BIN)/ruff check engine streams tests bench deploy
+	$(BIN)/ruff format --check engine streams tests bench deploy
+	$(BIN)/mypy
+
+bench: services ## benchmarks: print figures and write bench/results/*.json
+	@mkdir -p bench/results
+	$(BIN)/python bench/bench_validation.py
+
+clean: ## remove caches (keeps .venv and the services' state)
+	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info

@@ -1,0 +1,130 @@
+"""``dealstream demo`` (``make demo``): worker + simulator on real Kafka and Redis.
+
+Prints offers as they arrive and a one-line summary every few seconds (events/s, offers,
+consumer lag), and stops everything cleanly on Ctrl-C or after the given duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+from aiokafka import AIOKafkaConsumer
+
+from streams.kafka_io import check_kafka, ensure_topics
+from streams.lag import consumer_lag
+from streams.settings import Settings
+from streams.simulate import simulate_to_kafka
+
+SUMMARY_EVERY_S = 5.0
+
+
+def _format_offer(offer: dict[str, object]) -> str:
+    reasons = offer.get("reasons") or []
+    top = reasons[0]["feature"] if isinstance(reasons, list) and reasons else "-"
+    return (
+        f"offer {offer['offer_id']} campaign={offer['campaign']} "
+        f"discount={offer['discount_pct']}% p={offer['p_purchase']} "
+        f"model={offer['model_version']} top_reason={top}"
+    )
+
+
+async def _demo(settings: Settings, duration_s: float, rate: float, users: int) -> int:
+    await check_kafka(settings.kafka_bootstrap)
+    await ensure_topics(
+        settings.kafka_bootstrap, settings.topics.all, partitions=settings.partitions
+    )
+    log_dir = Path(os.environ.get("DEALSTREAM_STATE", ".dealstream"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / "demo-worker.log"
+    env = {
+        **os.environ,
+        "DEALSTREAM_ATTRIBUTION_WINDOW_S": os.environ.get("DEALSTREAM_ATTRIBUTION_WINDOW_S", "60"),
+    }
+    with log_path.open("ab") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "streams.cli", "worker"], env=env, stdout=log, stderr=log
+        )
+    print(f"demo: worker pid {worker.pid} (log: {log_path}); simulator at {rate:g} events/s")
+
+    offers_seen = 0
+    consumer = AIOKafkaConsumer(
+        settings.topics.offers,
+        bootstrap_servers=settings.kafka_bootstrap,
+        auto_offset_reset="latest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    await consumer.seek_to_end()
+    events_total = max(1, int(rate * duration_s)) if duration_s > 0 else 10**12
+    simulator = asyncio.create_task(
+        simulate_to_kafka(
+            users=users,
+            events=events_total,
+            seed=int(time.time()),
+            bootstrap=settings.kafka_bootstrap,
+            topics=settings.topics,
+            rate=rate,
+        )
+    )
+    started = time.monotonic()
+    next_summary = started + SUMMARY_EVERY_S
+    last_offers = 0
+    last_committed: int | None = None
+    last_summary = started
+    try:
+        while duration_s <= 0 or time.monotonic() - started < duration_s:
+            if worker.poll() is not None:
+                print(f"demo: worker exited with code {worker.returncode}; see {log_path}")
+                return 1
+            batch = await consumer.getmany(timeout_ms=500, max_records=50)
+            for records in batch.values():
+                for record in records:
+                    offers_seen += 1
+                    if offers_seen <= 20 or offers_seen % 50 == 0:
+                        print(_format_offer(orjson.loads(record.value)))
+            now = time.monotonic()
+            if now >= next_summary:
+                lags = await consumer_lag(
+                    settings.kafka_bootstrap, settings.group_id, settings.topics.events
+                )
+                committed = sum(p.committed or 0 for p in lags)
+                consumed_rate = (
+                    (committed - last_committed) / (now - last_summary)
+                    if last_committed is not None
+                    else 0.0
+                )
+                print(
+                    f"summary t={now - started:5.0f}s events/s={consumed_rate:7.1f} "
+                    f"offers={offers_seen} (+{offers_seen - last_offers}) "
+                    f"lag={sum(p.lag for p in lags)}"
+                )
+                last_offers, last_committed, last_summary = offers_seen, committed, now
+                next_summary = now + SUMMARY_EVERY_S
+    finally:
+        simulator.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await simulator
+        await consumer.stop()
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        print(f"demo: stopped; {offers_seen} offers printed or counted")
+    return 0
+
+
+def run_demo(settings: Settings, *, duration_s: float, rate: float, users: int) -> int:
+    try:
+        return asyncio.run(_demo(settings, duration_s, rate, users))
+    except KeyboardInterrupt:
+        return 0
