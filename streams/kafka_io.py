@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -16,8 +17,25 @@ from streams.errors import ServiceUnavailable
 from streams.settings import redact_url
 
 
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Silence a library's own error logs while we turn its failure into one clear line."""
+    logger = logging.getLogger(logger_name)
+    previous = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
 async def check_kafka(bootstrap: str, *, timeout_s: float = 10.0) -> None:
     """Raise ``ServiceUnavailable`` with advice unless a broker answers a metadata request."""
+    with _quiet("aiokafka"):
+        await _check_kafka(bootstrap, timeout_s)
+
+
+async def _check_kafka(bootstrap: str, timeout_s: float) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
     try:
         await asyncio.wait_for(admin.start(), timeout_s)
