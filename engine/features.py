@@ -21,7 +21,7 @@ latest event time), never from the wall clock.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -47,7 +47,12 @@ KIND_CODE: dict[str, str] = {
     "search": "s",
     "purchase": "p",
 }
+ACTIVITY_CODES = frozenset(KIND_CODE.values())
 SPEND_CODE = "$"
+REDEEMED_CODE = "r"
+"""Purchases that redeemed an offer (day buckets only)."""
+CATEGORY_PREFIX = "k"
+"""Category activity per day: field ``k<day>:<category>``."""
 
 Grain = Literal["m", "h", "d"]
 GRAIN_MS: dict[str, int] = {"m": MINUTE_MS, "h": HOUR_MS, "d": DAY_MS}
@@ -81,20 +86,77 @@ Minutes are kept for two hours (the 1h window plus room for sessions and late ev
 LONGEST_WINDOW_MS = 30 * DAY_MS
 
 
+@dataclass(slots=True)
+class FeatureContext:
+    """What feature functions read: one pass over a user's state, as of ``now``."""
+
+    now: int
+    state: Mapping[str, float]
+    sums: dict[str, float]
+    """Bucket sums keyed ``<code>_<window>``, e.g. ``v_1h`` or ``$_30d`` (cents)."""
+    session_events: float
+    purchase_days_30d: int
+    categories_7d: dict[str, float]
+    categories_30d: dict[str, float]
+    category: str | None
+    """The trigger event's category, when it has one."""
+
+    def total(self, code: str, window: str) -> float:
+        return self.sums.get(f"{code}_{window}", 0.0)
+
+    def recency_s(self, code: str) -> float:
+        last = self.state.get(f"l{code}")
+        if last is None:
+            return RECENCY_DEFAULT_S
+        return min(max(self.now - last, 0.0) / 1000.0, RECENCY_DEFAULT_S)
+
+
+FeatureFn = Callable[[FeatureContext], float]
+
+
 @dataclass(frozen=True, slots=True)
 class FeatureSpec:
-    """One declared feature: how it is named and what it aggregates."""
+    """One declared feature: its name, what it reads, and how it is computed."""
 
     name: str
     kinds: tuple[str, ...]
     window: str | None
     aggregation: str
     description: str
+    compute: FeatureFn
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator > 0 else 0.0
+
+
+def _count(code: str, window: str) -> FeatureFn:
+    return lambda ctx: ctx.total(code, window)
+
+
+def _spend(window: str) -> FeatureFn:
+    return lambda ctx: ctx.total(SPEND_CODE, window) / 100
+
+
+def _recency(code: str) -> FeatureFn:
+    return lambda ctx: ctx.recency_s(code)
+
+
+def _category_affinity(ctx: FeatureContext) -> float:
+    if ctx.category is None:
+        return 0.0
+    return _ratio(ctx.categories_30d.get(ctx.category, 0.0), sum(ctx.categories_30d.values()))
+
+
+def _days_since_first_seen(ctx: FeatureContext) -> float:
+    first = ctx.state.get("fs")
+    return 0.0 if first is None else max(ctx.now - first, 0.0) / DAY_MS
 
 
 def _declare() -> tuple[FeatureSpec, ...]:
     specs: list[FeatureSpec] = []
     for kind in ACTIVITY_KINDS:
+        code = KIND_CODE[kind]
         for window in WINDOWS:
             specs.append(
                 FeatureSpec(
@@ -103,6 +165,7 @@ def _declare() -> tuple[FeatureSpec, ...]:
                     window.name,
                     "count",
                     f"number of {kind} events in the trailing {window.name}",
+                    _count(code, window.name),
                 )
             )
     for window in WINDOWS:
@@ -113,6 +176,7 @@ def _declare() -> tuple[FeatureSpec, ...]:
                 window.name,
                 "sum",
                 f"purchase amount in the trailing {window.name}",
+                _spend(window.name),
             )
         )
     for kind in ACTIVITY_KINDS:
@@ -123,24 +187,67 @@ def _declare() -> tuple[FeatureSpec, ...]:
                 None,
                 "recency",
                 f"seconds since the last {kind} event ({RECENCY_DEFAULT_S:.0f} when none)",
+                _recency(KIND_CODE[kind]),
             )
         )
-    specs.append(
-        FeatureSpec(
-            "session_events",
-            ACTIVITY_KINDS,
-            None,
-            "session",
-            f"events in the current session ({SESSION_GAP_MINUTES}-minute inactivity gap)",
-        )
-    )
-    specs.append(
-        FeatureSpec(
-            "days_since_first_seen",
-            ACTIVITY_KINDS,
-            None,
-            "age",
-            "days between the user's first event and now",
+    specs.extend(
+        (
+            FeatureSpec(
+                "purchase_frequency_30d",
+                ("purchase",),
+                "30d",
+                "distinct days",
+                "days with at least one purchase in the trailing 30 days",
+                lambda ctx: float(ctx.purchase_days_30d),
+            ),
+            FeatureSpec(
+                "avg_order_value_30d",
+                ("purchase",),
+                "30d",
+                "mean",
+                "spend_30d / purchase_count_30d (0 without purchases)",
+                lambda ctx: _ratio(ctx.total(SPEND_CODE, "30d") / 100, ctx.total("p", "30d")),
+            ),
+            FeatureSpec(
+                "distinct_categories_7d",
+                ("view", "cart", "favorite", "search", "purchase"),
+                "7d",
+                "distinct",
+                "distinct categories the user touched in the trailing 7 days",
+                lambda ctx: float(sum(1 for v in ctx.categories_7d.values() if v > 0)),
+            ),
+            FeatureSpec(
+                "category_affinity",
+                ("view", "cart", "favorite", "search", "purchase"),
+                "30d",
+                "share",
+                "share of the user's 30-day category activity in the trigger event's category",
+                _category_affinity,
+            ),
+            FeatureSpec(
+                "session_events",
+                ACTIVITY_KINDS,
+                None,
+                "session",
+                f"events in the current session ({SESSION_GAP_MINUTES}-minute inactivity gap)",
+                lambda ctx: ctx.session_events,
+            ),
+            FeatureSpec(
+                "discount_sensitivity",
+                ("purchase",),
+                "30d",
+                "share",
+                "share of the trailing 30 days' purchases that redeemed an offer",
+                lambda ctx: _ratio(ctx.total(REDEEMED_CODE, "30d"), ctx.total("p", "30d")),
+            ),
+            FeatureSpec(
+                "days_since_first_seen",
+                ACTIVITY_KINDS,
+                None,
+                "age",
+                "days between the user's first event and now",
+                _days_since_first_seen,
+            ),
         )
     )
     return tuple(specs)
@@ -173,6 +280,22 @@ def bucket_field(code: str, grain: str, ts: int) -> str:
     return f"{code}{grain}{ts // GRAIN_MS[grain]}"
 
 
+def event_categories(event: Event) -> tuple[str, ...]:
+    """The categories an event touches (a purchase: each distinct item category once)."""
+    if isinstance(event, BrowseEvent):
+        return (event.category,)
+    if isinstance(event, SearchEvent):
+        return (event.category,) if event.category is not None else ()
+    return tuple(dict.fromkeys(item.category for item in event.items))
+
+
+def trigger_category(event: Event) -> str | None:
+    """The category ``category_affinity`` is measured against for this event."""
+    if isinstance(event, PurchaseEvent):
+        return None
+    return event.category
+
+
 def event_ops(event: Event) -> list[Op]:
     """The state operations that apply one event; commutative by construction."""
     code = KIND_CODE[event_kind(event)]
@@ -183,6 +306,12 @@ def event_ops(event: Event) -> list[Op]:
         ops.extend(
             (OP_INCR, bucket_field(SPEND_CODE, grain, ts), cents) for grain in ("m", "h", "d")
         )
+        if event.offer_id is not None:
+            ops.append((OP_INCR, bucket_field(REDEEMED_CODE, "d", ts), 1.0))
+    day = ts // DAY_MS
+    ops.extend(
+        (OP_INCR, f"{CATEGORY_PREFIX}{day}:{category}", 1.0) for category in event_categories(event)
+    )
     ops.append((OP_INCR, f"n{code}", 1.0))
     ops.append((OP_MAX, f"l{code}", float(ts)))
     ops.append((OP_MAX, "lt", float(ts)))
@@ -208,6 +337,13 @@ def apply_ops(state: State, ops: Iterable[Op]) -> None:
             raise ValueError(f"unknown state operation {op!r}")
 
 
+def _category_day(field: str) -> int | None:
+    if not field.startswith(CATEGORY_PREFIX):
+        return None
+    day, sep, _ = field[1:].partition(":")
+    return int(day) if sep and day.isdigit() else None
+
+
 def expired_fields(state: Mapping[str, float]) -> list[str]:
     """Bucket fields older than their grain's retention, relative to the user's latest event."""
     latest = state.get("lt")
@@ -219,6 +355,10 @@ def expired_fields(state: Mapping[str, float]) -> list[str]:
         is_bucket = len(field) > 2 and field[1] in cutoffs and field[2:].isdigit()
         if is_bucket and int(field[2:]) <= cutoffs[field[1]]:
             stale.append(field)
+            continue
+        day = _category_day(field)
+        if day is not None and day <= cutoffs["d"]:
+            stale.append(field)
     return stale
 
 
@@ -228,15 +368,26 @@ def trim(state: State) -> None:
         del state[field]
 
 
-def _bucket_sums(state: Mapping[str, float], now: int) -> tuple[dict[str, float], float]:
-    """Sums per ``<code>_<window>`` plus the current session's event count, in one pass.
-
-    One pass over the user's fields is cheaper than probing every bucket of every window.
-    """
+def build_context(
+    state: Mapping[str, float], now: int, category: str | None = None
+) -> FeatureContext:
+    """One pass over the user's fields: window sums, session, categories, purchase days."""
     current = {grain: now // ms for grain, ms in GRAIN_MS.items()}
     sums: dict[str, float] = {}
     activity_minutes: dict[int, float] = {}
+    categories_7d: dict[str, float] = {}
+    categories_30d: dict[str, float] = {}
+    purchase_days = 0
     for field, value in state.items():
+        day = _category_day(field)
+        if day is not None:
+            age = current["d"] - day
+            if 0 <= age < 30:
+                name = field[field.index(":") + 1 :]
+                categories_30d[name] = categories_30d.get(name, 0.0) + value
+                if age < 7:
+                    categories_7d[name] = categories_7d.get(name, 0.0) + value
+            continue
         if len(field) < 3 or field[1] not in current or not field[2:].isdigit():
             continue
         code, grain, index = field[0], field[1], int(field[2:])
@@ -247,9 +398,20 @@ def _bucket_sums(state: Mapping[str, float], now: int) -> tuple[dict[str, float]
             if window.grain == grain and age < window.buckets:
                 key = f"{code}_{window.name}"
                 sums[key] = sums.get(key, 0.0) + value
-        if grain == "m" and code != SPEND_CODE:
+        if grain == "m" and code in ACTIVITY_CODES:
             activity_minutes[index] = activity_minutes.get(index, 0.0) + value
-    return sums, _session_events(activity_minutes, current["m"])
+        elif grain == "d" and code == "p" and age < 30 and value > 0:
+            purchase_days += 1
+    return FeatureContext(
+        now=now,
+        state=state,
+        sums=sums,
+        session_events=_session_events(activity_minutes, current["m"]),
+        purchase_days_30d=purchase_days,
+        categories_7d=categories_7d,
+        categories_30d=categories_30d,
+        category=category,
+    )
 
 
 def _session_events(activity_minutes: Mapping[int, float], minute: int) -> float:
@@ -268,29 +430,16 @@ def _session_events(activity_minutes: Mapping[int, float], minute: int) -> float
     return total
 
 
-def compute_features(state: Mapping[str, float], now: int | None = None) -> dict[str, float]:
+def compute_features(
+    state: Mapping[str, float], now: int | None = None, category: str | None = None
+) -> dict[str, float]:
     """The feature vector of a user as of event time ``now`` (default: the user's latest event).
 
-    Missing history gives the documented defaults (0, or ``RECENCY_DEFAULT_S`` for recency),
-    never NaN. Keys always come in catalogue order.
+    ``category`` is the trigger event's category (for ``category_affinity``). Missing history
+    gives the documented defaults (0, or ``RECENCY_DEFAULT_S`` for recency), never NaN. Keys
+    always come in catalogue order.
     """
     if now is None:
         now = int(state.get("lt", 0.0))
-    sums, session_events = _bucket_sums(state, now)
-    vector: dict[str, float] = {}
-    for kind in ACTIVITY_KINDS:
-        code = KIND_CODE[kind]
-        for window in WINDOWS:
-            vector[f"{kind}_count_{window.name}"] = sums.get(f"{code}_{window.name}", 0.0)
-    for window in WINDOWS:
-        vector[f"spend_{window.name}"] = sums.get(f"{SPEND_CODE}_{window.name}", 0.0) / 100
-    for kind in ACTIVITY_KINDS:
-        last = state.get(f"l{KIND_CODE[kind]}")
-        if last is None:
-            vector[f"recency_{kind}_s"] = RECENCY_DEFAULT_S
-        else:
-            vector[f"recency_{kind}_s"] = min(max(now - last, 0.0) / 1000.0, RECENCY_DEFAULT_S)
-    vector["session_events"] = session_events
-    first = state.get("fs")
-    vector["days_since_first_seen"] = 0.0 if first is None else max(now - first, 0.0) / DAY_MS
-    return vector
+    context = build_context(state, now, category)
+    return {spec.name: spec.compute(context) for spec in CATALOGUE}

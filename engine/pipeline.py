@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 
 from engine.campaigns import Campaign, default_campaigns
 from engine.events import Event, PurchaseEvent
-from engine.features import apply_ops, compute_features, event_kind, event_ops
+from engine.features import (
+    apply_ops,
+    compute_features,
+    event_kind,
+    event_ops,
+    trigger_category,
+)
 from engine.labels import LabelledExample, PendingDecision, PendingLabels
 from engine.model import PurchaseModel
 from engine.store import FeatureStore, Position, StateUpdate, UpdateStatus
@@ -95,7 +101,7 @@ class DiscountEngine:
             apply_ops(state, update.ops)
             self.clock_ms = max(self.clock_ms, event.ts)
             self._learn(self.labels.expire(self.clock_ms), result)
-            features = compute_features(state)
+            features = compute_features(state, category=trigger_category(event))
             if isinstance(event, PurchaseEvent):
                 example = self.labels.on_purchase(event.user_id, event.ts, event.offer_id)
                 if example is not None:

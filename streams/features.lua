@@ -85,7 +85,8 @@ for field, offset in pairs(watermarks) do
   redis.call('HSET', KEYS[1], field, offset)
 end
 
--- Retention, as in engine.features.RETENTION_BUCKETS: minutes 120, hours 26, days 31.
+-- Retention, as in engine.features.RETENTION_BUCKETS: minutes 120, hours 26, days 31
+-- (category fields k<day>:<category> follow the day retention).
 local grain_ms = { m = 60000, h = 3600000, d = 86400000 }
 local keep = { m = 120, h = 26, d = 31 }
 for u, _ in pairs(touched) do
@@ -96,6 +97,11 @@ for u, _ in pairs(touched) do
   local stale = {}
   for _, field in ipairs(fields) do
     local grain, index = string.match(field, '^.([mhd])(%d+)$')
+    if not grain then
+      -- category activity per day: k<day>:<category>
+      index = string.match(field, '^k(%d+):')
+      grain = index and 'd'
+    end
     if grain then
       local cutoff = math.floor(lt / grain_ms[grain]) - keep[grain]
       if tonumber(index) <= cutoff then

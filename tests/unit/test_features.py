@@ -160,3 +160,47 @@ def test_duplicates_and_reordering_give_the_in_order_features(
         assert compute_features(store._users[user].state) == compute_features(
             reference._users[user].state
         )
+
+
+def test_category_and_purchase_features() -> None:
+    redeemed = PurchaseEvent(
+        event_id="r1",
+        user_id="u1",
+        ts=T0 + 26 * HOUR_MS,
+        order_id="or1",
+        items=(PurchaseItem(item_id="i2", category="toys", price=30.0, quantity=1),),
+        amount=30.0,
+        offer_id="o-1",
+    )
+    events: list[Event] = [
+        browse("a", T0),  # books
+        browse("b", T0 + MINUTE_MS),  # books
+        purchase("c", T0 + 2 * MINUTE_MS, 10.0),  # books, day 0
+        redeemed,  # toys, day 1
+        search("s", T0 + 26 * HOUR_MS + MINUTE_MS),  # no category
+    ]
+    state = state_of(events)
+    vector = compute_features(state, category="books")
+    assert vector["purchase_frequency_30d"] == 2  # two distinct purchase days
+    assert vector["avg_order_value_30d"] == pytest.approx(20.0)
+    assert vector["discount_sensitivity"] == pytest.approx(0.5)
+    assert vector["distinct_categories_7d"] == 2
+    assert vector["category_affinity"] == pytest.approx(3 / 4)
+    assert compute_features(state, category="toys")["category_affinity"] == pytest.approx(1 / 4)
+    assert compute_features(state, category="garden")["category_affinity"] == 0.0
+    assert compute_features(state)["category_affinity"] == 0.0
+
+
+def test_old_buckets_and_categories_are_trimmed_but_recent_ones_kept() -> None:
+    from engine.features import DAY_MS, expired_fields
+
+    old = browse("old", T0)
+    new = browse("new", T0 + 40 * DAY_MS)
+    state = state_of([old, new])
+    stale = set(expired_fields(state))
+    old_day = T0 // DAY_MS
+    assert f"k{old_day}:books" in stale
+    assert f"vd{old_day}" in stale
+    assert f"vm{T0 // MINUTE_MS}" in stale
+    assert not any(str(old_day + 40) in field for field in stale)
+    assert compute_features(state)["view_count_30d"] == 1
