@@ -44,16 +44,28 @@ def default_campaigns() -> tuple[Campaign, ...]:
     return (Campaign(name="default", policy=ThresholdPolicy()),)
 
 
+def _number(
+    name: str, entry: Mapping[str, Any], key: str, default: float, *, minimum: float = 0.0
+) -> float:
+    """A numeric field, checked, with an error that names the campaign and the field."""
+    value = entry.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise CampaignError(f"campaign {name!r}: {key!r} must be a number, got {value!r}")
+    if value < minimum or value == float("inf"):
+        raise CampaignError(f"campaign {name!r}: {key!r} must be >= {minimum:g}, got {value!r}")
+    return float(value)
+
+
 def _build_policy(name: str, entry: Mapping[str, Any]) -> Policy:
     kind = entry.get("policy", "threshold")
     if kind == "threshold":
         try:
             return ThresholdPolicy(
-                threshold=float(entry.get("threshold", 0.5)),
-                discount_pct=float(entry.get("discount_pct", 10.0)),
+                threshold=_number(name, entry, "threshold", 0.5),
+                discount_pct=_number(name, entry, "discount_pct", 10.0),
             )
-        except (TypeError, ValueError) as exc:
-            raise CampaignError(f"campaign {name!r}: {exc}") from exc
+        except ValueError as exc:
+            raise CampaignError(f"campaign {name!r}: {exc}") from None
     raise CampaignError(f"campaign {name!r}: unknown policy {kind!r} (known: threshold)")
 
 
@@ -63,10 +75,15 @@ def parse_campaigns(document: Mapping[str, Any]) -> tuple[Campaign, ...]:
         raise CampaignError("campaigns file needs at least one [[campaign]] table")
     campaigns: list[Campaign] = []
     for position, entry in enumerate(entries, start=1):
+        if not isinstance(entry, dict):
+            raise CampaignError(f"campaign #{position}: must be a [[campaign]] table")
         name = entry.get("name")
         if not isinstance(name, str) or not name:
             raise CampaignError(f"campaign #{position}: 'name' must be a non-empty string")
-        triggers = tuple(entry.get("triggers", TRIGGER_KINDS))
+        raw_triggers = entry.get("triggers", list(TRIGGER_KINDS))
+        if not isinstance(raw_triggers, list) or not raw_triggers:
+            raise CampaignError(f"campaign {name!r}: 'triggers' must be a non-empty list")
+        triggers = tuple(raw_triggers)
         unknown = [t for t in triggers if t not in TRIGGER_KINDS]
         if unknown:
             raise CampaignError(
@@ -77,8 +94,8 @@ def parse_campaigns(document: Mapping[str, Any]) -> tuple[Campaign, ...]:
                 name=name,
                 policy=_build_policy(name, entry),
                 triggers=triggers,
-                offer_ttl_ms=int(float(entry.get("offer_ttl_s", 86400)) * 1000),
-                decision_interval_ms=int(float(entry.get("decision_interval_s", 600)) * 1000),
+                offer_ttl_ms=int(_number(name, entry, "offer_ttl_s", 86400.0) * 1000),
+                decision_interval_ms=int(_number(name, entry, "decision_interval_s", 600.0) * 1000),
             )
         )
     names = [c.name for c in campaigns]
@@ -91,7 +108,9 @@ def load_campaigns(path: Path) -> tuple[Campaign, ...]:
     try:
         document = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
-        raise CampaignError(f"cannot read campaigns file {path}: {exc.strerror}") from exc
+        raise CampaignError(f"cannot read campaigns file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise CampaignError(f"campaigns file {path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
-        raise CampaignError(f"campaigns file {path} is not valid TOML: {exc}") from exc
+        raise CampaignError(f"campaigns file {path} is not valid TOML: {exc}") from None
     return parse_campaigns(document)

@@ -26,6 +26,7 @@ INVALID_EVENT_CODES: frozenset[str] = frozenset(
         "too_large",  # the raw message is bigger than the configured limit
         "missing_key",  # the Kafka message has no key (user_id)
         "clock_skew",  # event time is too far from the processing clock
+        "key_mismatch",  # the Kafka record key is not the event's user_id
     }
 )
 

@@ -128,8 +128,14 @@ class DiscountEngine:
         if interval > 0 and last is not None and abs(event.ts - last) < interval:
             return
         self._last_decision[key] = max(event.ts, last or event.ts)
-        p_purchase = self.model.predict(features, 0.0)
-        choice = campaign.policy.choose(p_purchase, features)
+        p_no_discount = self.model.predict(features, 0.0)
+        choice = campaign.policy.choose(p_no_discount, features)
+        # Outputs report P(purchase) at the discount actually chosen.
+        p_purchase = (
+            self.model.predict(features, choice.discount_pct)
+            if choice.discount_pct > 0
+            else p_no_discount
+        )
         model_version = self.model.version
         decision_id = stable_id("d-", campaign.name, event.event_id)
         offer_id: str | None = None

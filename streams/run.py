@@ -29,7 +29,12 @@ def run_worker(settings: Settings) -> int:
         if created:
             log.info("created topics %s", ", ".join(created))
 
-    loop.run_until_complete(preflight())
+    try:
+        loop.run_until_complete(preflight())
+    except BaseException:
+        loop.run_until_complete(runtime.redis.aclose())
+        loop.close()
+        raise
     app = create_app(runtime)
     worker = faust.Worker(app, loop=loop, loglevel=settings.log_level, quiet=True)
     try:

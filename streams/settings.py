@@ -10,7 +10,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from streams.errors import ConfigError
 
@@ -33,12 +33,18 @@ class Secret:
 
 
 def redact_url(url: str) -> str:
-    """The URL with any password replaced, safe to log."""
+    """The URL with any password (userinfo or ``?password=``) replaced, safe to log."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":****@")
-    return urlunsplit(parts._replace(netloc=netloc))
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(f":{parts.password}@", ":****@")
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode(
+            [(k, "****" if k.lower() == "password" else v) for k, v in pairs], safe="*"
+        )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,9 +91,7 @@ class Topics:
 
     def event_type_of(self, topic: str) -> str | None:
         """The event type a topic carries (``browse`` for ``<prefix>events.browse``)."""
-        if topic.startswith(f"{self.prefix}events.") and topic != self.dlq:
-            return topic[len(self.prefix) + len("events.") :]
-        return None
+        return {self.browse: "browse", self.search: "search", self.purchase: "purchase"}.get(topic)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +134,8 @@ class Settings:
                 raise ConfigError(
                     f"{ENV_PREFIX}{name}={raw!r} is not a valid {kind.__name__}"
                 ) from None
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ConfigError(f"{ENV_PREFIX}{name} must be a finite number, got {raw}")
             if value < 0:
                 raise ConfigError(f"{ENV_PREFIX}{name} must not be negative, got {raw}")
             return value
@@ -142,7 +148,7 @@ class Settings:
             topic_prefix=get("TOPIC_PREFIX") or "",
             redis_prefix=get("REDIS_PREFIX") or defaults.redis_prefix,
             campaigns_path=Path(campaigns) if campaigns else None,
-            http_port=int(number("HTTP_PORT", defaults.http_port, int)),
+            http_port=_port(int(number("HTTP_PORT", defaults.http_port, int))),
             group_id=get("GROUP_ID") or defaults.group_id,
             partitions=max(1, int(number("PARTITIONS", defaults.partitions, int))),
             batch_max=max(1, int(number("BATCH_MAX", defaults.batch_max, int))),
@@ -153,5 +159,21 @@ class Settings:
             ),
             max_clock_skew_s=number("MAX_CLOCK_SKEW_S", defaults.max_clock_skew_s, float),
             max_message_bytes=int(number("MAX_MESSAGE_BYTES", defaults.max_message_bytes, int)),
-            log_level=(get("LOG_LEVEL") or defaults.log_level).upper(),
+            log_level=_log_level(get("LOG_LEVEL") or defaults.log_level),
         )
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(raw: str) -> str:
+    level = raw.upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"{ENV_PREFIX}LOG_LEVEL={raw!r} is not one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+def _port(value: int) -> int:
+    if not 0 < value < 65536:
+        raise ConfigError(f"{ENV_PREFIX}HTTP_PORT must be within 1-65535, got {value}")
+    return value

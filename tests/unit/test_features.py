@@ -204,3 +204,11 @@ def test_old_buckets_and_categories_are_trimmed_but_recent_ones_kept() -> None:
     assert f"vm{T0 // MINUTE_MS}" in stale
     assert not any(str(old_day + 40) in field for field in stale)
     assert compute_features(state)["view_count_30d"] == 1
+
+
+def test_docs_list_every_feature() -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "features.md").read_text()
+    missing = [name for name in FEATURE_NAMES if f"`{name}`" not in doc]
+    assert not missing, f"docs/features.md does not describe {missing}"

@@ -1,0 +1,465 @@
+"""The pure parts of streams/: settings, topic names, record decoding, the batch worker."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from engine.campaigns import Campaign
+from engine.errors import INVALID_EVENT_CODES
+from engine.events import BrowseEvent
+from engine.pipeline import DiscountEngine, Incoming
+from engine.policy import ThresholdPolicy
+from engine.store import InMemoryFeatureStore, Position
+from streams.decode import DeadLetter, DecodeLimits, RawRecord, decode_record
+from streams.errors import ConfigError, StreamsError
+from streams.settings import Secret, Settings, Topics, redact_url
+from streams.worker import BatchWorker, WorkerCounters
+
+T0 = 1_767_225_600_000
+HOUR = 3_600_000
+
+# -- Settings -----------------------------------------------------------------------------------
+
+
+def test_defaults_without_any_variable() -> None:
+    settings = Settings.from_env({})
+    assert settings == Settings()
+    assert settings.kafka_bootstrap == "127.0.0.1:9092"
+    assert settings.redis_url.reveal() == "redis://127.0.0.1:6379/0"
+    assert settings.topic_prefix == ""
+    assert settings.redis_prefix == "ds:"
+    assert settings.campaigns_path is None
+    assert settings.http_port == 6066
+    assert settings.group_id == "dealstream"
+    assert settings.log_level == "INFO"
+
+
+def test_unrelated_and_empty_variables_are_ignored() -> None:
+    env = {"KAFKA_BOOTSTRAP": "elsewhere:1", "DEALSTREAM_GROUP_ID": "", "DEALSTREAM_X": "1"}
+    assert Settings.from_env(env) == Settings()
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "attribute", "expected"),
+    [
+        ("KAFKA_BOOTSTRAP", "k1:9092,k2:9092", "kafka_bootstrap", "k1:9092,k2:9092"),
+        ("TOPIC_PREFIX", "staging.", "topic_prefix", "staging."),
+        ("REDIS_PREFIX", "dsx:", "redis_prefix", "dsx:"),
+        ("CAMPAIGNS", "/etc/ds/campaigns.toml", "campaigns_path", Path("/etc/ds/campaigns.toml")),
+        ("HTTP_PORT", "8080", "http_port", 8080),
+        ("GROUP_ID", "dealstream-canary", "group_id", "dealstream-canary"),
+        ("PARTITIONS", "12", "partitions", 12),
+        ("PARTITIONS", "0", "partitions", 1),
+        ("BATCH_MAX", "2000", "batch_max", 2000),
+        ("BATCH_WITHIN_S", "0.25", "batch_within_s", 0.25),
+        ("ALLOWED_LATENESS_S", "60", "allowed_lateness_s", 60.0),
+        ("ATTRIBUTION_WINDOW_S", "7200.5", "attribution_window_s", 7200.5),
+        ("MAX_CLOCK_SKEW_S", "30", "max_clock_skew_s", 30.0),
+        ("MAX_MESSAGE_BYTES", "4096", "max_message_bytes", 4096),
+        ("LOG_LEVEL", "debug", "log_level", "DEBUG"),
+    ],
+)  # fmt: skip
+def test_each_variable_is_read(name: str, raw: str, attribute: str, expected: object) -> None:
+    settings = Settings.from_env({f"DEALSTREAM_{name}": raw})
+    assert getattr(settings, attribute) == expected
+    # Only that attribute changed.
+    changed = {
+        slot
+        for slot in Settings.__dataclass_fields__
+        if getattr(settings, slot) != getattr(Settings(), slot)
+    }
+    assert changed <= {attribute}
+
+
+def test_redis_url_variable_is_a_secret() -> None:
+    url = "redis://app:hunter2@cache.internal:6380/3"
+    settings = Settings.from_env({"DEALSTREAM_REDIS_URL": url})
+    assert isinstance(settings.redis_url, Secret)
+    assert settings.redis_url.reveal() == url
+    for shown in (repr(settings), str(settings), repr(settings.redis_url), str(settings.redis_url)):
+        assert "hunter2" not in shown
+        assert "cache.internal" not in shown
+    assert "Secret('**********')" in repr(settings)
+
+
+NUMERIC = [
+    "HTTP_PORT",
+    "PARTITIONS",
+    "BATCH_MAX",
+    "BATCH_WITHIN_S",
+    "ALLOWED_LATENESS_S",
+    "ATTRIBUTION_WINDOW_S",
+    "MAX_CLOCK_SKEW_S",
+    "MAX_MESSAGE_BYTES",
+]
+
+
+@pytest.mark.parametrize("name", NUMERIC)
+@pytest.mark.parametrize("raw", ["abc", "1e", " "])
+def test_invalid_number_names_the_variable(name: str, raw: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({f"DEALSTREAM_{name}": raw})
+    assert f"DEALSTREAM_{name}" in str(info.value)
+    assert isinstance(info.value, StreamsError)
+
+
+@pytest.mark.parametrize("name", ["HTTP_PORT", "PARTITIONS", "MAX_MESSAGE_BYTES"])
+def test_integer_variables_reject_fractions(name: str) -> None:
+    with pytest.raises(ConfigError, match=f"DEALSTREAM_{name}"):
+        Settings.from_env({f"DEALSTREAM_{name}": "1.5"})
+
+
+@pytest.mark.parametrize("name", NUMERIC)
+def test_negative_number_names_the_variable(name: str) -> None:
+    with pytest.raises(ConfigError, match=f"DEALSTREAM_{name}"):
+        Settings.from_env({f"DEALSTREAM_{name}": "-1"})
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [("HTTP_PORT", "70000"), ("ALLOWED_LATENESS_S", "nan"), ("ATTRIBUTION_WINDOW_S", "inf")],
+)
+def test_out_of_range_numbers_name_the_variable(name: str, raw: str) -> None:
+    with pytest.raises(ConfigError, match=f"DEALSTREAM_{name}"):
+        Settings.from_env({f"DEALSTREAM_{name}": raw})
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://:hunter2@host:6379/0", "redis://:****@host:6379/0"),
+        ("redis://app:hunter2@host:6379/0", "redis://app:****@host:6379/0"),
+        ("rediss://app:p%40ss@host/1", "rediss://app:****@host/1"),
+        ("redis://app:p@ss@host/1", "redis://app:****@host/1"),
+        ("redis://host:6379/0", "redis://host:6379/0"),
+        ("redis://app@host:6379/0", "redis://app@host:6379/0"),
+    ],
+)
+def test_redact_url_hides_passwords(url: str, expected: str) -> None:
+    assert redact_url(url) == expected
+
+
+def test_redact_url_hides_a_password_in_the_query() -> None:
+    assert "hunter2" not in redact_url("redis://host:6379/0?password=hunter2")
+
+
+# -- Topics -------------------------------------------------------------------------------------
+
+
+def test_topic_names_without_a_prefix() -> None:
+    topics = Topics()
+    assert topics.events == ("events.browse", "events.search", "events.purchase")
+    assert (topics.offers, topics.decisions, topics.training, topics.dlq) == (
+        "offers",
+        "decisions",
+        "training",
+        "events.dlq",
+    )
+
+
+def test_topic_names_with_a_prefix() -> None:
+    topics = Settings.from_env({"DEALSTREAM_TOPIC_PREFIX": "t1."}).topics
+    assert topics.all == (
+        "t1.events.browse",
+        "t1.events.search",
+        "t1.events.purchase",
+        "t1.offers",
+        "t1.decisions",
+        "t1.training",
+        "t1.events.dlq",
+    )
+    assert len(set(topics.all)) == 7
+
+
+@pytest.mark.parametrize("prefix", ["", "t1."])
+def test_event_type_of(prefix: str) -> None:
+    topics = Topics(prefix)
+    assert topics.event_type_of(topics.browse) == "browse"
+    assert topics.event_type_of(topics.search) == "search"
+    assert topics.event_type_of(topics.purchase) == "purchase"
+    for other in (topics.offers, topics.decisions, topics.training, topics.dlq):
+        assert topics.event_type_of(other) is None
+
+
+def test_event_type_of_requires_the_prefix() -> None:
+    assert Topics("t1.").event_type_of("events.browse") is None
+    assert Topics("t1.").event_type_of("t2.events.browse") is None
+
+
+def test_unknown_event_topic_has_no_event_type_and_does_not_crash_decoding() -> None:
+    topics = Topics()
+    assert topics.event_type_of("events.click") is None
+    record = raw(topic="events.click")
+    assert isinstance(
+        decode_record(record, topics=topics, limits=LIMITS, now_ms=T0), Incoming | DeadLetter
+    )
+
+
+# -- decode_record ------------------------------------------------------------------------------
+
+TOPICS = Topics("p.")
+LIMITS = DecodeLimits(max_message_bytes=400, max_clock_skew_ms=300_000)
+HEADERS = (("traceparent", b"00-abc-01"), ("producer", b"shop"))
+
+
+def browse_doc(**changes: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "event_id": "e-1",
+        "user_id": "u-1",
+        "type": "browse",
+        "ts": T0,
+        "item_id": "i-1",
+        "category": "books",
+        "price": 12.5,
+    }
+    doc.update(changes)
+    return doc
+
+
+def raw(
+    value: bytes | None = None,
+    *,
+    topic: str = "p.events.browse",
+    key: bytes | None = b"u-1",
+    partition: int = 2,
+    offset: int = 17,
+    headers: tuple[tuple[str, bytes], ...] = HEADERS,
+) -> RawRecord:
+    if value is None:
+        value = orjson.dumps(browse_doc())
+    return RawRecord(topic, partition, offset, key, value, T0, headers)
+
+
+def decode(record: RawRecord) -> Incoming | DeadLetter:
+    return decode_record(record, topics=TOPICS, limits=LIMITS, now_ms=T0)
+
+
+def test_good_record_becomes_incoming_with_its_position() -> None:
+    decoded = decode(raw())
+    assert isinstance(decoded, Incoming)
+    assert decoded.position == Position("p.events.browse", 2, 17)
+    assert decoded.event == BrowseEvent(
+        event_id="e-1", user_id="u-1", ts=T0, item_id="i-1", category="books", price=12.5
+    )
+
+
+def test_event_within_the_allowed_skew_is_accepted() -> None:
+    decoded = decode(raw(orjson.dumps(browse_doc(ts=T0 + 300_000))))
+    assert isinstance(decoded, Incoming)
+
+
+BAD_RECORDS: list[tuple[str, RawRecord, str, str]] = [
+    ("too_large", raw(orjson.dumps(browse_doc(pad="x" * 400))), "too_large", "limit"),
+    ("too_large_without_key", raw(b"x" * 401, key=None), "too_large", "401"),
+    ("missing_key", raw(key=None), "missing_key", "user_id"),
+    ("empty_key", raw(key=b""), "missing_key", "user_id"),
+    ("invalid_json", raw(b"{not json"), "invalid_json", "JSON"),
+    ("tombstone", RawRecord("p.events.browse", 2, 17, b"u-1", None), "invalid_json", "JSON"),
+    ("not_an_object", raw(b"[1, 2]"), "not_an_object", "object"),
+    ("schema_violation", raw(orjson.dumps(browse_doc(price=-1))), "out_of_range", "'price'"),
+    ("missing_field", raw(orjson.dumps({"type": "browse"})), "missing_field", "'event_id'"),
+    (
+        "type_topic_mismatch",
+        raw(orjson.dumps(browse_doc(type="search", query="q")), topic="p.events.purchase"),
+        "type_topic_mismatch",
+        "events.search",
+    ),
+    ("key_mismatch", raw(key=b"u-2"), "key_mismatch", "user_id"),
+    ("clock_skew", raw(orjson.dumps(browse_doc(ts=T0 + 300_001))), "clock_skew", "ahead"),
+]
+
+
+@pytest.mark.parametrize(
+    ("record", "code", "fragment"),
+    [pytest.param(r, c, f, id=i) for i, r, c, f in BAD_RECORDS],
+)
+def test_bad_records_become_dead_letters(record: RawRecord, code: str, fragment: str) -> None:
+    letter = decode(record)
+    assert isinstance(letter, DeadLetter)
+    assert letter.code == code
+    assert fragment in letter.reason
+    assert letter.record is record
+
+
+@pytest.mark.parametrize(
+    ("record", "code"),
+    [pytest.param(r, c, id=i) for i, r, c, _ in BAD_RECORDS],
+)
+def test_dead_letter_codes_are_in_the_closed_set(record: RawRecord, code: str) -> None:
+    letter = decode(record)
+    assert isinstance(letter, DeadLetter)
+    assert letter.code in INVALID_EVENT_CODES
+
+
+@pytest.mark.parametrize(
+    ("record", "code"),
+    [pytest.param(r, c, id=i) for i, r, c, _ in BAD_RECORDS],
+)
+def test_dead_letter_headers_say_where_from_and_why(record: RawRecord, code: str) -> None:
+    letter = decode(record)
+    assert isinstance(letter, DeadLetter)
+    headers = letter.headers()
+    assert headers[: len(record.headers)] == list(record.headers)
+    added = dict(headers[len(record.headers) :])
+    assert added == {
+        "dealstream.source.topic": record.topic.encode(),
+        "dealstream.source.partition": str(record.partition).encode(),
+        "dealstream.source.offset": str(record.offset).encode(),
+        "dealstream.error.class": code.encode(),
+        "dealstream.error.reason": letter.reason.encode(),
+    }
+    assert all(isinstance(k, str) and isinstance(v, bytes) for k, v in headers)
+
+
+def test_dead_letter_headers_without_original_headers() -> None:
+    letter = decode(raw(key=None, headers=()))
+    assert isinstance(letter, DeadLetter)
+    names = [name for name, _ in letter.headers()]
+    assert names == [
+        "dealstream.source.topic",
+        "dealstream.source.partition",
+        "dealstream.source.offset",
+        "dealstream.error.class",
+        "dealstream.error.reason",
+    ]
+
+
+# -- BatchWorker --------------------------------------------------------------------------------
+
+
+@dataclass
+class ListSink:
+    """Collects what the worker sends; stands in for the Kafka producer in unit tests."""
+
+    sent: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]] = field(
+        default_factory=list
+    )
+
+    async def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+    ) -> None:
+        self.sent.append((topic, key, value, list(headers or [])))
+
+    def to(self, topic: str) -> list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]]:
+        return [(k, v, h) for t, k, v, h in self.sent if t == topic]
+
+
+def make_worker(prefix: str = "t1.") -> tuple[BatchWorker, ListSink]:
+    engine = DiscountEngine(
+        InMemoryFeatureStore(),
+        campaigns=[Campaign("spring", ThresholdPolicy(threshold=0.3), decision_interval_ms=0)],
+    )
+    sink = ListSink()
+    worker = BatchWorker(
+        engine,
+        sink,
+        topics=Topics(prefix),
+        limits=DecodeLimits(),
+        wall_clock_ms=lambda: T0 + HOUR,
+    )
+    return worker, sink
+
+
+def record(doc: dict[str, Any] | bytes, topic: str, offset: int, key: bytes | None) -> RawRecord:
+    value = doc if isinstance(doc, bytes) else orjson.dumps(doc)
+    return RawRecord(f"t1.events.{topic}", 0, offset, key, value, None, (("h", b"v"),))
+
+
+def mixed_batch() -> list[RawRecord]:
+    search = {"event_id": "s-1", "user_id": "u-2", "type": "search", "ts": T0, "query": "lamp"}
+    buy = {
+        "event_id": "p-1",
+        "user_id": "u-1",
+        "type": "purchase",
+        "ts": T0 + 1000,
+        "order_id": "o-1",
+        "items": [{"item_id": "i-1", "category": "books", "price": 12.5, "quantity": 1}],
+        "amount": 12.5,
+    }
+    return [
+        record(browse_doc(), "browse", 0, b"u-1"),  # applied, decision + offer
+        record(search, "search", 0, b"u-2"),  # applied, decision + offer
+        record(b"{oops", "browse", 1, b"u-1"),  # dead letter: invalid_json
+        record(browse_doc(event_id="e-9"), "browse", 2, None),  # dead letter: missing_key
+        record(browse_doc(), "browse", 3, b"u-1"),  # duplicate event id
+        record(browse_doc(event_id="e-old", ts=T0 - 2 * HOUR), "browse", 4, b"u-1"),  # late
+        record(buy, "purchase", 0, b"u-1"),  # applied, labels u-1's decision
+    ]
+
+
+async def test_counters_balance_for_a_mixed_batch_and_its_redelivery() -> None:
+    worker, _ = make_worker()
+    batch = mixed_batch()
+    await worker.handle(batch)
+    counters = worker.counters
+    assert counters.balanced()
+    assert (counters.consumed, counters.applied, counters.duplicates, counters.late) == (7, 3, 1, 1)
+    assert counters.redelivered == 0
+    assert dict(counters.dead_lettered) == {"invalid_json": 1, "missing_key": 1}
+    assert (counters.offers, counters.decisions, counters.training) == (2, 2, 1)
+
+    await worker.handle(batch)  # the whole batch again, e.g. after a rebalance
+    assert counters.balanced()
+    assert (counters.consumed, counters.applied, counters.redelivered) == (14, 3, 5)
+    assert dict(counters.dead_lettered) == {"invalid_json": 2, "missing_key": 2}
+    assert (counters.offers, counters.decisions, counters.training) == (2, 2, 1)
+    assert counters.batches == 2
+    assert counters.as_dict()["consumed"] == 14
+
+
+def test_balanced_detects_an_unaccounted_record() -> None:
+    counters = WorkerCounters(consumed=3, applied=1, late=1)
+    assert not counters.balanced()
+    counters.dead_lettered["invalid_json"] += 1
+    assert counters.balanced()
+
+
+async def test_outputs_go_to_the_right_topics() -> None:
+    worker, sink = make_worker()
+    result = await worker.handle(mixed_batch())
+    topics_used = {topic for topic, *_ in sink.sent}
+    assert topics_used == {"t1.events.dlq", "t1.offers", "t1.decisions", "t1.training"}
+
+    dlq = sink.to("t1.events.dlq")
+    assert [(key, value) for key, value, _ in dlq] == [
+        (b"u-1", b"{oops"),
+        (None, orjson.dumps(browse_doc(event_id="e-9"))),
+    ]
+    for _, _, headers in dlq:
+        assert headers[0] == ("h", b"v")
+        assert ("dealstream.source.topic", b"t1.events.browse") in headers
+    assert dict(dlq[0][2])["dealstream.error.class"] == b"invalid_json"
+    assert dict(dlq[1][2])["dealstream.source.offset"] == b"2"
+
+    offers = [orjson.loads(value) for _, value, _ in sink.to("t1.offers")]
+    assert offers == result.offers
+    assert [key for key, _, _ in sink.to("t1.offers")] == [b"u-1", b"u-2"]
+
+    decisions = [orjson.loads(value) for _, value, _ in sink.to("t1.decisions")]
+    assert decisions == result.decisions
+    assert [key for key, _, _ in sink.to("t1.decisions")] == [b"u-1", b"u-2"]
+
+    ((key, value, _),) = sink.to("t1.training")
+    example = orjson.loads(value)
+    assert example["label"] == 1
+    assert key == str(example["decision_id"]).encode()
+    assert example["decision_id"] == decisions[0]["decision_id"]
+
+
+async def test_worker_uses_its_clock_for_the_skew_check() -> None:
+    worker, sink = make_worker()
+    future = record(browse_doc(ts=T0 + HOUR + 301_000), "browse", 0, b"u-1")
+    await worker.handle([future])
+    assert dict(worker.counters.dead_lettered) == {"clock_skew": 1}
+    ((_, _, headers),) = sink.to("t1.events.dlq")
+    assert dict(headers)["dealstream.error.class"] == b"clock_skew"
