@@ -1,15 +1,22 @@
-"""Campaigns: which events trigger a decision, with which policy, and the offer's terms.
+"""Campaigns: which events trigger a decision, with which policy, under which guardrails.
 
-Campaigns are read from a TOML file (``DEALSTREAM_CAMPAIGNS``)::
+Campaigns are read from a TOML file (``DEALSTREAM_CAMPAIGNS``); see ``docs/campaigns.md``::
 
     [[campaign]]
-    name = "welcome-back"
-    policy = "threshold"
-    threshold = 0.5
-    discount_pct = 10
-    triggers = ["view", "cart", "search"]
+    name = "cart-savers"
+    policy = "profit"                 # threshold | linear | rules | profit
+    ladder = [0, 5, 10, 15, 20]
+    margin = 0.3
+    epsilon = 0.1
+    max_discount_pct = 20
+    triggers = ["view", "cart"]
+    categories = ["electronics"]      # eligibility: trigger category (empty = all)
+    customers = "returning"           # all | new | returning
+    cooldown_s = 3600
+    max_offers_per_day = 3
     offer_ttl_s = 86400
-    decision_interval_s = 600
+    daily_budget = 500.0              # currency units per event-time day
+    holdout = 0.1
 """
 
 from __future__ import annotations
@@ -21,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import EngineError
-from engine.policy import Policy, ThresholdPolicy
+from engine.policy import LinearPolicy, Policy, ProfitPolicy, Rule, RulesPolicy, ThresholdPolicy
 
 TRIGGER_KINDS = ("view", "cart", "favorite", "search")
+CUSTOMER_SEGMENTS = ("all", "new", "returning")
 
 
 class CampaignError(EngineError):
@@ -35,9 +43,25 @@ class Campaign:
     name: str
     policy: Policy
     triggers: tuple[str, ...] = TRIGGER_KINDS
+    categories: tuple[str, ...] = ()
+    """Eligible trigger categories; empty means every category."""
+    customers: str = "all"
+    """``new``: no purchase in the last 30 days; ``returning``: at least one."""
+    max_discount_pct: float = 100.0
     offer_ttl_ms: int = 24 * 3600 * 1000
     decision_interval_ms: int = 10 * 60 * 1000
     """At most one decision per user and campaign per interval of event time."""
+    cooldown_ms: int = 0
+    """Minimum event time between two offers to the same user."""
+    max_offers_per_day: int | None = None
+    daily_budget_cents: int | None = None
+    """Discount budget per event-time (UTC) day; None means unlimited."""
+    holdout: float = 0.0
+    """Fraction of users (by a hash of user id and campaign) who never get offers."""
+    default_order_value: float = 50.0
+    """Order value assumed when neither the trigger item's price nor history gives one."""
+    seed: int = 0
+    """Seeds the exploration draws, which are otherwise a function of the decision id."""
 
 
 def default_campaigns() -> tuple[Campaign, ...]:
@@ -45,59 +69,153 @@ def default_campaigns() -> tuple[Campaign, ...]:
 
 
 def _number(
-    name: str, entry: Mapping[str, Any], key: str, default: float, *, minimum: float = 0.0
+    name: str,
+    entry: Mapping[str, Any],
+    key: str,
+    default: float,
+    *,
+    minimum: float = 0.0,
+    maximum: float = float("inf"),
 ) -> float:
     """A numeric field, checked, with an error that names the campaign and the field."""
     value = entry.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
         raise CampaignError(f"campaign {name!r}: {key!r} must be a number, got {value!r}")
-    if value < minimum or value == float("inf"):
-        raise CampaignError(f"campaign {name!r}: {key!r} must be >= {minimum:g}, got {value!r}")
+    if value < minimum or value > maximum or value == float("inf"):
+        raise CampaignError(
+            f"campaign {name!r}: {key!r} must be within [{minimum:g}, {maximum:g}], got {value!r}"
+        )
     return float(value)
+
+
+def _optional_number(
+    name: str, entry: Mapping[str, Any], key: str, *, minimum: float = 0.0
+) -> float | None:
+    return _number(name, entry, key, 0.0, minimum=minimum) if key in entry else None
+
+
+def _strings(
+    name: str, entry: Mapping[str, Any], key: str, default: tuple[str, ...]
+) -> tuple[str, ...]:
+    value = entry.get(key, list(default))
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise CampaignError(f"campaign {name!r}: {key!r} must be a list of non-empty strings")
+    return tuple(value)
+
+
+def _rules(name: str, entry: Mapping[str, Any]) -> tuple[Rule, ...]:
+    raw = entry.get("rules")
+    if not isinstance(raw, list) or not raw:
+        raise CampaignError(f"campaign {name!r}: policy 'rules' needs a non-empty 'rules' list")
+    rules: list[Rule] = []
+    for index, item in enumerate(raw, start=1):
+        if not isinstance(item, dict) or not isinstance(item.get("feature"), str):
+            raise CampaignError(
+                f"campaign {name!r}: rule #{index} needs 'feature', 'op', 'value', 'discount_pct'"
+            )
+        where = f"rule #{index}"
+        try:
+            rules.append(
+                Rule(
+                    feature=item["feature"],
+                    op=str(item.get("op", ">")),
+                    value=_number(name, item, "value", 0.0, minimum=float("-inf")),
+                    discount_pct=_number(name, item, "discount_pct", 0.0, maximum=100.0),
+                )
+            )
+        except ValueError as exc:
+            raise CampaignError(f"campaign {name!r}: {where}: {exc}") from None
+    return tuple(rules)
 
 
 def _build_policy(name: str, entry: Mapping[str, Any]) -> Policy:
     kind = entry.get("policy", "threshold")
-    if kind == "threshold":
-        try:
+    try:
+        if kind == "threshold":
             return ThresholdPolicy(
-                threshold=_number(name, entry, "threshold", 0.5),
-                discount_pct=_number(name, entry, "discount_pct", 10.0),
+                threshold=_number(name, entry, "threshold", 0.5, maximum=1.0),
+                discount_pct=_number(name, entry, "discount_pct", 10.0, maximum=100.0),
             )
-        except ValueError as exc:
-            raise CampaignError(f"campaign {name!r}: {exc}") from None
-    raise CampaignError(f"campaign {name!r}: unknown policy {kind!r} (known: threshold)")
+        if kind == "linear":
+            return LinearPolicy(
+                a=_number(name, entry, "a", 20.0, minimum=float("-inf")),
+                b=_number(name, entry, "b", 0.0, minimum=float("-inf")),
+                max_discount_pct=_number(name, entry, "max_discount_pct", 30.0, maximum=100.0),
+            )
+        if kind == "rules":
+            return RulesPolicy(rules=_rules(name, entry))
+        if kind == "profit":
+            ladder = entry.get("ladder", [0, 5, 10, 15, 20])
+            if not isinstance(ladder, list) or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in ladder
+            ):
+                raise CampaignError(f"campaign {name!r}: 'ladder' must be a list of numbers")
+            return ProfitPolicy(
+                ladder=tuple(float(v) for v in ladder),
+                margin=_number(name, entry, "margin", 0.3, maximum=1.0),
+                epsilon=_number(name, entry, "epsilon", 0.1, maximum=1.0),
+            )
+    except ValueError as exc:
+        raise CampaignError(f"campaign {name!r}: {exc}") from None
+    raise CampaignError(
+        f"campaign {name!r}: unknown policy {kind!r} (known: threshold, linear, rules, profit)"
+    )
+
+
+def _campaign(position: int, entry: object) -> Campaign:
+    if not isinstance(entry, dict):
+        raise CampaignError(f"campaign #{position}: must be a [[campaign]] table")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise CampaignError(f"campaign #{position}: 'name' must be a non-empty string")
+    triggers = _strings(name, entry, "triggers", TRIGGER_KINDS)
+    if not triggers:
+        raise CampaignError(f"campaign {name!r}: 'triggers' must be a non-empty list")
+    unknown = [t for t in triggers if t not in TRIGGER_KINDS]
+    if unknown:
+        raise CampaignError(
+            f"campaign {name!r}: unknown triggers {unknown} (known: {list(TRIGGER_KINDS)})"
+        )
+    customers = entry.get("customers", "all")
+    if customers not in CUSTOMER_SEGMENTS:
+        raise CampaignError(
+            f"campaign {name!r}: 'customers' must be one of {list(CUSTOMER_SEGMENTS)}"
+        )
+    max_offers = _optional_number(name, entry, "max_offers_per_day")
+    budget = _optional_number(name, entry, "daily_budget")
+    policy = _build_policy(name, entry)
+    max_discount = _number(name, entry, "max_discount_pct", 100.0, maximum=100.0)
+    if isinstance(policy, ProfitPolicy) and max(policy.ladder) > max_discount:
+        raise CampaignError(
+            f"campaign {name!r}: ladder level {max(policy.ladder):g} exceeds "
+            f"max_discount_pct {max_discount:g}"
+        )
+    seed = entry.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise CampaignError(f"campaign {name!r}: 'seed' must be an integer")
+    return Campaign(
+        name=name,
+        policy=policy,
+        triggers=triggers,
+        categories=_strings(name, entry, "categories", ()),
+        customers=customers,
+        max_discount_pct=max_discount,
+        offer_ttl_ms=int(_number(name, entry, "offer_ttl_s", 86400.0) * 1000),
+        decision_interval_ms=int(_number(name, entry, "decision_interval_s", 600.0) * 1000),
+        cooldown_ms=int(_number(name, entry, "cooldown_s", 0.0) * 1000),
+        max_offers_per_day=int(max_offers) if max_offers is not None else None,
+        daily_budget_cents=round(budget * 100) if budget is not None else None,
+        holdout=_number(name, entry, "holdout", 0.0, maximum=1.0),
+        default_order_value=_number(name, entry, "default_order_value", 50.0),
+        seed=seed,
+    )
 
 
 def parse_campaigns(document: Mapping[str, Any]) -> tuple[Campaign, ...]:
     entries = document.get("campaign")
     if not isinstance(entries, list) or not entries:
         raise CampaignError("campaigns file needs at least one [[campaign]] table")
-    campaigns: list[Campaign] = []
-    for position, entry in enumerate(entries, start=1):
-        if not isinstance(entry, dict):
-            raise CampaignError(f"campaign #{position}: must be a [[campaign]] table")
-        name = entry.get("name")
-        if not isinstance(name, str) or not name:
-            raise CampaignError(f"campaign #{position}: 'name' must be a non-empty string")
-        raw_triggers = entry.get("triggers", list(TRIGGER_KINDS))
-        if not isinstance(raw_triggers, list) or not raw_triggers:
-            raise CampaignError(f"campaign {name!r}: 'triggers' must be a non-empty list")
-        triggers = tuple(raw_triggers)
-        unknown = [t for t in triggers if t not in TRIGGER_KINDS]
-        if unknown:
-            raise CampaignError(
-                f"campaign {name!r}: unknown triggers {unknown} (known: {list(TRIGGER_KINDS)})"
-            )
-        campaigns.append(
-            Campaign(
-                name=name,
-                policy=_build_policy(name, entry),
-                triggers=triggers,
-                offer_ttl_ms=int(_number(name, entry, "offer_ttl_s", 86400.0) * 1000),
-                decision_interval_ms=int(_number(name, entry, "decision_interval_s", 600.0) * 1000),
-            )
-        )
+    campaigns = [_campaign(position, entry) for position, entry in enumerate(entries, start=1)]
     names = [c.name for c in campaigns]
     if len(set(names)) != len(names):
         raise CampaignError(f"campaign names must be unique, got {names}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +25,34 @@ class PendingDecision:
     propensity: float
     model_version: str
     offer_id: str | None
+
+    def to_record(self) -> dict[str, object]:
+        """A JSON-ready record (what the Redis ledger stores)."""
+        return {
+            "decision_id": self.decision_id,
+            "user_id": self.user_id,
+            "campaign": self.campaign,
+            "ts": self.ts,
+            "features": dict(self.features),
+            "discount_pct": self.discount_pct,
+            "propensity": self.propensity,
+            "model_version": self.model_version,
+            "offer_id": self.offer_id,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> PendingDecision:
+        return cls(
+            decision_id=str(record["decision_id"]),
+            user_id=str(record["user_id"]),
+            campaign=str(record["campaign"]),
+            ts=int(record["ts"]),
+            features={str(k): float(v) for k, v in dict(record["features"]).items()},
+            discount_pct=float(record["discount_pct"]),
+            propensity=float(record["propensity"]),
+            model_version=str(record["model_version"]),
+            offer_id=None if record.get("offer_id") is None else str(record["offer_id"]),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,19 +88,36 @@ class PendingLabels:
         deadline = decision.ts + self.attribution_window_ms
         heapq.heappush(self._expiry, (deadline, decision.decision_id, decision.user_id))
 
-    def on_purchase(
+    def on_purchase_all(
         self, user_id: str, ts: int, offer_id: str | None = None
+    ) -> list[LabelledExample]:
+        """Label, for every campaign, the open decision this purchase is attributed to."""
+        campaigns = sorted({d.campaign for d in self._by_user.get(user_id, ())})
+        labelled = (self.on_purchase(user_id, ts, offer_id, campaign=c) for c in campaigns)
+        return [example for example in labelled if example is not None]
+
+    def on_purchase(
+        self, user_id: str, ts: int, offer_id: str | None = None, *, campaign: str | None = None
     ) -> LabelledExample | None:
-        """Label the decision this purchase is attributed to, if one is open."""
+        """Label the decision this purchase is attributed to, if one is open.
+
+        That is the decision that issued ``offer_id`` when the purchase redeemed an offer,
+        else the latest decision within the attribution window (of ``campaign`` when given).
+        """
         pending = self._by_user.get(user_id)
         if not pending:
             return None
-        in_window = [d for d in pending if 0 <= ts - d.ts <= self.attribution_window_ms]
+        in_window = [
+            d
+            for d in pending
+            if 0 <= ts - d.ts <= self.attribution_window_ms
+            and (campaign is None or d.campaign == campaign)
+        ]
         chosen: PendingDecision | None = None
         if offer_id is not None:
             chosen = next((d for d in in_window if d.offer_id == offer_id), None)
         if chosen is None and in_window:
-            chosen = max(in_window, key=lambda d: d.ts)
+            chosen = max(in_window, key=lambda d: (d.ts, d.decision_id))
         if chosen is None:
             return None
         pending.remove(chosen)

@@ -1,9 +1,15 @@
-"""The engine's main job for one micro-batch: features, labels, scoring, decisions, offers.
+"""The engine's main job for one micro-batch: features, decisions, guardrails, labels.
 
-``DiscountEngine.process`` is the one function both the live worker and backtests call. It
-takes decoded events with their source positions, applies them to the feature store in one
-call, replays the batch to get each event's feature vector as of its own event time, labels
-pending decisions, learns from the labels in event order, and decides for every trigger event.
+``DiscountEngine.process`` is the one function both the live worker and backtests call:
+
+1. apply the batch to the feature store (one call) and replay it to get each event's feature
+   vector as of its own event time;
+2. for every trigger event and eligible campaign, score and let the campaign's policy propose
+   a discount (holdout users get none), capped by the campaign's maximum;
+3. settle all proposals and the batch's purchases with the decision ledger (one call): decision
+   interval, cooldown, offers per day, daily budget, pending labels and their expiry;
+4. emit offers, decisions and labelled training examples. With ``learn_inline`` (backtests)
+   the model also learns from the labels, in order; live, the learner process does.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from engine.campaigns import Campaign, default_campaigns
-from engine.events import Event, PurchaseEvent
+from engine.events import BrowseEvent, Event, PurchaseEvent
 from engine.features import (
     apply_ops,
     compute_features,
@@ -21,11 +27,21 @@ from engine.features import (
     event_ops,
     trigger_category,
 )
-from engine.labels import LabelledExample, PendingDecision, PendingLabels
+from engine.labels import PendingDecision
+from engine.ledger import (
+    DecisionLedger,
+    DecisionOutcome,
+    DecisionRequest,
+    InMemoryLedger,
+    LedgerOp,
+    OfferLimits,
+    PurchaseNotice,
+)
 from engine.model import PurchaseModel
+from engine.policy import PolicyChoice, PolicyContext
 from engine.store import FeatureStore, Position, StateUpdate, UpdateStatus
 
-OFFER_SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +54,8 @@ class Incoming:
 class EngineConfig:
     allowed_lateness_ms: int = 3600 * 1000
     attribution_window_ms: int = 24 * 3600 * 1000
+    learn_inline: bool = True
+    """Learn from labels inside ``process`` (backtests); live workers leave it to the learner."""
 
 
 @dataclass(slots=True)
@@ -46,6 +64,8 @@ class BatchResult:
     offers: list[dict[str, object]] = field(default_factory=list)
     decisions: list[dict[str, object]] = field(default_factory=list)
     training: list[dict[str, object]] = field(default_factory=list)
+    denied: dict[str, int] = field(default_factory=dict)
+    """Proposed offers denied by a guardrail, by rule."""
 
     def count(self, status: UpdateStatus) -> int:
         return sum(1 for s in self.statuses if s is status)
@@ -57,25 +77,77 @@ def stable_id(prefix: str, *parts: str) -> str:
     return f"{prefix}{digest}"
 
 
+def unit_hash(*parts: str) -> float:
+    """A deterministic uniform number in [0, 1) from the given strings."""
+    digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def in_holdout(campaign: Campaign, user_id: str) -> bool:
+    return campaign.holdout > 0 and unit_hash("holdout", campaign.name, user_id) < campaign.holdout
+
+
+def is_eligible(campaign: Campaign, event: Event, features: dict[str, float]) -> bool:
+    if event_kind(event) not in campaign.triggers:
+        return False
+    if campaign.categories and trigger_category(event) not in campaign.categories:
+        return False
+    returning = features.get("purchase_count_30d", 0.0) > 0
+    if campaign.customers == "new":
+        return not returning
+    if campaign.customers == "returning":
+        return returning
+    return True
+
+
+def order_value(campaign: Campaign, event: Event, features: dict[str, float]) -> float:
+    """The value a discount applies to: the trigger item's price, else the user's average order
+    value over 30 days, else the campaign's default."""
+    if isinstance(event, BrowseEvent) and event.price > 0:
+        return event.price
+    if features.get("avg_order_value_30d", 0.0) > 0:
+        return features["avg_order_value_30d"]
+    return campaign.default_order_value
+
+
+@dataclass(slots=True)
+class Proposal:
+    """A decision before the ledger settles it."""
+
+    campaign: Campaign
+    event: Event
+    features: dict[str, float]
+    choice: PolicyChoice
+    holdout: bool
+    p_purchase: float
+    model_version: str
+    decision_id: str
+    offer_id: str | None
+    rules: list[str]
+
+
 class DiscountEngine:
-    """Feature store + model + campaigns, wired once by the composition root."""
+    """Feature store + ledger + model + campaigns, wired once by the composition root."""
 
     def __init__(
         self,
         store: FeatureStore,
         *,
+        ledger: DecisionLedger | None = None,
         model: PurchaseModel | None = None,
         campaigns: Sequence[Campaign] | None = None,
         config: EngineConfig | None = None,
     ) -> None:
         self.store = store
-        self.model = model if model is not None else PurchaseModel()
-        self.campaigns = tuple(campaigns) if campaigns is not None else default_campaigns()
         self.config = config if config is not None else EngineConfig()
-        self.labels = PendingLabels(self.config.attribution_window_ms)
+        self.ledger = (
+            ledger if ledger is not None else InMemoryLedger(self.config.attribution_window_ms)
+        )
+        self.model = model if model is not None else PurchaseModel()
+        """Swappable: a live worker replaces it when the learner publishes a newer version."""
+        self.campaigns = tuple(campaigns) if campaigns is not None else default_campaigns()
         self.clock_ms = 0
         """Event-time clock: the latest event time this engine has seen."""
-        self._last_decision: dict[tuple[str, str], int] = {}
 
     async def process(self, batch: Sequence[Incoming]) -> BatchResult:
         updates = [
@@ -93,6 +165,8 @@ class DiscountEngine:
         )
         result = BatchResult(statuses=outcome.statuses)
         states = outcome.before
+        ops: list[LedgerOp] = []
+        proposals: list[Proposal | None] = []
         for item, update, status in zip(batch, updates, outcome.statuses, strict=True):
             if status is not UpdateStatus.APPLIED:
                 continue
@@ -100,95 +174,156 @@ class DiscountEngine:
             state = states[event.user_id]
             apply_ops(state, update.ops)
             self.clock_ms = max(self.clock_ms, event.ts)
-            self._learn(self.labels.expire(self.clock_ms), result)
-            features = compute_features(state, category=trigger_category(event))
             if isinstance(event, PurchaseEvent):
-                example = self.labels.on_purchase(event.user_id, event.ts, event.offer_id)
-                if example is not None:
-                    self._learn([example], result)
-                continue
-            kind = event_kind(event)
-            for campaign in self.campaigns:
-                if kind in campaign.triggers:
-                    self._decide(campaign, event, features, result)
+                ops.append(PurchaseNotice(event.user_id, event.ts, event.offer_id))
+                proposals.append(None)
+            else:
+                features = compute_features(state, category=trigger_category(event))
+                for campaign in self.campaigns:
+                    if is_eligible(campaign, event, features):
+                        proposal = self._propose(campaign, event, features)
+                        ops.append(self._request(proposal))
+                        proposals.append(proposal)
+            if self.config.learn_inline:
+                # Settle event by event so that what the model learns from this event's
+                # labels shapes the next decision: results do not depend on batch size.
+                await self._settle(ops, proposals, result)
+                ops, proposals = [], []
+        if ops:
+            await self._settle(ops, proposals, result)
         return result
 
-    def _learn(self, examples: Sequence[LabelledExample], result: BatchResult) -> None:
-        for example in examples:
-            decision = example.decision
-            self.model.learn(decision.features, decision.discount_pct, example.label)
+    async def _settle(
+        self, ops: list[LedgerOp], proposals: list[Proposal | None], result: BatchResult
+    ) -> None:
+        settled = await self.ledger.settle(ops, now_ms=self.clock_ms)
+        for proposal, decided in zip(proposals, settled.outcomes, strict=True):
+            if proposal is not None and decided is not None and decided.decided:
+                self._emit(proposal, decided, result)
+        for example in settled.labelled:
+            if self.config.learn_inline:
+                decision = example.decision
+                self.model.learn(decision.features, decision.discount_pct, example.label)
             result.training.append(example.to_message())
 
-    def _decide(
-        self, campaign: Campaign, event: Event, features: dict[str, float], result: BatchResult
-    ) -> None:
-        key = (event.user_id, campaign.name)
-        last = self._last_decision.get(key)
-        interval = campaign.decision_interval_ms
-        if interval > 0 and last is not None and abs(event.ts - last) < interval:
-            return
-        self._last_decision[key] = max(event.ts, last or event.ts)
-        p_no_discount = self.model.predict(features, 0.0)
-        choice = campaign.policy.choose(p_no_discount, features)
-        # Outputs report P(purchase) at the discount actually chosen.
-        p_purchase = (
-            self.model.predict(features, choice.discount_pct)
-            if choice.discount_pct > 0
-            else p_no_discount
-        )
-        model_version = self.model.version
+    def _propose(self, campaign: Campaign, event: Event, features: dict[str, float]) -> Proposal:
+        model = self.model
         decision_id = stable_id("d-", campaign.name, event.event_id)
-        offer_id: str | None = None
-        if choice.discount_pct > 0:
-            offer_id = stable_id("o-", campaign.name, event.event_id)
-            reasons = self.model.contributions(features, choice.discount_pct)
+        holdout = in_holdout(campaign, event.user_id)
+        predictions: dict[float, float] = {}
+
+        def predict(discount_pct: float) -> float:
+            if discount_pct not in predictions:
+                predictions[discount_pct] = model.predict(features, discount_pct)
+            return predictions[discount_pct]
+
+        rules: list[str] = []
+        if holdout:
+            choice = PolicyChoice(0.0, 1.0)
+            rules.append("holdout")
+        else:
+            context = PolicyContext(
+                features=features,
+                predict=predict,
+                order_value=order_value(campaign, event, features),
+                draw=unit_hash("draw", str(campaign.seed), decision_id),
+            )
+            choice = campaign.policy.choose(context)
+            rules.extend(choice.rules)
+            if choice.discount_pct > campaign.max_discount_pct:
+                rules.append(f"cap:max_discount_pct={campaign.max_discount_pct:g}")
+                choice = PolicyChoice(
+                    campaign.max_discount_pct, choice.propensity, choice.explore, choice.rules
+                )
+        offer_id = stable_id("o-", campaign.name, event.event_id) if choice.discount_pct else None
+        return Proposal(
+            campaign=campaign,
+            event=event,
+            features=features,
+            choice=choice,
+            holdout=holdout,
+            p_purchase=predict(choice.discount_pct),
+            model_version=model.version,
+            decision_id=decision_id,
+            offer_id=offer_id,
+            rules=rules,
+        )
+
+    def _request(self, proposal: Proposal) -> DecisionRequest:
+        campaign, event = proposal.campaign, proposal.event
+        limits = None
+        if proposal.offer_id is not None:
+            value = order_value(campaign, event, proposal.features)
+            limits = OfferLimits(
+                cost_cents=round(proposal.choice.discount_pct * value),
+                cooldown_ms=campaign.cooldown_ms,
+                max_per_day=campaign.max_offers_per_day,
+                budget_cents=campaign.daily_budget_cents,
+            )
+        return DecisionRequest(
+            decision=PendingDecision(
+                decision_id=proposal.decision_id,
+                user_id=event.user_id,
+                campaign=campaign.name,
+                ts=event.ts,
+                features=proposal.features,
+                discount_pct=proposal.choice.discount_pct,
+                propensity=proposal.choice.propensity,
+                model_version=proposal.model_version,
+                offer_id=proposal.offer_id,
+            ),
+            decision_interval_ms=campaign.decision_interval_ms,
+            offer=limits,
+        )
+
+    def _emit(self, proposal: Proposal, decided: DecisionOutcome, result: BatchResult) -> None:
+        campaign, event, choice = proposal.campaign, proposal.event, proposal.choice
+        rules = list(proposal.rules)
+        offer_id = proposal.offer_id if decided.granted else None
+        discount = choice.discount_pct if decided.granted else 0.0
+        p_purchase = proposal.p_purchase
+        if decided.denied_by is not None:
+            rules.append(f"denied:{decided.denied_by}")
+            result.denied[decided.denied_by] = result.denied.get(decided.denied_by, 0) + 1
+            p_purchase = self.model.predict(proposal.features, 0.0)
+        if offer_id is not None:
+            reasons = self.model.contributions(proposal.features, discount)
             result.offers.append(
                 {
-                    "schema_version": OFFER_SCHEMA_VERSION,
+                    "schema_version": SCHEMA_VERSION,
                     "offer_id": offer_id,
                     "user_id": event.user_id,
                     "campaign": campaign.name,
-                    "discount_pct": choice.discount_pct,
+                    "discount_pct": discount,
                     "issued_at": event.ts,
                     "expires_at": event.ts + campaign.offer_ttl_ms,
                     "trigger_event_id": event.event_id,
                     "p_purchase": round(p_purchase, 6),
-                    "model_version": model_version,
+                    "model_version": proposal.model_version,
                     "policy": campaign.policy.name,
-                    "propensity": choice.propensity,
+                    "propensity": round(choice.propensity, 6),
                     "explore": choice.explore,
                     "reasons": [{"feature": n, "contribution": c} for n, c in reasons],
-                    "rules": list(choice.rules),
+                    "rules": rules,
                 }
             )
         result.decisions.append(
             {
-                "schema_version": OFFER_SCHEMA_VERSION,
-                "decision_id": decision_id,
+                "schema_version": SCHEMA_VERSION,
+                "decision_id": proposal.decision_id,
                 "user_id": event.user_id,
                 "campaign": campaign.name,
                 "ts": event.ts,
                 "trigger_event_id": event.event_id,
-                "features": features,
-                "discount_pct": choice.discount_pct,
-                "propensity": choice.propensity,
+                "features": proposal.features,
+                "discount_pct": discount,
+                "propensity": round(choice.propensity, 6),
                 "p_purchase": round(p_purchase, 6),
-                "model_version": model_version,
+                "model_version": proposal.model_version,
                 "policy": campaign.policy.name,
-                "holdout": False,
+                "holdout": proposal.holdout,
                 "offer_id": offer_id,
+                "explore": choice.explore,
+                "rules": rules,
             }
-        )
-        self.labels.add(
-            PendingDecision(
-                decision_id=decision_id,
-                user_id=event.user_id,
-                campaign=campaign.name,
-                ts=event.ts,
-                features=features,
-                discount_pct=choice.discount_pct,
-                propensity=choice.propensity,
-                model_version=model_version,
-                offer_id=offer_id,
-            )
         )

@@ -1,10 +1,37 @@
-"""Discount policies: turn a purchase probability into a discount."""
+"""Discount policies: turn purchase probabilities into a discount, and say how likely it was.
+
+A policy sees a ``PolicyContext``: the user's features, a function giving the model's
+P(purchase | features, discount) for any discount, the estimated order value, and one uniform
+random draw that is a deterministic function of the decision (so live runs and backtests
+explore identically). It returns the discount and its exact propensity.
+
+- ``threshold``: P(buy | no discount) > t gives a fixed discount (paper case 1: P > 0.5 -> 10 %).
+- ``linear``: D = a * P + b, clipped to [0, max] (paper section 4.2).
+- ``rules``: feature conditions -> discount, first match wins
+  (paper case 2: ``purchase_frequency_30d`` > 3 -> 20 %).
+- ``profit``: over a discount ladder, the level maximising expected incremental margin
+  P(buy|x,d) * value * (m - d) - P(buy|x,0) * value * m, with epsilon-greedy exploration.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import operator
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+Predict = Callable[[float], float]
+"""P(purchase) at a given discount percentage, for the user being decided."""
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyContext:
+    features: Mapping[str, float]
+    predict: Predict
+    order_value: float
+    """Estimated value of the order the discount applies to (currency units)."""
+    draw: float
+    """A uniform draw in [0, 1), deterministic per decision."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,7 +47,12 @@ class Policy(Protocol):
     @property
     def name(self) -> str: ...
 
-    def choose(self, p_purchase: float, features: Mapping[str, float]) -> PolicyChoice: ...
+    def choose(self, context: PolicyContext) -> PolicyChoice: ...
+
+
+def _check_pct(name: str, value: float) -> None:
+    if not 0.0 <= value <= 100.0:
+        raise ValueError(f"{name} must be within [0, 100], got {value}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,10 +66,128 @@ class ThresholdPolicy:
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be within [0, 1], got {self.threshold}")
-        if not 0.0 <= self.discount_pct <= 100.0:
-            raise ValueError(f"discount_pct must be within [0, 100], got {self.discount_pct}")
+        _check_pct("discount_pct", self.discount_pct)
 
-    def choose(self, p_purchase: float, features: Mapping[str, float]) -> PolicyChoice:
-        if p_purchase > self.threshold:
+    def choose(self, context: PolicyContext) -> PolicyChoice:
+        if context.predict(0.0) > self.threshold:
             return PolicyChoice(self.discount_pct, 1.0, rules=(f"p_purchase>{self.threshold:g}",))
         return PolicyChoice(0.0, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class LinearPolicy:
+    """D = a * P + b, clipped to [0, max_discount_pct] (paper section 4.2)."""
+
+    a: float = 20.0
+    b: float = 0.0
+    max_discount_pct: float = 30.0
+    name: str = "linear"
+
+    def __post_init__(self) -> None:
+        _check_pct("max_discount_pct", self.max_discount_pct)
+
+    def choose(self, context: PolicyContext) -> PolicyChoice:
+        raw = self.a * context.predict(0.0) + self.b
+        discount = round(min(max(raw, 0.0), self.max_discount_pct), 2)
+        rules = (f"linear:{self.a:g}*p+{self.b:g}",) if discount > 0 else ()
+        return PolicyChoice(discount, 1.0, rules=rules)
+
+
+_OPERATORS: dict[str, Callable[[float, float], bool]] = {
+    ">": operator.gt,
+    ">=": operator.ge,
+    "<": operator.lt,
+    "<=": operator.le,
+    "==": operator.eq,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """``feature op value`` -> ``discount_pct``."""
+
+    feature: str
+    op: str
+    value: float
+    discount_pct: float
+
+    def __post_init__(self) -> None:
+        if self.op not in _OPERATORS:
+            raise ValueError(f"rule operator must be one of {sorted(_OPERATORS)}, got {self.op!r}")
+        _check_pct("discount_pct", self.discount_pct)
+
+    def matches(self, features: Mapping[str, float]) -> bool:
+        return _OPERATORS[self.op](float(features.get(self.feature, 0.0)), self.value)
+
+    def describe(self) -> str:
+        return f"{self.feature}{self.op}{self.value:g}"
+
+
+@dataclass(frozen=True, slots=True)
+class RulesPolicy:
+    """The first rule whose condition holds gives its discount (paper case 2)."""
+
+    rules: tuple[Rule, ...]
+    name: str = "rules"
+
+    def __post_init__(self) -> None:
+        if not self.rules:
+            raise ValueError("a rules policy needs at least one rule")
+
+    def choose(self, context: PolicyContext) -> PolicyChoice:
+        for rule in self.rules:
+            if rule.matches(context.features):
+                return PolicyChoice(rule.discount_pct, 1.0, rules=(rule.describe(),))
+        return PolicyChoice(0.0, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class ProfitPolicy:
+    """The ladder level with the highest expected incremental margin, epsilon-greedy.
+
+    ``margin`` is the gross margin as a fraction of the order value; a discount of d % costs
+    d/100 of the value. Exploration picks a ladder level uniformly with probability
+    ``epsilon``; ``propensity`` is the exact probability of the level finally chosen.
+    """
+
+    ladder: tuple[float, ...] = (0.0, 5.0, 10.0, 15.0, 20.0)
+    margin: float = 0.3
+    epsilon: float = 0.1
+    name: str = "profit"
+
+    def __post_init__(self) -> None:
+        if not self.ladder or 0.0 not in self.ladder:
+            raise ValueError("the ladder must include 0 (no discount)")
+        if len(set(self.ladder)) != len(self.ladder):
+            raise ValueError("ladder levels must be distinct")
+        for level in self.ladder:
+            _check_pct("ladder level", level)
+        if not 0.0 < self.margin <= 1.0:
+            raise ValueError(f"margin must be within (0, 1], got {self.margin}")
+        if not 0.0 <= self.epsilon <= 1.0:
+            raise ValueError(f"epsilon must be within [0, 1], got {self.epsilon}")
+
+    def expected_margins(self, context: PolicyContext) -> list[float]:
+        """Expected incremental margin of each ladder level, in currency units."""
+        value = context.order_value
+        base = context.predict(0.0) * value * self.margin
+        return [
+            context.predict(d) * value * (self.margin - d / 100.0) - base if d else 0.0
+            for d in self.ladder
+        ]
+
+    def choose(self, context: PolicyContext) -> PolicyChoice:
+        levels = self.ladder
+        margins = self.expected_margins(context)
+        # Highest margin; ties go to the smaller discount.
+        greedy = max(range(len(levels)), key=lambda i: (round(margins[i], 9), -levels[i]))
+        k = len(levels)
+        explore = context.draw < self.epsilon
+        index = min(int(context.draw / self.epsilon * k), k - 1) if explore else greedy
+        propensity = self.epsilon / k + (1.0 - self.epsilon if index == greedy else 0.0)
+        rules = (f"profit:argmax={levels[greedy]:g}",) + (("explore",) if explore else ())
+        return PolicyChoice(levels[index], propensity, explore=explore, rules=rules)
+
+
+def policy_names() -> Sequence[str]:
+    return ("threshold", "linear", "rules", "profit")

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from engine.campaigns import Campaign, default_campaigns, load_campaigns
 from engine.pipeline import DiscountEngine, EngineConfig
 from streams.decode import DecodeLimits, RawRecord
+from streams.redis_ledger import RedisLedger
 from streams.redis_store import RedisFeatureStore
 from streams.settings import Settings
 from streams.worker import BatchWorker
@@ -70,12 +71,17 @@ def bootstrap(settings: Settings, *, redis_client: aioredis.Redis | None = None)
     )
     client = redis_client or aioredis.Redis.from_url(settings.redis_url.reveal())
     store = RedisFeatureStore(client, prefix=settings.redis_prefix)
+    attribution_window_ms = int(settings.attribution_window_s * 1000)
     engine = DiscountEngine(
         store,
+        ledger=RedisLedger(
+            client, prefix=settings.redis_prefix, attribution_window_ms=attribution_window_ms
+        ),
         campaigns=campaigns,
         config=EngineConfig(
             allowed_lateness_ms=int(settings.allowed_lateness_s * 1000),
-            attribution_window_ms=int(settings.attribution_window_s * 1000),
+            attribution_window_ms=attribution_window_ms,
+            learn_inline=settings.learn_inline,
         ),
     )
     return Runtime(settings=settings, redis=client, engine=engine, campaigns=campaigns)

@@ -86,7 +86,8 @@ def _cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
     from streams.tools import forget_user
 
     removed = asyncio.run(forget_user(settings, args.user_id))
-    print(f"forget: removed {removed} key(s) for the user")
+    detail = ", ".join(f"{count} {kind}" for kind, count in removed.items())
+    print(f"forget: removed {sum(removed.values())} key(s) for the user ({detail})")
     return 0
 
 

@@ -24,6 +24,12 @@ TTL_MARGIN_S = 24 * 3600
 """Keys outlive the longest window by a day, so a quiet user's history expires on its own."""
 
 
+def hash_tag(user_id: str) -> str:
+    """The user id as a Redis Cluster hash tag body: braces escaped so the tag is never empty
+    or cut short, which would scatter one user's keys over several slots."""
+    return user_id.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+
+
 def _decode_state(flat: Sequence[bytes]) -> State:
     return {flat[k].decode(): float(flat[k + 1]) for k in range(0, len(flat), 2)}
 
@@ -39,10 +45,10 @@ class RedisFeatureStore:
         self.ttl_seconds = LONGEST_WINDOW_MS // 1000 + TTL_MARGIN_S
 
     def state_key(self, user_id: str) -> str:
-        return f"{self._prefix}f{CATALOGUE_VERSION}:{{{user_id}}}"
+        return f"{self._prefix}f{CATALOGUE_VERSION}:{{{hash_tag(user_id)}}}"
 
     def dedup_key(self, user_id: str) -> str:
-        return f"{self._prefix}d{CATALOGUE_VERSION}:{{{user_id}}}"
+        return f"{self._prefix}d{CATALOGUE_VERSION}:{{{hash_tag(user_id)}}}"
 
     @property
     def watermark_key(self) -> str:

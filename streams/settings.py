@@ -111,6 +111,8 @@ class Settings:
     max_clock_skew_s: float = 300.0
     max_message_bytes: int = 1_000_000
     log_level: str = "INFO"
+    learn_inline: bool = False
+    """Let the worker learn from its own labels (single-process setups without a learner)."""
 
     @property
     def topics(self) -> Topics:
@@ -160,6 +162,7 @@ class Settings:
             max_clock_skew_s=number("MAX_CLOCK_SKEW_S", defaults.max_clock_skew_s, float),
             max_message_bytes=int(number("MAX_MESSAGE_BYTES", defaults.max_message_bytes, int)),
             log_level=_log_level(get("LOG_LEVEL") or defaults.log_level),
+            learn_inline=_flag(get("LEARN_INLINE"), "LEARN_INLINE"),
         )
 
 
@@ -171,6 +174,17 @@ def _log_level(raw: str) -> str:
     if level not in LOG_LEVELS:
         raise ConfigError(f"{ENV_PREFIX}LOG_LEVEL={raw!r} is not one of {', '.join(LOG_LEVELS)}")
     return level
+
+
+def _flag(raw: str | None, name: str) -> bool:
+    if raw is None:
+        return False
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{ENV_PREFIX}{name}={raw!r} must be true or false")
 
 
 def _port(value: int) -> int:

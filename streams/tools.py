@@ -8,6 +8,7 @@ import redis.asyncio as aioredis
 
 from engine.features import State
 from streams.kafka_io import check_redis
+from streams.redis_ledger import RedisLedger
 from streams.redis_store import RedisFeatureStore
 from streams.settings import Settings
 
@@ -22,11 +23,20 @@ async def read_feature_states(settings: Settings, user_ids: Sequence[str]) -> di
         await client.aclose()
 
 
-async def forget_user(settings: Settings, user_id: str) -> int:
+async def forget_user(settings: Settings, user_id: str) -> dict[str, int]:
+    """Delete the user's features, dedup set, guard state and pending decisions."""
     client = aioredis.Redis.from_url(settings.redis_url.reveal())
     try:
         await check_redis(client, settings.redis_url.reveal())
         store = RedisFeatureStore(client, prefix=settings.redis_prefix)
-        return await store.forget(user_id)
+        ledger = RedisLedger(
+            client,
+            prefix=settings.redis_prefix,
+            attribution_window_ms=int(settings.attribution_window_s * 1000),
+        )
+        return {
+            "feature keys": await store.forget(user_id),
+            "ledger keys": await ledger.forget(user_id),
+        }
     finally:
         await client.aclose()

@@ -18,16 +18,21 @@ from engine.campaigns import (
     parse_campaigns,
 )
 from engine.errors import EngineError
-from engine.policy import PolicyChoice, ThresholdPolicy
+from engine.policy import PolicyChoice, PolicyContext, ThresholdPolicy
 
 NO_FEATURES: dict[str, float] = {}
+
+
+def ctx(p: float) -> PolicyContext:
+    """A context whose model predicts ``p`` at any discount."""
+    return PolicyContext(features=NO_FEATURES, predict=lambda d: p, order_value=50.0, draw=0.5)
 
 # -- ThresholdPolicy ----------------------------------------------------------------------------
 
 
 def test_paper_case_1_above_half_gives_ten_percent() -> None:
     policy = ThresholdPolicy()
-    choice = policy.choose(0.51, NO_FEATURES)
+    choice = policy.choose(ctx(0.51))
     assert choice.discount_pct == 10.0
     assert choice.propensity == 1.0
     assert choice.explore is False
@@ -37,24 +42,24 @@ def test_paper_case_1_above_half_gives_ten_percent() -> None:
 
 @pytest.mark.parametrize("p", [0.0, 0.25, 0.49999, 0.5])
 def test_at_or_below_the_threshold_gives_no_discount(p: float) -> None:
-    assert ThresholdPolicy().choose(p, NO_FEATURES) == PolicyChoice(0.0, 1.0)
+    assert ThresholdPolicy().choose(ctx(p)) == PolicyChoice(0.0, 1.0)
 
 
 def test_threshold_is_a_strict_inequality() -> None:
     policy = ThresholdPolicy(threshold=0.5, discount_pct=10.0)
-    assert policy.choose(0.5, NO_FEATURES).discount_pct == 0.0
-    assert policy.choose(0.5000001, NO_FEATURES).discount_pct == 10.0
+    assert policy.choose(ctx(0.5)).discount_pct == 0.0
+    assert policy.choose(ctx(0.5000001)).discount_pct == 10.0
 
 
 def test_custom_threshold_and_discount() -> None:
     policy = ThresholdPolicy(threshold=0.2, discount_pct=25.0)
-    assert policy.choose(0.3, NO_FEATURES).discount_pct == 25.0
-    assert policy.choose(0.2, NO_FEATURES).discount_pct == 0.0
+    assert policy.choose(ctx(0.3)).discount_pct == 25.0
+    assert policy.choose(ctx(0.2)).discount_pct == 0.0
 
 
 def test_threshold_one_never_gives_a_discount() -> None:
     policy = ThresholdPolicy(threshold=1.0)
-    assert policy.choose(1.0, NO_FEATURES).discount_pct == 0.0
+    assert policy.choose(ctx(1.0)).discount_pct == 0.0
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,169 @@
+"""The decision ledger: rate limits, stateful guardrails and pending labels, one call per batch.
+
+The engine proposes decisions for a micro-batch; the ledger settles them in event order in one
+call: it drops decisions inside the user's decision interval, grants or denies each proposed
+offer (cooldown, offers per day, daily budget — the budget check and the spend are one atomic
+step, so concurrent workers can never overspend), records every decision as pending, labels
+pending decisions with the batch's purchases, and expires windows that ended before ``now``.
+
+``InMemoryLedger`` serves backtests and tests; ``streams/redis_ledger.py`` implements the
+same contract in one Redis Lua call, held to the same tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from engine.features import DAY_MS
+from engine.labels import LabelledExample, PendingDecision, PendingLabels
+
+
+@dataclass(frozen=True, slots=True)
+class OfferLimits:
+    """What a proposed offer must pass, and what it costs the campaign's budget."""
+
+    cost_cents: int
+    cooldown_ms: int = 0
+    max_per_day: int | None = None
+    budget_cents: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRequest:
+    decision: PendingDecision
+    """The decision as proposed: the offer's discount and id when ``offer`` is set."""
+    decision_interval_ms: int = 0
+    offer: OfferLimits | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PurchaseNotice:
+    user_id: str
+    ts: int
+    offer_id: str | None = None
+
+
+LedgerOp = DecisionRequest | PurchaseNotice
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionOutcome:
+    decided: bool
+    """False when the decision fell inside the user's decision interval (nothing recorded)."""
+    granted: bool = False
+    denied_by: str | None = None
+    """``cooldown``, ``max_offers_per_day`` or ``budget`` when a proposed offer was denied."""
+
+
+RATE_LIMITED = DecisionOutcome(decided=False)
+
+
+@dataclass(slots=True)
+class LedgerResult:
+    outcomes: list[DecisionOutcome | None]
+    """One per op: the outcome of a ``DecisionRequest``, None for a ``PurchaseNotice``."""
+    labelled: list[LabelledExample] = field(default_factory=list)
+
+
+def event_day(ts: int) -> int:
+    return ts // DAY_MS
+
+
+def final_decision(request: DecisionRequest, granted: bool) -> PendingDecision:
+    """The decision as recorded: a denied offer becomes a no-discount decision."""
+    if request.offer is None or granted:
+        return request.decision
+    return without_offer(request.decision)
+
+
+def without_offer(decision: PendingDecision) -> PendingDecision:
+    return PendingDecision(
+        decision_id=decision.decision_id,
+        user_id=decision.user_id,
+        campaign=decision.campaign,
+        ts=decision.ts,
+        features=decision.features,
+        discount_pct=0.0,
+        propensity=decision.propensity,
+        model_version=decision.model_version,
+        offer_id=None,
+    )
+
+
+class DecisionLedger(Protocol):
+    async def settle(self, ops: Sequence[LedgerOp], *, now_ms: int) -> LedgerResult: ...
+
+    async def budget_spent_cents(self, campaign: str, day: int) -> int: ...
+
+    async def pending_count(self) -> int: ...
+
+
+class InMemoryLedger:
+    """Dict-backed ledger; the same rules as ``streams/ledger.lua``."""
+
+    def __init__(self, attribution_window_ms: int = 24 * 3600 * 1000) -> None:
+        self.labels = PendingLabels(attribution_window_ms)
+        self._last_decision: dict[tuple[str, str], int] = {}
+        self._last_offer: dict[tuple[str, str], int] = {}
+        self._offers_per_day: dict[tuple[str, str, int], int] = {}
+        self._spent: dict[tuple[str, int], int] = {}
+
+    async def settle(self, ops: Sequence[LedgerOp], *, now_ms: int) -> LedgerResult:
+        return self.settle_now(ops, now_ms=now_ms)
+
+    def settle_now(self, ops: Sequence[LedgerOp], *, now_ms: int) -> LedgerResult:
+        result = LedgerResult(outcomes=[])
+        for op in ops:
+            if isinstance(op, PurchaseNotice):
+                result.outcomes.append(None)
+                result.labelled.extend(self.labels.on_purchase_all(op.user_id, op.ts, op.offer_id))
+                continue
+            result.outcomes.append(self._decide(op))
+        result.labelled.extend(self.labels.expire(now_ms))
+        return result
+
+    def _decide(self, request: DecisionRequest) -> DecisionOutcome:
+        decision = request.decision
+        key = (decision.user_id, decision.campaign)
+        ts = decision.ts
+        last = self._last_decision.get(key)
+        interval = request.decision_interval_ms
+        if interval > 0 and last is not None and abs(ts - last) < interval:
+            return RATE_LIMITED
+        self._last_decision[key] = ts if last is None else max(ts, last)
+        granted, denied_by = False, None
+        limits = request.offer
+        if limits is not None:
+            day = event_day(ts)
+            last_offer = self._last_offer.get(key)
+            spent = self._spent.get((decision.campaign, day), 0)
+            if (
+                limits.cooldown_ms > 0
+                and last_offer is not None
+                and abs(ts - last_offer) < limits.cooldown_ms
+            ):
+                denied_by = "cooldown"
+            elif (
+                limits.max_per_day is not None
+                and self._offers_per_day.get((*key, day), 0) >= limits.max_per_day
+            ):
+                denied_by = "max_offers_per_day"
+            elif (
+                limits.budget_cents is not None and spent + limits.cost_cents > limits.budget_cents
+            ):
+                denied_by = "budget"
+            else:
+                granted = True
+                self._last_offer[key] = ts if last_offer is None else max(ts, last_offer)
+                self._offers_per_day[(*key, day)] = self._offers_per_day.get((*key, day), 0) + 1
+                self._spent[(decision.campaign, day)] = spent + limits.cost_cents
+        self.labels.add(final_decision(request, granted))
+        return DecisionOutcome(decided=True, granted=granted, denied_by=denied_by)
+
+    async def budget_spent_cents(self, campaign: str, day: int) -> int:
+        return self._spent.get((campaign, day), 0)
+
+    async def pending_count(self) -> int:
+        return len(self.labels)
