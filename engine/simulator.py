@@ -9,6 +9,7 @@ probability that grows with their propensity and cart size. A discount offered t
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections.abc import Iterator, Mapping
@@ -86,14 +87,14 @@ def generate(
         raise ValueError("need at least one user and a non-negative event count")
     rng = random.Random(seed)
     population = make_users(users, rng)
-    weights = [u.activity for u in population]
+    cum_weights = list(itertools.accumulate(u.activity for u in population))
     carts: dict[str, list[tuple[str, str, float]]] = {}
     ts = float(start_ms)
     order = 0
     offered = offers or {}
     for index in range(events):
         ts += rng.expovariate(1.0 / mean_gap_ms) if mean_gap_ms > 0 else 0.0
-        user = rng.choices(population, weights)[0]
+        user = rng.choices(population, cum_weights=cum_weights)[0]
         cart = carts.setdefault(user.user_id, [])
         base = {"event_id": f"sim-{seed}-{index}", "user_id": user.user_id, "ts": int(ts)}
         roll = rng.random()

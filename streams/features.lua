@@ -1,120 +1,166 @@
 -- Apply one micro-batch of feature-state updates atomically and read back the prior states.
 -- Mirrors engine/store.py (InMemoryFeatureStore) and engine/features.py (apply_ops, trim).
 --
--- KEYS[1]            hash of partition watermarks: field "<source>:<partition>" -> last offset
+-- KEYS[1]               hash of partition watermarks: field "<source>:<partition>" -> offset
 -- KEYS[2u], KEYS[2u+1]  per user u (1-based): feature-state hash, dedup sorted set
--- ARGV: allowed_lateness_ms, ttl_seconds, n_updates, then per update:
---       user_index, watermark_field ('' = none), offset, event_id, ts, n_ops, (op, field, value)*
+-- ARGV: allowed_lateness_ms, ttl_seconds, updates as one JSON array (a single argument is
+--       far cheaper to send than thousands): [[user_index, watermark_field ('' = none),
+--       offset, event_id, ts, [op, field, value, op, field, value, ...]], ...]
 -- Returns {statuses, state_before_1, state_before_2, ...}; statuses: 0 applied, 1 redelivered,
 -- 2 duplicate, 3 late. Each state_before is a flat HGETALL reply taken before the batch.
+--
+-- Two passes: the first classifies every update and computes the new values in Lua tables
+-- without writing anything (so an error can never leave a batch half applied); the second
+-- writes each touched user once (one HSET, one ZADD) instead of once per operation.
 
 local lateness = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
-local n_updates = tonumber(ARGV[3])
+local updates = cjson.decode(ARGV[3])
+local n_updates = #updates
 local n_users = (#KEYS - 1) / 2
 
-local before = {}
-local latest = {}
+-- Pass 0: read. Prior states go back to the caller; their values seed the new state.
+local before, state, latest = {}, {}, {}
 for u = 1, n_users do
-  local state_key = KEYS[2 * u]
-  before[u] = redis.call('HGETALL', state_key)
-  local lt = redis.call('HGET', state_key, 'lt')
-  latest[u] = lt and tonumber(lt) or nil
+  local flat = redis.call('HGETALL', KEYS[2 * u])
+  before[u] = flat
+  local s = {}
+  for k = 1, #flat, 2 do
+    s[flat[k]] = tonumber(flat[k + 1])
+  end
+  state[u] = s
+  latest[u] = s['lt']
 end
 
-local watermarks = {}
-local statuses = {}
-local touched = {}
-local i = 4
+-- Known event ids of the batch's users, with one ZMSCORE per user.
+local ids_by_user = {}
 for n = 1, n_updates do
-  local u = tonumber(ARGV[i])
-  local wm_field = ARGV[i + 1]
-  local offset = tonumber(ARGV[i + 2])
-  local event_id = ARGV[i + 3]
-  local ts = tonumber(ARGV[i + 4])
-  local n_ops = tonumber(ARGV[i + 5])
-  local ops_at = i + 6
-  i = ops_at + 3 * n_ops
+  local u = updates[n][1]
+  local ids = ids_by_user[u]
+  if not ids then
+    ids = {}
+    ids_by_user[u] = ids
+  end
+  ids[#ids + 1] = updates[n][4]
+end
+local seen = {}
+for u, ids in pairs(ids_by_user) do
+  local scores = redis.call('ZMSCORE', KEYS[2 * u + 1], unpack(ids))
+  local known = {}
+  for k = 1, #ids do
+    if scores[k] then
+      known[ids[k]] = true
+    end
+  end
+  seen[u] = known
+end
 
-  local state_key = KEYS[2 * u]
-  local dedup_key = KEYS[2 * u + 1]
+-- Pass 1: classify and compute, no writes.
+local watermarks, new_marks = {}, {}
+local statuses, changed, added = {}, {}, {}
+for n = 1, n_updates do
+  local update = updates[n]
+  local u = update[1]
+  local wm_field = update[2]
+  local offset = update[3]
+  local event_id = update[4]
+  local ts = update[5]
+  local ops = update[6]
+
   local status = 0
   if wm_field ~= '' then
     local wm = watermarks[wm_field]
     if wm == nil then
       wm = redis.call('HGET', KEYS[1], wm_field)
       wm = wm and tonumber(wm) or false
+      watermarks[wm_field] = wm
     end
     if wm and offset <= wm then
       status = 1
     else
       watermarks[wm_field] = offset
+      new_marks[wm_field] = offset
     end
   end
   if status == 0 and latest[u] and ts < latest[u] - lateness then
     status = 3
   end
-  if status == 0 and redis.call('ZSCORE', dedup_key, event_id) then
+  if status == 0 and seen[u][event_id] then
     status = 2
   end
   if status == 0 then
-    for k = 0, n_ops - 1 do
-      local op = ARGV[ops_at + 3 * k]
-      local field = ARGV[ops_at + 3 * k + 1]
-      local value = ARGV[ops_at + 3 * k + 2]
+    local s = state[u]
+    local c = changed[u]
+    if not c then
+      c = {}
+      changed[u] = c
+      added[u] = {}
+    end
+    for k = 1, #ops, 3 do
+      local op = ops[k]
+      local field = ops[k + 1]
+      local v = ops[k + 2]
+      local current = s[field]
       if op == 'i' then
-        redis.call('HINCRBY', state_key, field, value)
-      else
-        local current = redis.call('HGET', state_key, field)
-        local v = tonumber(value)
-        if (not current) or (op == 'x' and v > tonumber(current)) or (op == 'n' and v < tonumber(current)) then
-          redis.call('HSET', state_key, field, value)
-        end
+        s[field] = (current or 0) + v
+        c[field] = true
+      elseif (not current) or (op == 'x' and v > current) or (op == 'n' and v < current) then
+        s[field] = v
+        c[field] = true
       end
     end
-    redis.call('ZADD', dedup_key, ts, event_id)
+    seen[u][event_id] = true
+    local a = added[u]
+    a[#a + 1] = ts
+    a[#a + 1] = event_id
     if (not latest[u]) or ts > latest[u] then
       latest[u] = ts
     end
-    touched[u] = true
   end
   statuses[n] = status
 end
 
-for field, offset in pairs(watermarks) do
-  redis.call('HSET', KEYS[1], field, offset)
-end
-
--- Retention, as in engine.features.RETENTION_BUCKETS: minutes 120, hours 26, days 31
--- (category fields k<day>:<category> follow the day retention).
+-- Pass 2: write each touched user once; trim as in engine.features.RETENTION_BUCKETS
+-- (minutes 120, hours 26, days 31; category fields k<day>:<category> follow days).
 local grain_ms = { m = 60000, h = 3600000, d = 86400000 }
 local keep = { m = 120, h = 26, d = 31 }
-for u, _ in pairs(touched) do
+for u, c in pairs(changed) do
   local state_key = KEYS[2 * u]
   local dedup_key = KEYS[2 * u + 1]
   local lt = latest[u]
-  local fields = redis.call('HKEYS', state_key)
-  local stale = {}
-  for _, field in ipairs(fields) do
+  local s = state[u]
+  local cutoff = {}
+  for grain, ms in pairs(grain_ms) do
+    cutoff[grain] = math.floor(lt / ms) - keep[grain]
+  end
+  local writes, stale = {}, {}
+  for field, value in pairs(s) do
     local grain, index = string.match(field, '^.([mhd])(%d+)$')
     if not grain then
-      -- category activity per day: k<day>:<category>
       index = string.match(field, '^k(%d+):')
       grain = index and 'd'
     end
-    if grain then
-      local cutoff = math.floor(lt / grain_ms[grain]) - keep[grain]
-      if tonumber(index) <= cutoff then
-        stale[#stale + 1] = field
-      end
+    if grain and tonumber(index) <= cutoff[grain] then
+      stale[#stale + 1] = field
+    elseif c[field] then
+      writes[#writes + 1] = field
+      writes[#writes + 1] = string.format('%.0f', value)
     end
+  end
+  if #writes > 0 then
+    redis.call('HSET', state_key, unpack(writes))
   end
   if #stale > 0 then
     redis.call('HDEL', state_key, unpack(stale))
   end
-  redis.call('ZREMRANGEBYSCORE', dedup_key, '-inf', '(' .. string.format('%d', lt - lateness))
+  redis.call('ZADD', dedup_key, unpack(added[u]))
+  redis.call('ZREMRANGEBYSCORE', dedup_key, '-inf', '(' .. string.format('%.0f', lt - lateness))
   redis.call('EXPIRE', state_key, ttl)
   redis.call('EXPIRE', dedup_key, ttl)
+end
+
+for field, offset in pairs(new_marks) do
+  redis.call('HSET', KEYS[1], field, offset)
 end
 
 local reply = { statuses }

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from importlib import resources
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 
 from engine.features import CATALOGUE_VERSION, LONGEST_WINDOW_MS, State
@@ -65,7 +66,7 @@ class RedisFeatureStore:
             return BatchOutcome(statuses=[], before={})
         user_index: dict[str, int] = {}
         keys: list[str] = [self.watermark_key]
-        args: list[Any] = [allowed_lateness_ms, self.ttl_seconds, len(updates)]
+        rows: list[list[Any]] = []
         for update in updates:
             index = user_index.get(update.user_id)
             if index is None:
@@ -73,14 +74,20 @@ class RedisFeatureStore:
                 keys.append(self.state_key(update.user_id))
                 keys.append(self.dedup_key(update.user_id))
             position = update.position
-            args.append(index)
-            if position is None:
-                args.extend(("", 0))
-            else:
-                args.extend((f"{position.source}:{position.partition}", position.offset))
-            args.extend((update.event_id, update.ts, len(update.ops)))
+            ops: list[Any] = []
             for op, field, value in update.ops:
-                args.extend((op, field, int(value)))
+                ops.extend((op, field, int(value)))
+            rows.append(
+                [
+                    index,
+                    f"{position.source}:{position.partition}" if position else "",
+                    position.offset if position else 0,
+                    update.event_id,
+                    update.ts,
+                    ops,
+                ]
+            )
+        args = [allowed_lateness_ms, self.ttl_seconds, orjson.dumps(rows)]
         reply = await self._script(keys=keys, args=args)
         statuses = [UpdateStatus(int(code)) for code in reply[0]]
         before = {user_id: _decode_state(reply[index]) for user_id, index in user_index.items()}

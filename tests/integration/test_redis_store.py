@@ -1,0 +1,745 @@
+"""The Redis feature store against a real Redis: parity with the in-memory store, keys, memory.
+
+Every test uses its own key prefix (the ``isolation`` fixture) and deletes its keys at the end
+with ``SCAN MATCH prefix*``; the Redis server is shared, so nothing here flushes a database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import time
+import uuid
+import zlib
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import event as label
+from hypothesis import strategies as st
+from redis.crc import key_slot
+from redis.exceptions import ResponseError
+
+from engine.events import BrowseEvent, Event, PurchaseEvent, PurchaseItem, SearchEvent, parse_event
+from engine.features import (
+    CATALOGUE_VERSION,
+    DAY_MS,
+    HOUR_MS,
+    LONGEST_WINDOW_MS,
+    MINUTE_MS,
+    State,
+    apply_ops,
+    compute_features,
+    event_ops,
+    trim,
+)
+from engine.simulator import DEFAULT_START_MS, generate
+from engine.store import (
+    BatchOutcome,
+    InMemoryFeatureStore,
+    Position,
+    StateUpdate,
+    UpdateStatus,
+)
+from streams.redis_store import RedisFeatureStore
+from tests.conftest import Isolation, Services
+from tests.integration.conftest import RedisEnv, delete_prefix, keys_under
+
+pytestmark = pytest.mark.integration
+
+T0 = DEFAULT_START_MS
+"""2026-01-01T00:00:00Z, a whole day, hour and minute."""
+KINDS = ("view", "cart", "favorite", "search", "purchase")
+CATEGORIES = (None, "home", "books", "books:used", "jouets é", "7")
+"""Categories become parts of field names: include a colon, non-ASCII and a digit-only one."""
+BUCKET_FIELD = re.compile(r"^.[mhd]\d+$")
+EXPECTED_TTL_S = 31 * 24 * 3600
+"""``LONGEST_WINDOW_MS`` (30 days) plus a day of margin."""
+
+APPLIED = UpdateStatus.APPLIED
+REDELIVERED = UpdateStatus.REDELIVERED
+DUPLICATE = UpdateStatus.DUPLICATE
+LATE = UpdateStatus.LATE
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def make_event(
+    kind: str,
+    event_id: str,
+    user_id: str,
+    ts: int,
+    cents: int = 1999,
+    *,
+    category: str | None = "home",
+    other_category: str | None = None,
+    offer_id: str | None = None,
+) -> Event:
+    """A browse (view, cart, favorite), search or purchase event; a purchase of two items when
+    ``other_category`` is given, redeeming ``offer_id`` when given."""
+    if kind == "search":
+        return SearchEvent(
+            event_id=event_id, user_id=user_id, ts=ts, query="desk lamp", category=category
+        )
+    if kind == "purchase":
+        amount = cents / 100
+        items = [PurchaseItem(item_id="i1", category=category or "home", price=amount, quantity=1)]
+        if other_category is not None:
+            items.append(PurchaseItem(item_id="i2", category=other_category, price=0, quantity=2))
+        return PurchaseEvent(
+            event_id=event_id,
+            user_id=user_id,
+            ts=ts,
+            order_id=f"o-{event_id}",
+            items=tuple(items),
+            amount=amount,
+            offer_id=offer_id,
+        )
+    return BrowseEvent(
+        event_id=event_id,
+        user_id=user_id,
+        ts=ts,
+        item_id="i1",
+        category=category or "home",
+        price=19.99,
+        action=kind,  # type: ignore[arg-type]
+    )
+
+
+def to_update(event: Event, position: Position | None = None) -> StateUpdate:
+    return StateUpdate(event.user_id, event.event_id, event.ts, event_ops(event), position)
+
+
+def reference_state(events: Sequence[Event]) -> State:
+    """The state of applying each event once, in event-time order, trimmed at the end."""
+    state: State = {}
+    for event in sorted(events, key=lambda e: e.ts):
+        apply_ops(state, event_ops(event))
+    trim(state)
+    return state
+
+
+def replay_vectors(updates: Sequence[StateUpdate], outcome: BatchOutcome) -> list[dict[str, float]]:
+    """Each applied update's feature vector, replayed from ``before`` as the pipeline does."""
+    states = {user: dict(state) for user, state in outcome.before.items()}
+    vectors = []
+    for update, status in zip(updates, outcome.statuses, strict=True):
+        if status is APPLIED:
+            apply_ops(states[update.user_id], update.ops)
+            vectors.append(compute_features(states[update.user_id]))
+    return vectors
+
+
+# -- 1. parity with the in-memory store and with the in-order reference --------------------------
+
+
+@dataclass(eq=False)
+class Slot:
+    """One delivery: an original event, a duplicate (same id, new offset), an event beyond the
+    allowed lateness, or a redelivery of an earlier slot (same event, same position)."""
+
+    kind: str
+    index: int = 0
+    ref: Slot | None = None
+    late_by: int = 0
+    pick: int = 0
+    late_kind: str = "view"
+
+
+@dataclass
+class Scenario:
+    lateness_ms: int
+    originals: list[Event]
+    slots: list[Slot]
+    batch_sizes: list[int]
+    deliveries: list[tuple[StateUpdate, UpdateStatus]] = field(default_factory=list)
+    watermarks: dict[tuple[str, int], int] = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # what hypothesis prints for a falsifying example
+        lines = [f"Scenario(lateness_ms={self.lateness_ms}, batch_sizes={self.batch_sizes})"]
+        for update, status in self.deliveries:
+            lines.append(
+                f"  {update.user_id} {update.event_id} ts={update.ts} "
+                f"pos={update.position} -> {status.name}"
+            )
+        return "\n".join(lines)
+
+
+def build_deliveries(scenario: Scenario) -> None:
+    """Walk the slots in delivery order: give every fresh message the next offset of its
+    partition and work out the status the store contract prescribes for it."""
+    lateness = scenario.lateness_ms
+    latest: dict[str, int] = {}
+    applied: set[tuple[str, str]] = set()
+    next_offset: dict[tuple[str, int], int] = {}
+    built: dict[int, StateUpdate] = {}
+    late_count = 0
+    for slot in scenario.slots:
+        if slot.kind == "redeliver":
+            assert slot.ref is not None
+            previous = built.get(id(slot.ref))
+            if previous is None:  # its late event had no user to be late for
+                continue
+            built[id(slot)] = previous
+            scenario.deliveries.append((previous, REDELIVERED))
+            continue
+        if slot.kind == "late":
+            if not latest:
+                continue
+            user = sorted(latest)[slot.pick % len(latest)]
+            late_count += 1
+            event = make_event(
+                slot.late_kind, f"late{late_count}", user, latest[user] - lateness - slot.late_by
+            )
+        else:
+            event = scenario.originals[slot.index]
+        source = f"events.{event.type}"
+        partition = int(event.user_id[1:]) % 2  # Kafka key = user id
+        offset = next_offset.get((source, partition), 0)
+        next_offset[(source, partition)] = offset + 1
+        scenario.watermarks[(source, partition)] = offset
+        update = to_update(event, Position(source, partition, offset))
+        last = latest.get(event.user_id)
+        if last is not None and event.ts < last - lateness:
+            status = LATE
+        elif (event.user_id, event.event_id) in applied:
+            status = DUPLICATE
+        else:
+            status = APPLIED
+            applied.add((event.user_id, event.event_id))
+            latest[event.user_id] = event.ts if last is None else max(last, event.ts)
+        # By construction: originals arrive within the allowed lateness, before their copies.
+        assert status is APPLIED or slot.kind != "orig", "scenario shuffled beyond lateness"
+        assert status is LATE or slot.kind != "late"
+        built[id(slot)] = update
+        scenario.deliveries.append((update, status))
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> Scenario:
+    lateness = draw(st.sampled_from([0, 30_000, 10 * MINUTE_MS, HOUR_MS]))
+    n_users = draw(st.integers(1, 4))
+    n_events = draw(st.integers(1, 40))
+    ts = T0
+    originals: list[Event] = []
+    for index in range(n_events):
+        size = draw(st.integers(0, 19))
+        if size < 14:
+            ts += draw(st.integers(0, 3 * MINUTE_MS))
+        elif size < 18:
+            ts += draw(st.integers(0, 40 * MINUTE_MS))
+        else:  # quiet spells, some exactly at a retention limit: old buckets get trimmed
+            ts += draw(
+                st.sampled_from(
+                    [119 * MINUTE_MS, 120 * MINUTE_MS, 26 * HOUR_MS, 31 * DAY_MS, 9 * DAY_MS]
+                )
+            )
+        kind = draw(st.sampled_from(KINDS))
+        user = f"u{draw(st.integers(0, n_users - 1))}"
+        cents = draw(st.integers(0, 10_000_000)) if kind == "purchase" else 0
+        category = draw(st.sampled_from(CATEGORIES))
+        if category is None and kind != "search":
+            category = "home"
+        originals.append(
+            make_event(
+                kind,
+                f"e{index}",
+                user,
+                ts,
+                cents,
+                category=category,
+                other_category=draw(st.sampled_from(CATEGORIES)),
+                offer_id=draw(st.sampled_from([None, "offer-1"])),
+            )
+        )
+
+    # Shuffle within the allowed lateness: deliver in order of ts + a delay <= lateness.
+    delays = draw(st.lists(st.integers(0, lateness), min_size=n_events, max_size=n_events))
+    order = sorted(range(n_events), key=lambda i: (originals[i].ts + delays[i], i))
+    slots = [Slot("orig", index=i) for i in order]
+
+    for _ in range(draw(st.integers(0, 10))):  # duplicates: same event id, a new offset
+        index = draw(st.integers(0, n_events - 1))
+        first = next(k for k, s in enumerate(slots) if s.kind == "orig" and s.index == index)
+        slots.insert(draw(st.integers(first + 1, len(slots))), Slot("dup", index=index))
+    for _ in range(draw(st.integers(0, 3))):  # new events beyond the allowed lateness
+        late = Slot(
+            "late",
+            late_by=draw(st.integers(1, 2 * HOUR_MS)),
+            pick=draw(st.integers(0, 3)),
+            late_kind=draw(st.sampled_from(KINDS)),
+        )
+        slots.insert(draw(st.integers(0, len(slots))), late)
+    for _ in range(draw(st.integers(0, 10))):  # redeliveries: same event, same position
+        source = draw(st.integers(0, len(slots) - 1))
+        ref = slots[source]
+        slots.insert(draw(st.integers(source + 1, len(slots))), Slot("redeliver", ref=ref))
+
+    batch_sizes = draw(st.lists(st.integers(1, 30), min_size=1, max_size=6))
+    scenario = Scenario(lateness, originals, slots, batch_sizes)
+    build_deliveries(scenario)
+    return scenario
+
+
+async def check_parity(redis_url: str, prefix: str, scenario: Scenario) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        redis_store = RedisFeatureStore(client, prefix=prefix)
+        memory = InMemoryFeatureStore()
+        lateness = scenario.lateness_ms
+        deliveries = scenario.deliveries
+        start = 0
+        batch = 0
+        while start < len(deliveries):
+            size = scenario.batch_sizes[batch % len(scenario.batch_sizes)]
+            chunk = deliveries[start : start + size]
+            start += size
+            batch += 1
+            updates = [update for update, _ in chunk]
+            expected = [status for _, status in chunk]
+            from_memory = await memory.apply_batch(updates, allowed_lateness_ms=lateness)
+            from_redis = await redis_store.apply_batch(updates, allowed_lateness_ms=lateness)
+            assert from_redis.statuses == from_memory.statuses == expected, f"batch {batch}"
+            assert from_redis.before == from_memory.before, f"batch {batch}"
+            assert replay_vectors(updates, from_redis) == replay_vectors(updates, from_memory)
+
+        users = sorted({event.user_id for event in scenario.originals})
+        final_redis = await redis_store.read_states(users)
+        final_memory = await memory.read_states(users)
+        reference = {
+            user: reference_state([e for e in scenario.originals if e.user_id == user])
+            for user in users
+        }
+        assert final_redis == final_memory == reference
+        for user in users:
+            vector = compute_features(reference[user])
+            assert compute_features(final_redis[user]) == vector
+            assert compute_features(final_memory[user]) == vector
+        marks = scenario.watermarks
+        assert await redis_store.watermarks() == await memory.watermarks() == marks
+    finally:
+        await delete_prefix(client, prefix)
+        await client.aclose()
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(scenario=scenarios())
+def test_redis_store_matches_in_memory_store_and_in_order_reference(
+    services: Services, isolation: Isolation, scenario: Scenario
+) -> None:
+    for status in sorted({status for _, status in scenario.deliveries}):
+        label(f"has {status.name}")
+    for user in {e.user_id for e in scenario.originals}:
+        mine = [e for e in scenario.originals if e.user_id == user]
+        untrimmed: State = {}
+        for original in mine:
+            apply_ops(untrimmed, event_ops(original))
+        if len(untrimmed) > len(reference_state(mine)):
+            label("old buckets trimmed")
+            break
+    # A fresh prefix per example: watermarks and dedup sets never leak between examples.
+    prefix = f"{isolation.redis_prefix}h{uuid.uuid4().hex[:8]}:"
+    asyncio.run(check_parity(services.redis_url, prefix, scenario))
+
+
+# -- 2. watermarks and redelivery ---------------------------------------------------------------
+
+
+async def test_watermarks_report_last_offset_and_a_resent_batch_changes_nothing(
+    redis_env: RedisEnv,
+) -> None:
+    store, client = redis_env.store, redis_env.client
+    batch = [
+        to_update(make_event("view", "a", "u1", T0), Position("events.browse", 0, 0)),
+        to_update(make_event("search", "b", "u2", T0 + 1000), Position("events.search", 1, 7)),
+        to_update(make_event("cart", "c", "u1", T0 + 2000), Position("events.browse", 0, 1)),
+        to_update(make_event("purchase", "d", "u2", T0 + 3000), Position("events.purchase", 1, 0)),
+        to_update(make_event("view", "e", "u3", T0 + 4000), Position("events.browse", 1, 41)),
+        to_update(make_event("view", "f", "u1", T0 + 5000), Position("events.browse", 0, 2)),
+    ]
+    outcome = await store.apply_batch(batch, allowed_lateness_ms=HOUR_MS)
+    assert outcome.statuses == [APPLIED] * 6
+    assert outcome.before == {"u1": {}, "u2": {}, "u3": {}}
+    marks = {
+        ("events.browse", 0): 2,
+        ("events.browse", 1): 41,
+        ("events.search", 1): 7,
+        ("events.purchase", 1): 0,
+    }
+    assert await store.watermarks() == marks
+    raw = await client.hgetall(store.watermark_key)
+    assert {k.decode(): int(v) for k, v in raw.items()} == {
+        "events.browse:0": 2,
+        "events.browse:1": 41,
+        "events.search:1": 7,
+        "events.purchase:1": 0,
+    }
+
+    users = ["u1", "u2", "u3"]
+    states = await store.read_states(users)
+    dedup = {u: await client.zrange(store.dedup_key(u), 0, -1, withscores=True) for u in users}
+    ttls = {u: await client.ttl(store.state_key(u)) for u in users}
+    again = await store.apply_batch(batch, allowed_lateness_ms=HOUR_MS)
+    assert again.statuses == [REDELIVERED] * 6
+    assert again.before == states
+    assert await store.read_states(users) == states
+    assert {u: await client.zrange(store.dedup_key(u), 0, -1, withscores=True) for u in users} == (
+        dedup
+    )
+    assert await store.watermarks() == marks
+    # Nothing was touched, so nothing was re-expired either.
+    assert all([await client.ttl(store.state_key(u)) <= ttls[u] for u in users])
+
+    # A replay that overlaps the watermark: the old part is skipped, the new part applied.
+    overlap = [batch[5], to_update(make_event("view", "g", "u1", T0 + 6000))]
+    overlap.append(
+        to_update(make_event("view", "h", "u1", T0 + 7000), Position("events.browse", 0, 3))
+    )
+    outcome = await store.apply_batch(overlap, allowed_lateness_ms=HOUR_MS)
+    assert outcome.statuses == [REDELIVERED, APPLIED, APPLIED]
+    assert await store.watermarks() == {**marks, ("events.browse", 0): 3}
+
+    memory = InMemoryFeatureStore()
+    for updates in (batch, batch, overlap):
+        await memory.apply_batch(updates, allowed_lateness_ms=HOUR_MS)
+    assert await memory.watermarks() == await store.watermarks()
+    assert await memory.read_states(users) == await store.read_states(users)
+
+
+# -- 3. lateness --------------------------------------------------------------------------------
+
+
+async def test_late_events_change_nothing_and_events_within_lateness_land_in_their_bucket(
+    redis_env: RedisEnv,
+) -> None:
+    store, client = redis_env.store, redis_env.client
+    lateness = 10 * MINUTE_MS
+    now = T0 + 3 * HOUR_MS
+    memory = InMemoryFeatureStore()
+
+    async def both(updates: list[StateUpdate]) -> BatchOutcome:
+        expected = await memory.apply_batch(updates, allowed_lateness_ms=lateness)
+        outcome = await store.apply_batch(updates, allowed_lateness_ms=lateness)
+        assert outcome.statuses == expected.statuses
+        assert outcome.before == expected.before
+        return outcome
+
+    first = [make_event("view", "now", "u1", now)]
+    await both([to_update(e) for e in first])
+    before = (await store.read_states(["u1"]))["u1"]
+
+    too_late = [
+        make_event("view", "late-1", "u1", now - lateness - 1),
+        make_event("purchase", "late-2", "u1", now - 5 * HOUR_MS),
+        make_event("view", "now", "u1", now - lateness - 1),  # an old copy: late before dup
+    ]
+    outcome = await both([to_update(e) for e in too_late])
+    assert outcome.statuses == [LATE, LATE, LATE]
+    assert (await store.read_states(["u1"]))["u1"] == before
+    assert await client.zrange(store.dedup_key("u1"), 0, -1) == [b"now"]
+
+    within = [
+        make_event("view", "edge", "u1", now - lateness),  # exactly at the limit: accepted
+        make_event("cart", "w1", "u1", now - 5 * MINUTE_MS + 17_000),
+        make_event("view", "other-user", "u2", now - 5 * HOUR_MS),  # lateness is per user
+    ]
+    outcome = await both([to_update(e) for e in within])
+    assert outcome.statuses == [APPLIED, APPLIED, APPLIED]
+    state = (await store.read_states(["u1"]))["u1"]
+    edge_minute = (now - lateness) // MINUTE_MS
+    assert state[f"vm{edge_minute}"] == 1
+    assert f"vm{edge_minute - 1}" not in state  # where late-1 would have landed
+    assert state[f"vm{now // MINUTE_MS}"] == 1
+    assert state[f"cm{(now - 5 * MINUTE_MS + 17_000) // MINUTE_MS}"] == 1
+    assert state[f"vh{(now - lateness) // HOUR_MS}"] == 1  # 02:50 is in hour 2, not hour 3
+    assert state[f"vh{now // HOUR_MS}"] == 1
+    assert state[f"vd{now // DAY_MS}"] == 2
+    assert state["lt"] == now and state["fs"] == now - lateness and state["nv"] == 2
+    assert "np" not in state and "lp" not in state  # the late purchase left no trace
+    assert state == reference_state([*first, *within[:2]])
+    assert await memory.read_states(["u1", "u2"]) == await store.read_states(["u1", "u2"])
+    features = compute_features(state)
+    assert features["view_count_1h"] == 2 and features["cart_count_1h"] == 1
+    assert features["purchase_count_30d"] == 0
+
+
+# -- 4. keys, TTL and trimming ------------------------------------------------------------------
+
+
+async def test_keys_carry_version_and_hash_tag_expire_in_31_days_and_old_buckets_are_trimmed(
+    redis_env: RedisEnv,
+) -> None:
+    store, client, prefix = redis_env.store, redis_env.client, redis_env.prefix
+    lateness = 5 * MINUTE_MS
+    minute = T0 // MINUTE_MS
+    first = [
+        make_event("view", "e0", "u1", T0),
+        make_event("view", "e1", "u1", T0 + MINUTE_MS),
+        make_event("search", "e2", "u1", T0 + 2 * MINUTE_MS),
+        make_event("purchase", "e3", "u1", T0 + 60 * MINUTE_MS),
+    ]
+    positions = [Position("events.browse", 0, k) for k in range(len(first))]
+    await store.apply_batch(
+        [to_update(e, p) for e, p in zip(first, positions, strict=True)],
+        allowed_lateness_ms=lateness,
+    )
+
+    state_key = f"{prefix}f{CATALOGUE_VERSION}:{{u1}}"
+    dedup_key = f"{prefix}d{CATALOGUE_VERSION}:{{u1}}"
+    assert store.state_key("u1") == state_key and store.dedup_key("u1") == dedup_key
+    assert await keys_under(client, prefix) == {state_key, dedup_key, f"{prefix}wm"}
+    assert await client.type(state_key) == b"hash"
+    assert await client.type(dedup_key) == b"zset"
+    assert key_slot(state_key.encode()) == key_slot(dedup_key.encode()) == key_slot(b"u1")
+
+    assert store.ttl_seconds == EXPECTED_TTL_S == LONGEST_WINDOW_MS // 1000 + 24 * 3600
+    for key in (state_key, dedup_key):
+        assert EXPECTED_TTL_S - 5 <= await client.ttl(key) <= EXPECTED_TTL_S
+    assert await client.ttl(f"{prefix}wm") == -1  # watermarks outlive any user
+
+    # Every applied batch refreshes the TTL.
+    await client.expire(state_key, 100)
+    await client.expire(dedup_key, 100)
+    later = make_event("view", "e4", "u1", T0 + 121 * MINUTE_MS)
+    await store.apply_batch([to_update(later)], allowed_lateness_ms=lateness)
+    for key in (state_key, dedup_key):
+        assert EXPECTED_TTL_S - 5 <= await client.ttl(key) <= EXPECTED_TTL_S
+
+    # latest minute = T0 + 121: buckets at or before minute 1 are 120 minutes old, gone.
+    fields = {f.decode() for f in await client.hkeys(state_key)}
+    assert f"vm{minute}" not in fields
+    assert f"vm{minute + 1}" not in fields
+    assert {f"sm{minute + 2}", f"pm{minute + 60}", f"$m{minute + 60}", f"vm{minute + 121}"} <= (
+        fields
+    )
+    assert {f"vh{T0 // HOUR_MS}", f"vh{T0 // HOUR_MS + 2}", f"vd{T0 // DAY_MS}"} <= fields
+    # The dedup set keeps only ids within the allowed lateness of the latest event.
+    assert await client.zrange(dedup_key, 0, -1) == [b"e4"]
+
+    # A month and two days later: every old bucket of every grain is gone.
+    far = make_event("cart", "e5", "u1", T0 + 32 * DAY_MS)
+    await store.apply_batch([to_update(far)], allowed_lateness_ms=lateness)
+    fields = {f.decode() for f in await client.hkeys(state_key)}
+    far_buckets = {
+        f"cm{far.ts // MINUTE_MS}",
+        f"ch{far.ts // HOUR_MS}",
+        f"cd{far.ts // DAY_MS}",
+    }
+    assert {f for f in fields if BUCKET_FIELD.match(f)} == far_buckets
+    # No other field (per-day category counts, say) still refers to the first day either.
+    assert not [f for f in fields if str(T0 // DAY_MS) in f]
+    assert {"nv", "ns", "np", "nc", "lv", "ls", "lp", "lc", "lt", "fs"} <= fields
+    state = (await store.read_states(["u1"]))["u1"]
+    assert state == reference_state([*first, later, far])
+    assert await client.zrange(dedup_key, 0, -1) == [b"e5"]
+
+
+@pytest.mark.parametrize(
+    "user_id",
+    [
+        "u1",
+        "a}b",
+        "{x}",
+        "user:with:colons",
+        "}u1",
+    ],
+)
+async def test_a_users_keys_share_a_cluster_slot(redis_env: RedisEnv, user_id: str) -> None:
+    store, client, prefix = redis_env.store, redis_env.client, redis_env.prefix
+    await store.apply_batch(
+        [to_update(make_event("view", "e1", user_id, T0))], allowed_lateness_ms=MINUTE_MS
+    )
+    keys = await keys_under(client, prefix)
+    assert keys == {store.state_key(user_id), store.dedup_key(user_id)}
+    assert len({key_slot(key.encode()) for key in keys}) == 1
+
+
+# -- 5. forget ----------------------------------------------------------------------------------
+
+
+async def test_forget_removes_every_key_of_the_user_and_nothing_else(redis_env: RedisEnv) -> None:
+    store, client, prefix = redis_env.store, redis_env.client, redis_env.prefix
+    users = ["u1", "u10", "u2"]
+    updates = [
+        to_update(make_event(kind, f"{user}-{kind}", user, T0 + k * 1000), Position("t", 0, n))
+        for n, (k, kind, user) in enumerate(
+            (k, kind, user) for k, kind in enumerate(KINDS) for user in users
+        )
+    ]
+    await store.apply_batch(updates, allowed_lateness_ms=HOUR_MS)
+    states = await store.read_states(users)
+    assert all(states.values())
+    others = {u: await client.zrange(store.dedup_key(u), 0, -1) for u in ("u10", "u2")}
+    keys = await keys_under(client, prefix)
+    assert set(store.user_keys("u1")) <= keys
+
+    assert await store.forget("u1") == 2
+    assert await client.exists(*store.user_keys("u1")) == 0
+    assert await keys_under(client, prefix) == keys - set(store.user_keys("u1"))
+    assert await store.read_states(users) == {**states, "u1": {}}
+    assert {u: await client.zrange(store.dedup_key(u), 0, -1) for u in ("u10", "u2")} == others
+    assert all([await client.ttl(store.state_key(u)) > 0 for u in ("u10", "u2")])
+    assert await store.watermarks() == {("t", 0): len(updates) - 1}
+    assert await store.forget("u1") == 0
+    assert await store.forget("nobody") == 0
+
+    # Forgotten means forgotten: the same event id, newly delivered, is applied afresh.
+    again = to_update(make_event("view", "u1-view", "u1", T0), Position("t", 0, len(updates)))
+    outcome = await store.apply_batch([again], allowed_lateness_ms=HOUR_MS)
+    assert outcome.statuses == [APPLIED] and outcome.before == {"u1": {}}
+
+
+# -- 6. one script call per batch ---------------------------------------------------------------
+
+
+def script_calls(stats: dict[str, dict[str, int]]) -> int:
+    return sum(stats.get(name, {}).get("calls", 0) for name in ("cmdstat_evalsha", "cmdstat_eval"))
+
+
+async def test_one_script_call_per_batch(services: Services, redis_env: RedisEnv) -> None:
+    name = f"ds-one-call-{uuid.uuid4().hex[:8]}"
+    client = aioredis.Redis.from_url(services.redis_url, client_name=name)
+    watcher = redis_env.client
+    try:
+        store = RedisFeatureStore(client, prefix=redis_env.prefix)
+        offset = 0
+
+        def batch(size: int) -> list[StateUpdate]:
+            nonlocal offset
+            updates = []
+            for _ in range(size):
+                event = make_event(KINDS[offset % 5], f"e{offset}", f"u{offset % 37}", T0 + offset)
+                updates.append(to_update(event, Position("events.any", 0, offset)))
+                offset += 1
+            return updates
+
+        await store.apply_batch(batch(3), allowed_lateness_ms=HOUR_MS)  # loads the script
+        for size in (1, 50, 500):
+            # Other clients share this Redis and may run scripts too: retry until a clean
+            # measurement; our own batch can never count for less than one call.
+            deltas = []
+            for _ in range(8):
+                updates = batch(size)
+                before = script_calls(await watcher.info("commandstats"))
+                outcome = await store.apply_batch(updates, allowed_lateness_ms=HOUR_MS)
+                after = script_calls(await watcher.info("commandstats"))
+                assert outcome.statuses == [APPLIED] * size
+                deltas.append(after - before)
+                if deltas[-1] == 1:
+                    break
+            assert min(deltas) == 1, f"script calls per batch of {size}: {deltas}"
+            mine = [c for c in await watcher.client_list() if c["name"] == name]
+            assert len(mine) == 1 and mine[0]["cmd"] in ("evalsha", "eval")
+        assert await store.apply_batch([], allowed_lateness_ms=HOUR_MS) == BatchOutcome([], {})
+    finally:
+        await client.aclose()
+
+
+# -- 7. memory per active user (a figure for the report, not an assertion) ----------------------
+
+
+async def test_memory_per_active_user(redis_env: RedisEnv) -> None:
+    store, client = redis_env.store, redis_env.client
+    lateness = HOUR_MS  # the engine's default (engine.pipeline.EngineConfig)
+    events = [parse_event(raw) for raw in generate(users=5000, events=50_000, seed=11)]
+    offsets: Counter[tuple[str, int]] = Counter()
+    updates = []
+    for event in events:
+        source = f"events.{event.type}"
+        partition = zlib.crc32(event.user_id.encode()) % 6
+        position = Position(source, partition, offsets[(source, partition)])
+        offsets[(source, partition)] += 1
+        updates.append(to_update(event, position))
+
+    used_before = (await client.info("memory"))["used_memory"]
+    started = time.perf_counter()
+    for start in range(0, len(updates), 500):
+        outcome = await store.apply_batch(
+            updates[start : start + 500], allowed_lateness_ms=lateness
+        )
+        assert set(outcome.statuses) == {APPLIED}
+    elapsed = time.perf_counter() - started
+    used_after = (await client.info("memory"))["used_memory"]
+
+    users = sorted({event.user_id for event in events})
+    async with client.pipeline(transaction=False) as pipe:
+        for user in users:
+            pipe.memory_usage(store.state_key(user), samples=0)
+            pipe.memory_usage(store.dedup_key(user), samples=0)
+            pipe.hlen(store.state_key(user))
+            pipe.zcard(store.dedup_key(user))
+        replies = await pipe.execute()
+    state_bytes = sum(replies[0::4])
+    dedup_bytes = sum(replies[1::4])
+    fields = sum(replies[2::4])
+    ids = sum(replies[3::4])
+    sample = random.Random(0).sample(users, 200)
+    encodings = Counter()
+    for user in sample:
+        encodings[f"hash:{(await client.object('encoding', store.state_key(user))).decode()}"] += 1
+        encodings[f"zset:{(await client.object('encoding', store.dedup_key(user))).decode()}"] += 1
+
+    n = len(users)
+    print(
+        f"\n[redis memory] {len(events)} events, {n} active users, lateness {lateness // 1000}s, "
+        f"applied in {elapsed:.2f}s ({len(events) / elapsed:,.0f} events/s)\n"
+        f"[redis memory] MEMORY USAGE per active user: {(state_bytes + dedup_bytes) / n:,.0f} B "
+        f"(state hash {state_bytes / n:,.0f} B with {fields / n:.1f} fields, "
+        f"dedup zset {dedup_bytes / n:,.0f} B with {ids / n:.1f} ids)\n"
+        f"[redis memory] INFO used_memory delta per active user: "
+        f"{(used_after - used_before) / n:,.0f} B (shared server: indicative only)\n"
+        f"[redis memory] encodings in a sample of 200 users: {dict(encodings)}"
+    )
+    assert len(await store.read_states(users[:3])) == 3
+
+
+# -- bugs ---------------------------------------------------------------------------------------
+
+
+def poison_batch() -> list[StateUpdate]:
+    """A browse, then a purchase whose amount is valid event v1 (any number >= 0) but whose
+    spend in cents (1e19) does not fit Redis' 64-bit integers."""
+    huge = parse_event(
+        {
+            "event_id": "p1",
+            "user_id": "u1",
+            "type": "purchase",
+            "ts": T0 + 1000,
+            "order_id": "o1",
+            "items": [{"item_id": "i1", "category": "home", "price": 1e17, "quantity": 1}],
+            "amount": 1e17,
+        }
+    )
+    ok = make_event("view", "v1", "u1", T0)
+    return [
+        to_update(ok, Position("events.browse", 0, 0)),
+        to_update(huge, Position("events.purchase", 0, 0)),
+    ]
+
+
+async def test_a_schema_valid_huge_amount_is_applied_as_in_memory(redis_env: RedisEnv) -> None:
+    updates = poison_batch()
+    expected = await InMemoryFeatureStore().apply_batch(updates, allowed_lateness_ms=HOUR_MS)
+    outcome = await redis_env.store.apply_batch(updates, allowed_lateness_ms=HOUR_MS)
+    assert outcome.statuses == expected.statuses == [APPLIED, APPLIED]
+
+
+async def test_a_failed_batch_changes_nothing(redis_env: RedisEnv) -> None:
+    """A script error (here: the user's dedup key holds the wrong type) must leave no trace:
+    the script classifies and computes everything before its first write."""
+    store, client = redis_env.store, redis_env.client
+    await client.set(store.dedup_key("u1"), "not a sorted set")
+    with pytest.raises(ResponseError):
+        await store.apply_batch(poison_batch(), allowed_lateness_ms=HOUR_MS)
+    assert (await store.read_states(["u1"]))["u1"] == {}
+    assert await client.exists(store.state_key("u1")) == 0
+    assert await store.watermarks() == {}
