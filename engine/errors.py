@@ -66,3 +66,11 @@ class InvalidEvent(EngineError):
     def __repr__(self) -> str:
         name = type(self).__name__
         return f"{name}(code={self.code!r}, message={self.message!r}, field={self.field!r})"
+
+
+class ModelSnapshotError(EngineError):
+    """A model snapshot cannot be used: wrong key, truncated, tampered or incompatible bytes.
+
+    Raised before anything is unpickled; keep serving the model you have and check that the
+    worker and the learner share the same ``DEALSTREAM_MODEL_KEY``.
+    """

@@ -3,14 +3,46 @@
 A River pipeline (standard scaling, then logistic regression) learns one labelled example at a
 time. The offered discount is an input, and so are its interactions with a few behavioural
 features, so the model can tell who responds to a discount and who would buy anyway.
+
+A model travels between processes (learner -> Redis -> workers) as a signed snapshot::
+
+    header   b"DSMODEL" + format byte                           8 bytes
+    version  length byte + UTF-8 version id                     1 + n bytes
+    mac      HMAC-SHA256(key, header + version + payload)       32 bytes
+    payload  pickle of the River pipeline and counters          the rest
+
+``PurchaseModel.restore`` checks the header, then the MAC with ``hmac.compare_digest``, before
+it unpickles anything: bytes signed with another key, truncated or altered raise
+``ModelSnapshotError`` and never reach pickle. Even verified bytes are unpickled through an
+allow-list (River classes, a few containers and builtins), a second line of defence.
+
+>>> model = PurchaseModel()
+>>> model.learn({"cart_count_24h": 2}, 10, 1)
+>>> blob = model.snapshot(b"a shared secret key")
+>>> twin = PurchaseModel.restore(blob, b"a shared secret key")
+>>> twin.version, twin.predict({"cart_count_24h": 2}, 5) == model.predict({"cart_count_24h": 2}, 5)
+('lr-1', True)
+>>> try:
+...     PurchaseModel.restore(blob, b"another key")
+... except ModelSnapshotError as exc:
+...     print(type(exc).__name__)
+ModelSnapshotError
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import io
 import math
+import pickle
 from collections.abc import Mapping
+from typing import Any
 
+import river
 from river import compose, linear_model, optim, preprocessing
+
+from engine.errors import ModelSnapshotError
 
 MODEL_FEATURES: tuple[str, ...] = (
     "view_count_1h",
@@ -33,6 +65,15 @@ DISCOUNT_INTERACTIONS: tuple[str, ...] = ("cart_count_24h", "purchase_count_30d"
 
 _LOG_SCALED_PREFIXES = ("view_", "cart_", "favorite_", "search_", "purchase_", "spend_", "recency_")
 
+SNAPSHOT_MAGIC = b"DSMODEL"
+SNAPSHOT_FORMAT = 1
+"""Bump when the payload layout changes; ``restore`` refuses formats it does not know."""
+_HEADER = SNAPSHOT_MAGIC + bytes([SNAPSHOT_FORMAT])
+_MAC_SIZE = hashlib.sha256().digest_size
+_MAX_VERSION_BYTES = 255
+_PICKLE_PROTOCOL = 5
+_RIVER_VERSION = str(getattr(river, "__version__", "unknown"))
+
 
 def model_inputs(features: Mapping[str, float], discount_pct: float) -> dict[str, float]:
     """The model's input row: selected features (log1p where heavy-tailed) plus the discount."""
@@ -50,9 +91,15 @@ def model_inputs(features: Mapping[str, float], discount_pct: float) -> dict[str
 
 
 class PurchaseModel:
-    """Scaled logistic regression over ``model_inputs``; ``version`` counts examples learned."""
+    """Scaled logistic regression over ``model_inputs``.
+
+    ``version`` is ``lr-<examples learned>``: stable, deterministic for a given training
+    stream, and kept by ``snapshot`` / ``restore``.
+    """
 
     def __init__(self, *, learning_rate: float = 0.05, l2: float = 0.0) -> None:
+        self.learning_rate = learning_rate
+        self.l2 = l2
         self._scaler = preprocessing.StandardScaler()
         self._classifier = linear_model.LogisticRegression(
             optimizer=optim.SGD(learning_rate), l2=l2
@@ -81,3 +128,149 @@ class PurchaseModel:
         terms = [(name, float(weights.get(name, 0.0)) * value) for name, value in scaled.items()]
         terms.sort(key=lambda term: (-abs(term[1]), term[0]))
         return [(name, round(value, 6)) for name, value in terms[:top]]
+
+    # -- snapshots ----------------------------------------------------------------------------
+
+    def snapshot(self, key: bytes) -> bytes:
+        """The model as signed bytes (see the module docstring); ``key`` is the HMAC key."""
+        _check_key(key)
+        state = {
+            "format": SNAPSHOT_FORMAT,
+            "river": _RIVER_VERSION,
+            "learning_rate": self.learning_rate,
+            "l2": self.l2,
+            "examples_learned": self.examples_learned,
+            "scaler": self._scaler,
+            "classifier": self._classifier,
+            "pipeline": self._pipeline,
+        }
+        payload = pickle.dumps(state, protocol=_PICKLE_PROTOCOL)
+        version = _encode_version(self.version)
+        mac = hmac.new(key, _HEADER + version + payload, hashlib.sha256).digest()
+        return _HEADER + version + mac + payload
+
+    @classmethod
+    def restore(cls, blob: bytes, key: bytes) -> PurchaseModel:
+        """The model in a ``snapshot``; ``ModelSnapshotError`` unless it verifies with ``key``."""
+        version, payload = verify_snapshot(blob, key)
+        try:
+            state = _AllowListUnpickler(io.BytesIO(payload)).load()
+        except Exception as exc:
+            raise ModelSnapshotError(
+                f"model snapshot {version} verifies but cannot be loaded ({type(exc).__name__}: "
+                f"{exc}); it was probably written by an incompatible dealstream or River version"
+            ) from None
+        return cls._from_state(state, version)
+
+    @classmethod
+    def _from_state(cls, state: Any, version: str) -> PurchaseModel:
+        unexpected = ModelSnapshotError(f"model snapshot {version} has an unexpected payload")
+        if not isinstance(state, dict) or state.get("format") != SNAPSHOT_FORMAT:
+            raise unexpected
+        try:
+            scaler, classifier, pipeline = state["scaler"], state["classifier"], state["pipeline"]
+            learned = state["examples_learned"]
+            learning_rate, l2 = float(state["learning_rate"]), float(state["l2"])
+        except (KeyError, TypeError, ValueError):
+            raise unexpected from None
+        if not (
+            isinstance(scaler, preprocessing.StandardScaler)
+            and isinstance(classifier, linear_model.LogisticRegression)
+            and isinstance(pipeline, compose.Pipeline)
+            and [id(step) for step in pipeline.steps.values()] == [id(scaler), id(classifier)]
+            and type(learned) is int
+            and learned >= 0
+        ):
+            raise unexpected
+        model = cls.__new__(cls)
+        model.learning_rate = learning_rate
+        model.l2 = l2
+        model._scaler = scaler
+        model._classifier = classifier
+        model._pipeline = pipeline
+        model.examples_learned = learned
+        if model.version != version:
+            raise ModelSnapshotError(
+                f"model snapshot header says {version} but its payload is {model.version}"
+            )
+        return model
+
+
+def snapshot_version(blob: bytes) -> str:
+    """The version id a snapshot's header claims, UNVERIFIED (for messages and logs only)."""
+    version, _, _ = _split(blob)
+    return version
+
+
+def verify_snapshot(blob: bytes, key: bytes) -> tuple[str, bytes]:
+    """``(version, payload)`` of a snapshot whose MAC verifies with ``key``.
+
+    Raises ``ModelSnapshotError`` otherwise. Nothing is unpickled here.
+    """
+    _check_key(key)
+    version, mac, payload = _split(blob)
+    signed = _HEADER + _encode_version(version) + payload
+    expected = hmac.new(key, signed, hashlib.sha256).digest()
+    if not hmac.compare_digest(mac, expected):
+        raise ModelSnapshotError(
+            f"model snapshot {version} does not verify: it was signed with another key, or "
+            "altered or truncated; check that the worker and the learner share "
+            "DEALSTREAM_MODEL_KEY"
+        )
+    return version, payload
+
+
+def _split(blob: bytes) -> tuple[str, bytes, bytes]:
+    if not isinstance(blob, bytes | bytearray | memoryview):
+        raise ModelSnapshotError(f"a model snapshot is bytes, not {type(blob).__name__}")
+    data = bytes(blob)
+    if not data.startswith(SNAPSHOT_MAGIC):
+        raise ModelSnapshotError("not a dealstream model snapshot (bad magic bytes)")
+    if len(data) <= len(_HEADER):
+        raise ModelSnapshotError("model snapshot is truncated (no version)")
+    if data[len(SNAPSHOT_MAGIC)] != SNAPSHOT_FORMAT:
+        raise ModelSnapshotError(
+            f"model snapshot format {data[len(SNAPSHOT_MAGIC)]} is not supported (this "
+            f"dealstream reads format {SNAPSHOT_FORMAT}); upgrade the reader"
+        )
+    start = len(_HEADER) + 1
+    end = start + data[len(_HEADER)]
+    if len(data) < end + _MAC_SIZE:
+        raise ModelSnapshotError("model snapshot is truncated (header)")
+    try:
+        version = data[start:end].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ModelSnapshotError("model snapshot has a malformed version id") from None
+    return version, data[end : end + _MAC_SIZE], data[end + _MAC_SIZE :]
+
+
+def _encode_version(version: str) -> bytes:
+    raw = version.encode("utf-8")
+    if not raw or len(raw) > _MAX_VERSION_BYTES:
+        raise ModelSnapshotError(f"model version id must be 1-{_MAX_VERSION_BYTES} bytes")
+    return bytes([len(raw)]) + raw
+
+
+def _check_key(key: bytes) -> None:
+    if not isinstance(key, bytes | bytearray) or not key:
+        raise ModelSnapshotError("the model snapshot key must be non-empty bytes")
+
+
+_ALLOWED_GLOBALS: dict[str, frozenset[str] | None] = {
+    "builtins": frozenset(
+        {"bool", "bytes", "complex", "dict", "float", "frozenset", "int", "list", "set", "str"}
+        | {"tuple"}
+    ),
+    "collections": frozenset({"Counter", "OrderedDict", "defaultdict", "deque"}),
+}
+"""Module -> names a snapshot payload may reference; ``river`` and its submodules are allowed."""
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _ALLOWED_GLOBALS.get(module)
+        if (module == "river" or module.startswith("river.")) or (
+            allowed is not None and name in allowed
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a model snapshot")

@@ -20,9 +20,10 @@ import redis.asyncio as aioredis
 from engine.campaigns import Campaign, default_campaigns, load_campaigns
 from engine.pipeline import DiscountEngine, EngineConfig
 from streams.decode import DecodeLimits, RawRecord
+from streams.model_store import ModelReloader, ModelStore
 from streams.redis_ledger import RedisLedger
 from streams.redis_store import RedisFeatureStore
-from streams.settings import Settings
+from streams.settings import Secret, Settings
 from streams.worker import BatchWorker
 
 log = logging.getLogger("dealstream.worker")
@@ -61,9 +62,19 @@ class Runtime:
     redis: aioredis.Redis
     engine: DiscountEngine
     campaigns: tuple[Campaign, ...]
+    reloader: ModelReloader | None
+    """Picks up models the learner publishes; None without a model key (no hot reload)."""
 
 
-def bootstrap(settings: Settings, *, redis_client: aioredis.Redis | None = None) -> Runtime:
+MODEL_POLL_INTERVAL_S = 2.0
+
+
+def bootstrap(
+    settings: Settings,
+    *,
+    model_key: Secret | None = None,
+    redis_client: aioredis.Redis | None = None,
+) -> Runtime:
     campaigns = (
         load_campaigns(settings.campaigns_path)
         if settings.campaigns_path is not None
@@ -84,7 +95,28 @@ def bootstrap(settings: Settings, *, redis_client: aioredis.Redis | None = None)
             learn_inline=settings.learn_inline,
         ),
     )
-    return Runtime(settings=settings, redis=client, engine=engine, campaigns=campaigns)
+    reloader = (
+        ModelReloader(ModelStore(client, prefix=settings.redis_prefix), model_key)
+        if model_key is not None
+        else None
+    )
+    return Runtime(
+        settings=settings, redis=client, engine=engine, campaigns=campaigns, reloader=reloader
+    )
+
+
+async def reload_model(runtime: Runtime) -> None:
+    """Swap in the newest verified model the learner published, if there is a newer one."""
+    if runtime.reloader is None:
+        return
+    engine = runtime.engine
+    try:
+        model = await runtime.reloader.poll(engine.model.version)
+    except (OSError, aioredis.RedisError) as exc:
+        log.warning("model reload skipped: %s", type(exc).__name__)
+        return
+    if model is not None:
+        engine.model = model
 
 
 def _raw_record(message: Any) -> RawRecord:
@@ -137,6 +169,10 @@ def create_app(runtime: Runtime) -> faust.App:
             await worker.handle([_raw_record(event.message) for event in events])
             # Outputs are delivered before Faust acks (and later commits) the inputs.
             await sink.flush()
+
+    @app.timer(interval=MODEL_POLL_INTERVAL_S)  # type: ignore[untyped-decorator]
+    async def poll_model() -> None:
+        await reload_model(runtime)
 
     @app.timer(interval=5.0)  # type: ignore[untyped-decorator]
     async def log_progress() -> None:

@@ -18,9 +18,16 @@ from streams.settings import Settings
 
 
 def _cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from streams.model_store import model_key_from_env
     from streams.run import run_worker
 
-    return run_worker(settings)
+    return run_worker(settings, model_key_from_env())
+
+
+def _cmd_learner(settings: Settings, args: argparse.Namespace) -> int:
+    from streams.learner import run_learner
+
+    return run_learner(settings)
 
 
 def _cmd_topics(settings: Settings, args: argparse.Namespace) -> int:
@@ -106,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run the stream worker (features, scoring, offers)")
     worker.set_defaults(handler=_cmd_worker)
+
+    learner = sub.add_parser(
+        "learner", help="learn from `training` in order and publish signed model snapshots"
+    )
+    learner.set_defaults(handler=_cmd_learner)
 
     topics = sub.add_parser("topics", help="create the contract's topics when missing")
     topics.set_defaults(handler=_cmd_topics)

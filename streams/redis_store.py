@@ -87,7 +87,7 @@ class RedisFeatureStore:
                     ops,
                 ]
             )
-        args = [allowed_lateness_ms, self.ttl_seconds, orjson.dumps(rows)]
+        args: list[int | bytes] = [allowed_lateness_ms, self.ttl_seconds, orjson.dumps(rows)]
         reply = await self._script(keys=keys, args=args)
         statuses = [UpdateStatus(int(code)) for code in reply[0]]
         before = {user_id: _decode_state(reply[index]) for user_id, index in user_index.items()}

@@ -7,18 +7,24 @@ import logging
 
 import faust
 
-from streams.app import bootstrap, create_app
+from streams.app import bootstrap, create_app, reload_model
 from streams.kafka_io import check_kafka, check_redis, ensure_topics
-from streams.settings import Settings
+from streams.settings import Secret, Settings
 
 log = logging.getLogger("dealstream.worker")
 
 
-def run_worker(settings: Settings) -> int:
-    """Run until SIGINT/SIGTERM. Unreachable services fail fast with a one-line error."""
+def run_worker(settings: Settings, model_key: Secret | None = None) -> int:
+    """Run until SIGINT/SIGTERM. Unreachable services fail fast with a one-line error.
+
+    Without a model key the worker cannot verify the learner's snapshots, so it scores with
+    its own (untrained, or inline-learning) model and says so once.
+    """
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    runtime = bootstrap(settings)
+    runtime = bootstrap(settings, model_key=model_key)
+    if model_key is None:
+        log.warning("DEALSTREAM_MODEL_KEY is not set: no model hot reload from the learner")
 
     async def preflight() -> None:
         await check_redis(runtime.redis, settings.redis_url.reveal())
@@ -28,6 +34,8 @@ def run_worker(settings: Settings) -> int:
         )
         if created:
             log.info("created topics %s", ", ".join(created))
+        await reload_model(runtime)
+        log.info("scoring with model %s", runtime.engine.model.version)
 
     try:
         loop.run_until_complete(preflight())

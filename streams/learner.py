@@ -1,0 +1,359 @@
+"""``dealstream learner``: learn the training topic in order, publish signed model snapshots.
+
+The learner resumes from the latest snapshot in Redis, reads ``<prefix>training`` (consumer
+group ``<group_id>-learner``), scores each example before learning it (prequential metrics),
+and every ``snapshot_every`` records or ``snapshot_interval_s`` seconds publishes a snapshot.
+
+Exactly once: each snapshot is published together (one atomic Redis call) with a checkpoint
+of the Kafka offsets it includes; the offsets are committed to Kafka only after that. On start
+the learner seeks every partition to the checkpoint's offsets, so examples learned after the
+last snapshot are learned again exactly once, whether or not their offsets reached Kafka.
+The Kafka commit keeps consumer-lag tools honest; the checkpoint is what the learner trusts.
+
+One learner at a time: a Redis lease (renewed while running, checked atomically by every
+publish) makes a second learner wait, and a stalled one stop, instead of both publishing.
+The learner assigns itself every partition of the topic at start (no group rebalances);
+partitions added later are read after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaError
+
+from engine.errors import InvalidEvent
+from engine.prequential import OnlineLearner, PrequentialMetrics
+from streams.errors import ConfigError
+from streams.kafka_io import check_kafka, check_redis, ensure_topics
+from streams.model_store import DEFAULT_KEEP, LeaseLost, ModelStore, require_model_key
+from streams.settings import ENV_PREFIX, Secret, Settings
+
+log = logging.getLogger("dealstream.learner")
+
+_LOGGED_INVALID = 20
+"""Invalid training records logged one by one; later ones only count."""
+
+
+@dataclass(frozen=True, slots=True)
+class LearnerSettings:
+    """The learner's own settings (the shared ones come from ``Settings``)."""
+
+    model_key: Secret = field(repr=False)
+    snapshot_every: int = 1000
+    snapshot_interval_s: float = 10.0
+    keep_versions: int = DEFAULT_KEEP
+    metrics_window: int = 1000
+    lease_ttl_s: float = 30.0
+    batch_max: int = 1000
+    poll_timeout_s: float = 0.2
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> LearnerSettings:
+        """``DEALSTREAM_MODEL_KEY`` (required), ``DEALSTREAM_LEARNER_SNAPSHOT_EVERY`` (1000),
+        ``DEALSTREAM_LEARNER_SNAPSHOT_INTERVAL_S`` (10)."""
+        env = os.environ if environ is None else environ
+        key = require_model_key(env)
+        every = _positive(env, "LEARNER_SNAPSHOT_EVERY", 1000, int)
+        interval = _positive(env, "LEARNER_SNAPSHOT_INTERVAL_S", 10.0, float)
+        return cls(model_key=key, snapshot_every=int(every), snapshot_interval_s=interval)
+
+
+def _positive(
+    env: Mapping[str, str], name: str, default: float, kind: type[int] | type[float]
+) -> float:
+    raw = env.get(ENV_PREFIX + name) or None
+    if raw is None:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{ENV_PREFIX}{name}={raw!r} is not a valid {kind.__name__}") from None
+    if not 0 < value < float("inf"):
+        raise ConfigError(f"{ENV_PREFIX}{name} must be a positive finite number, got {raw}")
+    return value
+
+
+@dataclass(slots=True)
+class LearnerCounters:
+    consumed: int = 0
+    learned: int = 0
+    invalid: int = 0
+    snapshots: int = 0
+
+
+def _partition_name(tp: TopicPartition) -> str:
+    return f"{tp.topic}:{tp.partition}"
+
+
+def _parse_offsets(raw: object) -> dict[TopicPartition, int]:
+    offsets: dict[TopicPartition, int] = {}
+    if isinstance(raw, dict):
+        for name, offset in raw.items():
+            topic, _, partition = str(name).rpartition(":")
+            if topic and partition.isdigit() and isinstance(offset, int) and offset >= 0:
+                offsets[TopicPartition(topic, int(partition))] = offset
+    return offsets
+
+
+async def topic_partitions(bootstrap: str, topic: str) -> list[int]:
+    """The partition ids of ``topic`` (empty when it does not exist)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    await admin.start()
+    try:
+        described = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    return sorted(
+        int(partition["partition"])
+        for entry in described
+        if entry.get("topic") == topic and entry.get("error_code") == 0
+        for partition in entry.get("partitions", [])
+    )
+
+
+class Learner:
+    """The learning loop of ``dealstream learner``, without signals or preflight.
+
+    ``run(stop)`` returns after ``stop`` is set, having published what it learned. Cancelling
+    the task instead behaves like a crash: nothing more is published, the lease is released.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        learner_settings: LearnerSettings,
+        *,
+        redis: aioredis.Redis,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.config = learner_settings
+        self.store = ModelStore(
+            redis, prefix=settings.redis_prefix, keep=learner_settings.keep_versions
+        )
+        self.topic = settings.topics.training
+        self.group_id = f"{settings.group_id}-learner"
+        self.counters = LearnerCounters()
+        self.online: OnlineLearner | None = None
+        self.positions: dict[TopicPartition, int] = {}
+        """Next offset to read per partition: everything before it has been learned."""
+        self._clock = clock
+        self._token = uuid.uuid4().hex
+        self._key = learner_settings.model_key
+        self._since_snapshot = 0
+        self._last_snapshot = clock()
+        self._last_renew = clock()
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        if not await self._acquire_lease(stop):
+            return
+        try:
+            trust_checkpoint = await self._resume()
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.settings.kafka_bootstrap,
+                group_id=self.group_id,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+            )
+            await consumer.start()
+            try:
+                await self._assign(consumer, trust_checkpoint)
+                await self._loop(consumer, stop)
+                if self._since_snapshot:
+                    await self._snapshot(consumer)
+            finally:
+                await consumer.stop()
+        finally:
+            with contextlib.suppress(Exception):
+                await self.store.release_lease(self._token)
+
+    async def _acquire_lease(self, stop: asyncio.Event) -> bool:
+        waiting = False
+        while not stop.is_set():
+            if await self.store.acquire_lease(self._token, self.config.lease_ttl_s):
+                self._last_renew = self._clock()
+                return True
+            if not waiting:
+                log.warning(
+                    "another learner holds %s; waiting for it to stop (or its lease to expire)",
+                    self.store.lease_key,
+                )
+                waiting = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), min(1.0, self.config.lease_ttl_s / 3))
+        return False
+
+    async def _resume(self) -> bool:
+        """Load the latest model and its checkpoint; True when the checkpoint is to be trusted."""
+        model = await self.store.load_latest(self._key)
+        if model is None:
+            self.online = OnlineLearner(window=self.config.metrics_window)
+            log.info("no published model under %s: starting a fresh one", self.store.latest_key)
+            return True  # nothing learned yet: read every partition from its beginning
+        checkpoint = await self.store.checkpoint()
+        if checkpoint is None or checkpoint.get("version") != model.version:
+            self.online = OnlineLearner(model, window=self.config.metrics_window)
+            log.warning(
+                "model %s has no matching checkpoint: resuming from the Kafka group's offsets",
+                model.version,
+            )
+            return False
+        self.positions = _parse_offsets(checkpoint.get("offsets"))
+        self.online = OnlineLearner(model, self._metrics_from(checkpoint))
+        last = checkpoint.get("last_labeled_at")
+        self.online.last_labeled_at = last if isinstance(last, int) else None
+        log.info("resuming model %s from its checkpoint", model.version)
+        return True
+
+    def _metrics_from(self, checkpoint: Mapping[str, Any]) -> PrequentialMetrics:
+        state = checkpoint.get("metrics")
+        if isinstance(state, dict):
+            with contextlib.suppress(ValueError):
+                metrics = PrequentialMetrics.from_state(state)
+                if metrics.window == self.config.metrics_window:
+                    return metrics
+        return PrequentialMetrics(self.config.metrics_window)
+
+    async def _assign(self, consumer: AIOKafkaConsumer, trust_checkpoint: bool) -> None:
+        partitions = await topic_partitions(self.settings.kafka_bootstrap, self.topic)
+        if not partitions:
+            raise ConfigError(f"topic {self.topic} does not exist; run `dealstream topics`")
+        assigned = [TopicPartition(self.topic, p) for p in partitions]
+        consumer.assign(assigned)
+        for tp in assigned:
+            if tp in self.positions:
+                consumer.seek(tp, self.positions[tp])
+            elif trust_checkpoint:  # the model holds nothing from this partition
+                await consumer.seek_to_beginning(tp)
+            # else: the group's committed offset, or the earliest one
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    async def _loop(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
+        timeout_ms = int(self.config.poll_timeout_s * 1000)
+        while not stop.is_set():
+            batches = await consumer.getmany(
+                timeout_ms=timeout_ms, max_records=self.config.batch_max
+            )
+            for tp, records in batches.items():
+                for record in records:
+                    self._learn(tp, record)
+                    if self._since_snapshot >= self.config.snapshot_every:
+                        await self._snapshot(consumer)
+            now = self._clock()
+            if (
+                self._since_snapshot
+                and now - self._last_snapshot >= self.config.snapshot_interval_s
+            ):
+                await self._snapshot(consumer)
+            elif now - self._last_renew >= self.config.lease_ttl_s / 3:
+                await self._renew()
+
+    def _learn(self, tp: TopicPartition, record: ConsumerRecord[Any, Any]) -> None:
+        assert self.online is not None
+        self.counters.consumed += 1
+        try:
+            self.online.learn(orjson.loads(record.value or b""))
+        except (InvalidEvent, orjson.JSONDecodeError) as exc:
+            self.counters.invalid += 1
+            # The first few are logged; the count is in every snapshot line.
+            level = logging.WARNING if self.counters.invalid <= _LOGGED_INVALID else logging.DEBUG
+            log.log(
+                level,
+                "skipping training record %s:%d@%d: %s",
+                tp.topic,
+                tp.partition,
+                record.offset,
+                exc,
+            )
+        else:
+            self.counters.learned += 1
+        self.positions[tp] = record.offset + 1
+        self._since_snapshot += 1
+
+    async def _renew(self) -> None:
+        if not await self.store.renew_lease(self._token, self.config.lease_ttl_s):
+            raise LeaseLost(
+                f"lost the learner lease ({self.store.lease_key}): another learner took over"
+            )
+        self._last_renew = self._clock()
+
+    async def _snapshot(self, consumer: AIOKafkaConsumer) -> None:
+        """Publish the model with the offsets it includes, then commit those offsets."""
+        assert self.online is not None
+        await self._renew()
+        positions = dict(self.positions)
+        checkpoint = {
+            "offsets": {_partition_name(tp): offset for tp, offset in positions.items()},
+            "metrics": self.online.metrics.to_state(),
+            "last_labeled_at": self.online.last_labeled_at,
+        }
+        await self.store.publish(
+            self.online.model, self._key, checkpoint=checkpoint, lease_token=self._token
+        )
+        self.counters.snapshots += 1
+        self._since_snapshot = 0
+        self._last_snapshot = self._clock()
+        log.info(json.dumps({"msg": "snapshot", **self.status()}, allow_nan=False))
+        try:
+            await consumer.commit(positions)
+        except KafkaError as exc:  # the checkpoint in Redis is what a restart trusts
+            log.warning("committing offsets to Kafka failed (%s); will retry next time", exc)
+
+    def status(self) -> dict[str, Any]:
+        """Counters, model version and prequential metrics (JSON-safe, no NaN)."""
+        online = self.online.as_dict() if self.online is not None else {}
+        return {
+            **online,
+            "consumed": self.counters.consumed,
+            "learned": self.counters.learned,
+            "invalid": self.counters.invalid,
+            "snapshots": self.counters.snapshots,
+        }
+
+
+def run_learner(settings: Settings, learner_settings: LearnerSettings | None = None) -> int:
+    """``dealstream learner``: run until SIGINT/SIGTERM, then publish and exit 0.
+
+    Reads ``LearnerSettings.from_env()`` unless given; a missing ``DEALSTREAM_MODEL_KEY``,
+    unreachable services or a snapshot that does not verify raise one-line errors
+    (``StreamsError`` / ``EngineError``) for the CLI to print.
+    """
+    config = learner_settings if learner_settings is not None else LearnerSettings.from_env()
+    return asyncio.run(_main(settings, config))
+
+
+async def _main(settings: Settings, config: LearnerSettings) -> int:
+    client = aioredis.Redis.from_url(settings.redis_url.reveal())
+    try:
+        await check_redis(client, settings.redis_url.reveal())
+        await check_kafka(settings.kafka_bootstrap)
+        await ensure_topics(
+            settings.kafka_bootstrap, [settings.topics.training], partitions=settings.partitions
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        learner = Learner(settings, config, redis=client)
+        await learner.run(stop)
+        return 0
+    finally:
+        await client.aclose()

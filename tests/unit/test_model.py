@@ -1,0 +1,291 @@
+"""The purchase model: signed snapshots that never unpickle unverified bytes, determinism, and
+River's common checks in spirit (pure ``learn``/``predict``, pickling, feature order)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import hmac
+import pickle
+import random
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import engine.model
+from engine.errors import EngineError, ModelSnapshotError
+from engine.model import (
+    SNAPSHOT_FORMAT,
+    SNAPSHOT_MAGIC,
+    PurchaseModel,
+    snapshot_version,
+    verify_snapshot,
+)
+from tests.synthetic_training import training_examples
+
+KEY = b"unit-test-model-key-0123456789"
+OTHER_KEY = b"some-other-key-9876543210"
+
+PROBES: list[tuple[dict[str, float], float]] = [
+    ({}, 0.0),
+    ({"cart_count_24h": 3.0, "view_count_24h": 12.0}, 10.0),
+    ({"purchase_count_30d": 2.0, "session_events": 9.0, "spend_30d": 120.5}, 20.0),
+    ({"recency_cart_s": 3600.0, "days_since_first_seen": 40.0}, 5.0),
+]
+
+
+def trained(n: int = 300, seed: int = 3) -> PurchaseModel:
+    model = PurchaseModel()
+    for drawn in training_examples(n, seed=seed):
+        ex = drawn.example
+        model.learn(ex["features"], ex["discount_pct"], ex["label"])  # type: ignore[arg-type]
+    return model
+
+
+def predictions(model: PurchaseModel) -> list[float]:
+    return [model.predict(features, discount) for features, discount in PROBES]
+
+
+def craft(version: str, payload: bytes, key: bytes) -> bytes:
+    """A well-formed snapshot of arbitrary ``payload`` bytes, signed with ``key``."""
+    header = SNAPSHOT_MAGIC + bytes([SNAPSHOT_FORMAT])
+    raw = version.encode()
+    signed = header + bytes([len(raw)]) + raw + payload
+    mac = hmac.new(key, signed, hashlib.sha256).digest()
+    return header + bytes([len(raw)]) + raw + mac + payload
+
+
+# -- a payload that would run code if it were ever unpickled ------------------------------------
+
+EXPLOITED: list[str] = []
+
+
+def _exploit(tag: str) -> str:
+    EXPLOITED.append(tag)
+    return tag
+
+
+class Exploit:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (_exploit, ("ran",))
+
+
+@pytest.fixture
+def unpickle_spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bytes]]:
+    """Records every attempt to unpickle inside engine.model (there must be none for bad bytes)."""
+    calls: list[bytes] = []
+    original = engine.model._AllowListUnpickler
+
+    class Spy(original):  # type: ignore[misc, valid-type]
+        def load(self) -> object:
+            calls.append(b"load")
+            return super().load()
+
+    monkeypatch.setattr(engine.model, "_AllowListUnpickler", Spy)
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: calls.append(b"loads"))
+    EXPLOITED.clear()
+    yield calls
+    EXPLOITED.clear()
+
+
+# -- snapshot round trip --------------------------------------------------------------------------
+
+
+def test_round_trip_keeps_predictions_version_and_counters() -> None:
+    model = trained()
+    blob = model.snapshot(KEY)
+    restored = PurchaseModel.restore(blob, KEY)
+    assert restored.version == model.version == "lr-300"
+    assert restored.examples_learned == 300
+    assert predictions(restored) == predictions(model)
+    for features, discount in PROBES:
+        assert restored.contributions(features, discount) == model.contributions(features, discount)
+    assert (restored.learning_rate, restored.l2) == (model.learning_rate, model.l2)
+
+
+def test_restored_model_keeps_learning_exactly_like_the_original() -> None:
+    model = trained(200)
+    restored = PurchaseModel.restore(model.snapshot(KEY), KEY)
+    for drawn in training_examples(200, seed=11):
+        ex = drawn.example
+        for m in (model, restored):
+            m.learn(ex["features"], ex["discount_pct"], ex["label"])  # type: ignore[arg-type]
+    assert predictions(restored) == predictions(model)
+    assert restored.version == model.version == "lr-400"
+
+
+def test_snapshot_of_a_fresh_model_round_trips() -> None:
+    restored = PurchaseModel.restore(PurchaseModel().snapshot(KEY), KEY)
+    assert restored.version == "lr-0"
+    assert predictions(restored) == [0.5] * len(PROBES)
+
+
+def test_snapshot_bytes_are_deterministic_for_the_same_training() -> None:
+    assert trained(150).snapshot(KEY) == trained(150).snapshot(KEY)
+
+
+def test_the_header_names_the_version_and_the_payload_is_signed() -> None:
+    blob = trained(7).snapshot(KEY)
+    assert blob.startswith(SNAPSHOT_MAGIC + bytes([SNAPSHOT_FORMAT]))
+    assert snapshot_version(blob) == "lr-7"
+    version, payload = verify_snapshot(blob, KEY)
+    assert version == "lr-7"
+    assert blob.endswith(payload)
+
+
+# -- refusals: nothing is unpickled ---------------------------------------------------------------
+
+
+def test_a_wrong_key_is_refused_without_unpickling(unpickle_spy: list[bytes]) -> None:
+    blob = trained(20).snapshot(KEY)
+    with pytest.raises(ModelSnapshotError, match="does not verify") as info:
+        PurchaseModel.restore(blob, OTHER_KEY)
+    assert isinstance(info.value, EngineError)
+    assert "DEALSTREAM_MODEL_KEY" in str(info.value)
+    assert OTHER_KEY.decode() not in str(info.value) and KEY.decode() not in str(info.value)
+    assert unpickle_spy == []
+
+
+def test_a_malicious_payload_signed_with_another_key_never_runs(
+    unpickle_spy: list[bytes],
+) -> None:
+    evil = pickle.dumps(Exploit(), protocol=5)
+    # Sanity: this payload really runs code when unpickled.
+    assert pickle.Unpickler(__import__("io").BytesIO(evil)).load() == "ran"
+    assert EXPLOITED == ["ran"]
+    EXPLOITED.clear()
+
+    blob = craft("lr-1", evil, OTHER_KEY)
+    with pytest.raises(ModelSnapshotError, match="does not verify"):
+        PurchaseModel.restore(blob, KEY)
+    assert EXPLOITED == []
+    assert unpickle_spy == []
+
+
+def test_a_malicious_payload_signed_with_the_right_key_is_stopped_by_the_allow_list() -> None:
+    """Defence in depth: even if the key leaked, only River classes and containers load."""
+    EXPLOITED.clear()
+    blob = craft("lr-1", pickle.dumps(Exploit(), protocol=5), KEY)
+    with pytest.raises(ModelSnapshotError, match="cannot be loaded"):
+        PurchaseModel.restore(blob, KEY)
+    assert EXPLOITED == []
+
+
+def test_a_verified_payload_of_the_wrong_shape_is_refused() -> None:
+    for payload in (pickle.dumps([1, 2, 3]), pickle.dumps({"format": 1})):
+        with pytest.raises(ModelSnapshotError):
+            PurchaseModel.restore(craft("lr-1", payload, KEY), KEY)
+
+
+def test_a_header_version_that_disagrees_with_the_payload_is_refused() -> None:
+    _, payload = verify_snapshot(trained(5).snapshot(KEY), KEY)
+    with pytest.raises(ModelSnapshotError, match="lr-999"):
+        PurchaseModel.restore(craft("lr-999", payload, KEY), KEY)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_any_flipped_byte_is_refused_without_unpickling(data: st.DataObject) -> None:
+    blob = bytearray(SMALL_BLOB)
+    index = data.draw(st.integers(0, len(blob) - 1), label="index")
+    blob[index] ^= data.draw(st.integers(1, 255), label="xor")
+    calls: list[str] = []
+    original = engine.model._AllowListUnpickler.load
+
+    def spy(self: pickle.Unpickler) -> object:
+        calls.append("load")
+        return original(self)
+
+    engine.model._AllowListUnpickler.load = spy  # type: ignore[method-assign]
+    try:
+        with pytest.raises(ModelSnapshotError):
+            PurchaseModel.restore(bytes(blob), KEY)
+    finally:
+        engine.model._AllowListUnpickler.load = original  # type: ignore[method-assign]
+    assert calls == []
+
+
+SMALL_BLOB = trained(12).snapshot(KEY)
+
+
+def test_every_truncation_is_refused_without_unpickling(unpickle_spy: list[bytes]) -> None:
+    for length in range(len(SMALL_BLOB)):
+        with pytest.raises(ModelSnapshotError):
+            PurchaseModel.restore(SMALL_BLOB[:length], KEY)
+    with pytest.raises(ModelSnapshotError):  # and an appended byte
+        PurchaseModel.restore(SMALL_BLOB + b"\x00", KEY)
+    assert unpickle_spy == []
+
+
+def test_foreign_bytes_and_formats_are_refused_with_clear_messages() -> None:
+    with pytest.raises(ModelSnapshotError, match="not a dealstream model snapshot"):
+        PurchaseModel.restore(b"\x80\x05garbage", KEY)
+    future = SNAPSHOT_MAGIC + bytes([SNAPSHOT_FORMAT + 1]) + SMALL_BLOB[len(SNAPSHOT_MAGIC) + 1 :]
+    with pytest.raises(ModelSnapshotError, match="format 2 is not supported"):
+        PurchaseModel.restore(future, KEY)
+    with pytest.raises(ModelSnapshotError, match="bytes"):
+        PurchaseModel.restore("a string", KEY)  # type: ignore[arg-type]
+
+
+def test_an_empty_key_is_refused_both_ways() -> None:
+    with pytest.raises(ModelSnapshotError, match="key"):
+        PurchaseModel().snapshot(b"")
+    with pytest.raises(ModelSnapshotError, match="key"):
+        PurchaseModel.restore(SMALL_BLOB, b"")
+
+
+# -- determinism and River's common checks, in spirit ---------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 120))
+def test_two_models_fed_the_same_examples_predict_identically(seed: int, n: int) -> None:
+    a, b = trained(n, seed), trained(n, seed)
+    assert predictions(a) == predictions(b)
+    assert a.version == b.version == f"lr-{n}"
+
+
+def test_learn_and_predict_do_not_mutate_their_inputs() -> None:
+    model = PurchaseModel()
+    for drawn in training_examples(50, seed=5):
+        ex = drawn.example
+        features = ex["features"]
+        before = copy.deepcopy(ex)
+        model.predict(features, ex["discount_pct"])  # type: ignore[arg-type]
+        model.learn(features, ex["discount_pct"], ex["label"])  # type: ignore[arg-type]
+        model.contributions(features, ex["discount_pct"])  # type: ignore[arg-type]
+        assert ex == before
+
+
+def test_the_model_pickles_and_keeps_learning_identically() -> None:
+    model = trained(100)
+    clone = pickle.loads(pickle.dumps(model))
+    assert predictions(clone) == predictions(model)
+    for m in (model, clone):
+        m.learn({"cart_count_24h": 2.0}, 10.0, 1)
+    assert predictions(clone) == predictions(model)
+    assert clone.version == model.version
+
+
+def test_the_order_of_features_has_no_effect() -> None:
+    ordered, shuffled = PurchaseModel(), PurchaseModel()
+    rng = random.Random(1)
+    for drawn in training_examples(100, seed=9):
+        ex = drawn.example
+        features: dict[str, float] = ex["features"]  # type: ignore[assignment]
+        names = list(features)
+        rng.shuffle(names)
+        reordered = {name: features[name] for name in names}
+        assert ordered.predict(features, 5.0) == shuffled.predict(reordered, 5.0)
+        ordered.learn(features, 5.0, ex["label"])  # type: ignore[arg-type]
+        shuffled.learn(reordered, 5.0, ex["label"])  # type: ignore[arg-type]
+
+
+def test_missing_and_unknown_features_are_fine() -> None:
+    model = trained(50)
+    assert 0.0 <= model.predict({}, 0.0) <= 1.0
+    assert 0.0 <= model.predict({"not_a_model_feature": 7.0}, 15.0) <= 1.0
+    model.learn({"cart_count_24h": 1.0}, 0.0, 0)
+    assert model.version == "lr-51"
