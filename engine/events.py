@@ -56,7 +56,7 @@ MAX_PURCHASE_ITEMS: Final = 500
 MAX_INTEGER: Final = 9_007_199_254_740_991
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True)
 class BrowseEvent:
     """The user viewed an item, put it in the cart or marked it as a favourite."""
 
@@ -70,7 +70,7 @@ class BrowseEvent:
     action: BrowseAction = "view"
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True)
 class SearchEvent:
     """The user ran a search, optionally restricted to a category."""
 
@@ -82,7 +82,7 @@ class SearchEvent:
     category: str | None = None
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True)
 class PurchaseItem:
     """One order line of a purchase."""
 
@@ -92,7 +92,7 @@ class PurchaseItem:
     quantity: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True)
 class PurchaseEvent:
     """The user placed an order; ``offer_id`` names the offer redeemed, if any."""
 
@@ -229,14 +229,27 @@ def _action(obj: dict[str, Any]) -> BrowseAction:
 
 
 def _parse_browse(obj: dict[str, Any], event_id: str, user_id: str, ts: int) -> BrowseEvent:
+    item_id, category, price = obj.get("item_id"), obj.get("category"), obj.get("price")
+    raw_action = obj.get("action", "view")
+    action = _ACTIONS.get(raw_action) if type(raw_action) is str else None
+    if (  # fast path for the common, well-formed event; the slow path below explains
+        action is not None
+        and type(item_id) is str
+        and 0 < len(item_id) <= MAX_ID_LENGTH
+        and type(category) is str
+        and 0 < len(category) <= MAX_ID_LENGTH
+        and type(price) is float
+        and 0.0 <= price < _INF
+    ):
+        return BrowseEvent(event_id, user_id, ts, item_id, category, price, action)
     return BrowseEvent(
-        event_id=event_id,
-        user_id=user_id,
-        ts=ts,
-        item_id=_id(obj, "item_id"),
-        category=_id(obj, "category"),
-        price=_money(obj, "price"),
-        action=_action(obj),
+        event_id,
+        user_id,
+        ts,
+        _id(obj, "item_id"),
+        _id(obj, "category"),
+        _money(obj, "price"),
+        _action(obj),
     )
 
 
@@ -251,24 +264,36 @@ def _parse_search(obj: dict[str, Any], event_id: str, user_id: str, ts: int) -> 
         raise InvalidEvent(
             "too_long", f"field 'query' must be {expected}, got {len(query)}", "query"
         )
-    return SearchEvent(
-        event_id=event_id,
-        user_id=user_id,
-        ts=ts,
-        query=query,
-        category=_optional_id(obj, "category"),
-    )
+    return SearchEvent(event_id, user_id, ts, query, _optional_id(obj, "category"))
 
 
 def _parse_item(value: object, index: int) -> PurchaseItem:
+    if type(value) is dict:  # fast path for the common, well-formed order line
+        item_id, category = value.get("item_id"), value.get("category")
+        price, quantity = value.get("price"), value.get("quantity")
+        if (
+            type(item_id) is str
+            and 0 < len(item_id) <= MAX_ID_LENGTH
+            and type(category) is str
+            and 0 < len(category) <= MAX_ID_LENGTH
+            and type(price) is float
+            and 0.0 <= price < _INF
+            and type(quantity) is int
+            and 1 <= quantity <= MAX_INTEGER
+        ):
+            return PurchaseItem(item_id, category, price, quantity)
+    return _parse_item_checked(value, index)
+
+
+def _parse_item_checked(value: object, index: int) -> PurchaseItem:
     if not isinstance(value, dict):
         path = f"items[{index}]"
         raise _wrong_type(path, "an object with item_id, category, price, quantity", value)
     return PurchaseItem(
-        item_id=_id(value, "item_id", index),
-        category=_id(value, "category", index),
-        price=_money(value, "price", index),
-        quantity=_integer(value, "quantity", 1, index),
+        _id(value, "item_id", index),
+        _id(value, "category", index),
+        _money(value, "price", index),
+        _integer(value, "quantity", 1, index),
     )
 
 
@@ -283,13 +308,13 @@ def _parse_purchase(obj: dict[str, Any], event_id: str, user_id: str, ts: int) -
         message = f"field 'items' must be {expected}, got {len(raw_items)}"
         raise InvalidEvent("out_of_range", message, "items")
     return PurchaseEvent(
-        event_id=event_id,
-        user_id=user_id,
-        ts=ts,
-        order_id=_id(obj, "order_id"),
-        items=tuple([_parse_item(value, i) for i, value in enumerate(raw_items)]),
-        amount=_money(obj, "amount"),
-        offer_id=_optional_id(obj, "offer_id"),
+        event_id,
+        user_id,
+        ts,
+        _id(obj, "order_id"),
+        tuple([_parse_item(value, i) for i, value in enumerate(raw_items)]),
+        _money(obj, "amount"),
+        _optional_id(obj, "offer_id"),
     )
 
 
@@ -352,7 +377,17 @@ def parse_event(obj: object, *, expected_type: str | None = None) -> Event:
     version = obj.get("schema_version")
     if version is not None and (type(version) is bool or version != SCHEMA_VERSION):
         raise _bad_version(version)
-    return parser(obj, _id(obj, "event_id"), _id(obj, "user_id"), _integer(obj, "ts", 0))
+    # The common fields, inlined: this runs for every event.
+    event_id = obj.get("event_id", _MISSING)
+    if type(event_id) is not str or not 0 < len(event_id) <= MAX_ID_LENGTH:
+        raise _bad_id("event_id", event_id)
+    user_id = obj.get("user_id", _MISSING)
+    if type(user_id) is not str or not 0 < len(user_id) <= MAX_ID_LENGTH:
+        raise _bad_id("user_id", user_id)
+    ts = obj.get("ts", _MISSING)
+    if type(ts) is not int or not 0 <= ts <= MAX_INTEGER:
+        ts = _integer(obj, "ts", 0)
+    return parser(obj, event_id, user_id, ts)
 
 
 def decode_event(

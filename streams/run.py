@@ -23,8 +23,6 @@ def run_worker(settings: Settings, model_key: Secret | None = None) -> int:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     runtime = bootstrap(settings, model_key=model_key)
-    if model_key is None:
-        log.warning("DEALSTREAM_MODEL_KEY is not set: no model hot reload from the learner")
 
     async def preflight() -> None:
         await check_redis(runtime.redis, settings.redis_url.reveal())
@@ -34,6 +32,8 @@ def run_worker(settings: Settings, model_key: Secret | None = None) -> int:
         )
         if created:
             log.info("created topics %s", ", ".join(created))
+        if model_key is None:
+            log.warning("DEALSTREAM_MODEL_KEY is not set: no model hot reload from the learner")
         await reload_model(runtime)
         log.info("scoring with model %s", runtime.engine.model.version)
 
