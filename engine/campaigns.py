@@ -81,7 +81,7 @@ def _number(
     value = entry.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
         raise CampaignError(f"campaign {name!r}: {key!r} must be a number, got {value!r}")
-    if value < minimum or value > maximum or value == float("inf"):
+    if value < minimum or value > maximum or value in (float("inf"), float("-inf")):
         raise CampaignError(
             f"campaign {name!r}: {key!r} must be within [{minimum:g}, {maximum:g}], got {value!r}"
         )
@@ -109,7 +109,12 @@ def _rules(name: str, entry: Mapping[str, Any]) -> tuple[Rule, ...]:
         raise CampaignError(f"campaign {name!r}: policy 'rules' needs a non-empty 'rules' list")
     rules: list[Rule] = []
     for index, item in enumerate(raw, start=1):
-        if not isinstance(item, dict) or not isinstance(item.get("feature"), str):
+        required = ("feature", "value", "discount_pct")
+        if (
+            not isinstance(item, dict)
+            or not all(key in item for key in required)
+            or not isinstance(item["feature"], str)
+        ):
             raise CampaignError(
                 f"campaign {name!r}: rule #{index} needs 'feature', 'op', 'value', 'discount_pct'"
             )

@@ -15,6 +15,7 @@ explore identically). It returns the discount and its exact propensity.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -85,6 +86,9 @@ class LinearPolicy:
 
     def __post_init__(self) -> None:
         _check_pct("max_discount_pct", self.max_discount_pct)
+        for name, value in (("a", self.a), ("b", self.b)):
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
 
     def choose(self, context: PolicyContext) -> PolicyChoice:
         raw = self.a * context.predict(0.0) + self.b
