@@ -21,7 +21,7 @@ from jsonschema import Draft202012Validator
 from engine.campaigns import load_campaigns
 from engine.events import parse_event
 from engine.features import KIND_CODE, event_kind
-from engine.pipeline import DiscountEngine, Incoming
+from engine.pipeline import DiscountEngine, Incoming, in_holdout
 from engine.simulator import generate
 from engine.store import InMemoryFeatureStore
 from streams.kafka_io import ensure_topics
@@ -39,6 +39,14 @@ policy = "threshold"
 threshold = 0.0
 discount_pct = 15
 decision_interval_s = 0
+
+[[campaign]]
+name = "e2e-holdout"
+policy = "threshold"
+threshold = 0.0
+discount_pct = 5
+decision_interval_s = 0
+holdout = 0.3
 """
 
 
@@ -81,10 +89,13 @@ async def consume_all(
     return messages
 
 
-async def expected_offers(events: list[dict[str, object]], campaigns_path: Path) -> set[str]:
+async def expected_outputs(
+    events: list[dict[str, object]], campaigns_path: Path
+) -> tuple[set[str], int]:
+    """The offer ids and the number of decisions the same engine code gives in memory."""
     engine = DiscountEngine(InMemoryFeatureStore(), campaigns=load_campaigns(campaigns_path))
     result = await engine.process([Incoming(parse_event(e)) for e in events])
-    return {str(offer["offer_id"]) for offer in result.offers}
+    return {str(offer["offer_id"]) for offer in result.offers}, len(result.decisions)
 
 
 def test_worker_turns_events_into_valid_offers_and_redis_counts(
@@ -95,7 +106,7 @@ def test_worker_turns_events_into_valid_offers_and_redis_counts(
     topics = Topics(isolation.topic_prefix)
     start_ms = int(time.time() * 1000) - 3600 * 1000
     events = list(generate(users=60, events=EVENTS, seed=7, start_ms=start_ms, mean_gap_ms=3000))
-    want_offers = asyncio.run(expected_offers(events, campaigns_path))
+    want_offers, want_decisions = asyncio.run(expected_outputs(events, campaigns_path))
     assert want_offers, "the campaign should offer something to this traffic"
 
     asyncio.run(ensure_topics(services.kafka_bootstrap, topics.all, partitions=4))
@@ -114,7 +125,7 @@ def test_worker_turns_events_into_valid_offers_and_redis_counts(
         )
         try:
             offers = asyncio.run(consume_all(services, topics.offers, len(want_offers), 120))
-            decisions = asyncio.run(consume_all(services, topics.decisions, 1, 30))
+            decisions = asyncio.run(consume_all(services, topics.decisions, want_decisions, 60))
         finally:
             worker.send_signal(signal.SIGTERM)
             try:
@@ -126,14 +137,29 @@ def test_worker_turns_events_into_valid_offers_and_redis_counts(
     assert {o["offer_id"] for o in offers} == want_offers, log_text[-3000:]
     assert code == 0, log_text[-3000:]
 
+    assert len(decisions) == want_decisions
     offer_schema = schema("offer.v1.json")
     for offer in offers:
         offer_schema.validate(offer)
-        assert offer["campaign"] == "e2e-everyone"
-        assert offer["discount_pct"] == 15
+        assert offer["discount_pct"] == {"e2e-everyone": 15, "e2e-holdout": 5}[offer["campaign"]]
     decision_schema = schema("decision.v1.json")
     for decision in decisions:
         decision_schema.validate(decision)
+
+    (_, holdout_campaign) = load_campaigns(campaigns_path)
+    held_out = {
+        str(e["user_id"]) for e in events if in_holdout(holdout_campaign, str(e["user_id"]))
+    }
+    assert held_out, "with 60 users and a 30 % holdout some users are held out"
+    holdout_decisions = [d for d in decisions if d["campaign"] == "e2e-holdout"]
+    for decision in holdout_decisions:
+        assert decision["holdout"] is (decision["user_id"] in held_out)
+        if decision["holdout"]:
+            assert decision["offer_id"] is None and decision["discount_pct"] == 0
+    assert not [o for o in offers if o["campaign"] == "e2e-holdout" and o["user_id"] in held_out], (
+        "holdout users must never receive offers"
+    )
+    assert any(d["holdout"] for d in holdout_decisions), "holdout decisions are still logged"
 
     expected_counts: dict[str, Counter[str]] = {}
     for raw in events:
