@@ -57,9 +57,14 @@ MODEL_FEATURES: tuple[str, ...] = (
     "recency_cart_s",
     "recency_purchase_s",
     "session_events",
-    "days_since_first_seen",
+    "category_affinity",
+    "discount_sensitivity",
 )
-"""Catalogue features the model reads; counts and amounts enter as log1p."""
+"""Catalogue features the model reads; counts and amounts enter as log1p.
+
+``days_since_first_seen`` stays out: it only grows, so in a live stream it mostly encodes
+when a user was first seen rather than how they shop, and its early near-zero variance makes
+the scaled input explode."""
 
 DISCOUNT_INTERACTIONS: tuple[str, ...] = ("cart_count_24h", "purchase_count_30d", "session_events")
 

@@ -50,14 +50,14 @@ class SimUser:
     activity: float
 
 
-def make_users(count: int, rng: random.Random) -> list[SimUser]:
+def make_users(count: int, rng: random.Random, prefix: str = "u") -> list[SimUser]:
     users = []
     for index in range(count):
         propensity = min(0.9, rng.betavariate(1.5, 6.0))
         sensitivity = rng.uniform(0.0, 1.5)
         categories = tuple(rng.sample(CATEGORIES, k=rng.randint(1, 3)))
         activity = rng.lognormvariate(0.0, 0.8)
-        users.append(SimUser(f"u{index:07d}", propensity, sensitivity, categories, activity))
+        users.append(SimUser(f"{prefix}{index:07d}", propensity, sensitivity, categories, activity))
     return users
 
 
@@ -77,6 +77,7 @@ def generate(
     start_ms: int = DEFAULT_START_MS,
     mean_gap_ms: float = 100.0,
     offers: Mapping[str, float] | None = None,
+    user_prefix: str = "u",
 ) -> Iterator[dict[str, object]]:
     """Yield ``events`` event v1 dicts in event-time order, deterministic for a given seed.
 
@@ -86,7 +87,7 @@ def generate(
     if users < 1 or events < 0:
         raise ValueError("need at least one user and a non-negative event count")
     rng = random.Random(seed)
-    population = make_users(users, rng)
+    population = make_users(users, rng, user_prefix)
     cum_weights = list(itertools.accumulate(u.activity for u in population))
     carts: dict[str, list[tuple[str, str, float]]] = {}
     ts = float(start_ms)

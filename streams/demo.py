@@ -1,4 +1,4 @@
-"""``dealstream demo`` (``make demo``): worker + simulator on real Kafka and Redis.
+"""``dealstream demo`` (``make demo``): worker + learner + simulator on real Kafka and Redis.
 
 Prints offers as they arrive and a one-line summary every few seconds (events/s, offers,
 consumer lag), and stops everything cleanly on Ctrl-C or after the given duration.
@@ -16,14 +16,36 @@ import time
 from pathlib import Path
 
 import orjson
+import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer
 
-from streams.kafka_io import check_kafka, ensure_topics
+from streams.kafka_io import check_kafka, check_redis, ensure_topics
 from streams.lag import consumer_lag
 from streams.settings import Settings
 from streams.simulate import simulate_to_kafka
 
 SUMMARY_EVERY_S = 5.0
+DEMO_MODEL_KEY = "dealstream-demo-model-key-not-for-production"
+DEMO_CAMPAIGNS = Path(__file__).resolve().parents[1] / "deploy" / "campaigns" / "demo.toml"
+DEMO_NAMESPACE = {
+    "DEALSTREAM_TOPIC_PREFIX": "demo.",
+    "DEALSTREAM_REDIS_PREFIX": "demo:",
+    "DEALSTREAM_GROUP_ID": "dealstream-demo",
+}
+"""The demo's own topics, keys and group, so it never touches a real deployment's data and
+can start every run from a fresh model."""
+
+
+async def _forget_previous_run(settings: Settings) -> None:
+    """Delete the demo namespace's Redis keys: each run starts from an untrained model."""
+    client = aioredis.Redis.from_url(settings.redis_url.reveal())
+    try:
+        await check_redis(client, settings.redis_url.reveal())
+        keys = [k async for k in client.scan_iter(match=f"{settings.redis_prefix}*", count=1000)]
+        for start in range(0, len(keys), 1000):
+            await client.delete(*keys[start : start + 1000])
+    finally:
+        await client.aclose()
 
 
 def _format_offer(offer: dict[str, object]) -> str:
@@ -38,6 +60,7 @@ def _format_offer(offer: dict[str, object]) -> str:
 
 async def _demo(settings: Settings, duration_s: float, rate: float, users: int) -> int:
     await check_kafka(settings.kafka_bootstrap)
+    await _forget_previous_run(settings)
     await ensure_topics(
         settings.kafka_bootstrap, settings.topics.all, partitions=settings.partitions
     )
@@ -46,13 +69,32 @@ async def _demo(settings: Settings, duration_s: float, rate: float, users: int) 
     log_path = log_dir / "demo-worker.log"
     env = {
         **os.environ,
+        # Short attribution window and frequent snapshots, so learning shows within a minute.
         "DEALSTREAM_ATTRIBUTION_WINDOW_S": os.environ.get("DEALSTREAM_ATTRIBUTION_WINDOW_S", "60"),
+        "DEALSTREAM_LEARNER_SNAPSHOT_EVERY": os.environ.get(
+            "DEALSTREAM_LEARNER_SNAPSHOT_EVERY", "200"
+        ),
+        "DEALSTREAM_LEARNER_SNAPSHOT_INTERVAL_S": "5",
     }
-    with log_path.open("ab") as log:
+    env.setdefault("DEALSTREAM_CAMPAIGNS", str(DEMO_CAMPAIGNS))
+    if not env.get("DEALSTREAM_MODEL_KEY"):
+        env["DEALSTREAM_MODEL_KEY"] = DEMO_MODEL_KEY
+        print("demo: using a fixed demo DEALSTREAM_MODEL_KEY (never use it in production)")
+    learner_log = log_dir / "demo-learner.log"
+    with log_path.open("ab") as log, learner_log.open("ab") as learner_out:
         worker = subprocess.Popen(
             [sys.executable, "-m", "streams.cli", "worker"], env=env, stdout=log, stderr=log
         )
-    print(f"demo: worker pid {worker.pid} (log: {log_path}); simulator at {rate:g} events/s")
+        learner = subprocess.Popen(
+            [sys.executable, "-m", "streams.cli", "learner"],
+            env=env,
+            stdout=learner_out,
+            stderr=learner_out,
+        )
+    print(
+        f"demo: worker pid {worker.pid} (log: {log_path}), learner pid {learner.pid} "
+        f"(log: {learner_log}); simulator at {rate:g} events/s"
+    )
 
     offers_seen = 0
     consumer = AIOKafkaConsumer(
@@ -63,15 +105,17 @@ async def _demo(settings: Settings, duration_s: float, rate: float, users: int) 
     )
     await consumer.start()
     await consumer.seek_to_end()
+    run_id = int(time.time())  # fresh users each run: no cooldowns left over from the last
     events_total = max(1, int(rate * duration_s)) if duration_s > 0 else 10**12
     simulator = asyncio.create_task(
         simulate_to_kafka(
             users=users,
             events=events_total,
-            seed=int(time.time()),
+            seed=run_id,
             bootstrap=settings.kafka_bootstrap,
             topics=settings.topics,
             rate=rate,
+            user_prefix=f"demo{run_id}-u",
         )
     )
     started = time.monotonic()
@@ -81,9 +125,13 @@ async def _demo(settings: Settings, duration_s: float, rate: float, users: int) 
     last_summary = started
     try:
         while duration_s <= 0 or time.monotonic() - started < duration_s:
-            if worker.poll() is not None:
-                print(f"demo: worker exited with code {worker.returncode}; see {log_path}")
-                return 1
+            for name, process, path in (
+                ("worker", worker, log_path),
+                ("learner", learner, learner_log),
+            ):
+                if process.poll() is not None:
+                    print(f"demo: {name} exited with code {process.returncode}; see {path}")
+                    return 1
             batch = await consumer.getmany(timeout_ms=500, max_records=50)
             for records in batch.values():
                 for record in records:
@@ -113,17 +161,21 @@ async def _demo(settings: Settings, duration_s: float, rate: float, users: int) 
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await simulator
         await consumer.stop()
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
+        for process in (worker, learner):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in (worker, learner):
             try:
-                worker.wait(timeout=30)
+                process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                worker.kill()
+                process.kill()
         print(f"demo: stopped; {offers_seen} offers printed or counted")
     return 0
 
 
 def run_demo(settings: Settings, *, duration_s: float, rate: float, users: int) -> int:
+    os.environ.update(DEMO_NAMESPACE)
+    settings = Settings.from_env()
     try:
         return asyncio.run(_demo(settings, duration_s, rate, users))
     except KeyboardInterrupt:

@@ -41,6 +41,7 @@ async def simulate_to_kafka(
     bootstrap: str,
     topics: Topics,
     rate: float | None,
+    user_prefix: str = "u",
 ) -> int:
     """Produce events keyed by user id; event time is the wall clock, paced at ``rate``/s."""
     start_ms = int(time.time() * 1000)
@@ -51,7 +52,12 @@ async def simulate_to_kafka(
     sent = 0
     try:
         stream = generate(
-            users=users, events=events, seed=seed, start_ms=start_ms, mean_gap_ms=gap_ms
+            users=users,
+            events=events,
+            seed=seed,
+            start_ms=start_ms,
+            mean_gap_ms=gap_ms,
+            user_prefix=user_prefix,
         )
         for event in stream:
             topic = {"browse": topics.browse, "search": topics.search}.get(
