@@ -130,7 +130,8 @@ class InMemoryLedger:
         ts = decision.ts
         last = self._last_decision.get(key)
         interval = request.decision_interval_ms
-        if interval > 0 and last is not None and abs(ts - last) < interval:
+        # Anything earlier than the last decision (a late event) counts as inside the interval.
+        if interval > 0 and last is not None and ts - last < interval:
             return RATE_LIMITED
         self._last_decision[key] = ts if last is None else max(ts, last)
         granted, denied_by = False, None
@@ -142,7 +143,7 @@ class InMemoryLedger:
             if (
                 limits.cooldown_ms > 0
                 and last_offer is not None
-                and abs(ts - last_offer) < limits.cooldown_ms
+                and ts - last_offer < limits.cooldown_ms
             ):
                 denied_by = "cooldown"
             elif (

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -108,6 +109,12 @@ def order_value(campaign: Campaign, event: Event, features: dict[str, float]) ->
     if features.get("avg_order_value_30d", 0.0) > 0:
         return features["avg_order_value_30d"]
     return campaign.default_order_value
+
+
+def offer_cost_cents(discount_pct: float, value: float) -> int:
+    """What an offer takes from the budget: the discount on the order value, in cents, rounded
+    up so that no offer is ever free (the epsilon absorbs binary-float noise)."""
+    return math.ceil(discount_pct * value - 1e-9)
 
 
 @dataclass(slots=True)
@@ -255,7 +262,7 @@ class DiscountEngine:
         if proposal.offer_id is not None:
             value = order_value(campaign, event, proposal.features)
             limits = OfferLimits(
-                cost_cents=round(proposal.choice.discount_pct * value),
+                cost_cents=offer_cost_cents(proposal.choice.discount_pct, value),
                 cooldown_ms=campaign.cooldown_ms,
                 max_per_day=campaign.max_offers_per_day,
                 budget_cents=campaign.daily_budget_cents,
@@ -281,8 +288,12 @@ class DiscountEngine:
         rules = list(proposal.rules)
         offer_id = proposal.offer_id if decided.granted else None
         discount = choice.discount_pct if decided.granted else 0.0
+        propensity = choice.propensity
         p_purchase = proposal.p_purchase
         if decided.denied_by is not None:
+            # A guardrail, not the policy, chose "no discount": that action was certain. The
+            # policy's own proposal stays in the record for analysis.
+            propensity = 1.0
             rules.append(f"denied:{decided.denied_by}")
             result.denied[decided.denied_by] = result.denied.get(decided.denied_by, 0) + 1
             p_purchase = self.model.predict(proposal.features, 0.0)
@@ -317,7 +328,7 @@ class DiscountEngine:
                 "trigger_event_id": event.event_id,
                 "features": proposal.features,
                 "discount_pct": discount,
-                "propensity": round(choice.propensity, 6),
+                "propensity": round(propensity, 6),
                 "p_purchase": round(p_purchase, 6),
                 "model_version": proposal.model_version,
                 "policy": campaign.policy.name,
@@ -325,5 +336,7 @@ class DiscountEngine:
                 "offer_id": offer_id,
                 "explore": choice.explore,
                 "rules": rules,
+                "proposed_discount_pct": choice.discount_pct,
+                "proposed_propensity": round(choice.propensity, 6),
             }
         )

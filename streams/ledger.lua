@@ -24,6 +24,16 @@ local DAY_MS = 86400000
 local SEP = '\31'
 local queue_key = prefix .. 'pq'
 
+-- Campaign order must match Python's sorted() whatever the server's collation locale is.
+local function bytewise_less(a, b)
+  local n = math.min(#a, #b)
+  for k = 1, n do
+    local x, y = string.byte(a, k), string.byte(b, k)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+
 local function guard_key(user) return prefix .. 'g:{' .. user .. '}' end
 local function pending_key(user) return prefix .. 'p:{' .. user .. '}' end
 
@@ -47,7 +57,8 @@ local function decide(i)
   local gkey = guard_key(user)
 
   local last = tonumber(redis.call('HGET', gkey, campaign .. '|d'))
-  if interval > 0 and last and math.abs(ts - last) < interval then
+  -- anything earlier than the last decision (a late event) counts as inside the interval
+  if interval > 0 and last and ts - last < interval then
     return 0
   end
   if (not last) or ts > last then
@@ -61,7 +72,7 @@ local function decide(i)
     local count_field = campaign .. '|n' .. day
     local budget_key = prefix .. 'b:' .. campaign .. ':' .. day
     local spent = tonumber(redis.call('GET', budget_key) or '0')
-    if cooldown > 0 and last_offer and math.abs(ts - last_offer) < cooldown then
+    if cooldown > 0 and last_offer and ts - last_offer < cooldown then
       outcome = 3
     elseif max_per_day >= 0 and tonumber(redis.call('HGET', gkey, count_field) or '0') >= max_per_day then
       outcome = 4
@@ -84,7 +95,8 @@ local function decide(i)
 
   local pkey = pending_key(user)
   redis.call('HSET', pkey, decision_id, record)
-  redis.call('EXPIRE', pkey, math.floor((window + DAY_MS) / 1000))
+  -- a wall-clock safety net only: labels follow event time, which may run slower (replays)
+  redis.call('EXPIRE', pkey, math.floor((window + 7 * DAY_MS) / 1000))
   redis.call('ZADD', queue_key, ts + window, decision_id .. SEP .. user)
   return outcome
 end
@@ -112,7 +124,7 @@ local function purchase(user, ts, offer_id)
   end
   local campaigns = {}
   for c, _ in pairs(latest) do campaigns[#campaigns + 1] = c end
-  table.sort(campaigns)
+  table.sort(campaigns, bytewise_less)
   for _, c in ipairs(campaigns) do
     local chosen = by_offer[c] or latest[c]
     label(user, chosen.id, chosen.record, 1, ts)

@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from engine.campaigns import load_campaigns
 from engine.events import parse_event
 from engine.ledger import event_day
-from engine.pipeline import order_value
+from engine.pipeline import offer_cost_cents, order_value
 from engine.simulator import generate
 from streams.kafka_io import ensure_topics
 from streams.redis_ledger import RedisLedger
@@ -127,12 +127,12 @@ def test_two_workers_never_overspend_a_shared_budget(
     for decision in decisions:
         if decision["offer_id"] is not None:
             assert decision["offer_id"] in offers
-            granted_cost += round(
-                decision["discount_pct"]
-                * order_value(campaign, by_id[decision["trigger_event_id"]], decision["features"])
+            granted_cost += offer_cost_cents(
+                decision["discount_pct"],
+                order_value(campaign, by_id[decision["trigger_event_id"]], decision["features"]),
             )
     denied_costs = [
-        round(10 * order_value(campaign, by_id[d["trigger_event_id"]], d["features"]))
+        offer_cost_cents(10, order_value(campaign, by_id[d["trigger_event_id"]], d["features"]))
         for d in decisions
         if "denied:budget" in d["rules"]
     ]

@@ -1,0 +1,530 @@
+"""The Redis decision ledger (streams/redis_ledger.py + ledger.lua) against a real Redis.
+
+1. Parity: random sequences of decision requests and purchases, settled in random batches with
+   an advancing ``now_ms``, give the same outcomes, labelled examples (in the same order),
+   budget counters and pending counts as ``InMemoryLedger``.
+2. ``forget`` removes a user's guard and pending keys and their queue members, nothing else.
+3. Concurrency: eight clients race for one campaign budget; the total granted never exceeds
+   it, not by one cent.
+
+Every test uses its own key prefix and deletes its keys at the end; nothing here flushes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import event as label
+from hypothesis import strategies as st
+
+from engine.features import HOUR_MS, MINUTE_MS
+from engine.labels import PendingDecision
+from engine.ledger import (
+    DecisionOutcome,
+    DecisionRequest,
+    InMemoryLedger,
+    LedgerOp,
+    OfferLimits,
+    PurchaseNotice,
+    event_day,
+)
+from streams.redis_ledger import RedisLedger
+from streams.redis_store import hash_tag
+from tests.conftest import Isolation, Services
+from tests.integration.conftest import delete_prefix, keys_under
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_767_225_600_000 + 22 * HOUR_MS
+"""2026-01-01T22:00Z: scenarios cross a UTC midnight, so budgets and day counters roll over."""
+WINDOW = 3 * HOUR_MS
+USERS = ("u0", "u1", "ü2", "u{3}")
+"""Include a non-ASCII id and one with braces (escaped by ``hash_tag``)."""
+CAMPAIGNS = ("alpha", "beta", "gamma")
+
+
+# -- scenarios ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecisionSpec:
+    user: int
+    campaign: int
+    step_ms: int
+    interval_ms: int
+    offer: OfferLimits | None
+    discount_pct: float
+    propensity: float
+    boundary: int | None
+    """When set, the decision lands at the previous decision of the same user and campaign plus
+    the larger of its interval and cooldown plus ``boundary`` ms (-1, 0 or 1): right at the
+    edge where a guardrail flips."""
+
+
+@dataclass(frozen=True)
+class PurchaseSpec:
+    user: int
+    step_ms: int
+    redeem: int | None
+    """Which offer id the purchase carries: 0-3 one of the user's own recent offers (the
+    latest first, whether granted or denied), 4-9 any earlier decision's (maybe none)."""
+
+
+Spec = DecisionSpec | PurchaseSpec
+
+steps = st.one_of(
+    st.integers(0, 40 * MINUTE_MS),
+    # Exact guardrail and window boundaries (intervals, cooldowns, the attribution window).
+    st.sampled_from([0, 1, MINUTE_MS, 5 * MINUTE_MS, 10 * MINUTE_MS, 30 * MINUTE_MS, HOUR_MS]),
+    st.sampled_from([WINDOW - 1, WINDOW, WINDOW + 1]),
+    st.integers(-30 * MINUTE_MS, 0),  # out of order, within a typical allowed lateness
+)
+offer_limits = st.builds(
+    OfferLimits,
+    cost_cents=st.one_of(st.sampled_from([0, 100, 250, 500]), st.integers(0, 900)),
+    cooldown_ms=st.sampled_from([0, 0, 10 * MINUTE_MS, HOUR_MS]),
+    max_per_day=st.sampled_from([None, None, 0, 1, 2]),
+    # Round budgets meet round costs exactly at the limit.
+    budget_cents=st.one_of(st.none(), st.sampled_from([0, 500, 1000]), st.integers(0, 2500)),
+)
+# Skewed towards one user and campaign, so that guardrails meet their boundaries often.
+some_user = st.sampled_from([0, 0, 0, 1, 2, 3])
+decision_specs = st.builds(
+    DecisionSpec,
+    user=some_user,
+    campaign=st.sampled_from([0, 0, 1, 2]),
+    step_ms=steps,
+    interval_ms=st.sampled_from([0, 0, 5 * MINUTE_MS, 30 * MINUTE_MS]),
+    offer=st.one_of(st.none(), offer_limits, offer_limits),
+    discount_pct=st.sampled_from([5.0, 10.0, 12.5, 20.0]),
+    propensity=st.floats(0.01, 1.0),
+    boundary=st.one_of(st.none(), st.none(), st.sampled_from([-1, 0, 1])),
+)
+purchase_specs = st.builds(
+    PurchaseSpec,
+    user=some_user,
+    step_ms=steps,
+    redeem=st.one_of(st.none(), st.integers(0, 9)),
+)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    batches: list[tuple[list[LedgerOp], int]]
+    """(ops, now_ms) per settle call."""
+
+    @property
+    def days(self) -> list[int]:
+        """The event-time days of the scenario's decisions (where budgets are spent)."""
+        return sorted(
+            {
+                event_day(op.decision.ts)
+                for ops, _ in self.batches
+                for op in ops
+                if isinstance(op, DecisionRequest)
+            }
+        )
+
+    def __repr__(self) -> str:  # what hypothesis prints for a falsifying example
+        lines = []
+        for ops, now in self.batches:
+            lines.append(f"-- settle now={now - T0:+d}")
+            for op in ops:
+                if isinstance(op, PurchaseNotice):
+                    lines.append(f"   P {op.user_id} ts={op.ts - T0:+d} offer={op.offer_id}")
+                else:
+                    d = op.decision
+                    lines.append(
+                        f"   D {d.decision_id} {d.user_id}/{d.campaign} ts={d.ts - T0:+d} "
+                        f"iv={op.decision_interval_ms} offer={d.offer_id} {op.offer}"
+                    )
+        return "\n".join(lines)
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> Scenario:
+    specs: list[Spec] = draw(
+        st.lists(st.one_of(decision_specs, decision_specs, purchase_specs), min_size=8, max_size=60)
+    )
+    ops: list[LedgerOp] = []
+    ts = T0
+    decisions: list[PendingDecision] = []
+    previous: dict[tuple[int, int], int] = {}
+    for index, spec in enumerate(specs):
+        ts = max(T0 - HOUR_MS, ts + spec.step_ms)
+        if isinstance(spec, DecisionSpec):
+            offered = spec.offer is not None
+            at = ts
+            key = (spec.user, spec.campaign)
+            if spec.boundary is not None and key in previous:
+                gap = max(spec.interval_ms, spec.offer.cooldown_ms if spec.offer else 0)
+                at = previous[key] + gap + spec.boundary
+                ts = max(ts, at)
+            previous[key] = at
+            decision = PendingDecision(
+                decision_id=f"d{index:03d}",
+                user_id=USERS[spec.user],
+                campaign=CAMPAIGNS[spec.campaign],
+                ts=at,
+                features={"cart_count_24h": float(index % 4), "spend_30d": 12.5 + index / 10},
+                discount_pct=spec.discount_pct if offered else 0.0,
+                propensity=spec.propensity,
+                model_version=f"lr-{index}",
+                offer_id=f"o{index:03d}" if offered else None,
+            )
+            decisions.append(decision)
+            ops.append(DecisionRequest(decision, spec.interval_ms, spec.offer))
+        else:
+            offer_id = None
+            own = [d.offer_id for d in decisions if d.user_id == USERS[spec.user] and d.offer_id]
+            if spec.redeem is not None and spec.redeem < 4 and own:
+                offer_id = own[-1 - spec.redeem % len(own)]
+            elif spec.redeem is not None and decisions:
+                offer_id = decisions[spec.redeem * 7 % len(decisions)].offer_id
+            ops.append(PurchaseNotice(USERS[spec.user], ts, offer_id))
+    batches: list[tuple[list[LedgerOp], int]] = []
+    clock = T0 - HOUR_MS
+    start = 0
+    while start < len(ops):
+        size = draw(st.integers(1, 8))
+        chunk = ops[start : start + size]
+        start += size
+        latest = max(op.decision.ts if isinstance(op, DecisionRequest) else op.ts for op in chunk)
+        clock = max(clock, latest) + draw(st.sampled_from([0, 0, 1, HOUR_MS, WINDOW + 1]))
+        seen = [d.ts for d in decisions if d.decision_id < f"d{start:03d}"]
+        at_deadline: bool = draw(st.booleans())
+        if seen and at_deadline:
+            # Exactly at an attribution deadline: it is not yet past (expiry needs now > it).
+            clock = max(clock, draw(st.sampled_from(seen)) + WINDOW)
+        batches.append((chunk, clock))
+    # A last, empty settle far ahead expires everything still pending.
+    batches.append(([], clock + 2 * WINDOW + 1))
+    return Scenario(batches)
+
+
+def _outcome_name(outcome: DecisionOutcome) -> str:
+    if not outcome.decided:
+        return "rate-limited"
+    if outcome.denied_by is not None:
+        return f"denied by {outcome.denied_by}"
+    return "granted" if outcome.granted else "no offer"
+
+
+def ledger_keys(prefix: str, days: Sequence[int]) -> list[str]:
+    """Every key the ledger can write for ``USERS``, ``CAMPAIGNS`` and ``days`` (ledger.lua)."""
+    keys = [f"{prefix}pq"]
+    keys += [f"{prefix}{kind}:{{{hash_tag(user)}}}" for user in USERS for kind in ("g", "p")]
+    keys += [f"{prefix}b:{campaign}:{day}" for campaign in CAMPAIGNS for day in days]
+    return keys
+
+
+async def check_parity(redis_url: str, prefix: str, scenario: Scenario) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        redis_ledger = RedisLedger(client, prefix=prefix, attribution_window_ms=WINDOW)
+        memory = InMemoryLedger(attribution_window_ms=WINDOW)
+        days = scenario.days
+        for number, (ops, now) in enumerate(scenario.batches):
+            expected = memory.settle_now(ops, now_ms=now)
+            actual = await redis_ledger.settle(ops, now_ms=now)
+            where = f"settle #{number}"
+            assert actual.outcomes == expected.outcomes, where
+            assert actual.labelled == expected.labelled, where
+            assert [(e.decision.decision_id, e.label, e.labeled_at) for e in actual.labelled] == [
+                (e.decision.decision_id, e.label, e.labeled_at) for e in expected.labelled
+            ], where
+            for campaign in CAMPAIGNS:
+                for day in days:
+                    assert await redis_ledger.budget_spent_cents(
+                        campaign, day
+                    ) == await memory.budget_spent_cents(campaign, day), (where, campaign, day)
+            assert await redis_ledger.pending_count() == await memory.pending_count(), where
+            for outcome in expected.outcomes:
+                if outcome is not None:
+                    label(f"outcome {_outcome_name(outcome)}")
+            for example in expected.labelled:
+                label(f"label {example.label}")
+        assert await redis_ledger.pending_count() == 0
+    finally:
+        # The known keys only (a SCAN per example is slow on a busy server); the fixture
+        # scans the whole prefix once at the end.
+        await client.delete(*ledger_keys(prefix, scenario.days))
+        await client.aclose()
+
+
+@pytest.fixture
+async def parity_prefix(services: Services, isolation: Isolation) -> AsyncIterator[str]:
+    """A prefix under which each example takes its own sub-prefix; all checked clean after."""
+    yield isolation.redis_prefix
+    client = aioredis.Redis.from_url(services.redis_url)
+    try:
+        leftover = await keys_under(client, isolation.redis_prefix)
+        await delete_prefix(client, isolation.redis_prefix)
+        assert leftover == set()
+    finally:
+        await client.aclose()
+
+
+def _describe(scenario: Scenario) -> None:
+    ops = [op for batch, _ in scenario.batches for op in batch]
+    requests = [op for op in ops if isinstance(op, DecisionRequest)]
+    if any(op.offer is not None and op.offer.budget_cents is not None for op in requests):
+        label("has budgets")
+    if any(isinstance(op, PurchaseNotice) and op.offer_id for op in ops):
+        label("redeems an offer id")
+    if len(scenario.batches) > 3:
+        label("several batches")
+    if any(isinstance(op, PurchaseNotice) for op in ops):
+        label("has purchases")
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(scenario=scenarios())
+def test_redis_ledger_matches_in_memory_ledger(
+    services: Services, parity_prefix: str, scenario: Scenario
+) -> None:
+    _describe(scenario)
+    prefix = f"{parity_prefix}l{uuid.uuid4().hex[:8]}:"
+    asyncio.run(check_parity(services.redis_url, prefix, scenario))
+
+
+def _request(
+    decision_id: str,
+    user: str,
+    ts: int,
+    *,
+    campaign: str = "alpha",
+    offer: OfferLimits | None = None,
+    interval_ms: int = 0,
+) -> DecisionRequest:
+    decision = PendingDecision(
+        decision_id=decision_id,
+        user_id=user,
+        campaign=campaign,
+        ts=ts,
+        features={"cart_count_24h": 1.0},
+        discount_pct=10.0 if offer else 0.0,
+        propensity=1.0,
+        model_version="lr-0",
+        offer_id=f"o-{decision_id}" if offer else None,
+    )
+    return DecisionRequest(decision, interval_ms, offer)
+
+
+async def test_a_hand_written_scenario_gives_the_expected_outcomes(
+    services: Services, isolation: Isolation
+) -> None:
+    """A readable anchor for the property: each guardrail and label path once."""
+    prefix = isolation.redis_prefix
+    ops: list[LedgerOp] = [
+        _request("d1", "u1", T0, offer=OfferLimits(300, cooldown_ms=HOUR_MS, budget_cents=500)),
+        _request("d2", "u1", T0 + 1, interval_ms=MINUTE_MS),  # inside the interval
+        _request("d3", "u1", T0 + 2, campaign="beta"),  # another campaign
+        _request("d4", "u1", T0 + MINUTE_MS, offer=OfferLimits(100, cooldown_ms=HOUR_MS)),
+        _request("d5", "u2", T0 + 3, offer=OfferLimits(300, budget_cents=500)),  # over budget
+        _request("d6", "u2", T0 + 4, offer=OfferLimits(200, budget_cents=500, max_per_day=1)),
+        _request("d7", "u2", T0 + 5, offer=OfferLimits(0, max_per_day=1)),
+        PurchaseNotice("u1", T0 + 2 * MINUTE_MS, "o-d1"),
+    ]
+    expected_outcomes = [
+        DecisionOutcome(True, True),
+        DecisionOutcome(False),
+        DecisionOutcome(True),
+        DecisionOutcome(True, False, "cooldown"),
+        DecisionOutcome(True, False, "budget"),
+        DecisionOutcome(True, True),
+        DecisionOutcome(True, False, "max_offers_per_day"),
+        None,
+    ]
+    client = aioredis.Redis.from_url(services.redis_url)
+    try:
+        for ledger in (
+            InMemoryLedger(WINDOW),
+            RedisLedger(client, prefix=prefix, attribution_window_ms=WINDOW),
+        ):
+            result = await ledger.settle(ops, now_ms=T0 + 2 * MINUTE_MS)
+            assert result.outcomes == expected_outcomes, type(ledger).__name__
+            labelled = [(e.decision.decision_id, e.label) for e in result.labelled]
+            assert labelled == [("d1", 1), ("d3", 1)]  # offer d1 redeemed; beta's latest
+            assert await ledger.budget_spent_cents("alpha", event_day(T0)) == 500
+            assert await ledger.pending_count() == 4  # d4, d5, d6, d7
+            later = await ledger.settle([], now_ms=T0 + WINDOW + MINUTE_MS + 1)
+            assert [(e.decision.decision_id, e.label) for e in later.labelled] == [
+                ("d5", 0),
+                ("d6", 0),
+                ("d7", 0),
+                ("d4", 0),
+            ]
+            denied = {e.decision.decision_id: e.decision for e in later.labelled}
+            assert denied["d4"].discount_pct == 0.0 and denied["d4"].offer_id is None
+            assert denied["d6"].offer_id == "o-d6"
+    finally:
+        await delete_prefix(client, prefix)
+        await client.aclose()
+
+
+# -- forget -------------------------------------------------------------------------------------
+
+
+async def test_forget_removes_guard_and_pending_keys_and_queue_members(
+    services: Services, isolation: Isolation
+) -> None:
+    prefix = isolation.redis_prefix
+    client = aioredis.Redis.from_url(services.redis_url)
+    try:
+        ledger = RedisLedger(client, prefix=prefix, attribution_window_ms=WINDOW)
+        offer = OfferLimits(100, cooldown_ms=HOUR_MS, max_per_day=3, budget_cents=10_000)
+        gone, kept = "u{gone}", "u-kept"
+        ops: list[LedgerOp] = []
+        for k in range(3):
+            for user in (gone, kept):
+                for campaign in ("alpha", "beta"):
+                    ops.append(
+                        _request(
+                            f"{campaign}-{user}-{k}",
+                            user,
+                            T0 + k * MINUTE_MS,
+                            campaign=campaign,
+                            offer=offer if k == 0 else None,
+                        )
+                    )
+        await ledger.settle(ops, now_ms=T0)
+        assert await ledger.pending_count() == 12
+        gone_tag, kept_tag = hash_tag(gone), hash_tag(kept)
+        before = await keys_under(client, prefix)
+        assert {f"{prefix}g:{{{gone_tag}}}", f"{prefix}p:{{{gone_tag}}}"} <= before
+
+        assert await ledger.forget(gone) == 2
+
+        after = await keys_under(client, prefix)
+        assert before - after == {f"{prefix}g:{{{gone_tag}}}", f"{prefix}p:{{{gone_tag}}}"}
+        raw_members = await client.zrange(f"{prefix}pq", 0, -1)
+        members = [m.decode() if isinstance(m, bytes) else str(m) for m in raw_members]
+        assert len(members) == 6
+        assert all(m.endswith(f"\x1f{kept_tag}") for m in members)
+        assert await ledger.pending_count() == 6
+        # Budgets are per campaign, not personal: they stay.
+        assert await ledger.budget_spent_cents("alpha", event_day(T0)) == 200
+        assert await ledger.forget(gone) == 0
+        # The forgotten user's decisions are never labelled; the kept user's are.
+        result = await ledger.settle(
+            [PurchaseNotice(gone, T0 + 5 * MINUTE_MS), PurchaseNotice(kept, T0 + 5 * MINUTE_MS)],
+            now_ms=T0 + 2 * WINDOW,
+        )
+        assert {e.decision.user_id for e in result.labelled} == {kept}
+        assert len(result.labelled) == 6
+        # A forgotten user starts from scratch: no cooldown, no interval, no day count.
+        fresh = await ledger.settle(
+            [_request("again", gone, T0 + 4 * MINUTE_MS, offer=offer, interval_ms=HOUR_MS)],
+            now_ms=T0 + 2 * WINDOW,
+        )
+        assert fresh.outcomes == [DecisionOutcome(True, True)]
+    finally:
+        await delete_prefix(client, prefix)
+        await client.aclose()
+
+
+# -- concurrency --------------------------------------------------------------------------------
+
+WORKERS = 8
+
+
+async def _race(
+    redis_url: str, prefix: str, budget: int, costs: Sequence[Sequence[int]]
+) -> list[list[tuple[int, bool, str | None]]]:
+    """Each worker settles its offers (one per user, in small batches) on its own client;
+    returns (cost, granted, denied_by) per offer per worker."""
+    clients = [aioredis.Redis.from_url(redis_url) for _ in range(WORKERS)]
+    start = asyncio.Event()
+
+    async def worker(index: int) -> list[tuple[int, bool, str | None]]:
+        ledger = RedisLedger(clients[index], prefix=prefix, attribution_window_ms=WINDOW)
+        await clients[index].ping()  # connect before the race starts
+        await start.wait()
+        reported: list[tuple[int, bool, str | None]] = []
+        mine = costs[index]
+        for batch_start in range(0, len(mine), 5):
+            ops: list[LedgerOp] = [
+                _request(
+                    f"w{index}-{n}",
+                    f"w{index}-u{n}",
+                    T0 + n,
+                    offer=OfferLimits(cost, budget_cents=budget),
+                )
+                for n, cost in enumerate(mine[batch_start : batch_start + 5], start=batch_start)
+            ]
+            result = await ledger.settle(ops, now_ms=T0)
+            for op, outcome in zip(ops, result.outcomes, strict=True):
+                assert isinstance(op, DecisionRequest) and op.offer is not None
+                assert outcome is not None and outcome.decided
+                reported.append((op.offer.cost_cents, outcome.granted, outcome.denied_by))
+            await asyncio.sleep(0)
+        return reported
+
+    try:
+        tasks = [asyncio.create_task(worker(i)) for i in range(WORKERS)]
+        await asyncio.sleep(0.05)
+        start.set()
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_concurrent_workers_never_overspend_a_shared_budget(
+    services: Services, isolation: Isolation, seed: int
+) -> None:
+    prefix = isolation.redis_prefix
+    rng = random.Random(seed)
+    budget = 10_007  # cents, deliberately not a round multiple of anything
+    costs = [[rng.randint(1, 400) for _ in range(60)] for _ in range(WORKERS)]
+    assert sum(map(sum, costs)) > 5 * budget  # plenty of contention
+    client = aioredis.Redis.from_url(services.redis_url)
+    try:
+        results = await _race(services.redis_url, prefix, budget, costs)
+        granted = [cost for worker in results for cost, ok, _ in worker if ok]
+        spent = await RedisLedger(
+            client, prefix=prefix, attribution_window_ms=WINDOW
+        ).budget_spent_cents("alpha", event_day(T0))
+        assert spent == sum(granted) <= budget
+        assert all(len(worker) == 60 for worker in results)
+        for worker in results:
+            for cost, ok, denied_by in worker:
+                assert ok or denied_by == "budget"
+                if not ok:
+                    # Spending only grows: a denied offer would not fit even now.
+                    assert spent + cost > budget
+    finally:
+        await delete_prefix(client, prefix)
+        await client.aclose()
+
+
+async def test_concurrent_workers_grant_exactly_what_fits(
+    services: Services, isolation: Isolation
+) -> None:
+    prefix = isolation.redis_prefix
+    cost, budget = 7, 1000  # 142 offers fit (994 cents); the 143rd would overspend by 1 cent
+    costs = [[cost] * 40 for _ in range(WORKERS)]
+    client = aioredis.Redis.from_url(services.redis_url)
+    try:
+        results = await _race(services.redis_url, prefix, budget, costs)
+        granted = sum(ok for worker in results for _, ok, _ in worker)
+        assert granted == budget // cost == 142
+        assert len({i for i, worker in enumerate(results) if any(ok for _, ok, _ in worker)}) > 1
+        ledger = RedisLedger(client, prefix=prefix, attribution_window_ms=WINDOW)
+        assert await ledger.budget_spent_cents("alpha", event_day(T0)) == 994
+    finally:
+        await delete_prefix(client, prefix)
+        await client.aclose()
