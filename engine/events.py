@@ -112,9 +112,11 @@ _MISSING: Final = object()
 _ACTIONS: Final[dict[str, BrowseAction]] = {a: a for a in BROWSE_ACTIONS}
 #: Above this an int cannot become a float (only reachable by calling parse_event directly).
 _MAX_FLOAT_INT: Final = 2**1023
-_INF: Final = float("inf")
+MAX_MONEY: Final = 1e12
+"""Largest accepted price or amount: in cents it stays far below 2**53, where sums are exact
+in every store (Redis, Lua, Python) and every JSON reader."""
 _EXPECT_ID: Final = f"a string of 1 to {MAX_ID_LENGTH} characters"
-_EXPECT_MONEY: Final = "a number >= 0"
+_EXPECT_MONEY: Final = "a number from 0 to 1e12"
 _JSON_TYPES: Final[dict[type, str]] = {
     type(None): "null",
     bool: "a boolean",
@@ -191,9 +193,9 @@ def _money(obj: dict[str, Any], name: str, item: int = -1) -> float:
     value = obj.get(name, _MISSING)
     kind = type(value)
     if kind is float:
-        if 0.0 <= value < _INF:  # also rejects NaN
+        if 0.0 <= value <= MAX_MONEY:  # also rejects NaN
             return value  # type: ignore[no-any-return]
-    elif kind is int and 0 <= value < _MAX_FLOAT_INT:
+    elif kind is int and 0 <= value <= MAX_MONEY:
         return float(value)
     raise _bad_number(name, value, _EXPECT_MONEY, item)
 
@@ -239,7 +241,7 @@ def _parse_browse(obj: dict[str, Any], event_id: str, user_id: str, ts: int) -> 
         and type(category) is str
         and 0 < len(category) <= MAX_ID_LENGTH
         and type(price) is float
-        and 0.0 <= price < _INF
+        and 0.0 <= price <= MAX_MONEY
     ):
         return BrowseEvent(event_id, user_id, ts, item_id, category, price, action)
     return BrowseEvent(
@@ -277,7 +279,7 @@ def _parse_item(value: object, index: int) -> PurchaseItem:
             and type(category) is str
             and 0 < len(category) <= MAX_ID_LENGTH
             and type(price) is float
-            and 0.0 <= price < _INF
+            and 0.0 <= price <= MAX_MONEY
             and type(quantity) is int
             and 1 <= quantity <= MAX_INTEGER
         ):

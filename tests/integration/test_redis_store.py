@@ -706,18 +706,15 @@ async def test_memory_per_active_user(redis_env: RedisEnv) -> None:
 
 
 def poison_batch() -> list[StateUpdate]:
-    """A browse, then a purchase whose amount is valid event v1 (any number >= 0) but whose
-    spend in cents (1e19) does not fit Redis' 64-bit integers."""
-    huge = parse_event(
-        {
-            "event_id": "p1",
-            "user_id": "u1",
-            "type": "purchase",
-            "ts": T0 + 1000,
-            "order_id": "o1",
-            "items": [{"item_id": "i1", "category": "home", "price": 1e17, "quantity": 1}],
-            "amount": 1e17,
-        }
+    """A browse, then a purchase with a huge amount (1e17, built directly: the event contract
+    caps money at 1e12) whose spend in cents would overflow 64-bit integers."""
+    huge = PurchaseEvent(
+        event_id="p1",
+        user_id="u1",
+        ts=T0 + 1000,
+        order_id="o1",
+        items=(PurchaseItem(item_id="i1", category="home", price=1e17, quantity=1),),
+        amount=1e17,
     )
     ok = make_event("view", "v1", "u1", T0)
     return [
