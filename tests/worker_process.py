@@ -20,11 +20,14 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from engine.features import State
 from streams.redis_store import RedisFeatureStore
+from streams.settings import Topics
 from tests.conftest import REPO, Isolation, Services
 
 PROGRESS_PATTERN = re.compile(r'(\{"msg": "progress".*\})\s*$')
@@ -202,3 +205,40 @@ async def clean_up(services: Services, isolation: Isolation) -> None:
             await admin.delete_topics(mine)
     finally:
         await admin.close()
+
+
+async def produce_events(
+    services: Services, topics: Topics, events: Iterable[Mapping[str, Any]]
+) -> int:
+    """Produce event v1 dicts as a shop would: topic by type, key = user id. Returns the count."""
+    producer = AIOKafkaProducer(bootstrap_servers=services.kafka_bootstrap, acks="all", linger_ms=5)
+    await producer.start()
+    try:
+        pending = []
+        for event in events:
+            topic = f"{topics.prefix}events.{event['type']}"
+            key = str(event["user_id"]).encode()
+            pending.append(await producer.send(topic, orjson.dumps(event), key=key))
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return len(pending)
+
+
+async def read_topic(services: Services, topic: str, idle_s: float = 5.0) -> list[dict[str, Any]]:
+    """Every JSON value on a topic, read until nothing new arrived for ``idle_s`` seconds."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=services.kafka_bootstrap, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    values: list[dict[str, Any]] = []
+    last = time.monotonic()
+    try:
+        while time.monotonic() - last < idle_s:
+            batch = await consumer.getmany(timeout_ms=500)
+            for records in batch.values():
+                values.extend(orjson.loads(r.value) for r in records)
+                last = time.monotonic()
+    finally:
+        await consumer.stop()
+    return values

@@ -7,10 +7,8 @@ import socket
 import time
 from pathlib import Path
 
-import orjson
 import pytest
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from engine.campaigns import load_campaigns
 from engine.events import parse_event
@@ -21,7 +19,13 @@ from streams.kafka_io import ensure_topics
 from streams.redis_ledger import RedisLedger
 from streams.settings import Topics
 from tests.conftest import Isolation, Services
-from tests.worker_process import WorkerProcess, clean_up, worker_env
+from tests.worker_process import (
+    WorkerProcess,
+    clean_up,
+    produce_events,
+    read_topic,
+    worker_env,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -41,36 +45,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-async def produce(services: Services, topics: Topics, events: list[dict[str, object]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=services.kafka_bootstrap, acks="all")
-    await producer.start()
-    try:
-        for event in events:
-            topic = f"{topics.prefix}events.{event['type']}"
-            await producer.send(topic, orjson.dumps(event), key=str(event["user_id"]).encode())
-        await producer.flush()
-    finally:
-        await producer.stop()
-
-
-async def read_topic(services: Services, topic: str, idle_s: float = 5.0) -> list[dict]:
-    consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=services.kafka_bootstrap, auto_offset_reset="earliest"
-    )
-    await consumer.start()
-    out: list[dict] = []
-    last = time.monotonic()
-    try:
-        while time.monotonic() - last < idle_s:
-            batch = await consumer.getmany(timeout_ms=500)
-            for records in batch.values():
-                out.extend(orjson.loads(r.value) for r in records)
-                last = time.monotonic()
-    finally:
-        await consumer.stop()
-    return out
 
 
 def test_two_workers_never_overspend_a_shared_budget(
@@ -102,7 +76,7 @@ def test_two_workers_never_overspend_a_shared_budget(
         # Both join the group before the traffic starts, so both take partitions.
         for worker in workers:
             asyncio.run(worker.wait_progress(lambda p: True, timeout_s=90))
-        asyncio.run(produce(services, topics, events))
+        asyncio.run(produce_events(services, topics, events))
         for worker in workers:
             asyncio.run(worker.wait_progress(lambda p: p["consumed"] > 0, timeout_s=90))
 

@@ -13,14 +13,14 @@ from pathlib import Path
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 
 from engine.simulator import generate
 from streams.kafka_io import ensure_topics
 from streams.model_store import ModelStore
 from streams.settings import Topics
 from tests.conftest import REPO, Isolation, Services
-from tests.worker_process import WorkerProcess, clean_up, worker_env
+from tests.worker_process import WorkerProcess, clean_up, produce_events, worker_env
 
 pytestmark = pytest.mark.e2e
 
@@ -29,18 +29,6 @@ MODEL_KEY = "e2e-test-model-key-0123456789abcdef"
 
 def version_number(version: str) -> int:
     return int(version.split("-")[-1])
-
-
-async def produce(services: Services, topics: Topics, events: list[dict[str, object]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=services.kafka_bootstrap, acks="all")
-    await producer.start()
-    try:
-        for event in events:
-            topic = f"{topics.prefix}events.{event['type']}"
-            await producer.send(topic, orjson.dumps(event), key=str(event["user_id"]).encode())
-        await producer.flush()
-    finally:
-        await producer.stop()
 
 
 async def latest_version(services: Services, isolation: Isolation) -> str | None:
@@ -132,7 +120,7 @@ def test_labels_train_the_learner_and_restarts_keep_the_model_version(
     try:
         learner.start()
         worker.start()
-        asyncio.run(produce(services, topics, first))
+        asyncio.run(produce_events(services, topics, first))
         published = asyncio.run(wait_for_version(services, isolation, 100, 120))
         assert worker.stop() == 0, worker.tail()
 
@@ -142,7 +130,7 @@ def test_labels_train_the_learner_and_restarts_keep_the_model_version(
         assert learner.stop() == 0, learner.tail()
         kept = asyncio.run(latest_version(services, isolation))
         assert kept is not None and version_number(kept) >= version_number(published)
-        asyncio.run(produce(services, topics, second))
+        asyncio.run(produce_events(services, topics, second))
         asyncio.run(worker.wait_progress(lambda p: p["consumed"] >= len(second), 90))
         late_decisions = asyncio.run(
             decisions_after(services, topics.decisions, int(second[0]["ts"]))  # type: ignore[call-overload]

@@ -15,7 +15,7 @@ from pathlib import Path
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 from jsonschema import Draft202012Validator
 
 from engine.campaigns import load_campaigns
@@ -28,6 +28,7 @@ from streams.kafka_io import ensure_topics
 from streams.redis_store import RedisFeatureStore
 from streams.settings import Topics
 from tests.conftest import REPO, Isolation, Services
+from tests.worker_process import produce_events
 
 pytestmark = pytest.mark.e2e
 
@@ -53,18 +54,6 @@ holdout = 0.3
 def schema(name: str) -> Draft202012Validator:
     document = json.loads((REPO / "schemas" / name).read_text())
     return Draft202012Validator(document)
-
-
-async def produce(services: Services, topics: Topics, events: list[dict[str, object]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=services.kafka_bootstrap, acks="all")
-    await producer.start()
-    try:
-        for event in events:
-            topic = f"{topics.prefix}events.{event['type']}"
-            await producer.send(topic, orjson.dumps(event), key=str(event["user_id"]).encode())
-        await producer.flush()
-    finally:
-        await producer.stop()
 
 
 async def consume_all(
@@ -110,7 +99,7 @@ def test_worker_turns_events_into_valid_offers_and_redis_counts(
     assert want_offers, "the campaign should offer something to this traffic"
 
     asyncio.run(ensure_topics(services.kafka_bootstrap, topics.all, partitions=4))
-    asyncio.run(produce(services, topics, events))
+    asyncio.run(produce_events(services, topics, events))
 
     env = {
         **os.environ,

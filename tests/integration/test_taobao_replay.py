@@ -8,23 +8,25 @@ Redis must equal a reference counted here straight from the CSV, independently o
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import gzip
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
-import orjson
 import pytest
-from aiokafka import AIOKafkaProducer
 
 from engine.importers import import_taobao
 from streams.kafka_io import ensure_topics
 from streams.settings import Topics
 from tests.conftest import REPO, Isolation, Services
-from tests.worker_process import WorkerProcess, clean_up, read_states, worker_env
+from tests.worker_process import (
+    WorkerProcess,
+    clean_up,
+    produce_events,
+    read_states,
+    worker_env,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -80,22 +82,6 @@ def reference_counts(path: Path) -> tuple[dict[str, Counter[str]], int]:
     return counts, left_out
 
 
-async def produce(services: Services, topics: Topics, events: list[dict[str, Any]]) -> None:
-    producer = AIOKafkaProducer(
-        bootstrap_servers=services.kafka_bootstrap, acks="all", linger_ms=10
-    )
-    await producer.start()
-    try:
-        pending = []
-        for event in events:
-            topic = f"{topics.prefix}events.{event['type']}"
-            key = str(event["user_id"]).encode()
-            pending.append(await producer.send(topic, orjson.dumps(event), key=key))
-        await asyncio.gather(*pending)
-    finally:
-        await producer.stop()
-
-
 async def test_taobao_excerpt_replayed_through_kafka_gives_the_csv_counts_per_user(
     services: Services, isolation: Isolation, free_port: int, tmp_path: Path
 ) -> None:
@@ -111,7 +97,7 @@ async def test_taobao_excerpt_replayed_through_kafka_gives_the_csv_counts_per_us
     topics = Topics(isolation.topic_prefix)
     await ensure_topics(services.kafka_bootstrap, topics.all, partitions=4)
     started = time.monotonic()
-    await produce(services, topics, events)
+    await produce_events(services, topics, events)
     produced_s = time.monotonic() - started
 
     campaigns = tmp_path / "campaigns.toml"

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
@@ -36,7 +36,13 @@ from streams.kafka_io import ensure_topics
 from streams.redis_store import RedisFeatureStore
 from streams.settings import Topics
 from tests.conftest import REPO, Isolation, Services
-from tests.worker_process import WorkerProcess, clean_up, read_states, worker_env
+from tests.worker_process import (
+    WorkerProcess,
+    clean_up,
+    produce_events,
+    read_states,
+    worker_env,
+)
 
 pytestmark = pytest.mark.reliability
 
@@ -98,21 +104,6 @@ async def reference_states(events: list[dict[str, Any]]) -> dict[str, State]:
     assert set(outcome.statuses) == {UpdateStatus.APPLIED}
     users = sorted({str(e["user_id"]) for e in events})
     return await store.read_states(users)
-
-
-async def produce(services: Services, topics: Topics, events: list[dict[str, Any]]) -> int:
-    producer = AIOKafkaProducer(bootstrap_servers=services.kafka_bootstrap, acks="all", linger_ms=5)
-    await producer.start()
-    try:
-        pending = []
-        for event in events:
-            topic = f"{topics.prefix}events.{event['type']}"
-            key = str(event["user_id"]).encode()
-            pending.append(await producer.send(topic, orjson.dumps(event), key=key))
-        await asyncio.gather(*pending)
-    finally:
-        await producer.stop()
-    return len(pending)
 
 
 @dataclass(frozen=True)
@@ -287,7 +278,7 @@ async def test_kill9_three_times_loses_nothing_and_applies_nothing_twice(
     worker = kill9_worker(services, isolation, free_port, tmp_path / "worker.log")
     try:
         await ensure_topics(services.kafka_bootstrap, topics.all, partitions=PARTITIONS)
-        total = await produce(services, topics, events)
+        total = await produce_events(services, topics, events)
         runs = await run_with_kills(services, isolation, worker, total, read_redis)
     finally:
         await clean_up(services, isolation)
@@ -383,7 +374,7 @@ async def test_kill9_loses_no_offers(
     )
     try:
         await ensure_topics(services.kafka_bootstrap, topics.all, partitions=PARTITIONS)
-        total = await produce(services, topics, events)
+        total = await produce_events(services, topics, events)
         runs = await run_with_kills(services, isolation, worker, total)
         offers = await output_ids(services, topics.offers, "offer_id", 30)
         decisions = await output_ids(services, topics.decisions, "decision_id", 30)
