@@ -53,6 +53,7 @@ lint: $(BIN)/dealstream ## ruff and mypy (strict)
 bench: services ## benchmarks: print figures and write bench/results/*.json
 	@mkdir -p bench/results
 	$(BIN)/python bench/bench_validation.py
+	$(BIN)/python bench/bench_features.py --no-in-memory
 
 clean: ## remove caches (keeps .venv and the services' state)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import hashlib
+import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -82,6 +83,23 @@ def unit_hash(*parts: str) -> float:
     """A deterministic uniform number in [0, 1) from the given strings."""
     digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
+
+
+def event_time_order(batch: Sequence[Incoming]) -> list[int]:
+    """Indices of the batch merged by event time across source partitions.
+
+    A user's browse, search and purchase events arrive on different topics, which the consumer
+    reads independently; merging them by event time lets a decision see only what happened
+    before it and lets a purchase meet the decision it follows. Each partition's own order is
+    kept (offset watermarks depend on it), so a late event stays where its partition put it.
+    """
+    groups: dict[tuple[str, int] | None, list[tuple[int, int]]] = {}
+    for index, item in enumerate(batch):
+        key = (item.position.source, item.position.partition) if item.position else None
+        groups.setdefault(key, []).append((item.event.ts, index))
+    if len(groups) == 1:
+        return list(range(len(batch)))
+    return [index for _, index in heapq.merge(*groups.values())]
 
 
 def in_holdout(campaign: Campaign, user_id: str) -> bool:
@@ -157,6 +175,16 @@ class DiscountEngine:
         """Event-time clock: the latest event time this engine has seen."""
 
     async def process(self, batch: Sequence[Incoming]) -> BatchResult:
+        """Run one micro-batch; ``statuses`` come back in the order of ``batch``."""
+        order = event_time_order(batch)
+        result = await self._process([batch[i] for i in order])
+        statuses = [UpdateStatus.APPLIED] * len(batch)
+        for position, index in enumerate(order):
+            statuses[index] = result.statuses[position]
+        result.statuses = statuses
+        return result
+
+    async def _process(self, batch: Sequence[Incoming]) -> BatchResult:
         updates = [
             StateUpdate(
                 user_id=item.event.user_id,

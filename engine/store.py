@@ -144,8 +144,8 @@ class InMemoryFeatureStore:
             trim(record.state)
             horizon = record.state.get("lt", 0.0) - allowed_lateness_ms
             record.seen = {eid: ts for eid, ts in record.seen.items() if ts >= horizon}
-        for user_id, record in list(self._users.items()):
-            if not record.state and user_id not in touched:
+        for user_id in before.keys() - touched:
+            if not self._users[user_id].state:
                 del self._users[user_id]
         return BatchOutcome(statuses=statuses, before=before)
 
