@@ -1,8 +1,10 @@
 """The composition root of the live worker: settings in, a ready Faust app out.
 
-``bootstrap`` builds every client and the engine once; ``create_app`` wires them into a Faust
-app whose single agent consumes the event topics in micro-batches (``take_events``) and hands
-each batch to ``BatchWorker``. Nothing here runs at import time.
+``bootstrap`` builds every client, the engine and the metrics registry once; ``create_app``
+wires them into a Faust app whose single agent consumes the event topics in micro-batches
+(``take_events``) and hands each batch to ``BatchWorker``, and whose web server serves
+``/metrics``, ``/health``, ``/ready`` and the status page (``streams/web.py``). Nothing here runs
+at import time.
 """
 
 from __future__ import annotations
@@ -10,8 +12,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -20,10 +25,18 @@ import redis.asyncio as aioredis
 from engine.campaigns import Campaign, default_campaigns, load_campaigns
 from engine.pipeline import DiscountEngine, EngineConfig
 from streams.decode import DecodeLimits, RawRecord
+from streams.lag import LagProbe
+from streams.metrics import TimedFeatureStore, TimedLedger, WorkerMetrics
 from streams.model_store import ModelReloader, ModelStore
 from streams.redis_ledger import RedisLedger
 from streams.redis_store import RedisFeatureStore
 from streams.settings import Secret, Settings
+from streams.web import (
+    REFRESH_INTERVAL_S,
+    WorkerStatus,
+    connect_rebalance_signals,
+    install_routes,
+)
 from streams.worker import BatchWorker
 
 log = logging.getLogger("dealstream.worker")
@@ -64,6 +77,8 @@ class Runtime:
     campaigns: tuple[Campaign, ...]
     reloader: ModelReloader | None
     """Picks up models the learner publishes; None without a model key (no hot reload)."""
+    metrics: WorkerMetrics
+    """This worker's Prometheus registry and metrics (served on ``/metrics``)."""
 
 
 MODEL_POLL_INTERVAL_S = 2.0
@@ -74,20 +89,30 @@ def bootstrap(
     *,
     model_key: Secret | None = None,
     redis_client: aioredis.Redis | None = None,
+    metrics: WorkerMetrics | None = None,
 ) -> Runtime:
+    metrics = metrics if metrics is not None else WorkerMetrics()
+    redis_seconds = metrics.redis_call
     campaigns = (
         load_campaigns(settings.campaigns_path)
         if settings.campaigns_path is not None
         else default_campaigns()
     )
     client = redis_client or aioredis.Redis.from_url(settings.redis_url.reveal())
-    store = RedisFeatureStore(client, prefix=settings.redis_prefix)
+    store = TimedFeatureStore(
+        RedisFeatureStore(client, prefix=settings.redis_prefix),
+        redis_seconds.labels("features").observe,
+    )
     attribution_window_ms = int(settings.attribution_window_s * 1000)
-    engine = DiscountEngine(
-        store,
-        ledger=RedisLedger(
+    ledger = TimedLedger(
+        RedisLedger(
             client, prefix=settings.redis_prefix, attribution_window_ms=attribution_window_ms
         ),
+        redis_seconds.labels("ledger").observe,
+    )
+    engine = DiscountEngine(
+        store,
+        ledger=ledger,
         campaigns=campaigns,
         config=EngineConfig(
             allowed_lateness_ms=int(settings.allowed_lateness_s * 1000),
@@ -101,7 +126,12 @@ def bootstrap(
         else None
     )
     return Runtime(
-        settings=settings, redis=client, engine=engine, campaigns=campaigns, reloader=reloader
+        settings=settings,
+        redis=client,
+        engine=engine,
+        campaigns=campaigns,
+        reloader=reloader,
+        metrics=metrics,
     )
 
 
@@ -134,6 +164,46 @@ def _raw_record(message: Any) -> RawRecord:
     )
 
 
+REDIS_RETRY_MAX_S = 10.0
+EXIT_INTERNAL_ERROR = 70
+"""Exit status when a batch fails for a reason that is neither bad input nor Redis being away."""
+
+
+async def _handle_until_done(
+    worker: BatchWorker, sink: FaustSink, records: Sequence[RawRecord]
+) -> None:
+    """Run one batch; while Redis is unreachable, wait and retry the same batch.
+
+    Bad input never raises here (it is dead-lettered). Anything else is a bug: the worker
+    exits non-zero so that its supervisor restarts it, instead of staying up without
+    consuming (Faust would restart the agent, which then reads nothing).
+    """
+    delay = 0.5
+    while True:
+        try:
+            await worker.handle(records)
+            # Outputs are delivered before Faust acks (and later commits) the inputs.
+            await sink.flush()
+            return
+        except (OSError, aioredis.RedisError) as exc:
+            log.warning(
+                "batch failed (%s: Redis unreachable?); retry in %.1f s", type(exc).__name__, delay
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, REDIS_RETRY_MAX_S)
+        except Exception:
+            log.critical("batch failed unexpectedly; stopping the worker", exc_info=True)
+            logging.shutdown()
+            os._exit(EXIT_INTERNAL_ERROR)
+
+
+def _faust_datadir(group_id: str) -> Path:
+    """Faust's data folder: tables live in memory, so it stays empty; keep it out of the cwd."""
+    path = Path(tempfile.gettempdir()) / "dealstream-faust" / group_id
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def create_app(runtime: Runtime) -> faust.App:
     settings = runtime.settings
     app = faust.App(
@@ -148,8 +218,12 @@ def create_app(runtime: Runtime) -> faust.App:
         web_bind="0.0.0.0",
         consumer_auto_offset_reset="earliest",
         autodiscover=False,
+        # Tables live in memory; keep Faust's (empty) data folder out of the working directory.
+        datadir=str(_faust_datadir(settings.group_id)),
         producer_acks=-1,
         producer_linger=0.005,
+        web_router_enabled=False,
+        web_tables_enabled=False,
     )
     sink = FaustSink(app)
     worker = BatchWorker(
@@ -160,15 +234,23 @@ def create_app(runtime: Runtime) -> faust.App:
             max_message_bytes=settings.max_message_bytes,
             max_clock_skew_ms=int(settings.max_clock_skew_s * 1000),
         ),
+        metrics=runtime.metrics,
     )
+    status = WorkerStatus(
+        worker,
+        redis=runtime.redis,
+        group=settings.group_id,
+        probe=LagProbe(settings.kafka_bootstrap),
+        model_store=ModelStore(runtime.redis, prefix=settings.redis_prefix),
+    )
+    connect_rebalance_signals(app, status)
+    install_routes(app, status)
     events_topic = app.topic(*settings.topics.events, key_serializer="raw", value_serializer="raw")
 
     @app.agent(events_topic, name="dealstream-events")
     async def process_events(stream: Any) -> None:
         async for events in stream.take_events(settings.batch_max, within=settings.batch_within_s):
-            await worker.handle([_raw_record(event.message) for event in events])
-            # Outputs are delivered before Faust acks (and later commits) the inputs.
-            await sink.flush()
+            await _handle_until_done(worker, sink, [_raw_record(e.message) for e in events])
 
     @app.timer(interval=MODEL_POLL_INTERVAL_S)  # type: ignore[untyped-decorator]
     async def poll_model() -> None:
@@ -178,5 +260,15 @@ def create_app(runtime: Runtime) -> faust.App:
     async def log_progress() -> None:
         log.info(json.dumps({"msg": "progress", **worker.counters.as_dict()}))
 
+    @app.timer(interval=REFRESH_INTERVAL_S)  # type: ignore[untyped-decorator]
+    async def refresh_status() -> None:
+        await status.refresh()
+
+    async def close_probe(sender: Any, *args: Any, **kwargs: Any) -> None:
+        if status.probe is not None:
+            await status.probe.close()
+
+    app.on_before_shutdown.connect(close_probe)  # type: ignore[arg-type]
     app.dealstream_worker = worker  # type: ignore[attr-defined]
+    app.dealstream_status = status  # type: ignore[attr-defined]
     return app

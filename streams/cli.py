@@ -98,6 +98,24 @@ def _cmd_forget(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_lag(settings: Settings, args: argparse.Namespace) -> int:
+    from streams.kafka_io import check_kafka
+    from streams.lag import PartitionLag, consumer_lag, format_lag_table, lag_report
+
+    group = args.group or settings.group_id
+
+    async def run() -> list[PartitionLag]:
+        await check_kafka(settings.kafka_bootstrap)
+        return await consumer_lag(settings.kafka_bootstrap, group, settings.topics.events)
+
+    rows = asyncio.run(run())
+    if args.json:
+        print(orjson.dumps(lag_report(group, rows)).decode())
+    else:
+        print(format_lag_table(group, rows))
+    return 0
+
+
 def _cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from streams.demo import run_demo
 
@@ -140,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     forget = sub.add_parser("forget", help="delete every key stored about a user")
     forget.add_argument("user_id", metavar="USER_ID")
     forget.set_defaults(handler=_cmd_forget)
+
+    lag = sub.add_parser("lag", help="consumer lag per partition: records and seconds behind")
+    lag.add_argument("--json", action="store_true", help="one JSON document")
+    lag.add_argument("--group", default=None, help="consumer group (default: DEALSTREAM_GROUP_ID)")
+    lag.set_defaults(handler=_cmd_lag)
 
     demo = sub.add_parser("demo", help="worker + simulator, printing offers as they arrive")
     demo.add_argument("--duration", type=float, default=60.0, help="seconds (0 = until Ctrl-C)")

@@ -1,0 +1,376 @@
+"""The worker's HTTP side: what it knows about itself, and the endpoints that show it.
+
+``WorkerStatus`` follows the partition assignment (Faust's rebalance signals), refreshes the
+broker-side consumer lag, the budgets, the pending labels and the model gauges every few
+seconds (``refresh``), and answers readiness. ``install_routes`` serves, on Faust's web server:
+
+- ``/metrics``      Prometheus exposition of the worker's own registry;
+- ``/health``       200 while the process and its event loop are alive;
+- ``/ready``        200 or 503, with a JSON body giving each check and why it failed;
+- ``/status.json``  everything the status page shows;
+- ``/``             a self-contained status page (no external assets) refreshing itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import faust
+import redis.asyncio as aioredis
+from faust.web import Request, Response, View
+from prometheus_client.exposition import choose_encoder
+
+from engine.ledger import event_day
+from engine.prequential import PrequentialMetrics
+from streams.lag import PartitionLag, total_lag
+from streams.metrics import RateWindow
+from streams.model_store import ModelStore
+from streams.status_page import STATUS_PAGE_HTML
+from streams.worker import BatchWorker
+
+log = logging.getLogger("dealstream.worker")
+
+REFRESH_INTERVAL_S = 5.0
+"""How often ``refresh`` runs (a Faust timer in ``streams/app.py``)."""
+STALL_TIMEOUT_S = 60.0
+"""Not ready when assigned partitions have lag but no batch was handled for this long."""
+REDIS_PING_TIMEOUT_S = 1.0
+LAG_TIMEOUT_S = 15.0
+
+TopicPartitionKey = tuple[str, int]
+
+
+class LagSource(Protocol):
+    """Where lag comes from: ``streams.lag.LagProbe`` against the broker, or a test double."""
+
+    async def measure(self, group: str, topics: Sequence[str]) -> list[PartitionLag]: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    ok: bool
+    detail: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "detail": self.detail}
+
+
+class WorkerStatus:
+    """The worker's view of itself: assignment, lag, budgets, model, readiness."""
+
+    def __init__(
+        self,
+        worker: BatchWorker,
+        *,
+        redis: aioredis.Redis,
+        group: str,
+        probe: LagSource | None,
+        model_store: ModelStore | None = None,
+        stall_timeout_s: float = STALL_TIMEOUT_S,
+        redis_timeout_s: float = REDIS_PING_TIMEOUT_S,
+        monotonic: Callable[[], float] = time.monotonic,
+        wall_clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+    ) -> None:
+        self.worker = worker
+        self.metrics = worker.metrics
+        self.redis = redis
+        self.group = group
+        self.topics: tuple[str, ...] = tuple(worker.topics.events)
+        self.probe = probe
+        self.model_store = model_store
+        """Where the learner's checkpoint (its prequential metrics) is read from."""
+        self.model_quality: dict[str, Any] = {}
+        self._quality_key: tuple[Any, Any] | None = None
+        self.stall_timeout_s = stall_timeout_s
+        self.redis_timeout_s = redis_timeout_s
+        self._monotonic = monotonic
+        self._wall_clock_ms = wall_clock_ms
+        self.started_at = monotonic()
+        self.assignment: frozenset[TopicPartitionKey] | None = None
+        """None until the first assignment (an empty set then means: explicitly none)."""
+        self.assigned_at = self.started_at
+        self.rebalances = 0
+        self.lag: list[PartitionLag] = []
+        self.lag_measured_at: float | None = None
+        self.lag_error: str | None = None
+        self.budgets: list[dict[str, Any]] = []
+        self.pending_labels: int | None = None
+        self.rates = RateWindow()
+        self._sample_rates()
+        self.metrics.declare_campaigns(c.name for c in worker.engine.campaigns)
+        self.observe_model()
+
+    # -- rebalances ----------------------------------------------------------------------------
+
+    def on_assigned(self, partitions: Iterable[TopicPartitionKey]) -> None:
+        """The new full assignment (Faust's ``on_partitions_assigned``): one rebalance."""
+        mine = frozenset((t, p) for t, p in partitions if t in self.topics)
+        self.assignment = mine
+        self.assigned_at = self._monotonic()
+        self.rebalances += 1
+        self.metrics.observe_assignment(len(mine), rebalance=True)
+
+    def on_revoked(self, partitions: Iterable[TopicPartitionKey]) -> None:
+        if self.assignment is None:
+            return
+        self.assignment = self.assignment - frozenset(partitions)
+        self.metrics.observe_assignment(len(self.assignment), rebalance=False)
+
+    def uptime_s(self) -> float:
+        return self._monotonic() - self.started_at
+
+    # -- periodic refresh ----------------------------------------------------------------------
+
+    def observe_model(self) -> None:
+        model = self.worker.engine.model
+        self.metrics.observe_model(model.version, model.examples_learned)
+
+    async def refresh(self) -> None:
+        """Lag from the broker, budgets and pending labels from Redis, model gauges, rates.
+        Failures are logged and leave the previous values; nothing here raises."""
+        self.observe_model()
+        self._sample_rates()
+        await self.refresh_lag()
+        try:
+            await asyncio.wait_for(self._refresh_ledger(), self.redis_timeout_s * 5)
+            await asyncio.wait_for(self._refresh_model_quality(), self.redis_timeout_s * 5)
+        except (TimeoutError, OSError, aioredis.RedisError) as exc:
+            log.warning("budget/pending/model refresh skipped: %s", type(exc).__name__)
+        await self.readiness()  # keeps the dealstream_ready gauge current between probes
+
+    def _sample_rates(self) -> None:
+        counters = self.worker.counters
+        self.rates.sample(
+            self._monotonic(),
+            {
+                "consumed": counters.consumed,
+                "applied": counters.applied,
+                "offers": counters.offers,
+                "decisions": counters.decisions,
+                "dead_lettered": sum(counters.dead_lettered.values()),
+            },
+        )
+
+    async def refresh_lag(self) -> None:
+        if self.probe is None:
+            return
+        try:
+            rows = await asyncio.wait_for(
+                self.probe.measure(self.group, self.topics), LAG_TIMEOUT_S
+            )
+        except Exception as exc:  # any client failure: keep the last values, say so
+            self.lag_error = f"{type(exc).__name__}: {exc}"[:200]
+            log.warning("consumer lag refresh failed: %s", self.lag_error)
+            return
+        self.lag = rows
+        self.lag_error = None
+        self.lag_measured_at = self._monotonic()
+        self.metrics.observe_lag((r.topic, r.partition, r.lag, r.lag_seconds) for r in rows)
+
+    async def _refresh_ledger(self) -> None:
+        engine = self.worker.engine
+        clock_ms = engine.clock_ms or self._wall_clock_ms()
+        day = event_day(clock_ms)
+        budgets = []
+        for campaign in engine.campaigns:
+            if campaign.daily_budget_cents is None:
+                continue
+            spent = await engine.ledger.budget_spent_cents(campaign.name, day)
+            remaining = max(0, campaign.daily_budget_cents - spent)
+            self.metrics.budget_remaining.labels(campaign.name).set(remaining / 100)
+            budgets.append(
+                {
+                    "campaign": campaign.name,
+                    "day": day,
+                    "daily_budget": campaign.daily_budget_cents / 100,
+                    "spent": spent / 100,
+                    "remaining": remaining / 100,
+                }
+            )
+        self.budgets = budgets
+        self.pending_labels = await engine.ledger.pending_count()
+        self.metrics.pending_labels.set(self.pending_labels)
+
+    async def _refresh_model_quality(self) -> None:
+        """The prequential metrics the learner published with its latest snapshot."""
+        if self.model_store is None:
+            return
+        checkpoint = await self.model_store.checkpoint()
+        state = checkpoint.get("metrics") if checkpoint is not None else None
+        if checkpoint is None or not isinstance(state, dict):
+            return
+        key = (checkpoint.get("version"), state.get("seen"))
+        if key == self._quality_key:
+            return
+        try:
+            values = PrequentialMetrics.from_state(state).as_dict()
+        except ValueError as exc:
+            log.warning("learner checkpoint metrics unreadable: %s", exc)
+            return
+        self._quality_key = key
+        self.model_quality = {"model_version": checkpoint.get("version"), **values}
+        self.metrics.observe_model_quality(values)
+
+    # -- readiness -----------------------------------------------------------------------------
+
+    def _partitions_check(self) -> Check:
+        if self.assignment is None:
+            return Check(False, "waiting for the first partition assignment")
+        if not self.assignment:
+            return Check(True, "no partitions assigned (more workers than partitions)")
+        return Check(True, f"{len(self.assignment)} partition(s) assigned")
+
+    async def _redis_check(self) -> Check:
+        started = self._monotonic()
+        try:
+            await asyncio.wait_for(self.redis.ping(), self.redis_timeout_s)
+        except TimeoutError:
+            return Check(False, f"Redis did not answer PING within {self.redis_timeout_s:g} s")
+        except (OSError, aioredis.RedisError) as exc:
+            return Check(False, f"Redis unreachable ({type(exc).__name__})")
+        return Check(True, f"PING answered in {(self._monotonic() - started) * 1000:.1f} ms")
+
+    def _model_check(self) -> Check:
+        model = self.worker.engine.model
+        if model is None:
+            return Check(False, "no model loaded")
+        return Check(True, f"serving {model.version}")
+
+    def assigned_lag(self) -> int | None:
+        """Lag on this worker's partitions at the last measurement; None if unknown."""
+        if self.lag_measured_at is None or self.assignment is None:
+            return None
+        return sum(r.lag for r in self.lag if (r.topic, r.partition) in self.assignment)
+
+    def _progress_check(self) -> Check:
+        lag = self.assigned_lag()
+        if lag is None:
+            return Check(True, "lag not measured yet")
+        if lag == 0:
+            return Check(True, "caught up (no lag on assigned partitions)")
+        last = self.metrics.last_batch_at
+        since = max(last if last is not None else self.started_at, self.assigned_at)
+        idle = self._monotonic() - since
+        if idle > self.stall_timeout_s:
+            return Check(
+                False,
+                f"stalled: lag {lag} on assigned partitions and no batch for {idle:.0f} s "
+                f"(stall timeout {self.stall_timeout_s:g} s)",
+            )
+        return Check(True, f"lag {lag} on assigned partitions, last batch {idle:.1f} s ago")
+
+    async def readiness(self) -> dict[str, Any]:
+        checks = {
+            "partitions": self._partitions_check(),
+            "redis": await self._redis_check(),
+            "model": self._model_check(),
+            "progress": self._progress_check(),
+        }
+        ready = all(c.ok for c in checks.values())
+        self.metrics.ready.set(1 if ready else 0)
+        return {
+            "ready": ready,
+            "checks": {name: c.as_dict() for name, c in checks.items()},
+            "reasons": [f"{name}: {c.detail}" for name, c in checks.items() if not c.ok],
+        }
+
+    # -- the status page -----------------------------------------------------------------------
+
+    async def status(self) -> dict[str, Any]:
+        now = self._monotonic()
+        model = self.worker.engine.model
+        assignment = self.assignment or frozenset()
+        partitions = [
+            {**row.as_dict(), "assigned_here": (row.topic, row.partition) in assignment}
+            for row in self.lag
+        ]
+        return {
+            "group": self.group,
+            "pid": os.getpid(),
+            "uptime_s": round(self.uptime_s(), 1),
+            "readiness": await self.readiness(),
+            "assigned_partitions": sorted(f"{t}[{p}]" for t, p in assignment),
+            "rebalances": self.rebalances,
+            "lag": {
+                "total": total_lag(self.lag),
+                "measured_s_ago": (
+                    round(now - self.lag_measured_at, 1)
+                    if self.lag_measured_at is not None
+                    else None
+                ),
+                "error": self.lag_error,
+                "partitions": partitions,
+            },
+            "counters": self.worker.counters.as_dict(),
+            "rates": self.rates.rates(),
+            "model": {
+                "version": model.version,
+                "examples": model.examples_learned,
+                "age_s": round(self.metrics.model_age_seconds(), 1),
+                "published": self.model_quality,
+            },
+            "budgets": self.budgets,
+            "pending_labels": self.pending_labels,
+        }
+
+
+def _assigned_keys(partitions: Iterable[Any]) -> list[TopicPartitionKey]:
+    return [(str(tp.topic), int(tp.partition)) for tp in partitions]
+
+
+def connect_rebalance_signals(app: faust.App, status: WorkerStatus) -> None:
+    """Follow the assignment through Faust's rebalance signals.
+
+    (mode's ``Signal.connect`` is typed so that mypy rejects every handler, hence the ignores.)
+    """
+
+    async def assigned(sender: Any, *args: Any, **kwargs: Any) -> None:
+        status.on_assigned(_assigned_keys(args[0] if args else kwargs.get("assigned", ())))
+
+    async def revoked(sender: Any, *args: Any, **kwargs: Any) -> None:
+        status.on_revoked(_assigned_keys(args[0] if args else kwargs.get("revoked", ())))
+
+    app.on_partitions_assigned.connect(assigned)  # type: ignore[arg-type]
+    app.on_partitions_revoked.connect(revoked)  # type: ignore[arg-type]
+
+
+def install_routes(app: faust.App, status: WorkerStatus) -> None:
+    """``/``, ``/metrics``, ``/health``, ``/ready`` and ``/status.json`` on Faust's server.
+
+    ``/`` goes first: Faust later mounts its own index at ``/`` (the production index
+    blueprint); aiohttp serves the first route that matches, and refuses a second GET on the
+    same resource, which it would reuse if ``/`` were the last route added.
+    """
+
+    @app.page("/")
+    async def index(view: View, request: Request) -> Response:
+        return view.html(STATUS_PAGE_HTML)
+
+    @app.page("/metrics")
+    async def metrics(view: View, request: Request) -> Response:
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        body = encoder(status.metrics.registry)
+        return view.bytes(body, headers={"Content-Type": content_type})
+
+    @app.page("/health")
+    async def health(view: View, request: Request) -> Response:
+        return view.json(
+            {"status": "ok", "pid": os.getpid(), "uptime_s": round(status.uptime_s(), 1)}
+        )
+
+    @app.page("/ready")
+    async def ready(view: View, request: Request) -> Response:
+        body = await status.readiness()
+        return view.json(body, status=200 if body["ready"] else 503)
+
+    @app.page("/status.json")
+    async def status_json(view: View, request: Request) -> Response:
+        return view.json(await status.status(), headers={"Cache-Control": "no-store"})

@@ -1,0 +1,156 @@
+"""Readiness follows Redis: false within 30 s of Redis stopping, true again once it is back.
+
+The shared Redis is never stopped: the worker gets a private ``redis-server`` of its own on a
+free port (Debian's package, the one ``deploy/services.sh`` installs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from streams.kafka_io import ensure_topics
+from streams.settings import Topics
+from tests.conftest import Isolation, Services
+from tests.worker_process import WorkerProcess, clean_up, worker_env
+
+pytestmark = pytest.mark.e2e
+
+REDIS_SERVER = shutil.which("redis-server")
+READINESS_DEADLINE_S = 30.0
+"""The issue's bound: readiness turns false within this long after Redis stops."""
+START_TIMEOUT_S = 90.0
+
+
+class PrivateRedis:
+    """A throwaway ``redis-server`` (no persistence) on a given port."""
+
+    def __init__(self, port: int, workdir: Path) -> None:
+        self.port = port
+        self.workdir = workdir
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        assert REDIS_SERVER is not None
+        self.process = subprocess.Popen(
+            [
+                REDIS_SERVER,
+                *("--port", str(self.port), "--bind", "127.0.0.1"),
+                *("--save", "", "--appendonly", "no", "--dir", str(self.workdir)),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port, socket_timeout=1)
+        deadline = time.monotonic() + 20
+        try:
+            while True:
+                try:
+                    if client.ping():
+                        return
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=20)
+        self.process = None
+
+
+def ready(port: int) -> tuple[int, dict[str, Any]] | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+    except OSError:
+        return None
+
+
+def wait_ready(port: int, want: bool, timeout_s: float, worker: WorkerProcess) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = ready(port)
+        if last is not None and last[1]["ready"] is want:
+            assert last[0] == (200 if want else 503), last
+            return last[1]
+        assert worker.alive(), "the worker exited" + worker.tail()
+        time.sleep(0.5)
+    raise AssertionError(
+        f"ready={want} not within {timeout_s:.0f} s (last: {last})" + worker.tail()
+    )
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path, free_port: int) -> Iterator[PrivateRedis]:
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    server = PrivateRedis(free_port, tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def another_port(*taken: int) -> int:
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in taken:
+            return port
+
+
+def test_readiness_turns_false_when_redis_stops_and_true_when_it_returns(
+    services: Services, isolation: Isolation, private_redis: PrivateRedis, tmp_path: Path
+) -> None:
+    topics = Topics(isolation.topic_prefix)
+    asyncio.run(ensure_topics(services.kafka_bootstrap, topics.all, partitions=1))
+    http_port = another_port(private_redis.port)
+    env = worker_env(services, isolation, http_port=http_port)
+    env["DEALSTREAM_REDIS_URL"] = private_redis.url
+    worker = WorkerProcess(env, tmp_path / "worker.log")
+    worker.start()
+    try:
+        body = wait_ready(http_port, True, START_TIMEOUT_S, worker)
+        assert body["checks"]["redis"]["ok"] is True
+
+        private_redis.stop()
+        stopped = time.monotonic()
+        body = wait_ready(http_port, False, READINESS_DEADLINE_S, worker)
+        assert time.monotonic() - stopped <= READINESS_DEADLINE_S
+        assert body["checks"]["redis"]["ok"] is False
+        assert any(reason.startswith("redis: ") for reason in body["reasons"]), body
+        assert body["checks"]["partitions"]["ok"] is True  # only Redis is the matter
+
+        private_redis.start()
+        body = wait_ready(http_port, True, READINESS_DEADLINE_S, worker)
+        assert body["reasons"] == []
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=5) as r:
+            assert r.status == 200  # alive all along
+    finally:
+        worker.stop()
+        asyncio.run(clean_up(services, isolation))
