@@ -1,89 +1,87 @@
-"""The feature catalogue: rolling per-user features over event-time buckets.
+"""The feature catalogue: every feature declared once, computed from a user's raw state.
 
-A user's raw state is a flat ``dict[str, float]`` of counters. Every event turns into a short
-list of commutative operations on that state (increment a time bucket, keep a max or a min),
-so the result does not depend on the order in which events arrive within the allowed lateness,
-and the very same operations run in the in-memory store and inside the Redis Lua script.
-
-Field names are compact because Redis stores one hash per user:
-
-``<kind><grain><index>``  a time bucket, e.g. ``vm29384756`` = views in minute 29384756;
-                          kind: v view, c cart, f favorite, s search, p purchase,
-                          $ spend in integer cents (integers keep sums exact in any order);
-                          grain: m minute, h hour, d day.
-``l<kind>``               last event time (epoch ms) of that kind; ``lt`` of any kind.
-``fs``                    first event time (epoch ms) of the user.
-``n<kind>``               lifetime count of that kind (cheap, and handy for audits).
-
-A feature vector is computed from the state *as of* an event-time instant ``now`` (the user's
-latest event time), never from the wall clock.
+The raw state and the operations that build it live in ``engine/state.py``. A feature vector
+is computed from the state *as of* an event-time instant ``now`` (the user's latest event
+time), never from the wall clock. Adding a feature is one ``FeatureSpec`` in ``_declare``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
 
-from engine.events import BrowseEvent, Event, PurchaseEvent, SearchEvent
-
-CATALOGUE_VERSION = 1
-
-MINUTE_MS = 60_000
-HOUR_MS = 60 * MINUTE_MS
-DAY_MS = 24 * HOUR_MS
-
-SESSION_GAP_MINUTES = 30
-"""A session ends after this many minutes without any event."""
-
-RECENCY_DEFAULT_S = 30 * 24 * 3600.0
-"""Recency reported when the user has no event of that kind (or none within 30 days)."""
-
-ACTIVITY_KINDS: tuple[str, ...] = ("view", "cart", "favorite", "search", "purchase")
-KIND_CODE: dict[str, str] = {
-    "view": "v",
-    "cart": "c",
-    "favorite": "f",
-    "search": "s",
-    "purchase": "p",
-}
-ACTIVITY_CODES = frozenset(KIND_CODE.values())
-SPEND_CODE = "$"
-REDEEMED_CODE = "r"
-"""Purchases that redeemed an offer (day buckets only)."""
-CATEGORY_PREFIX = "k"
-"""Category activity per day: field ``k<day>:<category>``."""
-
-Grain = Literal["m", "h", "d"]
-GRAIN_MS: dict[str, int] = {"m": MINUTE_MS, "h": HOUR_MS, "d": DAY_MS}
-
-
-@dataclass(frozen=True, slots=True)
-class Window:
-    """A trailing event-time window summed over buckets of one grain."""
-
-    name: str
-    grain: Grain
-    buckets: int
-
-    @property
-    def length_ms(self) -> int:
-        return GRAIN_MS[self.grain] * self.buckets
-
-
-WINDOWS: tuple[Window, ...] = (
-    Window("1h", "m", 60),
-    Window("24h", "h", 24),
-    Window("7d", "d", 7),
-    Window("30d", "d", 30),
+from engine.state import (
+    ACTIVITY_CODES,
+    ACTIVITY_KINDS,
+    CATALOGUE_VERSION,
+    CATEGORY_PREFIX,
+    DAY_MS,
+    GRAIN_MS,
+    HOUR_MS,
+    KIND_CODE,
+    LONGEST_WINDOW_MS,
+    MINUTE_MS,
+    OP_INCR,
+    OP_MAX,
+    OP_MIN,
+    RECENCY_DEFAULT_S,
+    REDEEMED_CODE,
+    RETENTION_BUCKETS,
+    SESSION_GAP_MINUTES,
+    SPEND_CODE,
+    WINDOWS,
+    Op,
+    State,
+    Window,
+    apply_ops,
+    bucket_field,
+    category_day,
+    event_categories,
+    event_kind,
+    event_ops,
+    expired_fields,
+    trigger_category,
+    trim,
 )
 
-RETENTION_BUCKETS: dict[str, int] = {"m": 120, "h": 26, "d": 31}
-"""How many buckets of each grain a user keeps; older ones are trimmed.
-
-Minutes are kept for two hours (the 1h window plus room for sessions and late events)."""
-
-LONGEST_WINDOW_MS = 30 * DAY_MS
+__all__ = [
+    "ACTIVITY_CODES",
+    "ACTIVITY_KINDS",
+    "CATALOGUE",
+    "CATALOGUE_VERSION",
+    "CATEGORY_PREFIX",
+    "DAY_MS",
+    "FEATURE_NAMES",
+    "GRAIN_MS",
+    "HOUR_MS",
+    "KIND_CODE",
+    "LONGEST_WINDOW_MS",
+    "MINUTE_MS",
+    "OP_INCR",
+    "OP_MAX",
+    "OP_MIN",
+    "RECENCY_DEFAULT_S",
+    "REDEEMED_CODE",
+    "RETENTION_BUCKETS",
+    "SESSION_GAP_MINUTES",
+    "SPEND_CODE",
+    "WINDOWS",
+    "FeatureContext",
+    "FeatureSpec",
+    "Op",
+    "State",
+    "Window",
+    "apply_ops",
+    "bucket_field",
+    "build_context",
+    "compute_features",
+    "event_categories",
+    "event_kind",
+    "event_ops",
+    "expired_fields",
+    "trigger_category",
+    "trim",
+]
 
 
 @dataclass(slots=True)
@@ -256,117 +254,6 @@ def _declare() -> tuple[FeatureSpec, ...]:
 CATALOGUE: tuple[FeatureSpec, ...] = _declare()
 FEATURE_NAMES: tuple[str, ...] = tuple(spec.name for spec in CATALOGUE)
 
-# Operations on a user's raw state, shared with the Redis Lua script.
-OP_INCR = "i"
-OP_MAX = "x"
-OP_MIN = "n"
-
-Op = tuple[str, str, float]
-"""(operation, field, value)."""
-
-State = dict[str, float]
-
-
-def event_kind(event: Event) -> str:
-    """The activity kind of an event: a browse action, ``search`` or ``purchase``."""
-    if isinstance(event, BrowseEvent):
-        return event.action
-    if isinstance(event, SearchEvent):
-        return "search"
-    return "purchase"
-
-
-def bucket_field(code: str, grain: str, ts: int) -> str:
-    return f"{code}{grain}{ts // GRAIN_MS[grain]}"
-
-
-def event_categories(event: Event) -> tuple[str, ...]:
-    """The categories an event touches (a purchase: each distinct item category once)."""
-    if isinstance(event, BrowseEvent):
-        return (event.category,)
-    if isinstance(event, SearchEvent):
-        return (event.category,) if event.category is not None else ()
-    return tuple(dict.fromkeys(item.category for item in event.items))
-
-
-def trigger_category(event: Event) -> str | None:
-    """The category ``category_affinity`` is measured against for this event."""
-    if isinstance(event, PurchaseEvent):
-        return None
-    return event.category
-
-
-def event_ops(event: Event) -> list[Op]:
-    """The state operations that apply one event; commutative by construction."""
-    code = KIND_CODE[event_kind(event)]
-    ts = event.ts
-    ops: list[Op] = [(OP_INCR, bucket_field(code, grain, ts), 1.0) for grain in ("m", "h", "d")]
-    if isinstance(event, PurchaseEvent):
-        cents = float(round(event.amount * 100))
-        ops.extend(
-            (OP_INCR, bucket_field(SPEND_CODE, grain, ts), cents) for grain in ("m", "h", "d")
-        )
-        if event.offer_id is not None:
-            ops.append((OP_INCR, bucket_field(REDEEMED_CODE, "d", ts), 1.0))
-    day = ts // DAY_MS
-    ops.extend(
-        (OP_INCR, f"{CATEGORY_PREFIX}{day}:{category}", 1.0) for category in event_categories(event)
-    )
-    ops.append((OP_INCR, f"n{code}", 1.0))
-    ops.append((OP_MAX, f"l{code}", float(ts)))
-    ops.append((OP_MAX, "lt", float(ts)))
-    ops.append((OP_MIN, "fs", float(ts)))
-    return ops
-
-
-def apply_ops(state: State, ops: Iterable[Op]) -> None:
-    """Apply operations in place; mirrors ``streams/features.lua`` exactly.
-
-    Every operation value is integral (counts, cents, epoch ms), so sums are exact."""
-    for op, field, value in ops:
-        current = state.get(field)
-        if op == OP_INCR:
-            state[field] = (current or 0.0) + value
-        elif op == OP_MAX:
-            if current is None or value > current:
-                state[field] = value
-        elif op == OP_MIN:
-            if current is None or value < current:
-                state[field] = value
-        else:  # pragma: no cover - ops are built above
-            raise ValueError(f"unknown state operation {op!r}")
-
-
-def _category_day(field: str) -> int | None:
-    if not field.startswith(CATEGORY_PREFIX):
-        return None
-    day, sep, _ = field[1:].partition(":")
-    return int(day) if sep and day.isdigit() else None
-
-
-def expired_fields(state: Mapping[str, float]) -> list[str]:
-    """Bucket fields older than their grain's retention, relative to the user's latest event."""
-    latest = state.get("lt")
-    if latest is None:
-        return []
-    cutoffs = {g: int(latest) // GRAIN_MS[g] - RETENTION_BUCKETS[g] for g in GRAIN_MS}
-    stale: list[str] = []
-    for field in state:
-        is_bucket = len(field) > 2 and field[1] in cutoffs and field[2:].isdigit()
-        if is_bucket and int(field[2:]) <= cutoffs[field[1]]:
-            stale.append(field)
-            continue
-        day = _category_day(field)
-        if day is not None and day <= cutoffs["d"]:
-            stale.append(field)
-    return stale
-
-
-def trim(state: State) -> None:
-    """Drop expired buckets in place (the Lua script does the same after each update)."""
-    for field in expired_fields(state):
-        del state[field]
-
 
 def build_context(
     state: Mapping[str, float], now: int, category: str | None = None
@@ -379,7 +266,7 @@ def build_context(
     categories_30d: dict[str, float] = {}
     purchase_days = 0
     for field, value in state.items():
-        day = _category_day(field)
+        day = category_day(field)
         if day is not None:
             age = current["d"] - day
             if 0 <= age < 30:

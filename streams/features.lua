@@ -1,5 +1,5 @@
 -- Apply one micro-batch of feature-state updates atomically and read back the prior states.
--- Mirrors engine/store.py (InMemoryFeatureStore) and engine/features.py (apply_ops, trim).
+-- Mirrors engine/store.py (InMemoryFeatureStore) and engine/state.py (apply_ops, trim).
 --
 -- KEYS[1]               hash of partition watermarks: field "<source>:<partition>" -> offset
 -- KEYS[2u], KEYS[2u+1]  per user u (1-based): feature-state hash, dedup sorted set

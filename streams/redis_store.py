@@ -2,7 +2,7 @@
 
 Keys (``P`` = the configured key prefix, ``V`` = the feature catalogue version):
 
-- ``P f V :{user}``  hash of the user's raw feature state (see ``engine/features.py``)
+- ``P f V :{user}``  hash of the user's raw feature state (see ``engine/state.py``)
 - ``P d V :{user}``  sorted set of the user's recent event ids (dedup within allowed lateness)
 - ``P wm``           hash of per-partition offset watermarks ``<topic>:<partition>``
 
