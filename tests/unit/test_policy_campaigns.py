@@ -27,6 +27,7 @@ def ctx(p: float) -> PolicyContext:
     """A context whose model predicts ``p`` at any discount."""
     return PolicyContext(features=NO_FEATURES, predict=lambda d: p, order_value=50.0, draw=0.5)
 
+
 # -- ThresholdPolicy ----------------------------------------------------------------------------
 
 
