@@ -28,7 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import EngineError
-from engine.policy import LinearPolicy, Policy, ProfitPolicy, Rule, RulesPolicy, ThresholdPolicy
+from engine.policy import (
+    LinearPolicy,
+    Policy,
+    ProfitPolicy,
+    Rule,
+    RulesPolicy,
+    ThresholdPolicy,
+    policy_names,
+)
 
 TRIGGER_KINDS = ("view", "cart", "favorite", "search")
 CUSTOMER_SEGMENTS = ("all", "new", "returning")
@@ -163,7 +171,7 @@ def _build_policy(name: str, entry: Mapping[str, Any]) -> Policy:
     except ValueError as exc:
         raise CampaignError(f"campaign {name!r}: {exc}") from None
     raise CampaignError(
-        f"campaign {name!r}: unknown policy {kind!r} (known: threshold, linear, rules, profit)"
+        f"campaign {name!r}: unknown policy {kind!r} (known: {', '.join(policy_names())})"
     )
 
 

@@ -40,7 +40,7 @@ from engine.ledger import (
     PurchaseNotice,
 )
 from engine.model import PurchaseModel
-from engine.policy import PolicyChoice, PolicyContext
+from engine.policy import PolicyChoice, PolicyContext, Predict
 from engine.store import FeatureStore, Position, StateUpdate, UpdateStatus
 
 SCHEMA_VERSION = 1
@@ -68,9 +68,8 @@ class BatchResult:
     training: list[dict[str, object]] = field(default_factory=list)
     denied: dict[str, int] = field(default_factory=dict)
     """Proposed offers denied by a guardrail, by rule."""
-
-    def count(self, status: UpdateStatus) -> int:
-        return sum(1 for s in self.statuses if s is status)
+    spend_cents: dict[str, int] = field(default_factory=dict)
+    """Discount granted in this batch's offers, per campaign: what the ledger charged."""
 
 
 def stable_id(prefix: str, *parts: str) -> str:
@@ -144,10 +143,14 @@ class Proposal:
     features: dict[str, float]
     choice: PolicyChoice
     holdout: bool
+    predict: Predict
+    """The model's P(purchase) at a discount for this user, memoised per discount."""
     p_purchase: float
     model_version: str
     decision_id: str
     offer_id: str | None
+    cost_cents: int
+    """What the offer would take from the campaign's budget (0 without an offer)."""
     rules: list[str]
 
 
@@ -253,6 +256,7 @@ class DiscountEngine:
             return predictions[discount_pct]
 
         rules: list[str] = []
+        value = order_value(campaign, event, features)
         if holdout:
             choice = PolicyChoice(0.0, 1.0)
             rules.append("holdout")
@@ -260,7 +264,7 @@ class DiscountEngine:
             context = PolicyContext(
                 features=features,
                 predict=predict,
-                order_value=order_value(campaign, event, features),
+                order_value=value,
                 draw=unit_hash("draw", str(campaign.seed), decision_id),
             )
             choice = campaign.policy.choose(context)
@@ -277,10 +281,12 @@ class DiscountEngine:
             features=features,
             choice=choice,
             holdout=holdout,
+            predict=predict,
             p_purchase=predict(choice.discount_pct),
             model_version=model.version,
             decision_id=decision_id,
             offer_id=offer_id,
+            cost_cents=offer_cost_cents(choice.discount_pct, value) if offer_id else 0,
             rules=rules,
         )
 
@@ -288,9 +294,8 @@ class DiscountEngine:
         campaign, event = proposal.campaign, proposal.event
         limits = None
         if proposal.offer_id is not None:
-            value = order_value(campaign, event, proposal.features)
             limits = OfferLimits(
-                cost_cents=offer_cost_cents(proposal.choice.discount_pct, value),
+                cost_cents=proposal.cost_cents,
                 cooldown_ms=campaign.cooldown_ms,
                 max_per_day=campaign.max_offers_per_day,
                 budget_cents=campaign.daily_budget_cents,
@@ -324,8 +329,10 @@ class DiscountEngine:
             propensity = 1.0
             rules.append(f"denied:{decided.denied_by}")
             result.denied[decided.denied_by] = result.denied.get(decided.denied_by, 0) + 1
-            p_purchase = self.model.predict(proposal.features, 0.0)
+            p_purchase = proposal.predict(0.0)
         if offer_id is not None:
+            spent = result.spend_cents.get(campaign.name, 0)
+            result.spend_cents[campaign.name] = spent + proposal.cost_cents
             reasons = self.model.contributions(proposal.features, discount)
             result.offers.append(
                 {

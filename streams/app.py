@@ -22,7 +22,7 @@ from typing import Any
 import faust
 import redis.asyncio as aioredis
 
-from engine.campaigns import Campaign, default_campaigns, load_campaigns
+from engine.campaigns import default_campaigns, load_campaigns
 from engine.pipeline import DiscountEngine, EngineConfig
 from streams.decode import DecodeLimits, RawRecord
 from streams.lag import LagProbe
@@ -74,7 +74,6 @@ class Runtime:
     settings: Settings
     redis: aioredis.Redis
     engine: DiscountEngine
-    campaigns: tuple[Campaign, ...]
     reloader: ModelReloader | None
     """Picks up models the learner publishes; None without a model key (no hot reload)."""
     metrics: WorkerMetrics
@@ -129,7 +128,6 @@ def bootstrap(
         settings=settings,
         redis=client,
         engine=engine,
-        campaigns=campaigns,
         reloader=reloader,
         metrics=metrics,
     )
@@ -269,6 +267,4 @@ def create_app(runtime: Runtime) -> faust.App:
             await status.probe.close()
 
     app.on_before_shutdown.connect(close_probe)  # type: ignore[arg-type]
-    app.dealstream_worker = worker  # type: ignore[attr-defined]
-    app.dealstream_status = status  # type: ignore[attr-defined]
     return app

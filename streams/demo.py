@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer
 
 from streams.kafka_io import check_kafka, check_redis, ensure_topics
-from streams.lag import consumer_lag
+from streams.lag import LagProbe, total_lag
 from streams.settings import Settings
 from streams.simulate import simulate_to_kafka
 
@@ -105,6 +105,7 @@ async def _demo(settings: Settings, duration_s: float, rate: float, users: int) 
     )
     await consumer.start()
     await consumer.seek_to_end()
+    probe = LagProbe(settings.kafka_bootstrap)  # one set of clients for every summary line
     run_id = int(time.time())  # fresh users each run: no cooldowns left over from the last
     events_total = max(1, int(rate * duration_s)) if duration_s > 0 else 10**12
     simulator = asyncio.create_task(
@@ -140,10 +141,8 @@ async def _demo(settings: Settings, duration_s: float, rate: float, users: int) 
                         print(_format_offer(orjson.loads(record.value)))
             now = time.monotonic()
             if now >= next_summary:
-                lags = await consumer_lag(
-                    settings.kafka_bootstrap, settings.group_id, settings.topics.events
-                )
-                committed = sum(p.committed or 0 for p in lags)
+                lags = await probe.measure(settings.group_id, settings.topics.events)
+                committed = sum(p.position for p in lags)
                 consumed_rate = (
                     (committed - last_committed) / (now - last_summary)
                     if last_committed is not None
@@ -152,7 +151,7 @@ async def _demo(settings: Settings, duration_s: float, rate: float, users: int) 
                 print(
                     f"summary t={now - started:5.0f}s events/s={consumed_rate:7.1f} "
                     f"offers={offers_seen} (+{offers_seen - last_offers}) "
-                    f"lag={sum(p.lag for p in lags)}"
+                    f"lag={total_lag(lags)}"
                 )
                 last_offers, last_committed, last_summary = offers_seen, committed, now
                 next_summary = now + SUMMARY_EVERY_S
@@ -161,6 +160,7 @@ async def _demo(settings: Settings, duration_s: float, rate: float, users: int) 
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await simulator
         await consumer.stop()
+        await probe.close()
         for process in (worker, learner):
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import orjson
 
-from engine.pipeline import BatchResult, DiscountEngine, Incoming, offer_cost_cents, order_value
+from engine.pipeline import BatchResult, DiscountEngine, Incoming
 from engine.store import UpdateStatus
 from streams.decode import DeadLetter, DecodeLimits, RawRecord, decode_record
 from streams.metrics import WorkerMetrics
@@ -80,30 +80,6 @@ _STATUS_FIELD = {
 }
 
 
-def offer_spend_cents(
-    engine: DiscountEngine, incoming: Sequence[Incoming], result: BatchResult
-) -> dict[str, int]:
-    """The discount granted in a batch's offers, per campaign, in cents: what the ledger
-    charged to each campaign's daily budget (the engine's ``offer_cost_cents``)."""
-    events = {item.event.event_id: item.event for item in incoming}
-    campaigns = {campaign.name: campaign for campaign in engine.campaigns}
-    spend: Counter[str] = Counter()
-    for decision in result.decisions:
-        if decision.get("offer_id") is None:
-            continue
-        campaign = campaigns.get(str(decision["campaign"]))
-        event = events.get(str(decision["trigger_event_id"]))
-        features = decision.get("features")
-        discount = decision.get("discount_pct")
-        if campaign is None or event is None or not isinstance(features, Mapping):
-            continue
-        if not isinstance(discount, int | float):
-            continue
-        value = order_value(campaign, event, dict(features))
-        spend[campaign.name] += offer_cost_cents(discount, value)
-    return dict(spend)
-
-
 class BatchWorker:
     """Runs one micro-batch of raw records through the engine and sends what comes out.
 
@@ -158,7 +134,7 @@ class BatchWorker:
             dead,
             type_of=self.topics.event_type_of,
             now_ms=self._wall_clock_ms(),
-            spend_cents=offer_spend_cents(self.engine, incoming, result) if result.offers else {},
+            spend_cents=result.spend_cents,
         )
         return result
 

@@ -208,9 +208,14 @@ async def clean_up(services: Services, isolation: Isolation) -> None:
 
 
 async def produce_events(
-    services: Services, topics: Topics, events: Iterable[Mapping[str, Any]]
+    services: Services,
+    topics: Topics,
+    events: Iterable[Mapping[str, Any]],
+    *,
+    raw: Iterable[tuple[str, bytes, bytes]] = (),
 ) -> int:
-    """Produce event v1 dicts as a shop would: topic by type, key = user id. Returns the count."""
+    """Produce event v1 dicts as a shop would (topic by type, key = user id), then any ``raw``
+    (topic, key, value) records, e.g. poison pills. Returns the count."""
     producer = AIOKafkaProducer(bootstrap_servers=services.kafka_bootstrap, acks="all", linger_ms=5)
     await producer.start()
     try:
@@ -219,6 +224,8 @@ async def produce_events(
             topic = f"{topics.prefix}events.{event['type']}"
             key = str(event["user_id"]).encode()
             pending.append(await producer.send(topic, orjson.dumps(event), key=key))
+        for topic, key, value in raw:
+            pending.append(await producer.send(topic, value, key=key))
         await asyncio.gather(*pending)
     finally:
         await producer.stop()

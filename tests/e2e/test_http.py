@@ -16,9 +16,7 @@ from pathlib import Path
 from shutil import which
 from typing import Any
 
-import orjson
 import pytest
-from aiokafka import AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.ledger import event_day
@@ -26,7 +24,7 @@ from engine.simulator import generate
 from streams.kafka_io import ensure_topics
 from streams.settings import Topics
 from tests.conftest import Isolation, Services
-from tests.worker_process import WorkerProcess, clean_up, worker_env
+from tests.worker_process import WorkerProcess, clean_up, produce_events, worker_env
 
 pytestmark = pytest.mark.e2e
 
@@ -128,22 +126,6 @@ def samples(text: str) -> list[tuple[str, dict[str, str], float]]:
     ]
 
 
-async def produce(services: Services, topics: Topics, events: list[dict[str, Any]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=services.kafka_bootstrap, acks="all")
-    await producer.start()
-    try:
-        for event in events:
-            await producer.send(
-                f"{topics.prefix}events.{event['type']}",
-                orjson.dumps(event),
-                key=str(event["user_id"]).encode(),
-            )
-        await producer.send(topics.browse, b"{not json", key=b"poison")  # one dead letter
-        await producer.flush()
-    finally:
-        await producer.stop()
-
-
 @pytest.fixture
 def running_worker(
     services: Services, isolation: Isolation, free_port: int, tmp_path: Path
@@ -156,7 +138,8 @@ def running_worker(
         generate(users=80, events=EVENTS, seed=5, start_ms=now_ms - 600_000, mean_gap_ms=500)
     )
     asyncio.run(ensure_topics(services.kafka_bootstrap, topics.all, partitions=2))
-    asyncio.run(produce(services, topics, events))
+    poison = (topics.browse, b"poison", b"{not json")  # one dead letter
+    asyncio.run(produce_events(services, topics, events, raw=[poison]))
     worker = WorkerProcess(
         worker_env(services, isolation, http_port=free_port, campaigns=campaigns),
         tmp_path / "worker.log",

@@ -26,7 +26,6 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaProducer
 
 from engine.prequential import PrequentialMetrics
 from engine.simulator import generate
@@ -34,7 +33,7 @@ from streams.kafka_io import ensure_topics
 from streams.model_store import ModelStore
 from streams.settings import Topics
 from tests.conftest import REPO, Isolation, Services
-from tests.worker_process import WorkerProcess, clean_up, worker_env
+from tests.worker_process import WorkerProcess, clean_up, produce_events, worker_env
 
 pytestmark = pytest.mark.e2e
 
@@ -166,22 +165,6 @@ class Prometheus:
         self.log.close()
 
 
-async def produce(services: Services, topics: Topics, events: list[dict[str, Any]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=services.kafka_bootstrap, acks="all")
-    await producer.start()
-    try:
-        for event in events:
-            await producer.send(
-                f"{topics.prefix}events.{event['type']}",
-                orjson.dumps(event),
-                key=str(event["user_id"]).encode(),
-            )
-        await producer.send(topics.search, b"[]", key=b"poison")  # one dead letter
-        await producer.flush()
-    finally:
-        await producer.stop()
-
-
 async def publish_learner_checkpoint(services: Services, isolation: Isolation) -> None:
     """What the learner writes with each snapshot: here only its prequential metrics matter."""
     metrics = PrequentialMetrics(window=100)
@@ -236,7 +219,9 @@ def test_prometheus_evaluates_every_rule_and_dashboard_expression_against_a_live
             assert time.monotonic() < deadline, "Prometheus never scraped" + prometheus.tail()
             assert prometheus.process.poll() is None, "Prometheus exited" + prometheus.tail()
             time.sleep(0.5)
-        asyncio.run(produce(services, Topics(isolation.topic_prefix), events))
+        topics = Topics(isolation.topic_prefix)
+        poison = (topics.search, b"poison", b"[]")  # one dead letter
+        asyncio.run(produce_events(services, topics, events, raw=[poison]))
 
         def consumed() -> float:
             result = query(prometheus.port, "sum(dealstream_events_consumed_total)")
