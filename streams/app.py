@@ -10,7 +10,6 @@ at import time.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import tempfile
@@ -256,7 +255,7 @@ def create_app(runtime: Runtime) -> faust.App:
 
     @app.timer(interval=5.0)  # type: ignore[untyped-decorator]
     async def log_progress() -> None:
-        log.info(json.dumps({"msg": "progress", **worker.counters.as_dict()}))
+        log.info("progress", extra={"counters": worker.counters.as_dict()})
 
     @app.timer(interval=REFRESH_INTERVAL_S)  # type: ignore[untyped-decorator]
     async def refresh_status() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +13,7 @@ import orjson
 from engine.errors import EngineError
 from engine.features import compute_features
 from streams.errors import StreamsError
+from streams.logs import configure_logging
 from streams.settings import Settings
 
 
@@ -176,9 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = Settings.from_env()
-        logging.basicConfig(
-            level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-        )
+        configure_logging(settings.log_level, settings.log_format)
         return int(args.handler(settings, args))
     except (StreamsError, EngineError) as exc:
         print(f"dealstream: {exc}", file=sys.stderr)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -311,7 +310,7 @@ class Learner:
         self.counters.snapshots += 1
         self._since_snapshot = 0
         self._last_snapshot = self._clock()
-        log.info(json.dumps({"msg": "snapshot", **self.status()}, allow_nan=False))
+        log.info("snapshot", extra={"status": self.status()})
         try:
             await consumer.commit(positions)
         except KafkaError as exc:  # the checkpoint in Redis is what a restart trusts

@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from streams.errors import ConfigError
+from streams.logs import LOG_FORMATS
 
 ENV_PREFIX = "DEALSTREAM_"
 
@@ -111,6 +112,8 @@ class Settings:
     max_clock_skew_s: float = 300.0
     max_message_bytes: int = 1_000_000
     log_level: str = "INFO"
+    log_format: str = "json"
+    """``json`` (one object per line, see streams/logs.py) or ``text``."""
     learn_inline: bool = False
     """Let the worker learn from its own labels (single-process setups without a learner)."""
 
@@ -162,6 +165,7 @@ class Settings:
             max_clock_skew_s=number("MAX_CLOCK_SKEW_S", defaults.max_clock_skew_s, float),
             max_message_bytes=int(number("MAX_MESSAGE_BYTES", defaults.max_message_bytes, int)),
             log_level=_log_level(get("LOG_LEVEL") or defaults.log_level),
+            log_format=_log_format(get("LOG_FORMAT") or defaults.log_format),
             learn_inline=_flag(get("LEARN_INLINE"), "LEARN_INLINE"),
         )
 
@@ -174,6 +178,13 @@ def _log_level(raw: str) -> str:
     if level not in LOG_LEVELS:
         raise ConfigError(f"{ENV_PREFIX}LOG_LEVEL={raw!r} is not one of {', '.join(LOG_LEVELS)}")
     return level
+
+
+def _log_format(raw: str) -> str:
+    fmt = raw.lower()
+    if fmt not in LOG_FORMATS:
+        raise ConfigError(f"{ENV_PREFIX}LOG_FORMAT={raw!r} is not one of {', '.join(LOG_FORMATS)}")
+    return fmt
 
 
 def _flag(raw: str | None, name: str) -> bool:

@@ -6,6 +6,7 @@ consumed = applied + redelivered + duplicates + late + dead-lettered.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -17,8 +18,11 @@ import orjson
 from engine.pipeline import BatchResult, DiscountEngine, Incoming
 from engine.store import UpdateStatus
 from streams.decode import DeadLetter, DecodeLimits, RawRecord, decode_record
+from streams.logs import DeadLetterLog, log_outputs
 from streams.metrics import WorkerMetrics
 from streams.settings import Topics
+
+log = logging.getLogger("dealstream.worker")
 
 
 class Sink(Protocol):
@@ -104,6 +108,7 @@ class BatchWorker:
         self.counters = WorkerCounters()
         self.metrics = metrics if metrics is not None else WorkerMetrics()
         self._wall_clock_ms = wall_clock_ms
+        self._dead_letter_log = DeadLetterLog(log)
 
     async def handle(self, records: Sequence[RawRecord]) -> BatchResult:
         now_ms = self._wall_clock_ms()
@@ -117,6 +122,9 @@ class BatchWorker:
                 incoming.append(decoded)
         result = await self.engine.process(incoming)
         await self._emit(result, dead)
+        if dead:
+            self._dead_letter_log.log(dead, now_ms / 1000)
+        log_outputs(log, result.offers, result.decisions)
         counters = self.counters
         counters.consumed += len(records)
         counters.batches += 1

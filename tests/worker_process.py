@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -30,19 +29,28 @@ from streams.redis_store import RedisFeatureStore
 from streams.settings import Topics
 from tests.conftest import REPO, Isolation, Services
 
-PROGRESS_PATTERN = re.compile(r'(\{"msg": "progress".*\})\s*$')
 PROGRESS_INTERVAL_S = 5.0
 """How often the worker logs its counters (``streams/app.py``)."""
 
 
-def progress(log_text: str) -> list[dict[str, Any]]:
-    """Every "progress" line of a worker log, parsed, in order."""
-    lines: list[dict[str, Any]] = []
+def log_entries(log_text: str, msg: str) -> list[dict[str, Any]]:
+    """Every JSON log line (streams/logs.py) whose ``msg`` is ``msg``, parsed, in order."""
+    entries: list[dict[str, Any]] = []
     for line in log_text.splitlines():
-        match = PROGRESS_PATTERN.search(line)
-        if match:
-            lines.append(json.loads(match.group(1)))
-    return lines
+        if not line.startswith("{"):
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("msg") == msg:
+            entries.append(entry)
+    return entries
+
+
+def progress(log_text: str) -> list[dict[str, Any]]:
+    """The counters of every "progress" line of a worker log, in order."""
+    return [entry["counters"] for entry in log_entries(log_text, "progress")]
 
 
 def dead_lettered_total(counters: Mapping[str, Any]) -> int:
@@ -105,8 +113,8 @@ class WorkerProcess:
         lines = self.log_text().splitlines()
         kept: list[str] = []
         for index, line in enumerate(lines):
-            is_progress = PROGRESS_PATTERN.search(line) is not None
-            next_is_progress = index + 1 < len(lines) and PROGRESS_PATTERN.search(lines[index + 1])
+            is_progress = '"msg":"progress"' in line
+            next_is_progress = index + 1 < len(lines) and '"msg":"progress"' in lines[index + 1]
             if not (is_progress and next_is_progress):
                 kept.append(line)
         return "\n--- worker log (tail) ---\n" + "\n".join(kept)[-chars:]

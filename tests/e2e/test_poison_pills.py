@@ -32,6 +32,7 @@ from tests.worker_process import (
     WorkerProcess,
     accounted,
     clean_up,
+    log_entries,
     read_states,
     worker_env,
 )
@@ -415,6 +416,18 @@ async def test_poison_pills_go_to_the_dlq_and_good_events_are_applied(
     assert (final["redelivered"], final["duplicates"], final["late"]) == (0, 1, 1), final
     assert final["dead_lettered"] == dict(reasons), final
     assert code == 0, f"worker exit status {code} on SIGTERM" + tail
+
+    # The log shows dead letters as JSON lines with where they came from and why, and names
+    # no user: user ids are written only when debug logging is asked for.
+    log_text = worker.log_text()
+    logged = log_entries(log_text, "dead-lettered a record")
+    assert logged, "no dead letter logged" + tail
+    assert {entry["code"] for entry in logged} <= set(reasons), logged
+    assert all({"topic", "partition", "offset", "reason"} <= set(entry) for entry in logged)
+    assert any("event_id" in entry for entry in logged), logged
+    users = {m.key.decode() for m in messages if m.key}
+    named = sorted(u for u in users if f'"{u}"' in log_text)
+    assert not named, f"raw user ids in the worker log: {named}"
 
 
 @pytest.mark.parametrize("amount", [1e17, 1e20, 1e307])

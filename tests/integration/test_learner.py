@@ -28,6 +28,7 @@ from streams.model_store import ModelReloader, ModelStore
 from streams.settings import Secret, Settings
 from tests.conftest import REPO, Isolation, Services
 from tests.synthetic_training import training_examples
+from tests.worker_process import log_entries
 
 pytestmark = pytest.mark.integration
 
@@ -318,7 +319,8 @@ async def test_run_learner_stops_on_sigterm_after_publishing(
     assert process.returncode == 0, stderr
     assert await store.latest_version() == "lr-300"
     assert KEY not in stderr
-    assert '"msg": "snapshot"' in stderr and '"model_version": "lr-300"' in stderr
+    snapshots = log_entries(stderr, "snapshot")
+    assert snapshots and snapshots[-1]["status"]["model_version"] == "lr-300"
 
 
 async def wait_for_lease(client: aioredis.Redis, store: ModelStore) -> None:

@@ -32,7 +32,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -60,7 +59,7 @@ from streams.redis_ledger import RedisLedger
 from streams.redis_store import RedisFeatureStore
 from streams.settings import Topics
 from tests.conftest import REPO, Isolation, Services
-from tests.worker_process import WorkerProcess, clean_up, worker_env
+from tests.worker_process import WorkerProcess, clean_up, log_entries, worker_env
 
 pytestmark = pytest.mark.integration
 
@@ -88,7 +87,6 @@ discount_pct = 10
 triggers = ["view", "cart", "favorite"]
 decision_interval_s = {DECISION_INTERVAL_S}
 """
-SNAPSHOT_PATTERN = re.compile(r'(\{"msg": "snapshot".*\})\s*$')
 EPS = 1e-15
 """Probabilities are clipped to [EPS, 1 - EPS] for log loss, as in ``engine.prequential``."""
 
@@ -100,11 +98,7 @@ Pairs = Sequence[tuple[float, int]]
 
 def learner_snapshots(log_text: str) -> list[dict[str, Any]]:
     """Every "snapshot" line of a learner log, parsed, in order."""
-    return [
-        json.loads(match.group(1))
-        for line in log_text.splitlines()
-        if (match := SNAPSHOT_PATTERN.search(line))
-    ]
+    return [entry["status"] for entry in log_entries(log_text, "snapshot")]
 
 
 class LearnerProcess:
