@@ -75,6 +75,10 @@ async def _demo(settings: Settings, duration_s: float, rate: float, users: int) 
             "DEALSTREAM_LEARNER_SNAPSHOT_EVERY", "200"
         ),
         "DEALSTREAM_LEARNER_SNAPSHOT_INTERVAL_S": "5",
+        # The learner's /metrics next to the worker's port.
+        "DEALSTREAM_LEARNER_HTTP_PORT": os.environ.get(
+            "DEALSTREAM_LEARNER_HTTP_PORT", str(settings.http_port + 1)
+        ),
     }
     env.setdefault("DEALSTREAM_CAMPAIGNS", str(DEMO_CAMPAIGNS))
     if not env.get("DEALSTREAM_MODEL_KEY"):

@@ -21,12 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -39,52 +38,15 @@ from engine.errors import InvalidEvent
 from engine.prequential import OnlineLearner, PrequentialMetrics
 from streams.errors import ConfigError
 from streams.kafka_io import check_kafka, check_redis, ensure_topics
-from streams.model_store import DEFAULT_KEEP, LeaseLost, ModelStore, require_model_key
-from streams.settings import ENV_PREFIX, Secret, Settings
+from streams.learner_http import LearnerHealth, LearnerMetrics, learner_routes, serve_learner_http
+from streams.learner_settings import LearnerSettings
+from streams.model_store import LeaseLost, ModelStore
+from streams.settings import ENV_PREFIX, Settings
 
 log = logging.getLogger("dealstream.learner")
 
 _LOGGED_INVALID = 20
 """Invalid training records logged one by one; later ones only count."""
-
-
-@dataclass(frozen=True, slots=True)
-class LearnerSettings:
-    """The learner's own settings (the shared ones come from ``Settings``)."""
-
-    model_key: Secret = field(repr=False)
-    snapshot_every: int = 1000
-    snapshot_interval_s: float = 10.0
-    keep_versions: int = DEFAULT_KEEP
-    metrics_window: int = 1000
-    lease_ttl_s: float = 30.0
-    batch_max: int = 1000
-    poll_timeout_s: float = 0.2
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> LearnerSettings:
-        """``DEALSTREAM_MODEL_KEY`` (required), ``DEALSTREAM_LEARNER_SNAPSHOT_EVERY`` (1000),
-        ``DEALSTREAM_LEARNER_SNAPSHOT_INTERVAL_S`` (10)."""
-        env = os.environ if environ is None else environ
-        key = require_model_key(env)
-        every = _positive(env, "LEARNER_SNAPSHOT_EVERY", 1000, int)
-        interval = _positive(env, "LEARNER_SNAPSHOT_INTERVAL_S", 10.0, float)
-        return cls(model_key=key, snapshot_every=int(every), snapshot_interval_s=interval)
-
-
-def _positive(
-    env: Mapping[str, str], name: str, default: float, kind: type[int] | type[float]
-) -> float:
-    raw = env.get(ENV_PREFIX + name) or None
-    if raw is None:
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        raise ConfigError(f"{ENV_PREFIX}{name}={raw!r} is not a valid {kind.__name__}") from None
-    if not 0 < value < float("inf"):
-        raise ConfigError(f"{ENV_PREFIX}{name} must be a positive finite number, got {raw}")
-    return value
 
 
 @dataclass(slots=True)
@@ -139,6 +101,7 @@ class Learner:
         *,
         redis: aioredis.Redis,
         clock: Callable[[], float] = time.monotonic,
+        metrics: LearnerMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.config = learner_settings
@@ -148,6 +111,8 @@ class Learner:
         self.topic = settings.topics.training
         self.group_id = f"{settings.group_id}-learner"
         self.counters = LearnerCounters()
+        self.metrics = metrics if metrics is not None else LearnerMetrics()
+        self.health = LearnerHealth()
         self.online: OnlineLearner | None = None
         self.positions: dict[TopicPartition, int] = {}
         """Next offset to read per partition: everything before it has been learned."""
@@ -180,14 +145,20 @@ class Learner:
             finally:
                 await consumer.stop()
         finally:
+            self._lease(False)
             with contextlib.suppress(Exception):
                 await self.store.release_lease(self._token)
+
+    def _lease(self, held: bool) -> None:
+        self.health.lease_held = held
+        self.metrics.lease_held.set(1 if held else 0)
 
     async def _acquire_lease(self, stop: asyncio.Event) -> bool:
         waiting = False
         while not stop.is_set():
             if await self.store.acquire_lease(self._token, self.config.lease_ttl_s):
                 self._last_renew = self._clock()
+                self._lease(True)
                 return True
             if not waiting:
                 log.warning(
@@ -236,6 +207,7 @@ class Learner:
             raise ConfigError(f"topic {self.topic} does not exist; run `dealstream topics`")
         assigned = [TopicPartition(self.topic, p) for p in partitions]
         consumer.assign(assigned)
+        self.health.assigned = len(assigned)
         for tp in assigned:
             if tp in self.positions:
                 consumer.seek(tp, self.positions[tp])
@@ -256,6 +228,7 @@ class Learner:
                     self._learn(tp, record)
                     if self._since_snapshot >= self.config.snapshot_every:
                         await self._snapshot(consumer)
+            self._observe_lag(consumer)
             now = self._clock()
             if (
                 self._since_snapshot
@@ -265,6 +238,15 @@ class Learner:
             elif now - self._last_renew >= self.config.lease_ttl_s / 3:
                 await self._renew()
 
+    def _observe_lag(self, consumer: AIOKafkaConsumer) -> None:
+        """Records not yet learned per partition, from the fetcher's high watermarks."""
+        lags: dict[int, int] = {}
+        for tp in consumer.assignment():
+            end = consumer.highwater(tp)
+            if end is not None:
+                lags[tp.partition] = end - self.positions.get(tp, end)
+        self.metrics.observe_lag(lags)
+
     def _learn(self, tp: TopicPartition, record: ConsumerRecord[Any, Any]) -> None:
         assert self.online is not None
         self.counters.consumed += 1
@@ -272,6 +254,7 @@ class Learner:
             self.online.learn(orjson.loads(record.value or b""))
         except (InvalidEvent, orjson.JSONDecodeError) as exc:
             self.counters.invalid += 1
+            self.metrics.records.labels(result="invalid").inc()
             # The first few are logged; the count is in every snapshot line.
             level = logging.WARNING if self.counters.invalid <= _LOGGED_INVALID else logging.DEBUG
             log.log(
@@ -284,6 +267,7 @@ class Learner:
             )
         else:
             self.counters.learned += 1
+            self.metrics.records.labels(result="learned").inc()
         self.positions[tp] = record.offset + 1
         self._since_snapshot += 1
 
@@ -310,7 +294,10 @@ class Learner:
         self.counters.snapshots += 1
         self._since_snapshot = 0
         self._last_snapshot = self._clock()
-        log.info("snapshot", extra={"status": self.status()})
+        status = self.status()
+        self.metrics.observe_snapshot(time.time())
+        self.metrics.observe_status(status)
+        log.info("snapshot", extra={"status": status})
         try:
             await consumer.commit(positions)
         except KafkaError as exc:  # the checkpoint in Redis is what a restart trusts
@@ -352,7 +339,21 @@ async def _main(settings: Settings, config: LearnerSettings) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         learner = Learner(settings, config, redis=client)
-        await learner.run(stop)
+        runner = None
+        if config.http_port:
+            routes = learner_routes(learner.metrics, learner.health, learner.status)
+            try:
+                runner = await serve_learner_http(routes, config.http_port)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot serve the learner's /metrics on port {config.http_port} ({exc}); "
+                    f"set {ENV_PREFIX}LEARNER_HTTP_PORT to a free port, or 0 for none"
+                ) from None
+        try:
+            await learner.run(stop)
+        finally:
+            if runner is not None:
+                await runner.cleanup()
         return 0
     finally:
         await client.aclose()

@@ -164,8 +164,12 @@ class WorkerProcess:
 
 
 def worker_env(services: Services, isolation: Isolation, **settings: object) -> dict[str, str]:
-    """The worker's environment: the test's isolation plus ``DEALSTREAM_<NAME>`` settings."""
+    """The worker's environment: the test's isolation plus ``DEALSTREAM_<NAME>`` settings.
+
+    A learner started with the same environment serves no HTTP endpoint unless asked
+    (``learner_http_port=...``): tests run side by side and must not fight over its port."""
     env = isolation.env(services)
+    env["DEALSTREAM_LEARNER_HTTP_PORT"] = "0"
     env.update({f"DEALSTREAM_{name.upper()}": str(value) for name, value in settings.items()})
     return env
 

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
@@ -279,7 +282,11 @@ async def test_snapshots_that_do_not_verify_are_refused(
 
 
 async def test_run_learner_stops_on_sigterm_after_publishing(
-    services: Services, isolation: Isolation, settings: Settings, redis_client: aioredis.Redis
+    services: Services,
+    isolation: Isolation,
+    settings: Settings,
+    redis_client: aioredis.Redis,
+    free_port: int,
 ) -> None:
     await produce(settings, encoded(300, seed=3))
     env = {
@@ -289,12 +296,14 @@ async def test_run_learner_stops_on_sigterm_after_publishing(
         "DEALSTREAM_MODEL_KEY": KEY,
         "DEALSTREAM_LEARNER_SNAPSHOT_EVERY": "100000",
         "DEALSTREAM_LEARNER_SNAPSHOT_INTERVAL_S": "3600",
+        "DEALSTREAM_LEARNER_HTTP_PORT": str(free_port),
     }
     code = (
-        "import logging, sys\n"
+        "import sys\n"
+        "from streams.logs import configure_logging\n"
         "from streams.settings import Settings\n"
         "from streams.learner import run_learner\n"
-        "logging.basicConfig(level='INFO')\n"
+        "configure_logging('INFO', 'json')\n"
         "sys.exit(run_learner(Settings.from_env()))\n"
     )
     process = subprocess.Popen(
@@ -310,7 +319,14 @@ async def test_run_learner_stops_on_sigterm_after_publishing(
         # Nothing is published before the interval; wait for the learner to hold its lease
         # and the group to have consumed, then ask it to stop: it publishes on the way out.
         await wait_for_lease(redis_client, store)
-        await asyncio.sleep(2.0)
+        # Its /metrics counts what it learned; /ready says it holds the lease.
+        base = f"http://127.0.0.1:{free_port}"
+        learned = await wait_for_metric(base, 'dealstream_learner_records_total{result="learned"}')
+        assert learned == 300
+        ready, body = await asyncio.to_thread(http_get, base + "/ready")
+        assert ready == 200 and json.loads(body)["checks"]["lease"]["ok"], body
+        exposition = (await asyncio.to_thread(http_get, base + "/metrics"))[1]
+        assert 'dealstream_learner_lag{partition="0"} 0.0' in exposition, exposition
         process.send_signal(signal.SIGTERM)
         _, stderr = await asyncio.to_thread(process.communicate, timeout=60)
     finally:
@@ -321,6 +337,32 @@ async def test_run_learner_stops_on_sigterm_after_publishing(
     assert KEY not in stderr
     snapshots = log_entries(stderr, "snapshot")
     assert snapshots and snapshots[-1]["status"]["model_version"] == "lr-300"
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status), response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+async def wait_for_metric(base: str, sample: str, timeout_s: float = 60.0) -> float:
+    """The value of ``sample`` on the learner's /metrics once it stops changing upward."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    last: float | None = None
+    while asyncio.get_running_loop().time() < deadline:
+        try:
+            _, text = await asyncio.to_thread(http_get, base + "/metrics")
+        except OSError:
+            await asyncio.sleep(0.2)
+            continue
+        values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(sample)]
+        if values and values[0] == last and last > 0:
+            return last
+        last = values[0] if values else None
+        await asyncio.sleep(0.5)
+    pytest.fail(f"{sample} did not settle on {base}/metrics (last value {last})")
 
 
 async def wait_for_lease(client: aioredis.Redis, store: ModelStore) -> None:

@@ -6,6 +6,7 @@ import pytest
 
 from streams.errors import ConfigError
 from streams.learner import LearnerSettings, _parse_offsets
+from streams.learner_http import LearnerHealth, LearnerMetrics
 from streams.model_store import model_key_from_env, require_model_key
 
 KEY = "0123456789abcdef-secret"
@@ -70,3 +71,38 @@ def test_checkpoint_offsets_parse_and_ignore_garbage() -> None:
         ("p.training", 2): 0,
     }
     assert _parse_offsets(None) == {}
+
+
+def test_the_learner_http_port_defaults_to_6067_and_0_turns_it_off() -> None:
+    base = {"DEALSTREAM_MODEL_KEY": KEY}
+    assert LearnerSettings.from_env(base).http_port == 6067
+    assert LearnerSettings.from_env({**base, "DEALSTREAM_LEARNER_HTTP_PORT": "0"}).http_port == 0
+    for bad in ("-1", "70000", "http"):
+        with pytest.raises(ConfigError, match="LEARNER_HTTP_PORT"):
+            LearnerSettings.from_env({**base, "DEALSTREAM_LEARNER_HTTP_PORT": bad})
+
+
+def test_learner_metrics_show_the_model_and_nan_while_quality_is_undefined() -> None:
+    metrics = LearnerMetrics()
+    metrics.observe_status(
+        {"model_version": "lr-42", "examples_learned": 42, "auc": 0.75, "log_loss": None}
+    )
+    metrics.observe_snapshot(1_700_000_000.0)
+    metrics.observe_lag({0: 5, 1: -1})
+    text = metrics.exposition().decode()
+    assert 'dealstream_learner_model_info{version="lr-42"} 1.0' in text
+    assert "dealstream_learner_model_examples 42.0" in text
+    assert "dealstream_learner_auc 0.75" in text
+    assert "dealstream_learner_log_loss NaN" in text
+    assert "dealstream_learner_snapshots_total 1.0" in text
+    assert 'dealstream_learner_lag{partition="0"} 5.0' in text
+    assert 'dealstream_learner_lag{partition="1"} 0.0' in text
+
+
+def test_learner_readiness_needs_the_lease_and_the_partitions() -> None:
+    health = LearnerHealth()
+    ready, body = health.readiness()
+    assert not ready and not body["checks"]["lease"]["ok"]
+    health.lease_held, health.assigned = True, 4
+    ready, body = health.readiness()
+    assert ready and body["checks"]["partitions"]["detail"].startswith("4 partition")
