@@ -1,0 +1,179 @@
+"""Golden runs: the engine's full output for a frozen 20,300-event stream must never change.
+
+The hot path is optimised for speed (features, model, policies, store, ledger); these digests
+were recorded from the straightforward implementation before any optimisation, so a speed-up
+that changes one feature value, one decision, one offer, one training example or one bit of
+the model's learned weights fails here. Each digest is the sha256 of the canonical JSON of
+every batch's output (statuses, offers, decisions, training, denials, spend) plus the final
+model's weights, intercept and version. Floats are compared exactly (no rounding).
+
+The input (``tests/fixtures/golden_events.jsonl.gz``) is frozen: see
+``tests/fixtures/make_golden_events.py``. It carries duplicates, redeliveries, late events,
+purchases redeeming offers and three topics over two partitions each, spanning 61 hours.
+
+Set ``DEALSTREAM_GOLDEN_DUMP=<dir>`` to write each run's canonical JSON there, to diff a
+failing run against a trusted one.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import tomllib
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from engine.campaigns import Campaign, default_campaigns, load_campaigns, parse_campaigns
+from engine.events import Event, parse_event
+from engine.pipeline import DiscountEngine, EngineConfig, Incoming
+from engine.store import InMemoryFeatureStore, Position
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURE = ROOT / "tests" / "fixtures" / "golden_events.jsonl.gz"
+
+EXTRA_CAMPAIGNS = """
+[[campaign]]
+name = "late-linear"
+policy = "linear"
+a = 30
+b = -5
+max_discount_pct = 25
+triggers = ["view", "favorite", "search"]
+decision_interval_s = 300
+cooldown_s = 1800
+max_offers_per_day = 2
+daily_budget = 40.0
+holdout = 0.2
+seed = 3
+
+[[campaign]]
+name = "loyal-rules"
+policy = "rules"
+rules = [
+  { feature = "purchase_frequency_30d", op = ">=", value = 1, discount_pct = 15 },
+  { feature = "cart_count_24h", op = ">", value = 2, discount_pct = 5 },
+]
+customers = "returning"
+max_discount_pct = 10
+decision_interval_s = 60
+
+[[campaign]]
+name = "electronics-profit"
+policy = "profit"
+ladder = [0, 5, 10, 20, 30]
+margin = 0.35
+epsilon = 0.25
+categories = ["electronics", "books", "toys"]
+customers = "all"
+decision_interval_s = 120
+max_offers_per_day = 3
+daily_budget = 150.0
+default_order_value = 35.0
+seed = 9
+"""
+
+GOLDEN: dict[str, str] = {
+    "default": "70b66e1e79694bb3a6466fb1bef614a466e9ccdac56ea4957e20bce4914c4754",
+    "demo": "d6bcde457e25c40949c34bf943b702159eb21da388152ccba47b58acc73f6256",
+    "extra": "8e036e2f0af5e77a76dabe9cbf20c1c2a2633e32e80e411d30796cadc3c251bd",
+    "demo-batched-labels": "e19fe8dddd70cdec378b3094a675184cb50bf2590e05a60efb4f91b48160ccd4",
+}
+"""sha256 of each run's canonical output, recorded before the hot path was optimised."""
+
+
+@cache
+def golden_input() -> tuple[tuple[Event, Position], ...]:
+    lines = gzip.decompress(FIXTURE.read_bytes()).splitlines()
+    out: list[tuple[Event, Position]] = []
+    for line in lines:
+        record = orjson.loads(line)
+        source, partition, offset = record["position"]
+        out.append((parse_event(record["event"]), Position(source, partition, offset)))
+    return tuple(out)
+
+
+def campaigns(name: str) -> tuple[Campaign, ...]:
+    if name == "default":
+        return default_campaigns()
+    if name == "extra":
+        return parse_campaigns(tomllib.loads(EXTRA_CAMPAIGNS))
+    return load_campaigns(ROOT / "deploy" / "campaigns" / "demo.toml")
+
+
+async def canonical_run(
+    name: str, *, batch: int = 500, positions: bool = True, learn_inline: bool = True
+) -> bytes:
+    engine = DiscountEngine(
+        InMemoryFeatureStore(),
+        campaigns=campaigns(name),
+        config=EngineConfig(learn_inline=learn_inline),
+    )
+    stream = golden_input()
+    batches: list[dict[str, Any]] = []
+    for start in range(0, len(stream), batch):
+        items = [
+            Incoming(event, position if positions else None)
+            for event, position in stream[start : start + batch]
+        ]
+        result = await engine.process(items)
+        batches.append(
+            {
+                "statuses": [int(status) for status in result.statuses],
+                "offers": result.offers,
+                "decisions": result.decisions,
+                "training": result.training,
+                "denied": result.denied,
+                "spend_cents": result.spend_cents,
+            }
+        )
+    classifier = engine.model._classifier
+    final = {
+        "clock_ms": engine.clock_ms,
+        "version": engine.model.version,
+        "weights": {str(k): float(v) for k, v in classifier.weights.items()},
+        "intercept": float(classifier.intercept),
+        "pending": await engine.ledger.pending_count(),
+    }
+    return orjson.dumps({"batches": batches, "final": final}, option=orjson.OPT_SORT_KEYS)
+
+
+RUNS: dict[str, dict[str, Any]] = {
+    "default": {"name": "default"},
+    "demo": {"name": "demo", "batch": 1000},
+    "extra": {"name": "extra", "batch": 333},
+    "demo-batched-labels": {"name": "demo", "positions": False, "learn_inline": False},
+}
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+async def test_engine_output_matches_the_golden_digest(run: str) -> None:
+    document = await canonical_run(**RUNS[run])
+    dump = os.environ.get("DEALSTREAM_GOLDEN_DUMP")
+    if dump:
+        Path(dump).mkdir(parents=True, exist_ok=True)
+        (Path(dump) / f"{run}.json").write_bytes(document)
+    assert hashlib.sha256(document).hexdigest() == GOLDEN[run]
+
+
+async def test_golden_runs_exercise_the_paths_they_guard() -> None:
+    """The digests only prove something if the stream reaches every branch that matters."""
+    runs = {run: orjson.loads(await canonical_run(**RUNS[run])) for run in ("demo", "extra")}
+    statuses = {s for b in runs["demo"]["batches"] for s in b["statuses"]}
+    assert statuses == {0, 1, 2, 3}  # applied, redelivered, duplicate, late
+    for document in runs.values():
+        batches = document["batches"]
+        assert sum(len(b["offers"]) for b in batches) > 50
+        assert sum(len(b["training"]) for b in batches) > 500
+        labels = {t["label"] for b in batches for t in b["training"]}
+        assert labels == {0, 1}
+    denied = {rule for b in runs["extra"]["batches"] for rule in b["denied"]}
+    assert {"budget", "cooldown", "max_offers_per_day"} <= denied
+    decisions = [d for b in runs["extra"]["batches"] for d in b["decisions"]]
+    assert {d["policy"] for d in decisions} == {"linear", "rules", "profit"}
+    assert any(d["holdout"] for d in decisions)
+    assert any(d["explore"] for d in decisions)
