@@ -169,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=200.0, help="simulated events/s")
     demo.add_argument("--users", type=int, default=300)
     demo.set_defaults(handler=_cmd_demo)
+
+    from streams.ope_cli import add_ope_parser
+
+    add_ope_parser(sub)
     return parser
 
 
