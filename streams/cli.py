@@ -14,6 +14,7 @@ from engine.errors import EngineError
 from engine.features import compute_features
 from streams.errors import StreamsError
 from streams.logs import configure_logging
+from streams.replay import add_arguments as add_replay_arguments
 from streams.settings import Settings
 
 
@@ -116,6 +117,12 @@ def _cmd_lag(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    from streams.replay import run_replay
+
+    return run_replay(settings, args)
+
+
 def _cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from streams.demo import run_demo
 
@@ -149,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--kafka", action="store_true", help="produce to the event topics")
     simulate.add_argument("--rate", type=float, default=None, help="events/s (with --kafka)")
     simulate.set_defaults(handler=_cmd_simulate)
+
+    replay = sub.add_parser(
+        "replay", help="republish historic events (a data file or a topic range), resumably"
+    )
+    add_replay_arguments(replay)
+    replay.set_defaults(handler=_cmd_replay)
 
     features = sub.add_parser("features", help="print users' current feature vectors")
     features.add_argument("user_ids", nargs="+", metavar="USER_ID")

@@ -39,6 +39,7 @@ from engine.importers.base import (
     excerpt,
     first_line,
 )
+from engine.importers.dunnhumby import import_dunnhumby
 from engine.importers.jsonl import import_jsonl
 from engine.importers.otto import import_otto
 from engine.importers.taobao import BEHAVIORS, TAOBAO_WINDOW, import_taobao
@@ -60,6 +61,7 @@ __all__ = [
     "TimeWindow",
     "UnknownFormat",
     "detect_format",
+    "import_dunnhumby",
     "import_events",
     "import_jsonl",
     "import_otto",
@@ -101,6 +103,11 @@ FORMATS: Final[Mapping[str, ImportFormat]] = MappingProxyType(
             ImportFormat(
                 "otto", 'OTTO sessions JSONL: {"session", "events": [{aid, ts, type}]}', import_otto
             ),
+            ImportFormat(
+                "dunnhumby",
+                "Dunnhumby Complete Journey transactions CSV (one purchase per basket)",
+                import_dunnhumby,
+            ),
         )
     }
 )
@@ -124,6 +131,8 @@ def detect_format(path: str | os.PathLike[str]) -> str:
             is_otto = isinstance(obj, dict) and "session" in obj and "events" in obj
         return "otto" if is_otto else "jsonl"
     fields = line.split(b",")
+    if fields[0].strip() == b"household_id" and b"basket_id" in fields:
+        return "dunnhumby"
     if len(fields) == 5:
         behavior = fields[3].decode("utf-8", "replace").strip()
         if behavior in BEHAVIORS or behavior.lower().startswith("behav"):

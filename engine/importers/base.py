@@ -74,6 +74,9 @@ REJECT_REASONS: Final[dict[str, str]] = {
     "bad_session": "an OTTO line that is not {session: int, events: [...]}",
     "bad_event": "an OTTO session event that is not an object",
     "order_too_large": "an order with more distinct items than event v1 allows (500)",
+    "bad_quantity": "a quantity that is not a whole number >= 1",
+    "bad_price": "a price or sales value that is not a number from 0 to 1e12",
+    "basket_mismatch": "a basket row whose household or time differs from the basket's first row",
 }
 
 

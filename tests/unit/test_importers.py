@@ -379,7 +379,7 @@ def test_jsonl_window_is_optional() -> None:
 
 
 def test_formats_registry_and_import_events() -> None:
-    assert set(FORMATS) == {"jsonl", "taobao", "otto"}
+    assert set(FORMATS) == {"jsonl", "taobao", "otto", "dunnhumby"}
     for name, fmt in FORMATS.items():
         assert fmt.name == name and fmt.description
     run = import_events(TAOBAO_LINES, "taobao")
