@@ -129,6 +129,25 @@ def _cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     return run_demo(settings, duration_s=args.duration, rate=args.rate, users=args.users)
 
 
+def _cmd_backtest(settings: Settings, args: argparse.Namespace) -> int:
+    from engine.pipeline import EngineConfig
+    from streams.backtest_cli import run_backtest_command
+
+    return run_backtest_command(
+        input_path=args.input,
+        campaign_paths=args.campaigns,
+        out_dir=args.out,
+        seed=args.seed,
+        input_format=args.format,
+        config=EngineConfig(
+            allowed_lateness_ms=round(settings.allowed_lateness_s * 1000),
+            attribution_window_ms=round(settings.attribution_window_s * 1000),
+            learn_inline=True,
+        ),
+        batch_size=args.batch_size,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dealstream",
@@ -176,6 +195,23 @@ def build_parser() -> argparse.ArgumentParser:
     lag.add_argument("--json", action="store_true", help="one JSON document")
     lag.add_argument("--group", default=None, help="consumer group (default: DEALSTREAM_GROUP_ID)")
     lag.set_defaults(handler=_cmd_lag)
+
+    backtest = sub.add_parser(
+        "backtest", help="replay a file through the engine in-process; report.json + report.html"
+    )
+    backtest.add_argument("--in", dest="input", type=Path, required=True, help="events file")
+    backtest.add_argument(
+        "--campaigns",
+        type=Path,
+        action="append",
+        required=True,
+        help="campaigns TOML (repeat to compare files, each in its own engine)",
+    )
+    backtest.add_argument("--out", type=Path, required=True, help="output directory")
+    backtest.add_argument("--seed", type=int, default=0, help="added to every campaign's seed")
+    backtest.add_argument("--format", default=None, help="jsonl | taobao | otto (default: detect)")
+    backtest.add_argument("--batch-size", type=int, default=2000, help=argparse.SUPPRESS)
+    backtest.set_defaults(handler=_cmd_backtest)
 
     demo = sub.add_parser("demo", help="worker + simulator, printing offers as they arrive")
     demo.add_argument("--duration", type=float, default=60.0, help="seconds (0 = until Ctrl-C)")

@@ -93,6 +93,8 @@ def read_bandit_log(path: Path) -> BanditLog:
                     ) from None
     except OSError as exc:
         raise OpeError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise OpeError(f"{path} is not an Open Bandit CSV: {exc}") from None
     if not items:
         raise OpeError(f"{path} has no records")
     item = np.array(items, dtype=np.int64)

@@ -1,0 +1,402 @@
+"""``report.html``: a self-contained page rendered from ``report.json`` alone.
+
+Inline CSS and inline SVG, no JavaScript and nothing fetched, so it opens from a file, in a
+mail attachment or in CI artefacts. Every string that comes from the report (campaign names,
+file names, extra sections) is HTML-escaped. Plots carry stable ids: ``plot-calibration``,
+``plot-discounts``, ``plot-budget-burn``, ``plot-qini``, ``plot-segment-offer-rate``,
+``plot-segment-discount``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from html import escape
+from typing import Any
+
+from engine.backtest.svg import Chart, colour
+
+PLOT_IDS = (
+    "plot-calibration",
+    "plot-discounts",
+    "plot-budget-burn",
+    "plot-qini",
+    "plot-segment-offer-rate",
+    "plot-segment-discount",
+)
+DAY_MS = 24 * 3600 * 1000
+HOUR_MS = 3600 * 1000
+SEGMENT_WIDTH = 1136
+"""Segment plots span the page: up to 16 segments side by side."""
+
+CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;background:#fff}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;
+text-align:right}th{background:#f3f3f3}td.l,th.l{text-align:left}
+.meta{color:#555}.plots{display:flex;flex-wrap:wrap;gap:16px}
+svg.plot{font-size:11px;border:1px solid #eee;background:#fff}
+svg .chart-title{font-size:13px;font-weight:600}svg .axis{fill:#444}svg .empty{fill:#999}
+.note{color:#666;font-size:12px;max-width:1150px}
+"""
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "&#8211;"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:,.2f}" if abs(value) >= 1000 else f"{value:.{digits}g}"
+    return escape(str(value))
+
+
+def _pct(value: Any) -> str:
+    return "&#8211;" if value is None else f"{100 * float(value):.2f} %"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], table_id: str = "") -> str:
+    attr = f' id="{escape(table_id)}"' if table_id else ""
+    head = "".join(
+        f'<th class="{"l" if i == 0 else ""}">{escape(h)}</th>' for i, h in enumerate(headers)
+    )
+    body = "".join(
+        "<tr>"
+        + "".join(f'<td class="{"l" if i == 0 else ""}">{cell}</td>' for i, cell in enumerate(row))
+        + "</tr>"
+        for row in rows
+    )
+    return f"<table{attr}><tr>{head}</tr>{body}</table>"
+
+
+def _campaign_rows(campaigns: Mapping[str, Any]) -> list[list[str]]:
+    rows = []
+    for key, c in campaigns.items():
+        ci = c.get("uplift_ci95")
+        uplift = _pct(c.get("uplift"))
+        if ci:
+            uplift += f" [{_pct(ci[0])}, {_pct(ci[1])}]"
+        margin = (
+            _num(c.get("incremental_margin"))
+            if c.get("incremental_margin") is not None
+            else escape(str(c.get("reason", "&#8211;")))
+        )
+        rows.append(
+            [
+                escape(key),
+                escape(str(c.get("policy"))),
+                _num(c.get("decisions")),
+                _num(c.get("offers")),
+                _pct(c.get("offer_rate")),
+                _pct(c.get("conversion_treated")),
+                _pct(c.get("conversion_holdout")),
+                uplift,
+                _num(c.get("spend")),
+                _num(c.get("committed_spend")),
+                margin,
+                _num(c.get("pending", {}).get("total")),
+            ]
+        )
+    return rows
+
+
+def calibration_plot(model: Mapping[str, Any]) -> str:
+    chart = Chart(
+        "plot-calibration",
+        "Calibration (prequential)",
+        "mean predicted P(purchase)",
+        "observed purchase rate",
+        (0.0, 1.0),
+        (0.0, 1.0),
+    )
+    chart.line([(0.0, 0.0), (1.0, 1.0)], "#999", dashed=True)
+    bins = model.get("calibration") or []
+    total = sum(b["count"] for b in bins) or 1
+    chart.line([(b["p_mean"], b["rate"]) for b in bins], colour(0))
+    for b in bins:
+        radius = 3.0 + 9.0 * (b["count"] / total) ** 0.5
+        chart.point(
+            b["p_mean"],
+            b["rate"],
+            colour(0),
+            radius,
+            f"p={b['p_mean']:.3f} rate={b['rate']:.3f} n={b['count']}",
+        )
+    chart.add_legend("model", colour(0))
+    chart.add_legend("perfect", "#999", dashed=True)
+    return chart.render(None if bins else "no labels yet")
+
+
+def discount_plot(campaigns: Mapping[str, Any]) -> str:
+    levels = sorted(
+        {
+            d["discount_pct"]
+            for c in campaigns.values()
+            for d in c["discount_distribution"]
+            if d["discount_pct"] > 0
+        }
+    )
+    counts = [
+        d["count"]
+        for c in campaigns.values()
+        for d in c["discount_distribution"]
+        if d["discount_pct"] > 0
+    ]
+    chart = Chart(
+        "plot-discounts",
+        "Offers by discount",
+        "discount %",
+        "offers",
+        (-0.5, len(levels) - 0.5),
+        (0.0, max(counts, default=1) * 1.1),
+        x_ticks=[(i, f"{v:g} %") for i, v in enumerate(levels)],
+    )
+    width = 0.8 / max(len(campaigns), 1)
+    for index, (key, c) in enumerate(campaigns.items()):
+        chart.add_legend(key, colour(index))
+        for d in c["discount_distribution"]:
+            if d["discount_pct"] > 0:
+                x0 = levels.index(d["discount_pct"]) - 0.4 + index * width
+                chart.bar(
+                    x0,
+                    x0 + width,
+                    d["count"],
+                    colour(index),
+                    f"{key}: {d['discount_pct']:g} % x {d['count']}",
+                )
+    return chart.render(None if levels else "no offers")
+
+
+def budget_plot(campaigns: Mapping[str, Any], first_ts: int | None) -> str:
+    origin = first_ts or 0
+    points = [p for c in campaigns.values() for p in c["budget_burn"]]
+    budgets = [c["daily_budget"] for c in campaigns.values() if c.get("daily_budget")]
+    top = max([p[2] for p in points] + budgets + [1.0]) * 1.1
+    end = max([(p[1] - origin) / HOUR_MS for p in points] + [1.0])
+    chart = Chart(
+        "plot-budget-burn",
+        "Budget burn (committed spend within each day)",
+        "event time (hours since the first event)",
+        "spend this day",
+        (0.0, end),
+        (0.0, top),
+    )
+    for index, (key, c) in enumerate(campaigns.items()):
+        chart.add_legend(key, colour(index))
+        by_day: dict[int, list[tuple[float, float]]] = {}
+        for day, ts, spend in c["budget_burn"]:
+            series = by_day.setdefault(day, [])
+            if not series:
+                start = max(day * DAY_MS, origin)
+                series.append(((start - origin) / HOUR_MS, 0.0))
+            series.append(((ts - origin) / HOUR_MS, spend))
+        for series in by_day.values():
+            chart.line(series, colour(index))
+        if c.get("daily_budget"):
+            chart.line(
+                [(0.0, c["daily_budget"]), (end, c["daily_budget"])], colour(index), dashed=True
+            )
+    return chart.render(None if points else "no offers")
+
+
+def qini_plot(campaigns: Mapping[str, Any]) -> str:
+    curves = {k: c["qini"]["points"] for k, c in campaigns.items() if c["qini"]["points"]}
+    values = [p[1] for pts in curves.values() for p in pts]
+    low, high = min([*values, 0.0]), max([*values, 1.0])
+    pad = (high - low) * 0.08
+    chart = Chart(
+        "plot-qini",
+        "Qini curve (ranked by recorded P(purchase))",
+        "fraction of decisions targeted",
+        "incremental conversions",
+        (0.0, 1.0),
+        (low - pad, high + pad),
+    )
+    for index, (key, pts) in enumerate(curves.items()):
+        colour_index = list(campaigns).index(key)
+        chart.line([(p[0], p[1]) for p in pts], colour(colour_index))
+        chart.line([(0.0, 0.0), (1.0, pts[-1][1])], colour(colour_index), dashed=True)
+        chart.add_legend(key, colour(colour_index))
+        del index
+    if curves:
+        chart.add_legend("random", "#999", dashed=True)
+    return chart.render(None if curves else "needs labelled treated and holdout decisions")
+
+
+def segment_plot(campaigns: Mapping[str, Any], field: str) -> str:
+    names = sorted({s["segment"] for c in campaigns.values() for s in c["segments"]})
+    values = [s[field] or 0.0 for c in campaigns.values() for s in c["segments"]]
+    scale = 100.0 if field == "offer_rate" else 1.0
+    title = "Offer rate by segment" if field == "offer_rate" else "Mean discount by segment"
+    y_label = "offer rate %" if field == "offer_rate" else "mean discount % (offers)"
+    chart_id = "plot-segment-offer-rate" if field == "offer_rate" else "plot-segment-discount"
+    chart = Chart(
+        chart_id,
+        title,
+        "segment (non-holdout decisions)",
+        y_label,
+        (-0.5, len(names) - 0.5),
+        (0.0, max([*values, 0.01]) * scale * 1.1),
+        x_ticks=[(i, _short(n)) for i, n in enumerate(names)],
+        width=SEGMENT_WIDTH,
+    )
+    width = 0.8 / max(len(campaigns), 1)
+    for index, (key, c) in enumerate(campaigns.items()):
+        chart.add_legend(key, colour(index))
+        for s in c["segments"]:
+            if s[field] is not None:
+                x0 = names.index(s["segment"]) - 0.4 + index * width
+                chart.bar(
+                    x0,
+                    x0 + width,
+                    s[field] * scale,
+                    colour(index),
+                    f"{key} {s['segment']}: {s[field] * scale:.3g} ({s['decisions']} dec.)",
+                )
+    return chart.render(None if names else "no decisions")
+
+
+def _short(segment: str) -> str:
+    """Axis label: ``customer:new`` -> ``new``, ``p_purchase:0.1-0.2`` -> ``p.1-.2``."""
+    kind, _, value = segment.partition(":")
+    return "p" + value.replace("0.", ".") if kind == "p_purchase" else value
+
+
+def _generic(value: Any) -> str:
+    """Render an extra section: a list of objects as a table, an object as nested rows."""
+    if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+        headers = list(dict.fromkeys(k for row in value for k in row))
+        rows = [[_cell(row.get(h)) for h in headers] for row in value]
+        return _table(headers, rows)
+    if isinstance(value, Mapping):
+        rows = [[escape(str(k)), _generic(v)] for k, v in value.items()]
+        return _table(["field", "value"], rows)
+    return _cell(value)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, list | Mapping):
+        return _generic(value)
+    return _num(value)
+
+
+def render_html(report: Mapping[str, Any]) -> str:
+    """The page; a pure function of the report dict."""
+    campaigns: Mapping[str, Any] = report.get("campaigns", {})
+    model: Mapping[str, Any] = report.get("model", {})
+    source = report.get("input", {})
+    span = report.get("event_time", {})
+    summary = _table(
+        [
+            "events",
+            "decisions",
+            "offers",
+            "discount spend",
+            "committed spend",
+            "pending decisions",
+            "input rate (events/s of event time)",
+        ],
+        [
+            [
+                _num(report.get("events")),
+                _num(report.get("decisions")),
+                _num(report.get("offers")),
+                _num(report.get("discount_spend")),
+                _num(report.get("committed_spend")),
+                _num(report.get("pending_decisions")),
+                _num(report.get("events_per_second")),
+            ]
+        ],
+        "summary",
+    )
+    campaign_table = _table(
+        [
+            "campaign",
+            "policy",
+            "decisions",
+            "offers",
+            "offer rate",
+            "conv. treated",
+            "conv. holdout",
+            "uplift [95 % CI]",
+            "spend",
+            "committed",
+            "incr. margin",
+            "pending",
+        ],
+        _campaign_rows(campaigns),
+        "campaigns",
+    )
+    model_table = _table(
+        ["labels", "AUC", "log loss", "ECE"],
+        [
+            [
+                _num(model.get("n_labels")),
+                _num(model.get("auc")),
+                _num(model.get("log_loss")),
+                _num(model.get("ece")),
+            ]
+        ],
+        "model",
+    )
+    ope_rows = [
+        [
+            escape(k),
+            _generic(c["ope"])
+            if c.get("ope") is not None
+            else escape(str(c.get("ope_reason", "&#8211;"))),
+        ]
+        for k, c in campaigns.items()
+    ]
+    known = {
+        "report_version",
+        "seed",
+        "batch_size",
+        "input",
+        "events",
+        "events_by_kind",
+        "event_statuses",
+        "event_time",
+        "events_per_second",
+        "decisions",
+        "offers",
+        "discount_spend",
+        "committed_spend",
+        "pending_decisions",
+        "model",
+        "models",
+        "campaigns",
+    }
+    extras = "".join(
+        f'<h2 id="section-{escape(str(name))}">{escape(str(name))}</h2>{_generic(value)}'
+        for name, value in report.items()
+        if name not in known
+    )
+    plots = "".join(
+        [
+            discount_plot(campaigns),
+            budget_plot(campaigns, span.get("first_ts")),
+            qini_plot(campaigns),
+            segment_plot(campaigns, "offer_rate"),
+            segment_plot(campaigns, "mean_discount_pct"),
+        ]
+    )
+    title = f"dealstream backtest: {source.get('file', 'input')}"
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{escape(str(title))}</title><style>{CSS}</style></head><body>"
+        f"<h1>{escape(str(title))}</h1>"
+        f'<p class="meta">sha256 {escape(str(source.get("sha256", "&#8211;")))} · seed '
+        f"{_num(report.get('seed'))} · event time {_num(span.get('span_s'))} s · "
+        f"report v{_num(report.get('report_version'))}</p>"
+        f"<h2>Summary</h2>{summary}<h2>Campaigns</h2>{campaign_table}"
+        '<p class="note">Conversion: a purchase within the attribution window labels the '
+        "decision 1. Treated = non-holdout decisions with an offer; pending decisions are "
+        "excluded from rates. Spend = discount on converted offers; committed = what the "
+        "ledger charged at issue time. See docs/backtest.md.</p>"
+        f'<h2>Model</h2>{model_table}<div class="plots">{calibration_plot(model)}</div>'
+        f'<h2>Offers, budget and uplift</h2><div class="plots">{plots}</div>'
+        f"<h2>Off-policy evaluation</h2>{_table(['campaign', 'ope'], ope_rows, 'ope')}"
+        f"{extras}</body></html>\n"
+    )

@@ -1,0 +1,278 @@
+"""The backtest loop: events in batches through one ``DiscountEngine`` per campaign set.
+
+Each campaign set (one campaigns file) runs in its own engine, with its own in-memory store,
+ledger and model, over the same events in the same order, so sets never interfere. Events
+are pulled from ``source`` lazily, ``batch_size`` at a time; after each batch the offers of
+every engine go to ``on_offers`` *before* the next batch is pulled, so a simulated world can
+react to them (closed loop).
+
+The engine's in-memory store and ledger never suspend, so each ``process`` coroutine is
+driven to completion directly, without an event loop: the loop adds no awaits of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import IO, Any, TypeVar
+
+import orjson
+
+from engine.backtest.metrics import (
+    CampaignStats,
+    ModelStats,
+    OpenDecision,
+    ScoredModel,
+    p_segment,
+)
+from engine.campaigns import Campaign
+from engine.errors import EngineError
+from engine.events import Event, PurchaseEvent
+from engine.features import event_kind
+from engine.ledger import event_day
+from engine.pipeline import (
+    BatchResult,
+    DiscountEngine,
+    EngineConfig,
+    Incoming,
+    offer_cost_cents,
+    order_value,
+)
+from engine.store import InMemoryFeatureStore, UpdateStatus
+
+DEFAULT_BATCH_SIZE = 2000
+PENDING = 2
+"""``rewards`` value of a decision whose attribution window had not closed at the end."""
+REWARD_PLACEHOLDER = b'"reward":-1'
+"""Written in place of the reward until it is known; ``finalize_decision_lines`` fills it."""
+_DUMPS_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE
+
+OffersHook = Callable[[list[dict[str, object]]], None]
+T = TypeVar("T")
+
+
+class BacktestError(EngineError):
+    """A backtest that cannot run as asked (the message says what to change)."""
+
+
+@dataclass(slots=True)
+class GroupResult:
+    """One campaign set's engine and what it measured."""
+
+    name: str
+    campaigns: tuple[Campaign, ...]
+    keys: tuple[str, ...]
+    stats: list[CampaignStats]
+    model: ModelStats
+    engine: DiscountEngine
+    open: dict[str, tuple[int, OpenDecision]] = field(default_factory=dict)
+    """Decisions waiting for their label: decision id -> (campaign index, details)."""
+    by_name: dict[str, int] = field(default_factory=dict)
+
+    def pending_by_campaign(self) -> list[dict[str, int]]:
+        """Decisions whose window had not closed, per campaign: holdout / treated / untreated."""
+        counts = [{"holdout": 0, "treated": 0, "untreated": 0} for _ in self.campaigns]
+        for index, opened in self.open.values():
+            kind = "holdout" if opened[1] else "treated" if opened[2] else "untreated"
+            counts[index][kind] += 1
+        return counts
+
+
+@dataclass(slots=True)
+class BacktestResult:
+    groups: list[GroupResult]
+    events: int = 0
+    first_ts: int | None = None
+    last_ts: int | None = None
+    statuses: Counter[str] = field(default_factory=Counter)
+    """What the (first) feature store did with each event: applied, duplicate, late, ..."""
+    events_by_kind: Counter[str] = field(default_factory=Counter)
+    rewards: bytearray = field(default_factory=bytearray)
+    """Per decision, in processing order: 0/1 label, or ``PENDING``."""
+    seed: int = 0
+    batch_size: int = DEFAULT_BATCH_SIZE
+
+
+def campaign_sets(
+    campaigns: Sequence[Campaign] | Mapping[str, Sequence[Campaign]],
+) -> list[tuple[str, tuple[Campaign, ...]]]:
+    if isinstance(campaigns, Mapping):
+        sets = [(name, tuple(group)) for name, group in campaigns.items()]
+    else:
+        sets = [("", tuple(campaigns))]
+    if not sets or any(not group for _, group in sets):
+        raise BacktestError("a backtest needs at least one campaign in every campaign set")
+    return sets
+
+
+def drive(coro: Any) -> Any:
+    """Run a coroutine that never suspends (in-memory store and ledger) to its result."""
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value
+    coro.close()
+    raise BacktestError("the engine suspended: backtests need the in-memory store and ledger")
+
+
+def _new_group(
+    name: str, campaigns: tuple[Campaign, ...], seed: int, config: EngineConfig, single: bool
+) -> GroupResult:
+    seeded = tuple(dataclasses.replace(c, seed=c.seed + seed) for c in campaigns)
+    keys = tuple(c.name if single else f"{name}/{c.name}" for c in seeded)
+    model_stats = ModelStats()
+    engine = DiscountEngine(
+        InMemoryFeatureStore(), model=ScoredModel(model_stats), campaigns=seeded, config=config
+    )
+    return GroupResult(
+        name=name,
+        campaigns=seeded,
+        keys=keys,
+        stats=[CampaignStats(key) for key in keys],
+        model=model_stats,
+        engine=engine,
+        by_name={c.name: i for i, c in enumerate(seeded)},
+    )
+
+
+def _absorb(
+    group: GroupResult,
+    batch: BatchResult,
+    triggers: dict[str, Event],
+    rewards: bytearray,
+    decisions_out: IO[bytes] | None,
+) -> None:
+    """Book a batch's decisions, then its labels (a label may close a decision of this batch)."""
+    for decision in batch.decisions:
+        index = group.by_name[str(decision["campaign"])]
+        campaign, stats = group.campaigns[index], group.stats[index]
+        seq = len(rewards)
+        rewards.append(PENDING)
+        holdout = decision["holdout"] is True
+        granted = decision["offer_id"] is not None
+        discount = float(decision["discount_pct"])  # type: ignore[arg-type]
+        p_purchase = float(decision["p_purchase"])  # type: ignore[arg-type]
+        features: dict[str, float] = decision["features"]  # type: ignore[assignment]
+        event = triggers[str(decision["trigger_event_id"])]
+        stats.decisions += 1
+        if float(decision["propensity"]) < 1.0:  # type: ignore[arg-type]
+            stats.propensity_below_one += 1
+        for rule in decision["rules"]:  # type: ignore[attr-defined]
+            if rule.startswith("denied:"):
+                stats.denied[rule[7:]] = stats.denied.get(rule[7:], 0) + 1
+        segments: tuple[str, ...] = ()
+        if holdout:
+            stats.holdout_decisions += 1
+        else:
+            customer = "returning" if features.get("purchase_count_30d", 0.0) > 0 else "new"
+            segments = (
+                f"customer:{customer}",
+                f"trigger:{event_kind(event)}",
+                p_segment(p_purchase),
+            )
+            for name in segments:
+                segment = stats.segment(name)
+                segment.decisions += 1
+                if granted:
+                    segment.offers += 1
+                    segment.discount_sum += discount
+            stats.discounts[discount] = stats.discounts.get(discount, 0) + 1
+        cost, value = 0, 0.0
+        if granted:
+            value = order_value(campaign, event, features)
+            cost = offer_cost_cents(discount, value)
+            stats.offers += 1
+            ts = int(decision["ts"])  # type: ignore[call-overload]
+            stats.burn.add(event_day(ts), ts, cost)
+        group.open[str(decision["decision_id"])] = (
+            index,
+            (seq, holdout, granted, cost, value, p_purchase, segments),
+        )
+        if decisions_out is not None:
+            decision["campaign_key"] = stats.key
+            decision["reward"] = -1
+            decisions_out.write(orjson.dumps(decision, option=_DUMPS_OPTIONS))
+    for name, cents in batch.spend_cents.items():
+        group.stats[group.by_name[name]].committed_spend_cents += cents
+    for example in batch.training:
+        found = group.open.pop(str(example["decision_id"]), None)
+        if found is None:
+            continue
+        index, opened = found
+        label = int(example["label"])  # type: ignore[call-overload]
+        group.stats[index].on_label(opened, label)
+        rewards[opened[0]] = label
+
+
+def _batches(source: Iterable[T], size: int) -> Iterable[list[T]]:
+    iterator = iter(source)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+def run_backtest(
+    source: Iterable[Event],
+    campaigns: Sequence[Campaign] | Mapping[str, Sequence[Campaign]],
+    *,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    on_offers: OffersHook | None = None,
+    decisions_out: IO[bytes] | None = None,
+    config: EngineConfig | None = None,
+) -> BacktestResult:
+    """Run ``source`` through one engine per campaign set; see the package docstring."""
+    if batch_size < 1:
+        raise BacktestError(f"batch_size must be at least 1, got {batch_size}")
+    engine_config = dataclasses.replace(config or EngineConfig(), learn_inline=True)
+    sets = campaign_sets(campaigns)
+    single = len(sets) == 1
+    groups = [_new_group(name, group, seed, engine_config, single) for name, group in sets]
+    result = BacktestResult(groups=groups, seed=seed, batch_size=batch_size)
+    rewards = result.rewards
+    kinds = result.events_by_kind
+    for events in _batches(source, batch_size):
+        incoming = [Incoming(event) for event in events]
+        triggers: dict[str, Event] = {}
+        for event in events:
+            kinds[event_kind(event)] += 1
+            if not isinstance(event, PurchaseEvent):
+                triggers[event.event_id] = event
+        result.events += len(events)
+        low = min(event.ts for event in events)
+        high = max(event.ts for event in events)
+        result.first_ts = low if result.first_ts is None else min(result.first_ts, low)
+        result.last_ts = high if result.last_ts is None else max(result.last_ts, high)
+        offers: list[dict[str, object]] = []
+        for number, group in enumerate(groups):
+            batch = drive(group.engine.process(incoming))
+            if number == 0:
+                result.statuses.update(UpdateStatus(s).name.lower() for s in batch.statuses)
+            _absorb(group, batch, triggers, rewards, decisions_out)
+            if on_offers is not None:
+                for offer in batch.offers:
+                    offer["campaign_key"] = group.stats[group.by_name[str(offer["campaign"])]].key
+                offers.extend(batch.offers)
+        if on_offers is not None:
+            on_offers(offers)
+    return result
+
+
+def finalize_decision_lines(
+    lines: Iterable[bytes], rewards: bytearray, labelled: IO[bytes], pending: IO[bytes]
+) -> tuple[int, int]:
+    """Fill in each decision's reward: labelled decisions to ``labelled`` (the OPE log, reward
+    0/1), decisions still in their attribution window to ``pending`` (reward ``null``).
+
+    Returns the number of lines written to each.
+    """
+    values = (b'"reward":0', b'"reward":1', b'"reward":null')
+    written = [0, 0]
+    for seq, line in enumerate(lines):
+        reward = rewards[seq]
+        target = pending if reward == PENDING else labelled
+        target.write(line.replace(REWARD_PLACEHOLDER, values[reward], 1))
+        written[reward == PENDING] += 1
+    return written[0], written[1]
