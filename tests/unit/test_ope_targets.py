@@ -203,3 +203,54 @@ def test_decision_log_reader_counts_bad_lines() -> None:
     assert first.line == 1 and not first.denied
     assert denied.denied and denied.propensity == 1.0 and denied.line == 12
     assert log.summary()["valid"] == 2
+
+
+async def test_the_engines_own_decisions_are_a_valid_log() -> None:
+    """Decision v1 exactly as engine/pipeline.py emits it, plus the label of its training
+    example as ``reward``: every labelled decision is read, holdout and denied ones included."""
+    from engine.events import parse_event
+    from engine.pipeline import DiscountEngine, EngineConfig, Incoming
+    from engine.simulator import generate
+    from engine.store import InMemoryFeatureStore, Position
+
+    (campaign,) = campaigns(
+        '[[campaign]]\nname = "p"\npolicy = "profit"\nepsilon = 0.5\nholdout = 0.2\n'
+        "decision_interval_s = 60\nmax_offers_per_day = 2\noffer_ttl_s = 600\n"
+    )
+    config = EngineConfig(attribution_window_ms=5 * 60 * 1000)  # labels within the run
+    engine = DiscountEngine(InMemoryFeatureStore(), campaigns=(campaign,), config=config)
+    events = [
+        parse_event(orjson.loads(orjson.dumps(doc)))
+        for doc in generate(users=40, events=3000, seed=3, mean_gap_ms=2000)
+    ]
+    decisions: list[dict[str, object]] = []
+    labels: dict[str, int] = {}
+    for start in range(0, len(events), 250):
+        batch = [
+            Incoming(event, Position("events.browse", 0, start + i))
+            for i, event in enumerate(events[start : start + 250])
+        ]
+        result = await engine.process(batch)
+        decisions.extend(result.decisions)
+        labels.update({str(t["decision_id"]): int(t["label"]) for t in result.training})  # type: ignore[call-overload]
+    lines = [
+        orjson.dumps({**d, "reward": labels[str(d["decision_id"])]})
+        if str(d["decision_id"]) in labels
+        else orjson.dumps(d)
+        for d in decisions
+    ]
+    log = read_decision_log(lines)
+    assert len(log.records) == len(labels) > 100
+    assert dict(log.bad) == (
+        {"missing_reward": len(decisions) - len(labels)} if len(decisions) > len(labels) else {}
+    )
+    holdout = [r for r in log.records if r.holdout]
+    denied = [r for r in log.records if r.denied]
+    assert holdout and denied
+    assert all(r.propensity == 1.0 and r.discount_pct == 0.0 for r in holdout + denied)
+    report = estimate(log.records, CampaignsTarget((campaign,)), seed=0, n_bootstrap=50)
+    assert report.defined and report.details["records_by_kind"]["holdout"] == len(holdout)
+    # The same campaign: its holdout users get 0 % under the target too (weight 1).
+    assert report.details["records_by_kind"]["denied"] == len(denied)
+    constant = estimate(log.records, ConstantTarget(0.0), seed=0, n_bootstrap=50)
+    assert constant.supported >= len(holdout) + len(denied)
