@@ -13,6 +13,9 @@ from streams.settings import Secret, Settings
 
 log = logging.getLogger("dealstream.worker")
 
+KEEP_HANDLERS_CONFIG = {"version": 1, "disable_existing_loggers": False}
+"""A logging config that changes nothing; Faust adds back the handlers it is given."""
+
 
 def run_worker(settings: Settings, model_key: Secret | None = None) -> int:
     """Run until SIGINT/SIGTERM. Unreachable services fail fast with a one-line error.
@@ -44,7 +47,16 @@ def run_worker(settings: Settings, model_key: Secret | None = None) -> int:
         loop.close()
         raise
     app = create_app(runtime)
-    worker = faust.Worker(app, loop=loop, loglevel=settings.log_level, quiet=True)
+    # Keep the handlers the CLI configured (JSON lines, streams/logs.py): Faust would
+    # otherwise replace them with its own coloured text handler.
+    app.conf.loghandlers = list(logging.getLogger().handlers)
+    worker = faust.Worker(
+        app,
+        loop=loop,
+        loglevel=settings.log_level,
+        quiet=True,
+        logging_config=KEEP_HANDLERS_CONFIG,
+    )
     try:
         worker.execute_from_commandline()
     except SystemExit as exc:
