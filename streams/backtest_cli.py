@@ -15,13 +15,13 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import orjson
 
 from engine.backtest.html import render_html
+from engine.backtest.ope_section import ope_sections
 from engine.backtest.report import build_report, dumps_report
-from engine.backtest.runner import BacktestResult, finalize_decision_lines, run_backtest
+from engine.backtest.runner import finalize_decision_lines, run_backtest
 from engine.campaigns import Campaign, load_campaigns
 from engine.events import Event, parse_event
 from engine.importers import ImporterError, import_events
@@ -64,21 +64,9 @@ def _progress(events: Iterator[Event], started: float) -> Iterator[Event]:
         yield event
 
 
-def ope_sections(result: BacktestResult, log: Path) -> dict[str, tuple[Any, str | None]]:
-    """Per campaign key: off-policy estimates when ``engine.ope`` exists and propensities allow.
-
-    ``log`` is the finished decision log (what ``dealstream ope --log`` reads).
-    """
-    del log  # used once engine/ope.py lands
-    sections: dict[str, tuple[Any, str | None]] = {}
-    for group in result.groups:
-        for key, stats in zip(group.keys, group.stats, strict=True):
-            if not stats.propensity_below_one:
-                reason = "every logged propensity is 1 (no exploration): nothing to reweight"
-            else:
-                reason = "engine/ope.py (IPS, SNIPS, DR) is not in this tree yet"
-            sections[key] = (None, reason)
-    return sections
+def read_lines(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as handle:
+        yield from handle
 
 
 def run_backtest_command(
@@ -143,7 +131,8 @@ def run_backtest_command(
         "attribution_window_s": config.attribution_window_ms / 1000,
         "allowed_lateness_s": config.allowed_lateness_ms / 1000,
     }
-    report = build_report(result, inputs=inputs, ope=ope_sections(result, log_path))
+    ope = ope_sections(result, lambda: read_lines(log_path))
+    report = build_report(result, inputs=inputs, ope=ope)
     report_bytes = dumps_report(report)
     (out_dir / "report.json").write_bytes(report_bytes)
     (out_dir / "report.html").write_text(render_html(orjson.loads(report_bytes)), "utf-8")

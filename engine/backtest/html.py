@@ -95,20 +95,17 @@ def _campaign_rows(campaigns: Mapping[str, Any]) -> list[list[str]]:
 
 
 def _generic(value: Any) -> str:
-    """Render an extra section: a list of objects as a table, an object as nested rows."""
-    if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
-        headers = list(dict.fromkeys(k for row in value for k in row))
-        rows = [[_cell(row.get(h)) for h in headers] for row in value]
-        return _table(headers, rows)
+    """Render any JSON value: a list of objects as a table, an object as field/value rows,
+    another list as comma-separated cells, a scalar as text."""
+    if isinstance(value, list):
+        if value and all(isinstance(v, Mapping) for v in value):
+            headers = list(dict.fromkeys(k for row in value for k in row))
+            rows = [[_generic(row.get(h)) for h in headers] for row in value]
+            return _table(headers, rows)
+        return ", ".join(_generic(v) for v in value) if value else "&#8211;"
     if isinstance(value, Mapping):
         rows = [[escape(str(k)), _generic(v)] for k, v in value.items()]
         return _table(["field", "value"], rows)
-    return _cell(value)
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, list | Mapping):
-        return _generic(value)
     return _num(value)
 
 
