@@ -6,10 +6,11 @@ Each event becomes one record on ``events.<type>``: key = user_id, value = the e
 awaiting each delivery and confirmed in batches; after each confirmed batch a checkpoint
 records how far the replay got, so that an interrupted replay resumes where it stopped.
 
-Per-user order: records of one user share a key, hence a partition, and aiokafka keeps the
-order within a partition (it never has two produce requests in flight to one broker, and a
-retried batch goes back to the front of its partition's queue); the producer is idempotent.
-So a user's events arrive in the order the source yields them.
+Per-user order: records of one user share a key, hence a partition, and the order within a
+partition is kept (``streams.replay_sink``: batches of a partition are queued in order, aiokafka
+has at most one produce request in flight per broker and retries a batch at the front of its
+queue; the producer is idempotent). So a user's events arrive in the order the source yields
+them.
 
 The pieces: :func:`replay` is the loop (source -> sink, pacing, counts, checkpoint callback),
 independent of Kafka for tests; :func:`run_replay` wires the CLI options, the checkpoint file,
@@ -376,7 +377,8 @@ def run_replay(settings: Settings, args: argparse.Namespace, stderr: TextIO | No
 
 
 async def _run(settings: Settings, args: argparse.Namespace, err: TextIO) -> int:
-    from streams.kafka_io import ProducerSink, check_kafka, ensure_topics
+    from streams.kafka_io import check_kafka, ensure_topics
+    from streams.replay_sink import BatchSink
     from streams.replay_sources import FileSource, TopicSource
 
     options = ReplayOptions(
@@ -440,13 +442,13 @@ async def _run(settings: Settings, args: argparse.Namespace, err: TextIO) -> int
         checkpoint.last = last or checkpoint.last
         write_checkpoint(cp_path, checkpoint)
 
-    sink: ProducerSink | None = None
+    sink: BatchSink | None = None
     if not options.dry_run:
         await check_kafka(settings.kafka_bootstrap)
         await ensure_topics(
             settings.kafka_bootstrap, settings.topics.all, partitions=settings.partitions
         )
-        sink = ProducerSink.create(settings.kafka_bootstrap, linger_ms=20, max_batch_size=262_144)
+        sink = BatchSink(settings.kafka_bootstrap)
         await sink.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
