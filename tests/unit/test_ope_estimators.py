@@ -206,3 +206,35 @@ def test_oracle_dr_beats_ips_on_arrays() -> None:
     assert report.ips.contains(true_value) and report.dr.contains(true_value)
     ips_width = report.ips.high - report.ips.low  # type: ignore[operator]
     assert report.dr.high - report.dr.low < 0.8 * ips_width  # type: ignore[operator]
+
+
+def test_a_profit_campaign_target_is_estimated_within_its_interval() -> None:
+    """The target's distribution per decision is known (the engine's profit policy over a
+    prequential model), so its true value is sum_i sum_d pi_i(d) P(buy | x_i, d) / n."""
+    from engine.campaigns import parse_campaigns
+    from engine.ope import CampaignsTarget, TargetActions
+
+    class Precomputed:
+        description = "precomputed"
+
+        def __init__(self, actions: TargetActions) -> None:
+            self._actions = actions
+
+        def actions(self, records: object) -> TargetActions:
+            return self._actions
+
+    log = make_log(20_000, seed=1)
+    target = CampaignsTarget(
+        parse_campaigns({"campaign": [{"name": "c", "policy": "profit", "epsilon": 0.2}]})
+    )
+    actions = target.actions(log)
+    dists = actions.distributions
+    value = sum(
+        p * true_p(int(rec.features["cart_count_24h"]), d)
+        for rec, dist in zip(log, dists, strict=True)
+        if dist is not None
+        for d, p in dist.items()
+    ) / len(log)
+    report = estimate(log, Precomputed(actions), seed=0)  # the same actions, computed once
+    assert report.dr.contains(value) and report.snips.contains(value), (report, value)
+    assert report.ips.value is not None and abs(report.ips.value - value) < 0.03
