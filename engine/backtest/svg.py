@@ -169,7 +169,7 @@ class Chart:
         return (
             f'<svg id="{escape(self.chart_id)}" class="plot" role="img"'
             f' viewBox="0 0 {self.width} {HEIGHT}" width="{self.width}" height="{HEIGHT}"'
-            ' xmlns="http://www.w3.org/2000/svg">'
+            ">"
             f"<title>{title}</title>"
             f'<text x="{MARGIN_LEFT}" y="16" class="chart-title">{title}</text>'
             + "".join(body)
