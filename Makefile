@@ -50,10 +50,12 @@ lint: $(BIN)/dealstream ## ruff and mypy (strict)
 	$(BIN)/ruff format --check engine streams tests bench deploy
 	$(BIN)/mypy
 
-bench: services ## benchmarks: print figures and write bench/results/*.json
+bench: services ## benchmarks: write bench/results/*.json, print one table (BENCH_E2E_ARGS=--quick)
 	@mkdir -p bench/results
 	$(BIN)/python bench/bench_validation.py
 	$(BIN)/python bench/bench_features.py --no-in-memory
+	$(BIN)/python bench/bench_e2e.py $(BENCH_E2E_ARGS)
+	@$(BIN)/python bench/report.py
 
 clean: ## remove caches (keeps .venv and the services' state)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info

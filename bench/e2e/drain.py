@@ -1,0 +1,204 @@
+"""Drain runs: worker processes empty preloaded topics; throughput, RSS and Redis memory.
+
+A run starts the worker(s) on the preloaded topics with a fresh consumer group and a fresh
+Redis key prefix (so every run starts from empty state), polls the workers' ``/metrics``
+counters, and derives:
+
+- ``events_per_s``: preloaded events / (time of the last consumed record - time the first was
+  counted), the figure the issue asks for;
+- ``steady_events_per_s``: the rate between 10 % and 90 % consumed, which leaves out start-up
+  and the group rebalance when two workers join (used for the scaling ratio);
+- the worker's RSS after a warm-up and at the end, its CPU seconds, and Redis bytes per user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from bench.e2e.common import Names, Worker, crossing, load_average, median, wait_consumed
+
+RSS_WARMUP_EVENTS = 10_000
+MEMORY_SAMPLE_KEYS = 2_000
+
+
+@dataclass(frozen=True, slots=True)
+class DrainConfig:
+    bootstrap: str
+    redis_url: str
+    events: int
+    users_active: int
+    log_dir: Path
+    worker_env: dict[str, str]
+    stall_timeout_s: float = 120.0
+    profile: Path | None = None
+    """Where to write a py-spy profile (collapsed stacks) of the first worker, after warm-up."""
+    profile_s: int = 20
+
+
+async def _used_memory(client: aioredis.Redis) -> int:
+    info = await client.info("memory")
+    return int(info["used_memory"])
+
+
+async def redis_bytes(client: aioredis.Redis, prefix: str, users: int) -> dict[str, Any]:
+    """Bytes per active user under ``prefix``: MEMORY USAGE of a random sample of the keys,
+    scaled to the key count, by key kind (the letter after the prefix: f state, d dedup, ...)."""
+    keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=5000)]
+    rng = random.Random(7)
+    sample = rng.sample(keys, min(MEMORY_SAMPLE_KEYS, len(keys)))
+    async with client.pipeline(transaction=False) as pipe:
+        for key in sample:
+            pipe.memory_usage(key, samples=0)
+        usages = await pipe.execute()
+    kinds: dict[str, list[int]] = {}
+    for key, usage in zip(sample, usages, strict=True):
+        kind = key.decode(errors="replace")[len(prefix) :][:1] or "?"
+        kinds.setdefault(kind, []).append(int(usage or 0))
+    counts: dict[str, int] = {}
+    for key in keys:
+        kind = key.decode(errors="replace")[len(prefix) :][:1] or "?"
+        counts[kind] = counts.get(kind, 0) + 1
+    by_kind = {
+        kind: {
+            "keys": counts[kind],
+            "avg_bytes": round(sum(v) / len(v), 1),
+            "bytes_per_user": round(sum(v) / len(v) * counts[kind] / max(users, 1), 1),
+        }
+        for kind, v in sorted(kinds.items())
+    }
+    total = sum(k["bytes_per_user"] for k in by_kind.values())
+    return {"keys": len(keys), "bytes_per_user": round(total, 1), "by_kind": by_kind}
+
+
+async def drain_run(
+    config: DrainConfig, names: Names, *, target: int, timed: int, workers: int = 1
+) -> dict[str, Any]:
+    """One run with ``workers`` worker processes in one consumer group, until ``target``
+    records are consumed; throughput is timed over the first ``timed`` records (so that runs
+    of different lengths compare). Redis bytes per user are measured only when ``target`` is
+    every preloaded event (then every active user has state)."""
+    client = aioredis.Redis.from_url(config.redis_url)
+    procs = [
+        Worker(
+            names,
+            bootstrap=config.bootstrap,
+            redis_url=config.redis_url,
+            log_dir=config.log_dir,
+            extra=config.worker_env,
+        )
+        for _ in range(workers)
+    ]
+    load_start = load_average()
+    used_before = await _used_memory(client)
+    try:
+        for proc in procs:
+            proc.start()
+        rss_start: list[int] = []
+        cpu_start: list[float] = []
+        spy: list[subprocess.Popen[bytes]] = []
+
+        async def on_sample(total: int) -> None:
+            if not rss_start and total >= RSS_WARMUP_EVENTS:
+                rss_start.extend(p.rss_kib() for p in procs)
+                cpu_start.extend(p.cpu_seconds() for p in procs)
+                if config.profile is not None:
+                    spy.append(start_py_spy(procs[0].pid, config.profile, config.profile_s))
+
+        samples = await wait_consumed(
+            procs, target, timeout_s=config.stall_timeout_s, on_sample=on_sample
+        )
+        for profiler in spy:
+            await asyncio.to_thread(profiler.wait)
+        rss_end = [p.rss_kib() for p in procs]
+        cpu_end = [p.cpu_seconds() for p in procs]
+        load_end = load_average()
+        first = next(t for t, n in samples if n > 0)
+        consumed = samples[-1][1]
+        last = crossing(samples, timed)
+        t10 = crossing(samples, 0.1 * timed)
+        t90 = crossing(samples, 0.9 * timed)
+        result: dict[str, Any] = {
+            "workers": workers,
+            "events": consumed,
+            "timed_events": timed,
+            "drain_s": round(last - first, 2),
+            "events_per_s": round(timed / (last - first)),
+            "steady_events_per_s": round(0.8 * timed / (t90 - t10)),
+            "load_average": [load_start, load_end],
+        }
+        if rss_start:
+            result["rss_kib_after_warmup"] = rss_start
+            result["rss_kib_end"] = rss_end
+            result["rss_growth_pct"] = [
+                round(100 * (end - start) / start, 2)
+                for start, end in zip(rss_start, rss_end, strict=True)
+            ]
+            busy = sum(cpu_end) - sum(cpu_start)
+            result["worker_cpu_us_per_event"] = round(
+                1e6 * busy / max(consumed - RSS_WARMUP_EVENTS, 1), 1
+            )
+        if target < config.events:
+            return result
+        used_after = await _used_memory(client)
+        result["redis"] = {
+            "used_memory_delta_per_user": round(
+                (used_after - used_before) / config.users_active, 1
+            ),
+            **await redis_bytes(client, names.redis_prefix, config.users_active),
+        }
+        return result
+    finally:
+        for proc in procs:
+            await proc.stop()
+        await client.aclose()
+
+
+def start_py_spy(pid: int, out: Path, seconds: int) -> subprocess.Popen[bytes]:
+    """Sample the worker with py-spy (collapsed stacks, idle frames left out)."""
+    exe = Path(sys.executable).with_name("py-spy")
+    command = [str(exe), "record", "--pid", str(pid), "--duration", str(seconds)]
+    command += ["--format", "raw", "--output", str(out), "--rate", "200"]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+def run_names(base: Names, tag: str) -> Names:
+    """The preloaded topics with a fresh group and Redis prefix for one run."""
+    return Names(base.topic_prefix, f"{base.redis_prefix}{tag}:", f"{base.group_id}-{tag}")
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over runs of every figure the table shows."""
+
+    def med(key: str) -> float:
+        return median(r[key] for r in runs)
+
+    out: dict[str, Any] = {
+        "events_per_s": med("events_per_s"),
+        "steady_events_per_s": med("steady_events_per_s"),
+        "drain_s": med("drain_s"),
+        "runs": len(runs),
+        "load_average": [r["load_average"] for r in runs],
+    }
+    if all("worker_cpu_us_per_event" in r for r in runs):
+        out["worker_cpu_us_per_event"] = med("worker_cpu_us_per_event")
+    return out
+
+
+def memory_summary(run: dict[str, Any]) -> dict[str, Any]:
+    """RSS and Redis figures of the run that consumed every preloaded event."""
+    return {
+        "events": run["events"],
+        "rss_kib_after_warmup": run["rss_kib_after_warmup"][0],
+        "rss_kib_end": run["rss_kib_end"][0],
+        "rss_growth_pct": run["rss_growth_pct"][0],
+        "load_average": run["load_average"],
+        "redis": run["redis"],
+    }

@@ -1,0 +1,83 @@
+"""The end-to-end benchmark keeps working: its smallest mode runs against the real services.
+
+Asserts counts and structure only, never speed (figures depend on the machine and its load).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import redis.asyncio as aioredis
+from aiokafka.admin import AIOKafkaAdminClient
+
+from tests.conftest import REPO, Services
+from tests.worker_process import poll_until
+
+QUICK_EVENTS = 20_000
+
+
+async def test_quick_bench_drains_every_event_and_cleans_up(
+    services: Services, tmp_path: Path
+) -> None:
+    out = tmp_path / "e2e.json"
+    run = subprocess.run(
+        [
+            sys.executable,
+            "bench/bench_e2e.py",
+            "--quick",
+            "--bootstrap",
+            services.kafka_bootstrap,
+            "--redis-url",
+            services.redis_url,
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = orjson.loads(out.read_bytes())
+
+    assert report["mode"] == "quick"
+    assert report["machine"]["cores"] >= 1
+    assert report["preload"]["events"] == QUICK_EVENTS
+    one = report["one_worker"]["runs_detail"]
+    assert len(one) == 1 and one[0]["events"] == QUICK_EVENTS
+    assert one[0]["events_per_s"] > 0 and report["raw_consume"]["events_per_s"] > 0
+    two = report["two_workers"]["runs_detail"]
+    assert len(two) == 1 and two[0]["workers"] == 2 and two[0]["events"] == QUICK_EVENTS
+    memory = report["memory"]
+    assert memory["events"] == QUICK_EVENTS and memory["rss_kib_end"] > 0
+    # Every active user has a feature-state key ("f") and a dedup key ("d").
+    users = report["preload"]["users_active"]
+    assert memory["redis"]["by_kind"]["f"]["keys"] == users
+    assert memory["redis"]["by_kind"]["d"]["keys"] == users
+    assert set(report["latency"]) == {"200", "1000"}
+    for figures in report["latency"].values():
+        assert figures["runs"][0]["offers_in_window"] > 0
+        assert figures["p50_ms"] <= figures["p95_ms"] <= figures["p99_ms"]
+
+    # Nothing left behind on the shared services.
+    client = aioredis.Redis.from_url(services.redis_url)
+    try:
+        for prefix in report["config"]["redis_prefixes"]:
+            assert [k async for k in client.scan_iter(match=f"{prefix}*", count=1000)] == []
+    finally:
+        await client.aclose()
+    prefixes = tuple(report["config"]["topic_prefixes"])
+    admin = AIOKafkaAdminClient(bootstrap_servers=services.kafka_bootstrap)
+    await admin.start()
+    try:
+
+        async def gone() -> bool:  # topic deletion reaches the metadata asynchronously
+            return not [t for t in await admin.list_topics() if t.startswith(prefixes)]
+
+        assert await poll_until(gone, timeout_s=30), "benchmark topics left behind"
+    finally:
+        await admin.close()
