@@ -27,8 +27,8 @@ DEFAULT_BOOTSTRAP = 200
 MIN_ESS = 100.0
 """Below this effective sample size the intervals are unreliable and the report warns."""
 
-_RESAMPLE_CHUNK = 50
-"""Bootstrap replicates drawn at once: bounds memory to ~50 x n integers."""
+_RESAMPLE_CELLS = 2_000_000
+"""Bootstrap indices drawn at once (16 MB): replicates are drawn in chunks of this / n."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,8 +153,9 @@ def estimate_arrays(
     snips_s = np.empty(n_bootstrap)
     dr_s = np.empty(n_bootstrap)
     logged_s = np.empty(n_bootstrap)
-    for start in range(0, n_bootstrap, _RESAMPLE_CHUNK):
-        size = min(_RESAMPLE_CHUNK, n_bootstrap - start)
+    chunk = max(1, _RESAMPLE_CELLS // n)
+    for start in range(0, n_bootstrap, chunk):
+        size = min(chunk, n_bootstrap - start)
         index = rng.integers(0, n, size=(size, n))
         sum_w = w[index].sum(axis=1)
         sum_wr = wr[index].sum(axis=1)
