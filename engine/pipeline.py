@@ -266,6 +266,8 @@ class DiscountEngine:
                 predict=predict,
                 order_value=value,
                 draw=unit_hash("draw", str(campaign.seed), decision_id),
+                user_id=event.user_id,
+                trigger_event_id=event.event_id,
             )
             choice = campaign.policy.choose(context)
             rules.extend(choice.rules)

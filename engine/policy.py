@@ -33,6 +33,9 @@ class PolicyContext:
     """Estimated value of the order the discount applies to (currency units)."""
     draw: float
     """A uniform draw in [0, 1), deterministic per decision."""
+    user_id: str = ""
+    trigger_event_id: str = ""
+    """The decision's user and trigger event: the simulator's oracle looks its truth up by them."""
 
 
 @dataclass(frozen=True, slots=True)

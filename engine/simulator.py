@@ -14,6 +14,7 @@ import math
 import random
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 CATEGORIES: tuple[str, ...] = (
     "electronics",
@@ -61,8 +62,21 @@ def make_users(count: int, rng: random.Random, prefix: str = "u") -> list[SimUse
     return users
 
 
-def purchase_probability(user: SimUser, cart_items: int, discount_pct: float) -> float:
-    """The known response rule: P(checkout) given cart size and the best offered discount."""
+class Responsive(Protocol):
+    """What the response rule reads of a shopper (``SimUser`` here, ``engine.world.Shopper``)."""
+
+    @property
+    def propensity(self) -> float: ...
+
+    @property
+    def price_sensitivity(self) -> float: ...
+
+
+def purchase_probability(user: Responsive, cart_items: int, discount_pct: float) -> float:
+    """The known response rule: P(checkout) given cart size and the best offered discount.
+
+    ``base = 1 - (1 - propensity) ** items``; a discount d adds
+    ``price_sensitivity * d/100 * (1 - base)``; the result is capped at 0.98."""
     if cart_items <= 0:
         return 0.0
     base = 1.0 - (1.0 - user.propensity) ** cart_items

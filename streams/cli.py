@@ -48,6 +48,11 @@ def _cmd_topics(settings: Settings, args: argparse.Namespace) -> int:
 def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     from streams.simulate import simulate_to_file, simulate_to_kafka
 
+    if args.closed_loop:
+        return _simulate_closed_loop(args)
+    if args.campaigns:
+        print("dealstream: --campaigns needs --closed-loop", file=sys.stderr)
+        return 2
     if args.kafka:
         from streams.kafka_io import check_kafka, ensure_topics
 
@@ -70,6 +75,32 @@ def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     count = simulate_to_file(users=args.users, events=args.events, seed=args.seed, out=args.out)
     print(f"simulate: wrote {count} events to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _simulate_closed_loop(args: argparse.Namespace) -> int:
+    from engine.closed_loop import ClosedLoopConfig
+    from streams.simulate import format_regret_table, simulate_closed_loop_to_dir
+
+    if args.kafka or not args.campaigns or args.out is None or str(args.out) == "-":
+        print(
+            "dealstream: --closed-loop needs --campaigns FILE and --out DIR (not --kafka)",
+            file=sys.stderr,
+        )
+        return 2
+    config = ClosedLoopConfig(
+        users=args.users,
+        events=args.events,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        margin=args.margin,
+        mean_gap_ms=args.gap_ms,
+    )
+    simulation = simulate_closed_loop_to_dir(
+        campaign_files=args.campaigns, config=config, out=args.out
+    )
+    print(format_regret_table(simulation))
+    print(f"simulate: wrote {args.out / 'simulation.json'}", file=sys.stderr)
     return 0
 
 
@@ -174,6 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--out", type=Path, help="JSONL file to write ('-' for stdout)")
     target.add_argument("--kafka", action="store_true", help="produce to the event topics")
     simulate.add_argument("--rate", type=float, default=None, help="events/s (with --kafka)")
+    simulate.add_argument(
+        "--closed-loop",
+        action="store_true",
+        help="run each campaign, its oracle and a no-offer world; --out is a directory",
+    )
+    simulate.add_argument(
+        "--campaigns", type=Path, action="append", default=[], help="campaigns TOML (repeatable)"
+    )
+    simulate.add_argument("--batch-size", type=int, default=500, help="closed loop micro-batch")
+    simulate.add_argument("--margin", type=float, default=0.3, help="gross margin for scoring")
+    simulate.add_argument(
+        "--gap-ms", type=float, default=3000.0, help="closed loop: mean event gap, population"
+    )
     simulate.set_defaults(handler=_cmd_simulate)
 
     replay = sub.add_parser(

@@ -1,4 +1,8 @@
-"""``dealstream simulate``: synthetic traffic to a JSONL file or straight to Kafka."""
+"""``dealstream simulate``: the world's traffic to a JSONL file or Kafka, or a closed-loop run.
+
+Open loop, the world (``engine.world``) receives no offers; ``--closed-loop`` runs every
+campaign against its own copy of the world, with the oracle and the no-offer counterfactual,
+and writes the ``simulation`` report (``engine.closed_loop``)."""
 
 from __future__ import annotations
 
@@ -7,11 +11,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, cast
 
 import orjson
 
-from engine.simulator import generate
+from engine.campaigns import Campaign, load_campaigns
+from engine.closed_loop import ClosedLoopConfig, ClosedLoopError, simulate_closed_loop
+from engine.world import open_loop
 from streams.kafka_io import ProducerSink
 from streams.settings import Topics
 
@@ -26,7 +32,7 @@ def write_jsonl(events: Iterator[dict[str, object]], out: IO[bytes]) -> int:
 
 
 def simulate_to_file(*, users: int, events: int, seed: int, out: Path) -> int:
-    stream = generate(users=users, events=events, seed=seed)
+    stream = open_loop(users=users, events=events, seed=seed)
     if str(out) == "-":
         return write_jsonl(stream, sys.stdout.buffer)
     with out.open("wb") as handle:
@@ -51,7 +57,7 @@ async def simulate_to_kafka(
     started = time.monotonic()
     sent = 0
     try:
-        stream = generate(
+        stream = open_loop(
             users=users,
             events=events,
             seed=seed,
@@ -73,3 +79,49 @@ async def simulate_to_kafka(
     finally:
         await sink.stop()
     return sent
+
+
+def load_all_campaigns(paths: list[Path]) -> tuple[Campaign, ...]:
+    """Campaigns of several files, in order; names must be unique across them."""
+    campaigns = [campaign for path in paths for campaign in load_campaigns(path)]
+    names = [campaign.name for campaign in campaigns]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ClosedLoopError(f"campaign names must be unique across files, repeated: {duplicates}")
+    return tuple(campaigns)
+
+
+def format_regret_table(simulation: dict[str, object]) -> str:
+    """The closed-loop figures as a plain-text table (what report.html shows as a table)."""
+    header = (
+        f"{'campaign':<18} {'policy':<10} {'decisions':>9} {'offers':>7} {'incr. margin':>13}"
+        f" {'expected':>10} {'oracle':>10} {'regret':>10} {'per 1k dec.':>11}"
+    )
+    lines = [header]
+    rows = cast(list[dict[str, Any]], simulation["policies"])
+    for row in rows:
+        per_1k = row["regret_per_1000_decisions"]
+        lines.append(
+            f"{row['campaign']:<18} {row['policy']:<10} {row['decisions']:>9} {row['offers']:>7}"
+            f" {row['incremental_margin']:>13.2f} {row['expected_incremental_margin']:>10.2f}"
+            f" {row['oracle_incremental_margin']:>10.2f} {row['regret']:>10.2f}"
+            f" {'-' if per_1k is None else format(per_1k, '.2f'):>11}"
+        )
+    return "\n".join(lines)
+
+
+def simulate_closed_loop_to_dir(
+    *, campaign_files: list[Path], config: ClosedLoopConfig, out: Path
+) -> dict[str, object]:
+    """Run the closed loop and write ``out/simulation.json``; returns the simulation dict."""
+    campaigns = load_all_campaigns(campaign_files)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ClosedLoopError(f"cannot create output directory {out}: {exc.strerror}") from None
+    simulation = simulate_closed_loop(
+        campaigns, config, progress=lambda line: print(f"simulate: {line}", file=sys.stderr)
+    )
+    path = out / "simulation.json"
+    path.write_bytes(orjson.dumps(simulation, option=orjson.OPT_INDENT_2) + b"\n")
+    return simulation

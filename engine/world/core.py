@@ -1,0 +1,313 @@
+"""The world itself: shoppers' sessions merged into one event-time stream, offers received,
+checkouts decided by the known rule, and the truth an oracle reads."""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections.abc import Iterable, Iterator, Mapping
+
+from engine.simulator import DEFAULT_START_MS, QUERIES, purchase_probability
+from engine.world.shoppers import (
+    CART_P,
+    EVENTS_PER_SESSION,
+    FAVORITE_P,
+    INTRA_SESSION_GAP_MS,
+    MAX_SESSION_STEPS,
+    SEARCH_P,
+    SESSION_END_P,
+    TASTE_SLOTS,
+    Live,
+    Session,
+    Shopper,
+    Truth,
+    WorldError,
+    make_shopper,
+)
+
+
+class World:
+    """A population of shoppers producing event v1 dicts in event-time order.
+
+    ``mean_gap_ms`` is the mean event-time gap between consecutive events of the whole
+    population; each shopper's share of events follows their activity.
+    """
+
+    def __init__(
+        self,
+        *,
+        users: int,
+        seed: int,
+        start_ms: int = DEFAULT_START_MS,
+        mean_gap_ms: float = 100.0,
+        user_prefix: str = "u",
+    ) -> None:
+        if users < 1:
+            raise WorldError(f"a world needs at least one user, got {users}")
+        if not mean_gap_ms > 0 or not math.isfinite(mean_gap_ms):
+            raise WorldError(f"mean_gap_ms must be a positive number, got {mean_gap_ms}")
+        self.seed = seed
+        self._live: list[Live] = []
+        self._by_id: dict[str, int] = {}
+        for index in range(users):
+            user_id = f"{user_prefix}{index:07d}"
+            rng = random.Random(f"{seed}:{user_id}")
+            self._live.append(Live(index, make_shopper(user_id, rng), rng))
+            self._by_id[user_id] = index
+        total = math.fsum(live.shopper.activity for live in self._live)
+        self._heap: list[tuple[float, int]] = []
+        for live in self._live:
+            user_gap = mean_gap_ms * total / live.shopper.activity
+            intra = min(INTRA_SESSION_GAP_MS, user_gap / 4.0)
+            inter = EVENTS_PER_SESSION * user_gap - (EVENTS_PER_SESSION - 1.0) * intra
+            live.intra_rate, live.inter_rate = 1.0 / intra, 1.0 / inter
+            first = start_ms + live.rng.uniform(0.0, EVENTS_PER_SESSION * user_gap)
+            self._enter(live, self._plan(live, first))
+            self._heap.append((first, live.index))
+        heapq.heapify(self._heap)
+        self.clock = start_ms
+        """Event time of the latest event produced."""
+        self.produced = 0
+        self.purchases = 0
+        self.redeemed = 0
+        self.gross_cents = 0
+        """Undiscounted value of every purchase, in cents."""
+        self.paid_cents = 0
+        """What shoppers paid (after discounts), in cents."""
+        self.offers_received = 0
+        self.offers_ignored = 0
+        """Offers for users this world does not know, or with a zero discount."""
+
+    @property
+    def shoppers(self) -> list[Shopper]:
+        return [live.shopper for live in self._live]
+
+    def margin(self, margin: float) -> float:
+        """Margin earned from every purchase so far: value * margin - discounts given."""
+        return (self.gross_cents * margin - (self.gross_cents - self.paid_cents)) / 100.0
+
+    # -- sessions -------------------------------------------------------------------------------
+
+    def _plan(self, live: Live, start: float) -> Session:
+        """Draw a whole session up front: its steps never depend on offers, and sessions are
+        drawn from the shopper's stream in order, whether the truth looks ahead or not."""
+        rng = live.rng
+        table = live.table
+        ts = start
+        steps: list[tuple[object, ...]] = []
+        cart: list[tuple[str, str, float]] = []
+        viewed: tuple[str, str, float] | None = None
+        while True:
+            if rng.random() < SEARCH_P:
+                category = table[int(rng.random() * TASTE_SLOTS)] if rng.random() < 0.6 else None
+                steps.append(("s", ts, QUERIES[int(rng.random() * len(QUERIES))], category))
+            else:
+                roll = rng.random()
+                if viewed is not None and roll < CART_P:
+                    cart.append(viewed)
+                    steps.append(("b", ts, *viewed, "cart"))
+                elif viewed is not None and roll < CART_P + FAVORITE_P:
+                    steps.append(("b", ts, *viewed, "favorite"))
+                else:
+                    category = table[int(rng.random() * TASTE_SLOTS)]
+                    price = round(math.exp(rng.gauss(3.2, 0.9)), 2)
+                    viewed = (f"i{int(rng.random() * 5000):05d}", category, price)
+                    steps.append(("b", ts, *viewed, "view"))
+            if rng.random() < SESSION_END_P or len(steps) >= MAX_SESSION_STEPS:
+                break
+            ts += rng.expovariate(live.intra_rate)
+        checkout = None
+        if cart:
+            ts += rng.expovariate(live.intra_rate)
+            value = round(sum(price for _, _, price in cart), 2)
+            checkout = (int(ts), len(cart), value)
+            steps.append(("c", ts, tuple(cart), value, rng.random()))
+        live.planned += 1
+        live.planned_end = ts
+        return (live.planned, steps, checkout)
+
+    def _next_session(self, live: Live) -> Session:
+        if live.ahead:
+            return live.ahead.pop(0)
+        return self._plan(live, live.planned_end + live.rng.expovariate(live.inter_rate))
+
+    @staticmethod
+    def _enter(live: Live, session: Session) -> None:
+        live.session, live.plan, live.checkout = session
+        live.pos = 0
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def events(self, limit: int | None = None) -> Iterator[dict[str, object]]:
+        """The next ``limit`` events (all, forever, when None), lazily, in event-time order.
+
+        Offers received while this iterator is suspended affect only the events after it."""
+        heap, lives, seed = self._heap, self._live, self.seed
+        emitted = 0
+        while limit is None or emitted < limit:
+            _, index = heap[0]
+            live = lives[index]
+            step = live.plan[live.pos]
+            live.pos += 1
+            live.count += 1
+            user_id = live.shopper.user_id
+            event_id = f"sim-{seed}-{index}-{live.count}"
+            ts = int(step[1])  # type: ignore[call-overload]
+            kind = step[0]
+            event: dict[str, object]
+            if kind == "b":
+                event = {
+                    "event_id": event_id,
+                    "user_id": user_id,
+                    "ts": ts,
+                    "type": "browse",
+                    "item_id": step[2],
+                    "category": step[3],
+                    "price": step[4],
+                    "action": step[5],
+                }
+            elif kind == "s":
+                event = {
+                    "event_id": event_id,
+                    "user_id": user_id,
+                    "ts": ts,
+                    "type": "search",
+                    "query": step[2],
+                }
+                if step[3] is not None:
+                    event["category"] = step[3]
+            else:
+                event = self._checkout(live, step, event_id, ts)
+            if live.pos == len(live.plan):
+                self._enter(live, self._next_session(live))
+            heapq.heapreplace(heap, (live.plan[live.pos][1], index))  # type: ignore[misc]
+            emitted += 1
+            self.produced += 1
+            self.clock = ts
+            yield event
+
+    def _checkout(
+        self, live: Live, step: tuple[object, ...], event_id: str, ts: int
+    ) -> dict[str, object]:
+        """The known rule at work: the best valid offer raises P(buy); a purchase redeems it."""
+        _, _, cart, value, draw = step
+        assert isinstance(cart, tuple) and isinstance(value, float) and isinstance(draw, float)
+        offer = self._best_offer(live, ts)
+        discount = offer[2] if offer is not None else 0.0
+        p_buy = purchase_probability(live.shopper, len(cart), discount)
+        if draw >= p_buy:
+            # Abandoned: the shopper looks at the last cart item once more and leaves.
+            item_id, category, price = cart[-1]
+            return {
+                "event_id": event_id,
+                "user_id": live.shopper.user_id,
+                "ts": ts,
+                "type": "browse",
+                "item_id": item_id,
+                "category": category,
+                "price": price,
+                "action": "view",
+            }
+        amount = round(value * (1.0 - discount / 100.0), 2)
+        self.purchases += 1
+        self.gross_cents += round(value * 100)
+        self.paid_cents += round(amount * 100)
+        event: dict[str, object] = {
+            "event_id": event_id,
+            "user_id": live.shopper.user_id,
+            "ts": ts,
+            "type": "purchase",
+            "order_id": f"o-{event_id}",
+            "items": [
+                {"item_id": item, "category": cat, "price": price, "quantity": 1}
+                for item, cat, price in cart
+            ],
+            "amount": amount,
+        }
+        if offer is not None:
+            live.offers.remove(offer)
+            self.redeemed += 1
+            event["offer_id"] = offer[3]
+        return event
+
+    @staticmethod
+    def _best_offer(live: Live, ts: int) -> tuple[int, int, float, str] | None:
+        """The valid offer with the highest discount (the earliest issued on a tie)."""
+        if not live.offers:
+            return None
+        live.offers = [offer for offer in live.offers if offer[1] > ts]
+        valid = [offer for offer in live.offers if offer[0] <= ts]
+        if not valid:
+            return None
+        return max(valid, key=lambda offer: (offer[2], -offer[0]))
+
+    # -- the closed loop ------------------------------------------------------------------------
+
+    def receive(self, offers: Iterable[Mapping[str, object]]) -> None:
+        """Hand offers (offer v1 dicts) to their shoppers; they shape later checkouts only."""
+        for offer in offers:
+            self.offers_received += 1
+            index = self._by_id.get(str(offer.get("user_id")))
+            discount = offer.get("discount_pct")
+            issued, expires, offer_id = (
+                offer.get("issued_at"),
+                offer.get("expires_at"),
+                offer.get("offer_id"),
+            )
+            if (
+                not isinstance(discount, int | float)
+                or not isinstance(issued, int)
+                or not isinstance(expires, int)
+                or not isinstance(offer_id, str)
+            ):
+                raise WorldError(f"not an offer v1 object: {dict(offer)!r:.200}")
+            if index is None or not discount > 0:
+                self.offers_ignored += 1
+                continue
+            self._live[index].offers.append((issued, expires, float(discount), offer_id))
+
+    def truth(self, user_id: str, *, before_ms: float) -> Truth | None:
+        """The shopper's next checkout that has not happened yet, if it comes before
+        ``before_ms`` (an offer's expiry): what an offer decided now could change.
+
+        Looking ahead plans the shopper's next sessions early; they are drawn in the same
+        order either way, so asking never changes the events."""
+        index = self._by_id.get(user_id)
+        if index is None:
+            return None
+        live = self._live[index]
+        number, checkout = live.session, live.checkout
+        ahead = 0
+        while checkout is None:
+            if ahead == len(live.ahead):
+                if live.planned_end >= before_ms:
+                    return None
+                live.ahead.append(
+                    self._plan(live, live.planned_end + live.rng.expovariate(live.inter_rate))
+                )
+            number, _, checkout = live.ahead[ahead]
+            ahead += 1
+        ts, items, value = checkout
+        if ts >= before_ms:
+            return None
+        held = max((offer[2] for offer in live.offers if offer[0] <= ts < offer[1]), default=0.0)
+        return Truth(index, number, ts, items, value, held, live.shopper)
+
+
+def open_loop(
+    *,
+    users: int,
+    events: int,
+    seed: int,
+    start_ms: int = DEFAULT_START_MS,
+    mean_gap_ms: float = 100.0,
+    user_prefix: str = "u",
+) -> Iterator[dict[str, object]]:
+    """``events`` event v1 dicts from a world that receives no offers."""
+    if events < 0:
+        raise WorldError(f"the event count must not be negative, got {events}")
+    world = World(
+        users=users, seed=seed, start_ms=start_ms, mean_gap_ms=mean_gap_ms, user_prefix=user_prefix
+    )
+    return world.events(events)

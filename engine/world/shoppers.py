@@ -1,0 +1,171 @@
+"""Shoppers of the closed-loop world: latent traits, the truth at a decision, session maths."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from engine.errors import EngineError
+from engine.simulator import CATEGORIES, purchase_probability
+
+SESSION_END_P = 1 / 6
+"""Chance that a session ends after each step (geometric length, 6 steps on average)."""
+SEARCH_P = 0.25
+"""Chance that a step is a search; otherwise it is a browse."""
+CART_P = 0.25
+"""Chance that a browse step puts the item just viewed into the cart."""
+FAVORITE_P = 0.08
+"""Chance that a browse step marks the item just viewed as a favourite."""
+INTRA_SESSION_GAP_MS = 30_000.0
+"""Mean gap between two events of one session (shorter when a shopper is very active)."""
+TASTE_SLOTS = 100
+"""Category tastes are drawn from a table of this many slots (1 % resolution)."""
+MAX_SESSION_STEPS = 60
+DEAL_SEEKERS = 0.25
+"""Share of shoppers whose price sensitivity is high (1.5-4); the others' is 0-1."""
+
+
+class WorldError(EngineError):
+    """A world that cannot be built or an offer it cannot read; the message says which."""
+
+
+@dataclass(frozen=True, slots=True)
+class Shopper:
+    """A shopper's latent traits: what the oracle knows and the engine has to learn."""
+
+    user_id: str
+    propensity: float
+    """Chance that a checkout of one item ends in a purchase without a discount."""
+    price_sensitivity: float
+    """How much a 100 % discount would add to that chance (scaled by the discount)."""
+    tastes: tuple[tuple[str, float], ...]
+    """Weights over categories (summing to 1): where this shopper's views fall."""
+    activity: float
+    """Relative event rate within the population."""
+
+
+@dataclass(frozen=True, slots=True)
+class Truth:
+    """What the world knows at a decision: the shopper's next checkout and its cart."""
+
+    user_index: int
+    session: int
+    ts: int
+    """Event time of that checkout."""
+    items: int
+    value: float
+    """Undiscounted value of the cart at that checkout."""
+    held_pct: float
+    """The best discount the shopper already holds that is still valid at the checkout."""
+    shopper: Shopper
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.user_index, self.session)
+
+    def p_buy(self, discount_pct: float) -> float:
+        return purchase_probability(self.shopper, self.items, discount_pct)
+
+    def expected_incremental_margin(self, discount_pct: float, margin: float) -> float:
+        """P(buy | d) * value * (margin - d/100) - P(buy | 0) * value * margin."""
+        if not discount_pct:
+            return 0.0
+        with_offer = self.p_buy(discount_pct) * (margin - discount_pct / 100.0)
+        return self.value * (with_offer - self.p_buy(0.0) * margin)
+
+
+def events_per_session() -> float:
+    """Mean events of a session (steps plus the checkout when the cart is not empty).
+
+    States per step: no item viewed yet, an item viewed with an empty cart, a non-empty cart;
+    the length is 1 + a geometric number of further steps."""
+    browse = 1.0 - SEARCH_P
+    p_none, p_viewed, p_cart = 1.0, 0.0, 0.0
+    with_cart = 0.0
+    survive = 1.0
+    for _ in range(10_000):
+        p_none, p_viewed, p_cart = (
+            p_none * SEARCH_P,
+            p_none * browse + p_viewed * (1.0 - browse * CART_P),
+            p_cart + p_viewed * browse * CART_P,
+        )
+        with_cart += survive * SESSION_END_P * p_cart
+        survive *= 1.0 - SESSION_END_P
+        if survive < 1e-15:
+            break
+    return 1.0 / SESSION_END_P + with_cart
+
+
+EVENTS_PER_SESSION = events_per_session()
+
+
+Session = tuple[int, list[tuple[object, ...]], tuple[int, int, float] | None]
+"""(number, steps, (checkout ts, items, value) or None)."""
+
+
+class Live:
+    """A shopper's mutable state inside the world (kept small: one per user)."""
+
+    __slots__ = (
+        "ahead",
+        "checkout",
+        "count",
+        "index",
+        "inter_rate",
+        "intra_rate",
+        "offers",
+        "plan",
+        "planned",
+        "planned_end",
+        "pos",
+        "rng",
+        "session",
+        "shopper",
+        "table",
+    )
+
+    def __init__(self, index: int, shopper: Shopper, rng: random.Random) -> None:
+        self.index = index
+        self.shopper = shopper
+        self.rng = rng
+        self.table: tuple[str, ...] = taste_table(shopper.tastes)
+        self.intra_rate = 0.0
+        self.inter_rate = 0.0
+        self.plan: list[tuple[object, ...]] = []
+        self.pos = 0
+        self.session = 0
+        self.checkout: tuple[int, int, float] | None = None
+        """(ts, items, value) of the current session's checkout, if it has one."""
+        self.ahead: list[Session] = []
+        """Sessions planned beyond the current one (only when the truth looked ahead)."""
+        self.planned = 0
+        """Sessions planned so far; the last one ends at ``planned_end``."""
+        self.planned_end = 0.0
+        self.offers: list[tuple[int, int, float, str]] = []
+        """Received offers: (issued_at, expires_at, discount_pct, offer_id)."""
+        self.count = 0
+
+
+def taste_table(tastes: tuple[tuple[str, float], ...]) -> tuple[str, ...]:
+    table: list[str] = []
+    cumulative = 0.0
+    for category, weight in tastes:
+        cumulative += weight
+        table.extend([category] * (round(cumulative * TASTE_SLOTS) - len(table)))
+    table.extend([tastes[-1][0]] * (TASTE_SLOTS - len(table)))
+    return tuple(table[:TASTE_SLOTS])
+
+
+def make_shopper(user_id: str, rng: random.Random) -> Shopper:
+    """Draw a shopper's traits from their own random stream."""
+    propensity = min(0.9, rng.betavariate(1.5, 6.0))
+    deal_seeker = rng.random() < DEAL_SEEKERS
+    sensitivity = rng.uniform(1.5, 4.0) if deal_seeker else rng.uniform(0.0, 1.0)
+    favourites = rng.sample(CATEGORIES, k=rng.randint(1, 3))
+    raw = [rng.expovariate(1.0) for _ in favourites]
+    weights = dict.fromkeys(CATEGORIES, 0.2 / len(CATEGORIES))
+    for category, share in zip(favourites, raw, strict=True):
+        weights[category] += 0.8 * share / sum(raw)
+    tastes = tuple((c, round(w, 4)) for c, w in sorted(weights.items(), key=lambda cw: -cw[1]))
+    activity = rng.lognormvariate(0.0, 0.8)
+    return Shopper(user_id, propensity, sensitivity, tastes, activity)
