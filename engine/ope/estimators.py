@@ -178,9 +178,9 @@ def estimate_arrays(
         dr = _interval(float(dr_terms.mean()), dr_s)
         if ess < min_ess:
             notes.append(
-                f"effective sample size {ess:.1f} is below {min_ess:g}: the target acts unlike "
-                "the logging policy, so the estimates rest on few records and the intervals "
-                "are unreliable"
+                f"effective sample size {ess:.1f} is below {min_ess:g}: the estimates rest on "
+                "few records (a small log, or a target that acts unlike the logging policy) "
+                "and the intervals are unreliable"
             )
     return OpeReport(
         n=n,
