@@ -377,6 +377,8 @@ def run_replay(settings: Settings, args: argparse.Namespace, stderr: TextIO | No
 
 
 async def _run(settings: Settings, args: argparse.Namespace, err: TextIO) -> int:
+    from aiokafka.errors import KafkaError
+
     from streams.kafka_io import check_kafka, ensure_topics
     from streams.replay_sink import BatchSink
     from streams.replay_sources import FileSource, TopicSource
@@ -452,8 +454,17 @@ async def _run(settings: Settings, args: argparse.Namespace, err: TextIO) -> int
         await sink.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+
+    def interrupted() -> None:
+        """First signal: stop after confirming what was sent. Second: give up waiting."""
+        if stop.is_set() and task is not None:
+            task.cancel()
+        stop.set()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, interrupted)
+    failed = True
     try:
         report = await replay(
             source,
@@ -463,13 +474,27 @@ async def _run(settings: Settings, args: argparse.Namespace, err: TextIO) -> int
             resume=resume,
             on_confirmed=None if options.dry_run else on_confirmed,
             stop=stop,
-            progress=Progress(err),
+            progress=Progress(err, verb="counted" if options.dry_run else "sent"),
         )
+        failed = False
+    except asyncio.CancelledError:
+        print(
+            f"replay: aborted by a second interrupt before the last batch was confirmed; "
+            f"{checkpoint.sent:,} events are confirmed in {cp_path}; run the same command "
+            "again to resume (the unconfirmed batch may be sent twice)",
+            file=err,
+        )
+        return EXIT_INTERRUPTED
+    except KafkaError as exc:
+        raise ReplayError(
+            f"Kafka failed during the replay ({type(exc).__name__}: {exc}); {checkpoint.sent:,} "
+            f"events are confirmed in {cp_path}: run the same command again to resume"
+        ) from None
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
         if sink is not None:
-            await sink.stop()
+            await sink.stop(flush=not failed)
     print(report.summary(), file=err)
     for sample in source.reject_samples():
         print(f"  reject {sample}", file=err)

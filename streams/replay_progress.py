@@ -39,12 +39,14 @@ class Progress:
         interval_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         label: str = "replay",
+        verb: str = "sent",
     ) -> None:
         self._stream = stream
         self._tty = stream.isatty() if tty is None else tty
         self._interval = interval_s or (TTY_INTERVAL_S if self._tty else LOG_INTERVAL_S)
         self._clock = clock
         self._label = label
+        self._verb = verb
         self._started = clock()
         self._next = self._started + self._interval
         self._first_fraction: float | None = None
@@ -67,7 +69,7 @@ class Progress:
     def line(self, sent: int, event_ts: int | None, fraction: float | None, now: float) -> str:
         """The text of one progress line (without line end)."""
         elapsed = max(now - self._started, 1e-9)
-        parts = [f"{self._label}: {sent:,} sent", f"{sent / elapsed:,.0f}/s"]
+        parts = [f"{self._label}: {sent:,} {self._verb}", f"{sent / elapsed:,.0f}/s"]
         if event_ts is not None:
             parts.append(f"at {describe_ts(event_ts)}")
         if fraction is not None:

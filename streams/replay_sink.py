@@ -44,9 +44,12 @@ class BatchSink:
     async def start(self) -> None:
         await self._producer.start()
 
-    async def stop(self) -> None:
+    async def stop(self, *, flush: bool = True) -> None:
+        """Flush (unless a failure is being handled: then pending records are dropped) and
+        close the producer."""
         try:
-            await self.flush()
+            if flush:
+                await self.flush()
         finally:
             await self._producer.stop()
 

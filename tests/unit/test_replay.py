@@ -484,3 +484,31 @@ def test_cli_lists_replay() -> None:
     help_text = build_parser().format_help()
     assert "replay" in help_text
     assert isinstance(build_parser().parse_args(["replay", "--in", "x"]), argparse.Namespace)
+
+
+class FailingSink(ListSink):
+    """Delivers the first ``good`` flushes, then fails like a delivery timeout."""
+
+    def __init__(self, good: int) -> None:
+        super().__init__()
+        self.good = good
+
+    async def flush(self) -> None:
+        if self.flushes >= self.good:
+            raise ConnectionError("delivery timed out")
+        await super().flush()
+
+
+async def test_a_failed_delivery_never_reaches_the_checkpoint() -> None:
+    confirmed: list[int] = []
+    sink = FailingSink(good=2)
+    with pytest.raises(ConnectionError):
+        await replay(
+            ListSource(events()),
+            sink,
+            TOPICS,
+            ReplayOptions(batch_size=50),
+            on_confirmed=lambda pos, sent, last: confirmed.append(pos["events"]),
+        )
+    assert confirmed == [50, 100], "only the confirmed batches are checkpointed"
+    assert sink.delivered == 100 and len(sink.records) == 150
