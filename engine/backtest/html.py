@@ -23,13 +23,16 @@ from engine.backtest.plots import (
 
 CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;background:#fff}
-h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd}
+h1{font-size:22px;margin:0 0 4px}h3{font-size:15px;margin:14px 0 4px}
+h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;
 text-align:right}th{background:#f3f3f3}td.l,th.l{text-align:left}
 .meta{color:#555}.plots{display:flex;flex-wrap:wrap;gap:16px}
 svg.plot{font-size:11px;border:1px solid #eee;background:#fff}
 svg .chart-title{font-size:13px;font-weight:600}svg .axis{fill:#444}svg .empty{fill:#999}
 .note{color:#666;font-size:12px;max-width:1150px}
+#ope td{white-space:nowrap}#ope td:last-child{white-space:normal;max-width:460px;
+font-size:12px;text-align:left}
 """
 
 
@@ -109,6 +112,39 @@ def _generic(value: Any) -> str:
     return _num(value)
 
 
+def _interval(estimate: Mapping[str, Any] | None) -> str:
+    if not estimate or estimate.get("value") is None:
+        return "&#8211;"
+    return f"{_pct(estimate['value'])} [{_pct(estimate['low'])}, {_pct(estimate['high'])}]"
+
+
+def _ope_block(key: str, section: Mapping[str, Any]) -> str:
+    """One campaign's constant-discount estimates as a table, or why there are none."""
+    ope = section.get("ope")
+    title = f"<h3>{escape(key)}</h3>"
+    if not ope:
+        return f'{title}<p class="note">{escape(str(section.get("ope_reason", "")))}</p>'
+    rows = [
+        [
+            escape(str(t.get("target"))),
+            _interval(t.get("ips")),
+            _interval(t.get("snips")),
+            _interval(t.get("dr")),
+            _num(t.get("ess")),
+            _num(t.get("supported")),
+            escape(str(t.get("error") or "; ".join(t.get("warnings") or []) or "")),
+        ]
+        for t in ope.get("targets", [])
+    ]
+    note = (
+        f'<p class="note">{_num(ope.get("records"))} labelled non-holdout decisions; logged '
+        f"conversion {_pct(ope.get('logged_value'))}; 95 % bootstrap intervals "
+        f"({_num(ope.get('n_bootstrap'))} resamples).</p>"
+    )
+    headers = ["target", "IPS", "SNIPS", "DR", "ESS", "supported", "warnings"]
+    return title + note + _table(headers, rows)
+
+
 def render_html(report: Mapping[str, Any]) -> str:
     """The page; a pure function of the report dict."""
     campaigns: Mapping[str, Any] = report.get("campaigns", {})
@@ -168,15 +204,7 @@ def render_html(report: Mapping[str, Any]) -> str:
         ],
         "model",
     )
-    ope_rows = [
-        [
-            escape(k),
-            _generic(c["ope"])
-            if c.get("ope") is not None
-            else escape(str(c.get("ope_reason", "&#8211;"))),
-        ]
-        for k, c in campaigns.items()
-    ]
+    ope = "".join(_ope_block(key, section) for key, section in campaigns.items())
     known = {
         "report_version",
         "seed",
@@ -225,6 +253,6 @@ def render_html(report: Mapping[str, Any]) -> str:
         "ledger charged at issue time. See docs/backtest.md.</p>"
         f'<h2>Model</h2>{model_table}<div class="plots">{calibration_plot(model)}</div>'
         f'<h2>Offers, budget and uplift</h2><div class="plots">{plots}</div>'
-        f"<h2>Off-policy evaluation</h2>{_table(['campaign', 'ope'], ope_rows, 'ope')}"
+        f'<h2>Off-policy evaluation</h2><div id="ope">{ope}</div>'
         f"{extras}</body></html>\n"
     )

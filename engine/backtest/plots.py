@@ -96,7 +96,7 @@ def budget_plot(campaigns: Mapping[str, Any], first_ts: int | None) -> str:
     origin = first_ts or 0
     points = [p for c in campaigns.values() for p in c["budget_burn"]]
     budgets = [c["daily_budget"] for c in campaigns.values() if c.get("daily_budget")]
-    top = max([p[2] for p in points] + budgets + [1.0]) * 1.1
+    top = max([p[2] for p in points] + budgets + [1.0]) * 1.3
     end = max([(p[1] - origin) / HOUR_MS for p in points] + [1.0])
     chart = Chart(
         "plot-budget-burn",
