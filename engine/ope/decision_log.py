@@ -36,6 +36,7 @@ class LoggedDecision:
     campaign: str = ""
     user_id: str = ""
     decision_id: str = ""
+    trigger_event_id: str = ""
     p_purchase: float | None = None
     holdout: bool = False
     denied: bool = False
@@ -110,6 +111,7 @@ def _parse(obj: dict[str, Any], line: int) -> LoggedDecision | str:
         campaign=str(obj.get("campaign") or ""),
         user_id=str(obj.get("user_id") or ""),
         decision_id=str(obj.get("decision_id") or ""),
+        trigger_event_id=str(obj.get("trigger_event_id") or ""),
         p_purchase=p_purchase,
         holdout=obj.get("holdout") is True,
         denied=denied,

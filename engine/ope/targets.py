@@ -177,6 +177,8 @@ class CampaignsTarget:
             predict=predict,
             order_value=_order_value(campaign, features),
             draw=0.5,
+            user_id=record.user_id,
+            trigger_event_id=record.trigger_event_id,
         )
         return _cap(policy_distribution(campaign.policy, context), campaign.max_discount_pct)
 

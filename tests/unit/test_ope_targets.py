@@ -162,6 +162,7 @@ def test_decision_log_reader_counts_bad_lines() -> None:
         "decision_id": "d1",
         "user_id": "u1",
         "campaign": "c",
+        "trigger_event_id": "e1",
         "features": {"cart_count_24h": 2},
         "discount_pct": 10,
         "propensity": 0.25,
@@ -200,7 +201,7 @@ def test_decision_log_reader_counts_bad_lines() -> None:
     assert log.bad_lines["bad_propensity"] == [5, 6, 13]
     first, denied = log.records
     assert first.features == {"cart_count_24h": 2.0} and first.p_purchase == 0.3
-    assert first.line == 1 and not first.denied
+    assert first.line == 1 and not first.denied and first.trigger_event_id == "e1"
     assert denied.denied and denied.propensity == 1.0 and denied.line == 12
     assert log.summary()["valid"] == 2
 
