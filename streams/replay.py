@@ -437,7 +437,7 @@ async def _run(settings: Settings, args: argparse.Namespace, err: TextIO) -> int
             f"already sent; checkpoint {cp_path})",
             file=err,
         )
-    checkpoint = Checkpoint(identity, chosen, dict(resume), before)
+    checkpoint = Checkpoint(identity, chosen, dict(resume), before, saved.last if saved else "")
 
     def on_confirmed(position: dict[str, int], sent: int, last: str) -> None:
         checkpoint.position, checkpoint.sent = position, before + sent
@@ -450,6 +450,7 @@ async def _run(settings: Settings, args: argparse.Namespace, err: TextIO) -> int
         await ensure_topics(
             settings.kafka_bootstrap, settings.topics.all, partitions=settings.partitions
         )
+        write_checkpoint(cp_path, checkpoint)  # fails now, not after the first batch
         sink = BatchSink(settings.kafka_bootstrap)
         await sink.start()
     stop = asyncio.Event()

@@ -89,10 +89,13 @@ class Checkpoint:
 
 
 def default_checkpoint_path(input_path: Path | None, topic: str | None = None) -> Path:
-    """``<input>.replay-checkpoint.json`` beside a file; ``<topic>.replay-checkpoint.json``
-    in the working directory for a topic."""
+    """``<input>.replay-checkpoint.json`` beside a file (in the working directory when the
+    file's directory is not writable, as for shared read-only data);
+    ``<topic>.replay-checkpoint.json`` in the working directory for a topic."""
     if input_path is not None:
-        return input_path.with_name(input_path.name + ".replay-checkpoint.json")
+        name = input_path.name + ".replay-checkpoint.json"
+        beside = input_path.with_name(name)
+        return beside if os.access(beside.parent, os.W_OK) else Path(name)
     return Path(f"{topic}.replay-checkpoint.json")
 
 
@@ -143,4 +146,6 @@ def write_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
         tmp.write_bytes(checkpoint.to_json())
         os.replace(tmp, path)
     except OSError as exc:
-        raise ReplayError(f"cannot write the checkpoint {path}: {exc.strerror}") from None
+        raise ReplayError(
+            f"cannot write the checkpoint {path}: {exc.strerror}; choose a file with --checkpoint"
+        ) from None

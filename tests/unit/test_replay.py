@@ -359,8 +359,9 @@ def test_checkpoint_round_trip_and_atomic_write(tmp_path: Path) -> None:
         load_checkpoint(path)
 
 
-def test_default_checkpoint_paths() -> None:
-    assert default_checkpoint_path(Path("d/x.csv.gz")) == Path("d/x.csv.gz.replay-checkpoint.json")
+def test_default_checkpoint_paths(tmp_path: Path) -> None:
+    beside = tmp_path / "x.csv.gz.replay-checkpoint.json"
+    assert default_checkpoint_path(tmp_path / "x.csv.gz") == beside
     assert default_checkpoint_path(None, "events.dlq") == Path("events.dlq.replay-checkpoint.json")
 
 
@@ -512,3 +513,26 @@ async def test_a_failed_delivery_never_reaches_the_checkpoint() -> None:
         )
     assert confirmed == [50, 100], "only the confirmed batches are checkpointed"
     assert sink.delivered == 100 and len(sink.records) == 150
+
+
+def test_default_checkpoint_goes_to_the_working_directory_when_the_input_dir_is_read_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("streams.replay_checkpoint.os.access", lambda path, mode: False)
+    assert default_checkpoint_path(Path("/ro/x.csv")) == Path("x.csv.replay-checkpoint.json")
+
+
+@pytest.mark.usefixtures("no_kafka")
+def test_cli_unwritable_checkpoint_is_a_clear_error_before_sending(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def kafka_answers(*_: object, **__: object) -> list[str]:
+        return []
+
+    monkeypatch.setattr("streams.kafka_io.check_kafka", kafka_answers)
+    monkeypatch.setattr("streams.kafka_io.ensure_topics", kafka_answers)
+    path = write_jsonl(tmp_path / "in.jsonl", events(10))
+    target = tmp_path / "missing-dir" / "cp.json"
+    assert main(["replay", "--in", str(path), "--checkpoint", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write the checkpoint" in err and "--checkpoint" in err
