@@ -14,7 +14,7 @@ from engine.errors import EngineError
 from engine.features import compute_features
 from streams.errors import StreamsError
 from streams.logs import configure_logging
-from streams.replay import add_arguments as add_replay_arguments
+from streams.replay_cli import add_arguments as add_replay_arguments
 from streams.settings import Settings
 
 
@@ -149,7 +149,7 @@ def _cmd_lag(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
-    from streams.replay import run_replay
+    from streams.replay_cli import run_replay
 
     return run_replay(settings, args)
 

@@ -21,15 +21,7 @@ import pytest
 from engine.importers import TimeWindow, import_jsonl
 from engine.simulator import generate
 from streams.cli import main
-from streams.replay import (
-    SOURCE_HEADER,
-    ReplayOptions,
-    ReplayReport,
-    parse_speed,
-    parse_time,
-    replay,
-    window_of,
-)
+from streams.replay import SOURCE_HEADER, ReplayOptions, ReplayReport, replay
 from streams.replay_checkpoint import (
     Checkpoint,
     CheckpointMismatch,
@@ -38,6 +30,7 @@ from streams.replay_checkpoint import (
     load_checkpoint,
     write_checkpoint,
 )
+from streams.replay_cli import parse_speed, parse_time, window_of
 from streams.replay_progress import Progress, format_duration
 from streams.replay_sources import FileSource, Item
 from streams.settings import Topics
