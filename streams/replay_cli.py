@@ -117,6 +117,8 @@ async def _run(settings: Settings, args: argparse.Namespace, err: TextIO) -> int
     )
     source: ReplaySource
     if args.input is not None:
+        if args.source_from_offset or args.source_to_offset is not None or args.source_partition:
+            raise ReplayError("--source-* options apply to --source-topic, not to --in")
         source = FileSource(args.input, args.format)
     else:
         if args.format not in (None, "jsonl"):

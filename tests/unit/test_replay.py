@@ -425,6 +425,7 @@ def test_cli_dry_run_counts_and_sends_nothing(
         (["--in", "{file}", "--from", "soon"], "--from 'soon' is neither"),
         (["--in", "{file}", "--from", "2020-01-02", "--to", "2020-01-01"], "must be before"),
         (["--source-topic", "p.events.browse"], "cannot reach Kafka"),
+        (["--in", "{file}", "--source-partition", "1"], "apply to --source-topic"),
         (["--in", "{file}"], "cannot reach Kafka"),
     ],
 )
