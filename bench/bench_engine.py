@@ -52,16 +52,19 @@ def campaigns_for(spec: str) -> tuple[Campaign, ...]:
 
 async def run_once(
     events: Sequence[Event], batch: int, campaigns: tuple[Campaign, ...]
-) -> tuple[float, int, int]:
-    """One full pass on a fresh engine: (seconds, offers, decisions)."""
+) -> tuple[float, float, int, int]:
+    """One full pass on a fresh engine: (wall seconds, CPU seconds, offers, decisions).
+
+    CPU time is reported next to wall time because the dev machine is shared: other
+    processes stretch the wall clock, much less this process's own CPU time."""
     engine = DiscountEngine(InMemoryFeatureStore(), campaigns=campaigns)
     offers = decisions = 0
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for i in range(0, len(events), batch):
         result = await engine.process([Incoming(e) for e in events[i : i + batch]])
         offers += len(result.offers)
         decisions += len(result.decisions)
-    return time.perf_counter() - start, offers, decisions
+    return time.perf_counter() - start, time.process_time() - cpu_start, offers, decisions
 
 
 def profile_once(events: Sequence[Event], batch: int, campaigns: tuple[Campaign, ...]) -> str:
@@ -98,18 +101,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs: list[dict[str, Any]] = []
     for attempt in range(args.repeat):
         load = os.getloadavg()[0]
-        seconds, offers, decisions = asyncio.run(run_once(events, args.batch, campaigns))
-        rate = len(events) / seconds
+        seconds, cpu, offers, decisions = asyncio.run(run_once(events, args.batch, campaigns))
+        rate, cpu_rate = len(events) / seconds, len(events) / cpu
         runs.append(
-            {"seconds": round(seconds, 3), "events_per_s": round(rate), "load_avg_1m": load}
+            {
+                "seconds": round(seconds, 3),
+                "cpu_seconds": round(cpu, 3),
+                "events_per_s": round(rate),
+                "events_per_cpu_s": round(cpu_rate),
+                "load_avg_1m": load,
+                "decisions": decisions,
+                "offers": offers,
+            }
         )
         print(
-            f"run {attempt + 1}: {rate:,.0f} events/s ({seconds:.2f} s, {decisions} decisions, "
-            f"{offers} offers, load average {load:.2f})"
+            f"run {attempt + 1}: {rate:,.0f} events/s wall, {cpu_rate:,.0f} per CPU second "
+            f"({seconds:.2f} s, {decisions} decisions, {offers} offers, load average {load:.2f})"
         )
     best = max(run["events_per_s"] for run in runs)
     median = statistics.median(run["events_per_s"] for run in runs)
-    print(f"best {best:,} events/s, median {median:,.0f} events/s")
+    best_cpu = max(run["events_per_cpu_s"] for run in runs)
+    print(f"best {best:,} events/s, median {median:,.0f} events/s, best {best_cpu:,} per CPU s")
     report: dict[str, Any] = {
         "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "python": platform.python_version(),
@@ -121,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "runs": runs,
         "best_events_per_s": best,
         "median_events_per_s": median,
+        "best_events_per_cpu_s": best_cpu,
     }
     if args.profile:
         text = profile_once(events, args.batch, campaigns)

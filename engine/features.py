@@ -15,6 +15,7 @@ from engine.state import (
     ACTIVITY_KINDS,
     CATALOGUE_VERSION,
     CATEGORY_PREFIX,
+    CATEGORY_SLOT,
     DAY_MS,
     GRAIN_MS,
     HOUR_MS,
@@ -24,6 +25,7 @@ from engine.state import (
     OP_INCR,
     OP_MAX,
     OP_MIN,
+    PARSED,
     RECENCY_DEFAULT_S,
     REDEEMED_CODE,
     RETENTION_BUCKETS,
@@ -35,11 +37,11 @@ from engine.state import (
     Window,
     apply_ops,
     bucket_field,
-    category_day,
     event_categories,
     event_kind,
     event_ops,
     expired_fields,
+    parsed_field,
     trigger_category,
     trim,
 )
@@ -84,14 +86,22 @@ __all__ = [
 ]
 
 
+WINDOW_INDEX: dict[str, int] = {window.name: i for i, window in enumerate(WINDOWS)}
+_GRAIN_WINDOWS: tuple[tuple[tuple[int, int], ...], ...] = tuple(
+    tuple((i, w.buckets) for i, w in enumerate(WINDOWS) if w.grain == grain) for grain in "mhd"
+)
+"""Per grain slot (minute, hour, day): the windows summing that grain, as (index, buckets)."""
+_NO_SUMS: tuple[float, ...] = (0.0,) * len(WINDOWS)
+
+
 @dataclass(slots=True)
 class FeatureContext:
     """What feature functions read: one pass over a user's state, as of ``now``."""
 
     now: int
     state: Mapping[str, float]
-    sums: dict[str, float]
-    """Bucket sums keyed ``<code>_<window>``, e.g. ``v_1h`` or ``$_30d`` (cents)."""
+    sums: dict[str, list[float]]
+    """Bucket sums per code (``v``, ``$`` in cents, ...), one per window in ``WINDOWS`` order."""
     session_events: float
     purchase_days_30d: int
     categories_7d: dict[str, float]
@@ -100,7 +110,7 @@ class FeatureContext:
     """The trigger event's category, when it has one."""
 
     def total(self, code: str, window: str) -> float:
-        return self.sums.get(f"{code}_{window}", 0.0)
+        return self.sums.get(code, _NO_SUMS)[WINDOW_INDEX[window]]
 
     def recency_s(self, code: str) -> float:
         last = self.state.get(f"l{code}")
@@ -129,15 +139,25 @@ def _ratio(numerator: float, denominator: float) -> float:
 
 
 def _count(code: str, window: str) -> FeatureFn:
-    return lambda ctx: ctx.total(code, window)
+    index = WINDOW_INDEX[window]
+    return lambda ctx: ctx.sums.get(code, _NO_SUMS)[index]
 
 
 def _spend(window: str) -> FeatureFn:
-    return lambda ctx: ctx.total(SPEND_CODE, window) / 100
+    index = WINDOW_INDEX[window]
+    return lambda ctx: ctx.sums.get(SPEND_CODE, _NO_SUMS)[index] / 100
 
 
 def _recency(code: str) -> FeatureFn:
-    return lambda ctx: ctx.recency_s(code)
+    field = f"l{code}"
+
+    def recency(ctx: FeatureContext) -> float:
+        last = ctx.state.get(field)
+        if last is None:
+            return RECENCY_DEFAULT_S
+        return min(max(ctx.now - last, 0.0) / 1000.0, RECENCY_DEFAULT_S)
+
+    return recency
 
 
 def _category_affinity(ctx: FeatureContext) -> float:
@@ -255,45 +275,57 @@ CATALOGUE: tuple[FeatureSpec, ...] = _declare()
 FEATURE_NAMES: tuple[str, ...] = tuple(spec.name for spec in CATALOGUE)
 
 
+_PLAN: tuple[tuple[str, FeatureFn], ...] = tuple((spec.name, spec.compute) for spec in CATALOGUE)
+
+
 def build_context(
     state: Mapping[str, float], now: int, category: str | None = None
 ) -> FeatureContext:
-    """One pass over the user's fields: window sums, session, categories, purchase days."""
-    current = {grain: now // ms for grain, ms in GRAIN_MS.items()}
-    sums: dict[str, float] = {}
+    """One pass over the user's fields: window sums, session, categories, purchase days.
+
+    This runs for every trigger event, over every field of the user's state, so it reads
+    field names through the shared parse cache (``parsed_field``) and indexes grains by slot.
+    Bucket values are integral, so the sums are exact whatever the order of the fields.
+    """
+    current = (now // MINUTE_MS, now // HOUR_MS, now // DAY_MS)
+    today = current[2]
+    grain_windows = _GRAIN_WINDOWS
+    cache = PARSED
+    sums: dict[str, list[float]] = {}
     activity_minutes: dict[int, float] = {}
     categories_7d: dict[str, float] = {}
     categories_30d: dict[str, float] = {}
     purchase_days = 0
     for field, value in state.items():
-        day = category_day(field)
-        if day is not None:
-            age = current["d"] - day
+        slot, index, code = cache.get(field) or parsed_field(field)
+        if slot < 0:
+            continue
+        if slot == CATEGORY_SLOT:
+            age = today - index
             if 0 <= age < 30:
-                name = field[field.index(":") + 1 :]
-                categories_30d[name] = categories_30d.get(name, 0.0) + value
+                categories_30d[code] = categories_30d.get(code, 0.0) + value
                 if age < 7:
-                    categories_7d[name] = categories_7d.get(name, 0.0) + value
+                    categories_7d[code] = categories_7d.get(code, 0.0) + value
             continue
-        if len(field) < 3 or field[1] not in current or not field[2:].isdigit():
-            continue
-        code, grain, index = field[0], field[1], int(field[2:])
-        age = current[grain] - index
+        age = current[slot] - index
         if age < 0:
             continue
-        for window in WINDOWS:
-            if window.grain == grain and age < window.buckets:
-                key = f"{code}_{window.name}"
-                sums[key] = sums.get(key, 0.0) + value
-        if grain == "m" and code in ACTIVITY_CODES:
-            activity_minutes[index] = activity_minutes.get(index, 0.0) + value
-        elif grain == "d" and code == "p" and age < 30 and value > 0:
+        for window, buckets in grain_windows[slot]:
+            if age < buckets:
+                totals = sums.get(code)
+                if totals is None:
+                    totals = sums[code] = [0.0] * len(WINDOWS)
+                totals[window] += value
+        if slot == 0:
+            if code in ACTIVITY_CODES:
+                activity_minutes[index] = activity_minutes.get(index, 0.0) + value
+        elif slot == 2 and code == "p" and age < 30 and value > 0:
             purchase_days += 1
     return FeatureContext(
         now=now,
         state=state,
         sums=sums,
-        session_events=_session_events(activity_minutes, current["m"]),
+        session_events=_session_events(activity_minutes, current[0]),
         purchase_days_30d=purchase_days,
         categories_7d=categories_7d,
         categories_30d=categories_30d,
@@ -302,18 +334,21 @@ def build_context(
 
 
 def _session_events(activity_minutes: Mapping[int, float], minute: int) -> float:
-    """Events in the run of minutes ending now with no inactivity gap of 30 minutes or more."""
+    """Events in the run of minutes ending now with no inactivity gap of 30 minutes or more.
+
+    Walks the active minutes newest first (a handful) instead of every minute of the window."""
     total = 0.0
-    gap = 0
-    for index in range(minute, minute - RETENTION_BUCKETS["m"], -1):
-        count = activity_minutes.get(index)
+    previous = minute + 1
+    oldest = minute - RETENTION_BUCKETS["m"]
+    for index in sorted(activity_minutes, reverse=True):
+        if index > minute:
+            continue
+        if index <= oldest or previous - index - 1 >= SESSION_GAP_MINUTES:
+            break
+        count = activity_minutes[index]
         if count:
             total += count
-            gap = 0
-        else:
-            gap += 1
-            if gap >= SESSION_GAP_MINUTES:
-                break
+            previous = index
     return total
 
 
@@ -329,4 +364,4 @@ def compute_features(
     if now is None:
         now = int(state.get("lt", 0.0))
     context = build_context(state, now, category)
-    return {spec.name: spec.compute(context) for spec in CATALOGUE}
+    return {name: compute(context) for name, compute in _PLAN}

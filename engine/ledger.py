@@ -124,14 +124,21 @@ class InMemoryLedger:
         result.labelled.extend(self.labels.expire(now_ms))
         return result
 
+    def rate_limited(self, user_id: str, campaign: str, ts: int, interval_ms: int) -> bool:
+        """Whether a decision at ``ts`` would fall inside the user's decision interval now.
+
+        Such a decision changes nothing here, so an engine that settles event by event can
+        skip proposing it (no features, no scoring) with the same results."""
+        # Anything earlier than the last decision (a late event) counts as inside the interval.
+        last = self._last_decision.get((user_id, campaign))
+        return interval_ms > 0 and last is not None and ts - last < interval_ms
+
     def _decide(self, request: DecisionRequest) -> DecisionOutcome:
         decision = request.decision
         key = (decision.user_id, decision.campaign)
         ts = decision.ts
         last = self._last_decision.get(key)
-        interval = request.decision_interval_ms
-        # Anything earlier than the last decision (a late event) counts as inside the interval.
-        if interval > 0 and last is not None and ts - last < interval:
+        if self.rate_limited(decision.user_id, decision.campaign, ts, request.decision_interval_ms):
             return RATE_LIMITED
         self._last_decision[key] = ts if last is None else max(ts, last)
         granted, denied_by = False, None

@@ -80,6 +80,16 @@ _PICKLE_PROTOCOL = 5
 _RIVER_VERSION = str(getattr(river, "__version__", "unknown"))
 
 
+INPUT_NAMES: tuple[str, ...] = (
+    *MODEL_FEATURES,
+    "discount",
+    *(f"discount_x_{name}" for name in DISCOUNT_INTERACTIONS),
+)
+"""The model's inputs in ``model_inputs`` order (the order River sums the linear score in)."""
+_LOG_SCALED: tuple[bool, ...] = tuple(n.startswith(_LOG_SCALED_PREFIXES) for n in MODEL_FEATURES)
+_INTERACTION_SLOTS: tuple[int, ...] = tuple(MODEL_FEATURES.index(n) for n in DISCOUNT_INTERACTIONS)
+
+
 def model_inputs(features: Mapping[str, float], discount_pct: float) -> dict[str, float]:
     """The model's input row: selected features (log1p where heavy-tailed) plus the discount."""
     row: dict[str, float] = {}
@@ -111,6 +121,7 @@ class PurchaseModel:
         )
         self._pipeline = compose.Pipeline(self._scaler, self._classifier)
         self.examples_learned = 0
+        self._terms: LinearTerms | None = None
 
     @property
     def version(self) -> str:
@@ -123,6 +134,28 @@ class PurchaseModel:
     def learn(self, features: Mapping[str, float], discount_pct: float, label: int) -> None:
         self._pipeline.learn_one(model_inputs(features, discount_pct), bool(label))
         self.examples_learned += 1
+        self._terms = None
+
+    def linear_terms(self) -> LinearTerms:
+        """The scaler's and classifier's parameters as they stand, read once per model state."""
+        terms = getattr(self, "_terms", None)
+        if terms is None:
+            terms = self._terms = LinearTerms.read(self._scaler, self._classifier)
+        return terms
+
+    def scorer(self, features: Mapping[str, float]) -> Scorer:
+        """P(purchase | features, discount) for one user at several discounts, computed fast.
+
+        Exactly ``predict`` (bit for bit, see ``Scorer``) when ``predict`` is this class's own;
+        a subclass that overrides ``predict`` or ``contributions`` gets its own methods called.
+        """
+        cls = type(self)
+        if (
+            cls.predict is PurchaseModel.predict
+            and cls.contributions is PurchaseModel.contributions
+        ):
+            return Scorer(self, features)
+        return _FallbackScorer(self, features)
 
     def contributions(
         self, features: Mapping[str, float], discount_pct: float, top: int = 3
@@ -131,6 +164,13 @@ class PurchaseModel:
         scaled = self._scaler.transform_one(model_inputs(features, discount_pct))  # type: ignore[no-untyped-call]
         weights = self._classifier.weights
         terms = [(name, float(weights.get(name, 0.0)) * value) for name, value in scaled.items()]
+        terms.sort(key=lambda term: (-abs(term[1]), term[0]))
+        return [(name, round(value, 6)) for name, value in terms[:top]]
+
+    def _contributions_from(
+        self, scaled: list[float], weights: tuple[float, ...], top: int
+    ) -> list[tuple[str, float]]:
+        terms = [(name, w * x) for name, w, x in zip(INPUT_NAMES, weights, scaled, strict=True)]
         terms.sort(key=lambda term: (-abs(term[1]), term[0]))
         return [(name, round(value, 6)) for name, value in terms[:top]]
 
@@ -194,11 +234,146 @@ class PurchaseModel:
         model._classifier = classifier
         model._pipeline = pipeline
         model.examples_learned = learned
+        model._terms = None
         if model.version != version:
             raise ModelSnapshotError(
                 f"model snapshot header says {version} but its payload is {model.version}"
             )
         return model
+
+
+class LinearTerms:
+    """The model's parameters per input, in ``INPUT_NAMES`` order, for hand-computed scores.
+
+    The score is River's own arithmetic, in River's order: each input scaled as
+    ``(x - mean) / var ** 0.5`` (0 when the variance is 0), the products with the weights
+    summed in input order, plus the intercept, through River's sigmoid. ``tests/unit/
+    test_model.py`` checks bit-for-bit equality with ``predict_proba_one``.
+    """
+
+    __slots__ = ("intercept", "means", "sds", "weights")
+
+    def __init__(
+        self,
+        means: tuple[float, ...],
+        sds: tuple[float | None, ...],
+        weights: tuple[float, ...],
+        intercept: float,
+    ) -> None:
+        self.means = means
+        self.sds = sds
+        """``var ** 0.5``, or None where the variance is 0 (the input then scales to 0)."""
+        self.weights = weights
+        self.intercept = intercept
+
+    @classmethod
+    def read(
+        cls, scaler: preprocessing.StandardScaler, classifier: linear_model.LogisticRegression
+    ) -> LinearTerms:
+        means, variances = scaler.means, scaler.vars
+        weights = classifier.weights
+        sds: list[float | None] = []
+        for name in INPUT_NAMES:
+            var = variances.get(name, 0.0)
+            sds.append(var**0.5 if var else None)
+        return cls(
+            tuple(means.get(name, 0.0) for name in INPUT_NAMES),
+            tuple(sds),
+            tuple(float(weights.get(name, 0.0)) for name in INPUT_NAMES),
+            classifier.intercept,
+        )
+
+
+def _sigmoid(z: float) -> float:
+    """River's ``utils.math.sigmoid``, with its cut-offs."""
+    if z < -30:
+        return 0.0
+    if z > 30:
+        return 1.0
+    return 1 / (1 + math.exp(-z))
+
+
+class Scorer:
+    """One user's inputs, prepared once; ``scorer(d)`` is ``model.predict(features, d)``.
+
+    The behavioural inputs do not depend on the discount, so their scaled values and their
+    part of the linear score are computed once per model state; each discount then adds the
+    four discount terms. The left-to-right sum is the one River computes, so the result is
+    identical to the last bit. Reads the model's parameters at call time, like ``predict``.
+    """
+
+    __slots__ = ("_base", "_interactions", "_model", "_partial", "_scaled", "_terms")
+
+    def __init__(self, model: PurchaseModel, features: Mapping[str, float]) -> None:
+        base: list[float] = []
+        get = features.get
+        for name, log_scaled in zip(MODEL_FEATURES, _LOG_SCALED, strict=True):
+            value = float(get(name, 0.0))
+            base.append(math.log1p(max(value, 0.0)) if log_scaled else value)
+        self._model = model
+        self._base = base
+        self._interactions = tuple(base[i] for i in _INTERACTION_SLOTS)
+        self._terms: LinearTerms | None = None
+        self._scaled: list[float] = []
+        self._partial = 0.0
+
+    @property
+    def model(self) -> PurchaseModel:
+        return self._model
+
+    def _prepare(self) -> LinearTerms:
+        terms = self._model.linear_terms()
+        if terms is not self._terms:
+            scaled: list[float] = []
+            partial = 0.0
+            for x, mean, sd, weight in zip(
+                self._base, terms.means, terms.sds, terms.weights, strict=False
+            ):
+                value = (x - mean) / sd if sd is not None else 0.0
+                scaled.append(value)
+                partial += weight * value
+            self._terms, self._scaled, self._partial = terms, scaled, partial
+        return terms
+
+    def _discount_terms(self, terms: LinearTerms, discount_pct: float) -> list[float]:
+        discount = discount_pct / 100.0
+        raw = [discount, *(discount * x for x in self._interactions)]
+        start = len(MODEL_FEATURES)
+        means, sds = terms.means, terms.sds
+        return [
+            (x - means[i]) / sd if (sd := sds[i]) is not None else 0.0
+            for i, x in enumerate(raw, start)
+        ]
+
+    def __call__(self, discount_pct: float) -> float:
+        terms = self._prepare()
+        total = self._partial
+        weights = terms.weights
+        for i, value in enumerate(self._discount_terms(terms, discount_pct), len(MODEL_FEATURES)):
+            total += weights[i] * value
+        return _sigmoid(total + terms.intercept)
+
+    def contributions(self, discount_pct: float, top: int = 3) -> list[tuple[str, float]]:
+        """``model.contributions(features, discount_pct, top)`` from the prepared inputs."""
+        terms = self._prepare()
+        scaled = self._scaled + self._discount_terms(terms, discount_pct)
+        return self._model._contributions_from(scaled, terms.weights, top)
+
+
+class _FallbackScorer(Scorer):
+    """For a subclass with its own ``predict``: calls it, never the fast path."""
+
+    __slots__ = ("_features",)
+
+    def __init__(self, model: PurchaseModel, features: Mapping[str, float]) -> None:
+        super().__init__(model, features)
+        self._features = features
+
+    def __call__(self, discount_pct: float) -> float:
+        return self._model.predict(self._features, discount_pct)
+
+    def contributions(self, discount_pct: float, top: int = 3) -> list[tuple[str, float]]:
+        return self._model.contributions(self._features, discount_pct, top)
 
 
 def snapshot_version(blob: bytes) -> str:

@@ -36,14 +36,16 @@ from engine.ledger import (
     DecisionRequest,
     InMemoryLedger,
     LedgerOp,
+    LedgerResult,
     OfferLimits,
     PurchaseNotice,
 )
-from engine.model import PurchaseModel
+from engine.model import PurchaseModel, Scorer
 from engine.policy import PolicyChoice, PolicyContext, Predict
 from engine.store import FeatureStore, Position, StateUpdate, UpdateStatus
 
 SCHEMA_VERSION = 1
+_HOLDOUT_CACHE_MAX = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +107,11 @@ def in_holdout(campaign: Campaign, user_id: str) -> bool:
     return campaign.holdout > 0 and unit_hash("holdout", campaign.name, user_id) < campaign.holdout
 
 
-def is_eligible(campaign: Campaign, event: Event, features: dict[str, float]) -> bool:
-    if event_kind(event) not in campaign.triggers:
+def is_eligible(
+    campaign: Campaign, event: Event, features: dict[str, float], kind: str | None = None
+) -> bool:
+    """Whether the event triggers a decision of the campaign (``kind``: ``event_kind(event)``)."""
+    if (kind if kind is not None else event_kind(event)) not in campaign.triggers:
         return False
     if campaign.categories and trigger_category(event) not in campaign.categories:
         return False
@@ -145,6 +150,8 @@ class Proposal:
     holdout: bool
     predict: Predict
     """The model's P(purchase) at a discount for this user, memoised per discount."""
+    scorer: Scorer
+    """What ``predict`` computes with; also gives the offer's ``reasons`` cheaply."""
     p_purchase: float
     model_version: str
     decision_id: str
@@ -176,6 +183,9 @@ class DiscountEngine:
         self.campaigns = tuple(campaigns) if campaigns is not None else default_campaigns()
         self.clock_ms = 0
         """Event-time clock: the latest event time this engine has seen."""
+        self._holdout: dict[tuple[str, float, str], bool] = {}
+        """``in_holdout`` by (campaign name, holdout fraction, user): a pure function of these
+        three, so it is memoised (bounded; cleared when full)."""
 
     async def process(self, batch: Sequence[Incoming]) -> BatchResult:
         """Run one micro-batch; ``statuses`` come back in the order of ``batch``."""
@@ -205,27 +215,42 @@ class DiscountEngine:
         states = outcome.before
         ops: list[LedgerOp] = []
         proposals: list[Proposal | None] = []
+        learn_inline = self.config.learn_inline
+        # The in-memory ledger (exactly that class) settles synchronously: skip a coroutine
+        # per event, and let ``_candidates`` ask it about decision intervals (backtests).
+        ledger = self.ledger
+        memory_ledger = ledger if type(ledger) is InMemoryLedger else None
+        settle_now = memory_ledger.settle_now if memory_ledger is not None else None
+        applied = UpdateStatus.APPLIED
         for item, update, status in zip(batch, updates, outcome.statuses, strict=True):
-            if status is not UpdateStatus.APPLIED:
+            if status is not applied:
                 continue
             event = item.event
             state = states[event.user_id]
             apply_ops(state, update.ops)
-            self.clock_ms = max(self.clock_ms, event.ts)
+            if event.ts > self.clock_ms:
+                self.clock_ms = event.ts
             if isinstance(event, PurchaseEvent):
                 ops.append(PurchaseNotice(event.user_id, event.ts, event.offer_id))
                 proposals.append(None)
             else:
-                features = compute_features(state, category=trigger_category(event))
-                for campaign in self.campaigns:
-                    if is_eligible(campaign, event, features):
-                        proposal = self._propose(campaign, event, features)
-                        ops.append(self._request(proposal))
-                        proposals.append(proposal)
-            if self.config.learn_inline:
+                category = trigger_category(event)
+                kind = event_kind(event)
+                candidates = self._candidates(event, kind, category, memory_ledger)
+                if candidates:
+                    features = compute_features(state, category=category)
+                    for campaign in candidates:
+                        if is_eligible(campaign, event, features, kind):
+                            proposal = self._propose(campaign, event, features)
+                            ops.append(self._request(proposal))
+                            proposals.append(proposal)
+            if learn_inline:
                 # Settle event by event so that what the model learns from this event's
                 # labels shapes the next decision: results do not depend on batch size.
-                await self._settle(ops, proposals, result)
+                if settle_now is not None:
+                    self._apply_settled(settle_now(ops, now_ms=self.clock_ms), proposals, result)
+                else:
+                    await self._settle(ops, proposals, result)
                 ops, proposals = [], []
         if ops:
             await self._settle(ops, proposals, result)
@@ -235,6 +260,11 @@ class DiscountEngine:
         self, ops: list[LedgerOp], proposals: list[Proposal | None], result: BatchResult
     ) -> None:
         settled = await self.ledger.settle(ops, now_ms=self.clock_ms)
+        self._apply_settled(settled, proposals, result)
+
+    def _apply_settled(
+        self, settled: LedgerResult, proposals: list[Proposal | None], result: BatchResult
+    ) -> None:
         for proposal, decided in zip(proposals, settled.outcomes, strict=True):
             if proposal is not None and decided is not None and decided.decided:
                 self._emit(proposal, decided, result)
@@ -244,16 +274,53 @@ class DiscountEngine:
                 self.model.learn(decision.features, decision.discount_pct, example.label)
             result.training.append(example.to_message())
 
+    def _candidates(
+        self, event: Event, kind: str, category: str | None, ledger: InMemoryLedger | None
+    ) -> list[Campaign]:
+        """The campaigns this event may trigger, before features are computed.
+
+        Leaves out campaigns whose triggers or categories do not match (``is_eligible``
+        would reject them whatever the features) and, with the in-memory ledger, campaigns
+        whose decision interval has not passed for the user: the ledger's last decision time
+        per user and campaign only grows, so it would drop those decisions at settlement too,
+        without a trace. Features and scores are pure, so skipping them saves time only.
+        """
+        candidates: list[Campaign] = []
+        for campaign in self.campaigns:
+            if kind not in campaign.triggers or (
+                campaign.categories and category not in campaign.categories
+            ):
+                continue
+            if ledger is not None and ledger.rate_limited(
+                event.user_id, campaign.name, event.ts, campaign.decision_interval_ms
+            ):
+                continue
+            candidates.append(campaign)
+        return candidates
+
+    def _in_holdout(self, campaign: Campaign, user_id: str) -> bool:
+        if campaign.holdout <= 0:
+            return False
+        key = (campaign.name, campaign.holdout, user_id)
+        held = self._holdout.get(key)
+        if held is None:
+            if len(self._holdout) >= _HOLDOUT_CACHE_MAX:
+                self._holdout.clear()
+            held = self._holdout[key] = in_holdout(campaign, user_id)
+        return held
+
     def _propose(self, campaign: Campaign, event: Event, features: dict[str, float]) -> Proposal:
         model = self.model
         decision_id = stable_id("d-", campaign.name, event.event_id)
-        holdout = in_holdout(campaign, event.user_id)
+        holdout = self._in_holdout(campaign, event.user_id)
+        scorer = model.scorer(features)
         predictions: dict[float, float] = {}
 
         def predict(discount_pct: float) -> float:
-            if discount_pct not in predictions:
-                predictions[discount_pct] = model.predict(features, discount_pct)
-            return predictions[discount_pct]
+            p = predictions.get(discount_pct)
+            if p is None:
+                p = predictions[discount_pct] = scorer(discount_pct)
+            return p
 
         rules: list[str] = []
         value = order_value(campaign, event, features)
@@ -284,6 +351,7 @@ class DiscountEngine:
             choice=choice,
             holdout=holdout,
             predict=predict,
+            scorer=scorer,
             p_purchase=predict(choice.discount_pct),
             model_version=model.version,
             decision_id=decision_id,
@@ -335,7 +403,12 @@ class DiscountEngine:
         if offer_id is not None:
             spent = result.spend_cents.get(campaign.name, 0)
             result.spend_cents[campaign.name] = spent + proposal.cost_cents
-            reasons = self.model.contributions(proposal.features, discount)
+            scorer = proposal.scorer
+            reasons = (
+                scorer.contributions(discount)
+                if scorer.model is self.model
+                else self.model.contributions(proposal.features, discount)
+            )
             result.offers.append(
                 {
                     "schema_version": SCHEMA_VERSION,

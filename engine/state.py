@@ -173,20 +173,69 @@ def category_day(field: str) -> int | None:
     return int(day) if sep and day.isdigit() else None
 
 
+GRAIN_SLOT: dict[str, int] = {"m": 0, "h": 1, "d": 2}
+"""Position of each grain in the ``(minute, hour, day)`` tuples the hot path indexes."""
+CATEGORY_SLOT = 3
+
+ParsedField = tuple[int, int, str]
+"""``(slot, index, code)`` of a bucket (slot 0-2 by grain), ``(CATEGORY_SLOT, day, category)``
+of a category field, ``SCALAR`` for the other fields."""
+SCALAR: ParsedField = (-1, 0, "")
+"""``lt``, ``fs``, ``l<kind>``, ``n<kind>``: no bucket, no category."""
+
+PARSED: dict[str, ParsedField] = {}
+"""The parse cache behind ``parsed_field``; hot loops read it first and call on a miss."""
+_PARSED_MAX = 200_000
+"""Bound of the parse cache: bucket indices move with time, so old names are dropped by
+clearing the whole cache now and then (it refills in one pass over the active users)."""
+
+
+def parsed_field(field: str) -> ParsedField:
+    """What a state field is, parsed once per distinct name (a cache shared by all users).
+
+    Feature vectors and trims scan every field of a user's state for every event; parsing
+    the names with ``int()`` each time was most of their cost.
+    """
+    parsed = PARSED.get(field)
+    if parsed is not None:
+        return parsed
+    day = category_day(field)
+    if day is not None:
+        parsed = (CATEGORY_SLOT, day, field[field.index(":") + 1 :])
+    elif len(field) > 2 and field[1] in GRAIN_SLOT and field[2:].isdigit():
+        parsed = (GRAIN_SLOT[field[1]], int(field[2:]), field[0])
+    else:
+        parsed = SCALAR
+    if len(PARSED) >= _PARSED_MAX:
+        PARSED.clear()
+    PARSED[field] = parsed
+    return parsed
+
+
+def retention_cutoffs(latest: float) -> tuple[int, int, int]:
+    """The newest expired bucket index per grain (minute, hour, day) at event time ``latest``."""
+    now = int(latest)
+    return (
+        now // MINUTE_MS - RETENTION_BUCKETS["m"],
+        now // HOUR_MS - RETENTION_BUCKETS["h"],
+        now // DAY_MS - RETENTION_BUCKETS["d"],
+    )
+
+
 def expired_fields(state: Mapping[str, float]) -> list[str]:
     """Bucket fields older than their grain's retention, relative to the user's latest event."""
     latest = state.get("lt")
     if latest is None:
         return []
-    cutoffs = {g: int(latest) // GRAIN_MS[g] - RETENTION_BUCKETS[g] for g in GRAIN_MS}
+    cutoffs = retention_cutoffs(latest)
+    day_cutoff = cutoffs[2]
+    cache = PARSED
     stale: list[str] = []
     for field in state:
-        is_bucket = len(field) > 2 and field[1] in cutoffs and field[2:].isdigit()
-        if is_bucket and int(field[2:]) <= cutoffs[field[1]]:
-            stale.append(field)
+        slot, index, _ = cache.get(field) or parsed_field(field)
+        if slot < 0:
             continue
-        day = category_day(field)
-        if day is not None and day <= cutoffs["d"]:
+        if index <= (day_cutoff if slot == CATEGORY_SLOT else cutoffs[slot]):
             stale.append(field)
     return stale
 
