@@ -9,6 +9,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.backtest.report import build_report, dumps_report
 from engine.backtest.runner import (
@@ -304,3 +306,21 @@ def test_bad_arguments_are_backtest_errors(events: list[Event]) -> None:
         run_backtest(events, campaigns(), batch_size=0)
     with pytest.raises(BacktestError, match="at least one campaign"):
         run_backtest(events, {"a": ()})
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 10_000), batch_size=st.integers(1, 900))
+def test_any_seed_and_batch_size_keep_budgets_and_determinism(seed: int, batch_size: int) -> None:
+    events = SMALL
+    first, _ = run(events, seed=seed, batch_size=batch_size)
+    again, _ = run(events, seed=seed, batch_size=batch_size)
+    assert report_bytes(first) == report_bytes(again)
+    for section in orjson.loads(report_bytes(first))["campaigns"].values():
+        per_day: dict[int, float] = {}
+        for day, _, spent in section["budget_burn"]:
+            per_day[day] = spent
+        assert all(spent <= section["daily_budget"] + 1e-9 for spent in per_day.values())
+        assert section["spend"] <= section["committed_spend"]
+
+
+SMALL = sim(events=800, seed=9)
