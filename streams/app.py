@@ -42,11 +42,16 @@ log = logging.getLogger("dealstream.worker")
 
 
 class FaustSink:
-    """Sends through the Faust app's producer; ``flush`` waits for every delivery."""
+    """Sends through the Faust app's producer without waiting for each batch's deliveries.
+
+    Faust flushes the producer before every offset commit, so outputs still reach Kafka before
+    the offsets of the inputs that caused them are committed, while the next batch is already
+    being processed. A delivery that fails for good (after the producer's own retries) stops the
+    worker at once (exit 70): its inputs are then consumed again after a restart.
+    """
 
     def __init__(self, app: faust.App) -> None:
         self._app = app
-        self._pending: list[Any] = []
 
     async def send(
         self,
@@ -55,15 +60,18 @@ class FaustSink:
         value: bytes,
         headers: Sequence[tuple[str, bytes]] | None = None,
     ) -> None:
-        future = await self._app.producer.send(
+        pending = await self._app.producer.send(
             topic, key, value, None, None, list(headers) if headers else None
         )
-        self._pending.append(future)
+        asyncio.ensure_future(pending).add_done_callback(_stop_on_failed_delivery)
 
-    async def flush(self) -> None:
-        pending, self._pending = self._pending, []
-        if pending:
-            await asyncio.gather(*pending)
+
+def _stop_on_failed_delivery(future: asyncio.Future[Any]) -> None:
+    if future.cancelled() or future.exception() is None:
+        return
+    log.critical("delivery failed for good (%r); stopping the worker", future.exception())
+    logging.shutdown()
+    os._exit(EXIT_INTERNAL_ERROR)
 
 
 @dataclass(slots=True)
@@ -166,9 +174,7 @@ EXIT_INTERNAL_ERROR = 70
 """Exit status when a batch fails for a reason that is neither bad input nor Redis being away."""
 
 
-async def _handle_until_done(
-    worker: BatchWorker, sink: FaustSink, records: Sequence[RawRecord]
-) -> None:
+async def _handle_until_done(worker: BatchWorker, records: Sequence[RawRecord]) -> None:
     """Run one batch; while Redis is unreachable, wait and retry the same batch.
 
     Bad input never raises here (it is dead-lettered). Anything else is a bug: the worker
@@ -178,9 +184,9 @@ async def _handle_until_done(
     delay = 0.5
     while True:
         try:
+            # Outputs are handed to the producer before Faust acks the inputs; Faust flushes
+            # the producer before it commits their offsets (FaustSink).
             await worker.handle(records)
-            # Outputs are delivered before Faust acks (and later commits) the inputs.
-            await sink.flush()
             return
         except (OSError, aioredis.RedisError) as exc:
             log.warning(
@@ -247,7 +253,7 @@ def create_app(runtime: Runtime) -> faust.App:
     @app.agent(events_topic, name="dealstream-events")
     async def process_events(stream: Any) -> None:
         async for events in stream.take_events(settings.batch_max, within=settings.batch_within_s):
-            await _handle_until_done(worker, sink, [_raw_record(e.message) for e in events])
+            await _handle_until_done(worker, [_raw_record(e.message) for e in events])
 
     @app.timer(interval=MODEL_POLL_INTERVAL_S)  # type: ignore[untyped-decorator]
     async def poll_model() -> None:
