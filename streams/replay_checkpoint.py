@@ -89,14 +89,14 @@ class Checkpoint:
 
 
 def default_checkpoint_path(input_path: Path | None, topic: str | None = None) -> Path:
-    """``<input>.replay-checkpoint.json`` beside a file (in the working directory when the
-    file's directory is not writable, as for shared read-only data);
-    ``<topic>.replay-checkpoint.json`` in the working directory for a topic."""
+    """``.dealstream/replay/<name>.<hash of the full path>.json`` under the working directory
+    (``DEALSTREAM_STATE`` moves ``.dealstream``): never beside the input, which is often
+    shared data that nobody should write into."""
+    folder = Path(os.environ.get("DEALSTREAM_STATE", ".dealstream")) / "replay"
     if input_path is not None:
-        name = input_path.name + ".replay-checkpoint.json"
-        beside = input_path.with_name(name)
-        return beside if os.access(beside.parent, os.W_OK) else Path(name)
-    return Path(f"{topic}.replay-checkpoint.json")
+        digest = hashlib.sha256(str(input_path.resolve()).encode()).hexdigest()[:10]
+        return folder / f"{input_path.name}.{digest}.json"
+    return folder / f"topic-{topic}.json"
 
 
 def file_identity(path: Path) -> dict[str, Any]:
@@ -143,6 +143,7 @@ def write_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     """Replace the file atomically: a crash leaves the old or the new checkpoint, never half."""
     tmp = path.with_name(path.name + ".tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_bytes(checkpoint.to_json())
         os.replace(tmp, path)
     except OSError as exc:

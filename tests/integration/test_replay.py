@@ -31,7 +31,7 @@ from engine.importers import import_jsonl, import_taobao
 from engine.simulator import generate
 from streams.cli import main
 from streams.replay import SOURCE_HEADER
-from streams.replay_checkpoint import load_checkpoint
+from streams.replay_checkpoint import default_checkpoint_path, load_checkpoint
 from streams.settings import Topics
 from tests.conftest import REPO, Isolation, Services
 from tests.worker_process import clean_up
@@ -200,12 +200,13 @@ def test_stopped_replay_resumes_and_every_event_arrives_once(
 ) -> None:
     events = simulated_file(tmp_path / "sim.jsonl", 6000)
     replay_env(monkeypatch, services, isolation)
+    monkeypatch.setenv("DEALSTREAM_STATE", str(tmp_path / "state"))
     topics = Topics(isolation.topic_prefix)
     args = ["replay", "--in", str(tmp_path / "sim.jsonl")]
     try:
         assert main([*args, "--stop-after", "2500"]) == 130
         first = capsys.readouterr().err
-        saved = load_checkpoint(tmp_path / "sim.jsonl.replay-checkpoint.json")
+        saved = load_checkpoint(default_checkpoint_path(tmp_path / "sim.jsonl"))
         assert saved is not None and saved.sent == 2500 and not saved.complete
         assert "run the same command again to resume" in first
         assert main(args) == 0
@@ -229,8 +230,9 @@ def test_sigint_stops_a_paced_replay_with_a_checkpoint_and_the_rerun_completes_i
     speed = span_s / 30  # the whole file would take 30 s: plenty of time to interrupt it
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEALSTREAM_")}
     env.update(isolation.env(services))
+    env["DEALSTREAM_STATE"] = str(tmp_path / "state")
     command = [sys.executable, "-m", "streams.cli", "replay", "--in", str(path)]
-    checkpoint = tmp_path / "sim.jsonl.replay-checkpoint.json"
+    checkpoint = tmp_path / "state" / "replay" / default_checkpoint_path(path).name
     topics = Topics(isolation.topic_prefix)
     try:
         process = subprocess.Popen(

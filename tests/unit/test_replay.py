@@ -352,10 +352,16 @@ def test_checkpoint_round_trip_and_atomic_write(tmp_path: Path) -> None:
         load_checkpoint(path)
 
 
-def test_default_checkpoint_paths(tmp_path: Path) -> None:
-    beside = tmp_path / "x.csv.gz.replay-checkpoint.json"
-    assert default_checkpoint_path(tmp_path / "x.csv.gz") == beside
-    assert default_checkpoint_path(None, "events.dlq") == Path("events.dlq.replay-checkpoint.json")
+def test_default_checkpoint_paths_are_in_the_state_folder_never_beside_the_input(
+    tmp_path: Path,
+) -> None:
+    here = default_checkpoint_path(tmp_path / "x.csv.gz")
+    there = default_checkpoint_path(tmp_path / "other" / "x.csv.gz")
+    assert here.parent == Path(".dealstream/replay") and here.name.startswith("x.csv.gz.")
+    assert here != there, "two inputs of the same name need two checkpoints"
+    assert default_checkpoint_path(None, "events.dlq") == Path(
+        ".dealstream/replay/topic-events.dlq.json"
+    )
 
 
 # -- progress ------------------------------------------------------------------------------------
@@ -397,11 +403,12 @@ def test_format_duration() -> None:
 
 
 @pytest.fixture
-def no_kafka(monkeypatch: pytest.MonkeyPatch) -> None:
+def no_kafka(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in list(os.environ):
         if name.startswith("DEALSTREAM_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("DEALSTREAM_KAFKA_BOOTSTRAP", "127.0.0.1:1")
+    monkeypatch.setenv("DEALSTREAM_STATE", str(tmp_path / "state"))
 
 
 @pytest.mark.usefixtures("no_kafka")
@@ -509,13 +516,6 @@ async def test_a_failed_delivery_never_reaches_the_checkpoint() -> None:
     assert sink.delivered == 100 and len(sink.records) == 150
 
 
-def test_default_checkpoint_goes_to_the_working_directory_when_the_input_dir_is_read_only(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr("streams.replay_checkpoint.os.access", lambda path, mode: False)
-    assert default_checkpoint_path(Path("/ro/x.csv")) == Path("x.csv.replay-checkpoint.json")
-
-
 @pytest.mark.usefixtures("no_kafka")
 def test_cli_unwritable_checkpoint_is_a_clear_error_before_sending(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
@@ -526,7 +526,7 @@ def test_cli_unwritable_checkpoint_is_a_clear_error_before_sending(
     monkeypatch.setattr("streams.kafka_io.check_kafka", kafka_answers)
     monkeypatch.setattr("streams.kafka_io.ensure_topics", kafka_answers)
     path = write_jsonl(tmp_path / "in.jsonl", events(10))
-    target = tmp_path / "missing-dir" / "cp.json"
+    target = path / "cp.json"  # below a file: no folder can be made there
     assert main(["replay", "--in", str(path), "--checkpoint", str(target)]) == 2
     err = capsys.readouterr().err
-    assert "cannot write the checkpoint" in err and "--checkpoint" in err
+    assert "the checkpoint" in err and str(target) in err and err.count("\n") == 1
