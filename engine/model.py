@@ -88,6 +88,9 @@ INPUT_NAMES: tuple[str, ...] = (
 """The model's inputs in ``model_inputs`` order (the order River sums the linear score in)."""
 _LOG_SCALED: tuple[bool, ...] = tuple(n.startswith(_LOG_SCALED_PREFIXES) for n in MODEL_FEATURES)
 _INTERACTION_SLOTS: tuple[int, ...] = tuple(MODEL_FEATURES.index(n) for n in DISCOUNT_INTERACTIONS)
+_FEATURE_INPUTS: tuple[tuple[str, bool], ...] = tuple(zip(MODEL_FEATURES, _LOG_SCALED, strict=True))
+_DISCOUNT_SLOT = len(MODEL_FEATURES)
+"""Index of ``discount`` in ``INPUT_NAMES``; the interactions follow it."""
 
 
 def model_inputs(features: Mapping[str, float], discount_pct: float) -> dict[str, float]:
@@ -305,14 +308,15 @@ class Scorer:
     __slots__ = ("_base", "_interactions", "_model", "_partial", "_scaled", "_terms")
 
     def __init__(self, model: PurchaseModel, features: Mapping[str, float]) -> None:
-        base: list[float] = []
         get = features.get
-        for name, log_scaled in zip(MODEL_FEATURES, _LOG_SCALED, strict=True):
-            value = float(get(name, 0.0))
-            base.append(math.log1p(max(value, 0.0)) if log_scaled else value)
+        log1p = math.log1p
+        base = [
+            log1p(max(float(get(name, 0.0)), 0.0)) if log_scaled else float(get(name, 0.0))
+            for name, log_scaled in _FEATURE_INPUTS
+        ]
         self._model = model
         self._base = base
-        self._interactions = tuple(base[i] for i in _INTERACTION_SLOTS)
+        self._interactions = [base[i] for i in _INTERACTION_SLOTS]
         self._terms: LinearTerms | None = None
         self._scaled: list[float] = []
         self._partial = 0.0
@@ -322,7 +326,8 @@ class Scorer:
         return self._model
 
     def _prepare(self) -> LinearTerms:
-        terms = self._model.linear_terms()
+        model = self._model
+        terms = model._terms or model.linear_terms()
         if terms is not self._terms:
             scaled: list[float] = []
             partial = 0.0
@@ -337,20 +342,24 @@ class Scorer:
 
     def _discount_terms(self, terms: LinearTerms, discount_pct: float) -> list[float]:
         discount = discount_pct / 100.0
-        raw = [discount, *(discount * x for x in self._interactions)]
-        start = len(MODEL_FEATURES)
         means, sds = terms.means, terms.sds
-        return [
-            (x - means[i]) / sd if (sd := sds[i]) is not None else 0.0
-            for i, x in enumerate(raw, start)
-        ]
+        i = _DISCOUNT_SLOT
+        sd = sds[i]
+        scaled = [(discount - means[i]) / sd if sd is not None else 0.0]
+        for x in self._interactions:
+            i += 1
+            sd = sds[i]
+            scaled.append((discount * x - means[i]) / sd if sd is not None else 0.0)
+        return scaled
 
     def __call__(self, discount_pct: float) -> float:
         terms = self._prepare()
         total = self._partial
         weights = terms.weights
-        for i, value in enumerate(self._discount_terms(terms, discount_pct), len(MODEL_FEATURES)):
+        i = _DISCOUNT_SLOT
+        for value in self._discount_terms(terms, discount_pct):
             total += weights[i] * value
+            i += 1
         return _sigmoid(total + terms.intercept)
 
     def contributions(self, discount_pct: float, top: int = 3) -> list[tuple[str, float]]:

@@ -95,6 +95,9 @@ Op = tuple[str, str, float]
 
 State = dict[str, float]
 
+NEVER = float("inf")
+"""``expires_at`` of a field that never expires."""
+
 
 def event_kind(event: Event) -> str:
     """The activity kind of an event: a browse action, ``search`` or ``purchase``."""
@@ -125,16 +128,33 @@ def trigger_category(event: Event) -> str | None:
     return event.category
 
 
+_BUCKET_FIELDS: dict[tuple[str, int], tuple[str, str, str]] = {}
+_BUCKET_FIELDS_MAX = 50_000
+
+
+def _bucket_fields(code: str, ts: int) -> tuple[str, str, str]:
+    """``bucket_field`` for the minute, hour and day of ``ts``, memoised per code and minute."""
+    key = (code, ts // MINUTE_MS)
+    fields = _BUCKET_FIELDS.get(key)
+    if fields is None:
+        if len(_BUCKET_FIELDS) >= _BUCKET_FIELDS_MAX:
+            _BUCKET_FIELDS.clear()
+        fields = _BUCKET_FIELDS[key] = (
+            bucket_field(code, "m", ts),
+            bucket_field(code, "h", ts),
+            bucket_field(code, "d", ts),
+        )
+    return fields
+
+
 def event_ops(event: Event) -> list[Op]:
     """The state operations that apply one event; commutative by construction."""
     code = KIND_CODE[event_kind(event)]
     ts = event.ts
-    ops: list[Op] = [(OP_INCR, bucket_field(code, grain, ts), 1.0) for grain in ("m", "h", "d")]
+    ops: list[Op] = [(OP_INCR, field, 1.0) for field in _bucket_fields(code, ts)]
     if isinstance(event, PurchaseEvent):
         cents = float(round(event.amount * 100))
-        ops.extend(
-            (OP_INCR, bucket_field(SPEND_CODE, grain, ts), cents) for grain in ("m", "h", "d")
-        )
+        ops.extend((OP_INCR, field, cents) for field in _bucket_fields(SPEND_CODE, ts))
         if event.offer_id is not None:
             ops.append((OP_INCR, bucket_field(REDEEMED_CODE, "d", ts), 1.0))
     day = ts // DAY_MS
@@ -148,12 +168,20 @@ def event_ops(event: Event) -> list[Op]:
     return ops
 
 
-def apply_ops(state: State, ops: Iterable[Op]) -> None:
+def apply_ops(state: State, ops: Iterable[Op]) -> float:
     """Apply operations in place; mirrors ``streams/features.lua`` exactly.
 
-    Every operation value is integral (counts, cents, epoch ms), so sums are exact."""
+    Every operation value is integral (counts, cents, epoch ms), so sums are exact. Returns
+    the earliest ``expires_at`` of the fields this call created (``NEVER`` if none), which
+    lets a store skip ``trim`` while nothing can have expired."""
+    get = state.get
+    expiry = NEVER
     for op, field, value in ops:
-        current = state.get(field)
+        current = get(field)
+        if current is None:
+            field_expiry = expires_at(field)
+            if field_expiry < expiry:
+                expiry = field_expiry
         if op == OP_INCR:
             state[field] = (current or 0.0) + value
         elif op == OP_MAX:
@@ -164,6 +192,7 @@ def apply_ops(state: State, ops: Iterable[Op]) -> None:
                 state[field] = value
         else:  # pragma: no cover - ops are built above
             raise ValueError(f"unknown state operation {op!r}")
+    return expiry
 
 
 def category_day(field: str) -> int | None:
@@ -244,3 +273,29 @@ def trim(state: State) -> None:
     """Drop expired buckets in place (the Lua script does the same after each update)."""
     for field in expired_fields(state):
         del state[field]
+
+
+_SLOT_MS: tuple[int, ...] = (MINUTE_MS, HOUR_MS, DAY_MS, DAY_MS)
+_SLOT_RETENTION: tuple[int, ...] = (
+    RETENTION_BUCKETS["m"],
+    RETENTION_BUCKETS["h"],
+    RETENTION_BUCKETS["d"],
+    RETENTION_BUCKETS["d"],
+)
+def expires_at(field: str) -> float:
+    """The smallest latest-event time ``lt`` at which ``trim`` would drop ``field``.
+
+    ``trim`` drops a bucket when ``index <= lt // grain_ms - retention``, that is when
+    ``lt >= (index + retention) * grain_ms``; fields that are not buckets never expire.
+    A store keeps the minimum over a user's fields and skips ``trim`` while ``lt`` is below it.
+    """
+    slot, index, _ = PARSED.get(field) or parsed_field(field)
+    if slot < 0:
+        return NEVER
+    return float((index + _SLOT_RETENTION[slot]) * _SLOT_MS[slot])
+
+
+def trim_and_next_expiry(state: State) -> float:
+    """``trim`` the state, then return ``min(expires_at(field))`` over the fields left."""
+    trim(state)
+    return min(map(expires_at, state), default=NEVER)

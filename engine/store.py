@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Protocol
 
-from engine.features import Op, State, apply_ops, trim
+from engine.features import Op, State, apply_ops
+from engine.state import NEVER, trim_and_next_expiry
 
 
 class UpdateStatus(IntEnum):
@@ -94,6 +95,10 @@ def classify(
 class _UserRecord:
     state: State = field(default_factory=dict)
     seen: dict[str, float] = field(default_factory=dict)
+    next_expiry: float = NEVER
+    """No field expires while the latest event time is below this: ``trim`` is skipped."""
+    oldest_seen: float = NEVER
+    """The smallest event time in ``seen``: pruning is skipped while it is inside the horizon."""
 
 
 class InMemoryFeatureStore:
@@ -135,15 +140,26 @@ class InMemoryFeatureStore:
                 assert update.position is not None
                 self._watermarks[wm_key] = update.position.offset
             if status is UpdateStatus.APPLIED:
-                apply_ops(record.state, update.ops)
-                record.seen[update.event_id] = float(update.ts)
+                expiry = apply_ops(record.state, update.ops)
+                if expiry < record.next_expiry:
+                    record.next_expiry = expiry
+                seen_ts = float(update.ts)
+                record.seen[update.event_id] = seen_ts
+                if seen_ts < record.oldest_seen:
+                    record.oldest_seen = seen_ts
                 touched.add(update.user_id)
             statuses.append(status)
         for user_id in touched:
+            # Trim and prune only when something is due: both are scans of the whole record,
+            # and skipping them when nothing would go leaves exactly the same record.
             record = self._users[user_id]
-            trim(record.state)
+            latest = record.state.get("lt")
+            if latest is not None and int(latest) >= record.next_expiry:
+                record.next_expiry = trim_and_next_expiry(record.state)
             horizon = record.state.get("lt", 0.0) - allowed_lateness_ms
-            record.seen = {eid: ts for eid, ts in record.seen.items() if ts >= horizon}
+            if record.oldest_seen < horizon:
+                record.seen = {eid: ts for eid, ts in record.seen.items() if ts >= horizon}
+                record.oldest_seen = min(record.seen.values(), default=NEVER)
         for user_id in before.keys() - touched:
             if not self._users[user_id].state:
                 del self._users[user_id]
