@@ -1,0 +1,176 @@
+"""The hot path's shortcuts against the plain computations they replace.
+
+``test_engine_golden.py`` proves whole runs unchanged; these tests pin each shortcut on its
+own, on inputs the golden stream may not reach: the model's hand-computed score against
+River's ``predict_proba_one`` (bit for bit, any model state), the session scan, the parse
+cache, and the store's skipped trims and prunes.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine import state as state_module
+from engine.features import (
+    MINUTE_MS,
+    RETENTION_BUCKETS,
+    SESSION_GAP_MINUTES,
+    apply_ops,
+    compute_features,
+    expired_fields,
+    trim,
+)
+from engine.features import _session_events as session_events
+from engine.model import MODEL_FEATURES, PurchaseModel
+from engine.state import Op
+from engine.store import InMemoryFeatureStore, StateUpdate
+
+T0 = 1_767_225_600_000
+
+
+def random_features(rng: random.Random) -> dict[str, float]:
+    choices = (0.0, 1.0, 3.0, 0.25, 2_592_000.0, 17.5)
+    features = {name: rng.choice(choices) * rng.random() * 3 for name in MODEL_FEATURES}
+    if rng.random() < 0.3:
+        del features[rng.choice(MODEL_FEATURES)]
+    return features
+
+
+def bits(value: float) -> tuple[float, float]:
+    return value, math.copysign(1.0, value)
+
+
+def test_scorer_is_predict_and_contributions_bit_for_bit() -> None:
+    rng = random.Random(20261129)
+    checked = 0
+    for learning_rate in (0.05, 0.5, 3.0):  # 3.0 drives scores into the sigmoid's cut-offs
+        model = PurchaseModel(learning_rate=learning_rate)
+        for step in range(250):
+            if step % 10 == 0:
+                features = random_features(rng)
+                scorer = model.scorer(features)
+                for discount in (0.0, 5.0, 10.0, 12.5, 20.0, 100.0):
+                    assert bits(scorer(discount)) == bits(model.predict(features, discount))
+                    expected = model.contributions(features, discount)
+                    assert scorer.contributions(discount) == expected
+                    checked += 1
+            model.learn(random_features(rng), rng.choice((0.0, 5.0, 20.0)), rng.random() < 0.3)
+    assert checked == 450
+
+
+def test_a_scorer_follows_the_model_as_it_learns() -> None:
+    model = PurchaseModel()
+    features = {"cart_count_24h": 2.0, "session_events": 4.0}
+    scorer = model.scorer(features)
+    before = scorer(10.0)
+    model.learn(features, 10.0, 1)
+    assert scorer(10.0) == model.predict(features, 10.0) != before
+
+
+def test_a_model_that_overrides_predict_is_asked_itself() -> None:
+    class Constant(PurchaseModel):
+        def predict(self, features: Mapping[str, float], discount_pct: float) -> float:
+            return 0.25 + discount_pct / 1000
+
+    scorer = Constant().scorer({})
+    assert scorer(0.0) == 0.25 and scorer(50.0) == 0.3
+
+
+def reference_session_events(activity_minutes: Mapping[int, float], minute: int) -> float:
+    """The original minute-by-minute scan."""
+    total = 0.0
+    gap = 0
+    for index in range(minute, minute - RETENTION_BUCKETS["m"], -1):
+        count = activity_minutes.get(index)
+        if count:
+            total += count
+            gap = 0
+        else:
+            gap += 1
+            if gap >= SESSION_GAP_MINUTES:
+                break
+    return total
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.integers(min_value=-200, max_value=5),
+        st.sampled_from([0.0, 1.0, 2.0, 7.0]),
+        max_size=40,
+    )
+)
+def test_session_from_active_minutes_equals_the_minute_scan(offsets: dict[int, float]) -> None:
+    minute = 29_000_000
+    activity = {minute + offset: count for offset, count in offsets.items() if offset <= 0}
+    assert session_events(activity, minute) == reference_session_events(activity, minute)
+
+
+def test_features_do_not_depend_on_the_parse_cache() -> None:
+    state = {
+        f"vm{T0 // MINUTE_MS}": 2.0,
+        f"ch{T0 // 3_600_000}": 1.0,
+        f"k{T0 // 86_400_000}:books": 3.0,
+        f"$d{T0 // 86_400_000}": 1250.0,
+        f"pd{T0 // 86_400_000}": 1.0,
+        "lv": float(T0),
+        "lt": float(T0),
+        "fs": float(T0 - 3_600_000),
+        "nv": 2.0,
+    }
+    warm = compute_features(state, category="books")
+    state_module.PARSED.clear()
+    assert compute_features(state, category="books") == warm
+    assert expired_fields(state) == []
+
+
+def user_ops(rng: random.Random, ts: int) -> list[Op]:
+    minute, hour, day = ts // MINUTE_MS, ts // 3_600_000, ts // 86_400_000
+    code = rng.choice("vcfsp")
+    return [
+        ("i", f"{code}m{minute}", 1.0),
+        ("i", f"{code}h{hour}", 1.0),
+        ("i", f"{code}d{day}", 1.0),
+        ("i", f"k{day}:{rng.choice(['books', 'toys'])}", 1.0),
+        ("x", f"l{code}", float(ts)),
+        ("x", "lt", float(ts)),
+        ("n", "fs", float(ts)),
+    ]
+
+
+async def test_store_skipping_trims_and_prunes_keeps_exactly_what_trimming_always_keeps() -> None:
+    """Against a reference that trims and prunes every touched user after every batch."""
+    rng = random.Random(7)
+    store = InMemoryFeatureStore()
+    lateness = 3_600_000
+    reference: dict[str, dict[str, float]] = {}
+    seen: dict[str, dict[str, float]] = {}
+    ts = T0
+    for batch_no in range(300):
+        updates = []
+        for n in range(20):
+            ts += rng.choice((1_000, 20_000, 600_000, 5_400_000))
+            late = ts - rng.choice((0, 0, 0, 1_800_000, 7_200_000))
+            user = f"u{rng.randrange(6)}"
+            updates.append(StateUpdate(user, f"e{batch_no}-{n}", late, user_ops(rng, late)))
+        outcome = await store.apply_batch(updates, allowed_lateness_ms=lateness)
+        touched = set()
+        for update, status in zip(updates, outcome.statuses, strict=True):
+            if status == 0:
+                apply_ops(reference.setdefault(update.user_id, {}), update.ops)
+                seen.setdefault(update.user_id, {})[update.event_id] = float(update.ts)
+                touched.add(update.user_id)
+        for user in touched:
+            trim(reference[user])
+            horizon = reference[user]["lt"] - lateness
+            seen[user] = {e: t for e, t in seen[user].items() if t >= horizon}
+        states = await store.read_states(reference)
+        assert states == reference
+        assert all(list(states[u]) == list(reference[u]) for u in reference)  # field order too
+        assert {u: store._users[u].seen for u in seen} == seen
+    assert any(expired_fields(s) == [] and len(s) > 10 for s in reference.values())
