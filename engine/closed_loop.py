@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 
-from engine.backtest.runner import run_backtest
+from engine.backtest.runner import BacktestResult, run_backtest
 from engine.campaigns import Campaign
 from engine.errors import EngineError
 from engine.events import parse_event
@@ -129,7 +129,9 @@ class ClosedLoopConfig:
     users: int
     events: int
     seed: int
-    batch_size: int = 500
+    batch_size: int = 10
+    """Events per micro-batch: offers reach the world after each batch, so a batch must span
+    much less event time than a session (10 x 3 s here; sessions last minutes)."""
     margin: float = 0.3
     """Gross margin (fraction of the undiscounted value) every policy is scored with."""
     mean_gap_ms: float = 3000.0
@@ -163,6 +165,8 @@ class RunOutcome:
     margin: float
     """The world's margin: undiscounted value * margin - discounts, over every purchase."""
     expected_incremental_margin: float
+    backtest: BacktestResult | None = None
+    """The backtest of the run (None for the counterfactual, which needs no engine)."""
 
 
 class _ExpectedMargin:
@@ -239,6 +243,7 @@ def run_world(
         purchases=world.purchases,
         margin=world.margin(config.margin),
         expected_incremental_margin=expected.total(),
+        backtest=result,
     )
 
 
@@ -254,6 +259,14 @@ def _money(value: float) -> float:
     return round(value, 2)
 
 
+@dataclass(slots=True)
+class ClosedLoopRun:
+    simulation: dict[str, object]
+    """The ``simulation`` section of a backtest report (deterministic for a seed)."""
+    backtests: dict[str, BacktestResult]
+    """Each campaign's own backtest against its own world, by campaign name."""
+
+
 def simulate_closed_loop(
     campaigns: Sequence[Campaign],
     config: ClosedLoopConfig,
@@ -262,6 +275,16 @@ def simulate_closed_loop(
 ) -> dict[str, object]:
     """Every campaign, its oracle and the no-offer counterfactual: the ``simulation`` section
     of a backtest report (deterministic for a seed)."""
+    return run_closed_loop(campaigns, config, progress=progress).simulation
+
+
+def run_closed_loop(
+    campaigns: Sequence[Campaign],
+    config: ClosedLoopConfig,
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> ClosedLoopRun:
+    """``simulate_closed_loop``, keeping each campaign's backtest for the full report."""
     config.check()
     if not campaigns:
         raise ClosedLoopError("a closed loop needs at least one campaign")
@@ -270,6 +293,7 @@ def simulate_closed_loop(
     say(f"no-offer world: {baseline.purchases} purchases, margin {baseline.margin:.2f}")
     oracles: dict[tuple[object, ...], tuple[str, RunOutcome]] = {}
     rows: list[dict[str, object]] = []
+    backtests: dict[str, BacktestResult] = {}
     for campaign in campaigns:
         key = _oracle_key(campaign)
         if key not in oracles:
@@ -278,6 +302,8 @@ def simulate_closed_loop(
             say(f"oracle for {campaign.name}: margin {outcome.margin - baseline.margin:+.2f}")
         oracle_run = oracles[key][1]
         run = run_world(config, campaign)
+        assert run.backtest is not None
+        backtests[campaign.name] = run.backtest
         say(f"{campaign.name} ({campaign.policy.name}): margin {run.margin - baseline.margin:+.2f}")
         incremental = run.margin - baseline.margin
         oracle_incremental = oracle_run.margin - baseline.margin
@@ -317,7 +343,7 @@ def simulate_closed_loop(
         }
         for name, run in oracles.values()
     ]
-    return {
+    simulation: dict[str, object] = {
         "seed": config.seed,
         "users": config.users,
         "events": config.events,
@@ -331,3 +357,4 @@ def simulate_closed_loop(
         "oracles": oracle_rows,
         "policies": rows,
     }
+    return ClosedLoopRun(simulation, backtests)

@@ -164,6 +164,11 @@ def _cmd_backtest(settings: Settings, args: argparse.Namespace) -> int:
     from engine.pipeline import EngineConfig
     from streams.backtest_cli import run_backtest_command
 
+    if (args.input is None) == (args.simulate is None):
+        print("dealstream: backtest needs --in FILE or --simulate USERS:EVENTS", file=sys.stderr)
+        return 2
+    if args.simulate is not None:
+        return _backtest_simulated(args)
     return run_backtest_command(
         input_path=args.input,
         campaign_paths=args.campaigns,
@@ -177,6 +182,18 @@ def _cmd_backtest(settings: Settings, args: argparse.Namespace) -> int:
         ),
         batch_size=args.batch_size,
     )
+
+
+def _backtest_simulated(args: argparse.Namespace) -> int:
+    from engine.closed_loop import ClosedLoopConfig
+    from streams.simulate import backtest_simulated, format_regret_table, parse_simulate_size
+
+    users, events = parse_simulate_size(args.simulate)
+    config = ClosedLoopConfig(users=users, events=events, seed=args.seed)
+    run = backtest_simulated(campaign_files=args.campaigns, config=config, out=args.out)
+    print(format_regret_table(run.simulation))
+    print(f"backtest: wrote {args.out}/report.json, report.html, simulation.json")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument(
         "--campaigns", type=Path, action="append", default=[], help="campaigns TOML (repeatable)"
     )
-    simulate.add_argument("--batch-size", type=int, default=500, help="closed loop micro-batch")
+    simulate.add_argument("--batch-size", type=int, default=10, help="closed loop micro-batch")
     simulate.add_argument("--margin", type=float, default=0.3, help="gross margin for scoring")
     simulate.add_argument(
         "--gap-ms", type=float, default=3000.0, help="closed loop: mean event gap, population"
@@ -243,7 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     backtest = sub.add_parser(
         "backtest", help="replay a file through the engine in-process; report.json + report.html"
     )
-    backtest.add_argument("--in", dest="input", type=Path, required=True, help="events file")
+    backtest.add_argument("--in", dest="input", type=Path, default=None, help="events file")
+    backtest.add_argument(
+        "--simulate",
+        metavar="USERS:EVENTS",
+        default=None,
+        help="instead of --in: the closed-loop simulator, each campaign against its own world",
+    )
     backtest.add_argument(
         "--campaigns",
         type=Path,

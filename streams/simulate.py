@@ -15,8 +15,17 @@ from typing import IO, Any, cast
 
 import orjson
 
+from engine.backtest.html import render_html
+from engine.backtest.report import build_report, dumps_report
+from engine.backtest.runner import BacktestResult
 from engine.campaigns import Campaign, load_campaigns
-from engine.closed_loop import ClosedLoopConfig, ClosedLoopError, simulate_closed_loop
+from engine.closed_loop import (
+    ClosedLoopConfig,
+    ClosedLoopError,
+    ClosedLoopRun,
+    run_closed_loop,
+    simulate_closed_loop,
+)
 from engine.world import open_loop
 from streams.kafka_io import ProducerSink
 from streams.settings import Topics
@@ -110,18 +119,95 @@ def format_regret_table(simulation: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
+def _make_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ClosedLoopError(f"--out {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ClosedLoopError(f"cannot create output directory {out}: {exc.strerror}") from None
+
+
+def _say(line: str) -> None:
+    print(f"simulate: {line}", file=sys.stderr)
+
+
+def parse_simulate_size(text: str) -> tuple[int, int]:
+    """``USERS:EVENTS`` (e.g. ``2000:200000``) -> (users, events)."""
+    users, sep, events = text.partition(":")
+    try:
+        sizes = (int(users), int(events)) if sep else None
+    except ValueError:
+        sizes = None
+    if sizes is None or sizes[0] < 1 or sizes[1] < 1:
+        raise ClosedLoopError(
+            "--simulate takes USERS:EVENTS with two positive integers, e.g. 2000:200000,"
+            f" got {text!r}"
+        )
+    return sizes
+
+
+def merged_backtest(run: ClosedLoopRun) -> BacktestResult:
+    """One report over every campaign's own closed loop: each campaign's world is its own
+    event stream, so the event counts shown are those of the first campaign's world."""
+    results = list(run.backtests.values())
+    groups = []
+    for name, result in run.backtests.items():
+        group = result.groups[0]
+        group.name = name
+        groups.append(group)
+    first = results[0]
+    return BacktestResult(
+        groups=groups,
+        events=first.events,
+        first_ts=first.first_ts,
+        last_ts=first.last_ts,
+        statuses=first.statuses,
+        events_by_kind=first.events_by_kind,
+        seed=first.seed,
+        batch_size=first.batch_size,
+    )
+
+
+def backtest_simulated(
+    *, campaign_files: list[Path], config: ClosedLoopConfig, out: Path
+) -> ClosedLoopRun:
+    """``dealstream backtest --simulate``: the closed loop as a backtest report
+    (``report.json``, ``report.html`` with the ``simulation`` section) and ``simulation.json``."""
+    from streams.backtest_cli import file_sha256
+
+    campaigns = load_all_campaigns(campaign_files)
+    _make_dir(out)
+    run = run_closed_loop(campaigns, config, progress=_say)
+    inputs = {
+        "simulated": {
+            "users": config.users,
+            "events": config.events,
+            "seed": config.seed,
+            "mean_gap_ms": config.mean_gap_ms,
+            "margin": config.margin,
+        },
+        "campaign_files": [{"file": p.name, "sha256": file_sha256(p)} for p in campaign_files],
+    }
+    report = build_report(merged_backtest(run), inputs=inputs, extra={"simulation": run.simulation})
+    report_bytes = dumps_report(report)
+    (out / "report.json").write_bytes(report_bytes)
+    (out / "report.html").write_text(render_html(orjson.loads(report_bytes)), "utf-8")
+    _write_simulation(out, run.simulation)
+    return run
+
+
+def _write_simulation(out: Path, simulation: dict[str, object]) -> None:
+    path = out / "simulation.json"
+    path.write_bytes(orjson.dumps(simulation, option=orjson.OPT_INDENT_2) + b"\n")
+
+
 def simulate_closed_loop_to_dir(
     *, campaign_files: list[Path], config: ClosedLoopConfig, out: Path
 ) -> dict[str, object]:
     """Run the closed loop and write ``out/simulation.json``; returns the simulation dict."""
     campaigns = load_all_campaigns(campaign_files)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ClosedLoopError(f"cannot create output directory {out}: {exc.strerror}") from None
-    simulation = simulate_closed_loop(
-        campaigns, config, progress=lambda line: print(f"simulate: {line}", file=sys.stderr)
-    )
-    path = out / "simulation.json"
-    path.write_bytes(orjson.dumps(simulation, option=orjson.OPT_INDENT_2) + b"\n")
+    _make_dir(out)
+    simulation = simulate_closed_loop(campaigns, config, progress=_say)
+    _write_simulation(out, simulation)
     return simulation

@@ -1,5 +1,5 @@
 """The closed loop (engine/closed_loop.py): the oracle's choice, regret for every policy,
-determinism, and the ``simulate --closed-loop`` command."""
+determinism."""
 
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ from engine.closed_loop import (
 from engine.policy import LinearPolicy, PolicyContext, ProfitPolicy, RulesPolicy, ThresholdPolicy
 from engine.simulator import DEFAULT_START_MS
 from engine.world import Truth, World
-from streams.cli import main
 
 PAPER = Path(__file__).resolve().parents[2] / "deploy" / "campaigns" / "paper.toml"
 MARGIN = 0.3
@@ -175,62 +174,6 @@ def test_bad_closed_loop_settings_raise() -> None:
         )
     with pytest.raises(ClosedLoopError, match="at least one campaign"):
         simulate_closed_loop((), ClosedLoopConfig(users=5, events=10, seed=1))
-
-
-def test_simulate_closed_loop_command_writes_the_simulation(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = tmp_path / "run"
-    code = main(
-        [
-            "simulate",
-            "--closed-loop",
-            "--campaigns",
-            str(PAPER),
-            "--users",
-            "30",
-            "--events",
-            "1500",
-            "--seed",
-            "2",
-            "--out",
-            str(out),
-        ]
-    )
-    assert code == 0
-    simulation = orjson.loads((out / "simulation.json").read_bytes())
-    assert [row["campaign"] for row in simulation["policies"]] == [
-        "profit",
-        "threshold",
-        "linear",
-        "rules",
-    ]
-    printed = capsys.readouterr()
-    assert "regret" in printed.out and "threshold" in printed.out
-    assert "simulation.json" in printed.err
-
-
-@pytest.mark.parametrize(
-    ("argv", "says"),
-    [
-        (["--closed-loop", "--out", "DIR"], "--campaigns"),
-        (["--closed-loop", "--campaigns", "missing.toml", "--out", "DIR"], "cannot read"),
-        (["--campaigns", str(PAPER), "--out", "x.jsonl"], "--closed-loop"),
-        (["--closed-loop", "--campaigns", str(PAPER), "--kafka"], "--campaigns FILE and --out"),
-        (
-            ["--closed-loop", "--campaigns", str(PAPER), "--campaigns", str(PAPER), "--out", "D"],
-            "unique",
-        ),
-        (["--closed-loop", "--campaigns", str(PAPER), "--users", "0", "--out", "DIR"], "user"),
-    ],
-)
-def test_closed_loop_command_errors_are_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], says: str
-) -> None:
-    argv = [str(tmp_path / a) if a in ("DIR", "D", "missing.toml", "x.jsonl") else a for a in argv]
-    assert main(["simulate", *argv]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and says in err, err
 
 
 def test_the_engine_tells_policies_whom_and_which_event_they_decide_for() -> None:
