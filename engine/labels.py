@@ -125,6 +125,10 @@ class PendingLabels:
             del self._by_user[user_id]
         return LabelledExample(chosen, 1, ts)
 
+    def due(self, now: int) -> bool:
+        """Whether ``expire(now)`` has any window to close (it may still label nothing)."""
+        return bool(self._expiry) and self._expiry[0][0] < now
+
     def expire(self, now: int) -> list[LabelledExample]:
         """Label 0 every open decision whose attribution window ended before ``now``."""
         examples: list[LabelledExample] = []

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from engine.campaigns import Campaign, default_campaigns
 from engine.events import BrowseEvent, Event, PurchaseEvent
 from engine.features import (
+    Op,
     apply_ops,
     compute_features,
     event_kind,
@@ -220,24 +221,33 @@ class DiscountEngine:
         # per event, and let ``_candidates`` ask it about decision intervals (backtests).
         ledger = self.ledger
         memory_ledger = ledger if type(ledger) is InMemoryLedger else None
-        settle_now = memory_ledger.settle_now if memory_ledger is not None else None
         applied = UpdateStatus.APPLIED
+        # A user's state is brought up to an event only when that event needs features:
+        # operations wait here, in order, so events that decide nothing cost no replay.
+        unapplied: dict[str, list[Sequence[Op]]] = {}
         for item, update, status in zip(batch, updates, outcome.statuses, strict=True):
             if status is not applied:
                 continue
             event = item.event
-            state = states[event.user_id]
-            apply_ops(state, update.ops)
+            user_id = event.user_id
+            waiting = unapplied.get(user_id)
+            if waiting is None:
+                unapplied[user_id] = [update.ops]
+            else:
+                waiting.append(update.ops)
             if event.ts > self.clock_ms:
                 self.clock_ms = event.ts
             if isinstance(event, PurchaseEvent):
-                ops.append(PurchaseNotice(event.user_id, event.ts, event.offer_id))
+                ops.append(PurchaseNotice(user_id, event.ts, event.offer_id))
                 proposals.append(None)
             else:
                 category = trigger_category(event)
                 kind = event_kind(event)
                 candidates = self._candidates(event, kind, category, memory_ledger)
                 if candidates:
+                    state = states[user_id]
+                    for pending in unapplied.pop(user_id):
+                        apply_ops(state, pending)
                     features = compute_features(state, category=category)
                     for campaign in candidates:
                         if is_eligible(campaign, event, features, kind):
@@ -247,8 +257,11 @@ class DiscountEngine:
             if learn_inline:
                 # Settle event by event so that what the model learns from this event's
                 # labels shapes the next decision: results do not depend on batch size.
-                if settle_now is not None:
-                    self._apply_settled(settle_now(ops, now_ms=self.clock_ms), proposals, result)
+                if memory_ledger is not None:
+                    # Nothing to settle and no label due: the ledger would return nothing.
+                    if ops or memory_ledger.labels.due(self.clock_ms):
+                        settled = memory_ledger.settle_now(ops, now_ms=self.clock_ms)
+                        self._apply_settled(settled, proposals, result)
                 else:
                     await self._settle(ops, proposals, result)
                 ops, proposals = [], []
