@@ -3,9 +3,9 @@
 For every campaign a fresh ``World`` with the same seed is the source of a backtest
 (``engine.backtest.run_backtest``: the same ``DiscountEngine``, in-memory store,
 ``learn_inline``), and receives each micro-batch's offers before the next batch is drawn, so
-offers change what the shoppers do next. A copy that gets
-no offers is the counterfactual. Because all copies share their random numbers (see
-``engine.world``), they differ only in checkouts that an offer turned around, and
+offers change what the shoppers do next. A copy that gets no offers is the counterfactual.
+Because all copies share their random numbers (see ``engine.world``), they differ only in
+checkouts that an offer turned around, and
 
 - ``incremental_margin`` = margin(policy's world) - margin(no-offer world), where a world's
   margin is sum(undiscounted value) * margin - sum(discounts given), over all purchases;

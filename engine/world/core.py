@@ -68,7 +68,6 @@ class World:
         heapq.heapify(self._heap)
         self.clock = start_ms
         """Event time of the latest event produced."""
-        self.produced = 0
         self.purchases = 0
         self.redeemed = 0
         self.gross_cents = 0
@@ -150,9 +149,9 @@ class World:
             live = lives[index]
             step = live.plan[live.pos]
             live.pos += 1
-            live.count += 1
-            user_id = live.shopper.user_id
-            event_id = f"sim-{seed}-{index}-{live.count}"
+            live.count = count = live.count + 1
+            user_id = live.user_id
+            event_id = f"sim-{seed}-{index}-{count}"
             ts = int(step[1])  # type: ignore[call-overload]
             kind = step[0]
             event: dict[str, object]
@@ -183,7 +182,6 @@ class World:
                 self._enter(live, self._next_session(live))
             heapq.heapreplace(heap, (live.plan[live.pos][1], index))  # type: ignore[misc]
             emitted += 1
-            self.produced += 1
             self.clock = ts
             yield event
 

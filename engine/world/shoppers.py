@@ -122,11 +122,13 @@ class Live:
         "session",
         "shopper",
         "table",
+        "user_id",
     )
 
     def __init__(self, index: int, shopper: Shopper, rng: random.Random) -> None:
         self.index = index
         self.shopper = shopper
+        self.user_id = shopper.user_id
         self.rng = rng
         self.table: tuple[str, ...] = taste_table(shopper.tastes)
         self.intra_rate = 0.0
