@@ -77,7 +77,7 @@ def river_progressive(rows: list[tuple[dict[str, float], bool]]) -> dict[str, An
         "cpu_s": round(cpu, 3),
         "rows_per_s": round(len(rows) / wall, 1) if wall else None,
         "rows_per_cpu_s": round(len(rows) / cpu, 1) if cpu else None,
-        "roc_auc": round(metric.get(), 4),
+        "roc_auc": round(float(metric.get()), 4),
     }
 
 
@@ -127,6 +127,13 @@ def main() -> int:
         "report_tail_s": round(wall - timing["elapsed_s"], 3),
         "decisions_jsonl_mb": round(log_bytes / 1e6, 1),
         "model_auc": report["model"]["auc"],
+        "campaigns": {
+            key: {
+                k: c[k]
+                for k in ("decisions", "offers", "spend", "committed_spend", "uplift", "itt")
+            }
+            for key, c in report["campaigns"].items()
+        },
         "target_events_per_s": TARGET_EVENTS_PER_S,
         "meets_target": run_rate >= TARGET_EVENTS_PER_S,
     }

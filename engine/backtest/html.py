@@ -66,17 +66,22 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], table_id: str 
     return f"<table{attr}><tr>{head}</tr>{body}</table>"
 
 
+def _with_ci(value: Any, ci: Any) -> str:
+    text = _pct(value)
+    return f"{text} [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else text
+
+
 def _campaign_rows(campaigns: Mapping[str, Any]) -> list[list[str]]:
     rows = []
     for key, c in campaigns.items():
-        ci = c.get("uplift_ci95")
-        uplift = _pct(c.get("uplift"))
-        if ci:
-            uplift += f" [{_pct(ci[0])}, {_pct(ci[1])}]"
+        uplift = _with_ci(c.get("uplift"), c.get("uplift_ci95"))
+        itt = c.get("itt") or {}
         margin = (
             _num(c.get("incremental_margin"))
             if c.get("incremental_margin") is not None
-            else escape(str(c.get("reason", "&#8211;")))
+            else escape(str(c["reason"]))
+            if c.get("reason")
+            else "&#8211;"
         )
         rows.append(
             [
@@ -88,9 +93,11 @@ def _campaign_rows(campaigns: Mapping[str, Any]) -> list[list[str]]:
                 _pct(c.get("conversion_treated")),
                 _pct(c.get("conversion_holdout")),
                 uplift,
+                _with_ci(itt.get("uplift"), itt.get("uplift_ci95")),
                 _num(c.get("spend")),
                 _num(c.get("committed_spend")),
                 margin,
+                _num(itt.get("incremental_margin")),
                 _num(c.get("pending", {}).get("total")),
             ]
         )
@@ -184,9 +191,11 @@ def render_html(report: Mapping[str, Any]) -> str:
             "conv. treated",
             "conv. holdout",
             "uplift [95 % CI]",
+            "ITT uplift [95 % CI]",
             "spend",
             "committed",
             "incr. margin",
+            "ITT incr. margin",
             "pending",
         ],
         _campaign_rows(campaigns),
@@ -248,9 +257,10 @@ def render_html(report: Mapping[str, Any]) -> str:
         f"report v{_num(report.get('report_version'))}</p>"
         f"<h2>Summary</h2>{summary}<h2>Campaigns</h2>{campaign_table}"
         '<p class="note">Conversion: a purchase within the attribution window labels the '
-        "decision 1. Treated = non-holdout decisions with an offer; pending decisions are "
-        "excluded from rates. Spend = discount on converted offers; committed = what the "
-        "ledger charged at issue time. See docs/backtest.md.</p>"
+        "decision 1. Treated = non-holdout decisions with an offer; ITT = every non-holdout "
+        "decision (offer or not) against the holdout; pending decisions are excluded from "
+        "rates. Spend = discount on converted offers; committed = what the ledger charged at "
+        "issue time. See docs/backtest.md.</p>"
         f'<h2>Model</h2>{model_table}<div class="plots">{calibration_plot(model)}</div>'
         f'<h2>Offers, budget and uplift</h2><div class="plots">{plots}</div>'
         f'<h2>Off-policy evaluation</h2><div id="ope">{ope}</div>'

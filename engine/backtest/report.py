@@ -80,6 +80,7 @@ def uplift_section(stats: CampaignStats, margin: float) -> dict[str, Any]:
         "uplift_ci95": None,
         "incremental_conversions": None,
         "incremental_margin": None,
+        "itt": None,
     }
     if pt is None or ph is None:
         out["reason"] = (
@@ -97,8 +98,37 @@ def uplift_section(stats: CampaignStats, margin: float) -> dict[str, Any]:
         uplift_ci95=[uplift - Z95 * se, uplift + Z95 * se],
         incremental_conversions=incremental,
         incremental_margin=incremental * mean_value * margin - spend,
+        itt=intent_to_treat(stats, ph, mean_value * margin, spend),
     )
     return out
+
+
+def intent_to_treat(
+    stats: CampaignStats, holdout_rate: float, margin_per_order: float, spend: float
+) -> dict[str, Any]:
+    """Every labelled non-holdout decision (offer or not) against the holdout.
+
+    Both groups then contain all of a user's decisions, so the comparison is not skewed by
+    which decisions the policy and guardrails picked for an offer (a purchase labels only the
+    latest open decision, and offered decisions are often followed by unoffered ones).
+    """
+    n = stats.treated_n + stats.untreated_n
+    converted = stats.treated_converted + stats.untreated_converted
+    nh = stats.holdout_n
+    if not n:
+        return {"labelled": 0, "converted": 0, "conversion": None, "uplift": None}
+    rate = converted / n
+    uplift = rate - holdout_rate
+    se = math.sqrt(rate * (1 - rate) / n + holdout_rate * (1 - holdout_rate) / nh)
+    return {
+        "labelled": n,
+        "converted": converted,
+        "conversion": rate,
+        "uplift": uplift,
+        "uplift_ci95": [uplift - Z95 * se, uplift + Z95 * se],
+        "incremental_conversions": uplift * n,
+        "incremental_margin": uplift * n * margin_per_order - spend,
+    }
 
 
 def qini_curve(stats: CampaignStats) -> dict[str, Any]:

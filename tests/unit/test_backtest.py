@@ -156,6 +156,13 @@ def test_accounting_adds_up(baseline: tuple[BacktestResult, bytes]) -> None:
         )
         low, high = section["uplift_ci95"]
         assert low < section["uplift"] < high
+        itt = section["itt"]
+        non_holdout = [d for d in mine if not d["holdout"]]
+        assert itt["labelled"] == len(non_holdout)
+        assert itt["converted"] == sum(d["reward"] for d in non_holdout)
+        assert itt["uplift"] == pytest.approx(
+            itt["conversion"] - section["conversion_holdout"], abs=2e-6
+        )
         decided = section["treated"]["labelled"] + section["holdout"]["labelled"]
         assert (
             decided + section["untreated"]["labelled"] + section["pending"]["total"]

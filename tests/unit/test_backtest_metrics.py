@@ -35,6 +35,20 @@ def test_uplift_interval_and_incremental_margin_by_hand() -> None:
     assert stats.spend_cents == 50 * 150
     assert out["incremental_conversions"] == pytest.approx(10.0)
     assert out["incremental_margin"] == pytest.approx(10 * 30.0 * 0.3 - 75.0)
+    assert out["itt"]["uplift"] == pytest.approx(0.05)  # no untreated decisions here
+
+
+def test_intent_to_treat_counts_every_non_holdout_decision() -> None:
+    stats = stats_with(treated=(100, 10), holdout=(100, 20))
+    for index in range(300):  # non-holdout decisions without an offer, 30 % convert
+        stats.on_label((index, False, False, 0, 0.0, 0.5, ()), int(index % 10 < 3))
+    out = uplift_section(stats, margin=0.3)
+    assert out["uplift"] == pytest.approx(0.1 - 0.2)
+    itt = out["itt"]
+    assert itt["labelled"] == 400 and itt["converted"] == 100
+    assert itt["uplift"] == pytest.approx(0.25 - 0.2)
+    assert itt["incremental_conversions"] == pytest.approx(20.0)
+    assert itt["incremental_margin"] == pytest.approx(20 * 30.0 * 0.3 - 15.0)
 
 
 def test_no_holdout_gives_nulls_with_a_reason() -> None:
