@@ -297,7 +297,7 @@ def build_context(
     categories_30d: dict[str, float] = {}
     purchase_days = 0
     for field, value in state.items():
-        slot, index, code = cache.get(field) or parsed_field(field)
+        slot, index, code, _ = cache.get(field) or parsed_field(field)
         if slot < 0:
             continue
         if slot == CATEGORY_SLOT:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
-import math
 import pickle
 from collections.abc import Mapping
 from typing import Any
@@ -43,32 +42,22 @@ import river
 from river import compose, linear_model, optim, preprocessing
 
 from engine.errors import ModelSnapshotError
+from engine.inputs import DISCOUNT_INTERACTIONS, INPUT_NAMES, MODEL_FEATURES, model_inputs
+from engine.scoring import FallbackScorer, LinearTerms, Scorer
 
-MODEL_FEATURES: tuple[str, ...] = (
-    "view_count_1h",
-    "view_count_24h",
-    "cart_count_1h",
-    "cart_count_24h",
-    "cart_count_7d",
-    "favorite_count_7d",
-    "search_count_24h",
-    "purchase_count_30d",
-    "spend_30d",
-    "recency_cart_s",
-    "recency_purchase_s",
-    "session_events",
-    "category_affinity",
-    "discount_sensitivity",
-)
-"""Catalogue features the model reads; counts and amounts enter as log1p.
-
-``days_since_first_seen`` stays out: it only grows, so in a live stream it mostly encodes
-when a user was first seen rather than how they shop, and its early near-zero variance makes
-the scaled input explode."""
-
-DISCOUNT_INTERACTIONS: tuple[str, ...] = ("cart_count_24h", "purchase_count_30d", "session_events")
-
-_LOG_SCALED_PREFIXES = ("view_", "cart_", "favorite_", "search_", "purchase_", "spend_", "recency_")
+__all__ = [
+    "DISCOUNT_INTERACTIONS",
+    "INPUT_NAMES",
+    "MODEL_FEATURES",
+    "SNAPSHOT_FORMAT",
+    "SNAPSHOT_MAGIC",
+    "LinearTerms",
+    "PurchaseModel",
+    "Scorer",
+    "model_inputs",
+    "snapshot_version",
+    "verify_snapshot",
+]
 
 SNAPSHOT_MAGIC = b"DSMODEL"
 SNAPSHOT_FORMAT = 1
@@ -78,34 +67,6 @@ _MAC_SIZE = hashlib.sha256().digest_size
 _MAX_VERSION_BYTES = 255
 _PICKLE_PROTOCOL = 5
 _RIVER_VERSION = str(getattr(river, "__version__", "unknown"))
-
-
-INPUT_NAMES: tuple[str, ...] = (
-    *MODEL_FEATURES,
-    "discount",
-    *(f"discount_x_{name}" for name in DISCOUNT_INTERACTIONS),
-)
-"""The model's inputs in ``model_inputs`` order (the order River sums the linear score in)."""
-_LOG_SCALED: tuple[bool, ...] = tuple(n.startswith(_LOG_SCALED_PREFIXES) for n in MODEL_FEATURES)
-_INTERACTION_SLOTS: tuple[int, ...] = tuple(MODEL_FEATURES.index(n) for n in DISCOUNT_INTERACTIONS)
-_FEATURE_INPUTS: tuple[tuple[str, bool], ...] = tuple(zip(MODEL_FEATURES, _LOG_SCALED, strict=True))
-_DISCOUNT_SLOT = len(MODEL_FEATURES)
-"""Index of ``discount`` in ``INPUT_NAMES``; the interactions follow it."""
-
-
-def model_inputs(features: Mapping[str, float], discount_pct: float) -> dict[str, float]:
-    """The model's input row: selected features (log1p where heavy-tailed) plus the discount."""
-    row: dict[str, float] = {}
-    for name in MODEL_FEATURES:
-        value = float(features.get(name, 0.0))
-        if name.startswith(_LOG_SCALED_PREFIXES):
-            value = math.log1p(max(value, 0.0))
-        row[name] = value
-    discount = discount_pct / 100.0
-    row["discount"] = discount
-    for name in DISCOUNT_INTERACTIONS:
-        row[f"discount_x_{name}"] = discount * row[name]
-    return row
 
 
 class PurchaseModel:
@@ -158,7 +119,7 @@ class PurchaseModel:
             and cls.contributions is PurchaseModel.contributions
         ):
             return Scorer(self, features)
-        return _FallbackScorer(self, features)
+        return FallbackScorer(self, features)
 
     def contributions(
         self, features: Mapping[str, float], discount_pct: float, top: int = 3
@@ -167,13 +128,6 @@ class PurchaseModel:
         scaled = self._scaler.transform_one(model_inputs(features, discount_pct))  # type: ignore[no-untyped-call]
         weights = self._classifier.weights
         terms = [(name, float(weights.get(name, 0.0)) * value) for name, value in scaled.items()]
-        terms.sort(key=lambda term: (-abs(term[1]), term[0]))
-        return [(name, round(value, 6)) for name, value in terms[:top]]
-
-    def _contributions_from(
-        self, scaled: list[float], weights: tuple[float, ...], top: int
-    ) -> list[tuple[str, float]]:
-        terms = [(name, w * x) for name, w, x in zip(INPUT_NAMES, weights, scaled, strict=True)]
         terms.sort(key=lambda term: (-abs(term[1]), term[0]))
         return [(name, round(value, 6)) for name, value in terms[:top]]
 
@@ -243,146 +197,6 @@ class PurchaseModel:
                 f"model snapshot header says {version} but its payload is {model.version}"
             )
         return model
-
-
-class LinearTerms:
-    """The model's parameters per input, in ``INPUT_NAMES`` order, for hand-computed scores.
-
-    The score is River's own arithmetic, in River's order: each input scaled as
-    ``(x - mean) / var ** 0.5`` (0 when the variance is 0), the products with the weights
-    summed in input order, plus the intercept, through River's sigmoid. ``tests/unit/
-    test_model.py`` checks bit-for-bit equality with ``predict_proba_one``.
-    """
-
-    __slots__ = ("intercept", "means", "sds", "weights")
-
-    def __init__(
-        self,
-        means: tuple[float, ...],
-        sds: tuple[float | None, ...],
-        weights: tuple[float, ...],
-        intercept: float,
-    ) -> None:
-        self.means = means
-        self.sds = sds
-        """``var ** 0.5``, or None where the variance is 0 (the input then scales to 0)."""
-        self.weights = weights
-        self.intercept = intercept
-
-    @classmethod
-    def read(
-        cls, scaler: preprocessing.StandardScaler, classifier: linear_model.LogisticRegression
-    ) -> LinearTerms:
-        means, variances = scaler.means, scaler.vars
-        weights = classifier.weights
-        sds: list[float | None] = []
-        for name in INPUT_NAMES:
-            var = variances.get(name, 0.0)
-            sds.append(var**0.5 if var else None)
-        return cls(
-            tuple(means.get(name, 0.0) for name in INPUT_NAMES),
-            tuple(sds),
-            tuple(float(weights.get(name, 0.0)) for name in INPUT_NAMES),
-            classifier.intercept,
-        )
-
-
-def _sigmoid(z: float) -> float:
-    """River's ``utils.math.sigmoid``, with its cut-offs."""
-    if z < -30:
-        return 0.0
-    if z > 30:
-        return 1.0
-    return 1 / (1 + math.exp(-z))
-
-
-class Scorer:
-    """One user's inputs, prepared once; ``scorer(d)`` is ``model.predict(features, d)``.
-
-    The behavioural inputs do not depend on the discount, so their scaled values and their
-    part of the linear score are computed once per model state; each discount then adds the
-    four discount terms. The left-to-right sum is the one River computes, so the result is
-    identical to the last bit. Reads the model's parameters at call time, like ``predict``.
-    """
-
-    __slots__ = ("_base", "_interactions", "_model", "_partial", "_scaled", "_terms")
-
-    def __init__(self, model: PurchaseModel, features: Mapping[str, float]) -> None:
-        get = features.get
-        log1p = math.log1p
-        base = [
-            log1p(max(float(get(name, 0.0)), 0.0)) if log_scaled else float(get(name, 0.0))
-            for name, log_scaled in _FEATURE_INPUTS
-        ]
-        self._model = model
-        self._base = base
-        self._interactions = [base[i] for i in _INTERACTION_SLOTS]
-        self._terms: LinearTerms | None = None
-        self._scaled: list[float] = []
-        self._partial = 0.0
-
-    @property
-    def model(self) -> PurchaseModel:
-        return self._model
-
-    def _prepare(self) -> LinearTerms:
-        model = self._model
-        terms = model._terms or model.linear_terms()
-        if terms is not self._terms:
-            scaled: list[float] = []
-            partial = 0.0
-            for x, mean, sd, weight in zip(
-                self._base, terms.means, terms.sds, terms.weights, strict=False
-            ):
-                value = (x - mean) / sd if sd is not None else 0.0
-                scaled.append(value)
-                partial += weight * value
-            self._terms, self._scaled, self._partial = terms, scaled, partial
-        return terms
-
-    def _discount_terms(self, terms: LinearTerms, discount_pct: float) -> list[float]:
-        discount = discount_pct / 100.0
-        means, sds = terms.means, terms.sds
-        i = _DISCOUNT_SLOT
-        sd = sds[i]
-        scaled = [(discount - means[i]) / sd if sd is not None else 0.0]
-        for x in self._interactions:
-            i += 1
-            sd = sds[i]
-            scaled.append((discount * x - means[i]) / sd if sd is not None else 0.0)
-        return scaled
-
-    def __call__(self, discount_pct: float) -> float:
-        terms = self._prepare()
-        total = self._partial
-        weights = terms.weights
-        i = _DISCOUNT_SLOT
-        for value in self._discount_terms(terms, discount_pct):
-            total += weights[i] * value
-            i += 1
-        return _sigmoid(total + terms.intercept)
-
-    def contributions(self, discount_pct: float, top: int = 3) -> list[tuple[str, float]]:
-        """``model.contributions(features, discount_pct, top)`` from the prepared inputs."""
-        terms = self._prepare()
-        scaled = self._scaled + self._discount_terms(terms, discount_pct)
-        return self._model._contributions_from(scaled, terms.weights, top)
-
-
-class _FallbackScorer(Scorer):
-    """For a subclass with its own ``predict``: calls it, never the fast path."""
-
-    __slots__ = ("_features",)
-
-    def __init__(self, model: PurchaseModel, features: Mapping[str, float]) -> None:
-        super().__init__(model, features)
-        self._features = features
-
-    def __call__(self, discount_pct: float) -> float:
-        return self._model.predict(self._features, discount_pct)
-
-    def contributions(self, discount_pct: float, top: int = 3) -> list[tuple[str, float]]:
-        return self._model.contributions(self._features, discount_pct, top)
 
 
 def snapshot_version(blob: bytes) -> str:

@@ -14,14 +14,24 @@
 
 from __future__ import annotations
 
-import hashlib
 import heapq
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from engine.campaigns import Campaign, default_campaigns
-from engine.events import BrowseEvent, Event, PurchaseEvent
+from engine.decisions import (
+    SCHEMA_VERSION,
+    Proposal,
+    decision_message,
+    in_holdout,
+    is_eligible,
+    offer_cost_cents,
+    offer_message,
+    order_value,
+    stable_id,
+    unit_hash,
+)
+from engine.events import Event, PurchaseEvent
 from engine.features import (
     Op,
     apply_ops,
@@ -41,11 +51,26 @@ from engine.ledger import (
     OfferLimits,
     PurchaseNotice,
 )
-from engine.model import PurchaseModel, Scorer
-from engine.policy import PolicyChoice, PolicyContext, Predict
+from engine.model import PurchaseModel
+from engine.policy import PolicyChoice, PolicyContext
 from engine.store import FeatureStore, Position, StateUpdate, UpdateStatus
 
-SCHEMA_VERSION = 1
+__all__ = [
+    "SCHEMA_VERSION",
+    "BatchResult",
+    "DiscountEngine",
+    "EngineConfig",
+    "Incoming",
+    "Proposal",
+    "event_time_order",
+    "in_holdout",
+    "is_eligible",
+    "offer_cost_cents",
+    "order_value",
+    "stable_id",
+    "unit_hash",
+]
+
 _HOLDOUT_CACHE_MAX = 100_000
 
 
@@ -75,18 +100,6 @@ class BatchResult:
     """Discount granted in this batch's offers, per campaign: what the ledger charged."""
 
 
-def stable_id(prefix: str, *parts: str) -> str:
-    """A short deterministic id: the same campaign and trigger event always give the same id."""
-    digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=12).hexdigest()
-    return f"{prefix}{digest}"
-
-
-def unit_hash(*parts: str) -> float:
-    """A deterministic uniform number in [0, 1) from the given strings."""
-    digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
-
-
 def event_time_order(batch: Sequence[Incoming]) -> list[int]:
     """Indices of the batch merged by event time across source partitions.
 
@@ -102,64 +115,6 @@ def event_time_order(batch: Sequence[Incoming]) -> list[int]:
     if len(groups) == 1:
         return list(range(len(batch)))
     return [index for _, index in heapq.merge(*groups.values())]
-
-
-def in_holdout(campaign: Campaign, user_id: str) -> bool:
-    return campaign.holdout > 0 and unit_hash("holdout", campaign.name, user_id) < campaign.holdout
-
-
-def is_eligible(
-    campaign: Campaign, event: Event, features: dict[str, float], kind: str | None = None
-) -> bool:
-    """Whether the event triggers a decision of the campaign (``kind``: ``event_kind(event)``)."""
-    if (kind if kind is not None else event_kind(event)) not in campaign.triggers:
-        return False
-    if campaign.categories and trigger_category(event) not in campaign.categories:
-        return False
-    returning = features.get("purchase_count_30d", 0.0) > 0
-    if campaign.customers == "new":
-        return not returning
-    if campaign.customers == "returning":
-        return returning
-    return True
-
-
-def order_value(campaign: Campaign, event: Event, features: dict[str, float]) -> float:
-    """The value a discount applies to: the trigger item's price, else the user's average order
-    value over 30 days, else the campaign's default."""
-    if isinstance(event, BrowseEvent) and event.price > 0:
-        return event.price
-    if features.get("avg_order_value_30d", 0.0) > 0:
-        return features["avg_order_value_30d"]
-    return campaign.default_order_value
-
-
-def offer_cost_cents(discount_pct: float, value: float) -> int:
-    """What an offer takes from the budget: the discount on the order value, in cents, rounded
-    up so that no offer is ever free (the epsilon absorbs binary-float noise)."""
-    return math.ceil(discount_pct * value - 1e-9)
-
-
-@dataclass(slots=True)
-class Proposal:
-    """A decision before the ledger settles it."""
-
-    campaign: Campaign
-    event: Event
-    features: dict[str, float]
-    choice: PolicyChoice
-    holdout: bool
-    predict: Predict
-    """The model's P(purchase) at a discount for this user, memoised per discount."""
-    scorer: Scorer
-    """What ``predict`` computes with; also gives the offer's ``reasons`` cheaply."""
-    p_purchase: float
-    model_version: str
-    decision_id: str
-    offer_id: str | None
-    cost_cents: int
-    """What the offer would take from the campaign's budget (0 without an offer)."""
-    rules: list[str]
 
 
 class DiscountEngine:
@@ -400,7 +355,7 @@ class DiscountEngine:
         )
 
     def _emit(self, proposal: Proposal, decided: DecisionOutcome, result: BatchResult) -> None:
-        campaign, event, choice = proposal.campaign, proposal.event, proposal.choice
+        campaign, choice = proposal.campaign, proposal.choice
         rules = list(proposal.rules)
         offer_id = proposal.offer_id if decided.granted else None
         discount = choice.discount_pct if decided.granted else 0.0
@@ -423,43 +378,8 @@ class DiscountEngine:
                 else self.model.contributions(proposal.features, discount)
             )
             result.offers.append(
-                {
-                    "schema_version": SCHEMA_VERSION,
-                    "offer_id": offer_id,
-                    "user_id": event.user_id,
-                    "campaign": campaign.name,
-                    "discount_pct": discount,
-                    "issued_at": event.ts,
-                    "expires_at": event.ts + campaign.offer_ttl_ms,
-                    "trigger_event_id": event.event_id,
-                    "p_purchase": round(p_purchase, 6),
-                    "model_version": proposal.model_version,
-                    "policy": campaign.policy.name,
-                    "propensity": round(choice.propensity, 6),
-                    "explore": choice.explore,
-                    "reasons": [{"feature": n, "contribution": c} for n, c in reasons],
-                    "rules": rules,
-                }
+                offer_message(proposal, offer_id, discount, p_purchase, rules, reasons)
             )
         result.decisions.append(
-            {
-                "schema_version": SCHEMA_VERSION,
-                "decision_id": proposal.decision_id,
-                "user_id": event.user_id,
-                "campaign": campaign.name,
-                "ts": event.ts,
-                "trigger_event_id": event.event_id,
-                "features": proposal.features,
-                "discount_pct": discount,
-                "propensity": round(propensity, 6),
-                "p_purchase": round(p_purchase, 6),
-                "model_version": proposal.model_version,
-                "policy": campaign.policy.name,
-                "holdout": proposal.holdout,
-                "offer_id": offer_id,
-                "explore": choice.explore,
-                "rules": rules,
-                "proposed_discount_pct": choice.discount_pct,
-                "proposed_propensity": round(choice.propensity, 6),
-            }
+            decision_message(proposal, offer_id, discount, propensity, p_purchase, rules)
         )

@@ -147,24 +147,31 @@ def _bucket_fields(code: str, ts: int) -> tuple[str, str, str]:
     return fields
 
 
+_KIND_FIELDS: dict[str, tuple[str, str]] = {
+    code: (f"n{code}", f"l{code}") for code in KIND_CODE.values()
+}
+
+
 def event_ops(event: Event) -> list[Op]:
     """The state operations that apply one event; commutative by construction."""
     code = KIND_CODE[event_kind(event)]
     ts = event.ts
-    ops: list[Op] = [(OP_INCR, field, 1.0) for field in _bucket_fields(code, ts)]
+    minute, hour, day = _bucket_fields(code, ts)
+    ops: list[Op] = [(OP_INCR, minute, 1.0), (OP_INCR, hour, 1.0), (OP_INCR, day, 1.0)]
     if isinstance(event, PurchaseEvent):
         cents = float(round(event.amount * 100))
         ops.extend((OP_INCR, field, cents) for field in _bucket_fields(SPEND_CODE, ts))
         if event.offer_id is not None:
             ops.append((OP_INCR, bucket_field(REDEEMED_CODE, "d", ts), 1.0))
-    day = ts // DAY_MS
-    ops.extend(
-        (OP_INCR, f"{CATEGORY_PREFIX}{day}:{category}", 1.0) for category in event_categories(event)
-    )
-    ops.append((OP_INCR, f"n{code}", 1.0))
-    ops.append((OP_MAX, f"l{code}", float(ts)))
-    ops.append((OP_MAX, "lt", float(ts)))
-    ops.append((OP_MIN, "fs", float(ts)))
+    prefix = f"{CATEGORY_PREFIX}{ts // DAY_MS}:"
+    for category in event_categories(event):
+        ops.append((OP_INCR, prefix + category, 1.0))
+    count_field, last_field = _KIND_FIELDS[code]
+    when = float(ts)
+    ops.append((OP_INCR, count_field, 1.0))
+    ops.append((OP_MAX, last_field, when))
+    ops.append((OP_MAX, "lt", when))
+    ops.append((OP_MIN, "fs", when))
     return ops
 
 
@@ -175,11 +182,12 @@ def apply_ops(state: State, ops: Iterable[Op]) -> float:
     the earliest ``expires_at`` of the fields this call created (``NEVER`` if none), which
     lets a store skip ``trim`` while nothing can have expired."""
     get = state.get
+    parsed = PARSED
     expiry = NEVER
     for op, field, value in ops:
         current = get(field)
         if current is None:
-            field_expiry = expires_at(field)
+            field_expiry = (parsed.get(field) or parsed_field(field))[3]
             if field_expiry < expiry:
                 expiry = field_expiry
         if op == OP_INCR:
@@ -206,10 +214,10 @@ GRAIN_SLOT: dict[str, int] = {"m": 0, "h": 1, "d": 2}
 """Position of each grain in the ``(minute, hour, day)`` tuples the hot path indexes."""
 CATEGORY_SLOT = 3
 
-ParsedField = tuple[int, int, str]
-"""``(slot, index, code)`` of a bucket (slot 0-2 by grain), ``(CATEGORY_SLOT, day, category)``
-of a category field, ``SCALAR`` for the other fields."""
-SCALAR: ParsedField = (-1, 0, "")
+ParsedField = tuple[int, int, str, float]
+"""``(slot, index, code, expires_at)`` of a bucket (slot 0-2 by grain),
+``(CATEGORY_SLOT, day, category, expires_at)`` of a category field, ``SCALAR`` otherwise."""
+SCALAR: ParsedField = (-1, 0, "", NEVER)
 """``lt``, ``fs``, ``l<kind>``, ``n<kind>``: no bucket, no category."""
 
 PARSED: dict[str, ParsedField] = {}
@@ -217,6 +225,19 @@ PARSED: dict[str, ParsedField] = {}
 _PARSED_MAX = 200_000
 """Bound of the parse cache: bucket indices move with time, so old names are dropped by
 clearing the whole cache now and then (it refills in one pass over the active users)."""
+
+
+_SLOT_MS: tuple[int, ...] = (MINUTE_MS, HOUR_MS, DAY_MS, DAY_MS)
+_SLOT_RETENTION: tuple[int, ...] = (
+    RETENTION_BUCKETS["m"],
+    RETENTION_BUCKETS["h"],
+    RETENTION_BUCKETS["d"],
+    RETENTION_BUCKETS["d"],
+)
+
+
+def _expiry(slot: int, index: int) -> float:
+    return float((index + _SLOT_RETENTION[slot]) * _SLOT_MS[slot])
 
 
 def parsed_field(field: str) -> ParsedField:
@@ -230,9 +251,10 @@ def parsed_field(field: str) -> ParsedField:
         return parsed
     day = category_day(field)
     if day is not None:
-        parsed = (CATEGORY_SLOT, day, field[field.index(":") + 1 :])
+        parsed = (CATEGORY_SLOT, day, field[field.index(":") + 1 :], _expiry(CATEGORY_SLOT, day))
     elif len(field) > 2 and field[1] in GRAIN_SLOT and field[2:].isdigit():
-        parsed = (GRAIN_SLOT[field[1]], int(field[2:]), field[0])
+        slot, index = GRAIN_SLOT[field[1]], int(field[2:])
+        parsed = (slot, index, field[0], _expiry(slot, index))
     else:
         parsed = SCALAR
     if len(PARSED) >= _PARSED_MAX:
@@ -261,7 +283,7 @@ def expired_fields(state: Mapping[str, float]) -> list[str]:
     cache = PARSED
     stale: list[str] = []
     for field in state:
-        slot, index, _ = cache.get(field) or parsed_field(field)
+        slot, index, _, _ = cache.get(field) or parsed_field(field)
         if slot < 0:
             continue
         if index <= (day_cutoff if slot == CATEGORY_SLOT else cutoffs[slot]):
@@ -275,13 +297,6 @@ def trim(state: State) -> None:
         del state[field]
 
 
-_SLOT_MS: tuple[int, ...] = (MINUTE_MS, HOUR_MS, DAY_MS, DAY_MS)
-_SLOT_RETENTION: tuple[int, ...] = (
-    RETENTION_BUCKETS["m"],
-    RETENTION_BUCKETS["h"],
-    RETENTION_BUCKETS["d"],
-    RETENTION_BUCKETS["d"],
-)
 def expires_at(field: str) -> float:
     """The smallest latest-event time ``lt`` at which ``trim`` would drop ``field``.
 
@@ -289,10 +304,7 @@ def expires_at(field: str) -> float:
     ``lt >= (index + retention) * grain_ms``; fields that are not buckets never expire.
     A store keeps the minimum over a user's fields and skips ``trim`` while ``lt`` is below it.
     """
-    slot, index, _ = PARSED.get(field) or parsed_field(field)
-    if slot < 0:
-        return NEVER
-    return float((index + _SLOT_RETENTION[slot]) * _SLOT_MS[slot])
+    return (PARSED.get(field) or parsed_field(field))[3]
 
 
 def trim_and_next_expiry(state: State) -> float:
