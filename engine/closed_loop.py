@@ -9,9 +9,9 @@ checkouts that an offer turned around, and
 
 - ``incremental_margin`` = margin(policy's world) - margin(no-offer world), where a world's
   margin is sum(undiscounted value) * margin - sum(discounts given), over all purchases;
-- ``expected_incremental_margin`` = sum over the checkouts that an offer reached (the next
-  checkout of its shopper before it expires; the best discount per checkout counts) of
-  P(buy | d) * value * (margin - d/100) - P(buy | 0) * value * margin, from the world's truth;
+- ``expected_incremental_margin`` = sum over the checkouts at which an offer applied of
+  P(buy | d) * value * (margin - d/100) - P(buy | 0) * value * margin: the same difference with
+  each checkout's coin flip replaced by its expectation (``World.expected_incremental_margin``);
 - the oracle is the same campaign (triggers, guardrails) whose policy reads the truth instead
   of the model (``OraclePolicy``); regret = oracle's incremental margin - the policy's.
 """
@@ -19,7 +19,7 @@ checkouts that an offer turned around, and
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 
 from engine.backtest.runner import BacktestResult, run_backtest
@@ -47,7 +47,8 @@ class ClosedLoopError(EngineError):
 
 
 def continuous_optimum(truth: Truth, margin: float, max_pct: float) -> float:
-    """The discount in [0, max_pct] with the highest true expected incremental margin.
+    """The discount in [0, max_pct] with the highest expected incremental margin at the next
+    checkout alone (a starting point for ``best_discount``).
 
     With base b and slope k = sensitivity * (1 - b), P(buy | x) = min(0.98, b + k x) for the
     fraction x = d/100, so the margin (b + k x)(m - x) is a concave parabola with its top at
@@ -64,18 +65,27 @@ def continuous_optimum(truth: Truth, margin: float, max_pct: float) -> float:
 def best_discount(
     truth: Truth, ladder: Sequence[float], margin: float, *, continuous: bool = False
 ) -> float:
-    """The choice (ladder levels, plus the continuous optimum) with the highest true expected
-    incremental margin, given the best offer the shopper already holds for that checkout (a
-    smaller new offer changes nothing); ties go to the smaller discount, and 0 when no new
-    offer would beat what is held."""
-    options = list(ladder)
-    if continuous:
-        options.append(continuous_optimum(truth, margin, max(ladder)))
+    """The choice with the highest true expected incremental margin, given the best offer the
+    shopper already holds (a smaller new offer changes nothing); ties go to the smaller
+    discount, and 0 when no new offer would beat what is held.
+
+    ``continuous``: any discount in [0, max(ladder)] to 0.01 %: the ladder, the next
+    checkout's closed-form optimum and a 0.5 % grid, then 0.01 % steps around the best."""
     held = truth.held_pct
-    best = max(
-        sorted(set(options)),
-        key=lambda d: (round(truth.expected_incremental_margin(max(d, held), margin), 9), -d),
-    )
+
+    def score(d: float) -> tuple[float, float]:
+        return (round(truth.expected_incremental_margin(max(d, held), margin), 9), -d)
+
+    options = set(ladder)
+    if continuous:
+        top = max(ladder)
+        options.add(continuous_optimum(truth, margin, top))
+        options.update(step / 2 for step in range(int(top * 2) + 1))
+        coarse = max(sorted(options), key=score)
+        options.update(
+            d for step in range(-50, 51) if 0.0 <= (d := round(coarse + step / 100.0, 2)) <= top
+        )
+    best = max(sorted(options), key=score)
     return best if best > held else 0.0
 
 
@@ -169,34 +179,6 @@ class RunOutcome:
     """The backtest of the run (None for the counterfactual, which needs no engine)."""
 
 
-class _ExpectedMargin:
-    """Scores the offers of a run by the truth, once per checkout (the best discount counts,
-    as in the world, where a checkout redeems the best valid offer)."""
-
-    def __init__(self, world: World, margin: float) -> None:
-        self.world = world
-        self.margin = margin
-        self.best: dict[tuple[int, int], tuple[Truth, float]] = {}
-
-    def add(self, offers: Sequence[Mapping[str, object]]) -> None:
-        for offer in offers:
-            discount, expires = offer["discount_pct"], offer["expires_at"]
-            if not isinstance(discount, int | float) or not isinstance(expires, int):
-                continue
-            truth = self.world.truth(str(offer["user_id"]), before_ms=expires)
-            if truth is None:
-                continue
-            held = self.best.get(truth.key)
-            if held is None or discount > held[1]:
-                self.best[truth.key] = (truth, float(discount))
-
-    def total(self) -> float:
-        return math.fsum(
-            truth.expected_incremental_margin(discount, self.margin)
-            for truth, discount in self.best.values()
-        )
-
-
 def run_world(
     config: ClosedLoopConfig,
     campaign: Campaign | None,
@@ -221,18 +203,12 @@ def run_world(
                 world, ladder, config.margin, campaign.offer_ttl_ms, continuous=continuous
             ),
         )
-    expected = _ExpectedMargin(world, config.margin)
-
-    def on_offers(offers: list[dict[str, object]]) -> None:
-        expected.add(offers)
-        world.receive(offers)
-
     result = run_backtest(
         (parse_event(event) for event in world.events(config.events)),
         (campaign,),
         seed=config.seed,
         batch_size=config.batch_size,
-        on_offers=on_offers,
+        on_offers=world.receive,
         config=EngineConfig(learn_inline=True),
     )
     stats = result.groups[0].stats[0]
@@ -242,7 +218,7 @@ def run_world(
         redeemed=world.redeemed,
         purchases=world.purchases,
         margin=world.margin(config.margin),
-        expected_incremental_margin=expected.total(),
+        expected_incremental_margin=world.expected_incremental_margin(config.margin),
         backtest=result,
     )
 

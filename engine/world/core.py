@@ -15,6 +15,7 @@ from engine.world.shoppers import (
     FAVORITE_P,
     INTRA_SESSION_GAP_MS,
     MAX_SESSION_STEPS,
+    MAX_TRUTH_CHECKOUTS,
     SEARCH_P,
     SESSION_END_P,
     TASTE_SLOTS,
@@ -77,6 +78,8 @@ class World:
         self.offers_received = 0
         self.offers_ignored = 0
         """Offers for users this world does not know, or with a zero discount."""
+        self._lift_value = 0.0
+        self._discount_value = 0.0
 
     @property
     def shoppers(self) -> list[Shopper]:
@@ -85,6 +88,13 @@ class World:
     def margin(self, margin: float) -> float:
         """Margin earned from every purchase so far: value * margin - discounts given."""
         return (self.gross_cents * margin - (self.gross_cents - self.paid_cents)) / 100.0
+
+    def expected_incremental_margin(self, margin: float) -> float:
+        """Sum over the checkouts so far at which an offer applied of
+        V * (P(buy | d) * (margin - d/100) - P(buy | 0) * margin): the realised incremental
+        margin against a no-offer copy with each checkout's coin flip replaced by its
+        expectation (the same sum, less the sampling noise of the treated checkouts)."""
+        return margin * self._lift_value - self._discount_value
 
     # -- sessions -------------------------------------------------------------------------------
 
@@ -194,6 +204,10 @@ class World:
         offer = self._best_offer(live, ts)
         discount = offer[2] if offer is not None else 0.0
         p_buy = purchase_probability(live.shopper, len(cart), discount)
+        if offer is not None:
+            p_none = purchase_probability(live.shopper, len(cart), 0.0)
+            self._lift_value += value * (p_buy - p_none)
+            self._discount_value += value * p_buy * discount / 100.0
         if draw >= p_buy:
             # Abandoned: the shopper looks at the last cart item once more and leaves.
             item_id, category, price = cart[-1]
@@ -266,8 +280,8 @@ class World:
             self._live[index].offers.append((issued, expires, float(discount), offer_id))
 
     def truth(self, user_id: str, *, before_ms: float) -> Truth | None:
-        """The shopper's next checkout that has not happened yet, if it comes before
-        ``before_ms`` (an offer's expiry): what an offer decided now could change.
+        """The shopper's checkouts that have not happened yet and come before ``before_ms``
+        (an offer's expiry): what an offer decided now could change. None without any.
 
         Looking ahead plans the shopper's next sessions early; they are drawn in the same
         order either way, so asking never changes the events."""
@@ -275,22 +289,30 @@ class World:
         if index is None:
             return None
         live = self._live[index]
-        number, checkout = live.session, live.checkout
+        found: list[tuple[int, int, int, float]] = []
+        if live.checkout is not None:
+            found.append((live.session, *live.checkout))
         ahead = 0
-        while checkout is None:
+        while len(found) < MAX_TRUTH_CHECKOUTS:
             if ahead == len(live.ahead):
                 if live.planned_end >= before_ms:
-                    return None
+                    break
                 live.ahead.append(
                     self._plan(live, live.planned_end + live.rng.expovariate(live.inter_rate))
                 )
-            number, _, checkout = live.ahead[ahead]
+            number, steps, checkout = live.ahead[ahead]
             ahead += 1
-        ts, items, value = checkout
-        if ts >= before_ms:
+            if steps[0][1] >= before_ms:  # type: ignore[operator]
+                break
+            if checkout is not None:
+                found.append((number, *checkout))
+        found = [checkout for checkout in found if checkout[1] < before_ms]
+        if not found:
             return None
+        number, ts, items, value = found[0]
         held = max((offer[2] for offer in live.offers if offer[0] <= ts < offer[1]), default=0.0)
-        return Truth(index, number, ts, items, value, held, live.shopper)
+        later = tuple((t, n, v) for _, t, n, v in found[1:])
+        return Truth(index, number, ts, items, value, held, live.shopper, later)
 
 
 def open_loop(

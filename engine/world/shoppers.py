@@ -21,6 +21,8 @@ INTRA_SESSION_GAP_MS = 30_000.0
 TASTE_SLOTS = 100
 """Category tastes are drawn from a table of this many slots (1 % resolution)."""
 MAX_SESSION_STEPS = 60
+MAX_TRUTH_CHECKOUTS = 20
+"""The truth looks at most this many checkouts ahead (an offer rarely lives through more)."""
 DEAL_SEEKERS = 0.25
 """Share of shoppers whose price sensitivity is high (1.5-4); the others' is 0-1."""
 
@@ -46,32 +48,45 @@ class Shopper:
 
 @dataclass(frozen=True, slots=True)
 class Truth:
-    """What the world knows at a decision: the shopper's next checkout and its cart."""
+    """What the world knows at a decision: the shopper's checkouts before an offer expires."""
 
     user_index: int
     session: int
     ts: int
-    """Event time of that checkout."""
+    """Event time of the next checkout."""
     items: int
     value: float
     """Undiscounted value of the cart at that checkout."""
     held_pct: float
     """The best discount the shopper already holds that is still valid at the checkout."""
     shopper: Shopper
+    later: tuple[tuple[int, int, float], ...] = ()
+    """Further checkouts before the expiry, (ts, items, value): an offer that an abandoned
+    checkout leaves unused waits for them."""
 
     @property
     def key(self) -> tuple[int, int]:
         return (self.user_index, self.session)
 
     def p_buy(self, discount_pct: float) -> float:
+        """P(buy) at the next checkout."""
         return purchase_probability(self.shopper, self.items, discount_pct)
 
     def expected_incremental_margin(self, discount_pct: float, margin: float) -> float:
-        """P(buy | d) * value * (margin - d/100) - P(buy | 0) * value * margin."""
+        """What an offer of d is worth against no offer, over the checkouts it can reach:
+        sum_i alive_i * V_i * (P_i(buy | d) * (margin - d/100) - P_i(buy | 0) * margin), where
+        alive_i = prod_{j<i} (1 - P_j(buy | d)) is the chance that no earlier purchase used it.
+        """
         if not discount_pct:
             return 0.0
-        with_offer = self.p_buy(discount_pct) * (margin - discount_pct / 100.0)
-        return self.value * (with_offer - self.p_buy(0.0) * margin)
+        shopper, cut = self.shopper, margin - discount_pct / 100.0
+        total, alive = 0.0, 1.0
+        for items, value in ((self.items, self.value), *((i, v) for _, i, v in self.later)):
+            p_offer = purchase_probability(shopper, items, discount_pct)
+            p_none = purchase_probability(shopper, items, 0.0)
+            total += alive * value * (p_offer * cut - p_none * margin)
+            alive *= 1.0 - p_offer
+        return total
 
 
 def events_per_session() -> float:

@@ -89,12 +89,45 @@ def test_the_oracle_is_at_least_as_good_as_every_policy_at_every_decision() -> N
     assert checked > 2000
 
 
-def test_the_continuous_optimum_beats_a_fine_grid() -> None:
+def test_the_continuous_oracle_beats_a_fine_grid_and_the_closed_form() -> None:
     for truth in truths(300, seed=2):
-        best = continuous_optimum(truth, MARGIN, 30.0)
+        if truth.held_pct:
+            continue
+        best = best_discount(truth, (0.0, 30.0), MARGIN, continuous=True)
         assert 0.0 <= best <= 30.0
+        value = truth.expected_incremental_margin(best, MARGIN)
         grid = max(truth.expected_incremental_margin(d / 10, MARGIN) for d in range(301))
-        assert truth.expected_incremental_margin(best, MARGIN) >= grid - 0.01 * truth.value
+        assert value >= grid - 1e-9
+        closed_form = continuous_optimum(truth, MARGIN, 30.0)
+        assert value >= truth.expected_incremental_margin(closed_form, MARGIN) - 1e-9
+        if not truth.later:  # one checkout: the closed form is the optimum
+            assert math.isclose(
+                value, truth.expected_incremental_margin(closed_form, MARGIN), abs_tol=1e-4
+            )
+
+
+def test_an_offer_counts_every_checkout_before_it_expires() -> None:
+    """An offer left unused by an abandoned checkout waits for the next one, where it may
+    only give money away: the truth counts every checkout before the expiry."""
+    compared = 0
+    for truth in truths(300, seed=3):
+        if not truth.later or truth.held_pct:
+            continue
+        alone = Truth(
+            truth.user_index,
+            truth.session,
+            truth.ts,
+            truth.items,
+            truth.value,
+            0.0,
+            truth.shopper,
+        )
+        for discount in (5.0, 20.0):
+            assert truth.expected_incremental_margin(discount, MARGIN) != pytest.approx(
+                alone.expected_incremental_margin(discount, MARGIN)
+            )
+        compared += 1
+    assert compared > 20
 
 
 def test_the_oracle_offers_nothing_beyond_what_is_held_and_nothing_without_a_checkout() -> None:
