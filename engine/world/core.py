@@ -78,8 +78,7 @@ class World:
         self.offers_received = 0
         self.offers_ignored = 0
         """Offers for users this world does not know, or with a zero discount."""
-        self._lift_value = 0.0
-        self._discount_value = 0.0
+        self._tally = _Tally()
 
     @property
     def shoppers(self) -> list[Shopper]:
@@ -94,7 +93,12 @@ class World:
         V * (P(buy | d) * (margin - d/100) - P(buy | 0) * margin): the realised incremental
         margin against a no-offer copy with each checkout's coin flip replaced by its
         expectation (the same sum, less the sampling noise of the treated checkouts)."""
-        return margin * self._lift_value - self._discount_value
+        return self._tally.mean(margin)
+
+    def incremental_margin_variance(self, margin: float) -> float:
+        """Variance of the realised incremental margin around the expected one (the treated
+        checkouts' coin flips): what a statistical check of the two needs."""
+        return self._tally.variance(margin)
 
     # -- sessions -------------------------------------------------------------------------------
 
@@ -206,8 +210,7 @@ class World:
         p_buy = purchase_probability(live.shopper, len(cart), discount)
         if offer is not None:
             p_none = purchase_probability(live.shopper, len(cart), 0.0)
-            self._lift_value += value * (p_buy - p_none)
-            self._discount_value += value * p_buy * discount / 100.0
+            self._tally.add(value, discount / 100.0, p_buy, p_none)
         if draw >= p_buy:
             # Abandoned: the shopper looks at the last cart item once more and leaves.
             item_id, category, price = cart[-1]
@@ -313,6 +316,40 @@ class World:
         held = max((offer[2] for offer in live.offers if offer[0] <= ts < offer[1]), default=0.0)
         later = tuple((t, n, v) for _, t, n, v in found[1:])
         return Truth(index, number, ts, items, value, held, live.shopper, later)
+
+
+class _Tally:
+    """Sums over treated checkouts from which the expected incremental margin and its variance
+    follow for any margin m. Per checkout (value V, discount x = d/100, P(buy) p with the offer
+    and q without), the realised difference is -V x (both buy, prob q), V (m - x) (only with
+    the offer, prob p - q) or 0."""
+
+    __slots__ = ("cost", "cost2", "cross", "lift", "lift2", "pq2", "pq2x", "pq2x2", "q2")
+
+    def __init__(self) -> None:
+        self.lift = self.cost = self.lift2 = self.cross = self.cost2 = 0.0
+        self.q2 = self.pq2 = self.pq2x = self.pq2x2 = 0.0
+
+    def add(self, value: float, x: float, p: float, q: float) -> None:
+        lift, cost = value * (p - q), value * p * x  # mean = m * lift - cost
+        self.lift += lift
+        self.cost += cost
+        self.lift2 += lift * lift
+        self.cross += lift * cost
+        self.cost2 += cost * cost
+        v2 = value * value
+        self.q2 += q * v2 * x * x
+        self.pq2 += (p - q) * v2
+        self.pq2x += (p - q) * v2 * x
+        self.pq2x2 += (p - q) * v2 * x * x
+
+    def mean(self, m: float) -> float:
+        return m * self.lift - self.cost
+
+    def variance(self, m: float) -> float:
+        second = self.q2 + m * m * self.pq2 - 2 * m * self.pq2x + self.pq2x2
+        squared_means = m * m * self.lift2 - 2 * m * self.cross + self.cost2
+        return max(second - squared_means, 0.0)
 
 
 def open_loop(

@@ -262,3 +262,22 @@ def test_offers_raise_checkout_conversion_as_the_rule_says_in_proportion_to_sens
         assert abs(observed - expected) < 4 * sigma + 1, (name, observed, expected, sigma)
         uplifts[name] = observed / len(rows)
     assert uplifts["high"] > 2 * uplifts["low"] > 0
+
+
+def test_the_expected_incremental_margin_is_the_realised_one_without_the_coin_flips() -> None:
+    """Against a no-offer copy, the realised difference of margins is a sum over treated
+    checkouts of independent draws; the expected version is its mean given the offers. They
+    must agree within four standard deviations (the world reports the variance)."""
+    margin = 0.3
+    plain, treated = World(users=2000, seed=31), World(users=2000, seed=31)
+    treated.receive(
+        [offer(s.user_id, 15.0, DEFAULT_START_MS, f"o-{i}") for i, s in enumerate(treated.shoppers)]
+    )
+    for _ in zip(plain.events(60_000), treated.events(60_000), strict=True):
+        pass
+    realised = treated.margin(margin) - plain.margin(margin)
+    expected = treated.expected_incremental_margin(margin)
+    sigma = math.sqrt(treated.incremental_margin_variance(margin))
+    assert treated.redeemed > 300 and sigma > 0
+    assert abs(realised - expected) < 4 * sigma, (realised, expected, sigma)
+    assert plain.expected_incremental_margin(margin) == 0.0
