@@ -175,6 +175,8 @@ class RunOutcome:
     margin: float
     """The world's margin: undiscounted value * margin - discounts, over every purchase."""
     expected_incremental_margin: float
+    noise_sd: float = 0.0
+    """Standard deviation of the realised incremental margin around the expected one."""
     backtest: BacktestResult | None = None
     """The backtest of the run (None for the counterfactual, which needs no engine)."""
 
@@ -219,6 +221,7 @@ def run_world(
         purchases=world.purchases,
         margin=world.margin(config.margin),
         expected_incremental_margin=world.expected_incremental_margin(config.margin),
+        noise_sd=math.sqrt(world.incremental_margin_variance(config.margin)),
         backtest=result,
     )
 
@@ -294,6 +297,7 @@ def run_closed_loop(
                 "purchases": run.purchases,
                 "incremental_margin": _money(incremental),
                 "expected_incremental_margin": _money(run.expected_incremental_margin),
+                "incremental_margin_sd": _money(run.noise_sd),
                 "oracle_incremental_margin": _money(oracle_incremental),
                 "oracle_expected_incremental_margin": _money(
                     oracle_run.expected_incremental_margin
@@ -316,6 +320,7 @@ def run_closed_loop(
             "purchases": run.purchases,
             "incremental_margin": _money(run.margin - baseline.margin),
             "expected_incremental_margin": _money(run.expected_incremental_margin),
+            "incremental_margin_sd": _money(run.noise_sd),
         }
         for name, run in oracles.values()
     ]
