@@ -23,9 +23,16 @@ if TYPE_CHECKING:
 
 def top_terms(scaled: list[float], weights: tuple[float, ...], top: int) -> list[tuple[str, float]]:
     """``PurchaseModel.contributions`` from scaled inputs and weights in ``INPUT_NAMES`` order."""
-    terms = [(name, w * x) for name, w, x in zip(INPUT_NAMES, weights, scaled, strict=True)]
-    terms.sort(key=lambda term: (-abs(term[1]), term[0]))
-    return [(name, round(value, 6)) for name, value in terms[:top]]
+    # Sorting (-|term|, name, term) tuples orders exactly as the key (-|term|, name) does:
+    # names are unique, so the third item never decides, and no key function is called.
+    terms = [
+        (-abs(value), name, value)
+        for name, value in zip(
+            INPUT_NAMES, [w * x for w, x in zip(weights, scaled, strict=True)], strict=True
+        )
+    ]
+    terms.sort()
+    return [(name, round(value, 6)) for _, name, value in terms[:top]]
 
 
 class LinearTerms:
