@@ -74,7 +74,8 @@ def _with_ci(value: Any, ci: Any) -> str:
 def _campaign_rows(campaigns: Mapping[str, Any]) -> list[list[str]]:
     rows = []
     for key, c in campaigns.items():
-        uplift = _with_ci(c.get("uplift"), c.get("uplift_ci95"))
+        # Intervals over users (decisions of one user are not independent); see docs.
+        uplift = _with_ci(c.get("uplift"), (c.get("uplift_by_user") or {}).get("ci95"))
         itt = c.get("itt") or {}
         margin = (
             _num(c.get("incremental_margin"))
@@ -93,7 +94,7 @@ def _campaign_rows(campaigns: Mapping[str, Any]) -> list[list[str]]:
                 _pct(c.get("conversion_treated")),
                 _pct(c.get("conversion_holdout")),
                 uplift,
-                _with_ci(itt.get("uplift"), itt.get("uplift_ci95")),
+                _with_ci(itt.get("uplift"), (itt.get("uplift_by_user") or {}).get("ci95")),
                 _num(c.get("spend")),
                 _num(c.get("committed_spend")),
                 margin,
@@ -190,8 +191,8 @@ def render_html(report: Mapping[str, Any]) -> str:
             "offer rate",
             "conv. treated",
             "conv. holdout",
-            "uplift [95 % CI]",
-            "ITT uplift [95 % CI]",
+            "uplift [95 % CI]*",
+            "ITT uplift [95 % CI]*",
             "spend",
             "committed",
             "incr. margin",
@@ -259,8 +260,8 @@ def render_html(report: Mapping[str, Any]) -> str:
         '<p class="note">Conversion: a purchase within the attribution window labels the '
         "decision 1. Treated = non-holdout decisions with an offer; ITT = every non-holdout "
         "decision (offer or not) against the holdout; pending decisions are excluded from "
-        "rates. Spend = discount on converted offers; committed = what the ledger charged at "
-        "issue time. See docs/backtest.md.</p>"
+        "rates. *Intervals treat users as clusters. Spend = discount on converted offers; "
+        "committed = what the ledger charged at issue time. See docs/backtest.md.</p>"
         f'<h2>Model</h2>{model_table}<div class="plots">{calibration_plot(model)}</div>'
         f'<h2>Offers, budget and uplift</h2><div class="plots">{plots}</div>'
         f'<h2>Off-policy evaluation</h2><div id="ope">{ope}</div>'

@@ -165,9 +165,12 @@ class BudgetBurn:
         return list(self.points)
 
 
-OpenDecision = tuple[int, bool, bool, int, float, float, tuple[str, ...]]
+OpenDecision = tuple[int, bool, bool, int, float, float, tuple[str, ...], str]
 """A decision waiting for its label: (seq, holdout, granted, cost cents, order value,
-p_purchase, the segments it counts in)."""
+p_purchase, the segments it counts in, user id)."""
+TREATED, UNTREATED, HOLDOUT = 0, 2, 4
+"""Offsets into a user's counters: [treated n, converted, untreated n, converted, holdout n,
+converted]."""
 
 
 @dataclass(slots=True)
@@ -197,6 +200,9 @@ class CampaignStats:
     """Per P(purchase) bin: [n per bin ..., conversions per bin ...]."""
     propensity_below_one: int = 0
     burn: BudgetBurn = field(default_factory=BudgetBurn)
+    by_user: dict[str, list[int]] = field(default_factory=dict)
+    """Labelled decisions and conversions per user and group: decisions of one user are not
+    independent, so intervals are computed over users (cluster-robust)."""
 
     def segment(self, name: str) -> Segment:
         found = self.segments.get(name)
@@ -206,8 +212,14 @@ class CampaignStats:
 
     def on_label(self, opened: OpenDecision, label: int) -> None:
         """Book the label of a decision that was waiting for it."""
-        _, holdout, granted, cost_cents, value, p_purchase, segments = opened
+        _, holdout, granted, cost_cents, value, p_purchase, segments, user_id = opened
         qini_bin = min(int(p_purchase * QINI_BINS), QINI_BINS - 1)
+        counts = self.by_user.get(user_id)
+        if counts is None:
+            counts = self.by_user[user_id] = [0, 0, 0, 0, 0, 0]
+        group = HOLDOUT if holdout else TREATED if granted else UNTREATED
+        counts[group] += 1
+        counts[group + 1] += label
         if holdout:
             self.holdout_n += 1
             self.holdout_converted += label

@@ -13,7 +13,14 @@ from typing import Any
 
 import orjson
 
-from engine.backtest.metrics import QINI_BINS, CampaignStats, ModelStats
+from engine.backtest.metrics import (
+    HOLDOUT,
+    QINI_BINS,
+    TREATED,
+    UNTREATED,
+    CampaignStats,
+    ModelStats,
+)
 from engine.backtest.runner import BacktestError, BacktestResult, GroupResult
 from engine.campaigns import Campaign
 from engine.policy import ProfitPolicy
@@ -58,6 +65,43 @@ def _rate(numerator: int, denominator: int) -> float | None:
     return numerator / denominator if denominator else None
 
 
+def clustered_variance(pairs: list[tuple[int, int]]) -> tuple[float, int] | None:
+    """Variance of the pooled rate sum(y) / sum(n) over clusters (users) of (n, y), and the
+    number of clusters; None with fewer than two clusters.
+
+    Cluster-robust (sandwich) estimate: G / (G - 1) * sum_g (y_g - p n_g)^2 / (sum n)^2.
+    """
+    clusters = [(n, y) for n, y in pairs if n]
+    if len(clusters) < 2:
+        return None
+    total = sum(n for n, _ in clusters)
+    rate = sum(y for _, y in clusters) / total
+    g = len(clusters)
+    spread = math.fsum((y - rate * n) ** 2 for n, y in clusters)
+    return g / (g - 1) * spread / total**2, g
+
+
+def by_user_interval(
+    stats: CampaignStats, offsets: tuple[int, ...], diff: float
+) -> dict[str, Any] | None:
+    """95 % interval of ``diff`` (a group's rate minus the holdout's) with users as clusters."""
+    group = clustered_variance(
+        [
+            (sum(c[o] for o in offsets), sum(c[o + 1] for o in offsets))
+            for c in stats.by_user.values()
+        ]
+    )
+    holdout = clustered_variance([(c[HOLDOUT], c[HOLDOUT + 1]) for c in stats.by_user.values()])
+    if group is None or holdout is None:
+        return None
+    se = math.sqrt(group[0] + holdout[0])
+    return {
+        "ci95": [diff - Z95 * se, diff + Z95 * se],
+        "users": group[1],
+        "holdout_users": holdout[1],
+    }
+
+
 def uplift_section(stats: CampaignStats, margin: float) -> dict[str, Any]:
     """Treated vs holdout conversion, their difference with a 95 % interval, and margin."""
     nt, ct, nh, ch = (
@@ -78,6 +122,7 @@ def uplift_section(stats: CampaignStats, margin: float) -> dict[str, Any]:
         "margin": margin,
         "uplift": None,
         "uplift_ci95": None,
+        "uplift_by_user": None,
         "incremental_conversions": None,
         "incremental_margin": None,
         "itt": None,
@@ -98,6 +143,7 @@ def uplift_section(stats: CampaignStats, margin: float) -> dict[str, Any]:
         uplift_ci95=[uplift - Z95 * se, uplift + Z95 * se],
         incremental_conversions=incremental,
         incremental_margin=incremental * mean_value * margin - spend,
+        uplift_by_user=by_user_interval(stats, (TREATED,), uplift),
         itt=intent_to_treat(stats, ph, mean_value * margin, spend),
     )
     return out
@@ -128,6 +174,7 @@ def intent_to_treat(
         "uplift_ci95": [uplift - Z95 * se, uplift + Z95 * se],
         "incremental_conversions": uplift * n,
         "incremental_margin": uplift * n * margin_per_order - spend,
+        "uplift_by_user": by_user_interval(stats, (TREATED, UNTREATED), uplift),
     }
 
 

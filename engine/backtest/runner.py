@@ -189,7 +189,7 @@ def _absorb(
             stats.burn.add(event_day(ts), ts, cost)
         group.open[str(decision["decision_id"])] = (
             index,
-            (seq, holdout, granted, cost, value, p_purchase, segments),
+            (seq, holdout, granted, cost, value, p_purchase, segments, str(decision["user_id"])),
         )
         if decisions_out is not None:
             decision["campaign_key"] = stats.key

@@ -18,9 +18,11 @@ from engine.prequential import roc_auc
 def stats_with(treated: tuple[int, int], holdout: tuple[int, int]) -> CampaignStats:
     stats = CampaignStats("c")
     for index in range(treated[0]):
-        stats.on_label((index, False, True, 150, 30.0, 0.5, ()), int(index < treated[1]))
+        stats.on_label(
+            (index, False, True, 150, 30.0, 0.5, (), f"t{index}"), int(index < treated[1])
+        )
     for index in range(holdout[0]):
-        stats.on_label((index, True, False, 0, 0.0, 0.5, ()), int(index < holdout[1]))
+        stats.on_label((index, True, False, 0, 0.0, 0.5, (), f"h{index}"), int(index < holdout[1]))
     return stats
 
 
@@ -41,7 +43,7 @@ def test_uplift_interval_and_incremental_margin_by_hand() -> None:
 def test_intent_to_treat_counts_every_non_holdout_decision() -> None:
     stats = stats_with(treated=(100, 10), holdout=(100, 20))
     for index in range(300):  # non-holdout decisions without an offer, 30 % convert
-        stats.on_label((index, False, False, 0, 0.0, 0.5, ()), int(index % 10 < 3))
+        stats.on_label((index, False, False, 0, 0.0, 0.5, (), f"u{index}"), int(index % 10 < 3))
     out = uplift_section(stats, margin=0.3)
     assert out["uplift"] == pytest.approx(0.1 - 0.2)
     itt = out["itt"]
@@ -49,6 +51,26 @@ def test_intent_to_treat_counts_every_non_holdout_decision() -> None:
     assert itt["uplift"] == pytest.approx(0.25 - 0.2)
     assert itt["incremental_conversions"] == pytest.approx(20.0)
     assert itt["incremental_margin"] == pytest.approx(20 * 30.0 * 0.3 - 15.0)
+
+
+def test_by_user_intervals_widen_when_a_users_decisions_move_together() -> None:
+    independent = uplift_section(stats_with(treated=(200, 50), holdout=(200, 40)), margin=0.3)
+    naive = independent["uplift_ci95"]
+    by_user = independent["uplift_by_user"]
+    assert by_user["users"] == 200 and by_user["holdout_users"] == 200
+    # One decision per user: the clustered interval is the naive one (up to G / (G - 1)).
+    assert by_user["ci95"][1] - by_user["ci95"][0] == pytest.approx(naive[1] - naive[0], rel=0.01)
+    clustered = CampaignStats("c")
+    for index in range(200):  # 20 users with 10 decisions each, all converting or none
+        user = f"t{index // 10}"
+        clustered.on_label((index, False, True, 150, 30.0, 0.5, (), user), int(index // 10 < 5))
+        user = f"h{index // 10}"
+        clustered.on_label((index, True, False, 0, 0.0, 0.5, (), user), int(index // 10 < 4))
+    out = uplift_section(clustered, margin=0.3)
+    assert out["uplift"] == pytest.approx(0.05)
+    width = out["uplift_by_user"]["ci95"][1] - out["uplift_by_user"]["ci95"][0]
+    assert width > 2.5 * (out["uplift_ci95"][1] - out["uplift_ci95"][0])
+    assert out["uplift_by_user"]["users"] == 20
 
 
 def test_no_holdout_gives_nulls_with_a_reason() -> None:
@@ -62,10 +84,10 @@ def test_qini_curve_ranks_by_p_purchase_and_ends_at_the_total_gain() -> None:
     stats = CampaignStats("c")
     # High scores: offers convert, holdout does not; low scores: both convert half the time.
     for i in range(100):
-        stats.on_label((i, False, True, 100, 20.0, 0.9, ()), 1)
-        stats.on_label((i, True, False, 0, 0.0, 0.9, ()), 0)
-        stats.on_label((i, False, True, 100, 20.0, 0.1, ()), i % 2)
-        stats.on_label((i, True, False, 0, 0.0, 0.1, ()), i % 2)
+        stats.on_label((i, False, True, 100, 20.0, 0.9, (), "a"), 1)
+        stats.on_label((i, True, False, 0, 0.0, 0.9, (), "b"), 0)
+        stats.on_label((i, False, True, 100, 20.0, 0.1, (), "a"), i % 2)
+        stats.on_label((i, True, False, 0, 0.0, 0.1, (), "b"), i % 2)
     curve = qini_curve(stats)
     points = curve["points"]
     assert len(points) == 101 and points[0] == [0.0, 0.0]
@@ -122,7 +144,9 @@ def test_canonical_rounds_to_six_significant_digits() -> None:
 def test_label_counts_always_add_up(decisions: list[tuple[float, bool, bool, bool]]) -> None:
     stats = CampaignStats("c")
     for seq, (p, holdout, granted, label) in enumerate(decisions):
-        stats.on_label((seq, holdout, granted and not holdout, 10, 5.0, p, ("s",)), int(label))
+        stats.on_label(
+            (seq, holdout, granted and not holdout, 10, 5.0, p, ("s",), str(seq % 7)), int(label)
+        )
     assert stats.treated_n + stats.holdout_n + stats.untreated_n == len(decisions)
     assert sum(stats.qini_treated[:QINI_BINS]) == stats.treated_n
     assert sum(stats.qini_holdout[QINI_BINS:]) == stats.holdout_converted
