@@ -100,10 +100,13 @@ class Scorer:
     def __init__(self, model: PurchaseModel, features: Mapping[str, float]) -> None:
         get = features.get
         log1p = math.log1p
-        base = [
-            log1p(max(float(get(name, 0.0)), 0.0)) if log_scaled else float(get(name, 0.0))
-            for name, log_scaled in FEATURE_INPUTS
-        ]
+        base: list[float] = []
+        for name, log_scaled in FEATURE_INPUTS:
+            value = float(get(name, 0.0))
+            if log_scaled:
+                # max(value, 0.0) without the call: the same result for -0.0 and NaN too.
+                value = log1p(0.0 if value < 0.0 else value)
+            base.append(value)
         self._model = model
         self._base = base
         self._interactions = [base[i] for i in INTERACTION_SLOTS]
