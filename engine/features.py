@@ -161,7 +161,7 @@ def _recency(code: str) -> FeatureFn:
         # min(max(age, 0.0) / 1000.0, cap), spelled without the calls (identical results).
         age = ctx.now - last
         seconds = (0.0 if age < 0.0 else age) / 1000.0
-        return RECENCY_DEFAULT_S if RECENCY_DEFAULT_S < seconds else seconds
+        return RECENCY_DEFAULT_S if seconds > RECENCY_DEFAULT_S else seconds
 
     return recency
 
