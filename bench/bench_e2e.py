@@ -4,12 +4,14 @@
     .venv/bin/python bench/bench_e2e.py --quick    # smoke: small N, one run, low rates
 
 Steps (bench/e2e/*): preload N simulated events into 4-partition topics; time a raw aiokafka
-consume + decode of them; let one worker process drain them (each run with a fresh group and Redis
-prefix; events/s, RSS after warm-up and at the end, Redis bytes per active user); let two
-workers in one group drain them; then measure decision latency at fixed offered rates on fresh
-topics. Every figure is the median of the runs, each recorded with the load average next to
-it. Prints a summary and writes ``bench/results/e2e.json``; asserts nothing about speed. All
-topics and keys carry the prefix ``bench.<pid>.`` / ``bench:<pid>:`` and are deleted at the end.
+consume + decode of them; time the worker's batch step in-process (no Faust, no Kafka: the
+difference to the worker's CPU per event is what Faust and Kafka cost); let one worker process
+drain them (each run with a fresh group and Redis prefix; events/s, RSS after warm-up and at
+the end, Redis bytes per active user); let two workers in one group drain them; then measure
+decision latency at fixed offered rates on fresh topics. Every figure is the median of the
+runs, each recorded with the load average next to it. Prints a summary and writes
+``bench/results/e2e.json``; asserts nothing about speed. All topics and keys carry the prefix
+``bench.<pid>.`` / ``bench:<pid>:`` and are deleted at the end.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from bench.e2e.common import (
     median,
 )
 from bench.e2e.drain import DrainConfig, drain_run, memory_summary, run_names, summarise
+from bench.e2e.inprocess import measure_inprocess
 from bench.e2e.latency import measure_latency
 from bench.e2e.preload import preload, raw_consume
 
@@ -119,6 +122,26 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 f"(steady {result['steady_events_per_s']:,}), {result['events']:,} consumed, "
                 f"RSS growth {result.get('rss_growth_pct')} %"
             )
+        inproc = []
+        for run in range(args.runs):
+            inproc.append(
+                await measure_inprocess(
+                    redis_url=args.redis_url,
+                    names=Names(base.topic_prefix, f"{base.redis_prefix}ip{run}:", "unused"),
+                    events=min(args.timed_events, 100_000),
+                    users=args.users,
+                    batch=int(worker_env.get("DEALSTREAM_BATCH_MAX", "500")),
+                )
+            )
+            _say(
+                f"batch step in-process run {run + 1}: {inproc[-1]['events_per_s']:,} events/s, "
+                f"{inproc[-1]['cpu_us_per_event']} us CPU per event"
+            )
+        report["batch_step_inprocess"] = {
+            "events_per_s": median(r["events_per_s"] for r in inproc),
+            "cpu_us_per_event": median(r["cpu_us_per_event"] for r in inproc),
+            "runs": inproc,
+        }
         two = []
         for run in range(args.scaling_runs):
             result = await drain_run(

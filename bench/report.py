@@ -61,6 +61,14 @@ def e2e_rows(r: dict[str, Any]) -> Iterator[Row]:
         "",
         "",
     )
+    step = r.get("batch_step_inprocess")
+    if step:
+        yield (
+            "e2e: batch step in-process (no Faust/Kafka), CPU per event",
+            _num(step.get("cpu_us_per_event"), " us", 1),
+            "",
+            _load([x.get("load_average") for x in step.get("runs", [])]),
+        )
     two = r.get("two_workers")
     if two:
         yield (
@@ -135,8 +143,8 @@ def generic_rows(name: str, r: dict[str, Any]) -> Iterator[Row]:
         if isinstance(node, dict):
             for key, value in node.items():
                 yield from walk(value, f"{path}.{key}" if path else str(key))
-        elif isinstance(node, int | float) and any(
-            word in path for word in ("per_s", "per_second", "_us", "_ms")
+        elif isinstance(node, int | float) and path.rsplit(".", 1)[-1].endswith(
+            ("per_s", "per_second", "_us", "_ms")
         ):
             found += 1
             if found <= 10:

@@ -221,7 +221,7 @@ async def wait_consumed(
     target: int,
     *,
     timeout_s: float,
-    interval_s: float = 0.1,
+    interval_s: float = 0.25,
     on_sample: Callable[[int], Awaitable[None]] | None = None,
 ) -> list[tuple[float, int]]:
     """Poll the workers' counters until together they consumed ``target`` records.

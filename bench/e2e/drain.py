@@ -26,6 +26,9 @@ import redis.asyncio as aioredis
 from bench.e2e.common import Names, Worker, crossing, load_average, median, wait_consumed
 
 RSS_WARMUP_EVENTS = 10_000
+RSS_MARKS = (10_000, 100_000, 250_000, 500_000, 750_000, 1_000_000, 2_000_000)
+"""Consumed counts at which the first worker's RSS is recorded: growth that levels off is a
+cache filling up to its bound, growth that keeps going is a leak."""
 MEMORY_SAMPLE_KEYS = 2_000
 
 
@@ -105,7 +108,12 @@ async def drain_run(
         cpu_start: list[float] = []
         spy: list[subprocess.Popen[bytes]] = []
 
+        series: dict[str, int] = {}
+
         async def on_sample(total: int) -> None:
+            for mark in RSS_MARKS:
+                if str(mark) not in series and total >= mark:
+                    series[str(mark)] = procs[0].rss_kib()
             if not rss_start and total >= RSS_WARMUP_EVENTS:
                 rss_start.extend(p.rss_kib() for p in procs)
                 cpu_start.extend(p.cpu_seconds() for p in procs)
@@ -137,6 +145,7 @@ async def drain_run(
         if rss_start:
             result["rss_kib_after_warmup"] = rss_start
             result["rss_kib_end"] = rss_end
+            result["rss_kib_first_worker_by_events"] = series
             result["rss_growth_pct"] = [
                 round(100 * (end - start) / start, 2)
                 for start, end in zip(rss_start, rss_end, strict=True)
@@ -199,6 +208,7 @@ def memory_summary(run: dict[str, Any]) -> dict[str, Any]:
         "rss_kib_after_warmup": run["rss_kib_after_warmup"][0],
         "rss_kib_end": run["rss_kib_end"][0],
         "rss_growth_pct": run["rss_growth_pct"][0],
+        "rss_kib_by_events": run.get("rss_kib_first_worker_by_events", {}),
         "load_average": run["load_average"],
         "redis": run["redis"],
     }

@@ -50,6 +50,8 @@ async def test_quick_bench_drains_every_event_and_cleans_up(
     one = report["one_worker"]["runs_detail"]
     assert len(one) == 1 and one[0]["events"] == QUICK_EVENTS
     assert one[0]["events_per_s"] > 0 and report["raw_consume"]["events_per_s"] > 0
+    step = report["batch_step_inprocess"]["runs"]
+    assert len(step) == 1 and step[0]["events"] == QUICK_EVENTS and step[0]["outputs"] > 0
     two = report["two_workers"]["runs_detail"]
     assert len(two) == 1 and two[0]["workers"] == 2 and two[0]["events"] == QUICK_EVENTS
     memory = report["memory"]

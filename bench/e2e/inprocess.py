@@ -1,0 +1,82 @@
+"""The worker's batch step without Faust or Kafka: where the per-event CPU of the worker goes.
+
+Runs ``BatchWorker.handle`` in this process on the same simulated events, in batches of
+``DEALSTREAM_BATCH_MAX``, against the real Redis (both Lua scripts) with a sink that only
+encodes. The difference between the worker's CPU per event and this one is what Faust, the
+Kafka consumer and producer cost per event.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from typing import Any
+
+import orjson
+
+from bench.e2e.common import CAMPAIGNS, Names, load_average
+from engine.simulator import generate
+from streams.app import bootstrap
+from streams.decode import DecodeLimits, RawRecord
+from streams.settings import Settings
+from streams.worker import BatchWorker
+
+
+class NullSink:
+    """Counts what the worker would produce; values are already encoded by the worker."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    async def send(self, topic: str, key: bytes | None, value: bytes, headers: Any = None) -> None:
+        self.sent += 1
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def measure_inprocess(
+    *, redis_url: str, names: Names, events: int, users: int, batch: int
+) -> dict[str, Any]:
+    settings = Settings.from_env(
+        {
+            "DEALSTREAM_REDIS_URL": redis_url,
+            "DEALSTREAM_REDIS_PREFIX": names.redis_prefix,
+            "DEALSTREAM_TOPIC_PREFIX": names.topic_prefix,
+            "DEALSTREAM_CAMPAIGNS": str(CAMPAIGNS),
+        }
+    )
+    runtime = bootstrap(settings)
+    topics = settings.topics
+    by_kind = {"browse": topics.browse, "search": topics.search, "purchase": topics.purchase}
+    start_ms = int(time.time() * 1000) - events - 5_000
+    records = []
+    for offset, event in enumerate(
+        generate(users=users, events=events, seed=11, start_ms=start_ms, mean_gap_ms=1.0)
+    ):
+        user = str(event["user_id"])
+        records.append(
+            RawRecord(by_kind[str(event["type"])], 0, offset, user.encode(), orjson.dumps(event))
+        )
+    sink = NullSink()
+    worker = BatchWorker(
+        runtime.engine, sink, topics=topics, limits=DecodeLimits(), metrics=runtime.metrics
+    )
+    load = load_average()
+    try:
+        wall, cpu = time.perf_counter(), _cpu_s()
+        for start in range(0, len(records), batch):
+            await worker.handle(records[start : start + batch])
+        wall, cpu = time.perf_counter() - wall, _cpu_s() - cpu
+    finally:
+        await runtime.redis.aclose()
+    return {
+        "events": len(records),
+        "batch": batch,
+        "events_per_s": round(len(records) / wall),
+        "cpu_us_per_event": round(1e6 * cpu / len(records), 1),
+        "outputs": sink.sent,
+        "load_average": load,
+    }
