@@ -47,7 +47,8 @@ class FaustSink:
     Faust flushes the producer before every offset commit, so outputs still reach Kafka before
     the offsets of the inputs that caused them are committed, while the next batch is already
     being processed. A delivery that fails for good (after the producer's own retries) stops the
-    worker at once (exit 70): its inputs are then consumed again after a restart.
+    worker at once (exit 70) instead of carrying on without that output; unless a commit
+    already passed in the same instant, its inputs are consumed again after the restart.
     """
 
     def __init__(self, app: faust.App) -> None:
