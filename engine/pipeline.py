@@ -51,7 +51,7 @@ from engine.ledger import (
     OfferLimits,
     PurchaseNotice,
 )
-from engine.model import PurchaseModel
+from engine.model import PurchaseModel, Scorer
 from engine.policy import PolicyChoice, PolicyContext
 from engine.store import FeatureStore, Position, StateUpdate, UpdateStatus
 
@@ -204,9 +204,11 @@ class DiscountEngine:
                     for pending in unapplied.pop(user_id):
                         apply_ops(state, pending)
                     features = compute_features(state, category=category)
+                    # One scorer for all of the event's campaigns: same features, same model.
+                    scorer = self.model.scorer(features)
                     for campaign in candidates:
                         if is_eligible(campaign, event, features, kind):
-                            proposal = self._propose(campaign, event, features)
+                            proposal = self._propose(campaign, event, features, scorer)
                             ops.append(self._request(proposal))
                             proposals.append(proposal)
             if learn_inline:
@@ -277,11 +279,12 @@ class DiscountEngine:
             held = self._holdout[key] = in_holdout(campaign, user_id)
         return held
 
-    def _propose(self, campaign: Campaign, event: Event, features: dict[str, float]) -> Proposal:
+    def _propose(
+        self, campaign: Campaign, event: Event, features: dict[str, float], scorer: Scorer
+    ) -> Proposal:
         model = self.model
         decision_id = stable_id("d-", campaign.name, event.event_id)
         holdout = self._in_holdout(campaign, event.user_id)
-        scorer = model.scorer(features)
         predictions: dict[float, float] = {}
 
         def predict(discount_pct: float) -> float:
