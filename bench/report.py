@@ -43,7 +43,7 @@ def e2e_rows(r: dict[str, Any]) -> Iterator[Row]:
     one = r.get("one_worker", {})
     raw = r.get("raw_consume", {})
     yield (
-        f"e2e: one worker, events/s ({one.get('runs', '?')} runs, median)",
+        f"e2e: one worker, events/s (median, runs: {one.get('runs', '?')})",
         _num(one.get("events_per_s")),
         ">= 20,000",
         _load(one.get("load_average")),
