@@ -47,8 +47,10 @@ class FaustSink:
     Faust flushes the producer before every offset commit, so outputs still reach Kafka before
     the offsets of the inputs that caused them are committed, while the next batch is already
     being processed. A delivery that fails for good (after the producer's own retries) stops the
-    worker at once (exit 70) instead of carrying on without that output; unless a commit
-    already passed in the same instant, its inputs are consumed again after the restart.
+    worker at once (exit 70) instead of carrying on without that output. Its inputs are read
+    again after the restart but skipped as redelivered (their features are already applied),
+    so, as after a kill -9, the outputs still in the producer's buffer are lost
+    (docs/delivery.md, "Known limitation").
     """
 
     def __init__(self, app: faust.App) -> None:
