@@ -23,6 +23,7 @@ from engine.backtest.plots import (
 
 CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;background:#fff}
+.warnings{background:#fff4e5;border:1px solid #f0b45a;padding:8px 8px 8px 28px}
 h1{font-size:22px;margin:0 0 4px}h3{font-size:15px;margin:14px 0 4px}
 h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;
@@ -153,6 +154,13 @@ def _ope_block(key: str, section: Mapping[str, Any]) -> str:
     return title + note + _table(headers, rows)
 
 
+def _warnings(warnings: object) -> str:
+    if not isinstance(warnings, list) or not warnings:
+        return ""
+    items = "".join(f"<li>{escape(str(w))}</li>" for w in warnings)
+    return f'<ul class="warnings" id="warnings">{items}</ul>'
+
+
 def render_html(report: Mapping[str, Any]) -> str:
     """The page; a pure function of the report dict."""
     campaigns: Mapping[str, Any] = report.get("campaigns", {})
@@ -230,6 +238,7 @@ def render_html(report: Mapping[str, Any]) -> str:
         "discount_spend",
         "committed_spend",
         "pending_decisions",
+        "warnings",
         "model",
         "models",
         "campaigns",
@@ -256,7 +265,8 @@ def render_html(report: Mapping[str, Any]) -> str:
         f'<p class="meta">sha256 {escape(str(source.get("sha256", "&#8211;")))} · seed '
         f"{_num(report.get('seed'))} · event time {_num(span.get('span_s'))} s · "
         f"report v{_num(report.get('report_version'))}</p>"
-        f"<h2>Summary</h2>{summary}<h2>Campaigns</h2>{campaign_table}"
+        f"<h2>Summary</h2>{_warnings(report.get('warnings'))}{summary}"
+        f"<h2>Campaigns</h2>{campaign_table}"
         '<p class="note">Conversion: a purchase within the attribution window labels the '
         "decision 1. Treated = non-holdout decisions with an offer; ITT = every non-holdout "
         "decision (offer or not) against the holdout; pending decisions are excluded from "

@@ -276,6 +276,28 @@ def campaign_section(
     }
 
 
+PENDING_WARNING_SHARE = 0.2
+
+
+def report_warnings(report: Mapping[str, Any]) -> list[str]:
+    """What a reader must know before trusting the rates: said in the report, not only in docs."""
+    warnings: list[str] = []
+    decisions = int(report["decisions"])
+    pending = int(report["pending_decisions"])
+    if decisions and pending / decisions > PENDING_WARNING_SHARE:
+        warnings.append(
+            f"{pending / decisions:.0%} of decisions are still pending at the end of the input "
+            "(their attribution window is open). A purchase labels a decision at once, while "
+            "'no purchase' waits for the whole window, so the rates, the uplift and the model's "
+            "metrics over labelled decisions overstate conversion. Use an input that spans "
+            "more than the attribution window."
+        )
+    labels = report["model"].get("n_labels") or 0
+    if labels and report["model"].get("auc") is None:
+        warnings.append("every labelled decision has the same outcome: no AUC can be computed")
+    return warnings
+
+
 def build_report(
     result: BacktestResult,
     *,
@@ -323,6 +345,7 @@ def build_report(
         "model": pooled.summary(),
         "campaigns": campaigns,
     }
+    report["warnings"] = report_warnings(report)
     if models:
         report["models"] = models
     for name, section in (extra or {}).items():

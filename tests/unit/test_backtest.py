@@ -331,3 +331,17 @@ def test_any_seed_and_batch_size_keep_budgets_and_determinism(seed: int, batch_s
 
 
 SMALL = sim(events=800, seed=9)
+
+
+def test_the_report_warns_when_most_decisions_are_still_pending() -> None:
+    # 3,000 events 4 s apart span most 30-minute windows; the same events squeezed into a few
+    # minutes leave nearly every window open.
+    spread = build_report(run(sim())[0], inputs={"file": "sim.jsonl"})
+    squeezed_events = [
+        parse_event(e) for e in generate(users=80, events=3000, seed=5, mean_gap_ms=50)
+    ]
+    squeezed = build_report(run(squeezed_events)[0], inputs={"file": "sim.jsonl"})
+    assert squeezed["pending_decisions"] / squeezed["decisions"] > 0.2
+    assert any("still pending" in w for w in squeezed["warnings"])
+    assert spread["pending_decisions"] / spread["decisions"] <= 0.2
+    assert not any("still pending" in w for w in spread["warnings"])
