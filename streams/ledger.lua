@@ -12,7 +12,9 @@
 -- Keys are built from the prefix (this script is for a single Redis node, like features.lua):
 --   <p>g:{user}   hash  <campaign>|d last decision ts, <campaign>|o last offer ts,
 --                       <campaign>|n<day> offers that day
---   <p>p:{user}   hash  decision_id -> 'G' or 'N' (offer denied) + pending decision JSON
+--   <p>p:{user}   hash  decision_id -> 'G' or 'N' (offer denied) + pending decision JSON array
+--                       [ts, campaign, offer_id, decision_id, user_id, discount, propensity,
+--                        model_version, features in catalogue order] (PendingDecision.to_compact)
 --   <p>pq         zset  decision_id \x1f user, scored by the attribution deadline
 --   <p>b:<campaign>:<day>  discount spent that day, in cents
 
@@ -101,6 +103,16 @@ local function decide(i)
   return outcome
 end
 
+-- ts, campaign and offer_id of a stored record: a compact array (PendingDecision.to_compact)
+-- or, written by an earlier version, an object.
+local function decision_fields(record)
+  local d = cjson.decode(string.sub(record, 2))
+  if d[1] ~= nil then
+    return tonumber(d[1]), d[2], d[3]
+  end
+  return tonumber(d['ts']), d['campaign'], d['offer_id']
+end
+
 local function purchase(user, ts, offer_id)
   local flat = redis.call('HGETALL', pending_key(user))
   -- per campaign: the decision that issued offer_id, else the latest in the window
@@ -108,12 +120,11 @@ local function purchase(user, ts, offer_id)
   for k = 1, #flat, 2 do
     local decision_id, record = flat[k], flat[k + 1]
     local granted = string.sub(record, 1, 1) == 'G'
-    local d = cjson.decode(string.sub(record, 2))
-    local age = ts - tonumber(d['ts'])
+    local d_ts, c, d_offer = decision_fields(record)
+    local age = ts - d_ts
     if age >= 0 and age <= window then
-      local c = d['campaign']
-      local candidate = { id = decision_id, ts = tonumber(d['ts']), record = record }
-      if granted and offer_id ~= '' and d['offer_id'] == offer_id then
+      local candidate = { id = decision_id, ts = d_ts, record = record }
+      if granted and offer_id ~= '' and d_offer == offer_id then
         by_offer[c] = candidate
       end
       local best = latest[c]

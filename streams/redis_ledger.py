@@ -39,9 +39,17 @@ def _text(value: bytes | str) -> str:
 
 
 def _pending_from_stored(stored: bytes | str) -> PendingDecision:
-    """Stored records are 'G' + JSON, or 'N' + JSON when the proposed offer was denied."""
+    """Stored records are 'G' + JSON, or 'N' + JSON when the proposed offer was denied.
+
+    The JSON is ``PendingDecision.to_compact``'s array; an object is a record written by an
+    earlier version (``to_record``), still read until its attribution window closes."""
     text = _text(stored)
-    decision = PendingDecision.from_record(orjson.loads(text[1:]))
+    body = orjson.loads(text[1:])
+    decision = (
+        PendingDecision.from_record(body)
+        if isinstance(body, dict)
+        else PendingDecision.from_compact(body)
+    )
     return without_offer(decision) if text[0] == "N" else decision
 
 
@@ -71,7 +79,7 @@ class RedisLedger:
                         limits.max_per_day if limits and limits.max_per_day is not None else -1,
                         limits.budget_cents if limits and limits.budget_cents is not None else -1,
                         decision.decision_id,
-                        orjson.dumps(decision.to_record()),
+                        orjson.dumps(decision.to_compact()),
                     )
                 )
             else:

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
@@ -369,6 +370,36 @@ async def test_a_hand_written_scenario_gives_the_expected_outcomes(
             denied = {e.decision.decision_id: e.decision for e in later.labelled}
             assert denied["d4"].discount_pct == 0.0 and denied["d4"].offer_id is None
             assert denied["d6"].offer_id == "o-d6"
+    finally:
+        await delete_prefix(client, prefix)
+        await client.aclose()
+
+
+async def test_pending_records_of_an_earlier_version_are_still_labelled(
+    services: Services, isolation: Isolation
+) -> None:
+    """Records stored as JSON objects (before the compact arrays) keep working: a purchase
+    finds and labels them, and so does the passing of their window."""
+    prefix = isolation.redis_prefix
+    client = aioredis.Redis.from_url(services.redis_url)
+    try:
+        ledger = RedisLedger(client, prefix=prefix, attribution_window_ms=WINDOW)
+        ops: list[LedgerOp] = [
+            _request("d1", "u1", T0, offer=OfferLimits(100)),
+            _request("d2", "u2", T0, campaign="beta"),
+        ]
+        await ledger.settle(ops, now_ms=T0)
+        for user, decision_id in (("u1", "d1"), ("u2", "d2")):
+            key = f"{prefix}p:{{{hash_tag(user)}}}"
+            stored = await client.hget(key, decision_id)
+            assert stored is not None and stored[:2] == b"G[", stored
+            decision = PendingDecision.from_compact(orjson.loads(stored[1:]))
+            await client.hset(key, decision_id, b"G" + orjson.dumps(decision.to_record()))
+        bought = await ledger.settle([PurchaseNotice("u1", T0 + MINUTE_MS, "o-d1")], now_ms=T0)
+        assert [(e.decision.decision_id, e.label) for e in bought.labelled] == [("d1", 1)]
+        assert bought.labelled[0].decision == ops[0].decision  # type: ignore[union-attr]
+        expired = await ledger.settle([], now_ms=T0 + WINDOW + 1)
+        assert [(e.decision.decision_id, e.label) for e in expired.labelled] == [("d2", 0)]
     finally:
         await delete_prefix(client, prefix)
         await client.aclose()

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
+from engine.features import FEATURE_NAMES
 from engine.labels import LabelledExample, PendingDecision, PendingLabels
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
@@ -231,3 +233,44 @@ def test_to_message_copies_the_features() -> None:
     assert isinstance(features, dict)
     features["spend_30d"] = -1.0
     assert example.decision.features["spend_30d"] == 12.5
+
+
+def _pending(features: dict[str, float], offer_id: str | None = "o-1") -> PendingDecision:
+    return PendingDecision(
+        decision_id="d-1",
+        user_id="u-1",
+        campaign="spring",
+        ts=1_700_000_000_123,
+        features=features,
+        discount_pct=12.5,
+        propensity=0.37,
+        model_version="lr-9",
+        offer_id=offer_id,
+    )
+
+
+def test_the_compact_record_round_trips_exactly_and_is_much_smaller() -> None:
+    values = {name: (i * 0.1 + 1 / 3) for i, name in enumerate(FEATURE_NAMES)}
+    for offer_id in ("o-1", None):
+        decision = _pending(values, offer_id)
+        compact = orjson.loads(orjson.dumps(decision.to_compact()))
+        assert PendingDecision.from_compact(compact) == decision
+        assert compact[:3] == [decision.ts, "spring", offer_id], "the script reads these"
+    full = len(orjson.dumps(_pending(values).to_record()))
+    small = len(orjson.dumps(_pending(values).to_compact()))
+    assert small < full / 2, (small, full)
+
+
+def test_features_outside_the_catalogue_order_stay_named() -> None:
+    decision = _pending({"b": 1.0, "a": 2.0})
+    compact = decision.to_compact()
+    assert compact[-1] == {"b": 1.0, "a": 2.0}
+    assert PendingDecision.from_compact(compact) == decision
+
+
+def test_a_record_written_before_features_were_added_reads_the_ones_it_has() -> None:
+    values = {name: 1.0 for name in FEATURE_NAMES}
+    compact = _pending(values).to_compact()
+    compact[-1] = compact[-1][:-2]  # as if the last two features did not exist yet
+    restored = PendingDecision.from_compact(compact)
+    assert tuple(restored.features) == FEATURE_NAMES[:-2]
