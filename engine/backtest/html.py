@@ -210,15 +210,22 @@ def render_html(report: Mapping[str, Any]) -> str:
         _campaign_rows(campaigns),
         "campaigns",
     )
+    served = model.get("served") or {}
     model_table = _table(
-        ["labels", "AUC", "log loss", "ECE"],
+        ["scores", "labels", "AUC", "log loss", "ECE"],
         [
             [
-                _num(model.get("n_labels")),
-                _num(model.get("auc")),
-                _num(model.get("log_loss")),
-                _num(model.get("ece")),
+                escape(name),
+                _num(stats.get("n_labels")),
+                _num(stats.get("auc")),
+                _num(stats.get("log_loss")),
+                _num(stats.get("ece")),
             ]
+            for name, stats in (
+                ("prequential (scored just before learning)", model),
+                ("as served (P at decision time)", served),
+            )
+            if stats
         ],
         "model",
     )

@@ -313,6 +313,7 @@ def build_report(
     campaigns: dict[str, Any] = {}
     models: dict[str, Any] = {}
     pooled = ModelStats()
+    served = ModelStats()
     no_ope: tuple[Any, str | None] = (None, "no off-policy estimates were computed")
     for group in result.groups:
         pending = group.pending_by_campaign()
@@ -320,8 +321,9 @@ def build_report(
             section_ope = (ope or {}).get(key, no_ope)
             campaigns[key] = campaign_section(group, index, pending[index], section_ope)
         pooled.merge(group.model)
+        served.merge(group.served)
         if len(result.groups) > 1:
-            models[group.name] = group.model.summary()
+            models[group.name] = {**group.model.summary(), "served": group.served.summary()}
     span_s = (
         (result.last_ts - result.first_ts) / 1000
         if result.first_ts is not None and result.last_ts is not None
@@ -342,7 +344,7 @@ def build_report(
         "discount_spend": math.fsum(c["spend"] for c in campaigns.values()),
         "committed_spend": math.fsum(c["committed_spend"] for c in campaigns.values()),
         "pending_decisions": sum(c["pending"]["total"] for c in campaigns.values()),
-        "model": pooled.summary(),
+        "model": {**pooled.summary(), "served": served.summary()},
         "campaigns": campaigns,
     }
     report["warnings"] = report_warnings(report)

@@ -68,6 +68,8 @@ class GroupResult:
     stats: list[CampaignStats]
     model: ModelStats
     engine: DiscountEngine
+    served: ModelStats = field(default_factory=ModelStats)
+    """The P(purchase) each decision was made with, against its label: the model as served."""
     open: dict[str, tuple[int, OpenDecision]] = field(default_factory=dict)
     """Decisions waiting for their label: decision id -> (campaign index, details)."""
     by_name: dict[str, int] = field(default_factory=dict)
@@ -204,6 +206,7 @@ def _absorb(
         index, opened = found
         label = int(example["label"])  # type: ignore[call-overload]
         group.stats[index].on_label(opened, label)
+        group.served.update(opened[5], label)
         rewards[opened[0]] = label
 
 

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine.backtest.metrics import ModelStats
 from engine.backtest.report import build_report, dumps_report
 from engine.backtest.runner import (
     BacktestError,
@@ -345,3 +346,23 @@ def test_the_report_warns_when_most_decisions_are_still_pending() -> None:
     assert any("still pending" in w for w in squeezed["warnings"])
     assert spread["pending_decisions"] / spread["decisions"] <= 0.2
     assert not any("still pending" in w for w in spread["warnings"])
+
+
+def test_the_model_as_served_is_the_logged_p_purchase_against_the_label(
+    baseline: tuple[BacktestResult, bytes],
+) -> None:
+    result, raw = baseline
+    labelled, _ = split_log(result, raw)
+    expected = ModelStats()
+    for decision in labelled:
+        expected.update(float(decision["p_purchase"]), int(decision["reward"]))
+    model = build_report(result, inputs={"file": "sim.jsonl"})["model"]
+    served, want = model["served"], expected.summary()
+    # Same pairs, summed in label order there and log order here: equal up to rounding.
+    assert served["auc"] == want["auc"] and served["label_rate"] == want["label_rate"]
+    assert served["log_loss"] == pytest.approx(want["log_loss"], rel=1e-12)
+    assert served["ece"] == pytest.approx(want["ece"], rel=1e-9, abs=1e-12)
+    assert [(b["bin"], b["count"]) for b in served["calibration"]] == [
+        (b["bin"], b["count"]) for b in want["calibration"]
+    ]
+    assert model["served"]["n_labels"] == model["n_labels"] == len(labelled) > 0
