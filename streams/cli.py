@@ -296,7 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = Settings.from_env()
-        configure_logging(settings.log_level, settings.log_format)
+        salt = settings.log_salt.reveal().encode() if settings.log_salt else None
+        configure_logging(settings.log_level, settings.log_format, salt=salt)
         return int(args.handler(settings, args))
     except (StreamsError, EngineError) as exc:
         print(f"dealstream: {exc}", file=sys.stderr)

@@ -169,7 +169,7 @@ def learner_routes(
 
 
 def _json(body: Mapping[str, Any], status: int) -> web.Response:
-    payload = orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY, default=str)
+    payload = orjson.dumps(body, default=str)
     return web.Response(body=payload, status=status, content_type="application/json")
 
 

@@ -7,9 +7,9 @@ accidental ``extra`` cannot leak arbitrary objects). ``event_id``, ``offer_id`` 
 
 Privacy: a ``user_id`` passed in ``extra`` is written as ``user_ref``, a keyed hash that
 correlates lines of the same user without revealing the id, unless debug logging was asked for
-(``DEALSTREAM_LOG_LEVEL=DEBUG``); then the raw ``user_id`` is written. The hash key comes from
-``DEALSTREAM_LOG_SALT`` (a secret: the same salt across processes makes their refs comparable),
-else a random per-process salt.
+(``DEALSTREAM_LOG_LEVEL=DEBUG``); then the raw ``user_id`` is written. The hash key is
+``Settings.log_salt`` (``DEALSTREAM_LOG_SALT``, a secret: the same salt across processes makes
+their refs comparable), else a random per-process salt.
 
 ``DEALSTREAM_LOG_FORMAT=text`` gives classic one-line text logs for a terminal.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import secrets
 import time
 from collections.abc import Iterable, Mapping
@@ -49,69 +48,65 @@ CONTEXT_FIELDS: frozenset[str] = frozenset(
 
 LOG_FORMATS = ("json", "text")
 
-_STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
-
 
 def user_ref(user_id: str, salt: bytes) -> str:
     """A short keyed hash of a user id: stable for one salt, not reversible without it."""
     return hashlib.blake2b(user_id.encode(), key=salt[:64], digest_size=8).hexdigest()
 
 
-class JsonFormatter(logging.Formatter):
-    """Formats a record as one JSON line (see the module docstring for the fields)."""
+class _ContextFormatter(logging.Formatter):
+    """The ids a record carries (``CONTEXT_FIELDS``), with its user id as a ref or, at DEBUG,
+    raw: one rule for both output formats."""
 
-    def __init__(self, *, salt: bytes, raw_user_ids: bool) -> None:
-        super().__init__()
+    def __init__(self, fmt: str | None, *, salt: bytes, raw_user_ids: bool) -> None:
+        super().__init__(fmt)
         self.salt = salt
         self.raw_user_ids = raw_user_ids
 
-    def format(self, record: logging.LogRecord) -> str:
-        created = time.gmtime(record.created)
-        millis = int(record.msecs)
-        entry: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", created) + f".{millis:03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
+    def context(self, record: logging.LogRecord) -> dict[str, Any]:
         attrs = record.__dict__
-        for name, value in attrs.items():
-            if name in CONTEXT_FIELDS and name not in _STANDARD_ATTRS:
-                entry[name] = value
+        found = {name: attrs[name] for name in sorted(CONTEXT_FIELDS) if name in attrs}
         user_id = attrs.get("user_id")
         if isinstance(user_id, str):
             if self.raw_user_ids:
-                entry["user_id"] = user_id
+                found["user_id"] = user_id
             else:
-                entry["user_ref"] = user_ref(user_id, self.salt)
+                found["user_ref"] = user_ref(user_id, self.salt)
+        return found
+
+
+class JsonFormatter(_ContextFormatter):
+    """Formats a record as one JSON line (see the module docstring for the fields)."""
+
+    def __init__(self, *, salt: bytes, raw_user_ids: bool) -> None:
+        super().__init__(None, salt=salt, raw_user_ids=raw_user_ids)
+
+    def format(self, record: logging.LogRecord) -> str:
+        created = time.gmtime(record.created)
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", created) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+            **self.context(record),
+        }
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(entry, default=str).decode()
 
 
-class TextFormatter(logging.Formatter):
+class TextFormatter(_ContextFormatter):
     """Classic text lines; context fields are appended as ``key=value``; user ids as refs."""
 
     def __init__(self, *, salt: bytes, raw_user_ids: bool) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
-        self.salt = salt
-        self.raw_user_ids = raw_user_ids
+        super().__init__(
+            "%(asctime)s %(levelname)s %(name)s %(message)s", salt=salt, raw_user_ids=raw_user_ids
+        )
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        attrs = record.__dict__
-        context = [f"{k}={attrs[k]}" for k in sorted(CONTEXT_FIELDS) if k in attrs]
-        user_id = attrs.get("user_id")
-        if isinstance(user_id, str):
-            shown = user_id if self.raw_user_ids else user_ref(user_id, self.salt)
-            context.append(f"{'user_id' if self.raw_user_ids else 'user_ref'}={shown}")
-        return f"{line} {' '.join(context)}" if context else line
-
-
-def log_salt(environ: Mapping[str, str] | None = None) -> bytes:
-    env = os.environ if environ is None else environ
-    configured = env.get("DEALSTREAM_LOG_SALT")
-    return configured.encode() if configured else secrets.token_bytes(16)
+        context = " ".join(f"{k}={v}" for k, v in self.context(record).items())
+        return f"{line} {context}" if context else line
 
 
 def configure_logging(
@@ -124,7 +119,7 @@ def configure_logging(
     if fmt not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, got {fmt!r}")
     raw = level.upper() == "DEBUG"
-    key = salt if salt is not None else log_salt()
+    key = salt if salt is not None else secrets.token_bytes(16)
     handler = logging.StreamHandler(stream)
     formatter_type = JsonFormatter if fmt == "json" else TextFormatter
     handler.setFormatter(formatter_type(salt=key, raw_user_ids=raw))

@@ -114,6 +114,8 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "json"
     """``json`` (one object per line, see streams/logs.py) or ``text``."""
+    log_salt: Secret | None = None
+    """Key of the ``user_ref`` hash in logs; None: a random one per process."""
     learn_inline: bool = False
     """Let the worker learn from its own labels (single-process setups without a learner)."""
 
@@ -166,6 +168,7 @@ class Settings:
             max_message_bytes=int(number("MAX_MESSAGE_BYTES", defaults.max_message_bytes, int)),
             log_level=_log_level(get("LOG_LEVEL") or defaults.log_level),
             log_format=_log_format(get("LOG_FORMAT") or defaults.log_format),
+            log_salt=Secret(salt) if (salt := get("LOG_SALT")) else None,
             learn_inline=_flag(get("LEARN_INLINE"), "LEARN_INLINE"),
         )
 

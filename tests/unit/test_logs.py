@@ -149,3 +149,10 @@ def test_log_format_setting_is_validated() -> None:
     assert Settings.from_env({}).log_format == "json"
     with pytest.raises(ConfigError, match="LOG_FORMAT"):
         Settings.from_env({"DEALSTREAM_LOG_FORMAT": "xml"})
+
+
+def test_the_log_salt_is_a_secret_setting() -> None:
+    settings = Settings.from_env({"DEALSTREAM_LOG_SALT": "pepper-0123456789"})
+    assert settings.log_salt is not None and settings.log_salt.reveal() == "pepper-0123456789"
+    assert "pepper" not in repr(settings)
+    assert Settings.from_env({}).log_salt is None
