@@ -105,6 +105,10 @@ class OraclePolicy:
     continuous: bool = False
     name: str = "oracle"
 
+    @property
+    def reference_discount_pct(self) -> float:
+        return min((level for level in self.ladder if level > 0), default=0.0)
+
     def choose(self, context: PolicyContext) -> PolicyChoice:
         truth = self.world.truth(context.user_id, before_ms=self.world.clock + self.offer_ttl_ms)
         if truth is None:

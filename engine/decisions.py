@@ -76,6 +76,12 @@ class Proposal:
     event: Event
     features: dict[str, float]
     choice: PolicyChoice
+    """What the decision does: the policy's proposal, or no offer in the holdout."""
+    proposed: PolicyChoice
+    """What the policy proposed (capped by the campaign's maximum), holdout users included."""
+    uplift_score: float
+    """Model P(purchase) at the proposed discount (or the policy's reference discount when it
+    proposes none) minus P(purchase) without an offer: the served uplift score."""
     holdout: bool
     predict: Predict
     """The model's P(purchase) at a discount for this user, memoised per discount."""
@@ -129,6 +135,7 @@ def decision_message(
 ) -> dict[str, object]:
     """The decision v1 message: every settled decision, offer or not."""
     campaign, event, choice = proposal.campaign, proposal.event, proposal.choice
+    proposed = proposal.proposed
     return {
         "schema_version": SCHEMA_VERSION,
         "decision_id": proposal.decision_id,
@@ -146,6 +153,8 @@ def decision_message(
         "offer_id": offer_id,
         "explore": choice.explore,
         "rules": rules,
-        "proposed_discount_pct": choice.discount_pct,
-        "proposed_propensity": round(choice.propensity, 6),
+        "proposed_discount_pct": proposed.discount_pct,
+        "proposed_propensity": round(proposed.propensity, 6),
+        "offer_propensity": round(choice.offer_probability, 6),
+        "uplift_score": round(proposal.uplift_score, 6),
     }

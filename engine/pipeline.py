@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -293,33 +294,37 @@ class DiscountEngine:
                 p = predictions[discount_pct] = scorer(discount_pct)
             return p
 
-        rules: list[str] = []
         value = order_value(campaign, event, features)
+        context = PolicyContext(
+            features=features,
+            predict=predict,
+            order_value=value,
+            draw=unit_hash("draw", str(campaign.seed), decision_id),
+            user_id=event.user_id,
+            trigger_event_id=event.event_id,
+        )
+        # Holdout users get no offer, but the policy still says what it would have offered:
+        # comparing those would-be offers with the treated users' measures the campaign.
+        proposed = campaign.policy.choose(context)
+        rules = list(proposed.rules)
+        if proposed.discount_pct > campaign.max_discount_pct:
+            rules.append(f"cap:max_discount_pct={campaign.max_discount_pct:g}")
+            proposed = dataclasses.replace(proposed, discount_pct=campaign.max_discount_pct)
         if holdout:
-            choice = PolicyChoice(0.0, 1.0)
-            rules.append("holdout")
+            choice = PolicyChoice(0.0, 1.0, offer_propensity=0.0)
+            rules = ["holdout"]
         else:
-            context = PolicyContext(
-                features=features,
-                predict=predict,
-                order_value=value,
-                draw=unit_hash("draw", str(campaign.seed), decision_id),
-                user_id=event.user_id,
-                trigger_event_id=event.event_id,
-            )
-            choice = campaign.policy.choose(context)
-            rules.extend(choice.rules)
-            if choice.discount_pct > campaign.max_discount_pct:
-                rules.append(f"cap:max_discount_pct={campaign.max_discount_pct:g}")
-                choice = PolicyChoice(
-                    campaign.max_discount_pct, choice.propensity, choice.explore, choice.rules
-                )
+            choice = proposed
+        reference = proposed.discount_pct or campaign.policy.reference_discount_pct
+        uplift = predict(reference) - predict(0.0) if reference > 0 else 0.0
         offer_id = stable_id("o-", campaign.name, event.event_id) if choice.discount_pct else None
         return Proposal(
             campaign=campaign,
             event=event,
             features=features,
             choice=choice,
+            proposed=proposed,
+            uplift_score=uplift,
             holdout=holdout,
             predict=predict,
             scorer=scorer,

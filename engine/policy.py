@@ -45,11 +45,25 @@ class PolicyChoice:
     """Probability that the policy chose this discount (1.0 for deterministic policies)."""
     explore: bool = False
     rules: tuple[str, ...] = field(default_factory=tuple)
+    offer_propensity: float | None = None
+    """Probability that the policy offers any discount here (exact); None means the choice
+    was deterministic, so it is 1 when ``discount_pct`` > 0 and 0 otherwise."""
+
+    @property
+    def offer_probability(self) -> float:
+        if self.offer_propensity is not None:
+            return self.offer_propensity
+        return 1.0 if self.discount_pct > 0 else 0.0
 
 
 class Policy(Protocol):
     @property
     def name(self) -> str: ...
+
+    @property
+    def reference_discount_pct(self) -> float:
+        """The discount a decision's uplift score refers to when the policy proposes none."""
+        ...
 
     def choose(self, context: PolicyContext) -> PolicyChoice: ...
 
@@ -72,6 +86,10 @@ class ThresholdPolicy:
             raise ValueError(f"threshold must be within [0, 1], got {self.threshold}")
         _check_pct("discount_pct", self.discount_pct)
 
+    @property
+    def reference_discount_pct(self) -> float:
+        return self.discount_pct
+
     def choose(self, context: PolicyContext) -> PolicyChoice:
         if context.predict(0.0) > self.threshold:
             return PolicyChoice(self.discount_pct, 1.0, rules=(f"p_purchase>{self.threshold:g}",))
@@ -92,6 +110,10 @@ class LinearPolicy:
         for name, value in (("a", self.a), ("b", self.b)):
             if not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value}")
+
+    @property
+    def reference_discount_pct(self) -> float:
+        return self.max_discount_pct
 
     def choose(self, context: PolicyContext) -> PolicyChoice:
         raw = self.a * context.predict(0.0) + self.b
@@ -141,6 +163,10 @@ class RulesPolicy:
         if not self.rules:
             raise ValueError("a rules policy needs at least one rule")
 
+    @property
+    def reference_discount_pct(self) -> float:
+        return self.rules[0].discount_pct
+
     def choose(self, context: PolicyContext) -> PolicyChoice:
         for rule in self.rules:
             if rule.matches(context.features):
@@ -174,6 +200,10 @@ class ProfitPolicy:
         if not 0.0 <= self.epsilon <= 1.0:
             raise ValueError(f"epsilon must be within [0, 1], got {self.epsilon}")
 
+    @property
+    def reference_discount_pct(self) -> float:
+        return min((level for level in self.ladder if level > 0), default=0.0)
+
     def expected_margins(self, context: PolicyContext) -> list[float]:
         """Expected incremental margin of each ladder level, in currency units."""
         value = context.order_value
@@ -193,7 +223,11 @@ class ProfitPolicy:
         index = min(int(context.draw / self.epsilon * k), k - 1) if explore else greedy
         propensity = self.epsilon / k + (1.0 - self.epsilon if index == greedy else 0.0)
         rules = (f"profit:argmax={levels[greedy]:g}",) + (("explore",) if explore else ())
-        return PolicyChoice(levels[index], propensity, explore=explore, rules=rules)
+        offering = sum(1 for level in levels if level > 0) / k
+        offer_propensity = self.epsilon * offering + (1.0 - self.epsilon) * (levels[greedy] > 0)
+        return PolicyChoice(
+            levels[index], propensity, explore, rules, offer_propensity=offer_propensity
+        )
 
 
 def policy_names() -> Sequence[str]:

