@@ -17,6 +17,7 @@ Campaigns are read from a TOML file (``DEALSTREAM_CAMPAIGNS``); see ``docs/campa
     offer_ttl_s = 86400
     daily_budget = 500.0              # currency units per event-time day
     holdout = 0.1
+    max_disparity = 3.0               # highest / lowest offer rate across segments
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ class Campaign:
     """Order value assumed when neither the trigger item's price nor history gives one."""
     seed: int = 0
     """Seeds the exploration draws, which are otherwise a function of the decision id."""
+    max_disparity: float | None = None
+    """Largest allowed ratio between the highest and the lowest offer rate across segments
+    (new vs returning customers, trigger category, activity quintile); None: not checked."""
 
 
 def default_campaigns() -> tuple[Campaign, ...]:
@@ -221,6 +225,7 @@ def _campaign(position: int, entry: object) -> Campaign:
         holdout=_number(name, entry, "holdout", 0.0, maximum=1.0),
         default_order_value=_number(name, entry, "default_order_value", 50.0),
         seed=seed,
+        max_disparity=_optional_number(name, entry, "max_disparity", minimum=1.0),
     )
 
 
