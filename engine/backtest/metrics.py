@@ -2,8 +2,8 @@
 
 A backtest may see millions of decisions; these aggregates keep counters, fixed-size bins and
 thinned series only, so memory grows with the number of campaigns and segments, not with the
-input. Decisions wait in ``CampaignStats.open`` (a small tuple each) only until their label
-arrives, i.e. for at most the attribution window of event time.
+input. Decisions wait in ``GroupResult.open`` (an ``OpenDecision`` tuple each) only until
+their label arrives, i.e. for at most the attribution window of event time.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ import math
 from array import array
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
+from engine.backtest.fairness import FairnessCounts
+from engine.backtest.qini import UpliftBins
 from engine.model import PurchaseModel
 from engine.prequential import ECE_BINS, roc_auc
 
-QINI_BINS = 1000
-"""P(purchase) resolution of the Qini curve: decisions are ranked by bin, 0.001 wide."""
 BURN_BUCKET_MS = 60_000
 """Initial time resolution of the budget-burn series; doubled whenever it holds too many."""
 BURN_MAX_POINTS = 1200
@@ -165,9 +166,25 @@ class BudgetBurn:
         return list(self.points)
 
 
-OpenDecision = tuple[int, bool, bool, int, float, float, tuple[str, ...], str]
-"""A decision waiting for its label: (seq, holdout, granted, cost cents, order value,
-p_purchase, the segments it counts in, user id)."""
+class OpenDecision(NamedTuple):
+    """A decision waiting for its label (a tuple: there may be a window's worth of them)."""
+
+    seq: int
+    """Position in processing order (index into ``BacktestResult.rewards``)."""
+    holdout: bool
+    granted: bool
+    cost_cents: int
+    value: float
+    """Order value the discount applies to."""
+    p_purchase: float
+    segments: tuple[str, ...]
+    user_id: str
+    uplift_score: float
+    offer_propensity: float
+    denied: bool
+    """A guardrail denied the offer the policy chose (so the decision went without one)."""
+
+
 TREATED, UNTREATED, HOLDOUT = 0, 2, 4
 """Offsets into a user's counters: [treated n, converted, untreated n, converted, holdout n,
 converted]."""
@@ -195,9 +212,12 @@ class CampaignStats:
     """Cost of offers whose decision converted: the discount the shop actually paid."""
     treated_value_sum: float = 0.0
     segments: dict[str, Segment] = field(default_factory=dict)
-    qini_treated: list[int] = field(default_factory=lambda: [0] * (2 * QINI_BINS))
-    qini_holdout: list[int] = field(default_factory=lambda: [0] * (2 * QINI_BINS))
-    """Per P(purchase) bin: [n per bin ..., conversions per bin ...]."""
+    uplift: UpliftBins = field(default_factory=UpliftBins)
+    """Labelled decisions by served uplift score, for the Qini curves."""
+    exploring_decisions: int = 0
+    """Decisions made with an offer propensity strictly between 0 and 1."""
+    fairness: FairnessCounts = field(default_factory=FairnessCounts)
+    """Non-holdout decisions and offers by customer, trigger category and activity."""
     propensity_below_one: int = 0
     burn: BudgetBurn = field(default_factory=BudgetBurn)
     by_user: dict[str, list[int]] = field(default_factory=dict)
@@ -212,32 +232,30 @@ class CampaignStats:
 
     def on_label(self, opened: OpenDecision, label: int) -> None:
         """Book the label of a decision that was waiting for it."""
-        _, holdout, granted, cost_cents, value, p_purchase, segments, user_id = opened
-        qini_bin = min(int(p_purchase * QINI_BINS), QINI_BINS - 1)
-        counts = self.by_user.get(user_id)
+        holdout, granted = opened.holdout, opened.granted
+        counts = self.by_user.get(opened.user_id)
         if counts is None:
-            counts = self.by_user[user_id] = [0, 0, 0, 0, 0, 0]
+            counts = self.by_user[opened.user_id] = [0, 0, 0, 0, 0, 0]
         group = HOLDOUT if holdout else TREATED if granted else UNTREATED
         counts[group] += 1
         counts[group + 1] += label
+        self.uplift.add(
+            opened.uplift_score, holdout, granted, opened.offer_propensity, label, opened.denied
+        )
         if holdout:
             self.holdout_n += 1
             self.holdout_converted += label
-            self.qini_holdout[qini_bin] += 1
-            self.qini_holdout[QINI_BINS + qini_bin] += label
             return
         if granted:
             self.treated_n += 1
             self.treated_converted += label
-            self.treated_value_sum += value
-            self.qini_treated[qini_bin] += 1
-            self.qini_treated[QINI_BINS + qini_bin] += label
+            self.treated_value_sum += opened.value
             if label:
-                self.spend_cents += cost_cents
+                self.spend_cents += opened.cost_cents
         else:
             self.untreated_n += 1
             self.untreated_converted += label
-        for name in segments:
+        for name in opened.segments:
             segment = self.segment(name)
             segment.labelled += 1
             segment.converted += label

@@ -13,25 +13,22 @@ from typing import Any
 
 import orjson
 
-from engine.backtest.metrics import (
-    HOLDOUT,
-    QINI_BINS,
-    TREATED,
-    UNTREATED,
-    CampaignStats,
-    ModelStats,
-)
+from engine.backtest.fairness import fairness_section
+from engine.backtest.metrics import ModelStats
+from engine.backtest.qini import QiniSetup, qini_section
 from engine.backtest.runner import BacktestError, BacktestResult, GroupResult
+from engine.backtest.uplift import holdout_power, uplift_section
+from engine.backtest.verdict import ranking_section
 from engine.campaigns import Campaign
 from engine.policy import ProfitPolicy
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2
+"""2: Qini ranked by the served uplift score (IPW on exploring decisions), ``fairness``,
+``holdout_power``, ``ranking``, ``itt.incremental_margin_ci95``."""
 SIGNIFICANT_DIGITS = 6
 DEFAULT_MARGIN = 0.3
 """Gross margin assumed for campaigns whose policy has none (every policy but ``profit``)."""
 BURN_POINTS = 300
-QINI_POINTS = 101
-Z95 = 1.959964
 
 
 def canonical(value: Any) -> Any:
@@ -61,167 +58,6 @@ def campaign_margin(campaign: Campaign) -> float:
     return policy.margin if isinstance(policy, ProfitPolicy) else DEFAULT_MARGIN
 
 
-def _rate(numerator: int, denominator: int) -> float | None:
-    return numerator / denominator if denominator else None
-
-
-def clustered_variance(pairs: list[tuple[int, int]]) -> tuple[float, int] | None:
-    """Variance of the pooled rate sum(y) / sum(n) over clusters (users) of (n, y), and the
-    number of clusters; None with fewer than two clusters.
-
-    Cluster-robust (sandwich) estimate: G / (G - 1) * sum_g (y_g - p n_g)^2 / (sum n)^2.
-    """
-    clusters = [(n, y) for n, y in pairs if n]
-    if len(clusters) < 2:
-        return None
-    total = sum(n for n, _ in clusters)
-    rate = sum(y for _, y in clusters) / total
-    g = len(clusters)
-    spread = math.fsum((y - rate * n) ** 2 for n, y in clusters)
-    return g / (g - 1) * spread / total**2, g
-
-
-def by_user_interval(
-    stats: CampaignStats, offsets: tuple[int, ...], diff: float
-) -> dict[str, Any] | None:
-    """95 % interval of ``diff`` (a group's rate minus the holdout's) with users as clusters."""
-    group = clustered_variance(
-        [
-            (sum(c[o] for o in offsets), sum(c[o + 1] for o in offsets))
-            for c in stats.by_user.values()
-        ]
-    )
-    holdout = clustered_variance([(c[HOLDOUT], c[HOLDOUT + 1]) for c in stats.by_user.values()])
-    if group is None or holdout is None:
-        return None
-    se = math.sqrt(group[0] + holdout[0])
-    return {
-        "ci95": [diff - Z95 * se, diff + Z95 * se],
-        "users": group[1],
-        "holdout_users": holdout[1],
-    }
-
-
-def uplift_section(stats: CampaignStats, margin: float) -> dict[str, Any]:
-    """Treated vs holdout conversion, their difference with a 95 % interval, and margin."""
-    nt, ct, nh, ch = (
-        stats.treated_n,
-        stats.treated_converted,
-        stats.holdout_n,
-        stats.holdout_converted,
-    )
-    pt, ph = _rate(ct, nt), _rate(ch, nh)
-    spend = stats.spend_cents / 100
-    mean_value = stats.treated_value_sum / nt if nt else None
-    out: dict[str, Any] = {
-        "conversion_treated": pt,
-        "conversion_holdout": ph,
-        "treated": {"labelled": nt, "converted": ct},
-        "holdout": {"labelled": nh, "converted": ch},
-        "mean_order_value": mean_value,
-        "margin": margin,
-        "uplift": None,
-        "uplift_ci95": None,
-        "uplift_by_user": None,
-        "incremental_conversions": None,
-        "incremental_margin": None,
-        "itt": None,
-    }
-    if pt is None or ph is None:
-        out["reason"] = (
-            "no labelled holdout decisions (campaign holdout is 0 or too small)"
-            if ph is None
-            else "no labelled treated decisions (no offers granted or all pending)"
-        )
-        return out
-    uplift = pt - ph
-    se = math.sqrt(pt * (1 - pt) / nt + ph * (1 - ph) / nh)
-    assert mean_value is not None
-    incremental = uplift * nt
-    out.update(
-        uplift=uplift,
-        uplift_ci95=[uplift - Z95 * se, uplift + Z95 * se],
-        incremental_conversions=incremental,
-        incremental_margin=incremental * mean_value * margin - spend,
-        uplift_by_user=by_user_interval(stats, (TREATED,), uplift),
-        itt=intent_to_treat(stats, ph, mean_value * margin, spend),
-    )
-    return out
-
-
-def intent_to_treat(
-    stats: CampaignStats, holdout_rate: float, margin_per_order: float, spend: float
-) -> dict[str, Any]:
-    """Every labelled non-holdout decision (offer or not) against the holdout.
-
-    Both groups then contain all of a user's decisions, so the comparison is not skewed by
-    which decisions the policy and guardrails picked for an offer (a purchase labels only the
-    latest open decision, and offered decisions are often followed by unoffered ones).
-    """
-    n = stats.treated_n + stats.untreated_n
-    converted = stats.treated_converted + stats.untreated_converted
-    nh = stats.holdout_n
-    if not n:
-        return {"labelled": 0, "converted": 0, "conversion": None, "uplift": None}
-    rate = converted / n
-    uplift = rate - holdout_rate
-    se = math.sqrt(rate * (1 - rate) / n + holdout_rate * (1 - holdout_rate) / nh)
-    return {
-        "labelled": n,
-        "converted": converted,
-        "conversion": rate,
-        "uplift": uplift,
-        "uplift_ci95": [uplift - Z95 * se, uplift + Z95 * se],
-        "incremental_conversions": uplift * n,
-        "incremental_margin": uplift * n * margin_per_order - spend,
-        "uplift_by_user": by_user_interval(stats, (TREATED, UNTREATED), uplift),
-    }
-
-
-def qini_curve(stats: CampaignStats) -> dict[str, Any]:
-    """Incremental conversions when targeting the top fraction by recorded P(purchase).
-
-    Treated and holdout decisions are pooled and ranked by the decision's ``p_purchase``
-    (highest first, in 0.001-wide bins); at each fraction phi of that pool, the curve is
-    treated conversions - holdout conversions * treated count / holdout count, both within
-    the top phi. ``random`` is the straight line to the last point; ``coefficient`` is the
-    area between the curve and that line (fraction of the pool on x).
-    """
-    treated, holdout = stats.qini_treated, stats.qini_holdout
-    total = stats.treated_n + stats.holdout_n
-    if not stats.treated_n or not stats.holdout_n:
-        return {"ranked_by": "p_purchase", "points": [], "coefficient": None}
-    cumulative: list[tuple[float, float]] = [(0.0, 0.0)]
-    nt = ct = nh = ch = 0
-    for b in range(QINI_BINS - 1, -1, -1):
-        if not treated[b] and not holdout[b]:
-            continue
-        nt += treated[b]
-        ct += treated[QINI_BINS + b]
-        nh += holdout[b]
-        ch += holdout[QINI_BINS + b]
-        gain = ct - (ch * nt / nh if nh else 0.0)
-        cumulative.append(((nt + nh) / total, gain))
-    points: list[list[float]] = []
-    cursor = 0
-    for step in range(QINI_POINTS):
-        phi = step / (QINI_POINTS - 1)
-        while cursor + 1 < len(cumulative) and cumulative[cursor + 1][0] <= phi + 1e-12:
-            cursor += 1
-        if cursor + 1 < len(cumulative):
-            (x0, y0), (x1, y1) = cumulative[cursor], cumulative[cursor + 1]
-            y = y0 + (y1 - y0) * (phi - x0) / (x1 - x0)
-        else:
-            y = cumulative[cursor][1]
-        points.append([phi, y])
-    final = points[-1][1]
-    area = math.fsum(
-        (points[i][1] + points[i + 1][1]) / 2 * (points[i + 1][0] - points[i][0])
-        for i in range(len(points) - 1)
-    )
-    return {"ranked_by": "p_purchase", "points": points, "coefficient": area - final / 2}
-
-
 def campaign_section(
     group: GroupResult, index: int, pending: dict[str, int], ope: tuple[Any, str | None]
 ) -> dict[str, Any]:
@@ -241,6 +77,14 @@ def campaign_section(
         for name, seg in sorted(stats.segments.items())
     ]
     budget = campaign.daily_budget_cents
+    uplift = uplift_section(stats, margin, holdout_fraction=campaign.holdout)
+    policy = campaign.policy
+    setup = QiniSetup(
+        policy=policy.name,
+        epsilon=policy.epsilon if isinstance(policy, ProfitPolicy) else None,
+        holdout=campaign.holdout,
+        exploring_decisions=stats.exploring_decisions,
+    )
     return {
         "campaign": campaign.name,
         "campaign_set": group.name or None,
@@ -257,9 +101,14 @@ def campaign_section(
         "untreated": {
             "labelled": stats.untreated_n,
             "converted": stats.untreated_converted,
-            "conversion": _rate(stats.untreated_converted, stats.untreated_n),
+            "conversion": (
+                stats.untreated_converted / stats.untreated_n if stats.untreated_n else None
+            ),
         },
-        **uplift_section(stats, margin),
+        **uplift,
+        "holdout_power": holdout_power(
+            stats, (uplift["itt"] or {}).get("uplift"), campaign.holdout
+        ).to_json(),
         "spend": stats.spend_cents / 100,
         "committed_spend": stats.committed_spend_cents / 100,
         "discount_distribution": [
@@ -268,8 +117,9 @@ def campaign_section(
         "budget_burn": [
             [day, ts, cents / 100] for day, ts, cents in stats.burn.series(BURN_POINTS)
         ],
-        "qini": qini_curve(stats),
+        "qini": qini_section(stats.uplift, setup),
         "segments": segments,
+        "fairness": fairness_section(stats.fairness, campaign.max_disparity),
         "propensity_below_one": stats.propensity_below_one,
         "ope": ope[0],
         **({"ope_reason": ope[1]} if ope[0] is None else {}),
@@ -277,6 +127,31 @@ def campaign_section(
 
 
 PENDING_WARNING_SHARE = 0.2
+
+
+def _longer_input(report: Mapping[str, Any]) -> str:
+    """The setting that makes a run span more than the attribution window."""
+    if "simulated" in (report.get("input") or {}):
+        return "simulate more events (`--simulate USERS:EVENTS`)"
+    return (
+        "use an input that spans more than the attribution window, or shorten "
+        "DEALSTREAM_ATTRIBUTION_WINDOW_S"
+    )
+
+
+def _fairness_warnings(campaigns: Mapping[str, Any]) -> list[str]:
+    warnings = []
+    for key, section in campaigns.items():
+        fairness = section["fairness"]
+        for name in fairness["flagged"]:
+            found = fairness["dimensions"][name]
+            ratio = "infinite" if found["zero_rate"] else f"{found['disparity']:.2f}"
+            warnings.append(
+                f"{key}: offer-rate disparity across {name} segments is {ratio} "
+                f"({found['highest']} vs {found['lowest']}), above its max_disparity "
+                f"{fairness['max_disparity']:g}"
+            )
+    return warnings
 
 
 def report_warnings(report: Mapping[str, Any]) -> list[str]:
@@ -289,12 +164,15 @@ def report_warnings(report: Mapping[str, Any]) -> list[str]:
             f"{pending / decisions:.0%} of decisions are still pending at the end of the input "
             "(their attribution window is open). A purchase labels a decision at once, while "
             "'no purchase' waits for the whole window, so the rates, the uplift and the model's "
-            "metrics over labelled decisions overstate conversion. Use an input that spans "
-            "more than the attribution window."
+            f"metrics over labelled decisions overstate conversion: {_longer_input(report)}."
         )
     labels = report["model"].get("n_labels") or 0
     if labels and report["model"].get("auc") is None:
-        warnings.append("every labelled decision has the same outcome: no AUC can be computed")
+        warnings.append(
+            "every labelled decision has the same outcome, so no AUC can be computed: "
+            f"{_longer_input(report)}."
+        )
+    warnings.extend(_fairness_warnings(report["campaigns"]))
     return warnings
 
 
@@ -314,7 +192,11 @@ def build_report(
     models: dict[str, Any] = {}
     pooled = ModelStats()
     served = ModelStats()
-    no_ope: tuple[Any, str | None] = (None, "no off-policy estimates were computed")
+    no_ope: tuple[Any, str | None] = (
+        None,
+        "no off-policy estimates for this run: they are computed from the decision log that "
+        "`dealstream backtest --in FILE` writes (a `--simulate` run writes none)",
+    )
     for group in result.groups:
         pending = group.pending_by_campaign()
         for index, key in enumerate(group.keys):
@@ -351,7 +233,11 @@ def build_report(
     if models:
         report["models"] = models
     for name, section in (extra or {}).items():
-        if name in report:
+        if name in report or name == "ranking":
             raise BacktestError(f"extra report section {name!r} would replace a built-in one")
         report[name] = section
+    simulation = report.get("simulation")
+    report["ranking"] = ranking_section(
+        campaigns, simulation if isinstance(simulation, Mapping) else None
+    )
     return report

@@ -41,6 +41,7 @@ from engine.pipeline import (
     offer_cost_cents,
     order_value,
 )
+from engine.state import trigger_category
 from engine.store import InMemoryFeatureStore, UpdateStatus
 
 DEFAULT_BATCH_SIZE = 2000
@@ -78,7 +79,7 @@ class GroupResult:
         """Decisions whose window had not closed, per campaign: holdout / treated / untreated."""
         counts = [{"holdout": 0, "treated": 0, "untreated": 0} for _ in self.campaigns]
         for index, opened in self.open.values():
-            kind = "holdout" if opened[1] else "treated" if opened[2] else "untreated"
+            kind = "holdout" if opened.holdout else "treated" if opened.granted else "untreated"
             counts[index][kind] += 1
         return counts
 
@@ -159,12 +160,17 @@ def _absorb(
         p_purchase = float(decision["p_purchase"])  # type: ignore[arg-type]
         features: dict[str, float] = decision["features"]  # type: ignore[assignment]
         event = triggers[str(decision["trigger_event_id"])]
+        offer_propensity = float(decision["offer_propensity"])  # type: ignore[arg-type]
         stats.decisions += 1
         if float(decision["propensity"]) < 1.0:  # type: ignore[arg-type]
             stats.propensity_below_one += 1
+        if 0.0 < offer_propensity < 1.0:
+            stats.exploring_decisions += 1
+        denied = False
         for rule in decision["rules"]:  # type: ignore[attr-defined]
             if rule.startswith("denied:"):
                 stats.denied[rule[7:]] = stats.denied.get(rule[7:], 0) + 1
+                denied = True
         segments: tuple[str, ...] = ()
         if holdout:
             stats.holdout_decisions += 1
@@ -182,6 +188,7 @@ def _absorb(
                     segment.offers += 1
                     segment.discount_sum += discount
             stats.discounts[discount] = stats.discounts.get(discount, 0) + 1
+            stats.fairness.add(features, trigger_category(event), granted, discount)
         cost, value = 0, 0.0
         if granted:
             value = order_value(campaign, event, features)
@@ -191,7 +198,19 @@ def _absorb(
             stats.burn.add(event_day(ts), ts, cost)
         group.open[str(decision["decision_id"])] = (
             index,
-            (seq, holdout, granted, cost, value, p_purchase, segments, str(decision["user_id"])),
+            OpenDecision(
+                seq,
+                holdout,
+                granted,
+                cost,
+                value,
+                p_purchase,
+                segments,
+                str(decision["user_id"]),
+                float(decision["uplift_score"]),  # type: ignore[arg-type]
+                offer_propensity,
+                denied,
+            ),
         )
         if decisions_out is not None:
             decision["campaign_key"] = stats.key
@@ -206,8 +225,8 @@ def _absorb(
         index, opened = found
         label = int(example["label"])  # type: ignore[call-overload]
         group.stats[index].on_label(opened, label)
-        group.served.update(opened[5], label)
-        rewards[opened[0]] = label
+        group.served.update(opened.p_purchase, label)
+        rewards[opened.seq] = label
 
 
 def _batches(source: Iterable[T], size: int) -> Iterable[list[T]]:

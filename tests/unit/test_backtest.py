@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -186,8 +187,24 @@ def test_accounting_adds_up(baseline: tuple[BacktestResult, bytes]) -> None:
         )
         qini = section["qini"]
         assert len(qini["points"]) == 101 and qini["points"][0] == [0.0, 0.0]
-        assert qini["points"][-1][1] == pytest.approx(
-            section["incremental_conversions"], rel=1e-4, abs=1e-4
+        exploring = [d for d in mine if 0 < d["offer_propensity"] < 1]
+        if section["policy"] == "profit":
+            # IPW over the exploring decisions: the whole pool's gain from the log itself.
+            assert qini["method"] == "ipw" and qini["decisions"] == len(exploring)
+            treated_w = sum(1 / d["offer_propensity"] for d in exploring if d["offer_id"])
+            treated_y = sum(d["reward"] / d["offer_propensity"] for d in exploring if d["offer_id"])
+            control = [d for d in exploring if not d["offer_id"]]
+            control_w = sum(1 / (1 - d["offer_propensity"]) for d in control)
+            control_y = sum(d["reward"] / (1 - d["offer_propensity"]) for d in control)
+            gain = treated_y - control_y * treated_w / control_w
+        else:  # deterministic: offered against holdout decisions
+            assert qini["method"] == "holdout" and not exploring
+            gain = section["incremental_conversions"]
+        assert qini["points"][-1][1] == pytest.approx(gain, rel=1e-4, abs=1e-4)
+        assert qini["auuc"] == pytest.approx(
+            sum((a[1] + b[1]) / 2 * 0.01 for a, b in pairwise(qini["points"])),
+            rel=1e-4,
+            abs=1e-4,
         )
     assert report["discount_spend"] == pytest.approx(
         sum(c["spend"] for c in report["campaigns"].values())
