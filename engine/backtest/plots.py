@@ -6,7 +6,8 @@ Every plot is an ``<svg>`` with a stable id (``PLOT_IDS``) and a ``<title>``; da
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from engine.backtest.svg import Chart, colour
@@ -18,24 +19,31 @@ PLOT_IDS = (
     "plot-qini",
     "plot-segment-offer-rate",
     "plot-segment-discount",
+    "plot-calibration-served",
+    "plot-fairness",
 )
 DAY_MS = 24 * 3600 * 1000
 HOUR_MS = 3600 * 1000
 SEGMENT_WIDTH = 1136
 """Segment plots span the page: up to 16 segments side by side."""
+MAX_DISCOUNT_LEVELS = 12
+"""Up to this many distinct discounts get a bar each; more are binned into a histogram."""
+MAX_DISCOUNT_BINS = 30
+BIN_WIDTHS = (0.5, 1.0, 2.0, 2.5, 5.0, 10.0, 20.0, 25.0, 50.0, 100.0)
 
 
-def calibration_plot(model: Mapping[str, Any]) -> str:
+def calibration_plot(stats: Mapping[str, Any], chart_id: str, title: str) -> str:
+    """Mean predicted P against the observed rate per calibration bin (dot area ~ labels)."""
     chart = Chart(
-        "plot-calibration",
-        "Calibration (prequential)",
+        chart_id,
+        title,
         "mean predicted P(purchase)",
         "observed purchase rate",
         (0.0, 1.0),
         (0.0, 1.0),
     )
     chart.line([(0.0, 0.0), (1.0, 1.0)], "#999", dashed=True)
-    bins = model.get("calibration") or []
+    bins = stats.get("calibration") or []
     total = sum(b["count"] for b in bins) or 1
     chart.line([(b["p_mean"], b["rate"]) for b in bins], colour(0))
     for b in bins:
@@ -52,7 +60,38 @@ def calibration_plot(model: Mapping[str, Any]) -> str:
     return chart.render(None if bins else "no labels yet")
 
 
+def discount_bin_width(levels: Sequence[float]) -> float | None:
+    """None when each distinct discount can have its own bar, else the histogram's bin width:
+    the smallest of ``BIN_WIDTHS`` giving at most ``MAX_DISCOUNT_BINS`` bins."""
+    if len(levels) <= MAX_DISCOUNT_LEVELS:
+        return None
+    low, high = min(levels), max(levels)
+    for width in BIN_WIDTHS:
+        if math.floor(high / width) - math.floor(low / width) + 1 <= MAX_DISCOUNT_BINS:
+            return width
+    return BIN_WIDTHS[-1]
+
+
+def discount_bin(discount: float, width: float) -> float:
+    """The left edge of the bin [k w, (k + 1) w) holding ``discount``."""
+    return math.floor(discount / width + 1e-9) * width
+
+
+def binned_discounts(
+    distribution: Sequence[Mapping[str, Any]], width: float | None
+) -> dict[float, int]:
+    """Offers (discount > 0) per distinct discount, or per bin's left edge."""
+    counts: dict[float, int] = {}
+    for d in distribution:
+        if d["discount_pct"] > 0:
+            key = d["discount_pct"] if width is None else discount_bin(d["discount_pct"], width)
+            counts[key] = counts.get(key, 0) + d["count"]
+    return counts
+
+
 def discount_plot(campaigns: Mapping[str, Any]) -> str:
+    """Offers per discount level, or a histogram when the policy offers many distinct ones
+    (the linear policy's discounts are continuous)."""
     levels = sorted(
         {
             d["discount_pct"]
@@ -61,34 +100,42 @@ def discount_plot(campaigns: Mapping[str, Any]) -> str:
             if d["discount_pct"] > 0
         }
     )
-    counts = [
-        d["count"]
-        for c in campaigns.values()
-        for d in c["discount_distribution"]
-        if d["discount_pct"] > 0
-    ]
-    chart = Chart(
-        "plot-discounts",
-        "Offers by discount",
-        "discount %",
-        "offers",
-        (-0.5, len(levels) - 0.5),
-        (0.0, max(counts, default=1) * 1.1),
-        x_ticks=[(i, f"{v:g} %") for i, v in enumerate(levels)],
-    )
-    width = 0.8 / max(len(campaigns), 1)
-    for index, (key, c) in enumerate(campaigns.items()):
+    width = discount_bin_width(levels)
+    binned = {
+        key: binned_discounts(c["discount_distribution"], width) for key, c in campaigns.items()
+    }
+    top = max((n for counts in binned.values() for n in counts.values()), default=1)
+    slots = max(len(campaigns), 1)
+    if width is None:
+        chart = Chart(
+            "plot-discounts",
+            "Offers by discount",
+            "discount %",
+            "offers",
+            (-0.5, len(levels) - 0.5),
+            (0.0, top * 1.1),
+            x_ticks=[(i, f"{v:g} %") for i, v in enumerate(levels)],
+        )
+        position = {level: i - 0.4 for i, level in enumerate(levels)}
+        span = 0.8
+    else:
+        low, high = discount_bin(levels[0], width), discount_bin(levels[-1], width) + width
+        chart = Chart(
+            "plot-discounts",
+            f"Offers by discount ({width:g}-point bins)",
+            "discount % (bins include their left edge)",
+            "offers",
+            (low, high),
+            (0.0, top * 1.1),
+        )
+        position = {edge: edge + width * 0.05 for counts in binned.values() for edge in counts}
+        span = width * 0.9
+    for index, (key, counts) in enumerate(binned.items()):
         chart.add_legend(key, colour(index))
-        for d in c["discount_distribution"]:
-            if d["discount_pct"] > 0:
-                x0 = levels.index(d["discount_pct"]) - 0.4 + index * width
-                chart.bar(
-                    x0,
-                    x0 + width,
-                    d["count"],
-                    colour(index),
-                    f"{key}: {d['discount_pct']:g} % x {d['count']}",
-                )
+        for level, count in sorted(counts.items()):
+            x0 = position[level] + index * span / slots
+            label = f"{level:g} %" if width is None else f"{level:g}-{level + width:g} %"
+            chart.bar(x0, x0 + span / slots, count, colour(index), f"{key}: {label} x {count}")
     return chart.render(None if levels else "no offers")
 
 
@@ -125,27 +172,57 @@ def budget_plot(campaigns: Mapping[str, Any], first_ts: int | None) -> str:
 
 
 def qini_plot(campaigns: Mapping[str, Any]) -> str:
-    curves = {k: c["qini"]["points"] for k, c in campaigns.items() if c["qini"]["points"]}
-    values = [p[1] for pts in curves.values() for p in pts]
+    """Each campaign's Qini curve by served uplift score, with its random-targeting line."""
+    curves = {k: c["qini"] for k, c in campaigns.items() if c["qini"]["points"]}
+    values = [p[1] for q in curves.values() for p in q["points"]]
     low, high = min([*values, 0.0]), max([*values, 1.0])
     pad = (high - low) * 0.08
     chart = Chart(
         "plot-qini",
-        "Qini curve (ranked by recorded P(purchase))",
+        "Qini curve (ranked by served uplift score)",
         "fraction of decisions targeted",
         "incremental conversions",
         (0.0, 1.0),
         (low - pad, high + pad),
     )
-    for index, (key, pts) in enumerate(curves.items()):
+    for key, qini in curves.items():
+        pts = qini["points"]
         colour_index = list(campaigns).index(key)
         chart.line([(p[0], p[1]) for p in pts], colour(colour_index))
         chart.line([(0.0, 0.0), (1.0, pts[-1][1])], colour(colour_index), dashed=True)
-        chart.add_legend(key, colour(colour_index))
-        del index
+        chart.add_legend(f"{key} ({qini['method']})", colour(colour_index))
     if curves:
         chart.add_legend("random", "#999", dashed=True)
-    return chart.render(None if curves else "needs labelled treated and holdout decisions")
+    return chart.render(None if curves else "no campaign has a Qini curve: see the table")
+
+
+def fairness_plot(campaigns: Mapping[str, Any]) -> str:
+    """Offer rate of new vs returning customers and of each activity quintile."""
+    rows: dict[str, dict[str, float]] = {}
+    for key, c in campaigns.items():
+        dims = c["fairness"]["dimensions"]
+        for s in [*dims["customer"]["segments"], *dims["activity"]["segments"]]:
+            if s["offer_rate"] is not None:
+                rows.setdefault(key, {})[s["segment"]] = s["offer_rate"] * 100
+    order = ["new", "returning", "Q1", "Q2", "Q3", "Q4", "Q5"]
+    names = [n for n in order if any(n in r for r in rows.values())]
+    values = [v for r in rows.values() for v in r.values()]
+    chart = Chart(
+        "plot-fairness",
+        "Offer rate by customer and activity quintile",
+        "segment (non-holdout decisions; Q1 least active)",
+        "offer rate %",
+        (-0.5, len(names) - 0.5),
+        (0.0, max([*values, 1.0]) * 1.1),
+        x_ticks=list(enumerate(names)),
+    )
+    width = 0.8 / max(len(campaigns), 1)
+    for index, key in enumerate(campaigns):
+        chart.add_legend(key, colour(index))
+        for name, rate in rows.get(key, {}).items():
+            x0 = names.index(name) - 0.4 + index * width
+            chart.bar(x0, x0 + width, rate, colour(index), f"{key} {name}: {rate:.3g} %")
+    return chart.render(None if names else "no decisions")
 
 
 def segment_plot(campaigns: Mapping[str, Any], field: str) -> str:
