@@ -196,7 +196,10 @@ def disparity(segments: Iterable[SegmentRate], min_decisions: int = MIN_DECISION
         return Disparity(
             None,
             len(compared),
-            reason=f"fewer than two segments with at least {min_decisions} decisions",
+            reason=(
+                f"fewer than two segments with at least {min_decisions} decisions "
+                "(a longer input gives more)"
+            ),
         )
     # Ties keep the first segment in the listed order, so the result is deterministic.
     highest = max(compared, key=lambda s: s.offer_rate or 0.0)
@@ -224,7 +227,9 @@ def _dimension(segments: list[SegmentRate], limit: float | None) -> dict[str, An
         "zero_rate": found.zero_rate,
         "compared": found.compared,
         "highest": found.highest.segment if found.highest else None,
+        "highest_offer_rate": found.highest.offer_rate if found.highest else None,
         "lowest": found.lowest.segment if found.lowest else None,
+        "lowest_offer_rate": found.lowest.offer_rate if found.lowest else None,
         "exceeds": exceeds(found, limit),
         **({"reason": found.reason} if found.reason else {}),
     }

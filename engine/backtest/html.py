@@ -36,6 +36,7 @@ h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;
 text-align:right}th{background:#f3f3f3}td.l,th.l{text-align:left}
 td.why{text-align:left;font-size:12px;max-width:520px;color:#444}
+td:first-child{white-space:nowrap}
 .meta{color:#555;overflow-wrap:anywhere}.plots{display:flex;flex-wrap:wrap;gap:16px}
 svg.plot{font-size:11px;border:1px solid #eee;background:#fff}
 svg .chart-title{font-size:13px;font-weight:600}svg .axis{fill:#444}svg .empty{fill:#999}
@@ -376,9 +377,10 @@ def _campaigns(report: Mapping[str, Any]) -> str:
         "holdout; the table below says what to set. See docs/backtest.md.</p>"
         f'<h3 id="section-power">Holdout and power</h3>{power}'
         '<p class="note">Labelled holdout decisions needed for the ITT uplift\'s 95 % '
-        "interval (by user) to be narrower than the effect: the observed ITT uplift, or 10 % "
-        "of the conversion rate when there is none. The holdout share to set assumes a run "
-        "of the same length.</p>"
+        "interval (users as clusters: the design effect) to be narrower than the effect: "
+        "10 % of the conversion rate, or the observed ITT uplift when larger. The holdout "
+        "share to set assumes a run of the same length; when no share is enough, the run "
+        "length needed at the planned share.</p>"
     )
 
 
@@ -469,6 +471,13 @@ def _ratio(dimension: Mapping[str, Any]) -> str:
     return f"{float(dimension['disparity']):.2f}"
 
 
+def _segment_rate(dimension: Mapping[str, Any], which: str) -> str:
+    name = dimension.get(which)
+    if name is None:
+        return DASH
+    return f"{escape(str(name))} ({_pct(dimension.get(f'{which}_offer_rate'))})"
+
+
 def _segment_table(segments: Sequence[Mapping[str, Any]], limit: int | None = None) -> str:
     shown = segments[:limit] if limit else segments
     rows = [
@@ -511,8 +520,8 @@ def _fairness(report: Mapping[str, Any]) -> str:
                     escape(key),
                     escape(str(name)),
                     _num(dim.get("compared")),
-                    _text(dim.get("highest")),
-                    _text(dim.get("lowest")),
+                    _segment_rate(dim, "highest"),
+                    _segment_rate(dim, "lowest"),
                     _ratio(dim),
                     _num(limit),
                     status,

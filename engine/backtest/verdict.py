@@ -55,17 +55,21 @@ class Verdict:
     sentence: str
 
 
-def money(value: float) -> str:
-    """A signed amount for a sentence: +4,167 or -12.50."""
-    return f"{value:+,.0f}" if abs(value) >= 100 else f"{value:+,.2f}"
+def money(value: float, scale: float | None = None) -> str:
+    """A signed amount for a sentence: +4,167 or -12.50 (cents only below 100 in ``scale``,
+    which defaults to the value itself)."""
+    big = abs(value if scale is None else scale) >= 100
+    return f"{value:+,.0f}" if big else f"{value:+,.2f}"
 
 
 def _with_ci(row: RankedCampaign) -> str:
+    """The margin and its interval, all with the same precision."""
     assert row.incremental_margin is not None
-    text = money(row.incremental_margin)
     if row.ci95 is None:
-        return text
-    return f"{text} [{money(row.ci95[0])}, {money(row.ci95[1])}]"
+        return money(row.incremental_margin)
+    low, high = row.ci95
+    scale = max(abs(row.incremental_margin), abs(low), abs(high))
+    return f"{money(row.incremental_margin, scale)} [{money(low, scale)}, {money(high, scale)}]"
 
 
 def simulation_rows(simulation: Mapping[str, Any]) -> list[RankedCampaign]:

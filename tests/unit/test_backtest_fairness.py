@@ -114,6 +114,7 @@ def test_section_flags_the_dimensions_above_max_disparity() -> None:
     assert [s["segment"] for s in customer["segments"]] == ["new", "returning"]
     assert customer["disparity"] == pytest.approx(10.0)
     assert customer["highest"] == "returning" and customer["exceeds"] is True
+    assert customer["highest_offer_rate"] == 1.0 and customer["lowest_offer_rate"] == 0.1
     category = section["dimensions"]["category"]
     assert {s["segment"] for s in category["segments"]} == {"shoes", "(none)"}
     assert section["flagged"] == ["customer"]

@@ -31,6 +31,7 @@ def simulation(*rows: dict[str, Any]) -> dict[str, Any]:
 
 def test_money_is_signed_and_readable() -> None:
     assert money(4167.4) == "+4,167" and money(-12.5) == "-12.50" and money(0.0) == "+0.00"
+    assert money(-12.5, scale=634.0) == "-12"
 
 
 def test_every_policy_losing_means_do_not_run_and_names_the_oracle() -> None:
@@ -99,7 +100,7 @@ def test_file_runs_rank_by_itt_margin_and_say_what_to_set_without_a_holdout() ->
     assert section["decision"] == "run" and section["best"] == "c"
     assert [r["campaign"] for r in section["rows"]] == ["c", "a", "b"]
     assert section["verdict"] == (
-        "Run c: it earns +120 [+20.00, +220] against its holdout (a, b: no margin, see below)."
+        "Run c: it earns +120 [+20, +220] against its holdout (a, b: no margin, see below)."
     )
 
 
