@@ -97,6 +97,21 @@ def test_a_parameter_changes_values_never_which_draw_feeds_which_trait() -> None
     ]
 
 
+def test_without_offers_sensitivity_variants_are_the_same_world() -> None:
+    """Sensitivity only matters once a discount is offered (P(buy | 0) is the base), so the
+    no-offer events of every sensitivity variant are identical: common random numbers
+    across variants, not only across copies."""
+    plain = orjson.dumps(list(open_loop(users=100, events=10_000, seed=1)))
+    for params in (
+        WorldParams(deal_seekers=0.6),
+        WorldParams(deal_seekers=0.0, sensitivity=(0.0, 0.05)),
+        WorldParams(deal_seeker_sensitivity=(3.0, 9.0)),
+    ):
+        assert (
+            orjson.dumps(list(open_loop(users=100, events=10_000, seed=1, params=params))) == plain
+        )
+
+
 # -- each parameter does what it says -----------------------------------------------------------
 
 
