@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 from engine.backtest.runner import BacktestResult, run_backtest
 from engine.campaigns import Campaign
@@ -36,7 +36,7 @@ from engine.policy import (
     ThresholdPolicy,
 )
 from engine.simulator import DEFAULT_START_MS
-from engine.world import Truth, World
+from engine.world import Truth, World, WorldParams
 
 DEFAULT_LADDER: tuple[float, ...] = (0.0, 5.0, 10.0, 15.0, 20.0)
 """The oracle's ladder for policies that have none of their own (the profit policy's default)."""
@@ -151,6 +151,8 @@ class ClosedLoopConfig:
     mean_gap_ms: float = 3000.0
     """Population-wide mean event gap: 200,000 events span about a week of event time."""
     start_ms: int = DEFAULT_START_MS
+    world: WorldParams = field(default_factory=WorldParams)
+    """The shoppers and their sessions, the same in every copy (recorded in the report)."""
 
     def check(self) -> None:
         if self.users < 1 or self.events < 1:
@@ -161,10 +163,16 @@ class ClosedLoopConfig:
             raise ClosedLoopError(f"margin must be within (0, 1], got {self.margin}")
         if not self.mean_gap_ms > 0 or not math.isfinite(self.mean_gap_ms):
             raise ClosedLoopError(f"mean_gap_ms must be positive, got {self.mean_gap_ms}")
+        self.world.check()
 
-    def world(self) -> World:
+    def new_world(self) -> World:
+        """A fresh copy of the world: every copy of a run draws the same random numbers."""
         return World(
-            users=self.users, seed=self.seed, start_ms=self.start_ms, mean_gap_ms=self.mean_gap_ms
+            users=self.users,
+            seed=self.seed,
+            start_ms=self.start_ms,
+            mean_gap_ms=self.mean_gap_ms,
+            params=self.world,
         )
 
 
@@ -196,7 +204,7 @@ def run_world(
     The loop is the backtest's (``run_backtest``): it pulls a micro-batch of the world's
     events, runs the engine, and hands the batch's offers to the world before it pulls the
     next batch."""
-    world = config.world()
+    world = config.new_world()
     if campaign is None:
         for _ in world.events(config.events):
             pass
@@ -335,6 +343,7 @@ def run_closed_loop(
         "batch_size": config.batch_size,
         "margin": config.margin,
         "mean_gap_ms": config.mean_gap_ms,
+        "world": config.world.as_dict(),
         "baseline": {"purchases": baseline.purchases, "margin": _money(baseline.margin)},
         "oracle_incremental_margin": _money(
             max(run.margin - baseline.margin for _, run in oracles.values())

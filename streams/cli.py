@@ -16,6 +16,7 @@ from streams.errors import StreamsError
 from streams.logs import configure_logging
 from streams.replay_cli import add_arguments as add_replay_arguments
 from streams.settings import Settings
+from streams.world_cli import add_world_arguments
 
 
 def _cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
@@ -46,13 +47,23 @@ def _cmd_topics(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
+    from engine.world import DEFAULT_MEAN_GAP_MS
     from streams.simulate import simulate_to_file, simulate_to_kafka
+    from streams.world_cli import world_choice
 
     if args.closed_loop:
         return _simulate_closed_loop(args)
     if args.campaigns:
         print("dealstream: --campaigns needs --closed-loop", file=sys.stderr)
         return 2
+    if args.kafka and args.mean_gap_ms is not None:
+        print(
+            "dealstream: --mean-gap-ms does not apply to --kafka: event time is the wall clock,"
+            " paced by --rate",
+            file=sys.stderr,
+        )
+        return 2
+    world = world_choice(args)
     if args.kafka:
         from streams.kafka_io import check_kafka, ensure_topics
 
@@ -68,19 +79,27 @@ def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
                 bootstrap=settings.kafka_bootstrap,
                 topics=settings.topics,
                 rate=args.rate,
+                params=world.params,
             )
 
         sent = asyncio.run(run())
         print(f"simulate: sent {sent} events to {settings.kafka_bootstrap}", file=sys.stderr)
         return 0
-    count = simulate_to_file(users=args.users, events=args.events, seed=args.seed, out=args.out)
+    count = simulate_to_file(
+        users=args.users,
+        events=args.events,
+        seed=args.seed,
+        out=args.out,
+        params=world.params,
+        mean_gap_ms=DEFAULT_MEAN_GAP_MS if world.mean_gap_ms is None else world.mean_gap_ms,
+    )
     print(f"simulate: wrote {count} events to {args.out}", file=sys.stderr)
     return 0
 
 
 def _simulate_closed_loop(args: argparse.Namespace) -> int:
-    from engine.closed_loop import ClosedLoopConfig
     from streams.simulate import format_regret_table, simulate_closed_loop_to_dir
+    from streams.world_cli import closed_loop_config, world_choice
 
     if args.kafka or not args.campaigns or args.out is None or str(args.out) == "-":
         print(
@@ -88,13 +107,12 @@ def _simulate_closed_loop(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    config = ClosedLoopConfig(
+    config = closed_loop_config(
+        world_choice(args),
         users=args.users,
         events=args.events,
         seed=args.seed,
         batch_size=args.batch_size,
-        margin=args.margin,
-        mean_gap_ms=args.gap_ms,
     )
     simulation = simulate_closed_loop_to_dir(
         campaign_files=args.campaigns, config=config, out=args.out
@@ -163,12 +181,21 @@ def _cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
 def _cmd_backtest(settings: Settings, args: argparse.Namespace) -> int:
     from engine.pipeline import EngineConfig
     from streams.backtest_cli import run_backtest_command
+    from streams.world_cli import world_flags_given
 
     if (args.input is None) == (args.simulate is None):
         print("dealstream: backtest needs --in FILE or --simulate USERS:EVENTS", file=sys.stderr)
         return 2
     if args.simulate is not None:
         return _backtest_simulated(args)
+    world_flags = world_flags_given(args)
+    if world_flags:
+        print(
+            f"dealstream: {world_flags[0]} describes the simulated world: it needs --simulate,"
+            " not --in",
+            file=sys.stderr,
+        )
+        return 2
     return run_backtest_command(
         input_path=args.input,
         campaign_paths=args.campaigns,
@@ -185,11 +212,11 @@ def _cmd_backtest(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _backtest_simulated(args: argparse.Namespace) -> int:
-    from engine.closed_loop import ClosedLoopConfig
     from streams.simulate import backtest_simulated, format_regret_table, parse_simulate_size
+    from streams.world_cli import closed_loop_config, world_choice
 
     users, events = parse_simulate_size(args.simulate)
-    config = ClosedLoopConfig(users=users, events=events, seed=args.seed)
+    config = closed_loop_config(world_choice(args), users=users, events=events, seed=args.seed)
     run = backtest_simulated(campaign_files=args.campaigns, config=config, out=args.out)
     print(format_regret_table(run.simulation))
     print(f"backtest: wrote {args.out}/report.json, report.html, simulation.json")
@@ -231,10 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--campaigns", type=Path, action="append", default=[], help="campaigns TOML (repeatable)"
     )
     simulate.add_argument("--batch-size", type=int, default=10, help="closed loop micro-batch")
-    simulate.add_argument("--margin", type=float, default=0.3, help="gross margin for scoring")
-    simulate.add_argument(
-        "--gap-ms", type=float, default=3000.0, help="closed loop: mean event gap, population"
-    )
+    add_world_arguments(simulate)
     simulate.set_defaults(handler=_cmd_simulate)
 
     replay = sub.add_parser(
@@ -278,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     backtest.add_argument("--seed", type=int, default=0, help="added to every campaign's seed")
     backtest.add_argument("--format", default=None, help="jsonl | taobao | otto (default: detect)")
     backtest.add_argument("--batch-size", type=int, default=2000, help=argparse.SUPPRESS)
+    add_world_arguments(backtest)
     backtest.set_defaults(handler=_cmd_backtest)
 
     demo = sub.add_parser("demo", help="worker + simulator, printing offers as they arrive")

@@ -26,7 +26,7 @@ from engine.closed_loop import (
     run_closed_loop,
     simulate_closed_loop,
 )
-from engine.world import open_loop
+from engine.world import DEFAULT_MEAN_GAP_MS, WorldParams, open_loop
 from streams.kafka_io import ProducerSink
 from streams.settings import Topics
 
@@ -40,8 +40,18 @@ def write_jsonl(events: Iterator[dict[str, object]], out: IO[bytes]) -> int:
     return count
 
 
-def simulate_to_file(*, users: int, events: int, seed: int, out: Path) -> int:
-    stream = open_loop(users=users, events=events, seed=seed)
+def simulate_to_file(
+    *,
+    users: int,
+    events: int,
+    seed: int,
+    out: Path,
+    params: WorldParams | None = None,
+    mean_gap_ms: float = DEFAULT_MEAN_GAP_MS,
+) -> int:
+    stream = open_loop(
+        users=users, events=events, seed=seed, mean_gap_ms=mean_gap_ms, params=params
+    )
     if str(out) == "-":
         return write_jsonl(stream, sys.stdout.buffer)
     with out.open("wb") as handle:
@@ -57,6 +67,7 @@ async def simulate_to_kafka(
     topics: Topics,
     rate: float | None,
     user_prefix: str = "u",
+    params: WorldParams | None = None,
 ) -> int:
     """Produce events keyed by user id; event time is the wall clock, paced at ``rate``/s."""
     start_ms = int(time.time() * 1000)
@@ -73,6 +84,7 @@ async def simulate_to_kafka(
             start_ms=start_ms,
             mean_gap_ms=gap_ms,
             user_prefix=user_prefix,
+            params=params,
         )
         for event in stream:
             topic = {"browse": topics.browse, "search": topics.search}.get(
@@ -186,6 +198,7 @@ def backtest_simulated(
             "seed": config.seed,
             "mean_gap_ms": config.mean_gap_ms,
             "margin": config.margin,
+            "world": config.world.as_dict(),
         },
         "campaign_files": [{"file": p.name, "sha256": file_sha256(p)} for p in campaign_files],
     }

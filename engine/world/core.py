@@ -9,30 +9,31 @@ import random
 from collections.abc import Iterable, Iterator, Mapping
 
 from engine.simulator import DEFAULT_START_MS, QUERIES, purchase_probability
+from engine.world.errors import WorldError
+from engine.world.params import WorldParams
 from engine.world.shoppers import (
-    CART_P,
-    EVENTS_PER_SESSION,
-    FAVORITE_P,
     INTRA_SESSION_GAP_MS,
     MAX_SESSION_STEPS,
     MAX_TRUTH_CHECKOUTS,
-    SEARCH_P,
-    SESSION_END_P,
     TASTE_SLOTS,
     Live,
     Session,
     Shopper,
     Truth,
-    WorldError,
+    events_per_session,
     make_shopper,
 )
+
+DEFAULT_MEAN_GAP_MS = 100.0
+"""The open-loop world's population-wide mean event gap unless told otherwise."""
 
 
 class World:
     """A population of shoppers producing event v1 dicts in event-time order.
 
     ``mean_gap_ms`` is the mean event-time gap between consecutive events of the whole
-    population; each shopper's share of events follows their activity.
+    population; each shopper's share of events follows their activity. ``params`` sets the
+    shoppers and their sessions (``WorldParams()``, the documented world, when None).
     """
 
     def __init__(
@@ -41,29 +42,34 @@ class World:
         users: int,
         seed: int,
         start_ms: int = DEFAULT_START_MS,
-        mean_gap_ms: float = 100.0,
+        mean_gap_ms: float = DEFAULT_MEAN_GAP_MS,
         user_prefix: str = "u",
+        params: WorldParams | None = None,
     ) -> None:
         if users < 1:
             raise WorldError(f"a world needs at least one user, got {users}")
         if not mean_gap_ms > 0 or not math.isfinite(mean_gap_ms):
             raise WorldError(f"mean_gap_ms must be a positive number, got {mean_gap_ms}")
+        params = params or WorldParams()
+        params.check()
+        self.params = params
         self.seed = seed
         self._live: list[Live] = []
         self._by_id: dict[str, int] = {}
         for index in range(users):
             user_id = f"{user_prefix}{index:07d}"
             rng = random.Random(f"{seed}:{user_id}")
-            self._live.append(Live(index, make_shopper(user_id, rng), rng))
+            self._live.append(Live(index, make_shopper(user_id, rng, params), rng))
             self._by_id[user_id] = index
         total = math.fsum(live.shopper.activity for live in self._live)
+        per_session = events_per_session(params)
         self._heap: list[tuple[float, int]] = []
         for live in self._live:
             user_gap = mean_gap_ms * total / live.shopper.activity
             intra = min(INTRA_SESSION_GAP_MS, user_gap / 4.0)
-            inter = EVENTS_PER_SESSION * user_gap - (EVENTS_PER_SESSION - 1.0) * intra
+            inter = per_session * user_gap - (per_session - 1.0) * intra
             live.intra_rate, live.inter_rate = 1.0 / intra, 1.0 / inter
-            first = start_ms + live.rng.uniform(0.0, EVENTS_PER_SESSION * user_gap)
+            first = start_ms + live.rng.uniform(0.0, per_session * user_gap)
             self._enter(live, self._plan(live, first))
             self._heap.append((first, live.index))
         heapq.heapify(self._heap)
@@ -107,27 +113,30 @@ class World:
         drawn from the shopper's stream in order, whether the truth looks ahead or not."""
         rng = live.rng
         table = live.table
+        params = self.params
+        search_p, cart_p, end_p = params.search_p, params.cart_p, params.session_end_p
+        cart_or_favorite_p = cart_p + params.favorite_p
         ts = start
         steps: list[tuple[object, ...]] = []
         cart: list[tuple[str, str, float]] = []
         viewed: tuple[str, str, float] | None = None
         while True:
-            if rng.random() < SEARCH_P:
+            if rng.random() < search_p:
                 category = table[int(rng.random() * TASTE_SLOTS)] if rng.random() < 0.6 else None
                 steps.append(("s", ts, QUERIES[int(rng.random() * len(QUERIES))], category))
             else:
                 roll = rng.random()
-                if viewed is not None and roll < CART_P:
+                if viewed is not None and roll < cart_p:
                     cart.append(viewed)
                     steps.append(("b", ts, *viewed, "cart"))
-                elif viewed is not None and roll < CART_P + FAVORITE_P:
+                elif viewed is not None and roll < cart_or_favorite_p:
                     steps.append(("b", ts, *viewed, "favorite"))
                 else:
                     category = table[int(rng.random() * TASTE_SLOTS)]
                     price = round(math.exp(rng.gauss(3.2, 0.9)), 2)
                     viewed = (f"i{int(rng.random() * 5000):05d}", category, price)
                     steps.append(("b", ts, *viewed, "view"))
-            if rng.random() < SESSION_END_P or len(steps) >= MAX_SESSION_STEPS:
+            if rng.random() < end_p or len(steps) >= MAX_SESSION_STEPS:
                 break
             ts += rng.expovariate(live.intra_rate)
         checkout = None
@@ -358,13 +367,19 @@ def open_loop(
     events: int,
     seed: int,
     start_ms: int = DEFAULT_START_MS,
-    mean_gap_ms: float = 100.0,
+    mean_gap_ms: float = DEFAULT_MEAN_GAP_MS,
     user_prefix: str = "u",
+    params: WorldParams | None = None,
 ) -> Iterator[dict[str, object]]:
     """``events`` event v1 dicts from a world that receives no offers."""
     if events < 0:
         raise WorldError(f"the event count must not be negative, got {events}")
     world = World(
-        users=users, seed=seed, start_ms=start_ms, mean_gap_ms=mean_gap_ms, user_prefix=user_prefix
+        users=users,
+        seed=seed,
+        start_ms=start_ms,
+        mean_gap_ms=mean_gap_ms,
+        user_prefix=user_prefix,
+        params=params,
     )
     return world.events(events)

@@ -5,17 +5,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from engine.errors import EngineError
 from engine.simulator import CATEGORIES, purchase_probability
+from engine.world.params import WorldParams
 
-SESSION_END_P = 1 / 6
-"""Chance that a session ends after each step (geometric length, 6 steps on average)."""
-SEARCH_P = 0.25
-"""Chance that a step is a search; otherwise it is a browse."""
-CART_P = 0.25
-"""Chance that a browse step puts the item just viewed into the cart."""
-FAVORITE_P = 0.08
-"""Chance that a browse step marks the item just viewed as a favourite."""
 INTRA_SESSION_GAP_MS = 30_000.0
 """Mean gap between two events of one session (shorter when a shopper is very active)."""
 TASTE_SLOTS = 100
@@ -23,12 +15,6 @@ TASTE_SLOTS = 100
 MAX_SESSION_STEPS = 60
 MAX_TRUTH_CHECKOUTS = 20
 """The truth looks at most this many checkouts ahead (an offer rarely lives through more)."""
-DEAL_SEEKERS = 0.25
-"""Share of shoppers whose price sensitivity is high (1.5-4); the others' is 0-1."""
-
-
-class WorldError(EngineError):
-    """A world that cannot be built or an offer it cannot read; the message says which."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,29 +75,28 @@ class Truth:
         return total
 
 
-def events_per_session() -> float:
+def events_per_session(params: WorldParams | None = None) -> float:
     """Mean events of a session (steps plus the checkout when the cart is not empty).
 
     States per step: no item viewed yet, an item viewed with an empty cart, a non-empty cart;
     the length is 1 + a geometric number of further steps."""
-    browse = 1.0 - SEARCH_P
+    params = params or WorldParams()
+    search_p, cart_p, end_p = params.search_p, params.cart_p, params.session_end_p
+    browse = 1.0 - search_p
     p_none, p_viewed, p_cart = 1.0, 0.0, 0.0
     with_cart = 0.0
     survive = 1.0
     for _ in range(10_000):
         p_none, p_viewed, p_cart = (
-            p_none * SEARCH_P,
-            p_none * browse + p_viewed * (1.0 - browse * CART_P),
-            p_cart + p_viewed * browse * CART_P,
+            p_none * search_p,
+            p_none * browse + p_viewed * (1.0 - browse * cart_p),
+            p_cart + p_viewed * browse * cart_p,
         )
-        with_cart += survive * SESSION_END_P * p_cart
-        survive *= 1.0 - SESSION_END_P
+        with_cart += survive * end_p * p_cart
+        survive *= 1.0 - end_p
         if survive < 1e-15:
             break
-    return 1.0 / SESSION_END_P + with_cart
-
-
-EVENTS_PER_SESSION = events_per_session()
+    return 1.0 / end_p + with_cart
 
 
 Session = tuple[int, list[tuple[object, ...]], tuple[int, int, float] | None]
@@ -173,11 +158,14 @@ def taste_table(tastes: tuple[tuple[str, float], ...]) -> tuple[str, ...]:
     return tuple(table[:TASTE_SLOTS])
 
 
-def make_shopper(user_id: str, rng: random.Random) -> Shopper:
-    """Draw a shopper's traits from their own random stream."""
-    propensity = min(0.9, rng.betavariate(1.5, 6.0))
-    deal_seeker = rng.random() < DEAL_SEEKERS
-    sensitivity = rng.uniform(1.5, 4.0) if deal_seeker else rng.uniform(0.0, 1.0)
+def make_shopper(user_id: str, rng: random.Random, params: WorldParams | None = None) -> Shopper:
+    """Draw a shopper's traits from their own random stream (the draws' order is fixed:
+    changing a parameter changes values, never which draw feeds which trait)."""
+    params = params or WorldParams()
+    propensity = min(params.propensity_cap, rng.betavariate(*params.propensity_beta))
+    deal_seeker = rng.random() < params.deal_seekers
+    low, high = params.deal_seeker_sensitivity if deal_seeker else params.sensitivity
+    sensitivity = rng.uniform(low, high)
     favourites = rng.sample(CATEGORIES, k=rng.randint(1, 3))
     raw = [rng.expovariate(1.0) for _ in favourites]
     weights = dict.fromkeys(CATEGORIES, 0.2 / len(CATEGORIES))
