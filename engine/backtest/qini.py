@@ -15,8 +15,9 @@ many decisions there are. Two estimates, the first that has data wins:
   never explores but has a holdout.
 
 At each fraction phi of the ranked decisions the curve is Y_T - Y_C * N_T / N_C over the top
-phi (N: weights or counts, Y: their conversions): the purchases gained by offering the top
-phi instead of nobody. See ``docs/backtest.md`` for AUUC and the normalised coefficient.
+phi (N: weights or counts, Y: their conversions; 0 until a control decision is among them):
+the purchases gained by offering the top phi instead of nobody. See ``docs/backtest.md``
+for AUUC and the normalised coefficient.
 """
 
 from __future__ import annotations
@@ -158,8 +159,9 @@ def _steps(
 ) -> list[tuple[float, float]]:
     """Walk the bins from the highest score down: (fraction of decisions, gain) per bin.
 
-    ``columns`` = (N_T, Y_T, N_C, Y_C) per bin; the gain is Y_T - Y_C * N_T / N_C, or Y_T
-    while no control has been seen.
+    ``columns`` = (N_T, Y_T, N_C, Y_C) per bin; the gain is Y_T - Y_C * N_T / N_C, and 0
+    while no control has been seen (nothing to compare with yet, rather than a spike of
+    every treated conversion).
     """
     wt_col, yt_col, wc_col, yc_col = columns
     steps = [(0.0, 0.0)]
@@ -173,7 +175,7 @@ def _steps(
         yt += yt_col[b]
         wc += wc_col[b]
         yc += yc_col[b]
-        steps.append((seen / total, yt - (yc * wt / wc if wc else 0.0)))
+        steps.append((seen / total, yt - yc * wt / wc if wc else 0.0))
     return steps
 
 

@@ -86,6 +86,18 @@ def test_missing_curve_says_which_setting_gives_one() -> None:
     assert "no holdout decision is labelled yet" in holdout_pending
 
 
+def test_the_curve_stays_at_zero_until_a_control_decision_is_ranked() -> None:
+    bins = UpliftBins()
+    bins.add(0.5, False, True, 0.5, 1)  # the top bin: offered only, converted
+    bins.add(0.1, False, True, 0.5, 1)
+    bins.add(0.1, False, False, 0.5, 1)
+    curve = ipw_qini(bins)
+    assert curve is not None
+    # Every label is 1: offering changes nothing measurable, so the curve is flat at 0.
+    assert all(y == pytest.approx(0.0) for _, y in curve.points)
+    assert curve.normalised is None
+
+
 def test_sample_curve_interpolates_and_holds_the_last_value() -> None:
     points = sample_curve([(0.0, 0.0), (0.5, 1.0), (1.0, 1.0)])
     assert points[10] == pytest.approx((0.1, 0.2)) and points[100] == (1.0, 1.0)
