@@ -32,7 +32,7 @@ from typing import Any
 import orjson
 from river import evaluate, linear_model, metrics, optim, preprocessing
 
-from engine.model import model_inputs
+from engine.inputs import model_inputs
 from engine.pipeline import EngineConfig
 from engine.simulator import generate
 from streams.backtest_cli import run_backtest_command

@@ -18,6 +18,7 @@ Campaigns are read from a TOML file (``DEALSTREAM_CAMPAIGNS``); see ``docs/campa
     daily_budget = 500.0              # currency units per event-time day
     holdout = 0.1
     max_disparity = 3.0               # highest / lowest offer rate across segments
+    stop_loss = { window_h = 24, min_decisions = 200, explore = 0.05 }
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from engine.policy import (
     ThresholdPolicy,
     policy_names,
 )
+from engine.stop_loss import StopLoss
 
 TRIGGER_KINDS = ("view", "cart", "favorite", "search")
 CUSTOMER_SEGMENTS = ("all", "new", "returning")
@@ -74,6 +76,11 @@ class Campaign:
     max_disparity: float | None = None
     """Largest allowed ratio between the highest and the lowest offer rate across segments
     (new vs returning customers, trigger category, activity quintile); None: not checked."""
+    margin: float = 0.3
+    """Gross margin as a share of the undiscounted order value (the profit policy's too):
+    what the stop-loss and the reports measure a purchase with."""
+    stop_loss: StopLoss | None = None
+    """Fall back to exploration only while the campaign loses against its holdout."""
 
 
 def default_campaigns() -> tuple[Campaign, ...]:
@@ -145,6 +152,43 @@ def _rules(name: str, entry: Mapping[str, Any]) -> tuple[Rule, ...]:
     return tuple(rules)
 
 
+_STOP_LOSS_KEYS = ("window_h", "min_decisions", "explore", "min_users")
+
+
+def _stop_loss(name: str, entry: Mapping[str, Any], holdout: float) -> StopLoss | None:
+    raw = entry.get("stop_loss", False)
+    if raw is False:
+        return None
+    if raw is True:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise CampaignError(
+            f"campaign {name!r}: 'stop_loss' must be a table such as "
+            "{ window_h = 24, min_decisions = 200, explore = 0.05 }, true or false"
+        )
+    unknown = sorted(set(raw) - set(_STOP_LOSS_KEYS))
+    if unknown:
+        raise CampaignError(
+            f"campaign {name!r}: unknown stop_loss keys {unknown} (known: {list(_STOP_LOSS_KEYS)})"
+        )
+    if holdout <= 0:
+        raise CampaignError(
+            f"campaign {name!r}: a stop_loss compares the campaign with its holdout; set "
+            "'holdout' (e.g. 0.1) or stop_loss = false"
+        )
+    fields = {f"stop_loss.{key}": value for key, value in raw.items()}
+    defaults = StopLoss()
+    window_h = _number(
+        name, fields, "stop_loss.window_h", defaults.window_ms / 3_600_000, minimum=1 / 60
+    )
+    return StopLoss(
+        window_ms=round(window_h * 3_600_000),
+        min_decisions=int(_number(name, fields, "stop_loss.min_decisions", defaults.min_decisions)),
+        explore=_number(name, fields, "stop_loss.explore", defaults.explore, maximum=1.0),
+        min_users=int(_number(name, fields, "stop_loss.min_users", defaults.min_users, minimum=2)),
+    )
+
+
 def _build_policy(name: str, entry: Mapping[str, Any]) -> Policy:
     kind = entry.get("policy", "threshold")
     try:
@@ -171,6 +215,7 @@ def _build_policy(name: str, entry: Mapping[str, Any]) -> Policy:
                 ladder=tuple(float(v) for v in ladder),
                 margin=_number(name, entry, "margin", 0.3, maximum=1.0),
                 epsilon=_number(name, entry, "epsilon", 0.1, maximum=1.0),
+                temperature=_number(name, entry, "temperature", 0.0),
             )
     except ValueError as exc:
         raise CampaignError(f"campaign {name!r}: {exc}") from None
@@ -210,6 +255,7 @@ def _campaign(position: int, entry: object) -> Campaign:
     seed = entry.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise CampaignError(f"campaign {name!r}: 'seed' must be an integer")
+    holdout = _number(name, entry, "holdout", 0.0, maximum=1.0)
     return Campaign(
         name=name,
         policy=policy,
@@ -222,10 +268,12 @@ def _campaign(position: int, entry: object) -> Campaign:
         cooldown_ms=int(_number(name, entry, "cooldown_s", 0.0) * 1000),
         max_offers_per_day=int(max_offers) if max_offers is not None else None,
         daily_budget_cents=round(budget * 100) if budget is not None else None,
-        holdout=_number(name, entry, "holdout", 0.0, maximum=1.0),
+        holdout=holdout,
         default_order_value=_number(name, entry, "default_order_value", 50.0),
         seed=seed,
         max_disparity=_optional_number(name, entry, "max_disparity", minimum=1.0),
+        margin=_number(name, entry, "margin", 0.3, maximum=1.0),
+        stop_loss=_stop_loss(name, entry, holdout),
     )
 
 

@@ -26,6 +26,7 @@ from engine.backtest.runner import BacktestResult, run_backtest
 from engine.campaigns import Campaign
 from engine.errors import EngineError
 from engine.events import parse_event
+from engine.feedback import Feedback
 from engine.pipeline import EngineConfig
 from engine.policy import (
     LinearPolicy,
@@ -153,6 +154,8 @@ class ClosedLoopConfig:
     start_ms: int = DEFAULT_START_MS
     world: WorldParams = field(default_factory=WorldParams)
     """The shoppers and their sessions, the same in every copy (recorded in the report)."""
+    feedback: Feedback = field(default_factory=Feedback)
+    """How the campaigns' models learn under delayed labels (recorded in the report)."""
 
     def check(self) -> None:
         if self.users < 1 or self.events < 1:
@@ -223,7 +226,7 @@ def run_world(
         seed=config.seed,
         batch_size=config.batch_size,
         on_offers=world.receive,
-        config=EngineConfig(learn_inline=True),
+        config=EngineConfig(learn_inline=True, feedback=config.feedback),
     )
     stats = result.groups[0].stats[0]
     return RunOutcome(
@@ -343,6 +346,10 @@ def run_closed_loop(
         "batch_size": config.batch_size,
         "margin": config.margin,
         "mean_gap_ms": config.mean_gap_ms,
+        "feedback": {
+            "method": str(config.feedback.method),
+            "wait_s": config.feedback.elapsed_ms / 1000,
+        },
         "world": config.world.as_dict(),
         "baseline": {"purchases": baseline.purchases, "margin": _money(baseline.margin)},
         "oracle_incremental_margin": _money(

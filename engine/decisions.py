@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from engine.campaigns import Campaign
 from engine.events import BrowseEvent, Event
+from engine.labels import Arm
 from engine.policy import PolicyChoice, Predict
 from engine.scoring import Scorer
 from engine.state import event_kind, trigger_category
@@ -53,12 +54,18 @@ def is_eligible(
 
 
 def order_value(campaign: Campaign, event: Event, features: dict[str, float]) -> float:
-    """The value a discount applies to: the trigger item's price, else the user's average order
-    value over 30 days, else the campaign's default."""
-    if isinstance(event, BrowseEvent) and event.price > 0:
-        return event.price
-    if features.get("avg_order_value_30d", 0.0) > 0:
-        return features["avg_order_value_30d"]
+    """The expected value of the order a discount applies to (the whole cart, not one item).
+
+    The cart in the making (the items put in the cart in the last hour, the trigger's price
+    included when it is a cart event) when there is one; else the larger of the user's average
+    order over 30 days and the trigger item's price; else the campaign's default."""
+    cart = features.get("cart_value_1h", 0.0)
+    if cart > 0:
+        return cart
+    price = event.price if isinstance(event, BrowseEvent) else 0.0
+    average = features.get("avg_order_value_30d", 0.0)
+    if price > 0 or average > 0:
+        return max(price, average)
     return campaign.default_order_value
 
 
@@ -83,6 +90,8 @@ class Proposal:
     """Model P(purchase) at the proposed discount (or the policy's reference discount when it
     proposes none) minus P(purchase) without an offer: the served uplift score."""
     holdout: bool
+    arm: Arm
+    """Where the decision counts in the campaign's stop-loss comparison."""
     predict: Predict
     """The model's P(purchase) at a discount for this user, memoised per discount."""
     scorer: Scorer

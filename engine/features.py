@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from engine.state import (
     ACTIVITY_CODES,
     ACTIVITY_KINDS,
+    CART_VALUE_CODE,
     CATALOGUE_VERSION,
     CATEGORY_PREFIX,
     CATEGORY_SLOT,
@@ -20,8 +21,11 @@ from engine.state import (
     GRAIN_MS,
     HOUR_MS,
     KIND_CODE,
+    LAST_OFFER_FIELD,
     LONGEST_WINDOW_MS,
     MINUTE_MS,
+    OFFER_CODE,
+    OFFER_TIME_SCALE,
     OP_INCR,
     OP_MAX,
     OP_MIN,
@@ -177,6 +181,34 @@ def _days_since_first_seen(ctx: FeatureContext) -> float:
     return 0.0 if first is None else max(ctx.now - first, 0.0) / DAY_MS
 
 
+def _last_offer(ctx: FeatureContext) -> tuple[float, float] | None:
+    """(issued_at, discount_pct) of the latest offer the user received, if any."""
+    packed = ctx.state.get(LAST_OFFER_FIELD)
+    if packed is None:
+        return None
+    issued_at, tenths = divmod(int(packed), OFFER_TIME_SCALE)
+    return float(issued_at), tenths / 10.0
+
+
+def _recency_offer(ctx: FeatureContext) -> float:
+    last = _last_offer(ctx)
+    if last is None:
+        return RECENCY_DEFAULT_S
+    seconds = max(ctx.now - last[0], 0.0) / 1000.0
+    return min(seconds, RECENCY_DEFAULT_S)
+
+
+def _last_offer_discount(ctx: FeatureContext) -> float:
+    last = _last_offer(ctx)
+    if last is None or ctx.now - last[0] > LONGEST_WINDOW_MS:
+        return 0.0
+    return last[1]
+
+
+def _unredeemed(ctx: FeatureContext) -> float:
+    return max(ctx.total(OFFER_CODE, "30d") - ctx.total(REDEEMED_CODE, "30d"), 0.0)
+
+
 def _declare() -> tuple[FeatureSpec, ...]:
     specs: list[FeatureSpec] = []
     for kind in ACTIVITY_KINDS:
@@ -272,6 +304,59 @@ def _declare() -> tuple[FeatureSpec, ...]:
                 "age",
                 "days between the user's first event and now",
                 _days_since_first_seen,
+            ),
+            # The user's response history; offers are recorded in the state by the engine.
+            FeatureSpec(
+                "offer_count_30d",
+                ("offer",),
+                "30d",
+                "count",
+                "offers the user received in the trailing 30 days (all campaigns)",
+                _count(OFFER_CODE, "30d"),
+                (OFFER_CODE, WINDOW_INDEX["30d"]),
+            ),
+            FeatureSpec(
+                "redeemed_count_30d",
+                ("purchase",),
+                "30d",
+                "count",
+                "purchases in the trailing 30 days that redeemed an offer",
+                _count(REDEEMED_CODE, "30d"),
+                (REDEEMED_CODE, WINDOW_INDEX["30d"]),
+            ),
+            FeatureSpec(
+                "offers_unredeemed_30d",
+                ("offer", "purchase"),
+                "30d",
+                "difference",
+                "offers received in the trailing 30 days that no purchase redeemed (yet)",
+                lambda ctx: max(
+                    ctx.total(OFFER_CODE, "30d") - ctx.total(REDEEMED_CODE, "30d"), 0.0
+                ),
+            ),
+            FeatureSpec(
+                "last_offer_discount_pct",
+                ("offer",),
+                "30d",
+                "latest",
+                "discount of the latest offer received within 30 days (0 when none)",
+                _last_offer_discount,
+            ),
+            FeatureSpec(
+                "recency_offer_s",
+                ("offer",),
+                None,
+                "recency",
+                f"seconds since the latest offer received ({RECENCY_DEFAULT_S:.0f} when none)",
+                _recency_offer,
+            ),
+            FeatureSpec(
+                "cart_value_1h",
+                ("cart",),
+                "1h",
+                "sum",
+                "price of the items put in the cart in the trailing hour (the order in the making)",
+                lambda ctx: ctx.total(CART_VALUE_CODE, "1h") / 100,
             ),
         )
     )

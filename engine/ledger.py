@@ -12,12 +12,13 @@ same contract in one Redis Lua call, held to the same tests.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from engine.features import DAY_MS
-from engine.labels import LabelledExample, PendingDecision, PendingLabels
+from engine.labels import Arm, LabelEvent, PendingDecision, PendingLabels
+from engine.stop_loss import CampaignStopLoss, StopLoss, StopLossStatus, purchase_margin_cents
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +44,10 @@ class PurchaseNotice:
     user_id: str
     ts: int
     offer_id: str | None = None
+    amount_cents: int = 0
+    """What the user paid."""
+    gross_cents: int = 0
+    """The undiscounted value of the order (items' price x quantity)."""
 
 
 LedgerOp = DecisionRequest | PurchaseNotice
@@ -64,7 +69,27 @@ RATE_LIMITED = DecisionOutcome(decided=False)
 class LedgerResult:
     outcomes: list[DecisionOutcome | None]
     """One per op: the outcome of a ``DecisionRequest``, None for a ``PurchaseNotice``."""
-    labelled: list[LabelledExample] = field(default_factory=list)
+    events: list[LabelEvent] = field(default_factory=list)
+    """Label events in the order they happened: conversions by the call's purchases, then
+    windows that elapsed or closed before ``now``."""
+    stop_loss: dict[str, StopLossStatus] = field(default_factory=dict)
+    """Each stop-loss campaign's status after the call."""
+
+
+@dataclass(frozen=True, slots=True)
+class StopLossSetting:
+    config: StopLoss
+    margin: float
+    """The campaign's gross margin: what a purchase's outcome is measured with."""
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerConfig:
+    attribution_window_ms: int = 24 * 3600 * 1000
+    elapsed_ms: int = 0
+    """Emit an ``elapsed`` label event this long after each decision (0: none)."""
+    stop_loss: Mapping[str, StopLossSetting] = field(default_factory=dict)
+    """Campaigns with a stop-loss, by name."""
 
 
 def event_day(ts: int) -> int:
@@ -79,21 +104,16 @@ def final_decision(request: DecisionRequest, granted: bool) -> PendingDecision:
 
 
 def without_offer(decision: PendingDecision) -> PendingDecision:
-    return PendingDecision(
-        decision_id=decision.decision_id,
-        user_id=decision.user_id,
-        campaign=decision.campaign,
-        ts=decision.ts,
-        features=decision.features,
-        discount_pct=0.0,
-        propensity=decision.propensity,
-        model_version=decision.model_version,
-        offer_id=None,
-    )
+    return replace(decision, discount_pct=0.0, offer_id=None)
 
 
 class DecisionLedger(Protocol):
     async def settle(self, ops: Sequence[LedgerOp], *, now_ms: int) -> LedgerResult: ...
+
+    async def stop_loss_status(self) -> dict[str, StopLossStatus]:
+        """Each stop-loss campaign's status as last settled (what a restarted worker starts
+        from, before its first call)."""
+        ...
 
     async def budget_spent_cents(self, campaign: str, day: int) -> int: ...
 
@@ -103,8 +123,13 @@ class DecisionLedger(Protocol):
 class InMemoryLedger:
     """Dict-backed ledger; the same rules as ``streams/ledger.lua``."""
 
-    def __init__(self, attribution_window_ms: int = 24 * 3600 * 1000) -> None:
-        self.labels = PendingLabels(attribution_window_ms)
+    def __init__(self, config: LedgerConfig | None = None) -> None:
+        self.config = config if config is not None else LedgerConfig()
+        self.labels = PendingLabels(self.config.attribution_window_ms, self.config.elapsed_ms)
+        self.stop_loss = {
+            name: CampaignStopLoss(setting.config, setting.margin)
+            for name, setting in self.config.stop_loss.items()
+        }
         self._last_decision: dict[tuple[str, str], int] = {}
         self._last_offer: dict[tuple[str, str], int] = {}
         self._offers_per_day: dict[tuple[str, str, int], int] = {}
@@ -118,11 +143,32 @@ class InMemoryLedger:
         for op in ops:
             if isinstance(op, PurchaseNotice):
                 result.outcomes.append(None)
-                result.labelled.extend(self.labels.on_purchase_all(op.user_id, op.ts, op.offer_id))
+                if self.stop_loss:
+                    self._purchase_outcomes(op)
+                result.events.extend(self.labels.on_purchase(op.user_id, op.ts))
                 continue
             result.outcomes.append(self._decide(op))
-        result.labelled.extend(self.labels.expire(now_ms))
+        result.events.extend(self.labels.expire(now_ms))
+        for name, campaign in self.stop_loss.items():
+            result.stop_loss[name] = campaign.update(now_ms)
         return result
+
+    def _purchase_outcomes(self, purchase: PurchaseNotice) -> None:
+        """The purchase's margin is the outcome of every sampled open decision it converts."""
+        window = self.config.attribution_window_ms
+        for decision in self.labels.open_decisions(purchase.user_id):
+            campaign = self.stop_loss.get(decision.campaign)
+            if campaign is None or decision.arm is Arm.NONE or decision.converted_at is not None:
+                continue
+            if 0 <= purchase.ts - decision.ts <= window:
+                cents = purchase_margin_cents(
+                    purchase.amount_cents, purchase.gross_cents, campaign.margin
+                )
+                epoch = campaign.config.epoch(decision.ts)
+                campaign.record_outcome(epoch, decision.arm, decision.user_id, cents)
+
+    async def stop_loss_status(self) -> dict[str, StopLossStatus]:
+        return {name: campaign.status for name, campaign in self.stop_loss.items()}
 
     def rate_limited(self, user_id: str, campaign: str, ts: int, interval_ms: int) -> bool:
         """Whether a decision at ``ts`` would fall inside the user's decision interval now.
@@ -167,7 +213,11 @@ class InMemoryLedger:
                 self._last_offer[key] = ts if last_offer is None else max(ts, last_offer)
                 self._offers_per_day[(*key, day)] = self._offers_per_day.get((*key, day), 0) + 1
                 self._spent[(decision.campaign, day)] = spent + limits.cost_cents
-        self.labels.add(final_decision(request, granted))
+        recorded = final_decision(request, granted)
+        self.labels.add(recorded)
+        campaign = self.stop_loss.get(decision.campaign)
+        if campaign is not None and decision.arm is not Arm.NONE:
+            campaign.record_decision(campaign.config.epoch(ts), decision.arm, decision.user_id)
         return DecisionOutcome(decided=True, granted=granted, denied_by=denied_by)
 
     async def budget_spent_cents(self, campaign: str, day: int) -> int:

@@ -42,25 +42,11 @@ import river
 from river import compose, linear_model, optim, preprocessing
 
 from engine.errors import ModelSnapshotError
-from engine.inputs import DISCOUNT_INTERACTIONS, INPUT_NAMES, MODEL_FEATURES, model_inputs
+from engine.inputs import model_inputs
 from engine.scoring import FallbackScorer, LinearTerms, Scorer
 
-__all__ = [
-    "DISCOUNT_INTERACTIONS",
-    "INPUT_NAMES",
-    "MODEL_FEATURES",
-    "SNAPSHOT_FORMAT",
-    "SNAPSHOT_MAGIC",
-    "LinearTerms",
-    "PurchaseModel",
-    "Scorer",
-    "model_inputs",
-    "snapshot_version",
-    "verify_snapshot",
-]
-
 SNAPSHOT_MAGIC = b"DSMODEL"
-SNAPSHOT_FORMAT = 1
+SNAPSHOT_FORMAT = 2
 """Bump when the payload layout changes; ``restore`` refuses formats it does not know."""
 _HEADER = SNAPSHOT_MAGIC + bytes([SNAPSHOT_FORMAT])
 _MAC_SIZE = hashlib.sha256().digest_size
@@ -69,21 +55,46 @@ _PICKLE_PROTOCOL = 5
 _RIVER_VERSION = str(getattr(river, "__version__", "unknown"))
 
 
-class PurchaseModel:
-    """Scaled logistic regression over ``model_inputs``.
+LEARNING_RATE = 0.01
+INTERCEPT_LR = 0.01
 
-    ``version`` is ``lr-<examples learned>``: stable, deterministic for a given training
-    stream, and kept by ``snapshot`` / ``restore``.
+
+def _logistic(learning_rate: float, intercept_lr: float, l2: float) -> compose.Pipeline:
+    return compose.Pipeline(
+        preprocessing.StandardScaler(),
+        linear_model.LogisticRegression(
+            optimizer=optim.SGD(learning_rate), l2=l2, intercept_lr=intercept_lr
+        ),
+    )
+
+
+class PurchaseModel:
+    """Scaled logistic regression over ``model_inputs``, plus two auxiliary classifiers.
+
+    ``version`` is ``lr-<updates learned>``: stable, deterministic for a given training
+    stream, and kept by ``snapshot`` / ``restore``. The auxiliary classifiers (same inputs)
+    serve the delayed-feedback learners (``engine.feedback``): ``late`` estimates that a
+    conversion comes after the learner's wait, ``never`` that a decision not converted by
+    then never converts. They are never used to serve.
     """
 
-    def __init__(self, *, learning_rate: float = 0.05, l2: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        learning_rate: float = LEARNING_RATE,
+        intercept_lr: float = INTERCEPT_LR,
+        l2: float = 0.0,
+    ) -> None:
         self.learning_rate = learning_rate
+        self.intercept_lr = intercept_lr
         self.l2 = l2
-        self._scaler = preprocessing.StandardScaler()
-        self._classifier = linear_model.LogisticRegression(
-            optimizer=optim.SGD(learning_rate), l2=l2
-        )
-        self._pipeline = compose.Pipeline(self._scaler, self._classifier)
+        self._pipeline = _logistic(learning_rate, intercept_lr, l2)
+        self._scaler: preprocessing.StandardScaler = self._pipeline.steps["StandardScaler"]
+        self._classifier: linear_model.LogisticRegression = self._pipeline.steps[
+            "LogisticRegression"
+        ]
+        self._late = _logistic(learning_rate, intercept_lr, l2)
+        self._never = _logistic(learning_rate, intercept_lr, l2)
         self.examples_learned = 0
         self._terms: LinearTerms | None = None
 
@@ -95,10 +106,34 @@ class PurchaseModel:
         row = model_inputs(features, discount_pct)
         return float(self._pipeline.predict_proba_one(row).get(True, 0.0))
 
-    def learn(self, features: Mapping[str, float], discount_pct: float, label: int) -> None:
-        self._pipeline.learn_one(model_inputs(features, discount_pct), bool(label))
+    def learn(
+        self, features: Mapping[str, float], discount_pct: float, label: int, weight: float = 1.0
+    ) -> None:
+        self._pipeline.learn_one(model_inputs(features, discount_pct), bool(label), w=weight)
         self.examples_learned += 1
         self._terms = None
+
+    def auxiliary(self, features: Mapping[str, float], discount_pct: float) -> tuple[float, float]:
+        """(P(late conversion), P(never converts | not yet)) from the auxiliary classifiers."""
+        row = model_inputs(features, discount_pct)
+        late = float(self._late.predict_proba_one(row).get(True, 0.0))
+        never = float(self._never.predict_proba_one(row).get(True, 0.0))
+        return late, never
+
+    def learn_auxiliary(
+        self,
+        features: Mapping[str, float],
+        discount_pct: float,
+        *,
+        late: bool | None,
+        never: bool | None,
+    ) -> None:
+        """Teach the auxiliary classifiers one closed window (None: not an example for it)."""
+        row = model_inputs(features, discount_pct)
+        if late is not None:
+            self._late.learn_one(row, late)
+        if never is not None:
+            self._never.learn_one(row, never)
 
     def linear_terms(self) -> LinearTerms:
         """The scaler's and classifier's parameters as they stand, read once per model state."""
@@ -140,11 +175,12 @@ class PurchaseModel:
             "format": SNAPSHOT_FORMAT,
             "river": _RIVER_VERSION,
             "learning_rate": self.learning_rate,
+            "intercept_lr": self.intercept_lr,
             "l2": self.l2,
             "examples_learned": self.examples_learned,
-            "scaler": self._scaler,
-            "classifier": self._classifier,
             "pipeline": self._pipeline,
+            "late": self._late,
+            "never": self._never,
         }
         payload = pickle.dumps(state, protocol=_PICKLE_PROTOCOL)
         version = _encode_version(self.version)
@@ -170,26 +206,21 @@ class PurchaseModel:
         if not isinstance(state, dict) or state.get("format") != SNAPSHOT_FORMAT:
             raise unexpected
         try:
-            scaler, classifier, pipeline = state["scaler"], state["classifier"], state["pipeline"]
+            pipelines = [state["pipeline"], state["late"], state["never"]]
             learned = state["examples_learned"]
             learning_rate, l2 = float(state["learning_rate"]), float(state["l2"])
+            intercept_lr = float(state["intercept_lr"])
         except (KeyError, TypeError, ValueError):
             raise unexpected from None
-        if not (
-            isinstance(scaler, preprocessing.StandardScaler)
-            and isinstance(classifier, linear_model.LogisticRegression)
-            and isinstance(pipeline, compose.Pipeline)
-            and [id(step) for step in pipeline.steps.values()] == [id(scaler), id(classifier)]
-            and type(learned) is int
-            and learned >= 0
-        ):
+        if not (all(_is_logistic(p) for p in pipelines) and type(learned) is int and learned >= 0):
             raise unexpected
         model = cls.__new__(cls)
         model.learning_rate = learning_rate
+        model.intercept_lr = intercept_lr
         model.l2 = l2
-        model._scaler = scaler
-        model._classifier = classifier
-        model._pipeline = pipeline
+        model._pipeline, model._late, model._never = pipelines
+        model._scaler = model._pipeline.steps["StandardScaler"]
+        model._classifier = model._pipeline.steps["LogisticRegression"]
         model.examples_learned = learned
         model._terms = None
         if model.version != version:
@@ -197,6 +228,18 @@ class PurchaseModel:
                 f"model snapshot header says {version} but its payload is {model.version}"
             )
         return model
+
+
+def _is_logistic(pipeline: object) -> bool:
+    """A pipeline of exactly a StandardScaler then a LogisticRegression."""
+    if not isinstance(pipeline, compose.Pipeline):
+        return False
+    steps = list(pipeline.steps.values())
+    return (
+        len(steps) == 2
+        and isinstance(steps[0], preprocessing.StandardScaler)
+        and isinstance(steps[1], linear_model.LogisticRegression)
+    )
 
 
 def snapshot_version(blob: bytes) -> str:

@@ -2,14 +2,18 @@
 
 ``DiscountEngine.process`` is the one function both the live worker and backtests call:
 
-1. apply the batch to the feature store (one call) and replay it to get each event's feature
+1. apply the batch to the feature store (one call), together with the offers the previous
+   batch granted (the users' response history), and replay it to get each event's feature
    vector as of its own event time;
 2. for every trigger event and eligible campaign, score and let the campaign's policy propose
-   a discount (holdout users get none), capped by the campaign's maximum;
+   a discount (holdout users get none; a campaign its stop-loss has stopped makes only a
+   random share of its offers), capped by the campaign's maximum;
 3. settle all proposals and the batch's purchases with the decision ledger (one call): decision
-   interval, cooldown, offers per day, daily budget, pending labels and their expiry;
-4. emit offers, decisions and labelled training examples. With ``learn_inline`` (backtests)
-   the model also learns from the labels, in order; live, the learner process does.
+   interval, cooldown, offers per day, daily budget, pending labels and their label events,
+   the stop-loss sums;
+4. emit offers, decisions and training examples (which ones: ``engine.feedback``). With
+   ``learn_inline`` (backtests) the model also learns from them, in order; live, the learner
+   process does.
 """
 
 from __future__ import annotations
@@ -41,19 +45,26 @@ from engine.features import (
     event_ops,
     trigger_category,
 )
-from engine.labels import PendingDecision
+from engine.feedback import DECIDED, Feedback, TrainingExample
+from engine.labels import Arm, LabelEvent, PendingDecision
 from engine.ledger import (
     DecisionLedger,
     DecisionOutcome,
     DecisionRequest,
     InMemoryLedger,
+    LedgerConfig,
     LedgerOp,
     LedgerResult,
     OfferLimits,
     PurchaseNotice,
+    StopLossSetting,
 )
-from engine.model import PurchaseModel, Scorer
+from engine.model import PurchaseModel
 from engine.policy import PolicyChoice, PolicyContext
+from engine.prequential import OnlineLearner
+from engine.scoring import Scorer
+from engine.state import offer_ops
+from engine.stop_loss import StopLossStatus
 from engine.store import FeatureStore, Position, StateUpdate, UpdateStatus
 
 __all__ = [
@@ -87,6 +98,28 @@ class EngineConfig:
     attribution_window_ms: int = 24 * 3600 * 1000
     learn_inline: bool = True
     """Learn from labels inside ``process`` (backtests); live workers leave it to the learner."""
+    feedback: Feedback = field(default_factory=Feedback)
+    """How the model learns under delayed labels (the learner must use the same). A wait that
+    does not fit inside the attribution window becomes half the window."""
+
+    def __post_init__(self) -> None:
+        if self.feedback.ledger_elapsed_ms >= self.attribution_window_ms:
+            wait = max(self.attribution_window_ms // 2, 1)
+            object.__setattr__(
+                self, "feedback", dataclasses.replace(self.feedback, elapsed_ms=wait)
+            )
+
+    def ledger_config(self, campaigns: Sequence[Campaign]) -> LedgerConfig:
+        """What the ledger needs to know of these settings and campaigns."""
+        return LedgerConfig(
+            attribution_window_ms=self.attribution_window_ms,
+            elapsed_ms=self.feedback.ledger_elapsed_ms,
+            stop_loss={
+                c.name: StopLossSetting(c.stop_loss, c.margin)
+                for c in campaigns
+                if c.stop_loss is not None
+            },
+        )
 
 
 @dataclass(slots=True)
@@ -95,6 +128,11 @@ class BatchResult:
     offers: list[dict[str, object]] = field(default_factory=list)
     decisions: list[dict[str, object]] = field(default_factory=list)
     training: list[dict[str, object]] = field(default_factory=list)
+    """Training example v1 messages for the training topic (``Feedback.wants``)."""
+    labels: list[LabelEvent] = field(default_factory=list)
+    """Every label event of the batch, in order (backtests book final labels from them)."""
+    stop_loss: dict[str, StopLossStatus] = field(default_factory=dict)
+    """Stop-loss status of each campaign that has one, after the batch."""
     denied: dict[str, int] = field(default_factory=dict)
     """Proposed offers denied by a guardrail, by rule."""
     spend_cents: dict[str, int] = field(default_factory=dict)
@@ -132,12 +170,27 @@ class DiscountEngine:
     ) -> None:
         self.store = store
         self.config = config if config is not None else EngineConfig()
+        self.campaigns = tuple(campaigns) if campaigns is not None else default_campaigns()
         self.ledger = (
-            ledger if ledger is not None else InMemoryLedger(self.config.attribution_window_ms)
+            ledger
+            if ledger is not None
+            else InMemoryLedger(self.config.ledger_config(self.campaigns))
         )
         self.model = model if model is not None else PurchaseModel()
         """Swappable: a live worker replaces it when the learner publishes a newer version."""
-        self.campaigns = tuple(campaigns) if campaigns is not None else default_campaigns()
+        self.learner = (
+            OnlineLearner(self.model, feedback=self.config.feedback)
+            if self.config.learn_inline
+            else None
+        )
+        """Learns inline (backtests): the same learner step as ``dealstream learner``."""
+        self.stop_loss: dict[str, StopLossStatus] = {}
+        """Each stop-loss campaign's status as of the last ledger call."""
+        self._offer_updates: list[StateUpdate] = []
+        """Offers granted by the previous batch: applied to the users' state with the next."""
+        self._unapplied: dict[str, list[Sequence[Op]]] = {}
+        """The batch being processed: operations not yet replayed into each user's state."""
+        self._started = False
         self.clock_ms = 0
         """Event-time clock: the latest event time this engine has seen."""
         self._holdout: dict[tuple[str, float, str], bool] = {}
@@ -146,6 +199,10 @@ class DiscountEngine:
 
     async def process(self, batch: Sequence[Incoming]) -> BatchResult:
         """Run one micro-batch; ``statuses`` come back in the order of ``batch``."""
+        if not self._started:
+            # A restarted worker takes up the campaigns' stop-loss state where it was left.
+            self.stop_loss.update(await self.ledger.stop_loss_status())
+            self._started = True
         order = event_time_order(batch)
         result = await self._process([batch[i] for i in order])
         statuses = [UpdateStatus.APPLIED] * len(batch)
@@ -155,6 +212,7 @@ class DiscountEngine:
         return result
 
     async def _process(self, batch: Sequence[Incoming]) -> BatchResult:
+        offer_updates, self._offer_updates = self._offer_updates, []
         updates = [
             StateUpdate(
                 user_id=item.event.user_id,
@@ -166,9 +224,10 @@ class DiscountEngine:
             for item in batch
         ]
         outcome = await self.store.apply_batch(
-            updates, allowed_lateness_ms=self.config.allowed_lateness_ms
+            offer_updates + updates, allowed_lateness_ms=self.config.allowed_lateness_ms
         )
-        result = BatchResult(statuses=outcome.statuses)
+        statuses = outcome.statuses[len(offer_updates) :]
+        result = BatchResult(statuses=statuses)
         states = outcome.before
         ops: list[LedgerOp] = []
         proposals: list[Proposal | None] = []
@@ -180,8 +239,13 @@ class DiscountEngine:
         applied = UpdateStatus.APPLIED
         # A user's state is brought up to an event only when that event needs features:
         # operations wait here, in order, so events that decide nothing cost no replay.
+        # (Offers granted during the batch join them: a later event sees the offer.)
         unapplied: dict[str, list[Sequence[Op]]] = {}
-        for item, update, status in zip(batch, updates, outcome.statuses, strict=True):
+        self._unapplied = unapplied
+        for update, status in zip(offer_updates, outcome.statuses, strict=False):
+            if status is applied:
+                unapplied.setdefault(update.user_id, []).append(update.ops)
+        for item, update, status in zip(batch, updates, statuses, strict=True):
             if status is not applied:
                 continue
             event = item.event
@@ -194,7 +258,17 @@ class DiscountEngine:
             if event.ts > self.clock_ms:
                 self.clock_ms = event.ts
             if isinstance(event, PurchaseEvent):
-                ops.append(PurchaseNotice(user_id, event.ts, event.offer_id))
+                ops.append(
+                    PurchaseNotice(
+                        user_id,
+                        event.ts,
+                        event.offer_id,
+                        amount_cents=round(event.amount * 100),
+                        gross_cents=round(
+                            sum(item.price * item.quantity for item in event.items) * 100
+                        ),
+                    )
+                )
                 proposals.append(None)
             else:
                 category = trigger_category(event)
@@ -216,7 +290,8 @@ class DiscountEngine:
                 # Settle event by event so that what the model learns from this event's
                 # labels shapes the next decision: results do not depend on batch size.
                 if memory_ledger is not None:
-                    # Nothing to settle and no label due: the ledger would return nothing.
+                    # Nothing to settle and no label due: the ledger would return nothing
+                    # (the stop-loss statuses only change when something is settled).
                     if ops or memory_ledger.labels.due(self.clock_ms):
                         settled = memory_ledger.settle_now(ops, now_ms=self.clock_ms)
                         self._apply_settled(settled, proposals, result)
@@ -225,6 +300,7 @@ class DiscountEngine:
                 ops, proposals = [], []
         if ops:
             await self._settle(ops, proposals, result)
+        result.stop_loss = dict(self.stop_loss)
         return result
 
     async def _settle(
@@ -239,11 +315,32 @@ class DiscountEngine:
         for proposal, decided in zip(proposals, settled.outcomes, strict=True):
             if proposal is not None and decided is not None and decided.decided:
                 self._emit(proposal, decided, result)
-        for example in settled.labelled:
-            if self.config.learn_inline:
-                decision = example.decision
-                self.model.learn(decision.features, decision.discount_pct, example.label)
-            result.training.append(example.to_message())
+        for event in settled.events:
+            result.labels.append(event)
+            decision = event.decision
+            self._train(
+                TrainingExample(
+                    decision_id=decision.decision_id,
+                    features=decision.features,
+                    discount_pct=decision.discount_pct,
+                    label=event.label,
+                    labeled_at=event.ts,
+                    kind=str(event.kind),
+                    decided_at=decision.ts,
+                    converted_at=decision.converted_at,
+                ),
+                result,
+            )
+        self.stop_loss.update(settled.stop_loss)
+
+    def _train(self, example: TrainingExample, result: BatchResult) -> None:
+        """Publish the example if the feedback method wants it, and learn it inline if so."""
+        if not self.config.feedback.wants(example.kind):
+            return
+        result.training.append(example.to_message())
+        if self.learner is not None:
+            self.learner.model = self.model
+            self.learner.learn(example)
 
     def _candidates(
         self, event: Event, kind: str, category: str | None, ledger: InMemoryLedger | None
@@ -310,11 +407,22 @@ class DiscountEngine:
         if proposed.discount_pct > campaign.max_discount_pct:
             rules.append(f"cap:max_discount_pct={campaign.max_discount_pct:g}")
             proposed = dataclasses.replace(proposed, discount_pct=campaign.max_discount_pct)
+        arm = Arm.NONE
         if holdout:
             choice = PolicyChoice(0.0, 1.0, offer_propensity=0.0)
             rules = ["holdout"]
+            if proposed.discount_pct > 0 and campaign.stop_loss is not None:
+                arm = Arm.HOLDOUT
         else:
             choice = proposed
+            status = self.stop_loss.get(campaign.name)
+            if status is not None and status.stopped:
+                choice = self._explore_only(campaign, decision_id, proposed)
+                rules.append("stop_loss:explore_only")
+                if choice.discount_pct > 0:
+                    rules.append("stop_loss:explored")
+            if choice.discount_pct > 0 and campaign.stop_loss is not None:
+                arm = Arm.TREATED
         reference = proposed.discount_pct or campaign.policy.reference_discount_pct
         uplift = predict(reference) - predict(0.0) if reference > 0 else 0.0
         offer_id = stable_id("o-", campaign.name, event.event_id) if choice.discount_pct else None
@@ -326,6 +434,7 @@ class DiscountEngine:
             proposed=proposed,
             uplift_score=uplift,
             holdout=holdout,
+            arm=arm,
             predict=predict,
             scorer=scorer,
             p_purchase=predict(choice.discount_pct),
@@ -334,6 +443,35 @@ class DiscountEngine:
             offer_id=offer_id,
             cost_cents=offer_cost_cents(choice.discount_pct, value) if offer_id else 0,
             rules=rules,
+        )
+
+    @staticmethod
+    def _explore_only(campaign: Campaign, decision_id: str, proposed: PolicyChoice) -> PolicyChoice:
+        """A stopped campaign: the proposal becomes an offer only with ``explore`` probability.
+
+        The draw is the decision's own (not the policy's), so the propensities multiply
+        exactly: offering d has probability explore * P(d); no offer has P(0) + (1 - explore)
+        * P(offer)."""
+        assert campaign.stop_loss is not None
+        explore = campaign.stop_loss.explore
+        offering = proposed.offer_probability
+        if proposed.discount_pct <= 0:
+            return dataclasses.replace(
+                proposed,
+                propensity=1.0 - explore * offering,
+                offer_propensity=explore * offering,
+            )
+        if unit_hash("stop-loss", str(campaign.seed), decision_id) < explore:
+            return dataclasses.replace(
+                proposed,
+                propensity=explore * proposed.propensity,
+                offer_propensity=explore * offering,
+            )
+        return PolicyChoice(
+            0.0,
+            1.0 - explore * offering,
+            rules=proposed.rules,
+            offer_propensity=explore * offering,
         )
 
     def _request(self, proposal: Proposal) -> DecisionRequest:
@@ -357,6 +495,7 @@ class DiscountEngine:
                 propensity=proposal.choice.propensity,
                 model_version=proposal.model_version,
                 offer_id=proposal.offer_id,
+                arm=proposal.arm,
             ),
             decision_interval_ms=campaign.decision_interval_ms,
             offer=limits,
@@ -379,6 +518,19 @@ class DiscountEngine:
         if offer_id is not None:
             spent = result.spend_cents.get(campaign.name, 0)
             result.spend_cents[campaign.name] = spent + proposal.cost_cents
+            event = proposal.event
+            ops = offer_ops(event.ts, discount)
+            # Stored with the next batch; seen at once by the user's later events in this one.
+            self._offer_updates.append(
+                StateUpdate(
+                    user_id=event.user_id,
+                    event_id=f"offer:{offer_id}",
+                    ts=event.ts,
+                    ops=ops,
+                    on_time=True,
+                )
+            )
+            self._unapplied.setdefault(event.user_id, []).append(ops)
             scorer = proposal.scorer
             reasons = (
                 scorer.contributions(discount)
@@ -390,4 +542,16 @@ class DiscountEngine:
             )
         result.decisions.append(
             decision_message(proposal, offer_id, discount, propensity, p_purchase, rules)
+        )
+        self._train(
+            TrainingExample(
+                decision_id=proposal.decision_id,
+                features=proposal.features,
+                discount_pct=discount,
+                label=0,
+                labeled_at=proposal.event.ts,
+                kind=DECIDED,
+                decided_at=proposal.event.ts,
+            ),
+            result,
         )

@@ -176,16 +176,22 @@ class RulesPolicy:
 
 @dataclass(frozen=True, slots=True)
 class ProfitPolicy:
-    """The ladder level with the highest expected incremental margin, epsilon-greedy.
+    """The ladder level with the highest expected incremental margin, with exploration.
 
     ``margin`` is the gross margin as a fraction of the order value; a discount of d % costs
-    d/100 of the value. Exploration picks a ladder level uniformly with probability
-    ``epsilon``; ``propensity`` is the exact probability of the level finally chosen.
+    d/100 of the value. With ``temperature`` 0, exploration is epsilon-greedy: a uniform ladder
+    level with probability ``epsilon``. With ``temperature`` T > 0 (currency units) it is a
+    softmax over the expected margins with a floor: level i has probability
+    ``(1 - epsilon) * softmax(margin / T)_i + epsilon / k``, so the policy explores where the
+    levels' margins are close (it is unsure which is best) and hardly where an offer clearly
+    loses, while every level keeps at least ``epsilon / k`` (what off-policy evaluation needs).
+    ``propensity`` is always the exact probability of the level finally chosen.
     """
 
     ladder: tuple[float, ...] = (0.0, 5.0, 10.0, 15.0, 20.0)
     margin: float = 0.3
     epsilon: float = 0.1
+    temperature: float = 0.0
     name: str = "profit"
 
     def __post_init__(self) -> None:
@@ -199,6 +205,8 @@ class ProfitPolicy:
             raise ValueError(f"margin must be within (0, 1], got {self.margin}")
         if not 0.0 <= self.epsilon <= 1.0:
             raise ValueError(f"epsilon must be within [0, 1], got {self.epsilon}")
+        if not 0.0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
 
     @property
     def reference_discount_pct(self) -> float:
@@ -213,12 +221,26 @@ class ProfitPolicy:
             for d in self.ladder
         ]
 
+    def probabilities(self, margins: Sequence[float], greedy: int) -> list[float]:
+        """Each level's probability of being chosen, given the expected margins."""
+        k = len(margins)
+        if self.temperature <= 0.0:
+            return [
+                self.epsilon / k + (1.0 - self.epsilon if i == greedy else 0.0) for i in range(k)
+            ]
+        top = max(margins)
+        weights = [math.exp((m - top) / self.temperature) for m in margins]
+        total = math.fsum(weights)
+        return [(1.0 - self.epsilon) * w / total + self.epsilon / k for w in weights]
+
     def choose(self, context: PolicyContext) -> PolicyChoice:
         levels = self.ladder
         margins = self.expected_margins(context)
         # Highest margin; ties go to the smaller discount.
         greedy = max(range(len(levels)), key=lambda i: (round(margins[i], 9), -levels[i]))
         k = len(levels)
+        if self.temperature > 0.0:
+            return self._sample(context.draw, levels, margins, greedy)
         explore = context.draw < self.epsilon
         index = min(int(context.draw / self.epsilon * k), k - 1) if explore else greedy
         propensity = self.epsilon / k + (1.0 - self.epsilon if index == greedy else 0.0)
@@ -227,6 +249,24 @@ class ProfitPolicy:
         offer_propensity = self.epsilon * offering + (1.0 - self.epsilon) * (levels[greedy] > 0)
         return PolicyChoice(
             levels[index], propensity, explore, rules, offer_propensity=offer_propensity
+        )
+
+    def _sample(
+        self, draw: float, levels: tuple[float, ...], margins: list[float], greedy: int
+    ) -> PolicyChoice:
+        """Softmax exploration: the level whose cumulative probability first exceeds ``draw``."""
+        probabilities = self.probabilities(margins, greedy)
+        index, cumulative = len(levels) - 1, 0.0
+        for i, probability in enumerate(probabilities):
+            cumulative += probability
+            if draw < cumulative:
+                index = i
+                break
+        explore = index != greedy
+        rules = (f"profit:argmax={levels[greedy]:g}",) + (("explore",) if explore else ())
+        offer_propensity = math.fsum(p for p, d in zip(probabilities, levels, strict=True) if d > 0)
+        return PolicyChoice(
+            levels[index], probabilities[index], explore, rules, offer_propensity=offer_propensity
         )
 
 

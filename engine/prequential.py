@@ -25,10 +25,10 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from engine.errors import InvalidEvent
+from engine.feedback import Feedback, FeedbackMethod, TrainingExample, steps
+from engine.labels import LabelKind
 from engine.model import PurchaseModel
 
 ECE_BINS = 10
@@ -165,78 +165,23 @@ def roc_auc(pairs: Iterable[tuple[float, int]]) -> float | None:
     return doubled_u / (2 * positives * negatives)
 
 
-@dataclass(frozen=True, slots=True)
-class TrainingExample:
-    """A training example v1 (``schemas/training.v1.json``), validated."""
-
-    decision_id: str
-    features: Mapping[str, float]
-    discount_pct: float
-    label: int
-    labeled_at: int
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def parse_training_example(message: object) -> TrainingExample:
-    """Validate a decoded training message; ``InvalidEvent`` (with a code) when unusable."""
-    if not isinstance(message, Mapping):
-        raise InvalidEvent("not_an_object", "a training example must be a JSON object")
-    for name in ("decision_id", "features", "discount_pct", "label", "labeled_at"):
-        if name not in message:
-            raise InvalidEvent("missing_field", f"field {name!r} is required", field=name)
-    decision_id = message["decision_id"]
-    if not isinstance(decision_id, str):
-        raise InvalidEvent("wrong_type", "decision_id must be a string", field="decision_id")
-    if not decision_id:
-        raise InvalidEvent("too_short", "decision_id must not be empty", field="decision_id")
-    if len(decision_id) > 128:
-        raise InvalidEvent("too_long", "decision_id must be at most 128 characters", "decision_id")
-    features = message["features"]
-    if not isinstance(features, Mapping):
-        raise InvalidEvent("wrong_type", "features must be an object", field="features")
-    for name, value in features.items():
-        if not isinstance(name, str) or not _number(value):
-            raise InvalidEvent(
-                "wrong_type", f"feature {name!r} must be a finite number", f"features.{name}"
-            )
-    discount = message["discount_pct"]
-    if not _number(discount):
-        raise InvalidEvent("wrong_type", "discount_pct must be a number", field="discount_pct")
-    if not 0 <= discount <= 100:
-        raise InvalidEvent("out_of_range", "discount_pct must be within 0-100", "discount_pct")
-    label = message["label"]
-    if isinstance(label, bool) or label not in (0, 1):
-        raise InvalidEvent("invalid_choice", "label must be 0 or 1", field="label")
-    labeled_at = message["labeled_at"]
-    if not isinstance(labeled_at, int) or isinstance(labeled_at, bool):
-        raise InvalidEvent("wrong_type", "labeled_at must be an integer", field="labeled_at")
-    if labeled_at < 0:
-        raise InvalidEvent("out_of_range", "labeled_at must not be negative", field="labeled_at")
-    return TrainingExample(
-        decision_id=decision_id,
-        features={name: float(value) for name, value in features.items()},
-        discount_pct=float(discount),
-        label=int(label),
-        labeled_at=labeled_at,
-    )
-
-
 class OnlineLearner:
-    """A model and its prequential metrics: each example is scored, recorded, then learned.
+    """A model, its delayed-feedback method and its prequential metrics (the learner step).
 
-    Pure (no I/O, no clock): the same examples in the same order give the same model and
-    the same metrics, live or in a backtest.
+    Each training example is first scored by the current model; when it is the first to
+    carry its decision's final label (``converted``, or ``closed`` with 0) the score and the
+    label update the metrics; only then does the model learn, as ``feedback.method`` says
+    (``engine.feedback``). Pure (no I/O, no clock): the same examples in the same order give
+    the same model and the same metrics, live or in a backtest.
 
     >>> learner = OnlineLearner(window=100)
     >>> example = {"decision_id": "d1", "features": {"cart_count_24h": 3.0},
-    ...            "discount_pct": 10, "label": 1, "labeled_at": 1_767_225_600_000}
+    ...            "discount_pct": 10, "label": 0, "labeled_at": 1_767_312_000_000,
+    ...            "kind": "closed", "decided_at": 1_767_225_600_000}
     >>> learner.learn(example)  # the prediction made before learning
     0.5
-    >>> learner.model.version, learner.metrics.count
-    ('lr-1', 1)
+    >>> learner.metrics.count
+    1
     """
 
     def __init__(
@@ -245,9 +190,14 @@ class OnlineLearner:
         metrics: PrequentialMetrics | None = None,
         *,
         window: int = 1000,
+        feedback: Feedback | None = None,
+        on_final: Callable[[float, int], None] | None = None,
     ) -> None:
         self.model = model if model is not None else PurchaseModel()
         self.metrics = metrics if metrics is not None else PrequentialMetrics(window)
+        self.feedback = feedback if feedback is not None else Feedback()
+        self.on_final = on_final
+        """Also told every (prediction, final label) pair (backtests keep them all)."""
         self.last_labeled_at: int | None = None
 
     @property
@@ -261,14 +211,39 @@ class OnlineLearner:
         training example v1.
         """
         parsed = (
-            example if isinstance(example, TrainingExample) else parse_training_example(example)
+            example
+            if isinstance(example, TrainingExample)
+            else TrainingExample.from_message(example)
         )
-        p = self.model.predict(parsed.features, parsed.discount_pct)
-        self.metrics.update(p, parsed.label)
-        self.model.learn(parsed.features, parsed.discount_pct, parsed.label)
+        model, features, discount = self.model, parsed.features, parsed.discount_pct
+        p = model.predict(features, discount)
+        final = parsed.final_label
+        if final is not None:
+            self.metrics.update(p, final)
+            if self.on_final is not None:
+                self.on_final(p, final)
+        method, wait = self.feedback.method, self.feedback.elapsed_ms
+        uses_auxiliary = method in (FeedbackMethod.ESDFM, FeedbackMethod.DFM)
+        late, never = model.auxiliary(features, discount) if uses_auxiliary else (0.0, 0.0)
+        for step in steps(method, parsed, elapsed_ms=wait, p=p, late=late, never=never):
+            model.learn(features, discount, step.label, step.weight)
+        if uses_auxiliary and parsed.kind == LabelKind.CLOSED and parsed.decided_at is not None:
+            self._learn_auxiliary(parsed, method, wait)
         if self.last_labeled_at is None or parsed.labeled_at > self.last_labeled_at:
             self.last_labeled_at = parsed.labeled_at
         return p
+
+    def _learn_auxiliary(self, closed: TrainingExample, method: FeedbackMethod, wait: int) -> None:
+        """A closed window teaches when conversions come (see ``engine.feedback``)."""
+        assert closed.decided_at is not None
+        converted_at = closed.converted_at
+        late = converted_at is not None and converted_at - closed.decided_at > wait
+        open_at_wait = converted_at is None or late
+        if method is FeedbackMethod.ESDFM:
+            never = (converted_at is None) if open_at_wait else None
+            self.model.learn_auxiliary(closed.features, closed.discount_pct, late=late, never=never)
+        elif converted_at is not None:
+            self.model.learn_auxiliary(closed.features, closed.discount_pct, late=late, never=None)
 
     def as_dict(self) -> dict[str, float | int | str | None]:
         """Model version, examples learned and the window's metrics (JSON-safe)."""

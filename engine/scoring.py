@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from engine.inputs import DISCOUNT_SLOT, FEATURE_INPUTS, INPUT_NAMES, INTERACTION_SLOTS
+from engine.inputs import DISCOUNT_SLOT, INPUT_NAMES, base_inputs, discount_inputs
 
 if TYPE_CHECKING:
     from river import linear_model, preprocessing
@@ -91,25 +91,16 @@ class Scorer:
 
     The behavioural inputs do not depend on the discount, so their scaled values and their
     part of the linear score are computed once per model state; each discount then adds the
-    four discount terms. The left-to-right sum is the one River computes, so the result is
-    identical to the last bit. Reads the model's parameters at call time, like ``predict``.
+    discount and its interaction terms. The left-to-right sum is the one River computes, so
+    the result is identical to the last bit. Reads the model's parameters at call time, like
+    ``predict``, and applies the model's output correction the same way.
     """
 
-    __slots__ = ("_base", "_interactions", "_model", "_partial", "_scaled", "_terms")
+    __slots__ = ("_base", "_model", "_partial", "_scaled", "_terms")
 
     def __init__(self, model: PurchaseModel, features: Mapping[str, float]) -> None:
-        get = features.get
-        log1p = math.log1p
-        base: list[float] = []
-        for name, log_scaled in FEATURE_INPUTS:
-            value = float(get(name, 0.0))
-            if log_scaled:
-                # max(value, 0.0) without the call: the same result for -0.0 and NaN too.
-                value = log1p(0.0 if value < 0.0 else value)
-            base.append(value)
         self._model = model
-        self._base = base
-        self._interactions = [base[i] for i in INTERACTION_SLOTS]
+        self._base = base_inputs(features)
         self._terms: LinearTerms | None = None
         self._scaled: list[float] = []
         self._partial = 0.0
@@ -133,15 +124,13 @@ class Scorer:
         return terms
 
     def _discount_terms(self, terms: LinearTerms, discount_pct: float) -> list[float]:
-        discount = discount_pct / 100.0
         means, sds = terms.means, terms.sds
+        scaled: list[float] = []
         i = DISCOUNT_SLOT
-        sd = sds[i]
-        scaled = [(discount - means[i]) / sd if sd is not None else 0.0]
-        for x in self._interactions:
-            i += 1
+        for x in discount_inputs(self._base, discount_pct):
             sd = sds[i]
-            scaled.append((discount * x - means[i]) / sd if sd is not None else 0.0)
+            scaled.append((x - means[i]) / sd if sd is not None else 0.0)
+            i += 1
         return scaled
 
     def __call__(self, discount_pct: float) -> float:

@@ -10,12 +10,16 @@ Field names are compact because Redis stores one hash per user:
 ``<kind><grain><index>``  a time bucket, e.g. ``vm29384756`` = views in minute 29384756;
                           kind: v view, c cart, f favorite, s search, p purchase,
                           $ spend in integer cents (integers keep sums exact in any order),
-                          r purchases that redeemed an offer (days only);
+                          r purchases that redeemed an offer (days only),
+                          o offers the user received (days only),
+                          w value of the items put in the cart, in cents (minutes only);
                           grain: m minute, h hour, d day.
 ``k<day>:<category>``     category activity per day.
 ``l<kind>``               last event time (epoch ms) of that kind; ``lt`` of any kind.
 ``fs``                    first event time (epoch ms) of the user.
 ``n<kind>``               lifetime count of that kind (cheap, and handy for audits).
+``od``                    the latest offer received: issued_at * 1000 + discount in tenths of
+                          a percent (one max keeps "the latest offer's discount" commutative).
 """
 
 from __future__ import annotations
@@ -50,6 +54,14 @@ ACTIVITY_CODES = frozenset(KIND_CODE.values())
 SPEND_CODE = "$"
 REDEEMED_CODE = "r"
 """Purchases that redeemed an offer (day buckets only)."""
+OFFER_CODE = "o"
+"""Offers the user received (day buckets only)."""
+CART_VALUE_CODE = "w"
+"""Value of the items the user put in the cart, in cents (minute buckets only)."""
+LAST_OFFER_FIELD = "od"
+OFFER_TIME_SCALE = 1000
+"""``od`` = issued_at * OFFER_TIME_SCALE + round(discount_pct * 10): exact in a double for
+event times up to year 2255, and its max is the latest offer (ties: the larger discount)."""
 CATEGORY_PREFIX = "k"
 """Category activity per day: field ``k<day>:<category>``."""
 
@@ -158,6 +170,9 @@ def event_ops(event: Event) -> list[Op]:
     ts = event.ts
     minute, hour, day = _bucket_fields(code, ts)
     ops: list[Op] = [(OP_INCR, minute, 1.0), (OP_INCR, hour, 1.0), (OP_INCR, day, 1.0)]
+    if isinstance(event, BrowseEvent) and event.action == "cart":
+        cart_cents = float(round(event.price * 100))
+        ops.append((OP_INCR, bucket_field(CART_VALUE_CODE, "m", ts), cart_cents))
     if isinstance(event, PurchaseEvent):
         cents = float(round(event.amount * 100))
         ops.extend((OP_INCR, field, cents) for field in _bucket_fields(SPEND_CODE, ts))
@@ -173,6 +188,18 @@ def event_ops(event: Event) -> list[Op]:
     ops.append((OP_MAX, "lt", when))
     ops.append((OP_MIN, "fs", when))
     return ops
+
+
+def offer_ops(issued_at: int, discount_pct: float) -> list[Op]:
+    """The state operations that record an offer the user received (commutative, like events')."""
+    return [
+        (OP_INCR, bucket_field(OFFER_CODE, "d", issued_at), 1.0),
+        (
+            OP_MAX,
+            LAST_OFFER_FIELD,
+            float(issued_at * OFFER_TIME_SCALE + round(discount_pct * 10)),
+        ),
+    ]
 
 
 def apply_ops(state: State, ops: Iterable[Op]) -> float:

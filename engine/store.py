@@ -44,6 +44,9 @@ class StateUpdate:
     ts: int
     ops: Sequence[Op]
     position: Position | None = None
+    on_time: bool = False
+    """Never counted as late: the engine's own records (an offer granted a batch ago), whose
+    event time can trail a user's later events by more than the allowed lateness."""
 
 
 @dataclass(slots=True)
@@ -84,7 +87,7 @@ def classify(
         and update.position.offset <= watermark
     ):
         return UpdateStatus.REDELIVERED
-    if latest_ts is not None and update.ts < latest_ts - allowed_lateness_ms:
+    if not update.on_time and latest_ts is not None and update.ts < latest_ts - allowed_lateness_ms:
         return UpdateStatus.LATE
     if update.event_id in seen_event_ids:
         return UpdateStatus.DUPLICATE

@@ -22,7 +22,7 @@ import faust
 import redis.asyncio as aioredis
 
 from engine.campaigns import default_campaigns, load_campaigns
-from engine.pipeline import DiscountEngine, EngineConfig
+from engine.pipeline import DiscountEngine
 from streams.decode import DecodeLimits, RawRecord
 from streams.lag import LagProbe
 from streams.metrics import TimedFeatureStore, TimedLedger, WorkerMetrics
@@ -112,23 +112,12 @@ def bootstrap(
         RedisFeatureStore(client, prefix=settings.redis_prefix),
         redis_seconds.labels("features").observe,
     )
-    attribution_window_ms = int(settings.attribution_window_s * 1000)
+    config = settings.engine_config()
     ledger = TimedLedger(
-        RedisLedger(
-            client, prefix=settings.redis_prefix, attribution_window_ms=attribution_window_ms
-        ),
+        RedisLedger(client, prefix=settings.redis_prefix, config=config.ledger_config(campaigns)),
         redis_seconds.labels("ledger").observe,
     )
-    engine = DiscountEngine(
-        store,
-        ledger=ledger,
-        campaigns=campaigns,
-        config=EngineConfig(
-            allowed_lateness_ms=int(settings.allowed_lateness_s * 1000),
-            attribution_window_ms=attribution_window_ms,
-            learn_inline=settings.learn_inline,
-        ),
-    )
+    engine = DiscountEngine(store, ledger=ledger, campaigns=campaigns, config=config)
     reloader = (
         ModelReloader(ModelStore(client, prefix=settings.redis_prefix), model_key)
         if model_key is not None

@@ -6,12 +6,14 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import orjson
 
 from engine.errors import EngineError
 from engine.features import compute_features
+from engine.feedback import Feedback, FeedbackMethod
 from streams.errors import StreamsError
 from streams.logs import configure_logging
 from streams.replay_cli import add_arguments as add_replay_arguments
@@ -52,7 +54,7 @@ def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     from streams.world_cli import world_choice
 
     if args.closed_loop:
-        return _simulate_closed_loop(args)
+        return _simulate_closed_loop(settings, args)
     if args.campaigns:
         print("dealstream: --campaigns needs --closed-loop", file=sys.stderr)
         return 2
@@ -97,7 +99,14 @@ def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _simulate_closed_loop(args: argparse.Namespace) -> int:
+def _feedback(settings: Settings, args: argparse.Namespace) -> Feedback:
+    """``--feedback METHOD`` when given, else the settings' (``DEALSTREAM_FEEDBACK``)."""
+    if args.feedback is None:
+        return settings.feedback
+    return replace(settings.feedback, method=FeedbackMethod(args.feedback))
+
+
+def _simulate_closed_loop(settings: Settings, args: argparse.Namespace) -> int:
     from streams.simulate import format_regret_table, simulate_closed_loop_to_dir
     from streams.world_cli import closed_loop_config, world_choice
 
@@ -112,6 +121,7 @@ def _simulate_closed_loop(args: argparse.Namespace) -> int:
         users=args.users,
         events=args.events,
         seed=args.seed,
+        feedback=_feedback(settings, args),
         batch_size=args.batch_size,
     )
     simulation = simulate_closed_loop_to_dir(
@@ -179,7 +189,6 @@ def _cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_backtest(settings: Settings, args: argparse.Namespace) -> int:
-    from engine.pipeline import EngineConfig
     from streams.backtest_cli import run_backtest_command
     from streams.world_cli import world_flags_given
 
@@ -187,7 +196,7 @@ def _cmd_backtest(settings: Settings, args: argparse.Namespace) -> int:
         print("dealstream: backtest needs --in FILE or --simulate USERS:EVENTS", file=sys.stderr)
         return 2
     if args.simulate is not None:
-        return _backtest_simulated(args)
+        return _backtest_simulated(settings, args)
     world_flags = world_flags_given(args)
     if world_flags:
         print(
@@ -202,25 +211,39 @@ def _cmd_backtest(settings: Settings, args: argparse.Namespace) -> int:
         out_dir=args.out,
         seed=args.seed,
         input_format=args.format,
-        config=EngineConfig(
-            allowed_lateness_ms=round(settings.allowed_lateness_s * 1000),
-            attribution_window_ms=round(settings.attribution_window_s * 1000),
-            learn_inline=True,
+        config=replace(
+            settings.engine_config(), learn_inline=True, feedback=_feedback(settings, args)
         ),
         batch_size=args.batch_size,
     )
 
 
-def _backtest_simulated(args: argparse.Namespace) -> int:
+def _backtest_simulated(settings: Settings, args: argparse.Namespace) -> int:
     from streams.simulate import backtest_simulated, format_regret_table, parse_simulate_size
     from streams.world_cli import closed_loop_config, world_choice
 
     users, events = parse_simulate_size(args.simulate)
-    config = closed_loop_config(world_choice(args), users=users, events=events, seed=args.seed)
+    config = closed_loop_config(
+        world_choice(args),
+        users=users,
+        events=events,
+        seed=args.seed,
+        feedback=_feedback(settings, args),
+    )
     run = backtest_simulated(campaign_files=args.campaigns, config=config, out=args.out)
     print(format_regret_table(run.simulation))
     print(f"backtest: wrote {args.out}/report.json, report.html, simulation.json")
     return 0
+
+
+def add_feedback_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--feedback",
+        choices=[method.value for method in FeedbackMethod],
+        default=None,
+        help="delayed-feedback method of the models (default: DEALSTREAM_FEEDBACK, "
+        f"else {Feedback().method.value}; docs/model-quality.md)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--campaigns", type=Path, action="append", default=[], help="campaigns TOML (repeatable)"
     )
     simulate.add_argument("--batch-size", type=int, default=10, help="closed loop micro-batch")
+    add_feedback_argument(simulate)
     add_world_arguments(simulate)
     simulate.set_defaults(handler=_cmd_simulate)
 
@@ -302,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     backtest.add_argument("--seed", type=int, default=0, help="added to every campaign's seed")
     backtest.add_argument("--format", default=None, help="jsonl | taobao | otto (default: detect)")
     backtest.add_argument("--batch-size", type=int, default=2000, help=argparse.SUPPRESS)
+    add_feedback_argument(backtest)
     add_world_arguments(backtest)
     backtest.set_defaults(handler=_cmd_backtest)
 

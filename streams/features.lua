@@ -5,7 +5,8 @@
 -- KEYS[2u], KEYS[2u+1]  per user u (1-based): feature-state hash, dedup sorted set
 -- ARGV: allowed_lateness_ms, ttl_seconds, updates as one JSON array (a single argument is
 --       far cheaper to send than thousands): [[user_index, watermark_field ('' = none),
---       offset, event_id, ts, [op, field, value, op, field, value, ...]], ...]
+--       offset, event_id, ts, [op, field, value, op, field, value, ...], on_time], ...]
+--       (on_time 1: never counted as late, the engine's own records such as offers)
 -- Returns {statuses, state_before_1, state_before_2, ...}; statuses: 0 applied, 1 redelivered,
 -- 2 duplicate, 3 late. Each state_before is a flat HGETALL reply taken before the batch.
 --
@@ -82,7 +83,7 @@ for n = 1, n_updates do
       new_marks[wm_field] = offset
     end
   end
-  if status == 0 and latest[u] and ts < latest[u] - lateness then
+  if status == 0 and update[7] ~= 1 and latest[u] and ts < latest[u] - lateness then
     status = 3
   end
   if status == 0 and seen[u][event_id] then

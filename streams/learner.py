@@ -174,19 +174,25 @@ class Learner:
         """Load the latest model and its checkpoint; True when the checkpoint is to be trusted."""
         model = await self.store.load_latest(self._key)
         if model is None:
-            self.online = OnlineLearner(window=self.config.metrics_window)
+            self.online = OnlineLearner(
+                window=self.config.metrics_window, feedback=self.settings.feedback
+            )
             log.info("no published model under %s: starting a fresh one", self.store.latest_key)
             return True  # nothing learned yet: read every partition from its beginning
         checkpoint = await self.store.checkpoint()
         if checkpoint is None or checkpoint.get("version") != model.version:
-            self.online = OnlineLearner(model, window=self.config.metrics_window)
+            self.online = OnlineLearner(
+                model, window=self.config.metrics_window, feedback=self.settings.feedback
+            )
             log.warning(
                 "model %s has no matching checkpoint: resuming from the Kafka group's offsets",
                 model.version,
             )
             return False
         self.positions = _parse_offsets(checkpoint.get("offsets"))
-        self.online = OnlineLearner(model, self._metrics_from(checkpoint))
+        self.online = OnlineLearner(
+            model, self._metrics_from(checkpoint), feedback=self.settings.feedback
+        )
         last = checkpoint.get("last_labeled_at")
         self.online.last_labeled_at = last if isinstance(last, int) else None
         log.info("resuming model %s from its checkpoint", model.version)

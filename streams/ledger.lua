@@ -1,32 +1,59 @@
 -- Settle one micro-batch of decisions and purchases atomically; mirrors engine/ledger.py
--- (InMemoryLedger) and engine/labels.py (PendingLabels).
+-- (InMemoryLedger), engine/labels.py (PendingLabels) and engine/stop_loss.py.
 --
--- ARGV: prefix, now_ms, attribution_window_ms, n_ops, then per op either
+-- ARGV: prefix, now_ms, attribution_window_ms, elapsed_ms (0 = none), n_campaigns, then per
+--   stop-loss campaign: name, margin, window_ms, min_decisions, min_users; then n_ops, then
+--   per op either
 --   'D', user, campaign, ts, decision_interval_ms, has_offer, cost_cents, cooldown_ms,
---        max_per_day (-1 = none), budget_cents (-1 = none), decision_id, record_json
---   'P', user, ts, offer_id ('' = none)
--- Returns { outcomes, labelled } where outcomes[i] is, for a decision: 0 rate-limited,
+--        max_per_day (-1 = none), budget_cents (-1 = none), decision_id, arm ('' T H), record_json
+--   'P', user, ts, amount_cents, gross_cents
+-- Returns { outcomes, events, stop_loss } where outcomes[i] is, for a decision: 0 rate-limited,
 -- 1 offer granted, 2 decided without an offer, 3 denied by cooldown, 4 by max offers per day,
--- 5 by budget; for a purchase: -1. labelled is a flat list of (record_json, label, labeled_at).
+-- 5 by budget; for a purchase: -1. events is a flat list of (kind, record, converted_at or '',
+-- at) with kind 'C' converted, 'E' elapsed, 'X' closed. stop_loss is a flat list of (name,
+-- stopped 0/1, since or '', decisions, incremental margin, upper, lower ('' when unknown)).
 --
 -- Keys are built from the prefix (this script is for a single Redis node, like features.lua):
 --   <p>g:{user}   hash  <campaign>|d last decision ts, <campaign>|o last offer ts,
---                       <campaign>|n<day> offers that day
+--                       <campaign>|n<day> offers that day,
+--                       <campaign>|s<epoch><arm> the user's stop-loss sums "decisions cents"
 --   <p>p:{user}   hash  decision_id -> 'G' or 'N' (offer denied) + pending decision JSON array
---                       [ts, campaign, offer_id, decision_id, user_id, discount, propensity,
---                        model_version, features in catalogue order] (PendingDecision.to_compact)
---   <p>pq         zset  decision_id \x1f user, scored by the attribution deadline
+--                       (PendingDecision.to_compact); decision_id|c -> first conversion ts
+--   <p>pq         zset  decision_id \x1f user, scored by the end of the attribution window
+--   <p>pe         zset  the same members, scored by decision ts + elapsed_ms
 --   <p>b:<campaign>:<day>  discount spent that day, in cents
+--   <p>sl:<campaign>      hash  <epoch>|<arm>|<sum> stop-loss sums (n y yy yn nn u), and
+--                       state, since, decisions, diff, upper, lower (the last evaluation)
 
 local prefix = ARGV[1]
 local now = tonumber(ARGV[2])
 local window = tonumber(ARGV[3])
-local n_ops = tonumber(ARGV[4])
+local elapsed = tonumber(ARGV[4])
+local n_campaigns = tonumber(ARGV[5])
 local DAY_MS = 86400000
 local SEP = '\31'
-local queue_key = prefix .. 'pq'
+local Z95 = 1.959964
+local close_key = prefix .. 'pq'
+local elapsed_key = prefix .. 'pe'
 
--- Campaign order must match Python's sorted() whatever the server's collation locale is.
+local stop_loss = {}
+local stop_loss_order = {}
+local i = 6
+for n = 1, n_campaigns do
+  local name = ARGV[i]
+  stop_loss[name] = {
+    margin = tonumber(ARGV[i + 1]),
+    epoch_ms = math.max(math.floor(tonumber(ARGV[i + 2]) / 2), 1),
+    min_decisions = tonumber(ARGV[i + 3]),
+    min_users = tonumber(ARGV[i + 4]),
+  }
+  stop_loss_order[n] = name
+  i = i + 5
+end
+local n_ops = tonumber(ARGV[i])
+i = i + 1
+
+-- Order must match Python's str comparison whatever the server's collation locale is.
 local function bytewise_less(a, b)
   local n = math.min(#a, #b)
   for k = 1, n do
@@ -38,24 +65,68 @@ end
 
 local function guard_key(user) return prefix .. 'g:{' .. user .. '}' end
 local function pending_key(user) return prefix .. 'p:{' .. user .. '}' end
+local function sl_key(campaign) return prefix .. 'sl:' .. campaign end
+local function int(x) return string.format('%d', x) end
 
 local outcomes = {}
-local labelled = {}
+local events = {}
 
-local function label(user, decision_id, record, value, labeled_at)
-  redis.call('HDEL', pending_key(user), decision_id)
-  redis.call('ZREM', queue_key, decision_id .. SEP .. user)
-  labelled[#labelled + 1] = record
-  labelled[#labelled + 1] = value
-  labelled[#labelled + 1] = labeled_at
+local function emit(kind, record, converted_at, at)
+  events[#events + 1] = kind
+  events[#events + 1] = record
+  events[#events + 1] = converted_at or ''
+  events[#events + 1] = at
 end
 
-local function decide(i)
-  local user, campaign = ARGV[i], ARGV[i + 1]
-  local ts, interval = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
-  local has_offer, cost = ARGV[i + 4] == '1', tonumber(ARGV[i + 5])
-  local cooldown, max_per_day = tonumber(ARGV[i + 6]), tonumber(ARGV[i + 7])
-  local budget, decision_id, record = tonumber(ARGV[i + 8]), ARGV[i + 9], ARGV[i + 10]
+-- Stop-loss sums: the user's (decisions, cents) in the epoch and arm, then the campaign's sums.
+local function user_sums(user, campaign, epoch, arm)
+  local raw = redis.call('HGET', guard_key(user), campaign .. '|s' .. epoch .. arm)
+  if not raw then return 0, 0 end
+  local n, y = string.match(raw, '^(%-?%d+) (%-?%d+)$')
+  return tonumber(n), tonumber(y)
+end
+
+local function set_user_sums(user, campaign, epoch, arm, n, y)
+  local gkey = guard_key(user)
+  redis.call('HSET', gkey, campaign .. '|s' .. epoch .. arm, int(n) .. ' ' .. int(y))
+  redis.call('HDEL', gkey, campaign .. '|s' .. (epoch - 3) .. 'T', campaign .. '|s' .. (epoch - 3) .. 'H')
+end
+
+local function add_sums(campaign, epoch, arm, deltas)
+  local key = sl_key(campaign)
+  local field = epoch .. '|' .. arm .. '|'
+  for name, delta in pairs(deltas) do
+    if delta ~= 0 then
+      redis.call('HINCRBY', key, field .. name, int(delta))
+    end
+  end
+end
+
+local function record_decision(user, campaign, ts, arm)
+  local config = stop_loss[campaign]
+  if not config or arm == '' then return end
+  local epoch = math.floor(ts / config.epoch_ms)
+  local n, y = user_sums(user, campaign, epoch, arm)
+  add_sums(campaign, epoch, arm, { n = 1, nn = 2 * n + 1, yn = y, u = (n == 0) and 1 or 0 })
+  set_user_sums(user, campaign, epoch, arm, n + 1, y)
+end
+
+local function record_outcome(user, campaign, decision_ts, arm, amount, gross)
+  local config = stop_loss[campaign]
+  local epoch = math.floor(decision_ts / config.epoch_ms)
+  local cents = math.floor(amount - (1.0 - config.margin) * gross + 0.5)
+  local n, y = user_sums(user, campaign, epoch, arm)
+  add_sums(campaign, epoch, arm, { y = cents, yy = 2 * y * cents + cents * cents, yn = cents * n })
+  set_user_sums(user, campaign, epoch, arm, n, y + cents)
+end
+
+local function decide(j)
+  local user, campaign = ARGV[j], ARGV[j + 1]
+  local ts, interval = tonumber(ARGV[j + 2]), tonumber(ARGV[j + 3])
+  local has_offer, cost = ARGV[j + 4] == '1', tonumber(ARGV[j + 5])
+  local cooldown, max_per_day = tonumber(ARGV[j + 6]), tonumber(ARGV[j + 7])
+  local budget, decision_id = tonumber(ARGV[j + 8]), ARGV[j + 9]
+  local arm, record = ARGV[j + 10], ARGV[j + 11]
   local gkey = guard_key(user)
 
   local last = tonumber(redis.call('HGET', gkey, campaign .. '|d'))
@@ -90,83 +161,186 @@ local function decide(i)
       redis.call('EXPIRE', budget_key, 3 * 86400)
     end
   end
+  record_decision(user, campaign, ts, arm)
   -- 'G': recorded as proposed; 'N': the proposed offer was denied, so the decision is
   -- recorded as no discount and no offer (the reader applies that; no JSON re-encoding here).
   record = ((outcome == 1 or not has_offer) and 'G' or 'N') .. record
-  redis.call('EXPIRE', gkey, math.floor((math.max(interval, cooldown) + 3 * DAY_MS) / 1000))
+  redis.call('EXPIRE', gkey, math.floor((math.max(interval, cooldown, window) + 3 * DAY_MS) / 1000))
 
   local pkey = pending_key(user)
   redis.call('HSET', pkey, decision_id, record)
   -- a wall-clock safety net only: labels follow event time, which may run slower (replays)
   redis.call('EXPIRE', pkey, math.floor((window + 7 * DAY_MS) / 1000))
-  redis.call('ZADD', queue_key, ts + window, decision_id .. SEP .. user)
+  local member = decision_id .. SEP .. user
+  redis.call('ZADD', close_key, ts + window, member)
+  if elapsed > 0 then
+    redis.call('ZADD', elapsed_key, ts + elapsed, member)
+  end
   return outcome
 end
 
--- ts, campaign and offer_id of a stored record: a compact array (PendingDecision.to_compact)
--- or, written by an earlier version, an object.
+-- ts, campaign and arm of a stored record (PendingDecision.to_compact, after the 'G'/'N').
 local function decision_fields(record)
   local d = cjson.decode(string.sub(record, 2))
-  if d[1] ~= nil then
-    return tonumber(d[1]), d[2], d[3]
-  end
-  return tonumber(d['ts']), d['campaign'], d['offer_id']
+  return tonumber(d[1]), d[2], d[10]
 end
 
-local function purchase(user, ts, offer_id)
-  local flat = redis.call('HGETALL', pending_key(user))
-  -- per campaign: the decision that issued offer_id, else the latest in the window
-  local by_offer, latest = {}, {}
+local function purchase(user, ts, amount, gross)
+  local pkey = pending_key(user)
+  local flat = redis.call('HGETALL', pkey)
+  local stored, converted = {}, {}
   for k = 1, #flat, 2 do
-    local decision_id, record = flat[k], flat[k + 1]
-    local granted = string.sub(record, 1, 1) == 'G'
-    local d_ts, c, d_offer = decision_fields(record)
+    local field = flat[k]
+    if string.sub(field, -2) == '|c' then
+      converted[string.sub(field, 1, -3)] = true
+    else
+      stored[#stored + 1] = { id = field, record = flat[k + 1] }
+    end
+  end
+  -- every open decision whose window holds the purchase converts (first purchase only), in
+  -- (ts, decision_id) order, like PendingLabels.on_purchase
+  local hits = {}
+  for _, entry in ipairs(stored) do
+    local d_ts, campaign, arm = decision_fields(entry.record)
     local age = ts - d_ts
     if age >= 0 and age <= window then
-      local candidate = { id = decision_id, ts = d_ts, record = record }
-      if granted and offer_id ~= '' and d_offer == offer_id then
-        by_offer[c] = candidate
-      end
-      local best = latest[c]
-      if (not best) or candidate.ts > best.ts or (candidate.ts == best.ts and candidate.id > best.id) then
-        latest[c] = candidate
+      entry.ts = d_ts
+      hits[#hits + 1] = entry
+      if stop_loss[campaign] and arm ~= '' and not converted[entry.id] then
+        record_outcome(user, campaign, d_ts, arm, amount, gross)
       end
     end
   end
-  local campaigns = {}
-  for c, _ in pairs(latest) do campaigns[#campaigns + 1] = c end
-  table.sort(campaigns, bytewise_less)
-  for _, c in ipairs(campaigns) do
-    local chosen = by_offer[c] or latest[c]
-    label(user, chosen.id, chosen.record, 1, ts)
+  table.sort(hits, function(a, b)
+    if a.ts ~= b.ts then return a.ts < b.ts end
+    return bytewise_less(a.id, b.id)
+  end)
+  for _, entry in ipairs(hits) do
+    if not converted[entry.id] then
+      redis.call('HSET', pkey, entry.id .. '|c', ts)
+      emit('C', entry.record, ts, ts)
+    end
   end
 end
 
-local i = 5
 for n = 1, n_ops do
   local kind = ARGV[i]
   if kind == 'D' then
     outcomes[n] = decide(i + 1)
-    i = i + 12
+    i = i + 13
   else
-    purchase(ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3])
+    purchase(ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]))
     outcomes[n] = -1
-    i = i + 4
+    i = i + 5
   end
 end
 
--- Windows that ended before now are labelled 0, in deadline order.
-local due = redis.call('ZRANGEBYSCORE', queue_key, '-inf', '(' .. string.format('%d', now), 'WITHSCORES')
-for k = 1, #due, 2 do
-  local member, deadline = due[k], due[k + 1]
-  local sep_at = string.find(member, SEP, 1, true)
-  local decision_id, user = string.sub(member, 1, sep_at - 1), string.sub(member, sep_at + 1)
-  local record = redis.call('HGET', pending_key(user), decision_id)
+-- Label events due before now, in event-time order (elapsed before closed on a tie, like
+-- PendingLabels' heap of (time, 0 elapsed / 1 closed, decision_id, user)).
+local due = {}
+local function collect(key, closing)
+  local found = redis.call('ZRANGEBYSCORE', key, '-inf', '(' .. int(now), 'WITHSCORES')
+  for k = 1, #found, 2 do
+    local member = found[k]
+    local sep_at = string.find(member, SEP, 1, true)
+    due[#due + 1] = {
+      at = tonumber(found[k + 1]), closing = closing, member = member, key = key,
+      id = string.sub(member, 1, sep_at - 1), user = string.sub(member, sep_at + 1),
+    }
+  end
+end
+if elapsed > 0 then collect(elapsed_key, 0) end
+collect(close_key, 1)
+table.sort(due, function(a, b)
+  if a.at ~= b.at then return a.at < b.at end
+  if a.closing ~= b.closing then return a.closing < b.closing end
+  if a.id ~= b.id then return bytewise_less(a.id, b.id) end
+  return bytewise_less(a.user, b.user)
+end)
+for _, entry in ipairs(due) do
+  local pkey = pending_key(entry.user)
+  local record = redis.call('HGET', pkey, entry.id)
+  redis.call('ZREM', entry.key, entry.member)
   if record then
-    label(user, decision_id, record, 0, deadline)
-  else
-    redis.call('ZREM', queue_key, member)
+    local converted_at = redis.call('HGET', pkey, entry.id .. '|c')
+    if entry.closing == 1 then
+      redis.call('HDEL', pkey, entry.id, entry.id .. '|c')
+      emit('X', record, converted_at, int(entry.at))
+    else
+      emit('E', record, converted_at, int(entry.at))
+    end
   end
 end
 
-return { outcomes, labelled }
+-- Stop-loss: evaluate each campaign over the current and the previous epoch.
+local function arm_stats(campaign, epochs, arm)
+  local s = { n = 0, y = 0, yy = 0, yn = 0, nn = 0, u = 0 }
+  local key = sl_key(campaign)
+  for _, epoch in ipairs(epochs) do
+    local field = epoch .. '|' .. arm .. '|'
+    local values = redis.call('HMGET', key, field .. 'n', field .. 'y', field .. 'yy',
+      field .. 'yn', field .. 'nn', field .. 'u')
+    s.n = s.n + (tonumber(values[1]) or 0)
+    s.y = s.y + (tonumber(values[2]) or 0)
+    s.yy = s.yy + (tonumber(values[3]) or 0)
+    s.yn = s.yn + (tonumber(values[4]) or 0)
+    s.nn = s.nn + (tonumber(values[5]) or 0)
+    s.u = s.u + (tonumber(values[6]) or 0)
+  end
+  return s
+end
+
+local function mean_and_variance(s)
+  if s.u < 2 or s.n == 0 then return nil end
+  local mean = s.y / s.n
+  local spread = s.yy - 2.0 * mean * s.yn + mean * mean * s.nn
+  if spread < 0 then spread = 0 end
+  return mean, s.u / (s.u - 1) * spread / (s.n * s.n)
+end
+
+local statuses = {}
+for _, campaign in ipairs(stop_loss_order) do
+  local config = stop_loss[campaign]
+  local key = sl_key(campaign)
+  local current = math.floor(now / config.epoch_ms)
+  local epochs = { current, current - 1 }
+  local t, h = arm_stats(campaign, epochs, 'T'), arm_stats(campaign, epochs, 'H')
+  local state = redis.call('HMGET', key, 'state', 'since')
+  local stopped = state[1] == '1'
+  local since = state[2] or ''
+  local decisions = t.n + h.n
+  local diff, upper, lower = '', '', ''
+  local t_mean, t_var = mean_and_variance(t)
+  local h_mean, h_var = mean_and_variance(h)
+  if t_mean and h_mean then
+    local d = (t_mean - h_mean) / 100.0
+    local half = Z95 * math.sqrt(t_var + h_var) / 100.0
+    diff, upper, lower = d, d + half, d - half
+    if decisions >= config.min_decisions and t.u >= config.min_users and h.u >= config.min_users then
+      local now_stopped = upper < 0.0
+      if now_stopped ~= stopped then
+        stopped = now_stopped
+        since = int(now)
+      end
+    end
+  end
+  redis.call('HSET', key, 'state', stopped and '1' or '0', 'since', since, 'decisions', int(decisions))
+  -- sums of decisions older than the window no longer change the statistic
+  local stale = current - 3
+  local fields = {}
+  for _, arm in ipairs({ 'T', 'H' }) do
+    for _, sum in ipairs({ 'n', 'y', 'yy', 'yn', 'nn', 'u' }) do
+      fields[#fields + 1] = stale .. '|' .. arm .. '|' .. sum
+    end
+  end
+  redis.call('HDEL', key, unpack(fields))
+  statuses[#statuses + 1] = campaign
+  statuses[#statuses + 1] = stopped and 1 or 0
+  statuses[#statuses + 1] = since
+  statuses[#statuses + 1] = decisions
+  statuses[#statuses + 1] = diff == '' and '' or string.format('%.17g', diff)
+  statuses[#statuses + 1] = upper == '' and '' or string.format('%.17g', upper)
+  statuses[#statuses + 1] = lower == '' and '' or string.format('%.17g', lower)
+end
+
+return { outcomes, events, statuses }

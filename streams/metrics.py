@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from engine.features import State
 from engine.ledger import DecisionLedger, LedgerOp, LedgerResult
 from engine.pipeline import BatchResult
+from engine.stop_loss import StopLossStatus
 from engine.store import BatchOutcome, FeatureStore, StateUpdate, UpdateStatus
 from streams.decode import DeadLetter, RawRecord
 
@@ -364,6 +365,9 @@ class TimedLedger:
             return await self.inner.settle(ops, now_ms=now_ms)
         finally:
             self._observe(time.perf_counter() - started)
+
+    async def stop_loss_status(self) -> dict[str, StopLossStatus]:
+        return await self.inner.stop_loss_status()
 
     async def budget_spent_cents(self, campaign: str, day: int) -> int:
         return await self.inner.budget_spent_cents(campaign, day)

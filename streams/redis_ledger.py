@@ -1,27 +1,31 @@
 """The decision ledger in Redis: one Lua call per micro-batch, same contract as the in-memory one.
 
 Budgets are plain Redis counters checked and incremented inside the script, so any number of
-workers share them without ever overspending. See ``streams/ledger.lua`` for the key layout.
+workers share them without ever overspending; the stop-loss sums and state live next to them,
+so every worker sees the same campaign state. See ``streams/ledger.lua`` for the key layout.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from importlib import resources
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
 
-from engine.labels import LabelledExample, PendingDecision
+from engine.labels import LabelEvent, LabelKind, PendingDecision
 from engine.ledger import (
     RATE_LIMITED,
     DecisionOutcome,
     DecisionRequest,
+    LedgerConfig,
     LedgerOp,
     LedgerResult,
     without_offer,
 )
+from engine.stop_loss import StopLossStatus
 from streams.redis_store import hash_tag
 
 _OUTCOMES: dict[int, DecisionOutcome] = {
@@ -32,37 +36,57 @@ _OUTCOMES: dict[int, DecisionOutcome] = {
     4: DecisionOutcome(decided=True, denied_by="max_offers_per_day"),
     5: DecisionOutcome(decided=True, denied_by="budget"),
 }
+_KINDS = {b"C": LabelKind.CONVERTED, b"E": LabelKind.ELAPSED, b"X": LabelKind.CLOSED}
 
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _pending_from_stored(stored: bytes | str) -> PendingDecision:
-    """Stored records are 'G' + JSON, or 'N' + JSON when the proposed offer was denied.
+def _bytes(value: bytes | str) -> bytes:
+    return value.encode() if isinstance(value, str) else value
 
-    The JSON is ``PendingDecision.to_compact``'s array; an object is a record written by an
-    earlier version (``to_record``), still read until its attribution window closes."""
+
+def _pending_from_stored(stored: bytes | str, converted_at: bytes | str) -> PendingDecision:
+    """Stored records are 'G' + JSON, or 'N' + JSON when the proposed offer was denied; the
+    JSON is ``PendingDecision.to_compact``'s array. The first conversion is kept beside it."""
     text = _text(stored)
-    body = orjson.loads(text[1:])
-    decision = (
-        PendingDecision.from_record(body)
-        if isinstance(body, dict)
-        else PendingDecision.from_compact(body)
-    )
+    decision = PendingDecision.from_compact(orjson.loads(text[1:]))
+    if converted_at not in (b"", ""):
+        decision = replace(decision, converted_at=int(float(_text(converted_at))))
     return without_offer(decision) if text[0] == "N" else decision
 
 
+def _optional_float(value: bytes | str) -> float | None:
+    return None if value in (b"", "") else float(_text(value))
+
+
 class RedisLedger:
-    def __init__(self, client: aioredis.Redis, *, prefix: str, attribution_window_ms: int) -> None:
+    def __init__(self, client: aioredis.Redis, *, prefix: str, config: LedgerConfig) -> None:
         self._client = client
         self._prefix = prefix
-        self.attribution_window_ms = attribution_window_ms
+        self.config = config
+        self.attribution_window_ms = config.attribution_window_ms
         source = resources.files("streams").joinpath("ledger.lua").read_text()
         self._script = client.register_script(source)
+        self._head: list[Any] = []
+        for name, setting in sorted(config.stop_loss.items()):
+            stop = setting.config
+            self._head.extend(
+                (name, repr(setting.margin), stop.window_ms, stop.min_decisions, stop.min_users)
+            )
 
     async def settle(self, ops: Sequence[LedgerOp], *, now_ms: int) -> LedgerResult:
-        args: list[Any] = [self._prefix, now_ms, self.attribution_window_ms, len(ops)]
+        config = self.config
+        args: list[Any] = [
+            self._prefix,
+            now_ms,
+            config.attribution_window_ms,
+            config.elapsed_ms,
+            len(config.stop_loss),
+            *self._head,
+            len(ops),
+        ]
         for op in ops:
             if isinstance(op, DecisionRequest):
                 decision, limits = op.decision, op.offer
@@ -79,22 +103,47 @@ class RedisLedger:
                         limits.max_per_day if limits and limits.max_per_day is not None else -1,
                         limits.budget_cents if limits and limits.budget_cents is not None else -1,
                         decision.decision_id,
+                        str(decision.arm),
                         orjson.dumps(decision.to_compact()),
                     )
                 )
             else:
-                args.extend(("P", hash_tag(op.user_id), op.ts, op.offer_id or ""))
-        outcomes_raw, labelled_raw = await self._script(keys=[], args=args)
+                args.extend(("P", hash_tag(op.user_id), op.ts, op.amount_cents, op.gross_cents))
+        outcomes_raw, events_raw, statuses_raw = await self._script(keys=[], args=args)
         outcomes = [None if int(code) < 0 else _OUTCOMES[int(code)] for code in outcomes_raw]
-        labelled = [
-            LabelledExample(
-                _pending_from_stored(labelled_raw[k]),
-                int(labelled_raw[k + 1]),
-                int(float(labelled_raw[k + 2])),
+        events = [
+            LabelEvent(
+                _pending_from_stored(events_raw[k + 1], events_raw[k + 2]),
+                _KINDS[_bytes(events_raw[k])],
+                int(float(_text(events_raw[k + 3]))),
             )
-            for k in range(0, len(labelled_raw), 3)
+            for k in range(0, len(events_raw), 4)
         ]
-        return LedgerResult(outcomes=outcomes, labelled=labelled)
+        stop_loss: dict[str, StopLossStatus] = {}
+        for k in range(0, len(statuses_raw), 7):
+            name, stopped, since, decisions, diff, upper, lower = statuses_raw[k : k + 7]
+            stop_loss[_text(name)] = StopLossStatus(
+                stopped=int(stopped) == 1,
+                since_ms=None if since in (b"", "") else int(float(_text(since))),
+                decisions=int(decisions),
+                incremental_margin=_optional_float(diff),
+                upper_bound=_optional_float(upper),
+                lower_bound=_optional_float(lower),
+            )
+        return LedgerResult(outcomes=outcomes, events=events, stop_loss=stop_loss)
+
+    async def stop_loss_status(self) -> dict[str, StopLossStatus]:
+        statuses: dict[str, StopLossStatus] = {}
+        for name in sorted(self.config.stop_loss):
+            stopped, since, decisions = await self._client.hmget(
+                f"{self._prefix}sl:{name}", ["state", "since", "decisions"]
+            )
+            statuses[name] = StopLossStatus(
+                stopped=stopped in (b"1", "1"),
+                since_ms=None if since in (None, b"", "") else int(float(_text(since))),
+                decisions=0 if decisions is None else int(decisions),
+            )
+        return statuses
 
     async def budget_spent_cents(self, campaign: str, day: int) -> int:
         raw = await self._client.get(f"{self._prefix}b:{campaign}:{day}")
@@ -107,8 +156,10 @@ class RedisLedger:
         """Delete the user's guard state and pending decisions; returns keys removed."""
         tag = hash_tag(user_id)
         pending_key = f"{self._prefix}p:{{{tag}}}"
-        decision_ids = await self._client.hkeys(pending_key)
+        fields = await self._client.hkeys(pending_key)
+        decision_ids = [_text(f) for f in fields if not _text(f).endswith("|c")]
         if decision_ids:
-            members = [f"{_text(d)}\x1f{tag}" for d in decision_ids]
+            members = [f"{d}\x1f{tag}" for d in decision_ids]
             await self._client.zrem(f"{self._prefix}pq", *members)
+            await self._client.zrem(f"{self._prefix}pe", *members)
         return int(await self._client.delete(f"{self._prefix}g:{{{tag}}}", pending_key))

@@ -85,6 +85,7 @@ class RedisFeatureStore:
                     update.event_id,
                     update.ts,
                     ops,
+                    1 if update.on_time else 0,
                 ]
             )
         args: list[int | bytes] = [allowed_lateness_ms, self.ttl_seconds, orjson.dumps(rows)]

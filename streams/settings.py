@@ -10,9 +10,14 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from engine.feedback import Feedback, FeedbackMethod
 from streams.errors import ConfigError
+
+if TYPE_CHECKING:
+    from engine.pipeline import EngineConfig
 from streams.logs import LOG_FORMATS
 
 ENV_PREFIX = "DEALSTREAM_"
@@ -118,10 +123,24 @@ class Settings:
     """Key of the ``user_ref`` hash in logs; None: a random one per process."""
     learn_inline: bool = False
     """Let the worker learn from its own labels (single-process setups without a learner)."""
+    feedback: Feedback = field(default_factory=Feedback)
+    """Delayed-feedback method (``DEALSTREAM_FEEDBACK``) and its wait
+    (``DEALSTREAM_FEEDBACK_WAIT_S``): worker and learner must agree."""
 
     @property
     def topics(self) -> Topics:
         return Topics(self.topic_prefix)
+
+    def engine_config(self) -> EngineConfig:
+        """What the engine takes of these settings."""
+        from engine.pipeline import EngineConfig  # the engine loads River: only when needed
+
+        return EngineConfig(
+            allowed_lateness_ms=int(self.allowed_lateness_s * 1000),
+            attribution_window_ms=int(self.attribution_window_s * 1000),
+            learn_inline=self.learn_inline,
+            feedback=self.feedback,
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -170,7 +189,31 @@ class Settings:
             log_format=_log_format(get("LOG_FORMAT") or defaults.log_format),
             log_salt=Secret(salt) if (salt := get("LOG_SALT")) else None,
             learn_inline=_flag(get("LEARN_INLINE"), "LEARN_INLINE"),
+            feedback=_feedback(
+                get("FEEDBACK"),
+                number("FEEDBACK_WAIT_S", 0.0, float) if get("FEEDBACK_WAIT_S") else None,
+                number("ATTRIBUTION_WINDOW_S", defaults.attribution_window_s, float),
+            ),
         )
+
+
+def _feedback(method: str | None, wait_s: float | None, window_s: float) -> Feedback:
+    """The method, and its wait: as set, else the default wait or half a shorter window."""
+    default = Feedback()
+    try:
+        chosen = FeedbackMethod(method.strip().lower()) if method else default.method
+    except ValueError:
+        known = ", ".join(m.value for m in FeedbackMethod)
+        raise ConfigError(f"{ENV_PREFIX}FEEDBACK={method!r} is not one of {known}") from None
+    if wait_s is None:
+        wait_s = min(default.elapsed_ms / 1000, window_s / 2)
+    feedback = Feedback(chosen, int(wait_s * 1000))
+    if feedback.ledger_elapsed_ms and not 0 < wait_s < window_s:
+        raise ConfigError(
+            f"{ENV_PREFIX}FEEDBACK_WAIT_S must be above 0 and below the attribution window "
+            f"({window_s:g} s) for {chosen.value}, got {wait_s:g}"
+        )
+    return feedback
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")

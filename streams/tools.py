@@ -30,9 +30,7 @@ async def forget_user(settings: Settings, user_id: str) -> dict[str, int]:
         await check_redis(client, settings.redis_url.reveal())
         store = RedisFeatureStore(client, prefix=settings.redis_prefix)
         ledger = RedisLedger(
-            client,
-            prefix=settings.redis_prefix,
-            attribution_window_ms=int(settings.attribution_window_s * 1000),
+            client, prefix=settings.redis_prefix, config=settings.engine_config().ledger_config(())
         )
         return {
             "feature keys": await store.forget(user_id),

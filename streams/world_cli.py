@@ -23,6 +23,7 @@ from engine.world.params import PAIR_KEYS, PARAM_KEYS
 
 if TYPE_CHECKING:  # the closed loop imports the engine and River: only when a command runs
     from engine.closed_loop import ClosedLoopConfig
+    from engine.feedback import Feedback
 
 FLAGS: dict[str, str] = {key: "--" + key.replace("_", "-") for key in PARAM_KEYS}
 """The flag of each parameter: its TOML key with dashes."""
@@ -109,12 +110,20 @@ def world_choice(args: argparse.Namespace) -> WorldChoice:
 
 
 def closed_loop_config(
-    choice: WorldChoice, *, users: int, events: int, seed: int, batch_size: int | None = None
+    choice: WorldChoice,
+    *,
+    users: int,
+    events: int,
+    seed: int,
+    feedback: Feedback,
+    batch_size: int | None = None,
 ) -> ClosedLoopConfig:
     """A closed loop in the chosen world; unset settings keep ``ClosedLoopConfig``'s defaults."""
     from engine.closed_loop import ClosedLoopConfig
 
-    config = ClosedLoopConfig(users=users, events=events, seed=seed, world=choice.params)
+    config = ClosedLoopConfig(
+        users=users, events=events, seed=seed, world=choice.params, feedback=feedback
+    )
     if batch_size is not None:
         config = replace(config, batch_size=batch_size)
     if choice.margin is not None:

@@ -3,6 +3,10 @@ integration tests of the learner).
 
 P(buy) = sigmoid(-5 + 1.8 log1p(carts_24h) + 0.5 log1p(views_24h) + 0.9 log1p(purchases_30d)
 + 6 discount): a label rate near 0.37 and a Bayes-optimal ROC AUC near 0.84.
+
+Each example carries its decision's final label the way the training topic first says it: a
+positive as ``converted``, a negative as ``closed``; the ``naive`` feedback method
+(``SYNTHETIC_FEEDBACK``) learns exactly these, once each.
 """
 
 from __future__ import annotations
@@ -11,8 +15,11 @@ import math
 import random
 from dataclasses import dataclass
 
+from engine.feedback import Feedback, FeedbackMethod
+
 T0_MS = 1_767_225_600_000
 """2026-01-01T00:00:00Z."""
+SYNTHETIC_FEEDBACK = Feedback(FeedbackMethod.NAIVE)
 
 
 @dataclass(frozen=True)
@@ -45,12 +52,14 @@ def training_examples(n: int, *, seed: int, start: int = 0) -> list[Drawn]:
         }
         discount = float(rng.choice([0, 5, 10, 15, 20]))
         p = ground_truth(features, discount)
+        label = 1 if rng.random() < p else 0
         example: dict[str, object] = {
             "decision_id": f"d{index}",
             "features": features,
             "discount_pct": discount,
-            "label": 1 if rng.random() < p else 0,
+            "label": label,
             "labeled_at": T0_MS + index * 1000,
+            "kind": "converted" if label else "closed",
         }
         drawn.append(Drawn(example, p))
     return drawn

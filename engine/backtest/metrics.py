@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import math
 from array import array
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from engine.backtest.fairness import FairnessCounts
 from engine.backtest.qini import UpliftBins
-from engine.model import PurchaseModel
 from engine.prequential import ECE_BINS, roc_auc
 
 BURN_BUCKET_MS = 60_000
@@ -84,22 +82,6 @@ class ModelStats:
             "label_rate": sum(self.labels) / n,
             "calibration": calibration,
         }
-
-
-class ScoredModel(PurchaseModel):
-    """A ``PurchaseModel`` that scores every example just before learning it (prequential).
-
-    The engine learns inline in backtests; wrapping ``learn`` is how the backtest sees the
-    prediction the model would have made for each label without changing the engine.
-    """
-
-    def __init__(self, stats: ModelStats) -> None:
-        super().__init__()
-        self.stats = stats
-
-    def learn(self, features: Mapping[str, float], discount_pct: float, label: int) -> None:
-        self.stats.update(self.predict(features, discount_pct), int(label))
-        super().learn(features, discount_pct, label)
 
 
 @dataclass(slots=True)

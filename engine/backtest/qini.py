@@ -7,10 +7,10 @@ highest first, in 0.001-wide bins (``UPLIFT_BINS`` over [-1, 1]), so memory is f
 many decisions there are. Two estimates, the first that has data wins:
 
 - ``ipw``: decisions whose ``offer_propensity`` e is strictly between 0 and 1 (the profit
-  policy's exploration). Treatment T = an offer was granted; each decision weighs T/e or
-  (1-T)/(1-e), so the treated and untreated sums each stand for every decision in the bin.
-  e is the policy's probability: a guardrail that denies the chosen offer turns T to 0
-  without a draw, so such decisions are counted (``denied``) for the reader to judge.
+  policy's exploration). Treatment T = the policy chose an offer (granted, or denied by a
+  guardrail afterwards: e is the probability of the choice, so T must be the choice too);
+  each decision weighs T/e or (1-T)/(1-e), so the treated and untreated sums each stand for
+  every decision in the bin. ``denied`` counts the chosen offers a guardrail withheld.
 - ``holdout``: offered decisions against holdout decisions (unweighted), when a campaign
   never explores but has a holdout.
 
@@ -67,7 +67,7 @@ class UpliftBins:
     ipw_treated: int = 0
     ipw_untreated: int = 0
     ipw_denied: int = 0
-    """Unoffered exploring decisions whose offer a guardrail denied (see ``qini_section``)."""
+    """Exploring decisions whose chosen offer a guardrail denied (treated: the policy chose it)."""
 
     def add(
         self,
@@ -90,13 +90,13 @@ class UpliftBins:
         e = offer_propensity
         if 0.0 < e < 1.0:
             self.ipw_n[b] += 1
-            if granted:
+            if granted or denied:
                 self.ipw_treated += 1
+                self.ipw_denied += denied
                 self.ipw_wt[b] += 1.0 / e
                 self.ipw_yt[b] += label / e
             else:
                 self.ipw_untreated += 1
-                self.ipw_denied += denied
                 self.ipw_wc[b] += 1.0 / (1.0 - e)
                 self.ipw_yc[b] += label / (1.0 - e)
 
@@ -278,8 +278,8 @@ def qini_section(bins: UpliftBins, setup: QiniSetup) -> dict[str, Any]:
         section["denied"] = bins.ipw_denied
         if bins.ipw_denied:
             section["note"] = (
-                f"{bins.ipw_denied:,} of the {curve.control:,} unoffered decisions had their "
-                "offer denied by a guardrail (cooldown, caps, budget): their weight uses the "
-                "policy's offer probability, not the guardrail's, so read the curve with care"
+                f"{bins.ipw_denied:,} of the {curve.treated:,} treated decisions (the policy "
+                "chose an offer) had it denied by a guardrail (cooldown, caps, budget): the "
+                "curve measures choosing an offer, guardrails included"
             )
     return section

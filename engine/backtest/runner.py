@@ -25,13 +25,13 @@ from engine.backtest.metrics import (
     CampaignStats,
     ModelStats,
     OpenDecision,
-    ScoredModel,
     p_segment,
 )
 from engine.campaigns import Campaign
 from engine.errors import EngineError
 from engine.events import Event, PurchaseEvent
 from engine.features import event_kind
+from engine.labels import LabelKind
 from engine.ledger import event_day
 from engine.pipeline import (
     BatchResult,
@@ -127,9 +127,9 @@ def _new_group(
     seeded = tuple(dataclasses.replace(c, seed=c.seed + seed) for c in campaigns)
     keys = tuple(c.name if single else f"{name}/{c.name}" for c in seeded)
     model_stats = ModelStats()
-    engine = DiscountEngine(
-        InMemoryFeatureStore(), model=ScoredModel(model_stats), campaigns=seeded, config=config
-    )
+    engine = DiscountEngine(InMemoryFeatureStore(), campaigns=seeded, config=config)
+    assert engine.learner is not None  # backtests learn inline
+    engine.learner.on_final = model_stats.update
     return GroupResult(
         name=name,
         campaigns=seeded,
@@ -218,12 +218,16 @@ def _absorb(
             decisions_out.write(orjson.dumps(decision, option=_DUMPS_OPTIONS))
     for name, cents in batch.spend_cents.items():
         group.stats[group.by_name[name]].committed_spend_cents += cents
-    for example in batch.training:
-        found = group.open.pop(str(example["decision_id"]), None)
+    for labelled in batch.labels:
+        # A decision's final label: its first conversion, or its window closing without one.
+        kind = labelled.kind
+        if kind is LabelKind.ELAPSED or (kind is LabelKind.CLOSED and labelled.label):
+            continue
+        found = group.open.pop(labelled.decision.decision_id, None)
         if found is None:
             continue
         index, opened = found
-        label = int(example["label"])  # type: ignore[call-overload]
+        label = labelled.label
         group.stats[index].on_label(opened, label)
         group.served.update(opened.p_purchase, label)
         rewards[opened.seq] = label

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from engine.model import model_inputs
+from engine.inputs import model_inputs
 from engine.ope.decision_log import LoggedDecision
 from engine.ope.errors import OpeError
 from engine.ope.estimators import (

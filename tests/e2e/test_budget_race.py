@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 
 from engine.campaigns import load_campaigns
 from engine.events import parse_event
-from engine.ledger import event_day
+from engine.ledger import LedgerConfig, event_day
 from engine.pipeline import offer_cost_cents, order_value
 from engine.simulator import generate
 from streams.kafka_io import ensure_topics
@@ -114,7 +114,9 @@ def test_two_workers_never_overspend_a_shared_budget(
     async def spent() -> int:
         client = aioredis.Redis.from_url(services.redis_url)
         try:
-            ledger = RedisLedger(client, prefix=isolation.redis_prefix, attribution_window_ms=1)
+            ledger = RedisLedger(
+                client, prefix=isolation.redis_prefix, config=LedgerConfig(attribution_window_ms=1)
+            )
             return await ledger.budget_spent_cents("race", event_day(start_ms))
         finally:
             await client.aclose()

@@ -1,8 +1,9 @@
 """The Redis decision ledger (streams/redis_ledger.py + ledger.lua) against a real Redis.
 
 1. Parity: random sequences of decision requests and purchases, settled in random batches with
-   an advancing ``now_ms``, give the same outcomes, labelled examples (in the same order),
-   budget counters and pending counts as ``InMemoryLedger``.
+   an advancing ``now_ms``, give the same outcomes, label events (in the same order), stop-loss
+   statuses (state and figures, to the last bit), budget counters and pending counts as
+   ``InMemoryLedger``.
 2. ``forget`` removes a user's guard and pending keys and their queue members, nothing else.
 3. Concurrency: eight clients race for one campaign budget; the total granted never exceeds
    it, not by one cent.
@@ -18,7 +19,6 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-import orjson
 import pytest
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
@@ -26,16 +26,19 @@ from hypothesis import event as label
 from hypothesis import strategies as st
 
 from engine.features import HOUR_MS, MINUTE_MS
-from engine.labels import PendingDecision
+from engine.labels import Arm, LabelKind, PendingDecision
 from engine.ledger import (
     DecisionOutcome,
     DecisionRequest,
     InMemoryLedger,
+    LedgerConfig,
     LedgerOp,
     OfferLimits,
     PurchaseNotice,
+    StopLossSetting,
     event_day,
 )
+from engine.stop_loss import StopLoss
 from streams.redis_ledger import RedisLedger
 from streams.redis_store import hash_tag
 from tests.conftest import Isolation, Services
@@ -49,6 +52,17 @@ WINDOW = 3 * HOUR_MS
 USERS = ("u0", "u1", "ü2", "u{3}")
 """Include a non-ASCII id and one with braces (escaped by ``hash_tag``)."""
 CAMPAIGNS = ("alpha", "beta", "gamma")
+CONFIG = LedgerConfig(
+    attribution_window_ms=WINDOW,
+    elapsed_ms=40 * MINUTE_MS,
+    # Small windows and thresholds, so that scenarios of a few dozen ops flip the state.
+    stop_loss={
+        "alpha": StopLossSetting(StopLoss(2 * HOUR_MS, min_decisions=3, min_users=2), 0.3),
+        "beta": StopLossSetting(StopLoss(HOUR_MS, min_decisions=1, min_users=2), 0.45),
+    },
+)
+PLAIN = LedgerConfig(attribution_window_ms=WINDOW)
+"""No elapsed events, no stop-loss: the hand-written scenarios."""
 
 
 # -- scenarios ----------------------------------------------------------------------------------
@@ -63,6 +77,7 @@ class DecisionSpec:
     offer: OfferLimits | None
     discount_pct: float
     propensity: float
+    arm: str
     boundary: int | None
     """When set, the decision lands at the previous decision of the same user and campaign plus
     the larger of its interval and cooldown plus ``boundary`` ms (-1, 0 or 1): right at the
@@ -76,6 +91,8 @@ class PurchaseSpec:
     redeem: int | None
     """Which offer id the purchase carries: 0-3 one of the user's own recent offers (the
     latest first, whether granted or denied), 4-9 any earlier decision's (maybe none)."""
+    gross_cents: int
+    paid_share: float
 
 
 Spec = DecisionSpec | PurchaseSpec
@@ -106,6 +123,7 @@ decision_specs = st.builds(
     offer=st.one_of(st.none(), offer_limits, offer_limits),
     discount_pct=st.sampled_from([5.0, 10.0, 12.5, 20.0]),
     propensity=st.floats(0.01, 1.0),
+    arm=st.sampled_from(["", "T", "T", "H"]),
     boundary=st.one_of(st.none(), st.none(), st.sampled_from([-1, 0, 1])),
 )
 purchase_specs = st.builds(
@@ -113,6 +131,8 @@ purchase_specs = st.builds(
     user=some_user,
     step_ms=steps,
     redeem=st.one_of(st.none(), st.integers(0, 9)),
+    gross_cents=st.one_of(st.sampled_from([0, 1, 999]), st.integers(0, 40_000)),
+    paid_share=st.sampled_from([1.0, 0.95, 0.8, 0.5, 0.0]),
 )
 
 
@@ -139,12 +159,15 @@ class Scenario:
             lines.append(f"-- settle now={now - T0:+d}")
             for op in ops:
                 if isinstance(op, PurchaseNotice):
-                    lines.append(f"   P {op.user_id} ts={op.ts - T0:+d} offer={op.offer_id}")
+                    lines.append(
+                        f"   P {op.user_id} ts={op.ts - T0:+d} offer={op.offer_id} "
+                        f"paid={op.amount_cents}/{op.gross_cents}"
+                    )
                 else:
                     d = op.decision
                     lines.append(
                         f"   D {d.decision_id} {d.user_id}/{d.campaign} ts={d.ts - T0:+d} "
-                        f"iv={op.decision_interval_ms} offer={d.offer_id} {op.offer}"
+                        f"iv={op.decision_interval_ms} offer={d.offer_id} arm={d.arm!r} {op.offer}"
                     )
         return "\n".join(lines)
 
@@ -179,6 +202,7 @@ def scenarios(draw: st.DrawFn) -> Scenario:
                 propensity=spec.propensity,
                 model_version=f"lr-{index}",
                 offer_id=f"o{index:03d}" if offered else None,
+                arm=Arm(spec.arm),
             )
             decisions.append(decision)
             ops.append(DecisionRequest(decision, spec.interval_ms, spec.offer))
@@ -189,7 +213,8 @@ def scenarios(draw: st.DrawFn) -> Scenario:
                 offer_id = own[-1 - spec.redeem % len(own)]
             elif spec.redeem is not None and decisions:
                 offer_id = decisions[spec.redeem * 7 % len(decisions)].offer_id
-            ops.append(PurchaseNotice(USERS[spec.user], ts, offer_id))
+            paid = round(spec.gross_cents * spec.paid_share)
+            ops.append(PurchaseNotice(USERS[spec.user], ts, offer_id, paid, spec.gross_cents))
     batches: list[tuple[list[LedgerOp], int]] = []
     clock = T0 - HOUR_MS
     start = 0
@@ -220,7 +245,8 @@ def _outcome_name(outcome: DecisionOutcome) -> str:
 
 def ledger_keys(prefix: str, days: Sequence[int]) -> list[str]:
     """Every key the ledger can write for ``USERS``, ``CAMPAIGNS`` and ``days`` (ledger.lua)."""
-    keys = [f"{prefix}pq"]
+    keys = [f"{prefix}pq", f"{prefix}pe"]
+    keys += [f"{prefix}sl:{campaign}" for campaign in CAMPAIGNS]
     keys += [f"{prefix}{kind}:{{{hash_tag(user)}}}" for user in USERS for kind in ("g", "p")]
     keys += [f"{prefix}b:{campaign}:{day}" for campaign in CAMPAIGNS for day in days]
     return keys
@@ -229,18 +255,19 @@ def ledger_keys(prefix: str, days: Sequence[int]) -> list[str]:
 async def check_parity(redis_url: str, prefix: str, scenario: Scenario) -> None:
     client = aioredis.Redis.from_url(redis_url)
     try:
-        redis_ledger = RedisLedger(client, prefix=prefix, attribution_window_ms=WINDOW)
-        memory = InMemoryLedger(attribution_window_ms=WINDOW)
+        redis_ledger = RedisLedger(client, prefix=prefix, config=CONFIG)
+        memory = InMemoryLedger(CONFIG)
         days = scenario.days
         for number, (ops, now) in enumerate(scenario.batches):
             expected = memory.settle_now(ops, now_ms=now)
             actual = await redis_ledger.settle(ops, now_ms=now)
             where = f"settle #{number}"
             assert actual.outcomes == expected.outcomes, where
-            assert actual.labelled == expected.labelled, where
-            assert [(e.decision.decision_id, e.label, e.labeled_at) for e in actual.labelled] == [
-                (e.decision.decision_id, e.label, e.labeled_at) for e in expected.labelled
+            assert [(e.decision.decision_id, e.kind, e.ts, e.label) for e in actual.events] == [
+                (e.decision.decision_id, e.kind, e.ts, e.label) for e in expected.events
             ], where
+            assert actual.events == expected.events, where
+            assert actual.stop_loss == expected.stop_loss, where
             for campaign in CAMPAIGNS:
                 for day in days:
                     assert await redis_ledger.budget_spent_cents(
@@ -250,8 +277,11 @@ async def check_parity(redis_url: str, prefix: str, scenario: Scenario) -> None:
             for outcome in expected.outcomes:
                 if outcome is not None:
                     label(f"outcome {_outcome_name(outcome)}")
-            for example in expected.labelled:
-                label(f"label {example.label}")
+            for event in expected.events:
+                label(f"event {event.kind} {event.label}")
+            for status in expected.stop_loss.values():
+                if status.stopped:
+                    label("a campaign is stopped")
         assert await redis_ledger.pending_count() == 0
     finally:
         # The known keys only (a SCAN per example is slow on a busy server); the fixture
@@ -284,10 +314,12 @@ def _describe(scenario: Scenario) -> None:
         label("several batches")
     if any(isinstance(op, PurchaseNotice) for op in ops):
         label("has purchases")
+    if any(op.decision.arm for op in requests):
+        label("has stop-loss samples")
 
 
 @settings(
-    max_examples=30,
+    max_examples=40,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -308,6 +340,7 @@ def _request(
     campaign: str = "alpha",
     offer: OfferLimits | None = None,
     interval_ms: int = 0,
+    arm: Arm = Arm.NONE,
 ) -> DecisionRequest:
     decision = PendingDecision(
         decision_id=decision_id,
@@ -319,6 +352,7 @@ def _request(
         propensity=1.0,
         model_version="lr-0",
         offer_id=f"o-{decision_id}" if offer else None,
+        arm=arm,
     )
     return DecisionRequest(decision, interval_ms, offer)
 
@@ -336,7 +370,7 @@ async def test_a_hand_written_scenario_gives_the_expected_outcomes(
         _request("d5", "u2", T0 + 3, offer=OfferLimits(300, budget_cents=500)),  # over budget
         _request("d6", "u2", T0 + 4, offer=OfferLimits(200, budget_cents=500, max_per_day=1)),
         _request("d7", "u2", T0 + 5, offer=OfferLimits(0, max_per_day=1)),
-        PurchaseNotice("u1", T0 + 2 * MINUTE_MS, "o-d1"),
+        PurchaseNotice("u1", T0 + 2 * MINUTE_MS, "o-d1", 2700, 3000),
     ]
     expected_outcomes = [
         DecisionOutcome(True, True),
@@ -350,56 +384,75 @@ async def test_a_hand_written_scenario_gives_the_expected_outcomes(
     ]
     client = aioredis.Redis.from_url(services.redis_url)
     try:
-        for ledger in (
-            InMemoryLedger(WINDOW),
-            RedisLedger(client, prefix=prefix, attribution_window_ms=WINDOW),
-        ):
+        for ledger in (InMemoryLedger(PLAIN), RedisLedger(client, prefix=prefix, config=PLAIN)):
             result = await ledger.settle(ops, now_ms=T0 + 2 * MINUTE_MS)
             assert result.outcomes == expected_outcomes, type(ledger).__name__
-            labelled = [(e.decision.decision_id, e.label) for e in result.labelled]
-            assert labelled == [("d1", 1), ("d3", 1)]  # offer d1 redeemed; beta's latest
+            # The purchase converts every open decision of u1 within the window, offer or
+            # not, whichever offer it redeemed: d1, d3 (beta) and d4 (its offer denied).
+            converted = [(e.decision.decision_id, e.kind, e.label) for e in result.events]
+            assert converted == [(d, LabelKind.CONVERTED, 1) for d in ("d1", "d3", "d4")]
             assert await ledger.budget_spent_cents("alpha", event_day(T0)) == 500
-            assert await ledger.pending_count() == 4  # d4, d5, d6, d7
+            assert await ledger.pending_count() == 6  # every decision waits for its window
             later = await ledger.settle([], now_ms=T0 + WINDOW + MINUTE_MS + 1)
-            assert [(e.decision.decision_id, e.label) for e in later.labelled] == [
-                ("d5", 0),
-                ("d6", 0),
-                ("d7", 0),
-                ("d4", 0),
+            assert [(e.decision.decision_id, e.kind, e.label) for e in later.events] == [
+                ("d1", LabelKind.CLOSED, 1),
+                ("d3", LabelKind.CLOSED, 1),
+                ("d5", LabelKind.CLOSED, 0),
+                ("d6", LabelKind.CLOSED, 0),
+                ("d7", LabelKind.CLOSED, 0),
+                ("d4", LabelKind.CLOSED, 1),
             ]
-            denied = {e.decision.decision_id: e.decision for e in later.labelled}
-            assert denied["d4"].discount_pct == 0.0 and denied["d4"].offer_id is None
-            assert denied["d6"].offer_id == "o-d6"
+            closed = {e.decision.decision_id: e.decision for e in later.events}
+            assert closed["d4"].discount_pct == 0.0 and closed["d4"].offer_id is None
+            assert closed["d4"].converted_at == T0 + 2 * MINUTE_MS
+            assert closed["d6"].offer_id == "o-d6" and closed["d6"].converted_at is None
+            assert await ledger.pending_count() == 0
     finally:
         await delete_prefix(client, prefix)
         await client.aclose()
 
 
-async def test_pending_records_of_an_earlier_version_are_still_labelled(
+async def test_the_stop_loss_stops_a_losing_campaign_and_lets_it_recover(
     services: Services, isolation: Isolation
 ) -> None:
-    """Records stored as JSON objects (before the compact arrays) keep working: a purchase
-    finds and labels them, and so does the passing of their window."""
-    prefix = isolation.redis_prefix
+    """Treated users' purchases lose money against the holdout's: the campaign stops, in
+    both ledgers at the same instant; a later window where they earn more lets it resume."""
+    config = LedgerConfig(
+        attribution_window_ms=WINDOW,
+        stop_loss={"alpha": StopLossSetting(StopLoss(WINDOW, min_decisions=6, min_users=3), 0.3)},
+    )
+    treated, holdout = ("t1", "t2", "t3"), ("h1", "h2", "h3")
+
+    def round_of(start: int, treated_paid: int, tag: str) -> list[LedgerOp]:
+        ops: list[LedgerOp] = []
+        for k, user in enumerate(treated + holdout):
+            arm = Arm.TREATED if user in treated else Arm.HOLDOUT
+            ops.append(_request(f"{tag}{user}", user, start + k, arm=arm))
+        for k, user in enumerate(treated + holdout):
+            paid = treated_paid + 10 * k if user in treated else 10_000 + 10 * k
+            ops.append(PurchaseNotice(user, start + MINUTE_MS + k, None, paid, 10_000))
+        return ops
+
     client = aioredis.Redis.from_url(services.redis_url)
+    prefix = isolation.redis_prefix
     try:
-        ledger = RedisLedger(client, prefix=prefix, attribution_window_ms=WINDOW)
-        ops: list[LedgerOp] = [
-            _request("d1", "u1", T0, offer=OfferLimits(100)),
-            _request("d2", "u2", T0, campaign="beta"),
-        ]
-        await ledger.settle(ops, now_ms=T0)
-        for user, decision_id in (("u1", "d1"), ("u2", "d2")):
-            key = f"{prefix}p:{{{hash_tag(user)}}}"
-            stored = await client.hget(key, decision_id)
-            assert stored is not None and stored[:2] == b"G[", stored
-            decision = PendingDecision.from_compact(orjson.loads(stored[1:]))
-            await client.hset(key, decision_id, b"G" + orjson.dumps(decision.to_record()))
-        bought = await ledger.settle([PurchaseNotice("u1", T0 + MINUTE_MS, "o-d1")], now_ms=T0)
-        assert [(e.decision.decision_id, e.label) for e in bought.labelled] == [("d1", 1)]
-        assert bought.labelled[0].decision == ops[0].decision  # type: ignore[union-attr]
-        expired = await ledger.settle([], now_ms=T0 + WINDOW + 1)
-        assert [(e.decision.decision_id, e.label) for e in expired.labelled] == [("d2", 0)]
+        ledgers = (InMemoryLedger(config), RedisLedger(client, prefix=prefix, config=config))
+        for ledger in ledgers:
+            name = type(ledger).__name__
+            # Treated users pay 2,000 of 10,000 (a deep discount): margin -5,000 cents each
+            # against +3,000 in the holdout.
+            losing = await ledger.settle(round_of(T0, 2_000, "a"), now_ms=T0 + MINUTE_MS + 10)
+            status = losing.stop_loss["alpha"]
+            assert status.stopped and status.since_ms == T0 + MINUTE_MS + 10, (name, status)
+            assert status.decisions == 6
+            assert status.incremental_margin is not None and status.incremental_margin < -70
+            assert status.upper_bound is not None and status.upper_bound < 0
+            # Two epochs later the old sums are out of the window; now treated users earn more.
+            later = T0 + 2 * WINDOW
+            winning = await ledger.settle(round_of(later, 10_500, "b"), now_ms=later + MINUTE_MS)
+            status = winning.stop_loss["alpha"]
+            assert not status.stopped and status.since_ms == later + MINUTE_MS, (name, status)
+            assert status.lower_bound is not None and status.lower_bound > 0
     finally:
         await delete_prefix(client, prefix)
         await client.aclose()
@@ -414,7 +467,7 @@ async def test_forget_removes_guard_and_pending_keys_and_queue_members(
     prefix = isolation.redis_prefix
     client = aioredis.Redis.from_url(services.redis_url)
     try:
-        ledger = RedisLedger(client, prefix=prefix, attribution_window_ms=WINDOW)
+        ledger = RedisLedger(client, prefix=prefix, config=PLAIN)
         offer = OfferLimits(100, cooldown_ms=HOUR_MS, max_per_day=3, budget_cents=10_000)
         gone, kept = "u{gone}", "u-kept"
         ops: list[LedgerOp] = []
@@ -453,8 +506,9 @@ async def test_forget_removes_guard_and_pending_keys_and_queue_members(
             [PurchaseNotice(gone, T0 + 5 * MINUTE_MS), PurchaseNotice(kept, T0 + 5 * MINUTE_MS)],
             now_ms=T0 + 2 * WINDOW,
         )
-        assert {e.decision.user_id for e in result.labelled} == {kept}
-        assert len(result.labelled) == 6
+        converted = [e for e in result.events if e.kind is LabelKind.CONVERTED]
+        assert {e.decision.user_id for e in result.events} == {kept}
+        assert len(converted) == 6
         # A forgotten user starts from scratch: no cooldown, no interval, no day count.
         fresh = await ledger.settle(
             [_request("again", gone, T0 + 4 * MINUTE_MS, offer=offer, interval_ms=HOUR_MS)],
@@ -480,7 +534,7 @@ async def _race(
     start = asyncio.Event()
 
     async def worker(index: int) -> list[tuple[int, bool, str | None]]:
-        ledger = RedisLedger(clients[index], prefix=prefix, attribution_window_ms=WINDOW)
+        ledger = RedisLedger(clients[index], prefix=prefix, config=PLAIN)
         await clients[index].ping()  # connect before the race starts
         await start.wait()
         reported: list[tuple[int, bool, str | None]] = []
@@ -526,9 +580,9 @@ async def test_concurrent_workers_never_overspend_a_shared_budget(
     try:
         results = await _race(services.redis_url, prefix, budget, costs)
         granted = [cost for worker in results for cost, ok, _ in worker if ok]
-        spent = await RedisLedger(
-            client, prefix=prefix, attribution_window_ms=WINDOW
-        ).budget_spent_cents("alpha", event_day(T0))
+        spent = await RedisLedger(client, prefix=prefix, config=PLAIN).budget_spent_cents(
+            "alpha", event_day(T0)
+        )
         assert spent == sum(granted) <= budget
         assert all(len(worker) == 60 for worker in results)
         for worker in results:
@@ -554,7 +608,7 @@ async def test_concurrent_workers_grant_exactly_what_fits(
         granted = sum(ok for worker in results for _, ok, _ in worker)
         assert granted == budget // cost == 142
         assert len({i for i, worker in enumerate(results) if any(ok for _, ok, _ in worker)}) > 1
-        ledger = RedisLedger(client, prefix=prefix, attribution_window_ms=WINDOW)
+        ledger = RedisLedger(client, prefix=prefix, config=PLAIN)
         assert await ledger.budget_spent_cents("alpha", event_day(T0)) == 994
     finally:
         await delete_prefix(client, prefix)

@@ -48,8 +48,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from engine.campaigns import parse_campaigns
 from engine.events import parse_event
+from engine.inputs import model_inputs
 from engine.ledger import InMemoryLedger
-from engine.model import model_inputs
 from engine.pipeline import DiscountEngine, EngineConfig, Incoming
 from engine.prequential import OnlineLearner, roc_auc
 from engine.store import InMemoryFeatureStore

@@ -49,13 +49,16 @@ def test_ipw_qini_on_four_decisions_by_hand() -> None:
     assert curve.normalised == pytest.approx(2.75)
 
 
-def test_denied_exploring_decisions_are_counted_and_noted() -> None:
+def test_a_chosen_offer_a_guardrail_denied_counts_as_treated() -> None:
+    """The offer probability is that of the policy's choice, so the treatment is the choice:
+    weighting a denied offer as untreated would use the wrong probability."""
     bins = UpliftBins()
     bins.add(0.2, False, True, 0.9, 1)
     bins.add(0.1, False, False, 0.9, 0, denied=True)
     bins.add(0.0, False, False, 0.9, 1)
+    assert (bins.ipw_treated, bins.ipw_untreated) == (2, 1)
     section = qini_section(bins, QiniSetup("profit", 0.1, 0.0, 3))
-    assert section["denied"] == 1 and "1 of the 2 unoffered" in section["note"]
+    assert section["denied"] == 1 and "1 of the 2 treated" in section["note"]
 
 
 def test_ipw_wins_over_holdout_and_needs_both_arms() -> None:

@@ -26,7 +26,8 @@ from engine.features import (
     trim,
 )
 from engine.features import _session_events as session_events
-from engine.model import MODEL_FEATURES, PurchaseModel
+from engine.inputs import MODEL_FEATURES
+from engine.model import PurchaseModel
 from engine.state import Op
 from engine.store import InMemoryFeatureStore, StateUpdate
 

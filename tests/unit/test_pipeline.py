@@ -17,6 +17,7 @@ from jsonschema import Draft202012Validator
 from engine.campaigns import Campaign
 from engine.events import BrowseEvent, Event, PurchaseEvent, PurchaseItem, SearchEvent, parse_event
 from engine.features import event_ops
+from engine.feedback import Feedback, FeedbackMethod
 from engine.model import PurchaseModel
 from engine.pipeline import DiscountEngine, EngineConfig, Incoming, stable_id
 from engine.policy import ThresholdPolicy
@@ -302,16 +303,24 @@ async def test_same_event_id_at_a_new_offset_is_a_duplicate_without_a_decision()
 # -- labels through the engine ------------------------------------------------------------------
 
 
-async def test_purchase_after_a_decision_produces_a_positive_training_example() -> None:
-    engine = new_engine()
+@pytest.mark.parametrize(
+    ("method", "learned"),
+    [(FeedbackMethod.NAIVE, 1), (FeedbackMethod.CLOSED, 0), (FeedbackMethod.FNW, 2)],
+)
+async def test_purchase_after_a_decision_produces_a_converted_training_example(
+    method: FeedbackMethod, learned: int
+) -> None:
+    engine = new_engine(config=EngineConfig(feedback=Feedback(method)))
     out = await run(engine, [browse("e1", T0, action="cart"), purchase("p1", T0 + MINUTE)])
     (decision,) = out.decisions
-    (example,) = out.training
+    example = out.training[-1]
     assert example["decision_id"] == decision["decision_id"]
-    assert example["label"] == 1
-    assert example["labeled_at"] == T0 + MINUTE
+    assert (example["kind"], example["label"]) == ("converted", 1)
+    assert example["labeled_at"] == T0 + MINUTE and example["decided_at"] == T0
     assert example["features"] == decision["features"]
-    assert engine.model.version == "lr-1"
+    # naive learns the positive at once, closed waits for the window, fnw learned the
+    # decision as a fake negative first.
+    assert engine.model.version == f"lr-{learned}"
     assert decision["model_version"] == "lr-0"
 
 
@@ -322,24 +331,29 @@ async def test_purchase_without_open_decisions_gives_no_training_example() -> No
     assert engine.model.version == "lr-0"
 
 
-async def test_purchase_with_offer_id_labels_the_decision_that_made_the_offer() -> None:
+async def test_a_purchase_converts_every_open_decision_whatever_offer_it_redeems() -> None:
     engine = new_engine(spring(decision_interval_ms=0))
     first = await run(engine, [browse("e1", T0), browse("e2", T0 + SECOND)])
     offer_ids = [o["offer_id"] for o in first.offers]
     assert len(offer_ids) == 2
     redeemed = str(offer_ids[0])
     out = await run(engine, [purchase("p1", T0 + MINUTE, offer_id=redeemed)], first_offset=2)
-    (example,) = out.training
-    assert example["decision_id"] == stable_id("d-", "spring", "e1")
+    assert [(e["decision_id"], e["kind"]) for e in out.training] == [
+        (stable_id("d-", "spring", "e1"), "converted"),
+        (stable_id("d-", "spring", "e2"), "converted"),
+    ]
 
 
-async def test_decisions_expire_to_negative_examples_as_event_time_passes() -> None:
-    config = EngineConfig(attribution_window_ms=HOUR)
+async def test_decisions_close_as_negative_examples_as_event_time_passes() -> None:
+    config = EngineConfig(attribution_window_ms=HOUR, feedback=Feedback(FeedbackMethod.ESDFM))
+    assert config.feedback.elapsed_ms == HOUR // 2, "a wait longer than the window is halved"
     engine = new_engine(config=config)
     out = await run(engine, [browse("e1", T0), browse("e2", T0 + HOUR + 1, user_id="u2")])
-    assert [e["decision_id"] for e in out.training] == [stable_id("d-", "spring", "e1")]
-    assert out.training[0]["label"] == 0
-    assert out.training[0]["labeled_at"] == T0 + HOUR
+    e1 = stable_id("d-", "spring", "e1")
+    assert [(e["decision_id"], e["kind"], e["label"], e["labeled_at"]) for e in out.training] == [
+        (e1, "elapsed", 0, T0 + HOUR // 2),
+        (e1, "closed", 0, T0 + HOUR),
+    ]
     assert engine.clock_ms == T0 + HOUR + 1
 
 
@@ -347,10 +361,10 @@ async def test_simulated_purchases_produce_training_examples_of_earlier_decision
     out = await reference_run()
     decision_ids = {d["decision_id"] for d in out.decisions}
     assert out.training
-    labelled = [e["decision_id"] for e in out.training]
-    assert set(labelled) <= decision_ids
-    assert len(labelled) == len(set(labelled))
-    assert {e["label"] for e in out.training} == {1}  # the 24 h window never passes here
+    converted = [e["decision_id"] for e in out.training if e["kind"] == "converted"]
+    assert converted and set(converted) <= decision_ids
+    assert len(converted) == len(set(converted))
+    assert {e["label"] for e in out.training if e["kind"] == "converted"} == {1}
 
 
 async def test_p_purchase_is_the_prediction_at_the_chosen_discount() -> None:

@@ -666,3 +666,35 @@ def test_rule_operator_defaults_to_greater_than() -> None:
         'rules = [{ feature = "purchase_frequency_30d", value = 3, discount_pct = 20 }]\n'
     )
     assert policy == RulesPolicy((Rule("purchase_frequency_30d", ">", 3.0, 20.0),))
+
+
+# -- softmax exploration ------------------------------------------------------------------------
+
+
+def test_softmax_exploration_has_exact_propensities_and_a_floor() -> None:
+    policy = ProfitPolicy(epsilon=0.05, temperature=0.5)
+    margins = {0.0: 0.0, 5.0: 0.4, 10.0: -0.2, 15.0: -1.5, 20.0: -6.0}
+    value = 50.0
+
+    def predict(discount: float) -> float:
+        # Chosen so that expected_margins returns ``margins`` exactly (p(0) = 0).
+        return margins[discount] / (value * (policy.margin - discount / 100.0)) if discount else 0.0
+
+    counts: dict[float, int] = {}
+    chosen: dict[float, float] = {}
+    offer_probability = None
+    draws = 20_000
+    for k in range(draws):
+        choice = policy.choose(PolicyContext({}, predict, value, (k + 0.5) / draws))
+        counts[choice.discount_pct] = counts.get(choice.discount_pct, 0) + 1
+        chosen[choice.discount_pct] = choice.propensity
+        offer_probability = choice.offer_propensity
+    assert set(chosen) == set(policy.ladder), "every level keeps some probability"
+    assert math.fsum(chosen.values()) == pytest.approx(1.0)
+    for level, propensity in chosen.items():
+        assert counts[level] / draws == pytest.approx(propensity, abs=1e-3)
+        assert propensity >= policy.epsilon / len(policy.ladder)
+    assert offer_probability == pytest.approx(1.0 - chosen[0.0])
+    # The clearly losing 20 % is (almost) only the floor; the best level is the most likely.
+    assert chosen[20.0] == pytest.approx(policy.epsilon / 5, rel=1e-3)
+    assert max(chosen, key=lambda level: chosen[level]) == 5.0

@@ -11,15 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.errors import InvalidEvent
+from engine.feedback import TrainingExample
 from engine.model import PurchaseModel
-from engine.prequential import (
-    OnlineLearner,
-    PrequentialMetrics,
-    TrainingExample,
-    parse_training_example,
-    roc_auc,
-)
-from tests.synthetic_training import T0_MS, training_examples
+from engine.prequential import OnlineLearner, PrequentialMetrics, roc_auc
+from tests.synthetic_training import SYNTHETIC_FEEDBACK, T0_MS, training_examples
 
 Pairs = Sequence[tuple[float, int]]
 
@@ -211,8 +206,11 @@ def example(**overrides: object) -> dict[str, object]:
     return base
 
 
+CLOSED = SYNTHETIC_FEEDBACK
+
+
 def test_the_learner_predicts_before_it_learns() -> None:
-    learner = OnlineLearner(window=10)
+    learner = OnlineLearner(window=10, feedback=CLOSED)
     reference = PurchaseModel()
     for drawn in training_examples(30, seed=2):
         ex = drawn.example
@@ -225,7 +223,7 @@ def test_the_learner_predicts_before_it_learns() -> None:
 
 
 def test_the_learner_is_deterministic() -> None:
-    a, b = OnlineLearner(window=200), OnlineLearner(window=200)
+    a, b = OnlineLearner(window=200, feedback=CLOSED), OnlineLearner(window=200, feedback=CLOSED)
     for drawn in training_examples(500, seed=4):
         assert a.learn(drawn.example) == b.learn(dict(drawn.example))
     assert a.as_dict() == b.as_dict()
@@ -243,7 +241,7 @@ def test_an_invalid_example_changes_nothing() -> None:
 
 def test_learning_the_ground_truth_reaches_a_good_auc() -> None:
     """The pure counterpart of the integration test: 3,000 examples, window of 1,000."""
-    learner = OnlineLearner(window=1000)
+    learner = OnlineLearner(window=1000, feedback=CLOSED)
     drawn = training_examples(3000, seed=7)
     for item in drawn:
         learner.learn(item.example)
@@ -277,16 +275,17 @@ def test_learning_the_ground_truth_reaches_a_good_auc() -> None:
 )
 def test_invalid_training_examples_are_named(message: object, code: str, field: str | None) -> None:
     with pytest.raises(InvalidEvent) as info:
-        parse_training_example(message)
+        TrainingExample.from_message(message)
     assert (info.value.code, info.value.field) == (code, field)
 
 
 def test_a_valid_example_parses_and_extra_fields_are_ignored() -> None:
-    parsed = parse_training_example(example(schema_version=1, extra="ignored"))
+    parsed = TrainingExample.from_message(example(schema_version=1, extra="ignored"))
     assert parsed == TrainingExample(
         decision_id="d1",
         features={"cart_count_24h": 2.0, "view_count_24h": 5.5},
         discount_pct=10.0,
         label=1,
         labeled_at=T0_MS,
+        kind="closed",
     )

@@ -15,7 +15,7 @@ import pytest
 
 from engine.events import BrowseEvent, Event, PurchaseEvent, PurchaseItem, SearchEvent
 from engine.features import FEATURE_NAMES, apply_ops, compute_features, event_ops
-from engine.model import DISCOUNT_INTERACTIONS, MODEL_FEATURES, model_inputs
+from engine.inputs import INPUT_NAMES, INTERACTIONS, MODEL_FEATURES, model_inputs
 
 PROTECTED_FRAGMENTS: tuple[str, ...] = (
     "age",
@@ -136,8 +136,8 @@ def test_catalogue_has_no_protected_attribute() -> None:
 
 def test_model_features_have_no_protected_attribute() -> None:
     assert set(MODEL_FEATURES) <= set(FEATURE_NAMES)
-    assert set(DISCOUNT_INTERACTIONS) <= set(MODEL_FEATURES)
     assert protected_hits(MODEL_FEATURES) == {}
+    assert protected_hits(INPUT_NAMES) == {} and set(INTERACTIONS) <= set(INPUT_NAMES)
 
 
 @pytest.mark.parametrize("discount", [0.0, 12.5])
@@ -147,11 +147,7 @@ def test_model_input_row_has_no_protected_attribute(discount: float) -> None:
     for features in ({}, dict.fromkeys(FEATURE_NAMES, 1.0), polluted):
         row = model_inputs(features, discount)
         assert protected_hits(row) == {}
-        assert set(row) == {
-            *MODEL_FEATURES,
-            "discount",
-            *(f"discount_x_{name}" for name in DISCOUNT_INTERACTIONS),
-        }
+        assert tuple(row) == INPUT_NAMES
 
 
 def test_computed_feature_vectors_have_no_protected_attribute() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from engine.feedback import Feedback
 from engine.world import WorldParams, open_loop
 from streams.cli import build_parser, main
 from streams.world_cli import closed_loop_config, world_choice
@@ -49,7 +50,7 @@ def test_no_world_flags_give_the_default_world_and_the_commands_defaults() -> No
     choice = world_choice(parse())
     assert choice.params == WorldParams()
     assert (choice.mean_gap_ms, choice.margin) == (None, None)
-    config = closed_loop_config(choice, users=5, events=10, seed=1)
+    config = closed_loop_config(choice, users=5, events=10, seed=1, feedback=Feedback())
     assert (config.margin, config.mean_gap_ms, config.batch_size) == (0.3, 3000.0, 10)
 
 
@@ -72,7 +73,9 @@ def test_every_flag_sets_its_parameter() -> None:
         search_p=0.2,
         session_end_p=0.2,
     )
-    config = closed_loop_config(choice, users=5, events=10, seed=1, batch_size=20)
+    config = closed_loop_config(
+        choice, users=5, events=10, seed=1, feedback=Feedback(), batch_size=20
+    )
     assert (config.margin, config.mean_gap_ms, config.batch_size) == (0.4, 500.0, 20)
     assert config.world == choice.params
 
