@@ -30,7 +30,7 @@ from streams.learner import Learner, LearnerSettings
 from streams.model_store import ModelReloader, ModelStore
 from streams.settings import Secret, Settings
 from tests.conftest import REPO, Isolation, Services
-from tests.synthetic_training import training_examples
+from tests.synthetic_training import SYNTHETIC_FEEDBACK, training_examples
 from tests.worker_process import log_entries
 
 pytestmark = pytest.mark.integration
@@ -60,6 +60,7 @@ async def settings(services: Services, isolation: Isolation) -> AsyncIterator[Se
         redis_prefix=isolation.redis_prefix,
         group_id=isolation.group_id,
         partitions=PARTITIONS,
+        feedback=SYNTHETIC_FEEDBACK,
     )
     await ensure_topics(value.kafka_bootstrap, [value.topics.training], partitions=PARTITIONS)
     yield value
@@ -297,6 +298,7 @@ async def test_run_learner_stops_on_sigterm_after_publishing(
         "DEALSTREAM_LEARNER_SNAPSHOT_EVERY": "100000",
         "DEALSTREAM_LEARNER_SNAPSHOT_INTERVAL_S": "3600",
         "DEALSTREAM_LEARNER_HTTP_PORT": str(free_port),
+        "DEALSTREAM_FEEDBACK": SYNTHETIC_FEEDBACK.method.value,
     }
     code = (
         "import sys\n"

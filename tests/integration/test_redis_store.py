@@ -38,6 +38,7 @@ from engine.features import (
     trim,
 )
 from engine.simulator import DEFAULT_START_MS, generate
+from engine.state import offer_ops
 from engine.store import (
     BatchOutcome,
     InMemoryFeatureStore,
@@ -472,6 +473,33 @@ async def test_late_events_change_nothing_and_events_within_lateness_land_in_the
     assert features["purchase_count_30d"] == 0
 
 
+async def test_offers_recorded_by_the_engine_are_never_late_and_apply_alike(
+    redis_env: RedisEnv,
+) -> None:
+    """An offer granted a batch ago trails the user's later events by any amount of event
+    time: it is recorded all the same, in both stores, and read back as the response history."""
+    store = redis_env.store
+    lateness = 10 * MINUTE_MS
+    memory = InMemoryFeatureStore()
+    now = T0 + 3 * HOUR_MS
+    events = [make_event("view", "v1", "u1", now), make_event("cart", "c1", "u1", now + 1)]
+    old_offer = StateUpdate(
+        "u1", "offer:o-1", now - 2 * HOUR_MS, offer_ops(now - 2 * HOUR_MS, 12.5), on_time=True
+    )
+    stale_copy = StateUpdate(
+        "u1", "offer:o-2", now - 2 * HOUR_MS, offer_ops(now - 2 * HOUR_MS, 20.0)
+    )
+    updates = [*(to_update(e) for e in events), old_offer, stale_copy]
+    expected = await memory.apply_batch(updates, allowed_lateness_ms=lateness)
+    outcome = await store.apply_batch(updates, allowed_lateness_ms=lateness)
+    assert outcome.statuses == expected.statuses == [APPLIED, APPLIED, APPLIED, LATE]
+    assert await memory.read_states(["u1"]) == await store.read_states(["u1"])
+    features = compute_features((await store.read_states(["u1"]))["u1"])
+    assert features["offer_count_30d"] == 1 and features["last_offer_discount_pct"] == 12.5
+    assert features["recency_offer_s"] == 7200.001
+    assert features["cart_value_1h"] > 0
+
+
 # -- 4. keys, TTL and trimming ------------------------------------------------------------------
 
 
@@ -533,6 +561,7 @@ async def test_keys_carry_version_and_hash_tag_expire_in_31_days_and_old_buckets
         f"cm{far.ts // MINUTE_MS}",
         f"ch{far.ts // HOUR_MS}",
         f"cd{far.ts // DAY_MS}",
+        f"wm{far.ts // MINUTE_MS}",  # the cart's value (cart_value_1h)
     }
     assert {f for f in fields if BUCKET_FIELD.match(f)} == far_buckets
     # No other field (per-day category counts, say) still refers to the first day either.

@@ -48,6 +48,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from engine.campaigns import parse_campaigns
 from engine.events import parse_event
+from engine.feedback import TrainingExample
 from engine.inputs import model_inputs
 from engine.ledger import InMemoryLedger
 from engine.pipeline import DiscountEngine, EngineConfig, Incoming
@@ -57,7 +58,7 @@ from streams.kafka_io import ensure_topics
 from streams.learner import LearnerSettings
 from streams.redis_ledger import RedisLedger
 from streams.redis_store import RedisFeatureStore
-from streams.settings import Topics
+from streams.settings import Settings, Topics
 from tests.conftest import REPO, Isolation, Services
 from tests.worker_process import WorkerProcess, clean_up, log_entries, worker_env
 
@@ -398,9 +399,21 @@ async def test_taobao_prequential_model_next_to_a_hindsight_sklearn_reference(
     window = next(
         f.default for f in dataclasses.fields(LearnerSettings) if f.name == "metrics_window"
     )
-    online = OnlineLearner(window=window)
-    prequential = [(online.learn(example), int(example["label"])) for example in examples]
-    assert online.model.examples_learned == last["examples_learned"] == len(examples), last
+    feedback = Settings.from_env(env).feedback
+    finals: list[tuple[float, int]] = []
+    online = OnlineLearner(
+        window=window, feedback=feedback, on_final=lambda p, y: finals.append((p, y))
+    )
+    final_examples = []
+    for example in examples:
+        online.learn(example)
+        if TrainingExample.from_message(example).final_label is not None:
+            final_examples.append(example)
+    assert online.model.examples_learned == last["examples_learned"], last
+    # Each decision's final label once: its conversion, or its window closing without one.
+    assert len(finals) == len(final_examples) == last["seen"], last
+    prequential = finals
+    examples = final_examples
     for name in ("auc", "log_loss", "ece", "label_rate"):
         ours, theirs = online.metrics.as_dict()[name], last[name]
         assert (ours is None) == (theirs is None), (name, ours, theirs)
@@ -518,7 +531,7 @@ async def make_engine(
     if request.param == "memory":
         yield lambda: DiscountEngine(
             InMemoryFeatureStore(),
-            ledger=InMemoryLedger(window_ms),
+            ledger=InMemoryLedger(config.ledger_config(campaigns)),
             campaigns=campaigns,
             config=config,
         )
@@ -533,7 +546,7 @@ async def make_engine(
         prefix = f"{isolation.redis_prefix}{made}:"
         return DiscountEngine(
             RedisFeatureStore(client, prefix=prefix),
-            ledger=RedisLedger(client, prefix=prefix, attribution_window_ms=window_ms),
+            ledger=RedisLedger(client, prefix=prefix, config=config.ledger_config(campaigns)),
             campaigns=campaigns,
             config=config,
         )
@@ -552,6 +565,7 @@ async def labels_of(engine: DiscountEngine, batches: list[list[dict[str, Any]]])
     for batch in batches:
         result = await engine.process([Incoming(parse_event(e)) for e in batch])
         decided.update({str(d["decision_id"]): str(d["user_id"]) for d in result.decisions})
+        # The last word on a decision: its conversion, then its window closing.
         labelled.update({str(t["decision_id"]): int(t["label"]) for t in result.training})  # type: ignore[call-overload]
     return {decided[d]: label for d, label in labelled.items()}
 
