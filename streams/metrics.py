@@ -9,6 +9,10 @@ histograms, money is in currency units (not cents). Labels never carry user ids:
 partition, event type, skip/dead-letter reason codes, campaign names, script names and the model
 version.
 
+Stop-loss gauges (``observe_stop_loss``) mirror each stop-loss campaign's ``StopLossStatus``;
+its figures are NaN while unknown (too few users in an arm), as the model quality gauges:
+a missing series would hide the campaign, 0 would read as "breaks even".
+
 ``TimedFeatureStore`` and ``TimedLedger`` wrap the engine's store and ledger so that the duration
 of their one-Redis-call-per-batch methods lands in ``dealstream_redis_call_seconds``, without the
 engine knowing about metrics.
@@ -50,6 +54,10 @@ SKIP_REASONS = {
 }
 
 UNKNOWN_TYPE = "unknown"
+EXPLORE_ONLY = "stop_loss:explore_only"
+"""The rule of a decision made while its campaign was stopped (engine/pipeline.py)."""
+EXPLORED = "stop_loss:explored"
+"""... and of one whose offer the explore draw let through."""
 RATE_WINDOW_S = 60.0
 
 
@@ -137,6 +145,42 @@ class WorkerMetrics:
             "dealstream_holdout_decisions",
             "Decisions for holdout (control group) users, by campaign.",
             ["campaign"],
+            registry=r,
+        )
+        self.stop_loss_stopped = Gauge(
+            "dealstream_stop_loss_stopped",
+            "1 while the campaign's stop-loss holds it to exploration only, else 0 (shared by "
+            "all workers; as of this worker's last batch or refresh).",
+            ["campaign"],
+            registry=r,
+        )
+        self.stop_loss_figures = {
+            name: Gauge(
+                f"dealstream_stop_loss_{name}",
+                f"{text} of the campaign's incremental margin per decision against its holdout "
+                "(currency units per sampled decision, over the stop-loss window); NaN while "
+                "unknown (too few users in an arm).",
+                ["campaign"],
+                registry=r,
+            )
+            for name, text in (
+                ("incremental_margin", "Estimate"),
+                ("upper_bound", "95 % upper bound"),
+                ("lower_bound", "95 % lower bound"),
+            )
+        }
+        self.stop_loss_decisions = Gauge(
+            "dealstream_stop_loss_decisions",
+            "Sampled decisions (treated proposals and holdout would-be offers) in the campaign's "
+            "stop-loss window.",
+            ["campaign"],
+            registry=r,
+        )
+        self.explore_only_decisions = Counter(
+            "dealstream_stop_loss_explore_only_decisions",
+            "Non-holdout decisions made while the campaign was stopped; explored=true when the "
+            "draw let the policy's offer through.",
+            ["campaign", "explored"],
             registry=r,
         )
         self.model_version = Info(
@@ -261,6 +305,11 @@ class WorkerMetrics:
             self.decisions.labels(campaign).inc()
             if decision.get("holdout"):
                 self.holdout_decisions.labels(campaign).inc()
+            rules = decision.get("rules")
+            if isinstance(rules, list) and EXPLORE_ONLY in rules:
+                explored = "true" if EXPLORED in rules else "false"
+                self.explore_only_decisions.labels(campaign, explored).inc()
+        self.observe_stop_loss(result.stop_loss)
         self.last_batch_at = self._monotonic()
 
     def declare_campaigns(self, campaigns: Iterable[str]) -> None:
@@ -269,6 +318,27 @@ class WorkerMetrics:
             for counter in (self.offers, self.discount_spend, self.decisions):
                 counter.labels(name)
             self.holdout_decisions.labels(name)
+
+    def declare_stop_loss(self, campaigns: Iterable[str]) -> None:
+        """Create the explore-only counters of stop-loss campaigns at zero. The gauges wait
+        for the first status read: a guessed 0 would say "active" for a stopped campaign."""
+        for name in campaigns:
+            for explored in ("true", "false"):
+                self.explore_only_decisions.labels(name, explored)
+
+    def observe_stop_loss(self, statuses: Mapping[str, StopLossStatus]) -> None:
+        """Set the stop-loss gauges of each campaign from its status."""
+        for campaign, status in statuses.items():
+            self.stop_loss_stopped.labels(campaign).set(1 if status.stopped else 0)
+            self.stop_loss_decisions.labels(campaign).set(status.decisions)
+            for name, value in (
+                ("incremental_margin", status.incremental_margin),
+                ("upper_bound", status.upper_bound),
+                ("lower_bound", status.lower_bound),
+            ):
+                self.stop_loss_figures[name].labels(campaign).set(
+                    math.nan if value is None else value
+                )
 
     def observe_model(self, version: str, examples: int) -> None:
         if self._model_key == (version, examples):

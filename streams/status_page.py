@@ -1,7 +1,9 @@
 """The worker's live status page (``/``): one self-contained HTML document, no external assets.
 
 It fetches ``/status.json`` every 2 s and renders readiness (with the reasons), partitions with
-lag and time lag, rates, the model and the budgets. Values are inserted as text, never as HTML.
+lag and time lag, rates, the model, the budgets and each stop-loss campaign's state (since
+when, in event time, and its incremental margin per decision with the 95 % interval). Values
+are inserted as text, never as HTML.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ STATUS_PAGE_HTML = """<!doctype html>
   th:first-child, td:first-child { text-align: left; }
   th { color: var(--muted); font-weight: 600; }
   tr.lagging td { color: var(--warn); } tr.mine td:first-child { font-weight: 600; }
+  tr.stopped td { color: var(--bad); } tr.stopped td:nth-child(2) { font-weight: 600; }
   dl { display: grid; grid-template-columns: max-content 1fr; gap: 3px 14px; margin: 0; }
   dt { color: var(--muted); } dd { margin: 0; font-variant-numeric: tabular-nums; }
   ul { margin: 0; padding-left: 18px; } li.bad { color: var(--bad); } li.ok { color: var(--ok); }
@@ -79,6 +82,16 @@ STATUS_PAGE_HTML = """<!doctype html>
     </table>
     <p id="pending" class="muted"></p>
   </section>
+  <section class="wide">
+    <h2>Stop-loss (incremental margin per decision against the holdout)</h2>
+    <table id="stop-loss">
+      <thead><tr><th>campaign</th><th>state</th><th>since (event time, UTC)</th>
+        <th>margin / decision</th><th>95 % interval</th><th>decisions in window</th>
+        <th>window</th><th>explore</th></tr></thead>
+      <tbody></tbody>
+    </table>
+    <p id="stop-loss-note" class="muted"></p>
+  </section>
 </main>
 <noscript><p>This page needs JavaScript; the same data is at <a href="status.json">status.json</a>
 and <a href="metrics">metrics</a>.</p></noscript>
@@ -102,6 +115,14 @@ function duration(seconds) {
   if (seconds < 7200) return fmt(seconds / 60, 1) + " min";
   if (seconds < 172800) return fmt(seconds / 3600, 1) + " h";
   return fmt(seconds / 86400, 1) + " d";
+}
+function eventTime(ms) {
+  if (ms === null || ms === undefined) return "-";
+  return new Date(ms).toISOString().replace("T", " ").slice(0, 19);
+}
+function money(value) {
+  if (value === null || value === undefined) return "?";
+  return (value > 0 ? "+" : "") + fmt(value, 2);
 }
 function pairs(target, entries) {
   const dl = document.getElementById(target);
@@ -162,6 +183,21 @@ function render(s) {
   document.getElementById("pending").textContent =
     (s.budgets.length ? "" : "No campaign has a daily budget. ") +
     "Pending labels: " + fmt(s.pending_labels, 0);
+  const stopLoss = s.stop_loss || [];
+  rows("stop-loss", stopLoss,
+       (c) => [c.campaign, c.stopped ? "stopped (explore only)" : "active",
+               eventTime(c.since_ms) + (c.since_age_s === null ? "" :
+                 " (" + duration(c.since_age_s) + " ago)"),
+               money(c.incremental_margin),
+               c.lower_bound === null ? "?" :
+                 "[" + money(c.lower_bound) + ", " + money(c.upper_bound) + "]",
+               fmt(c.decisions, 0) + " / " + fmt(c.min_decisions, 0),
+               fmt(c.window_h, 2) + " h", fmt(100 * c.explore, 1) + " %"],
+       (c) => (c.stopped ? "stopped" : ""));
+  document.getElementById("stop-loss-note").textContent = stopLoss.length ?
+    "A campaign stops when the upper bound is below 0 and resumes when it is not. " +
+    "? = too few users in an arm yet; since = the last change (- = never)." :
+    "No campaign has a stop-loss.";
   document.getElementById("updated").textContent =
     "updated " + new Date().toLocaleTimeString();
   document.getElementById("error").textContent = "";

@@ -1,8 +1,9 @@
 """The worker's HTTP side: what it knows about itself, and the endpoints that show it.
 
 ``WorkerStatus`` follows the partition assignment (Faust's rebalance signals), refreshes the
-broker-side consumer lag, the budgets, the pending labels and the model gauges every few
-seconds (``refresh``), and answers readiness. ``install_routes`` serves, on Faust's web server:
+broker-side consumer lag, the budgets, the pending labels, the stop-loss states and the model
+gauges every few seconds (``refresh``), and answers readiness. ``install_routes`` serves, on
+Faust's web server:
 
 - ``/metrics``      Prometheus exposition of the worker's own registry;
 - ``/health``       200 while the process and its event loop are alive;
@@ -17,7 +18,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -26,8 +27,10 @@ import redis.asyncio as aioredis
 from faust.web import Request, Response, View
 from prometheus_client.exposition import choose_encoder
 
+from engine.campaigns import Campaign
 from engine.ledger import event_day
 from engine.prequential import PrequentialMetrics
+from engine.stop_loss import StopLossStatus
 from streams.lag import PartitionLag, total_lag
 from streams.metrics import RateWindow
 from streams.model_store import ModelStore
@@ -63,8 +66,48 @@ class Check:
         return {"ok": self.ok, "detail": self.detail}
 
 
+def current_stop_loss(
+    cached: Mapping[str, StopLossStatus], shared: Mapping[str, StopLossStatus]
+) -> dict[str, StopLossStatus]:
+    """Each campaign's stop-loss status to show: this worker's last evaluation (with its
+    figures) while the shared state in Redis agrees with it, else the shared state.
+
+    Another worker may have stopped or resumed the campaign since this one last settled a
+    batch (an idle worker settles none); the figures of that change are unknown here.
+    """
+    current: dict[str, StopLossStatus] = {}
+    for name, state in shared.items():
+        mine = cached.get(name)
+        if mine is not None and (mine.stopped, mine.since_ms) == (state.stopped, state.since_ms):
+            state = mine
+        current[name] = state
+    return current
+
+
+def stop_loss_row(campaign: Campaign, status: StopLossStatus, clock_ms: int) -> dict[str, Any]:
+    """One campaign's stop-loss on the status page (money in currency units per decision)."""
+    config = campaign.stop_loss
+    assert config is not None
+    since = status.since_ms
+    return {
+        "campaign": campaign.name,
+        "stopped": status.stopped,
+        "since_ms": since,
+        "since_age_s": (
+            round((clock_ms - since) / 1000, 1) if since is not None and clock_ms else None
+        ),
+        "decisions": status.decisions,
+        "incremental_margin": status.incremental_margin,
+        "lower_bound": status.lower_bound,
+        "upper_bound": status.upper_bound,
+        "window_h": config.window_ms / 3_600_000,
+        "min_decisions": config.min_decisions,
+        "explore": config.explore,
+    }
+
+
 class WorkerStatus:
-    """The worker's view of itself: assignment, lag, budgets, model, readiness."""
+    """The worker's view of itself: assignment, lag, budgets, stop-loss, model, readiness."""
 
     def __init__(
         self,
@@ -102,10 +145,15 @@ class WorkerStatus:
         self.lag_measured_at: float | None = None
         self.lag_error: str | None = None
         self.budgets: list[dict[str, Any]] = []
+        self.stop_loss: dict[str, StopLossStatus] = {}
+        """Each stop-loss campaign's status as last refreshed (``current_stop_loss``)."""
         self.pending_labels: int | None = None
         self.rates = RateWindow()
         self._sample_rates()
         self.metrics.declare_campaigns(c.name for c in worker.engine.campaigns)
+        self.metrics.declare_stop_loss(
+            c.name for c in worker.engine.campaigns if c.stop_loss is not None
+        )
         self.observe_model()
 
     # -- rebalances ----------------------------------------------------------------------------
@@ -134,8 +182,9 @@ class WorkerStatus:
         self.metrics.observe_model(model.version, model.examples_learned)
 
     async def refresh(self) -> None:
-        """Lag from the broker, budgets and pending labels from Redis, model gauges, rates.
-        Failures are logged and leave the previous values; nothing here raises."""
+        """Lag from the broker, budgets, stop-loss states and pending labels from Redis,
+        model gauges, rates. Failures are logged and leave the previous values; nothing here
+        raises."""
         self.observe_model()
         self._sample_rates()
         await self.refresh_lag()
@@ -198,6 +247,10 @@ class WorkerStatus:
         self.budgets = budgets
         self.pending_labels = await engine.ledger.pending_count()
         self.metrics.pending_labels.set(self.pending_labels)
+        if any(c.stop_loss is not None for c in engine.campaigns):
+            shared = await engine.ledger.stop_loss_status()
+            self.stop_loss = current_stop_loss(engine.stop_loss, shared)
+            self.metrics.observe_stop_loss(self.stop_loss)
 
     async def _refresh_model_quality(self) -> None:
         """The prequential metrics the learner published with its latest snapshot."""
@@ -318,8 +371,19 @@ class WorkerStatus:
                 "published": self.model_quality,
             },
             "budgets": self.budgets,
+            "stop_loss": self._stop_loss_rows(),
             "pending_labels": self.pending_labels,
         }
+
+    def _stop_loss_rows(self) -> list[dict[str, Any]]:
+        engine = self.worker.engine
+        # The engine's own statuses until the first refresh has read the shared ones.
+        statuses = {**engine.stop_loss, **self.stop_loss}
+        return [
+            stop_loss_row(c, statuses[c.name], engine.clock_ms)
+            for c in engine.campaigns
+            if c.stop_loss is not None and c.name in statuses
+        ]
 
 
 def _assigned_keys(partitions: Iterable[Any]) -> list[TopicPartitionKey]:

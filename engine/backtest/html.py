@@ -7,8 +7,9 @@ page; fixed markup (dashes, arrows) is never passed through ``escape``. Plots ca
 stable ids of ``engine.backtest.plots.PLOT_IDS``.
 
 The page reads top down the way an analyst decides: the verdict and the ranking first, then
-what could not be measured and which setting fixes it, then the evidence (campaigns, model,
-offers, uplift ranking, fairness, off-policy estimates) and any extra sections.
+what could not be measured and which setting fixes it, then the evidence (campaigns and their
+stop-losses, model, offers, uplift ranking, fairness, off-policy estimates) and any extra
+sections.
 """
 
 from __future__ import annotations
@@ -384,6 +385,88 @@ def _campaigns(report: Mapping[str, Any]) -> str:
     )
 
 
+def _hours(ts: Any, origin: Any, digits: int = 1) -> str:
+    """An event time as hours since the first event (the budget-burn plot's axis)."""
+    if ts is None:
+        return DASH
+    return f"{(int(ts) - int(origin or 0)) / 3_600_000:,.{digits}f}&nbsp;h"
+
+
+def _stop_loss_row(key: str, section: Mapping[str, Any], origin: Any) -> list[str]:
+    final = section.get("final") or {}
+    ci = (final.get("lower_bound"), final.get("upper_bound"))
+    stops = int(section.get("stops") or 0)
+    if final.get("stopped"):
+        state = f'<span class="flag">stopped</span> since {_hours(final.get("since_ts"), origin)}'
+    elif final.get("since_ts") is not None:
+        state = f"active since {_hours(final.get('since_ts'), origin)}"
+    else:
+        state = "active (never stopped)"
+    return [
+        escape(key),
+        f"{_num(section.get('window_h'))}&nbsp;h",
+        _num(section.get("min_decisions")),
+        _pct(section.get("explore")),
+        f"{_num(stops)} / {_num(int(section.get('transitions_total') or 0) - stops)}",
+        _seconds(section.get("stopped_s")),
+        f"{_pct(section.get('stopped_share'))} ({_num(section.get('stopped_decisions'))})",
+        _num(section.get("stopped_offers")),
+        state,
+        _money_ci(final.get("incremental_margin"), ci if ci[0] is not None else None),
+        _num(final.get("decisions")),
+    ]
+
+
+def _transitions(key: str, section: Mapping[str, Any], origin: Any) -> str:
+    """One line per campaign: each change of state on the budget-burn plot's time axis."""
+    changes = section.get("transitions") or []
+    if not changes:
+        return ""
+    text = ", ".join(
+        f"{escape(str(t.get('direction')))} at {_hours(t.get('ts'), origin, 2)}" for t in changes
+    )
+    omitted = section.get("transitions_omitted") or 0
+    more = f"; {_num(omitted)} more in report.json" if omitted else ""
+    return f"<li><b>{escape(key)}</b>: {text}{more}</li>"
+
+
+def _stop_loss(report: Mapping[str, Any]) -> str:
+    campaigns: Mapping[str, Any] = report.get("campaigns", {})
+    guarded = {key: c["stop_loss"] for key, c in campaigns.items() if c.get("stop_loss")}
+    if not guarded:
+        return ""
+    origin = (report.get("event_time") or {}).get("first_ts")
+    table = _table(
+        [
+            "campaign",
+            "window",
+            "min decisions",
+            "explore",
+            "stops / resumes",
+            "time stopped",
+            "non-holdout decisions while stopped",
+            "offers while stopped",
+            "state at the end",
+            "incr. margin / decision [95 % CI] at the end",
+            "decisions in window",
+        ],
+        [_stop_loss_row(key, section, origin) for key, section in guarded.items()],
+        "stop-loss",
+    )
+    lines = "".join(_transitions(key, section, origin) for key, section in guarded.items())
+    changes = f'<ul class="note" id="stop-loss-transitions">{lines}</ul>' if lines else ""
+    return (
+        f'<h2 id="section-stop-loss">Stop-loss</h2>{table}{changes}'
+        '<p class="note">A campaign stops when the 95 % upper bound of its incremental margin '
+        "per sampled decision (its live offer proposals against its holdout users' would-be "
+        "offers, users as clusters, over the window) is below 0; it then makes only the "
+        "explore share of its proposals until the bound is no longer below 0. Times are hours "
+        "of event time since the first event, as on the budget-burn plot. The figures at the "
+        "end are the last window's, in currency units per decision; a dash: too few users in "
+        "an arm. See docs/backtest.md.</p>"
+    )
+
+
 def _model(report: Mapping[str, Any]) -> str:
     model: Mapping[str, Any] = report.get("model", {})
     served = model.get("served") or {}
@@ -655,9 +738,7 @@ SECTIONS: tuple[Callable[[Mapping[str, Any]], str], ...] = (
     _verdict,
     _overview,
     _campaigns,
-    # A stop-loss section (campaign stop-loss rules and when they fired) belongs here, next to
-    # the campaigns it acts on: add its renderer to this tuple and its report key to
-    # KNOWN_SECTIONS.
+    _stop_loss,
     _model,
     _offers,
     _uplift_ranking,

@@ -201,6 +201,10 @@ class CampaignStats:
     fairness: FairnessCounts = field(default_factory=FairnessCounts)
     """Non-holdout decisions and offers by customer, trigger category and activity."""
     propensity_below_one: int = 0
+    stopped_decisions: int = 0
+    """Non-holdout decisions made while the campaign's stop-loss held it to exploration."""
+    stopped_offers: int = 0
+    """... and the offers among them (the explored share that passed the guardrails)."""
     burn: BudgetBurn = field(default_factory=BudgetBurn)
     by_user: dict[str, list[int]] = field(default_factory=dict)
     """Labelled decisions and conversions per user and group: decisions of one user are not

@@ -17,14 +17,16 @@ from engine.backtest.fairness import fairness_section
 from engine.backtest.metrics import ModelStats
 from engine.backtest.qini import QiniSetup, qini_section
 from engine.backtest.runner import BacktestError, BacktestResult, GroupResult
+from engine.backtest.stop_loss import stop_loss_section
 from engine.backtest.uplift import holdout_power, uplift_section
 from engine.backtest.verdict import ranking_section
 from engine.campaigns import Campaign
 from engine.policy import ProfitPolicy
+from engine.stop_loss import StopLossStatus
 
-REPORT_VERSION = 2
+REPORT_VERSION = 3
 """2: Qini ranked by the served uplift score (IPW on exploring decisions), ``fairness``,
-``holdout_power``, ``ranking``, ``itt.incremental_margin_ci95``."""
+``holdout_power``, ``ranking``, ``itt.incremental_margin_ci95``. 3: ``stop_loss``."""
 SIGNIFICANT_DIGITS = 6
 DEFAULT_MARGIN = 0.3
 """Gross margin assumed for campaigns whose policy has none (every policy but ``profit``)."""
@@ -121,6 +123,15 @@ def campaign_section(
         "segments": segments,
         "fairness": fairness_section(stats.fairness, campaign.max_disparity),
         "propensity_below_one": stats.propensity_below_one,
+        "stop_loss": stop_loss_section(
+            campaign,
+            group.stop_loss.get(campaign.name),
+            group.engine.stop_loss.get(campaign.name, StopLossStatus()),
+            non_holdout_decisions=treated_decisions,
+            stopped_decisions=stats.stopped_decisions,
+            stopped_offers=stats.stopped_offers,
+            end_ms=group.engine.clock_ms,
+        ),
         "ope": ope[0],
         **({"ope_reason": ope[1]} if ope[0] is None else {}),
     }
@@ -154,6 +165,22 @@ def _fairness_warnings(campaigns: Mapping[str, Any]) -> list[str]:
     return warnings
 
 
+def _stop_loss_warnings(campaigns: Mapping[str, Any]) -> list[str]:
+    warnings = []
+    for key, section in campaigns.items():
+        stop_loss = section.get("stop_loss")
+        if not stop_loss or not stop_loss["stops"]:
+            continue
+        share = stop_loss["stopped_share"] or 0.0
+        warnings.append(
+            f"{key}: the stop-loss stopped the campaign {stop_loss['stops']} time(s); "
+            f"{share:.0%} of its non-holdout decisions were made while stopped (only "
+            f"{stop_loss['explore']:.0%} of the policy's offers went out), so its figures "
+            "mix the policy with exploration: see the stop-loss section."
+        )
+    return warnings
+
+
 def report_warnings(report: Mapping[str, Any]) -> list[str]:
     """What a reader must know before trusting the rates: said in the report, not only in docs."""
     warnings: list[str] = []
@@ -173,6 +200,7 @@ def report_warnings(report: Mapping[str, Any]) -> list[str]:
             f"{_longer_input(report)}."
         )
     warnings.extend(_fairness_warnings(report["campaigns"]))
+    warnings.extend(_stop_loss_warnings(report["campaigns"]))
     return warnings
 
 

@@ -27,12 +27,13 @@ from engine.backtest.metrics import (
     OpenDecision,
     p_segment,
 )
+from engine.backtest.stop_loss import EXPLORE_ONLY, StopLossLog, track_transitions
 from engine.campaigns import Campaign
 from engine.errors import EngineError
 from engine.events import Event, PurchaseEvent
 from engine.features import event_kind
 from engine.labels import LabelKind
-from engine.ledger import event_day
+from engine.ledger import InMemoryLedger, event_day
 from engine.pipeline import (
     BatchResult,
     DiscountEngine,
@@ -74,6 +75,8 @@ class GroupResult:
     open: dict[str, tuple[int, OpenDecision]] = field(default_factory=dict)
     """Decisions waiting for their label: decision id -> (campaign index, details)."""
     by_name: dict[str, int] = field(default_factory=dict)
+    stop_loss: dict[str, StopLossLog] = field(default_factory=dict)
+    """Each stop-loss campaign's transitions, by campaign name."""
 
     def pending_by_campaign(self) -> list[dict[str, int]]:
         """Decisions whose window had not closed, per campaign: holdout / treated / untreated."""
@@ -127,7 +130,9 @@ def _new_group(
     seeded = tuple(dataclasses.replace(c, seed=c.seed + seed) for c in campaigns)
     keys = tuple(c.name if single else f"{name}/{c.name}" for c in seeded)
     model_stats = ModelStats()
-    engine = DiscountEngine(InMemoryFeatureStore(), campaigns=seeded, config=config)
+    ledger = InMemoryLedger(config.ledger_config(seeded))
+    stop_loss = track_transitions(ledger)
+    engine = DiscountEngine(InMemoryFeatureStore(), ledger=ledger, campaigns=seeded, config=config)
     assert engine.learner is not None  # backtests learn inline
     engine.learner.on_final = model_stats.update
     return GroupResult(
@@ -138,6 +143,7 @@ def _new_group(
         model=model_stats,
         engine=engine,
         by_name={c.name: i for i, c in enumerate(seeded)},
+        stop_loss=stop_loss,
     )
 
 
@@ -171,6 +177,10 @@ def _absorb(
             if rule.startswith("denied:"):
                 stats.denied[rule[7:]] = stats.denied.get(rule[7:], 0) + 1
                 denied = True
+            elif rule == EXPLORE_ONLY:
+                stats.stopped_decisions += 1
+                if granted:
+                    stats.stopped_offers += 1
         segments: tuple[str, ...] = ()
         if holdout:
             stats.holdout_decisions += 1

@@ -2,13 +2,13 @@
 
 Chromium renders the page from a file (no server, nothing fetched). Two runs: a replayed
 event file (three campaigns: one with a holdout and a tight ``max_disparity``, one exploring
-profit policy, one linear policy without a holdout whose discounts are continuous) and a
-closed-loop simulated world. The dumped DOM must hold what an analyst reads first (title,
-verdict, ranking, what to set where a figure is missing, both calibration curves, the Qini
-and fairness sections) and every plot with data marks. The page has no JavaScript, so label
-overlap is measured on a test-only wrapper page: the report's own SVGs plus a script that
-writes each text's ``getBBox()`` into the DOM. The screenshot is kept as an artefact
-(``DEALSTREAM_TEST_ARTIFACTS``).
+profit policy, both with a stop-loss, one linear policy without a holdout whose discounts are
+continuous) and a closed-loop simulated world. The dumped DOM must hold what an analyst
+reads first (title, verdict, ranking, what to set where a figure is missing, the stop-losses,
+both calibration curves, the Qini and fairness sections) and every plot with data marks. The
+page has no JavaScript, so label overlap is measured on a test-only wrapper page: the report's
+own SVGs plus a script that writes each text's ``getBBox()`` into the DOM. The screenshot is
+kept as an artefact (``DEALSTREAM_TEST_ARTIFACTS``).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ cooldown_s = 3600
 daily_budget = 150.0
 holdout = 0.2
 max_disparity = 1.0
+stop_loss = { window_h = 12, min_decisions = 100 }
 
 [[campaign]]
 name = "profit-ladder"
@@ -61,6 +62,7 @@ triggers = ["cart", "view"]
 cooldown_s = 3600
 daily_budget = 150.0
 holdout = 0.2
+stop_loss = { window_h = 12, min_decisions = 100 }
 
 [[campaign]]
 name = "linear-no-holdout"
@@ -291,6 +293,21 @@ def test_file_report_reads_top_down_in_chromium(file_run: Path) -> None:
     assert report["campaigns"]["paper-threshold"]["qini"]["method"] == "holdout"
     qini_svg = section(dom, "plot-qini")
     assert qini_svg.count('class="series"') == 2
+
+    # The stop-loss section follows the campaigns: one row per campaign with a stop-loss.
+    assert dom.index('id="campaigns"') < dom.index('id="section-stop-loss"')
+    assert dom.index('id="section-stop-loss"') < dom.index('id="plot-calibration-served"')
+    guarded = {k: c["stop_loss"] for k, c in report["campaigns"].items() if c["stop_loss"]}
+    assert set(guarded) == {"paper-threshold", "profit-ladder"}
+    stop_loss = section(dom, "stop-loss")
+    assert stop_loss.count("<tr>") == 1 + 2 and "linear-no-holdout" not in stop_loss
+    for key, found in guarded.items():
+        row = next(r for r in stop_loss.split("<tr>") if key in r)
+        assert ("stopped" if found["final"]["stopped"] else "active") in text_of(row)
+        kept, omitted = len(found["transitions"]), found["transitions_omitted"]
+        assert kept + omitted == found["transitions_total"]
+        if found["transitions"]:
+            assert f"{key}: stopped at" in text_of(section(dom, "stop-loss-transitions"), "")
 
     # Both calibration curves: as served (what decisions used) and prequential.
     served = section(dom, "plot-calibration-served")

@@ -46,6 +46,7 @@ threshold = 0.0
 discount_pct = 5
 decision_interval_s = 0
 holdout = 0.5
+stop_loss = { window_h = 24, min_decisions = 100, min_users = 5 }
 """
 METRIC_NAMES = (
     "dealstream_events_consumed_total",
@@ -74,6 +75,12 @@ METRIC_NAMES = (
     "dealstream_model_log_loss",
     "dealstream_model_ece",
     "dealstream_model_label_rate",
+    "dealstream_stop_loss_stopped",
+    "dealstream_stop_loss_incremental_margin",
+    "dealstream_stop_loss_upper_bound",
+    "dealstream_stop_loss_lower_bound",
+    "dealstream_stop_loss_decisions",
+    "dealstream_stop_loss_explore_only_decisions_total",
 )
 
 
@@ -205,6 +212,11 @@ def test_health_ready_metrics_and_status_page(
     assert value("dealstream_redis_call_seconds_count", script="features") > 0
     assert value("dealstream_redis_call_seconds_count", script="ledger") > 0
     assert value("dealstream_model_version_info", version="lr-0") == 1
+    # Only the campaign with a stop-loss has its series; its decisions were sampled.
+    stop_loss = {lab["campaign"] for n, lab, _ in parsed if n.startswith("dealstream_stop_loss")}
+    assert stop_loss == {"http-control"}
+    assert value("dealstream_stop_loss_stopped", campaign="http-control") in (0, 1)
+    assert value("dealstream_stop_loss_decisions", campaign="http-control") > 0
 
     user_ids = {str(event["user_id"]) for event in events}
     label_values = {v for _, labels, _ in parsed for v in labels.values()}
@@ -226,6 +238,8 @@ def test_health_ready_metrics_and_status_page(
     assert len(state["lag"]["partitions"]) == 6
     assert all(p["assigned_here"] for p in state["lag"]["partitions"])
     assert [b["campaign"] for b in state["budgets"]] == ["http-budgeted"]
+    (stop_loss_row,) = state["stop_loss"]
+    assert stop_loss_row["campaign"] == "http-control" and stop_loss_row["decisions"] > 0
     assert state["model"]["version"] == "lr-0"
     assert state["counters"]["consumed"] == len(events) + 1
 
@@ -292,6 +306,10 @@ def test_status_page_renders_in_headless_chromium(
         assert topic in partitions
     budgets = html.split('<table id="budgets">', 1)[1].split("</table>", 1)[0]
     assert "http-budgeted" in budgets and "http-control" not in budgets
+    stop_loss = html.split('<table id="stop-loss">', 1)[1].split("</table>", 1)[0]
+    assert stop_loss.count("<tr") == 1 + 1 and "http-control" in stop_loss
+    assert "active" in stop_loss or "stopped (explore only)" in stop_loss
+    assert " / 100<" in stop_loss  # sampled decisions against min_decisions
     assert "lr-0" in html.split('<dl id="model">', 1)[1].split("</dl>", 1)[0]
     assert "partitions: 6 partition(s) assigned" in html
     assert '<span id="error"></span>' in html  # no fetch error shown

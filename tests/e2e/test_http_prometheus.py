@@ -50,6 +50,7 @@ discount_pct = 10
 decision_interval_s = 0
 daily_budget = 30.0
 holdout = 0.2
+stop_loss = { window_h = 24, min_decisions = 200 }
 """
 COMPARISON = re.compile(r"\s(>=|<=|==|!=|>|<)\s*(-?\d+(?:\.\d+)?(?:e-?\d+)?)(?![\w.])")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -14,6 +15,7 @@ from engine.campaigns import Campaign
 from engine.ledger import InMemoryLedger, event_day
 from engine.pipeline import DiscountEngine, EngineConfig
 from engine.policy import ThresholdPolicy
+from engine.stop_loss import StopLoss, StopLossStatus
 from engine.store import InMemoryFeatureStore
 from streams.decode import DecodeLimits, RawRecord
 from streams.metrics import TimedFeatureStore, TimedLedger, WorkerMetrics
@@ -74,12 +76,16 @@ def make_worker(
     *campaigns: Campaign, metrics: WorkerMetrics | None = None
 ) -> tuple[BatchWorker, DiscountEngine]:
     metrics = metrics if metrics is not None else WorkerMetrics()
+    campaigns = campaigns or (
+        Campaign("spring", ThresholdPolicy(threshold=0.0), decision_interval_ms=0),
+    )
+    config = EngineConfig(learn_inline=False)  # as live: one ledger call per batch
+    ledger = InMemoryLedger(config.ledger_config(campaigns))
     engine = DiscountEngine(
         TimedFeatureStore(InMemoryFeatureStore(), metrics.redis_call.labels("features").observe),
-        ledger=TimedLedger(InMemoryLedger(), metrics.redis_call.labels("ledger").observe),
-        campaigns=campaigns
-        or [Campaign("spring", ThresholdPolicy(threshold=0.0), decision_interval_ms=0)],
-        config=EngineConfig(learn_inline=False),  # as live: one ledger call per batch
+        ledger=TimedLedger(ledger, metrics.redis_call.labels("ledger").observe),
+        campaigns=campaigns,
+        config=config,
     )
     worker = BatchWorker(
         engine,
@@ -315,3 +321,82 @@ async def test_timed_wrappers_pass_calls_through() -> None:
     await ledger.settle([], now_ms=T0)
     await store.apply_batch([], allowed_lateness_ms=0)
     assert len(observed) == 2 and all(d >= 0 for d in observed)
+
+
+# -- stop-loss ------------------------------------------------------------------------------------
+
+
+def stop_loss_campaign(explore: float = 0.5) -> Campaign:
+    return Campaign(
+        "guarded",
+        ThresholdPolicy(threshold=0.0, discount_pct=10),
+        decision_interval_ms=0,
+        holdout=0.2,
+        stop_loss=StopLoss(min_decisions=10**9, explore=explore),  # the state stays as set
+    )
+
+
+def hold_stopped(engine: DiscountEngine, name: str, since_ms: int) -> StopLossStatus:
+    ledger = engine.ledger
+    assert isinstance(ledger, TimedLedger) and isinstance(ledger.inner, InMemoryLedger)
+    stopped = StopLossStatus(stopped=True, since_ms=since_ms)
+    ledger.inner.stop_loss[name].status = stopped
+    engine.stop_loss[name] = stopped
+    return stopped
+
+
+def test_stop_loss_gauges_mirror_the_status_and_unknown_figures_are_nan() -> None:
+    metrics = WorkerMetrics()
+    metrics.observe_stop_loss(
+        {
+            "losing": StopLossStatus(True, T0, 480, -1.25, -0.5, -2.0),
+            "young": StopLossStatus(decisions=3),
+        }
+    )
+    assert sample(metrics, "dealstream_stop_loss_stopped", campaign="losing") == 1
+    assert sample(metrics, "dealstream_stop_loss_decisions", campaign="losing") == 480
+    assert sample(metrics, "dealstream_stop_loss_incremental_margin", campaign="losing") == -1.25
+    assert sample(metrics, "dealstream_stop_loss_upper_bound", campaign="losing") == -0.5
+    assert sample(metrics, "dealstream_stop_loss_lower_bound", campaign="losing") == -2.0
+    assert sample(metrics, "dealstream_stop_loss_stopped", campaign="young") == 0
+    for name in ("incremental_margin", "upper_bound", "lower_bound"):
+        value = sample(metrics, f"dealstream_stop_loss_{name}", campaign="young")
+        assert math.isnan(value), name  # unknown, not "breaks even"
+
+
+def test_stop_loss_gauges_wait_for_a_status_but_the_counters_start_at_zero() -> None:
+    metrics = WorkerMetrics()
+    metrics.declare_stop_loss(["guarded"])
+    labels = {"campaign": "guarded"}
+    assert metrics.registry.get_sample_value("dealstream_stop_loss_stopped", labels) is None
+    explore_only = "dealstream_stop_loss_explore_only_decisions_total"
+    for explored in ("true", "false"):
+        value = metrics.registry.get_sample_value(explore_only, {**labels, "explored": explored})
+        assert value == 0
+
+
+async def test_a_batch_sets_the_stop_loss_gauges_and_counts_explore_only_decisions() -> None:
+    worker, engine = make_worker(stop_loss_campaign())
+    metrics = worker.metrics
+    labels = {"campaign": "guarded"}
+    await worker.handle([raw(browse("e-0", "u-0", T0), "browse", 0, b"u-0")])
+    assert metrics.registry.get_sample_value("dealstream_stop_loss_stopped", labels) == 0
+    assert sample(metrics, "dealstream_stop_loss_decisions", campaign="guarded") == 1
+
+    hold_stopped(engine, "guarded", T0)
+    batch = [
+        raw(browse(f"e-{n}", f"u-{n}", T0 + n), "browse", n, f"u-{n}".encode())
+        for n in range(1, 201)
+    ]
+    result = await worker.handle(batch)
+    assert sample(metrics, "dealstream_stop_loss_stopped", campaign="guarded") == 1
+    treated = [d for d in result.decisions if not d["holdout"]]
+    explored = [d for d in treated if d["offer_id"] is not None]
+    assert treated and explored and len(explored) < len(treated)
+    explore_only = "dealstream_stop_loss_explore_only_decisions_total"
+    assert sample(metrics, explore_only, campaign="guarded", explored="true") == len(explored)
+    assert sample(metrics, explore_only, campaign="guarded", explored="false") == len(
+        treated
+    ) - len(explored)
+    # Holdout decisions are not made "in explore-only mode": they never get an offer anyway.
+    assert sum(v for name, _, v in samples(metrics) if name == explore_only) == len(treated)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,13 +15,14 @@ from engine.ledger import InMemoryLedger, event_day
 from engine.pipeline import DiscountEngine, EngineConfig
 from engine.policy import ThresholdPolicy
 from engine.prequential import PrequentialMetrics
+from engine.stop_loss import StopLoss, StopLossStatus
 from engine.store import InMemoryFeatureStore
 from streams.decode import DecodeLimits, RawRecord
 from streams.lag import PartitionLag, format_lag_table, lag_report, total_lag
 from streams.metrics import RateWindow, WorkerMetrics
 from streams.settings import Topics
 from streams.status_page import STATUS_PAGE_HTML
-from streams.web import WorkerStatus
+from streams.web import WorkerStatus, current_stop_loss
 from streams.worker import BatchWorker
 
 T0 = 1_767_225_600_000
@@ -141,11 +143,13 @@ def make_status(
 ) -> tuple[WorkerStatus, FakeRedis, FakeProbe, Clock, BatchWorker]:
     clock = Clock()
     metrics = WorkerMetrics(monotonic=clock)
+    campaigns = campaigns or (Campaign("spring", ThresholdPolicy(threshold=0.0)),)
+    config = EngineConfig(learn_inline=False)
     engine = DiscountEngine(
         InMemoryFeatureStore(),
-        ledger=InMemoryLedger(),
-        campaigns=campaigns or [Campaign("spring", ThresholdPolicy(threshold=0.0))],
-        config=EngineConfig(learn_inline=False),
+        ledger=InMemoryLedger(config.ledger_config(campaigns)),
+        campaigns=campaigns,
+        config=config,
     )
 
     class NullSink:
@@ -340,7 +344,14 @@ def test_rates_come_from_the_samples_of_the_last_window() -> None:
 
 def test_status_page_is_self_contained_and_inserts_values_as_text() -> None:
     page = STATUS_PAGE_HTML
-    for element in ('id="ready"', 'id="partitions"', 'id="budgets"', 'id="model"', 'id="rates"'):
+    for element in (
+        'id="ready"',
+        'id="partitions"',
+        'id="budgets"',
+        'id="model"',
+        'id="rates"',
+        'id="stop-loss"',
+    ):
         assert element in page
     assert "status.json" in page and "setTimeout(refresh, 2000)" in page
     assert "http://" not in page and "https://" not in page  # no CDN, no external asset
@@ -426,3 +437,63 @@ def test_the_cli_has_a_lag_command_with_json_and_group() -> None:
     assert (args.command, args.json, args.group) == ("lag", True, "other")
     defaults = build_parser().parse_args(["lag"])
     assert (defaults.json, defaults.group) == (False, None)
+
+
+# -- stop-loss -----------------------------------------------------------------------------------
+
+
+def test_the_shared_stop_loss_state_wins_when_this_worker_has_not_seen_the_change() -> None:
+    mine = StopLossStatus(False, None, 300, 0.4, 1.1, -0.3)
+    assert current_stop_loss({"c": mine}, {"c": StopLossStatus(False, None, 310)}) == {"c": mine}
+    # Another worker stopped the campaign since: its figures are unknown here.
+    shared = StopLossStatus(True, T0, 320)
+    assert current_stop_loss({"c": mine}, {"c": shared}) == {"c": shared}
+    assert current_stop_loss({}, {"c": shared}) == {"c": shared}
+
+
+async def test_refresh_reports_the_stop_loss_in_metrics_and_status() -> None:
+    guarded = Campaign(
+        "guarded",
+        ThresholdPolicy(threshold=0.0, discount_pct=10),
+        decision_interval_ms=0,
+        holdout=0.2,
+        stop_loss=StopLoss(window_ms=12 * 3_600_000, min_decisions=10**9, explore=0.1),
+    )
+    status, _, _, _, worker = make_status(guarded, Campaign("plain", ThresholdPolicy()))
+    registry = status.metrics.registry
+    labels = {"campaign": "guarded"}
+    assert registry.get_sample_value("dealstream_stop_loss_stopped", labels) is None
+    assert (await status.status())["stop_loss"] == []  # nothing read yet
+
+    await status.refresh()
+    assert registry.get_sample_value("dealstream_stop_loss_stopped", labels) == 0
+    assert registry.get_sample_value("dealstream_stop_loss_stopped", {"campaign": "plain"}) is None
+
+    # Another worker stops the campaign (the shared state changes under this worker).
+    ledger = worker.engine.ledger
+    assert isinstance(ledger, InMemoryLedger)
+    ledger.stop_loss["guarded"].status = StopLossStatus(True, T0 - 3_600_000, 250, -0.8, -0.1, -1.5)
+    event = {
+        "event_id": "e-1",
+        "user_id": "u-1",
+        "type": "browse",
+        "ts": T0,
+        "item_id": "i-1",
+        "category": "books",
+        "price": 40.0,
+        "action": "cart",
+    }
+    await status.refresh()
+    assert registry.get_sample_value("dealstream_stop_loss_stopped", labels) == 1
+    await worker.handle([RawRecord(BROWSE, 0, 0, b"u-1", orjson.dumps(event))])
+    await status.refresh()
+    body = await status.status()
+    (row,) = body["stop_loss"]
+    assert row["campaign"] == "guarded" and row["stopped"] is True
+    assert row["since_ms"] == T0 - 3_600_000 and row["since_age_s"] == 3600.0  # event time
+    assert (row["window_h"], row["min_decisions"], row["explore"]) == (12.0, 10**9, 0.1)
+    # The batch re-evaluated the sums: one decision, too few users for an interval.
+    assert (row["decisions"], row["incremental_margin"], row["upper_bound"]) == (1, None, None)
+    margin = registry.get_sample_value("dealstream_stop_loss_incremental_margin", labels)
+    assert margin is not None and math.isnan(margin)
+    orjson.dumps(body)
