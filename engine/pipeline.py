@@ -64,7 +64,7 @@ from engine.policy import PolicyChoice, PolicyContext
 from engine.prequential import OnlineLearner
 from engine.scoring import Scorer
 from engine.state import offer_ops
-from engine.stop_loss import StopLossStatus
+from engine.stop_loss import EXPLORE_ONLY, EXPLORED, StopLossStatus
 from engine.store import FeatureStore, Position, StateUpdate, UpdateStatus
 
 __all__ = [
@@ -418,9 +418,9 @@ class DiscountEngine:
             status = self.stop_loss.get(campaign.name)
             if status is not None and status.stopped:
                 choice = self._explore_only(campaign, decision_id, proposed)
-                rules.append("stop_loss:explore_only")
+                rules.append(EXPLORE_ONLY)
                 if choice.discount_pct > 0:
-                    rules.append("stop_loss:explored")
+                    rules.append(EXPLORED)
             if choice.discount_pct > 0 and campaign.stop_loss is not None:
                 arm = Arm.TREATED
         reference = proposed.discount_pct or campaign.policy.reference_discount_pct

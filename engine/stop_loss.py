@@ -21,7 +21,9 @@ whole window of decision time) and counts a user active in both as two clusters.
 
 When it acts. Once the window holds ``min_decisions`` sampled decisions and at least
 ``min_users`` users in each arm: the campaign stops when the 95 % upper bound of the
-incremental margin per decision is below zero, and resumes when it is not. While stopped, the
+incremental margin per decision is below zero, and resumes when it is not. After a change the
+state holds for at least half a window of event time (a bound hovering around zero would
+otherwise flip it back and forth within minutes). While stopped, the
 policy's proposals become offers only with probability ``explore`` (a deterministic draw per
 decision, logged in the propensities), which keeps measuring the campaign; without enough
 evidence the state stays as it is. Outcomes accrue as purchases arrive, so recent decisions
@@ -38,6 +40,10 @@ import math
 from dataclasses import dataclass, field
 
 Z95 = 1.959964
+EXPLORE_ONLY = "stop_loss:explore_only"
+"""The rule of a non-holdout decision made while its campaign was stopped."""
+EXPLORED = "stop_loss:explored"
+"""... and of one whose offer the explore draw let through."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,8 +145,10 @@ def evaluate(
     half_width = Z95 * math.sqrt(t[1] + h[1]) / 100.0
     upper, lower = diff + half_width, diff - half_width
     stopped = previous.stopped
+    settled = previous.since_ms is None or now_ms - previous.since_ms >= config.epoch_ms
     if (
-        decisions >= config.min_decisions
+        settled
+        and decisions >= config.min_decisions
         and treated.users >= config.min_users
         and holdout.users >= config.min_users
     ):

@@ -308,6 +308,7 @@ for _, campaign in ipairs(stop_loss_order) do
   local state = redis.call('HMGET', key, 'state', 'since')
   local stopped = state[1] == '1'
   local since = state[2] or ''
+  local settled = since == '' or now - tonumber(since) >= config.epoch_ms
   local decisions = t.n + h.n
   local diff, upper, lower = '', '', ''
   local t_mean, t_var = mean_and_variance(t)
@@ -316,7 +317,8 @@ for _, campaign in ipairs(stop_loss_order) do
     local d = (t_mean - h_mean) / 100.0
     local half = Z95 * math.sqrt(t_var + h_var) / 100.0
     diff, upper, lower = d, d + half, d - half
-    if decisions >= config.min_decisions and t.u >= config.min_users and h.u >= config.min_users then
+    if settled and decisions >= config.min_decisions and t.u >= config.min_users
+        and h.u >= config.min_users then
       local now_stopped = upper < 0.0
       if now_stopped ~= stopped then
         stopped = now_stopped
@@ -324,7 +326,10 @@ for _, campaign in ipairs(stop_loss_order) do
       end
     end
   end
-  redis.call('HSET', key, 'state', stopped and '1' or '0', 'since', since, 'decisions', int(decisions))
+  local function figure(x) return x == '' and '' or string.format('%.17g', x) end
+  redis.call('HSET', key, 'state', stopped and '1' or '0', 'since', since,
+    'decisions', int(decisions), 'diff', figure(diff), 'upper', figure(upper),
+    'lower', figure(lower))
   -- sums of decisions older than the window no longer change the statistic
   local stale = current - 3
   local fields = {}
@@ -338,9 +343,9 @@ for _, campaign in ipairs(stop_loss_order) do
   statuses[#statuses + 1] = stopped and 1 or 0
   statuses[#statuses + 1] = since
   statuses[#statuses + 1] = decisions
-  statuses[#statuses + 1] = diff == '' and '' or string.format('%.17g', diff)
-  statuses[#statuses + 1] = upper == '' and '' or string.format('%.17g', upper)
-  statuses[#statuses + 1] = lower == '' and '' or string.format('%.17g', lower)
+  statuses[#statuses + 1] = figure(diff)
+  statuses[#statuses + 1] = figure(upper)
+  statuses[#statuses + 1] = figure(lower)
 end
 
 return { outcomes, events, statuses }

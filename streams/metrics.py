@@ -31,7 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from engine.features import State
 from engine.ledger import DecisionLedger, LedgerOp, LedgerResult
 from engine.pipeline import BatchResult
-from engine.stop_loss import StopLossStatus
+from engine.stop_loss import EXPLORE_ONLY, EXPLORED, StopLossStatus
 from engine.store import BatchOutcome, FeatureStore, StateUpdate, UpdateStatus
 from streams.decode import DeadLetter, RawRecord
 
@@ -54,10 +54,6 @@ SKIP_REASONS = {
 }
 
 UNKNOWN_TYPE = "unknown"
-EXPLORE_ONLY = "stop_loss:explore_only"
-"""The rule of a decision made while its campaign was stopped (engine/pipeline.py)."""
-EXPLORED = "stop_loss:explored"
-"""... and of one whose offer the explore draw let through."""
 RATE_WINDOW_S = 60.0
 
 

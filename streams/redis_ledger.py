@@ -135,13 +135,17 @@ class RedisLedger:
     async def stop_loss_status(self) -> dict[str, StopLossStatus]:
         statuses: dict[str, StopLossStatus] = {}
         for name in sorted(self.config.stop_loss):
-            stopped, since, decisions = await self._client.hmget(
-                f"{self._prefix}sl:{name}", ["state", "since", "decisions"]
+            stopped, since, decisions, diff, upper, lower = await self._client.hmget(
+                f"{self._prefix}sl:{name}",
+                ["state", "since", "decisions", "diff", "upper", "lower"],
             )
             statuses[name] = StopLossStatus(
                 stopped=stopped in (b"1", "1"),
                 since_ms=None if since in (None, b"", "") else int(float(_text(since))),
                 decisions=0 if decisions is None else int(decisions),
+                incremental_margin=None if diff is None else _optional_float(diff),
+                upper_bound=None if upper is None else _optional_float(upper),
+                lower_bound=None if lower is None else _optional_float(lower),
             )
         return statuses
 

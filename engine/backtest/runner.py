@@ -27,7 +27,7 @@ from engine.backtest.metrics import (
     OpenDecision,
     p_segment,
 )
-from engine.backtest.stop_loss import EXPLORE_ONLY, StopLossLog, track_transitions
+from engine.backtest.stop_loss import StopLossLog, track_transitions
 from engine.campaigns import Campaign
 from engine.errors import EngineError
 from engine.events import Event, PurchaseEvent
@@ -43,6 +43,7 @@ from engine.pipeline import (
     order_value,
 )
 from engine.state import trigger_category
+from engine.stop_loss import EXPLORE_ONLY
 from engine.store import InMemoryFeatureStore, UpdateStatus
 
 DEFAULT_BATCH_SIZE = 2000

@@ -19,8 +19,6 @@ from engine.ledger import InMemoryLedger
 from engine.stop_loss import CampaignStopLoss, StopLossStatus
 
 TRANSITIONS_KEPT = 50
-EXPLORE_ONLY = "stop_loss:explore_only"
-"""The rule of a non-holdout decision made while its campaign was stopped (engine/pipeline.py)."""
 
 
 @dataclass(frozen=True, slots=True)

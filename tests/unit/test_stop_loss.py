@@ -113,10 +113,13 @@ def test_the_state_changes_only_with_enough_evidence() -> None:
     # Too few decisions: the same.
     few = evaluate(sums([-500] * 40, users=30), holdout, config, start, now_ms=T0)
     assert not few.stopped and few.since_ms is None
-    # Winning again with enough evidence: it resumes.
+    # Winning again with enough evidence: it resumes, but not within half a window of the
+    # last change (a bound hovering around zero must not flip the state every few minutes).
     winning = sums([4000 + 10 * (i % 3) for i in range(80)], users=40)
-    resumed = evaluate(winning, holdout, config, stopped, now_ms=T0 + 2)
-    assert not resumed.stopped and resumed.since_ms == T0 + 2
+    held = evaluate(winning, holdout, config, stopped, now_ms=T0 + config.epoch_ms - 1)
+    assert held.stopped and held.since_ms == T0
+    resumed = evaluate(winning, holdout, config, stopped, now_ms=T0 + config.epoch_ms)
+    assert not resumed.stopped and resumed.since_ms == T0 + config.epoch_ms
 
 
 def test_the_window_is_the_current_and_the_previous_epoch() -> None:
