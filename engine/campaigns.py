@@ -216,6 +216,7 @@ def _build_policy(name: str, entry: Mapping[str, Any]) -> Policy:
                 margin=_number(name, entry, "margin", 0.3, maximum=1.0),
                 epsilon=_number(name, entry, "epsilon", 0.1, maximum=1.0),
                 temperature=_number(name, entry, "temperature", 0.0),
+                min_margin=_number(name, entry, "min_margin", 0.0, maximum=1.0),
             )
     except ValueError as exc:
         raise CampaignError(f"campaign {name!r}: {exc}") from None

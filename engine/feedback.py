@@ -52,7 +52,7 @@ EXAMPLE_KINDS: tuple[str, ...] = (DECIDED, *(str(kind) for kind in LabelKind))
 
 @dataclass(frozen=True, slots=True)
 class Feedback:
-    method: FeedbackMethod = FeedbackMethod.ESDFM
+    method: FeedbackMethod = FeedbackMethod.DFM
     elapsed_ms: int = 3600 * 1000
     """The wait of ``esdfm`` and ``dfm`` (ignored by the others)."""
 
@@ -191,6 +191,17 @@ class Step:
 
     label: int
     weight: float
+
+
+def needs_auxiliary(method: FeedbackMethod, example: TrainingExample, elapsed_ms: int) -> bool:
+    """Whether ``steps`` reads the auxiliary models' estimates for this example."""
+    if method is FeedbackMethod.ESDFM:
+        return example.kind == LabelKind.ELAPSED or (
+            example.kind == LabelKind.CONVERTED and example.converted_late(elapsed_ms)
+        )
+    if method is FeedbackMethod.DFM:
+        return example.kind == LabelKind.ELAPSED and example.label == 0
+    return False
 
 
 def steps(

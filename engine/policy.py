@@ -192,6 +192,10 @@ class ProfitPolicy:
     margin: float = 0.3
     epsilon: float = 0.1
     temperature: float = 0.0
+    min_margin: float = 0.0
+    """An offer must be expected to earn at least this share of the order value more than no
+    offer: a margin of safety against the model's own noise, since the level with the best
+    estimate is also the one most likely overestimated."""
     name: str = "profit"
 
     def __post_init__(self) -> None:
@@ -207,17 +211,21 @@ class ProfitPolicy:
             raise ValueError(f"epsilon must be within [0, 1], got {self.epsilon}")
         if not 0.0 <= self.temperature < math.inf:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if not 0.0 <= self.min_margin <= 1.0:
+            raise ValueError(f"min_margin must be within [0, 1], got {self.min_margin}")
 
     @property
     def reference_discount_pct(self) -> float:
         return min((level for level in self.ladder if level > 0), default=0.0)
 
     def expected_margins(self, context: PolicyContext) -> list[float]:
-        """Expected incremental margin of each ladder level, in currency units."""
+        """Expected incremental margin of each ladder level, in currency units, less the
+        required margin of safety (``min_margin`` of the order value) for an offer."""
         value = context.order_value
         base = context.predict(0.0) * value * self.margin
+        safety = self.min_margin * value
         return [
-            context.predict(d) * value * (self.margin - d / 100.0) - base if d else 0.0
+            context.predict(d) * value * (self.margin - d / 100.0) - base - safety if d else 0.0
             for d in self.ladder
         ]
 

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from engine.feedback import Feedback, FeedbackMethod, TrainingExample, steps
+from engine.feedback import Feedback, FeedbackMethod, TrainingExample, needs_auxiliary, steps
 from engine.labels import LabelKind
 from engine.model import PurchaseModel
 
@@ -191,13 +191,13 @@ class OnlineLearner:
         *,
         window: int = 1000,
         feedback: Feedback | None = None,
-        on_final: Callable[[float, int], None] | None = None,
+        on_final: Callable[[TrainingExample, float, int], None] | None = None,
     ) -> None:
         self.model = model if model is not None else PurchaseModel()
         self.metrics = metrics if metrics is not None else PrequentialMetrics(window)
         self.feedback = feedback if feedback is not None else Feedback()
         self.on_final = on_final
-        """Also told every (prediction, final label) pair (backtests keep them all)."""
+        """Also told every (example, prediction, final label) (backtests keep them all)."""
         self.last_labeled_at: int | None = None
 
     @property
@@ -216,17 +216,21 @@ class OnlineLearner:
             else TrainingExample.from_message(example)
         )
         model, features, discount = self.model, parsed.features, parsed.discount_pct
-        p = model.predict(features, discount)
+        p = model.scorer(features)(discount)  # exactly ``predict``, computed faster
         final = parsed.final_label
         if final is not None:
             self.metrics.update(p, final)
             if self.on_final is not None:
-                self.on_final(p, final)
+                self.on_final(parsed, p, final)
         method, wait = self.feedback.method, self.feedback.elapsed_ms
-        uses_auxiliary = method in (FeedbackMethod.ESDFM, FeedbackMethod.DFM)
-        late, never = model.auxiliary(features, discount) if uses_auxiliary else (0.0, 0.0)
+        late, never = (
+            model.auxiliary(features, discount)
+            if needs_auxiliary(method, parsed, wait)
+            else (0.0, 0.0)
+        )
         for step in steps(method, parsed, elapsed_ms=wait, p=p, late=late, never=never):
             model.learn(features, discount, step.label, step.weight)
+        uses_auxiliary = method in (FeedbackMethod.ESDFM, FeedbackMethod.DFM)
         if uses_auxiliary and parsed.kind == LabelKind.CLOSED and parsed.decided_at is not None:
             self._learn_auxiliary(parsed, method, wait)
         if self.last_labeled_at is None or parsed.labeled_at > self.last_labeled_at:

@@ -32,6 +32,7 @@ from engine.campaigns import Campaign
 from engine.errors import EngineError
 from engine.events import Event, PurchaseEvent
 from engine.features import event_kind
+from engine.feedback import TrainingExample
 from engine.labels import LabelKind
 from engine.ledger import InMemoryLedger, event_day
 from engine.pipeline import (
@@ -78,6 +79,14 @@ class GroupResult:
     by_name: dict[str, int] = field(default_factory=dict)
     stop_loss: dict[str, StopLossLog] = field(default_factory=dict)
     """Each stop-loss campaign's transitions, by campaign name."""
+    scores: dict[str, float] = field(default_factory=dict)
+    """The prequential score of each decision whose final label the learner has seen, until
+    its window closes and it is booked (``_absorb``)."""
+
+    def keep_score(self, example: TrainingExample, p: float, label: int) -> None:
+        """``OnlineLearner.on_final``: the model's score just before it learned the label."""
+        del label  # the label is booked with the window's closing
+        self.scores[example.decision_id] = p
 
     def pending_by_campaign(self) -> list[dict[str, int]]:
         """Decisions whose window had not closed, per campaign: holdout / treated / untreated."""
@@ -135,8 +144,7 @@ def _new_group(
     stop_loss = track_transitions(ledger)
     engine = DiscountEngine(InMemoryFeatureStore(), ledger=ledger, campaigns=seeded, config=config)
     assert engine.learner is not None  # backtests learn inline
-    engine.learner.on_final = model_stats.update
-    return GroupResult(
+    group = GroupResult(
         name=name,
         campaigns=seeded,
         keys=keys,
@@ -146,6 +154,8 @@ def _new_group(
         by_name={c.name: i for i, c in enumerate(seeded)},
         stop_loss=stop_loss,
     )
+    engine.learner.on_final = group.keep_score
+    return group
 
 
 def _absorb(
@@ -230,17 +240,22 @@ def _absorb(
     for name, cents in batch.spend_cents.items():
         group.stats[group.by_name[name]].committed_spend_cents += cents
     for labelled in batch.labels:
-        # A decision's final label: its first conversion, or its window closing without one.
-        kind = labelled.kind
-        if kind is LabelKind.ELAPSED or (kind is LabelKind.CLOSED and labelled.label):
+        # Outcomes are booked when a decision's window closes, conversions included: booking
+        # a conversion at once would count the last window's buyers while its non-buyers
+        # are still open, and overstate every rate measured near the end of the input.
+        if labelled.kind is not LabelKind.CLOSED:
             continue
-        found = group.open.pop(labelled.decision.decision_id, None)
+        decision_id = labelled.decision.decision_id
+        prequential = group.scores.pop(decision_id, None)
+        found = group.open.pop(decision_id, None)
         if found is None:
             continue
         index, opened = found
         label = labelled.label
         group.stats[index].on_label(opened, label)
         group.served.update(opened.p_purchase, label)
+        if prequential is not None:
+            group.model.update(prequential, label)
         rewards[opened.seq] = label
 
 
