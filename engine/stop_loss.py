@@ -37,6 +37,7 @@ and in ``streams/ledger.lua`` (several workers share the state in Redis).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 Z95 = 1.959964
@@ -83,6 +84,20 @@ class ArmSums:
     yn: int = 0
     nn: int = 0
     users: int = 0
+
+    @classmethod
+    def of_clusters(cls, clusters: Iterable[tuple[int, int]]) -> ArmSums:
+        """The sums of finished per-user totals (decisions, outcome) at once."""
+        sums = cls()
+        for n, y in clusters:
+            if n:
+                sums.n += n
+                sums.y += y
+                sums.yy += y * y
+                sums.yn += y * n
+                sums.nn += n * n
+                sums.users += 1
+        return sums
 
     def add_decision(self, user_n: int, user_y: int) -> None:
         """One more decision of a user who had ``user_n`` decisions and ``user_y`` cents."""

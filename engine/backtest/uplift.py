@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.backtest.metrics import HOLDOUT, TREATED, UNTREATED, CampaignStats
+from engine.stop_loss import ArmSums
 
 Z95 = 1.959964
 ASSUMED_RELATIVE_UPLIFT = 0.1
@@ -28,16 +29,12 @@ def clustered_variance(pairs: list[tuple[int, int]]) -> tuple[float, int] | None
     """Variance of the pooled rate sum(y) / sum(n) over clusters (users) of (n, y), and the
     number of clusters; None with fewer than two clusters.
 
-    Cluster-robust (sandwich) estimate: G / (G - 1) * sum_g (y_g - p n_g)^2 / (sum n)^2.
+    Cluster-robust (sandwich) estimate: G / (G - 1) * sum_g (y_g - p n_g)^2 / (sum n)^2, the
+    stop-loss's own (``engine.stop_loss.ArmSums``).
     """
-    clusters = [(n, y) for n, y in pairs if n]
-    if len(clusters) < 2:
-        return None
-    total = sum(n for n, _ in clusters)
-    rate = sum(y for _, y in clusters) / total
-    g = len(clusters)
-    spread = math.fsum((y - rate * n) ** 2 for n, y in clusters)
-    return g / (g - 1) * spread / total**2, g
+    sums = ArmSums.of_clusters(pairs)
+    found = sums.mean_and_variance()
+    return None if found is None else (found[1], sums.users)
 
 
 def _group_pairs(stats: CampaignStats, offsets: tuple[int, ...]) -> list[tuple[int, int]]:
