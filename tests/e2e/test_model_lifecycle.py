@@ -18,9 +18,9 @@ from aiokafka import AIOKafkaConsumer
 from engine.simulator import generate
 from streams.kafka_io import ensure_topics
 from streams.model_store import ModelStore
-from streams.settings import Topics
+from streams.settings import Settings, Topics
 from tests.conftest import REPO, Isolation, Services
-from tests.worker_process import WorkerProcess, clean_up, produce_events, worker_env
+from tests.worker_process import WorkerProcess, clean_up, produce_events, read_topic, worker_env
 
 pytestmark = pytest.mark.e2e
 
@@ -123,6 +123,12 @@ def test_labels_train_the_learner_and_restarts_keep_the_model_version(
         asyncio.run(produce_events(services, topics, first))
         published = asyncio.run(wait_for_version(services, isolation, 100, 120))
         assert worker.stop() == 0, worker.tail()
+        # Worker and learner share the delayed-feedback method (dfm by default, its wait half
+        # of this short window): the training topic carries what it learns from, the label
+        # after the wait (elapsed) and the final one (closed).
+        kinds = {t["kind"] for t in asyncio.run(read_topic(services, topics.training, 2.0))}
+        assert Settings.from_env(env).feedback.method.value == "dfm"
+        assert {"elapsed", "closed"} <= kinds <= {"elapsed", "converted", "closed"}, kinds
 
         # A restarted worker scores with the newest published model from its first batch on.
         worker.start()
