@@ -21,7 +21,10 @@ whole window of decision time) and counts a user active in both as two clusters.
 
 When it acts. Once the window holds ``min_decisions`` sampled decisions and at least
 ``min_users`` users in each arm: the campaign stops when the 95 % upper bound of the
-incremental margin per decision is below zero, and resumes when it is not. After a change the
+incremental margin per decision is below zero, and resumes when the estimate itself is no
+longer below zero (a band between the two: while stopped, the treated arm holds only the
+explored offers, and a bound over so few straddles zero whether the campaign loses or not).
+After a change the
 state holds for at least half a window of event time (a bound hovering around zero would
 otherwise flip it back and forth within minutes). While stopped, the
 policy's proposals become offers only with probability ``explore`` (a deterministic draw per
@@ -167,7 +170,10 @@ def evaluate(
         and treated.users >= config.min_users
         and holdout.users >= config.min_users
     ):
-        stopped = upper < 0.0
+        # Stop on the bound, resume on the estimate: while stopped the treated arm holds only
+        # the explored offers, too few for a bound that means anything; a bound over them
+        # straddles zero at once and resumed a losing campaign within a window.
+        stopped = diff < 0.0 if previous.stopped else upper < 0.0
     since = now_ms if stopped != previous.stopped else previous.since_ms
     return StopLossStatus(stopped, since, decisions, diff, upper, lower)
 

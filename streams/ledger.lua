@@ -319,7 +319,9 @@ for _, campaign in ipairs(stop_loss_order) do
     diff, upper, lower = d, d + half, d - half
     if settled and decisions >= config.min_decisions and t.u >= config.min_users
         and h.u >= config.min_users then
-      local now_stopped = upper < 0.0
+      -- stop on the bound, resume on the estimate (engine/stop_loss.py says why)
+      local now_stopped
+      if stopped then now_stopped = d < 0.0 else now_stopped = upper < 0.0 end
       if now_stopped ~= stopped then
         stopped = now_stopped
         since = int(now)

@@ -416,20 +416,21 @@ async def test_the_stop_loss_stops_a_losing_campaign_and_lets_it_recover(
     services: Services, isolation: Isolation
 ) -> None:
     """Treated users' purchases lose money against the holdout's: the campaign stops, in
-    both ledgers at the same instant; a later window where they earn more lets it resume."""
+    both ledgers at the same instant; a later window whose estimate is below zero but whose
+    bound is not keeps it stopped; one where they earn more lets it resume."""
     config = LedgerConfig(
         attribution_window_ms=WINDOW,
         stop_loss={"alpha": StopLossSetting(StopLoss(WINDOW, min_decisions=6, min_users=3), 0.3)},
     )
     treated, holdout = ("t1", "t2", "t3"), ("h1", "h2", "h3")
 
-    def round_of(start: int, treated_paid: int, tag: str) -> list[LedgerOp]:
+    def round_of(start: int, treated_paid: int, tag: str, spread: int = 10) -> list[LedgerOp]:
         ops: list[LedgerOp] = []
         for k, user in enumerate(treated + holdout):
             arm = Arm.TREATED if user in treated else Arm.HOLDOUT
             ops.append(_request(f"{tag}{user}", user, start + k, arm=arm))
         for k, user in enumerate(treated + holdout):
-            paid = treated_paid + 10 * k if user in treated else 10_000 + 10 * k
+            paid = treated_paid + spread * k if user in treated else 10_000 + 10 * k
             ops.append(PurchaseNotice(user, start + MINUTE_MS + k, None, paid, 10_000))
         return ops
 
@@ -447,8 +448,18 @@ async def test_the_stop_loss_stops_a_losing_campaign_and_lets_it_recover(
             assert status.decisions == 6
             assert status.incremental_margin is not None and status.incremental_margin < -70
             assert status.upper_bound is not None and status.upper_bound < 0
-            # Two epochs later the old sums are out of the window; now treated users earn more.
-            later = T0 + 2 * WINDOW
+            # Two epochs later the old sums are out of the window. Treated users pay 6,000,
+            # 9,500 and 13,000: a mean below the holdout's, a bound far above zero.
+            noisy_at = T0 + 2 * WINDOW
+            noisy = await ledger.settle(
+                round_of(noisy_at, 6_000, "n", spread=3_500), now_ms=noisy_at + MINUTE_MS
+            )
+            status = noisy.stop_loss["alpha"]
+            assert status.stopped and status.since_ms == T0 + MINUTE_MS + 10, (name, status)
+            assert status.incremental_margin is not None and status.incremental_margin < 0
+            assert status.upper_bound is not None and status.upper_bound > 0
+            # Now treated users earn more: it resumes.
+            later = T0 + 4 * WINDOW
             winning = await ledger.settle(round_of(later, 10_500, "b"), now_ms=later + MINUTE_MS)
             status = winning.stop_loss["alpha"]
             assert not status.stopped and status.since_ms == later + MINUTE_MS, (name, status)

@@ -113,6 +113,14 @@ def test_the_state_changes_only_with_enough_evidence() -> None:
     # Too few decisions: the same.
     few = evaluate(sums([-500] * 40, users=30), holdout, config, start, now_ms=T0)
     assert not few.stopped and few.since_ms is None
+    # Stop on the bound, resume on the estimate: a noisy arm whose estimate is below zero but
+    # whose bound is not keeps a stopped campaign stopped and a running one running.
+    noisy = sums([1500 + (2900 if i % 2 else -3100) for i in range(80)], users=40)
+    straddles = evaluate(noisy, holdout, config, stopped, now_ms=T0 + config.epoch_ms)
+    assert straddles.incremental_margin is not None and straddles.incremental_margin < 0
+    assert straddles.upper_bound is not None and straddles.upper_bound > 0
+    assert straddles.stopped and straddles.since_ms == T0
+    assert not evaluate(noisy, holdout, config, start, now_ms=T0).stopped
     # Winning again with enough evidence: it resumes, but not within half a window of the
     # last change (a bound hovering around zero must not flip the state every few minutes).
     winning = sums([4000 + 10 * (i % 3) for i in range(80)], users=40)
