@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import orjson
 
-from engine.events import MAX_INTEGER
+from engine.event_fields import MAX_INTEGER
 from engine.importers import TimeWindow
 from engine.importers.base import describe_ts
 from streams.replay_progress import Progress, format_duration

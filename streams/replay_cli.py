@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
-from engine.events import MAX_INTEGER
+from engine.event_fields import MAX_INTEGER
 from engine.importers import FORMATS, TimeWindow
 from engine.importers.base import describe_ts
 from streams.replay import EXIT_INTERRUPTED, ReplayOptions, ReplaySource, replay

@@ -14,7 +14,7 @@ plus the label). The test reads them back and prints one table:
   replayed in-process through ``engine.prequential.OnlineLearner`` over every example;
 - a scikit-learn logistic regression (``StandardScaler`` + ``LogisticRegression``) fitted in
   hindsight on all the snapshots with the product's input transform
-  (``engine.model.model_inputs``): in-sample, and 5-fold cross-validated (the honest
+  (``engine.inputs.model_inputs``): in-sample, and 5-fold cross-validated (the honest
   reference). scikit-learn is a reference here, not a dependency of the product.
 
 Every figure is given over all examples and over the "steady state": examples labelled once a
@@ -55,7 +55,7 @@ from engine.pipeline import DiscountEngine, EngineConfig, Incoming
 from engine.prequential import OnlineLearner, roc_auc
 from engine.store import InMemoryFeatureStore
 from streams.kafka_io import ensure_topics
-from streams.learner import LearnerSettings
+from streams.learner_settings import LearnerSettings
 from streams.redis_ledger import RedisLedger
 from streams.redis_store import RedisFeatureStore
 from streams.settings import Settings, Topics

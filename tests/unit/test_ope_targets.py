@@ -8,6 +8,7 @@ import orjson
 import pytest
 
 from engine.campaigns import Campaign, parse_campaigns
+from engine.decisions import in_holdout
 from engine.ope import (
     CampaignsTarget,
     ConstantTarget,
@@ -18,7 +19,6 @@ from engine.ope import (
     policy_distribution,
     read_decision_log,
 )
-from engine.pipeline import in_holdout
 from engine.policy import PolicyContext, ProfitPolicy, Rule, RulesPolicy, ThresholdPolicy
 
 
