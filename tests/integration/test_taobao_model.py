@@ -1,7 +1,7 @@
 """Model quality on real data: the Taobao excerpt through Kafka, the worker and the learner.
 
 The excerpt (``../shared/data``, 2017 user behaviour, about two hours of event time) is turned
-into event v1 by ``engine.importers.import_taobao`` and produced with a plain aiokafka
+into event v1 by ``engine.importers.taobao.import_taobao`` and produced with a plain aiokafka
 producer (key = user_id, topic by type). ``dealstream worker`` decides on every view, cart and
 favorite (one threshold campaign, at most one decision per user every ``DECISION_INTERVAL_S``),
 labels the decisions by purchases within ``ATTRIBUTION_WINDOW_S`` of event time and publishes
@@ -335,7 +335,7 @@ async def test_taobao_prequential_model_next_to_a_hindsight_sklearn_reference(
     from jsonschema import Draft202012Validator
     from sklearn.metrics import roc_auc_score
 
-    from engine.importers import import_taobao
+    from engine.importers.taobao import import_taobao
 
     started = time.monotonic()
     run = import_taobao(TAOBAO)
