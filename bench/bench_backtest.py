@@ -8,7 +8,7 @@
 3. Reads the labelled decisions back from decisions.jsonl (the rows the engine's model learned,
    in order, up to ``--river-rows``) and runs River's ``evaluate.progressive_val_score`` with the
    engine's model pipeline (StandardScaler | LogisticRegression, SGD 0.05) on the same feature
-   rows (``engine.model.model_inputs``: selected features + discount), reporting rows/s.
+   rows (``engine.inputs.model_inputs``: selected features + discount), reporting rows/s.
 
 Prints the figures and writes ``bench/results/backtest.json``; it never asserts on them.
 

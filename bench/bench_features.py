@@ -49,13 +49,9 @@ import redis.asyncio as aioredis
 
 from engine import simulator
 from engine.events import Event, PurchaseEvent, parse_event
-from engine.features import (
-    apply_ops,
-    compute_features,
-    event_ops,
-    trigger_category,
-)
+from engine.features import compute_features
 from engine.pipeline import EngineConfig
+from engine.state import apply_ops, event_ops, trigger_category
 from engine.store import (
     FeatureStore,
     InMemoryFeatureStore,

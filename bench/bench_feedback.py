@@ -26,7 +26,7 @@ import orjson
 from engine.campaigns import load_campaigns
 from engine.closed_loop import ClosedLoopConfig, run_closed_loop
 from engine.feedback import Feedback, FeedbackMethod
-from engine.world import WorldParams, load_world_file
+from engine.world.params import WorldParams, load_world_file
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "feedback.json"

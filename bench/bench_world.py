@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from engine.simulator import generate  # noqa: E402
-from engine.world import World  # noqa: E402
+from engine.world.core import World  # noqa: E402
 
 
 def world_rate(users: int, events: int) -> tuple[float, float]:

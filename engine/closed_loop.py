@@ -1,7 +1,7 @@
 """Closed-loop evaluation: each policy against its own copy of the world, the oracle, regret.
 
 For every campaign a fresh ``World`` with the same seed is the source of a backtest
-(``engine.backtest.run_backtest``: the same ``DiscountEngine``, in-memory store,
+(``engine.backtest.runner.run_backtest``: the same ``DiscountEngine``, in-memory store,
 ``learn_inline``), and receives each micro-batch's offers before the next batch is drawn, so
 offers change what the shoppers do next. A copy that gets no offers is the counterfactual.
 Because all copies share their random numbers (see ``engine.world``), they differ only in
@@ -37,7 +37,9 @@ from engine.policy import (
     ThresholdPolicy,
 )
 from engine.simulator import DEFAULT_START_MS
-from engine.world import Truth, World, WorldParams
+from engine.world.core import World
+from engine.world.params import WorldParams
+from engine.world.shoppers import Truth
 
 DEFAULT_LADDER: tuple[float, ...] = (0.0, 5.0, 10.0, 15.0, 20.0)
 """The oracle's ladder for policies that have none of their own (the profit policy's default)."""

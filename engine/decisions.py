@@ -1,7 +1,7 @@
 """One decision before the ledger settles it: ids, holdout, eligibility, value and cost.
 
-Pure helpers of ``engine/pipeline.py`` (which re-exports them): deterministic ids and draws
-from hashes, so a live run and a backtest of the same events decide identically.
+Pure helpers of ``engine/pipeline.py``: deterministic ids and draws from hashes, so a live
+run and a backtest of the same events decide identically.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Field checks for event v1 (``engine/events.py``): limits, readers and their error messages.
 
-Split out of ``engine/events.py``, which re-exports the public limits (``MAX_ID_LENGTH``,
-``MAX_QUERY_LENGTH``, ``MAX_PURCHASE_ITEMS``, ``MAX_INTEGER``, ``MAX_MONEY``). The readers
-return the value on the fast path for well-formed input; only bad input builds an
-``InvalidEvent`` that names the field. Underscore names are internal to the two modules.
+The public limits (``MAX_ID_LENGTH``, ``MAX_QUERY_LENGTH``, ``MAX_PURCHASE_ITEMS``,
+``MAX_INTEGER``, ``MAX_MONEY``) live here. The readers return the value on the fast path
+for well-formed input; only bad input builds an ``InvalidEvent`` that names the field.
+Underscore names are internal to this module and ``engine/events.py``.
 """
 
 from __future__ import annotations

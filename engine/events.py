@@ -43,10 +43,6 @@ from engine.event_fields import (
 __all__ = [
     "BROWSE_ACTIONS",
     "EVENT_TYPES",
-    "MAX_ID_LENGTH",
-    "MAX_INTEGER",
-    "MAX_PURCHASE_ITEMS",
-    "MAX_QUERY_LENGTH",
     "SCHEMA_VERSION",
     "BrowseAction",
     "BrowseEvent",

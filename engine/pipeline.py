@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 
 from engine.campaigns import Campaign, default_campaigns
 from engine.decisions import (
-    SCHEMA_VERSION,
     Proposal,
     decision_message,
     in_holdout,
@@ -37,14 +36,7 @@ from engine.decisions import (
     unit_hash,
 )
 from engine.events import Event, PurchaseEvent
-from engine.features import (
-    Op,
-    apply_ops,
-    compute_features,
-    event_kind,
-    event_ops,
-    trigger_category,
-)
+from engine.features import compute_features
 from engine.feedback import DECIDED, Feedback, TrainingExample
 from engine.labels import Arm, LabelEvent, PendingDecision
 from engine.ledger import (
@@ -63,24 +55,16 @@ from engine.model import PurchaseModel
 from engine.policy import PolicyChoice, PolicyContext
 from engine.prequential import OnlineLearner
 from engine.scoring import Scorer
-from engine.state import offer_ops
+from engine.state import Op, apply_ops, event_kind, event_ops, offer_ops, trigger_category
 from engine.stop_loss import EXPLORE_ONLY, EXPLORED, StopLossStatus
 from engine.store import FeatureStore, Position, StateUpdate, UpdateStatus
 
 __all__ = [
-    "SCHEMA_VERSION",
     "BatchResult",
     "DiscountEngine",
     "EngineConfig",
     "Incoming",
-    "Proposal",
     "event_time_order",
-    "in_holdout",
-    "is_eligible",
-    "offer_cost_cents",
-    "order_value",
-    "stable_id",
-    "unit_hash",
 ]
 
 _HOLDOUT_CACHE_MAX = 100_000

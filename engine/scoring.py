@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from engine.inputs import DISCOUNT_SLOT, INPUT_NAMES, base_inputs, discount_inputs
 
 if TYPE_CHECKING:
     from river import linear_model, preprocessing
-
-    from engine.model import PurchaseModel
 
 
 def top_terms(scaled: list[float], weights: tuple[float, ...], top: int) -> list[tuple[str, float]]:
@@ -77,6 +75,18 @@ class LinearTerms:
         )
 
 
+class ScoredModel(Protocol):
+    """What a scorer reads of the model it scores with (``engine.model.PurchaseModel``)."""
+
+    def linear_terms(self) -> LinearTerms: ...
+
+    def predict(self, features: Mapping[str, float], discount_pct: float) -> float: ...
+
+    def contributions(
+        self, features: Mapping[str, float], discount_pct: float, top: int = 3
+    ) -> list[tuple[str, float]]: ...
+
+
 def _sigmoid(z: float) -> float:
     """River's ``utils.math.sigmoid``, with its cut-offs."""
     if z < -30:
@@ -98,7 +108,7 @@ class Scorer:
 
     __slots__ = ("_base", "_model", "_partial", "_scaled", "_terms")
 
-    def __init__(self, model: PurchaseModel, features: Mapping[str, float]) -> None:
+    def __init__(self, model: ScoredModel, features: Mapping[str, float]) -> None:
         self._model = model
         self._base = base_inputs(features)
         self._terms: LinearTerms | None = None
@@ -106,7 +116,7 @@ class Scorer:
         self._partial = 0.0
 
     @property
-    def model(self) -> PurchaseModel:
+    def model(self) -> ScoredModel:
         return self._model
 
     def _prepare(self) -> LinearTerms:
@@ -155,7 +165,7 @@ class FallbackScorer(Scorer):
 
     __slots__ = ("_features",)
 
-    def __init__(self, model: PurchaseModel, features: Mapping[str, float]) -> None:
+    def __init__(self, model: ScoredModel, features: Mapping[str, float]) -> None:
         super().__init__(model, features)
         self._features = features
 

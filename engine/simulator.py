@@ -63,7 +63,10 @@ def make_users(count: int, rng: random.Random, prefix: str = "u") -> list[SimUse
 
 
 class Responsive(Protocol):
-    """What the response rule reads of a shopper (``SimUser`` here, ``engine.world.Shopper``)."""
+    """What the response rule reads of a shopper.
+
+    ``SimUser`` here, ``engine.world.shoppers.Shopper`` in the closed-loop world.
+    """
 
     @property
     def propensity(self) -> float: ...

@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Protocol
 
-from engine.features import Op, State, apply_ops
-from engine.state import NEVER, trim_and_next_expiry
+from engine.state import NEVER, Op, State, apply_ops, trim_and_next_expiry
 
 
 class UpdateStatus(IntEnum):

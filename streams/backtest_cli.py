@@ -24,7 +24,8 @@ from engine.backtest.report import build_report, dumps_report
 from engine.backtest.runner import finalize_decision_lines, run_backtest
 from engine.campaigns import Campaign, load_campaigns
 from engine.events import Event, parse_event
-from engine.importers import ImporterError, import_events
+from engine.importers import import_events
+from engine.importers.base import ImporterError
 from engine.pipeline import EngineConfig
 from streams.errors import StreamsError
 

@@ -49,7 +49,7 @@ def _cmd_topics(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
-    from engine.world import DEFAULT_MEAN_GAP_MS
+    from engine.world.core import DEFAULT_MEAN_GAP_MS
     from streams.simulate import simulate_to_file, simulate_to_kafka
     from streams.world_cli import world_choice
 

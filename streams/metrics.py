@@ -28,9 +28,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-from engine.features import State
 from engine.ledger import DecisionLedger, LedgerOp, LedgerResult
 from engine.pipeline import BatchResult
+from engine.state import State
 from engine.stop_loss import EXPLORE_ONLY, EXPLORED, StopLossStatus
 from engine.store import BatchOutcome, FeatureStore, StateUpdate, UpdateStatus
 from streams.decode import DeadLetter, RawRecord

@@ -17,11 +17,11 @@ import orjson
 from engine.errors import EngineError
 
 if TYPE_CHECKING:
-    from engine.ope import Interval, OpeReport
+    from engine.ope.estimators import Interval, OpeReport
 
 DEFAULT_BOOTSTRAP = 200
-"""engine.ope.DEFAULT_BOOTSTRAP, repeated so that ``dealstream --help`` need not import River
-(a test checks that they agree)."""
+"""``engine.ope.estimators.DEFAULT_BOOTSTRAP``, repeated so that ``dealstream --help`` need not
+import River (a test checks that they agree)."""
 
 
 class OpeInputError(EngineError):
@@ -103,7 +103,9 @@ def _bad_summary(bad: dict[str, int], where: dict[str, list[int]]) -> str:
 
 
 def run_ope(settings: object, args: argparse.Namespace) -> int:
-    from engine.ope import estimate, parse_target, read_decision_log
+    from engine.ope.decision_log import read_decision_log
+    from engine.ope.evaluate import estimate
+    from engine.ope.targets import parse_target
 
     if args.bootstrap < 1:
         raise OpeInputError(f"--bootstrap must be at least 1, got {args.bootstrap}")

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from engine.features import CATALOGUE_VERSION, LONGEST_WINDOW_MS, State
+from engine.state import CATALOGUE_VERSION, LONGEST_WINDOW_MS, State
 from engine.store import BatchOutcome, StateUpdate, UpdateStatus
 
 TTL_MARGIN_S = 24 * 3600

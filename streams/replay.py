@@ -29,9 +29,8 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import orjson
 
-from engine.events import MAX_INTEGER
-from engine.importers import TimeWindow
-from engine.importers.base import describe_ts
+from engine.event_fields import MAX_INTEGER
+from engine.importers.base import TimeWindow, describe_ts
 from streams.replay_progress import Progress, format_duration
 from streams.settings import Topics
 

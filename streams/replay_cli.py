@@ -16,9 +16,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
-from engine.events import MAX_INTEGER
-from engine.importers import FORMATS, TimeWindow
-from engine.importers.base import describe_ts
+from engine.event_fields import MAX_INTEGER
+from engine.importers import FORMATS
+from engine.importers.base import TimeWindow, describe_ts
 from streams.replay import EXIT_INTERRUPTED, ReplayOptions, ReplaySource, replay
 from streams.replay_checkpoint import (
     Checkpoint,

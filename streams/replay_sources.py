@@ -20,8 +20,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from engine.errors import InvalidEvent
 from engine.events import decode_event, event_to_dict
-from engine.importers import FORMATS, ImportRun, UnknownFormat, detect_format, import_dunnhumby
-from engine.importers.dunnhumby import PRODUCTS_FILE
+from engine.importers import FORMATS, detect_format
+from engine.importers.base import ImportRun, UnknownFormat
+from engine.importers.dunnhumby import PRODUCTS_FILE, import_dunnhumby
 from streams.replay_checkpoint import ReplayError, file_identity
 
 __all__ = ["FileSource", "Item", "TopicSource"]

@@ -26,7 +26,8 @@ from engine.closed_loop import (
     run_closed_loop,
     simulate_closed_loop,
 )
-from engine.world import DEFAULT_MEAN_GAP_MS, WorldParams, open_loop
+from engine.world.core import DEFAULT_MEAN_GAP_MS, open_loop
+from engine.world.params import WorldParams
 from streams.kafka_io import ProducerSink
 from streams.settings import Topics
 

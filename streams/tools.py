@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import redis.asyncio as aioredis
 
-from engine.features import State
+from engine.state import State
 from streams.kafka_io import check_redis
 from streams.redis_ledger import RedisLedger
 from streams.redis_store import RedisFeatureStore

@@ -12,14 +12,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.world import (
-    WorldError,
-    WorldFile,
-    WorldParamError,
-    WorldParams,
-    load_world_file,
-)
-from engine.world.params import PAIR_KEYS, PARAM_KEYS
+from engine.world.errors import WorldError, WorldParamError
+from engine.world.params import PAIR_KEYS, PARAM_KEYS, WorldFile, WorldParams, load_world_file
 
 if TYPE_CHECKING:  # the closed loop imports the engine and River: only when a command runs
     from engine.closed_loop import ClosedLoopConfig

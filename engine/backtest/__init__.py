@@ -2,7 +2,9 @@
 
 The API (pure: no wall clock, no files opened here; ``dealstream backtest`` does the I/O)::
 
-    from engine.backtest import run_backtest, build_report, dumps_report, render_html
+    from engine.backtest.html import render_html
+    from engine.backtest.report import build_report, dumps_report
+    from engine.backtest.runner import run_backtest
 
     result = run_backtest(
         source,                      # Iterable[Event], pulled lazily batch by batch
@@ -26,28 +28,8 @@ The API (pure: no wall clock, no files opened here; ``dealstream backtest`` does
 - ``extra`` sections go to the top level of report.json; report.html renders any of them
   as tables (a list of objects, e.g. a regret table with policy / incremental margin /
   oracle margin / regret, becomes one table).
-- ``finalize_decision_lines`` fills in each decision's reward once the run has ended.
+- ``engine.backtest.runner.finalize_decision_lines`` fills in each decision's reward once the
+  run has ended.
 
 See ``docs/backtest.md`` for every metric's definition.
 """
-
-from engine.backtest.html import render_html
-from engine.backtest.report import build_report, dumps_report
-from engine.backtest.runner import (
-    BacktestError,
-    BacktestResult,
-    OffersHook,
-    finalize_decision_lines,
-    run_backtest,
-)
-
-__all__ = [
-    "BacktestError",
-    "BacktestResult",
-    "OffersHook",
-    "build_report",
-    "dumps_report",
-    "finalize_decision_lines",
-    "render_html",
-    "run_backtest",
-]

@@ -1,7 +1,7 @@
 """The report's ``ope`` section: constant-discount alternatives estimated from the backtest's log.
 
 For a campaign that explored (some logged propensity < 1), each constant discount of its
-ladder (or 0 and the levels it offered) is evaluated with ``engine.ope.estimate`` (IPS,
+ladder (or 0 and the levels it offered) is evaluated with ``engine.ope.evaluate.estimate`` (IPS,
 SNIPS, DR with bootstrap intervals, seeded by the backtest's seed) on the campaign's
 labelled, non-holdout decisions: the value is the conversion rate per decision the constant
 policy would have had. Holdout decisions are left out because the policy never acts on them.
@@ -16,7 +16,10 @@ import orjson
 
 from engine.backtest.runner import BacktestResult
 from engine.campaigns import Campaign
-from engine.ope import ConstantTarget, OpeError, estimate, read_decision_log
+from engine.ope.decision_log import read_decision_log
+from engine.ope.errors import OpeError
+from engine.ope.evaluate import estimate
+from engine.ope.targets import ConstantTarget
 from engine.policy import ProfitPolicy
 
 OPE_BOOTSTRAP = 200

@@ -29,21 +29,14 @@ from engine.backtest.metrics import (
 )
 from engine.backtest.stop_loss import StopLossLog, track_transitions
 from engine.campaigns import Campaign
+from engine.decisions import offer_cost_cents, order_value
 from engine.errors import EngineError
 from engine.events import Event, PurchaseEvent
-from engine.features import event_kind
 from engine.feedback import TrainingExample
 from engine.labels import LabelKind
 from engine.ledger import InMemoryLedger, event_day
-from engine.pipeline import (
-    BatchResult,
-    DiscountEngine,
-    EngineConfig,
-    Incoming,
-    offer_cost_cents,
-    order_value,
-)
-from engine.state import trigger_category
+from engine.pipeline import BatchResult, DiscountEngine, EngineConfig, Incoming
+from engine.state import event_kind, trigger_category
 from engine.stop_loss import EXPLORE_ONLY
 from engine.store import InMemoryFeatureStore, UpdateStatus
 

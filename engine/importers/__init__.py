@@ -1,9 +1,10 @@
 """Importers: real public data formats turned into event v1 JSON objects.
 
-One call per format returns an :class:`ImportRun`; iterate it for event v1 dicts (ready for
-``orjson.dumps``, or for :func:`engine.events.parse_event`), then read ``run.stats`` for what
-was read, emitted, merged and rejected, and ``run.rejects`` for the first rejects with their
-line numbers. Bad rows never raise: they are rejects.
+One call per format (:func:`import_events` here, or ``import_<format>`` in
+``engine.importers.<format>``) returns an ``engine.importers.base.ImportRun``; iterate it for
+event v1 dicts (ready for ``orjson.dumps``, or for :func:`engine.events.parse_event`), then read
+``run.stats`` for what was read, emitted, merged and rejected, and ``run.rejects`` for the first
+rejects with their line numbers. Bad rows never raise: they are rejects.
 
 >>> run = import_events(["1,2,3,cart,1511658000", "1,2,3,cart,yesterday"], format="taobao")
 >>> [e["action"] for e in run], [r.reason for r in run.rejects], run.stats.balanced
@@ -26,15 +27,9 @@ import orjson
 
 from engine.importers.base import (
     DEFAULT_KEEP_REJECTS,
-    PLAUSIBLE_WINDOW,
-    REJECT_REASONS,
-    ImporterError,
     ImportRun,
-    ImportStats,
-    Reject,
     RejectHandler,
     Source,
-    TimeWindow,
     UnknownFormat,
     excerpt,
     first_line,
@@ -42,30 +37,14 @@ from engine.importers.base import (
 from engine.importers.dunnhumby import import_dunnhumby
 from engine.importers.jsonl import import_jsonl
 from engine.importers.otto import import_otto
-from engine.importers.taobao import BEHAVIORS, TAOBAO_WINDOW, import_taobao
+from engine.importers.taobao import BEHAVIORS, import_taobao
 
 __all__ = [
-    "DEFAULT_KEEP_REJECTS",
     "FORMATS",
-    "PLAUSIBLE_WINDOW",
-    "REJECT_REASONS",
-    "TAOBAO_WINDOW",
     "ImportFormat",
-    "ImportRun",
-    "ImportStats",
     "Importer",
-    "ImporterError",
-    "Reject",
-    "RejectHandler",
-    "Source",
-    "TimeWindow",
-    "UnknownFormat",
     "detect_format",
-    "import_dunnhumby",
     "import_events",
-    "import_jsonl",
-    "import_otto",
-    "import_taobao",
 ]
 
 

@@ -33,7 +33,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-from engine.events import MAX_PURCHASE_ITEMS, SCHEMA_VERSION
+from engine.event_fields import MAX_PURCHASE_ITEMS
+from engine.events import SCHEMA_VERSION
 from engine.importers.base import (
     DEFAULT_KEEP_REJECTS,
     PLAUSIBLE_WINDOW,

@@ -24,7 +24,8 @@ from typing import Any, Final
 
 import orjson
 
-from engine.events import MAX_INTEGER, MAX_PURCHASE_ITEMS, SCHEMA_VERSION
+from engine.event_fields import MAX_INTEGER, MAX_PURCHASE_ITEMS
+from engine.events import SCHEMA_VERSION
 from engine.importers.base import (
     DEFAULT_KEEP_REJECTS,
     PLAUSIBLE_WINDOW,

@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any, Final
 
-from engine.events import MAX_INTEGER, SCHEMA_VERSION
+from engine.event_fields import MAX_INTEGER
+from engine.events import SCHEMA_VERSION
 from engine.importers.base import (
     DEFAULT_KEEP_REJECTS,
     ImportRun,

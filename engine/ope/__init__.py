@@ -2,7 +2,9 @@
 
 The API (pure; the backtest and ``dealstream ope`` call it)::
 
-    from engine.ope import estimate, parse_target, read_decision_log
+    from engine.ope.decision_log import read_decision_log
+    from engine.ope.evaluate import estimate
+    from engine.ope.targets import parse_target
 
     log = read_decision_log(open("decisions.jsonl", "rb"))  # decision v1 + reward lines
     report = estimate(log.records, parse_target("constant:10"), seed=0, n_bootstrap=200)
@@ -18,52 +20,11 @@ The API (pure; the backtest and ``dealstream ope`` call it)::
   supported record (the target never takes a logged action) IPS/SNIPS/DR are ``None``.
 - A ``TargetPolicy`` has ``description`` and ``actions(records) -> TargetActions`` (one
   distribution {discount_pct: probability} per record, or ``None`` to skip it):
-  ``ConstantTarget(d)``, ``CampaignsTarget(campaigns)``, or ``parse_target(spec)``.
-- ``estimate_arrays(w, r, q_logged, q_target, seed=...)`` is the estimator core for any
-  other logged bandit data (``engine.ope.open_bandit`` uses it).
+  ``ConstantTarget(d)``, ``CampaignsTarget(campaigns)``, or ``parse_target(spec)``, all in
+  ``engine.ope.targets``.
+- ``engine.ope.estimators.estimate_arrays(w, r, q_logged, q_target, seed=...)`` is the
+  estimator core for any other logged bandit data (``engine.ope.open_bandit`` uses it).
 
 Estimators, with ``w = pi(a|x) / p``: IPS = mean(w r); SNIPS = sum(w r) / sum(w);
 DR = mean(q(x, pi) + w (r - q(x, a))) with a cross-fitted reward model q. See docs/ope.md.
 """
-
-from __future__ import annotations
-
-from engine.ope.decision_log import DecisionLog, LoggedDecision, read_decision_log
-from engine.ope.errors import OpeError
-from engine.ope.estimators import (
-    DEFAULT_BOOTSTRAP,
-    MIN_ESS,
-    Interval,
-    OpeReport,
-    effective_sample_size,
-    estimate_arrays,
-)
-from engine.ope.evaluate import estimate
-from engine.ope.targets import (
-    CampaignsTarget,
-    ConstantTarget,
-    TargetActions,
-    TargetPolicy,
-    parse_target,
-    policy_distribution,
-)
-
-__all__ = [
-    "DEFAULT_BOOTSTRAP",
-    "MIN_ESS",
-    "CampaignsTarget",
-    "ConstantTarget",
-    "DecisionLog",
-    "Interval",
-    "LoggedDecision",
-    "OpeError",
-    "OpeReport",
-    "TargetActions",
-    "TargetPolicy",
-    "effective_sample_size",
-    "estimate",
-    "estimate_arrays",
-    "parse_target",
-    "policy_distribution",
-    "read_decision_log",
-]

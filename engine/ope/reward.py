@@ -7,7 +7,7 @@ a seeded permutation and each fold is predicted by a model fitted on the other o
 Two model families:
 
 - ``logistic`` (0/1 rewards) or ``ridge`` (any other reward, e.g. revenue) over a numeric design
-  matrix: for decision logs, :func:`engine.model.model_inputs` (the PurchaseModel's inputs:
+  matrix: for decision logs, :func:`engine.inputs.model_inputs` (the PurchaseModel's inputs:
   features + discount + discount interactions), standardised, L2-penalised, solved exactly
   (Newton / closed form) so that it is deterministic and order-free;
 - ``action-mean``: the mean reward of each action key, shrunk towards the overall mean by

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from engine.campaigns import Campaign, CampaignError, load_campaigns
+from engine.decisions import in_holdout
 from engine.model import PurchaseModel
 from engine.ope.decision_log import LoggedDecision
 from engine.ope.errors import OpeError
-from engine.pipeline import in_holdout
 from engine.policy import Policy, PolicyContext, ProfitPolicy, RulesPolicy
 
 Distribution = dict[float, float]

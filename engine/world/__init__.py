@@ -10,25 +10,8 @@ of the world with the same seed produce the same events in the same order, excep
 checkout may end in a purchase in one copy and not in the other: common random numbers, which
 make the counterfactual comparison of policies nearly noise-free. ``WorldParams`` sets the
 shoppers and their sessions (a ``[world]`` TOML table: ``load_world_file``).
+
+``World`` and ``open_loop`` live in ``engine.world.core``, ``WorldParams`` and
+``load_world_file`` in ``engine.world.params``, ``Shopper`` and ``Truth`` in
+``engine.world.shoppers``, the errors in ``engine.world.errors``.
 """
-
-from engine.world.core import DEFAULT_MEAN_GAP_MS, World, open_loop
-from engine.world.errors import WorldError, WorldParamError
-from engine.world.params import WorldFile, WorldParams, load_world_file, parse_world_file
-from engine.world.shoppers import Shopper, Truth, events_per_session, make_shopper
-
-__all__ = [
-    "DEFAULT_MEAN_GAP_MS",
-    "Shopper",
-    "Truth",
-    "World",
-    "WorldError",
-    "WorldFile",
-    "WorldParamError",
-    "WorldParams",
-    "events_per_session",
-    "load_world_file",
-    "make_shopper",
-    "open_loop",
-    "parse_world_file",
-]

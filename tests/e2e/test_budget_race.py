@@ -11,9 +11,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from engine.campaigns import load_campaigns
+from engine.decisions import offer_cost_cents, order_value
 from engine.events import parse_event
 from engine.ledger import LedgerConfig, event_day
-from engine.pipeline import offer_cost_cents, order_value
 from engine.simulator import generate
 from streams.kafka_io import ensure_topics
 from streams.redis_ledger import RedisLedger

@@ -23,8 +23,8 @@ from aiokafka.structs import ConsumerRecord
 
 from engine.errors import InvalidEvent
 from engine.events import parse_event
-from engine.features import KIND_CODE, event_kind
 from engine.simulator import generate
+from engine.state import KIND_CODE, event_kind
 from streams.kafka_io import ensure_topics
 from streams.settings import Topics
 from tests.conftest import Isolation, Services

@@ -19,10 +19,11 @@ from aiokafka import AIOKafkaConsumer
 from jsonschema import Draft202012Validator
 
 from engine.campaigns import load_campaigns
+from engine.decisions import in_holdout
 from engine.events import parse_event
-from engine.features import KIND_CODE, event_kind
-from engine.pipeline import DiscountEngine, Incoming, in_holdout
+from engine.pipeline import DiscountEngine, Incoming
 from engine.simulator import generate
+from engine.state import KIND_CODE, event_kind
 from engine.store import InMemoryFeatureStore
 from streams.kafka_io import ensure_topics
 from streams.redis_store import RedisFeatureStore

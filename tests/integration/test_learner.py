@@ -26,7 +26,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from engine.errors import ModelSnapshotError
 from streams.kafka_io import ensure_topics
-from streams.learner import Learner, LearnerSettings
+from streams.learner import Learner
+from streams.learner_settings import LearnerSettings
 from streams.model_store import ModelReloader, ModelStore
 from streams.settings import Secret, Settings
 from tests.conftest import REPO, Isolation, Services

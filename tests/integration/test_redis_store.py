@@ -25,7 +25,9 @@ from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
 from engine.events import BrowseEvent, Event, PurchaseEvent, PurchaseItem, SearchEvent, parse_event
-from engine.features import (
+from engine.features import compute_features
+from engine.simulator import DEFAULT_START_MS, generate
+from engine.state import (
     CATALOGUE_VERSION,
     DAY_MS,
     HOUR_MS,
@@ -33,12 +35,10 @@ from engine.features import (
     MINUTE_MS,
     State,
     apply_ops,
-    compute_features,
     event_ops,
+    offer_ops,
     trim,
 )
-from engine.simulator import DEFAULT_START_MS, generate
-from engine.state import offer_ops
 from engine.store import (
     BatchOutcome,
     InMemoryFeatureStore,

@@ -27,7 +27,8 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from engine.importers import import_jsonl, import_taobao
+from engine.importers.jsonl import import_jsonl
+from engine.importers.taobao import import_taobao
 from engine.simulator import generate
 from streams.cli import main
 from streams.replay import SOURCE_HEADER

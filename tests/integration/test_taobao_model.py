@@ -1,7 +1,7 @@
 """Model quality on real data: the Taobao excerpt through Kafka, the worker and the learner.
 
 The excerpt (``../shared/data``, 2017 user behaviour, about two hours of event time) is turned
-into event v1 by ``engine.importers.import_taobao`` and produced with a plain aiokafka
+into event v1 by ``engine.importers.taobao.import_taobao`` and produced with a plain aiokafka
 producer (key = user_id, topic by type). ``dealstream worker`` decides on every view, cart and
 favorite (one threshold campaign, at most one decision per user every ``DECISION_INTERVAL_S``),
 labels the decisions by purchases within ``ATTRIBUTION_WINDOW_S`` of event time and publishes
@@ -14,7 +14,7 @@ plus the label). The test reads them back and prints one table:
   replayed in-process through ``engine.prequential.OnlineLearner`` over every example;
 - a scikit-learn logistic regression (``StandardScaler`` + ``LogisticRegression``) fitted in
   hindsight on all the snapshots with the product's input transform
-  (``engine.model.model_inputs``): in-sample, and 5-fold cross-validated (the honest
+  (``engine.inputs.model_inputs``): in-sample, and 5-fold cross-validated (the honest
   reference). scikit-learn is a reference here, not a dependency of the product.
 
 Every figure is given over all examples and over the "steady state": examples labelled once a
@@ -55,7 +55,7 @@ from engine.pipeline import DiscountEngine, EngineConfig, Incoming
 from engine.prequential import OnlineLearner, roc_auc
 from engine.store import InMemoryFeatureStore
 from streams.kafka_io import ensure_topics
-from streams.learner import LearnerSettings
+from streams.learner_settings import LearnerSettings
 from streams.redis_ledger import RedisLedger
 from streams.redis_store import RedisFeatureStore
 from streams.settings import Settings, Topics
@@ -335,7 +335,7 @@ async def test_taobao_prequential_model_next_to_a_hindsight_sklearn_reference(
     from jsonschema import Draft202012Validator
     from sklearn.metrics import roc_auc_score
 
-    from engine.importers import import_taobao
+    from engine.importers.taobao import import_taobao
 
     started = time.monotonic()
     run = import_taobao(TAOBAO)

@@ -1,9 +1,10 @@
 """Real data end to end: the Taobao excerpt through Kafka and the worker into Redis.
 
 The excerpt (96,169 rows of 2017 user behaviour, ``../shared/data``) is turned into event v1
-by ``engine.importers.import_taobao``, produced with a plain aiokafka producer (key = user_id,
-topic by type) and consumed by the worker subprocess. Every user's lifetime counts per kind in
-Redis must equal a reference counted here straight from the CSV, independently of the importer.
+by ``engine.importers.taobao.import_taobao``, produced with a plain aiokafka producer
+(key = user_id, topic by type) and consumed by the worker subprocess. Every user's lifetime
+counts per kind in Redis must equal a reference counted here straight from the CSV,
+independently of the importer.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.importers import import_taobao
+from engine.importers.taobao import import_taobao
 from streams.kafka_io import ensure_topics
 from streams.settings import Topics
 from tests.conftest import REPO, Isolation, Services

@@ -27,10 +27,11 @@ from aiokafka.structs import TopicPartition
 
 from engine.campaigns import load_campaigns
 from engine.events import parse_event
-from engine.features import KIND_CODE, State, compute_features, event_ops
-from engine.importers import import_taobao
+from engine.features import compute_features
+from engine.importers.taobao import import_taobao
 from engine.pipeline import DiscountEngine, EngineConfig, Incoming
 from engine.simulator import generate
+from engine.state import KIND_CODE, State, event_ops
 from engine.store import InMemoryFeatureStore, StateUpdate, UpdateStatus
 from streams.kafka_io import ensure_topics
 from streams.redis_store import RedisFeatureStore

@@ -23,9 +23,9 @@ from engine.backtest.runner import (
 )
 from engine.campaigns import Campaign, parse_campaigns
 from engine.events import Event, parse_event
-from engine.features import DAY_MS
 from engine.pipeline import EngineConfig
 from engine.simulator import generate
+from engine.state import DAY_MS
 
 CONFIG = EngineConfig(attribution_window_ms=1800 * 1000)
 CAMPAIGNS_TOML: dict[str, Any] = {

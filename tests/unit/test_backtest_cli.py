@@ -12,7 +12,7 @@ import pytest
 
 from engine.backtest.html import render_html
 from engine.backtest.plots import PLOT_IDS
-from engine.ope import read_decision_log
+from engine.ope.decision_log import read_decision_log
 from engine.simulator import generate
 from streams.cli import main
 

@@ -23,7 +23,8 @@ from engine.closed_loop import (
 )
 from engine.policy import LinearPolicy, PolicyContext, ProfitPolicy, RulesPolicy, ThresholdPolicy
 from engine.simulator import DEFAULT_START_MS
-from engine.world import Truth, World
+from engine.world.core import World
+from engine.world.shoppers import Truth
 
 PAPER = Path(__file__).resolve().parents[2] / "deploy" / "campaigns" / "paper.toml"
 MARGIN = 0.3
@@ -218,7 +219,7 @@ def test_the_engine_tells_policies_whom_and_which_event_they_decide_for() -> Non
     from engine.pipeline import DiscountEngine, Incoming
     from engine.policy import PolicyChoice
     from engine.store import InMemoryFeatureStore
-    from engine.world import open_loop
+    from engine.world.core import open_loop
 
     seen: list[tuple[str, str]] = []
 

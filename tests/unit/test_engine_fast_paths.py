@@ -16,19 +16,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import state as state_module
-from engine.features import (
+from engine.features import _session_events as session_events
+from engine.features import compute_features
+from engine.inputs import MODEL_FEATURES
+from engine.model import PurchaseModel
+from engine.state import (
     MINUTE_MS,
     RETENTION_BUCKETS,
     SESSION_GAP_MINUTES,
+    Op,
     apply_ops,
-    compute_features,
     expired_fields,
     trim,
 )
-from engine.features import _session_events as session_events
-from engine.inputs import MODEL_FEATURES
-from engine.model import PurchaseModel
-from engine.state import Op
 from engine.store import InMemoryFeatureStore, StateUpdate
 
 T0 = 1_767_225_600_000

@@ -24,20 +24,14 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from engine.campaigns import Campaign
+from engine.decisions import in_holdout, offer_cost_cents, stable_id
 from engine.events import BrowseEvent, Event, PurchaseEvent, PurchaseItem, SearchEvent
-from engine.features import DAY_MS, HOUR_MS, MINUTE_MS
 from engine.labels import LabelEvent, LabelKind, PendingDecision
 from engine.ledger import DecisionRequest, InMemoryLedger, OfferLimits, event_day
 from engine.model import PurchaseModel
-from engine.pipeline import (
-    DiscountEngine,
-    EngineConfig,
-    Incoming,
-    in_holdout,
-    offer_cost_cents,
-    stable_id,
-)
+from engine.pipeline import DiscountEngine, EngineConfig, Incoming
 from engine.policy import LinearPolicy, ProfitPolicy, ThresholdPolicy
+from engine.state import DAY_MS, HOUR_MS, MINUTE_MS
 from engine.store import InMemoryFeatureStore
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"

@@ -20,15 +20,9 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from engine.events import event_to_dict, parse_event
-from engine.importers import (
-    FORMATS,
-    REJECT_REASONS,
-    ImporterError,
-    detect_format,
-    import_dunnhumby,
-    import_events,
-)
-from engine.importers.dunnhumby import UNKNOWN_CATEGORY, load_categories
+from engine.importers import FORMATS, detect_format, import_events
+from engine.importers.base import REJECT_REASONS, ImporterError
+from engine.importers.dunnhumby import UNKNOWN_CATEGORY, import_dunnhumby, load_categories
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data" / "dunnhumby-complete-journey"

@@ -23,22 +23,19 @@ from jsonschema import Draft202012Validator
 
 from engine.errors import INVALID_EVENT_CODES
 from engine.events import event_to_dict, parse_event
-from engine.importers import (
-    FORMATS,
+from engine.importers import FORMATS, detect_format, import_events
+from engine.importers.base import (
     PLAUSIBLE_WINDOW,
     REJECT_REASONS,
-    TAOBAO_WINDOW,
     ImporterError,
     ImportRun,
     Reject,
     TimeWindow,
     UnknownFormat,
-    detect_format,
-    import_events,
-    import_jsonl,
-    import_otto,
-    import_taobao,
 )
+from engine.importers.jsonl import import_jsonl
+from engine.importers.otto import import_otto
+from engine.importers.taobao import TAOBAO_WINDOW, import_taobao
 from engine.simulator import generate
 
 REPO = Path(__file__).resolve().parents[2]

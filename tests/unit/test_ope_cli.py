@@ -10,7 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from engine.ope import DEFAULT_BOOTSTRAP
+from engine.ope.estimators import DEFAULT_BOOTSTRAP
 from streams import ope_cli
 from streams.cli import main
 

@@ -12,14 +12,11 @@ import random
 import numpy as np
 import pytest
 
-from engine.ope import (
-    ConstantTarget,
-    LoggedDecision,
-    OpeError,
-    effective_sample_size,
-    estimate,
-    estimate_arrays,
-)
+from engine.ope.decision_log import LoggedDecision
+from engine.ope.errors import OpeError
+from engine.ope.estimators import effective_sample_size, estimate_arrays
+from engine.ope.evaluate import estimate
+from engine.ope.targets import ConstantTarget
 
 LADDER = (0.0, 5.0, 10.0, 15.0, 20.0)
 CARTS = (0, 1, 2, 3)
@@ -212,7 +209,7 @@ def test_a_profit_campaign_target_is_estimated_within_its_interval() -> None:
     """The target's distribution per decision is known (the engine's profit policy over a
     prequential model), so its true value is sum_i sum_d pi_i(d) P(buy | x_i, d) / n."""
     from engine.campaigns import parse_campaigns
-    from engine.ope import CampaignsTarget, TargetActions
+    from engine.ope.targets import CampaignsTarget, TargetActions
 
     class Precomputed:
         description = "precomputed"

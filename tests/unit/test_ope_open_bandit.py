@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.ope import Interval, OpeError
+from engine.ope.errors import OpeError
+from engine.ope.estimators import Interval
 from engine.ope.open_bandit import (
     Validation,
     read_bandit_log,

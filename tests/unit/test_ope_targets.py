@@ -8,17 +8,11 @@ import orjson
 import pytest
 
 from engine.campaigns import Campaign, parse_campaigns
-from engine.ope import (
-    CampaignsTarget,
-    ConstantTarget,
-    LoggedDecision,
-    OpeError,
-    estimate,
-    parse_target,
-    policy_distribution,
-    read_decision_log,
-)
-from engine.pipeline import in_holdout
+from engine.decisions import in_holdout
+from engine.ope.decision_log import LoggedDecision, read_decision_log
+from engine.ope.errors import OpeError
+from engine.ope.evaluate import estimate
+from engine.ope.targets import CampaignsTarget, ConstantTarget, parse_target, policy_distribution
 from engine.policy import PolicyContext, ProfitPolicy, Rule, RulesPolicy, ThresholdPolicy
 
 

@@ -15,13 +15,14 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from engine.campaigns import Campaign
+from engine.decisions import stable_id
 from engine.events import BrowseEvent, Event, PurchaseEvent, PurchaseItem, SearchEvent, parse_event
-from engine.features import event_ops
 from engine.feedback import Feedback, FeedbackMethod
 from engine.model import PurchaseModel
-from engine.pipeline import DiscountEngine, EngineConfig, Incoming, stable_id
+from engine.pipeline import DiscountEngine, EngineConfig, Incoming
 from engine.policy import ThresholdPolicy
 from engine.simulator import generate
+from engine.state import event_ops
 from engine.store import InMemoryFeatureStore, Position, StateUpdate, UpdateStatus
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"

@@ -19,7 +19,6 @@ import pytest
 
 from engine.campaigns import Campaign, CampaignError, parse_campaigns
 from engine.events import BrowseEvent, PurchaseEvent, PurchaseItem
-from engine.features import DAY_MS, HOUR_MS
 from engine.pipeline import DiscountEngine, Incoming
 from engine.policy import (
     LinearPolicy,
@@ -31,6 +30,7 @@ from engine.policy import (
     ThresholdPolicy,
     policy_names,
 )
+from engine.state import DAY_MS, HOUR_MS
 from engine.store import InMemoryFeatureStore
 
 T0 = 1_767_225_600_000

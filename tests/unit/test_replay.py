@@ -18,7 +18,8 @@ from typing import Any
 import orjson
 import pytest
 
-from engine.importers import TimeWindow, import_jsonl
+from engine.importers.base import TimeWindow
+from engine.importers.jsonl import import_jsonl
 from engine.simulator import generate
 from streams.cli import main
 from streams.replay import SOURCE_HEADER, ReplayOptions, ReplayReport, replay

@@ -11,7 +11,9 @@ import pytest
 
 from engine.events import parse_event
 from engine.simulator import DEFAULT_START_MS, purchase_probability
-from engine.world import Shopper, World, WorldError, events_per_session, open_loop
+from engine.world.core import World, open_loop
+from engine.world.errors import WorldError
+from engine.world.shoppers import Shopper, events_per_session
 
 FAR = DEFAULT_START_MS + 10**12
 """An expiry no test reaches."""

@@ -11,7 +11,8 @@ import orjson
 import pytest
 
 from engine.feedback import Feedback
-from engine.world import WorldParams, open_loop
+from engine.world.core import open_loop
+from engine.world.params import WorldParams
 from streams.cli import build_parser, main
 from streams.world_cli import closed_loop_config, world_choice
 

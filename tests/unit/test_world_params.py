@@ -13,16 +13,10 @@ import pytest
 
 from engine.campaigns import load_campaigns
 from engine.closed_loop import ClosedLoopConfig, simulate_closed_loop
-from engine.world import (
-    World,
-    WorldError,
-    WorldParamError,
-    WorldParams,
-    events_per_session,
-    load_world_file,
-    open_loop,
-    parse_world_file,
-)
+from engine.world.core import World, open_loop
+from engine.world.errors import WorldError, WorldParamError
+from engine.world.params import WorldParams, load_world_file, parse_world_file
+from engine.world.shoppers import events_per_session
 
 ROOT = Path(__file__).resolve().parents[2]
 WORLDS = ROOT / "deploy" / "worlds"
