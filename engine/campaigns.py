@@ -30,15 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import EngineError
-from engine.policy import (
-    LinearPolicy,
-    Policy,
-    ProfitPolicy,
-    Rule,
-    RulesPolicy,
-    ThresholdPolicy,
-    policy_names,
-)
+from engine.policies.base import Policy, entry_number
+from engine.policies.registry import build_policy
+from engine.policies.threshold import ThresholdPolicy
 from engine.stop_loss import StopLoss
 
 TRIGGER_KINDS = ("view", "cart", "favorite", "search")
@@ -97,14 +91,10 @@ def _number(
     maximum: float = float("inf"),
 ) -> float:
     """A numeric field, checked, with an error that names the campaign and the field."""
-    value = entry.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
-        raise CampaignError(f"campaign {name!r}: {key!r} must be a number, got {value!r}")
-    if value < minimum or value > maximum or value in (float("inf"), float("-inf")):
-        raise CampaignError(
-            f"campaign {name!r}: {key!r} must be within [{minimum:g}, {maximum:g}], got {value!r}"
-        )
-    return float(value)
+    try:
+        return entry_number(entry, key, default, minimum=minimum, maximum=maximum)
+    except ValueError as exc:
+        raise CampaignError(f"campaign {name!r}: {exc}") from None
 
 
 def _optional_number(
@@ -120,36 +110,6 @@ def _strings(
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise CampaignError(f"campaign {name!r}: {key!r} must be a list of non-empty strings")
     return tuple(value)
-
-
-def _rules(name: str, entry: Mapping[str, Any]) -> tuple[Rule, ...]:
-    raw = entry.get("rules")
-    if not isinstance(raw, list) or not raw:
-        raise CampaignError(f"campaign {name!r}: policy 'rules' needs a non-empty 'rules' list")
-    rules: list[Rule] = []
-    for index, item in enumerate(raw, start=1):
-        required = ("feature", "value", "discount_pct")
-        if (
-            not isinstance(item, dict)
-            or not all(key in item for key in required)
-            or not isinstance(item["feature"], str)
-        ):
-            raise CampaignError(
-                f"campaign {name!r}: rule #{index} needs 'feature', 'op', 'value', 'discount_pct'"
-            )
-        where = f"rule #{index}"
-        try:
-            rules.append(
-                Rule(
-                    feature=item["feature"],
-                    op=str(item.get("op", ">")),
-                    value=_number(name, item, "value", 0.0, minimum=float("-inf")),
-                    discount_pct=_number(name, item, "discount_pct", 0.0, maximum=100.0),
-                )
-            )
-        except ValueError as exc:
-            raise CampaignError(f"campaign {name!r}: {where}: {exc}") from None
-    return tuple(rules)
 
 
 _STOP_LOSS_KEYS = ("window_h", "min_decisions", "explore", "min_users")
@@ -190,39 +150,11 @@ def _stop_loss(name: str, entry: Mapping[str, Any], holdout: float) -> StopLoss 
 
 
 def _build_policy(name: str, entry: Mapping[str, Any]) -> Policy:
-    kind = entry.get("policy", "threshold")
+    """The campaign's policy, from the registry; errors name the campaign."""
     try:
-        if kind == "threshold":
-            return ThresholdPolicy(
-                threshold=_number(name, entry, "threshold", 0.5, maximum=1.0),
-                discount_pct=_number(name, entry, "discount_pct", 10.0, maximum=100.0),
-            )
-        if kind == "linear":
-            return LinearPolicy(
-                a=_number(name, entry, "a", 20.0, minimum=float("-inf")),
-                b=_number(name, entry, "b", 0.0, minimum=float("-inf")),
-                max_discount_pct=_number(name, entry, "max_discount_pct", 30.0, maximum=100.0),
-            )
-        if kind == "rules":
-            return RulesPolicy(rules=_rules(name, entry))
-        if kind == "profit":
-            ladder = entry.get("ladder", [0, 5, 10, 15, 20])
-            if not isinstance(ladder, list) or not all(
-                isinstance(v, int | float) and not isinstance(v, bool) for v in ladder
-            ):
-                raise CampaignError(f"campaign {name!r}: 'ladder' must be a list of numbers")
-            return ProfitPolicy(
-                ladder=tuple(float(v) for v in ladder),
-                margin=_number(name, entry, "margin", 0.3, maximum=1.0),
-                epsilon=_number(name, entry, "epsilon", 0.1, maximum=1.0),
-                temperature=_number(name, entry, "temperature", 0.0),
-                min_margin=_number(name, entry, "min_margin", 0.0, maximum=1.0),
-            )
+        return build_policy(entry)
     except ValueError as exc:
         raise CampaignError(f"campaign {name!r}: {exc}") from None
-    raise CampaignError(
-        f"campaign {name!r}: unknown policy {kind!r} (known: {', '.join(policy_names())})"
-    )
 
 
 def _campaign(position: int, entry: object) -> Campaign:
@@ -248,9 +180,10 @@ def _campaign(position: int, entry: object) -> Campaign:
     budget = _optional_number(name, entry, "daily_budget")
     policy = _build_policy(name, entry)
     max_discount = _number(name, entry, "max_discount_pct", 100.0, maximum=100.0)
-    if isinstance(policy, ProfitPolicy) and max(policy.ladder) > max_discount:
+    levels = policy.discount_levels()
+    if levels.is_ladder and max(levels.levels) > max_discount:
         raise CampaignError(
-            f"campaign {name!r}: ladder level {max(policy.ladder):g} exceeds "
+            f"campaign {name!r}: ladder level {max(levels.levels):g} exceeds "
             f"max_discount_pct {max_discount:g}"
         )
     seed = entry.get("seed", 0)

@@ -28,14 +28,7 @@ from engine.errors import EngineError
 from engine.events import parse_event
 from engine.feedback import Feedback
 from engine.pipeline import EngineConfig
-from engine.policy import (
-    LinearPolicy,
-    PolicyChoice,
-    PolicyContext,
-    ProfitPolicy,
-    RulesPolicy,
-    ThresholdPolicy,
-)
+from engine.policies.base import DiscountLevels, Policy, PolicyChoice, PolicyContext
 from engine.simulator import DEFAULT_START_MS
 from engine.world.core import World
 from engine.world.params import WorldParams
@@ -93,7 +86,7 @@ def best_discount(
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class OraclePolicy:
+class OraclePolicy(Policy):
     """A policy that knows each shopper's true response rule and next planned checkout.
 
     It decides inside the same engine as every other policy, so it meets the same triggers,
@@ -112,6 +105,9 @@ class OraclePolicy:
     def reference_discount_pct(self) -> float:
         return min((level for level in self.ladder if level > 0), default=0.0)
 
+    def discount_levels(self) -> DiscountLevels:
+        return DiscountLevels(self.ladder, is_ladder=True, continuous=self.continuous)
+
     def choose(self, context: PolicyContext) -> PolicyChoice:
         truth = self.world.truth(context.user_id, before_ms=self.world.clock + self.offer_ttl_ms)
         if truth is None:
@@ -121,24 +117,13 @@ class OraclePolicy:
 
 
 def oracle_action_space(campaign: Campaign) -> tuple[tuple[float, ...], bool]:
-    """The discounts the oracle may choose for a campaign: the profit policy's own ladder;
-    for the paper's policies the default ladder plus every discount the policy itself can
-    give (continuous for ``linear``), so that the oracle can always do what the policy did."""
-    policy = campaign.policy
-    continuous = False
-    if isinstance(policy, ProfitPolicy):
-        levels = set(policy.ladder)
-    else:
-        levels = set(DEFAULT_LADDER)
-        if isinstance(policy, ThresholdPolicy):
-            levels.add(policy.discount_pct)
-        elif isinstance(policy, RulesPolicy):
-            levels.update(rule.discount_pct for rule in policy.rules)
-        elif isinstance(policy, LinearPolicy):
-            levels.add(policy.max_discount_pct)
-            continuous = True
+    """The discounts the oracle may choose for a campaign: the policy's own ladder if it has
+    one; otherwise the default ladder plus every discount the policy itself can give
+    (continuous if the policy is), so that the oracle can always do what the policy did."""
+    levels = campaign.policy.discount_levels()
+    choices = set(levels.levels) if levels.is_ladder else set(DEFAULT_LADDER) | set(levels.levels)
     cap = campaign.max_discount_pct
-    return tuple(sorted({min(level, cap) for level in levels} | {0.0})), continuous
+    return tuple(sorted({min(level, cap) for level in choices} | {0.0})), levels.continuous
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from engine.campaigns import Campaign
 from engine.events import BrowseEvent, Event
 from engine.labels import Arm
-from engine.policy import PolicyChoice, Predict
+from engine.policies.base import PolicyChoice, Predict
 from engine.scoring import Scorer
 from engine.state import event_kind, trigger_category
 

@@ -52,7 +52,7 @@ from engine.ledger import (
     StopLossSetting,
 )
 from engine.model import PurchaseModel
-from engine.policy import PolicyChoice, PolicyContext
+from engine.policies.base import PolicyChoice, PolicyContext
 from engine.prequential import OnlineLearner
 from engine.scoring import Scorer
 from engine.state import Op, apply_ops, event_kind, event_ops, offer_ops, trigger_category

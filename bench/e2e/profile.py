@@ -23,7 +23,7 @@ BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("metrics", ("metrics.py", "prometheus_client")),
     ("model (river)", ("river/", "engine/model.py")),
     ("features (engine)", ("engine/features.py", "engine/state.py", "engine/store.py")),
-    ("policy + guardrails (engine)", ("engine/policy.py", "engine/ledger.py", "engine/campaigns")),
+    ("policy + guardrails (engine)", ("engine/policies/", "engine/ledger.py", "engine/campaigns")),
     ("engine pipeline (other)", ("engine/",)),
     ("worker glue (streams/worker.py, app.py)", ("streams/worker.py", "streams/app.py")),
     ("Faust stream + Kafka consumer", ("faust/", "mode/", "aiokafka/", "consumer.py")),

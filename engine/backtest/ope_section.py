@@ -20,7 +20,6 @@ from engine.ope.decision_log import read_decision_log
 from engine.ope.errors import OpeError
 from engine.ope.evaluate import estimate
 from engine.ope.targets import ConstantTarget
-from engine.policy import ProfitPolicy
 
 OPE_BOOTSTRAP = 200
 OpeSection = tuple[dict[str, Any] | None, str | None]
@@ -28,8 +27,10 @@ OpeSection = tuple[dict[str, Any] | None, str | None]
 
 
 def _levels(campaign: Campaign, offered: Iterable[float]) -> list[float]:
-    if isinstance(campaign.policy, ProfitPolicy):
-        return sorted(campaign.policy.ladder)
+    """The policy's own ladder, or 0 and the levels it offered."""
+    levels = campaign.policy.discount_levels()
+    if levels.is_ladder:
+        return sorted(levels.levels)
     return sorted({0.0, *offered})
 
 

@@ -21,7 +21,6 @@ from engine.backtest.stop_loss import stop_loss_section
 from engine.backtest.uplift import holdout_power, uplift_section
 from engine.backtest.verdict import ranking_section
 from engine.campaigns import Campaign
-from engine.policy import ProfitPolicy
 from engine.stop_loss import StopLossStatus
 
 REPORT_VERSION = 3
@@ -29,7 +28,8 @@ REPORT_VERSION = 3
 ``holdout_power``, ``ranking``, ``itt.incremental_margin_ci95``. 3: ``stop_loss``."""
 SIGNIFICANT_DIGITS = 6
 DEFAULT_MARGIN = 0.3
-"""Gross margin assumed for campaigns whose policy has none (every policy but ``profit``)."""
+"""Gross margin assumed for campaigns whose policy optimises none (``Policy.optimised_margin``
+is None: every built-in policy but ``profit``)."""
 BURN_POINTS = 300
 
 
@@ -56,8 +56,8 @@ def dumps_report(report: Mapping[str, Any]) -> bytes:
 
 
 def campaign_margin(campaign: Campaign) -> float:
-    policy = campaign.policy
-    return policy.margin if isinstance(policy, ProfitPolicy) else DEFAULT_MARGIN
+    margin = campaign.policy.optimised_margin()
+    return margin if margin is not None else DEFAULT_MARGIN
 
 
 def campaign_section(
@@ -83,7 +83,7 @@ def campaign_section(
     policy = campaign.policy
     setup = QiniSetup(
         policy=policy.name,
-        epsilon=policy.epsilon if isinstance(policy, ProfitPolicy) else None,
+        epsilon=policy.exploration_rate(),
         holdout=campaign.holdout,
         exploring_decisions=stats.exploring_decisions,
     )

@@ -30,7 +30,7 @@ from engine.decisions import in_holdout
 from engine.model import PurchaseModel
 from engine.ope.decision_log import LoggedDecision
 from engine.ope.errors import OpeError
-from engine.policy import Policy, PolicyContext, ProfitPolicy, RulesPolicy
+from engine.policies.base import Policy, PolicyContext, PolicyError
 
 Distribution = dict[float, float]
 """Discount percentage -> probability under the target."""
@@ -76,29 +76,17 @@ class ConstantTarget:
 
 
 def policy_distribution(policy: Policy, context: PolicyContext) -> Distribution:
-    """pi(discount | context) of a policy, exactly.
-
-    The profit policy explores uniformly with probability epsilon; every other built-in policy
-    is deterministic, so its choice is a point mass.
-    """
-    if isinstance(policy, ProfitPolicy):
-        levels = policy.ladder
-        margins = policy.expected_margins(context)
-        # The same tie-break as ProfitPolicy.choose: highest margin, then the smaller discount.
-        greedy = max(range(len(levels)), key=lambda i: (round(margins[i], 9), -levels[i]))
-        k = len(levels)
-        dist: Distribution = {}
-        for index, level in enumerate(levels):
-            share = policy.epsilon / k + (1.0 - policy.epsilon if index == greedy else 0.0)
-            dist[action_key(level)] = dist.get(action_key(level), 0.0) + share
-        return dist
-    choice = policy.choose(context)
-    if choice.propensity < 1.0:
-        raise OpeError(
-            f"policy {policy.name!r} is randomised and ope does not know its action "
-            "distribution; add it to engine/ope/targets.py"
-        )
-    return {action_key(choice.discount_pct): 1.0}
+    """pi(discount | context) of a policy, exactly, as the policy states it
+    (``Policy.action_probabilities``)."""
+    try:
+        probabilities = policy.action_probabilities(context)
+    except PolicyError as exc:
+        raise OpeError(str(exc)) from None
+    dist: Distribution = {}
+    for action in probabilities:
+        key = action_key(action.discount_pct)
+        dist[key] = dist.get(key, 0.0) + action.probability
+    return dist
 
 
 def _cap(dist: Distribution, maximum: float) -> Distribution:
@@ -140,7 +128,7 @@ class CampaignsTarget:
 
     def actions(self, records: Sequence[LoggedDecision]) -> TargetActions:
         assigned = self._assignment(records)
-        needs_model = any(c is not None and not isinstance(c.policy, RulesPolicy) for c in assigned)
+        needs_model = any(c is not None and c.policy.uses_model for c in assigned)
         model = PurchaseModel() if needs_model else None
         out: list[Distribution | None] = []
         per_campaign: dict[str, int] = {}

@@ -21,7 +21,11 @@ from engine.closed_loop import (
     oracle_action_space,
     simulate_closed_loop,
 )
-from engine.policy import LinearPolicy, PolicyContext, ProfitPolicy, RulesPolicy, ThresholdPolicy
+from engine.policies.base import PolicyContext
+from engine.policies.linear import LinearPolicy
+from engine.policies.profit import ProfitPolicy
+from engine.policies.rules import RulesPolicy
+from engine.policies.threshold import ThresholdPolicy
 from engine.simulator import DEFAULT_START_MS
 from engine.world.core import World
 from engine.world.shoppers import Truth
@@ -217,7 +221,7 @@ def test_the_engine_tells_policies_whom_and_which_event_they_decide_for() -> Non
 
     from engine.events import parse_event
     from engine.pipeline import DiscountEngine, Incoming
-    from engine.policy import PolicyChoice
+    from engine.policies.base import PolicyChoice
     from engine.store import InMemoryFeatureStore
     from engine.world.core import open_loop
 

@@ -30,7 +30,9 @@ from engine.labels import LabelEvent, LabelKind, PendingDecision
 from engine.ledger import DecisionRequest, InMemoryLedger, OfferLimits, event_day
 from engine.model import PurchaseModel
 from engine.pipeline import DiscountEngine, EngineConfig, Incoming
-from engine.policy import LinearPolicy, ProfitPolicy, ThresholdPolicy
+from engine.policies.linear import LinearPolicy
+from engine.policies.profit import ProfitPolicy
+from engine.policies.threshold import ThresholdPolicy
 from engine.state import DAY_MS, HOUR_MS, MINUTE_MS
 from engine.store import InMemoryFeatureStore
 

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 from engine.inputs import model_inputs
 from engine.model import PurchaseModel
-from engine.policy import Policy, PolicyContext, ProfitPolicy, ThresholdPolicy
+from engine.policies.base import Policy, PolicyContext
+from engine.policies.profit import ProfitPolicy
+from engine.policies.threshold import ThresholdPolicy
 from engine.prequential import PrequentialMetrics
 
 MARGIN = 0.3

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine.campaigns import Campaign
 from engine.ledger import InMemoryLedger, event_day
 from engine.pipeline import DiscountEngine, EngineConfig
-from engine.policy import ThresholdPolicy
+from engine.policies.threshold import ThresholdPolicy
 from engine.stop_loss import StopLoss, StopLossStatus
 from engine.store import InMemoryFeatureStore
 from streams.decode import DecodeLimits, RawRecord

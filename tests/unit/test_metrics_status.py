@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 from engine.campaigns import Campaign
 from engine.ledger import InMemoryLedger, event_day
 from engine.pipeline import DiscountEngine, EngineConfig
-from engine.policy import ThresholdPolicy
+from engine.policies.threshold import ThresholdPolicy
 from engine.prequential import PrequentialMetrics
 from engine.stop_loss import StopLoss, StopLossStatus
 from engine.store import InMemoryFeatureStore

@@ -13,7 +13,10 @@ from engine.ope.decision_log import LoggedDecision, read_decision_log
 from engine.ope.errors import OpeError
 from engine.ope.evaluate import estimate
 from engine.ope.targets import CampaignsTarget, ConstantTarget, parse_target, policy_distribution
-from engine.policy import PolicyContext, ProfitPolicy, Rule, RulesPolicy, ThresholdPolicy
+from engine.policies.base import PolicyContext
+from engine.policies.profit import ProfitPolicy
+from engine.policies.rules import Rule, RulesPolicy
+from engine.policies.threshold import ThresholdPolicy
 
 
 def record(i: int, campaign: str = "c", discount: float = 0.0, **features: float) -> LoggedDecision:

@@ -20,7 +20,7 @@ from engine.events import BrowseEvent, Event, PurchaseEvent, PurchaseItem, Searc
 from engine.feedback import Feedback, FeedbackMethod
 from engine.model import PurchaseModel
 from engine.pipeline import DiscountEngine, EngineConfig, Incoming
-from engine.policy import ThresholdPolicy
+from engine.policies.threshold import ThresholdPolicy
 from engine.simulator import generate
 from engine.state import event_ops
 from engine.store import InMemoryFeatureStore, Position, StateUpdate, UpdateStatus

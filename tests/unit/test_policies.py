@@ -1,4 +1,4 @@
-"""Discount policies (engine/policy.py), built directly and from a campaigns TOML.
+"""Discount policies (engine/policies/), built directly and from a campaigns TOML.
 
 Covers the paper's two worked cases exactly (case 1: P > 0.5 -> 10 %; case 2:
 ``purchase_frequency_30d`` > 3 -> 20 %), the linear policy's clipping, the rules policy's
@@ -20,16 +20,12 @@ import pytest
 from engine.campaigns import Campaign, CampaignError, parse_campaigns
 from engine.events import BrowseEvent, PurchaseEvent, PurchaseItem
 from engine.pipeline import DiscountEngine, Incoming
-from engine.policy import (
-    LinearPolicy,
-    PolicyChoice,
-    PolicyContext,
-    ProfitPolicy,
-    Rule,
-    RulesPolicy,
-    ThresholdPolicy,
-    policy_names,
-)
+from engine.policies.base import PolicyChoice, PolicyContext
+from engine.policies.linear import LinearPolicy
+from engine.policies.profit import ProfitPolicy
+from engine.policies.registry import policy_names
+from engine.policies.rules import Rule, RulesPolicy
+from engine.policies.threshold import ThresholdPolicy
 from engine.state import DAY_MS, HOUR_MS
 from engine.store import InMemoryFeatureStore
 

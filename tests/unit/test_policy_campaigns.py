@@ -1,4 +1,5 @@
-"""The threshold policy (engine/policy.py) and the campaigns file (engine/campaigns.py)."""
+"""The threshold policy (engine/policies/threshold.py) and the campaigns file
+(engine/campaigns.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from engine.campaigns import (
     parse_campaigns,
 )
 from engine.errors import EngineError
-from engine.policy import PolicyChoice, PolicyContext, ThresholdPolicy
+from engine.policies.base import PolicyChoice, PolicyContext
+from engine.policies.threshold import ThresholdPolicy
 
 NO_FEATURES: dict[str, float] = {}
 

@@ -20,7 +20,8 @@ from engine.events import BrowseEvent
 from engine.labels import Arm
 from engine.ledger import InMemoryLedger, LedgerConfig, PurchaseNotice, StopLossSetting
 from engine.pipeline import DiscountEngine, Incoming
-from engine.policy import ProfitPolicy, ThresholdPolicy
+from engine.policies.profit import ProfitPolicy
+from engine.policies.threshold import ThresholdPolicy
 from engine.stop_loss import (
     ArmSums,
     CampaignStopLoss,

@@ -14,7 +14,7 @@ from engine.campaigns import Campaign
 from engine.errors import INVALID_EVENT_CODES
 from engine.events import BrowseEvent
 from engine.pipeline import DiscountEngine, Incoming
-from engine.policy import ThresholdPolicy
+from engine.policies.threshold import ThresholdPolicy
 from engine.store import InMemoryFeatureStore, Position
 from streams.decode import DeadLetter, DecodeLimits, RawRecord, decode_record
 from streams.errors import ConfigError, StreamsError
