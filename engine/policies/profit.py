@@ -116,11 +116,9 @@ class ProfitPolicy(Policy):
         return [(1.0 - self.epsilon) * w / total + self.epsilon / k for w in weights]
 
     def action_probabilities(self, context: PolicyContext) -> tuple[ActionProbability, ...]:
-        """The epsilon-greedy distribution: the greedy level 1 - epsilon + epsilon/k, every
-        other level epsilon/k. As off-policy evaluation has always had it, this ignores
-        ``temperature`` (a softmax policy's exact distribution is ``probabilities``)."""
-        greedy = self.greedy_index(self.expected_margins(context))
-        shares = self._epsilon_greedy(len(self.ladder), greedy)
+        """The distribution ``choose`` samples from: epsilon-greedy, or softmax with a floor."""
+        margins = self.expected_margins(context)
+        shares = self.probabilities(margins, self.greedy_index(margins))
         return tuple(
             ActionProbability(level, share)
             for level, share in zip(self.ladder, shares, strict=True)

@@ -694,3 +694,7 @@ def test_softmax_exploration_has_exact_propensities_and_a_floor() -> None:
     # The clearly losing 20 % is (almost) only the floor; the best level is the most likely.
     assert chosen[20.0] == pytest.approx(policy.epsilon / 5, rel=1e-3)
     assert max(chosen, key=lambda level: chosen[level]) == 5.0
+    # Off-policy evaluation targets the same distribution the policy samples from and logs.
+    context = PolicyContext({}, predict, value, 0.5)
+    target = {a.discount_pct: a.probability for a in policy.action_probabilities(context)}
+    assert target == pytest.approx(chosen)
