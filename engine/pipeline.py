@@ -11,7 +11,8 @@
 3. settle all proposals and the batch's purchases with the decision ledger (one call): decision
    interval, cooldown, offers per day, daily budget, pending labels and their label events,
    the stop-loss sums;
-4. emit offers, decisions and training examples (which ones: ``engine.feedback``). With
+4. emit offers, decisions and training examples as typed records (which examples:
+   ``engine.feedback``); the edges turn them into messages with ``to_message``. With
    ``learn_inline`` (backtests) the model also learns from them, in order; live, the learner
    process does.
 """
@@ -25,12 +26,15 @@ from dataclasses import dataclass, field
 
 from engine.campaigns import Campaign, default_campaigns
 from engine.decisions import (
+    DENIED_RULE_PREFIX,
+    Decision,
+    Offer,
     Proposal,
-    decision_message,
     in_holdout,
     is_eligible,
+    make_decision,
+    make_offer,
     offer_cost_cents,
-    offer_message,
     order_value,
     stable_id,
     unit_hash,
@@ -108,11 +112,15 @@ class EngineConfig:
 
 @dataclass(slots=True)
 class BatchResult:
+    """What one micro-batch produced. Typed records, so that readers use attributes; only the
+    edges (the Kafka sinks, the backtest's decision log) write them as messages."""
+
     statuses: list[UpdateStatus]
-    offers: list[dict[str, object]] = field(default_factory=list)
-    decisions: list[dict[str, object]] = field(default_factory=list)
-    training: list[dict[str, object]] = field(default_factory=list)
-    """Training example v1 messages for the training topic (``Feedback.wants``)."""
+    offers: list[Offer] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
+    """Every settled decision, offer or not, in order."""
+    training: list[TrainingExample] = field(default_factory=list)
+    """Training examples for the training topic (``Feedback.wants``)."""
     labels: list[LabelEvent] = field(default_factory=list)
     """Every label event of the batch, in order (backtests book final labels from them)."""
     stop_loss: dict[str, StopLossStatus] = field(default_factory=dict)
@@ -321,7 +329,7 @@ class DiscountEngine:
         """Publish the example if the feedback method wants it, and learn it inline if so."""
         if not self.config.feedback.wants(example.kind):
             return
-        result.training.append(example.to_message())
+        result.training.append(example)
         if self.learner is not None:
             self.learner.model = self.model
             self.learner.learn(example)
@@ -425,6 +433,7 @@ class DiscountEngine:
             model_version=model.version,
             decision_id=decision_id,
             offer_id=offer_id,
+            order_value=value,
             cost_cents=offer_cost_cents(choice.discount_pct, value) if offer_id else 0,
             rules=rules,
         )
@@ -496,7 +505,7 @@ class DiscountEngine:
             # A guardrail, not the policy, chose "no discount": that action was certain. The
             # policy's own proposal stays in the record for analysis.
             propensity = 1.0
-            rules.append(f"denied:{decided.denied_by}")
+            rules.append(f"{DENIED_RULE_PREFIX}{decided.denied_by}")
             result.denied[decided.denied_by] = result.denied.get(decided.denied_by, 0) + 1
             p_purchase = proposal.predict(0.0)
         if offer_id is not None:
@@ -522,10 +531,12 @@ class DiscountEngine:
                 else self.model.contributions(proposal.features, discount)
             )
             result.offers.append(
-                offer_message(proposal, offer_id, discount, p_purchase, rules, reasons)
+                make_offer(proposal, offer_id, discount, p_purchase, rules, reasons)
             )
         result.decisions.append(
-            decision_message(proposal, offer_id, discount, propensity, p_purchase, rules)
+            make_decision(
+                proposal, offer_id, discount, propensity, p_purchase, rules, decided.denied_by
+            )
         )
         self._train(
             TrainingExample(

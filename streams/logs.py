@@ -20,10 +20,13 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import orjson
+
+if TYPE_CHECKING:  # the CLI imports this module at start: the engine only when a command runs
+    from engine.decisions import Decision, Offer
 
 CONTEXT_FIELDS: frozenset[str] = frozenset(
     {
@@ -198,9 +201,7 @@ def event_id_of(value: bytes | None, limit: int = 64 * 1024) -> str | None:
 
 
 def log_outputs(
-    logger: logging.Logger,
-    offers: Iterable[Mapping[str, object]],
-    decisions: Iterable[Mapping[str, object]],
+    logger: logging.Logger, offers: Iterable[Offer], decisions: Iterable[Decision]
 ) -> None:
     """One DEBUG line per offer and per decision (free when DEBUG is off)."""
     if not logger.isEnabledFor(logging.DEBUG):
@@ -209,22 +210,22 @@ def log_outputs(
         logger.debug(
             "offer issued",
             extra={
-                "offer_id": offer.get("offer_id"),
-                "event_id": offer.get("trigger_event_id"),
-                "campaign": offer.get("campaign"),
-                "discount_pct": offer.get("discount_pct"),
-                "user_id": offer.get("user_id"),
+                "offer_id": offer.offer_id,
+                "event_id": offer.trigger_event_id,
+                "campaign": offer.campaign,
+                "discount_pct": offer.discount_pct,
+                "user_id": offer.user_id,
             },
         )
     for decision in decisions:
         logger.debug(
             "decision",
             extra={
-                "decision_id": decision.get("decision_id"),
-                "offer_id": decision.get("offer_id"),
-                "event_id": decision.get("trigger_event_id"),
-                "campaign": decision.get("campaign"),
-                "discount_pct": decision.get("discount_pct"),
-                "user_id": decision.get("user_id"),
+                "decision_id": decision.decision_id,
+                "offer_id": decision.offer_id,
+                "event_id": decision.trigger_event_id,
+                "campaign": decision.campaign,
+                "discount_pct": decision.discount_pct,
+                "user_id": decision.user_id,
             },
         )

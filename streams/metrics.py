@@ -284,26 +284,22 @@ class WorkerMetrics:
         for code, n in Tally(letter.code for letter in dead).items():
             self.events_dead_lettered.labels(code).inc(n)
         for offer in result.offers:
-            self.offers.labels(str(offer["campaign"])).inc()
-            issued_at = offer["issued_at"]
-            if isinstance(issued_at, int | float):
-                self.decision_latency.observe(max(0.0, (now_ms - issued_at) / 1000))
+            self.offers.labels(offer.campaign).inc()
+            self.decision_latency.observe(max(0.0, (now_ms - offer.issued_at) / 1000))
         for campaign, cents in spend_cents.items():
             if cents:
                 self.discount_spend.labels(campaign).inc(cents / 100)
         for example in result.training:
-            outcome = "converted" if example.get("label") == 1 else "not_converted"
-            discount = example.get("discount_pct")
-            treated = "true" if isinstance(discount, int | float) and discount > 0 else "false"
+            outcome = "converted" if example.label == 1 else "not_converted"
+            treated = "true" if example.discount_pct > 0 else "false"
             self.labels.labels(outcome, treated).inc()
         for decision in result.decisions:
-            campaign = str(decision["campaign"])
+            campaign = decision.campaign
             self.decisions.labels(campaign).inc()
-            if decision.get("holdout"):
+            if decision.holdout:
                 self.holdout_decisions.labels(campaign).inc()
-            rules = decision.get("rules")
-            if isinstance(rules, list) and EXPLORE_ONLY in rules:
-                explored = "true" if EXPLORED in rules else "false"
+            if EXPLORE_ONLY in decision.rules:
+                explored = "true" if EXPLORED in decision.rules else "false"
                 self.explore_only_decisions.labels(campaign, explored).inc()
         self.observe_stop_loss(result.stop_loss)
         self.last_batch_at = self._monotonic()

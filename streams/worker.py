@@ -153,12 +153,14 @@ class BatchWorker:
                 topics.dlq, letter.record.key, letter.record.value or b"", letter.headers()
             )
         for offer in result.offers:
-            await self.sink.send(topics.offers, str(offer["user_id"]).encode(), orjson.dumps(offer))
+            await self.sink.send(
+                topics.offers, offer.user_id.encode(), orjson.dumps(offer.to_message())
+            )
         for decision in result.decisions:
             await self.sink.send(
-                topics.decisions, str(decision["user_id"]).encode(), orjson.dumps(decision)
+                topics.decisions, decision.user_id.encode(), orjson.dumps(decision.to_message())
             )
         for example in result.training:
             await self.sink.send(
-                topics.training, str(example["decision_id"]).encode(), orjson.dumps(example)
+                topics.training, example.decision_id.encode(), orjson.dumps(example.to_message())
             )

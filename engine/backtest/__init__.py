@@ -11,7 +11,7 @@ The API (pure: no wall clock, no files opened here; ``dealstream backtest`` does
         campaigns,                   # Sequence[Campaign], or {set name: campaigns} to compare
         seed=0,                      # added to every campaign's exploration seed
         batch_size=2000,
-        on_offers=None,              # Callable[[list[offer dict]], None], see below
+        on_offers=None,              # Callable[[list[offer v1 dict]], None], see below
         decisions_out=None,          # binary stream for decision lines (reward placeholder)
         config=None,                 # EngineConfig: attribution window, lateness
     )                                # -> BacktestResult

@@ -29,7 +29,7 @@ from engine.backtest.metrics import (
 )
 from engine.backtest.stop_loss import StopLossLog, track_transitions
 from engine.campaigns import Campaign
-from engine.decisions import offer_cost_cents, order_value
+from engine.decisions import Offer
 from engine.errors import EngineError
 from engine.events import Event, PurchaseEvent
 from engine.feedback import TrainingExample
@@ -160,31 +160,29 @@ def _absorb(
 ) -> None:
     """Book a batch's decisions, then its labels (a label may close a decision of this batch)."""
     for decision in batch.decisions:
-        index = group.by_name[str(decision["campaign"])]
-        campaign, stats = group.campaigns[index], group.stats[index]
+        index = group.by_name[decision.campaign]
+        stats = group.stats[index]
         seq = len(rewards)
         rewards.append(PENDING)
-        holdout = decision["holdout"] is True
-        granted = decision["offer_id"] is not None
-        discount = float(decision["discount_pct"])  # type: ignore[arg-type]
-        p_purchase = float(decision["p_purchase"])  # type: ignore[arg-type]
-        features: dict[str, float] = decision["features"]  # type: ignore[assignment]
-        event = triggers[str(decision["trigger_event_id"])]
-        offer_propensity = float(decision["offer_propensity"])  # type: ignore[arg-type]
+        holdout = decision.holdout
+        granted = decision.offer_id is not None
+        # Floats for the report, whatever number type a policy built in code gave.
+        discount = float(decision.discount_pct)
+        p_purchase = float(decision.p_purchase)
+        offer_propensity = float(decision.offer_propensity)
+        features = decision.features
+        event = triggers[decision.trigger_event_id]
         stats.decisions += 1
-        if float(decision["propensity"]) < 1.0:  # type: ignore[arg-type]
+        if decision.propensity < 1.0:
             stats.propensity_below_one += 1
         if 0.0 < offer_propensity < 1.0:
             stats.exploring_decisions += 1
-        denied = False
-        for rule in decision["rules"]:  # type: ignore[attr-defined]
-            if rule.startswith("denied:"):
-                stats.denied[rule[7:]] = stats.denied.get(rule[7:], 0) + 1
-                denied = True
-            elif rule == EXPLORE_ONLY:
-                stats.stopped_decisions += 1
-                if granted:
-                    stats.stopped_offers += 1
+        if decision.denied_by is not None:
+            stats.denied[decision.denied_by] = stats.denied.get(decision.denied_by, 0) + 1
+        if EXPLORE_ONLY in decision.rules:
+            stats.stopped_decisions += 1
+            if granted:
+                stats.stopped_offers += 1
         segments: tuple[str, ...] = ()
         if holdout:
             stats.holdout_decisions += 1
@@ -205,12 +203,12 @@ def _absorb(
             stats.fairness.add(features, trigger_category(event), granted, discount)
         cost, value = 0, 0.0
         if granted:
-            value = order_value(campaign, event, features)
-            cost = offer_cost_cents(discount, value)
+            # Always known on the engine's own decisions (only read-back messages lack them).
+            assert decision.cost_cents is not None and decision.order_value is not None
+            cost, value = decision.cost_cents, decision.order_value
             stats.offers += 1
-            ts = int(decision["ts"])  # type: ignore[call-overload]
-            stats.burn.add(event_day(ts), ts, cost)
-        group.open[str(decision["decision_id"])] = (
+            stats.burn.add(event_day(decision.ts), decision.ts, cost)
+        group.open[decision.decision_id] = (
             index,
             OpenDecision(
                 seq,
@@ -220,16 +218,17 @@ def _absorb(
                 value,
                 p_purchase,
                 segments,
-                str(decision["user_id"]),
-                float(decision["uplift_score"]),  # type: ignore[arg-type]
+                decision.user_id,
+                float(decision.uplift_score),
                 offer_propensity,
-                denied,
+                decision.denied_by is not None,
             ),
         )
         if decisions_out is not None:
-            decision["campaign_key"] = stats.key
-            decision["reward"] = -1
-            decisions_out.write(orjson.dumps(decision, option=_DUMPS_OPTIONS))
+            line = decision.to_message()
+            line["campaign_key"] = stats.key
+            line["reward"] = -1
+            decisions_out.write(orjson.dumps(line, option=_DUMPS_OPTIONS))
     for name, cents in batch.spend_cents.items():
         group.stats[group.by_name[name]].committed_spend_cents += cents
     for labelled in batch.labels:
@@ -250,6 +249,16 @@ def _absorb(
         if prequential is not None:
             group.model.update(prequential, label)
         rewards[opened.seq] = label
+
+
+def _offer_messages(group: GroupResult, offers: Iterable[Offer]) -> list[dict[str, object]]:
+    """Offer v1 messages for ``on_offers``, each with its campaign's report key added."""
+    messages: list[dict[str, object]] = []
+    for offer in offers:
+        message = offer.to_message()
+        message["campaign_key"] = group.stats[group.by_name[offer.campaign]].key
+        messages.append(message)
+    return messages
 
 
 def _batches(source: Iterable[T], size: int) -> Iterable[list[T]]:
@@ -297,9 +306,7 @@ def run_backtest(
                 result.statuses.update(UpdateStatus(s).name.lower() for s in batch.statuses)
             _absorb(group, batch, triggers, rewards, decisions_out)
             if on_offers is not None:
-                for offer in batch.offers:
-                    offer["campaign_key"] = group.stats[group.by_name[str(offer["campaign"])]].key
-                offers.extend(batch.offers)
+                offers.extend(_offer_messages(group, batch.offers))
         if on_offers is not None:
             on_offers(offers)
     return result

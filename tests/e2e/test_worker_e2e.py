@@ -85,7 +85,7 @@ async def expected_outputs(
     """The offer ids and the number of decisions the same engine code gives in memory."""
     engine = DiscountEngine(InMemoryFeatureStore(), campaigns=load_campaigns(campaigns_path))
     result = await engine.process([Incoming(parse_event(e)) for e in events])
-    return {str(offer["offer_id"]) for offer in result.offers}, len(result.decisions)
+    return {offer.offer_id for offer in result.offers}, len(result.decisions)
 
 
 def test_worker_turns_events_into_valid_offers_and_redis_counts(

@@ -564,9 +564,9 @@ async def labels_of(engine: DiscountEngine, batches: list[list[dict[str, Any]]])
     labelled: dict[str, int] = {}
     for batch in batches:
         result = await engine.process([Incoming(parse_event(e)) for e in batch])
-        decided.update({str(d["decision_id"]): str(d["user_id"]) for d in result.decisions})
+        decided.update({d.decision_id: d.user_id for d in result.decisions})
         # The last word on a decision: its conversion, then its window closing.
-        labelled.update({str(t["decision_id"]): int(t["label"]) for t in result.training})  # type: ignore[call-overload]
+        labelled.update({t.decision_id: t.label for t in result.training})
     return {decided[d]: label for d, label in labelled.items()}
 
 
@@ -611,7 +611,7 @@ async def features_of(
     features: dict[str, Any] = {}
     for batch in batches:
         result = await engine.process([Incoming(parse_event(e)) for e in batch])
-        features.update({str(d["user_id"]): d["features"] for d in result.decisions})
+        features.update({d.user_id: d.features for d in result.decisions})
     return features
 
 

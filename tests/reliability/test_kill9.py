@@ -365,8 +365,8 @@ async def test_kill9_loses_no_offers(
         config=EngineConfig(allowed_lateness_ms=ALLOWED_LATENESS_S * 1000),
     )
     expected = await engine.process([Incoming(parse_event(e)) for e in events])
-    want_offers = {str(o["offer_id"]) for o in expected.offers}
-    want_decisions = {str(d["decision_id"]) for d in expected.decisions}
+    want_offers = {o.offer_id for o in expected.offers}
+    want_decisions = {d.decision_id for d in expected.decisions}
     assert want_offers, "the campaign should make an offer for every trigger event"
 
     topics = Topics(isolation.topic_prefix)

@@ -154,9 +154,9 @@ async def canonical_run(
         batches.append(
             {
                 "statuses": [int(status) for status in result.statuses],
-                "offers": result.offers,
-                "decisions": result.decisions,
-                "training": result.training,
+                "offers": [offer.to_message() for offer in result.offers],
+                "decisions": [decision.to_message() for decision in result.decisions],
+                "training": [example.to_message() for example in result.training],
                 "denied": result.denied,
                 "spend_cents": result.spend_cents,
             }

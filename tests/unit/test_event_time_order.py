@@ -39,8 +39,8 @@ async def test_a_purchase_read_first_still_labels_the_decision_it_follows() -> N
     result = await engine.process([purchase("p1", T0 + 60_000, 0), view("v1", T0, 0)])
     assert result.statuses == [UpdateStatus.APPLIED, UpdateStatus.APPLIED]
     (decision,) = result.decisions
-    assert decision["trigger_event_id"] == "v1"
-    assert decision["features"]["purchase_count_30d"] == 0  # no peeking at the later purchase
+    assert decision.trigger_event_id == "v1"
+    assert decision.features["purchase_count_30d"] == 0  # no peeking at the later purchase
     (example,) = result.training
-    assert example["decision_id"] == decision["decision_id"]
-    assert example["label"] == 1
+    assert example.decision_id == decision.decision_id
+    assert example.label == 1

@@ -24,8 +24,9 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from engine.campaigns import Campaign
-from engine.decisions import in_holdout, offer_cost_cents, stable_id
+from engine.decisions import Decision, Offer, in_holdout, offer_cost_cents, stable_id
 from engine.events import BrowseEvent, Event, PurchaseEvent, PurchaseItem, SearchEvent
+from engine.feedback import TrainingExample
 from engine.labels import LabelEvent, LabelKind, PendingDecision
 from engine.ledger import DecisionRequest, InMemoryLedger, OfferLimits, event_day
 from engine.model import PurchaseModel
@@ -97,9 +98,9 @@ def purchase(
 
 @dataclass
 class Outputs:
-    offers: list[dict[str, Any]] = field(default_factory=list)
-    decisions: list[dict[str, Any]] = field(default_factory=list)
-    training: list[dict[str, Any]] = field(default_factory=list)
+    offers: list[Offer] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
+    training: list[TrainingExample] = field(default_factory=list)
     labels: list[LabelEvent] = field(default_factory=list)
     denied: Counter[str] = field(default_factory=Counter)
 
@@ -110,19 +111,19 @@ class Outputs:
     def decided(self, campaign_name: str | None = None) -> list[str]:
         """Trigger event ids of the decisions (of one campaign), in order."""
         return [
-            str(d["trigger_event_id"])
+            d.trigger_event_id
             for d in self.decisions
-            if campaign_name is None or d["campaign"] == campaign_name
+            if campaign_name is None or d.campaign == campaign_name
         ]
 
     def offered(self) -> list[str]:
-        return [str(o["trigger_event_id"]) for o in self.offers]
+        return [o.trigger_event_id for o in self.offers]
 
-    def decision_for(self, event_id: str, campaign_name: str = "spring") -> dict[str, Any]:
+    def decision_for(self, event_id: str, campaign_name: str = "spring") -> Decision:
         (found,) = [
             d
             for d in self.decisions
-            if d["trigger_event_id"] == event_id and d["campaign"] == campaign_name
+            if d.trigger_event_id == event_id and d.campaign == campaign_name
         ]
         return found
 
@@ -149,11 +150,11 @@ async def run(engine: DiscountEngine, events: Sequence[Event], batch_size: int =
         out.labels.extend(result.labels)
         out.denied.update(result.denied)
     for offer in out.offers:
-        assert_valid("offer.v1.json", offer)
+        assert_valid("offer.v1.json", offer.to_message())
     for decision in out.decisions:
-        assert_valid("decision.v1.json", decision)
+        assert_valid("decision.v1.json", decision.to_message())
     for example in out.training:
-        assert_valid("training.v1.json", example)
+        assert_valid("training.v1.json", example.to_message())
     return out
 
 
@@ -288,20 +289,20 @@ async def test_holdout_users_never_get_offers_but_their_decisions_are_logged(pol
     held = {u for u in users if in_holdout(c, u)}
     assert 60 < len(held) < 120
     assert len(out.decisions) == len(users)
-    assert not any(o["user_id"] in held for o in out.offers)
+    assert not any(o.user_id in held for o in out.offers)
     for decision in out.decisions:
-        is_held = decision["user_id"] in held
-        assert decision["holdout"] is is_held
+        is_held = decision.user_id in held
+        assert decision.holdout is is_held
         if is_held:
-            assert decision["discount_pct"] == 0.0
-            assert decision["offer_id"] is None
-            assert decision["propensity"] == 1.0
-            assert "holdout" in decision["rules"]
+            assert decision.discount_pct == 0.0
+            assert decision.offer_id is None
+            assert decision.propensity == 1.0
+            assert "holdout" in decision.rules
     if isinstance(policy, ThresholdPolicy):
-        assert {o["user_id"] for o in out.offers} == set(users) - held
+        assert {o.user_id for o in out.offers} == set(users) - held
     # Holdout decisions are labelled like any other (the control group's conversions).
-    labelled = {e["decision_id"] for e in out.training}
-    assert labelled == {d["decision_id"] for d in out.decisions}
+    labelled = {e.decision_id for e in out.training}
+    assert labelled == {d.decision_id for d in out.decisions}
 
 
 # -- decision interval --------------------------------------------------------------------------
@@ -334,18 +335,20 @@ async def test_out_of_order_events_do_not_break_the_decision_interval() -> None:
     # e2 and e3 arrive late (within the 1 h allowed lateness), 5 minutes apart.
     events = [view("e1", T0 + HOUR_MS), view("e2", T0), view("e3", T0 + 5 * MINUTE_MS)]
     out = await run(engine, events, batch_size=1)
-    stamps = sorted(int(d["ts"]) for d in out.decisions)
+    stamps = sorted(d.ts for d in out.decisions)
     assert all(b - a >= interval for a, b in itertools.pairwise(stamps)), stamps
 
 
 # -- cooldown -----------------------------------------------------------------------------------
 
 
-def assert_denied(decision: dict[str, Any], rule: str) -> None:
-    assert decision["discount_pct"] == 0.0
-    assert decision["offer_id"] is None
-    assert f"denied:{rule}" in decision["rules"]
-    assert decision["holdout"] is False
+def assert_denied(decision: Decision, rule: str) -> None:
+    assert decision.discount_pct == 0.0
+    assert decision.offer_id is None
+    assert f"denied:{rule}" in decision.rules
+    assert decision.denied_by == rule
+    assert decision.cost_cents == 0
+    assert decision.holdout is False
 
 
 async def test_cooldown_denies_offers_too_soon_after_the_last_one() -> None:
@@ -368,8 +371,8 @@ async def test_cooldown_denies_offers_too_soon_after_the_last_one() -> None:
     assert out.denied == Counter(cooldown=3)
     # A denied decision's p_purchase is the prediction without a discount.
     model = PurchaseModel()
-    features = out.decision_for("e1")["features"]
-    assert out.decision_for("e1")["p_purchase"] == round(model.predict(features, 0.0), 6)
+    features = out.decision_for("e1").features
+    assert out.decision_for("e1").p_purchase == round(model.predict(features, 0.0), 6)
 
 
 # -- max offers per day -------------------------------------------------------------------------
@@ -448,7 +451,7 @@ async def test_budgets_are_per_campaign() -> None:
         campaign("a", daily_budget_cents=200), campaign("b", daily_budget_cents=400)
     )
     out = await run(engine, [view(f"e{i}", T0 + i, user_id=f"u{i}") for i in range(4)])
-    offers = Counter(str(o["campaign"]) for o in out.offers)
+    offers = Counter(o.campaign for o in out.offers)
     assert offers == Counter(a=1, b=2)
     assert await engine.ledger.budget_spent_cents("a", event_day(T0)) == 200
     assert await engine.ledger.budget_spent_cents("b", event_day(T0)) == 400
@@ -534,12 +537,15 @@ def test_engine_budget_property(budget_cents: int, prices: list[float], discount
     spent = 0
     for decision, price in zip(out.decisions, prices, strict=True):
         cost = offer_cost_cents(discount, price)
-        if decision["offer_id"] is not None:
+        assert decision.order_value == price
+        if decision.offer_id is not None:
             spent += cost
-            assert decision["discount_pct"] == discount
+            assert decision.discount_pct == discount
+            assert decision.cost_cents == cost and decision.denied_by is None
         else:
             assert spent + cost > budget_cents  # it did not fit
-            assert "denied:budget" in decision["rules"]
+            assert "denied:budget" in decision.rules
+            assert decision.denied_by == "budget" and decision.cost_cents == 0
     assert spent <= budget_cents
     assert asyncio.run(engine.ledger.budget_spent_cents("spring", event_day(T0))) == spent
 
@@ -554,9 +560,9 @@ async def test_max_discount_caps_a_linear_policy() -> None:
     out = await run(engine, [view("e1", T0, price=40.0)])
     (offer,) = out.offers
     (decision,) = out.decisions
-    assert offer["discount_pct"] == decision["discount_pct"] == 15.0
-    assert offer["rules"] == ["linear:60*p+0", "cap:max_discount_pct=15"]
-    assert offer["p_purchase"] == round(PurchaseModel().predict(decision["features"], 15.0), 6)
+    assert offer.discount_pct == decision.discount_pct == 15.0
+    assert offer.rules == ("linear:60*p+0", "cap:max_discount_pct=15")
+    assert offer.p_purchase == round(PurchaseModel().predict(decision.features, 15.0), 6)
     # The budget is charged for the capped discount: 15 % of 40.00 = 600 cents.
     assert await engine.ledger.budget_spent_cents("spring", event_day(T0)) == 600
 
@@ -565,8 +571,8 @@ async def test_discount_under_the_cap_is_untouched() -> None:
     c = campaign(policy=LinearPolicy(a=20.0), max_discount_pct=15.0)
     out = await run(engine_with(c), [view("e1", T0)])
     (offer,) = out.offers
-    assert offer["discount_pct"] == 10.0
-    assert not any(rule.startswith("cap:") for rule in offer["rules"])
+    assert offer.discount_pct == 10.0
+    assert not any(rule.startswith("cap:") for rule in offer.rules)
 
 
 # -- offer contents -----------------------------------------------------------------------------
@@ -581,21 +587,21 @@ async def test_offers_carry_deterministic_ids_reasons_and_rules() -> None:
     assert out.offers == again.offers
     assert len(out.offers) == 2
     for offer in out.offers:
-        trigger = str(offer["trigger_event_id"])
-        assert offer["offer_id"] == stable_id("o-", "spring", trigger)
+        trigger = offer.trigger_event_id
+        assert offer.offer_id == stable_id("o-", "spring", trigger)
         decision = out.decision_for(trigger)
-        assert decision["offer_id"] == offer["offer_id"]
-        assert decision["decision_id"] == stable_id("d-", "spring", trigger)
-        assert offer["issued_at"] == decision["ts"]
-        assert offer["expires_at"] == offer["issued_at"] + HOUR_MS
-        assert offer["rules"] == ["p_purchase>0"]
-        assert offer["policy"] == "threshold"
-        assert offer["propensity"] == 1.0 and offer["explore"] is False
-        reasons = offer["reasons"]
-        expected = model.contributions(decision["features"], offer["discount_pct"])
-        assert [(r["feature"], r["contribution"]) for r in reasons] == expected
+        assert decision.offer_id == offer.offer_id
+        assert decision.decision_id == stable_id("d-", "spring", trigger)
+        assert offer.issued_at == decision.ts
+        assert offer.expires_at == offer.issued_at + HOUR_MS
+        assert offer.rules == ("p_purchase>0",)
+        assert offer.policy == "threshold"
+        assert offer.propensity == 1.0 and offer.explore is False
+        reasons = offer.reasons
+        expected = model.contributions(decision.features, offer.discount_pct)
+        assert [(r.feature, r.contribution) for r in reasons] == expected
         assert len(reasons) == 3
-        magnitudes = [abs(r["contribution"]) for r in reasons]
+        magnitudes = [abs(r.contribution) for r in reasons]
         assert magnitudes == sorted(magnitudes, reverse=True)
         assert magnitudes[0] > 0
 
@@ -625,10 +631,10 @@ async def test_every_output_of_a_busy_run_matches_its_schema() -> None:
             events.append(cart(f"c{i}", ts, user_id=user, price=float(5 + i % 40)))
     out = await run(engine_with(*campaigns, window_ms=HOUR_MS), events)  # validates everything
     assert out.offers and out.training
-    assert {str(d["campaign"]) for d in out.decisions} == {"thr", "prof", "lin"}
-    assert any(d["holdout"] for d in out.decisions)
+    assert {d.campaign for d in out.decisions} == {"thr", "prof", "lin"}
+    assert any(d.holdout for d in out.decisions)
     assert out.denied  # at least one guardrail fired
-    assert {e["label"] for e in out.training} == {0, 1}
+    assert {e.label for e in out.training} == {0, 1}
 
 
 # -- labels -------------------------------------------------------------------------------------
@@ -649,7 +655,7 @@ async def test_a_purchase_converts_every_open_decision_of_each_campaign() -> Non
         (stable_id("d-", name, event), 1, T0 + 3 * MINUTE_MS)
         for name, event in (("a", "v1"), ("a", "c1"), ("a", "v2"), ("b", "c1"))
     )
-    assert {e["kind"] for e in out.training} == {"converted"}
+    assert {e.kind for e in out.training} == {"converted"}
 
 
 async def test_labels_do_not_depend_on_the_offer_a_purchase_redeems() -> None:
@@ -702,15 +708,15 @@ async def test_denied_decisions_are_labelled_with_discount_zero() -> None:
     assert event.decision.decision_id == stable_id("d-", "spring", "e2")
     assert event.decision.discount_pct == 0.0  # the denied offer is recorded as no discount
     (example,) = out2.training
-    assert example["discount_pct"] == 0.0
+    assert example.discount_pct == 0.0
 
 
 async def test_a_denied_decision_logs_the_propensity_of_the_logged_action() -> None:
     policy = ProfitPolicy(epsilon=1.0)  # uniform over 5 levels: each has propensity 0.2
     engine = engine_with(campaign(policy=policy, cooldown_ms=DAY_MS))
     out = await run(engine, [view(f"e{i}", T0 + i * MINUTE_MS) for i in range(12)])
-    denied = [d for d in out.decisions if "denied:cooldown" in d["rules"]]
+    denied = [d for d in out.decisions if "denied:cooldown" in d.rules]
     assert denied
     for decision in denied:
-        assert decision["discount_pct"] == 0.0
-        assert decision["propensity"] == 1.0
+        assert decision.discount_pct == 0.0
+        assert decision.propensity == 1.0

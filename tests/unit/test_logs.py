@@ -15,6 +15,7 @@ from streams.decode import DeadLetter, RawRecord
 from streams.errors import ConfigError
 from streams.logs import DeadLetterLog, configure_logging, event_id_of, log_outputs, user_ref
 from streams.settings import Settings
+from tests.records import sample_decision, sample_offer
 from tests.unit.test_streams_pure import make_worker, mixed_batch
 
 SALT = b"0123456789abcdef"
@@ -89,8 +90,8 @@ def test_offers_and_decisions_are_logged_with_their_ids_at_debug_only(
     captured: io.StringIO,
 ) -> None:
     logger = logging.getLogger("dealstream.test.outputs")
-    offer = {"offer_id": "o-1", "trigger_event_id": "e-1", "campaign": "c", "user_id": "u"}
-    decision = {"decision_id": "d-1", "offer_id": "o-1", "trigger_event_id": "e-1"}
+    offer = sample_offer(offer_id="o-1", trigger_event_id="e-1", campaign="c", user_id="u")
+    decision = sample_decision(decision_id="d-1", offer_id="o-1", trigger_event_id="e-1")
     configure_logging("INFO", "json", salt=SALT, stream=captured)
     log_outputs(logger, [offer], [decision])
     assert captured.getvalue() == ""

@@ -390,8 +390,8 @@ async def test_a_batch_sets_the_stop_loss_gauges_and_counts_explore_only_decisio
     ]
     result = await worker.handle(batch)
     assert sample(metrics, "dealstream_stop_loss_stopped", campaign="guarded") == 1
-    treated = [d for d in result.decisions if not d["holdout"]]
-    explored = [d for d in treated if d["offer_id"] is not None]
+    treated = [d for d in result.decisions if not d.holdout]
+    explored = [d for d in treated if d.offer_id is not None]
     assert treated and explored and len(explored) < len(treated)
     explore_only = "dealstream_stop_loss_explore_only_decisions_total"
     assert sample(metrics, explore_only, campaign="guarded", explored="true") == len(explored)

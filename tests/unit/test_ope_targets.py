@@ -221,7 +221,7 @@ async def test_the_engines_own_decisions_are_a_valid_log() -> None:
         parse_event(orjson.loads(orjson.dumps(doc)))
         for doc in generate(users=40, events=3000, seed=3, mean_gap_ms=2000)
     ]
-    decisions: list[dict[str, object]] = []
+    messages: list[dict[str, object]] = []
     labels: dict[str, int] = {}
     for start in range(0, len(events), 250):
         batch = [
@@ -229,18 +229,18 @@ async def test_the_engines_own_decisions_are_a_valid_log() -> None:
             for i, event in enumerate(events[start : start + 250])
         ]
         result = await engine.process(batch)
-        decisions.extend(result.decisions)
-        labels.update({str(t["decision_id"]): int(t["label"]) for t in result.training})  # type: ignore[call-overload]
+        messages.extend(decision.to_message() for decision in result.decisions)
+        labels.update({t.decision_id: t.label for t in result.training})
     lines = [
         orjson.dumps({**d, "reward": labels[str(d["decision_id"])]})
-        if str(d["decision_id"]) in labels
+        if d["decision_id"] in labels
         else orjson.dumps(d)
-        for d in decisions
+        for d in messages
     ]
     log = read_decision_log(lines)
     assert len(log.records) == len(labels) > 100
     assert dict(log.bad) == (
-        {"missing_reward": len(decisions) - len(labels)} if len(decisions) > len(labels) else {}
+        {"missing_reward": len(messages) - len(labels)} if len(messages) > len(labels) else {}
     )
     holdout = [r for r in log.records if r.holdout]
     denied = [r for r in log.records if r.denied]

@@ -15,9 +15,9 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from engine.campaigns import Campaign
-from engine.decisions import stable_id
+from engine.decisions import Decision, Offer, stable_id
 from engine.events import BrowseEvent, Event, PurchaseEvent, PurchaseItem, SearchEvent, parse_event
-from engine.feedback import Feedback, FeedbackMethod
+from engine.feedback import Feedback, FeedbackMethod, TrainingExample
 from engine.model import PurchaseModel
 from engine.pipeline import DiscountEngine, EngineConfig, Incoming
 from engine.policies.threshold import ThresholdPolicy
@@ -67,17 +67,17 @@ def new_engine(*campaigns: Campaign, config: EngineConfig | None = None) -> Disc
 @dataclass
 class Outputs:
     statuses: list[UpdateStatus] = field(default_factory=list)
-    offers: list[dict[str, object]] = field(default_factory=list)
-    decisions: list[dict[str, object]] = field(default_factory=list)
-    training: list[dict[str, object]] = field(default_factory=list)
+    offers: list[Offer] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
+    training: list[TrainingExample] = field(default_factory=list)
 
     def dump(self) -> bytes:
         return orjson.dumps(
             {
                 "statuses": [int(s) for s in self.statuses],
-                "offers": self.offers,
-                "decisions": self.decisions,
-                "training": self.training,
+                "offers": [offer.to_message() for offer in self.offers],
+                "decisions": [decision.to_message() for decision in self.decisions],
+                "training": [example.to_message() for example in self.training],
             }
         )
 
@@ -151,24 +151,24 @@ async def test_offers_and_decisions_match_their_schemas() -> None:
     out = await reference_run()
     assert out.offers and out.decisions and out.training
     for offer in out.offers:
-        assert schema_errors("offer.v1.json", offer) == []
-        assert isinstance(offer["issued_at"], int) and isinstance(offer["expires_at"], int)
-        assert offer["expires_at"] == offer["issued_at"] + HOUR
+        assert schema_errors("offer.v1.json", offer.to_message()) == []
+        assert isinstance(offer.issued_at, int) and isinstance(offer.expires_at, int)
+        assert offer.expires_at == offer.issued_at + HOUR
     for decision in out.decisions:
-        assert schema_errors("decision.v1.json", decision) == []
+        assert schema_errors("decision.v1.json", decision.to_message()) == []
     for example in out.training:
-        assert schema_errors("training.v1.json", example) == []
+        assert schema_errors("training.v1.json", example.to_message()) == []
 
 
 async def test_offer_and_decision_ids_are_stable_ids_of_campaign_and_trigger() -> None:
     out = await reference_run()
     for offer in out.offers:
-        trigger = str(offer["trigger_event_id"])
-        assert offer["offer_id"] == stable_id("o-", "spring", trigger)
+        trigger = offer.trigger_event_id
+        assert offer.offer_id == stable_id("o-", "spring", trigger)
     for decision in out.decisions:
-        trigger = str(decision["trigger_event_id"])
-        assert decision["decision_id"] == stable_id("d-", "spring", trigger)
-    decision_ids = [d["decision_id"] for d in out.decisions]
+        trigger = decision.trigger_event_id
+        assert decision.decision_id == stable_id("d-", "spring", trigger)
+    decision_ids = [d.decision_id for d in out.decisions]
     assert len(decision_ids) == len(set(decision_ids))
 
 
@@ -198,17 +198,17 @@ async def test_outputs_do_not_depend_on_the_batch_size(batch_size: int) -> None:
 
 async def test_every_offer_has_a_matching_decision() -> None:
     out = await reference_run()
-    decisions_by_offer = {d["offer_id"]: d for d in out.decisions if d["offer_id"] is not None}
+    decisions_by_offer = {d.offer_id: d for d in out.decisions if d.offer_id is not None}
     assert len(decisions_by_offer) == len(out.offers) > 0
     for offer in out.offers:
-        decision = decisions_by_offer[offer["offer_id"]]
+        decision = decisions_by_offer[offer.offer_id]
         for key in ("user_id", "campaign", "trigger_event_id", "discount_pct", "propensity"):
-            assert decision[key] == offer[key], key
-        assert decision["ts"] == offer["issued_at"]
-        assert decision["holdout"] is False
+            assert getattr(decision, key) == getattr(offer, key), key
+        assert decision.ts == offer.issued_at
+        assert decision.holdout is False
     for decision in out.decisions:
-        if decision["offer_id"] is None:
-            assert decision["discount_pct"] == 0.0
+        if decision.offer_id is None:
+            assert decision.discount_pct == 0.0
 
 
 async def test_threshold_one_gives_decisions_but_no_offers() -> None:
@@ -216,7 +216,7 @@ async def test_threshold_one_gives_decisions_but_no_offers() -> None:
     out = await run(engine, sim_events())
     assert out.decisions
     assert out.offers == []
-    assert all(d["offer_id"] is None and d["discount_pct"] == 0.0 for d in out.decisions)
+    assert all(d.offer_id is None and d.discount_pct == 0.0 for d in out.decisions)
 
 
 async def test_purchases_never_trigger_decisions_and_triggers_are_honoured() -> None:
@@ -224,7 +224,7 @@ async def test_purchases_never_trigger_decisions_and_triggers_are_honoured() -> 
     events = sim_events()
     out = await run(engine, events)
     by_id = {e.event_id: e for e in events}
-    triggers = [by_id[str(d["trigger_event_id"])] for d in out.decisions]
+    triggers = [by_id[d.trigger_event_id] for d in out.decisions]
     assert triggers
     assert all(isinstance(e, BrowseEvent) and e.action == "cart" for e in triggers)
     carts = [e for e in events if isinstance(e, BrowseEvent) and e.action == "cart"]
@@ -250,18 +250,16 @@ async def test_decision_interval_rate_limits_per_user_and_campaign() -> None:
     out = await run(engine, events)
     decided = defaultdict(list)
     for decision in out.decisions:
-        decided[decision["campaign"]].append((decision["user_id"], decision["trigger_event_id"]))
+        decided[decision.campaign].append((decision.user_id, decision.trigger_event_id))
     assert decided["spring"] == [("u1", "e1"), ("u2", "e3"), ("u1", "e5")]
     assert [event_id for _, event_id in decided["always"]] == ["e1", "e2", "e3", "e4", "e5", "e6"]
 
 
 async def test_decisions_of_simulated_traffic_respect_the_interval() -> None:
     out = await run(new_engine(spring(decision_interval_ms=5 * MINUTE)), sim_events())
-    times: dict[object, list[int]] = defaultdict(list)
+    times: dict[tuple[str, str], list[int]] = defaultdict(list)
     for decision in out.decisions:
-        ts = decision["ts"]
-        assert isinstance(ts, int)
-        times[decision["user_id"], decision["campaign"]].append(ts)
+        times[decision.user_id, decision.campaign].append(decision.ts)
     assert len(times) > 5
     for stamps in times.values():
         assert all(b - a >= 5 * MINUTE for a, b in itertools.pairwise(stamps))
@@ -315,14 +313,14 @@ async def test_purchase_after_a_decision_produces_a_converted_training_example(
     out = await run(engine, [browse("e1", T0, action="cart"), purchase("p1", T0 + MINUTE)])
     (decision,) = out.decisions
     example = out.training[-1]
-    assert example["decision_id"] == decision["decision_id"]
-    assert (example["kind"], example["label"]) == ("converted", 1)
-    assert example["labeled_at"] == T0 + MINUTE and example["decided_at"] == T0
-    assert example["features"] == decision["features"]
+    assert example.decision_id == decision.decision_id
+    assert (example.kind, example.label) == ("converted", 1)
+    assert example.labeled_at == T0 + MINUTE and example.decided_at == T0
+    assert example.features == decision.features
     # naive learns the positive at once, closed waits for the window, fnw learned the
     # decision as a fake negative first.
     assert engine.model.version == f"lr-{learned}"
-    assert decision["model_version"] == "lr-0"
+    assert decision.model_version == "lr-0"
 
 
 async def test_purchase_without_open_decisions_gives_no_training_example() -> None:
@@ -335,11 +333,11 @@ async def test_purchase_without_open_decisions_gives_no_training_example() -> No
 async def test_a_purchase_converts_every_open_decision_whatever_offer_it_redeems() -> None:
     engine = new_engine(spring(decision_interval_ms=0))
     first = await run(engine, [browse("e1", T0), browse("e2", T0 + SECOND)])
-    offer_ids = [o["offer_id"] for o in first.offers]
+    offer_ids = [o.offer_id for o in first.offers]
     assert len(offer_ids) == 2
     redeemed = str(offer_ids[0])
     out = await run(engine, [purchase("p1", T0 + MINUTE, offer_id=redeemed)], first_offset=2)
-    assert [(e["decision_id"], e["kind"]) for e in out.training] == [
+    assert [(e.decision_id, e.kind) for e in out.training] == [
         (stable_id("d-", "spring", "e1"), "converted"),
         (stable_id("d-", "spring", "e2"), "converted"),
     ]
@@ -351,7 +349,7 @@ async def test_decisions_close_as_negative_examples_as_event_time_passes() -> No
     engine = new_engine(config=config)
     out = await run(engine, [browse("e1", T0), browse("e2", T0 + HOUR + 1, user_id="u2")])
     e1 = stable_id("d-", "spring", "e1")
-    assert [(e["decision_id"], e["kind"], e["label"], e["labeled_at"]) for e in out.training] == [
+    assert [(e.decision_id, e.kind, e.label, e.labeled_at) for e in out.training] == [
         (e1, "elapsed", 0, T0 + HOUR // 2),
         (e1, "closed", 0, T0 + HOUR),
     ]
@@ -360,12 +358,12 @@ async def test_decisions_close_as_negative_examples_as_event_time_passes() -> No
 
 async def test_simulated_purchases_produce_training_examples_of_earlier_decisions() -> None:
     out = await reference_run()
-    decision_ids = {d["decision_id"] for d in out.decisions}
+    decision_ids = {d.decision_id for d in out.decisions}
     assert out.training
-    converted = [e["decision_id"] for e in out.training if e["kind"] == "converted"]
+    converted = [e.decision_id for e in out.training if e.kind == "converted"]
     assert converted and set(converted) <= decision_ids
     assert len(converted) == len(set(converted))
-    assert {e["label"] for e in out.training if e["kind"] == "converted"} == {1}
+    assert {e.label for e in out.training if e.kind == "converted"} == {1}
 
 
 async def test_p_purchase_is_the_prediction_at_the_chosen_discount() -> None:
@@ -382,12 +380,11 @@ async def test_p_purchase_is_the_prediction_at_the_chosen_discount() -> None:
     out = await run(engine, [browse("e1", T0, action="cart")])
     (offer,) = out.offers
     (decision,) = out.decisions
-    features = decision["features"]
-    assert isinstance(features, dict)
+    features = decision.features
     at_discount = round(model.predict(features, 10.0), 6)
     assert at_discount != round(model.predict(features, 0.0), 6)  # the discount matters here
-    assert offer["p_purchase"] == at_discount
-    assert decision["p_purchase"] == at_discount
+    assert offer.p_purchase == at_discount
+    assert decision.p_purchase == at_discount
 
 
 # -- the store's skip rules ---------------------------------------------------------------------

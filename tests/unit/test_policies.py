@@ -142,10 +142,8 @@ async def test_paper_case_2_through_the_engine(purchase_days: int, expected: flo
     events.append(BrowseEvent("b1", "u1", trigger_ts, "i1", "books", 10.0, "cart"))
     result = await engine.process([Incoming(event) for event in events])
     (decision,) = result.decisions
-    features = decision["features"]
-    assert isinstance(features, dict)
-    assert features["purchase_frequency_30d"] == float(purchase_days)
-    assert decision["discount_pct"] == expected
+    assert decision.features["purchase_frequency_30d"] == float(purchase_days)
+    assert decision.discount_pct == expected
     assert len(result.offers) == (1 if expected else 0)
 
 

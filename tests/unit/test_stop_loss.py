@@ -195,19 +195,19 @@ def test_a_stopped_campaign_offers_only_an_explored_share_with_exact_propensitie
     engine = stopped_engine(campaign)
     events = [view(f"e{i}", T0 + i, f"u{i}") for i in range(3000)]
     result = asyncio.run(engine.process([Incoming(e) for e in events]))
-    treated = [d for d in result.decisions if not d["holdout"]]
-    offered = [d for d in treated if d["offer_id"]]
-    assert all("stop_loss:explore_only" in d["rules"] for d in treated)
-    assert all("stop_loss:explored" in d["rules"] for d in offered)
+    treated = [d for d in result.decisions if not d.holdout]
+    offered = [d for d in treated if d.offer_id]
+    assert all("stop_loss:explore_only" in d.rules for d in treated)
+    assert all("stop_loss:explored" in d.rules for d in offered)
     share = len(offered) / len(treated)
     assert abs(share - explore) < 4 * math.sqrt(explore * (1 - explore) / len(treated))
     for d in treated:
-        assert d["offer_propensity"] == pytest.approx(explore)
-        assert d["propensity"] == pytest.approx(explore if d["offer_id"] else 1 - explore)
-        assert d["proposed_discount_pct"] == 10.0  # what the policy wanted
+        assert d.offer_propensity == pytest.approx(explore)
+        assert d.propensity == pytest.approx(explore if d.offer_id else 1 - explore)
+        assert d.proposed_discount_pct == 10.0  # what the policy wanted
     # Holdout decisions still record the policy's would-be offer (the comparison needs it).
-    holdout = [d for d in result.decisions if d["holdout"]]
-    assert holdout and all(d["proposed_discount_pct"] == 10.0 for d in holdout)
+    holdout = [d for d in result.decisions if d.holdout]
+    assert holdout and all(d.proposed_discount_pct == 10.0 for d in holdout)
 
 
 def test_exploring_policies_multiply_their_propensities_while_stopped() -> None:
@@ -222,10 +222,10 @@ def test_exploring_policies_multiply_their_propensities_while_stopped() -> None:
     engine = stopped_engine(campaign)
     events = [view(f"e{i}", T0 + i, f"u{i}") for i in range(400)]
     result = asyncio.run(engine.process([Incoming(e) for e in events]))
-    for d in (d for d in result.decisions if not d["holdout"]):
-        assert d["offer_propensity"] == pytest.approx(0.5 * 0.8)
-        expected = 0.5 * 0.2 if d["discount_pct"] > 0 else 0.2 + 0.5 * 0.8
-        assert d["propensity"] == pytest.approx(expected)
+    for d in (d for d in result.decisions if not d.holdout):
+        assert d.offer_propensity == pytest.approx(0.5 * 0.8)
+        expected = 0.5 * 0.2 if d.discount_pct > 0 else 0.2 + 0.5 * 0.8
+        assert d.propensity == pytest.approx(expected)
 
 
 def test_the_ledger_samples_proposals_into_their_arms() -> None:
@@ -245,7 +245,7 @@ def test_the_ledger_samples_proposals_into_their_arms() -> None:
     assert isinstance(ledger, InMemoryLedger)
     state = ledger.stop_loss["c"]
     epoch = state.config.epoch(T0)
-    holdout = sum(1 for d in result.decisions if d["holdout"])
+    holdout = sum(1 for d in result.decisions if d.holdout)
     assert state.sums[(epoch, "H")].n == holdout
     assert state.sums[(epoch, "T")].n == len(result.decisions) - holdout
     status = result.stop_loss["c"]

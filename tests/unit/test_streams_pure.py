@@ -11,8 +11,10 @@ import orjson
 import pytest
 
 from engine.campaigns import Campaign
+from engine.decisions import Offer
 from engine.errors import INVALID_EVENT_CODES
 from engine.events import BrowseEvent
+from engine.feedback import TrainingExample
 from engine.pipeline import DiscountEngine, Incoming
 from engine.policies.threshold import ThresholdPolicy
 from engine.store import InMemoryFeatureStore, Position
@@ -442,15 +444,17 @@ async def test_outputs_go_to_the_right_topics() -> None:
     assert dict(dlq[1][2])["dealstream.source.offset"] == b"2"
 
     offers = [orjson.loads(value) for _, value, _ in sink.to("t1.offers")]
-    assert offers == result.offers
+    assert offers == [offer.to_message() for offer in result.offers]
+    assert [Offer.from_message(offer) for offer in offers] == result.offers
     assert [key for key, _, _ in sink.to("t1.offers")] == [b"u-1", b"u-2"]
 
     decisions = [orjson.loads(value) for _, value, _ in sink.to("t1.decisions")]
-    assert decisions == result.decisions
+    assert decisions == [decision.to_message() for decision in result.decisions]
     assert [key for key, _, _ in sink.to("t1.decisions")] == [b"u-1", b"u-2"]
 
     ((key, value, _),) = sink.to("t1.training")
     example = orjson.loads(value)
+    assert TrainingExample.from_message(example) == result.training[0]
     assert example["label"] == 1
     assert key == str(example["decision_id"]).encode()
     assert example["decision_id"] == decisions[0]["decision_id"]
