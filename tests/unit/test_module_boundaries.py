@@ -7,6 +7,8 @@
   name through a module that merely imports it fails, and so does an ``__all__`` entry that
   its module does not define. The importers checked are ``engine/``, ``streams/``, ``tests/``
   and ``bench/``, imports inside functions included.
+- ``streams/settings.py`` is the only module of ``engine/`` and ``streams/`` that reads the
+  environment (``os.environ``, ``os.getenv``); the others receive settings objects.
 - The import graph of ``engine/`` has no cycle. Every module-level import counts, those under
   ``if TYPE_CHECKING:`` included (mypy follows them too); imports inside functions do not. An
   import of ``a.b.c`` also imports the packages ``a.b`` and ``a``, except the importer's own.
@@ -240,6 +242,47 @@ def test_detector_catches_a_re_export(tmp_path: Path) -> None:
         "f is not defined in pkg.shim (defined in: pkg.home)",
     ]
     assert undefined_exports(modules["pkg.shim"]) == ["LIMIT"]
+
+
+# -- one reader of the environment ---------------------------------------------------------------
+
+ENVIRONMENT_READER = "streams.settings"
+
+
+def reads_environment(tree: ast.Module) -> bool:
+    """Whether the module names ``os.environ``, ``os.getenv`` or imports either from ``os``."""
+    readers = ("environ", "environb", "getenv")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            named = node.value.id == "os" and node.attr in readers
+        elif isinstance(node, ast.ImportFrom) and node.module == "os":
+            named = any(alias.name in readers for alias in node.names)
+        else:
+            named = False
+        if named:
+            return True
+    return False
+
+
+def test_only_settings_reads_the_environment() -> None:
+    readers = [
+        name
+        for name, module in first_party().items()
+        if reads_environment(module.tree) and name != ENVIRONMENT_READER
+    ]
+    assert not readers, f"read the environment in {ENVIRONMENT_READER} only, not in {readers}"
+
+
+def test_detector_catches_an_environment_read(tmp_path: Path) -> None:
+    files = {
+        "pkg/__init__.py": "",
+        "pkg/a.py": "import os\nX = os.environ.get('X')\n",
+        "pkg/b.py": "from os import getenv\n",
+        "pkg/c.py": "import os\nos.replace('a', 'b')\n",
+    }
+    modules = write_package(tmp_path, files)
+    found = sorted(name for name, m in modules.items() if reads_environment(m.tree))
+    assert found == ["pkg.a", "pkg.b"]
 
 
 # -- engine/ has no import cycle -----------------------------------------------------------------

@@ -153,7 +153,7 @@ class DeadLetterLog:
         self._suppressed = 0
 
     def log(self, letters: Iterable[Any], now_s: float) -> None:
-        """``letters`` are ``streams.decode.DeadLetter``s (typed loosely to avoid a cycle)."""
+        """``letters`` are ``streams.adapters.decode.DeadLetter``s (typed loosely: no cycle)."""
         for letter in letters:
             if now_s - self._window_start >= self.interval_s:
                 self._flush_suppressed()
