@@ -20,7 +20,6 @@ from streams.errors import ConfigError
 
 if TYPE_CHECKING:
     from engine.pipeline import EngineConfig
-from streams.operations.logs import LOG_FORMATS
 
 ENV_PREFIX = "DEALSTREAM_"
 
@@ -223,6 +222,8 @@ def _feedback(method: str | None, wait_s: float | None, window_s: float) -> Feed
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("json", "text")
+"""``json``: one object per line (``streams/operations/logs.py``); ``text``: for people."""
 
 
 def _log_level(raw: str) -> str:

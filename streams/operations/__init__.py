@@ -1,3 +1,3 @@
-"""What operators look at: the worker's HTTP endpoints and status page, Prometheus metrics,
-consumer lag and structured logs.
+"""What operators look at, shared by the worker and the learner: Prometheus metrics, consumer
+lag, the status page's HTML and structured logs.
 """

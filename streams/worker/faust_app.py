@@ -4,7 +4,7 @@
 wires them into a Faust app whose single agent consumes the event topics in micro-batches
 (``take_events``) and hands each batch to ``BatchWorker``, and whose web server serves
 ``/metrics``, ``/health``, ``/ready`` and the status page
-(``streams/operations/worker_http.py``). Nothing here runs at import time.
+(``streams/worker/http_endpoints.py``). Nothing here runs at import time.
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ from streams.adapters.redis_ledger import RedisLedger
 from streams.adapters.redis_store import RedisFeatureStore
 from streams.operations.lag import LagProbe
 from streams.operations.metrics import TimedFeatureStore, TimedLedger, WorkerMetrics
-from streams.operations.worker_http import (
+from streams.settings import Secret, Settings
+from streams.worker.batch_worker import BatchWorker
+from streams.worker.http_endpoints import (
     REFRESH_INTERVAL_S,
     WorkerStatus,
     connect_rebalance_signals,
     install_routes,
 )
-from streams.settings import Secret, Settings
-from streams.worker.batch_worker import BatchWorker
 
 log = logging.getLogger("dealstream.worker")
 

@@ -35,9 +35,9 @@ from streams.adapters.decode import DecodeLimits
 from streams.adapters.kafka_io import ensure_topics
 from streams.operations.lag import LagProbe, consumer_lag
 from streams.operations.metrics import WorkerMetrics
-from streams.operations.worker_http import WorkerStatus
 from streams.settings import Topics
 from streams.worker.batch_worker import BatchWorker
+from streams.worker.http_endpoints import WorkerStatus
 from tests.conftest import REPO, Isolation, Services
 from tests.worker_process import WorkerProcess, clean_up, worker_env
 

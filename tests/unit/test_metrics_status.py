@@ -21,9 +21,9 @@ from streams.adapters.decode import DecodeLimits, RawRecord
 from streams.operations.lag import PartitionLag, format_lag_table, lag_report, total_lag
 from streams.operations.metrics import RateWindow, WorkerMetrics
 from streams.operations.status_page import STATUS_PAGE_HTML
-from streams.operations.worker_http import WorkerStatus, current_stop_loss
 from streams.settings import Topics
 from streams.worker.batch_worker import BatchWorker
+from streams.worker.http_endpoints import WorkerStatus, current_stop_loss
 
 T0 = 1_767_225_600_000
 PREFIX = "s1."
