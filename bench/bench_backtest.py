@@ -2,7 +2,7 @@
 
 1. Simulates ``--events`` events (``engine.simulator.generate(users=..., seed=1)``) into a
    temporary JSONL file once (not timed).
-2. Runs the backtest exactly as the CLI does (``streams.backtest_cli.run_backtest_command``:
+2. Runs the backtest exactly as the CLI does (``streams.cli.backtest_files.run_backtest_command``:
    import + decode, the engine per campaign set, decisions.jsonl, report.json, report.html)
    and reports events/s, wall and CPU time, split into the run itself and the reporting tail.
 3. Reads the labelled decisions back from decisions.jsonl (the rows the engine's model learned,
@@ -35,7 +35,7 @@ from river import evaluate, linear_model, metrics, optim, preprocessing
 from engine.inputs import model_inputs
 from engine.pipeline import EngineConfig
 from engine.simulator import generate
-from streams.backtest_cli import run_backtest_command
+from streams.cli.backtest_files import run_backtest_command
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "backtest.json"

@@ -59,7 +59,7 @@ from engine.store import (
     StateUpdate,
     UpdateStatus,
 )
-from streams.redis_store import RedisFeatureStore
+from streams.adapters.redis_store import RedisFeatureStore
 
 RESULTS = Path(__file__).resolve().parent / "results" / "features.json"
 TARGET_EVENTS_PER_S = 40_000
@@ -268,8 +268,9 @@ def private_redis(settings: dict[str, str]) -> Iterator[str | None]:
 class RedisStores:
     """Every Redis store a run needs, built up front, each under its own fresh key prefix.
 
-    ``RedisFeatureStore`` reads ``streams/features.lua`` when it is constructed; building them
-    all at start keeps every pass on the script that matches the already imported Python."""
+    ``RedisFeatureStore`` reads ``streams/adapters/features.lua`` when it is constructed;
+    building them all at start keeps every pass on the script that matches the already imported
+    Python."""
 
     def __init__(
         self, client: aioredis.Redis, base: str, count: int, *, exact: bool = False

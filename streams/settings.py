@@ -1,7 +1,9 @@
-"""Settings: one frozen, typed object read from ``DEALSTREAM_*`` environment variables.
+"""Settings: frozen, typed objects read from ``DEALSTREAM_*`` environment variables.
 
-Only the entrypoint (``streams/cli.py``) calls ``Settings.from_env``; everything else receives
-the object it needs.
+This is the only module that reads the environment: ``Settings`` (shared by every command),
+``LearnerSettings``, the model key and ``DemoSettings``. Only the command line
+(``streams/cli/``) calls their ``from_env`` readers; everything else receives the objects it
+needs as arguments.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from streams.errors import ConfigError
 
 if TYPE_CHECKING:
     from engine.pipeline import EngineConfig
-from streams.logs import LOG_FORMATS
 
 ENV_PREFIX = "DEALSTREAM_"
 
@@ -118,7 +119,7 @@ class Settings:
     max_message_bytes: int = 1_000_000
     log_level: str = "INFO"
     log_format: str = "json"
-    """``json`` (one object per line, see streams/logs.py) or ``text``."""
+    """``json`` (one object per line, see streams/operations/logs.py) or ``text``."""
     log_salt: Secret | None = None
     """Key of the ``user_ref`` hash in logs; None: a random one per process."""
     learn_inline: bool = False
@@ -126,6 +127,8 @@ class Settings:
     feedback: Feedback = field(default_factory=Feedback)
     """Delayed-feedback method (``DEALSTREAM_FEEDBACK``) and its wait
     (``DEALSTREAM_FEEDBACK_WAIT_S``): worker and learner must agree."""
+    state_dir: Path = Path(".dealstream")
+    """Local state of the command line (``DEALSTREAM_STATE``): replay checkpoints, demo logs."""
 
     @property
     def topics(self) -> Topics:
@@ -194,6 +197,8 @@ class Settings:
                 number("FEEDBACK_WAIT_S", 0.0, float) if get("FEEDBACK_WAIT_S") else None,
                 number("ATTRIBUTION_WINDOW_S", defaults.attribution_window_s, float),
             ),
+            # Read as it always was: set but empty means the working directory.
+            state_dir=Path(env.get(ENV_PREFIX + "STATE", str(defaults.state_dir))),
         )
 
 
@@ -217,6 +222,8 @@ def _feedback(method: str | None, wait_s: float | None, window_s: float) -> Feed
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("json", "text")
+"""``json``: one object per line (``streams/operations/logs.py``); ``text``: for people."""
 
 
 def _log_level(raw: str) -> str:
@@ -248,3 +255,151 @@ def _port(value: int) -> int:
     if not 0 < value < 65536:
         raise ConfigError(f"{ENV_PREFIX}HTTP_PORT must be within 1-65535, got {value}")
     return value
+
+
+# -- the model key -------------------------------------------------------------------------------
+
+MODEL_KEY_ENV = f"{ENV_PREFIX}MODEL_KEY"
+MIN_MODEL_KEY_BYTES = 16
+
+
+def model_key_from_env(environ: Mapping[str, str] | None = None) -> Secret | None:
+    """The HMAC key shared by worker and learner (``DEALSTREAM_MODEL_KEY``), or ``None``.
+
+    Raises ``ConfigError`` when it is set but shorter than 16 bytes. There is no default: a
+    key everyone knows would let anyone with Redis access plant a model (and code) in workers.
+    """
+    env = os.environ if environ is None else environ
+    raw = env.get(MODEL_KEY_ENV) or None
+    if raw is None:
+        return None
+    if len(raw.encode("utf-8")) < MIN_MODEL_KEY_BYTES:
+        raise ConfigError(
+            f"{MODEL_KEY_ENV} must be at least {MIN_MODEL_KEY_BYTES} bytes; generate one with "
+            "`openssl rand -hex 32`"
+        )
+    return Secret(raw)
+
+
+def require_model_key(environ: Mapping[str, str] | None = None) -> Secret:
+    """``model_key_from_env``, but a missing key is a ``ConfigError`` that says what to do."""
+    key = model_key_from_env(environ)
+    if key is None:
+        raise ConfigError(
+            f"{MODEL_KEY_ENV} is not set: set it to the same secret for the worker and the "
+            "learner (e.g. `export DEALSTREAM_MODEL_KEY=$(openssl rand -hex 32)`)"
+        )
+    return key
+
+
+# -- the learner ---------------------------------------------------------------------------------
+
+DEFAULT_KEEP = 5
+"""Model versions kept in Redis: the learner's ``keep_versions``, ``ModelStore``'s default."""
+DEFAULT_LEARNER_HTTP_PORT = 6067
+
+
+@dataclass(frozen=True, slots=True)
+class LearnerSettings:
+    """The learner's own settings (the shared ones come from ``Settings``)."""
+
+    model_key: Secret = field(repr=False)
+    snapshot_every: int = 1000
+    snapshot_interval_s: float = 10.0
+    keep_versions: int = DEFAULT_KEEP
+    metrics_window: int = 1000
+    lease_ttl_s: float = 30.0
+    batch_max: int = 1000
+    poll_timeout_s: float = 0.2
+    http_port: int = DEFAULT_LEARNER_HTTP_PORT
+    """``/metrics``, ``/health``, ``/ready`` of the learner; 0 turns them off."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> LearnerSettings:
+        """``DEALSTREAM_MODEL_KEY`` (required), ``DEALSTREAM_LEARNER_SNAPSHOT_EVERY`` (1000),
+        ``DEALSTREAM_LEARNER_SNAPSHOT_INTERVAL_S`` (10), ``DEALSTREAM_LEARNER_HTTP_PORT`` (6067)."""
+        env = os.environ if environ is None else environ
+        key = require_model_key(env)
+        every = _positive(env, "LEARNER_SNAPSHOT_EVERY", 1000, int)
+        interval = _positive(env, "LEARNER_SNAPSHOT_INTERVAL_S", 10.0, float)
+        return cls(
+            model_key=key,
+            snapshot_every=int(every),
+            snapshot_interval_s=interval,
+            http_port=_port_or_off(env, "LEARNER_HTTP_PORT", DEFAULT_LEARNER_HTTP_PORT),
+        )
+
+
+def _positive(
+    env: Mapping[str, str], name: str, default: float, kind: type[int] | type[float]
+) -> float:
+    raw = env.get(ENV_PREFIX + name) or None
+    if raw is None:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{ENV_PREFIX}{name}={raw!r} is not a valid {kind.__name__}") from None
+    if not 0 < value < float("inf"):
+        raise ConfigError(f"{ENV_PREFIX}{name} must be a positive finite number, got {raw}")
+    return value
+
+
+def _port_or_off(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(ENV_PREFIX + name) or None
+    if raw is None:
+        return default
+    if not raw.isdigit() or int(raw) > 65535:
+        raise ConfigError(f"{ENV_PREFIX}{name} must be a port (1-65535) or 0 for none, got {raw!r}")
+    return int(raw)
+
+
+# -- the demo ------------------------------------------------------------------------------------
+
+DEMO_NAMESPACE = {
+    "DEALSTREAM_TOPIC_PREFIX": "demo.",
+    "DEALSTREAM_REDIS_PREFIX": "demo:",
+    "DEALSTREAM_GROUP_ID": "dealstream-demo",
+}
+"""The demo's own topics, keys and group, so it never touches a real deployment's data and
+can start every run from a fresh model."""
+DEMO_MODEL_KEY = "dealstream-demo-model-key-not-for-production"
+
+
+@dataclass(frozen=True, slots=True)
+class DemoSettings:
+    """What ``dealstream demo`` runs with: this environment moved into the demo's namespace."""
+
+    settings: Settings
+    """The demo's own settings (``DEMO_NAMESPACE`` applied)."""
+    process_environment: dict[str, str] = field(repr=False)
+    """The environment of the worker and learner the demo starts."""
+    uses_demo_model_key: bool
+    """No ``DEALSTREAM_MODEL_KEY`` was set: the processes share the fixed ``DEMO_MODEL_KEY``."""
+
+    @classmethod
+    def from_env(
+        cls, demo_campaigns: Path, environ: Mapping[str, str] | None = None
+    ) -> DemoSettings:
+        """The demo's settings and its processes' environment, where ``DEALSTREAM_CAMPAIGNS``
+        defaults to ``demo_campaigns``."""
+        env = {**(os.environ if environ is None else environ), **DEMO_NAMESPACE}
+        settings = Settings.from_env(env)
+        processes = {
+            **env,
+            # Short attribution window and frequent snapshots, so learning shows within a minute.
+            "DEALSTREAM_ATTRIBUTION_WINDOW_S": env.get("DEALSTREAM_ATTRIBUTION_WINDOW_S", "60"),
+            "DEALSTREAM_LEARNER_SNAPSHOT_EVERY": env.get(
+                "DEALSTREAM_LEARNER_SNAPSHOT_EVERY", "200"
+            ),
+            "DEALSTREAM_LEARNER_SNAPSHOT_INTERVAL_S": "5",
+            # The learner's /metrics next to the worker's port.
+            "DEALSTREAM_LEARNER_HTTP_PORT": env.get(
+                "DEALSTREAM_LEARNER_HTTP_PORT", str(settings.http_port + 1)
+            ),
+        }
+        processes.setdefault("DEALSTREAM_CAMPAIGNS", str(demo_campaigns))
+        uses_demo_model_key = not processes.get(MODEL_KEY_ENV)
+        if uses_demo_model_key:
+            processes[MODEL_KEY_ENV] = DEMO_MODEL_KEY
+        return cls(settings, processes, uses_demo_model_key)

@@ -25,16 +25,16 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from engine.state import State
-from streams.redis_store import RedisFeatureStore
+from streams.adapters.redis_store import RedisFeatureStore
 from streams.settings import Topics
 from tests.conftest import REPO, Isolation, Services
 
 PROGRESS_INTERVAL_S = 5.0
-"""How often the worker logs its counters (``streams/app.py``)."""
+"""How often the worker logs its counters (``streams/worker/faust_app.py``)."""
 
 
 def log_entries(log_text: str, msg: str) -> list[dict[str, Any]]:
-    """Every JSON log line (streams/logs.py) whose ``msg`` is ``msg``, parsed, in order."""
+    """Every JSON log line (streams/operations/logs.py) with this ``msg``, parsed, in order."""
     entries: list[dict[str, Any]] = []
     for line in log_text.splitlines():
         if not line.startswith("{"):

@@ -26,7 +26,7 @@ import aiohttp
 import redis.asyncio as aioredis
 from aiokafka.admin import AIOKafkaAdminClient
 
-from streams.kafka_io import ensure_topics
+from streams.adapters.kafka_io import ensure_topics
 from streams.settings import Topics
 
 REPO = Path(__file__).resolve().parents[2]

@@ -16,10 +16,10 @@ import orjson
 
 from bench.e2e.common import CAMPAIGNS, Names, load_average
 from engine.simulator import generate
-from streams.app import bootstrap
-from streams.decode import DecodeLimits, RawRecord
+from streams.adapters.decode import DecodeLimits, RawRecord
 from streams.settings import Settings
-from streams.worker import BatchWorker
+from streams.worker.batch_worker import BatchWorker
+from streams.worker.faust_app import bootstrap
 
 
 class NullSink:

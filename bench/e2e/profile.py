@@ -25,7 +25,10 @@ BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("features (engine)", ("engine/features.py", "engine/state.py", "engine/store.py")),
     ("policy + guardrails (engine)", ("engine/policies/", "engine/ledger.py", "engine/campaigns")),
     ("engine pipeline (other)", ("engine/",)),
-    ("worker glue (streams/worker.py, app.py)", ("streams/worker.py", "streams/app.py")),
+    (
+        "worker glue (streams/worker/batch_worker.py, faust_app.py)",
+        ("streams/worker/batch_worker.py", "streams/worker/faust_app.py"),
+    ),
     ("Faust stream + Kafka consumer", ("faust/", "mode/", "aiokafka/", "consumer.py")),
 )
 GENERIC: tuple[tuple[str, tuple[str, ...]], ...] = (

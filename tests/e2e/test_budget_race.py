@@ -15,8 +15,8 @@ from engine.decisions import offer_cost_cents, order_value
 from engine.events import parse_event
 from engine.ledger import LedgerConfig, event_day
 from engine.simulator import generate
-from streams.kafka_io import ensure_topics
-from streams.redis_ledger import RedisLedger
+from streams.adapters.kafka_io import ensure_topics
+from streams.adapters.redis_ledger import RedisLedger
 from streams.settings import Topics
 from tests.conftest import Isolation, Services
 from tests.worker_process import (

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engine.ledger import event_day
 from engine.simulator import generate
-from streams.kafka_io import ensure_topics
+from streams.adapters.kafka_io import ensure_topics
 from streams.settings import Topics
 from tests.conftest import Isolation, Services
 from tests.worker_process import WorkerProcess, clean_up, produce_events, worker_env

@@ -29,8 +29,8 @@ import redis.asyncio as aioredis
 
 from engine.prequential import PrequentialMetrics
 from engine.simulator import generate
-from streams.kafka_io import ensure_topics
-from streams.model_store import ModelStore
+from streams.adapters.kafka_io import ensure_topics
+from streams.adapters.model_store import ModelStore
 from streams.settings import Topics
 from tests.conftest import REPO, Isolation, Services
 from tests.worker_process import WorkerProcess, clean_up, produce_events, worker_env

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import redis
 
-from streams.kafka_io import ensure_topics
+from streams.adapters.kafka_io import ensure_topics
 from streams.settings import Topics
 from tests.conftest import Isolation, Services
 from tests.worker_process import WorkerProcess, clean_up, worker_env

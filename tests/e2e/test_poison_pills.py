@@ -25,7 +25,7 @@ from engine.errors import InvalidEvent
 from engine.events import parse_event
 from engine.simulator import generate
 from engine.state import KIND_CODE, event_kind
-from streams.kafka_io import ensure_topics
+from streams.adapters.kafka_io import ensure_topics
 from streams.settings import Topics
 from tests.conftest import Isolation, Services
 from tests.worker_process import (

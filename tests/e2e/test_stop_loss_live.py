@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 
 from engine.campaigns import load_campaigns
 from engine.decisions import in_holdout
-from streams.kafka_io import ensure_topics
+from streams.adapters.kafka_io import ensure_topics
 from streams.settings import Topics
 from tests.conftest import Isolation, Services
 from tests.worker_process import (

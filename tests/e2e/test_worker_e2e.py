@@ -25,8 +25,8 @@ from engine.pipeline import DiscountEngine, Incoming
 from engine.simulator import generate
 from engine.state import KIND_CODE, event_kind
 from engine.store import InMemoryFeatureStore
-from streams.kafka_io import ensure_topics
-from streams.redis_store import RedisFeatureStore
+from streams.adapters.kafka_io import ensure_topics
+from streams.adapters.redis_store import RedisFeatureStore
 from streams.settings import Topics
 from tests.conftest import REPO, Isolation, Services
 from tests.worker_process import produce_events

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import redis.asyncio as aioredis
 
-from streams.redis_store import RedisFeatureStore
+from streams.adapters.redis_store import RedisFeatureStore
 from tests.conftest import Isolation, Services
 
 

@@ -31,13 +31,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine.pipeline import DiscountEngine, EngineConfig
 from engine.simulator import generate
 from engine.store import InMemoryFeatureStore
-from streams.decode import DecodeLimits
-from streams.kafka_io import ensure_topics
-from streams.lag import LagProbe, consumer_lag
-from streams.metrics import WorkerMetrics
+from streams.adapters.decode import DecodeLimits
+from streams.adapters.kafka_io import ensure_topics
+from streams.operations.lag import LagProbe, consumer_lag
+from streams.operations.metrics import WorkerMetrics
 from streams.settings import Topics
-from streams.web import WorkerStatus
-from streams.worker import BatchWorker
+from streams.worker.batch_worker import BatchWorker
+from streams.worker.http_endpoints import WorkerStatus
 from tests.conftest import REPO, Isolation, Services
 from tests.worker_process import WorkerProcess, clean_up, worker_env
 

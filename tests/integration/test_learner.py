@@ -25,11 +25,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from engine.errors import ModelSnapshotError
-from streams.kafka_io import ensure_topics
-from streams.learner import Learner
-from streams.learner_settings import LearnerSettings
-from streams.model_store import ModelReloader, ModelStore
-from streams.settings import Secret, Settings
+from streams.adapters.kafka_io import ensure_topics
+from streams.adapters.model_store import ModelReloader, ModelStore
+from streams.learner.process import Learner
+from streams.settings import LearnerSettings, Secret, Settings
 from tests.conftest import REPO, Isolation, Services
 from tests.synthetic_training import SYNTHETIC_FEEDBACK, training_examples
 from tests.worker_process import log_entries
@@ -303,11 +302,11 @@ async def test_run_learner_stops_on_sigterm_after_publishing(
     }
     code = (
         "import sys\n"
-        "from streams.logs import configure_logging\n"
-        "from streams.settings import Settings\n"
-        "from streams.learner import run_learner\n"
+        "from streams.operations.logs import configure_logging\n"
+        "from streams.settings import LearnerSettings, Settings\n"
+        "from streams.learner.process import run_learner\n"
         "configure_logging('INFO', 'json')\n"
-        "sys.exit(run_learner(Settings.from_env()))\n"
+        "sys.exit(run_learner(Settings.from_env(), LearnerSettings.from_env()))\n"
     )
     process = subprocess.Popen(
         [sys.executable, "-c", code],

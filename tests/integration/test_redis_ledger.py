@@ -1,4 +1,4 @@
-"""The Redis decision ledger (streams/redis_ledger.py + ledger.lua) against a real Redis.
+"""The Redis decision ledger (streams/adapters/redis_ledger.py + ledger.lua) against a real Redis.
 
 1. Parity: random sequences of decision requests and purchases, settled in random batches with
    an advancing ``now_ms``, give the same outcomes, label events (in the same order), stop-loss
@@ -39,8 +39,8 @@ from engine.ledger import (
 )
 from engine.state import HOUR_MS, MINUTE_MS
 from engine.stop_loss import StopLoss
-from streams.redis_ledger import RedisLedger
-from streams.redis_store import hash_tag
+from streams.adapters.redis_ledger import RedisLedger
+from streams.adapters.redis_store import hash_tag
 from tests.conftest import Isolation, Services
 from tests.integration.conftest import delete_prefix, keys_under
 

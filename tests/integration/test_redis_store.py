@@ -46,7 +46,7 @@ from engine.store import (
     StateUpdate,
     UpdateStatus,
 )
-from streams.redis_store import RedisFeatureStore
+from streams.adapters.redis_store import RedisFeatureStore
 from tests.conftest import Isolation, Services
 from tests.integration.conftest import RedisEnv, delete_prefix, keys_under
 

@@ -30,9 +30,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from engine.importers.jsonl import import_jsonl
 from engine.importers.taobao import import_taobao
 from engine.simulator import generate
-from streams.cli import main
-from streams.replay import SOURCE_HEADER
-from streams.replay_checkpoint import default_checkpoint_path, load_checkpoint
+from streams.cli.main import main
+from streams.replay.checkpoint import default_checkpoint_path, load_checkpoint
+from streams.replay.republish import SOURCE_HEADER
 from streams.settings import Topics
 from tests.conftest import REPO, Isolation, Services
 from tests.worker_process import clean_up
@@ -207,7 +207,7 @@ def test_stopped_replay_resumes_and_every_event_arrives_once(
     try:
         assert main([*args, "--stop-after", "2500"]) == 130
         first = capsys.readouterr().err
-        saved = load_checkpoint(default_checkpoint_path(tmp_path / "sim.jsonl"))
+        saved = load_checkpoint(default_checkpoint_path(tmp_path / "state", tmp_path / "sim.jsonl"))
         assert saved is not None and saved.sent == 2500 and not saved.complete
         assert "run the same command again to resume" in first
         assert main(args) == 0
@@ -233,7 +233,7 @@ def test_sigint_stops_a_paced_replay_with_a_checkpoint_and_the_rerun_completes_i
     env.update(isolation.env(services))
     env["DEALSTREAM_STATE"] = str(tmp_path / "state")
     command = [sys.executable, "-m", "streams.cli", "replay", "--in", str(path)]
-    checkpoint = tmp_path / "state" / "replay" / default_checkpoint_path(path).name
+    checkpoint = default_checkpoint_path(tmp_path / "state", path)
     topics = Topics(isolation.topic_prefix)
     try:
         process = subprocess.Popen(
@@ -288,7 +288,7 @@ def test_a_topic_range_is_replayed_into_the_event_topics(
     topics = Topics(isolation.topic_prefix)
 
     async def fill() -> None:
-        from streams.kafka_io import ensure_topics
+        from streams.adapters.kafka_io import ensure_topics
 
         await ensure_topics(services.kafka_bootstrap, [archive], partitions=2)
         producer = AIOKafkaProducer(bootstrap_servers=services.kafka_bootstrap, acks="all")

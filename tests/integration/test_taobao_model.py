@@ -54,11 +54,10 @@ from engine.ledger import InMemoryLedger
 from engine.pipeline import DiscountEngine, EngineConfig, Incoming
 from engine.prequential import OnlineLearner, roc_auc
 from engine.store import InMemoryFeatureStore
-from streams.kafka_io import ensure_topics
-from streams.learner_settings import LearnerSettings
-from streams.redis_ledger import RedisLedger
-from streams.redis_store import RedisFeatureStore
-from streams.settings import Settings, Topics
+from streams.adapters.kafka_io import ensure_topics
+from streams.adapters.redis_ledger import RedisLedger
+from streams.adapters.redis_store import RedisFeatureStore
+from streams.settings import LearnerSettings, Settings, Topics
 from tests.conftest import REPO, Isolation, Services
 from tests.worker_process import WorkerProcess, clean_up, log_entries, worker_env
 
@@ -589,7 +588,7 @@ async def test_a_partition_read_ahead_does_not_expire_other_users_decisions(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="streams/ledger.lua purchase() / engine/labels.py on_purchase: a purchase only "
+    reason="streams/adapters/ledger.lua purchase() / engine/labels.py on_purchase: a purchase only "
     "labels decisions already pending, so one read before the (earlier) decision it follows "
     "labels nothing and the decision later expires as 0",
 )

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from engine.importers.taobao import import_taobao
-from streams.kafka_io import ensure_topics
+from streams.adapters.kafka_io import ensure_topics
 from streams.settings import Topics
 from tests.conftest import REPO, Isolation, Services
 from tests.worker_process import (

@@ -33,8 +33,8 @@ from engine.pipeline import DiscountEngine, EngineConfig, Incoming
 from engine.simulator import generate
 from engine.state import KIND_CODE, State, event_ops
 from engine.store import InMemoryFeatureStore, StateUpdate, UpdateStatus
-from streams.kafka_io import ensure_topics
-from streams.redis_store import RedisFeatureStore
+from streams.adapters.kafka_io import ensure_topics
+from streams.adapters.redis_store import RedisFeatureStore
 from streams.settings import Topics
 from tests.conftest import REPO, Isolation, Services
 from tests.worker_process import (

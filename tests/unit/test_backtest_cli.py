@@ -14,7 +14,7 @@ from engine.backtest.html import render_html
 from engine.backtest.plots import PLOT_IDS
 from engine.ope.decision_log import read_decision_log
 from engine.simulator import generate
-from streams.cli import main
+from streams.cli.main import main
 
 CAMPAIGNS = """
 [[campaign]]

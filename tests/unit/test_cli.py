@@ -1,4 +1,4 @@
-"""The command line (streams/cli.py): subcommands, one-line errors, the simulator."""
+"""The command line (streams/cli/): subcommands, one-line errors, the simulator."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from engine.events import parse_event
-from streams.cli import build_parser, main
+from streams.cli.main import build_parser, main
 
 REPO = Path(__file__).resolve().parents[2]
 UNREACHABLE = {

@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from engine.backtest.report import canonical
-from streams.cli import main
+from streams.cli.main import main
 
 PAPER = Path(__file__).resolve().parents[2] / "deploy" / "campaigns" / "paper.toml"
 ORDER = ["profit", "threshold", "linear", "rules"]

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 
 from streams.errors import ConfigError
-from streams.learner import _parse_offsets
-from streams.learner_http import LearnerHealth, LearnerMetrics
-from streams.learner_settings import LearnerSettings
-from streams.model_store import model_key_from_env, require_model_key
+from streams.learner.http_endpoints import LearnerHealth, LearnerMetrics
+from streams.learner.process import _parse_offsets
+from streams.settings import LearnerSettings, model_key_from_env, require_model_key
 
 KEY = "0123456789abcdef-secret"
 

@@ -11,9 +11,15 @@ from typing import Any
 import orjson
 import pytest
 
-from streams.decode import DeadLetter, RawRecord
+from streams.adapters.decode import DeadLetter, RawRecord
 from streams.errors import ConfigError
-from streams.logs import DeadLetterLog, configure_logging, event_id_of, log_outputs, user_ref
+from streams.operations.logs import (
+    DeadLetterLog,
+    configure_logging,
+    event_id_of,
+    log_outputs,
+    user_ref,
+)
 from streams.settings import Settings
 from tests.records import sample_decision, sample_offer
 from tests.unit.test_streams_pure import make_worker, mixed_batch

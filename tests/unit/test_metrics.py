@@ -17,10 +17,10 @@ from engine.pipeline import DiscountEngine, EngineConfig
 from engine.policies.threshold import ThresholdPolicy
 from engine.stop_loss import StopLoss, StopLossStatus
 from engine.store import InMemoryFeatureStore
-from streams.decode import DecodeLimits, RawRecord
-from streams.metrics import TimedFeatureStore, TimedLedger, WorkerMetrics
+from streams.adapters.decode import DecodeLimits, RawRecord
+from streams.operations.metrics import TimedFeatureStore, TimedLedger, WorkerMetrics
 from streams.settings import Topics
-from streams.worker import BatchWorker
+from streams.worker.batch_worker import BatchWorker
 
 T0 = 1_767_225_600_000
 HOUR = 3_600_000

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from streams.metrics import WorkerMetrics
+from streams.operations.metrics import WorkerMetrics
 from tests.conftest import REPO
 
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"

@@ -17,13 +17,13 @@ from engine.policies.threshold import ThresholdPolicy
 from engine.prequential import PrequentialMetrics
 from engine.stop_loss import StopLoss, StopLossStatus
 from engine.store import InMemoryFeatureStore
-from streams.decode import DecodeLimits, RawRecord
-from streams.lag import PartitionLag, format_lag_table, lag_report, total_lag
-from streams.metrics import RateWindow, WorkerMetrics
+from streams.adapters.decode import DecodeLimits, RawRecord
+from streams.operations.lag import PartitionLag, format_lag_table, lag_report, total_lag
+from streams.operations.metrics import RateWindow, WorkerMetrics
+from streams.operations.status_page import STATUS_PAGE_HTML
 from streams.settings import Topics
-from streams.status_page import STATUS_PAGE_HTML
-from streams.web import WorkerStatus, current_stop_loss
-from streams.worker import BatchWorker
+from streams.worker.batch_worker import BatchWorker
+from streams.worker.http_endpoints import WorkerStatus, current_stop_loss
 
 T0 = 1_767_225_600_000
 PREFIX = "s1."
@@ -431,7 +431,7 @@ async def test_labels_are_counted_by_outcome_and_treatment_and_readiness_is_a_ga
 
 
 def test_the_cli_has_a_lag_command_with_json_and_group() -> None:
-    from streams.cli import build_parser
+    from streams.cli.main import build_parser
 
     args = build_parser().parse_args(["lag", "--json", "--group", "other"])
     assert (args.command, args.json, args.group) == ("lag", True, "other")

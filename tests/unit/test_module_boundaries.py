@@ -7,6 +7,12 @@
   name through a module that merely imports it fails, and so does an ``__all__`` entry that
   its module does not define. The importers checked are ``engine/``, ``streams/``, ``tests/``
   and ``bench/``, imports inside functions included.
+- ``streams/settings.py`` is the only module of ``engine/`` and ``streams/`` that reads the
+  environment (``os.environ``, ``os.getenv``); the others receive settings objects.
+- Imports between the packages of ``streams/`` run one way (``LAYERS``): the command line
+  over the processes (worker, learner, replay), over operations, over the Redis and Kafka
+  adapters, over settings and errors, over ``engine/``. A process never imports another, and
+  ``engine/`` never imports ``streams``. Imports inside functions count too.
 - The import graph of ``engine/`` has no cycle. Every module-level import counts, those under
   ``if TYPE_CHECKING:`` included (mypy follows them too); imports inside functions do not. An
   import of ``a.b.c`` also imports the packages ``a.b`` and ``a``, except the importer's own.
@@ -240,6 +246,121 @@ def test_detector_catches_a_re_export(tmp_path: Path) -> None:
         "f is not defined in pkg.shim (defined in: pkg.home)",
     ]
     assert undefined_exports(modules["pkg.shim"]) == ["LIMIT"]
+
+
+# -- one reader of the environment ---------------------------------------------------------------
+
+ENVIRONMENT_READER = "streams.settings"
+
+
+def reads_environment(tree: ast.Module) -> bool:
+    """Whether the module names ``os.environ``, ``os.getenv`` or imports either from ``os``."""
+    readers = ("environ", "environb", "getenv")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+            named = node.value.id == "os" and node.attr in readers
+        elif isinstance(node, ast.ImportFrom) and node.module == "os":
+            named = any(alias.name in readers for alias in node.names)
+        else:
+            named = False
+        if named:
+            return True
+    return False
+
+
+def test_only_settings_reads_the_environment() -> None:
+    readers = [
+        name
+        for name, module in first_party().items()
+        if reads_environment(module.tree) and name != ENVIRONMENT_READER
+    ]
+    assert not readers, f"read the environment in {ENVIRONMENT_READER} only, not in {readers}"
+
+
+def test_detector_catches_an_environment_read(tmp_path: Path) -> None:
+    files = {
+        "pkg/__init__.py": "",
+        "pkg/a.py": "import os\nX = os.environ.get('X')\n",
+        "pkg/b.py": "from os import getenv\n",
+        "pkg/c.py": "import os\nos.replace('a', 'b')\n",
+    }
+    modules = write_package(tmp_path, files)
+    found = sorted(name for name, m in modules.items() if reads_environment(m.tree))
+    assert found == ["pkg.a", "pkg.b"]
+
+
+# -- imports run one way between the packages of streams/ ---------------------------------------
+
+LAYERS: Mapping[str, int] = {
+    "engine": 0,
+    "streams.errors": 1,
+    "streams.settings": 1,
+    "streams.adapters": 2,
+    "streams.operations": 3,
+    "streams.worker": 4,
+    "streams.learner": 4,
+    "streams.replay": 4,
+    "streams.cli": 5,
+}
+"""Lower layers never import higher ones; within a layer only settings and errors meet."""
+
+
+def layer_of(module: str) -> str:
+    """The ``LAYERS`` key a module belongs to (``streams.cli.main`` -> ``streams.cli``)."""
+    parts = module.split(".")
+    return parts[0] if parts[0] == "engine" else ".".join(parts[:2])
+
+
+def upward_imports(modules: Mapping[str, Module]) -> list[str]:
+    problems: list[str] = []
+    for module in modules.values():
+        own = layer_of(module.name)
+        for node in ast.walk(module.tree):
+            if isinstance(node, ast.ImportFrom):
+                targets = [source_module(node, module.name, module.is_package)]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            else:
+                continue
+            for target in targets:
+                other = layer_of(target)
+                if other == own or other not in LAYERS or own not in LAYERS:
+                    continue
+                same_layer_allowed = LAYERS[own] == LAYERS[other] == LAYERS["streams.settings"]
+                if LAYERS[other] > LAYERS[own] or (
+                    LAYERS[other] == LAYERS[own] and not same_layer_allowed
+                ):
+                    problems.append(f"{module.path}:{node.lineno}: {own} imports {target}")
+    return problems
+
+
+def test_streams_packages_import_one_way() -> None:
+    problems = upward_imports(first_party())
+    assert not problems, "imports against the layers (see LAYERS):\n" + "\n".join(problems)
+
+
+def test_every_streams_package_has_a_layer() -> None:
+    packages = {layer_of(name) for name in first_party() if name.startswith("streams.")}
+    assert packages <= set(LAYERS), f"give these a layer in LAYERS: {packages - set(LAYERS)}"
+
+
+def test_detector_catches_an_upward_import(tmp_path: Path) -> None:
+    files = {
+        "streams/__init__.py": "",
+        "streams/adapters/__init__.py": "",
+        "streams/adapters/store.py": "def f() -> None:\n    from streams.cli.main import main\n",
+        "streams/worker/__init__.py": "",
+        "streams/worker/run.py": "from streams.learner.process import run_learner\n",
+        "streams/learner/__init__.py": "",
+        "streams/learner/process.py": "from streams.adapters.store import f\n",
+    }
+    write_package(tmp_path, files)
+    modules = load_modules(tmp_path, ("streams",))
+    found = [p.split(": ", 1)[1] for p in upward_imports(modules)]
+    assert found == [
+        "streams.adapters imports streams.cli.main",
+        "streams.worker imports streams.learner.process",
+    ]
 
 
 # -- engine/ has no import cycle -----------------------------------------------------------------

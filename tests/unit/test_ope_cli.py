@@ -11,8 +11,8 @@ import orjson
 import pytest
 
 from engine.ope.estimators import DEFAULT_BOOTSTRAP
-from streams import ope_cli
-from streams.cli import main
+from streams.cli import ope as ope_command
+from streams.cli.main import main
 
 LADDER = (0, 5, 10, 15, 20)
 
@@ -50,7 +50,7 @@ def write_log(path: Path, n: int = 2000, *, bad: bool = True) -> None:
 
 
 def test_default_bootstrap_agrees_with_the_engine() -> None:
-    assert ope_cli.DEFAULT_BOOTSTRAP == DEFAULT_BOOTSTRAP
+    assert ope_command.DEFAULT_BOOTSTRAP == DEFAULT_BOOTSTRAP
 
 
 def test_table_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

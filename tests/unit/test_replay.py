@@ -1,7 +1,7 @@
 """``dealstream replay`` without Kafka: the loop, pacing, accounting, resume, checkpoints, CLI.
 
-The loop (:func:`streams.replay.replay`) runs against a list sink and a fake clock; the file
-source is real (temporary files). Kafka itself is in tests/integration/test_replay*.py.
+The loop (:func:`streams.replay.republish.replay`) runs against a list sink and a fake clock;
+the file source is real (temporary files). Kafka itself is in tests/integration/test_replay*.py.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import pytest
 from engine.importers.base import TimeWindow
 from engine.importers.jsonl import import_jsonl
 from engine.simulator import generate
-from streams.cli import main
-from streams.replay import SOURCE_HEADER, ReplayOptions, ReplayReport, replay
-from streams.replay_checkpoint import (
+from streams.cli.main import main
+from streams.cli.replay import parse_speed, parse_time, window_of
+from streams.replay.checkpoint import (
     Checkpoint,
     CheckpointMismatch,
     ReplayError,
@@ -31,10 +31,10 @@ from streams.replay_checkpoint import (
     load_checkpoint,
     write_checkpoint,
 )
-from streams.replay_cli import parse_speed, parse_time, window_of
-from streams.replay_progress import Progress, format_duration
-from streams.replay_sources import FileSource, Item
-from streams.settings import Topics
+from streams.replay.progress import Progress, format_duration
+from streams.replay.republish import SOURCE_HEADER, ReplayOptions, ReplayReport, replay
+from streams.replay.sources import FileSource, Item
+from streams.settings import Settings, Topics
 
 TOPICS = Topics("p.")
 
@@ -356,11 +356,12 @@ def test_checkpoint_round_trip_and_atomic_write(tmp_path: Path) -> None:
 def test_default_checkpoint_paths_are_in_the_state_folder_never_beside_the_input(
     tmp_path: Path,
 ) -> None:
-    here = default_checkpoint_path(tmp_path / "x.csv.gz")
-    there = default_checkpoint_path(tmp_path / "other" / "x.csv.gz")
+    state = Settings().state_dir
+    here = default_checkpoint_path(state, tmp_path / "x.csv.gz")
+    there = default_checkpoint_path(state, tmp_path / "other" / "x.csv.gz")
     assert here.parent == Path(".dealstream/replay") and here.name.startswith("x.csv.gz.")
     assert here != there, "two inputs of the same name need two checkpoints"
-    assert default_checkpoint_path(None, "events.dlq") == Path(
+    assert default_checkpoint_path(state, None, "events.dlq") == Path(
         ".dealstream/replay/topic-events.dlq.json"
     )
 
@@ -421,7 +422,7 @@ def test_cli_dry_run_counts_and_sends_nothing(
     err = capsys.readouterr().err
     assert "read 101, would send 100" in err and "rejected 1 (invalid_json 1)" in err
     assert "events.browse" in err and "event time" in err
-    assert not default_checkpoint_path(path).exists()
+    assert not default_checkpoint_path(tmp_path / "state", path).exists()
 
 
 @pytest.mark.usefixtures("no_kafka")
@@ -462,7 +463,7 @@ def test_cli_checkpoint_of_another_input_is_a_clear_error(
 ) -> None:
     path = write_jsonl(tmp_path / "in.jsonl", events(10))
     cp = Checkpoint({"kind": "file", "path": "/elsewhere"}, {}, {"events": 3}, 3)
-    write_checkpoint(default_checkpoint_path(path), cp)
+    write_checkpoint(default_checkpoint_path(tmp_path / "state", path), cp)
     assert main(["replay", "--in", str(path)]) == 2
     err = capsys.readouterr().err
     assert "is for another replay" in err and "--restart" in err
@@ -476,13 +477,13 @@ def test_cli_a_completed_replay_is_not_sent_again(
     source = FileSource(path)
     options = {"format": "jsonl", "window": None, "topic_prefix": ""}
     cp = Checkpoint(source.identity(), options, {"events": 10}, 10, "in.jsonl:10", complete=True)
-    write_checkpoint(default_checkpoint_path(path), cp)
+    write_checkpoint(default_checkpoint_path(tmp_path / "state", path), cp)
     assert main(["replay", "--in", str(path)]) == 0
     assert "already completed (10 events sent); nothing to do" in capsys.readouterr().err
 
 
 def test_cli_lists_replay() -> None:
-    from streams.cli import build_parser
+    from streams.cli.main import build_parser
 
     help_text = build_parser().format_help()
     assert "replay" in help_text
@@ -524,8 +525,8 @@ def test_cli_unwritable_checkpoint_is_a_clear_error_before_sending(
     async def kafka_answers(*_: object, **__: object) -> list[str]:
         return []
 
-    monkeypatch.setattr("streams.kafka_io.check_kafka", kafka_answers)
-    monkeypatch.setattr("streams.kafka_io.ensure_topics", kafka_answers)
+    monkeypatch.setattr("streams.adapters.kafka_io.check_kafka", kafka_answers)
+    monkeypatch.setattr("streams.adapters.kafka_io.ensure_topics", kafka_answers)
     path = write_jsonl(tmp_path / "in.jsonl", events(10))
     target = path / "cp.json"  # below a file: no folder can be made there
     assert main(["replay", "--in", str(path), "--checkpoint", str(target)]) == 2

@@ -18,10 +18,17 @@ from engine.feedback import TrainingExample
 from engine.pipeline import DiscountEngine, Incoming
 from engine.policies.threshold import ThresholdPolicy
 from engine.store import InMemoryFeatureStore, Position
-from streams.decode import DeadLetter, DecodeLimits, RawRecord, decode_record
+from streams.adapters.decode import DeadLetter, DecodeLimits, RawRecord, decode_record
 from streams.errors import ConfigError, StreamsError
-from streams.settings import Secret, Settings, Topics, redact_url
-from streams.worker import BatchWorker, WorkerCounters
+from streams.settings import (
+    DEMO_MODEL_KEY,
+    DemoSettings,
+    Secret,
+    Settings,
+    Topics,
+    redact_url,
+)
+from streams.worker.batch_worker import BatchWorker, WorkerCounters
 
 T0 = 1_767_225_600_000
 HOUR = 3_600_000
@@ -65,6 +72,7 @@ def test_unrelated_and_empty_variables_are_ignored() -> None:
         ("MAX_CLOCK_SKEW_S", "30", "max_clock_skew_s", 30.0),
         ("MAX_MESSAGE_BYTES", "4096", "max_message_bytes", 4096),
         ("LOG_LEVEL", "debug", "log_level", "DEBUG"),
+        ("STATE", "/var/lib/dealstream", "state_dir", Path("/var/lib/dealstream")),
     ],
 )  # fmt: skip
 def test_each_variable_is_read(name: str, raw: str, attribute: str, expected: object) -> None:
@@ -77,6 +85,36 @@ def test_each_variable_is_read(name: str, raw: str, attribute: str, expected: ob
         if getattr(settings, slot) != getattr(Settings(), slot)
     }
     assert changed <= {attribute}
+
+
+def test_the_demo_moves_into_its_namespace_and_tunes_its_processes() -> None:
+    demo = DemoSettings.from_env(
+        Path("demo.toml"), {"DEALSTREAM_TOPIC_PREFIX": "prod.", "DEALSTREAM_HTTP_PORT": "7000"}
+    )
+    assert (demo.settings.topic_prefix, demo.settings.redis_prefix) == ("demo.", "demo:")
+    assert demo.settings.group_id == "dealstream-demo"
+    env = demo.process_environment
+    assert env["DEALSTREAM_TOPIC_PREFIX"] == "demo."
+    assert env["DEALSTREAM_ATTRIBUTION_WINDOW_S"] == "60"
+    assert env["DEALSTREAM_LEARNER_SNAPSHOT_EVERY"] == "200"
+    assert env["DEALSTREAM_LEARNER_HTTP_PORT"] == "7001", "next to the worker's port"
+    assert env["DEALSTREAM_CAMPAIGNS"] == "demo.toml"
+    assert demo.uses_demo_model_key and env["DEALSTREAM_MODEL_KEY"] == DEMO_MODEL_KEY
+
+
+def test_the_demo_keeps_what_the_operator_set() -> None:
+    key = "0123456789abcdef-secret"
+    given = {
+        "DEALSTREAM_MODEL_KEY": key,
+        "DEALSTREAM_ATTRIBUTION_WINDOW_S": "120",
+        "DEALSTREAM_CAMPAIGNS": "mine.toml",
+    }
+    demo = DemoSettings.from_env(Path("demo.toml"), given)
+    env = demo.process_environment
+    assert not demo.uses_demo_model_key and env["DEALSTREAM_MODEL_KEY"] == key
+    assert env["DEALSTREAM_ATTRIBUTION_WINDOW_S"] == "120"
+    assert env["DEALSTREAM_CAMPAIGNS"] == "mine.toml"
+    assert demo.settings.attribution_window_s == 120.0
 
 
 def test_redis_url_variable_is_a_secret() -> None:

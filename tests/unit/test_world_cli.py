@@ -1,5 +1,5 @@
-"""World variants on the command line (streams/world_cli.py): ``--world FILE`` and the flags of
-``simulate`` and ``backtest --simulate``, flags over the file, one-line errors, the world
+"""World variants on the command line (streams/cli/world_options.py): ``--world FILE`` and the
+flags of ``simulate`` and ``backtest --simulate``, flags over the file, one-line errors, the world
 recorded in the reports."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 from engine.feedback import Feedback
 from engine.world.core import open_loop
 from engine.world.params import WorldParams
-from streams.cli import build_parser, main
-from streams.world_cli import closed_loop_config, world_choice
+from streams.cli.main import build_parser, main
+from streams.cli.world_options import closed_loop_config, world_choice
 
 ROOT = Path(__file__).resolve().parents[2]
 WORLDS = ROOT / "deploy" / "worlds"

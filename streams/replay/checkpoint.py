@@ -88,11 +88,14 @@ class Checkpoint:
             )
 
 
-def default_checkpoint_path(input_path: Path | None, topic: str | None = None) -> Path:
-    """``.dealstream/replay/<name>.<hash of the full path>.json`` under the working directory
-    (``DEALSTREAM_STATE`` moves ``.dealstream``): never beside the input, which is often
-    shared data that nobody should write into."""
-    folder = Path(os.environ.get("DEALSTREAM_STATE", ".dealstream")) / "replay"
+def default_checkpoint_path(
+    state_dir: Path, input_path: Path | None, topic: str | None = None
+) -> Path:
+    """``<state_dir>/replay/<name>.<hash of the full path>.json``, where ``state_dir`` is
+    ``Settings.state_dir`` (``.dealstream`` under the working directory unless
+    ``DEALSTREAM_STATE`` moves it): never beside the input, which is often shared data that
+    nobody should write into."""
+    folder = state_dir / "replay"
     if input_path is not None:
         digest = hashlib.sha256(str(input_path.resolve()).encode()).hexdigest()[:10]
         return folder / f"{input_path.name}.{digest}.json"

@@ -23,7 +23,7 @@ from engine.events import decode_event, event_to_dict
 from engine.importers import FORMATS, detect_format
 from engine.importers.base import ImportRun, UnknownFormat
 from engine.importers.dunnhumby import PRODUCTS_FILE, import_dunnhumby
-from streams.replay_checkpoint import ReplayError, file_identity
+from streams.replay.checkpoint import ReplayError, file_identity
 
 __all__ = ["FileSource", "Item", "TopicSource"]
 

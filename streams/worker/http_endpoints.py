@@ -31,16 +31,16 @@ from engine.campaigns import Campaign
 from engine.ledger import event_day
 from engine.prequential import PrequentialMetrics
 from engine.stop_loss import StopLossStatus
-from streams.lag import PartitionLag, total_lag
-from streams.metrics import RateWindow
-from streams.model_store import ModelStore
-from streams.status_page import STATUS_PAGE_HTML
-from streams.worker import BatchWorker
+from streams.adapters.model_store import ModelStore
+from streams.operations.lag import PartitionLag, total_lag
+from streams.operations.metrics import RateWindow
+from streams.operations.status_page import STATUS_PAGE_HTML
+from streams.worker.batch_worker import BatchWorker
 
 log = logging.getLogger("dealstream.worker")
 
 REFRESH_INTERVAL_S = 5.0
-"""How often ``refresh`` runs (a Faust timer in ``streams/app.py``)."""
+"""How often ``refresh`` runs (a Faust timer in ``streams/worker/faust_app.py``)."""
 STALL_TIMEOUT_S = 60.0
 """Not ready when assigned partitions have lag but no batch was handled for this long."""
 REDIS_PING_TIMEOUT_S = 1.0
@@ -50,7 +50,7 @@ TopicPartitionKey = tuple[str, int]
 
 
 class LagSource(Protocol):
-    """Where lag comes from: ``streams.lag.LagProbe`` against the broker, or a test double."""
+    """Where lag comes from: ``streams.operations.lag.LagProbe`` on the broker, or a test double."""
 
     async def measure(self, group: str, topics: Sequence[str]) -> list[PartitionLag]: ...
 

@@ -10,11 +10,12 @@ import argparse
 import gzip
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import orjson
 
 from engine.errors import EngineError
+from streams.cli import Subparsers
 
 if TYPE_CHECKING:
     from engine.ope.estimators import Interval, OpeReport
@@ -28,9 +29,8 @@ class OpeInputError(EngineError):
     """Bad ``ope`` arguments or an unreadable log: one line, exit code 2."""
 
 
-def add_ope_parser(sub: Any) -> None:
-    """Register the ``ope`` subcommand on the CLI's subparsers."""
-    ope = sub.add_parser(
+def add_parser(subparsers: Subparsers) -> None:
+    ope = subparsers.add_parser(
         "ope",
         help="off-policy evaluation: IPS, SNIPS and DR estimates of a target policy's value",
         description="Estimate what a target policy would have earned per decision, from "

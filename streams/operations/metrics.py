@@ -1,8 +1,8 @@
 """Prometheus metrics of one worker, in a registry of its own.
 
 ``WorkerMetrics`` owns a ``CollectorRegistry`` (never the library's global one) and every metric
-the worker exports; the composition root (``streams/app.py``) builds one per worker and passes it
-to ``BatchWorker`` and to the web endpoints. Nothing is created at import time.
+the worker exports; the composition root (``streams/worker/faust_app.py``) builds one per worker
+and passes it to ``BatchWorker`` and to the web endpoints. Nothing is created at import time.
 
 Naming follows Prometheus conventions: counters end in ``_total``, durations are ``_seconds``
 histograms, money is in currency units (not cents). Labels never carry user ids: only topic,
@@ -33,7 +33,7 @@ from engine.pipeline import BatchResult
 from engine.state import State
 from engine.stop_loss import EXPLORE_ONLY, EXPLORED, StopLossStatus
 from engine.store import BatchOutcome, FeatureStore, StateUpdate, UpdateStatus
-from streams.decode import DeadLetter, RawRecord
+from streams.adapters.decode import DeadLetter, RawRecord
 
 # fmt: off
 BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000)

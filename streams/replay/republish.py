@@ -7,14 +7,14 @@ awaiting each delivery and confirmed in batches; after each confirmed batch a ch
 records how far the replay got, so that an interrupted replay resumes where it stopped.
 
 Per-user order: records of one user share a key, hence a partition, and the order within a
-partition is kept (``streams.replay_sink``: batches of a partition are queued in order, aiokafka
+partition is kept (``streams.replay.sink``: batches of a partition are queued in order, aiokafka
 has at most one produce request in flight per broker and retries a batch at the front of its
 queue; the producer is idempotent). So a user's events arrive in the order the source yields
 them.
 
 The pieces: :func:`replay` is the loop (source -> sink, pacing, counts, checkpoint callback),
-independent of Kafka for tests; :func:`streams.replay_cli.run_replay` wires the CLI options, the
-checkpoint file, the producer and Ctrl-C. Sources are in ``streams.replay_sources``.
+independent of Kafka for tests; :func:`streams.cli.replay.run_replay` wires the CLI options, the
+checkpoint file, the producer and Ctrl-C. Sources are in ``streams.replay.sources``.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ import orjson
 
 from engine.event_fields import MAX_INTEGER
 from engine.importers.base import TimeWindow, describe_ts
-from streams.replay_progress import Progress, format_duration
+from streams.replay.progress import Progress, format_duration
 from streams.settings import Topics
 
 if TYPE_CHECKING:
-    from streams.replay_sources import Item
+    from streams.replay.sources import Item
 
 __all__ = [
     "EXIT_INTERRUPTED",
@@ -53,7 +53,7 @@ EXIT_INTERRUPTED: Final = 130
 
 
 class Sink(Protocol):
-    """Where records go (``streams.kafka_io.ProducerSink`` or a test double)."""
+    """Where records go (``streams.adapters.kafka_io.ProducerSink`` or a test double)."""
 
     async def send(
         self,
@@ -68,7 +68,7 @@ class Sink(Protocol):
 
 
 class ReplaySource(Protocol):
-    """A file or topic range (``streams.replay_sources``) or a test double."""
+    """A file or topic range (``streams.replay.sources``) or a test double."""
 
     name: str
 

@@ -2,7 +2,8 @@
 
 Budgets are plain Redis counters checked and incremented inside the script, so any number of
 workers share them without ever overspending; the stop-loss sums and state live next to them,
-so every worker sees the same campaign state. See ``streams/ledger.lua`` for the key layout.
+so every worker sees the same campaign state. See ``ledger.lua`` (next to this module) for the
+key layout.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from engine.ledger import (
     without_offer,
 )
 from engine.stop_loss import StopLossStatus
-from streams.redis_store import hash_tag
+from streams.adapters.redis_store import hash_tag
 
 _OUTCOMES: dict[int, DecisionOutcome] = {
     0: RATE_LIMITED,
@@ -67,7 +68,7 @@ class RedisLedger:
         self._prefix = prefix
         self.config = config
         self.attribution_window_ms = config.attribution_window_ms
-        source = resources.files("streams").joinpath("ledger.lua").read_text()
+        source = resources.files("streams.adapters").joinpath("ledger.lua").read_text()
         self._script = client.register_script(source)
         self._head: list[Any] = []
         for name, setting in sorted(config.stop_loss.items()):

@@ -28,7 +28,7 @@ from engine.closed_loop import (
 )
 from engine.world.core import DEFAULT_MEAN_GAP_MS, open_loop
 from engine.world.params import WorldParams
-from streams.kafka_io import ProducerSink
+from streams.adapters.kafka_io import ProducerSink
 from streams.settings import Topics
 
 
@@ -187,7 +187,7 @@ def backtest_simulated(
 ) -> ClosedLoopRun:
     """``dealstream backtest --simulate``: the closed loop as a backtest report
     (``report.json``, ``report.html`` with the ``simulation`` section) and ``simulation.json``."""
-    from streams.backtest_cli import file_sha256
+    from streams.cli.backtest_files import file_sha256
 
     campaigns = load_all_campaigns(campaign_files)
     _make_dir(out)

@@ -36,12 +36,16 @@ from aiokafka.errors import KafkaError
 
 from engine.errors import InvalidEvent
 from engine.prequential import OnlineLearner, PrequentialMetrics
+from streams.adapters.kafka_io import check_kafka, check_redis, ensure_topics
+from streams.adapters.model_store import LeaseLost, ModelStore
 from streams.errors import ConfigError
-from streams.kafka_io import check_kafka, check_redis, ensure_topics
-from streams.learner_http import LearnerHealth, LearnerMetrics, learner_routes, serve_learner_http
-from streams.learner_settings import LearnerSettings
-from streams.model_store import LeaseLost, ModelStore
-from streams.settings import ENV_PREFIX, Settings
+from streams.learner.http_endpoints import (
+    LearnerHealth,
+    LearnerMetrics,
+    learner_routes,
+    serve_learner_http,
+)
+from streams.settings import ENV_PREFIX, LearnerSettings, Settings
 
 log = logging.getLogger("dealstream.learner")
 
@@ -321,15 +325,13 @@ class Learner:
         }
 
 
-def run_learner(settings: Settings, learner_settings: LearnerSettings | None = None) -> int:
+def run_learner(settings: Settings, learner_settings: LearnerSettings) -> int:
     """``dealstream learner``: run until SIGINT/SIGTERM, then publish and exit 0.
 
-    Reads ``LearnerSettings.from_env()`` unless given; a missing ``DEALSTREAM_MODEL_KEY``,
-    unreachable services or a snapshot that does not verify raise one-line errors
+    Unreachable services or a snapshot that does not verify raise one-line errors
     (``StreamsError`` / ``EngineError``) for the CLI to print.
     """
-    config = learner_settings if learner_settings is not None else LearnerSettings.from_env()
-    return asyncio.run(_main(settings, config))
+    return asyncio.run(_main(settings, learner_settings))
 
 
 async def _main(settings: Settings, config: LearnerSettings) -> int:

@@ -6,7 +6,11 @@ Keys (``P`` = the configured key prefix, ``V`` = the feature catalogue version):
 - ``P d V :{user}``  sorted set of the user's recent event ids (dedup within allowed lateness)
 - ``P wm``           hash of per-partition offset watermarks ``<topic>:<partition>``
 
-The ``{user}`` part is a Redis Cluster hash tag, so a user's keys share a slot.
+The ``{user}`` part is a Redis Cluster hash tag, so one user's keys share a slot. That does
+not make the store cluster-ready: one script call carries a whole micro-batch, so it touches
+the keys of many users (and the shared watermark hash), which a cluster refuses unless they
+all hash to one slot. As written, this store and the ledger (``ledger.lua``, same pattern)
+need a single Redis node (or a primary with replicas); a cluster would need one call per slot.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ TTL_MARGIN_S = 24 * 3600
 
 def hash_tag(user_id: str) -> str:
     """The user id as a Redis Cluster hash tag body: braces escaped so the tag is never empty
-    or cut short, which would scatter one user's keys over several slots."""
+    or cut short, which would scatter one user's keys over several slots (a step towards a
+    cluster, not enough on its own: see the module docstring)."""
     return user_id.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
 
 
@@ -41,7 +46,7 @@ class RedisFeatureStore:
     def __init__(self, client: aioredis.Redis, *, prefix: str = "ds:") -> None:
         self._client = client
         self._prefix = prefix
-        source = resources.files("streams").joinpath("features.lua").read_text()
+        source = resources.files("streams.adapters").joinpath("features.lua").read_text()
         self._script = client.register_script(source)
         self.ttl_seconds = LONGEST_WINDOW_MS // 1000 + TTL_MARGIN_S
 

@@ -17,9 +17,9 @@ import orjson
 
 from engine.pipeline import BatchResult, DiscountEngine, Incoming
 from engine.store import UpdateStatus
-from streams.decode import DeadLetter, DecodeLimits, RawRecord, decode_record
-from streams.logs import DeadLetterLog, log_outputs
-from streams.metrics import WorkerMetrics
+from streams.adapters.decode import DeadLetter, DecodeLimits, RawRecord, decode_record
+from streams.operations.logs import DeadLetterLog, log_outputs
+from streams.operations.metrics import WorkerMetrics
 from streams.settings import Topics
 
 log = logging.getLogger("dealstream.worker")

@@ -7,9 +7,9 @@ import logging
 
 import faust
 
-from streams.app import bootstrap, create_app, reload_model
-from streams.kafka_io import check_kafka, check_redis, ensure_topics
+from streams.adapters.kafka_io import check_kafka, check_redis, ensure_topics
 from streams.settings import Secret, Settings
+from streams.worker.faust_app import bootstrap, create_app, reload_model
 
 log = logging.getLogger("dealstream.worker")
 
@@ -47,7 +47,7 @@ def run_worker(settings: Settings, model_key: Secret | None = None) -> int:
         loop.close()
         raise
     app = create_app(runtime)
-    # Keep the handlers the CLI configured (JSON lines, streams/logs.py): Faust would
+    # Keep the handlers the CLI configured (JSON lines, streams/operations/logs.py): Faust would
     # otherwise replace them with its own coloured text handler.
     app.conf.loghandlers = list(logging.getLogger().handlers)
     worker = faust.Worker(

@@ -3,7 +3,7 @@
 :func:`run_replay` reads the options, refuses bad ones with one line (exit 2), loads and checks
 the checkpoint, creates the topics and the producer, installs the SIGINT/SIGTERM handlers
 (first signal: stop after confirming what was sent; second: stop waiting) and runs
-:func:`streams.replay.replay`. See ``docs/replay.md``.
+:func:`streams.replay.republish.replay`. See ``docs/replay.md``.
 """
 
 from __future__ import annotations
@@ -19,18 +19,19 @@ from typing import TextIO
 from engine.event_fields import MAX_INTEGER
 from engine.importers import FORMATS
 from engine.importers.base import TimeWindow, describe_ts
-from streams.replay import EXIT_INTERRUPTED, ReplayOptions, ReplaySource, replay
-from streams.replay_checkpoint import (
+from streams.cli import Subparsers
+from streams.replay.checkpoint import (
     Checkpoint,
     ReplayError,
     default_checkpoint_path,
     load_checkpoint,
     write_checkpoint,
 )
-from streams.replay_progress import Progress
+from streams.replay.progress import Progress
+from streams.replay.republish import EXIT_INTERRUPTED, ReplayOptions, ReplaySource, replay
 from streams.settings import Settings
 
-__all__ = ["add_arguments", "parse_speed", "parse_time", "run_replay", "window_of"]
+__all__ = ["add_arguments", "add_parser", "parse_speed", "parse_time", "run_replay", "window_of"]
 
 
 def parse_time(text: str, flag: str = "--from") -> int:
@@ -77,6 +78,14 @@ def window_of(start: str | None, end: str | None) -> TimeWindow | None:
     return TimeWindow(low, high)
 
 
+def add_parser(subparsers: Subparsers) -> None:
+    replay_parser = subparsers.add_parser(
+        "replay", help="republish historic events (a data file or a topic range), resumably"
+    )
+    add_arguments(replay_parser)
+    replay_parser.set_defaults(handler=run_replay)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--in", dest="input", type=Path, help="data file (plain or gzip)")
@@ -86,7 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from", dest="start", help="first event time (ISO 8601 or epoch ms)")
     parser.add_argument("--to", dest="end", help="event time to stop before (exclusive)")
     parser.add_argument("--dry-run", action="store_true", help="read and count, send nothing")
-    parser.add_argument("--checkpoint", type=Path, help="checkpoint file (default: beside input)")
+    parser.add_argument(
+        "--checkpoint", type=Path, help="checkpoint file (default: under .dealstream/replay)"
+    )
     parser.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     parser.add_argument("--source-from-offset", type=int, default=0, help="first offset read")
     parser.add_argument("--source-to-offset", type=int, help="offset to stop before")
@@ -105,9 +116,9 @@ def run_replay(settings: Settings, args: argparse.Namespace, stderr: TextIO | No
 async def _run(settings: Settings, args: argparse.Namespace, err: TextIO) -> int:
     from aiokafka.errors import KafkaError
 
-    from streams.kafka_io import check_kafka, ensure_topics
-    from streams.replay_sink import BatchSink
-    from streams.replay_sources import FileSource, TopicSource
+    from streams.adapters.kafka_io import check_kafka, ensure_topics
+    from streams.replay.sink import BatchSink
+    from streams.replay.sources import FileSource, TopicSource
 
     options = ReplayOptions(
         speed=parse_speed(args.speed),
@@ -138,7 +149,9 @@ async def _run(settings: Settings, args: argparse.Namespace, err: TextIO) -> int
             from_offset=args.source_from_offset,
             to_offset=args.source_to_offset,
         )
-    cp_path = args.checkpoint or default_checkpoint_path(args.input, args.source_topic)
+    cp_path = args.checkpoint or default_checkpoint_path(
+        settings.state_dir, args.input, args.source_topic
+    )
     chosen = {
         "format": getattr(source, "format", None),
         "window": [options.window.start_ms, options.window.end_ms] if options.window else None,

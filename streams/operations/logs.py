@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from streams.settings import LOG_FORMATS
+
 if TYPE_CHECKING:  # the CLI imports this module at start: the engine only when a command runs
     from engine.decisions import Decision, Offer
 
@@ -48,8 +50,6 @@ CONTEXT_FIELDS: frozenset[str] = frozenset(
     }
 )
 """Names accepted from ``extra=``; ``user_id`` is handled separately (see the module doc)."""
-
-LOG_FORMATS = ("json", "text")
 
 
 def user_ref(user_id: str, salt: bytes) -> str:
@@ -153,7 +153,7 @@ class DeadLetterLog:
         self._suppressed = 0
 
     def log(self, letters: Iterable[Any], now_s: float) -> None:
-        """``letters`` are ``streams.decode.DeadLetter``s (typed loosely to avoid a cycle)."""
+        """``letters`` are ``streams.adapters.decode.DeadLetter``s (typed loosely: no cycle)."""
         for letter in letters:
             if now_s - self._window_start >= self.interval_s:
                 self._flush_suppressed()

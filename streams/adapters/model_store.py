@@ -21,7 +21,6 @@ put a hash tag in the prefix (``ds:{model}:``) so the keys share a slot.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,14 +29,10 @@ import redis.asyncio as aioredis
 
 from engine.errors import ModelSnapshotError
 from engine.model import PurchaseModel
-from streams.errors import ConfigError, StreamsError
-from streams.settings import ENV_PREFIX, Secret
+from streams.errors import StreamsError
+from streams.settings import DEFAULT_KEEP, Secret
 
 log = logging.getLogger("dealstream.model")
-
-MODEL_KEY_ENV = f"{ENV_PREFIX}MODEL_KEY"
-MIN_MODEL_KEY_BYTES = 16
-DEFAULT_KEEP = 5
 
 _PUBLISH = """
 if ARGV[4] ~= '' and redis.call('GET', KEYS[6]) ~= ARGV[4] then return -1 end
@@ -58,35 +53,6 @@ return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 
 class LeaseLost(StreamsError):
     """Another learner holds the lease now; this one must stop without publishing."""
-
-
-def model_key_from_env(environ: Mapping[str, str] | None = None) -> Secret | None:
-    """The HMAC key shared by worker and learner (``DEALSTREAM_MODEL_KEY``), or ``None``.
-
-    Raises ``ConfigError`` when it is set but shorter than 16 bytes. There is no default: a
-    key everyone knows would let anyone with Redis access plant a model (and code) in workers.
-    """
-    env = os.environ if environ is None else environ
-    raw = env.get(MODEL_KEY_ENV) or None
-    if raw is None:
-        return None
-    if len(raw.encode("utf-8")) < MIN_MODEL_KEY_BYTES:
-        raise ConfigError(
-            f"{MODEL_KEY_ENV} must be at least {MIN_MODEL_KEY_BYTES} bytes; generate one with "
-            "`openssl rand -hex 32`"
-        )
-    return Secret(raw)
-
-
-def require_model_key(environ: Mapping[str, str] | None = None) -> Secret:
-    """``model_key_from_env``, but a missing key is a ``ConfigError`` that says what to do."""
-    key = model_key_from_env(environ)
-    if key is None:
-        raise ConfigError(
-            f"{MODEL_KEY_ENV} is not set: set it to the same secret for the worker and the "
-            "learner (e.g. `export DEALSTREAM_MODEL_KEY=$(openssl rand -hex 32)`)"
-        )
-    return key
 
 
 def _key_bytes(key: bytes | Secret) -> bytes:

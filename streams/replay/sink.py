@@ -19,7 +19,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
-from streams.replay_checkpoint import ReplayError
+from streams.replay.checkpoint import ReplayError
 
 __all__ = ["BatchSink"]
 

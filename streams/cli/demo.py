@@ -6,9 +6,9 @@ consumer lag), and stops everything cleanly on Ctrl-C or after the given duratio
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
-import os
 import signal
 import subprocess
 import sys
@@ -16,28 +16,34 @@ import time
 from pathlib import Path
 
 import orjson
-import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer
 
-from streams.kafka_io import check_kafka, check_redis, ensure_topics
-from streams.lag import LagProbe, total_lag
-from streams.settings import Settings
-from streams.simulate import simulate_to_kafka
+from streams.cli import Subparsers
+from streams.settings import DemoSettings, Settings
 
 SUMMARY_EVERY_S = 5.0
-DEMO_MODEL_KEY = "dealstream-demo-model-key-not-for-production"
-DEMO_CAMPAIGNS = Path(__file__).resolve().parents[1] / "deploy" / "campaigns" / "demo.toml"
-DEMO_NAMESPACE = {
-    "DEALSTREAM_TOPIC_PREFIX": "demo.",
-    "DEALSTREAM_REDIS_PREFIX": "demo:",
-    "DEALSTREAM_GROUP_ID": "dealstream-demo",
-}
-"""The demo's own topics, keys and group, so it never touches a real deployment's data and
-can start every run from a fresh model."""
+DEMO_CAMPAIGNS = Path(__file__).resolve().parents[2] / "deploy" / "campaigns" / "demo.toml"
+
+
+def add_parser(subparsers: Subparsers) -> None:
+    demo = subparsers.add_parser("demo", help="worker + simulator, printing offers as they arrive")
+    demo.add_argument("--duration", type=float, default=60.0, help="seconds (0 = until Ctrl-C)")
+    demo.add_argument("--rate", type=float, default=200.0, help="simulated events/s")
+    demo.add_argument("--users", type=int, default=300)
+    demo.set_defaults(handler=run_demo_command)
+
+
+def run_demo_command(settings: Settings, args: argparse.Namespace) -> int:
+    """The demo reads its own settings: the shared ones moved into the demo's namespace."""
+    demo = DemoSettings.from_env(DEMO_CAMPAIGNS)
+    return run_demo(demo, duration_s=args.duration, rate=args.rate, users=args.users)
 
 
 async def _forget_previous_run(settings: Settings) -> None:
     """Delete the demo namespace's Redis keys: each run starts from an untrained model."""
+    import redis.asyncio as aioredis
+
+    from streams.adapters.kafka_io import check_redis
+
     client = aioredis.Redis.from_url(settings.redis_url.reveal())
     try:
         await check_redis(client, settings.redis_url.reveal())
@@ -58,31 +64,24 @@ def _format_offer(offer: dict[str, object]) -> str:
     )
 
 
-async def _demo(settings: Settings, duration_s: float, rate: float, users: int) -> int:
+async def _demo(demo: DemoSettings, duration_s: float, rate: float, users: int) -> int:
+    from aiokafka import AIOKafkaConsumer
+
+    from streams.adapters.kafka_io import check_kafka, ensure_topics
+    from streams.cli.simulation import simulate_to_kafka
+    from streams.operations.lag import LagProbe, total_lag
+
+    settings = demo.settings
     await check_kafka(settings.kafka_bootstrap)
     await _forget_previous_run(settings)
     await ensure_topics(
         settings.kafka_bootstrap, settings.topics.all, partitions=settings.partitions
     )
-    log_dir = Path(os.environ.get("DEALSTREAM_STATE", ".dealstream"))
+    log_dir = settings.state_dir
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / "demo-worker.log"
-    env = {
-        **os.environ,
-        # Short attribution window and frequent snapshots, so learning shows within a minute.
-        "DEALSTREAM_ATTRIBUTION_WINDOW_S": os.environ.get("DEALSTREAM_ATTRIBUTION_WINDOW_S", "60"),
-        "DEALSTREAM_LEARNER_SNAPSHOT_EVERY": os.environ.get(
-            "DEALSTREAM_LEARNER_SNAPSHOT_EVERY", "200"
-        ),
-        "DEALSTREAM_LEARNER_SNAPSHOT_INTERVAL_S": "5",
-        # The learner's /metrics next to the worker's port.
-        "DEALSTREAM_LEARNER_HTTP_PORT": os.environ.get(
-            "DEALSTREAM_LEARNER_HTTP_PORT", str(settings.http_port + 1)
-        ),
-    }
-    env.setdefault("DEALSTREAM_CAMPAIGNS", str(DEMO_CAMPAIGNS))
-    if not env.get("DEALSTREAM_MODEL_KEY"):
-        env["DEALSTREAM_MODEL_KEY"] = DEMO_MODEL_KEY
+    env = demo.process_environment
+    if demo.uses_demo_model_key:
         print("demo: using a fixed demo DEALSTREAM_MODEL_KEY (never use it in production)")
     learner_log = log_dir / "demo-learner.log"
     with log_path.open("ab") as log, learner_log.open("ab") as learner_out:
@@ -177,10 +176,8 @@ async def _demo(settings: Settings, duration_s: float, rate: float, users: int) 
     return 0
 
 
-def run_demo(settings: Settings, *, duration_s: float, rate: float, users: int) -> int:
-    os.environ.update(DEMO_NAMESPACE)
-    settings = Settings.from_env()
+def run_demo(demo: DemoSettings, *, duration_s: float, rate: float, users: int) -> int:
     try:
-        return asyncio.run(_demo(settings, duration_s, rate, users))
+        return asyncio.run(_demo(demo, duration_s, rate, users))
     except KeyboardInterrupt:
         return 0

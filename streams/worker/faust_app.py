@@ -3,8 +3,8 @@
 ``bootstrap`` builds every client, the engine and the metrics registry once; ``create_app``
 wires them into a Faust app whose single agent consumes the event topics in micro-batches
 (``take_events``) and hands each batch to ``BatchWorker``, and whose web server serves
-``/metrics``, ``/health``, ``/ready`` and the status page (``streams/web.py``). Nothing here runs
-at import time.
+``/metrics``, ``/health``, ``/ready`` and the status page
+(``streams/worker/http_endpoints.py``). Nothing here runs at import time.
 """
 
 from __future__ import annotations
@@ -23,20 +23,20 @@ import redis.asyncio as aioredis
 
 from engine.campaigns import default_campaigns, load_campaigns
 from engine.pipeline import DiscountEngine
-from streams.decode import DecodeLimits, RawRecord
-from streams.lag import LagProbe
-from streams.metrics import TimedFeatureStore, TimedLedger, WorkerMetrics
-from streams.model_store import ModelReloader, ModelStore
-from streams.redis_ledger import RedisLedger
-from streams.redis_store import RedisFeatureStore
+from streams.adapters.decode import DecodeLimits, RawRecord
+from streams.adapters.model_store import ModelReloader, ModelStore
+from streams.adapters.redis_ledger import RedisLedger
+from streams.adapters.redis_store import RedisFeatureStore
+from streams.operations.lag import LagProbe
+from streams.operations.metrics import TimedFeatureStore, TimedLedger, WorkerMetrics
 from streams.settings import Secret, Settings
-from streams.web import (
+from streams.worker.batch_worker import BatchWorker
+from streams.worker.http_endpoints import (
     REFRESH_INTERVAL_S,
     WorkerStatus,
     connect_rebalance_signals,
     install_routes,
 )
-from streams.worker import BatchWorker
 
 log = logging.getLogger("dealstream.worker")
 

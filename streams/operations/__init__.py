@@ -1,0 +1,3 @@
+"""What operators look at, shared by the worker and the learner: Prometheus metrics, consumer
+lag, the status page's HTML and structured logs.
+"""
