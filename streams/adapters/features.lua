@@ -6,7 +6,8 @@
 -- ARGV: allowed_lateness_ms, ttl_seconds, updates as one JSON array (a single argument is
 --       far cheaper to send than thousands): [[user_index, watermark_field ('' = none),
 --       offset, event_id, ts, [op, field, value, op, field, value, ...], on_time], ...]
---       (on_time 1: never counted as late, the engine's own records such as offers)
+--       (on_time 1: never counted as late, the engine's own records such as offers), then
+--       the buckets kept per grain (engine.state.RETENTION_BUCKETS: minutes, hours, days)
 -- Returns {statuses, state_before_1, state_before_2, ...}; statuses: 0 applied, 1 redelivered,
 -- 2 duplicate, 3 late. Each state_before is a flat HGETALL reply taken before the batch.
 --
@@ -17,6 +18,7 @@
 local lateness = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local updates = cjson.decode(ARGV[3])
+local keep = { m = tonumber(ARGV[4]), h = tonumber(ARGV[5]), d = tonumber(ARGV[6]) }
 local n_updates = #updates
 local n_users = (#KEYS - 1) / 2
 
@@ -121,10 +123,9 @@ for n = 1, n_updates do
   statuses[n] = status
 end
 
--- Pass 2: write each touched user once; trim as in engine.features.RETENTION_BUCKETS
--- (minutes 120, hours 26, days 31; category fields k<day>:<category> follow days).
+-- Pass 2: write each touched user once; trim to the buckets kept (category fields
+-- k<day>:<category> follow days).
 local grain_ms = { m = 60000, h = 3600000, d = 86400000 }
-local keep = { m = 120, h = 26, d = 31 }
 for u, c in pairs(changed) do
   local state_key = KEYS[2 * u]
   local dedup_key = KEYS[2 * u + 1]

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from engine.state import CATALOGUE_VERSION, LONGEST_WINDOW_MS, State
+from engine.state import CATALOGUE_VERSION, LONGEST_WINDOW_MS, RETENTION_BUCKETS, State
 from engine.store import BatchOutcome, StateUpdate, UpdateStatus
 
 TTL_MARGIN_S = 24 * 3600
@@ -93,7 +93,14 @@ class RedisFeatureStore:
                     1 if update.on_time else 0,
                 ]
             )
-        args: list[int | bytes] = [allowed_lateness_ms, self.ttl_seconds, orjson.dumps(rows)]
+        args: list[int | bytes] = [
+            allowed_lateness_ms,
+            self.ttl_seconds,
+            orjson.dumps(rows),
+            RETENTION_BUCKETS["m"],
+            RETENTION_BUCKETS["h"],
+            RETENTION_BUCKETS["d"],
+        ]
         reply = await self._script(keys=keys, args=args)
         statuses = [UpdateStatus(int(code)) for code in reply[0]]
         before = {user_id: _decode_state(reply[index]) for user_id, index in user_index.items()}
