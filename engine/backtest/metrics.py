@@ -167,9 +167,11 @@ class OpenDecision(NamedTuple):
     """A guardrail denied the offer the policy chose (so the decision went without one)."""
 
 
-TREATED, UNTREATED, HOLDOUT = 0, 2, 4
-"""Offsets into a user's counters: [treated n, converted, untreated n, converted, holdout n,
-converted]."""
+# Offsets into a user's counters: [treated n, converted, untreated n, converted, holdout n,
+# converted].
+TREATED = 0
+UNTREATED = 2
+HOLDOUT = 4
 
 
 @dataclass(slots=True)
