@@ -1,14 +1,15 @@
 """Time ``dealstream backtest`` on simulated events, next to River's progressive validation.
 
-1. Simulates ``--events`` events (``engine.simulator.generate(users=..., seed=1)``) into a
-   temporary JSONL file once (not timed).
+1. Simulates ``--events`` events
+   (``engine.analysis.simulation.generator.generate(users=..., seed=1)``) into a temporary
+   JSONL file once (not timed).
 2. Runs the backtest exactly as the CLI does (``streams.cli.backtest_files.run_backtest_command``:
    import + decode, the engine per campaign set, decisions.jsonl, report.json, report.html)
    and reports events/s, wall and CPU time, split into the run itself and the reporting tail.
 3. Reads the labelled decisions back from decisions.jsonl (the rows the engine's model learned,
    in order, up to ``--river-rows``) and runs River's ``evaluate.progressive_val_score`` with the
    engine's model pipeline (StandardScaler | LogisticRegression, SGD 0.05) on the same feature
-   rows (``engine.inputs.model_inputs``: selected features + discount), reporting rows/s.
+   rows (``engine.model.inputs.model_inputs``: selected features + discount), reporting rows/s.
 
 Prints the figures and writes ``bench/results/backtest.json``; it never asserts on them.
 
@@ -32,9 +33,9 @@ from typing import Any
 import orjson
 from river import evaluate, linear_model, metrics, optim, preprocessing
 
-from engine.inputs import model_inputs
+from engine.analysis.simulation.generator import generate
+from engine.model.inputs import model_inputs
 from engine.pipeline import EngineConfig
-from engine.simulator import generate
 from streams.cli.backtest_files import run_backtest_command
 
 REPO = Path(__file__).resolve().parents[1]

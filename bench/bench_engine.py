@@ -34,11 +34,11 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from engine.analysis.simulation.generator import generate  # noqa: E402
 from engine.campaigns import Campaign, default_campaigns, load_campaigns  # noqa: E402
 from engine.events import Event, parse_event  # noqa: E402
+from engine.features.store import InMemoryFeatureStore  # noqa: E402
 from engine.pipeline import DiscountEngine, Incoming  # noqa: E402
-from engine.simulator import generate  # noqa: E402
-from engine.store import InMemoryFeatureStore  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "engine.json"
 

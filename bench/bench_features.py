@@ -47,18 +47,18 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 
-from engine import simulator
+from engine.analysis.simulation import generator as simulator
 from engine.events import Event, PurchaseEvent, parse_event
-from engine.features import compute_features
-from engine.pipeline import EngineConfig
-from engine.state import apply_ops, event_ops, trigger_category
-from engine.store import (
+from engine.features.catalogue import compute_features
+from engine.features.state import apply_ops, event_ops, trigger_category
+from engine.features.store import (
     FeatureStore,
     InMemoryFeatureStore,
     Position,
     StateUpdate,
     UpdateStatus,
 )
+from engine.pipeline import EngineConfig
 from streams.adapters.redis_store import RedisFeatureStore
 
 RESULTS = Path(__file__).resolve().parent / "results" / "features.json"
@@ -438,7 +438,8 @@ def _percentiles(values: Sequence[int]) -> list[int]:
 
 
 def field_group(name: str) -> str:
-    """Which part of the catalogue a state field belongs to (see ``engine/features.py``)."""
+    """Which part of the catalogue a state field belongs to (see
+    ``engine/features/catalogue.py``)."""
     if name.startswith("k") and ":" in name:
         return "category day k<day>:<cat>"
     if len(name) > 2 and name[1] in "mhd" and name[2:].isdigit():

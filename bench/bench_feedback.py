@@ -1,7 +1,8 @@
 """Compare the delayed-feedback methods on the closed-loop simulator, seed by seed.
 
-For each method (``engine.feedback``) and seed, runs ``dealstream backtest --simulate`` in
-process (``engine.closed_loop.run_closed_loop``: every campaign of the file against its own
+For each method (``engine.model.feedback``) and seed, runs ``dealstream backtest --simulate`` in
+process (``engine.analysis.simulation.closed_loop.run_closed_loop``: every campaign of the file
+against its own
 world, its oracle and the no-offer world) and records, per campaign: the model's prequential
 and as-served AUC and ECE, the realised and expected incremental margin, the oracle's, and
 the stop-loss state at the end. Prints one table and writes ``bench/results/feedback.json``;
@@ -23,10 +24,10 @@ from typing import Any
 
 import orjson
 
+from engine.analysis.simulation.closed_loop import ClosedLoopConfig, run_closed_loop
+from engine.analysis.simulation.params import WorldParams, load_world_file
 from engine.campaigns import load_campaigns
-from engine.closed_loop import ClosedLoopConfig, run_closed_loop
-from engine.feedback import Feedback, FeedbackMethod
-from engine.world.params import WorldParams, load_world_file
+from engine.model.feedback import Feedback, FeedbackMethod
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "feedback.json"

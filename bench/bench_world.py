@@ -22,8 +22,8 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine.simulator import generate  # noqa: E402
-from engine.world.core import World  # noqa: E402
+from engine.analysis.simulation.generator import generate  # noqa: E402
+from engine.analysis.simulation.world import World  # noqa: E402
 
 
 def world_rate(users: int, events: int) -> tuple[float, float]:

@@ -18,10 +18,10 @@ from typing import NamedTuple
 from engine.campaigns import Campaign
 from engine.errors import InvalidEvent
 from engine.events import BrowseEvent, Event
+from engine.features.state import event_kind, trigger_category
 from engine.labels import Arm
+from engine.model.scoring import Scorer
 from engine.policies.base import PolicyChoice, Predict
-from engine.scoring import Scorer
-from engine.state import event_kind, trigger_category
 
 SCHEMA_VERSION = 1
 """Of the offer and decision messages."""

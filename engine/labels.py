@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
-from engine.features import FEATURE_NAMES
+from engine.features.catalogue import FEATURE_NAMES
 
 
 class Arm(StrEnum):

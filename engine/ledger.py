@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from engine.features.state import DAY_MS
 from engine.labels import Arm, LabelEvent, PendingDecision, PendingLabels
-from engine.state import DAY_MS
 from engine.stop_loss import CampaignStopLoss, StopLoss, StopLossStatus, purchase_margin_cents
 
 

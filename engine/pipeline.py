@@ -12,7 +12,7 @@
    interval, cooldown, offers per day, daily budget, pending labels and their label events,
    the stop-loss sums;
 4. emit offers, decisions and training examples as typed records (which examples:
-   ``engine.feedback``); the edges turn them into messages with ``to_message``. With
+   ``engine.model.feedback``); the edges turn them into messages with ``to_message``. With
    ``learn_inline`` (backtests) the model also learns from them, in order; live, the learner
    process does.
 """
@@ -40,8 +40,9 @@ from engine.decisions import (
     unit_hash,
 )
 from engine.events import Event, PurchaseEvent
-from engine.features import compute_features
-from engine.feedback import DECIDED, Feedback, TrainingExample
+from engine.features.catalogue import compute_features
+from engine.features.state import Op, apply_ops, event_kind, event_ops, offer_ops, trigger_category
+from engine.features.store import FeatureStore, Position, StateUpdate, UpdateStatus
 from engine.labels import Arm, LabelEvent, PendingDecision
 from engine.ledger import (
     DecisionLedger,
@@ -55,13 +56,12 @@ from engine.ledger import (
     PurchaseNotice,
     StopLossSetting,
 )
-from engine.model import PurchaseModel
+from engine.model.feedback import DECIDED, Feedback, TrainingExample
+from engine.model.prequential import OnlineLearner
+from engine.model.purchase_model import PurchaseModel
+from engine.model.scoring import Scorer
 from engine.policies.base import PolicyChoice, PolicyContext
-from engine.prequential import OnlineLearner
-from engine.scoring import Scorer
-from engine.state import Op, apply_ops, event_kind, event_ops, offer_ops, trigger_category
 from engine.stop_loss import EXPLORE_ONLY, EXPLORED, StopLossStatus
-from engine.store import FeatureStore, Position, StateUpdate, UpdateStatus
 
 __all__ = [
     "BatchResult",

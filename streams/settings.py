@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from engine.feedback import Feedback, FeedbackMethod
+from engine.model.feedback import Feedback, FeedbackMethod
 from streams.errors import ConfigError
 
 if TYPE_CHECKING:

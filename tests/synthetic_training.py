@@ -15,7 +15,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from engine.feedback import Feedback, FeedbackMethod
+from engine.model.feedback import Feedback, FeedbackMethod
 
 T0_MS = 1_767_225_600_000
 """2026-01-01T00:00:00Z."""

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from bench.e2e.common import CAMPAIGNS, Names, load_average
-from engine.simulator import generate
+from engine.analysis.simulation.generator import generate
 from streams.adapters.decode import DecodeLimits, RawRecord
 from streams.settings import Settings
 from streams.worker.batch_worker import BatchWorker

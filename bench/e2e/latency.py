@@ -19,7 +19,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from bench.e2e.common import Names, Worker, load_average, median, percentile, wait_consumed
-from engine.simulator import generate
+from engine.analysis.simulation.generator import generate
 
 TICK_S = 0.002
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from engine.analysis.simulation.generator import generate
 from engine.events import decode_event
-from engine.simulator import generate
 from streams.settings import Topics
 
 GAP_MS = 1.0

@@ -21,8 +21,11 @@ BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Kafka produce", ("FaustSink", "producer.py", "aiokafka.py", "ProducerSink")),
     ("decode + validate", ("decode.py", "engine/events.py", "engine/validation.py")),
     ("metrics", ("metrics.py", "prometheus_client")),
-    ("model (river)", ("river/", "engine/model.py")),
-    ("features (engine)", ("engine/features.py", "engine/state.py", "engine/store.py")),
+    ("model (river)", ("river/", "engine/model/purchase_model.py")),
+    (
+        "features (engine)",
+        ("engine/features/catalogue.py", "engine/features/state.py", "engine/features/store.py"),
+    ),
     ("policy + guardrails (engine)", ("engine/policies/", "engine/ledger.py", "engine/campaigns")),
     ("engine pipeline (other)", ("engine/",)),
     (

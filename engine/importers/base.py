@@ -187,7 +187,7 @@ class ImportStats:
     the kind is unreadable or unknown."""
     emitted_by_kind: Counter[str] = field(default_factory=Counter)
     """Events emitted per engine activity kind: ``view``, ``cart``, ``favorite``, ``search``,
-    ``purchase`` (the names of ``engine.state.event_kind``)."""
+    ``purchase`` (the names of ``engine.features.state.event_kind``)."""
     rejected_by_reason: Counter[str] = field(default_factory=Counter)
     skipped: Counter[str] = field(default_factory=Counter)
     """Lines that hold no record and are not errors: ``blank``, ``header``, ``empty_session``."""

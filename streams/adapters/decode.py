@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from engine.errors import InvalidEvent
 from engine.events import Event, decode_event
+from engine.features.store import Position
 from engine.pipeline import Incoming
-from engine.store import Position
 from streams.settings import Topics
 
 

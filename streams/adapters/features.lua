@@ -1,5 +1,5 @@
 -- Apply one micro-batch of feature-state updates atomically and read back the prior states.
--- Mirrors engine/store.py (InMemoryFeatureStore) and engine/state.py (apply_ops, trim).
+-- Mirrors engine/features/store.py (InMemoryFeatureStore) and engine/features/state.py (apply_ops, trim).
 --
 -- KEYS[1]               hash of partition watermarks: field "<source>:<partition>" -> offset
 -- KEYS[2u], KEYS[2u+1]  per user u (1-based): feature-state hash, dedup sorted set
@@ -7,7 +7,7 @@
 --       far cheaper to send than thousands): [[user_index, watermark_field ('' = none),
 --       offset, event_id, ts, [op, field, value, op, field, value, ...], on_time], ...]
 --       (on_time 1: never counted as late, the engine's own records such as offers), then
---       the buckets kept per grain (engine.state.RETENTION_BUCKETS: minutes, hours, days)
+--       the buckets kept per grain (engine.features.state.RETENTION_BUCKETS: minutes, hours, days)
 -- Returns {statuses, state_before_1, state_before_2, ...}; statuses: 0 applied, 1 redelivered,
 -- 2 duplicate, 3 late. Each state_before is a flat HGETALL reply taken before the batch.
 --

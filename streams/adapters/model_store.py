@@ -28,7 +28,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from engine.errors import ModelSnapshotError
-from engine.model import PurchaseModel
+from engine.model.purchase_model import PurchaseModel
 from streams.errors import StreamsError
 from streams.settings import DEFAULT_KEEP, Secret
 

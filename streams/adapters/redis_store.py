@@ -2,7 +2,7 @@
 
 Keys (``P`` = the configured key prefix, ``V`` = the feature catalogue version):
 
-- ``P f V :{user}``  hash of the user's raw feature state (see ``engine/state.py``)
+- ``P f V :{user}``  hash of the user's raw feature state (see ``engine/features/state.py``)
 - ``P d V :{user}``  sorted set of the user's recent event ids (dedup within allowed lateness)
 - ``P wm``           hash of per-partition offset watermarks ``<topic>:<partition>``
 
@@ -22,8 +22,8 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from engine.state import CATALOGUE_VERSION, LONGEST_WINDOW_MS, RETENTION_BUCKETS, State
-from engine.store import BatchOutcome, StateUpdate, UpdateStatus
+from engine.features.state import CATALOGUE_VERSION, LONGEST_WINDOW_MS, RETENTION_BUCKETS, State
+from engine.features.store import BatchOutcome, StateUpdate, UpdateStatus
 
 TTL_MARGIN_S = 24 * 3600
 """Keys outlive the longest window by a day, so a quiet user's history expires on its own."""

@@ -1,4 +1,4 @@
-"""``dealstream backtest``: file I/O around ``engine.backtest`` (reading, writing, timing).
+"""``dealstream backtest``: file I/O around ``engine.analysis.backtest`` (reading, writing, timing).
 
 Writes ``DIR/report.json`` (deterministic), ``DIR/decisions.jsonl`` (the decision log with
 rewards, for ``dealstream ope --log``), ``DIR/pending_decisions.jsonl`` (decisions whose
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import orjson
 
-from engine.backtest.html import render_html
-from engine.backtest.ope_section import ope_sections
-from engine.backtest.report import build_report, dumps_report
-from engine.backtest.runner import finalize_decision_lines, run_backtest
+from engine.analysis.backtest.runner import finalize_decision_lines, run_backtest
+from engine.analysis.reporting.html import render_html
+from engine.analysis.reporting.ope_section import ope_sections
+from engine.analysis.reporting.report import build_report, dumps_report
 from engine.campaigns import Campaign, load_campaigns
 from engine.events import Event, parse_event
 from engine.importers import import_events

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import orjson
 
-from engine.features import compute_features
-from engine.state import State
+from engine.features.catalogue import compute_features
+from engine.features.state import State
 from streams.cli import Subparsers
 from streams.settings import Settings
 

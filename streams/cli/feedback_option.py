@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from engine.feedback import Feedback, FeedbackMethod
+from engine.model.feedback import Feedback, FeedbackMethod
 from streams.settings import Settings
 
 

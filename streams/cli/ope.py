@@ -1,6 +1,6 @@
 """``dealstream ope``: off-policy evaluation of a target policy from a decision log.
 
-Thin: reads the file, calls :mod:`engine.ope`, prints a table or JSON. Also the Open Bandit
+Thin: reads the file, calls :mod:`engine.analysis.ope`, prints a table or JSON. Also the Open Bandit
 validation (``--open-bandit DIR``) that reproduces the figures of docs/ope.md.
 """
 
@@ -18,11 +18,11 @@ from engine.errors import EngineError
 from streams.cli import Subparsers
 
 if TYPE_CHECKING:
-    from engine.ope.estimators import Interval, OpeReport
+    from engine.analysis.ope.estimators import Interval, OpeReport
 
 DEFAULT_BOOTSTRAP = 200
-"""``engine.ope.estimators.DEFAULT_BOOTSTRAP``, repeated so that ``dealstream --help`` need not
-import River (a test checks that they agree)."""
+"""``engine.analysis.ope.estimators.DEFAULT_BOOTSTRAP``, repeated so that ``dealstream --help``
+need not import River (a test checks that they agree)."""
 
 
 class OpeInputError(EngineError):
@@ -103,9 +103,9 @@ def _bad_summary(bad: dict[str, int], where: dict[str, list[int]]) -> str:
 
 
 def run_ope(settings: object, args: argparse.Namespace) -> int:
-    from engine.ope.decision_log import read_decision_log
-    from engine.ope.evaluate import estimate
-    from engine.ope.targets import parse_target
+    from engine.analysis.ope.decision_log import read_decision_log
+    from engine.analysis.ope.evaluate import estimate
+    from engine.analysis.ope.targets import parse_target
 
     if args.bootstrap < 1:
         raise OpeInputError(f"--bootstrap must be at least 1, got {args.bootstrap}")
@@ -138,7 +138,7 @@ def run_ope(settings: object, args: argparse.Namespace) -> int:
 
 
 def _run_open_bandit(args: argparse.Namespace) -> int:
-    from engine.ope.open_bandit import validate
+    from engine.analysis.ope.open_bandit import validate
 
     results = validate(args.open_bandit, seed=args.seed, n_bootstrap=args.bootstrap)
     if args.json:

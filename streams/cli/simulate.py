@@ -40,7 +40,7 @@ def add_parser(subparsers: Subparsers) -> None:
 
 
 def run_simulate_command(settings: Settings, args: argparse.Namespace) -> int:
-    from engine.world.core import DEFAULT_MEAN_GAP_MS
+    from engine.analysis.simulation.world import DEFAULT_MEAN_GAP_MS
     from streams.cli.simulation import simulate_to_file, simulate_to_kafka
 
     if args.closed_loop:

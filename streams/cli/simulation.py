@@ -1,8 +1,8 @@
 """``dealstream simulate``: the world's traffic to a JSONL file or Kafka, or a closed-loop run.
 
-Open loop, the world (``engine.world``) receives no offers; ``--closed-loop`` runs every
-campaign against its own copy of the world, with the oracle and the no-offer counterfactual,
-and writes the ``simulation`` report (``engine.closed_loop``)."""
+Open loop, the world (``engine.analysis.simulation``) receives no offers; ``--closed-loop`` runs
+every campaign against its own copy of the world, with the oracle and the no-offer counterfactual,
+and writes the ``simulation`` report (``engine.analysis.simulation.closed_loop``)."""
 
 from __future__ import annotations
 
@@ -15,19 +15,19 @@ from typing import IO, Any, cast
 
 import orjson
 
-from engine.backtest.html import render_html
-from engine.backtest.report import build_report, dumps_report
-from engine.backtest.runner import BacktestResult
-from engine.campaigns import Campaign, load_campaigns
-from engine.closed_loop import (
+from engine.analysis.backtest.runner import BacktestResult
+from engine.analysis.reporting.html import render_html
+from engine.analysis.reporting.report import build_report, dumps_report
+from engine.analysis.simulation.closed_loop import (
     ClosedLoopConfig,
     ClosedLoopError,
     ClosedLoopRun,
     run_closed_loop,
     simulate_closed_loop,
 )
-from engine.world.core import DEFAULT_MEAN_GAP_MS, open_loop
-from engine.world.params import WorldParams
+from engine.analysis.simulation.params import WorldParams
+from engine.analysis.simulation.world import DEFAULT_MEAN_GAP_MS, open_loop
+from engine.campaigns import Campaign, load_campaigns
 from streams.adapters.kafka_io import ProducerSink
 from streams.settings import Topics
 

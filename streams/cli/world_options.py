@@ -12,12 +12,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.world.errors import WorldError, WorldParamError
-from engine.world.params import PAIR_KEYS, PARAM_KEYS, WorldFile, WorldParams, load_world_file
+from engine.analysis.simulation.errors import WorldError, WorldParamError
+from engine.analysis.simulation.params import (
+    PAIR_KEYS,
+    PARAM_KEYS,
+    WorldFile,
+    WorldParams,
+    load_world_file,
+)
 
 if TYPE_CHECKING:  # the closed loop imports the engine and River: only when a command runs
-    from engine.closed_loop import ClosedLoopConfig
-    from engine.feedback import Feedback
+    from engine.analysis.simulation.closed_loop import ClosedLoopConfig
+    from engine.model.feedback import Feedback
 
 FLAGS: dict[str, str] = {key: "--" + key.replace("_", "-") for key in PARAM_KEYS}
 """The flag of each parameter: its TOML key with dashes."""
@@ -113,7 +119,7 @@ def closed_loop_config(
     batch_size: int | None = None,
 ) -> ClosedLoopConfig:
     """A closed loop in the chosen world; unset settings keep ``ClosedLoopConfig``'s defaults."""
-    from engine.closed_loop import ClosedLoopConfig
+    from engine.analysis.simulation.closed_loop import ClosedLoopConfig
 
     config = ClosedLoopConfig(
         users=users, events=events, seed=seed, world=choice.params, feedback=feedback

@@ -35,7 +35,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from engine.errors import InvalidEvent
-from engine.prequential import OnlineLearner, PrequentialMetrics
+from engine.model.prequential import OnlineLearner, PrequentialMetrics
 from streams.adapters.kafka_io import check_kafka, check_redis, ensure_topics
 from streams.adapters.model_store import LeaseLost, ModelStore
 from streams.errors import ConfigError

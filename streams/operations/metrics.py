@@ -28,11 +28,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from engine.features.state import State
+from engine.features.store import BatchOutcome, FeatureStore, StateUpdate, UpdateStatus
 from engine.ledger import DecisionLedger, LedgerOp, LedgerResult
 from engine.pipeline import BatchResult
-from engine.state import State
 from engine.stop_loss import EXPLORE_ONLY, EXPLORED, StopLossStatus
-from engine.store import BatchOutcome, FeatureStore, StateUpdate, UpdateStatus
 from streams.adapters.decode import DeadLetter, RawRecord
 
 # fmt: off

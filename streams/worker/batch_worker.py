@@ -15,8 +15,8 @@ from typing import Protocol
 
 import orjson
 
+from engine.features.store import UpdateStatus
 from engine.pipeline import BatchResult, DiscountEngine, Incoming
-from engine.store import UpdateStatus
 from streams.adapters.decode import DeadLetter, DecodeLimits, RawRecord, decode_record
 from streams.operations.logs import DeadLetterLog, log_outputs
 from streams.operations.metrics import WorkerMetrics

@@ -29,7 +29,7 @@ from prometheus_client.exposition import choose_encoder
 
 from engine.campaigns import Campaign
 from engine.ledger import event_day
-from engine.prequential import PrequentialMetrics
+from engine.model.prequential import PrequentialMetrics
 from engine.stop_loss import StopLossStatus
 from streams.adapters.model_store import ModelStore
 from streams.operations.lag import PartitionLag, total_lag

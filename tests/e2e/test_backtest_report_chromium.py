@@ -29,9 +29,9 @@ from typing import Any
 import orjson
 import pytest
 
-from engine.backtest.plots import PLOT_IDS
-from engine.backtest.svg import FONT_PX, PALETTE, TITLE_PX, text_width
-from engine.simulator import generate
+from engine.analysis.reporting.plots import PLOT_IDS
+from engine.analysis.reporting.svg import FONT_PX, PALETTE, TITLE_PX, text_width
+from engine.analysis.simulation.generator import generate
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = next(

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from engine.analysis.simulation.generator import generate
 from engine.campaigns import load_campaigns
 from engine.decisions import offer_cost_cents, order_value
 from engine.events import parse_event
 from engine.ledger import LedgerConfig, event_day
-from engine.simulator import generate
 from streams.adapters.kafka_io import ensure_topics
 from streams.adapters.redis_ledger import RedisLedger
 from streams.settings import Topics

@@ -27,8 +27,8 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from engine.prequential import PrequentialMetrics
-from engine.simulator import generate
+from engine.analysis.simulation.generator import generate
+from engine.model.prequential import PrequentialMetrics
 from streams.adapters.kafka_io import ensure_topics
 from streams.adapters.model_store import ModelStore
 from streams.settings import Topics

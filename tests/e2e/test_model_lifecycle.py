@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer
 
-from engine.simulator import generate
+from engine.analysis.simulation.generator import generate
 from streams.adapters.kafka_io import ensure_topics
 from streams.adapters.model_store import ModelStore
 from streams.settings import Settings, Topics

@@ -21,10 +21,10 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
+from engine.analysis.simulation.generator import generate
 from engine.errors import InvalidEvent
 from engine.events import parse_event
-from engine.simulator import generate
-from engine.state import KIND_CODE, event_kind
+from engine.features.state import KIND_CODE, event_kind
 from streams.adapters.kafka_io import ensure_topics
 from streams.settings import Topics
 from tests.conftest import Isolation, Services

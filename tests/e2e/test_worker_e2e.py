@@ -18,13 +18,13 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer
 from jsonschema import Draft202012Validator
 
+from engine.analysis.simulation.generator import generate
 from engine.campaigns import load_campaigns
 from engine.decisions import in_holdout
 from engine.events import parse_event
+from engine.features.state import KIND_CODE, event_kind
+from engine.features.store import InMemoryFeatureStore
 from engine.pipeline import DiscountEngine, Incoming
-from engine.simulator import generate
-from engine.state import KIND_CODE, event_kind
-from engine.store import InMemoryFeatureStore
 from streams.adapters.kafka_io import ensure_topics
 from streams.adapters.redis_store import RedisFeatureStore
 from streams.settings import Topics

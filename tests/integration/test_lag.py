@@ -28,9 +28,9 @@ from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 from aiokafka.structs import TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine.analysis.simulation.generator import generate
+from engine.features.store import InMemoryFeatureStore
 from engine.pipeline import DiscountEngine, EngineConfig
-from engine.simulator import generate
-from engine.store import InMemoryFeatureStore
 from streams.adapters.decode import DecodeLimits
 from streams.adapters.kafka_io import ensure_topics
 from streams.operations.lag import LagProbe, consumer_lag

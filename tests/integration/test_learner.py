@@ -150,7 +150,7 @@ async def stop_task(task: asyncio.Task[None], stop: asyncio.Event | None = None)
 
 
 def probe_predictions(learner_model: object) -> list[float]:
-    from engine.model import PurchaseModel
+    from engine.model.purchase_model import PurchaseModel
 
     assert isinstance(learner_model, PurchaseModel)
     rows = [d.example for d in training_examples(20, seed=99)]

@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import event as label
 from hypothesis import strategies as st
 
+from engine.features.state import HOUR_MS, MINUTE_MS
 from engine.labels import Arm, LabelKind, PendingDecision
 from engine.ledger import (
     DecisionOutcome,
@@ -37,7 +38,6 @@ from engine.ledger import (
     StopLossSetting,
     event_day,
 )
-from engine.state import HOUR_MS, MINUTE_MS
 from engine.stop_loss import StopLoss
 from streams.adapters.redis_ledger import RedisLedger
 from streams.adapters.redis_store import hash_tag

@@ -24,10 +24,10 @@ from hypothesis import strategies as st
 from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
+from engine.analysis.simulation.generator import DEFAULT_START_MS, generate
 from engine.events import BrowseEvent, Event, PurchaseEvent, PurchaseItem, SearchEvent, parse_event
-from engine.features import compute_features
-from engine.simulator import DEFAULT_START_MS, generate
-from engine.state import (
+from engine.features.catalogue import compute_features
+from engine.features.state import (
     CATALOGUE_VERSION,
     DAY_MS,
     HOUR_MS,
@@ -39,7 +39,7 @@ from engine.state import (
     offer_ops,
     trim,
 )
-from engine.store import (
+from engine.features.store import (
     BatchOutcome,
     InMemoryFeatureStore,
     Position,

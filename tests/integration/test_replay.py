@@ -27,9 +27,9 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from engine.analysis.simulation.generator import generate
 from engine.importers.jsonl import import_jsonl
 from engine.importers.taobao import import_taobao
-from engine.simulator import generate
 from streams.cli.main import main
 from streams.replay.checkpoint import default_checkpoint_path, load_checkpoint
 from streams.replay.republish import SOURCE_HEADER

@@ -11,10 +11,10 @@ The training topic holds the decision snapshots (features and discount as the wo
 plus the label). The test reads them back and prints one table:
 
 - the product's prequential figures: the learner's own (its last window) and the same run
-  replayed in-process through ``engine.prequential.OnlineLearner`` over every example;
+  replayed in-process through ``engine.model.prequential.OnlineLearner`` over every example;
 - a scikit-learn logistic regression (``StandardScaler`` + ``LogisticRegression``) fitted in
   hindsight on all the snapshots with the product's input transform
-  (``engine.inputs.model_inputs``): in-sample, and 5-fold cross-validated (the honest
+  (``engine.model.inputs.model_inputs``): in-sample, and 5-fold cross-validated (the honest
   reference). scikit-learn is a reference here, not a dependency of the product.
 
 Every figure is given over all examples and over the "steady state": examples labelled once a
@@ -48,12 +48,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from engine.campaigns import parse_campaigns
 from engine.events import parse_event
-from engine.feedback import TrainingExample
-from engine.inputs import model_inputs
+from engine.features.store import InMemoryFeatureStore
 from engine.ledger import InMemoryLedger
+from engine.model.feedback import TrainingExample
+from engine.model.inputs import model_inputs
+from engine.model.prequential import OnlineLearner, roc_auc
 from engine.pipeline import DiscountEngine, EngineConfig, Incoming
-from engine.prequential import OnlineLearner, roc_auc
-from engine.store import InMemoryFeatureStore
 from streams.adapters.kafka_io import ensure_topics
 from streams.adapters.redis_ledger import RedisLedger
 from streams.adapters.redis_store import RedisFeatureStore
@@ -88,7 +88,7 @@ triggers = ["view", "cart", "favorite"]
 decision_interval_s = {DECISION_INTERVAL_S}
 """
 EPS = 1e-15
-"""Probabilities are clipped to [EPS, 1 - EPS] for log loss, as in ``engine.prequential``."""
+"""Probabilities are clipped to [EPS, 1 - EPS] for log loss, as in ``engine.model.prequential``."""
 
 Pairs = Sequence[tuple[float, int]]
 

@@ -25,14 +25,14 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
+from engine.analysis.simulation.generator import generate
 from engine.campaigns import load_campaigns
 from engine.events import parse_event
-from engine.features import compute_features
+from engine.features.catalogue import compute_features
+from engine.features.state import KIND_CODE, State, event_ops
+from engine.features.store import InMemoryFeatureStore, StateUpdate, UpdateStatus
 from engine.importers.taobao import import_taobao
 from engine.pipeline import DiscountEngine, EngineConfig, Incoming
-from engine.simulator import generate
-from engine.state import KIND_CODE, State, event_ops
-from engine.store import InMemoryFeatureStore, StateUpdate, UpdateStatus
 from streams.adapters.kafka_io import ensure_topics
 from streams.adapters.redis_store import RedisFeatureStore
 from streams.settings import Topics

@@ -13,19 +13,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.backtest.metrics import ModelStats
-from engine.backtest.report import build_report, dumps_report
-from engine.backtest.runner import (
+from engine.analysis.backtest.metrics import ModelStats
+from engine.analysis.backtest.runner import (
     BacktestError,
     BacktestResult,
     finalize_decision_lines,
     run_backtest,
 )
+from engine.analysis.reporting.report import build_report, dumps_report
+from engine.analysis.simulation.generator import generate
 from engine.campaigns import Campaign, parse_campaigns
 from engine.events import Event, parse_event
+from engine.features.state import DAY_MS
 from engine.pipeline import EngineConfig
-from engine.simulator import generate
-from engine.state import DAY_MS
 
 CONFIG = EngineConfig(attribution_window_ms=1800 * 1000)
 CAMPAIGNS_TOML: dict[str, Any] = {
@@ -228,7 +228,7 @@ def test_model_metrics_are_prequential_over_every_label(
         for c in report["campaigns"].values()
     )
     # Every final label is scored once, by the model as it was just before that label
-    # reached it (engine.prequential.OnlineLearner); the learner saw at least as many updates.
+    # reached it (engine.model.prequential.OnlineLearner); the learner saw at least as many updates.
     assert model["n_labels"] == labels <= result.groups[0].engine.model.examples_learned
     assert sum(b["count"] for b in model["calibration"]) == labels
     assert 0.0 <= model["auc"] <= 1.0 and 0 < model["ece"] < 1 and model["log_loss"] > 0

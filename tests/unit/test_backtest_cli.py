@@ -10,10 +10,10 @@ from typing import Any
 import orjson
 import pytest
 
-from engine.backtest.html import render_html
-from engine.backtest.plots import PLOT_IDS
-from engine.ope.decision_log import read_decision_log
-from engine.simulator import generate
+from engine.analysis.ope.decision_log import read_decision_log
+from engine.analysis.reporting.html import render_html
+from engine.analysis.reporting.plots import PLOT_IDS
+from engine.analysis.simulation.generator import generate
 from streams.cli.main import main
 
 CAMPAIGNS = """

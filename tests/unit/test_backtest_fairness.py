@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.backtest.fairness import (
+from engine.analysis.backtest.fairness import (
     ACTIVITY_EXACT,
     MAX_CATEGORIES,
     MIN_DECISIONS,

@@ -11,21 +11,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.backtest.html import render_html, report_title
-from engine.backtest.plots import (
+from engine.analysis.backtest.runner import run_backtest
+from engine.analysis.reporting.html import render_html, report_title
+from engine.analysis.reporting.plots import (
     MAX_DISCOUNT_BINS,
     MAX_DISCOUNT_LEVELS,
     binned_discounts,
     discount_bin_width,
     discount_plot,
 )
-from engine.backtest.report import build_report, dumps_report
-from engine.backtest.runner import run_backtest
-from engine.backtest.svg import FONT_PX, LABEL_GAP_PX, text_width, thin_labels
+from engine.analysis.reporting.report import build_report, dumps_report
+from engine.analysis.reporting.svg import FONT_PX, LABEL_GAP_PX, text_width, thin_labels
+from engine.analysis.simulation.generator import generate
 from engine.campaigns import parse_campaigns
 from engine.events import parse_event
 from engine.pipeline import EngineConfig
-from engine.simulator import generate
 
 
 def test_text_width_is_on_the_wide_side_of_dejavu_sans() -> None:

@@ -9,12 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.backtest.metrics import BudgetBurn, CampaignStats, ModelStats, OpenDecision
-from engine.backtest.qini import QiniSetup, qini_section
-from engine.backtest.report import canonical, dumps_report
-from engine.backtest.runner import BacktestError, drive
-from engine.backtest.uplift import Z95, holdout_power, uplift_section
-from engine.prequential import roc_auc
+from engine.analysis.backtest.metrics import BudgetBurn, CampaignStats, ModelStats, OpenDecision
+from engine.analysis.backtest.qini import QiniSetup, qini_section
+from engine.analysis.backtest.runner import BacktestError, drive
+from engine.analysis.backtest.uplift import Z95, holdout_power, uplift_section
+from engine.analysis.reporting.report import canonical, dumps_report
+from engine.model.prequential import roc_auc
 
 
 def opened(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.backtest.qini import (
+from engine.analysis.backtest.qini import (
     QINI_POINTS,
     UPLIFT_BINS,
     QiniSetup,

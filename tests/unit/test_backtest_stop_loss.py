@@ -10,10 +10,10 @@ from typing import Any
 import orjson
 import pytest
 
-from engine.backtest.html import render_html
-from engine.backtest.report import build_report, dumps_report
-from engine.backtest.runner import BacktestResult, run_backtest
-from engine.backtest.stop_loss import TRANSITIONS_KEPT, StopLossLog, Transition
+from engine.analysis.backtest.runner import BacktestResult, run_backtest
+from engine.analysis.backtest.stop_loss import TRANSITIONS_KEPT, StopLossLog, Transition
+from engine.analysis.reporting.html import render_html
+from engine.analysis.reporting.report import build_report, dumps_report
 from engine.campaigns import Campaign, parse_campaigns
 from engine.decisions import in_holdout
 from engine.events import Event, parse_event

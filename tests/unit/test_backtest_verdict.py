@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from engine.backtest.verdict import RankedCampaign, decide, money, ranking_section
+from engine.analysis.reporting.verdict import RankedCampaign, decide, money, ranking_section
 
 
 def policy_row(name: str, margin: float, sd: float, offers: int = 10) -> dict[str, Any]:

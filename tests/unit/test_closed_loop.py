@@ -1,5 +1,5 @@
-"""The closed loop (engine/closed_loop.py): the oracle's choice, regret for every policy,
-determinism."""
+"""The closed loop (engine/analysis/simulation/closed_loop.py): the oracle's choice, regret for
+every policy, determinism."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from engine.campaigns import Campaign, load_campaigns
-from engine.closed_loop import (
+from engine.analysis.simulation.closed_loop import (
     ClosedLoopConfig,
     ClosedLoopError,
     OraclePolicy,
@@ -21,14 +20,15 @@ from engine.closed_loop import (
     oracle_action_space,
     simulate_closed_loop,
 )
+from engine.analysis.simulation.generator import DEFAULT_START_MS
+from engine.analysis.simulation.shoppers import Truth
+from engine.analysis.simulation.world import World
+from engine.campaigns import Campaign, load_campaigns
 from engine.policies.base import PolicyContext
 from engine.policies.linear import LinearPolicy
 from engine.policies.profit import ProfitPolicy
 from engine.policies.rules import RulesPolicy
 from engine.policies.threshold import ThresholdPolicy
-from engine.simulator import DEFAULT_START_MS
-from engine.world.core import World
-from engine.world.shoppers import Truth
 
 PAPER = Path(__file__).resolve().parents[2] / "deploy" / "campaigns" / "paper.toml"
 MARGIN = 0.3
@@ -219,11 +219,11 @@ def test_the_engine_tells_policies_whom_and_which_event_they_decide_for() -> Non
     """The oracle finds its truth by these two fields; without them it could offer nothing."""
     import asyncio
 
+    from engine.analysis.simulation.world import open_loop
     from engine.events import parse_event
+    from engine.features.store import InMemoryFeatureStore
     from engine.pipeline import DiscountEngine, Incoming
     from engine.policies.base import PolicyChoice
-    from engine.store import InMemoryFeatureStore
-    from engine.world.core import open_loop
 
     seen: list[tuple[str, str]] = []
 

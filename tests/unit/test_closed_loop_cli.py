@@ -7,7 +7,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from engine.backtest.report import canonical
+from engine.analysis.reporting.report import canonical
 from streams.cli.main import main
 
 PAPER = Path(__file__).resolve().parents[2] / "deploy" / "campaigns" / "paper.toml"

@@ -15,12 +15,10 @@ from collections.abc import Mapping
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import state as state_module
-from engine.features import _session_events as session_events
-from engine.features import compute_features
-from engine.inputs import MODEL_FEATURES
-from engine.model import PurchaseModel
-from engine.state import (
+from engine.features import state as state_module
+from engine.features.catalogue import _session_events as session_events
+from engine.features.catalogue import compute_features
+from engine.features.state import (
     MINUTE_MS,
     RETENTION_BUCKETS,
     SESSION_GAP_MINUTES,
@@ -29,7 +27,9 @@ from engine.state import (
     expired_fields,
     trim,
 )
-from engine.store import InMemoryFeatureStore, StateUpdate
+from engine.features.store import InMemoryFeatureStore, StateUpdate
+from engine.model.inputs import MODEL_FEATURES
+from engine.model.purchase_model import PurchaseModel
 
 T0 = 1_767_225_600_000
 

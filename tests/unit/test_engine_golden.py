@@ -31,10 +31,10 @@ import pytest
 
 from engine.campaigns import Campaign, default_campaigns, load_campaigns, parse_campaigns
 from engine.events import Event, parse_event
+from engine.features.store import InMemoryFeatureStore, Position
 from engine.ledger import DecisionLedger, InMemoryLedger, LedgerOp, LedgerResult
 from engine.pipeline import DiscountEngine, EngineConfig, Incoming
 from engine.stop_loss import StopLossStatus
-from engine.store import InMemoryFeatureStore, Position
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "fixtures" / "golden_events.jsonl.gz"

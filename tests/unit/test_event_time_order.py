@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from engine.campaigns import Campaign
 from engine.events import BrowseEvent, PurchaseEvent, PurchaseItem
+from engine.features.store import InMemoryFeatureStore, Position, UpdateStatus
 from engine.pipeline import DiscountEngine, Incoming, event_time_order
 from engine.policies.threshold import ThresholdPolicy
-from engine.store import InMemoryFeatureStore, Position, UpdateStatus
 
 T0 = 1_767_225_600_000
 

@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.events import BrowseEvent, Event, PurchaseEvent, PurchaseItem, SearchEvent
-from engine.features import CATALOGUE, FEATURE_NAMES, compute_features
-from engine.state import HOUR_MS, MINUTE_MS, RECENCY_DEFAULT_S, apply_ops, event_ops
-from engine.store import InMemoryFeatureStore, StateUpdate, UpdateStatus
+from engine.features.catalogue import CATALOGUE, FEATURE_NAMES, compute_features
+from engine.features.state import HOUR_MS, MINUTE_MS, RECENCY_DEFAULT_S, apply_ops, event_ops
+from engine.features.store import InMemoryFeatureStore, StateUpdate, UpdateStatus
 
 T0 = 1_767_225_600_000
 
@@ -184,7 +184,7 @@ def test_category_and_purchase_features() -> None:
 
 
 def test_old_buckets_and_categories_are_trimmed_but_recent_ones_kept() -> None:
-    from engine.state import DAY_MS, expired_fields
+    from engine.features.state import DAY_MS, expired_fields
 
     old = browse("old", T0)
     new = browse("new", T0 + 40 * DAY_MS)

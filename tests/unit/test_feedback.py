@@ -1,4 +1,4 @@
-"""Delayed-feedback learning (engine/feedback.py, engine/prequential.py OnlineLearner).
+"""Delayed-feedback learning (engine/model/feedback.py, engine/model/prequential.py OnlineLearner).
 
 Each method learns from its own label events with its own weights; the prequential metrics
 count every decision's final label once, scored before the model learns that label.
@@ -10,10 +10,10 @@ import random
 
 import pytest
 
-from engine.feedback import DECIDED, Feedback, FeedbackMethod, Step, TrainingExample, steps
 from engine.labels import LabelKind
-from engine.model import PurchaseModel
-from engine.prequential import OnlineLearner
+from engine.model.feedback import DECIDED, Feedback, FeedbackMethod, Step, TrainingExample, steps
+from engine.model.prequential import OnlineLearner
+from engine.model.purchase_model import PurchaseModel
 
 T0 = 1_767_225_600_000
 WAIT = 3_600_000

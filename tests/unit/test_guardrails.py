@@ -26,16 +26,16 @@ from jsonschema import Draft202012Validator
 from engine.campaigns import Campaign
 from engine.decisions import Decision, Offer, in_holdout, offer_cost_cents, stable_id
 from engine.events import BrowseEvent, Event, PurchaseEvent, PurchaseItem, SearchEvent
-from engine.feedback import TrainingExample
+from engine.features.state import DAY_MS, HOUR_MS, MINUTE_MS
+from engine.features.store import InMemoryFeatureStore
 from engine.labels import LabelEvent, LabelKind, PendingDecision
 from engine.ledger import DecisionRequest, InMemoryLedger, OfferLimits, event_day
-from engine.model import PurchaseModel
+from engine.model.feedback import TrainingExample
+from engine.model.purchase_model import PurchaseModel
 from engine.pipeline import DiscountEngine, EngineConfig, Incoming
 from engine.policies.linear import LinearPolicy
 from engine.policies.profit import ProfitPolicy
 from engine.policies.threshold import ThresholdPolicy
-from engine.state import DAY_MS, HOUR_MS, MINUTE_MS
-from engine.store import InMemoryFeatureStore
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 T0 = 1_767_225_600_000

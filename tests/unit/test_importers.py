@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
+from engine.analysis.simulation.generator import generate
 from engine.errors import INVALID_EVENT_CODES
 from engine.events import event_to_dict, parse_event
 from engine.importers import FORMATS, detect_format, import_events
@@ -36,7 +37,6 @@ from engine.importers.base import (
 from engine.importers.jsonl import import_jsonl
 from engine.importers.otto import import_otto
 from engine.importers.taobao import TAOBAO_WINDOW, import_taobao
-from engine.simulator import generate
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data"

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
-from engine.features import FEATURE_NAMES
-from engine.feedback import TrainingExample
+from engine.features.catalogue import FEATURE_NAMES
 from engine.labels import Arm, LabelEvent, LabelKind, PendingDecision, PendingLabels
+from engine.model.feedback import TrainingExample
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 WINDOW = 1_000_000

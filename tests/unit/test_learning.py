@@ -12,12 +12,12 @@ import math
 import random
 from dataclasses import dataclass
 
-from engine.inputs import model_inputs
-from engine.model import PurchaseModel
+from engine.model.inputs import model_inputs
+from engine.model.prequential import PrequentialMetrics
+from engine.model.purchase_model import PurchaseModel
 from engine.policies.base import Policy, PolicyContext
 from engine.policies.profit import ProfitPolicy
 from engine.policies.threshold import ThresholdPolicy
-from engine.prequential import PrequentialMetrics
 
 MARGIN = 0.3
 ORDER_VALUE = 40.0

@@ -12,11 +12,11 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine.campaigns import Campaign
+from engine.features.store import InMemoryFeatureStore
 from engine.ledger import InMemoryLedger, event_day
 from engine.pipeline import DiscountEngine, EngineConfig
 from engine.policies.threshold import ThresholdPolicy
 from engine.stop_loss import StopLoss, StopLossStatus
-from engine.store import InMemoryFeatureStore
 from streams.adapters.decode import DecodeLimits, RawRecord
 from streams.operations.metrics import TimedFeatureStore, TimedLedger, WorkerMetrics
 from streams.settings import Topics

@@ -11,12 +11,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from engine.campaigns import Campaign
+from engine.features.store import InMemoryFeatureStore
 from engine.ledger import InMemoryLedger, event_day
+from engine.model.prequential import PrequentialMetrics
 from engine.pipeline import DiscountEngine, EngineConfig
 from engine.policies.threshold import ThresholdPolicy
-from engine.prequential import PrequentialMetrics
 from engine.stop_loss import StopLoss, StopLossStatus
-from engine.store import InMemoryFeatureStore
 from streams.adapters.decode import DecodeLimits, RawRecord
 from streams.operations.lag import PartitionLag, format_lag_table, lag_report, total_lag
 from streams.operations.metrics import RateWindow, WorkerMetrics

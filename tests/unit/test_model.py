@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import engine.model
+import engine.model.purchase_model
 from engine.errors import EngineError, ModelSnapshotError
-from engine.model import (
+from engine.model.purchase_model import (
     SNAPSHOT_FORMAT,
     SNAPSHOT_MAGIC,
     PurchaseModel,
@@ -74,16 +74,17 @@ class Exploit:
 
 @pytest.fixture
 def unpickle_spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bytes]]:
-    """Records every attempt to unpickle inside engine.model (there must be none for bad bytes)."""
+    """Records every attempt to unpickle inside engine.model.purchase_model (there must be none for
+    bad bytes)."""
     calls: list[bytes] = []
-    original = engine.model._AllowListUnpickler
+    original = engine.model.purchase_model._AllowListUnpickler
 
     class Spy(original):  # type: ignore[misc, valid-type]
         def load(self) -> object:
             calls.append(b"load")
             return super().load()
 
-    monkeypatch.setattr(engine.model, "_AllowListUnpickler", Spy)
+    monkeypatch.setattr(engine.model.purchase_model, "_AllowListUnpickler", Spy)
     monkeypatch.setattr(pickle, "loads", lambda *a, **k: calls.append(b"loads"))
     EXPLOITED.clear()
     yield calls
@@ -192,18 +193,18 @@ def test_any_flipped_byte_is_refused_without_unpickling(data: st.DataObject) -> 
     index = data.draw(st.integers(0, len(blob) - 1), label="index")
     blob[index] ^= data.draw(st.integers(1, 255), label="xor")
     calls: list[str] = []
-    original = engine.model._AllowListUnpickler.load
+    original = engine.model.purchase_model._AllowListUnpickler.load
 
     def spy(self: pickle.Unpickler) -> object:
         calls.append("load")
         return original(self)
 
-    engine.model._AllowListUnpickler.load = spy  # type: ignore[method-assign]
+    engine.model.purchase_model._AllowListUnpickler.load = spy  # type: ignore[method-assign]
     try:
         with pytest.raises(ModelSnapshotError):
             PurchaseModel.restore(bytes(blob), KEY)
     finally:
-        engine.model._AllowListUnpickler.load = original  # type: ignore[method-assign]
+        engine.model.purchase_model._AllowListUnpickler.load = original  # type: ignore[method-assign]
     assert calls == []
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from engine.ope.estimators import DEFAULT_BOOTSTRAP
+from engine.analysis.ope.estimators import DEFAULT_BOOTSTRAP
 from streams.cli import ope as ope_command
 from streams.cli.main import main
 

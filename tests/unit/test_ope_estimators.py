@@ -1,4 +1,5 @@
-"""engine.ope estimators on synthetic decision logs whose true target value is known exactly.
+"""engine.analysis.ope estimators on synthetic decision logs whose true target value is known
+exactly.
 
 The logging policy depends on the context (users with carts are mostly offered 20 %), so the
 naive mean reward of the logged 10 % decisions is confounded; IPS, SNIPS and DR must correct it.
@@ -12,11 +13,11 @@ import random
 import numpy as np
 import pytest
 
-from engine.ope.decision_log import LoggedDecision
-from engine.ope.errors import OpeError
-from engine.ope.estimators import effective_sample_size, estimate_arrays
-from engine.ope.evaluate import estimate
-from engine.ope.targets import ConstantTarget
+from engine.analysis.ope.decision_log import LoggedDecision
+from engine.analysis.ope.errors import OpeError
+from engine.analysis.ope.estimators import effective_sample_size, estimate_arrays
+from engine.analysis.ope.evaluate import estimate
+from engine.analysis.ope.targets import ConstantTarget
 
 LADDER = (0.0, 5.0, 10.0, 15.0, 20.0)
 CARTS = (0, 1, 2, 3)
@@ -208,8 +209,8 @@ def test_oracle_dr_beats_ips_on_arrays() -> None:
 def test_a_profit_campaign_target_is_estimated_within_its_interval() -> None:
     """The target's distribution per decision is known (the engine's profit policy over a
     prequential model), so its true value is sum_i sum_d pi_i(d) P(buy | x_i, d) / n."""
+    from engine.analysis.ope.targets import CampaignsTarget, TargetActions
     from engine.campaigns import parse_campaigns
-    from engine.ope.targets import CampaignsTarget, TargetActions
 
     class Precomputed:
         description = "precomputed"

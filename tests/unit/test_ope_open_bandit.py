@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.ope.errors import OpeError
-from engine.ope.estimators import Interval
-from engine.ope.open_bandit import (
+from engine.analysis.ope.errors import OpeError
+from engine.analysis.ope.estimators import Interval
+from engine.analysis.ope.open_bandit import (
     Validation,
     read_bandit_log,
     static_distribution,

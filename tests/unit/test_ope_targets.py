@@ -1,4 +1,4 @@
-"""engine.ope targets (constant, campaigns) and the decision-log reader."""
+"""engine.analysis.ope targets (constant, campaigns) and the decision-log reader."""
 
 from __future__ import annotations
 
@@ -7,12 +7,17 @@ from pathlib import Path
 import orjson
 import pytest
 
+from engine.analysis.ope.decision_log import LoggedDecision, read_decision_log
+from engine.analysis.ope.errors import OpeError
+from engine.analysis.ope.evaluate import estimate
+from engine.analysis.ope.targets import (
+    CampaignsTarget,
+    ConstantTarget,
+    parse_target,
+    policy_distribution,
+)
 from engine.campaigns import Campaign, parse_campaigns
 from engine.decisions import in_holdout
-from engine.ope.decision_log import LoggedDecision, read_decision_log
-from engine.ope.errors import OpeError
-from engine.ope.evaluate import estimate
-from engine.ope.targets import CampaignsTarget, ConstantTarget, parse_target, policy_distribution
 from engine.policies.base import PolicyContext
 from engine.policies.profit import ProfitPolicy
 from engine.policies.rules import Rule, RulesPolicy
@@ -206,10 +211,10 @@ def test_decision_log_reader_counts_bad_lines() -> None:
 async def test_the_engines_own_decisions_are_a_valid_log() -> None:
     """Decision v1 exactly as engine/pipeline.py emits it, plus the label of its training
     example as ``reward``: every labelled decision is read, holdout and denied ones included."""
+    from engine.analysis.simulation.generator import generate
     from engine.events import parse_event
+    from engine.features.store import InMemoryFeatureStore, Position
     from engine.pipeline import DiscountEngine, EngineConfig, Incoming
-    from engine.simulator import generate
-    from engine.store import InMemoryFeatureStore, Position
 
     (campaign,) = campaigns(
         '[[campaign]]\nname = "p"\npolicy = "profit"\nepsilon = 0.5\nholdout = 0.2\n'

@@ -1,4 +1,5 @@
-"""The engine's batch step (engine/pipeline.py) over the in-memory store (engine/store.py)."""
+"""The engine's batch step (engine/pipeline.py) over the in-memory store
+(engine/features/store.py)."""
 
 from __future__ import annotations
 
@@ -14,16 +15,16 @@ import orjson
 import pytest
 from jsonschema import Draft202012Validator
 
+from engine.analysis.simulation.generator import generate
 from engine.campaigns import Campaign
 from engine.decisions import Decision, Offer, stable_id
 from engine.events import BrowseEvent, Event, PurchaseEvent, PurchaseItem, SearchEvent, parse_event
-from engine.feedback import Feedback, FeedbackMethod, TrainingExample
-from engine.model import PurchaseModel
+from engine.features.state import event_ops
+from engine.features.store import InMemoryFeatureStore, Position, StateUpdate, UpdateStatus
+from engine.model.feedback import Feedback, FeedbackMethod, TrainingExample
+from engine.model.purchase_model import PurchaseModel
 from engine.pipeline import DiscountEngine, EngineConfig, Incoming
 from engine.policies.threshold import ThresholdPolicy
-from engine.simulator import generate
-from engine.state import event_ops
-from engine.store import InMemoryFeatureStore, Position, StateUpdate, UpdateStatus
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
 T0 = 1_767_225_600_000

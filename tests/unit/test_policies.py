@@ -19,6 +19,8 @@ import pytest
 
 from engine.campaigns import Campaign, CampaignError, parse_campaigns
 from engine.events import BrowseEvent, PurchaseEvent, PurchaseItem
+from engine.features.state import DAY_MS, HOUR_MS
+from engine.features.store import InMemoryFeatureStore
 from engine.pipeline import DiscountEngine, Incoming
 from engine.policies.base import PolicyChoice, PolicyContext
 from engine.policies.linear import LinearPolicy
@@ -26,8 +28,6 @@ from engine.policies.profit import ProfitPolicy
 from engine.policies.registry import policy_names
 from engine.policies.rules import Rule, RulesPolicy
 from engine.policies.threshold import ThresholdPolicy
-from engine.state import DAY_MS, HOUR_MS
-from engine.store import InMemoryFeatureStore
 
 T0 = 1_767_225_600_000
 """2026-01-01T00:00:00Z."""

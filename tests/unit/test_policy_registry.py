@@ -17,14 +17,15 @@ from typing import Any, ClassVar
 import orjson
 import pytest
 
-from engine.backtest.ope_section import ope_sections
-from engine.backtest.runner import BacktestResult, finalize_decision_lines, run_backtest
+from engine.analysis.backtest.runner import BacktestResult, finalize_decision_lines, run_backtest
+from engine.analysis.ope.decision_log import LoggedDecision, read_decision_log
+from engine.analysis.ope.evaluate import estimate
+from engine.analysis.ope.targets import parse_target
+from engine.analysis.reporting.ope_section import ope_sections
+from engine.analysis.simulation.closed_loop import oracle_action_space
+from engine.analysis.simulation.generator import generate
 from engine.campaigns import Campaign, CampaignError, parse_campaigns
-from engine.closed_loop import oracle_action_space
 from engine.events import parse_event
-from engine.ope.decision_log import LoggedDecision, read_decision_log
-from engine.ope.evaluate import estimate
-from engine.ope.targets import parse_target
 from engine.pipeline import EngineConfig
 from engine.policies.base import (
     ActionProbability,
@@ -35,7 +36,6 @@ from engine.policies.base import (
     entry_number,
 )
 from engine.policies.registry import policy_names, register_policy, unregister_policy
-from engine.simulator import generate
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.errors import InvalidEvent
-from engine.feedback import TrainingExample
-from engine.model import PurchaseModel
-from engine.prequential import OnlineLearner, PrequentialMetrics, roc_auc
+from engine.model.feedback import TrainingExample
+from engine.model.prequential import OnlineLearner, PrequentialMetrics, roc_auc
+from engine.model.purchase_model import PurchaseModel
 from tests.synthetic_training import SYNTHETIC_FEEDBACK, T0_MS, training_examples
 
 Pairs = Sequence[tuple[float, int]]

@@ -1,8 +1,8 @@
 """Model features never include protected attributes.
 
-The feature catalogue (``engine.features.FEATURE_NAMES``), the model's selected features
-(``engine.inputs.MODEL_FEATURES``), the keys of the model's input row (``model_inputs``) and the
-feature vectors the engine actually computes are checked against a deny-list of name fragments,
+The feature catalogue (``engine.features.catalogue.FEATURE_NAMES``), the model's selected features
+(``engine.model.inputs.MODEL_FEATURES``), the keys of the model's input row (``model_inputs``) and
+the feature vectors the engine actually computes are checked against a deny-list of name fragments,
 case-insensitively, as substrings. A fragment that ever clashes with a harmless new name
 (say "age" in "page_views") should make that name change, not shrink the deny-list.
 """
@@ -14,9 +14,9 @@ from collections.abc import Iterable
 import pytest
 
 from engine.events import BrowseEvent, Event, PurchaseEvent, PurchaseItem, SearchEvent
-from engine.features import FEATURE_NAMES, compute_features
-from engine.inputs import INPUT_NAMES, INTERACTIONS, MODEL_FEATURES, model_inputs
-from engine.state import apply_ops, event_ops
+from engine.features.catalogue import FEATURE_NAMES, compute_features
+from engine.features.state import apply_ops, event_ops
+from engine.model.inputs import INPUT_NAMES, INTERACTIONS, MODEL_FEATURES, model_inputs
 
 PROTECTED_FRAGMENTS: tuple[str, ...] = (
     "age",

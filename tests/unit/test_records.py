@@ -14,14 +14,14 @@ import orjson
 import pytest
 from jsonschema import Draft202012Validator
 
-from engine.backtest.runner import drive
+from engine.analysis.backtest.runner import drive
+from engine.analysis.simulation.generator import generate
 from engine.campaigns import parse_campaigns
 from engine.decisions import Decision, Offer
 from engine.errors import InvalidEvent
 from engine.events import parse_event
+from engine.features.store import InMemoryFeatureStore
 from engine.pipeline import BatchResult, DiscountEngine, EngineConfig, Incoming
-from engine.simulator import generate
-from engine.store import InMemoryFeatureStore
 from tests.records import T0, denied_decision, sample_decision, sample_offer
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"

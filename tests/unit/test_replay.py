@@ -18,9 +18,9 @@ from typing import Any
 import orjson
 import pytest
 
+from engine.analysis.simulation.generator import generate
 from engine.importers.base import TimeWindow
 from engine.importers.jsonl import import_jsonl
-from engine.simulator import generate
 from streams.cli.main import main
 from streams.cli.replay import parse_speed, parse_time, window_of
 from streams.replay.checkpoint import (

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from engine.campaigns import Campaign, parse_campaigns
 from engine.events import BrowseEvent
+from engine.features.store import InMemoryFeatureStore
 from engine.labels import Arm
 from engine.ledger import InMemoryLedger, LedgerConfig, PurchaseNotice, StopLossSetting
 from engine.pipeline import DiscountEngine, Incoming
@@ -30,7 +31,6 @@ from engine.stop_loss import (
     evaluate,
     purchase_margin_cents,
 )
-from engine.store import InMemoryFeatureStore
 
 T0 = 1_767_225_600_000
 HOUR = 3_600_000

@@ -14,10 +14,10 @@ from engine.campaigns import Campaign
 from engine.decisions import Offer
 from engine.errors import INVALID_EVENT_CODES
 from engine.events import BrowseEvent
-from engine.feedback import TrainingExample
+from engine.features.store import InMemoryFeatureStore, Position
+from engine.model.feedback import TrainingExample
 from engine.pipeline import DiscountEngine, Incoming
 from engine.policies.threshold import ThresholdPolicy
-from engine.store import InMemoryFeatureStore, Position
 from streams.adapters.decode import DeadLetter, DecodeLimits, RawRecord, decode_record
 from streams.errors import ConfigError, StreamsError
 from streams.settings import (

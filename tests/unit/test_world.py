@@ -1,5 +1,5 @@
-"""The closed-loop world (engine/world): determinism, event-time order, common random numbers
-between copies, offers that never reach into the past, and the response rule itself."""
+"""The closed-loop world (engine/analysis/simulation): determinism, event-time order, common random
+numbers between copies, offers that never reach into the past, and the response rule itself."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
+from engine.analysis.simulation.errors import WorldError
+from engine.analysis.simulation.generator import DEFAULT_START_MS, purchase_probability
+from engine.analysis.simulation.shoppers import Shopper, events_per_session
+from engine.analysis.simulation.world import World, open_loop
 from engine.events import parse_event
-from engine.simulator import DEFAULT_START_MS, purchase_probability
-from engine.world.core import World, open_loop
-from engine.world.errors import WorldError
-from engine.world.shoppers import Shopper, events_per_session
 
 FAR = DEFAULT_START_MS + 10**12
 """An expiry no test reaches."""

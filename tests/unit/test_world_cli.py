@@ -10,9 +10,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from engine.feedback import Feedback
-from engine.world.core import open_loop
-from engine.world.params import WorldParams
+from engine.analysis.simulation.params import WorldParams
+from engine.analysis.simulation.world import open_loop
+from engine.model.feedback import Feedback
 from streams.cli.main import build_parser, main
 from streams.cli.world_options import closed_loop_config, world_choice
 

@@ -1,5 +1,5 @@
-"""World variants (engine/world/params.py): the defaults keep today's streams, each parameter
-changes what it says, bad values and files are errors that name the key."""
+"""World variants (engine/analysis/simulation/params.py): the defaults keep today's streams, each
+parameter changes what it says, bad values and files are errors that name the key."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from pathlib import Path
 import orjson
 import pytest
 
+from engine.analysis.simulation.closed_loop import ClosedLoopConfig, simulate_closed_loop
+from engine.analysis.simulation.errors import WorldError, WorldParamError
+from engine.analysis.simulation.params import WorldParams, load_world_file, parse_world_file
+from engine.analysis.simulation.shoppers import events_per_session
+from engine.analysis.simulation.world import World, open_loop
 from engine.campaigns import load_campaigns
-from engine.closed_loop import ClosedLoopConfig, simulate_closed_loop
-from engine.world.core import World, open_loop
-from engine.world.errors import WorldError, WorldParamError
-from engine.world.params import WorldParams, load_world_file, parse_world_file
-from engine.world.shoppers import events_per_session
 
 ROOT = Path(__file__).resolve().parents[2]
 WORLDS = ROOT / "deploy" / "worlds"

@@ -1,0 +1,325 @@
+"""The online purchase model: P(purchase within the attribution window | features, discount).
+
+A River pipeline (standard scaling, then logistic regression) learns one labelled example at a
+time. The offered discount is an input, and so are its interactions with a few behavioural
+features, so the model can tell who responds to a discount and who would buy anyway.
+
+A model travels between processes (learner -> Redis -> workers) as a signed snapshot::
+
+    header   b"DSMODEL" + format byte                           8 bytes
+    version  length byte + UTF-8 version id                     1 + n bytes
+    mac      HMAC-SHA256(key, header + version + payload)       32 bytes
+    payload  pickle of the River pipeline and counters          the rest
+
+``PurchaseModel.restore`` checks the header, then the MAC with ``hmac.compare_digest``, before
+it unpickles anything: bytes signed with another key, truncated or altered raise
+``ModelSnapshotError`` and never reach pickle. Even verified bytes are unpickled through an
+allow-list (River classes, a few containers and builtins), a second line of defence.
+
+>>> model = PurchaseModel()
+>>> model.learn({"cart_count_24h": 2}, 10, 1)
+>>> blob = model.snapshot(b"a shared secret key")
+>>> twin = PurchaseModel.restore(blob, b"a shared secret key")
+>>> twin.version, twin.predict({"cart_count_24h": 2}, 5) == model.predict({"cart_count_24h": 2}, 5)
+('lr-1', True)
+>>> try:
+...     PurchaseModel.restore(blob, b"another key")
+... except ModelSnapshotError as exc:
+...     print(type(exc).__name__)
+ModelSnapshotError
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import pickle
+from collections.abc import Mapping
+from typing import Any
+
+import river
+from river import compose, linear_model, optim, preprocessing
+
+from engine.errors import ModelSnapshotError
+from engine.model.inputs import model_inputs
+from engine.model.scoring import FallbackScorer, LinearTerms, Scorer
+
+SNAPSHOT_MAGIC = b"DSMODEL"
+SNAPSHOT_FORMAT = 2
+"""Bump when the payload layout changes; ``restore`` refuses formats it does not know."""
+_HEADER = SNAPSHOT_MAGIC + bytes([SNAPSHOT_FORMAT])
+_MAC_SIZE = hashlib.sha256().digest_size
+_MAX_VERSION_BYTES = 255
+_PICKLE_PROTOCOL = 5
+_RIVER_VERSION = str(getattr(river, "__version__", "unknown"))
+
+
+LEARNING_RATE = 0.003
+INTERCEPT_LR = 0.02
+"""Small steps for the weights (single-pass SGD averages out the noise of rare, delayed
+labels), larger for the intercept (the base rate must follow the stream quickly): the served
+probabilities were best calibrated so in the closed-loop simulator (docs/model-quality.md)."""
+
+
+def _logistic(learning_rate: float, intercept_lr: float, l2: float) -> compose.Pipeline:
+    return compose.Pipeline(
+        preprocessing.StandardScaler(),
+        linear_model.LogisticRegression(
+            optimizer=optim.SGD(learning_rate), l2=l2, intercept_lr=intercept_lr
+        ),
+    )
+
+
+class PurchaseModel:
+    """Scaled logistic regression over ``model_inputs``, plus two auxiliary classifiers.
+
+    ``version`` is ``lr-<updates learned>``: stable, deterministic for a given training
+    stream, and kept by ``snapshot`` / ``restore``. The auxiliary classifiers (same inputs)
+    serve the delayed-feedback learners (``engine.model.feedback``): ``late`` estimates that a
+    conversion comes after the learner's wait, ``never`` that a decision not converted by
+    then never converts. They are never used to serve.
+    """
+
+    def __init__(
+        self,
+        *,
+        learning_rate: float = LEARNING_RATE,
+        intercept_lr: float = INTERCEPT_LR,
+        l2: float = 0.0,
+    ) -> None:
+        self.learning_rate = learning_rate
+        self.intercept_lr = intercept_lr
+        self.l2 = l2
+        self._pipeline = _logistic(learning_rate, intercept_lr, l2)
+        self._scaler: preprocessing.StandardScaler = self._pipeline.steps["StandardScaler"]
+        self._classifier: linear_model.LogisticRegression = self._pipeline.steps[
+            "LogisticRegression"
+        ]
+        self._late = _logistic(learning_rate, intercept_lr, l2)
+        self._never = _logistic(learning_rate, intercept_lr, l2)
+        self.examples_learned = 0
+        self._terms: LinearTerms | None = None
+
+    @property
+    def version(self) -> str:
+        return f"lr-{self.examples_learned}"
+
+    def predict(self, features: Mapping[str, float], discount_pct: float) -> float:
+        row = model_inputs(features, discount_pct)
+        return float(self._pipeline.predict_proba_one(row).get(True, 0.0))
+
+    def learn(
+        self, features: Mapping[str, float], discount_pct: float, label: int, weight: float = 1.0
+    ) -> None:
+        self._pipeline.learn_one(model_inputs(features, discount_pct), bool(label), w=weight)
+        self.examples_learned += 1
+        self._terms = None
+
+    def auxiliary(self, features: Mapping[str, float], discount_pct: float) -> tuple[float, float]:
+        """(P(late conversion), P(never converts | not yet)) from the auxiliary classifiers."""
+        row = model_inputs(features, discount_pct)
+        late = float(self._late.predict_proba_one(row).get(True, 0.0))
+        never = float(self._never.predict_proba_one(row).get(True, 0.0))
+        return late, never
+
+    def learn_auxiliary(
+        self,
+        features: Mapping[str, float],
+        discount_pct: float,
+        *,
+        late: bool | None,
+        never: bool | None,
+    ) -> None:
+        """Teach the auxiliary classifiers one closed window (None: not an example for it)."""
+        row = model_inputs(features, discount_pct)
+        if late is not None:
+            self._late.learn_one(row, late)
+        if never is not None:
+            self._never.learn_one(row, never)
+
+    def linear_terms(self) -> LinearTerms:
+        """The scaler's and classifier's parameters as they stand, read once per model state."""
+        terms = getattr(self, "_terms", None)
+        if terms is None:
+            terms = self._terms = LinearTerms.read(self._scaler, self._classifier)
+        return terms
+
+    def scorer(self, features: Mapping[str, float]) -> Scorer:
+        """P(purchase | features, discount) for one user at several discounts, computed fast.
+
+        Exactly ``predict`` (bit for bit, see ``Scorer``) when ``predict`` is this class's own;
+        a subclass that overrides ``predict`` or ``contributions`` gets its own methods called.
+        """
+        cls = type(self)
+        if (
+            cls.predict is PurchaseModel.predict
+            and cls.contributions is PurchaseModel.contributions
+        ):
+            return Scorer(self, features)
+        return FallbackScorer(self, features)
+
+    def contributions(
+        self, features: Mapping[str, float], discount_pct: float, top: int = 3
+    ) -> list[tuple[str, float]]:
+        """The largest terms w_i * x_i of the linear score (x after scaling), by magnitude."""
+        scaled = self._scaler.transform_one(model_inputs(features, discount_pct))  # type: ignore[no-untyped-call]
+        weights = self._classifier.weights
+        terms = [(name, float(weights.get(name, 0.0)) * value) for name, value in scaled.items()]
+        terms.sort(key=lambda term: (-abs(term[1]), term[0]))
+        return [(name, round(value, 6)) for name, value in terms[:top]]
+
+    # -- snapshots ----------------------------------------------------------------------------
+
+    def snapshot(self, key: bytes) -> bytes:
+        """The model as signed bytes (see the module docstring); ``key`` is the HMAC key."""
+        _check_key(key)
+        state = {
+            "format": SNAPSHOT_FORMAT,
+            "river": _RIVER_VERSION,
+            "learning_rate": self.learning_rate,
+            "intercept_lr": self.intercept_lr,
+            "l2": self.l2,
+            "examples_learned": self.examples_learned,
+            "pipeline": self._pipeline,
+            "late": self._late,
+            "never": self._never,
+        }
+        payload = pickle.dumps(state, protocol=_PICKLE_PROTOCOL)
+        version = _encode_version(self.version)
+        mac = hmac.new(key, _HEADER + version + payload, hashlib.sha256).digest()
+        return _HEADER + version + mac + payload
+
+    @classmethod
+    def restore(cls, blob: bytes, key: bytes) -> PurchaseModel:
+        """The model in a ``snapshot``; ``ModelSnapshotError`` unless it verifies with ``key``."""
+        version, payload = verify_snapshot(blob, key)
+        try:
+            state = _AllowListUnpickler(io.BytesIO(payload)).load()
+        except Exception as exc:
+            raise ModelSnapshotError(
+                f"model snapshot {version} verifies but cannot be loaded ({type(exc).__name__}: "
+                f"{exc}); it was probably written by an incompatible dealstream or River version"
+            ) from None
+        return cls._from_state(state, version)
+
+    @classmethod
+    def _from_state(cls, state: Any, version: str) -> PurchaseModel:
+        unexpected = ModelSnapshotError(f"model snapshot {version} has an unexpected payload")
+        if not isinstance(state, dict) or state.get("format") != SNAPSHOT_FORMAT:
+            raise unexpected
+        try:
+            pipelines = [state["pipeline"], state["late"], state["never"]]
+            learned = state["examples_learned"]
+            learning_rate, l2 = float(state["learning_rate"]), float(state["l2"])
+            intercept_lr = float(state["intercept_lr"])
+        except (KeyError, TypeError, ValueError):
+            raise unexpected from None
+        if not (all(_is_logistic(p) for p in pipelines) and type(learned) is int and learned >= 0):
+            raise unexpected
+        model = cls.__new__(cls)
+        model.learning_rate = learning_rate
+        model.intercept_lr = intercept_lr
+        model.l2 = l2
+        model._pipeline, model._late, model._never = pipelines
+        model._scaler = model._pipeline.steps["StandardScaler"]
+        model._classifier = model._pipeline.steps["LogisticRegression"]
+        model.examples_learned = learned
+        model._terms = None
+        if model.version != version:
+            raise ModelSnapshotError(
+                f"model snapshot header says {version} but its payload is {model.version}"
+            )
+        return model
+
+
+def _is_logistic(pipeline: object) -> bool:
+    """A pipeline of exactly a StandardScaler then a LogisticRegression."""
+    if not isinstance(pipeline, compose.Pipeline):
+        return False
+    steps = list(pipeline.steps.values())
+    return (
+        len(steps) == 2
+        and isinstance(steps[0], preprocessing.StandardScaler)
+        and isinstance(steps[1], linear_model.LogisticRegression)
+    )
+
+
+def snapshot_version(blob: bytes) -> str:
+    """The version id a snapshot's header claims, UNVERIFIED (for messages and logs only)."""
+    version, _, _ = _split(blob)
+    return version
+
+
+def verify_snapshot(blob: bytes, key: bytes) -> tuple[str, bytes]:
+    """``(version, payload)`` of a snapshot whose MAC verifies with ``key``.
+
+    Raises ``ModelSnapshotError`` otherwise. Nothing is unpickled here.
+    """
+    _check_key(key)
+    version, mac, payload = _split(blob)
+    signed = _HEADER + _encode_version(version) + payload
+    expected = hmac.new(key, signed, hashlib.sha256).digest()
+    if not hmac.compare_digest(mac, expected):
+        raise ModelSnapshotError(
+            f"model snapshot {version} does not verify: it was signed with another key, or "
+            "altered or truncated; check that the worker and the learner share "
+            "DEALSTREAM_MODEL_KEY"
+        )
+    return version, payload
+
+
+def _split(blob: bytes) -> tuple[str, bytes, bytes]:
+    if not isinstance(blob, bytes | bytearray | memoryview):
+        raise ModelSnapshotError(f"a model snapshot is bytes, not {type(blob).__name__}")
+    data = bytes(blob)
+    if not data.startswith(SNAPSHOT_MAGIC):
+        raise ModelSnapshotError("not a dealstream model snapshot (bad magic bytes)")
+    if len(data) <= len(_HEADER):
+        raise ModelSnapshotError("model snapshot is truncated (no version)")
+    if data[len(SNAPSHOT_MAGIC)] != SNAPSHOT_FORMAT:
+        raise ModelSnapshotError(
+            f"model snapshot format {data[len(SNAPSHOT_MAGIC)]} is not supported (this "
+            f"dealstream reads format {SNAPSHOT_FORMAT}); upgrade the reader"
+        )
+    start = len(_HEADER) + 1
+    end = start + data[len(_HEADER)]
+    if len(data) < end + _MAC_SIZE:
+        raise ModelSnapshotError("model snapshot is truncated (header)")
+    try:
+        version = data[start:end].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ModelSnapshotError("model snapshot has a malformed version id") from None
+    return version, data[end : end + _MAC_SIZE], data[end + _MAC_SIZE :]
+
+
+def _encode_version(version: str) -> bytes:
+    raw = version.encode("utf-8")
+    if not raw or len(raw) > _MAX_VERSION_BYTES:
+        raise ModelSnapshotError(f"model version id must be 1-{_MAX_VERSION_BYTES} bytes")
+    return bytes([len(raw)]) + raw
+
+
+def _check_key(key: bytes) -> None:
+    if not isinstance(key, bytes | bytearray) or not key:
+        raise ModelSnapshotError("the model snapshot key must be non-empty bytes")
+
+
+_ALLOWED_GLOBALS: dict[str, frozenset[str] | None] = {
+    "builtins": frozenset(
+        {"bool", "bytes", "complex", "dict", "float", "frozenset", "int", "list", "set", "str"}
+        | {"tuple"}
+    ),
+    "collections": frozenset({"Counter", "OrderedDict", "defaultdict", "deque"}),
+}
+"""Module -> names a snapshot payload may reference; ``river`` and its submodules are allowed."""
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _ALLOWED_GLOBALS.get(module)
+        if (module == "river" or module.startswith("river.")) or (
+            allowed is not None and name in allowed
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a model snapshot")
