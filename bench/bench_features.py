@@ -52,13 +52,13 @@ from engine.events import Event, PurchaseEvent, parse_event
 from engine.features.catalogue import compute_features
 from engine.features.state import apply_ops, event_ops, trigger_category
 from engine.features.store import (
-    FeatureStore,
     InMemoryFeatureStore,
     Position,
     StateUpdate,
     UpdateStatus,
 )
 from engine.pipeline import EngineConfig
+from engine.ports import FeatureStore
 from streams.adapters.redis_store import RedisFeatureStore
 
 RESULTS = Path(__file__).resolve().parent / "results" / "features.json"

@@ -6,15 +6,15 @@ offer (cooldown, offers per day, daily budget — the budget check and the spend
 step, so concurrent workers can never overspend), records every decision as pending, labels
 pending decisions with the batch's purchases, and expires windows that ended before ``now``.
 
-``InMemoryLedger`` serves backtests and tests; ``streams/redis_ledger.py`` implements the
-same contract in one Redis Lua call, held to the same tests.
+``InMemoryLedger`` serves backtests and tests; ``streams/adapters/redis_ledger.py`` implements
+the same contract (the port: ``engine.ports.DecisionLedger``) in one Redis Lua call, held to the
+same tests.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
 
 from engine.features.state import DAY_MS
 from engine.labels import Arm, LabelEvent, PendingDecision, PendingLabels
@@ -107,19 +107,6 @@ def without_offer(decision: PendingDecision) -> PendingDecision:
     return replace(decision, discount_pct=0.0, offer_id=None)
 
 
-class DecisionLedger(Protocol):
-    async def settle(self, ops: Sequence[LedgerOp], *, now_ms: int) -> LedgerResult: ...
-
-    async def stop_loss_status(self) -> dict[str, StopLossStatus]:
-        """Each stop-loss campaign's status as last settled (what a restarted worker starts
-        from, before its first call)."""
-        ...
-
-    async def budget_spent_cents(self, campaign: str, day: int) -> int: ...
-
-    async def pending_count(self) -> int: ...
-
-
 class InMemoryLedger:
     """Dict-backed ledger; the same rules as ``streams/ledger.lua``."""
 
@@ -136,10 +123,12 @@ class InMemoryLedger:
         self._spent: dict[tuple[str, int], int] = {}
 
     async def settle(self, ops: Sequence[LedgerOp], *, now_ms: int) -> LedgerResult:
-        return self.settle_now(ops, now_ms=now_ms)
-
-    def settle_now(self, ops: Sequence[LedgerOp], *, now_ms: int) -> LedgerResult:
         result = LedgerResult(outcomes=[])
+        if not ops and not self.labels.due(now_ms):
+            # Nothing to decide and no window closes: return nothing (the stop-loss is
+            # re-evaluated with the next call that settles something). An engine that learns
+            # inline settles after every event, so this shortcut carries backtests.
+            return result
         for op in ops:
             if isinstance(op, PurchaseNotice):
                 result.outcomes.append(None)
@@ -173,8 +162,8 @@ class InMemoryLedger:
     def rate_limited(self, user_id: str, campaign: str, ts: int, interval_ms: int) -> bool:
         """Whether a decision at ``ts`` would fall inside the user's decision interval now.
 
-        Such a decision changes nothing here, so an engine that settles event by event can
-        skip proposing it (no features, no scoring) with the same results."""
+        Such a decision changes nothing here, so the engine can skip proposing it (no
+        features, no scoring) with the same results."""
         # Anything earlier than the last decision (a late event) counts as inside the interval.
         last = self._last_decision.get((user_id, campaign))
         return interval_ms > 0 and last is not None and ts - last < interval_ms

@@ -42,10 +42,9 @@ from engine.decisions import (
 from engine.events import Event, PurchaseEvent
 from engine.features.catalogue import compute_features
 from engine.features.state import Op, apply_ops, event_kind, event_ops, offer_ops, trigger_category
-from engine.features.store import FeatureStore, Position, StateUpdate, UpdateStatus
+from engine.features.store import Position, StateUpdate, UpdateStatus
 from engine.labels import Arm, LabelEvent, PendingDecision
 from engine.ledger import (
-    DecisionLedger,
     DecisionOutcome,
     DecisionRequest,
     InMemoryLedger,
@@ -61,6 +60,7 @@ from engine.model.prequential import OnlineLearner
 from engine.model.purchase_model import PurchaseModel
 from engine.model.scoring import Scorer
 from engine.policies.base import PolicyChoice, PolicyContext
+from engine.ports import DecisionLedger, FeatureStore
 from engine.stop_loss import EXPLORE_ONLY, EXPLORED, StopLossStatus
 
 __all__ = [
@@ -224,10 +224,6 @@ class DiscountEngine:
         ops: list[LedgerOp] = []
         proposals: list[Proposal | None] = []
         learn_inline = self.config.learn_inline
-        # The in-memory ledger (exactly that class) settles synchronously: skip a coroutine
-        # per event, and let ``_candidates`` ask it about decision intervals (backtests).
-        ledger = self.ledger
-        memory_ledger = ledger if type(ledger) is InMemoryLedger else None
         applied = UpdateStatus.APPLIED
         # A user's state is brought up to an event only when that event needs features:
         # operations wait here, in order, so events that decide nothing cost no replay.
@@ -265,7 +261,7 @@ class DiscountEngine:
             else:
                 category = trigger_category(event)
                 kind = event_kind(event)
-                candidates = self._candidates(event, kind, category, memory_ledger)
+                candidates = self._candidates(event, kind, category)
                 if candidates:
                     state = states[user_id]
                     for pending in unapplied.pop(user_id):
@@ -281,14 +277,7 @@ class DiscountEngine:
             if learn_inline:
                 # Settle event by event so that what the model learns from this event's
                 # labels shapes the next decision: results do not depend on batch size.
-                if memory_ledger is not None:
-                    # Nothing to settle and no label due: the ledger would return nothing
-                    # (the stop-loss statuses only change when something is settled).
-                    if ops or memory_ledger.labels.due(self.clock_ms):
-                        settled = memory_ledger.settle_now(ops, now_ms=self.clock_ms)
-                        self._apply_settled(settled, proposals, result)
-                else:
-                    await self._settle(ops, proposals, result)
+                await self._settle(ops, proposals, result)
                 ops, proposals = [], []
         if ops:
             await self._settle(ops, proposals, result)
@@ -334,24 +323,24 @@ class DiscountEngine:
             self.learner.model = self.model
             self.learner.learn(example)
 
-    def _candidates(
-        self, event: Event, kind: str, category: str | None, ledger: InMemoryLedger | None
-    ) -> list[Campaign]:
+    def _candidates(self, event: Event, kind: str, category: str | None) -> list[Campaign]:
         """The campaigns this event may trigger, before features are computed.
 
         Leaves out campaigns whose triggers or categories do not match (``is_eligible``
-        would reject them whatever the features) and, with the in-memory ledger, campaigns
-        whose decision interval has not passed for the user: the ledger's last decision time
-        per user and campaign only grows, so it would drop those decisions at settlement too,
-        without a trace. Features and scores are pure, so skipping them saves time only.
+        would reject them whatever the features) and campaigns whose decision interval the
+        ledger already knows has not passed for the user (``DecisionLedger.rate_limited``):
+        its last decision time per user and campaign only grows, so it would drop those
+        decisions at settlement too, without a trace. Features and scores are pure, so
+        skipping them saves time only.
         """
+        ledger = self.ledger
         candidates: list[Campaign] = []
         for campaign in self.campaigns:
             if kind not in campaign.triggers or (
                 campaign.categories and category not in campaign.categories
             ):
                 continue
-            if ledger is not None and ledger.rate_limited(
+            if ledger.rate_limited(
                 event.user_id, campaign.name, event.ts, campaign.decision_interval_ms
             ):
                 continue

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+EXIT_INTERNAL_ERROR = 70
+"""A process's exit status when it stops on an error it cannot handle (``EX_SOFTWARE``)."""
+
 
 class StreamsError(Exception):
     """Root of every error raised by ``streams``; the CLI prints it as one line."""
@@ -13,3 +16,7 @@ class ConfigError(StreamsError):
 
 class ServiceUnavailable(StreamsError):
     """Kafka or Redis did not answer."""
+
+
+class SinkError(StreamsError):
+    """A record that cannot be produced as asked (the message says why)."""

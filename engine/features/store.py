@@ -1,9 +1,9 @@
-"""The feature store interface and its in-memory implementation.
+"""The feature store's records and its in-memory implementation (the port: ``engine.ports``).
 
 A store applies a micro-batch of state updates in one call and reports, for every update,
 whether it was applied or skipped (redelivered, duplicate, late). It returns every touched
 user's state *before* the batch so the engine can replay the batch and compute the feature
-vector as of each event. The Redis store (``streams/redis_store.py``) implements the same
+vector as of each event. The Redis store (``streams/adapters/redis_store.py``) implements the same
 contract in one Lua call; both are held to the same tests.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Protocol
 
 from engine.features.state import NEVER, Op, State, apply_ops, trim_and_next_expiry
 
@@ -53,22 +52,6 @@ class BatchOutcome:
     statuses: list[UpdateStatus]
     before: dict[str, State]
     """Each touched user's state before the batch (empty dict for a new user)."""
-
-
-class FeatureStore(Protocol):
-    """Where per-user feature state lives; one call per micro-batch."""
-
-    async def apply_batch(
-        self, updates: Sequence[StateUpdate], *, allowed_lateness_ms: int
-    ) -> BatchOutcome: ...
-
-    async def read_states(self, user_ids: Iterable[str]) -> dict[str, State]: ...
-
-    async def watermarks(self) -> dict[tuple[str, int], int]: ...
-
-    async def forget(self, user_id: str) -> int:
-        """Delete everything stored about a user; returns how many keys were removed."""
-        ...
 
 
 def classify(
@@ -113,12 +96,6 @@ class InMemoryFeatureStore:
     async def apply_batch(
         self, updates: Sequence[StateUpdate], *, allowed_lateness_ms: int
     ) -> BatchOutcome:
-        return self.apply_batch_now(updates, allowed_lateness_ms=allowed_lateness_ms)
-
-    def apply_batch_now(
-        self, updates: Sequence[StateUpdate], *, allowed_lateness_ms: int
-    ) -> BatchOutcome:
-        """The synchronous core, for callers that run without an event loop (backtests)."""
         before: dict[str, State] = {}
         statuses: list[UpdateStatus] = []
         touched: set[str] = set()

@@ -6,10 +6,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -78,50 +76,3 @@ async def ensure_topics(bootstrap: str, names: Sequence[str], *, partitions: int
         return missing
     finally:
         await admin.close()
-
-
-class ProducerSink:
-    """An aiokafka producer behind the worker's ``Sink`` interface; sends are not awaited one
-    by one: ``flush`` waits for every pending delivery."""
-
-    def __init__(self, producer: AIOKafkaProducer) -> None:
-        self._producer = producer
-        self._pending: list[asyncio.Future[Any]] = []
-
-    @classmethod
-    def create(cls, bootstrap: str, **options: Any) -> ProducerSink:
-        options.setdefault("linger_ms", 5)
-        options.setdefault("acks", "all")
-        options.setdefault("enable_idempotence", True)
-        return cls(AIOKafkaProducer(bootstrap_servers=bootstrap, **options))
-
-    async def start(self) -> None:
-        await self._producer.start()
-
-    async def stop(self) -> None:
-        await self.flush()
-        await self._producer.stop()
-
-    async def send(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes,
-        headers: Sequence[tuple[str, bytes]] | None = None,
-        timestamp_ms: int | None = None,
-    ) -> None:
-        future = await self._producer.send(
-            topic,
-            value=value,
-            key=key,
-            headers=list(headers) if headers else None,
-            timestamp_ms=timestamp_ms,
-        )
-        self._pending.append(future)
-        if len(self._pending) >= 10_000:
-            await self.flush()
-
-    async def flush(self) -> None:
-        pending, self._pending = self._pending, []
-        if pending:
-            await asyncio.gather(*pending)

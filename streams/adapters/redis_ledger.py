@@ -77,6 +77,12 @@ class RedisLedger:
                 (name, repr(setting.margin), stop.window_ms, stop.min_decisions, stop.min_users)
             )
 
+    def rate_limited(self, user_id: str, campaign: str, ts: int, interval_ms: int) -> bool:
+        """Never known here without a round trip: ``ledger.lua`` drops such decisions at
+        ``settle`` (where the decision interval is checked atomically for every worker)."""
+        del user_id, campaign, ts, interval_ms
+        return False
+
     async def settle(self, ops: Sequence[LedgerOp], *, now_ms: int) -> LedgerResult:
         config = self.config
         args: list[Any] = [

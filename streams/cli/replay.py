@@ -19,6 +19,7 @@ from typing import TextIO
 from engine.event_fields import MAX_INTEGER
 from engine.importers import FORMATS
 from engine.importers.base import TimeWindow, describe_ts
+from engine.ports import RecordSource
 from streams.cli import Subparsers
 from streams.replay.checkpoint import (
     Checkpoint,
@@ -28,7 +29,7 @@ from streams.replay.checkpoint import (
     write_checkpoint,
 )
 from streams.replay.progress import Progress
-from streams.replay.republish import EXIT_INTERRUPTED, ReplayOptions, ReplaySource, replay
+from streams.replay.republish import EXIT_INTERRUPTED, ReplayOptions, replay
 from streams.settings import Settings
 
 __all__ = ["add_arguments", "add_parser", "parse_speed", "parse_time", "run_replay", "window_of"]
@@ -117,7 +118,7 @@ async def _run(settings: Settings, args: argparse.Namespace, err: TextIO) -> int
     from aiokafka.errors import KafkaError
 
     from streams.adapters.kafka_io import check_kafka, ensure_topics
-    from streams.replay.sink import BatchSink
+    from streams.adapters.sinks import BatchSink
     from streams.replay.sources import FileSource, TopicSource
 
     options = ReplayOptions(
@@ -126,7 +127,7 @@ async def _run(settings: Settings, args: argparse.Namespace, err: TextIO) -> int
         dry_run=args.dry_run,
         stop_after=getattr(args, "stop_after", None),
     )
-    source: ReplaySource
+    source: RecordSource
     if args.input is not None:
         if args.source_from_offset or args.source_to_offset is not None or args.source_partition:
             raise ReplayError("--source-* options apply to --source-topic, not to --in")

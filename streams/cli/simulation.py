@@ -28,7 +28,7 @@ from engine.analysis.simulation.closed_loop import (
 from engine.analysis.simulation.params import WorldParams
 from engine.analysis.simulation.world import DEFAULT_MEAN_GAP_MS, open_loop
 from engine.campaigns import Campaign, load_campaigns
-from streams.adapters.kafka_io import ProducerSink
+from streams.adapters.sinks import ProducerSink
 from streams.settings import Topics
 
 

@@ -29,9 +29,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from engine.features.state import State
-from engine.features.store import BatchOutcome, FeatureStore, StateUpdate, UpdateStatus
-from engine.ledger import DecisionLedger, LedgerOp, LedgerResult
+from engine.features.store import BatchOutcome, StateUpdate, UpdateStatus
+from engine.ledger import LedgerOp, LedgerResult
 from engine.pipeline import BatchResult
+from engine.ports import DecisionLedger, FeatureStore
 from engine.stop_loss import EXPLORE_ONLY, EXPLORED, StopLossStatus
 from streams.adapters.decode import DeadLetter, RawRecord
 
@@ -427,6 +428,9 @@ class TimedLedger:
             return await self.inner.settle(ops, now_ms=now_ms)
         finally:
             self._observe(time.perf_counter() - started)
+
+    def rate_limited(self, user_id: str, campaign: str, ts: int, interval_ms: int) -> bool:
+        return self.inner.rate_limited(user_id, campaign, ts, interval_ms)
 
     async def stop_loss_status(self) -> dict[str, StopLossStatus]:
         return await self.inner.stop_loss_status()

@@ -7,10 +7,10 @@ awaiting each delivery and confirmed in batches; after each confirmed batch a ch
 records how far the replay got, so that an interrupted replay resumes where it stopped.
 
 Per-user order: records of one user share a key, hence a partition, and the order within a
-partition is kept (``streams.replay.sink``: batches of a partition are queued in order, aiokafka
-has at most one produce request in flight per broker and retries a batch at the front of its
-queue; the producer is idempotent). So a user's events arrive in the order the source yields
-them.
+partition is kept (``streams.adapters.sinks.BatchSink``: batches of a partition are queued in
+order, aiokafka has at most one produce request in flight per broker and retries a batch at the
+front of its queue; the producer is idempotent). So a user's events arrive in the order the
+source yields them.
 
 The pieces: :func:`replay` is the loop (source -> sink, pacing, counts, checkpoint callback),
 independent of Kafka for tests; :func:`streams.cli.replay.run_replay` wires the CLI options, the
@@ -23,66 +23,29 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import Any, Final
 
 import orjson
 
 from engine.event_fields import MAX_INTEGER
 from engine.importers.base import TimeWindow, describe_ts
+from engine.ports import RecordSink, RecordSource
 from streams.replay.progress import Progress, format_duration
 from streams.settings import Topics
-
-if TYPE_CHECKING:
-    from streams.replay.sources import Item
 
 __all__ = [
     "EXIT_INTERRUPTED",
     "SOURCE_HEADER",
     "ReplayOptions",
     "ReplayReport",
-    "ReplaySource",
-    "Sink",
     "replay",
 ]
 
 SOURCE_HEADER: Final = "dealstream.replay.source"
 SKIP_RANGE: Final = "outside_range"
 EXIT_INTERRUPTED: Final = 130
-
-
-class Sink(Protocol):
-    """Where records go (``streams.adapters.kafka_io.ProducerSink`` or a test double)."""
-
-    async def send(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes,
-        headers: Sequence[tuple[str, bytes]] | None = None,
-        timestamp_ms: int | None = None,
-    ) -> None: ...
-
-    async def flush(self) -> None: ...
-
-
-class ReplaySource(Protocol):
-    """A file or topic range (``streams.replay.sources``) or a test double."""
-
-    name: str
-
-    def items(self, resume: Mapping[str, int]) -> AsyncIterator[Item]: ...
-
-    def fraction(self) -> float | None: ...
-
-    def counts(self) -> tuple[int, int, Counter[str]]: ...
-
-    def identity(self) -> dict[str, Any]: ...
-
-    def reject_samples(self) -> list[str]: ...
-
-    def close(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,8 +132,8 @@ and the source position of the last record done."""
 
 
 async def replay(
-    source: ReplaySource,
-    sink: Sink | None,
+    source: RecordSource,
+    sink: RecordSink | None,
     topics: Topics,
     options: ReplayOptions,
     *,

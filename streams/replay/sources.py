@@ -1,9 +1,9 @@
 """Where ``dealstream replay`` reads from: a data file through the importers, or a topic range.
 
-A source yields :class:`Item` s in its own order (a file's order, or each partition's order)
-and knows how to start again after a checkpoint position. Every item carries its source
-position (the ``dealstream.replay.source`` header value) and a *mark*, the checkpoint counter
-it completes.
+A source yields :class:`engine.ports.SourceItem` s in its own order (a file's order, or each
+partition's order) and knows how to start again after a checkpoint position. Every item
+carries its source position (the ``dealstream.replay.source`` header value) and a *mark*, the
+checkpoint counter it completes.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import gzip
 import os
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -23,28 +22,13 @@ from engine.events import decode_event, event_to_dict
 from engine.importers import FORMATS, detect_format
 from engine.importers.base import ImportRun, UnknownFormat
 from engine.importers.dunnhumby import PRODUCTS_FILE, import_dunnhumby
+from engine.ports import SourceItem
 from streams.replay.checkpoint import ReplayError, file_identity
 
-__all__ = ["FileSource", "Item", "TopicSource"]
+__all__ = ["FileSource", "TopicSource"]
 
 SKIP_RESUME: Final = "before_resume"
 _GZIP_MAGIC: Final = b"\x1f\x8b"
-
-
-@dataclass(frozen=True, slots=True)
-class Item:
-    """One record of the source: an event to send, or (``event is None``) a reject.
-
-    ``where`` is ``"<source name>:<line or offset>"``; ``mark`` is the checkpoint counter this
-    item completes (``("events", n)`` or ``("<partition>", next_offset)``); ``skip`` is set
-    when the source already knows the item is done (before the resume point).
-    """
-
-    event: dict[str, Any] | None
-    where: str
-    mark: tuple[str, int]
-    skip: str | None = None
-    reason: str | None = None
 
 
 class FileSource:
@@ -96,14 +80,14 @@ class FileSource:
             )
         return FORMATS[self.format].importer(self._lines(), keep_rejects=20)
 
-    async def items(self, resume: Mapping[str, int]) -> AsyncIterator[Item]:
+    async def items(self, resume: Mapping[str, int]) -> AsyncIterator[SourceItem]:
         done = resume.get("events", 0)
         self.run = self._import()
         self.run.stats.source = str(self.path)
         name = self.name
         try:
             for ordinal, (line, event) in enumerate(self.run.numbered(), 1):
-                yield Item(
+                yield SourceItem(
                     event,
                     f"{name}:{line}",
                     ("events", ordinal),
@@ -203,7 +187,7 @@ class TopicSource:
         done = sum(self._position.get(p, a) - a for p, (a, _) in self.ranges.items())
         return min(1.0, done / total)
 
-    async def items(self, resume: Mapping[str, int]) -> AsyncIterator[Item]:
+    async def items(self, resume: Mapping[str, int]) -> AsyncIterator[SourceItem]:
         todo = {p: (max(a, resume.get(p, a)), b) for p, (a, b) in self.ranges.items()}
         todo = {p: r for p, r in todo.items() if r[0] < r[1]}
         self._position = {p: r[0] for p, r in todo.items()}
@@ -235,15 +219,15 @@ class TopicSource:
         finally:
             await consumer.stop()
 
-    def _item(self, partition: str, offset: int, value: bytes | None) -> Item:
+    def _item(self, partition: str, offset: int, value: bytes | None) -> SourceItem:
         where = f"{self.topic}/{partition}:{offset}"
         mark = (partition, offset + 1)
         try:
             event = event_to_dict(decode_event(value or b""))
         except InvalidEvent as exc:
             self._rejected[exc.code] += 1
-            return Item(None, where, mark, reason=exc.code)
-        return Item(event, where, mark)
+            return SourceItem(None, where, mark, reason=exc.code)
+        return SourceItem(event, where, mark)
 
     def close(self) -> None:
         """Nothing to release: the consumer is closed when ``items`` ends."""

@@ -11,30 +11,18 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import orjson
 
 from engine.features.store import UpdateStatus
 from engine.pipeline import BatchResult, DiscountEngine, Incoming
+from engine.ports import RecordSink
 from streams.adapters.decode import DeadLetter, DecodeLimits, RawRecord, decode_record
 from streams.operations.logs import DeadLetterLog, log_outputs
 from streams.operations.metrics import WorkerMetrics
 from streams.settings import Topics
 
 log = logging.getLogger("dealstream.worker")
-
-
-class Sink(Protocol):
-    """Where the worker's output goes (a Kafka producer in production)."""
-
-    async def send(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes,
-        headers: Sequence[tuple[str, bytes]] | None = None,
-    ) -> None: ...
 
 
 @dataclass(slots=True)
@@ -94,7 +82,7 @@ class BatchWorker:
     def __init__(
         self,
         engine: DiscountEngine,
-        sink: Sink,
+        sink: RecordSink,
         *,
         topics: Topics,
         limits: DecodeLimits,

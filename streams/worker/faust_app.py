@@ -27,6 +27,8 @@ from streams.adapters.decode import DecodeLimits, RawRecord
 from streams.adapters.model_store import ModelReloader, ModelStore
 from streams.adapters.redis_ledger import RedisLedger
 from streams.adapters.redis_store import RedisFeatureStore
+from streams.adapters.sinks import FaustSink
+from streams.errors import EXIT_INTERNAL_ERROR
 from streams.operations.lag import LagProbe
 from streams.operations.metrics import TimedFeatureStore, TimedLedger, WorkerMetrics
 from streams.settings import Secret, Settings
@@ -39,42 +41,6 @@ from streams.worker.http_endpoints import (
 )
 
 log = logging.getLogger("dealstream.worker")
-
-
-class FaustSink:
-    """Sends through the Faust app's producer without waiting for each batch's deliveries.
-
-    Faust flushes the producer before every offset commit, so outputs still reach Kafka before
-    the offsets of the inputs that caused them are committed, while the next batch is already
-    being processed. A delivery that fails for good (after the producer's own retries) stops the
-    worker at once (exit 70) instead of carrying on without that output. Its inputs are read
-    again after the restart but skipped as redelivered (their features are already applied),
-    so, as after a kill -9, the outputs still in the producer's buffer are lost
-    (docs/delivery.md, "Known limitation").
-    """
-
-    def __init__(self, app: faust.App) -> None:
-        self._app = app
-
-    async def send(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes,
-        headers: Sequence[tuple[str, bytes]] | None = None,
-    ) -> None:
-        pending = await self._app.producer.send(
-            topic, key, value, None, None, list(headers) if headers else None
-        )
-        asyncio.ensure_future(pending).add_done_callback(_stop_on_failed_delivery)
-
-
-def _stop_on_failed_delivery(future: asyncio.Future[Any]) -> None:
-    if future.cancelled() or future.exception() is None:
-        return
-    log.critical("delivery failed for good (%r); stopping the worker", future.exception())
-    logging.shutdown()
-    os._exit(EXIT_INTERNAL_ERROR)
 
 
 @dataclass(slots=True)
@@ -162,7 +128,6 @@ def _raw_record(message: Any) -> RawRecord:
 
 
 REDIS_RETRY_MAX_S = 10.0
-EXIT_INTERNAL_ERROR = 70
 """Exit status when a batch fails for a reason that is neither bad input nor Redis being away."""
 
 

@@ -259,7 +259,7 @@ async def check_parity(redis_url: str, prefix: str, scenario: Scenario) -> None:
         memory = InMemoryLedger(CONFIG)
         days = scenario.days
         for number, (ops, now) in enumerate(scenario.batches):
-            expected = memory.settle_now(ops, now_ms=now)
+            expected = await memory.settle(ops, now_ms=now)
             actual = await redis_ledger.settle(ops, now_ms=now)
             where = f"settle #{number}"
             assert actual.outcomes == expected.outcomes, where

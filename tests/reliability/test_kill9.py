@@ -101,7 +101,7 @@ async def reference_states(events: list[dict[str, Any]]) -> dict[str, State]:
     for raw in events:
         event = parse_event(raw)
         updates.append(StateUpdate(event.user_id, event.event_id, event.ts, event_ops(event)))
-    outcome = store.apply_batch_now(updates, allowed_lateness_ms=ALLOWED_LATENESS_S * 1000)
+    outcome = await store.apply_batch(updates, allowed_lateness_ms=ALLOWED_LATENESS_S * 1000)
     assert set(outcome.statuses) == {UpdateStatus.APPLIED}
     users = sorted({str(e["user_id"]) for e in events})
     return await store.read_states(users)

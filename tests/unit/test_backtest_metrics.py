@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from engine.analysis.backtest.metrics import BudgetBurn, CampaignStats, ModelStats, OpenDecision
 from engine.analysis.backtest.qini import QiniSetup, qini_section
-from engine.analysis.backtest.runner import BacktestError, drive
 from engine.analysis.backtest.uplift import Z95, holdout_power, uplift_section
 from engine.analysis.reporting.report import canonical, dumps_report
 from engine.model.prequential import roc_auc
@@ -257,16 +256,3 @@ def test_label_counts_always_add_up(decisions: list[tuple[float, bool, bool, boo
     assert sum(bins.ipw_n) == bins.ipw_treated + bins.ipw_untreated
     assert bins.ipw_treated + bins.ipw_untreated <= stats.treated_n + stats.untreated_n
     assert stats.spend_cents == 10 * stats.treated_converted
-
-
-def test_a_suspending_engine_is_refused() -> None:
-    class Suspends:
-        def __await__(self):  # type: ignore[no-untyped-def]
-            yield None
-
-    async def waits() -> int:
-        await Suspends()
-        return 1
-
-    with pytest.raises(BacktestError, match="in-memory"):
-        drive(waits())

@@ -32,8 +32,9 @@ import pytest
 from engine.campaigns import Campaign, default_campaigns, load_campaigns, parse_campaigns
 from engine.events import Event, parse_event
 from engine.features.store import InMemoryFeatureStore, Position
-from engine.ledger import DecisionLedger, InMemoryLedger, LedgerOp, LedgerResult
+from engine.ledger import InMemoryLedger, LedgerOp, LedgerResult
 from engine.pipeline import DiscountEngine, EngineConfig, Incoming
+from engine.ports import DecisionLedger
 from engine.stop_loss import StopLossStatus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,14 +110,19 @@ def campaigns(name: str) -> tuple[Campaign, ...]:
 
 
 class OpaqueLedger:
-    """The in-memory ledger's rules behind the plain async protocol, as the Redis ledger is:
-    the engine cannot take its in-memory shortcuts, so its generic path runs."""
+    """The in-memory ledger's rules behind a ledger that, like the Redis one, knows nothing
+    without a round trip: the engine cannot skip rate-limited proposals, so its generic path
+    runs (every proposal is scored and dropped at ``settle``)."""
 
     def __init__(self) -> None:
         self.inner = InMemoryLedger()
 
     async def settle(self, ops: Sequence[LedgerOp], *, now_ms: int) -> LedgerResult:
-        return self.inner.settle_now(ops, now_ms=now_ms)
+        return await self.inner.settle(ops, now_ms=now_ms)
+
+    def rate_limited(self, user_id: str, campaign: str, ts: int, interval_ms: int) -> bool:
+        del user_id, campaign, ts, interval_ms
+        return False
 
     async def stop_loss_status(self) -> dict[str, StopLossStatus]:
         return await self.inner.stop_loss_status()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
@@ -135,15 +136,15 @@ def test_duplicates_and_reordering_give_the_in_order_features(
     rng = random.Random(seed)
     events = _random_events(seed, count)
     reference = InMemoryFeatureStore()
-    reference.apply_batch_now(_updates(events), allowed_lateness_ms=LATENESS_MS)
+    asyncio.run(reference.apply_batch(_updates(events), allowed_lateness_ms=LATENESS_MS))
 
     messy = shuffled_within_lateness(events, rng)
     messy += [e for e in events if rng.random() < dup_rate]
     messy = shuffled_within_lateness(messy, rng)
     store = InMemoryFeatureStore()
     for start in range(0, len(messy), 7):
-        outcome = store.apply_batch_now(
-            _updates(messy[start : start + 7]), allowed_lateness_ms=LATENESS_MS
+        outcome = asyncio.run(
+            store.apply_batch(_updates(messy[start : start + 7]), allowed_lateness_ms=LATENESS_MS)
         )
         assert UpdateStatus.LATE not in outcome.statuses
 

@@ -497,7 +497,7 @@ def test_budget_is_never_exceeded_and_a_request_that_fits_is_granted(
     ]
     for start in range(0, len(ops), batch):
         chunk = ops[start : start + batch]
-        result = ledger.settle_now(chunk, now_ms=T0)
+        result = asyncio.run(ledger.settle(chunk, now_ms=T0))
         for op, outcome in zip(chunk, result.outcomes, strict=True):
             assert op.offer is not None and outcome is not None and outcome.decided
             day = event_day(op.decision.ts)

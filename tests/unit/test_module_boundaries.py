@@ -16,6 +16,8 @@
 - The import graph of ``engine/`` has no cycle. Every module-level import counts, those under
   ``if TYPE_CHECKING:`` included (mypy follows them too); imports inside functions do not. An
   import of ``a.b.c`` also imports the packages ``a.b`` and ``a``, except the importer's own.
+- The core of ``engine/`` never imports the analysis tools (``engine.analysis``: backtests,
+  reports, OPE, the simulated world), not even inside a function; they import the core.
 """
 
 from __future__ import annotations
@@ -439,3 +441,48 @@ def test_detector_catches_a_cycle(tmp_path: Path) -> None:
     assert find_cycle(import_graph(modules)) == ["pkg.a", "pkg.b", "pkg.c", "pkg.a"]
     del modules["pkg.c"]
     assert find_cycle(import_graph(modules)) == []
+
+
+# -- the core never imports the analysis tools ---------------------------------------------------
+
+ANALYSIS = "engine.analysis"
+
+
+def imports_of(module: Module) -> Iterator[tuple[int, str]]:
+    """Every module ``module`` imports, at any depth of its code (line, absolute name)."""
+    for node in ast.walk(module.tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom):
+            yield node.lineno, source_module(node, module.name, module.is_package)
+
+
+def core_imports_of_analysis(modules: Mapping[str, Module]) -> list[str]:
+    problems: list[str] = []
+    for name, module in modules.items():
+        if name.split(".")[0] != "engine" or name == ANALYSIS or name.startswith(ANALYSIS + "."):
+            continue
+        for line, target in imports_of(module):
+            if target == ANALYSIS or target.startswith(ANALYSIS + "."):
+                problems.append(f"{module.path}:{line}: {name} imports {target}")
+    return problems
+
+
+def test_the_core_never_imports_the_analysis_tools() -> None:
+    problems = core_imports_of_analysis(first_party())
+    assert not problems, "engine/ core modules importing engine.analysis:\n" + "\n".join(problems)
+
+
+def test_detector_catches_a_core_import_of_analysis(tmp_path: Path) -> None:
+    files = {
+        "engine/__init__.py": "",
+        "engine/analysis/__init__.py": "",
+        "engine/analysis/report.py": "from engine.core import X\n",
+        "engine/core.py": "X = 1\ndef f() -> None:\n    from engine.analysis import report\n",
+    }
+    write_package(tmp_path, files)
+    modules = load_modules(tmp_path, ("engine",))
+    assert [p.split(": ", 1)[1] for p in core_imports_of_analysis(modules)] == [
+        "engine.core imports engine.analysis"
+    ]

@@ -402,58 +402,58 @@ def update(
 LATENESS = HOUR
 
 
-def apply(store: InMemoryFeatureStore, *updates: StateUpdate) -> list[UpdateStatus]:
-    return store.apply_batch_now(list(updates), allowed_lateness_ms=LATENESS).statuses
+async def apply(store: InMemoryFeatureStore, *updates: StateUpdate) -> list[UpdateStatus]:
+    return (await store.apply_batch(list(updates), allowed_lateness_ms=LATENESS)).statuses
 
 
-def test_store_skips_redelivered_positions() -> None:
+async def test_store_skips_redelivered_positions() -> None:
     store = InMemoryFeatureStore()
-    assert apply(store, update("e1", T0, offset=5)) == [UpdateStatus.APPLIED]
-    assert apply(store, update("e1", T0, offset=5)) == [UpdateStatus.REDELIVERED]
-    assert apply(store, update("e0", T0, offset=4)) == [UpdateStatus.REDELIVERED]
+    assert await apply(store, update("e1", T0, offset=5)) == [UpdateStatus.APPLIED]
+    assert await apply(store, update("e1", T0, offset=5)) == [UpdateStatus.REDELIVERED]
+    assert await apply(store, update("e0", T0, offset=4)) == [UpdateStatus.REDELIVERED]
     # Another partition has its own watermark; no position means no watermark at all.
-    assert apply(store, update("e2", T0, offset=5, partition=1)) == [UpdateStatus.APPLIED]
-    assert apply(store, update("e3", T0)) == [UpdateStatus.APPLIED]
-    assert apply(store, update("e4", T0, offset=6)) == [UpdateStatus.APPLIED]
+    assert await apply(store, update("e2", T0, offset=5, partition=1)) == [UpdateStatus.APPLIED]
+    assert await apply(store, update("e3", T0)) == [UpdateStatus.APPLIED]
+    assert await apply(store, update("e4", T0, offset=6)) == [UpdateStatus.APPLIED]
 
 
 async def test_store_watermarks_follow_the_applied_offsets() -> None:
     store = InMemoryFeatureStore()
-    apply(store, update("e1", T0, offset=5), update("e2", T0, offset=9, partition=2))
+    await apply(store, update("e1", T0, offset=5), update("e2", T0, offset=9, partition=2))
     assert await store.watermarks() == {("events.browse", 0): 5, ("events.browse", 2): 9}
 
 
-def test_store_skips_duplicate_event_ids_at_other_offsets() -> None:
+async def test_store_skips_duplicate_event_ids_at_other_offsets() -> None:
     store = InMemoryFeatureStore()
-    statuses = apply(store, update("e1", T0, offset=1), update("e1", T0, offset=2))
+    statuses = await apply(store, update("e1", T0, offset=1), update("e1", T0, offset=2))
     assert statuses == [UpdateStatus.APPLIED, UpdateStatus.DUPLICATE]
-    assert apply(store, update("e1", T0 + 10, offset=3)) == [UpdateStatus.DUPLICATE]
-    assert apply(store, update("e1", T0, user_id="u2")) == [UpdateStatus.APPLIED]
+    assert await apply(store, update("e1", T0 + 10, offset=3)) == [UpdateStatus.DUPLICATE]
+    assert await apply(store, update("e1", T0, user_id="u2")) == [UpdateStatus.APPLIED]
 
 
 async def test_duplicate_does_not_change_the_state() -> None:
     store = InMemoryFeatureStore()
-    apply(store, update("e1", T0, offset=1))
+    await apply(store, update("e1", T0, offset=1))
     before = await store.read_states(["u1"])
-    apply(store, update("e1", T0, offset=2))
+    await apply(store, update("e1", T0, offset=2))
     assert await store.read_states(["u1"]) == before
     assert before["u1"]["nv"] == 1.0
 
 
-def test_store_skips_late_events() -> None:
+async def test_store_skips_late_events() -> None:
     store = InMemoryFeatureStore()
-    assert apply(store, update("e1", T0 + 2 * HOUR)) == [UpdateStatus.APPLIED]
-    assert apply(store, update("late", T0 + HOUR - 1)) == [UpdateStatus.LATE]
-    assert apply(store, update("edge", T0 + HOUR)) == [UpdateStatus.APPLIED]
+    assert await apply(store, update("e1", T0 + 2 * HOUR)) == [UpdateStatus.APPLIED]
+    assert await apply(store, update("late", T0 + HOUR - 1)) == [UpdateStatus.LATE]
+    assert await apply(store, update("edge", T0 + HOUR)) == [UpdateStatus.APPLIED]
     # Lateness is per user.
-    assert apply(store, update("other", T0, user_id="u2")) == [UpdateStatus.APPLIED]
+    assert await apply(store, update("other", T0, user_id="u2")) == [UpdateStatus.APPLIED]
 
 
-def test_store_reports_the_state_before_the_batch() -> None:
+async def test_store_reports_the_state_before_the_batch() -> None:
     store = InMemoryFeatureStore()
-    first = store.apply_batch_now([update("e1", T0)], allowed_lateness_ms=LATENESS)
+    first = await store.apply_batch([update("e1", T0)], allowed_lateness_ms=LATENESS)
     assert first.before == {"u1": {}}
-    second = store.apply_batch_now(
+    second = await store.apply_batch(
         [update("e2", T0 + 1), update("e3", T0 + 2, user_id="u2")], allowed_lateness_ms=LATENESS
     )
     assert second.before["u2"] == {}
@@ -463,7 +463,7 @@ def test_store_reports_the_state_before_the_batch() -> None:
 
 async def test_forget_removes_the_user_and_their_seen_event_ids() -> None:
     store = InMemoryFeatureStore()
-    apply(store, update("e1", T0, offset=1), update("e2", T0, offset=2, user_id="u2"))
+    await apply(store, update("e1", T0, offset=1), update("e2", T0, offset=2, user_id="u2"))
     assert store.user_count() == 2
     assert await store.forget("u1") == 1
     assert await store.forget("u1") == 0
@@ -472,4 +472,4 @@ async def test_forget_removes_the_user_and_their_seen_event_ids() -> None:
     assert states["u2"]["nv"] == 1.0
     assert store.user_count() == 1
     # The event id is forgotten with the user: a fresh delivery applies again.
-    assert apply(store, update("e1", T0, offset=3)) == [UpdateStatus.APPLIED]
+    assert await apply(store, update("e1", T0, offset=3)) == [UpdateStatus.APPLIED]

@@ -4,6 +4,7 @@ they read back from those messages unchanged."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import tomllib
@@ -14,7 +15,6 @@ import orjson
 import pytest
 from jsonschema import Draft202012Validator
 
-from engine.analysis.backtest.runner import drive
 from engine.analysis.simulation.generator import generate
 from engine.campaigns import parse_campaigns
 from engine.decisions import Decision, Offer
@@ -107,7 +107,7 @@ def engine_results() -> tuple[BatchResult, ...]:
         for doc in generate(users=30, events=1500, seed=5, mean_gap_ms=2000)
     ]
     return tuple(
-        drive(engine.process([Incoming(event) for event in events[start : start + 250]]))
+        asyncio.run(engine.process([Incoming(event) for event in events[start : start + 250]]))
         for start in range(0, len(events), 250)
     )
 

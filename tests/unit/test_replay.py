@@ -21,6 +21,7 @@ import pytest
 from engine.analysis.simulation.generator import generate
 from engine.importers.base import TimeWindow
 from engine.importers.jsonl import import_jsonl
+from engine.ports import SourceItem
 from streams.cli.main import main
 from streams.cli.replay import parse_speed, parse_time, window_of
 from streams.replay.checkpoint import (
@@ -33,7 +34,7 @@ from streams.replay.checkpoint import (
 )
 from streams.replay.progress import Progress, format_duration
 from streams.replay.republish import SOURCE_HEADER, ReplayOptions, ReplayReport, replay
-from streams.replay.sources import FileSource, Item
+from streams.replay.sources import FileSource
 from streams.settings import Settings, Topics
 
 TOPICS = Topics("p.")
@@ -86,11 +87,13 @@ class ListSource:
         self.events = events
         self.read = 0
 
-    async def items(self, resume: Mapping[str, int]) -> AsyncIterator[Item]:
+    async def items(self, resume: Mapping[str, int]) -> AsyncIterator[SourceItem]:
         done = resume.get("events", 0)
         for n, event in enumerate(self.events, 1):
             self.read += 1
-            yield Item(event, f"list:{n}", ("events", n), "before_resume" if n <= done else None)
+            yield SourceItem(
+                event, f"list:{n}", ("events", n), "before_resume" if n <= done else None
+            )
 
     def fraction(self) -> float | None:
         return self.read / len(self.events) if self.events else None

@@ -260,9 +260,9 @@ def test_purchases_count_once_per_decision_they_convert() -> None:
     from engine.ledger import DecisionRequest
 
     decision = PendingDecision("d1", "u1", "c", T0, {}, 0.0, 1.0, "lr-0", None, Arm.TREATED)
-    ledger.settle_now([DecisionRequest(decision)], now_ms=T0)
+    asyncio.run(ledger.settle([DecisionRequest(decision)], now_ms=T0))
     for ts in (T0 + 1, T0 + 2):  # the second purchase does not count again
-        ledger.settle_now([PurchaseNotice("u1", ts, None, 10_000, 10_000)], now_ms=ts)
+        asyncio.run(ledger.settle([PurchaseNotice("u1", ts, None, 10_000, 10_000)], now_ms=ts))
     sums_t = ledger.stop_loss["c"].sums[(ledger.stop_loss["c"].config.epoch(T0), "T")]
     assert (sums_t.n, sums_t.y) == (1, 3000)
 

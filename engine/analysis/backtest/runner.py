@@ -6,18 +6,20 @@ are pulled from ``source`` lazily, ``batch_size`` at a time; after each batch th
 every engine go to ``on_offers`` *before* the next batch is pulled, so a simulated world can
 react to them (closed loop).
 
-The engine's in-memory store and ledger never suspend, so each ``process`` coroutine is
-driven to completion directly, without an event loop: the loop adds no awaits of its own.
+The whole run is one coroutine under ``asyncio.run``: the engine's in-memory store and ledger
+never suspend, so awaiting them costs no more than a call, and the event loop adds nothing per
+batch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import IO, Any, TypeVar
+from typing import IO, TypeVar
 
 import orjson
 
@@ -115,16 +117,6 @@ def campaign_sets(
     if not sets or any(not group for _, group in sets):
         raise BacktestError("a backtest needs at least one campaign in every campaign set")
     return sets
-
-
-def drive(coro: Any) -> Any:
-    """Run a coroutine that never suspends (in-memory store and ledger) to its result."""
-    try:
-        coro.send(None)
-    except StopIteration as stop:
-        return stop.value
-    coro.close()
-    raise BacktestError("the engine suspended: backtests need the in-memory store and ledger")
 
 
 def _new_group(
@@ -285,9 +277,20 @@ def run_backtest(
     single = len(sets) == 1
     groups = [_new_group(name, group, seed, engine_config, single) for name, group in sets]
     result = BacktestResult(groups=groups, seed=seed, batch_size=batch_size)
+    asyncio.run(_run(source, result, on_offers, decisions_out))
+    return result
+
+
+async def _run(
+    source: Iterable[Event],
+    result: BacktestResult,
+    on_offers: OffersHook | None,
+    decisions_out: IO[bytes] | None,
+) -> None:
+    groups = result.groups
     rewards = result.rewards
     kinds = result.events_by_kind
-    for events in _batches(source, batch_size):
+    for events in _batches(source, result.batch_size):
         incoming = [Incoming(event) for event in events]
         triggers: dict[str, Event] = {}
         for event in events:
@@ -301,7 +304,7 @@ def run_backtest(
         result.last_ts = high if result.last_ts is None else max(result.last_ts, high)
         offers: list[dict[str, object]] = []
         for number, group in enumerate(groups):
-            batch = drive(group.engine.process(incoming))
+            batch = await group.engine.process(incoming)
             if number == 0:
                 result.statuses.update(UpdateStatus(s).name.lower() for s in batch.statuses)
             _absorb(group, batch, triggers, rewards, decisions_out)
@@ -309,7 +312,6 @@ def run_backtest(
                 offers.extend(_offer_messages(group, batch.offers))
         if on_offers is not None:
             on_offers(offers)
-    return result
 
 
 def finalize_decision_lines(

@@ -1,0 +1,198 @@
+"""The record sinks (``engine.ports.RecordSink``): where output records go, one class per way
+of producing to Kafka.
+
+- ``FaustSink``: the live worker's outputs, through the Faust app's own producer (Faust flushes
+  it before every offset commit);
+- ``ProducerSink``: a plain idempotent aiokafka producer (``dealstream simulate``);
+- ``BatchSink``: records packed into per-partition batches, for bulk replays
+  (``dealstream replay``).
+
+``BatchSink`` exists because a bulk replay is bound by the client's per-record cost
+(``AIOKafkaProducer.send`` creates a future and hashes the key for every record). It picks the
+partition itself, with the key hash every Kafka client uses by default (murmur2, positive,
+modulo the partition count; cached per user) so records land where a shop's producer would put
+them, appends records to one open batch per partition and hands full batches to the producer.
+Order per partition is the order of ``send`` calls: a partition's batches are queued in order,
+and aiokafka sends one request per broker at a time and puts a retried batch back at the front
+of its queue. ``flush`` ships the open batches and waits until Kafka has acknowledged every one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import faust
+from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import murmur2
+
+from streams.errors import EXIT_INTERNAL_ERROR, SinkError
+
+log = logging.getLogger("dealstream.worker")
+
+
+class FaustSink:
+    """Sends through the Faust app's producer without waiting for each batch's deliveries.
+
+    Faust flushes the producer before every offset commit, so outputs still reach Kafka before
+    the offsets of the inputs that caused them are committed, while the next batch is already
+    being processed. A delivery that fails for good (after the producer's own retries) stops the
+    worker at once (exit 70) instead of carrying on without that output. Its inputs are read
+    again after the restart but skipped as redelivered (their features are already applied),
+    so, as after a kill -9, the outputs still in the producer's buffer are lost
+    (docs/delivery.md, "Known limitation").
+    """
+
+    def __init__(self, app: faust.App) -> None:
+        self._app = app
+
+    async def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+        timestamp_ms: int | None = None,
+    ) -> None:
+        timestamp = timestamp_ms / 1000 if timestamp_ms is not None else None
+        pending = await self._app.producer.send(
+            topic, key, value, None, timestamp, list(headers) if headers else None
+        )
+        asyncio.ensure_future(pending).add_done_callback(_stop_on_failed_delivery)
+
+    async def flush(self) -> None:
+        """Wait until the producer has delivered everything sent so far."""
+        await self._app.producer.flush()
+
+
+def _stop_on_failed_delivery(future: asyncio.Future[Any]) -> None:
+    if future.cancelled() or future.exception() is None:
+        return
+    log.critical("delivery failed for good (%r); stopping the worker", future.exception())
+    logging.shutdown()
+    os._exit(EXIT_INTERNAL_ERROR)
+
+
+class ProducerSink:
+    """An aiokafka producer as a ``RecordSink``; sends are not awaited one
+    by one: ``flush`` waits for every pending delivery."""
+
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self._producer = producer
+        self._pending: list[asyncio.Future[Any]] = []
+
+    @classmethod
+    def create(cls, bootstrap: str, **options: Any) -> ProducerSink:
+        options.setdefault("linger_ms", 5)
+        options.setdefault("acks", "all")
+        options.setdefault("enable_idempotence", True)
+        return cls(AIOKafkaProducer(bootstrap_servers=bootstrap, **options))
+
+    async def start(self) -> None:
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        await self.flush()
+        await self._producer.stop()
+
+    async def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+        timestamp_ms: int | None = None,
+    ) -> None:
+        future = await self._producer.send(
+            topic,
+            value=value,
+            key=key,
+            headers=list(headers) if headers else None,
+            timestamp_ms=timestamp_ms,
+        )
+        self._pending.append(future)
+        if len(self._pending) >= 10_000:
+            await self.flush()
+
+    async def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if pending:
+            await asyncio.gather(*pending)
+
+
+BATCH_BYTES = 512 * 1024
+"""Largest batch (and request size per partition); well under the broker's 1 MiB default."""
+
+
+class BatchSink:
+    """An idempotent ``acks=all`` producer fed whole batches; see the module docstring."""
+
+    def __init__(self, bootstrap: str, **options: Any) -> None:
+        options.setdefault("acks", "all")
+        options.setdefault("enable_idempotence", True)
+        options.setdefault("max_batch_size", BATCH_BYTES)
+        options.setdefault("max_request_size", 2 * BATCH_BYTES)
+        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **options)
+        self._partitions: dict[str, int] = {}
+        self._hashes: dict[bytes, int] = {}
+        self._open: dict[tuple[str, int], Any] = {}
+        self._pending: list[asyncio.Future[Any]] = []
+
+    async def start(self) -> None:
+        await self._producer.start()
+
+    async def stop(self, *, flush: bool = True) -> None:
+        """Flush (unless a failure is being handled: then pending records are dropped) and
+        close the producer."""
+        try:
+            if flush:
+                await self.flush()
+        finally:
+            await self._producer.stop()
+
+    async def _count(self, topic: str) -> int:
+        partitions = await self._producer.partitions_for(topic)
+        self._partitions[topic] = count = len(partitions)
+        return count
+
+    async def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+        timestamp_ms: int | None = None,
+    ) -> None:
+        if key is None:
+            raise SinkError("replayed records need a key (the user id)")
+        count = self._partitions.get(topic) or await self._count(topic)
+        hashed = self._hashes.get(key)
+        if hashed is None:
+            hashed = self._hashes[key] = murmur2(key) & 0x7FFFFFFF
+        where = (topic, hashed % count)
+        batch = self._open.get(where)
+        if batch is None:
+            batch = self._open[where] = self._producer.create_batch()
+        record = {"timestamp": timestamp_ms, "key": key, "value": value, "headers": headers or []}
+        if batch.append(**record) is None:  # full: ship it, start another
+            await self._ship(where)
+            batch = self._open[where] = self._producer.create_batch()
+            if batch.append(**record) is None:
+                raise SinkError(f"a record of {len(value)} bytes does not fit in one batch")
+
+    async def _ship(self, where: tuple[str, int]) -> None:
+        batch = self._open.pop(where)
+        batch.close()
+        topic, partition = where
+        self._pending.append(await self._producer.send_batch(batch, topic, partition=partition))
+
+    async def flush(self) -> None:
+        """Ship every open batch and wait until Kafka acknowledged all (raises on failure)."""
+        for where in list(self._open):
+            await self._ship(where)
+        pending, self._pending = self._pending, []
+        if pending:
+            await asyncio.gather(*pending)
