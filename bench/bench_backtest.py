@@ -1,7 +1,7 @@
 """Time ``dealstream backtest`` on simulated events, next to River's progressive validation.
 
-1. Simulates ``--events`` events
-   (``engine.analysis.simulation.generator.generate(users=..., seed=1)``) into a temporary
+1. Simulates ``--events`` events of the open-loop world
+   (``engine.analysis.simulation.world.open_loop(users=..., seed=1)``) into a temporary
    JSONL file once (not timed).
 2. Runs the backtest exactly as the CLI does (``streams.cli.backtest_files.run_backtest_command``:
    import + decode, the engine per campaign set, decisions.jsonl, report.json, report.html)
@@ -33,7 +33,7 @@ from typing import Any
 import orjson
 from river import evaluate, linear_model, metrics, optim, preprocessing
 
-from engine.analysis.simulation.generator import generate
+from engine.analysis.simulation.world import open_loop
 from engine.model.inputs import model_inputs
 from engine.pipeline import EngineConfig
 from streams.cli.backtest_files import run_backtest_command
@@ -46,7 +46,7 @@ TARGET_EVENTS_PER_S = 100_000
 def simulate(path: Path, events: int, users: int) -> float:
     started = time.perf_counter()
     with path.open("wb") as handle:
-        for event in generate(users=users, events=events, seed=1):
+        for event in open_loop(users=users, events=events, seed=1):
             handle.write(orjson.dumps(event) + b"\n")
     return time.perf_counter() - started
 

@@ -34,7 +34,7 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine.analysis.simulation.generator import generate  # noqa: E402
+from engine.analysis.simulation.world import open_loop  # noqa: E402
 from engine.campaigns import Campaign, default_campaigns, load_campaigns  # noqa: E402
 from engine.events import Event, parse_event  # noqa: E402
 from engine.features.store import InMemoryFeatureStore  # noqa: E402
@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     campaigns = campaigns_for(args.campaigns)
     events = [
-        parse_event(e) for e in generate(users=args.users, events=args.events, seed=args.seed)
+        parse_event(e) for e in open_loop(users=args.users, events=args.events, seed=args.seed)
     ]
     runs: list[dict[str, Any]] = []
     for attempt in range(args.repeat):

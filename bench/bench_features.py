@@ -47,7 +47,7 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 
-from engine.analysis.simulation import generator as simulator
+from engine.analysis.simulation.world import open_loop
 from engine.events import Event, PurchaseEvent, parse_event
 from engine.features.catalogue import compute_features
 from engine.features.state import apply_ops, event_ops, trigger_category
@@ -597,8 +597,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     lateness_ms = EngineConfig().allowed_lateness_ms
     t0 = time.perf_counter()
     events = [
-        parse_event(raw)
-        for raw in simulator.generate(users=args.users, events=args.events, seed=args.seed)
+        parse_event(raw) for raw in open_loop(users=args.users, events=args.events, seed=args.seed)
     ]
     generate_s = time.perf_counter() - t0
     batches = make_batches(events, args.batch)

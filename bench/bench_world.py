@@ -3,8 +3,7 @@
 The closed-loop simulator (docs/simulator.md) promises at least 200,000 events/s from the
 world itself, so a closed loop is bounded by the engine, not by the traffic. Prints CPU-time
 rates (the dev box is shared; wall time would measure the neighbours) for a few population
-sizes, next to the old i.i.d. generator, and writes ``bench/results/world.json``. It never
-asserts on the figures.
+sizes and writes ``bench/results/world.json``. It never asserts on the figures.
 
     .venv/bin/python bench/bench_world.py [--events 300000] [--users 1000,2000,10000] [--repeat 3]
 """
@@ -22,7 +21,6 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engine.analysis.simulation.generator import generate  # noqa: E402
 from engine.analysis.simulation.world import World  # noqa: E402
 
 
@@ -49,11 +47,6 @@ def main() -> None:
         rate = max(r[1] for r in runs)
         rows.append({"source": "world", "users": users, "setup_s": setup, "events_per_s": rate})
         print(f"world     users={users:>6}  setup {setup:6.3f} s  {rate:>10,.0f} events/s (CPU)")
-    started = time.process_time()
-    count = sum(1 for _ in generate(users=1000, events=args.events, seed=1))
-    legacy = count / (time.process_time() - started)
-    rows.append({"source": "generate", "users": 1000, "setup_s": 0.0, "events_per_s": legacy})
-    print(f"generate  users=  1000                   {legacy:>10,.0f} events/s (CPU)")
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     document = {"events": args.events, "load_average": os.getloadavg(), "rows": rows}

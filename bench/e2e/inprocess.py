@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 
 from bench.e2e.common import CAMPAIGNS, Names, load_average
-from engine.analysis.simulation.generator import generate
+from engine.analysis.simulation.world import open_loop
 from streams.adapters.decode import DecodeLimits, RawRecord
 from streams.settings import Settings
 from streams.worker.batch_worker import BatchWorker
@@ -54,7 +54,7 @@ async def measure_inprocess(
     start_ms = int(time.time() * 1000) - events - 5_000
     records = []
     for offset, event in enumerate(
-        generate(users=users, events=events, seed=11, start_ms=start_ms, mean_gap_ms=1.0)
+        open_loop(users=users, events=events, seed=11, start_ms=start_ms, mean_gap_ms=1.0)
     ):
         user = str(event["user_id"])
         records.append(

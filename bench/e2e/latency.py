@@ -19,7 +19,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from bench.e2e.common import Names, Worker, load_average, median, percentile, wait_consumed
-from engine.analysis.simulation.generator import generate
+from engine.analysis.simulation.world import open_loop
 
 TICK_S = 0.002
 
@@ -70,7 +70,8 @@ async def _offer_at_rate(
     total = int(phase.rate * (phase.warmup_s + phase.window_s))
     topics = names.topics
     by_kind = {"browse": topics.browse, "search": topics.search, "purchase": topics.purchase}
-    stream = generate(users=users, events=total, seed=phase.seed, mean_gap_ms=0)
+    # The world's event times at this rate; each is replaced by the wall clock at send.
+    stream = open_loop(users=users, events=total, seed=phase.seed, mean_gap_ms=1000.0 / phase.rate)
     pending: list[asyncio.Future[object]] = []
     started = time.monotonic()
     start_ms = int(time.time() * 1000)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from engine.analysis.simulation.generator import generate
+from engine.analysis.simulation.world import open_loop
 from engine.events import decode_event
 from streams.settings import Topics
 
@@ -48,7 +48,7 @@ async def preload(
     active: set[str] = set()
     try:
         pending: list[asyncio.Future[object]] = []
-        for event in generate(
+        for event in open_loop(
             users=users, events=events, seed=seed, start_ms=start_ms, mean_gap_ms=GAP_MS
         ):
             kind = str(event["type"])

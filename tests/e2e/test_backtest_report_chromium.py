@@ -31,7 +31,7 @@ import pytest
 
 from engine.analysis.reporting.plots import PLOT_IDS
 from engine.analysis.reporting.svg import FONT_PX, PALETTE, TITLE_PX, text_width
-from engine.analysis.simulation.generator import generate
+from engine.analysis.simulation.world import open_loop
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = next(
@@ -200,9 +200,9 @@ def file_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("report")
     events = root / "sim.jsonl"
     with events.open("wb") as handle:
-        # 20 s apart on average: 20,000 events span ~4.6 days, so budgets reset and the
+        # 20 s apart on average: 20,000 events span ~4.2 days, so budgets reset and the
         # two-hour attribution windows close.
-        for event in generate(users=400, events=20_000, seed=3, mean_gap_ms=20_000):
+        for event in open_loop(users=400, events=20_000, seed=3, mean_gap_ms=20_000):
             handle.write(orjson.dumps(event) + b"\n")
     campaigns = root / "campaigns.toml"
     campaigns.write_text(CAMPAIGNS, "utf-8")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from engine.analysis.simulation.generator import generate
+from engine.analysis.simulation.world import open_loop
 from engine.campaigns import load_campaigns
 from engine.decisions import offer_cost_cents, order_value
 from engine.events import parse_event
@@ -57,7 +57,7 @@ def test_two_workers_never_overspend_a_shared_budget(
     # All events on one event-time day, so one daily budget applies.
     now = int(time.time() * 1000)
     start_ms = max(now - 3600 * 1000, now // 86_400_000 * 86_400_000)
-    events = list(generate(users=200, events=3000, seed=11, start_ms=start_ms, mean_gap_ms=5))
+    events = list(open_loop(users=200, events=3000, seed=11, start_ms=start_ms, mean_gap_ms=5))
     by_id = {str(e["event_id"]): parse_event(e) for e in events}
     asyncio.run(ensure_topics(services.kafka_bootstrap, topics.all, partitions=4))
 

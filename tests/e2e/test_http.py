@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.analysis.simulation.generator import generate
+from engine.analysis.simulation.world import open_loop
 from engine.ledger import event_day
 from streams.adapters.kafka_io import ensure_topics
 from streams.settings import Topics
@@ -142,7 +142,7 @@ def running_worker(
     topics = Topics(isolation.topic_prefix)
     now_ms = int(time.time() * 1000)
     events = list(
-        generate(users=80, events=EVENTS, seed=5, start_ms=now_ms - 600_000, mean_gap_ms=500)
+        open_loop(users=80, events=EVENTS, seed=5, start_ms=now_ms - 600_000, mean_gap_ms=500)
     )
     asyncio.run(ensure_topics(services.kafka_bootstrap, topics.all, partitions=2))
     poison = (topics.browse, b"poison", b"{not json")  # one dead letter

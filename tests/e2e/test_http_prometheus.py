@@ -27,7 +27,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from engine.analysis.simulation.generator import generate
+from engine.analysis.simulation.world import open_loop
 from engine.model.prequential import PrequentialMetrics
 from streams.adapters.kafka_io import ensure_topics
 from streams.adapters.model_store import ModelStore
@@ -211,7 +211,7 @@ def test_prometheus_evaluates_every_rule_and_dashboard_expression_against_a_live
     worker, port = live_worker
     now_ms = int(time.time() * 1000)
     events = list(
-        generate(users=60, events=EVENTS, seed=3, start_ms=now_ms - 600_000, mean_gap_ms=500)
+        open_loop(users=60, events=EVENTS, seed=3, start_ms=now_ms - 600_000, mean_gap_ms=500)
     )
     prometheus = Prometheus(tmp_path / "prometheus", f"127.0.0.1:{port}")
     try:

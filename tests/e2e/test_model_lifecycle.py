@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer
 
-from engine.analysis.simulation.generator import generate
+from engine.analysis.simulation.world import open_loop
 from streams.adapters.kafka_io import ensure_topics
 from streams.adapters.model_store import ModelStore
 from streams.settings import Settings, Topics
@@ -111,10 +111,12 @@ def test_labels_train_the_learner_and_restarts_keep_the_model_version(
     )
     now = int(time.time() * 1000)
     first = list(
-        generate(users=100, events=3000, seed=5, start_ms=now - 3 * 3600_000, mean_gap_ms=1500)
+        open_loop(users=100, events=3000, seed=5, start_ms=now - 3 * 3600_000, mean_gap_ms=1500)
     )
     # Later in event time than ``first`` (which ends about 1 h 45 min ago), and not in the future.
-    second = list(generate(users=100, events=300, seed=6, start_ms=now - 1800_000, mean_gap_ms=100))
+    second = list(
+        open_loop(users=100, events=300, seed=6, start_ms=now - 1800_000, mean_gap_ms=100)
+    )
     worker = WorkerProcess(env, tmp_path / "worker.log")
     learner = Learner(env, tmp_path / "learner.log")
     try:

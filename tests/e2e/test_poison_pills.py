@@ -21,7 +21,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
-from engine.analysis.simulation.generator import generate
+from engine.analysis.simulation.world import open_loop
 from engine.errors import InvalidEvent
 from engine.events import parse_event
 from engine.features.state import KIND_CODE, event_kind
@@ -222,7 +222,7 @@ def bad_messages(topics: Topics, user: str, now_ms: int) -> list[Message]:
 def good_messages(topics: Topics, now_ms: int) -> list[Message]:
     """Simulated traffic of the last 20 minutes, plus one duplicate and one late event."""
     events = list(
-        generate(
+        open_loop(
             users=25, events=GOOD_EVENTS, seed=11, start_ms=now_ms - 20 * 60_000, mean_gap_ms=2500
         )
     )

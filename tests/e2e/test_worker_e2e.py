@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer
 from jsonschema import Draft202012Validator
 
-from engine.analysis.simulation.generator import generate
+from engine.analysis.simulation.world import open_loop
 from engine.campaigns import load_campaigns
 from engine.decisions import in_holdout
 from engine.events import parse_event
@@ -95,7 +95,7 @@ def test_worker_turns_events_into_valid_offers_and_redis_counts(
     campaigns_path.write_text(CAMPAIGNS)
     topics = Topics(isolation.topic_prefix)
     start_ms = int(time.time() * 1000) - 3600 * 1000
-    events = list(generate(users=60, events=EVENTS, seed=7, start_ms=start_ms, mean_gap_ms=3000))
+    events = list(open_loop(users=60, events=EVENTS, seed=7, start_ms=start_ms, mean_gap_ms=3000))
     want_offers, want_decisions = asyncio.run(expected_outputs(events, campaigns_path))
     assert want_offers, "the campaign should offer something to this traffic"
 

@@ -28,7 +28,7 @@ from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 from aiokafka.structs import TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.analysis.simulation.generator import generate
+from engine.analysis.simulation.world import open_loop
 from engine.features.store import InMemoryFeatureStore
 from engine.pipeline import DiscountEngine, EngineConfig
 from streams.adapters.decode import DecodeLimits
@@ -61,7 +61,7 @@ def cleanup(services: Services, isolation: Isolation) -> Iterator[None]:
 def events(count: int, seed: int) -> list[dict[str, Any]]:
     now_ms = int(time.time() * 1000)
     return list(
-        generate(users=50, events=count, seed=seed, start_ms=now_ms - 3_600_000, mean_gap_ms=500)
+        open_loop(users=50, events=count, seed=seed, start_ms=now_ms - 3_600_000, mean_gap_ms=500)
     )
 
 

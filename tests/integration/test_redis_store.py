@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
-from engine.analysis.simulation.generator import DEFAULT_START_MS, generate
+from engine.analysis.simulation.world import DEFAULT_START_MS, open_loop
 from engine.events import BrowseEvent, Event, PurchaseEvent, PurchaseItem, SearchEvent, parse_event
 from engine.features.catalogue import compute_features
 from engine.features.state import (
@@ -679,7 +679,7 @@ async def test_one_script_call_per_batch(services: Services, redis_env: RedisEnv
 async def test_memory_per_active_user(redis_env: RedisEnv) -> None:
     store, client = redis_env.store, redis_env.client
     lateness = HOUR_MS  # the engine's default (engine.pipeline.EngineConfig)
-    events = [parse_event(raw) for raw in generate(users=5000, events=50_000, seed=11)]
+    events = [parse_event(raw) for raw in open_loop(users=5000, events=50_000, seed=11)]
     offsets: Counter[tuple[str, int]] = Counter()
     updates = []
     for event in events:

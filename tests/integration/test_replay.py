@@ -27,7 +27,7 @@ import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from engine.analysis.simulation.generator import generate
+from engine.analysis.simulation.world import open_loop
 from engine.importers.jsonl import import_jsonl
 from engine.importers.taobao import import_taobao
 from streams.cli.main import main
@@ -138,7 +138,7 @@ def replay_env(monkeypatch: pytest.MonkeyPatch, services: Services, isolation: I
 
 
 def simulated_file(path: Path, count: int, seed: int = 11) -> list[dict[str, Any]]:
-    events = [dict(e) for e in generate(users=200, events=count, seed=seed)]
+    events = [dict(e) for e in open_loop(users=200, events=count, seed=seed)]
     path.write_bytes(b"".join(orjson.dumps(e) + b"\n" for e in events))
     return list(import_jsonl(path))
 

@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
-from engine.analysis.simulation.generator import generate
+from engine.analysis.simulation.world import open_loop
 from engine.campaigns import load_campaigns
 from engine.events import parse_event
 from engine.features.catalogue import compute_features
@@ -75,7 +75,9 @@ FAUST_SETTINGS = {"BROKER_SESSION_TIMEOUT": "6", "BROKER_HEARTBEAT_INTERVAL": "1
 def simulated_events() -> list[dict[str, Any]]:
     now_ms = int(time.time() * 1000)
     events = list(
-        generate(users=400, events=EVENTS, seed=99, start_ms=now_ms - 2 * 3600_000, mean_gap_ms=300)
+        open_loop(
+            users=400, events=EVENTS, seed=99, start_ms=now_ms - 2 * 3600_000, mean_gap_ms=300
+        )
     )
     assert max(int(str(e["ts"])) for e in events) < now_ms, "no event may be in the future"
     return events

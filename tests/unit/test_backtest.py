@@ -21,7 +21,7 @@ from engine.analysis.backtest.runner import (
     run_backtest,
 )
 from engine.analysis.reporting.report import build_report, dumps_report
-from engine.analysis.simulation.generator import generate
+from engine.analysis.simulation.world import open_loop
 from engine.campaigns import Campaign, parse_campaigns
 from engine.events import Event, parse_event
 from engine.features.state import DAY_MS
@@ -55,8 +55,8 @@ CAMPAIGNS_TOML: dict[str, Any] = {
 
 
 def sim(events: int = 3000, seed: int = 5) -> list[Event]:
-    # 4 s apart on average: 3000 events span ~3.3 h, so most 30-minute windows close.
-    return [parse_event(e) for e in generate(users=80, events=events, seed=seed, mean_gap_ms=4000)]
+    # 4 s apart on average: 3000 events span ~3.2 h, so most 30-minute windows close.
+    return [parse_event(e) for e in open_loop(users=80, events=events, seed=seed, mean_gap_ms=4000)]
 
 
 def campaigns(**changes: Any) -> tuple[Campaign, ...]:
@@ -360,11 +360,12 @@ SMALL = sim(events=800, seed=9)
 
 
 def test_the_report_warns_when_most_decisions_are_still_pending() -> None:
-    # 3,000 events 4 s apart span most 30-minute windows; the same events squeezed into a few
-    # minutes leave nearly every window open.
+    # 3,000 events 4 s apart span most 30-minute windows; the same world (same shoppers and
+    # sessions) at a 50 ms population gap squeezes 3,000 events into a few minutes, which
+    # leaves nearly every window open.
     spread = build_report(run(sim())[0], inputs={"file": "sim.jsonl"})
     squeezed_events = [
-        parse_event(e) for e in generate(users=80, events=3000, seed=5, mean_gap_ms=50)
+        parse_event(e) for e in open_loop(users=80, events=3000, seed=5, mean_gap_ms=50)
     ]
     squeezed = build_report(run(squeezed_events)[0], inputs={"file": "sim.jsonl"})
     assert squeezed["pending_decisions"] / squeezed["decisions"] > 0.2

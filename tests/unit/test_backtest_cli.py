@@ -13,7 +13,7 @@ import pytest
 from engine.analysis.ope.decision_log import read_decision_log
 from engine.analysis.reporting.html import render_html
 from engine.analysis.reporting.plots import PLOT_IDS
-from engine.analysis.simulation.generator import generate
+from engine.analysis.simulation.world import open_loop
 from streams.cli.main import main
 
 CAMPAIGNS = """
@@ -50,7 +50,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("backtest")
     events = root / "sim.jsonl"
     with events.open("wb") as handle:
-        for event in generate(users=80, events=2500, seed=11, mean_gap_ms=4000):
+        for event in open_loop(users=80, events=2500, seed=11, mean_gap_ms=4000):
             handle.write(orjson.dumps(event) + b"\n")
     first = root / "first.toml"
     first.write_text(CAMPAIGNS.format(name='cart <b>&</b> "savers"'), "utf-8")

@@ -22,7 +22,7 @@ from engine.analysis.reporting.plots import (
 )
 from engine.analysis.reporting.report import build_report, dumps_report
 from engine.analysis.reporting.svg import FONT_PX, LABEL_GAP_PX, text_width, thin_labels
-from engine.analysis.simulation.generator import generate
+from engine.analysis.simulation.world import open_loop
 from engine.campaigns import parse_campaigns
 from engine.events import parse_event
 from engine.pipeline import EngineConfig
@@ -136,7 +136,7 @@ CAMPAIGNS = {
 
 @pytest.fixture(scope="module")
 def report() -> dict[str, Any]:
-    events = [parse_event(e) for e in generate(users=60, events=2500, seed=4, mean_gap_ms=4000)]
+    events = [parse_event(e) for e in open_loop(users=60, events=2500, seed=4, mean_gap_ms=4000)]
     result = run_backtest(
         events,
         parse_campaigns(CAMPAIGNS),

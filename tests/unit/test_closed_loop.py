@@ -20,9 +20,8 @@ from engine.analysis.simulation.closed_loop import (
     oracle_action_space,
     simulate_closed_loop,
 )
-from engine.analysis.simulation.generator import DEFAULT_START_MS
 from engine.analysis.simulation.shoppers import Truth
-from engine.analysis.simulation.world import World
+from engine.analysis.simulation.world import DEFAULT_START_MS, World
 from engine.campaigns import Campaign, load_campaigns
 from engine.policies.base import PolicyContext
 from engine.policies.linear import LinearPolicy

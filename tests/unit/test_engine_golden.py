@@ -7,9 +7,18 @@ the model's learned weights fails here. Each digest is the sha256 of the canonic
 every batch's output (statuses, offers, decisions, training, denials, spend) plus the final
 model's weights, intercept and version. Floats are compared exactly (no rounding).
 
-The input (``tests/fixtures/golden_events.jsonl.gz``) is frozen: see
-``tests/fixtures/make_golden_events.py``. It carries duplicates, redeliveries, late events,
-purchases redeeming offers and three topics over two partitions each, spanning 61 hours.
+The input (``tests/fixtures/golden_events.jsonl.gz``) is frozen: committed once, never
+regenerated. Each line is ``{"event": <event v1>, "position": [source, partition, offset]}``.
+It mixes a sparse multi-day population (day windows, retention trims, label expiry) with a
+dense burst (sessions, minute windows, decision intervals, cooldowns), and carries duplicates
+under a new offset, redeliveries at the old offset, late events, purchases redeeming offers
+and three topics over two partitions each, spanning 61 hours. It was written by
+``tests/fixtures/make_golden_events.py`` from the i.i.d. traffic generator
+(``engine.analysis.simulation.generator.generate``); both were removed when the world's open
+loop became the only generator (issue 11). At commit d38a09f, the last with both, the script
+still wrote the committed file byte for byte; the recipe is
+``git show d38a09f:tests/fixtures/make_golden_events.py``. A new fixture, if ever needed,
+means new digests recorded from a trusted engine.
 
 Set ``DEALSTREAM_GOLDEN_DUMP=<dir>`` to write each run's canonical JSON there, to diff a
 failing run against a trusted one.

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
-from engine.analysis.simulation.generator import generate
+from engine.analysis.simulation.world import open_loop
 from engine.errors import INVALID_EVENT_CODES
 from engine.events import event_to_dict, parse_event
 from engine.importers import FORMATS, detect_format, import_events
@@ -328,7 +328,7 @@ def test_otto_gzip_file_and_window_none(tmp_path: Path) -> None:
 
 
 def test_jsonl_round_trips_simulated_events(tmp_path: Path) -> None:
-    source = list(generate(users=20, events=300, seed=7))
+    source = list(open_loop(users=20, events=300, seed=7))
     path = tmp_path / "sim.jsonl.gz"
     path.write_bytes(gzip.compress(b"".join(orjson.dumps(e) + b"\n" for e in source)))
     assert detect_format(path) == "jsonl"

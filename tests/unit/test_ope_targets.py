@@ -211,7 +211,7 @@ def test_decision_log_reader_counts_bad_lines() -> None:
 async def test_the_engines_own_decisions_are_a_valid_log() -> None:
     """Decision v1 exactly as engine/pipeline.py emits it, plus the label of its training
     example as ``reward``: every labelled decision is read, holdout and denied ones included."""
-    from engine.analysis.simulation.generator import generate
+    from engine.analysis.simulation.world import open_loop
     from engine.events import parse_event
     from engine.features.store import InMemoryFeatureStore, Position
     from engine.pipeline import DiscountEngine, EngineConfig, Incoming
@@ -224,7 +224,7 @@ async def test_the_engines_own_decisions_are_a_valid_log() -> None:
     engine = DiscountEngine(InMemoryFeatureStore(), campaigns=(campaign,), config=config)
     events = [
         parse_event(orjson.loads(orjson.dumps(doc)))
-        for doc in generate(users=40, events=3000, seed=3, mean_gap_ms=2000)
+        for doc in open_loop(users=40, events=3000, seed=3, mean_gap_ms=2000)
     ]
     messages: list[dict[str, object]] = []
     labels: dict[str, int] = {}

@@ -15,7 +15,7 @@ import orjson
 import pytest
 from jsonschema import Draft202012Validator
 
-from engine.analysis.simulation.generator import generate
+from engine.analysis.simulation.world import open_loop
 from engine.campaigns import Campaign
 from engine.decisions import Decision, Offer, stable_id
 from engine.events import BrowseEvent, Event, PurchaseEvent, PurchaseItem, SearchEvent, parse_event
@@ -45,7 +45,7 @@ def schema_errors(name: str, doc: object) -> list[str]:
 @cache
 def sim_events(users: int = 30, events: int = 1000, seed: int = 7) -> tuple[Event, ...]:
     """Simulated traffic over ~35 minutes of event time, parsed like the worker parses it."""
-    stream = generate(users=users, events=events, seed=seed, mean_gap_ms=2 * SECOND)
+    stream = open_loop(users=users, events=events, seed=seed, mean_gap_ms=2 * SECOND)
     return tuple(parse_event(orjson.loads(orjson.dumps(doc))) for doc in stream)
 
 

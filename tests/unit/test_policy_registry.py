@@ -23,7 +23,7 @@ from engine.analysis.ope.evaluate import estimate
 from engine.analysis.ope.targets import parse_target
 from engine.analysis.reporting.ope_section import ope_sections
 from engine.analysis.simulation.closed_loop import oracle_action_space
-from engine.analysis.simulation.generator import generate
+from engine.analysis.simulation.world import open_loop
 from engine.campaigns import Campaign, CampaignError, parse_campaigns
 from engine.events import parse_event
 from engine.pipeline import EngineConfig
@@ -111,7 +111,7 @@ def labelled_log(result: BacktestResult, raw: bytes) -> list[bytes]:
 
 
 def run_coin_backtest(campaigns: tuple[Campaign, ...]) -> tuple[BacktestResult, list[bytes]]:
-    events = [parse_event(e) for e in generate(users=80, events=2000, seed=5, mean_gap_ms=4000)]
+    events = [parse_event(e) for e in open_loop(users=80, events=2000, seed=5, mean_gap_ms=4000)]
     out = io.BytesIO()
     result = run_backtest(events, campaigns, seed=0, decisions_out=out, config=CONFIG)
     return result, labelled_log(result, out.getvalue())

@@ -15,7 +15,7 @@ import orjson
 import pytest
 from jsonschema import Draft202012Validator
 
-from engine.analysis.simulation.generator import generate
+from engine.analysis.simulation.world import open_loop
 from engine.campaigns import parse_campaigns
 from engine.decisions import Decision, Offer
 from engine.errors import InvalidEvent
@@ -104,7 +104,7 @@ def engine_results() -> tuple[BatchResult, ...]:
     )
     events = [
         parse_event(orjson.loads(orjson.dumps(doc)))
-        for doc in generate(users=30, events=1500, seed=5, mean_gap_ms=2000)
+        for doc in open_loop(users=30, events=1500, seed=5, mean_gap_ms=2000)
     ]
     return tuple(
         asyncio.run(engine.process([Incoming(event) for event in events[start : start + 250]]))

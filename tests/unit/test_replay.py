@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 import pytest
 
-from engine.analysis.simulation.generator import generate
+from engine.analysis.simulation.world import open_loop
 from engine.importers.base import TimeWindow
 from engine.importers.jsonl import import_jsonl
 from engine.ports import SourceItem
@@ -112,7 +112,7 @@ class ListSource:
 
 
 def events(count: int = 300, seed: int = 3) -> list[dict[str, Any]]:
-    return [dict(e) for e in generate(users=20, events=count, seed=seed)]
+    return [dict(e) for e in open_loop(users=20, events=count, seed=seed)]
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]], extra: Sequence[bytes] = ()) -> Path:

@@ -10,9 +10,8 @@ import orjson
 import pytest
 
 from engine.analysis.simulation.errors import WorldError
-from engine.analysis.simulation.generator import DEFAULT_START_MS, purchase_probability
-from engine.analysis.simulation.shoppers import Shopper, events_per_session
-from engine.analysis.simulation.world import World, open_loop
+from engine.analysis.simulation.shoppers import Shopper, events_per_session, purchase_probability
+from engine.analysis.simulation.world import DEFAULT_START_MS, World, open_loop
 from engine.events import parse_event
 
 FAR = DEFAULT_START_MS + 10**12

@@ -1,4 +1,6 @@
-"""The closed-loop world: seeded shoppers in sessions who answer offers by a known rule.
+"""The simulated world, the one source of synthetic traffic: seeded shoppers in sessions who
+answer offers by a known rule. Open loop (``open_loop``: no offers) it feeds the CLI, tests and
+benchmarks; closed loop (the ``closed_loop`` module) it answers each campaign's offers.
 
 Each shopper has latent traits (purchase propensity, price sensitivity, category tastes,
 activity) and a random stream of their own, ``random.Random(f"{seed}:{user_id}")``. Shoppers
@@ -11,7 +13,9 @@ checkout may end in a purchase in one copy and not in the other: common random n
 make the counterfactual comparison of policies nearly noise-free. ``WorldParams`` sets the
 shoppers and their sessions (a ``[world]`` TOML table: ``load_world_file``).
 
-``World`` and ``open_loop`` live in ``engine.analysis.simulation.world``, ``WorldParams`` and
-``load_world_file`` in ``engine.analysis.simulation.params``, ``Shopper`` and ``Truth`` in
-``engine.analysis.simulation.shoppers``, the errors in ``engine.analysis.simulation.errors``.
+``World``, ``open_loop`` and ``DEFAULT_START_MS`` live in ``engine.analysis.simulation.world``,
+``WorldParams`` and ``load_world_file`` in ``engine.analysis.simulation.params``, ``Shopper``,
+``Truth``, the response rule ``purchase_probability`` and the shop's ``CATEGORIES`` and
+``QUERIES`` in ``engine.analysis.simulation.shoppers``, the errors in
+``engine.analysis.simulation.errors``.
 """

@@ -23,10 +23,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 
 from engine.analysis.backtest.runner import BacktestResult, run_backtest
-from engine.analysis.simulation.generator import DEFAULT_START_MS
 from engine.analysis.simulation.params import WorldParams
 from engine.analysis.simulation.shoppers import Truth
-from engine.analysis.simulation.world import World
+from engine.analysis.simulation.world import DEFAULT_START_MS, World
 from engine.campaigns import Campaign
 from engine.errors import EngineError
 from engine.events import parse_event

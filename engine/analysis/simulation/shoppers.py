@@ -1,12 +1,36 @@
-"""Shoppers of the closed-loop world: latent traits, the truth at a decision, session maths."""
+"""Shoppers of the world: the shop they browse (categories, search queries), their latent
+traits, the known response rule, the truth at a decision, session maths."""
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Protocol
 
-from engine.analysis.simulation.generator import CATEGORIES, purchase_probability
 from engine.analysis.simulation.params import WorldParams
+
+CATEGORIES: tuple[str, ...] = (
+    "electronics",
+    "books",
+    "fashion",
+    "home",
+    "beauty",
+    "sports",
+    "toys",
+    "grocery",
+)
+"""The shop's categories: shoppers' tastes are weights over them."""
+QUERIES: tuple[str, ...] = (
+    "wireless headphones",
+    "running shoes",
+    "coffee maker",
+    "desk lamp",
+    "novel",
+    "yoga mat",
+    "lego",
+    "face cream",
+)
+"""What shoppers type into the search box."""
 
 INTRA_SESSION_GAP_MS = 30_000.0
 """Mean gap between two events of one session (shorter when a shopper is very active)."""
@@ -30,6 +54,27 @@ class Shopper:
     """Weights over categories (summing to 1): where this shopper's views fall."""
     activity: float
     """Relative event rate within the population."""
+
+
+class Responsive(Protocol):
+    """What the response rule reads of a shopper (``Shopper`` has both)."""
+
+    @property
+    def propensity(self) -> float: ...
+
+    @property
+    def price_sensitivity(self) -> float: ...
+
+
+def purchase_probability(user: Responsive, cart_items: int, discount_pct: float) -> float:
+    """The known response rule: P(checkout) given cart size and the best offered discount.
+
+    ``base = 1 - (1 - propensity) ** items``; a discount d adds
+    ``price_sensitivity * d/100 * (1 - base)``; the result is capped at 0.98."""
+    if cart_items <= 0:
+        return 0.0
+    base = 1.0 - (1.0 - user.propensity) ** cart_items
+    return min(0.98, base + user.price_sensitivity * discount_pct / 100.0 * (1.0 - base))
 
 
 @dataclass(frozen=True, slots=True)

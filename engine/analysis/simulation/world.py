@@ -9,12 +9,12 @@ import random
 from collections.abc import Iterable, Iterator, Mapping
 
 from engine.analysis.simulation.errors import WorldError
-from engine.analysis.simulation.generator import DEFAULT_START_MS, QUERIES, purchase_probability
 from engine.analysis.simulation.params import WorldParams
 from engine.analysis.simulation.shoppers import (
     INTRA_SESSION_GAP_MS,
     MAX_SESSION_STEPS,
     MAX_TRUTH_CHECKOUTS,
+    QUERIES,
     TASTE_SLOTS,
     Live,
     Session,
@@ -22,8 +22,11 @@ from engine.analysis.simulation.shoppers import (
     Truth,
     events_per_session,
     make_shopper,
+    purchase_probability,
 )
 
+DEFAULT_START_MS = 1_767_225_600_000
+"""2026-01-01T00:00:00Z: simulated event time starts here unless told otherwise."""
 DEFAULT_MEAN_GAP_MS = 100.0
 """The open-loop world's population-wide mean event gap unless told otherwise."""
 
