@@ -39,6 +39,7 @@ from streams.settings import Topics
 from streams.worker.batch_worker import BatchWorker
 from streams.worker.http_endpoints import WorkerStatus
 from tests.conftest import REPO, Isolation, Services
+from tests.sinks import ListSink
 from tests.worker_process import WorkerProcess, clean_up, worker_env
 
 pytestmark = pytest.mark.integration
@@ -165,7 +166,7 @@ async def exported_lag(
     metrics = WorkerMetrics()
     worker = BatchWorker(
         DiscountEngine(InMemoryFeatureStore(), config=EngineConfig(learn_inline=False)),
-        _NoSink(),
+        ListSink(),
         topics=Topics(isolation.topic_prefix),
         limits=DecodeLimits(),
         metrics=metrics,
@@ -196,11 +197,6 @@ def scraper(port: int) -> Callable[[], Awaitable[Scrape]]:
         return await asyncio.to_thread(scrape, port)
 
     return run
-
-
-class _NoSink:
-    async def send(self, *args: Any, **kwargs: Any) -> None:
-        return None
 
 
 def test_lag_is_counted_with_the_worker_stopped_and_drains_to_zero_once_it_runs(

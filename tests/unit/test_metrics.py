@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -21,24 +21,11 @@ from streams.adapters.decode import DecodeLimits, RawRecord
 from streams.operations.metrics import TimedFeatureStore, TimedLedger, WorkerMetrics
 from streams.settings import Topics
 from streams.worker.batch_worker import BatchWorker
+from tests.sinks import ListSink
 
 T0 = 1_767_225_600_000
 HOUR = 3_600_000
 PREFIX = "m1."
-
-
-class ListSink:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes | None, bytes]] = []
-
-    async def send(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes,
-        headers: Sequence[tuple[str, bytes]] | None = None,
-    ) -> None:
-        self.sent.append((topic, key, value))
 
 
 def sample(metrics: WorkerMetrics, name: str, **labels: str) -> float:

@@ -24,6 +24,7 @@ from streams.operations.status_page import STATUS_PAGE_HTML
 from streams.settings import Topics
 from streams.worker.batch_worker import BatchWorker
 from streams.worker.http_endpoints import WorkerStatus, current_stop_loss
+from tests.sinks import ListSink
 
 T0 = 1_767_225_600_000
 PREFIX = "s1."
@@ -152,13 +153,9 @@ def make_status(
         config=config,
     )
 
-    class NullSink:
-        async def send(self, *args: Any, **kwargs: Any) -> None:
-            return None
-
     worker = BatchWorker(
         engine,
-        NullSink(),
+        ListSink(),
         topics=Topics(PREFIX),
         limits=DecodeLimits(),
         wall_clock_ms=lambda: T0,

@@ -36,33 +36,9 @@ from streams.replay.progress import Progress, format_duration
 from streams.replay.republish import SOURCE_HEADER, ReplayOptions, ReplayReport, replay
 from streams.replay.sources import FileSource
 from streams.settings import Settings, Topics
+from tests.sinks import ListSink
 
 TOPICS = Topics("p.")
-
-
-class ListSink:
-    """Records every send; ``flush`` marks everything sent so far as delivered."""
-
-    def __init__(self) -> None:
-        self.records: list[
-            tuple[str, bytes | None, bytes, list[tuple[str, bytes]], int | None]
-        ] = []
-        self.delivered = 0
-        self.flushes = 0
-
-    async def send(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes,
-        headers: Sequence[tuple[str, bytes]] | None = None,
-        timestamp_ms: int | None = None,
-    ) -> None:
-        self.records.append((topic, key, value, list(headers or ()), timestamp_ms))
-
-    async def flush(self) -> None:
-        self.delivered = len(self.records)
-        self.flushes += 1
 
 
 class FakeClock:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from streams.settings import (
     redact_url,
 )
 from streams.worker.batch_worker import BatchWorker, WorkerCounters
+from tests.sinks import ListSink
 
 T0 = 1_767_225_600_000
 HOUR = 3_600_000
@@ -373,27 +372,6 @@ def test_dead_letter_headers_without_original_headers() -> None:
 # -- BatchWorker --------------------------------------------------------------------------------
 
 
-@dataclass
-class ListSink:
-    """Collects what the worker sends; stands in for the Kafka producer in unit tests."""
-
-    sent: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]] = field(
-        default_factory=list
-    )
-
-    async def send(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes,
-        headers: Sequence[tuple[str, bytes]] | None = None,
-    ) -> None:
-        self.sent.append((topic, key, value, list(headers or [])))
-
-    def to(self, topic: str) -> list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]]:
-        return [(k, v, h) for t, k, v, h in self.sent if t == topic]
-
-
 def make_worker(prefix: str = "t1.") -> tuple[BatchWorker, ListSink]:
     engine = DiscountEngine(
         InMemoryFeatureStore(),
@@ -467,7 +445,7 @@ def test_balanced_detects_an_unaccounted_record() -> None:
 async def test_outputs_go_to_the_right_topics() -> None:
     worker, sink = make_worker()
     result = await worker.handle(mixed_batch())
-    topics_used = {topic for topic, *_ in sink.sent}
+    topics_used = {record.topic for record in sink.records}
     assert topics_used == {"t1.events.dlq", "t1.offers", "t1.decisions", "t1.training"}
 
     dlq = sink.to("t1.events.dlq")
