@@ -8,8 +8,10 @@ as log1p. The discount enters as the fraction x = d/100 and as x times every beh
 input, so the model can learn for whom a discount changes the purchase probability (an
 S-learner with interactions, ``INTERACTIONS``), not only whether it does on average.
 
-``base_inputs`` is the one implementation of the transform; ``model_inputs`` (River's dict)
-and ``engine.model.scoring.Scorer`` (the fast path) both build on it.
+``base_inputs`` (the behavioural inputs) and ``discount_inputs`` (the discount and its
+interactions) are the one implementation of the transform: ``model_inputs`` (the dict River
+learns from) and ``engine.model.scoring.Scorer`` (with which the model predicts and explains)
+both build on them.
 """
 
 from __future__ import annotations

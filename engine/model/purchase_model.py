@@ -2,7 +2,9 @@
 
 A River pipeline (standard scaling, then logistic regression) learns one labelled example at a
 time. The offered discount is an input, and so are its interactions with a few behavioural
-features, so the model can tell who responds to a discount and who would buy anyway.
+features, so the model can tell who responds to a discount and who would buy anyway. River
+learns; the model's probabilities and their terms are computed from River's parameters by
+``engine.model.scoring.Scorer`` (River's arithmetic, bit for bit, faster).
 
 A model travels between processes (learner -> Redis -> workers) as a signed snapshot::
 
@@ -106,8 +108,9 @@ class PurchaseModel:
         return f"lr-{self.examples_learned}"
 
     def predict(self, features: Mapping[str, float], discount_pct: float) -> float:
-        row = model_inputs(features, discount_pct)
-        return float(self._pipeline.predict_proba_one(row).get(True, 0.0))
+        """P(purchase | features, discount): River's ``predict_proba_one`` on ``model_inputs``,
+        computed by ``Scorer`` (bit for bit the same, see ``engine.model.scoring``)."""
+        return Scorer(self, features)(discount_pct)
 
     def learn(
         self, features: Mapping[str, float], discount_pct: float, label: int, weight: float = 1.0
@@ -148,8 +151,8 @@ class PurchaseModel:
     def scorer(self, features: Mapping[str, float]) -> Scorer:
         """P(purchase | features, discount) for one user at several discounts, computed fast.
 
-        Exactly ``predict`` (bit for bit, see ``Scorer``) when ``predict`` is this class's own;
-        a subclass that overrides ``predict`` or ``contributions`` gets its own methods called.
+        A ``Scorer`` (what ``predict`` and ``contributions`` compute with) when both are this
+        class's own; a subclass that overrides either gets its own methods called.
         """
         cls = type(self)
         if (
@@ -162,12 +165,9 @@ class PurchaseModel:
     def contributions(
         self, features: Mapping[str, float], discount_pct: float, top: int = 3
     ) -> list[tuple[str, float]]:
-        """The largest terms w_i * x_i of the linear score (x after scaling), by magnitude."""
-        scaled = self._scaler.transform_one(model_inputs(features, discount_pct))  # type: ignore[no-untyped-call]
-        weights = self._classifier.weights
-        terms = [(name, float(weights.get(name, 0.0)) * value) for name, value in scaled.items()]
-        terms.sort(key=lambda term: (-abs(term[1]), term[0]))
-        return [(name, round(value, 6)) for name, value in terms[:top]]
+        """The largest terms w_i * x_i of the linear score (x after scaling), by magnitude,
+        then by name; rounded to 6 decimals (an offer's ``reasons``). Computed by ``Scorer``."""
+        return Scorer(self, features).contributions(discount_pct, top)
 
     # -- snapshots ----------------------------------------------------------------------------
 

@@ -1,16 +1,18 @@
 """Fast, exact scoring: the purchase model's P(purchase) at several discounts for one user.
 
 A profit policy asks the model for every level of its discount ladder, and the engine asks
-for every decision, so ``PurchaseModel.predict`` (a River pipeline call on a freshly built
-input dict per discount) was a large part of the hot path. ``Scorer`` prepares one user's
-inputs once and computes River's own arithmetic by hand; ``tests/unit/
-test_engine_fast_paths.py`` holds it to ``predict_proba_one`` bit for bit.
+for every decision, so a River pipeline call on a freshly built input dict per discount was a
+large part of the hot path. ``Scorer`` prepares one user's inputs once and computes River's
+own arithmetic by hand; it is how ``PurchaseModel`` predicts and explains (``predict``,
+``contributions``), so the linear score and its terms have this one implementation. River's
+``predict_proba_one`` stays the reference: ``tests/unit/test_engine_fast_paths.py`` holds
+``Scorer`` to it bit for bit.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from engine.model.inputs import DISCOUNT_SLOT, INPUT_NAMES, base_inputs, discount_inputs
@@ -19,16 +21,11 @@ if TYPE_CHECKING:
     from river import linear_model, preprocessing
 
 
-def top_terms(scaled: list[float], weights: tuple[float, ...], top: int) -> list[tuple[str, float]]:
-    """``PurchaseModel.contributions`` from scaled inputs and weights in ``INPUT_NAMES`` order."""
+def top_terms(products: list[float], top: int) -> list[tuple[str, float]]:
+    """The ``top`` largest terms w_i * x_i (``INPUT_NAMES`` order) by magnitude, then name."""
     # Sorting (-|term|, name, term) tuples orders exactly as the key (-|term|, name) does:
     # names are unique, so the third item never decides, and no key function is called.
-    terms = [
-        (-abs(value), name, value)
-        for name, value in zip(
-            INPUT_NAMES, [w * x for w, x in zip(weights, scaled, strict=True)], strict=True
-        )
-    ]
+    terms = [(-abs(value), name, value) for name, value in zip(INPUT_NAMES, products, strict=True)]
     terms.sort()
     return [(name, round(value, 6)) for _, name, value in terms[:top]]
 
@@ -74,6 +71,27 @@ class LinearTerms:
             classifier.intercept,
         )
 
+    def products(
+        self, values: Iterable[float], start: int, total: float
+    ) -> tuple[list[float], float]:
+        """The terms ``weight * scaled value`` of inputs ``start, start + 1, ...``, and ``total``
+        plus their sum, added left to right (River's order).
+
+        The one implementation of the standard scaling and of the per-term contributions: the
+        linear score is the intercept plus the sum of these terms, and an offer's reasons are
+        the largest of them (``top_terms``).
+        """
+        means, sds, weights = self.means, self.sds, self.weights
+        products: list[float] = []
+        i = start
+        for x in values:
+            sd = sds[i]
+            product = weights[i] * ((x - means[i]) / sd if sd is not None else 0.0)
+            products.append(product)
+            total += product
+            i += 1
+        return products, total
+
 
 class ScoredModel(Protocol):
     """What a scorer reads of the model it scores with
@@ -98,22 +116,22 @@ def _sigmoid(z: float) -> float:
 
 
 class Scorer:
-    """One user's inputs, prepared once; ``scorer(d)`` is ``model.predict(features, d)``.
+    """One user's inputs, prepared once; ``scorer(d)`` is P(purchase | features, d).
 
-    The behavioural inputs do not depend on the discount, so their scaled values and their
-    part of the linear score are computed once per model state; each discount then adds the
-    discount and its interaction terms. The left-to-right sum is the one River computes, so
-    the result is identical to the last bit. Reads the model's parameters at call time, like
-    ``predict``, and applies the model's output correction the same way.
+    The behavioural inputs do not depend on the discount, so their terms and their part of
+    the linear score are computed once per model state; each discount then adds the discount
+    and its interaction terms. The left-to-right sum is the one River computes, so the result
+    is identical to the last bit. Reads the model's parameters at call time (a scorer follows
+    the model as it learns).
     """
 
-    __slots__ = ("_base", "_model", "_partial", "_scaled", "_terms")
+    __slots__ = ("_base", "_model", "_partial", "_products", "_terms")
 
     def __init__(self, model: ScoredModel, features: Mapping[str, float]) -> None:
         self._model = model
         self._base = base_inputs(features)
         self._terms: LinearTerms | None = None
-        self._scaled: list[float] = []
+        self._products: list[float] = []
         self._partial = 0.0
 
     @property
@@ -123,46 +141,27 @@ class Scorer:
     def _prepare(self) -> LinearTerms:
         terms = self._model.linear_terms()
         if terms is not self._terms:
-            scaled: list[float] = []
-            partial = 0.0
-            for x, mean, sd, weight in zip(
-                self._base, terms.means, terms.sds, terms.weights, strict=False
-            ):
-                value = (x - mean) / sd if sd is not None else 0.0
-                scaled.append(value)
-                partial += weight * value
-            self._terms, self._scaled, self._partial = terms, scaled, partial
+            self._products, self._partial = terms.products(self._base, 0, 0.0)
+            self._terms = terms
         return terms
-
-    def _discount_terms(self, terms: LinearTerms, discount_pct: float) -> list[float]:
-        means, sds = terms.means, terms.sds
-        scaled: list[float] = []
-        i = DISCOUNT_SLOT
-        for x in discount_inputs(self._base, discount_pct):
-            sd = sds[i]
-            scaled.append((x - means[i]) / sd if sd is not None else 0.0)
-            i += 1
-        return scaled
 
     def __call__(self, discount_pct: float) -> float:
         terms = self._prepare()
-        total = self._partial
-        weights = terms.weights
-        i = DISCOUNT_SLOT
-        for value in self._discount_terms(terms, discount_pct):
-            total += weights[i] * value
-            i += 1
+        discount = discount_inputs(self._base, discount_pct)
+        _, total = terms.products(discount, DISCOUNT_SLOT, self._partial)
         return _sigmoid(total + terms.intercept)
 
     def contributions(self, discount_pct: float, top: int = 3) -> list[tuple[str, float]]:
-        """``model.contributions(features, discount_pct, top)`` from the prepared inputs."""
+        """The largest terms w_i * x_i of the linear score (x after scaling), by magnitude."""
         terms = self._prepare()
-        scaled = self._scaled + self._discount_terms(terms, discount_pct)
-        return top_terms(scaled, terms.weights, top)
+        discount, _ = terms.products(
+            discount_inputs(self._base, discount_pct), DISCOUNT_SLOT, self._partial
+        )
+        return top_terms(self._products + discount, top)
 
 
 class FallbackScorer(Scorer):
-    """For a subclass with its own ``predict``: calls it, never the fast path."""
+    """For a subclass with its own ``predict`` or ``contributions``: calls them."""
 
     __slots__ = ("_features",)
 

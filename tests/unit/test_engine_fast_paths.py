@@ -1,8 +1,9 @@
 """The hot path's shortcuts against the plain computations they replace.
 
 ``test_engine_golden.py`` proves whole runs unchanged; these tests pin each shortcut on its
-own, on inputs the golden stream may not reach: the model's hand-computed score against
-River's ``predict_proba_one`` (bit for bit, any model state), the session scan, the parse
+own, on inputs the golden stream may not reach: the model's hand-computed score and terms
+(``Scorer``, which ``predict`` and ``contributions`` use) against River's ``predict_proba_one``
+and ``StandardScaler`` (bit for bit, any model state), the session scan, the parse
 cache, and the store's skipped trims and prunes.
 """
 
@@ -28,7 +29,7 @@ from engine.features.state import (
     trim,
 )
 from engine.features.store import InMemoryFeatureStore, StateUpdate
-from engine.model.inputs import MODEL_FEATURES
+from engine.model.inputs import MODEL_FEATURES, model_inputs
 from engine.model.purchase_model import PurchaseModel
 
 T0 = 1_767_225_600_000
@@ -46,7 +47,24 @@ def bits(value: float) -> tuple[float, float]:
     return value, math.copysign(1.0, value)
 
 
-def test_scorer_is_predict_and_contributions_bit_for_bit() -> None:
+def river_predict(model: PurchaseModel, features: Mapping[str, float], discount: float) -> float:
+    """The reference: River's pipeline on the model's input dict."""
+    row = model_inputs(features, discount)
+    return float(model._pipeline.predict_proba_one(row).get(True, 0.0))
+
+
+def river_contributions(
+    model: PurchaseModel, features: Mapping[str, float], discount: float, top: int = 3
+) -> list[tuple[str, float]]:
+    """The reference: River's scaler, then weight x scaled input, by magnitude then name."""
+    scaled = model._scaler.transform_one(model_inputs(features, discount))  # type: ignore[no-untyped-call]
+    weights = model._classifier.weights
+    terms = [(name, float(weights.get(name, 0.0)) * value) for name, value in scaled.items()]
+    terms.sort(key=lambda term: (-abs(term[1]), term[0]))
+    return [(name, round(value, 6)) for name, value in terms[:top]]
+
+
+def test_scorer_is_river_bit_for_bit() -> None:
     rng = random.Random(20261129)
     checked = 0
     for learning_rate in (0.05, 0.5, 3.0):  # 3.0 drives scores into the sigmoid's cut-offs
@@ -56,9 +74,15 @@ def test_scorer_is_predict_and_contributions_bit_for_bit() -> None:
                 features = random_features(rng)
                 scorer = model.scorer(features)
                 for discount in (0.0, 5.0, 10.0, 12.5, 20.0, 100.0):
-                    assert bits(scorer(discount)) == bits(model.predict(features, discount))
-                    expected = model.contributions(features, discount)
+                    expected_p = bits(river_predict(model, features, discount))
+                    assert bits(scorer(discount)) == expected_p
+                    assert bits(model.predict(features, discount)) == expected_p
+                    expected = river_contributions(model, features, discount)
                     assert scorer.contributions(discount) == expected
+                    assert model.contributions(features, discount) == expected
+                    top = 1 + step % 7
+                    expected = river_contributions(model, features, discount, top)
+                    assert scorer.contributions(discount, top) == expected
                     checked += 1
             model.learn(random_features(rng), rng.choice((0.0, 5.0, 20.0)), rng.random() < 0.3)
     assert checked == 450

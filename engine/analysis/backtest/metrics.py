@@ -8,79 +8,61 @@ their label arrives, i.e. for at most the attribution window of event time.
 
 from __future__ import annotations
 
-import math
 from array import array
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from engine.analysis.backtest.fairness import FairnessCounts
 from engine.analysis.backtest.qini import UpliftBins
-from engine.model.prequential import ECE_BINS, roc_auc
+from engine.model.prequential import CalibrationBins, log_loss, roc_auc
 
 BURN_BUCKET_MS = 60_000
 """Initial time resolution of the budget-burn series; doubled whenever it holds too many."""
 BURN_MAX_POINTS = 1200
 """Points the budget-burn series may hold while running (thinned to the report's limit)."""
-_EPS = 1e-15
 
 
 @dataclass(slots=True)
 class ModelStats:
     """Prequential metrics over every label of a run: each prediction is made before learning.
 
-    Predictions and labels are kept compactly (9 bytes per label) because an exact ROC AUC
-    needs the full ranking; log loss and calibration are running sums.
+    The metrics are those of the learner's window (``engine.model.prequential``: ``log_loss``,
+    ``roc_auc``, ``CalibrationBins``), over the whole run. Predictions and labels are kept
+    compactly (9 bytes per label) because an exact ROC AUC needs the full ranking; log loss
+    and calibration are running sums. The log loss is summed as labels come, not with
+    ``math.fsum`` over the stored predictions like the window's: that sum is what report.json
+    has always shown, and an exact sum would move its last bits.
     """
 
     scores: array[float] = field(default_factory=lambda: array("d"))
     labels: bytearray = field(default_factory=bytearray)
     log_loss_sum: float = 0.0
-    bin_p: list[float] = field(default_factory=lambda: [0.0] * ECE_BINS)
-    bin_y: list[int] = field(default_factory=lambda: [0] * ECE_BINS)
-    bin_n: list[int] = field(default_factory=lambda: [0] * ECE_BINS)
+    calibration: CalibrationBins = field(default_factory=CalibrationBins)
 
     def update(self, p: float, label: int) -> None:
         self.scores.append(p)
         self.labels.append(label)
-        clipped = min(max(p, _EPS), 1 - _EPS)
-        self.log_loss_sum -= math.log(clipped if label else 1 - clipped)
-        index = min(int(p * ECE_BINS), ECE_BINS - 1)
-        self.bin_p[index] += p
-        self.bin_y[index] += label
-        self.bin_n[index] += 1
+        self.log_loss_sum += log_loss(p, label)
+        self.calibration.add(p, label)
 
     def merge(self, other: ModelStats) -> None:
         self.scores.extend(other.scores)
         self.labels.extend(other.labels)
         self.log_loss_sum += other.log_loss_sum
-        for index in range(ECE_BINS):
-            self.bin_p[index] += other.bin_p[index]
-            self.bin_y[index] += other.bin_y[index]
-            self.bin_n[index] += other.bin_n[index]
+        self.calibration.merge(other.calibration)
 
     def summary(self) -> dict[str, object]:
         """``auc``, ``log_loss``, ``ece``, ``n_labels`` and the calibration bins (JSON-ready)."""
         n = len(self.labels)
-        calibration = [
-            {
-                "bin": index,
-                "p_mean": self.bin_p[index] / count,
-                "rate": self.bin_y[index] / count,
-                "count": count,
-            }
-            for index, count in enumerate(self.bin_n)
-            if count
-        ]
         if not n:
             return {"auc": None, "log_loss": None, "ece": None, "n_labels": 0, "calibration": []}
-        gaps = math.fsum(abs(self.bin_p[i] - self.bin_y[i]) for i in range(ECE_BINS))
         return {
             "auc": roc_auc(zip(self.scores, self.labels, strict=True)),
             "log_loss": self.log_loss_sum / n,
-            "ece": gaps / n,
+            "ece": self.calibration.ece(),
             "n_labels": n,
             "label_rate": sum(self.labels) / n,
-            "calibration": calibration,
+            "calibration": self.calibration.rows(),
         }
 
 
