@@ -303,7 +303,7 @@ class OnlineLearner:
             else (0.0, 0.0)
         )
         for step in steps(method, parsed, elapsed_ms=wait, p=p, late=late, never=never):
-            model.learn(features, discount, step.label, step.weight)
+            model.learn_one(features, discount, step.label, step.weight)
         uses_auxiliary = method in (FeedbackMethod.ESDFM, FeedbackMethod.DFM)
         if uses_auxiliary and parsed.kind == LabelKind.CLOSED and parsed.decided_at is not None:
             self._learn_auxiliary(parsed, method, wait)

@@ -19,10 +19,11 @@ it unpickles anything: bytes signed with another key, truncated or altered raise
 allow-list (River classes, a few containers and builtins), a second line of defence.
 
 >>> model = PurchaseModel()
->>> model.learn({"cart_count_24h": 2}, 10, 1)
+>>> model.learn_one({"cart_count_24h": 2}, 10, 1)
 >>> blob = model.snapshot(b"a shared secret key")
 >>> twin = PurchaseModel.restore(blob, b"a shared secret key")
->>> twin.version, twin.predict({"cart_count_24h": 2}, 5) == model.predict({"cart_count_24h": 2}, 5)
+>>> features = {"cart_count_24h": 2}
+>>> twin.version, twin.predict_one(features, 5) == model.predict_one(features, 5)
 ('lr-1', True)
 >>> try:
 ...     PurchaseModel.restore(blob, b"another key")
@@ -107,12 +108,12 @@ class PurchaseModel:
     def version(self) -> str:
         return f"lr-{self.examples_learned}"
 
-    def predict(self, features: Mapping[str, float], discount_pct: float) -> float:
+    def predict_one(self, features: Mapping[str, float], discount_pct: float) -> float:
         """P(purchase | features, discount): River's ``predict_proba_one`` on ``model_inputs``,
         computed by ``Scorer`` (bit for bit the same, see ``engine.model.scoring``)."""
         return Scorer(self, features)(discount_pct)
 
-    def learn(
+    def learn_one(
         self, features: Mapping[str, float], discount_pct: float, label: int, weight: float = 1.0
     ) -> None:
         self._pipeline.learn_one(model_inputs(features, discount_pct), bool(label), w=weight)
@@ -151,12 +152,12 @@ class PurchaseModel:
     def scorer(self, features: Mapping[str, float]) -> Scorer:
         """P(purchase | features, discount) for one user at several discounts, computed fast.
 
-        A ``Scorer`` (what ``predict`` and ``contributions`` compute with) when both are this
+        A ``Scorer`` (what ``predict_one`` and ``contributions`` compute with) when both are this
         class's own; a subclass that overrides either gets its own methods called.
         """
         cls = type(self)
         if (
-            cls.predict is PurchaseModel.predict
+            cls.predict_one is PurchaseModel.predict_one
             and cls.contributions is PurchaseModel.contributions
         ):
             return Scorer(self, features)

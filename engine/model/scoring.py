@@ -3,7 +3,7 @@
 A profit policy asks the model for every level of its discount ladder, and the engine asks
 for every decision, so a River pipeline call on a freshly built input dict per discount was a
 large part of the hot path. ``Scorer`` prepares one user's inputs once and computes River's
-own arithmetic by hand; it is how ``PurchaseModel`` predicts and explains (``predict``,
+own arithmetic by hand; it is how ``PurchaseModel`` predicts and explains (``predict_one``,
 ``contributions``), so the linear score and its terms have this one implementation. River's
 ``predict_proba_one`` stays the reference: ``tests/unit/test_engine_fast_paths.py`` holds
 ``Scorer`` to it bit for bit.
@@ -99,7 +99,7 @@ class ScoredModel(Protocol):
 
     def linear_terms(self) -> LinearTerms: ...
 
-    def predict(self, features: Mapping[str, float], discount_pct: float) -> float: ...
+    def predict_one(self, features: Mapping[str, float], discount_pct: float) -> float: ...
 
     def contributions(
         self, features: Mapping[str, float], discount_pct: float, top: int = 3
@@ -161,7 +161,7 @@ class Scorer:
 
 
 class FallbackScorer(Scorer):
-    """For a subclass with its own ``predict`` or ``contributions``: calls them."""
+    """For a subclass with its own ``predict_one`` or ``contributions``: calls them."""
 
     __slots__ = ("_features",)
 
@@ -170,7 +170,7 @@ class FallbackScorer(Scorer):
         self._features = features
 
     def __call__(self, discount_pct: float) -> float:
-        return self._model.predict(self._features, discount_pct)
+        return self._model.predict_one(self._features, discount_pct)
 
     def contributions(self, discount_pct: float, top: int = 3) -> list[tuple[str, float]]:
         return self._model.contributions(self._features, discount_pct, top)

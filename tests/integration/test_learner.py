@@ -155,7 +155,7 @@ def probe_predictions(learner_model: object) -> list[float]:
     assert isinstance(learner_model, PurchaseModel)
     rows = [d.example for d in training_examples(20, seed=99)]
     return [
-        learner_model.predict(r["features"], r["discount_pct"])  # type: ignore[arg-type]
+        learner_model.predict_one(r["features"], r["discount_pct"])  # type: ignore[arg-type]
         for r in rows
     ]
 

@@ -76,7 +76,7 @@ def test_scorer_is_river_bit_for_bit() -> None:
                 for discount in (0.0, 5.0, 10.0, 12.5, 20.0, 100.0):
                     expected_p = bits(river_predict(model, features, discount))
                     assert bits(scorer(discount)) == expected_p
-                    assert bits(model.predict(features, discount)) == expected_p
+                    assert bits(model.predict_one(features, discount)) == expected_p
                     expected = river_contributions(model, features, discount)
                     assert scorer.contributions(discount) == expected
                     assert model.contributions(features, discount) == expected
@@ -84,7 +84,7 @@ def test_scorer_is_river_bit_for_bit() -> None:
                     expected = river_contributions(model, features, discount, top)
                     assert scorer.contributions(discount, top) == expected
                     checked += 1
-            model.learn(random_features(rng), rng.choice((0.0, 5.0, 20.0)), rng.random() < 0.3)
+            model.learn_one(random_features(rng), rng.choice((0.0, 5.0, 20.0)), rng.random() < 0.3)
     assert checked == 450
 
 
@@ -93,13 +93,13 @@ def test_a_scorer_follows_the_model_as_it_learns() -> None:
     features = {"cart_count_24h": 2.0, "session_events": 4.0}
     scorer = model.scorer(features)
     before = scorer(10.0)
-    model.learn(features, 10.0, 1)
-    assert scorer(10.0) == model.predict(features, 10.0) != before
+    model.learn_one(features, 10.0, 1)
+    assert scorer(10.0) == model.predict_one(features, 10.0) != before
 
 
 def test_a_model_that_overrides_predict_is_asked_itself() -> None:
     class Constant(PurchaseModel):
-        def predict(self, features: Mapping[str, float], discount_pct: float) -> float:
+        def predict_one(self, features: Mapping[str, float], discount_pct: float) -> float:
             return 0.25 + discount_pct / 1000
 
     scorer = Constant().scorer({})

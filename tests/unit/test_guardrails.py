@@ -164,8 +164,8 @@ def trained_model() -> PurchaseModel:
     busy = {"cart_count_24h": 3.0, "view_count_1h": 5.0, "session_events": 6.0}
     idle = {"view_count_1h": 1.0, "session_events": 1.0}
     for _ in range(30):
-        model.learn(busy, 10.0, 1)
-        model.learn(idle, 0.0, 0)
+        model.learn_one(busy, 10.0, 1)
+        model.learn_one(idle, 0.0, 0)
     return model
 
 
@@ -372,7 +372,7 @@ async def test_cooldown_denies_offers_too_soon_after_the_last_one() -> None:
     # A denied decision's p_purchase is the prediction without a discount.
     model = PurchaseModel()
     features = out.decision_for("e1").features
-    assert out.decision_for("e1").p_purchase == round(model.predict(features, 0.0), 6)
+    assert out.decision_for("e1").p_purchase == round(model.predict_one(features, 0.0), 6)
 
 
 # -- max offers per day -------------------------------------------------------------------------
@@ -562,7 +562,7 @@ async def test_max_discount_caps_a_linear_policy() -> None:
     (decision,) = out.decisions
     assert offer.discount_pct == decision.discount_pct == 15.0
     assert offer.rules == ("linear:60*p+0", "cap:max_discount_pct=15")
-    assert offer.p_purchase == round(PurchaseModel().predict(decision.features, 15.0), 6)
+    assert offer.p_purchase == round(PurchaseModel().predict_one(decision.features, 15.0), 6)
     # The budget is charged for the capped discount: 15 % of 40.00 = 600 cents.
     assert await engine.ledger.budget_spent_cents("spring", event_day(T0)) == 600
 

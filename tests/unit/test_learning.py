@@ -48,7 +48,7 @@ def sample_features(rng: random.Random) -> dict[str, float]:
 def context(model: PurchaseModel, features: dict[str, float], draw: float) -> PolicyContext:
     return PolicyContext(
         features=features,
-        predict=lambda d: model.predict(features, d),
+        predict=lambda d: model.predict_one(features, d),
         order_value=ORDER_VALUE,
         draw=draw,
     )
@@ -81,9 +81,9 @@ def train(
         choice = policy.choose(context(model, features, rng.random()))
         p_true = world.p_buy(features, choice.discount_pct)
         label = int(rng.random() < p_true)
-        metrics.update(model.predict(features, choice.discount_pct), label)
+        metrics.update(model.predict_one(features, choice.discount_pct), label)
         truth.update(p_true, label)
-        model.learn(features, choice.discount_pct, label)
+        model.learn_one(features, choice.discount_pct, label)
     return model, metrics, truth
 
 

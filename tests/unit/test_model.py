@@ -40,12 +40,12 @@ def trained(n: int = 300, seed: int = 3) -> PurchaseModel:
     model = PurchaseModel()
     for drawn in training_examples(n, seed=seed):
         ex = drawn.example
-        model.learn(ex["features"], ex["discount_pct"], ex["label"])  # type: ignore[arg-type]
+        model.learn_one(ex["features"], ex["discount_pct"], ex["label"])  # type: ignore[arg-type]
     return model
 
 
 def predictions(model: PurchaseModel) -> list[float]:
-    return [model.predict(features, discount) for features, discount in PROBES]
+    return [model.predict_one(features, discount) for features, discount in PROBES]
 
 
 def craft(version: str, payload: bytes, key: bytes) -> bytes:
@@ -112,7 +112,7 @@ def test_restored_model_keeps_learning_exactly_like_the_original() -> None:
     for drawn in training_examples(200, seed=11):
         ex = drawn.example
         for m in (model, restored):
-            m.learn(ex["features"], ex["discount_pct"], ex["label"])  # type: ignore[arg-type]
+            m.learn_one(ex["features"], ex["discount_pct"], ex["label"])  # type: ignore[arg-type]
     assert predictions(restored) == predictions(model)
     assert restored.version == model.version == "lr-400"
 
@@ -254,8 +254,8 @@ def test_learn_and_predict_do_not_mutate_their_inputs() -> None:
         ex = drawn.example
         features = ex["features"]
         before = copy.deepcopy(ex)
-        model.predict(features, ex["discount_pct"])  # type: ignore[arg-type]
-        model.learn(features, ex["discount_pct"], ex["label"])  # type: ignore[arg-type]
+        model.predict_one(features, ex["discount_pct"])  # type: ignore[arg-type]
+        model.learn_one(features, ex["discount_pct"], ex["label"])  # type: ignore[arg-type]
         model.contributions(features, ex["discount_pct"])  # type: ignore[arg-type]
         assert ex == before
 
@@ -265,7 +265,7 @@ def test_the_model_pickles_and_keeps_learning_identically() -> None:
     clone = pickle.loads(pickle.dumps(model))
     assert predictions(clone) == predictions(model)
     for m in (model, clone):
-        m.learn({"cart_count_24h": 2.0}, 10.0, 1)
+        m.learn_one({"cart_count_24h": 2.0}, 10.0, 1)
     assert predictions(clone) == predictions(model)
     assert clone.version == model.version
 
@@ -279,14 +279,14 @@ def test_the_order_of_features_has_no_effect() -> None:
         names = list(features)
         rng.shuffle(names)
         reordered = {name: features[name] for name in names}
-        assert ordered.predict(features, 5.0) == shuffled.predict(reordered, 5.0)
-        ordered.learn(features, 5.0, ex["label"])  # type: ignore[arg-type]
-        shuffled.learn(reordered, 5.0, ex["label"])  # type: ignore[arg-type]
+        assert ordered.predict_one(features, 5.0) == shuffled.predict_one(reordered, 5.0)
+        ordered.learn_one(features, 5.0, ex["label"])  # type: ignore[arg-type]
+        shuffled.learn_one(reordered, 5.0, ex["label"])  # type: ignore[arg-type]
 
 
 def test_missing_and_unknown_features_are_fine() -> None:
     model = trained(50)
-    assert 0.0 <= model.predict({}, 0.0) <= 1.0
-    assert 0.0 <= model.predict({"not_a_model_feature": 7.0}, 15.0) <= 1.0
-    model.learn({"cart_count_24h": 1.0}, 0.0, 0)
+    assert 0.0 <= model.predict_one({}, 0.0) <= 1.0
+    assert 0.0 <= model.predict_one({"not_a_model_feature": 7.0}, 15.0) <= 1.0
+    model.learn_one({"cart_count_24h": 1.0}, 0.0, 0)
     assert model.version == "lr-51"

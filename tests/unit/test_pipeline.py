@@ -371,8 +371,8 @@ async def test_p_purchase_is_the_prediction_at_the_chosen_discount() -> None:
     model = PurchaseModel()
     trained = {"cart_count_24h": 2.0, "view_count_1h": 3.0, "session_events": 4.0}
     for _ in range(40):
-        model.learn(trained, 10.0, 1)
-        model.learn(trained, 0.0, 0)
+        model.learn_one(trained, 10.0, 1)
+        model.learn_one(trained, 0.0, 0)
     engine = DiscountEngine(
         InMemoryFeatureStore(),
         model=model,
@@ -382,8 +382,8 @@ async def test_p_purchase_is_the_prediction_at_the_chosen_discount() -> None:
     (offer,) = out.offers
     (decision,) = out.decisions
     features = decision.features
-    at_discount = round(model.predict(features, 10.0), 6)
-    assert at_discount != round(model.predict(features, 0.0), 6)  # the discount matters here
+    at_discount = round(model.predict_one(features, 10.0), 6)
+    assert at_discount != round(model.predict_one(features, 0.0), 6)  # the discount matters here
     assert offer.p_purchase == at_discount
     assert decision.p_purchase == at_discount
 

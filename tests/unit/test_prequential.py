@@ -214,9 +214,9 @@ def test_the_learner_predicts_before_it_learns() -> None:
     reference = PurchaseModel()
     for drawn in training_examples(30, seed=2):
         ex = drawn.example
-        expected = reference.predict(ex["features"], ex["discount_pct"])  # type: ignore[arg-type]
+        expected = reference.predict_one(ex["features"], ex["discount_pct"])  # type: ignore[arg-type]
         assert learner.learn(ex) == expected
-        reference.learn(ex["features"], ex["discount_pct"], ex["label"])  # type: ignore[arg-type]
+        reference.learn_one(ex["features"], ex["discount_pct"], ex["label"])  # type: ignore[arg-type]
     assert learner.model.version == reference.version == "lr-30"
     assert learner.metrics.seen == 30 and learner.metrics.count == 10
     assert learner.last_labeled_at == T0_MS + 29_000

@@ -139,7 +139,7 @@ class CampaignsTarget:
                 per_campaign[campaign.name] = per_campaign.get(campaign.name, 0) + 1
                 out.append(self._distribution(campaign, record, model))
             if model is not None:
-                model.learn(record.features, record.discount_pct, int(record.reward > 0))
+                model.learn_one(record.features, record.discount_pct, int(record.reward > 0))
         skipped = sum(1 for d in out if d is None)
         details: dict[str, Any] = {"evaluated_by_campaign": per_campaign, "skipped": skipped}
         return TargetActions(out, details)
@@ -157,7 +157,7 @@ class CampaignsTarget:
             if model is None:
                 raise OpeError("internal: a policy asked for a prediction without a model")
             if discount_pct not in predictions:
-                predictions[discount_pct] = model.predict(features, discount_pct)
+                predictions[discount_pct] = model.predict_one(features, discount_pct)
             return predictions[discount_pct]
 
         context = PolicyContext(
