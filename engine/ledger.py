@@ -124,11 +124,6 @@ class InMemoryLedger:
 
     async def settle(self, ops: Sequence[LedgerOp], *, now_ms: int) -> LedgerResult:
         result = LedgerResult(outcomes=[])
-        if not ops and not self.labels.due(now_ms):
-            # Nothing to decide and no window closes: return nothing (the stop-loss is
-            # re-evaluated with the next call that settles something). An engine that learns
-            # inline settles after every event, so this shortcut carries backtests.
-            return result
         for op in ops:
             if isinstance(op, PurchaseNotice):
                 result.outcomes.append(None)
@@ -158,6 +153,9 @@ class InMemoryLedger:
 
     async def stop_loss_status(self) -> dict[str, StopLossStatus]:
         return {name: campaign.status for name, campaign in self.stop_loss.items()}
+
+    def labels_due(self, now_ms: int) -> bool:
+        return self.labels.due(now_ms)
 
     def rate_limited(self, user_id: str, campaign: str, ts: int, interval_ms: int) -> bool:
         """Whether a decision at ``ts`` would fall inside the user's decision interval now.

@@ -277,7 +277,8 @@ class DiscountEngine:
             if learn_inline:
                 # Settle event by event so that what the model learns from this event's
                 # labels shapes the next decision: results do not depend on batch size.
-                await self._settle(ops, proposals, result)
+                if ops or self.ledger.labels_due(self.clock_ms):
+                    await self._settle(ops, proposals, result)
                 ops, proposals = [], []
         if ops:
             await self._settle(ops, proposals, result)

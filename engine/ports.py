@@ -56,6 +56,14 @@ class DecisionLedger(Protocol):
 
     async def settle(self, ops: Sequence[LedgerOp], *, now_ms: int) -> LedgerResult: ...
 
+    def labels_due(self, now_ms: int) -> bool:
+        """Whether a ``settle`` without operations at ``now_ms`` may emit label events.
+
+        An engine that learns inline settles after every event; it skips a call that has
+        nothing to decide when this says no label is due (the stop-loss is then re-evaluated
+        at the next call that settles something). A remote ledger answers ``True``."""
+        ...
+
     def rate_limited(self, user_id: str, campaign: str, ts: int, interval_ms: int) -> bool:
         """Whether this ledger already knows, without any I/O, that a decision at ``ts``
         falls inside the user's decision interval (and would be dropped at ``settle``).

@@ -77,6 +77,11 @@ class RedisLedger:
                 (name, repr(setting.margin), stop.window_ms, stop.min_decisions, stop.min_users)
             )
 
+    def labels_due(self, now_ms: int) -> bool:
+        """Unknown without a round trip: ``ledger.lua`` expires what is due at ``settle``."""
+        del now_ms
+        return True
+
     def rate_limited(self, user_id: str, campaign: str, ts: int, interval_ms: int) -> bool:
         """Never known here without a round trip: ``ledger.lua`` drops such decisions at
         ``settle`` (where the decision interval is checked atomically for every worker)."""

@@ -429,6 +429,9 @@ class TimedLedger:
         finally:
             self._observe(time.perf_counter() - started)
 
+    def labels_due(self, now_ms: int) -> bool:
+        return self.inner.labels_due(now_ms)
+
     def rate_limited(self, user_id: str, campaign: str, ts: int, interval_ms: int) -> bool:
         return self.inner.rate_limited(user_id, campaign, ts, interval_ms)
 

@@ -120,14 +120,19 @@ def campaigns(name: str) -> tuple[Campaign, ...]:
 
 class OpaqueLedger:
     """The in-memory ledger's rules behind a ledger that, like the Redis one, knows nothing
-    without a round trip: the engine cannot skip rate-limited proposals, so its generic path
-    runs (every proposal is scored and dropped at ``settle``)."""
+    without a round trip: the engine cannot skip rate-limited proposals or idle settles, so its
+    generic path runs (every proposal is scored and dropped at ``settle``; every event
+    settles)."""
 
     def __init__(self) -> None:
         self.inner = InMemoryLedger()
 
     async def settle(self, ops: Sequence[LedgerOp], *, now_ms: int) -> LedgerResult:
         return await self.inner.settle(ops, now_ms=now_ms)
+
+    def labels_due(self, now_ms: int) -> bool:
+        del now_ms
+        return True
 
     def rate_limited(self, user_id: str, campaign: str, ts: int, interval_ms: int) -> bool:
         del user_id, campaign, ts, interval_ms
