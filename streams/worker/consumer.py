@@ -3,8 +3,9 @@
 ``EventConsumer`` is a mode ``Service`` the Faust app starts with its other services (Faust
 itself consumes nothing: ``streams/worker/faust_app.py``). One loop:
 
-1. ``getmany(timeout_ms=batch_within_s, max_records=batch_max)`` over the three event topics;
-2. the batch goes to the handler (``BatchWorker.handle`` with its retry/exit policy);
+1. ``getmany(timeout_ms=batch_within_s)`` over the three event topics, merged by Kafka
+   timestamp (``in_time_order``) into batches of up to ``batch_max`` records;
+2. each batch goes to the handler (``BatchWorker.handle`` with its retry/exit policy);
 3. ``sink.flush()``: every output of the batch is acknowledged by Kafka (or the flush raises);
 4. only then the next offset of each partition in the batch is committed, to the group
    ``settings.group_id`` (the one ``dealstream lag``, the metrics and the alerts read).
@@ -20,17 +21,20 @@ id, meet on one worker). aiokafka's default (round robin over all partitions tog
 not guarantee that. ``tests/integration/test_event_consumer.py`` checks it with two members.
 
 On a rebalance, ``on_partitions_revoked`` waits for the batch in flight to be handled,
-flushed and committed (nothing else is uncommitted: every batch commits before the next is
-read), then tells the observer (the status page); ``on_partitions_assigned`` gives the
+flushed and committed (nothing else is uncommitted: every batch commits before the next one
+starts; the fetched records not yet handled are dropped and read again by the partitions'
+next owner), then tells the observer (the status page); ``on_partitions_assigned`` gives the
 observer the new full assignment. ``stop`` does the same and leaves the group.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -79,6 +83,34 @@ def exit_worker(exc: BaseException) -> None:
     log.critical("event consumer failed; stopping the worker", exc_info=exc)
     logging.shutdown()
     os._exit(EXIT_INTERNAL_ERROR)
+
+
+def in_time_order(
+    fetched: Mapping[TopicPartition, Sequence[Any]], topics: Sequence[str], batch_max: int
+) -> Iterator[list[Any]]:
+    """The fetched records merged by Kafka timestamp into batches of ``batch_max``.
+
+    A user's view and the purchase that follows it are on two topics: handled in fetch order,
+    a whole partition of purchases could come before the views they follow (and then label no
+    decision). Each partition keeps its own order (``heapq.merge`` never reorders an input);
+    on equal timestamps the topics come in the order given (browse, search, purchase).
+
+    >>> from types import SimpleNamespace as R
+    >>> views = [R(topic="b", timestamp=t, offset=t) for t in (1, 3, 5)]
+    >>> buys = [R(topic="p", timestamp=t, offset=t) for t in (3, 4)]
+    >>> fetched = {TopicPartition("p", 0): buys, TopicPartition("b", 0): views}
+    >>> [[(r.topic, r.timestamp) for r in b] for b in in_time_order(fetched, ("b", "p"), 3)]
+    [[('b', 1), ('b', 3), ('p', 3)], [('p', 4), ('b', 5)]]
+    """
+    rank = {topic: index for index, topic in enumerate(topics)}
+    ordered = sorted(fetched.items(), key=lambda item: (rank.get(item[0].topic, 0), item[0]))
+    merged = heapq.merge(*(records for _, records in ordered), key=_timestamp)
+    while batch := list(itertools.islice(merged, batch_max)):
+        yield batch
+
+
+def _timestamp(record: Any) -> int:
+    return int(record.timestamp or 0)
 
 
 class EventConsumer(Service):
@@ -159,29 +191,29 @@ class EventConsumer(Service):
         assert consumer is not None
         try:
             while not self._stopping:
-                fetched = await consumer.getmany(
-                    timeout_ms=self.batch_timeout_ms, max_records=self.batch_max
-                )
-                if not fetched:
-                    continue
-                async with self._in_flight:
-                    await self._process(consumer, fetched)
+                # Everything the fetcher holds (bounded by the fetch sizes): a max_records limit
+                # would fill the batch from the first partitions alone.
+                fetched = await consumer.getmany(timeout_ms=self.batch_timeout_ms)
+                for batch in in_time_order(fetched, self.topics, self.batch_max):
+                    async with self._in_flight:
+                        if self._stopping or self._rebalancing:
+                            break  # the rest is read again from the committed offsets
+                        await self._process(consumer, batch)
         except Exception as exc:
             self.on_fatal(exc)
 
-    async def _process(self, consumer: AIOKafkaConsumer, fetched: dict[Any, list[Any]]) -> None:
+    async def _process(self, consumer: AIOKafkaConsumer, batch: Sequence[Any]) -> None:
         # A rebalance may have revoked partitions between the fetch and now: their records
         # belong to whoever owns them next.
-        if self._rebalancing:
-            return
         assigned = consumer.assignment()
         records: list[RawRecord] = []
         offsets: dict[TopicPartition, OffsetAndMetadata] = {}
-        for tp, batch in fetched.items():
-            if not batch or tp not in assigned:
+        for record in batch:
+            tp = TopicPartition(record.topic, record.partition)
+            if tp not in assigned:
                 continue
-            records.extend(raw_record(r) for r in batch)
-            offsets[tp] = OffsetAndMetadata(batch[-1].offset + 1, "")
+            records.append(raw_record(record))
+            offsets[tp] = OffsetAndMetadata(record.offset + 1, "")
         if not records:
             return
         await self.handle(records)
