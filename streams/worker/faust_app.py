@@ -213,7 +213,8 @@ def create_app(runtime: Runtime) -> faust.App:
         await _handle_until_done(worker, records)
 
     # Faust starts it (an instance is accepted, though typed as a class) once its producer and
-    # web server run, and stops it first: the last batch is flushed while the producer is up.
+    # web server run, and stops it before the producer: the last batch is flushed and committed
+    # while the producer is still up.
     app.service(
         EventConsumer(  # type: ignore[arg-type]
             bootstrap=settings.kafka_bootstrap,
