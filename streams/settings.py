@@ -113,6 +113,10 @@ class Settings:
     partitions: int = 4
     batch_max: int = 500
     batch_within_s: float = 0.05
+    session_timeout_s: float = 10.0
+    """The event consumer's group session: how long a worker that died without leaving the
+    group (kill -9) keeps its partitions (``DEALSTREAM_SESSION_TIMEOUT_S``; the broker's
+    minimum is 6 s by default)."""
     allowed_lateness_s: float = 3600.0
     attribution_window_s: float = 24 * 3600.0
     max_clock_skew_s: float = 300.0
@@ -182,6 +186,7 @@ class Settings:
             partitions=max(1, int(number("PARTITIONS", defaults.partitions, int))),
             batch_max=max(1, int(number("BATCH_MAX", defaults.batch_max, int))),
             batch_within_s=number("BATCH_WITHIN_S", defaults.batch_within_s, float),
+            session_timeout_s=number("SESSION_TIMEOUT_S", defaults.session_timeout_s, float),
             allowed_lateness_s=number("ALLOWED_LATENESS_S", defaults.allowed_lateness_s, float),
             attribution_window_s=number(
                 "ATTRIBUTION_WINDOW_S", defaults.attribution_window_s, float

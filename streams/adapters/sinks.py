@@ -1,8 +1,8 @@
 """The record sinks (``engine.ports.RecordSink``): where output records go, one class per way
 of producing to Kafka.
 
-- ``FaustSink``: the live worker's outputs, through the Faust app's own producer (Faust flushes
-  it before every offset commit);
+- ``FaustSink``: the live worker's outputs, through the Faust app's own producer (the worker's
+  event consumer flushes it before every offset commit);
 - ``ProducerSink``: a plain idempotent aiokafka producer (``dealstream simulate``);
 - ``BatchSink``: records packed into per-partition batches, for bulk replays
   (``dealstream replay``).
@@ -35,19 +35,20 @@ log = logging.getLogger("dealstream.worker")
 
 
 class FaustSink:
-    """Sends through the Faust app's producer without waiting for each batch's deliveries.
+    """Sends through the Faust app's producer without waiting for each record's delivery.
 
-    Faust flushes the producer before every offset commit, so outputs still reach Kafka before
-    the offsets of the inputs that caused them are committed, while the next batch is already
-    being processed. A delivery that fails for good (after the producer's own retries) stops the
-    worker at once (exit 70) instead of carrying on without that output. Its inputs are read
-    again after the restart but skipped as redelivered (their features are already applied),
-    so, as after a kill -9, the outputs still in the producer's buffer are lost
-    (docs/delivery.md, "Known limitation").
+    ``flush`` waits until every record sent since the last flush is acknowledged and raises
+    if one could not be delivered; the worker's event consumer (``streams/worker/consumer.py``)
+    calls it after every batch and commits the batch's offsets only when it returns. A
+    delivery that fails for good (after the producer's own retries) also stops the worker at
+    once (exit 70) instead of carrying on without that output. Its inputs are read again after
+    the restart but skipped as redelivered (their features are already applied), so, as after
+    a kill -9, the outputs of that last batch are lost (docs/delivery.md, "Known limitation").
     """
 
     def __init__(self, app: faust.App) -> None:
         self._app = app
+        self._pending: list[asyncio.Future[Any]] = []
 
     async def send(
         self,
@@ -61,11 +62,16 @@ class FaustSink:
         pending = await self._app.producer.send(
             topic, key, value, None, timestamp, list(headers) if headers else None
         )
-        asyncio.ensure_future(pending).add_done_callback(_stop_on_failed_delivery)
+        future = asyncio.ensure_future(pending)
+        future.add_done_callback(_stop_on_failed_delivery)
+        self._pending.append(future)
 
     async def flush(self) -> None:
-        """Wait until the producer has delivered everything sent so far."""
-        await self._app.producer.flush()
+        """Wait until Kafka acknowledged everything sent so far; raise if a record failed."""
+        pending, self._pending = self._pending, []
+        if pending:
+            await self._app.producer.flush()
+            await asyncio.gather(*pending)
 
 
 def _stop_on_failed_delivery(future: asyncio.Future[Any]) -> None:

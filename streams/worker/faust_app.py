@@ -1,10 +1,11 @@
 """The composition root of the live worker: settings in, a ready Faust app out.
 
 ``bootstrap`` builds every client, the engine and the metrics registry once; ``create_app``
-wires them into a Faust app whose single agent consumes the event topics in micro-batches
-(``take_events``) and hands each batch to ``BatchWorker``, and whose web server serves
-``/metrics``, ``/health``, ``/ready`` and the status page
-(``streams/worker/http_endpoints.py``). Nothing here runs at import time.
+wires them into a Faust app that runs the event consumer (``streams/worker/consumer.py``:
+aiokafka batches handed to ``BatchWorker``, offsets committed after the outputs are delivered)
+as one of its services, produces the outputs, runs the timers and serves ``/metrics``,
+``/health``, ``/ready`` and the status page (``streams/worker/http_endpoints.py``). Faust
+itself consumes nothing. Nothing here runs at import time.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import faust
 import redis.asyncio as aioredis
+from faust.app.base import BootStrategy
 
 from engine.campaigns import default_campaigns, load_campaigns
 from engine.pipeline import DiscountEngine
@@ -33,12 +35,8 @@ from streams.operations.lag import LagProbe
 from streams.operations.metrics import TimedFeatureStore, TimedLedger, WorkerMetrics
 from streams.settings import Secret, Settings
 from streams.worker.batch_worker import BatchWorker
-from streams.worker.http_endpoints import (
-    REFRESH_INTERVAL_S,
-    WorkerStatus,
-    connect_rebalance_signals,
-    install_routes,
-)
+from streams.worker.consumer import EventConsumer
+from streams.worker.http_endpoints import REFRESH_INTERVAL_S, WorkerStatus, install_routes
 
 log = logging.getLogger("dealstream.worker")
 
@@ -112,21 +110,6 @@ async def reload_model(runtime: Runtime) -> None:
         engine.model = model
 
 
-def _raw_record(message: Any) -> RawRecord:
-    headers = message.headers or ()
-    if isinstance(headers, dict):
-        headers = tuple(headers.items())
-    return RawRecord(
-        topic=message.topic,
-        partition=message.partition,
-        offset=message.offset,
-        key=message.key,
-        value=message.value,
-        timestamp_ms=int(message.timestamp * 1000) if message.timestamp else None,
-        headers=tuple((str(k), bytes(v or b"")) for k, v in headers),
-    )
-
-
 REDIS_RETRY_MAX_S = 10.0
 """Exit status when a batch fails for a reason that is neither bad input nor Redis being away."""
 
@@ -136,13 +119,13 @@ async def _handle_until_done(worker: BatchWorker, records: Sequence[RawRecord]) 
 
     Bad input never raises here (it is dead-lettered). Anything else is a bug: the worker
     exits non-zero so that its supervisor restarts it, instead of staying up without
-    consuming (Faust would restart the agent, which then reads nothing).
+    consuming.
     """
     delay = 0.5
     while True:
         try:
-            # Outputs are handed to the producer before Faust acks the inputs; Faust flushes
-            # the producer before it commits their offsets (FaustSink).
+            # Outputs are handed to the producer here; the event consumer flushes it (FaustSink)
+            # before it commits the batch's offsets.
             await worker.handle(records)
             return
         except (OSError, aioredis.RedisError) as exc:
@@ -164,10 +147,29 @@ def _faust_datadir(group_id: str) -> Path:
     return path
 
 
+class _ServingOnly(BootStrategy):
+    """Faust without its Kafka consumer: no agents, tables or group of its own. The producer,
+    the web server, timers and services start as usual."""
+
+    enable_kafka_consumer = False
+
+
+def faust_app_id(group_id: str) -> str:
+    """The Faust app's id, apart from the events' consumer group.
+
+    The event consumer joins ``group_id`` with aiokafka's ``range`` assignor; the lag probe,
+    ``dealstream lag``, the metrics and the alerts read that group's offsets. Faust's consumer
+    is disabled (``_ServingOnly``), but should it ever start one it would join the group named
+    after the app id with Faust's own assignor protocol, and members of one group with no
+    common protocol fail to join: the app gets its own id so that this can never happen.
+    """
+    return f"{group_id}-app"
+
+
 def create_app(runtime: Runtime) -> faust.App:
     settings = runtime.settings
     app = faust.App(
-        settings.group_id,
+        faust_app_id(settings.group_id),
         broker=f"kafka://{settings.kafka_bootstrap}",
         key_serializer="raw",
         value_serializer="raw",
@@ -180,6 +182,7 @@ def create_app(runtime: Runtime) -> faust.App:
         autodiscover=False,
         # Tables live in memory; keep Faust's (empty) data folder out of the working directory.
         datadir=str(_faust_datadir(settings.group_id)),
+        # Flushed after every batch (FaustSink.flush) before its offsets are committed.
         producer_acks=-1,
         producer_linger=0.005,
         web_router_enabled=False,
@@ -203,14 +206,28 @@ def create_app(runtime: Runtime) -> faust.App:
         probe=LagProbe(settings.kafka_bootstrap),
         model_store=ModelStore(runtime.redis, prefix=settings.redis_prefix),
     )
-    connect_rebalance_signals(app, status)
+    app.boot_strategy = _ServingOnly(app)
     install_routes(app, status)
-    events_topic = app.topic(*settings.topics.events, key_serializer="raw", value_serializer="raw")
 
-    @app.agent(events_topic, name="dealstream-events")
-    async def process_events(stream: Any) -> None:
-        async for events in stream.take_events(settings.batch_max, within=settings.batch_within_s):
-            await _handle_until_done(worker, [_raw_record(e.message) for e in events])
+    async def handle(records: Sequence[RawRecord]) -> None:
+        await _handle_until_done(worker, records)
+
+    # Faust starts it (an instance is accepted, though typed as a class) once its producer and
+    # web server run, and stops it before the producer: the last batch is flushed and committed
+    # while the producer is still up.
+    app.service(
+        EventConsumer(  # type: ignore[arg-type]
+            bootstrap=settings.kafka_bootstrap,
+            group_id=settings.group_id,
+            topics=settings.topics.events,
+            handle=handle,
+            sink=sink,
+            batch_max=settings.batch_max,
+            batch_within_s=settings.batch_within_s,
+            session_timeout_s=settings.session_timeout_s,
+            observer=status,
+        )
+    )
 
     @app.timer(interval=MODEL_POLL_INTERVAL_S)  # type: ignore[untyped-decorator]
     async def poll_model() -> None:

@@ -1,8 +1,9 @@
 """The worker's HTTP side: what it knows about itself, and the endpoints that show it.
 
-``WorkerStatus`` follows the partition assignment (Faust's rebalance signals), refreshes the
-broker-side consumer lag, the budgets, the pending labels, the stop-loss states and the model
-gauges every few seconds (``refresh``), and answers readiness. ``install_routes`` serves, on
+``WorkerStatus`` follows the partition assignment (the event consumer's rebalance listener,
+``streams/worker/consumer.py``), refreshes the broker-side consumer lag, the budgets, the
+pending labels, the stop-loss states and the model gauges every few seconds (``refresh``), and
+answers readiness. ``install_routes`` serves, on
 Faust's web server:
 
 - ``/metrics``      Prometheus exposition of the worker's own registry;
@@ -159,7 +160,8 @@ class WorkerStatus:
     # -- rebalances ----------------------------------------------------------------------------
 
     def on_assigned(self, partitions: Iterable[TopicPartitionKey]) -> None:
-        """The new full assignment (Faust's ``on_partitions_assigned``): one rebalance."""
+        """The new full assignment (the event consumer's ``on_partitions_assigned``): one
+        rebalance."""
         mine = frozenset((t, p) for t, p in partitions if t in self.topics)
         self.assignment = mine
         self.assigned_at = self._monotonic()
@@ -384,26 +386,6 @@ class WorkerStatus:
             for c in engine.campaigns
             if c.stop_loss is not None and c.name in statuses
         ]
-
-
-def _assigned_keys(partitions: Iterable[Any]) -> list[TopicPartitionKey]:
-    return [(str(tp.topic), int(tp.partition)) for tp in partitions]
-
-
-def connect_rebalance_signals(app: faust.App, status: WorkerStatus) -> None:
-    """Follow the assignment through Faust's rebalance signals.
-
-    (mode's ``Signal.connect`` is typed so that mypy rejects every handler, hence the ignores.)
-    """
-
-    async def assigned(sender: Any, *args: Any, **kwargs: Any) -> None:
-        status.on_assigned(_assigned_keys(args[0] if args else kwargs.get("assigned", ())))
-
-    async def revoked(sender: Any, *args: Any, **kwargs: Any) -> None:
-        status.on_revoked(_assigned_keys(args[0] if args else kwargs.get("revoked", ())))
-
-    app.on_partitions_assigned.connect(assigned)  # type: ignore[arg-type]
-    app.on_partitions_revoked.connect(revoked)  # type: ignore[arg-type]
 
 
 def install_routes(app: faust.App, status: WorkerStatus) -> None:

@@ -47,8 +47,8 @@ pytestmark = pytest.mark.integration
 PARTITIONS = 4
 AGE_MS = 600_000
 """The produced records carry Kafka timestamps this far in the past: a known minimum time lag."""
-FAUST_SETTINGS = {"BROKER_SESSION_TIMEOUT": "6", "BROKER_HEARTBEAT_INTERVAL": "1"}
-"""Faust reads these from its environment: quick group joins and leaves in these tests."""
+GROUP_SETTINGS = {"DEALSTREAM_SESSION_TIMEOUT_S": "6"}
+"""The event consumer's session (6 s, the broker's minimum): quick group joins and leaves."""
 DRAIN_TIMEOUT_S = 120.0
 SCRAPE_TIMEOUT_S = 60.0
 
@@ -225,7 +225,7 @@ def test_lag_is_counted_with_the_worker_stopped_and_drains_to_zero_once_it_runs(
     assert all(seconds[f"{p['topic']}[{p['partition']}]"] >= AGE_MS / 1000 for p in nonempty)
 
     worker = WorkerProcess(
-        {**worker_env(services, isolation, http_port=free_port), **FAUST_SETTINGS},
+        {**worker_env(services, isolation, http_port=free_port), **GROUP_SETTINGS},
         tmp_path / "worker.log",
     )
     worker.start()
@@ -295,11 +295,11 @@ def test_the_lag_gauge_stays_right_when_a_second_worker_joins_and_leaves(
     all_partitions = 3 * PARTITIONS
     port_a, port_b = free_port, another_port(free_port)
     first = WorkerProcess(
-        {**worker_env(services, isolation, http_port=port_a), **FAUST_SETTINGS},
+        {**worker_env(services, isolation, http_port=port_a), **GROUP_SETTINGS},
         tmp_path / "worker-a.log",
     )
     second = WorkerProcess(
-        {**worker_env(services, isolation, http_port=port_b), **FAUST_SETTINGS},
+        {**worker_env(services, isolation, http_port=port_b), **GROUP_SETTINGS},
         tmp_path / "worker-b.log",
     )
 

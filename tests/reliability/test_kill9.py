@@ -1,11 +1,11 @@
 """kill -9 and restart, three times, mid-stream: no event lost, none applied twice.
 
 The worker applies a micro-batch to Redis (state, dedup set and per-partition offset watermarks
-in one Lua call), delivers its outputs, and only then lets Faust commit the input offsets (every
-2.8 s). A SIGKILL therefore leaves Redis ahead of the committed offsets; on restart the records
-in between are consumed again and must be recognised as redelivered. Afterwards every user's
-lifetime counts and feature vector must equal a reference computed in-process with
-``InMemoryFeatureStore`` from the same events.
+in one Lua call), waits until Kafka acknowledged its outputs, and only then commits the batch's
+input offsets (``streams/worker/consumer.py``). A SIGKILL therefore leaves Redis ahead of the
+committed offsets; on restart the records in between are consumed again and must be recognised
+as redelivered. Afterwards every user's lifetime counts and feature vector must equal a
+reference computed in-process with ``InMemoryFeatureStore`` from the same events.
 """
 
 from __future__ import annotations
@@ -67,9 +67,9 @@ WORKER_SETTINGS: dict[str, object] = {
     "allowed_lateness_s": ALLOWED_LATENESS_S,
 }
 # A SIGKILLed consumer never leaves its group: its partitions stay assigned to it until its
-# session times out (Faust's default: 60 s). Faust reads these from its own environment
-# variables; 6 s is the broker's minimum (group.min.session.timeout.ms).
-FAUST_SETTINGS = {"BROKER_SESSION_TIMEOUT": "6", "BROKER_HEARTBEAT_INTERVAL": "1"}
+# session times out (DEALSTREAM_SESSION_TIMEOUT_S, default 10 s); 6 s is the broker's minimum
+# (group.min.session.timeout.ms).
+GROUP_SETTINGS = {"DEALSTREAM_SESSION_TIMEOUT_S": "6"}
 
 
 def simulated_events() -> list[dict[str, Any]]:
@@ -261,7 +261,7 @@ def kill9_worker(
 ) -> WorkerProcess:
     env = {
         **worker_env(services, isolation, http_port=port, **{**WORKER_SETTINGS, **settings}),
-        **FAUST_SETTINGS,
+        **GROUP_SETTINGS,
     }
     return WorkerProcess(env, log_path)
 

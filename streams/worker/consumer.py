@@ -1,0 +1,264 @@
+"""The worker's consumption of the event topics: aiokafka batches, committed after delivery.
+
+``EventConsumer`` is a mode ``Service`` the Faust app starts with its other services (Faust
+itself consumes nothing: ``streams/worker/faust_app.py``). One loop:
+
+1. ``getmany(timeout_ms=batch_within_s)`` over the three event topics, merged by Kafka
+   timestamp (``in_time_order``) into batches of up to ``batch_max`` records;
+2. each batch goes to the handler (``BatchWorker.handle`` with its retry/exit policy);
+3. ``sink.flush()``: every output of the batch is acknowledged by Kafka (or the flush raises);
+4. only then the next offset of each partition in the batch is committed, to the group
+   ``settings.group_id`` (the one ``dealstream lag``, the metrics and the alerts read).
+
+A kill at any point therefore leaves the committed offsets at or behind what was applied and
+delivered: the records in between are read again and recognised as redelivered.
+
+Assignment is co-partitioned: every worker subscribes to the same three topics, all created
+with ``settings.partitions`` partitions, and ``RangePartitionAssignor`` lays out each topic's
+partitions over the members sorted by id, the same way for every topic, so partition n of
+browse, search and purchase always lands on the same worker (a user's events, keyed by user
+id, meet on one worker). aiokafka's default (round robin over all partitions together) would
+not guarantee that. ``tests/integration/test_event_consumer.py`` checks it with two members.
+
+On a rebalance, ``on_partitions_revoked`` waits for the batch in flight to be handled,
+flushed and committed (nothing else is uncommitted: every batch commits before the next one
+starts; the fetched records not yet handled are dropped and read again by the partitions'
+next owner), then tells the observer (the status page); ``on_partitions_assigned`` gives the
+observer the new full assignment. ``stop`` does the same and leaves the group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import os
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.structs import OffsetAndMetadata
+from mode import Service
+
+from engine.ports import RecordSink
+from streams.adapters.decode import RawRecord
+from streams.errors import EXIT_INTERNAL_ERROR
+
+log = logging.getLogger("dealstream.worker")
+
+BatchHandler = Callable[[Sequence[RawRecord]], Awaitable[None]]
+FatalHandler = Callable[[BaseException], None]
+TopicPartitionKey = tuple[str, int]
+
+
+class AssignmentObserver(Protocol):
+    """Who follows the assignment (``WorkerStatus``)."""
+
+    def on_assigned(self, partitions: Iterable[TopicPartitionKey]) -> None: ...
+
+    def on_revoked(self, partitions: Iterable[TopicPartitionKey]) -> None: ...
+
+
+def raw_record(record: Any) -> RawRecord:
+    """An aiokafka ``ConsumerRecord`` as the worker's ``RawRecord``."""
+    timestamp = record.timestamp
+    return RawRecord(
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key=record.key,
+        value=record.value,
+        timestamp_ms=timestamp if timestamp is not None and timestamp > 0 else None,
+        headers=tuple((str(k), bytes(v or b"")) for k, v in record.headers or ()),
+    )
+
+
+def exit_worker(exc: BaseException) -> None:
+    """The default on a failure the loop cannot handle (a flush that raised, a broken client):
+    exit non-zero at once so that the supervisor restarts the worker; nothing of the failed
+    batch is committed, so it is read again."""
+    log.critical("event consumer failed; stopping the worker", exc_info=exc)
+    logging.shutdown()
+    os._exit(EXIT_INTERNAL_ERROR)
+
+
+def in_time_order(
+    fetched: Mapping[TopicPartition, Sequence[Any]], topics: Sequence[str], batch_max: int
+) -> Iterator[list[Any]]:
+    """The fetched records merged by Kafka timestamp into batches of ``batch_max``.
+
+    A user's view and the purchase that follows it are on two topics: handled in fetch order,
+    a whole partition of purchases could come before the views they follow (and then label no
+    decision). Each partition keeps its own order (``heapq.merge`` never reorders an input);
+    on equal timestamps the topics come in the order given (browse, search, purchase).
+
+    >>> from types import SimpleNamespace as R
+    >>> views = [R(topic="b", timestamp=t, offset=t) for t in (1, 3, 5)]
+    >>> buys = [R(topic="p", timestamp=t, offset=t) for t in (3, 4)]
+    >>> fetched = {TopicPartition("p", 0): buys, TopicPartition("b", 0): views}
+    >>> [[(r.topic, r.timestamp) for r in b] for b in in_time_order(fetched, ("b", "p"), 3)]
+    [[('b', 1), ('b', 3), ('p', 3)], [('p', 4), ('b', 5)]]
+    """
+    rank = {topic: index for index, topic in enumerate(topics)}
+    ordered = sorted(fetched.items(), key=lambda item: (rank.get(item[0].topic, 0), item[0]))
+    merged = heapq.merge(*(records for _, records in ordered), key=_timestamp)
+    while batch := list(itertools.islice(merged, batch_max)):
+        yield batch
+
+
+def _timestamp(record: Any) -> int:
+    return int(record.timestamp or 0)
+
+
+class EventConsumer(Service):
+    """Consumes ``topics`` in batches for ``handle``; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        bootstrap: str,
+        group_id: str,
+        topics: Sequence[str],
+        handle: BatchHandler,
+        sink: RecordSink,
+        batch_max: int,
+        batch_within_s: float,
+        session_timeout_s: float = 10.0,
+        observer: AssignmentObserver | None = None,
+        client_options: dict[str, Any] | None = None,
+        on_fatal: FatalHandler = exit_worker,
+    ) -> None:
+        super().__init__()
+        self.bootstrap = bootstrap
+        self.group_id = group_id
+        self.topics = tuple(topics)
+        self.handle = handle
+        self.sink = sink
+        self.batch_max = batch_max
+        self.batch_timeout_ms = max(1, int(batch_within_s * 1000))
+        self.session_timeout_s = session_timeout_s
+        self.observer = observer
+        self.client_options = dict(client_options or {})
+        self.on_fatal = on_fatal
+        self.batches_committed = 0
+        self._consumer: AIOKafkaConsumer | None = None
+        self._in_flight = asyncio.Lock()
+        self._stopping = False
+        self._rebalancing = False
+        """Between a revoke and the next assignment: records fetched now are not handled (the
+        partitions' next owner reads them from the committed offsets)."""
+        self._loop_task: asyncio.Task[None] | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def on_start(self) -> None:
+        session_ms = int(self.session_timeout_s * 1000)
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            group_id=self.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            partition_assignment_strategy=(RangePartitionAssignor,),
+            session_timeout_ms=session_ms,
+            heartbeat_interval_ms=max(100, session_ms // 3),
+            **self.client_options,
+        )
+        await self._consumer.start()
+        self._consumer.subscribe(list(self.topics), listener=_Listener(self))
+        self._loop_task = asyncio.create_task(self._run(), name="dealstream-event-consumer")
+
+    async def on_stop(self) -> None:
+        """Finish the batch in flight (handled, flushed, committed), then leave the group."""
+        self._stopping = True
+        if self._loop_task is not None:
+            await self._loop_task
+        if self._consumer is not None:
+            await self._consumer.stop()  # leaves the group
+            self._consumer = None
+
+    def assignment(self) -> frozenset[TopicPartitionKey]:
+        if self._consumer is None:
+            return frozenset()
+        return frozenset((tp.topic, tp.partition) for tp in self._consumer.assignment())
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        try:
+            while not self._stopping:
+                # Everything the fetcher holds (bounded by the fetch sizes): a max_records limit
+                # would fill the batch from the first partitions alone.
+                fetched = await consumer.getmany(timeout_ms=self.batch_timeout_ms)
+                for batch in in_time_order(fetched, self.topics, self.batch_max):
+                    async with self._in_flight:
+                        if self._stopping or self._rebalancing:
+                            break  # the rest is read again from the committed offsets
+                        await self._process(consumer, batch)
+        except Exception as exc:
+            self.on_fatal(exc)
+
+    async def _process(self, consumer: AIOKafkaConsumer, batch: Sequence[Any]) -> None:
+        # A rebalance may have revoked partitions between the fetch and now: their records
+        # belong to whoever owns them next.
+        assigned = consumer.assignment()
+        records: list[RawRecord] = []
+        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        for record in batch:
+            tp = TopicPartition(record.topic, record.partition)
+            if tp not in assigned:
+                continue
+            records.append(raw_record(record))
+            offsets[tp] = OffsetAndMetadata(record.offset + 1, "")
+        if not records:
+            return
+        await self.handle(records)
+        await self.sink.flush()  # raises if an output could not be delivered: no commit
+        await self._commit(consumer, offsets)
+
+    async def _commit(
+        self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, OffsetAndMetadata]
+    ) -> None:
+        assigned = consumer.assignment()
+        mine = {tp: offset for tp, offset in offsets.items() if tp in assigned}
+        if not mine:
+            return
+        try:
+            await consumer.commit(mine)
+        except (CommitFailedError, KafkaError) as exc:
+            # The group moved on (this member was too slow or lost its session): the new
+            # owner reads these records again and finds them redelivered.
+            log.warning("offset commit failed (%s); records will be redelivered", exc)
+            return
+        self.batches_committed += 1
+
+    # -- rebalances ----------------------------------------------------------------------------
+
+    async def partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        async with self._in_flight:  # the batch in flight commits before the group moves on
+            self._rebalancing = True
+            keys = [(tp.topic, tp.partition) for tp in revoked]
+        if self.observer is not None:
+            self.observer.on_revoked(keys)
+
+    def partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        self._rebalancing = False
+        keys = [(tp.topic, tp.partition) for tp in assigned]
+        log.info("assigned %d event partition(s)", len(keys))
+        if self.observer is not None:
+            self.observer.on_assigned(keys)
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, consumer: EventConsumer) -> None:
+        self._consumer = consumer
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self._consumer.partitions_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        self._consumer.partitions_assigned(assigned)
