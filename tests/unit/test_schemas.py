@@ -301,7 +301,8 @@ def mutated(draw: st.DrawFn, base: st.SearchStrategy[dict[str, Any]]) -> object:
         if op == "delete" and doc:
             del doc[draw(st.sampled_from(sorted(doc)))]
         elif op == "set":
-            key = draw(st.one_of(*[st.sampled_from(sorted(doc))] * 3, st.sampled_from(EVENT_KEYS)))
+            present = [st.sampled_from(sorted(doc))] * 3 if doc else []  # doc may be emptied
+            key = draw(st.one_of(*present, st.sampled_from(EVENT_KEYS)))
             doc[key] = draw(replacement(doc.get(key)))
         elif op.startswith("item") and isinstance(items, list) and items:
             index = draw(st.integers(0, len(items) - 1))
@@ -314,7 +315,8 @@ def mutated(draw: st.DrawFn, base: st.SearchStrategy[dict[str, Any]]) -> object:
             elif isinstance(target, dict) and op == "item_delete" and target:
                 del target[draw(st.sampled_from(sorted(target)))]
             elif isinstance(target, dict) and op == "item_set":
-                key = draw(st.sampled_from(sorted(target)) | st.sampled_from(ITEM_KEYS))
+                keys = sorted(target) or ITEM_KEYS  # an item may have been emptied
+                key = draw(st.sampled_from(keys) | st.sampled_from(ITEM_KEYS))
                 target[key] = draw(replacement(target.get(key)))
     if draw(st.integers(0, 49)) == 0:
         return draw(json_scalars | st.lists(json_scalars, max_size=2))  # not an object at all
