@@ -144,7 +144,7 @@ class PurchaseModel:
 
     def linear_terms(self) -> LinearTerms:
         """The scaler's and classifier's parameters as they stand, read once per model state."""
-        terms = getattr(self, "_terms", None)
+        terms = self._terms
         if terms is None:
             terms = self._terms = LinearTerms.read(self._scaler, self._classifier)
         return terms

@@ -37,6 +37,7 @@ from streams.operations.lag import PartitionLag, total_lag
 from streams.operations.metrics import RateWindow
 from streams.operations.status_page import STATUS_PAGE_HTML
 from streams.worker.batch_worker import BatchWorker
+from streams.worker.consumer import TopicPartitionKey
 
 log = logging.getLogger("dealstream.worker")
 
@@ -46,8 +47,6 @@ STALL_TIMEOUT_S = 60.0
 """Not ready when assigned partitions have lag but no batch was handled for this long."""
 REDIS_PING_TIMEOUT_S = 1.0
 LAG_TIMEOUT_S = 15.0
-
-TopicPartitionKey = tuple[str, int]
 
 
 class LagSource(Protocol):
