@@ -13,7 +13,8 @@ Four interfaces, all here, all called the same way (``await``):
   (``streams.replay.sources``: a file or a topic range).
 
 The in-memory implementations never suspend: their ``async`` methods return without awaiting
-anything, so a backtest runs them under an event loop at no cost beyond one task per batch.
+anything, so a backtest runs its whole loop as one coroutine under ``asyncio.run`` and
+awaiting them costs about as much as a call.
 """
 
 from __future__ import annotations
