@@ -2,11 +2,18 @@
 -- (InMemoryLedger), engine/labels.py (PendingLabels) and engine/stop_loss.py.
 --
 -- ARGV: prefix, now_ms, attribution_window_ms, elapsed_ms (0 = none), n_campaigns, then per
---   stop-loss campaign: name, margin, window_ms, min_decisions, min_users; then n_ops, then
---   per op either
---   'D', user, campaign, ts, decision_interval_ms, has_offer, cost_cents, cooldown_ms,
---        max_per_day (-1 = none), budget_cents (-1 = none), decision_id, arm ('' T H), record_json
---   'P', user, ts, amount_cents, gross_cents
+--   stop-loss campaign: name, margin, window_ms, min_decisions, min_users; then the batch's ops
+--   packed in two arguments (two bulk strings instead of 13 per decision: packing and unpacking
+--   many small arguments cost more client and server CPU than the ledger's own work):
+--   ops      one flat JSON array, per op either
+--            'D', user, campaign, ts, decision_interval_ms, has_offer (0/1), cost_cents,
+--                 cooldown_ms, max_per_day (-1 = none), budget_cents (-1 = none), decision_id,
+--                 arm ('' T H), record length in bytes
+--            'P', user, ts, amount_cents, gross_cents
+--   records  the decisions' records (PendingDecision.to_compact as JSON), concatenated in op
+--            order: stored as they are, so they travel as raw bytes rather than escaped JSON
+-- Every op is checked before anything is written: a malformed batch is refused with an error
+-- reply that starts with 'ERR ledger: ' and changes nothing.
 -- Returns { outcomes, events, stop_loss } where outcomes[i] is, for a decision: 0 rate-limited,
 -- 1 offer granted, 2 decided without an offer, 3 denied by cooldown, 4 by max offers per day,
 -- 5 by budget; for a purchase: -1. events is a flat list of (kind, record, converted_at or '',
@@ -50,8 +57,7 @@ for n = 1, n_campaigns do
   stop_loss_order[n] = name
   i = i + 5
 end
-local n_ops = tonumber(ARGV[i])
-i = i + 1
+local packed_ops, records = ARGV[i], ARGV[i + 1]
 
 -- Order must match Python's str comparison whatever the server's collation locale is.
 local function bytewise_less(a, b)
@@ -67,6 +73,79 @@ local function guard_key(user) return prefix .. 'g:{' .. user .. '}' end
 local function pending_key(user) return prefix .. 'p:{' .. user .. '}' end
 local function sl_key(campaign) return prefix .. 'sl:' .. campaign end
 local function int(x) return string.format('%d', x) end
+
+-- Unpack and check every op before anything is written: a script that fails halfway keeps
+-- its writes (budget spent, nothing returned), so a malformed batch must fail here, whole.
+local D_FIELDS, P_FIELDS = 13, 5
+local ARMS = { [''] = true, T = true, H = true }
+if type(packed_ops) ~= 'string' or type(records) ~= 'string' then
+  return redis.error_reply('ledger: expected the packed ops and records after the stop-loss '
+    .. 'settings; nothing was written')
+end
+local decoded, ops = pcall(cjson.decode, packed_ops)
+if not decoded or type(ops) ~= 'table' then
+  return redis.error_reply('ledger: the packed ops are not a JSON array; nothing was written')
+end
+local n_fields = #ops
+
+-- What is wrong with the batch, or nil; the op at fault is `checking`. Kept to the Lua VM's
+-- own operations (this runs for every op): `x - x % 1 == x` holds for an integer only (not
+-- for a numeric string, a fraction, NaN or infinity) and raises for nil, a table or a
+-- boolean, which pcall turns into 'a field of the wrong type'.
+local checking = 0
+local function check_ops()
+  local j, offset, size = 1, 1, #records
+  while j <= n_fields do
+    checking = checking + 1
+    local kind = ops[j]
+    if kind == 'D' then
+      if j + D_FIELDS - 1 > n_fields then return 'a decision needs ' .. D_FIELDS .. ' fields' end
+      if type(ops[j + 1]) ~= 'string' or type(ops[j + 2]) ~= 'string'
+          or type(ops[j + 10]) ~= 'string' then
+        return 'user, campaign and decision_id must be strings'
+      end
+      local ts, interval, has_offer, cost = ops[j + 3], ops[j + 4], ops[j + 5], ops[j + 6]
+      local cooldown, max_per_day, budget, length = ops[j + 7], ops[j + 8], ops[j + 9], ops[j + 12]
+      if ts - ts % 1 ~= ts or interval - interval % 1 ~= interval or cost - cost % 1 ~= cost
+          or cooldown - cooldown % 1 ~= cooldown or max_per_day - max_per_day % 1 ~= max_per_day
+          or budget - budget % 1 ~= budget or length - length % 1 ~= length then
+        return 'ts, decision_interval_ms, cost_cents, cooldown_ms, max_per_day, budget_cents '
+          .. 'and the record length must be integers'
+      end
+      if has_offer ~= 0 and has_offer ~= 1 then return 'has_offer must be 0 or 1' end
+      if not ARMS[ops[j + 11]] then return 'arm must be "", "T" or "H"' end
+      -- each record is a JSON array: the lengths must line up with its brackets
+      local last = offset + length - 1
+      local first_byte, last_byte = string.byte(records, offset), string.byte(records, last)
+      if length < 2 or last > size or first_byte ~= 91 or last_byte ~= 93 then
+        return 'its record is not a JSON array of the given length'
+      end
+      offset = last + 1
+      j = j + D_FIELDS
+    elseif kind == 'P' then
+      if j + P_FIELDS - 1 > n_fields then return 'a purchase needs ' .. P_FIELDS .. ' fields' end
+      if type(ops[j + 1]) ~= 'string' then return 'user must be a string' end
+      local ts, amount, gross = ops[j + 2], ops[j + 3], ops[j + 4]
+      if ts - ts % 1 ~= ts or amount - amount % 1 ~= amount or gross - gross % 1 ~= gross then
+        return 'ts, amount_cents and gross_cents must be integers'
+      end
+      j = j + P_FIELDS
+    else
+      return 'kind must be "D" or "P"'
+    end
+  end
+  checking = 0
+  if offset ~= size + 1 then
+    return 'the records are ' .. size .. ' bytes, the ops account for ' .. (offset - 1)
+  end
+  return nil
+end
+local checked, problem = pcall(check_ops)
+if not checked then problem = 'a field of the wrong type' end
+if problem then
+  local where = checking > 0 and ('op ' .. checking .. ': ') or ''
+  return redis.error_reply('ledger: ' .. where .. problem .. '; nothing was written')
+end
 
 local outcomes = {}
 local events = {}
@@ -120,13 +199,11 @@ local function record_outcome(user, campaign, decision_ts, arm, amount, gross)
   set_user_sums(user, campaign, epoch, arm, n, y + cents)
 end
 
-local function decide(j)
-  local user, campaign = ARGV[j], ARGV[j + 1]
-  local ts, interval = tonumber(ARGV[j + 2]), tonumber(ARGV[j + 3])
-  local has_offer, cost = ARGV[j + 4] == '1', tonumber(ARGV[j + 5])
-  local cooldown, max_per_day = tonumber(ARGV[j + 6]), tonumber(ARGV[j + 7])
-  local budget, decision_id = tonumber(ARGV[j + 8]), ARGV[j + 9]
-  local arm, record = ARGV[j + 10], ARGV[j + 11]
+-- ops[j] is the decision's 'D'; record its stored record (without the 'G'/'N').
+local function decide(j, record)
+  local user, campaign, ts, interval = ops[j + 1], ops[j + 2], ops[j + 3], ops[j + 4]
+  local has_offer, cost, cooldown = ops[j + 5] == 1, ops[j + 6], ops[j + 7]
+  local max_per_day, budget, decision_id, arm = ops[j + 8], ops[j + 9], ops[j + 10], ops[j + 11]
   local gkey = guard_key(user)
 
   local last = tonumber(redis.call('HGET', gkey, campaign .. '|d'))
@@ -223,16 +300,21 @@ local function purchase(user, ts, amount, gross)
   end
 end
 
-for n = 1, n_ops do
-  local kind = ARGV[i]
-  if kind == 'D' then
-    outcomes[n] = decide(i + 1)
-    i = i + 13
+local offset = 1
+local n = 1
+local j = 1
+while j <= n_fields do
+  if ops[j] == 'D' then
+    local length = ops[j + 12]
+    outcomes[n] = decide(j, string.sub(records, offset, offset + length - 1))
+    offset = offset + length
+    j = j + D_FIELDS
   else
-    purchase(ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]))
+    purchase(ops[j + 1], ops[j + 2], ops[j + 3], ops[j + 4])
     outcomes[n] = -1
-    i = i + 5
+    j = j + P_FIELDS
   end
+  n = n + 1
 end
 
 -- Label events due before now, in event-time order (elapsed before closed on a tie, like
