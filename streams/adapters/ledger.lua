@@ -95,6 +95,9 @@ local n_fields = #ops
 local checking = 0
 local function check_ops()
   local j, offset, size = 1, 1, #records
+  if size > 0 and string.sub(records, 1, 2) ~= 'G[' then
+    return "the records must start with 'G['"
+  end
   while j <= n_fields do
     checking = checking + 1
     local kind = ops[j]
@@ -114,11 +117,12 @@ local function check_ops()
       end
       if has_offer ~= 0 and has_offer ~= 1 then return 'has_offer must be 0 or 1' end
       if not ARMS[ops[j + 11]] then return 'arm must be "", "T" or "H"' end
-      -- each record is a JSON array: the lengths must line up with its brackets
+      -- each record is 'G' and a JSON array: the lengths must line up with the brackets, so
+      -- a record ends with ']' right before the next one's 'G' (or the end)
       local last = offset + length - 1
-      local first_byte, last_byte = string.byte(records, offset), string.byte(records, last)
-      if length < 2 or last > size or first_byte ~= 91 or last_byte ~= 93 then
-        return 'its record is not a JSON array of the given length'
+      local close, next_g = string.byte(records, last, last + 1)
+      if length < 3 or last > size or close ~= 93 or (last < size and next_g ~= 71) then
+        return "its record is not 'G' and a JSON array of the given length"
       end
       offset = last + 1
       j = j + D_FIELDS
@@ -149,6 +153,8 @@ end
 
 local outcomes = {}
 local events = {}
+local budget_keys = {}  -- the budgets spent by this call, given their TTL once after the ops
+local queued = {}  -- ts, member of each recorded decision: added to the queues after the ops
 
 local function emit(kind, record, converted_at, at)
   events[#events + 1] = kind
@@ -199,21 +205,20 @@ local function record_outcome(user, campaign, decision_ts, arm, amount, gross)
   set_user_sums(user, campaign, epoch, arm, n, y + cents)
 end
 
--- ops[j] is the decision's 'D'; record its stored record (without the 'G'/'N').
-local function decide(j, record)
+-- ops[j] is the decision's 'D'; its record starts at records[offset].
+local function decide(j, offset)
   local user, campaign, ts, interval = ops[j + 1], ops[j + 2], ops[j + 3], ops[j + 4]
   local has_offer, cost, cooldown = ops[j + 5] == 1, ops[j + 6], ops[j + 7]
   local max_per_day, budget, decision_id, arm = ops[j + 8], ops[j + 9], ops[j + 10], ops[j + 11]
   local gkey = guard_key(user)
+  local decided_field = campaign .. '|d'
 
-  local last = tonumber(redis.call('HGET', gkey, campaign .. '|d'))
+  local last = tonumber(redis.call('HGET', gkey, decided_field))
   -- anything earlier than the last decision (a late event) counts as inside the interval
   if interval > 0 and last and ts - last < interval then
     return 0
   end
-  if (not last) or ts > last then
-    redis.call('HSET', gkey, campaign .. '|d', ts)
-  end
+  local newer = (not last) or ts > last
 
   local outcome = 2
   if has_offer then
@@ -221,27 +226,42 @@ local function decide(j, record)
     local last_offer = tonumber(redis.call('HGET', gkey, campaign .. '|o'))
     local count_field = campaign .. '|n' .. day
     local budget_key = prefix .. 'b:' .. campaign .. ':' .. day
-    local spent = tonumber(redis.call('GET', budget_key) or '0')
     if cooldown > 0 and last_offer and ts - last_offer < cooldown then
       outcome = 3
     elseif max_per_day >= 0 and tonumber(redis.call('HGET', gkey, count_field) or '0') >= max_per_day then
       outcome = 4
-    elseif budget >= 0 and spent + cost > budget then
+    elseif budget >= 0 and tonumber(redis.call('GET', budget_key) or '0') + cost > budget then
       outcome = 5
     else
       outcome = 1
       if (not last_offer) or ts > last_offer then
-        redis.call('HSET', gkey, campaign .. '|o', ts)
+        -- one HSET for both fields when both move (the last decision is this one too)
+        if newer then
+          redis.call('HSET', gkey, decided_field, ts, campaign .. '|o', ts)
+          newer = false
+        else
+          redis.call('HSET', gkey, campaign .. '|o', ts)
+        end
       end
       redis.call('HINCRBY', gkey, count_field, 1)
       redis.call('INCRBY', budget_key, cost)
-      redis.call('EXPIRE', budget_key, 3 * 86400)
+      budget_keys[budget_key] = true
     end
   end
+  if newer then
+    redis.call('HSET', gkey, decided_field, ts)
+  end
   record_decision(user, campaign, ts, arm)
-  -- 'G': recorded as proposed; 'N': the proposed offer was denied, so the decision is
-  -- recorded as no discount and no offer (the reader applies that; no JSON re-encoding here).
-  record = ((outcome == 1 or not has_offer) and 'G' or 'N') .. record
+  -- 'G': recorded as proposed (as it came); 'N': the proposed offer was denied, so the
+  -- decision is recorded as no discount and no offer (the reader applies that; no JSON
+  -- re-encoding here). Cut from the records only now: a rate-limited decision needs none.
+  local last_byte = offset + ops[j + 12] - 1
+  local record
+  if outcome == 1 or not has_offer then
+    record = string.sub(records, offset, last_byte)
+  else
+    record = 'N' .. string.sub(records, offset + 1, last_byte)
+  end
   redis.call('EXPIRE', gkey, math.floor((math.max(interval, cooldown, window) + 3 * DAY_MS) / 1000))
 
   local pkey = pending_key(user)
@@ -249,10 +269,8 @@ local function decide(j, record)
   -- a wall-clock safety net only: labels follow event time, which may run slower (replays)
   redis.call('EXPIRE', pkey, math.floor((window + 7 * DAY_MS) / 1000))
   local member = decision_id .. SEP .. user
-  redis.call('ZADD', close_key, ts + window, member)
-  if elapsed > 0 then
-    redis.call('ZADD', elapsed_key, ts + elapsed, member)
-  end
+  queued[#queued + 1] = ts
+  queued[#queued + 1] = member
   return outcome
 end
 
@@ -305,9 +323,8 @@ local n = 1
 local j = 1
 while j <= n_fields do
   if ops[j] == 'D' then
-    local length = ops[j + 12]
-    outcomes[n] = decide(j, string.sub(records, offset, offset + length - 1))
-    offset = offset + length
+    outcomes[n] = decide(j, offset)
+    offset = offset + ops[j + 12]
     j = j + D_FIELDS
   else
     purchase(ops[j + 1], ops[j + 2], ops[j + 3], ops[j + 4])
@@ -316,17 +333,36 @@ while j <= n_fields do
   end
   n = n + 1
 end
+for budget_key in pairs(budget_keys) do
+  redis.call('EXPIRE', budget_key, 3 * 86400)
+end
+-- One ZADD per queue for up to 500 decisions (nothing reads the queues before the expiry below).
+local function enqueue(key, delay)
+  for first = 1, #queued, 1000 do
+    local args = {}
+    for k = first, math.min(first + 999, #queued), 2 do
+      args[#args + 1] = queued[k] + delay
+      args[#args + 1] = queued[k + 1]
+    end
+    redis.call('ZADD', key, unpack(args))
+  end
+end
+enqueue(close_key, window)
+if elapsed > 0 then enqueue(elapsed_key, elapsed) end
 
 -- Label events due before now, in event-time order (elapsed before closed on a tie, like
 -- PendingLabels' heap of (time, 0 elapsed / 1 closed, decision_id, user)).
 local due = {}
 local function collect(key, closing)
   local found = redis.call('ZRANGEBYSCORE', key, '-inf', '(' .. int(now), 'WITHSCORES')
+  if #found == 0 then return end
+  -- every member read here is due: remove them all at once (the same range)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. int(now))
   for k = 1, #found, 2 do
     local member = found[k]
     local sep_at = string.find(member, SEP, 1, true)
     due[#due + 1] = {
-      at = tonumber(found[k + 1]), closing = closing, member = member, key = key,
+      at = tonumber(found[k + 1]), closing = closing,
       id = string.sub(member, 1, sep_at - 1), user = string.sub(member, sep_at + 1),
     }
   end
@@ -341,12 +377,12 @@ table.sort(due, function(a, b)
 end)
 for _, entry in ipairs(due) do
   local pkey = pending_key(entry.user)
-  local record = redis.call('HGET', pkey, entry.id)
-  redis.call('ZREM', entry.key, entry.member)
+  local converted_field = entry.id .. '|c'
+  local stored = redis.call('HMGET', pkey, entry.id, converted_field)
+  local record, converted_at = stored[1], stored[2]
   if record then
-    local converted_at = redis.call('HGET', pkey, entry.id .. '|c')
     if entry.closing == 1 then
-      redis.call('HDEL', pkey, entry.id, entry.id .. '|c')
+      redis.call('HDEL', pkey, entry.id, converted_field)
       emit('X', record, converted_at, int(entry.at))
     else
       emit('E', record, converted_at, int(entry.at))

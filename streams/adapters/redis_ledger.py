@@ -121,7 +121,7 @@ class RedisLedger:
                         *offer,
                         decision.decision_id,
                         str(decision.arm),
-                        len(record),
+                        len(record) + 1,
                     )
                 )
             else:
@@ -134,7 +134,8 @@ class RedisLedger:
             len(config.stop_loss),
             *self._head,
             orjson.dumps(fields),
-            b"".join(records),
+            # each record as stored when the decision is recorded as proposed: 'G' + JSON
+            b"G" + b"G".join(records) if records else b"",
         ]
         outcomes_raw, events_raw, statuses_raw = await self._script(keys=[], args=args)
         outcomes = [None if int(code) < 0 else _OUTCOMES[int(code)] for code in outcomes_raw]
