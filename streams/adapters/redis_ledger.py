@@ -9,7 +9,6 @@ key layout.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from importlib import resources
 from typing import Any
 
@@ -39,25 +38,32 @@ _OUTCOMES: dict[int, DecisionOutcome] = {
 }
 _NO_OFFER = (0, 0, 0, -1, -1)
 """has_offer, cost_cents, cooldown_ms, max_per_day, budget_cents of a decision without an offer."""
-_KINDS = {b"C": LabelKind.CONVERTED, b"E": LabelKind.ELAPSED, b"X": LabelKind.CLOSED}
+_KINDS: dict[bytes | str, LabelKind] = {
+    b"C": LabelKind.CONVERTED,
+    b"E": LabelKind.ELAPSED,
+    b"X": LabelKind.CLOSED,
+    # the same as text, for a client that decodes replies
+    "C": LabelKind.CONVERTED,
+    "E": LabelKind.ELAPSED,
+    "X": LabelKind.CLOSED,
+}
+_DENIED = ord("N")
 
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _bytes(value: bytes | str) -> bytes:
-    return value.encode() if isinstance(value, str) else value
-
-
-def _pending_from_stored(stored: bytes | str, converted_at: bytes | str) -> PendingDecision:
+def _pending_from_stored(stored: bytes | str, converted_at: bytes | str | int) -> PendingDecision:
     """Stored records are 'G' + JSON, or 'N' + JSON when the proposed offer was denied; the
-    JSON is ``PendingDecision.to_compact``'s array. The first conversion is kept beside it."""
-    text = _text(stored)
-    decision = PendingDecision.from_compact(orjson.loads(text[1:]))
-    if converted_at not in (b"", ""):
-        decision = replace(decision, converted_at=int(float(_text(converted_at))))
-    return without_offer(decision) if text[0] == "N" else decision
+    JSON is ``PendingDecision.to_compact``'s array. The first conversion is kept beside it
+    (an integer reply for the call's own conversions, '' when there is none)."""
+    raw = stored.encode() if isinstance(stored, str) else stored
+    decision = PendingDecision.from_compact(
+        orjson.loads(memoryview(raw)[1:]),
+        None if converted_at in (b"", "") else int(float(converted_at)),
+    )
+    return without_offer(decision) if raw[0] == _DENIED else decision
 
 
 def _optional_float(value: bytes | str) -> float | None:
@@ -142,8 +148,8 @@ class RedisLedger:
         events = [
             LabelEvent(
                 _pending_from_stored(events_raw[k + 1], events_raw[k + 2]),
-                _KINDS[_bytes(events_raw[k])],
-                int(float(_text(events_raw[k + 3]))),
+                _KINDS[events_raw[k]],
+                int(float(events_raw[k + 3])),
             )
             for k in range(0, len(events_raw), 4)
         ]
