@@ -8,12 +8,13 @@
 --   ops      one flat JSON array, per op either
 --            'D', user, campaign, ts, decision_interval_ms, has_offer (0/1), cost_cents,
 --                 cooldown_ms, max_per_day (-1 = none), budget_cents (-1 = none), decision_id,
---                 arm ('' T H), record length in bytes
+--                 arm ('' T H), length of its record in bytes ('G' included)
 --            'P', user, ts, amount_cents, gross_cents
---   records  the decisions' records (PendingDecision.to_compact as JSON), concatenated in op
---            order: stored as they are, so they travel as raw bytes rather than escaped JSON
+--   records  each decision's record as stored when it is recorded as proposed ('G' and
+--            PendingDecision.to_compact as JSON), concatenated in op order: raw bytes rather
+--            than escaped JSON, cut out only for decisions that are recorded
 -- Every op is checked before anything is written: a malformed batch is refused with an error
--- reply that starts with 'ERR ledger: ' and changes nothing.
+-- reply ('ledger: ' and what is wrong) and changes nothing.
 -- Returns { outcomes, events, stop_loss } where outcomes[i] is, for a decision: 0 rate-limited,
 -- 1 offer granted, 2 decided without an offer, 3 denied by cooldown, 4 by max offers per day,
 -- 5 by budget; for a purchase: -1. events is a flat list of (kind, record, converted_at or '',
