@@ -82,15 +82,21 @@ class PendingDecision:
         ]
 
     @classmethod
-    def from_compact(cls, record: Sequence[Any]) -> PendingDecision:
+    def from_compact(
+        cls, record: Sequence[Any], converted_at: int | None = None
+    ) -> PendingDecision:
+        """The decision ``to_compact`` wrote; ``converted_at``, when given, replaces the
+        record's (the Redis ledger keeps the first conversion beside the record)."""
         (ts, campaign, offer_id, decision_id, user_id, discount, propensity, version, raw) = record[
             :9
         ]
-        arm, converted_at = record[9], record[10]
+        arm = record[9]
+        if converted_at is None:
+            converted_at = record[10]
         features = (
             {str(k): float(v) for k, v in raw.items()}
             if isinstance(raw, dict)
-            else {name: float(v) for name, v in zip(FEATURE_NAMES, raw, strict=False)}
+            else dict(zip(FEATURE_NAMES, map(float, raw), strict=False))
         )
         return cls(
             decision_id=str(decision_id),

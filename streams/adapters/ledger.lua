@@ -2,11 +2,19 @@
 -- (InMemoryLedger), engine/labels.py (PendingLabels) and engine/stop_loss.py.
 --
 -- ARGV: prefix, now_ms, attribution_window_ms, elapsed_ms (0 = none), n_campaigns, then per
---   stop-loss campaign: name, margin, window_ms, min_decisions, min_users; then n_ops, then
---   per op either
---   'D', user, campaign, ts, decision_interval_ms, has_offer, cost_cents, cooldown_ms,
---        max_per_day (-1 = none), budget_cents (-1 = none), decision_id, arm ('' T H), record_json
---   'P', user, ts, amount_cents, gross_cents
+--   stop-loss campaign: name, margin, window_ms, min_decisions, min_users; then the batch's ops
+--   packed in two arguments (two bulk strings instead of 13 per decision: packing and unpacking
+--   many small arguments cost more client and server CPU than the ledger's own work):
+--   ops      one flat JSON array, per op either
+--            'D', user, campaign, ts, decision_interval_ms, has_offer (0/1), cost_cents,
+--                 cooldown_ms, max_per_day (-1 = none), budget_cents (-1 = none), decision_id,
+--                 arm ('' T H), length of its record in bytes ('G' included)
+--            'P', user, ts, amount_cents, gross_cents
+--   records  each decision's record as stored when it is recorded as proposed ('G' and
+--            PendingDecision.to_compact as JSON), concatenated in op order: raw bytes rather
+--            than escaped JSON, cut out only for decisions that are recorded
+-- Every op is checked before anything is written: a malformed batch is refused with an error
+-- reply ('ledger: ' and what is wrong) and changes nothing.
 -- Returns { outcomes, events, stop_loss } where outcomes[i] is, for a decision: 0 rate-limited,
 -- 1 offer granted, 2 decided without an offer, 3 denied by cooldown, 4 by max offers per day,
 -- 5 by budget; for a purchase: -1. events is a flat list of (kind, record, converted_at or '',
@@ -50,8 +58,7 @@ for n = 1, n_campaigns do
   stop_loss_order[n] = name
   i = i + 5
 end
-local n_ops = tonumber(ARGV[i])
-i = i + 1
+local packed_ops, records = ARGV[i], ARGV[i + 1]
 
 -- Order must match Python's str comparison whatever the server's collation locale is.
 local function bytewise_less(a, b)
@@ -68,8 +75,87 @@ local function pending_key(user) return prefix .. 'p:{' .. user .. '}' end
 local function sl_key(campaign) return prefix .. 'sl:' .. campaign end
 local function int(x) return string.format('%d', x) end
 
+-- Unpack and check every op before anything is written: a script that fails halfway keeps
+-- its writes (budget spent, nothing returned), so a malformed batch must fail here, whole.
+local D_FIELDS, P_FIELDS = 13, 5
+local ARMS = { [''] = true, T = true, H = true }
+if type(packed_ops) ~= 'string' or type(records) ~= 'string' then
+  return redis.error_reply('ledger: expected the packed ops and records after the stop-loss '
+    .. 'settings; nothing was written')
+end
+local decoded, ops = pcall(cjson.decode, packed_ops)
+if not decoded or type(ops) ~= 'table' then
+  return redis.error_reply('ledger: the packed ops are not a JSON array; nothing was written')
+end
+local n_fields = #ops
+
+-- What is wrong with the batch, or nil; the op at fault is `checking`. Kept to the Lua VM's
+-- own operations (this runs for every op): `x - x % 1 == x` holds for an integer only (not
+-- for a numeric string, a fraction, NaN or infinity) and raises for nil, a table or a
+-- boolean, which pcall turns into 'a field of the wrong type'.
+local checking = 0
+local function check_ops()
+  local j, offset, size = 1, 1, #records
+  if size > 0 and string.sub(records, 1, 2) ~= 'G[' then
+    return "the records must start with 'G['"
+  end
+  while j <= n_fields do
+    checking = checking + 1
+    local kind = ops[j]
+    if kind == 'D' then
+      if j + D_FIELDS - 1 > n_fields then return 'a decision needs ' .. D_FIELDS .. ' fields' end
+      if type(ops[j + 1]) ~= 'string' or type(ops[j + 2]) ~= 'string'
+          or type(ops[j + 10]) ~= 'string' then
+        return 'user, campaign and decision_id must be strings'
+      end
+      local ts, interval, has_offer, cost = ops[j + 3], ops[j + 4], ops[j + 5], ops[j + 6]
+      local cooldown, max_per_day, budget, length = ops[j + 7], ops[j + 8], ops[j + 9], ops[j + 12]
+      if ts - ts % 1 ~= ts or interval - interval % 1 ~= interval or cost - cost % 1 ~= cost
+          or cooldown - cooldown % 1 ~= cooldown or max_per_day - max_per_day % 1 ~= max_per_day
+          or budget - budget % 1 ~= budget or length - length % 1 ~= length then
+        return 'ts, decision_interval_ms, cost_cents, cooldown_ms, max_per_day, budget_cents '
+          .. 'and the record length must be integers'
+      end
+      if has_offer ~= 0 and has_offer ~= 1 then return 'has_offer must be 0 or 1' end
+      if not ARMS[ops[j + 11]] then return 'arm must be "", "T" or "H"' end
+      -- each record is 'G' and a JSON array: the lengths must line up with the brackets, so
+      -- a record ends with ']' right before the next one's 'G' (or the end)
+      local last = offset + length - 1
+      local close, next_g = string.byte(records, last, last + 1)
+      if length < 3 or last > size or close ~= 93 or (last < size and next_g ~= 71) then
+        return "its record is not 'G' and a JSON array of the given length"
+      end
+      offset = last + 1
+      j = j + D_FIELDS
+    elseif kind == 'P' then
+      if j + P_FIELDS - 1 > n_fields then return 'a purchase needs ' .. P_FIELDS .. ' fields' end
+      if type(ops[j + 1]) ~= 'string' then return 'user must be a string' end
+      local ts, amount, gross = ops[j + 2], ops[j + 3], ops[j + 4]
+      if ts - ts % 1 ~= ts or amount - amount % 1 ~= amount or gross - gross % 1 ~= gross then
+        return 'ts, amount_cents and gross_cents must be integers'
+      end
+      j = j + P_FIELDS
+    else
+      return 'kind must be "D" or "P"'
+    end
+  end
+  checking = 0
+  if offset ~= size + 1 then
+    return 'the records are ' .. size .. ' bytes, the ops account for ' .. (offset - 1)
+  end
+  return nil
+end
+local checked, problem = pcall(check_ops)
+if not checked then problem = 'a field of the wrong type' end
+if problem then
+  local where = checking > 0 and ('op ' .. checking .. ': ') or ''
+  return redis.error_reply('ledger: ' .. where .. problem .. '; nothing was written')
+end
+
 local outcomes = {}
 local events = {}
+local budget_keys = {}  -- the budgets spent by this call, given their TTL once after the ops
+local queued = {}  -- ts, member of each recorded decision: added to the queues after the ops
 
 local function emit(kind, record, converted_at, at)
   events[#events + 1] = kind
@@ -120,23 +206,20 @@ local function record_outcome(user, campaign, decision_ts, arm, amount, gross)
   set_user_sums(user, campaign, epoch, arm, n, y + cents)
 end
 
-local function decide(j)
-  local user, campaign = ARGV[j], ARGV[j + 1]
-  local ts, interval = tonumber(ARGV[j + 2]), tonumber(ARGV[j + 3])
-  local has_offer, cost = ARGV[j + 4] == '1', tonumber(ARGV[j + 5])
-  local cooldown, max_per_day = tonumber(ARGV[j + 6]), tonumber(ARGV[j + 7])
-  local budget, decision_id = tonumber(ARGV[j + 8]), ARGV[j + 9]
-  local arm, record = ARGV[j + 10], ARGV[j + 11]
+-- ops[j] is the decision's 'D'; its record starts at records[offset].
+local function decide(j, offset)
+  local user, campaign, ts, interval = ops[j + 1], ops[j + 2], ops[j + 3], ops[j + 4]
+  local has_offer, cost, cooldown = ops[j + 5] == 1, ops[j + 6], ops[j + 7]
+  local max_per_day, budget, decision_id, arm = ops[j + 8], ops[j + 9], ops[j + 10], ops[j + 11]
   local gkey = guard_key(user)
+  local decided_field = campaign .. '|d'
 
-  local last = tonumber(redis.call('HGET', gkey, campaign .. '|d'))
+  local last = tonumber(redis.call('HGET', gkey, decided_field))
   -- anything earlier than the last decision (a late event) counts as inside the interval
   if interval > 0 and last and ts - last < interval then
     return 0
   end
-  if (not last) or ts > last then
-    redis.call('HSET', gkey, campaign .. '|d', ts)
-  end
+  local newer = (not last) or ts > last
 
   local outcome = 2
   if has_offer then
@@ -144,27 +227,42 @@ local function decide(j)
     local last_offer = tonumber(redis.call('HGET', gkey, campaign .. '|o'))
     local count_field = campaign .. '|n' .. day
     local budget_key = prefix .. 'b:' .. campaign .. ':' .. day
-    local spent = tonumber(redis.call('GET', budget_key) or '0')
     if cooldown > 0 and last_offer and ts - last_offer < cooldown then
       outcome = 3
     elseif max_per_day >= 0 and tonumber(redis.call('HGET', gkey, count_field) or '0') >= max_per_day then
       outcome = 4
-    elseif budget >= 0 and spent + cost > budget then
+    elseif budget >= 0 and tonumber(redis.call('GET', budget_key) or '0') + cost > budget then
       outcome = 5
     else
       outcome = 1
       if (not last_offer) or ts > last_offer then
-        redis.call('HSET', gkey, campaign .. '|o', ts)
+        -- one HSET for both fields when both move (the last decision is this one too)
+        if newer then
+          redis.call('HSET', gkey, decided_field, ts, campaign .. '|o', ts)
+          newer = false
+        else
+          redis.call('HSET', gkey, campaign .. '|o', ts)
+        end
       end
       redis.call('HINCRBY', gkey, count_field, 1)
       redis.call('INCRBY', budget_key, cost)
-      redis.call('EXPIRE', budget_key, 3 * 86400)
+      budget_keys[budget_key] = true
     end
   end
+  if newer then
+    redis.call('HSET', gkey, decided_field, ts)
+  end
   record_decision(user, campaign, ts, arm)
-  -- 'G': recorded as proposed; 'N': the proposed offer was denied, so the decision is
-  -- recorded as no discount and no offer (the reader applies that; no JSON re-encoding here).
-  record = ((outcome == 1 or not has_offer) and 'G' or 'N') .. record
+  -- 'G': recorded as proposed (as it came); 'N': the proposed offer was denied, so the
+  -- decision is recorded as no discount and no offer (the reader applies that; no JSON
+  -- re-encoding here). Cut from the records only now: a rate-limited decision needs none.
+  local last_byte = offset + ops[j + 12] - 1
+  local record
+  if outcome == 1 or not has_offer then
+    record = string.sub(records, offset, last_byte)
+  else
+    record = 'N' .. string.sub(records, offset + 1, last_byte)
+  end
   redis.call('EXPIRE', gkey, math.floor((math.max(interval, cooldown, window) + 3 * DAY_MS) / 1000))
 
   local pkey = pending_key(user)
@@ -172,10 +270,8 @@ local function decide(j)
   -- a wall-clock safety net only: labels follow event time, which may run slower (replays)
   redis.call('EXPIRE', pkey, math.floor((window + 7 * DAY_MS) / 1000))
   local member = decision_id .. SEP .. user
-  redis.call('ZADD', close_key, ts + window, member)
-  if elapsed > 0 then
-    redis.call('ZADD', elapsed_key, ts + elapsed, member)
-  end
+  queued[#queued + 1] = ts
+  queued[#queued + 1] = member
   return outcome
 end
 
@@ -223,28 +319,51 @@ local function purchase(user, ts, amount, gross)
   end
 end
 
-for n = 1, n_ops do
-  local kind = ARGV[i]
-  if kind == 'D' then
-    outcomes[n] = decide(i + 1)
-    i = i + 13
+local offset = 1
+local n = 1
+local j = 1
+while j <= n_fields do
+  if ops[j] == 'D' then
+    outcomes[n] = decide(j, offset)
+    offset = offset + ops[j + 12]
+    j = j + D_FIELDS
   else
-    purchase(ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4]))
+    purchase(ops[j + 1], ops[j + 2], ops[j + 3], ops[j + 4])
     outcomes[n] = -1
-    i = i + 5
+    j = j + P_FIELDS
+  end
+  n = n + 1
+end
+for budget_key in pairs(budget_keys) do
+  redis.call('EXPIRE', budget_key, 3 * 86400)
+end
+-- One ZADD per queue for up to 500 decisions (nothing reads the queues before the expiry below).
+local function enqueue(key, delay)
+  for first = 1, #queued, 1000 do
+    local args = {}
+    for k = first, math.min(first + 999, #queued), 2 do
+      args[#args + 1] = queued[k] + delay
+      args[#args + 1] = queued[k + 1]
+    end
+    redis.call('ZADD', key, unpack(args))
   end
 end
+enqueue(close_key, window)
+if elapsed > 0 then enqueue(elapsed_key, elapsed) end
 
 -- Label events due before now, in event-time order (elapsed before closed on a tie, like
 -- PendingLabels' heap of (time, 0 elapsed / 1 closed, decision_id, user)).
 local due = {}
 local function collect(key, closing)
   local found = redis.call('ZRANGEBYSCORE', key, '-inf', '(' .. int(now), 'WITHSCORES')
+  if #found == 0 then return end
+  -- every member read here is due: remove them all at once (the same range)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. int(now))
   for k = 1, #found, 2 do
     local member = found[k]
     local sep_at = string.find(member, SEP, 1, true)
     due[#due + 1] = {
-      at = tonumber(found[k + 1]), closing = closing, member = member, key = key,
+      at = tonumber(found[k + 1]), closing = closing,
       id = string.sub(member, 1, sep_at - 1), user = string.sub(member, sep_at + 1),
     }
   end
@@ -259,12 +378,12 @@ table.sort(due, function(a, b)
 end)
 for _, entry in ipairs(due) do
   local pkey = pending_key(entry.user)
-  local record = redis.call('HGET', pkey, entry.id)
-  redis.call('ZREM', entry.key, entry.member)
+  local converted_field = entry.id .. '|c'
+  local stored = redis.call('HMGET', pkey, entry.id, converted_field)
+  local record, converted_at = stored[1], stored[2]
   if record then
-    local converted_at = redis.call('HGET', pkey, entry.id .. '|c')
     if entry.closing == 1 then
-      redis.call('HDEL', pkey, entry.id, entry.id .. '|c')
+      redis.call('HDEL', pkey, entry.id, converted_field)
       emit('X', record, converted_at, int(entry.at))
     else
       emit('E', record, converted_at, int(entry.at))

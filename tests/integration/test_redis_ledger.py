@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from importlib import resources
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import event as label
 from hypothesis import strategies as st
+from redis.exceptions import ResponseError
 
 from engine.features.state import HOUR_MS, MINUTE_MS
 from engine.labels import Arm, LabelKind, PendingDecision
@@ -464,6 +468,77 @@ async def test_the_stop_loss_stops_a_losing_campaign_and_lets_it_recover(
             status = winning.stop_loss["alpha"]
             assert not status.stopped and status.since_ms == later + MINUTE_MS, (name, status)
             assert status.lower_bound is not None and status.lower_bound > 0
+    finally:
+        await delete_prefix(client, prefix)
+        await client.aclose()
+
+
+# -- packed ops ---------------------------------------------------------------------------------
+
+
+def _packed(prefix: str, *ops: list[object], records: bytes) -> list[object]:
+    """``ledger.lua``'s arguments for a plain config: the flat ops JSON and the records."""
+    return [prefix, T0, WINDOW, 0, 0, orjson.dumps([f for op in ops for f in op]), records]
+
+
+RECORD = b"G" + orjson.dumps(_request("d1", "u1", T0).decision.to_compact())
+GOOD = ["D", "u1", "alpha", T0, 0, 1, 100, 0, -1, 1000, "d1", "", len(RECORD)]
+"""A decision with an offer, packed as ``RedisLedger.settle`` packs it."""
+
+
+@pytest.mark.parametrize(
+    ("ops", "records", "refusal"),
+    [
+        (
+            [GOOD, ["D", "u2", "alpha", T0, 0, 1, 1.5, 0, -1, 1000, "d2", "", len(RECORD)]],
+            RECORD * 2,
+            "op 2: ts, decision_interval_ms, cost_cents",
+        ),
+        (
+            [GOOD, ["D", None, "alpha", T0, 0, 0, 0, 0, -1, -1, "d2", "", len(RECORD)]],
+            RECORD * 2,
+            "op 2: user, campaign and decision_id must be strings",
+        ),
+        (
+            [GOOD, ["D", "u2", "alpha", None, 0, 0, 0, 0, -1, -1, "d2", "", len(RECORD)]],
+            RECORD * 2,
+            "op 2: a field of the wrong type",
+        ),
+        (
+            [GOOD, ["D", "u2", "alpha", T0, 0, 0, 0, 0, -1, -1, "d2", "X", len(RECORD)]],
+            RECORD * 2,
+            'op 2: arm must be "", "T" or "H"',
+        ),
+        ([GOOD, ["P", "u1", T0, 100]], RECORD, "op 2: a purchase needs 5 fields"),
+        ([GOOD, ["Q", "u1", T0, 100, 100]], RECORD, 'op 2: kind must be "D" or "P"'),
+        ([[*GOOD[:-1], len(RECORD) - 1], GOOD], RECORD * 2, "op 1: its record is not"),
+        ([GOOD], RECORD + b"G[]", "the records are"),
+    ],
+    ids=["fraction", "null user", "null ts", "arm", "short", "kind", "misaligned", "extra"],
+)
+async def test_a_malformed_packed_op_is_refused_before_anything_is_written(
+    services: Services,
+    isolation: Isolation,
+    ops: list[list[object]],
+    records: bytes,
+    refusal: str,
+) -> None:
+    """The script checks the whole batch first: a script that fails halfway keeps its writes
+    (a budget spent, no outcome returned), so a bad op after a good one writes nothing."""
+    client = aioredis.Redis.from_url(services.redis_url)
+    prefix = isolation.redis_prefix
+    script = client.register_script(
+        resources.files("streams.adapters").joinpath("ledger.lua").read_text()
+    )
+    try:
+        # the good op alone is granted: the packing above is the one the script expects
+        outcomes, _, _ = await script(keys=[], args=_packed(prefix, GOOD, records=RECORD))
+        assert outcomes == [1]
+        await delete_prefix(client, prefix)
+        with pytest.raises(ResponseError, match=re.escape(f"ledger: {refusal}")) as refused:
+            await script(keys=[], args=_packed(prefix, *ops, records=records))
+        assert "nothing was written" in str(refused.value)
+        assert await keys_under(client, prefix) == set()
     finally:
         await delete_prefix(client, prefix)
         await client.aclose()
