@@ -81,13 +81,13 @@ def classify(
 SEEN_KEY_BYTES = 5
 
 
-def seen_key(event_id: str) -> int:
+def seen_key(event_id: str) -> bytes:
     """What a user's dedup set remembers of an event id: a 40-bit digest.
 
     Five bytes instead of the id keep the set small where it is stored (one per active user);
     two of a user's n ids within the allowed lateness share a digest with probability about
     n**2 / 2**41 (5e-9 for 100 ids; the later one would count as a duplicate)."""
-    return int.from_bytes(blake2b(event_id.encode(), digest_size=SEEN_KEY_BYTES).digest(), "big")
+    return blake2b(event_id.encode(), digest_size=SEEN_KEY_BYTES).digest()
 
 
 @dataclass(slots=True)
@@ -95,7 +95,7 @@ class UserRecord:
     """One user's feature state and the event ids applied within the allowed lateness."""
 
     state: State = field(default_factory=dict)
-    seen: dict[int, int] = field(default_factory=dict)
+    seen: dict[bytes, int] = field(default_factory=dict)
     """``seen_key(event_id)`` -> event time of every applied update within the lateness."""
     next_expiry: float = NEVER
     """No field expires while the latest event time is below this: ``trim`` is skipped."""
@@ -103,7 +103,7 @@ class UserRecord:
     """The smallest event time in ``seen``: pruning is skipped while it is inside the horizon."""
 
     @classmethod
-    def restored(cls, state: State, seen: dict[int, int]) -> UserRecord:
+    def restored(cls, state: State, seen: dict[bytes, int]) -> UserRecord:
         """A record read back from storage, with its derived bounds recomputed."""
         return cls(
             state,

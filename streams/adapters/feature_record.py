@@ -12,7 +12,8 @@ Layout (varint: unsigned LEB128; zvarint: zig-zag varint)::
     lt        varint; 0 when the state has no positive integral ``lt``
     cats      varint n, then n x (varint length, UTF-8): the category names the fields use
     fields    varint n, then n x (tag byte, payload)
-    seen      varint n, then n x (SEEN_KEY_BYTES digest, zvarint lt - ts)
+    seen      varint 2n + packed, n digests of SEEN_KEY_BYTES, then each age ``lt - ts``: as
+              n big-endian uint32 when ``packed`` (every age fits), else n zvarints
 
 Field tags and payloads (``ref``: the bucket index of ``lt`` in the field's grain):
 
@@ -33,6 +34,7 @@ test_feature_record.py``).
 from __future__ import annotations
 
 import struct
+from collections.abc import Collection, Sequence
 from math import copysign
 
 from engine.features.state import (
@@ -69,6 +71,7 @@ _COUNT_TAG = {name: COUNT + i for i, name in enumerate(_COUNT_FIELDS)}
 _SLOT_MS = (GRAIN_MS["m"], GRAIN_MS["h"], GRAIN_MS["d"], DAY_MS)
 _EXACT = 2**53
 _DOUBLE = struct.Struct(">d")
+_MAX_AGE = 2**32 - 1
 
 
 class FeatureRecordError(StreamsError):
@@ -86,11 +89,12 @@ def _zvarint(out: bytearray, value: int) -> None:
     _varint(out, value << 1 if value >= 0 else (-value << 1) - 1)
 
 
-_FieldCode = tuple[int, int, str]
-"""``(tag, bucket index or day, category)`` of a field name; ``tag`` ANY when no typed entry
-reproduces the name exactly."""
+_FieldCode = tuple[int, int, int, str]
+"""``(tag, bucket index or day, slot, category)`` of a field name; ``tag`` is ANY when no
+typed entry reproduces the name exactly."""
 _FIELD_CODES: dict[str, _FieldCode] = {}
 _FIELD_CODES_MAX = 200_000
+_ANY_CODE: _FieldCode = (ANY, 0, 0, "")
 
 
 def _field_code(name: str) -> _FieldCode:
@@ -99,34 +103,51 @@ def _field_code(name: str) -> _FieldCode:
     if code is not None:
         return code
     slot, index, kind, _ = PARSED.get(name) or parsed_field(name)
-    code = (ANY, 0, "")
+    code = _ANY_CODE
     if 0 <= slot < CATEGORY_SLOT:
         tag = _BUCKET_TAG.get((kind, slot))
         if tag is not None and name == f"{kind}{_GRAINS[slot]}{index}":
-            code = (tag, index, "")
+            code = (tag, index, slot, "")
     elif slot == CATEGORY_SLOT:
         if name == f"k{index}:{kind}":
-            code = (CATEGORY, index, kind)
+            code = (CATEGORY, index, CATEGORY_SLOT, kind)
     elif name == "lt":
-        code = (LT, 0, "")
+        code = (LT, 0, 0, "")
     elif name in _TIME_TAG:
-        code = (_TIME_TAG[name], 0, "")
+        code = (_TIME_TAG[name], 0, 0, "")
     elif name in _COUNT_TAG:
-        code = (_COUNT_TAG[name], 0, "")
+        code = (_COUNT_TAG[name], 0, 0, "")
     elif name == LAST_OFFER_FIELD:
-        code = (OFFER, 0, "")
+        code = (OFFER, 0, 0, "")
     if len(_FIELD_CODES) >= _FIELD_CODES_MAX:
         _FIELD_CODES.clear()
     _FIELD_CODES[name] = code
     return code
 
 
+def _exact_ints(values: Collection[float]) -> bool:
+    """Every value an integral float that an int holds exactly, and no -0.0 (C-speed checks:
+    this decides whether ``encode_record`` may skip them per field)."""
+    if not values:
+        return True
+    try:
+        if not all(map(float.is_integer, values)):
+            return False
+    except TypeError:
+        return False
+    if not (min(values) > -_EXACT and max(values) < _EXACT):
+        return False
+    return 0.0 not in values or not any(copysign(1.0, v) < 0.0 for v in values if v == 0.0)
+
+
 def encode_record(record: UserRecord) -> bytes:
     """The record as bytes (see the module docstring).
 
-    Runs for every user a batch touches, so the common case is spelled out inline: most
-    numbers are zig-zagged into one byte; ``_zvarint`` only for the rest."""
+    Runs for every user a batch touches, so the common case is spelled out inline: values
+    checked all at once (``_exact_ints``), most numbers zig-zagged into one byte, ``_zvarint``
+    for the rest, and the dedup set's times packed in one call when they fit."""
     state = record.state
+    plain = _exact_ints(state.values())
     lt_value = state.get("lt")
     lt = 0
     if lt_value is not None and 0 < lt_value < _EXACT and lt_value.is_integer():
@@ -137,25 +158,25 @@ def encode_record(record: UserRecord) -> bytes:
     append = out.append
     codes = _FIELD_CODES
     for name, value in state.items():
-        tag, index, category = codes.get(name) or _field_code(name)
-        if (
-            tag == ANY
-            or not value.is_integer()
-            or not -_EXACT < value < _EXACT
-            or (value == 0.0 and copysign(1.0, value) < 0.0)
-        ):
+        tag, index, slot, category = codes.get(name) or _field_code(name)
+        if tag == ANY or not (plain or _exact_ints((value,))):
             _any(out, name, value)
             continue
-        if tag < CATEGORY:
-            append(tag)
-            delta = refs[(tag - 1) % 3] - index
-        elif tag == CATEGORY:
-            number = categories.get(category)
-            if number is None:
-                number = categories[category] = len(categories)
-            append(CATEGORY)
-            _varint(out, number)
-            delta = refs[3] - index
+        if tag <= CATEGORY:
+            if tag == CATEGORY:
+                number = categories.get(category)
+                if number is None:
+                    number = categories[category] = len(categories)
+                append(CATEGORY)
+                _varint(out, number)
+            else:
+                append(tag)
+            delta = refs[slot] - index
+            if 0 <= delta < 64:
+                append(delta << 1)
+            else:
+                _zvarint(out, delta)
+            number = int(value)
         elif tag == LT:
             if value == lt:
                 append(LT)
@@ -164,34 +185,17 @@ def encode_record(record: UserRecord) -> bytes:
             continue
         elif tag < COUNT:
             append(tag)
-            delta = lt - int(value)
-            if 0 <= delta < 64:
-                append(delta << 1)
-            else:
-                _zvarint(out, delta)
-            continue
+            number = lt - int(value)
         elif tag < OFFER:
             append(tag)
-            delta = int(value)
-            if 0 <= delta < 64:
-                append(delta << 1)
-            else:
-                _zvarint(out, delta)
-            continue
+            number = int(value)
         else:
             append(OFFER)
-            _zvarint(out, lt * OFFER_TIME_SCALE - int(value))
-            continue
-        # A bucket or category-day: the index delta, then the value.
-        if 0 <= delta < 64:
-            append(delta << 1)
+            number = lt * OFFER_TIME_SCALE - int(value)
+        if 0 <= number < 64:
+            append(number << 1)
         else:
-            _zvarint(out, delta)
-        as_int = int(value)
-        if 0 <= as_int < 64:
-            append(as_int << 1)
-        else:
-            _zvarint(out, as_int)
+            _zvarint(out, number)
     head = bytearray((FORMAT,))
     _varint(head, lt)
     _varint(head, len(categories))
@@ -202,10 +206,19 @@ def encode_record(record: UserRecord) -> bytes:
     _varint(head, len(state))
     head += out
     seen = record.seen
-    _varint(head, len(seen))
-    for key, ts in seen.items():
-        head += key.to_bytes(SEEN_KEY_BYTES, "big")
-        _zvarint(head, lt - ts)
+    count = len(seen)
+    if count:
+        ages = [lt - ts for ts in seen.values()]
+        packed = min(ages) >= 0 and max(ages) <= _MAX_AGE
+        _varint(head, count << 1 | (1 if packed else 0))
+        head += b"".join(seen)
+        if packed:
+            head += struct.pack(f">{count}I", *ages)
+        else:
+            for age in ages:
+                _zvarint(head, age)
+    else:
+        head.append(0)
     return bytes(head)
 
 
@@ -290,10 +303,18 @@ def decode_record(blob: bytes) -> UserRecord:
                 code, slot = _BUCKET_OF_TAG[tag]
                 index = refs[slot] - reader.zvarint()
                 state[f"{code}{_GRAINS[slot]}{index}"] = float(reader.zvarint())
-        seen: dict[int, int] = {}
-        for _ in range(reader.varint()):
-            key = int.from_bytes(reader.take(SEEN_KEY_BYTES), "big")
-            seen[key] = lt - reader.zvarint()
+        seen: dict[bytes, int] = {}
+        header = reader.varint()
+        count = header >> 1
+        keys = reader.take(count * SEEN_KEY_BYTES)
+        if header & 1:
+            ages: Sequence[int] = struct.unpack(f">{count}I", reader.take(4 * count))
+        else:
+            ages = [reader.zvarint() for _ in range(count)]
+        for k, age in enumerate(ages):
+            seen[keys[k * SEEN_KEY_BYTES : (k + 1) * SEEN_KEY_BYTES]] = lt - age
+        if len(seen) != count:
+            raise FeatureRecordError("feature record repeats an event id digest")
         if reader.pos != len(blob):
             raise FeatureRecordError(f"feature record has {len(blob) - reader.pos} extra bytes")
     except (IndexError, KeyError, UnicodeDecodeError, struct.error) as exc:

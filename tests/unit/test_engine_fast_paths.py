@@ -174,7 +174,7 @@ async def test_store_skipping_trims_and_prunes_keeps_exactly_what_trimming_alway
     store = InMemoryFeatureStore()
     lateness = 3_600_000
     reference: dict[str, dict[str, float]] = {}
-    seen: dict[str, dict[int, int]] = {}
+    seen: dict[str, dict[bytes, int]] = {}
     ts = T0
     for batch_no in range(300):
         updates = []
