@@ -44,7 +44,7 @@ from streams.errors import StreamsError
 
 TTL_MARGIN_S = 24 * 3600
 """Records outlive the longest window by a day, so a quiet user's history expires on its own."""
-DEFAULT_MAX_CACHED_USERS = 500_000
+DEFAULT_MAX_CACHED_USERS = 200_000
 """Users whose records a worker keeps in memory (the least recently used go first)."""
 _STALE_RETRIES = 5
 PartitionKey = tuple[str, int]
