@@ -115,8 +115,8 @@ class Settings:
     batch_within_s: float = 0.05
     state_cache_users: int = 200_000
     """Users whose feature records a worker keeps in memory, about 2.2 KB each
-    (``DEALSTREAM_STATE_CACHE_USERS``;
-    the least recently written go first and are read from Redis again when needed)."""
+    (``DEALSTREAM_STATE_CACHE_USERS``; the least recently written go first and are read from
+    Redis again when needed)."""
     session_timeout_s: float = 10.0
     """The event consumer's group session: how long a worker that died without leaving the
     group (kill -9) keeps its partitions (``DEALSTREAM_SESSION_TIMEOUT_S``; the broker's
