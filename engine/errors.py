@@ -27,6 +27,7 @@ INVALID_EVENT_CODES: frozenset[str] = frozenset(
         "missing_key",  # the Kafka message has no key (user_id)
         "clock_skew",  # event time is too far from the processing clock
         "key_mismatch",  # the Kafka record key is not the event's user_id
+        "wrong_partition",  # the key's default partition is not the record's partition
     }
 )
 

@@ -4,7 +4,8 @@ Four interfaces, all here, all called the same way (``await``):
 
 - ``FeatureStore``: per-user feature state, one call per micro-batch
   (``engine.features.store.InMemoryFeatureStore``,
-  ``streams.adapters.redis_store.RedisFeatureStore``);
+  ``streams.adapters.redis_store.RedisFeatureStore``, which holds the records of its worker's
+  partitions and writes them to Redis);
 - ``DecisionLedger``: guardrails, pending decisions and their labels, one call per micro-batch
   (``engine.ledger.InMemoryLedger``, ``streams.adapters.redis_ledger.RedisLedger``);
 - ``RecordSink``: where output records go (``streams.adapters.sinks``: the worker's Faust

@@ -113,6 +113,10 @@ class Settings:
     partitions: int = 4
     batch_max: int = 500
     batch_within_s: float = 0.05
+    state_cache_users: int = 200_000
+    """Users whose feature records a worker keeps in memory, about 2.2 KB each
+    (``DEALSTREAM_STATE_CACHE_USERS``; the least recently written go first and are read from
+    Redis again when needed)."""
     session_timeout_s: float = 10.0
     """The event consumer's group session: how long a worker that died without leaving the
     group (kill -9) keeps its partitions (``DEALSTREAM_SESSION_TIMEOUT_S``; the broker's
@@ -186,6 +190,9 @@ class Settings:
             partitions=max(1, int(number("PARTITIONS", defaults.partitions, int))),
             batch_max=max(1, int(number("BATCH_MAX", defaults.batch_max, int))),
             batch_within_s=number("BATCH_WITHIN_S", defaults.batch_within_s, float),
+            state_cache_users=max(
+                1, int(number("STATE_CACHE_USERS", defaults.state_cache_users, int))
+            ),
             session_timeout_s=number("SESSION_TIMEOUT_S", defaults.session_timeout_s, float),
             allowed_lateness_s=number("ALLOWED_LATENESS_S", defaults.allowed_lateness_s, float),
             attribution_window_s=number(

@@ -3,9 +3,9 @@
 A user's raw state is a flat ``dict[str, float]`` of counters. Every event turns into a short
 list of commutative operations on that state (increment a time bucket, keep a max or a min),
 so the result does not depend on the order in which events arrive within the allowed lateness,
-and the very same operations run in the in-memory store and inside the Redis Lua script.
+and the very same operations run in every store (``engine.features.store.apply_updates``).
 
-Field names are compact because Redis stores one hash per user:
+Field names (the Redis store keeps them relative to ``lt``, ``streams/adapters/feature_record.py``):
 
 ``<kind><grain><index>``  a time bucket, e.g. ``vm29384756`` = views in minute 29384756;
                           kind: v view, c cart, f favorite, s search, p purchase,
@@ -203,7 +203,7 @@ def offer_ops(issued_at: int, discount_pct: float) -> list[Op]:
 
 
 def apply_ops(state: State, ops: Iterable[Op]) -> float:
-    """Apply operations in place; mirrors ``streams/features.lua`` exactly.
+    """Apply operations in place.
 
     Every operation value is integral (counts, cents, epoch ms), so sums are exact. Returns
     the earliest ``expires_at`` of the fields this call created (``NEVER`` if none), which
@@ -319,7 +319,7 @@ def expired_fields(state: Mapping[str, float]) -> list[str]:
 
 
 def trim(state: State) -> None:
-    """Drop expired buckets in place (the Lua script does the same after each update)."""
+    """Drop expired buckets in place (stores do it after each batch that touched the user)."""
     for field in expired_fields(state):
         del state[field]
 

@@ -3,17 +3,19 @@
 A store applies a micro-batch of state updates in one call and reports, for every update,
 whether it was applied or skipped (redelivered, duplicate, late). It returns every touched
 user's state *before* the batch so the engine can replay the batch and compute the feature
-vector as of each event. The Redis store (``streams/adapters/redis_store.py``) implements the same
-contract in one Lua call; both are held to the same tests.
+vector as of each event. ``apply_updates`` is the one implementation of these rules: the
+in-memory store runs it on its dicts, the Redis store (``streams/adapters/redis_store.py``) on
+the records of the partitions its worker owns, which it then writes to Redis.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
+from hashlib import blake2b
 
-from engine.features.state import NEVER, Op, State, apply_ops, trim_and_next_expiry
+from engine.features.state import NEVER, Op, State, apply_ops, expires_at, trim_and_next_expiry
 
 
 class UpdateStatus(IntEnum):
@@ -59,10 +61,10 @@ def classify(
     *,
     watermark: int | None,
     latest_ts: float | None,
-    seen_event_ids: dict[str, float],
+    seen: bool,
     allowed_lateness_ms: int,
 ) -> UpdateStatus:
-    """The skip rules, in the order the Lua script checks them."""
+    """The skip rules, in order; ``seen``: the user's dedup set holds the event id."""
     if (
         update.position is not None
         and watermark is not None
@@ -71,78 +73,122 @@ def classify(
         return UpdateStatus.REDELIVERED
     if not update.on_time and latest_ts is not None and update.ts < latest_ts - allowed_lateness_ms:
         return UpdateStatus.LATE
-    if update.event_id in seen_event_ids:
+    if seen:
         return UpdateStatus.DUPLICATE
     return UpdateStatus.APPLIED
 
 
+SEEN_KEY_BYTES = 5
+
+
+def seen_key(event_id: str) -> bytes:
+    """What a user's dedup set remembers of an event id: a 40-bit digest.
+
+    Five bytes instead of the id keep the set small where it is stored (one per active user);
+    two of a user's n ids within the allowed lateness share a digest with probability about
+    n**2 / 2**41 (5e-9 for 100 ids; the later one would count as a duplicate)."""
+    return blake2b(event_id.encode(), digest_size=SEEN_KEY_BYTES).digest()
+
+
 @dataclass(slots=True)
-class _UserRecord:
+class UserRecord:
+    """One user's feature state and the event ids applied within the allowed lateness."""
+
     state: State = field(default_factory=dict)
-    seen: dict[str, float] = field(default_factory=dict)
+    seen: dict[bytes, int] = field(default_factory=dict)
+    """``seen_key(event_id)`` -> event time of every applied update within the lateness."""
     next_expiry: float = NEVER
     """No field expires while the latest event time is below this: ``trim`` is skipped."""
     oldest_seen: float = NEVER
     """The smallest event time in ``seen``: pruning is skipped while it is inside the horizon."""
+
+    @classmethod
+    def restored(cls, state: State, seen: dict[bytes, int]) -> UserRecord:
+        """A record read back from storage, with its derived bounds recomputed."""
+        return cls(
+            state,
+            seen,
+            min(map(expires_at, state), default=NEVER),
+            min(seen.values(), default=NEVER),
+        )
+
+
+def apply_updates(
+    records: MutableMapping[str, UserRecord],
+    watermarks: MutableMapping[tuple[str, int], int],
+    updates: Sequence[StateUpdate],
+    *,
+    allowed_lateness_ms: int,
+) -> tuple[BatchOutcome, set[str]]:
+    """Apply a micro-batch to ``records`` and ``watermarks`` in place: the one implementation
+    of the store's contract, whichever store keeps the records.
+
+    Users missing from ``records`` start empty. Returns the outcome and the users whose record
+    changed; a user who was created here but got nothing applied is removed again.
+    """
+    before: dict[str, State] = {}
+    statuses: list[UpdateStatus] = []
+    touched: set[str] = set()
+    for update in updates:
+        user_id = update.user_id
+        record = records.get(user_id)
+        if user_id not in before:
+            before[user_id] = dict(record.state) if record else {}
+        if record is None:
+            record = records[user_id] = UserRecord()
+        position = update.position
+        wm_key = (position.source, position.partition) if position else None
+        key = seen_key(update.event_id)
+        status = classify(
+            update,
+            watermark=watermarks.get(wm_key) if wm_key else None,
+            latest_ts=record.state.get("lt"),
+            seen=key in record.seen,
+            allowed_lateness_ms=allowed_lateness_ms,
+        )
+        if status is not UpdateStatus.REDELIVERED and wm_key is not None:
+            assert position is not None
+            watermarks[wm_key] = position.offset
+        if status is UpdateStatus.APPLIED:
+            expiry = apply_ops(record.state, update.ops)
+            if expiry < record.next_expiry:
+                record.next_expiry = expiry
+            record.seen[key] = update.ts
+            if update.ts < record.oldest_seen:
+                record.oldest_seen = update.ts
+            touched.add(user_id)
+        statuses.append(status)
+    for user_id in touched:
+        # Trim and prune only when something is due: both are scans of the whole record,
+        # and skipping them when nothing would go leaves exactly the same record.
+        record = records[user_id]
+        latest = record.state.get("lt")
+        if latest is not None and int(latest) >= record.next_expiry:
+            record.next_expiry = trim_and_next_expiry(record.state)
+        horizon = record.state.get("lt", 0.0) - allowed_lateness_ms
+        if record.oldest_seen < horizon:
+            record.seen = {k: ts for k, ts in record.seen.items() if ts >= horizon}
+            record.oldest_seen = min(record.seen.values(), default=NEVER)
+    for user_id in before.keys() - touched:
+        if not records[user_id].state:
+            del records[user_id]
+    return BatchOutcome(statuses=statuses, before=before), touched
 
 
 class InMemoryFeatureStore:
     """A dict-backed store for backtests and unit tests; same semantics as the Redis store."""
 
     def __init__(self) -> None:
-        self._users: dict[str, _UserRecord] = {}
+        self._users: dict[str, UserRecord] = {}
         self._watermarks: dict[tuple[str, int], int] = {}
 
     async def apply_batch(
         self, updates: Sequence[StateUpdate], *, allowed_lateness_ms: int
     ) -> BatchOutcome:
-        before: dict[str, State] = {}
-        statuses: list[UpdateStatus] = []
-        touched: set[str] = set()
-        for update in updates:
-            record = self._users.get(update.user_id)
-            if update.user_id not in before:
-                before[update.user_id] = dict(record.state) if record else {}
-            if record is None:
-                record = self._users[update.user_id] = _UserRecord()
-            wm_key = (
-                (update.position.source, update.position.partition) if update.position else None
-            )
-            status = classify(
-                update,
-                watermark=self._watermarks.get(wm_key) if wm_key else None,
-                latest_ts=record.state.get("lt"),
-                seen_event_ids=record.seen,
-                allowed_lateness_ms=allowed_lateness_ms,
-            )
-            if status is not UpdateStatus.REDELIVERED and wm_key is not None:
-                assert update.position is not None
-                self._watermarks[wm_key] = update.position.offset
-            if status is UpdateStatus.APPLIED:
-                expiry = apply_ops(record.state, update.ops)
-                if expiry < record.next_expiry:
-                    record.next_expiry = expiry
-                seen_ts = float(update.ts)
-                record.seen[update.event_id] = seen_ts
-                if seen_ts < record.oldest_seen:
-                    record.oldest_seen = seen_ts
-                touched.add(update.user_id)
-            statuses.append(status)
-        for user_id in touched:
-            # Trim and prune only when something is due: both are scans of the whole record,
-            # and skipping them when nothing would go leaves exactly the same record.
-            record = self._users[user_id]
-            latest = record.state.get("lt")
-            if latest is not None and int(latest) >= record.next_expiry:
-                record.next_expiry = trim_and_next_expiry(record.state)
-            horizon = record.state.get("lt", 0.0) - allowed_lateness_ms
-            if record.oldest_seen < horizon:
-                record.seen = {eid: ts for eid, ts in record.seen.items() if ts >= horizon}
-                record.oldest_seen = min(record.seen.values(), default=NEVER)
-        for user_id in before.keys() - touched:
-            if not self._users[user_id].state:
-                del self._users[user_id]
-        return BatchOutcome(statuses=statuses, before=before)
+        outcome, _ = apply_updates(
+            self._users, self._watermarks, updates, allowed_lateness_ms=allowed_lateness_ms
+        )
+        return outcome
 
     async def read_states(self, user_ids: Iterable[str]) -> dict[str, State]:
         return {

@@ -8,6 +8,7 @@ from engine.errors import InvalidEvent
 from engine.events import Event, decode_event
 from engine.features.store import Position
 from engine.pipeline import Incoming
+from streams.adapters.kafka_io import default_partition
 from streams.settings import Topics
 
 
@@ -22,6 +23,10 @@ class RawRecord:
     value: bytes | None
     timestamp_ms: int | None = None
     headers: tuple[tuple[str, bytes], ...] = ()
+    partitions: int | None = None
+    """How many partitions the record's topic has, when the consumer knows: a record that is
+    not on its key's default partition is dead-lettered (a user's events must meet on one
+    worker, which owns that user's feature state)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +72,17 @@ def decode_record(
         return DeadLetter(record, exc.code, str(exc))
     if record.key != event.user_id.encode():
         return DeadLetter(record, "key_mismatch", "record key differs from the event's user_id")
+    if (
+        record.partitions
+        and (expected := default_partition(record.key, record.partitions)) != record.partition
+    ):
+        return DeadLetter(
+            record,
+            "wrong_partition",
+            f"the key belongs on partition {expected} of {record.partitions} (Kafka's default "
+            f"partitioner), not {record.partition}: a user's events must share a partition "
+            "number on every event topic",
+        )
     if event.ts > now_ms + limits.max_clock_skew_ms:
         ahead_s = (event.ts - now_ms) / 1000
         return DeadLetter(

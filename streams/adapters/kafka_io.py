@@ -10,9 +10,24 @@ from collections.abc import Iterator, Sequence
 import redis.asyncio as aioredis
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.partitioner import murmur2
 
 from streams.errors import ServiceUnavailable
 from streams.settings import redact_url
+
+_KEY_HASHES: dict[bytes, int] = {}
+_KEY_HASHES_MAX = 1_000_000
+
+
+def default_partition(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner (every client's: murmur2 of the key, made
+    positive, modulo the count) puts a keyed record on. Hashes are memoised per key (bounded)."""
+    hashed = _KEY_HASHES.get(key)
+    if hashed is None:
+        if len(_KEY_HASHES) >= _KEY_HASHES_MAX:
+            _KEY_HASHES.clear()
+        hashed = _KEY_HASHES[key] = murmur2(key) & 0x7FFFFFFF
+    return hashed % partitions
 
 
 @contextlib.contextmanager

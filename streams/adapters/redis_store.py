@@ -1,130 +1,325 @@
-"""The Redis feature store: one Lua call per micro-batch, same contract as the in-memory store.
+"""The Redis feature store: partition-owned records, computed in memory, written once per batch.
+
+A worker owns the partitions Kafka assigned it, and with them every user whose events they
+carry (the event topics are co-partitioned by user id). So it keeps those users' records in
+memory (bounded, least recently used out), applies each micro-batch with the engine's own
+``apply_updates`` (``engine/features/store.py``: the one implementation of the rules), and
+writes every changed user's compact record (``feature_record.py``) and the batch's partition
+watermarks to Redis in one atomic script call (``commit_state.lua``). It reads Redis only for a
+user it does not hold (after a start, a rebalance or an eviction). Redis stays the serving
+store: ``dealstream features`` and other services read the same records.
 
 Keys (``P`` = the configured key prefix, ``V`` = the feature catalogue version):
 
-- ``P f V :{user}``  hash of the user's raw feature state (see ``engine/features/state.py``)
-- ``P d V :{user}``  sorted set of the user's recent event ids (dedup within allowed lateness)
-- ``P wm``           hash of per-partition offset watermarks ``<topic>:<partition>``
+- ``P s V :{user}`` the user's record (a string; it expires ``ttl_seconds`` after its last write)
+- ``P wm``          hash of per-partition offset watermarks ``<topic>:<partition>``
+- ``P own``         hash of per-partition owner tokens ``<topic>:<partition>``
+- ``P se``          the state epoch, a counter ``forget`` increments
 
-The ``{user}`` part is a Redis Cluster hash tag, so one user's keys share a slot. That does
-not make the store cluster-ready: one script call carries a whole micro-batch, so it touches
-the keys of many users (and the shared watermark hash), which a cluster refuses unless they
-all hash to one slot. As written, this store and the ledger (``ledger.lua``, same pattern)
-need a single Redis node (or a primary with replicas); a cluster would need one call per slot.
+Exactly once: a record and the watermarks of the events it includes land in the same script
+call, so after a crash the redelivered events are recognised by the watermark, as before.
+Two writers can never interleave: a store claims each partition it writes (``P own``) when it
+first sees it after an assignment, and the script refuses a batch of a partition another store
+has claimed since (``PartitionFenced``: a worker that lost its partitions without noticing must
+stop, not overwrite the new owner's records). ``forget`` deletes a user's record and bumps the
+epoch; every store then drops what it holds and reads again (``StateEpochMoved`` internally).
+
+The ``{user}`` part of a record key is a Redis Cluster hash tag; the script still touches many
+users' keys per call, so this store needs a single Redis node (or a primary with replicas).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import secrets
+import time
+from collections.abc import Callable, Iterable, Sequence
 from importlib import resources
-from typing import Any
 
-import orjson
 import redis.asyncio as aioredis
 
-from engine.features.state import CATALOGUE_VERSION, LONGEST_WINDOW_MS, RETENTION_BUCKETS, State
-from engine.features.store import BatchOutcome, StateUpdate, UpdateStatus
+from engine.features.state import CATALOGUE_VERSION, LONGEST_WINDOW_MS, State
+from engine.features.store import BatchOutcome, StateUpdate, UserRecord, apply_updates
+from streams.adapters.feature_record import decode_record, encode_record
+from streams.errors import StreamsError
 
 TTL_MARGIN_S = 24 * 3600
-"""Keys outlive the longest window by a day, so a quiet user's history expires on its own."""
+"""Records outlive the longest window by a day, so a quiet user's history expires on its own."""
+DEFAULT_MAX_CACHED_USERS = 200_000
+"""Users whose records a worker keeps in memory (the least recently used go first)."""
+_STALE_RETRIES = 5
+PartitionKey = tuple[str, int]
+
+
+class PartitionFenced(StreamsError):
+    """Another store claimed a partition this one was writing: this one must stop."""
 
 
 def hash_tag(user_id: str) -> str:
     """The user id as a Redis Cluster hash tag body: braces escaped so the tag is never empty
-    or cut short, which would scatter one user's keys over several slots (a step towards a
-    cluster, not enough on its own: see the module docstring)."""
+    or cut short, which would scatter one user's keys over several slots."""
     return user_id.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
 
 
-def _decode_state(flat: Sequence[bytes]) -> State:
-    return {flat[k].decode(): float(flat[k + 1]) for k in range(0, len(flat), 2)}
+def _field(partition: PartitionKey) -> str:
+    return f"{partition[0]}:{partition[1]}"
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _blob(value: bytes | str) -> bytes:
+    if not isinstance(value, bytes):
+        raise StreamsError("feature records are binary: the Redis client must not decode replies")
+    return value
 
 
 class RedisFeatureStore:
-    """Feature state in Redis, updated and read back with one script call per batch."""
+    """Feature records of the partitions this process owns; see the module docstring."""
 
-    def __init__(self, client: aioredis.Redis, *, prefix: str = "ds:") -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        prefix: str = "ds:",
+        max_cached_users: int = DEFAULT_MAX_CACHED_USERS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_cached_users < 1:
+            raise ValueError("max_cached_users must be at least 1")
         self._client = client
         self._prefix = prefix
-        source = resources.files("streams.adapters").joinpath("features.lua").read_text()
-        self._script = client.register_script(source)
+        source = resources.files("streams.adapters").joinpath("commit_state.lua").read_text()
+        self._commit = client.register_script(source)
         self.ttl_seconds = LONGEST_WINDOW_MS // 1000 + TTL_MARGIN_S
+        self.max_cached_users = max_cached_users
+        self._clock = clock
+        self._token = secrets.token_hex(8)
+        self._records: dict[str, UserRecord] = {}
+        """Held records, least recently written first (a dict keeps insertion order)."""
+        self._written: dict[str, float] = {}
+        """When each held record was last read or written (``clock``): one older than the key's
+        time to live may have expired in Redis, so it is read again."""
+        self._watermarks: dict[PartitionKey, int] = {}
+        self._claimed: set[PartitionKey] = set()
+        self._marks_loaded = True
+        """False after a failure: the claimed partitions' watermarks must be read again."""
+        self._epoch: str | None = None
 
-    def state_key(self, user_id: str) -> str:
-        return f"{self._prefix}f{CATALOGUE_VERSION}:{{{hash_tag(user_id)}}}"
+    # -- keys ---------------------------------------------------------------------------------
 
-    def dedup_key(self, user_id: str) -> str:
-        return f"{self._prefix}d{CATALOGUE_VERSION}:{{{hash_tag(user_id)}}}"
+    def record_key(self, user_id: str) -> str:
+        return f"{self._prefix}s{CATALOGUE_VERSION}:{{{hash_tag(user_id)}}}"
 
     @property
     def watermark_key(self) -> str:
         return f"{self._prefix}wm"
 
+    @property
+    def owner_key(self) -> str:
+        return f"{self._prefix}own"
+
+    @property
+    def epoch_key(self) -> str:
+        return f"{self._prefix}se"
+
     def user_keys(self, user_id: str) -> list[str]:
         """Every key this store keeps for a user (for ``dealstream forget``)."""
-        return [self.state_key(user_id), self.dedup_key(user_id)]
+        return [self.record_key(user_id)]
+
+    def held_users(self) -> int:
+        """How many users' records this store holds in memory."""
+        return len(self._records)
+
+    # -- ownership ----------------------------------------------------------------------------
+
+    def on_assigned(self, partitions: Iterable[PartitionKey]) -> None:
+        """Nothing to do: partitions are claimed when a batch first carries them."""
+        del partitions
+
+    def on_revoked(self, partitions: Iterable[PartitionKey]) -> None:
+        """Give up the partitions: forget their watermarks and drop every held record (their
+        next owner writes them from now on; what this store held would go stale)."""
+        for partition in partitions:
+            self._claimed.discard(partition)
+            self._watermarks.pop(partition, None)
+        self._drop_records()
+
+    def _drop_records(self) -> None:
+        self._records.clear()
+        self._written.clear()
+
+    def _drop_after_failure(self) -> None:
+        """After a failed write nothing held can be trusted to match Redis: records and
+        watermarks are read again. The claims stay: a failed call does not mean another worker
+        took the partitions over (and claiming them again could take them from one that did)."""
+        self._drop_records()
+        self._watermarks.clear()
+        self._marks_loaded = False
+        self._epoch = None
+
+    async def _claim(self, partitions: set[PartitionKey]) -> None:
+        """Become the writer of ``partitions`` and read their watermarks."""
+        ordered = sorted(partitions)
+        fields = [_field(p) for p in ordered]
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.hset(self.owner_key, mapping=dict.fromkeys(fields, self._token))
+            pipe.hmget(self.watermark_key, fields)
+            _, marks = await pipe.execute()
+        self._set_marks(ordered, marks)
+        self._claimed.update(ordered)
+
+    async def _reload_marks(self) -> None:
+        """The watermarks of the partitions this store claimed, read again after a failure."""
+        ordered = sorted(self._claimed)
+        if ordered:
+            marks = await self._client.hmget(self.watermark_key, [_field(p) for p in ordered])
+            self._set_marks(ordered, marks)
+        self._marks_loaded = True
+
+    def _set_marks(self, ordered: list[PartitionKey], marks: Sequence[bytes | str | None]) -> None:
+        for partition, mark in zip(ordered, marks, strict=True):
+            if mark is not None:
+                self._watermarks[partition] = int(float(_text(mark)))
+            else:
+                self._watermarks.pop(partition, None)
+
+    # -- the batch ----------------------------------------------------------------------------
 
     async def apply_batch(
         self, updates: Sequence[StateUpdate], *, allowed_lateness_ms: int
     ) -> BatchOutcome:
         if not updates:
             return BatchOutcome(statuses=[], before={})
-        user_index: dict[str, int] = {}
-        keys: list[str] = [self.watermark_key]
-        rows: list[list[Any]] = []
-        for update in updates:
-            index = user_index.get(update.user_id)
-            if index is None:
-                index = user_index[update.user_id] = len(user_index) + 1
-                keys.append(self.state_key(update.user_id))
-                keys.append(self.dedup_key(update.user_id))
-            position = update.position
-            ops: list[Any] = []
-            for op, field, value in update.ops:
-                ops.extend((op, field, int(value)))
-            rows.append(
-                [
-                    index,
-                    f"{position.source}:{position.partition}" if position else "",
-                    position.offset if position else 0,
-                    update.event_id,
-                    update.ts,
-                    ops,
-                    1 if update.on_time else 0,
-                ]
-            )
-        args: list[int | bytes] = [
-            allowed_lateness_ms,
-            self.ttl_seconds,
-            orjson.dumps(rows),
-            RETENTION_BUCKETS["m"],
-            RETENTION_BUCKETS["h"],
-            RETENTION_BUCKETS["d"],
-        ]
-        reply = await self._script(keys=keys, args=args)
-        statuses = [UpdateStatus(int(code)) for code in reply[0]]
-        before = {user_id: _decode_state(reply[index]) for user_id, index in user_index.items()}
-        return BatchOutcome(statuses=statuses, before=before)
+        for _ in range(_STALE_RETRIES):
+            try:
+                outcome = await self._apply_once(updates, allowed_lateness_ms)
+            except BaseException:
+                self._drop_after_failure()
+                raise
+            if outcome is not None:
+                return outcome
+        raise StreamsError(
+            f"feature state epoch kept moving during {_STALE_RETRIES} attempts to write a batch "
+            "(is `dealstream forget` running in a loop?)"
+        )
 
-    async def read_states(self, user_ids: Iterable[str]) -> dict[str, State]:
+    async def _apply_once(
+        self, updates: Sequence[StateUpdate], allowed_lateness_ms: int
+    ) -> BatchOutcome | None:
+        """One attempt; None when the state epoch moved (everything held was dropped)."""
+        client = self._client
+        if self._epoch is None:
+            self._epoch = _text(await client.get(self.epoch_key) or b"0")
+        if not self._marks_loaded:
+            await self._reload_marks()
+        partitions = {(u.position.source, u.position.partition) for u in updates if u.position}
+        if not partitions <= self._claimed:
+            await self._claim(partitions - self._claimed)
+        await self._load_missing(updates)
+        records = self._records
+        outcome, touched = apply_updates(
+            records, self._watermarks, updates, allowed_lateness_ms=allowed_lateness_ms
+        )
+        users = list(touched)
+        if not users and not partitions:
+            return outcome
+        args: list[str | int | bytes] = [self._token, self._epoch, self.ttl_seconds * 1000]
+        args.append(len(partitions))
+        for partition in sorted(partitions):
+            args.append(_field(partition))
+            args.append(self._watermarks[partition])
+        args.extend(encode_record(records[user]) for user in users)
+        keys = [self.owner_key, self.watermark_key, self.epoch_key]
+        keys.extend(self.record_key(user) for user in users)
+        reply = await self._commit(keys=keys, args=args)
+        verdict = _text(reply[0])
+        if verdict == "stale":
+            # Records were rewritten behind this store (``forget``): read them again. What the
+            # attempt applied in memory is dropped with them; the watermarks only moved here.
+            self._drop_records()
+            self._watermarks.clear()
+            self._marks_loaded = False
+            self._epoch = None
+            return None
+        if verdict == "fenced":
+            raise PartitionFenced(
+                f"partition {_text(reply[1])} is now written by another worker (owner token "
+                f"{_text(reply[2]) or 'none'}); this worker lost it without a rebalance "
+                "callback (session timeout?) and stops rather than overwrite its records"
+            )
+        now = self._clock()
+        written = self._written
+        for user in users:
+            # Most recently written last: re-insert so that eviction takes the oldest first.
+            records[user] = records.pop(user)
+            written.pop(user, None)
+            written[user] = now
+        self._evict()
+        return outcome
+
+    async def _load_missing(self, updates: Sequence[StateUpdate]) -> None:
+        """Read the records of the batch's users this store does not hold (or holds too long)."""
+        records, written = self._records, self._written
+        oldest = self._clock() - (self.ttl_seconds - TTL_MARGIN_S)
+        missing: list[str] = []
+        for update in updates:
+            user = update.user_id
+            if user in records:
+                if written.get(user, oldest) >= oldest:
+                    continue
+                del records[user]
+            if user not in missing:
+                missing.append(user)
+        if not missing:
+            return
+        blobs = await self._client.mget([self.record_key(user) for user in missing])
+        now = self._clock()
+        for user, blob in zip(missing, blobs, strict=True):
+            if blob is not None:
+                records[user] = decode_record(_blob(blob))
+                written[user] = now
+
+    def _evict(self) -> None:
+        records, written = self._records, self._written
+        excess = len(records) - self.max_cached_users
+        if excess <= 0:
+            return
+        for user in list(records)[:excess]:
+            del records[user]
+            written.pop(user, None)
+
+    # -- reads for tools and tests ------------------------------------------------------------
+
+    async def read_records(self, user_ids: Iterable[str]) -> dict[str, UserRecord]:
+        """The records Redis holds (an empty record for a user it has none of)."""
         ids = list(user_ids)
-        async with self._client.pipeline(transaction=False) as pipe:
-            for user_id in ids:
-                pipe.hgetall(self.state_key(user_id))
-            replies = await pipe.execute()
+        if not ids:
+            return {}
+        blobs = await self._client.mget([self.record_key(user) for user in ids])
         return {
-            user_id: {k.decode(): float(v) for k, v in reply.items()}
-            for user_id, reply in zip(ids, replies, strict=True)
+            user: decode_record(_blob(blob)) if blob is not None else UserRecord()
+            for user, blob in zip(ids, blobs, strict=True)
         }
 
-    async def watermarks(self) -> dict[tuple[str, int], int]:
+    async def read_states(self, user_ids: Iterable[str]) -> dict[str, State]:
+        records = await self.read_records(user_ids)
+        return {user: record.state for user, record in records.items()}
+
+    async def watermarks(self) -> dict[PartitionKey, int]:
         raw = await self._client.hgetall(self.watermark_key)
-        marks: dict[tuple[str, int], int] = {}
+        marks: dict[PartitionKey, int] = {}
         for field, offset in raw.items():
-            name = field.decode() if isinstance(field, bytes) else str(field)
-            source, _, partition = name.rpartition(":")
-            marks[(source, int(partition))] = int(float(offset))
+            source, _, partition = _text(field).rpartition(":")
+            marks[(source, int(partition))] = int(float(_text(offset)))
         return marks
 
     async def forget(self, user_id: str) -> int:
-        return int(await self._client.delete(*self.user_keys(user_id)))
+        """Delete the user's record; every store drops what it holds before its next write."""
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.delete(*self.user_keys(user_id))
+            pipe.incr(self.epoch_key)
+            removed, _ = await pipe.execute()
+        self._records.pop(user_id, None)
+        self._written.pop(user_id, None)
+        return int(removed)

@@ -27,8 +27,8 @@ from typing import Any
 
 import faust
 from aiokafka import AIOKafkaProducer
-from aiokafka.partitioner import murmur2
 
+from streams.adapters.kafka_io import default_partition
 from streams.errors import EXIT_INTERNAL_ERROR, SinkError
 
 log = logging.getLogger("dealstream.worker")
@@ -143,7 +143,6 @@ class BatchSink:
         options.setdefault("max_request_size", 2 * BATCH_BYTES)
         self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **options)
         self._partitions: dict[str, int] = {}
-        self._hashes: dict[bytes, int] = {}
         self._open: dict[tuple[str, int], Any] = {}
         self._pending: list[asyncio.Future[Any]] = []
 
@@ -175,10 +174,7 @@ class BatchSink:
         if key is None:
             raise SinkError("replayed records need a key (the user id)")
         count = self._partitions.get(topic) or await self._count(topic)
-        hashed = self._hashes.get(key)
-        if hashed is None:
-            hashed = self._hashes[key] = murmur2(key) & 0x7FFFFFFF
-        where = (topic, hashed % count)
+        where = (topic, default_partition(key, count))
         batch = self._open.get(where)
         if batch is None:
             batch = self._open[where] = self._producer.create_batch()

@@ -62,8 +62,9 @@ class AssignmentObserver(Protocol):
     def on_revoked(self, partitions: Iterable[TopicPartitionKey]) -> None: ...
 
 
-def raw_record(record: Any) -> RawRecord:
-    """An aiokafka ``ConsumerRecord`` as the worker's ``RawRecord``."""
+def raw_record(record: Any, partitions: int | None = None) -> RawRecord:
+    """An aiokafka ``ConsumerRecord`` as the worker's ``RawRecord``; ``partitions``: how many
+    partitions its topic has (``decode_record`` checks the record is on its key's partition)."""
     timestamp = record.timestamp
     return RawRecord(
         topic=record.topic,
@@ -73,6 +74,7 @@ def raw_record(record: Any) -> RawRecord:
         value=record.value,
         timestamp_ms=timestamp if timestamp is not None and timestamp > 0 else None,
         headers=tuple((str(k), bytes(v or b"")) for k, v in record.headers or ()),
+        partitions=partitions,
     )
 
 
@@ -206,13 +208,14 @@ class EventConsumer(Service):
         # A rebalance may have revoked partitions between the fetch and now: their records
         # belong to whoever owns them next.
         assigned = consumer.assignment()
+        counts = {topic: len(consumer.partitions_for_topic(topic) or ()) for topic in self.topics}
         records: list[RawRecord] = []
         offsets: dict[TopicPartition, OffsetAndMetadata] = {}
         for record in batch:
             tp = TopicPartition(record.topic, record.partition)
             if tp not in assigned:
                 continue
-            records.append(raw_record(record))
+            records.append(raw_record(record, counts.get(record.topic) or None))
             offsets[tp] = OffsetAndMetadata(record.offset + 1, "")
         if not records:
             return

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from streams.operations.lag import LagProbe
 from streams.operations.metrics import TimedFeatureStore, TimedLedger, WorkerMetrics
 from streams.settings import Secret, Settings
 from streams.worker.batch_worker import BatchWorker
-from streams.worker.consumer import EventConsumer
+from streams.worker.consumer import AssignmentObserver, EventConsumer, TopicPartitionKey
 from streams.worker.http_endpoints import REFRESH_INTERVAL_S, WorkerStatus, install_routes
 
 log = logging.getLogger("dealstream.worker")
@@ -47,6 +47,8 @@ class Runtime:
 
     settings: Settings
     redis: aioredis.Redis
+    features: RedisFeatureStore
+    """The engine's feature store, which follows the event consumer's assignment."""
     engine: DiscountEngine
     reloader: ModelReloader | None
     """Picks up models the learner publishes; None without a model key (no hot reload)."""
@@ -72,10 +74,10 @@ def bootstrap(
         else default_campaigns()
     )
     client = redis_client or aioredis.Redis.from_url(settings.redis_url.reveal())
-    store = TimedFeatureStore(
-        RedisFeatureStore(client, prefix=settings.redis_prefix),
-        redis_seconds.labels("features").observe,
+    features = RedisFeatureStore(
+        client, prefix=settings.redis_prefix, max_cached_users=settings.state_cache_users
     )
+    store = TimedFeatureStore(features, redis_seconds.labels("features").observe)
     config = settings.engine_config()
     ledger = TimedLedger(
         RedisLedger(client, prefix=settings.redis_prefix, config=config.ledger_config(campaigns)),
@@ -90,6 +92,7 @@ def bootstrap(
     return Runtime(
         settings=settings,
         redis=client,
+        features=features,
         engine=engine,
         reloader=reloader,
         metrics=metrics,
@@ -138,6 +141,24 @@ async def _handle_until_done(worker: BatchWorker, records: Sequence[RawRecord]) 
             log.critical("batch failed unexpectedly; stopping the worker", exc_info=True)
             logging.shutdown()
             os._exit(EXIT_INTERNAL_ERROR)
+
+
+class _FollowAssignment:
+    """The feature store and the status page, both told of every assignment change (the store
+    first: it drops what it held of revoked partitions before anyone reads the status)."""
+
+    def __init__(self, *observers: AssignmentObserver) -> None:
+        self._observers = observers
+
+    def on_assigned(self, partitions: Iterable[TopicPartitionKey]) -> None:
+        keys = list(partitions)
+        for observer in self._observers:
+            observer.on_assigned(keys)
+
+    def on_revoked(self, partitions: Iterable[TopicPartitionKey]) -> None:
+        keys = list(partitions)
+        for observer in self._observers:
+            observer.on_revoked(keys)
 
 
 def _faust_datadir(group_id: str) -> Path:
@@ -225,7 +246,7 @@ def create_app(runtime: Runtime) -> faust.App:
             batch_max=settings.batch_max,
             batch_within_s=settings.batch_within_s,
             session_timeout_s=settings.session_timeout_s,
-            observer=status,
+            observer=_FollowAssignment(runtime.features, status),
         )
     )
 

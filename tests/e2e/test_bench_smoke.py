@@ -56,10 +56,10 @@ async def test_quick_bench_drains_every_event_and_cleans_up(
     assert len(two) == 1 and two[0]["workers"] == 2 and two[0]["events"] == QUICK_EVENTS
     memory = report["memory"]
     assert memory["events"] == QUICK_EVENTS and memory["rss_kib_end"] > 0
-    # Every active user has a feature-state key ("f") and a dedup key ("d").
+    # Every active user has one feature record ("s"), and no key of the old layout is left.
     users = report["preload"]["users_active"]
-    assert memory["redis"]["by_kind"]["f"]["keys"] == users
-    assert memory["redis"]["by_kind"]["d"]["keys"] == users
+    assert memory["redis"]["by_kind"]["s"]["keys"] == users
+    assert not {"f", "d"} & set(memory["redis"]["by_kind"])
     assert set(report["latency"]) == {"200", "1000"}
     for figures in report["latency"].values():
         assert figures["runs"][0]["offers_in_window"] > 0

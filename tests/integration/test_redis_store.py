@@ -7,7 +7,6 @@ with ``SCAN MATCH prefix*``; the Redis server is shared, so nothing here flushes
 from __future__ import annotations
 
 import asyncio
-import random
 import re
 import time
 import uuid
@@ -45,8 +44,10 @@ from engine.features.store import (
     Position,
     StateUpdate,
     UpdateStatus,
+    UserRecord,
+    seen_key,
 )
-from streams.adapters.redis_store import RedisFeatureStore
+from streams.adapters.redis_store import PartitionFenced, RedisFeatureStore, hash_tag
 from tests.conftest import Isolation, Services
 from tests.integration.conftest import RedisEnv, delete_prefix, keys_under
 
@@ -290,7 +291,7 @@ def scenarios(draw: st.DrawFn) -> Scenario:
 async def check_parity(redis_url: str, prefix: str, scenario: Scenario) -> None:
     client = aioredis.Redis.from_url(redis_url)
     try:
-        redis_store = RedisFeatureStore(client, prefix=prefix)
+        redis_store = RedisFeatureStore(client, prefix=prefix, max_cached_users=2)
         memory = InMemoryFeatureStore()
         lateness = scenario.lateness_ms
         deliveries = scenario.deliveries
@@ -301,6 +302,9 @@ async def check_parity(redis_url: str, prefix: str, scenario: Scenario) -> None:
             chunk = deliveries[start : start + size]
             start += size
             batch += 1
+            if batch % 3 == 0:
+                # A restart (or a rebalance): a new store holds nothing and reads Redis.
+                redis_store = RedisFeatureStore(client, prefix=prefix)
             updates = [update for update, _ in chunk]
             expected = [status for _, status in chunk]
             from_memory = await memory.apply_batch(updates, allowed_lateness_ms=lateness)
@@ -387,18 +391,16 @@ async def test_watermarks_report_last_offset_and_a_resent_batch_changes_nothing(
 
     users = ["u1", "u2", "u3"]
     states = await store.read_states(users)
-    dedup = {u: await client.zrange(store.dedup_key(u), 0, -1, withscores=True) for u in users}
-    ttls = {u: await client.ttl(store.state_key(u)) for u in users}
+    seen = {u: r.seen for u, r in (await store.read_records(users)).items()}
+    ttls = {u: await client.pttl(store.record_key(u)) for u in users}
     again = await store.apply_batch(batch, allowed_lateness_ms=HOUR_MS)
     assert again.statuses == [REDELIVERED] * 6
     assert again.before == states
     assert await store.read_states(users) == states
-    assert {u: await client.zrange(store.dedup_key(u), 0, -1, withscores=True) for u in users} == (
-        dedup
-    )
+    assert {u: r.seen for u, r in (await store.read_records(users)).items()} == seen
     assert await store.watermarks() == marks
     # Nothing was touched, so nothing was re-expired either.
-    assert all([await client.ttl(store.state_key(u)) <= ttls[u] for u in users])
+    assert all([await client.pttl(store.record_key(u)) <= ttls[u] for u in users])
 
     # A replay that overlaps the watermark: the old part is skipped, the new part applied.
     overlap = [batch[5], to_update(make_event("view", "g", "u1", T0 + 6000))]
@@ -422,7 +424,7 @@ async def test_watermarks_report_last_offset_and_a_resent_batch_changes_nothing(
 async def test_late_events_change_nothing_and_events_within_lateness_land_in_their_bucket(
     redis_env: RedisEnv,
 ) -> None:
-    store, client = redis_env.store, redis_env.client
+    store = redis_env.store
     lateness = 10 * MINUTE_MS
     now = T0 + 3 * HOUR_MS
     memory = InMemoryFeatureStore()
@@ -446,7 +448,7 @@ async def test_late_events_change_nothing_and_events_within_lateness_land_in_the
     outcome = await both([to_update(e) for e in too_late])
     assert outcome.statuses == [LATE, LATE, LATE]
     assert (await store.read_states(["u1"]))["u1"] == before
-    assert await client.zrange(store.dedup_key("u1"), 0, -1) == [b"now"]
+    assert (await store.read_records(["u1"]))["u1"].seen.keys() == {seen_key("now")}
 
     within = [
         make_event("view", "edge", "u1", now - lateness),  # exactly at the limit: accepted
@@ -521,29 +523,31 @@ async def test_keys_carry_version_and_hash_tag_expire_in_31_days_and_old_buckets
         allowed_lateness_ms=lateness,
     )
 
-    state_key = f"{prefix}f{CATALOGUE_VERSION}:{{u1}}"
-    dedup_key = f"{prefix}d{CATALOGUE_VERSION}:{{u1}}"
-    assert store.state_key("u1") == state_key and store.dedup_key("u1") == dedup_key
-    assert await keys_under(client, prefix) == {state_key, dedup_key, f"{prefix}wm"}
-    assert await client.type(state_key) == b"hash"
-    assert await client.type(dedup_key) == b"zset"
-    assert key_slot(state_key.encode()) == key_slot(dedup_key.encode()) == key_slot(b"u1")
+    record_key = f"{prefix}s{CATALOGUE_VERSION}:{{u1}}"
+    assert store.record_key("u1") == record_key and store.user_keys("u1") == [record_key]
+    assert await keys_under(client, prefix) == {
+        record_key,
+        f"{prefix}wm",
+        f"{prefix}own",
+    }
+    assert await client.type(record_key) == b"string"
+    assert key_slot(record_key.encode()) == key_slot(b"u1")
 
     assert store.ttl_seconds == EXPECTED_TTL_S == LONGEST_WINDOW_MS // 1000 + 24 * 3600
-    for key in (state_key, dedup_key):
-        assert EXPECTED_TTL_S - 5 <= await client.ttl(key) <= EXPECTED_TTL_S
+    assert EXPECTED_TTL_S - 5 <= await client.ttl(record_key) <= EXPECTED_TTL_S
     assert await client.ttl(f"{prefix}wm") == -1  # watermarks outlive any user
 
+    async def stored() -> UserRecord:
+        return (await store.read_records(["u1"]))["u1"]
+
     # Every applied batch refreshes the TTL.
-    await client.expire(state_key, 100)
-    await client.expire(dedup_key, 100)
+    await client.expire(record_key, 100)
     later = make_event("view", "e4", "u1", T0 + 121 * MINUTE_MS)
     await store.apply_batch([to_update(later)], allowed_lateness_ms=lateness)
-    for key in (state_key, dedup_key):
-        assert EXPECTED_TTL_S - 5 <= await client.ttl(key) <= EXPECTED_TTL_S
+    assert EXPECTED_TTL_S - 5 <= await client.ttl(record_key) <= EXPECTED_TTL_S
 
     # latest minute = T0 + 121: buckets at or before minute 1 are 120 minutes old, gone.
-    fields = {f.decode() for f in await client.hkeys(state_key)}
+    fields = set((await stored()).state)
     assert f"vm{minute}" not in fields
     assert f"vm{minute + 1}" not in fields
     assert {f"sm{minute + 2}", f"pm{minute + 60}", f"$m{minute + 60}", f"vm{minute + 121}"} <= (
@@ -551,12 +555,12 @@ async def test_keys_carry_version_and_hash_tag_expire_in_31_days_and_old_buckets
     )
     assert {f"vh{T0 // HOUR_MS}", f"vh{T0 // HOUR_MS + 2}", f"vd{T0 // DAY_MS}"} <= fields
     # The dedup set keeps only ids within the allowed lateness of the latest event.
-    assert await client.zrange(dedup_key, 0, -1) == [b"e4"]
+    assert (await stored()).seen == {seen_key("e4"): later.ts}
 
     # A month and two days later: every old bucket of every grain is gone.
     far = make_event("cart", "e5", "u1", T0 + 32 * DAY_MS)
     await store.apply_batch([to_update(far)], allowed_lateness_ms=lateness)
-    fields = {f.decode() for f in await client.hkeys(state_key)}
+    fields = set((await stored()).state)
     far_buckets = {
         f"cm{far.ts // MINUTE_MS}",
         f"ch{far.ts // HOUR_MS}",
@@ -569,7 +573,7 @@ async def test_keys_carry_version_and_hash_tag_expire_in_31_days_and_old_buckets
     assert {"nv", "ns", "np", "nc", "lv", "ls", "lp", "lc", "lt", "fs"} <= fields
     state = (await store.read_states(["u1"]))["u1"]
     assert state == reference_state([*first, later, far])
-    assert await client.zrange(dedup_key, 0, -1) == [b"e5"]
+    assert (await stored()).seen == {seen_key("e5"): far.ts}
 
 
 @pytest.mark.parametrize(
@@ -582,14 +586,18 @@ async def test_keys_carry_version_and_hash_tag_expire_in_31_days_and_old_buckets
         "}u1",
     ],
 )
-async def test_a_users_keys_share_a_cluster_slot(redis_env: RedisEnv, user_id: str) -> None:
+async def test_a_users_record_key_is_tagged_with_the_whole_user_id(
+    redis_env: RedisEnv, user_id: str
+) -> None:
     store, client, prefix = redis_env.store, redis_env.client, redis_env.prefix
     await store.apply_batch(
         [to_update(make_event("view", "e1", user_id, T0))], allowed_lateness_ms=MINUTE_MS
     )
-    keys = await keys_under(client, prefix)
-    assert keys == {store.state_key(user_id), store.dedup_key(user_id)}
-    assert len({key_slot(key.encode()) for key in keys}) == 1
+    assert await keys_under(client, prefix) == {store.record_key(user_id)}
+    # The hash tag is the whole (escaped) user id, never empty or cut short at a brace.
+    tag = hash_tag(user_id)
+    assert "{" not in tag and "}" not in tag
+    assert key_slot(store.record_key(user_id).encode()) == key_slot(tag.encode())
 
 
 # -- 5. forget ----------------------------------------------------------------------------------
@@ -607,16 +615,17 @@ async def test_forget_removes_every_key_of_the_user_and_nothing_else(redis_env: 
     await store.apply_batch(updates, allowed_lateness_ms=HOUR_MS)
     states = await store.read_states(users)
     assert all(states.values())
-    others = {u: await client.zrange(store.dedup_key(u), 0, -1) for u in ("u10", "u2")}
+    others = {u: r.seen for u, r in (await store.read_records(["u10", "u2"])).items()}
     keys = await keys_under(client, prefix)
     assert set(store.user_keys("u1")) <= keys
 
-    assert await store.forget("u1") == 2
+    assert await store.forget("u1") == 1
     assert await client.exists(*store.user_keys("u1")) == 0
-    assert await keys_under(client, prefix) == keys - set(store.user_keys("u1"))
+    # The state epoch moved (every store drops what it holds); nothing else changed.
+    assert await keys_under(client, prefix) == keys - set(store.user_keys("u1")) | {f"{prefix}se"}
     assert await store.read_states(users) == {**states, "u1": {}}
-    assert {u: await client.zrange(store.dedup_key(u), 0, -1) for u in ("u10", "u2")} == others
-    assert all([await client.ttl(store.state_key(u)) > 0 for u in ("u10", "u2")])
+    assert {u: r.seen for u, r in (await store.read_records(["u10", "u2"])).items()} == others
+    assert all([await client.ttl(store.record_key(u)) > 0 for u in ("u10", "u2")])
     assert await store.watermarks() == {("t", 0): len(updates) - 1}
     assert await store.forget("u1") == 0
     assert await store.forget("nobody") == 0
@@ -702,31 +711,21 @@ async def test_memory_per_active_user(redis_env: RedisEnv) -> None:
     users = sorted({event.user_id for event in events})
     async with client.pipeline(transaction=False) as pipe:
         for user in users:
-            pipe.memory_usage(store.state_key(user), samples=0)
-            pipe.memory_usage(store.dedup_key(user), samples=0)
-            pipe.hlen(store.state_key(user))
-            pipe.zcard(store.dedup_key(user))
-        replies = await pipe.execute()
-    state_bytes = sum(replies[0::4])
-    dedup_bytes = sum(replies[1::4])
-    fields = sum(replies[2::4])
-    ids = sum(replies[3::4])
-    sample = random.Random(0).sample(users, 200)
-    encodings = Counter()
-    for user in sample:
-        encodings[f"hash:{(await client.object('encoding', store.state_key(user))).decode()}"] += 1
-        encodings[f"zset:{(await client.object('encoding', store.dedup_key(user))).decode()}"] += 1
+            pipe.memory_usage(store.record_key(user), samples=0)
+        record_bytes = sum(await pipe.execute())
+    records = await store.read_records(users)
+    fields = sum(len(r.state) for r in records.values())
+    ids = sum(len(r.seen) for r in records.values())
+    sizes = [len(blob) for blob in await client.mget([store.record_key(u) for u in users])]
 
     n = len(users)
     print(
         f"\n[redis memory] {len(events)} events, {n} active users, lateness {lateness // 1000}s, "
         f"applied in {elapsed:.2f}s ({len(events) / elapsed:,.0f} events/s)\n"
-        f"[redis memory] MEMORY USAGE per active user: {(state_bytes + dedup_bytes) / n:,.0f} B "
-        f"(state hash {state_bytes / n:,.0f} B with {fields / n:.1f} fields, "
-        f"dedup zset {dedup_bytes / n:,.0f} B with {ids / n:.1f} ids)\n"
+        f"[redis memory] MEMORY USAGE per active user: {record_bytes / n:,.0f} B "
+        f"(record of {sum(sizes) / n:,.0f} B: {fields / n:.1f} fields, {ids / n:.1f} event ids)\n"
         f"[redis memory] INFO used_memory delta per active user: "
-        f"{(used_after - used_before) / n:,.0f} B (shared server: indicative only)\n"
-        f"[redis memory] encodings in a sample of 200 users: {dict(encodings)}"
+        f"{(used_after - used_before) / n:,.0f} B (shared server: indicative only)"
     )
     assert len(await store.read_states(users[:3])) == 3
 
@@ -754,18 +753,95 @@ def poison_batch() -> list[StateUpdate]:
 
 async def test_a_schema_valid_huge_amount_is_applied_as_in_memory(redis_env: RedisEnv) -> None:
     updates = poison_batch()
-    expected = await InMemoryFeatureStore().apply_batch(updates, allowed_lateness_ms=HOUR_MS)
+    memory = InMemoryFeatureStore()
+    expected = await memory.apply_batch(updates, allowed_lateness_ms=HOUR_MS)
     outcome = await redis_env.store.apply_batch(updates, allowed_lateness_ms=HOUR_MS)
     assert outcome.statuses == expected.statuses == [APPLIED, APPLIED]
+    # Past 2**53 cents the record keeps the value as a double: read back exactly.
+    assert await redis_env.store.read_states(["u1"]) == await memory.read_states(["u1"])
 
 
-async def test_a_failed_batch_changes_nothing(redis_env: RedisEnv) -> None:
-    """A script error (here: the user's dedup key holds the wrong type) must leave no trace:
-    the script classifies and computes everything before its first write."""
+async def test_a_failed_write_changes_nothing_and_drops_what_the_store_held(
+    redis_env: RedisEnv,
+) -> None:
+    """A Redis error in the write (here: the watermark key holds the wrong type) leaves Redis as
+    it was, and the store, whose records ran ahead of Redis, reads everything again."""
     store, client = redis_env.store, redis_env.client
-    await client.set(store.dedup_key("u1"), "not a sorted set")
+    first = [to_update(make_event("view", "v1", "u1", T0), Position("events.browse", 0, 0))]
+    await store.apply_batch(first, allowed_lateness_ms=HOUR_MS)
+    before = await store.read_records(["u1"])
+    await client.delete(store.watermark_key)
+    await client.set(store.watermark_key, "not a hash")
+    second = [to_update(make_event("view", "v2", "u1", T0 + 1000), Position("events.browse", 0, 1))]
     with pytest.raises(ResponseError):
-        await store.apply_batch(poison_batch(), allowed_lateness_ms=HOUR_MS)
-    assert (await store.read_states(["u1"]))["u1"] == {}
-    assert await client.exists(store.state_key("u1")) == 0
-    assert await store.watermarks() == {}
+        await store.apply_batch(second, allowed_lateness_ms=HOUR_MS)
+    assert await store.read_records(["u1"]) == before
+    assert store.held_users() == 0
+
+    await client.delete(store.watermark_key)  # repaired; the retry applies the batch once
+    outcome = await store.apply_batch(second, allowed_lateness_ms=HOUR_MS)
+    assert outcome.statuses == [APPLIED]
+    assert outcome.before == {"u1": before["u1"].state}
+    assert (await store.read_states(["u1"]))["u1"]["nv"] == 2
+
+
+async def test_a_store_that_lost_its_partition_is_fenced_and_writes_nothing(
+    redis_env: RedisEnv,
+) -> None:
+    """Two stores writing one partition (a worker that lost it without noticing, and its new
+    owner): the one that claimed it last writes; the other is refused before any write."""
+    client, prefix = redis_env.client, redis_env.prefix
+    old = RedisFeatureStore(client, prefix=prefix)
+    new = RedisFeatureStore(client, prefix=prefix)
+
+    def view(event_id: str, offset: int, partition: int = 0) -> StateUpdate:
+        event = make_event("view", event_id, "u1", T0 + offset)
+        return to_update(event, Position("events.browse", partition, offset))
+
+    await old.apply_batch([view("a", 0)], allowed_lateness_ms=HOUR_MS)
+    state_a = (await old.read_states(["u1"]))["u1"]
+    outcome = await new.apply_batch([view("b", 1)], allowed_lateness_ms=HOUR_MS)
+    assert outcome.before == {"u1": state_a}  # read from Redis: the new store held nothing
+    written = await new.read_records(["u1"])
+    with pytest.raises(PartitionFenced, match=r"events\.browse:0"):
+        await old.apply_batch([view("c", 2)], allowed_lateness_ms=HOUR_MS)
+    assert await new.read_records(["u1"]) == written
+    assert await new.watermarks() == {("events.browse", 0): 1}
+    # A partition the old store still owns is not affected.
+    outcome = await old.apply_batch([view("d", 0, partition=1)], allowed_lateness_ms=HOUR_MS)
+    assert outcome.statuses == [APPLIED]
+
+    # A rebalance gives the partition back: the old store drops what it held and claims anew.
+    old.on_revoked([("events.browse", 0), ("events.browse", 1)])
+    old.on_assigned([("events.browse", 0)])
+    outcome = await old.apply_batch([view("c", 2)], allowed_lateness_ms=HOUR_MS)
+    assert outcome.statuses == [APPLIED]
+    assert (await old.read_states(["u1"]))["u1"]["nv"] == 4
+    with pytest.raises(PartitionFenced):
+        await new.apply_batch([view("e", 3)], allowed_lateness_ms=HOUR_MS)
+
+
+async def test_forget_makes_every_store_drop_what_it_holds(redis_env: RedisEnv) -> None:
+    """A worker holds u1's record; `dealstream forget` (another store) deletes it: the worker's
+    next batch starts u1 afresh instead of writing the forgotten history back."""
+    client, prefix = redis_env.client, redis_env.prefix
+    worker = RedisFeatureStore(client, prefix=prefix)
+    updates = [
+        to_update(make_event("view", f"e{k}", user, T0 + k), Position("events.browse", 0, k))
+        for k, user in enumerate(["u1", "u2", "u1"])
+    ]
+    await worker.apply_batch(updates, allowed_lateness_ms=HOUR_MS)
+    assert worker.held_users() == 2
+    u2 = await worker.read_records(["u2"])
+
+    assert await RedisFeatureStore(client, prefix=prefix).forget("u1") == 1
+    later = [
+        to_update(make_event("cart", "e3", "u1", T0 + 3), Position("events.browse", 0, 3)),
+        to_update(make_event("cart", "e4", "u2", T0 + 4), Position("events.browse", 0, 4)),
+    ]
+    outcome = await worker.apply_batch(later, allowed_lateness_ms=HOUR_MS)
+    assert outcome.statuses == [APPLIED, APPLIED]
+    assert outcome.before == {"u1": {}, "u2": u2["u2"].state}
+    states = await worker.read_states(["u1", "u2"])
+    assert states["u1"] == reference_state([make_event("cart", "e3", "u1", T0 + 3)])
+    assert states["u2"]["nv"] == 1 and states["u2"]["nc"] == 1

@@ -28,7 +28,7 @@ from engine.features.state import (
     expired_fields,
     trim,
 )
-from engine.features.store import InMemoryFeatureStore, StateUpdate
+from engine.features.store import InMemoryFeatureStore, StateUpdate, seen_key
 from engine.model.inputs import MODEL_FEATURES, model_inputs
 from engine.model.purchase_model import PurchaseModel
 
@@ -174,7 +174,7 @@ async def test_store_skipping_trims_and_prunes_keeps_exactly_what_trimming_alway
     store = InMemoryFeatureStore()
     lateness = 3_600_000
     reference: dict[str, dict[str, float]] = {}
-    seen: dict[str, dict[str, float]] = {}
+    seen: dict[str, dict[bytes, int]] = {}
     ts = T0
     for batch_no in range(300):
         updates = []
@@ -188,7 +188,7 @@ async def test_store_skipping_trims_and_prunes_keeps_exactly_what_trimming_alway
         for update, status in zip(updates, outcome.statuses, strict=True):
             if status == 0:
                 apply_ops(reference.setdefault(update.user_id, {}), update.ops)
-                seen.setdefault(update.user_id, {})[update.event_id] = float(update.ts)
+                seen.setdefault(update.user_id, {})[seen_key(update.event_id)] = update.ts
                 touched.add(update.user_id)
         for user in touched:
             trim(reference[user])

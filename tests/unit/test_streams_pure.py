@@ -17,6 +17,7 @@ from engine.model.feedback import TrainingExample
 from engine.pipeline import DiscountEngine, Incoming
 from engine.policies.threshold import ThresholdPolicy
 from streams.adapters.decode import DeadLetter, DecodeLimits, RawRecord, decode_record
+from streams.adapters.kafka_io import default_partition
 from streams.errors import ConfigError, StreamsError
 from streams.settings import (
     DEMO_MODEL_KEY,
@@ -269,10 +270,11 @@ def raw(
     partition: int = 2,
     offset: int = 17,
     headers: tuple[tuple[str, bytes], ...] = HEADERS,
+    partitions: int | None = None,
 ) -> RawRecord:
     if value is None:
         value = orjson.dumps(browse_doc())
-    return RawRecord(topic, partition, offset, key, value, T0, headers)
+    return RawRecord(topic, partition, offset, key, value, T0, headers, partitions)
 
 
 def decode(record: RawRecord) -> Incoming | DeadLetter:
@@ -286,6 +288,17 @@ def test_good_record_becomes_incoming_with_its_position() -> None:
     assert decoded.event == BrowseEvent(
         event_id="e-1", user_id="u-1", ts=T0, item_id="i-1", category="books", price=12.5
     )
+    # On its key's default partition (what every Kafka client picks): accepted as well.
+    home = default_partition(b"u-1", 8)
+    assert isinstance(decode(raw(partition=home, partitions=8)), Incoming)
+
+
+def test_default_partition_is_kafkas() -> None:
+    """``Utils.murmur2`` values from Kafka's own Java tests (signed 32-bit), made positive and
+    taken modulo the partition count, as the default partitioner of every client does."""
+    java = {b"21": -973932308, b"foobar": -790332482, b"a-little-bit-long-string": -985981536}
+    for key, signed in java.items():
+        assert default_partition(key, 1000) == (signed & 0x7FFFFFFF) % 1000
 
 
 def test_event_within_the_allowed_skew_is_accepted() -> None:
@@ -310,6 +323,12 @@ BAD_RECORDS: list[tuple[str, RawRecord, str, str]] = [
         "events.search",
     ),
     ("key_mismatch", raw(key=b"u-2"), "key_mismatch", "user_id"),
+    (
+        "wrong_partition",
+        raw(partition=(default_partition(b"u-1", 8) + 1) % 8, partitions=8),
+        "wrong_partition",
+        f"partition {default_partition(b'u-1', 8)} of 8",
+    ),
     ("clock_skew", raw(orjson.dumps(browse_doc(ts=T0 + 300_001))), "clock_skew", "ahead"),
 ]
 

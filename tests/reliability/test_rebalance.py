@@ -1,0 +1,91 @@
+"""Partitions move between two live workers mid-stream: every user's features stay exact.
+
+Each worker holds the feature records of the partitions it owns in memory and writes them to
+Redis with the batch (``streams/adapters/redis_store.py``). When a partition moves away and
+comes back, what its first owner held went stale meanwhile; it must have been dropped on the
+revoke, or the first owner would write old counts over the second owner's. The scenario:
+
+1. worker A consumes alone until a fifth of the input is applied;
+2. worker B joins: the group splits the partitions, both consume (B must apply some);
+3. B leaves (SIGTERM): its partitions go back to A, which finishes the input.
+
+Afterwards every user's raw state and feature vector must equal the in-order reference.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from engine.features.catalogue import compute_features
+from streams.adapters.kafka_io import ensure_topics
+from streams.settings import Topics
+from tests.conftest import Isolation, Services
+from tests.reliability.test_kill9 import (
+    LIFETIME_FIELDS,
+    PARTITIONS,
+    differences,
+    kill9_worker,
+    reference_states,
+    simulated_events,
+    wait_applied,
+)
+from tests.worker_process import clean_up, produce_events, read_states
+
+pytestmark = pytest.mark.reliability
+
+
+def another_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_partitions_moving_between_two_workers_keep_every_users_features_exact(
+    services: Services, isolation: Isolation, free_port: int, tmp_path: Path
+) -> None:
+    events = simulated_events()
+    want = await reference_states(events)
+    topics = Topics(isolation.topic_prefix)
+    first = kill9_worker(services, isolation, free_port, tmp_path / "a.log")
+    second = kill9_worker(services, isolation, another_port(), tmp_path / "b.log")
+    client = aioredis.Redis.from_url(services.redis_url)
+    try:
+        await ensure_topics(services.kafka_bootstrap, topics.all, partitions=PARTITIONS)
+        total = await produce_events(services, topics, events)
+        first.start()
+        await wait_applied(client, isolation, first, total // 5, 90)
+        second.start()
+        joined = await second.wait_progress(lambda line: line["applied"] > 0, 90)
+        await wait_applied(client, isolation, first, total // 2, 90)
+        assert first.alive(), "worker A exited" + first.tail()
+        assert second.stop() == 0, "worker B did not stop cleanly" + second.tail()
+        await wait_applied(client, isolation, first, total, 90)
+        got = await read_states(services, isolation, want)
+        final = first.last_progress()
+        assert first.stop() == 0, "worker A did not stop cleanly" + first.tail()
+    finally:
+        for worker in (first, second):
+            if worker.alive():
+                worker.stop()
+        await client.aclose()
+        await clean_up(services, isolation)
+    print(f"\nrebalance: B applied {joined['applied']}+ while it owned partitions; A: {final}")
+    assert final is not None and final["dead_lettered"] == {}, final
+
+    lost_or_twice = differences(got, want, LIFETIME_FIELDS)
+    assert not lost_or_twice, (
+        f"{len(lost_or_twice)} users' lifetime counts differ: {lost_or_twice[:5]}"
+        + first.tail()
+        + second.tail()
+    )
+    features = [
+        user
+        for user, state in want.items()
+        if compute_features(got[user]) != compute_features(state)
+    ]
+    assert not features, f"{len(features)} feature vectors differ, e.g. {features[:3]}"
+    assert not differences(got, want, None), "raw feature states differ from the reference"

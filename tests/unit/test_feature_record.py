@@ -1,0 +1,136 @@
+"""The compact feature record: every record round-trips exactly; anything else is refused."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from engine.analysis.simulation.world import open_loop
+from engine.events import parse_event
+from engine.features.state import event_ops, offer_ops
+from engine.features.store import (
+    SEEN_KEY_BYTES,
+    InMemoryFeatureStore,
+    StateUpdate,
+    UserRecord,
+    seen_key,
+)
+from streams.adapters.feature_record import FeatureRecordError, decode_record, encode_record
+
+T0 = 1_767_225_600_000
+
+
+def round_trip(record: UserRecord) -> UserRecord:
+    return decode_record(encode_record(record))
+
+
+def assert_same(back: UserRecord, record: UserRecord) -> None:
+    assert list(back.state.items()) == list(record.state.items())  # field order too
+    assert back.seen == record.seen
+    for value, original in zip(back.state.values(), record.state.values(), strict=True):
+        assert type(value) is float and (value == original or value != value)
+
+
+def test_records_of_simulated_shoppers_round_trip_and_stay_small() -> None:
+    store = InMemoryFeatureStore()
+    updates = []
+    for raw in open_loop(users=300, events=6_000, seed=5, start_ms=T0):
+        event = parse_event(raw)
+        updates.append(StateUpdate(event.user_id, event.event_id, event.ts, event_ops(event)))
+        if len(updates) % 7 == 0:  # the engine records offers in the same state
+            updates.append(
+                StateUpdate(
+                    event.user_id, f"offer:{event.event_id}", event.ts, offer_ops(event.ts, 12.5)
+                )
+            )
+    for start in range(0, len(updates), 250):
+        asyncio.run(store.apply_batch(updates[start : start + 250], allowed_lateness_ms=3_600_000))
+    records = list(store._users.values())
+    assert len(records) > 200
+    sizes = []
+    for record in records:
+        blob = encode_record(record)
+        sizes.append(len(blob))
+        back = decode_record(blob)
+        assert_same(back, record)
+        assert (back.next_expiry, back.oldest_seen) == (
+            UserRecord.restored(dict(record.state), dict(record.seen)).next_expiry,
+            min(record.seen.values(), default=float("inf")),
+        )
+    # Names and times relative to the latest event, small numbers in varints: less than half
+    # of the names and 8-byte values alone (what a hash of the state would hold, at least).
+    naive = sum(len(name) + 8 for r in records for name in r.state)
+    naive += sum(SEEN_KEY_BYTES + 8 for r in records for _ in r.seen)
+    assert sum(sizes) < naive / 2
+
+
+finite = st.floats(allow_nan=False, allow_infinity=False)
+names = st.one_of(
+    st.sampled_from(["lt", "fs", "lv", "nv", "od", "np", "lp", "x", ""]),
+    st.builds(
+        lambda code, grain, index: f"{code}{grain}{index}",
+        st.sampled_from("vcfsp$rowq"),
+        st.sampled_from("mhdy"),
+        st.one_of(st.integers(0, 10**8).map(str), st.just("007"), st.just("-3")),
+    ),
+    st.builds(lambda day, cat: f"k{day}:{cat}", st.sampled_from(["20454", "007", "x"]), st.text()),
+    st.text(),
+)
+values = st.one_of(
+    st.integers(-(2**60), 2**60).map(float),
+    st.integers(0, 2**41).map(float),
+    finite,
+    st.just(float("nan")),
+    st.just(float("inf")),
+    st.just(-0.0),
+)
+
+
+@given(
+    state=st.dictionaries(names, values, max_size=40),
+    seen=st.dictionaries(
+        st.binary(min_size=SEEN_KEY_BYTES, max_size=SEEN_KEY_BYTES),
+        st.one_of(st.integers(-(2**50), 2**50), st.integers(T0 - 2**33, T0)),
+        max_size=20,
+    ),
+    lt=st.one_of(st.none(), st.integers(-5, 2**45).map(float), finite),
+)
+def test_any_record_round_trips_exactly(
+    state: dict[str, float], seen: dict[bytes, int], lt: float | None
+) -> None:
+    if lt is not None:
+        state = {"lt": lt, **state} if "lt" not in state else state
+    record = UserRecord(state=state, seen=seen)
+    back = round_trip(record)
+    assert list(back.state) == list(state)
+    for name, value in state.items():
+        got = back.state[name]
+        assert got == value or (got != got and value != value)
+        assert str(got) == str(value)  # -0.0 stays -0.0
+    assert back.seen == seen
+
+
+def test_an_empty_record_round_trips() -> None:
+    assert_same(round_trip(UserRecord()), UserRecord())
+    record = UserRecord(seen={seen_key("e1"): T0})
+    assert round_trip(record).seen == record.seen
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [b"", b"\x02", b"\x01", b"\x01\x80", b"\x01\x00\x00\x01\x07", b"\x01\x00\x00\x00\x00\x00"],
+)
+def test_bytes_that_are_not_a_record_are_refused_clearly(blob: bytes) -> None:
+    with pytest.raises(FeatureRecordError):
+        decode_record(blob)
+
+
+def test_a_truncated_record_is_refused() -> None:
+    state = {"lt": float(T0), "vm1": 3.0, "k20454:home": 1.0, "fs": float(T0 - 5)}
+    blob = encode_record(UserRecord(state=state, seen={seen_key("e"): T0}))
+    for end in range(len(blob)):
+        with pytest.raises(FeatureRecordError):
+            decode_record(blob[:end])
