@@ -53,7 +53,8 @@ async def _used_memory(client: aioredis.Redis) -> int:
 
 async def redis_bytes(client: aioredis.Redis, prefix: str, users: int) -> dict[str, Any]:
     """Bytes per active user under ``prefix``: MEMORY USAGE of a random sample of the keys,
-    scaled to the key count, by key kind (the letter after the prefix: s feature record, p pending decisions, g guardrails, ...)."""
+    scaled to the key count, by key kind (the letter after the prefix: s feature record,
+    p pending decisions, g guardrails, ...)."""
     keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=5000)]
     rng = random.Random(7)
     sample = rng.sample(keys, min(MEMORY_SAMPLE_KEYS, len(keys)))
