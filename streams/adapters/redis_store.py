@@ -17,12 +17,13 @@ Keys (``P`` = the configured key prefix, ``V`` = the feature catalogue version):
 - ``P se``          the state epoch, a counter ``forget`` increments
 
 Exactly once: a record and the watermarks of the events it includes land in the same script
-call, so after a crash the redelivered events are recognised by the watermark, as before.
+call, so after a crash the redelivered events are recognised by the watermark.
 Two writers can never interleave: a store claims each partition it writes (``P own``) when it
 first sees it after an assignment, and the script refuses a batch of a partition another store
 has claimed since (``PartitionFenced``: a worker that lost its partitions without noticing must
 stop, not overwrite the new owner's records). ``forget`` deletes a user's record and bumps the
-epoch; every store then drops what it holds and reads again (``StateEpochMoved`` internally).
+epoch; the write script then refuses every store's next batch as stale, and the store drops
+what it holds, reads it again and retries the batch.
 
 The ``{user}`` part of a record key is a Redis Cluster hash tag; the script still touches many
 users' keys per call, so this store needs a single Redis node (or a primary with replicas).
