@@ -61,6 +61,12 @@ def e2e_rows(r: dict[str, Any]) -> Iterator[Row]:
         "",
         "",
     )
+    yield (
+        "e2e: Redis CPU per event (INFO cpu main thread, shared server)",
+        _num(one.get("redis_cpu_us_per_event"), " us", 1),
+        "<= 10 us",
+        "",
+    )
     step = r.get("batch_step_inprocess")
     if step:
         yield (
@@ -104,9 +110,19 @@ def e2e_rows(r: dict[str, Any]) -> Iterator[Row]:
         yield (
             "e2e: Redis bytes per active user (MEMORY USAGE, all keys)",
             _num(redis.get("bytes_per_user"), " B", 0),
-            "<= 300 B",
+            "<= 1,000 B",
             "",
         )
+        records = [
+            v for k, v in redis.get("by_kind", {}).items() if k[:1] == "s" and k[1:].isdigit()
+        ]
+        if records:
+            yield (
+                "e2e: Redis bytes per active user (feature records)",
+                _num(sum(v.get("bytes_per_user", 0) for v in records), " B", 0),
+                "<= 300 B",
+                "",
+            )
     yield ("e2e: load average at start", _num(start_load, digits=2), "", "")
 
 
