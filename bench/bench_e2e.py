@@ -7,11 +7,11 @@ Steps (bench/e2e/*): preload N simulated events into 4-partition topics; time a 
 consume + decode of them; time the worker's batch step in-process (no Faust, no Kafka: the
 difference to the worker's CPU per event is what Faust and Kafka cost); let one worker process
 drain them (each run with a fresh group and Redis prefix; events/s, RSS after warm-up and at
-the end, Redis bytes per active user); let two workers in one group drain them; then measure
-decision latency at fixed offered rates on fresh topics. Every figure is the median of the
-runs, each recorded with the load average next to it. Prints a summary and writes
-``bench/results/e2e.json``; asserts nothing about speed. All topics and keys carry the prefix
-``bench.<pid>.`` / ``bench:<pid>:`` and are deleted at the end.
+the end, Redis main-thread CPU per event, Redis bytes per active user); let two workers in one
+group drain them; then measure decision latency at fixed offered rates on fresh topics. Every
+figure is the median of the runs, each recorded with the load average next to it. Prints a
+summary and writes ``bench/results/e2e.json``; asserts nothing about speed. All topics and keys
+carry the prefix ``bench.<pid>.`` / ``bench:<pid>:`` and are deleted at the end.
 """
 
 from __future__ import annotations
@@ -120,7 +120,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             _say(
                 f"1 worker run {run + 1}: {result['events_per_s']:,} events/s "
                 f"(steady {result['steady_events_per_s']:,}), {result['events']:,} consumed, "
-                f"RSS growth {result.get('rss_growth_pct')} %"
+                f"RSS growth {result.get('rss_growth_pct')} %, "
+                f"Redis CPU {result.get('redis_cpu_us_per_event')} us per event"
             )
         inproc = []
         for run in range(args.runs):

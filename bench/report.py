@@ -61,6 +61,12 @@ def e2e_rows(r: dict[str, Any]) -> Iterator[Row]:
         "",
         "",
     )
+    yield (
+        "e2e: Redis CPU per event (INFO cpu main thread, shared server)",
+        _num(one.get("redis_cpu_us_per_event"), " us", 1),
+        "<= 10 us",
+        "",
+    )
     step = r.get("batch_step_inprocess")
     if step:
         yield (
@@ -104,22 +110,62 @@ def e2e_rows(r: dict[str, Any]) -> Iterator[Row]:
         yield (
             "e2e: Redis bytes per active user (MEMORY USAGE, all keys)",
             _num(redis.get("bytes_per_user"), " B", 0),
-            "<= 300 B",
+            "<= 1,000 B",
             "",
         )
+        records = [
+            v for k, v in redis.get("by_kind", {}).items() if k[:1] == "s" and k[1:].isdigit()
+        ]
+        if records:
+            yield (
+                "e2e: Redis bytes per active user (feature records)",
+                _num(sum(v.get("bytes_per_user", 0) for v in records), " B", 0),
+                "<= 300 B",
+                "",
+            )
     yield ("e2e: load average at start", _num(start_load, digits=2), "", "")
 
 
 def features_rows(r: dict[str, Any]) -> Iterator[Row]:
     load = r.get("machine", {}).get("load_average_1m") or r.get("machine", {}).get("loadavg")
     for name, figures in r.get("throughput", {}).items():
-        yield (f"features: {name}, events/s", _num(figures.get("events_per_s")), "", _load(load))
-    memory = r.get("memory", {})
-    if memory:
+        cpu = figures.get("us_per_event", {}).get("client_cpu")
         yield (
-            "features: Redis bytes per user (state + dedup, MEMORY USAGE)",
-            _num(memory.get("bytes_per_user_memory_usage"), " B", 0),
+            f"features: {name}, events/s (CPU per event)",
+            f"{_num(figures.get('events_per_s'))} ({_num(cpu, ' us', 1)})",
+            "",
+            _load(load),
+        )
+    server = r.get("server", {})
+    where = server.get("redis_server", "?")
+    for name, label in (("warm", "warm load"), ("cold", "cold load (fresh stores)")):
+        if name in server:
+            yield (
+                f"features: Redis CPU per event, {label}, {where} server",
+                _num(server[name].get("server_main_thread_cpu_us_per_event"), " us", 2),
+                "<= 10 us" if name == "warm" else "",
+                "",
+            )
+    records = r.get("records", {})
+    if records:
+        yield (
+            "features: Redis bytes per user (record keys, MEMORY USAGE)",
+            _num(records.get("bytes_per_user_memory_usage"), " B", 0),
             "<= 300 B",
+            "",
+        )
+        blob = records.get("blob_bytes", {})
+        yield (
+            "features: record blob bytes mean / p95 / max",
+            " / ".join(_num(blob.get(k)) for k in ("mean", "p95", "max")) + " B",
+            "",
+            "",
+        )
+        yield (
+            "features: encode_record / decode_record CPU per record",
+            f"{_num(records.get('encode_us_per_record'), digits=1)}"
+            f" / {_num(records.get('decode_us_per_record'), ' us', 1)}",
+            "",
             "",
         )
 

@@ -8,7 +8,14 @@ counters, and derives:
   counted), the figure the issue asks for;
 - ``steady_events_per_s``: the rate between 10 % and 90 % consumed, which leaves out start-up
   and the group rebalance when two workers join (used for the scaling ratio);
-- the worker's RSS after a warm-up and at the end, its CPU seconds, and Redis bytes per user.
+- the worker's RSS after a warm-up and at the end, its CPU seconds, and Redis bytes per user;
+- ``redis_cpu_us_per_event``: the Redis server's main-thread CPU (``INFO cpu``
+  ``used_cpu_user_main_thread`` + ``used_cpu_sys_main_thread``) from the warm-up to the end,
+  divided by the records counted in between, and ``redis_command_us_per_event`` the busiest
+  commands' execution time (``INFO commandstats``: wall clock inside the server, so time the
+  server thread was preempted on a busy machine counts) over the same window. The server is
+  shared: its other clients' work over the drain (other engineers, other benchmarks) counts
+  too, so these are upper bounds.
 """
 
 from __future__ import annotations
@@ -51,10 +58,52 @@ async def _used_memory(client: aioredis.Redis) -> int:
     return int(info["used_memory"])
 
 
+@dataclass(frozen=True, slots=True)
+class RedisMark:
+    """The Redis server's counters when ``counted`` records were consumed."""
+
+    counted: int
+    cpu_s: float
+    """CPU seconds of the server's main thread (commands, scripts, network I/O)."""
+    commands: dict[str, tuple[int, int]]
+    """``INFO commandstats``: calls and microseconds of execution per command."""
+
+    @classmethod
+    async def read(cls, client: aioredis.Redis, counted: int) -> RedisMark:
+        cpu = await client.info("cpu")
+        stats = await client.info("commandstats")
+        return cls(
+            counted,
+            float(cpu["used_cpu_user_main_thread"]) + float(cpu["used_cpu_sys_main_thread"]),
+            {
+                name.removeprefix("cmdstat_"): (int(v["calls"]), int(v["usec"]))
+                for name, v in stats.items()
+            },
+        )
+
+    def per_event(self, end: RedisMark) -> dict[str, Any]:
+        """Main-thread CPU and the busiest commands' execution time per record counted."""
+        events = max(end.counted - self.counted, 1)
+        usec = {
+            name: usec - self.commands.get(name, (0, 0))[1]
+            for name, (calls, usec) in end.commands.items()
+            if calls > self.commands.get(name, (0, 0))[0]
+        }
+        busiest = sorted(usec.items(), key=lambda kv: -kv[1])[:6]
+        return {
+            "redis_cpu_us_per_event": round(1e6 * (end.cpu_s - self.cpu_s) / events, 2),
+            "redis_command_us_per_event": {name: round(us / events, 2) for name, us in busiest},
+        }
+
+
+def _key_kind(key: bytes, prefix: str) -> str:
+    return key.decode(errors="replace")[len(prefix) :].split(":", 1)[0] or "?"
+
+
 async def redis_bytes(client: aioredis.Redis, prefix: str, users: int) -> dict[str, Any]:
     """Bytes per active user under ``prefix``: MEMORY USAGE of a random sample of the keys,
-    scaled to the key count, by key kind (the letter after the prefix: s feature record,
-    p pending decisions, g guardrails, ...)."""
+    scaled to the key count, by key kind (the name after the prefix up to its first colon:
+    ``s<catalogue version>`` feature records, ``p`` pending decisions, ``g`` guardrails, ...)."""
     keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=5000)]
     rng = random.Random(7)
     sample = rng.sample(keys, min(MEMORY_SAMPLE_KEYS, len(keys)))
@@ -64,11 +113,10 @@ async def redis_bytes(client: aioredis.Redis, prefix: str, users: int) -> dict[s
         usages = await pipe.execute()
     kinds: dict[str, list[int]] = {}
     for key, usage in zip(sample, usages, strict=True):
-        kind = key.decode(errors="replace")[len(prefix) :][:1] or "?"
-        kinds.setdefault(kind, []).append(int(usage or 0))
+        kinds.setdefault(_key_kind(key, prefix), []).append(int(usage or 0))
     counts: dict[str, int] = {}
     for key in keys:
-        kind = key.decode(errors="replace")[len(prefix) :][:1] or "?"
+        kind = _key_kind(key, prefix)
         counts[kind] = counts.get(kind, 0) + 1
     by_kind = {
         kind: {
@@ -107,6 +155,7 @@ async def drain_run(
             proc.start()
         rss_start: list[int] = []
         cpu_start: list[float] = []
+        redis_start: list[RedisMark] = []
         spy: list[subprocess.Popen[bytes]] = []
 
         series: dict[str, int] = {}
@@ -118,19 +167,21 @@ async def drain_run(
             if not rss_start and total >= RSS_WARMUP_EVENTS:
                 rss_start.extend(p.rss_kib() for p in procs)
                 cpu_start.extend(p.cpu_seconds() for p in procs)
+                redis_start.append(await RedisMark.read(client, total))
                 if config.profile is not None:
                     spy.append(start_py_spy(procs[0].pid, config.profile, config.profile_s))
 
         samples = await wait_consumed(
             procs, target, timeout_s=config.stall_timeout_s, on_sample=on_sample
         )
+        consumed = samples[-1][1]
+        redis_end = await RedisMark.read(client, consumed)
         for profiler in spy:
             await asyncio.to_thread(profiler.wait)
         rss_end = [p.rss_kib() for p in procs]
         cpu_end = [p.cpu_seconds() for p in procs]
         load_end = load_average()
         first = next(t for t, n in samples if n > 0)
-        consumed = samples[-1][1]
         last = crossing(samples, timed)
         t10 = crossing(samples, 0.1 * timed)
         t90 = crossing(samples, 0.9 * timed)
@@ -155,6 +206,7 @@ async def drain_run(
             result["worker_cpu_us_per_event"] = round(
                 1e6 * busy / max(consumed - RSS_WARMUP_EVENTS, 1), 1
             )
+            result.update(redis_start[0].per_event(redis_end))
         if target < config.events:
             return result
         used_after = await _used_memory(client)
@@ -197,8 +249,9 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "runs": len(runs),
         "load_average": [r["load_average"] for r in runs],
     }
-    if all("worker_cpu_us_per_event" in r for r in runs):
-        out["worker_cpu_us_per_event"] = med("worker_cpu_us_per_event")
+    for key in ("worker_cpu_us_per_event", "redis_cpu_us_per_event"):
+        if all(key in r for r in runs):
+            out[key] = med(key)
     return out
 
 

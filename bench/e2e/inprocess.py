@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -28,8 +29,18 @@ class NullSink:
     def __init__(self) -> None:
         self.sent = 0
 
-    async def send(self, topic: str, key: bytes | None, value: bytes, headers: Any = None) -> None:
+    async def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: Sequence[tuple[str, bytes]] | None = None,
+        timestamp_ms: int | None = None,
+    ) -> None:
         self.sent += 1
+
+    async def flush(self) -> None:
+        """Nothing is ever pending."""
 
 
 def _cpu_s() -> float:

@@ -13,6 +13,7 @@ import orjson
 import redis.asyncio as aioredis
 from aiokafka.admin import AIOKafkaAdminClient
 
+from engine.features.state import CATALOGUE_VERSION
 from tests.conftest import REPO, Services
 from tests.worker_process import poll_until
 
@@ -56,10 +57,14 @@ async def test_quick_bench_drains_every_event_and_cleans_up(
     assert len(two) == 1 and two[0]["workers"] == 2 and two[0]["events"] == QUICK_EVENTS
     memory = report["memory"]
     assert memory["events"] == QUICK_EVENTS and memory["rss_kib_end"] > 0
-    # Every active user has one feature record ("s"), and no key of the old layout is left.
+    # Every active user has one feature record ("s<catalogue version>:{user}"), and no key of
+    # the old layout (state "f<version>", dedup "d<version>") is left.
     users = report["preload"]["users_active"]
-    assert memory["redis"]["by_kind"]["s"]["keys"] == users
-    assert not {"f", "d"} & set(memory["redis"]["by_kind"])
+    by_kind = memory["redis"]["by_kind"]
+    assert by_kind[f"s{CATALOGUE_VERSION}"]["keys"] == users
+    assert not [kind for kind in by_kind if kind[:1] in ("f", "d") and kind[1:].isdigit()]
+    assert one[0]["redis_cpu_us_per_event"] > 0
+    assert report["one_worker"]["redis_cpu_us_per_event"] == one[0]["redis_cpu_us_per_event"]
     assert set(report["latency"]) == {"200", "1000"}
     for figures in report["latency"].values():
         assert figures["runs"][0]["offers_in_window"] > 0
