@@ -9,9 +9,9 @@ input, so the model can learn for whom a discount changes the purchase probabili
 S-learner with interactions, ``INTERACTIONS``), not only whether it does on average.
 
 ``base_inputs`` (the behavioural inputs) and ``discount_inputs`` (the discount and its
-interactions) are the one implementation of the transform: ``model_inputs`` (the dict River
-learns from) and ``engine.model.scoring.Scorer`` (with which the model predicts and explains)
-both build on them.
+interactions) are the one implementation of the transform: ``input_row`` (the list the model
+learns from), ``model_inputs`` (the same row as River's dict) and
+``engine.model.scoring.Scorer`` (with which the model predicts and explains) build on them.
 """
 
 from __future__ import annotations
@@ -133,7 +133,13 @@ def discount_inputs(base: list[float], discount_pct: float) -> list[float]:
     return [x, *(x * base[i] for i in _INTERACTION_SLOTS)]
 
 
+def input_row(features: Mapping[str, float], discount_pct: float) -> list[float]:
+    """The model's input row as a list, in ``INPUT_NAMES`` order (what the model learns from)."""
+    row = base_inputs(features)
+    row.extend(discount_inputs(row, discount_pct))
+    return row
+
+
 def model_inputs(features: Mapping[str, float], discount_pct: float) -> dict[str, float]:
-    """The model's input row, by input name (``INPUT_NAMES`` order)."""
-    base = base_inputs(features)
-    return dict(zip(INPUT_NAMES, base + discount_inputs(base, discount_pct), strict=True))
+    """The model's input row, by input name (``INPUT_NAMES`` order): River's form of it."""
+    return dict(zip(INPUT_NAMES, input_row(features, discount_pct), strict=True))

@@ -50,15 +50,16 @@ def bits(value: float) -> tuple[float, float]:
 def river_predict(model: PurchaseModel, features: Mapping[str, float], discount: float) -> float:
     """The reference: River's pipeline on the model's input dict."""
     row = model_inputs(features, discount)
-    return float(model._pipeline.predict_proba_one(row).get(True, 0.0))
+    return float(model.river_pipelines().purchase.predict_proba_one(row).get(True, 0.0))
 
 
 def river_contributions(
     model: PurchaseModel, features: Mapping[str, float], discount: float, top: int = 3
 ) -> list[tuple[str, float]]:
     """The reference: River's scaler, then weight x scaled input, by magnitude then name."""
-    scaled = model._scaler.transform_one(model_inputs(features, discount))  # type: ignore[no-untyped-call]
-    weights = model._classifier.weights
+    scaler, classifier = model.river_pipelines().purchase.steps.values()
+    scaled = scaler.transform_one(model_inputs(features, discount))
+    weights = classifier.weights
     terms = [(name, float(weights.get(name, 0.0)) * value) for name, value in scaled.items()]
     terms.sort(key=lambda term: (-abs(term[1]), term[0]))
     return [(name, round(value, 6)) for name, value in terms[:top]]
