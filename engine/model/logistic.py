@@ -98,8 +98,9 @@ class ScaledLogistic:
         self.pipeline = pipeline
         counts, means, variances = scaler.counts, scaler.means, scaler.vars
         weights = classifier._weights
-        # ``.get``: reading a defaultdict by key would insert the key.
-        self.counts: list[int] = [counts.get(name, 0) for name in INPUT_NAMES]
+        # ``.get``: reading a defaultdict by key would insert the key. Counts are kept as
+        # floats (exact below 2**53): River divides by the int, which converts it the same way.
+        self.counts: list[float] = [float(counts.get(name, 0)) for name in INPUT_NAMES]
         self.means: list[float] = [means.get(name, 0.0) for name in INPUT_NAMES]
         self.variances: list[float] = [variances.get(name, 0.0) for name in INPUT_NAMES]
         self.sds: list[float | None] = [var**0.5 if var else None for var in self.variances]
@@ -129,12 +130,13 @@ class ScaledLogistic:
         scaled: list[float] = []
         dot = 0.0
         for i, xi in enumerate(x):
-            n = counts[i] + 1
+            n = counts[i] + 1.0
             counts[i] = n
             old = means[i]
-            mean = means[i] = old + (xi - old) / n
+            delta = xi - old
+            mean = means[i] = old + delta / n
             var = variances[i]
-            var = variances[i] = var + ((xi - old) * (xi - mean) - var) / n
+            var = variances[i] = var + (delta * (xi - mean) - var) / n
             if var:
                 sd = sds[i] = var**0.5
                 value = (xi - mean) / sd
@@ -207,7 +209,7 @@ class ScaledLogistic:
             for name, n, mean, var, weight in zip(
                 INPUT_NAMES, self.counts, self.means, self.variances, self.weights, strict=True
             ):
-                counts[name] = n
+                counts[name] = int(n)
                 means[name] = mean
                 variances[name] = var
                 weights[name] = weight

@@ -64,7 +64,7 @@ def assert_same_state(fit: ScaledLogistic, reference: compose.Pipeline) -> None:
     scaler, classifier = reference.steps.values()
     weights = classifier.weights
     for i, name in enumerate(INPUT_NAMES):
-        assert same(fit.counts[i], scaler.counts.get(name, 0)), name
+        assert same(fit.counts[i], float(scaler.counts.get(name, 0))), name  # floats, exact
         assert same(fit.means[i], scaler.means.get(name, 0.0)), name
         assert same(fit.variances[i], scaler.vars.get(name, 0.0)), name
         assert same(fit.weights[i], weights.get(name, 0.0)), name
