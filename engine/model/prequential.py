@@ -247,7 +247,9 @@ class OnlineLearner:
     carry its decision's final label (``converted``, or ``closed`` with 0) the score and the
     label update the metrics; only then does the model learn, as ``feedback.method`` says
     (``engine.model.feedback``). Pure (no I/O, no clock): the same examples in the same order give
-    the same model and the same metrics, live or in a backtest.
+    the same model and the same metrics, live or in a backtest. Each example's input row is
+    built once and handed to the model's ``*_inputs`` methods (the score, the auxiliary
+    estimates and every update read the same row).
 
     >>> learner = OnlineLearner(window=100)
     >>> example = {"decision_id": "d1", "features": {"cart_count_24h": 3.0},
