@@ -9,9 +9,9 @@ input, so the model can learn for whom a discount changes the purchase probabili
 S-learner with interactions, ``INTERACTIONS``), not only whether it does on average.
 
 ``base_inputs`` (the behavioural inputs) and ``discount_inputs`` (the discount and its
-interactions) are the one implementation of the transform: ``model_inputs`` (the dict River
-learns from) and ``engine.model.scoring.Scorer`` (with which the model predicts and explains)
-both build on them.
+interactions) are the one implementation of the transform: ``input_row`` (the list the model
+learns from), ``model_inputs`` (the same row as River's dict) and
+``engine.model.scoring.Scorer`` (with which the model predicts and explains) build on them.
 """
 
 from __future__ import annotations
@@ -108,32 +108,52 @@ DISCOUNT_SLOT = len(BEHAVIOUR_INPUTS)
 _INTERACTION_SLOTS: tuple[int, ...] = tuple(BEHAVIOUR_INPUTS.index(n) for n in INTERACTIONS)
 
 
-def _log1p(value: float) -> float:
-    # max(value, 0.0) spelled without the call: the same for -0.0 and NaN.
-    return math.log1p(0.0 if value < 0.0 else value)
+_RATE_FEATURES: tuple[str, ...] = tuple(feature for _, feature in _RATE_INPUTS)
+_RATIO_FEATURES: tuple[tuple[str, str], ...] = tuple((n, d) for _, n, d in _RATIO_INPUTS)
+_SCALED_FEATURES: tuple[tuple[str, float], ...] = tuple((f, d) for _, f, d in _SCALED_INPUTS)
 
 
 def base_inputs(features: Mapping[str, float]) -> list[float]:
-    """The behavioural inputs (``BEHAVIOUR_INPUTS`` order) of one feature vector."""
+    """The behavioural inputs (``BEHAVIOUR_INPUTS`` order) of one feature vector.
+
+    Computed for every decision and every training example, so spelled for speed: log1p of
+    max(value, 0) is ``0.0 if value < 0.0 else log1p(value)`` (the same for -0.0 and NaN,
+    without a call), and max(denominator, 1) likewise.
+    """
     get = features.get
+    log1p = math.log1p
     days = float(get("days_since_first_seen", 0.0))
     days = 1.0 if not days > 1.0 else min(days, OBSERVED_DAYS_MAX)
-    values = [_log1p(float(get(feature, 0.0)) / days) for _, feature in _RATE_INPUTS]
-    values.extend(_log1p(float(get(name, 0.0))) for name in _LOG_INPUTS)
-    for _, numerator, denominator in _RATIO_INPUTS:
-        values.append(float(get(numerator, 0.0)) / max(float(get(denominator, 0.0)), 1.0))
-    values.extend(float(get(name, 0.0)) for name in _PLAIN_INPUTS)
-    values.extend(float(get(feature, 0.0)) / divisor for _, feature, divisor in _SCALED_INPUTS)
+    values = [
+        0.0 if (value := float(get(feature, 0.0)) / days) < 0.0 else log1p(value)
+        for feature in _RATE_FEATURES
+    ]
+    values += [
+        0.0 if (value := float(get(name, 0.0))) < 0.0 else log1p(value) for name in _LOG_INPUTS
+    ]
+    for numerator, denominator in _RATIO_FEATURES:
+        count = float(get(denominator, 0.0))
+        values.append(float(get(numerator, 0.0)) / (1.0 if count < 1.0 else count))
+    values += [float(get(name, 0.0)) for name in _PLAIN_INPUTS]
+    values += [float(get(feature, 0.0)) / divisor for feature, divisor in _SCALED_FEATURES]
     return values
 
 
 def discount_inputs(base: list[float], discount_pct: float) -> list[float]:
     """``discount`` and its interactions, in ``INPUT_NAMES`` order after the base inputs."""
     x = discount_pct / 100.0
-    return [x, *(x * base[i] for i in _INTERACTION_SLOTS)]
+    row = [x * base[i] for i in _INTERACTION_SLOTS]
+    row.insert(0, x)
+    return row
+
+
+def input_row(features: Mapping[str, float], discount_pct: float) -> list[float]:
+    """The model's input row as a list, in ``INPUT_NAMES`` order (what the model learns from)."""
+    row = base_inputs(features)
+    row.extend(discount_inputs(row, discount_pct))
+    return row
 
 
 def model_inputs(features: Mapping[str, float], discount_pct: float) -> dict[str, float]:
-    """The model's input row, by input name (``INPUT_NAMES`` order)."""
-    base = base_inputs(features)
-    return dict(zip(INPUT_NAMES, base + discount_inputs(base, discount_pct), strict=True))
+    """The model's input row, by input name (``INPUT_NAMES`` order): River's form of it."""
+    return dict(zip(INPUT_NAMES, input_row(features, discount_pct), strict=True))

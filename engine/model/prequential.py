@@ -48,6 +48,7 @@ from typing import Any
 
 from engine.labels import LabelKind
 from engine.model.feedback import Feedback, FeedbackMethod, TrainingExample, needs_auxiliary, steps
+from engine.model.inputs import input_row
 from engine.model.purchase_model import PurchaseModel
 
 ECE_BINS = 10
@@ -246,7 +247,9 @@ class OnlineLearner:
     carry its decision's final label (``converted``, or ``closed`` with 0) the score and the
     label update the metrics; only then does the model learn, as ``feedback.method`` says
     (``engine.model.feedback``). Pure (no I/O, no clock): the same examples in the same order give
-    the same model and the same metrics, live or in a backtest.
+    the same model and the same metrics, live or in a backtest. Each example's input row is
+    built once and handed to the model's ``*_inputs`` methods (the score, the auxiliary
+    estimates and every update read the same row).
 
     >>> learner = OnlineLearner(window=100)
     >>> example = {"decision_id": "d1", "features": {"cart_count_24h": 3.0},
@@ -289,8 +292,9 @@ class OnlineLearner:
             if isinstance(example, TrainingExample)
             else TrainingExample.from_message(example)
         )
-        model, features, discount = self.model, parsed.features, parsed.discount_pct
-        p = model.scorer(features)(discount)  # exactly ``predict``, computed faster
+        model = self.model
+        row = input_row(parsed.features, parsed.discount_pct)  # built once for every step below
+        p = model.predict_inputs(row)
         final = parsed.final_label
         if final is not None:
             self.metrics.update(p, final)
@@ -298,30 +302,31 @@ class OnlineLearner:
                 self.on_final(parsed, p, final)
         method, wait = self.feedback.method, self.feedback.elapsed_ms
         late, never = (
-            model.auxiliary(features, discount)
-            if needs_auxiliary(method, parsed, wait)
-            else (0.0, 0.0)
+            model.auxiliary_inputs(row) if needs_auxiliary(method, parsed, wait) else (0.0, 0.0)
         )
         for step in steps(method, parsed, elapsed_ms=wait, p=p, late=late, never=never):
-            model.learn_one(features, discount, step.label, step.weight)
+            model.learn_inputs(row, step.label, step.weight)
         uses_auxiliary = method in (FeedbackMethod.ESDFM, FeedbackMethod.DFM)
         if uses_auxiliary and parsed.kind == LabelKind.CLOSED and parsed.decided_at is not None:
-            self._learn_auxiliary(parsed, method, wait)
+            self._learn_auxiliary(parsed, row, method, wait)
         if self.last_labeled_at is None or parsed.labeled_at > self.last_labeled_at:
             self.last_labeled_at = parsed.labeled_at
         return p
 
-    def _learn_auxiliary(self, closed: TrainingExample, method: FeedbackMethod, wait: int) -> None:
-        """A closed window teaches when conversions come (see ``engine.model.feedback``)."""
+    def _learn_auxiliary(
+        self, closed: TrainingExample, row: list[float], method: FeedbackMethod, wait: int
+    ) -> None:
+        """A closed window teaches when conversions come (see ``engine.model.feedback``);
+        ``row`` is its input row."""
         assert closed.decided_at is not None
         converted_at = closed.converted_at
         late = converted_at is not None and converted_at - closed.decided_at > wait
         open_at_wait = converted_at is None or late
         if method is FeedbackMethod.ESDFM:
             never = (converted_at is None) if open_at_wait else None
-            self.model.learn_auxiliary(closed.features, closed.discount_pct, late=late, never=never)
+            self.model.learn_auxiliary_inputs(row, late=late, never=never)
         elif converted_at is not None:
-            self.model.learn_auxiliary(closed.features, closed.discount_pct, late=late, never=None)
+            self.model.learn_auxiliary_inputs(row, late=late, never=None)
 
     def as_dict(self) -> dict[str, float | int | str | None]:
         """Model version, examples learned and the window's metrics (JSON-safe)."""

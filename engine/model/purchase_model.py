@@ -2,16 +2,18 @@
 
 A River pipeline (standard scaling, then logistic regression) learns one labelled example at a
 time. The offered discount is an input, and so are its interactions with a few behavioural
-features, so the model can tell who responds to a discount and who would buy anyway. River
-learns; the model's probabilities and their terms are computed from River's parameters by
-``engine.model.scoring.Scorer`` (River's arithmetic, bit for bit, faster).
+features, so the model can tell who responds to a discount and who would buy anyway. River's
+arithmetic is computed by hand, bit for bit and faster: the learning step by
+``engine.model.logistic.ScaledLogistic``, the probabilities and their terms by
+``engine.model.scoring.Scorer``. River's pipelines stay the reference (the tests hold both to
+them) and the snapshot format (the parameters are written back into them).
 
 A model travels between processes (learner -> Redis -> workers) as a signed snapshot::
 
     header   b"DSMODEL" + format byte                           8 bytes
     version  length byte + UTF-8 version id                     1 + n bytes
     mac      HMAC-SHA256(key, header + version + payload)       32 bytes
-    payload  pickle of the River pipeline and counters          the rest
+    payload  pickle of the River pipelines and counters         the rest
 
 ``PurchaseModel.restore`` checks the header, then the MAC with ``hmac.compare_digest``, before
 it unpickles anything: bytes signed with another key, truncated or altered raise
@@ -38,14 +40,16 @@ import hashlib
 import hmac
 import io
 import pickle
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import river
 from river import compose, linear_model, optim, preprocessing
 
 from engine.errors import ModelSnapshotError
-from engine.model.inputs import model_inputs
+from engine.model.inputs import input_row
+from engine.model.logistic import ScaledLogistic, UnsupportedPipeline
 from engine.model.scoring import FallbackScorer, LinearTerms, Scorer
 
 SNAPSHOT_MAGIC = b"DSMODEL"
@@ -74,6 +78,15 @@ def _logistic(learning_rate: float, intercept_lr: float, l2: float) -> compose.P
     )
 
 
+@dataclass(frozen=True, slots=True)
+class RiverPipelines:
+    """A model's three River pipelines, their state written back (``river_pipelines``)."""
+
+    purchase: compose.Pipeline
+    late: compose.Pipeline
+    never: compose.Pipeline
+
+
 class PurchaseModel:
     """Scaled logistic regression over ``model_inputs``, plus two auxiliary classifiers.
 
@@ -82,6 +95,10 @@ class PurchaseModel:
     serve the delayed-feedback learners (``engine.model.feedback``): ``late`` estimates that a
     conversion comes after the learner's wait, ``never`` that a decision not converted by
     then never converts. They are never used to serve.
+
+    The ``*_inputs`` methods take the input row (``engine.model.inputs.input_row``), so a
+    learner that predicts, consults the auxiliary classifiers and learns one example builds
+    it once; the methods taking features build it and call them.
     """
 
     def __init__(
@@ -94,15 +111,10 @@ class PurchaseModel:
         self.learning_rate = learning_rate
         self.intercept_lr = intercept_lr
         self.l2 = l2
-        self._pipeline = _logistic(learning_rate, intercept_lr, l2)
-        self._scaler: preprocessing.StandardScaler = self._pipeline.steps["StandardScaler"]
-        self._classifier: linear_model.LogisticRegression = self._pipeline.steps[
-            "LogisticRegression"
-        ]
-        self._late = _logistic(learning_rate, intercept_lr, l2)
-        self._never = _logistic(learning_rate, intercept_lr, l2)
+        self._purchase = ScaledLogistic(_logistic(learning_rate, intercept_lr, l2))
+        self._late = ScaledLogistic(_logistic(learning_rate, intercept_lr, l2))
+        self._never = ScaledLogistic(_logistic(learning_rate, intercept_lr, l2))
         self.examples_learned = 0
-        self._terms: LinearTerms | None = None
 
     @property
     def version(self) -> str:
@@ -113,19 +125,27 @@ class PurchaseModel:
         computed by ``Scorer`` (bit for bit the same, see ``engine.model.scoring``)."""
         return Scorer(self, features)(discount_pct)
 
+    def predict_inputs(self, inputs: Sequence[float]) -> float:
+        """``predict_one`` on an input row (``input_row``)."""
+        return self._purchase.predict(inputs)
+
     def learn_one(
         self, features: Mapping[str, float], discount_pct: float, label: int, weight: float = 1.0
     ) -> None:
-        self._pipeline.learn_one(model_inputs(features, discount_pct), bool(label), w=weight)
+        self.learn_inputs(input_row(features, discount_pct), label, weight)
+
+    def learn_inputs(self, inputs: Sequence[float], label: int, weight: float = 1.0) -> None:
+        """Learn one labelled input row with sample weight ``weight`` (River's ``w``)."""
+        self._purchase.learn(inputs, bool(label), weight)
         self.examples_learned += 1
-        self._terms = None
 
     def auxiliary(self, features: Mapping[str, float], discount_pct: float) -> tuple[float, float]:
         """(P(late conversion), P(never converts | not yet)) from the auxiliary classifiers."""
-        row = model_inputs(features, discount_pct)
-        late = float(self._late.predict_proba_one(row).get(True, 0.0))
-        never = float(self._never.predict_proba_one(row).get(True, 0.0))
-        return late, never
+        return self.auxiliary_inputs(input_row(features, discount_pct))
+
+    def auxiliary_inputs(self, inputs: Sequence[float]) -> tuple[float, float]:
+        """``auxiliary`` on an input row."""
+        return self._late.predict(inputs), self._never.predict(inputs)
 
     def learn_auxiliary(
         self,
@@ -136,18 +156,28 @@ class PurchaseModel:
         never: bool | None,
     ) -> None:
         """Teach the auxiliary classifiers one closed window (None: not an example for it)."""
-        row = model_inputs(features, discount_pct)
+        self.learn_auxiliary_inputs(input_row(features, discount_pct), late=late, never=never)
+
+    def learn_auxiliary_inputs(
+        self, inputs: Sequence[float], *, late: bool | None, never: bool | None
+    ) -> None:
+        """``learn_auxiliary`` on an input row."""
         if late is not None:
-            self._late.learn_one(row, late)
+            self._late.learn(inputs, late)
         if never is not None:
-            self._never.learn_one(row, never)
+            self._never.learn(inputs, never)
 
     def linear_terms(self) -> LinearTerms:
-        """The scaler's and classifier's parameters as they stand, read once per model state."""
-        terms = self._terms
-        if terms is None:
-            terms = self._terms = LinearTerms.read(self._scaler, self._classifier)
-        return terms
+        """The scaler's and classifier's parameters as they stand (one object per model state)."""
+        return self._purchase.terms()
+
+    def river_pipelines(self) -> RiverPipelines:
+        """The River pipelines, with the parameters as they stand (what a snapshot pickles).
+
+        They mirror the model: learn through the model, not through them."""
+        return RiverPipelines(
+            self._purchase.write_back(), self._late.write_back(), self._never.write_back()
+        )
 
     def scorer(self, features: Mapping[str, float]) -> Scorer:
         """P(purchase | features, discount) for one user at several discounts, computed fast.
@@ -175,6 +205,7 @@ class PurchaseModel:
     def snapshot(self, key: bytes) -> bytes:
         """The model as signed bytes (see the module docstring); ``key`` is the HMAC key."""
         _check_key(key)
+        pipelines = self.river_pipelines()
         state = {
             "format": SNAPSHOT_FORMAT,
             "river": _RIVER_VERSION,
@@ -182,9 +213,9 @@ class PurchaseModel:
             "intercept_lr": self.intercept_lr,
             "l2": self.l2,
             "examples_learned": self.examples_learned,
-            "pipeline": self._pipeline,
-            "late": self._late,
-            "never": self._never,
+            "pipeline": pipelines.purchase,
+            "late": pipelines.late,
+            "never": pipelines.never,
         }
         payload = pickle.dumps(state, protocol=_PICKLE_PROTOCOL)
         version = _encode_version(self.version)
@@ -216,34 +247,27 @@ class PurchaseModel:
             intercept_lr = float(state["intercept_lr"])
         except (KeyError, TypeError, ValueError):
             raise unexpected from None
-        if not (all(_is_logistic(p) for p in pipelines) and type(learned) is int and learned >= 0):
+        if not (
+            all(isinstance(p, compose.Pipeline) for p in pipelines)
+            and type(learned) is int
+            and learned >= 0
+        ):
             raise unexpected
+        try:
+            purchase, late, never = (ScaledLogistic(p) for p in pipelines)
+        except UnsupportedPipeline as exc:
+            raise ModelSnapshotError(f"model snapshot {version}: {exc}") from None
         model = cls.__new__(cls)
         model.learning_rate = learning_rate
         model.intercept_lr = intercept_lr
         model.l2 = l2
-        model._pipeline, model._late, model._never = pipelines
-        model._scaler = model._pipeline.steps["StandardScaler"]
-        model._classifier = model._pipeline.steps["LogisticRegression"]
+        model._purchase, model._late, model._never = purchase, late, never
         model.examples_learned = learned
-        model._terms = None
         if model.version != version:
             raise ModelSnapshotError(
                 f"model snapshot header says {version} but its payload is {model.version}"
             )
         return model
-
-
-def _is_logistic(pipeline: object) -> bool:
-    """A pipeline of exactly a StandardScaler then a LogisticRegression."""
-    if not isinstance(pipeline, compose.Pipeline):
-        return False
-    steps = list(pipeline.steps.values())
-    return (
-        len(steps) == 2
-        and isinstance(steps[0], preprocessing.StandardScaler)
-        and isinstance(steps[1], linear_model.LogisticRegression)
-    )
 
 
 def snapshot_version(blob: bytes) -> str:

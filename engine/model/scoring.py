@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from engine.model.inputs import DISCOUNT_SLOT, INPUT_NAMES, base_inputs, discount_inputs
-
-if TYPE_CHECKING:
-    from river import linear_model, preprocessing
 
 
 def top_terms(products: list[float], top: int) -> list[tuple[str, float]]:
@@ -53,23 +50,6 @@ class LinearTerms:
         """``var ** 0.5``, or None where the variance is 0 (the input then scales to 0)."""
         self.weights = weights
         self.intercept = intercept
-
-    @classmethod
-    def read(
-        cls, scaler: preprocessing.StandardScaler, classifier: linear_model.LogisticRegression
-    ) -> LinearTerms:
-        means, variances = scaler.means, scaler.vars
-        weights = classifier.weights
-        sds: list[float | None] = []
-        for name in INPUT_NAMES:
-            var = variances.get(name, 0.0)
-            sds.append(var**0.5 if var else None)
-        return cls(
-            tuple(means.get(name, 0.0) for name in INPUT_NAMES),
-            tuple(sds),
-            tuple(float(weights.get(name, 0.0)) for name in INPUT_NAMES),
-            classifier.intercept,
-        )
 
     def products(
         self, values: Iterable[float], start: int, total: float
@@ -106,7 +86,7 @@ class ScoredModel(Protocol):
     ) -> list[tuple[str, float]]: ...
 
 
-def _sigmoid(z: float) -> float:
+def sigmoid(z: float) -> float:
     """River's ``utils.math.sigmoid``, with its cut-offs."""
     if z < -30:
         return 0.0
@@ -149,7 +129,7 @@ class Scorer:
         terms = self._prepare()
         discount = discount_inputs(self._base, discount_pct)
         _, total = terms.products(discount, DISCOUNT_SLOT, self._partial)
-        return _sigmoid(total + terms.intercept)
+        return sigmoid(total + terms.intercept)
 
     def contributions(self, discount_pct: float, top: int = 3) -> list[tuple[str, float]]:
         """The largest terms w_i * x_i of the linear score (x after scaling), by magnitude."""

@@ -29,7 +29,15 @@ from engine.features.state import (
     trim,
 )
 from engine.features.store import InMemoryFeatureStore, StateUpdate, seen_key
-from engine.model.inputs import MODEL_FEATURES, model_inputs
+from engine.model import inputs
+from engine.model.inputs import (
+    BEHAVIOUR_INPUTS,
+    INPUT_NAMES,
+    INTERACTIONS,
+    MODEL_FEATURES,
+    input_row,
+    model_inputs,
+)
 from engine.model.purchase_model import PurchaseModel
 
 T0 = 1_767_225_600_000
@@ -50,15 +58,16 @@ def bits(value: float) -> tuple[float, float]:
 def river_predict(model: PurchaseModel, features: Mapping[str, float], discount: float) -> float:
     """The reference: River's pipeline on the model's input dict."""
     row = model_inputs(features, discount)
-    return float(model._pipeline.predict_proba_one(row).get(True, 0.0))
+    return float(model.river_pipelines().purchase.predict_proba_one(row).get(True, 0.0))
 
 
 def river_contributions(
     model: PurchaseModel, features: Mapping[str, float], discount: float, top: int = 3
 ) -> list[tuple[str, float]]:
     """The reference: River's scaler, then weight x scaled input, by magnitude then name."""
-    scaled = model._scaler.transform_one(model_inputs(features, discount))  # type: ignore[no-untyped-call]
-    weights = model._classifier.weights
+    scaler, classifier = model.river_pipelines().purchase.steps.values()
+    scaled = scaler.transform_one(model_inputs(features, discount))
+    weights = classifier.weights
     terms = [(name, float(weights.get(name, 0.0)) * value) for name, value in scaled.items()]
     terms.sort(key=lambda term: (-abs(term[1]), term[0]))
     return [(name, round(value, 6)) for name, value in terms[:top]]
@@ -104,6 +113,61 @@ def test_a_model_that_overrides_predict_is_asked_itself() -> None:
 
     scorer = Constant().scorer({})
     assert scorer(0.0) == 0.25 and scorer(50.0) == 0.3
+
+
+def reference_base_inputs(features: Mapping[str, float]) -> list[float]:
+    """The plain transform (``engine.model.inputs``' docstring), one input at a time."""
+
+    def log1p_of_max_0(value: float) -> float:
+        return math.log1p(max(value, 0.0))
+
+    days = float(features.get("days_since_first_seen", 0.0))
+    days = 1.0 if not days > 1.0 else min(days, 30.0)
+    values: list[float] = []
+    for name in BEHAVIOUR_INPUTS:
+        if name.endswith("_per_day"):
+            counted = dict(inputs._RATE_INPUTS)[name]
+            values.append(log1p_of_max_0(float(features.get(counted, 0.0)) / days))
+        elif name in inputs._LOG_INPUTS:
+            values.append(log1p_of_max_0(float(features.get(name, 0.0))))
+        elif name == "purchases_per_cart":
+            bought = float(features.get("purchase_count_30d", 0.0))
+            values.append(bought / max(float(features.get("cart_count_30d", 0.0)), 1.0))
+        elif name == "redeemed_per_offer":
+            redeemed = float(features.get("redeemed_count_30d", 0.0))
+            values.append(redeemed / max(float(features.get("offer_count_30d", 0.0)), 1.0))
+        elif name == "last_offer_discount":
+            values.append(float(features.get("last_offer_discount_pct", 0.0)) / 100.0)
+        else:
+            values.append(float(features.get(name, 0.0)))
+    return values
+
+
+def same_bits(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or bits(a) == bits(b)
+
+
+ODD_VALUES = (0.0, -0.0, -3.0, 0.5, 1.0, 7, 2**60, True, 1e308, math.inf, -math.inf, math.nan)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(MODEL_FEATURES),
+        st.one_of(st.sampled_from(ODD_VALUES), st.floats(), st.integers(-(2**70), 2**70)),
+    ),
+    st.one_of(st.sampled_from((0.0, 5.0, 12.5, 100.0)), st.floats(0.0, 100.0)),
+)
+def test_the_input_row_is_the_plain_transform(features: dict[str, float], discount: float) -> None:
+    """``base_inputs`` / ``input_row`` (spelled for speed) against the transform written out,
+    bit for bit, on odd values too (negative zero, NaN, infinities, huge ints, bools)."""
+    expected = reference_base_inputs(features)
+    x = discount / 100.0
+    expected += [x, *(x * expected[BEHAVIOUR_INPUTS.index(name)] for name in INTERACTIONS)]
+    row = input_row(features, discount)
+    assert len(row) == len(INPUT_NAMES) == len(expected)
+    assert all(same_bits(a, b) for a, b in zip(row, expected, strict=True)), (row, expected)
+    assert list(model_inputs(features, discount)) == list(INPUT_NAMES)
 
 
 def reference_session_events(activity_minutes: Mapping[int, float], minute: int) -> float:

@@ -181,7 +181,7 @@ async def canonical_run(
                 "spend_cents": result.spend_cents,
             }
         )
-    classifier = engine.model._classifier
+    classifier = engine.model.river_pipelines().purchase.steps["LogisticRegression"]
     final = {
         "clock_ms": engine.clock_ms,
         "version": engine.model.version,
