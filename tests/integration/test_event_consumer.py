@@ -95,9 +95,9 @@ class TimedSink(ListSink):
 
     Delivery number n takes ``delays[n % len(delays)]`` seconds from its ``delivery`` call, so
     deliveries complete out of order; with a ``gate``, none completes before the gate is set.
-    Delivery number ``fail_at`` raises instead, once ``fail_when()`` holds (or after TIMEOUT_S):
-    the failure comes after whatever the test waits for. ``acked`` holds the acknowledged
-    outputs' keys."""
+    Delivery number ``fail_at`` raises instead, once ``fail_when()`` holds (or after TIMEOUT_S;
+    ``failed_when`` says which): the failure comes after whatever the test waits for. ``acked``
+    holds the acknowledged outputs' keys."""
 
     def __init__(
         self,
