@@ -21,7 +21,7 @@ awaiting them costs about as much as a call.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -100,6 +100,12 @@ class RecordSink(Protocol):
     ) -> None: ...
 
     async def flush(self) -> None: ...
+
+    async def delivery(self) -> Awaitable[object]:
+        """``flush`` in two steps: hands over every record sent so far and returns what completes
+        once they are delivered (and raises if one cannot be). Records sent after the call are
+        no part of it: the worker's event consumer handles its next batch meanwhile."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)

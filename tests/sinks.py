@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Awaitable, Sequence
 from typing import NamedTuple
 
 
@@ -15,7 +16,8 @@ class SentRecord(NamedTuple):
 
 
 class ListSink:
-    """Keeps every record sent; ``flush`` marks everything sent so far as delivered."""
+    """Keeps every record sent; ``flush`` and ``delivery`` mark everything sent so far as
+    delivered at once (``flushes`` counts both)."""
 
     def __init__(self) -> None:
         self.records: list[SentRecord] = []
@@ -33,8 +35,12 @@ class ListSink:
         self.records.append(SentRecord(topic, key, value, list(headers or ()), timestamp_ms))
 
     async def flush(self) -> None:
+        await (await self.delivery())
+
+    async def delivery(self) -> Awaitable[object]:
         self.delivered = len(self.records)
         self.flushes += 1
+        return asyncio.gather()  # already done: nothing to wait for
 
     def to(self, topic: str) -> list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]]:
         """``(key, value, headers)`` of the records sent to ``topic``, in order."""

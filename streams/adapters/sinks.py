@@ -2,7 +2,7 @@
 of producing to Kafka.
 
 - ``FaustSink``: the live worker's outputs, through the Faust app's own producer (the worker's
-  event consumer flushes it before every offset commit);
+  event consumer waits for each batch's ``delivery`` before it commits the batch's offsets);
 - ``ProducerSink``: a plain idempotent aiokafka producer (``dealstream simulate``);
 - ``BatchSink``: records packed into per-partition batches, for bulk replays
   (``dealstream replay``).
@@ -15,6 +15,11 @@ them, appends records to one open batch per partition and hands full batches to 
 Order per partition is the order of ``send`` calls: a partition's batches are queued in order,
 and aiokafka sends one request per broker at a time and puts a retried batch back at the front
 of its queue. ``flush`` ships the open batches and waits until Kafka has acknowledged every one.
+
+Every sink keeps the delivery futures of the records sent since the last ``delivery`` (or
+``flush``) and hands them out as one ``asyncio.gather``: a batch's acknowledgement is its own
+records', never those sent after it (the producer's own ``flush`` would wait for every batch
+it holds, including the next micro-batch's).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import faust
@@ -37,9 +42,10 @@ log = logging.getLogger("dealstream.worker")
 class FaustSink:
     """Sends through the Faust app's producer without waiting for each record's delivery.
 
-    ``flush`` waits until every record sent since the last flush is acknowledged and raises
-    if one could not be delivered; the worker's event consumer (``streams/worker/consumer.py``)
-    calls it after every batch and commits the batch's offsets only when it returns. A
+    ``delivery`` (``flush``) waits until every record sent since the last one is acknowledged
+    and raises if one could not be delivered; the worker's event consumer
+    (``streams/worker/consumer.py``) takes one after every batch and commits the batch's
+    offsets only when it completes. A
     delivery that fails for good (after the producer's own retries) also stops the worker at
     once (exit 70) instead of carrying on without that output. Its inputs are read again after
     the restart but skipped as redelivered (their features are already applied), so, as after
@@ -68,10 +74,11 @@ class FaustSink:
 
     async def flush(self) -> None:
         """Wait until Kafka acknowledged everything sent so far; raise if a record failed."""
+        await (await self.delivery())
+
+    async def delivery(self) -> Awaitable[object]:
         pending, self._pending = self._pending, []
-        if pending:
-            await self._app.producer.flush()
-            await asyncio.gather(*pending)
+        return asyncio.gather(*pending)
 
 
 def _stop_on_failed_delivery(future: asyncio.Future[Any]) -> None:
@@ -124,9 +131,11 @@ class ProducerSink:
             await self.flush()
 
     async def flush(self) -> None:
+        await (await self.delivery())
+
+    async def delivery(self) -> Awaitable[object]:
         pending, self._pending = self._pending, []
-        if pending:
-            await asyncio.gather(*pending)
+        return asyncio.gather(*pending)
 
 
 BATCH_BYTES = 512 * 1024
@@ -193,8 +202,10 @@ class BatchSink:
 
     async def flush(self) -> None:
         """Ship every open batch and wait until Kafka acknowledged all (raises on failure)."""
+        await (await self.delivery())
+
+    async def delivery(self) -> Awaitable[object]:
         for where in list(self._open):
             await self._ship(where)
         pending, self._pending = self._pending, []
-        if pending:
-            await asyncio.gather(*pending)
+        return asyncio.gather(*pending)

@@ -1,17 +1,29 @@
 """The worker's consumption of the event topics: aiokafka batches, committed after delivery.
 
 ``EventConsumer`` is a mode ``Service`` the Faust app starts with its other services (Faust
-itself consumes nothing: ``streams/worker/faust_app.py``). One loop:
+itself consumes nothing: ``streams/worker/faust_app.py``). One loop, one batch ahead:
 
 1. ``getmany(timeout_ms=batch_within_s)`` over the three event topics, merged by Kafka
    timestamp (``in_time_order``) into batches of up to ``batch_max`` records;
-2. each batch goes to the handler (``BatchWorker.handle`` with its retry/exit policy);
-3. ``sink.flush()``: every output of the batch is acknowledged by Kafka (or the flush raises);
-4. only then the next offset of each partition in the batch is committed, to the group
+2. batch k+1 goes to the handler (``BatchWorker.handle`` with its retry/exit policy) while
+   batch k's outputs are acknowledged and its offsets committed (step 4, in a task);
+3. ``sink.delivery()`` hands over batch k+1's outputs: what it returns completes once Kafka
+   acknowledged every one of them (or raises), whatever is sent after;
+4. the loop waits until batch k is committed (and stops the worker if batch k's delivery
+   failed: nothing later is committed either), then starts batch k+1's task: wait for its
+   delivery, then commit the next offset of each partition in the batch, to the group
    ``settings.group_id`` (the one ``dealstream lag``, the metrics and the alerts read).
 
-A kill at any point therefore leaves the committed offsets at or behind what was applied and
-delivered: the records in between are read again and recognised as redelivered.
+Commits are therefore in batch order, and each only after its batch's outputs, and every
+earlier batch's, were acknowledged. A kill at any point leaves the committed offsets at or
+behind what was applied and delivered: the records in between (up to two batches) are read
+again and recognised as redelivered.
+
+Why one batch ahead and no more: batch k+1 cannot commit before batch k anyway, and one ahead
+already hides the whole wait whenever handling a batch takes longer than acknowledging and
+committing one (about 110 ms against 11 ms for 500 events: docs/performance.md, "Pipelined
+commits"). A deeper pipeline would give the one thread no more CPU to use, but would widen
+what a kill replays and loses (docs/delivery.md) and what a rebalance waits for.
 
 Assignment is co-partitioned: every worker subscribes to the same three topics, all created
 with ``settings.partitions`` partitions, and ``RangePartitionAssignor`` lays out each topic's
@@ -20,11 +32,12 @@ browse, search and purchase always lands on the same worker (a user's events, ke
 id, meet on one worker). aiokafka's default (round robin over all partitions together) would
 not guarantee that. ``tests/integration/test_event_consumer.py`` checks it with two members.
 
-On a rebalance, ``on_partitions_revoked`` waits for the batch in flight to be handled,
-flushed and committed (nothing else is uncommitted: every batch commits before the next one
-starts; the fetched records not yet handled are dropped and read again by the partitions'
-next owner), then tells the observer (the status page); ``on_partitions_assigned`` gives the
-observer the new full assignment. ``stop`` does the same and leaves the group.
+On a rebalance, ``on_partitions_revoked``, in this order: waits for the batch being handled
+(the ``_in_flight`` lock), then for it and the batch before it to be delivered and committed
+(nothing else is uncommitted; the fetched records not yet handled are dropped and read again
+by the partitions' next owner); stops handling until the next assignment; tells the observer
+(the status page). ``on_partitions_assigned`` gives the observer the new full assignment.
+``stop`` finishes the same way and leaves the group.
 """
 
 from __future__ import annotations
@@ -79,7 +92,7 @@ def raw_record(record: Any, partitions: int | None = None) -> RawRecord:
 
 
 def exit_worker(exc: BaseException) -> None:
-    """The default on a failure the loop cannot handle (a flush that raised, a broken client):
+    """The default on a failure the loop cannot handle (a delivery that failed, a broken client):
     exit non-zero at once so that the supervisor restarts the worker; nothing of the failed
     batch is committed, so it is read again."""
     log.critical("event consumer failed; stopping the worker", exc_info=exc)
@@ -148,6 +161,10 @@ class EventConsumer(Service):
         self.batches_committed = 0
         self._consumer: AIOKafkaConsumer | None = None
         self._in_flight = asyncio.Lock()
+        """Held while a batch is handled (steps 2 to 4): a revoke waits for it."""
+        self._finishing: asyncio.Task[None] | None = None
+        """The last handled batch's delivery and commit (step 4), running while the next batch
+        is handled; kept after a failure until the loop raises it."""
         self._stopping = False
         self._rebalancing = False
         """Between a revoke and the next assignment: records fetched now are not handled (the
@@ -173,10 +190,11 @@ class EventConsumer(Service):
         self._loop_task = asyncio.create_task(self._run(), name="dealstream-event-consumer")
 
     async def on_stop(self) -> None:
-        """Finish the batch in flight (handled, flushed, committed), then leave the group."""
+        """Finish the batches in flight (handled, delivered, committed), then leave the group."""
         self._stopping = True
         if self._loop_task is not None:
             await self._loop_task
+        await self._settled()  # after a failure the loop left a commit running
         if self._consumer is not None:
             await self._consumer.stop()  # leaves the group
             self._consumer = None
@@ -193,6 +211,8 @@ class EventConsumer(Service):
         assert consumer is not None
         try:
             while not self._stopping:
+                if self._finishing is not None and self._finishing.done():
+                    await self._finished()  # an idle loop learns of a failed delivery too
                 # Everything the fetcher holds (bounded by the fetch sizes): a max_records limit
                 # would fill the batch from the first partitions alone.
                 fetched = await consumer.getmany(timeout_ms=self.batch_timeout_ms)
@@ -201,6 +221,7 @@ class EventConsumer(Service):
                         if self._stopping or self._rebalancing:
                             break  # the rest is read again from the committed offsets
                         await self._process(consumer, batch)
+            await self._finished()
         except Exception as exc:
             self.on_fatal(exc)
 
@@ -220,8 +241,32 @@ class EventConsumer(Service):
         if not records:
             return
         await self.handle(records)
-        await self.sink.flush()  # raises if an output could not be delivered: no commit
+        delivered = await self.sink.delivery()
+        await self._finished()  # the batch before: committed, or its failure raised here
+        self._finishing = asyncio.create_task(
+            self._finish(consumer, delivered, offsets), name="dealstream-event-commit"
+        )
+
+    async def _finish(
+        self,
+        consumer: AIOKafkaConsumer,
+        delivered: Awaitable[object],
+        offsets: dict[TopicPartition, OffsetAndMetadata],
+    ) -> None:
+        await delivered  # raises if an output could not be delivered: no commit
         await self._commit(consumer, offsets)
+
+    async def _finished(self) -> None:
+        """Wait until the last handled batch is delivered and committed; raise its failure."""
+        finishing, self._finishing = self._finishing, None
+        if finishing is not None:
+            await finishing
+
+    async def _settled(self) -> None:
+        """``_finished`` for the rebalance callback: waits the same, but leaves a failure for
+        the loop to raise (it stops the worker; no later batch commits before it)."""
+        if self._finishing is not None:
+            await asyncio.wait((self._finishing,))
 
     async def _commit(
         self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, OffsetAndMetadata]
@@ -242,9 +287,10 @@ class EventConsumer(Service):
     # -- rebalances ----------------------------------------------------------------------------
 
     async def partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        async with self._in_flight:  # the batch in flight commits before the group moves on
-            self._rebalancing = True
-            keys = [(tp.topic, tp.partition) for tp in revoked]
+        async with self._in_flight:  # 1. the batch being handled is handled
+            await self._settled()  # 2. it (and the one before) delivered and committed
+            self._rebalancing = True  # 3. nothing more handled until the next assignment
+        keys = [(tp.topic, tp.partition) for tp in revoked]
         if self.observer is not None:
             self.observer.on_revoked(keys)
 

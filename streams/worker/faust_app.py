@@ -127,8 +127,8 @@ async def _handle_until_done(worker: BatchWorker, records: Sequence[RawRecord]) 
     delay = 0.5
     while True:
         try:
-            # Outputs are handed to the producer here; the event consumer flushes it (FaustSink)
-            # before it commits the batch's offsets.
+            # Outputs are handed to the producer here; the event consumer waits for their
+            # delivery (FaustSink.delivery) before it commits the batch's offsets.
             await worker.handle(records)
             return
         except (OSError, aioredis.RedisError) as exc:
@@ -203,7 +203,8 @@ def create_app(runtime: Runtime) -> faust.App:
         autodiscover=False,
         # Tables live in memory; keep Faust's (empty) data folder out of the working directory.
         datadir=str(_faust_datadir(settings.group_id)),
-        # Flushed after every batch (FaustSink.flush) before its offsets are committed.
+        # Each batch's outputs are acknowledged (FaustSink.delivery) before its offsets are
+        # committed.
         producer_acks=-1,
         producer_linger=0.005,
         web_router_enabled=False,
@@ -234,7 +235,7 @@ def create_app(runtime: Runtime) -> faust.App:
         await _handle_until_done(worker, records)
 
     # Faust starts it (an instance is accepted, though typed as a class) once its producer and
-    # web server run, and stops it before the producer: the last batch is flushed and committed
+    # web server run, and stops it before the producer: the last batches are delivered and committed
     # while the producer is still up.
     app.service(
         EventConsumer(  # type: ignore[arg-type]

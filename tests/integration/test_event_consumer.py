@@ -2,20 +2,26 @@
 
 - co-partitioned assignment: with two members, partition n of the three event topics is on
   one member;
-- offsets are committed only after the sink flushed: a batch whose flush fails is read again
-  by the next consumer of the group;
-- on revoke, the batch in flight is handled, flushed and committed before the group moves on:
-  the member that takes over starts after it, so no record is handled twice.
+- offsets are committed only after the batch's outputs were delivered: a batch whose delivery
+  fails is read again by the next consumer of the group, and so is the batch handled while it
+  was being delivered (one batch ahead);
+- commits are in batch order, each only once every output of the records below it was
+  acknowledged, even when deliveries complete out of order;
+- on revoke, the batches in flight (the one being handled and the one being delivered) are
+  handled, delivered and committed before the group moves on: the member that takes over
+  starts after them, so no record is handled twice.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any, NamedTuple
 
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.structs import OffsetAndMetadata
 
 from streams.adapters.decode import RawRecord
 from streams.adapters.kafka_io import ensure_topics
@@ -46,9 +52,154 @@ class Assignments:
         self.revoked.extend(partitions)  # type: ignore[call-overload]
 
 
-class FailingFlushSink(ListSink):
-    async def flush(self) -> None:
-        raise OSError("delivery failed (test)")
+Where = tuple[str, int, int]
+"""(topic, partition, offset) of an input record; its output's key encodes the same."""
+
+
+def where(record: RawRecord) -> Where:
+    return (record.topic, record.partition, record.offset)
+
+
+def output_key(record: RawRecord) -> bytes:
+    return f"{record.topic}/{record.partition}/{record.offset}".encode()
+
+
+class Recorder:
+    """A batch handler that keeps each batch and sends one output per record to ``sink``.
+
+    ``committed_before`` holds, for every batch, how many commits the consumer had made when
+    its handling began (``consumer`` is set once the consumer exists)."""
+
+    def __init__(self, sink: ListSink, *, delay_s: float = 0.0) -> None:
+        self.sink = sink
+        self.delay_s = delay_s
+        self.batches: list[list[RawRecord]] = []
+        self.committed_before: list[int] = []
+        self.consumer: ProbedConsumer | None = None
+
+    async def __call__(self, records: Sequence[RawRecord]) -> None:
+        if self.consumer is not None:
+            self.committed_before.append(len(self.consumer.commits))
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        for record in records:
+            await self.sink.send("out", output_key(record), b"")
+        self.batches.append(list(records))
+
+    def handled(self) -> list[RawRecord]:
+        return [record for batch in self.batches for record in batch]
+
+
+class TimedSink(ListSink):
+    """A sink whose deliveries complete on their own, like a producer's acknowledgements.
+
+    Delivery number n takes ``delays[n % len(delays)]`` seconds from its ``delivery`` call, so
+    deliveries complete out of order; with a ``gate``, none completes before the gate is set.
+    Delivery number ``fail_at`` raises instead, once ``fail_when()`` holds (or after TIMEOUT_S;
+    ``failed_when`` says which): the failure comes after whatever the test waits for. ``acked``
+    holds the acknowledged outputs' keys."""
+
+    def __init__(
+        self,
+        delays: Sequence[float] = (0.0,),
+        *,
+        gate: asyncio.Event | None = None,
+        fail_at: int | None = None,
+        fail_when: Callable[[], bool] = lambda: True,
+    ) -> None:
+        super().__init__()
+        self.delays = tuple(delays)
+        self.gate = gate
+        self.fail_at = fail_at
+        self.fail_when = fail_when
+        self.failed_when: bool | None = None
+        self.acked: set[bytes | None] = set()
+        self._handed = 0
+
+    async def delivery(self) -> Awaitable[object]:
+        number = self.flushes
+        self.flushes += 1
+        keys = [record.key for record in self.records[self._handed :]]
+        self._handed = len(self.records)
+        return asyncio.ensure_future(self._deliver(number, keys))
+
+    async def _deliver(self, number: int, keys: list[bytes | None]) -> None:
+        if self.gate is not None:
+            await asyncio.wait_for(self.gate.wait(), TIMEOUT_S)
+        await asyncio.sleep(self.delays[number % len(self.delays)])
+        if number == self.fail_at:
+
+            async def due() -> bool:
+                return self.fail_when()
+
+            self.failed_when = await poll_until(due, TIMEOUT_S, interval_s=0.01)
+            raise OSError("delivery failed (test)")
+        self.acked.update(keys)
+        self.delivered += len(keys)
+
+
+class Revoke(NamedTuple):
+    """Batches handled and committed when a revoke began and when it returned, and the
+    outputs delivered by then."""
+
+    handled_before: int
+    committed_before: int
+    handled_after: int
+    committed_after: int
+    delivered_after: int
+
+
+class ProbedConsumer(EventConsumer):
+    """An ``EventConsumer`` that checks every commit and records the state at each revoke.
+
+    Before each commit: what it commits (``commits``) and every input below it, handled by
+    this consumer, whose output ``sink`` has not acknowledged (``unacknowledged``). A revoke
+    that takes partitions sets the ``gate`` (if any) and is recorded (``revokes``)."""
+
+    def __init__(
+        self, recorder: Recorder, sink: TimedSink, *, gate: asyncio.Event | None, **options: Any
+    ) -> None:
+        super().__init__(handle=recorder, sink=sink, **options)
+        self.recorder = recorder
+        self.timed_sink = sink
+        self.gate = gate
+        self.commits: list[dict[tuple[str, int], int]] = []
+        self.unacknowledged: list[Where] = []
+        self.revokes: list[Revoke] = []
+        recorder.consumer = self
+
+    async def _commit(
+        self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, OffsetAndMetadata]
+    ) -> None:
+        nexts = {(tp.topic, tp.partition): meta.offset for tp, meta in offsets.items()}
+        self.commits.append(nexts)
+        self.unacknowledged += [
+            where(record)
+            for record in self.recorder.handled()
+            if record.offset < nexts.get((record.topic, record.partition), 0)
+            and output_key(record) not in self.timed_sink.acked
+        ]
+        await super()._commit(consumer, offsets)
+
+    async def partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        revoked = list(revoked)
+        if not revoked:  # the first join
+            await super().partitions_revoked(revoked)
+            return
+        before = (len(self.recorder.batches), self.batches_committed)
+        if self.gate is not None:
+            self.gate.set()
+        await super().partitions_revoked(revoked)
+        after = (len(self.recorder.batches), self.batches_committed, self.timed_sink.delivered)
+        self.revokes.append(Revoke(*before, *after))
+
+
+def next_offsets(batch: Sequence[RawRecord]) -> dict[tuple[str, int], int]:
+    nexts: dict[tuple[str, int], int] = {}
+    for record in batch:
+        key = (record.topic, record.partition)
+        nexts[key] = max(nexts.get(key, 0), record.offset + 1)
+    return nexts
 
 
 @pytest.fixture
@@ -111,6 +262,32 @@ def make_consumer(
     )
 
 
+def probed_consumer(
+    services: Services,
+    isolation: Isolation,
+    topics: Topics,
+    recorder: Recorder,
+    sink: TimedSink,
+    *,
+    gate: asyncio.Event | None = None,
+    observer: Assignments | None = None,
+    failures: list[BaseException] | None = None,
+) -> ProbedConsumer:
+    return ProbedConsumer(
+        recorder,
+        sink,
+        gate=gate,
+        bootstrap=services.kafka_bootstrap,
+        group_id=isolation.group_id,
+        topics=topics.events,
+        batch_max=50,
+        batch_within_s=0.05,
+        session_timeout_s=SESSION_S,
+        observer=observer,
+        on_fatal=failures.append if failures is not None else _raise,
+    )
+
+
 def _raise(exc: BaseException) -> None:
     raise AssertionError("the consumer failed") from exc
 
@@ -152,7 +329,7 @@ async def test_a_batch_whose_flush_fails_is_not_committed_and_is_read_again(
     failures: list[BaseException] = []
     first: list[RawRecord] = []
     broken = make_consumer(
-        services, isolation, topics, first, FailingFlushSink(), failures=failures
+        services, isolation, topics, first, TimedSink(fail_at=0), failures=failures
     )
     await broken.start()
     try:
@@ -187,27 +364,105 @@ async def test_a_batch_whose_flush_fails_is_not_committed_and_is_read_again(
     assert sink.flushes >= consumer.batches_committed
 
 
-async def test_revoke_finishes_flushes_and_commits_the_batch_in_flight(
+async def test_a_failed_delivery_commits_nothing_of_its_batch_nor_of_the_batch_handled_meanwhile(
+    services: Services, isolation: Isolation, topics: Topics
+) -> None:
+    total = 600
+    await produce(services, topics, total)
+    failures: list[BaseException] = []
+    # The second batch's delivery fails, but only once the third batch has been handled.
+    sink = TimedSink(fail_at=1, fail_when=lambda: len(recorder.batches) >= 3)
+    recorder = Recorder(sink)
+    broken = probed_consumer(services, isolation, topics, recorder, sink, failures=failures)
+    await broken.start()
+    try:
+
+        async def failed() -> bool:
+            return bool(failures)
+
+        assert await poll_until(failed, TIMEOUT_S)
+    finally:
+        await broken.stop()
+    assert isinstance(failures[0], OSError)
+    assert sink.failed_when, "the failure came after the next batch was handled"
+    assert len(recorder.batches) >= 3
+    assert broken.commits == [next_offsets(recorder.batches[0])], "only the first batch"
+    assert not broken.unacknowledged
+    assert await committed(services, isolation.group_id) == next_offsets(recorder.batches[0])
+
+    again: list[RawRecord] = []
+    consumer = make_consumer(services, isolation, topics, again, ListSink())
+    await consumer.start()
+    try:
+
+        async def drained() -> bool:
+            return len(again) >= total - len(recorder.batches[0])
+
+        assert await poll_until(drained, TIMEOUT_S)
+    finally:
+        await consumer.stop()
+    seen = [where(r) for r in again]
+    assert len(seen) == len(set(seen)) == total - len(recorder.batches[0])
+    assert not {where(r) for r in recorder.batches[0]} & set(seen), "the first batch stays done"
+    for batch in recorder.batches[1:3]:
+        assert {where(r) for r in batch} <= set(seen), "the failed batch and the next, again"
+    assert sum((await committed(services, isolation.group_id)).values()) == total
+
+
+async def test_commits_follow_batch_order_and_the_acknowledgements(
+    services: Services, isolation: Isolation, topics: Topics
+) -> None:
+    total = 1_500
+    await produce(services, topics, total)
+    # Deliveries of unequal length: a batch's outputs are often acknowledged after the next's.
+    sink = TimedSink(delays=(0.08, 0.0, 0.03, 0.0))
+    recorder = Recorder(sink)
+    consumer = probed_consumer(services, isolation, topics, recorder, sink)
+    await consumer.start()
+    try:
+
+        async def drained() -> bool:
+            return len(recorder.handled()) >= total
+
+        assert await poll_until(drained, TIMEOUT_S)
+    finally:
+        await consumer.stop()  # the last batches are delivered and committed first
+    assert len(recorder.batches) >= 10
+    in_order = [next_offsets(batch) for batch in recorder.batches]
+    assert consumer.commits == in_order, "one commit per batch, in batch order"
+    assert not consumer.unacknowledged, "never past an output not yet acknowledged"
+    assert len(sink.acked) == total
+    # One batch ahead: some batch was handled before the batch before it was committed.
+    assert any(done < index for index, done in enumerate(recorder.committed_before))
+    assert all(done >= index - 1 for index, done in enumerate(recorder.committed_before)), (
+        "never more than one batch ahead"
+    )
+    assert sum((await committed(services, isolation.group_id)).values()) == total
+
+
+async def test_revoke_waits_for_the_batches_in_flight_to_be_delivered_and_committed(
     services: Services, isolation: Isolation, topics: Topics
 ) -> None:
     total = 3_000
     await produce(services, topics, total)
-    handled_a: list[RawRecord] = []
-    handled_b: list[RawRecord] = []
-    sink_a = ListSink()
+    # A's deliveries wait for the revoke: when B joins, A has handled two batches and committed
+    # none (the first is being delivered, the second was handled meanwhile).
+    gate = asyncio.Event()
+    sink_a = TimedSink(delays=(0.05, 0.0), gate=gate)
+    recorder_a = Recorder(sink_a, delay_s=0.05)
     observer_a = Assignments()
-    # Slow batches: a rebalance nearly always lands while one is in flight.
-    a = make_consumer(
-        services, isolation, topics, handled_a, sink_a, observer=observer_a, delay_s=0.2
+    a = probed_consumer(
+        services, isolation, topics, recorder_a, sink_a, gate=gate, observer=observer_a
     )
+    handled_b: list[RawRecord] = []
     b = make_consumer(services, isolation, topics, handled_b, ListSink())
     await a.start()
     try:
 
-        async def a_started() -> bool:
-            return len(handled_a) >= 100
+        async def a_waits() -> bool:
+            return len(recorder_a.batches) >= 2
 
-        assert await poll_until(a_started, TIMEOUT_S)
+        assert await poll_until(a_waits, TIMEOUT_S)
         await b.start()
         try:
 
@@ -215,18 +470,21 @@ async def test_revoke_finishes_flushes_and_commits_the_batch_in_flight(
                 return bool(observer_a.revoked)
 
             assert await poll_until(revoked, TIMEOUT_S)
-            # Every batch A handled before the revoke returned was flushed and committed.
-            assert sink_a.flushes == a.batches_committed
 
             async def drained() -> bool:
-                return len(handled_a) + len(handled_b) >= total
+                return len(recorder_a.handled()) + len(handled_b) >= total
 
             assert await poll_until(drained, TIMEOUT_S)
         finally:
             await b.stop()
     finally:
         await a.stop()
-    keys = [(r.topic, r.partition, r.offset) for r in handled_a + handled_b]
+    revoke = a.revokes[0]
+    assert (revoke.handled_before, revoke.committed_before) == (2, 0), "two batches in flight"
+    assert revoke.handled_after == revoke.committed_after == 2, "both committed, no third one"
+    assert revoke.delivered_after == sum(len(batch) for batch in recorder_a.batches[:2])
+    assert not a.unacknowledged
+    keys = [where(r) for r in recorder_a.handled() + handled_b]
     assert len(keys) == len(set(keys)) == total, "nothing handled twice, nothing skipped"
     offsets = await committed(services, isolation.group_id)
     assert sum(offsets.values()) == total

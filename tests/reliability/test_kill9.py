@@ -351,7 +351,7 @@ async def output_ids(services: Services, topic: str, field: str, timeout_s: floa
 @pytest.mark.xfail(
     strict=True,
     reason="BUG: outputs are at-most-once across a crash: the Lua call advances the Redis "
-    "watermarks before the batch's offers and decisions are delivered (FaustSink.flush), so a "
+    "watermarks before the batch's offers and decisions are delivered (FaustSink.delivery), so a "
     "SIGKILL in between loses them for good; the redelivered events are then skipped as "
     "REDELIVERED and produce no output",
 )

@@ -13,7 +13,7 @@ import inspect
 import io
 import re
 import types
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -131,7 +131,13 @@ def test_the_cli_example_registers_its_subcommand_and_handler() -> None:
 
 def test_the_sink_example_receives_a_workers_outputs_as_json_lines() -> None:
     source = example("# streams/adapters/sinks.py")
-    namespace: dict[str, Any] = {"IO": IO, "Sequence": Sequence, "orjson": orjson}
+    namespace: dict[str, Any] = {
+        "IO": IO,
+        "Sequence": Sequence,
+        "Awaitable": Awaitable,
+        "asyncio": asyncio,
+        "orjson": orjson,
+    }
     exec(compile(source, f"{PAGE.name}:sinks", "exec"), namespace)
     out = io.BytesIO()
     sink = namespace["JsonLinesSink"](out)
@@ -159,6 +165,7 @@ def test_the_sink_example_receives_a_workers_outputs_as_json_lines() -> None:
 
     async def run() -> None:
         await worker.handle(records)
+        await (await sink.delivery())  # as the worker's event consumer waits
         await sink.flush()
 
     asyncio.run(run())
