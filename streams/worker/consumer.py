@@ -36,7 +36,8 @@ On a rebalance, ``on_partitions_revoked``, in this order: waits for the batch be
 (the ``_in_flight`` lock), then for it and the batch before it to be delivered and committed
 (nothing else is uncommitted; the fetched records not yet handled are dropped and read again
 by the partitions' next owner); stops handling until the next assignment; tells the observer
-(the status page). ``on_partitions_assigned`` gives the observer the new full assignment.
+(the feature store, which drops the records it held, and the status page).
+``on_partitions_assigned`` gives the observer the new full assignment.
 ``stop`` finishes the same way and leaves the group.
 """
 
