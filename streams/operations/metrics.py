@@ -234,6 +234,12 @@ class WorkerMetrics:
             "Event-topic partitions currently assigned to this worker.",
             registry=r,
         )
+        self.feature_records_held = Gauge(
+            "dealstream_feature_records_held",
+            "Users whose feature records this worker holds in memory (its own partitions' users; "
+            "bounded by DEALSTREAM_STATE_CACHE_USERS, about 2.2 KB each).",
+            registry=r,
+        )
         self.pending_labels = Gauge(
             "dealstream_pending_labels",
             "Decisions waiting for a label (purchase or window expiry), all campaigns; shared.",

@@ -77,6 +77,7 @@ def bootstrap(
     features = RedisFeatureStore(
         client, prefix=settings.redis_prefix, max_cached_users=settings.state_cache_users
     )
+    metrics.feature_records_held.set_function(features.held_users)
     store = TimedFeatureStore(features, redis_seconds.labels("features").observe)
     config = settings.engine_config()
     ledger = TimedLedger(

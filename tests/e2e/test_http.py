@@ -66,6 +66,7 @@ METRIC_NAMES = (
     "dealstream_model_age_seconds",
     "dealstream_rebalances_total",
     "dealstream_assigned_partitions",
+    "dealstream_feature_records_held",
     "dealstream_pending_labels",
     "dealstream_consumer_lag",
     "dealstream_consumer_lag_seconds",
@@ -207,6 +208,8 @@ def test_health_ready_metrics_and_status_page(
     )
     assert 0 <= value("dealstream_budget_remaining", campaign="http-budgeted") < 25.0
     assert value("dealstream_assigned_partitions") == 6
+    # Every user it applied events of is held (far below the bound).
+    assert value("dealstream_feature_records_held") == len({str(e["user_id"]) for e in events})
     assert value("dealstream_ready") == 1
     assert value("dealstream_rebalances_total") >= 1
     assert value("dealstream_redis_call_seconds_count", script="features") > 0

@@ -238,6 +238,7 @@ def test_every_metric_follows_prometheus_naming() -> None:
         "dealstream_model_age_seconds",
         "dealstream_rebalances",
         "dealstream_assigned_partitions",
+        "dealstream_feature_records_held",
         "dealstream_pending_labels",
         "dealstream_consumer_lag",
         "dealstream_consumer_lag_seconds",
