@@ -88,8 +88,13 @@ def isolation() -> Isolation:
     return Isolation(topic_prefix=f"t{tag}.", redis_prefix=f"ds:t{tag}:", group_id=f"g{tag}")
 
 
-@pytest.fixture
-def free_port() -> int:
+def unused_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def free_port() -> int:
+    return unused_port()

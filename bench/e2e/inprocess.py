@@ -8,9 +8,10 @@ Kafka consumer and producer cost per event.
 
 from __future__ import annotations
 
+import asyncio
 import resource
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import orjson
@@ -41,6 +42,9 @@ class NullSink:
 
     async def flush(self) -> None:
         """Nothing is ever pending."""
+
+    async def delivery(self) -> Awaitable[object]:
+        return asyncio.sleep(0)
 
 
 def _cpu_s() -> float:

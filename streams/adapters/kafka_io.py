@@ -16,7 +16,7 @@ from streams.errors import ServiceUnavailable
 from streams.settings import redact_url
 
 _KEY_HASHES: dict[bytes, int] = {}
-_KEY_HASHES_MAX = 1_000_000
+_KEY_HASHES_MAX = 200_000
 
 
 def default_partition(key: bytes, partitions: int) -> int:

@@ -14,7 +14,6 @@ Afterwards every user's raw state and feature vector must equal the in-order ref
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ import redis.asyncio as aioredis
 from engine.features.catalogue import compute_features
 from streams.adapters.kafka_io import ensure_topics
 from streams.settings import Topics
-from tests.conftest import Isolation, Services
+from tests.conftest import Isolation, Services, unused_port
 from tests.reliability.test_kill9 import (
     LIFETIME_FIELDS,
     PARTITIONS,
@@ -38,12 +37,6 @@ from tests.worker_process import clean_up, produce_events, read_states
 pytestmark = pytest.mark.reliability
 
 
-def another_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_partitions_moving_between_two_workers_keep_every_users_features_exact(
     services: Services, isolation: Isolation, free_port: int, tmp_path: Path
 ) -> None:
@@ -51,7 +44,7 @@ async def test_partitions_moving_between_two_workers_keep_every_users_features_e
     want = await reference_states(events)
     topics = Topics(isolation.topic_prefix)
     first = kill9_worker(services, isolation, free_port, tmp_path / "a.log")
-    second = kill9_worker(services, isolation, another_port(), tmp_path / "b.log")
+    second = kill9_worker(services, isolation, unused_port(), tmp_path / "b.log")
     client = aioredis.Redis.from_url(services.redis_url)
     try:
         await ensure_topics(services.kafka_bootstrap, topics.all, partitions=PARTITIONS)
