@@ -15,11 +15,13 @@
 --            than escaped JSON, cut out only for decisions that are recorded
 -- Every op is checked before anything is written: a malformed batch is refused with an error
 -- reply ('ledger: ' and what is wrong) and changes nothing.
--- Returns { outcomes, events, stop_loss } where outcomes[i] is, for a decision: 0 rate-limited,
+-- Returns { outcomes, events, stop_loss, epoch } where outcomes[i] is, for a decision: 0 rate-limited,
 -- 1 offer granted, 2 decided without an offer, 3 denied by cooldown, 4 by max offers per day,
 -- 5 by budget; for a purchase: -1. events is a flat list of (kind, record, converted_at or '',
 -- at) with kind 'C' converted, 'E' elapsed, 'X' closed. stop_loss is a flat list of (name,
 -- stopped 0/1, since or '', decisions, incremental margin, upper, lower ('' when unknown)).
+-- epoch is the state epoch <p>se ('' when unset): `dealstream forget` bumps it, and a worker
+-- that sees it change forgets the decision times it remembers (redis_ledger.py).
 --
 -- Keys are built from the prefix (this script is for a single Redis node, like features.lua):
 --   <p>g:{user}   hash  <campaign>|d last decision ts, <campaign>|o last offer ts,
@@ -30,6 +32,7 @@
 --   <p>pq         zset  decision_id \x1f user, scored by the end of the attribution window
 --   <p>pe         zset  the same members, scored by decision ts + elapsed_ms
 --   <p>b:<campaign>:<day>  discount spent that day, in cents
+--   <p>se         string  the state epoch (read only; written by `dealstream forget`)
 --   <p>sl:<campaign>      hash  <epoch>|<arm>|<sum> stop-loss sums (n y yy yn nn u), and
 --                       state, since, decisions, diff, upper, lower (the last evaluation)
 
@@ -469,4 +472,4 @@ for _, campaign in ipairs(stop_loss_order) do
   statuses[#statuses + 1] = figure(lower)
 end
 
-return { outcomes, events, statuses }
+return { outcomes, events, statuses, redis.call('GET', prefix .. 'se') or '' }

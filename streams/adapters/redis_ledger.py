@@ -4,6 +4,10 @@ Budgets are plain Redis counters checked and incremented inside the script, so a
 workers share them without ever overspending; the stop-loss sums and state live next to them,
 so every worker sees the same campaign state. See ``ledger.lua`` (next to this module) for the
 key layout.
+
+The ledger remembers the decision times it settled (``rate_limited``), so that the engine does
+not compute features and scores for decisions the script would drop: most intent events of a
+browsing session fall inside the decision interval of the session's first.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from engine.ledger import (
     without_offer,
 )
 from engine.stop_loss import StopLossStatus
-from streams.adapters.redis_store import hash_tag
+from streams.adapters.redis_store import hash_tag, state_epoch_key
 
 _OUTCOMES: dict[int, DecisionOutcome] = {
     0: RATE_LIMITED,
@@ -48,6 +52,9 @@ _KINDS: dict[bytes | str, LabelKind] = {
     "X": LabelKind.CLOSED,
 }
 _DENIED = ord("N")
+_REMEMBERED_DECISIONS_MAX = 200_000
+"""Bound of the remembered decision times (one per user and campaign, about 200 bytes each);
+the oldest go first, and a forgotten time only means one proposal the script drops."""
 
 
 def _text(value: bytes | str) -> str:
@@ -78,6 +85,12 @@ class RedisLedger:
         self.attribution_window_ms = config.attribution_window_ms
         source = resources.files("streams.adapters").joinpath("ledger.lua").read_text()
         self._script = client.register_script(source)
+        self._last_decision: dict[tuple[str, str], int] = {}
+        """The latest decision time this ledger settled per (user, campaign), oldest entries
+        first: never later than the script's own (which only grows, whoever decides), so a
+        decision it finds inside the interval the script finds inside it too."""
+        self._epoch: bytes | None = None
+        """The state epoch the last call returned; a change means ``dealstream forget`` ran."""
         self._head: list[Any] = []
         for name, setting in sorted(config.stop_loss.items()):
             stop = setting.config
@@ -91,10 +104,25 @@ class RedisLedger:
         return True
 
     def rate_limited(self, user_id: str, campaign: str, ts: int, interval_ms: int) -> bool:
-        """Never known here without a round trip: ``ledger.lua`` drops such decisions at
-        ``settle`` (where the decision interval is checked atomically for every worker)."""
-        del user_id, campaign, ts, interval_ms
-        return False
+        """Whether the decision interval certainly has not passed: by the decision times this
+        ledger settled itself. ``ledger.lua`` checks every decision again, atomically for all
+        workers; this only spares the engine proposing what it would drop."""
+        last = self._last_decision.get((user_id, campaign))
+        return interval_ms > 0 and last is not None and ts - last < interval_ms
+
+    def _remember(
+        self, ops: Sequence[LedgerOp], outcomes: Sequence[DecisionOutcome | None]
+    ) -> None:
+        remembered = self._last_decision
+        for op, outcome in zip(ops, outcomes, strict=True):
+            if outcome is None or not outcome.decided or not isinstance(op, DecisionRequest):
+                continue
+            decision = op.decision
+            key = (decision.user_id, decision.campaign)
+            last = remembered.pop(key, None)
+            remembered[key] = decision.ts if last is None else max(last, decision.ts)
+        while len(remembered) > _REMEMBERED_DECISIONS_MAX:
+            del remembered[next(iter(remembered))]
 
     async def settle(self, ops: Sequence[LedgerOp], *, now_ms: int) -> LedgerResult:
         config = self.config
@@ -143,8 +171,15 @@ class RedisLedger:
             # each record as stored when the decision is recorded as proposed: 'G' + JSON
             b"G" + b"G".join(records) if records else b"",
         ]
-        outcomes_raw, events_raw, statuses_raw = await self._script(keys=[], args=args)
+        outcomes_raw, events_raw, statuses_raw, epoch = await self._script(keys=[], args=args)
         outcomes = [None if int(code) < 0 else _OUTCOMES[int(code)] for code in outcomes_raw]
+        epoch = epoch.encode() if isinstance(epoch, str) else epoch
+        if epoch != self._epoch:
+            # A user was forgotten (or this is the first call): what was remembered may name
+            # decisions the script no longer knows.
+            self._last_decision.clear()
+            self._epoch = epoch
+        self._remember(ops, outcomes)
         events = [
             LabelEvent(
                 _pending_from_stored(events_raw[k + 1], events_raw[k + 2]),
@@ -200,4 +235,10 @@ class RedisLedger:
             members = [f"{d}\x1f{tag}" for d in decision_ids]
             await self._client.zrem(f"{self._prefix}pq", *members)
             await self._client.zrem(f"{self._prefix}pe", *members)
-        return int(await self._client.delete(f"{self._prefix}g:{{{tag}}}", pending_key))
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.delete(f"{self._prefix}g:{{{tag}}}", pending_key)
+            # After the deletion: a worker whose next call sees the new epoch forgets the
+            # decision times it remembers, the deleted ones among them.
+            pipe.incr(state_epoch_key(self._prefix))
+            removed, _ = await pipe.execute()
+        return int(removed)

@@ -61,6 +61,12 @@ def hash_tag(user_id: str) -> str:
     return user_id.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
 
 
+def state_epoch_key(prefix: str) -> str:
+    """The state epoch: ``dealstream forget`` bumps it, so that every worker drops what it
+    holds in memory of any user (feature records, remembered decision times) and reads again."""
+    return f"{prefix}se"
+
+
 def _field(partition: PartitionKey) -> str:
     return f"{partition[0]}:{partition[1]}"
 
@@ -122,7 +128,7 @@ class RedisFeatureStore:
 
     @property
     def epoch_key(self) -> str:
-        return f"{self._prefix}se"
+        return state_epoch_key(self._prefix)
 
     def user_keys(self, user_id: str) -> list[str]:
         """Every key this store keeps for a user (for ``dealstream forget``)."""

@@ -4,7 +4,10 @@
    an advancing ``now_ms``, give the same outcomes, label events (in the same order), stop-loss
    statuses (state and figures, to the last bit), budget counters and pending counts as
    ``InMemoryLedger``.
-2. ``forget`` removes a user's guard and pending keys and their queue members, nothing else.
+   What the Redis ledger remembers of its own decisions (``rate_limited``) agrees with the
+   in-memory ledger after every settle.
+2. ``forget`` removes a user's guard and pending keys and their queue members, nothing else,
+   and every ledger forgets the user's decision times at its next call.
 3. Concurrency: eight clients race for one campaign budget; the total granted never exceeds
    it, not by one cent.
 
@@ -278,6 +281,16 @@ async def check_parity(redis_url: str, prefix: str, scenario: Scenario) -> None:
                         campaign, day
                     ) == await memory.budget_spent_cents(campaign, day), (where, campaign, day)
             assert await redis_ledger.pending_count() == await memory.pending_count(), where
+            probes = {op.decision.ts for op in ops if isinstance(op, DecisionRequest)}
+            for user in USERS:
+                for campaign in CAMPAIGNS:
+                    for ts in probes:
+                        for later in (0, MINUTE_MS - 1, MINUTE_MS, HOUR_MS):
+                            for interval in (MINUTE_MS, HOUR_MS):
+                                args = (user, campaign, ts + later, interval)
+                                assert redis_ledger.rate_limited(*args) == memory.rate_limited(
+                                    *args
+                                ), (where, args)
             for outcome in expected.outcomes:
                 if outcome is not None:
                     label(f"outcome {_outcome_name(outcome)}")
@@ -532,7 +545,7 @@ async def test_a_malformed_packed_op_is_refused_before_anything_is_written(
     )
     try:
         # the good op alone is granted: the packing above is the one the script expects
-        outcomes, _, _ = await script(keys=[], args=_packed(prefix, GOOD, records=RECORD))
+        outcomes, _, _, _ = await script(keys=[], args=_packed(prefix, GOOD, records=RECORD))
         assert outcomes == [1]
         await delete_prefix(client, prefix)
         with pytest.raises(ResponseError, match=re.escape(f"ledger: {refusal}")) as refused:
@@ -651,6 +664,41 @@ async def _race(
     finally:
         for client in clients:
             await client.aclose()
+
+
+async def test_a_ledger_forgets_remembered_decision_times_when_a_user_is_forgotten(
+    services: Services, isolation: Isolation
+) -> None:
+    """``rate_limited`` answers from the decisions this ledger settled; after ``forget`` (by
+    another process: the CLI) its next call sees the new state epoch and forgets them, so the
+    forgotten user's next decision is proposed and made."""
+    prefix = isolation.redis_prefix
+    client = aioredis.Redis.from_url(services.redis_url)
+    try:
+        worker = RedisLedger(client, prefix=prefix, config=PLAIN)
+        cli = RedisLedger(client, prefix=prefix, config=PLAIN)
+        assert not worker.rate_limited("u1", "alpha", T0, HOUR_MS)
+        await worker.settle([_request("first", "u1", T0, interval_ms=HOUR_MS)], now_ms=T0)
+        await worker.settle([_request("other", "u2", T0, interval_ms=HOUR_MS)], now_ms=T0)
+        assert worker.rate_limited("u1", "alpha", T0 + MINUTE_MS, HOUR_MS)
+        assert not worker.rate_limited("u1", "alpha", T0 + HOUR_MS, HOUR_MS)
+        assert not worker.rate_limited("u1", "beta", T0 + MINUTE_MS, HOUR_MS)
+        assert worker.rate_limited("u2", "alpha", T0 + MINUTE_MS, HOUR_MS)
+
+        await cli.forget("u1")
+        # Without a round trip the worker cannot know yet; the script checks every decision.
+        assert worker.rate_limited("u1", "alpha", T0 + MINUTE_MS, HOUR_MS)
+        later = T0 + 2 * MINUTE_MS
+        result = await worker.settle(
+            [_request("second", "u1", later, interval_ms=HOUR_MS)], now_ms=later
+        )
+        assert result.outcomes == [DecisionOutcome(decided=True)]
+        # What it remembered before is gone, the decision it just made is remembered.
+        assert not worker.rate_limited("u2", "alpha", T0 + MINUTE_MS, HOUR_MS)
+        assert worker.rate_limited("u1", "alpha", later + MINUTE_MS, HOUR_MS)
+    finally:
+        await delete_prefix(client, prefix)
+        await client.aclose()
 
 
 @pytest.mark.parametrize("seed", [1, 2])
