@@ -5,15 +5,20 @@ Redis with the batch (``streams/adapters/redis_store.py``). When a partition mov
 comes back, what its first owner held went stale meanwhile; it must have been dropped on the
 revoke, or the first owner would write old counts over the second owner's. The scenario:
 
-1. worker A consumes alone until a fifth of the input is applied;
-2. worker B joins: the group splits the partitions, both consume (B must apply some);
-3. B leaves (SIGTERM): its partitions go back to A, which finishes the input.
+1. worker A consumes the first third of the input alone;
+2. worker B joins; once the group has split the partitions, the second third is produced and
+   both consume it (B must apply some);
+3. B leaves (SIGTERM): its partitions go back to A, and the last third is produced.
+
+The input is produced in thirds so that each owner surely has work, however fast the workers.
 
 Afterwards every user's raw state and feature vector must equal the in-order reference.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -32,9 +37,22 @@ from tests.reliability.test_kill9 import (
     simulated_events,
     wait_applied,
 )
-from tests.worker_process import clean_up, produce_events, read_states
+from tests.worker_process import WorkerProcess, clean_up, produce_events, read_states
 
 pytestmark = pytest.mark.reliability
+
+
+async def wait_assigned(worker: WorkerProcess, timeout_s: float) -> None:
+    """Until the worker logs that the group gave it some event partitions."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for line in worker.run_log_text().splitlines():
+            if '"msg":"assigned ' in line and '"msg":"assigned 0 ' not in line:
+                return
+        if not worker.alive():
+            raise AssertionError("the worker exited before it was assigned" + worker.tail())
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"no partitions assigned within {timeout_s:.0f} s" + worker.tail())
 
 
 async def test_partitions_moving_between_two_workers_keep_every_users_features_exact(
@@ -48,14 +66,18 @@ async def test_partitions_moving_between_two_workers_keep_every_users_features_e
     client = aioredis.Redis.from_url(services.redis_url)
     try:
         await ensure_topics(services.kafka_bootstrap, topics.all, partitions=PARTITIONS)
-        total = await produce_events(services, topics, events)
+        third = len(events) // 3
+        total = await produce_events(services, topics, events[:third])
         first.start()
-        await wait_applied(client, isolation, first, total // 5, 90)
+        await wait_applied(client, isolation, first, total, 90)
         second.start()
+        await wait_assigned(second, 90)
+        total += await produce_events(services, topics, events[third : 2 * third])
         joined = await second.wait_progress(lambda line: line["applied"] > 0, 90)
-        await wait_applied(client, isolation, first, total // 2, 90)
+        await wait_applied(client, isolation, first, total, 90)
         assert first.alive(), "worker A exited" + first.tail()
         assert second.stop() == 0, "worker B did not stop cleanly" + second.tail()
+        total += await produce_events(services, topics, events[2 * third :])
         await wait_applied(client, isolation, first, total, 90)
         got = await read_states(services, isolation, want)
         final = first.last_progress()
