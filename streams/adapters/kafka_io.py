@@ -15,6 +15,10 @@ from aiokafka.partitioner import murmur2
 from streams.errors import ServiceUnavailable
 from streams.settings import redact_url
 
+PRODUCER_MAX_REQUEST_BYTES = 1_000_000
+"""The largest record our producers send (their ``max_request_size``, Faust's default; the
+broker's default ``message.max.bytes`` is 1,048,588): dead letters are cut to fit it."""
+
 _KEY_HASHES: dict[bytes, int] = {}
 _KEY_HASHES_MAX = 200_000
 

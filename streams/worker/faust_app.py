@@ -26,6 +26,7 @@ from faust.app.base import BootStrategy
 from engine.campaigns import default_campaigns, load_campaigns
 from engine.pipeline import DiscountEngine
 from streams.adapters.decode import DecodeLimits, RawRecord
+from streams.adapters.kafka_io import PRODUCER_MAX_REQUEST_BYTES
 from streams.adapters.model_store import ModelReloader, ModelStore
 from streams.adapters.redis_ledger import RedisLedger
 from streams.adapters.redis_store import RedisFeatureStore
@@ -208,6 +209,8 @@ def create_app(runtime: Runtime) -> faust.App:
         # committed.
         producer_acks=-1,
         producer_linger=0.005,
+        # Dead letters are cut to fit this (DecodeLimits.max_dead_letter_bytes).
+        producer_max_request_size=PRODUCER_MAX_REQUEST_BYTES,
         web_router_enabled=False,
         web_tables_enabled=False,
     )
