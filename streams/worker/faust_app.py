@@ -14,7 +14,7 @@ import asyncio
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from typing import Any
 import faust
 import redis.asyncio as aioredis
 from faust.app.base import BootStrategy
+from faust.transport.drivers.aiokafka import Producer as AIOKafkaDriverProducer
 
 from engine.campaigns import default_campaigns, load_campaigns
 from engine.pipeline import DiscountEngine
@@ -177,6 +178,16 @@ class _ServingOnly(BootStrategy):
     enable_kafka_consumer = False
 
 
+class IdempotentProducer(AIOKafkaDriverProducer):
+    """Faust's aiokafka producer, idempotent with ``acks=all``: a send the client retries
+    (a lost acknowledgement, a leader change) is written once, in order. Faust turns
+    idempotence on only with ``processing_guarantee="exactly_once"``, which needs its own
+    consumer and transactions; ``producer_acks`` is its only durability setting."""
+
+    def _settings_extra(self) -> Mapping[str, Any]:
+        return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
+
+
 def faust_app_id(group_id: str) -> str:
     """The Faust app's id, apart from the events' consumer group.
 
@@ -197,7 +208,7 @@ def create_app(runtime: Runtime) -> faust.App:
         key_serializer="raw",
         value_serializer="raw",
         store="memory://",
-        topic_replication_factor=1,
+        topic_replication_factor=settings.replication.factor,
         topic_partitions=settings.partitions,
         web_port=settings.http_port,
         web_bind="0.0.0.0",
@@ -214,6 +225,7 @@ def create_app(runtime: Runtime) -> faust.App:
         web_router_enabled=False,
         web_tables_enabled=False,
     )
+    app.producer = IdempotentProducer(app.transport, loop=app.loop, beacon=app.beacon)
     sink = FaustSink(app)
     worker = BatchWorker(
         runtime.engine,

@@ -30,6 +30,7 @@ from streams.settings import (
     DemoSettings,
     Secret,
     Settings,
+    TopicReplication,
     Topics,
     redact_url,
 )
@@ -91,6 +92,39 @@ def test_each_variable_is_read(name: str, raw: str, attribute: str, expected: ob
         if getattr(settings, slot) != getattr(Settings(), slot)
     }
     assert changed <= {attribute}
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, TopicReplication(1, 1)),
+        ({"REPLICATION_FACTOR": "2"}, TopicReplication(2, 1)),
+        ({"REPLICATION_FACTOR": "3"}, TopicReplication(3, 2)),
+        ({"REPLICATION_FACTOR": "5"}, TopicReplication(5, 2)),
+        ({"REPLICATION_FACTOR": "3", "MIN_INSYNC_REPLICAS": "3"}, TopicReplication(3, 3)),
+        ({"REPLICATION_FACTOR": "3", "MIN_INSYNC_REPLICAS": "1"}, TopicReplication(3, 1)),
+    ],
+)
+def test_topic_replication_and_its_min_insync_replicas(
+    env: dict[str, str], expected: TopicReplication
+) -> None:
+    settings = Settings.from_env({f"DEALSTREAM_{k}": v for k, v in env.items()})
+    assert settings.replication == expected
+    assert settings.replication.topic_configs() == {"min.insync.replicas": str(expected.min_insync)}
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"REPLICATION_FACTOR": "0"}, "REPLICATION_FACTOR must be at least 1"),
+        ({"REPLICATION_FACTOR": "two"}, "not a valid int"),
+        ({"REPLICATION_FACTOR": "2", "MIN_INSYNC_REPLICAS": "3"}, "MIN_INSYNC_REPLICAS must be"),
+        ({"MIN_INSYNC_REPLICAS": "0"}, "MIN_INSYNC_REPLICAS must be"),
+    ],
+)
+def test_bad_replication_settings_say_what_to_set(env: dict[str, str], fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        Settings.from_env({f"DEALSTREAM_{k}": v for k, v in env.items()})
 
 
 def test_the_demo_moves_into_its_namespace_and_tunes_its_processes() -> None:
