@@ -39,6 +39,7 @@ from streams.settings import Secret, Settings
 from streams.worker.batch_worker import BatchWorker
 from streams.worker.consumer import AssignmentObserver, EventConsumer, TopicPartitionKey
 from streams.worker.http_endpoints import REFRESH_INTERVAL_S, WorkerStatus, install_routes
+from streams.worker.resume import ResumeFromRedis
 
 log = logging.getLogger("dealstream.worker")
 
@@ -264,6 +265,7 @@ def create_app(runtime: Runtime) -> faust.App:
             batch_within_s=settings.batch_within_s,
             session_timeout_s=settings.session_timeout_s,
             observer=_FollowAssignment(runtime.features, status),
+            on_assigned=ResumeFromRedis(runtime.features.watermarks),
         )
     )
 
