@@ -1,13 +1,17 @@
-"""Redis comes back behind Kafka's committed offsets (issue 13): never a silent skip.
+"""Redis killed under a running worker (issue 13): nothing lost, never a silent skip.
 
-A PRIVATE redis-server (own port, temporary dir; the shared one is never touched) without an
-append-only file, the worker as a subprocess, the shared Kafka:
+A PRIVATE redis-server (own port, temporary dir; the shared one is never touched), the worker
+as a subprocess, the shared Kafka:
 
-1. Redis restored from an older snapshot (SAVE after the first half of the events, SIGKILL
-   after the second, restart from the snapshot): the worker rewinds to the watermarks and the
-   features end as they were before the kill, every event applied once.
-2. Redis restarted empty (SIGKILL, no snapshot, no AOF): the worker stops (exit 70) with an
-   error naming the partitions, the committed offsets and what to do.
+- with the shipped ``deploy/redis/redis.conf`` (AOF, ``appendfsync everysec``): SIGKILLed
+  mid-stream and restarted from its AOF, the features end equal to a reference computed from
+  the events (``everysec`` suffices against a killed process; a lost machine needs ``always``);
+- without an AOF, Redis comes back behind Kafka's committed offsets:
+  1. restored from an older snapshot (SAVE after the first half of the events, SIGKILL after
+     the second, restart from the snapshot): the worker rewinds to the watermarks and the
+     features end as they were before the kill, every event applied once;
+  2. restarted empty (SIGKILL, no snapshot, no AOF): the worker stops (exit 70) with an error
+     naming the partitions, the committed offsets and what to do.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from engine.analysis.simulation.world import open_loop
 from streams.adapters.kafka_io import ensure_topics
 from streams.settings import Topics
-from tests.conftest import Isolation, Services, unused_port
+from tests.conftest import REPO, Isolation, Services, unused_port
+from tests.reliability.test_kill9 import ALLOWED_LATENESS_S, differences, reference_states
 from tests.worker_process import (
     WorkerProcess,
     clean_up,
@@ -45,9 +50,11 @@ TIMEOUT_S = 90.0
 class PrivateRedis:
     """A memory-only redis-server of this test: SAVE writes ``dump.rdb``, which a restart loads."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, conf: Path | None = None) -> None:
         assert REDIS_SERVER is not None
         self.workdir = workdir
+        self.conf = conf
+        """A config file (the shipped one); without: memory only."""
         self.port = unused_port()
         self.process: subprocess.Popen[bytes] | None = None
         workdir.mkdir(parents=True, exist_ok=True)
@@ -58,8 +65,10 @@ class PrivateRedis:
 
     def start(self) -> None:
         assert REDIS_SERVER is not None
-        argv = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1"]
-        argv += ["--dir", str(self.workdir), "--save", "", "--appendonly", "no"]
+        argv = [REDIS_SERVER, *([str(self.conf)] if self.conf else [])]
+        argv += ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir)]
+        if self.conf is None:
+            argv += ["--save", "", "--appendonly", "no"]
         self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(port=self.port, socket_timeout=1)
         try:
@@ -169,3 +178,66 @@ async def test_redis_behind_kafka_is_caught_up_or_stops_the_worker(
     [failure] = log_entries(empty_log, "event consumer failed; stopping the worker")
     assert "Redis holds no feature watermark" in failure["exc"]
     assert f"{topics.browse}[0] committed at" in failure["exc"]
+
+
+async def applied_total(server: PrivateRedis, isolation: Isolation) -> int:
+    client = redis.Redis(port=server.port, socket_timeout=1)
+    try:
+        marks = client.hvals(f"{isolation.redis_prefix}wm")
+    except redis.RedisError:
+        return -1
+    finally:
+        client.close()
+    return sum(int(float(mark)) + 1 for mark in marks)
+
+
+@pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
+async def test_redis_killed_mid_stream_comes_back_from_its_aof_with_nothing_lost(
+    services: Services, isolation: Isolation, free_port: int, tmp_path: Path
+) -> None:
+    server = PrivateRedis(tmp_path / "redis", conf=REPO / "deploy" / "redis" / "redis.conf")
+    server.start()
+    private = Services(services.kafka_bootstrap, server.url)
+    topics = Topics(isolation.topic_prefix)
+    now_ms = int(time.time() * 1000)
+    events: list[dict[str, Any]] = list(
+        open_loop(users=200, events=8000, seed=7, start_ms=now_ms - 2 * 3_600_000, mean_gap_ms=800)
+    )
+    want = await reference_states(events)
+    worker = WorkerProcess(
+        worker_env(
+            private,
+            isolation,
+            http_port=free_port,
+            partitions=1,
+            batch_max=100,
+            allowed_lateness_s=ALLOWED_LATENESS_S,
+        ),
+        tmp_path / "worker.log",
+    )
+    try:
+        await ensure_topics(services.kafka_bootstrap, topics.all, partitions=1)
+        await produce_events(private, topics, events)
+        worker.start()
+        deadline = time.monotonic() + TIMEOUT_S
+        applied = 0
+        while applied < len(events) // 4 and time.monotonic() < deadline:
+            applied = await applied_total(server, isolation)
+            await asyncio.sleep(0.02)
+        server.kill9()  # mid-stream: the worker retries its batch until Redis answers again
+        killed_at = applied
+        await asyncio.sleep(2)
+        server.start()  # replays the AOF
+        await wait_committed(private, isolation.group_id, len(events))
+        got = await read_states(private, isolation, sorted(want))
+        assert worker.alive(), "the worker died with Redis" + worker.tail()
+        code = worker.stop()
+    finally:
+        if worker.alive():
+            worker.stop()
+        await clean_up(private, isolation)
+        server.kill9()
+
+    assert 0 < killed_at < len(events), f"Redis was not killed mid-stream ({killed_at} applied)"
+    assert not differences(got, want, None), "features differ from the reference" + worker.tail()
+    assert code == 0, worker.tail()
