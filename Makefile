@@ -54,6 +54,7 @@ bench: services ## benchmarks: write bench/results/*.json, print one table (BENC
 	@mkdir -p bench/results
 	$(BIN)/python bench/bench_validation.py
 	$(BIN)/python bench/bench_features.py --no-in-memory
+	$(BIN)/python bench/bench_durability.py
 	$(BIN)/python bench/bench_engine.py
 	$(BIN)/python bench/bench_e2e.py $(BENCH_E2E_ARGS)
 	$(BIN)/python bench/bench_backtest.py $(BENCH_BACKTEST_ARGS)

@@ -102,6 +102,36 @@ class Topics:
 
 
 @dataclass(frozen=True, slots=True)
+class TopicReplication:
+    """How the topics we create are replicated (``DEALSTREAM_REPLICATION_FACTOR``, default 1
+    for one local broker; ``DEALSTREAM_MIN_INSYNC_REPLICAS``, default 2 from a factor of 3 up,
+    else 1). With the producers' ``acks=all``, a write is acknowledged once ``min_insync``
+    replicas have it, so a record acknowledged survives the loss of ``min_insync - 1`` brokers;
+    when fewer replicas are in sync, producing fails (and the worker stops) instead of
+    writing what one broker could lose."""
+
+    factor: int = 1
+    min_insync: int = 1
+
+    @classmethod
+    def of(cls, factor: int, min_insync: int | None = None) -> TopicReplication:
+        """Validated; ``min_insync`` defaults to 2 for a factor of 3 or more (tolerate one
+        broker down, lose nothing acknowledged), else 1."""
+        if factor < 1:
+            raise ConfigError(f"{ENV_PREFIX}REPLICATION_FACTOR must be at least 1, got {factor}")
+        chosen = min_insync if min_insync is not None else (2 if factor >= 3 else 1)
+        if not 1 <= chosen <= factor:
+            raise ConfigError(
+                f"{ENV_PREFIX}MIN_INSYNC_REPLICAS must be within 1 and the replication factor "
+                f"({factor}), got {chosen}"
+            )
+        return cls(factor, chosen)
+
+    def topic_configs(self) -> dict[str, str]:
+        return {"min.insync.replicas": str(self.min_insync)}
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     kafka_bootstrap: str = "127.0.0.1:9092"
     redis_url: Secret = Secret("redis://127.0.0.1:6379/0")
@@ -111,6 +141,9 @@ class Settings:
     http_port: int = 6066
     group_id: str = "dealstream"
     partitions: int = 4
+    replication: TopicReplication = field(default_factory=TopicReplication)
+    """Replication of the topics we create (``DEALSTREAM_REPLICATION_FACTOR``,
+    ``DEALSTREAM_MIN_INSYNC_REPLICAS``)."""
     batch_max: int = 500
     batch_within_s: float = 0.05
     state_cache_users: int = 200_000
@@ -188,6 +221,10 @@ class Settings:
             http_port=_port(int(number("HTTP_PORT", defaults.http_port, int))),
             group_id=get("GROUP_ID") or defaults.group_id,
             partitions=max(1, int(number("PARTITIONS", defaults.partitions, int))),
+            replication=TopicReplication.of(
+                int(number("REPLICATION_FACTOR", defaults.replication.factor, int)),
+                int(number("MIN_INSYNC_REPLICAS", 0, int)) if get("MIN_INSYNC_REPLICAS") else None,
+            ),
             batch_max=max(1, int(number("BATCH_MAX", defaults.batch_max, int))),
             batch_within_s=number("BATCH_WITHIN_S", defaults.batch_within_s, float),
             state_cache_users=max(

@@ -3,16 +3,21 @@
 #
 #   deploy/redis/redis.sh start|stop|status
 #
-# A Redis that already answers on the port (a system service, another checkout) is reused; else a
-# private, memory-only redis-server is started with its files under the state dir.
+# A Redis that already answers on the port (a system service, another checkout) is reused, as it
+# is configured; else a private redis-server is started from deploy/redis/redis.conf (append-only
+# file fsynced every second, no eviction) with its files under the state dir, so that a restart
+# keeps the features, watermarks and budgets (docs/delivery.md, "Durability").
 #
-# Environment: DEALSTREAM_REDIS_PORT (6379), DEALSTREAM_STATE (<repo>/.dealstream).
+# Environment: DEALSTREAM_REDIS_PORT (6379), DEALSTREAM_STATE (<repo>/.dealstream),
+# DEALSTREAM_REDIS_APPENDFSYNC (everysec; `always` fsyncs every write, `no` leaves it to the OS).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
 
 PORT="${DEALSTREAM_REDIS_PORT:-6379}"
+APPENDFSYNC="${DEALSTREAM_REDIS_APPENDFSYNC:-everysec}"
+CONF="$HERE/redis.conf"
 STATE="${DEALSTREAM_STATE:-$REPO/.dealstream}/redis"
 PIDFILE="$STATE/redis.pid"
 LOGFILE="$STATE/redis.log"
@@ -86,9 +91,14 @@ cmd_start() {
 
     mkdir -p "$STATE"
     : >"$LOGFILE"
-    # Memory only (--save '' --appendonly no): tests want a fast, throwaway store.
-    redis-server --port "$PORT" --bind 127.0.0.1 --daemonize yes --pidfile "$PIDFILE" \
-        --dir "$STATE" --save '' --appendonly no --logfile "$LOGFILE" \
+    case "$APPENDFSYNC" in
+        always | everysec | no) ;;
+        *) die "DEALSTREAM_REDIS_APPENDFSYNC must be always, everysec or no, got '$APPENDFSYNC'" ;;
+    esac
+    # Durable (redis.conf: AOF, noeviction); the AOF lives in the state dir and is replayed on
+    # the next start.
+    redis-server "$CONF" --port "$PORT" --bind 127.0.0.1 --daemonize yes --pidfile "$PIDFILE" \
+        --dir "$STATE" --appendfsync "$APPENDFSYNC" --logfile "$LOGFILE" \
         || { tail -n 30 "$LOGFILE" >&2; die "redis-server failed to start"; }
 
     local i
@@ -116,7 +126,7 @@ cmd_stop() {
         fi
         return 0
     fi
-    # SIGTERM: Redis shuts down cleanly (nothing to save with --save '').
+    # SIGTERM: Redis shuts down cleanly (the AOF is flushed and fsynced).
     kill -TERM "$pid" 2>/dev/null || true
     local i
     for ((i = 0; i < 100; i++)); do

@@ -6,14 +6,23 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import redis.asyncio as aioredis
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 from aiokafka.partitioner import murmur2
 
-from streams.errors import ServiceUnavailable
-from streams.settings import redact_url
+from streams.errors import ConfigError, ServiceUnavailable
+from streams.settings import TopicReplication, redact_url
+
+PRODUCER_MAX_REQUEST_BYTES = 1_000_000
+"""The largest record our producers send (their ``max_request_size``, Faust's default; the
+broker's default ``message.max.bytes`` is 1,048,588): dead letters are cut to fit it."""
+
+PRODUCER_MAX_REQUEST_BYTES = 1_000_000
+"""The largest record our producers send (their ``max_request_size``, Faust's default; the
+broker's default ``message.max.bytes`` is 1,048,588): dead letters are cut to fit it."""
 
 _KEY_HASHES: dict[bytes, int] = {}
 _KEY_HASHES_MAX = 200_000
@@ -73,8 +82,17 @@ async def check_redis(client: aioredis.Redis, url: str, *, timeout_s: float = 5.
         ) from None
 
 
-async def ensure_topics(bootstrap: str, names: Sequence[str], *, partitions: int) -> list[str]:
-    """Create the topics that do not exist yet; returns the names it created."""
+async def ensure_topics(
+    bootstrap: str,
+    names: Sequence[str],
+    *,
+    partitions: int,
+    replication: TopicReplication | None = None,
+) -> list[str]:
+    """Create the topics that do not exist yet, replicated as ``replication`` says (with its
+    ``min.insync.replicas``; default: one replica, for a local broker); returns the names it
+    created. Existing topics are left as they are."""
+    replication = replication or TopicReplication()
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
     await admin.start()
     try:
@@ -82,12 +100,33 @@ async def ensure_topics(bootstrap: str, names: Sequence[str], *, partitions: int
         missing = [name for name in names if name not in existing]
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics(
+                response = await admin.create_topics(
                     [
-                        NewTopic(name, num_partitions=partitions, replication_factor=1)
+                        NewTopic(
+                            name,
+                            num_partitions=partitions,
+                            replication_factor=replication.factor,
+                            topic_configs=replication.topic_configs(),
+                        )
                         for name in missing
                     ]
                 )
+                _raise_topic_errors(response.topic_errors, replication)
         return missing
     finally:
         await admin.close()
+
+
+def _raise_topic_errors(errors: Sequence[Sequence[Any]], replication: TopicReplication) -> None:
+    """The admin client returns per-topic errors instead of raising them: a replication
+    factor above the broker count would otherwise leave the topics missing, unsaid."""
+    for name, code, *rest in errors:
+        if code in (0, TopicAlreadyExistsError.errno):
+            continue
+        why = rest[0] if rest and rest[0] else for_code(code).__name__
+        raise ConfigError(
+            f"cannot create topic {name}: {why} (replication factor {replication.factor}, "
+            f"min.insync.replicas {replication.min_insync}); set "
+            "DEALSTREAM_REPLICATION_FACTOR to at most the number of brokers and "
+            "DEALSTREAM_MIN_INSYNC_REPLICAS to at most the factor"
+        )

@@ -75,7 +75,10 @@ async def _demo(demo: DemoSettings, duration_s: float, rate: float, users: int) 
     await check_kafka(settings.kafka_bootstrap)
     await _forget_previous_run(settings)
     await ensure_topics(
-        settings.kafka_bootstrap, settings.topics.all, partitions=settings.partitions
+        settings.kafka_bootstrap,
+        settings.topics.all,
+        partitions=settings.partitions,
+        replication=settings.replication,
     )
     log_dir = settings.state_dir
     log_dir.mkdir(parents=True, exist_ok=True)

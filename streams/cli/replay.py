@@ -190,7 +190,10 @@ async def _run(settings: Settings, args: argparse.Namespace, err: TextIO) -> int
     if not options.dry_run:
         await check_kafka(settings.kafka_bootstrap)
         await ensure_topics(
-            settings.kafka_bootstrap, settings.topics.all, partitions=settings.partitions
+            settings.kafka_bootstrap,
+            settings.topics.all,
+            partitions=settings.partitions,
+            replication=settings.replication,
         )
         write_checkpoint(cp_path, checkpoint)  # fails now, not after the first batch
         sink = BatchSink(settings.kafka_bootstrap)

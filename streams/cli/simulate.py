@@ -62,7 +62,10 @@ def run_simulate_command(settings: Settings, args: argparse.Namespace) -> int:
         async def run() -> int:
             await check_kafka(settings.kafka_bootstrap)
             await ensure_topics(
-                settings.kafka_bootstrap, settings.topics.all, partitions=settings.partitions
+                settings.kafka_bootstrap,
+                settings.topics.all,
+                partitions=settings.partitions,
+                replication=settings.replication,
             )
             return await simulate_to_kafka(
                 users=args.users,

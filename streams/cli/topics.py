@@ -20,7 +20,10 @@ def run_topics_command(settings: Settings, args: argparse.Namespace) -> int:
     async def run() -> list[str]:
         await check_kafka(settings.kafka_bootstrap)
         return await ensure_topics(
-            settings.kafka_bootstrap, settings.topics.all, partitions=settings.partitions
+            settings.kafka_bootstrap,
+            settings.topics.all,
+            partitions=settings.partitions,
+            replication=settings.replication,
         )
 
     created = asyncio.run(run())

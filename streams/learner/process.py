@@ -340,7 +340,10 @@ async def _main(settings: Settings, config: LearnerSettings) -> int:
         await check_redis(client, settings.redis_url.reveal())
         await check_kafka(settings.kafka_bootstrap)
         await ensure_topics(
-            settings.kafka_bootstrap, [settings.topics.training], partitions=settings.partitions
+            settings.kafka_bootstrap,
+            [settings.topics.training],
+            partitions=settings.partitions,
+            replication=settings.replication,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

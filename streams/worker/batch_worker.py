@@ -137,9 +137,8 @@ class BatchWorker:
     async def _emit(self, result: BatchResult, dead: Sequence[DeadLetter]) -> None:
         topics = self.topics
         for letter in dead:
-            await self.sink.send(
-                topics.dlq, letter.record.key, letter.record.value or b"", letter.headers()
-            )
+            message = letter.message(self.limits.max_dead_letter_bytes)
+            await self.sink.send(topics.dlq, message.key, message.value, message.headers)
         for offer in result.offers:
             await self.sink.send(
                 topics.offers, offer.user_id.encode(), orjson.dumps(offer.to_message())

@@ -37,7 +37,9 @@ On a rebalance, ``on_partitions_revoked``, in this order: waits for the batch be
 (nothing else is uncommitted; the fetched records not yet handled are dropped and read again
 by the partitions' next owner); stops handling until the next assignment; tells the observer
 (the feature store, which drops the records it held, and the status page).
-``on_partitions_assigned`` gives the observer the new full assignment.
+``on_partitions_assigned`` first runs ``on_assigned`` (the worker's rewinds the partitions
+Redis is behind on, or stops it: ``streams/worker/resume.py``), then gives the observer the new
+full assignment.
 ``stop`` finishes the same way and leaves the group.
 """
 
@@ -65,6 +67,8 @@ log = logging.getLogger("dealstream.worker")
 
 BatchHandler = Callable[[Sequence[RawRecord]], Awaitable[None]]
 FatalHandler = Callable[[BaseException], None]
+AssignedHook = Callable[[AIOKafkaConsumer, Sequence[TopicPartition]], Awaitable[None]]
+"""Runs on every assignment before any record of it is fetched; may seek (``ResumeFromRedis``)."""
 TopicPartitionKey = tuple[str, int]
 
 
@@ -146,6 +150,7 @@ class EventConsumer(Service):
         observer: AssignmentObserver | None = None,
         client_options: dict[str, Any] | None = None,
         on_fatal: FatalHandler = exit_worker,
+        on_assigned: AssignedHook | None = None,
     ) -> None:
         super().__init__()
         self.bootstrap = bootstrap
@@ -159,6 +164,7 @@ class EventConsumer(Service):
         self.observer = observer
         self.client_options = dict(client_options or {})
         self.on_fatal = on_fatal
+        self.on_assigned = on_assigned
         self.batches_committed = 0
         self._consumer: AIOKafkaConsumer | None = None
         self._in_flight = asyncio.Lock()
@@ -311,4 +317,12 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._consumer.partitions_revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        self._consumer.partitions_assigned(assigned)
+        consumer = self._consumer
+        assigned = list(assigned)
+        if consumer.on_assigned is not None and consumer._consumer is not None:
+            try:
+                await consumer.on_assigned(consumer._consumer, assigned)
+            except Exception as exc:  # aiokafka would log it and carry on
+                consumer.on_fatal(exc)
+                return
+        consumer.partitions_assigned(assigned)

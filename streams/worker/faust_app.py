@@ -14,7 +14,7 @@ import asyncio
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +22,12 @@ from typing import Any
 import faust
 import redis.asyncio as aioredis
 from faust.app.base import BootStrategy
+from faust.transport.drivers.aiokafka import Producer as AIOKafkaDriverProducer
 
 from engine.campaigns import default_campaigns, load_campaigns
 from engine.pipeline import DiscountEngine
 from streams.adapters.decode import DecodeLimits, RawRecord
+from streams.adapters.kafka_io import PRODUCER_MAX_REQUEST_BYTES
 from streams.adapters.model_store import ModelReloader, ModelStore
 from streams.adapters.redis_ledger import RedisLedger
 from streams.adapters.redis_store import RedisFeatureStore
@@ -37,6 +39,7 @@ from streams.settings import Secret, Settings
 from streams.worker.batch_worker import BatchWorker
 from streams.worker.consumer import AssignmentObserver, EventConsumer, TopicPartitionKey
 from streams.worker.http_endpoints import REFRESH_INTERVAL_S, WorkerStatus, install_routes
+from streams.worker.resume import ResumeFromRedis
 
 log = logging.getLogger("dealstream.worker")
 
@@ -176,6 +179,16 @@ class _ServingOnly(BootStrategy):
     enable_kafka_consumer = False
 
 
+class IdempotentProducer(AIOKafkaDriverProducer):
+    """Faust's aiokafka producer, idempotent with ``acks=all``: a send the client retries
+    (a lost acknowledgement, a leader change) is written once, in order. Faust turns
+    idempotence on only with ``processing_guarantee="exactly_once"``, which needs its own
+    consumer and transactions; ``producer_acks`` is its only durability setting."""
+
+    def _settings_extra(self) -> Mapping[str, Any]:
+        return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
+
+
 def faust_app_id(group_id: str) -> str:
     """The Faust app's id, apart from the events' consumer group.
 
@@ -196,7 +209,7 @@ def create_app(runtime: Runtime) -> faust.App:
         key_serializer="raw",
         value_serializer="raw",
         store="memory://",
-        topic_replication_factor=1,
+        topic_replication_factor=settings.replication.factor,
         topic_partitions=settings.partitions,
         web_port=settings.http_port,
         web_bind="0.0.0.0",
@@ -208,9 +221,12 @@ def create_app(runtime: Runtime) -> faust.App:
         # committed.
         producer_acks=-1,
         producer_linger=0.005,
+        # Dead letters are cut to fit this (DecodeLimits.max_dead_letter_bytes).
+        producer_max_request_size=PRODUCER_MAX_REQUEST_BYTES,
         web_router_enabled=False,
         web_tables_enabled=False,
     )
+    app.producer = IdempotentProducer(app.transport, loop=app.loop, beacon=app.beacon)
     sink = FaustSink(app)
     worker = BatchWorker(
         runtime.engine,
@@ -249,6 +265,7 @@ def create_app(runtime: Runtime) -> faust.App:
             batch_within_s=settings.batch_within_s,
             session_timeout_s=settings.session_timeout_s,
             observer=_FollowAssignment(runtime.features, status),
+            on_assigned=ResumeFromRedis(runtime.features.watermarks),
         )
     )
 

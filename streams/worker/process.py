@@ -31,7 +31,10 @@ def run_worker(settings: Settings, model_key: Secret | None = None) -> int:
         await check_redis(runtime.redis, settings.redis_url.reveal())
         await check_kafka(settings.kafka_bootstrap)
         created = await ensure_topics(
-            settings.kafka_bootstrap, settings.topics.all, partitions=settings.partitions
+            settings.kafka_bootstrap,
+            settings.topics.all,
+            partitions=settings.partitions,
+            replication=settings.replication,
         )
         if created:
             log.info("created topics %s", ", ".join(created))

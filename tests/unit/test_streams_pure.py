@@ -16,7 +16,13 @@ from engine.features.store import InMemoryFeatureStore, Position
 from engine.model.feedback import TrainingExample
 from engine.pipeline import DiscountEngine, Incoming
 from engine.policies.threshold import ThresholdPolicy
-from streams.adapters.decode import DeadLetter, DecodeLimits, RawRecord, decode_record
+from streams.adapters.decode import (
+    DeadLetter,
+    DecodeLimits,
+    RawRecord,
+    decode_record,
+    record_bytes,
+)
 from streams.adapters.kafka_io import default_partition
 from streams.errors import ConfigError, StreamsError
 from streams.settings import (
@@ -24,6 +30,7 @@ from streams.settings import (
     DemoSettings,
     Secret,
     Settings,
+    TopicReplication,
     Topics,
     redact_url,
 )
@@ -85,6 +92,39 @@ def test_each_variable_is_read(name: str, raw: str, attribute: str, expected: ob
         if getattr(settings, slot) != getattr(Settings(), slot)
     }
     assert changed <= {attribute}
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, TopicReplication(1, 1)),
+        ({"REPLICATION_FACTOR": "2"}, TopicReplication(2, 1)),
+        ({"REPLICATION_FACTOR": "3"}, TopicReplication(3, 2)),
+        ({"REPLICATION_FACTOR": "5"}, TopicReplication(5, 2)),
+        ({"REPLICATION_FACTOR": "3", "MIN_INSYNC_REPLICAS": "3"}, TopicReplication(3, 3)),
+        ({"REPLICATION_FACTOR": "3", "MIN_INSYNC_REPLICAS": "1"}, TopicReplication(3, 1)),
+    ],
+)
+def test_topic_replication_and_its_min_insync_replicas(
+    env: dict[str, str], expected: TopicReplication
+) -> None:
+    settings = Settings.from_env({f"DEALSTREAM_{k}": v for k, v in env.items()})
+    assert settings.replication == expected
+    assert settings.replication.topic_configs() == {"min.insync.replicas": str(expected.min_insync)}
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"REPLICATION_FACTOR": "0"}, "REPLICATION_FACTOR must be at least 1"),
+        ({"REPLICATION_FACTOR": "two"}, "not a valid int"),
+        ({"REPLICATION_FACTOR": "2", "MIN_INSYNC_REPLICAS": "3"}, "MIN_INSYNC_REPLICAS must be"),
+        ({"MIN_INSYNC_REPLICAS": "0"}, "MIN_INSYNC_REPLICAS must be"),
+    ],
+)
+def test_bad_replication_settings_say_what_to_set(env: dict[str, str], fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        Settings.from_env({f"DEALSTREAM_{k}": v for k, v in env.items()})
 
 
 def test_the_demo_moves_into_its_namespace_and_tunes_its_processes() -> None:
@@ -386,6 +426,85 @@ def test_dead_letter_headers_without_original_headers() -> None:
         "dealstream.error.class",
         "dealstream.error.reason",
     ]
+
+
+def test_our_dead_letter_headers_replace_a_producers_of_the_same_name() -> None:
+    spoofed = (
+        *HEADERS,
+        ("dealstream.error.class", b"nothing_wrong"),
+        ("dealstream.source.offset", b"0"),
+        ("dealstream.error.truncated", b"value"),
+    )
+    letter = decode(raw(b"{oops", headers=spoofed))
+    assert isinstance(letter, DeadLetter)
+    headers = letter.headers()
+    assert headers[: len(HEADERS)] == list(HEADERS)
+    names = [name for name, _ in headers]
+    assert len(names) == len(set(names))
+    assert "dealstream.error.truncated" not in names
+    assert dict(headers)["dealstream.error.class"] == b"invalid_json"
+    assert dict(headers)["dealstream.source.offset"] == b"17"
+
+
+def test_a_dead_letter_that_fits_goes_whole() -> None:
+    letter = decode(raw(b"{oops"))
+    assert isinstance(letter, DeadLetter)
+    message = letter.message(1_000_000)
+    assert (message.key, message.value, list(message.headers)) == (
+        b"u-1",
+        b"{oops",
+        letter.headers(),
+    )
+    assert not message.truncated
+
+
+def test_an_oversized_dead_letter_is_cut_to_fit_with_its_original_size() -> None:
+    value = orjson.dumps(browse_doc(pad="x" * 5000))
+    letter = decode(raw(value))
+    assert isinstance(letter, DeadLetter)
+    assert letter.code == "too_large"
+    message = letter.message(2000)
+    assert message.truncated
+    assert record_bytes(message.key, message.value, message.headers) <= 2000
+    assert message.key == b"u-1"
+    assert 0 < len(message.value) < len(value)
+    assert value.startswith(message.value)
+    headers = dict(message.headers)
+    assert headers["dealstream.error.truncated"] == b"value"
+    assert headers["dealstream.error.original_size"] == str(len(value)).encode()
+    assert headers["dealstream.error.class"] == b"too_large"
+    assert list(message.headers[: len(HEADERS)]) == list(HEADERS)
+
+
+@pytest.mark.parametrize("limit", [1000, 1500, 1999, 2000, 2001, 10_000])
+@pytest.mark.parametrize("size", [0, 100, 1800, 1900, 2500, 130_000])
+def test_a_dead_letter_always_fits_and_is_a_prefix(limit: int, size: int) -> None:
+    value = b"y" * size
+    letter = DeadLetter(raw(value), "invalid_json", "not JSON")
+    message = letter.message(limit)
+    assert record_bytes(message.key, message.value, message.headers) <= limit
+    assert value.startswith(message.value)
+    assert message.truncated == (message.value != value)
+    if message.truncated:  # as much of the value as the limit leaves room for
+        longer = message.value + b"y"
+        assert record_bytes(message.key, longer, message.headers) > limit
+
+
+def test_huge_headers_and_key_are_cut_too() -> None:
+    big_headers = (("trace", b"t" * 3000),)
+    letter = DeadLetter(raw(b"v" * 10, headers=big_headers), "invalid_json", "not JSON")
+    message = letter.message(2000)
+    assert record_bytes(message.key, message.value, message.headers) <= 2000
+    assert dict(message.headers)["dealstream.error.truncated"] == b"value,headers"
+    assert "trace" not in dict(message.headers)
+    assert message.value == b"v" * 10
+
+    letter = DeadLetter(raw(b"v", key=b"k" * 5000), "key_mismatch", "key differs")
+    message = letter.message(2000)
+    assert record_bytes(message.key, message.value, message.headers) <= 2000
+    assert dict(message.headers)["dealstream.error.truncated"] == b"value,headers,key"
+    assert message.key is not None and len(message.key) < 5000
+    assert (b"k" * 5000).startswith(message.key)
 
 
 # -- BatchWorker --------------------------------------------------------------------------------
