@@ -104,8 +104,6 @@ def _zvarint_bytes(value: int) -> bytes:
     return bytes(out)
 
 
-_VARINT: tuple[bytes, ...] = tuple(bytes((n,)) for n in range(0x80))
-"""Each one-byte varint, as bytes."""
 _ZSPAN = 4096
 _ZVARINT: tuple[bytes, ...] = tuple(map(_zvarint_bytes, (*range(_ZSPAN), *range(-64, 0))))
 """The zvarint of each n in ``[-64, _ZSPAN)``, as bytes: ``_ZVARINT[n]`` (a negative n picks
@@ -117,7 +115,6 @@ finds 0.0's entry, so ``encode_record`` keeps states with a -0.0 off this path."
 _HEAD_SPAN = 128
 """Bucket deltas (``ref - index``) with a precomputed tag + delta prefix: every retained one."""
 _CATEGORY_HEAD: tuple[bytes, ...] = tuple(bytes((CATEGORY, n)) for n in range(0x80))
-_TAG_BYTE: tuple[bytes, ...] = tuple(bytes((tag,)) for tag in range(0x100))
 
 
 _FieldCode = tuple[int, int, int, str, tuple[bytes, ...]]
@@ -198,8 +195,8 @@ def encode_record(record: UserRecord) -> bytes:
     buffer: a bucket field is ``heads[delta]`` then ``_SMALL[value]`` (a hit also proves the
     value a small exact integer), other small numbers come from ``_ZVARINT``, large ones are
     spelled out inline, and the dedup set's ages are packed in one call when they fit. A state
-    holding a -0.0, or a value that is not a float, is coded field by field by ``_field``
-    (the format as defined, each value checked on its own)."""
+    holding a -0.0 (which would find 0.0's entry), or a value that is not a float, is coded by
+    ``_encode_checked``: the format as defined, each value checked on its own."""
     state = record.state
     lt_value = state.get("lt")
     lt = 0
