@@ -448,7 +448,10 @@ def decode_record(blob: bytes) -> UserRecord:
     try:
         lt, pos = _varint_at(data, pos)
         refs = (lt // _SLOT_MS[0], lt // _SLOT_MS[1], lt // _SLOT_MS[2], lt // _SLOT_MS[3])
-        count, pos = _varint_at(data, pos)
+        count = data[pos]
+        pos += 1
+        if count >= 0x80:
+            count, pos = _varint_at(data, pos - 1)
         categories: list[str] = []
         for _ in range(count):
             length, pos = _varint_at(data, pos)
@@ -457,7 +460,10 @@ def decode_record(blob: bytes) -> UserRecord:
                 raise IndexError("truncated")
             categories.append(data[pos:end].decode())
             pos = end
-        count, pos = _varint_at(data, pos)
+        count = data[pos]
+        pos += 1
+        if count >= 0x80:
+            count, pos = _varint_at(data, pos - 1)
         state: State = {}
         next_expiry = NEVER
         for _ in range(count):
@@ -483,7 +489,10 @@ def decode_record(blob: bytes) -> UserRecord:
                     next_expiry = expiry
                 continue
             if tag == CATEGORY:
-                number, pos = _varint_at(data, pos)
+                number = data[pos]
+                pos += 1
+                if number >= 0x80:
+                    number, pos = _varint_at(data, pos - 1)
                 category = categories[number]
                 byte = data[pos]
                 pos += 1
@@ -532,7 +541,10 @@ def decode_record(blob: bytes) -> UserRecord:
                 state[LAST_OFFER_FIELD] = float(lt * OFFER_TIME_SCALE - number)
             else:
                 raise KeyError(tag)
-        header, pos = _varint_at(data, pos)
+        header = data[pos]
+        pos += 1
+        if header >= 0x80:
+            header, pos = _varint_at(data, pos - 1)
         count = header >> 1
         end = pos + count * SEEN_KEY_BYTES
         if end > size:
