@@ -1,4 +1,5 @@
-"""FORMAT 1 stays byte-identical: the encoder writes the bytes the first FORMAT 1 encoder wrote.
+"""FORMAT 1 stays byte-identical: the encoder writes the bytes the first FORMAT 1 encoder wrote
+(for every state of floats, which is what ``State`` holds and the engine writes).
 
 Records already stored in Redis must decode, and a record must encode to the same bytes
 whichever version wrote it (the store compares nothing, but a changed encoding of the same
