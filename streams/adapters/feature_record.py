@@ -195,8 +195,9 @@ def encode_record(record: UserRecord) -> bytes:
     buffer: a bucket field is ``heads[delta]`` then ``_SMALL[value]`` (a hit also proves the
     value a small exact integer), other small numbers come from ``_ZVARINT``, large ones are
     spelled out inline, and the dedup set's ages are packed in one call when they fit. A state
-    holding a -0.0 (which would find 0.0's entry), or a value that is not a float, is coded by
-    ``_encode_checked``: the format as defined, each value checked on its own."""
+    holding a -0.0 (which would find 0.0's entry), or a value outside the table that is not a
+    float, is coded by ``_encode_checked``: the format as defined, each value checked on its
+    own. (A small ``int`` value, outside ``State``'s type, hits the table like its float.)"""
     state = record.state
     lt_value = state.get("lt")
     lt = 0
