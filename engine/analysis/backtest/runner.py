@@ -297,13 +297,17 @@ async def _run(
     for events in _batches(source, result.batch_size):
         incoming = [Incoming(event) for event in events]
         triggers: dict[str, Event] = {}
-        for event in events:
+        low = high = events[0].ts
+        for event in events:  # one pass: kinds, triggers, the batch's time range
             kinds[event_kind(event)] += 1
             if not isinstance(event, PurchaseEvent):
                 triggers[event.event_id] = event
+            ts = event.ts
+            if ts < low:
+                low = ts
+            elif ts > high:
+                high = ts
         result.events += len(events)
-        low = min(event.ts for event in events)
-        high = max(event.ts for event in events)
         result.first_ts = low if result.first_ts is None else min(result.first_ts, low)
         result.last_ts = high if result.last_ts is None else max(result.last_ts, high)
         offers: list[dict[str, object]] = []
