@@ -60,7 +60,7 @@ class OfferCounts:
 def activity_count(features: Mapping[str, float]) -> int:
     """The user's events over 30 days, from a decision's features."""
     get = features.get
-    total = 0  # a plain loop adds as ``sum`` does (from int 0, left to right), without a generator
+    total: float = 0  # added as ``sum`` adds (from int 0, left to right), without a generator
     for name in ACTIVITY_FIELDS:
         total += get(name, 0.0)
     return max(round(total), 0)
