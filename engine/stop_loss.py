@@ -188,18 +188,24 @@ class CampaignStopLoss:
     users: dict[tuple[int, str, str], tuple[int, int]] = field(default_factory=dict)
     """(epoch, arm, user) -> (decisions, outcome cents)."""
     status: StopLossStatus = field(default_factory=StopLossStatus)
+    settled_epoch: int | None = None
+    """The epoch in which ``status`` became what ``update`` returns for as long as no decision
+    or outcome is recorded (None: not known to be so). The ledger updates after every call,
+    mostly with nothing recorded, so this spares the evaluation, not a different result."""
 
     def record_decision(self, epoch: int, arm: str, user_id: str) -> None:
         key = (epoch, arm, user_id)
         n, y = self.users.get(key, (0, 0))
         self._sums(epoch, arm).add_decision(n, y)
         self.users[key] = (n + 1, y)
+        self.settled_epoch = None
 
     def record_outcome(self, epoch: int, arm: str, user_id: str, cents: int) -> None:
         key = (epoch, arm, user_id)
         n, y = self.users.get(key, (0, 0))
         self._sums(epoch, arm).add_outcome(n, y, cents)
         self.users[key] = (n, y + cents)
+        self.settled_epoch = None
 
     def _sums(self, epoch: int, arm: str) -> ArmSums:
         found = self.sums.get((epoch, arm))
@@ -208,8 +214,17 @@ class CampaignStopLoss:
         return found
 
     def update(self, now_ms: int) -> StopLossStatus:
-        """Re-evaluate as of ``now_ms`` and forget epochs older than the window."""
+        """Re-evaluate as of ``now_ms`` and forget epochs older than the window.
+
+        Nothing recorded since an evaluation that was free to change the state (not within an
+        epoch of the last change), in the same epoch: the same sums give the same status, and
+        no epoch has grown stale, so the status stands.
+        """
         current = self.config.epoch(now_ms)
+        if self.settled_epoch == current:
+            return self.status
+        previous = self.status
+        free = previous.since_ms is None or now_ms - previous.since_ms >= self.config.epoch_ms
         empty = ArmSums()
         arms = []
         for arm in ("T", "H"):
@@ -218,11 +233,12 @@ class CampaignStopLoss:
                     self.sums.get((current - 1, arm), empty)
                 )
             )
-        self.status = evaluate(arms[0], arms[1], self.config, self.status, now_ms)
+        self.status = evaluate(arms[0], arms[1], self.config, previous, now_ms)
         # Outcomes still arrive for decisions up to one window old: keep three epochs.
         stale = [key for key in self.sums if key[0] < current - 2]
         for key in stale:
             del self.sums[key]
         if stale:
             self.users = {k: v for k, v in self.users.items() if k[0] >= current - 2}
+        self.settled_epoch = current if free else None
         return self.status

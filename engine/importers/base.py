@@ -1,10 +1,11 @@
 """What every importer shares: sources, rejects, counts, time windows and the run wrapper.
 
 A format module supplies a *parser*: a generator that reads lines and yields
-``(line_number, event_dict)`` pairs for the event v1 objects it builds and :class:`Reject`
-records for source records it cannot use, counting what it read in :class:`ImportStats`.
-:class:`ImportRun` wraps the parser: iterating it yields the event dicts, while it counts what
-was emitted and rejected, keeps the first rejects and hands every reject to ``on_reject``.
+``(line_number, event_dict)`` pairs for the event v1 objects it builds (or the typed event,
+when it validated it already) and :class:`Reject` records for source records it cannot use,
+counting what it read in :class:`ImportStats`. :class:`ImportRun` wraps the parser: iterating
+it yields the event dicts (``events()``: the typed events), while it counts what was emitted
+and rejected, keeps the first rejects and hands every reject to ``on_reject``.
 
 The accounting invariant, checked by the tests for every format::
 
@@ -25,6 +26,7 @@ from typing import Any, Final, TypeAlias, cast
 
 from engine.errors import EngineError
 from engine.event_fields import MAX_INTEGER
+from engine.events import BrowseEvent, Event, event_to_dict, parse_event
 
 __all__ = [
     "DEFAULT_KEEP_REJECTS",
@@ -244,8 +246,10 @@ class ImportStats:
 
 
 RejectHandler: TypeAlias = Callable[[Reject], object]
-#: What a parser yields: an emitted event with the line it came from, or a reject.
-Parsed: TypeAlias = tuple[int, dict[str, Any]] | Reject
+#: What a parser yields: an emitted event with the line it came from, or a reject. The event
+#: is an event v1 dict, or the typed ``Event`` when the parser validated it already (JSONL):
+#: then ``ImportRun.events`` hands it on as it is instead of writing and parsing it again.
+Parsed: TypeAlias = tuple[int, dict[str, Any] | Event] | Reject
 Parser: TypeAlias = Callable[[ImportStats], Generator[Parsed, None, None]]
 
 
@@ -275,19 +279,33 @@ class ImportRun:
         self._items = parser(self.stats)
         self._on_reject = on_reject
         self._keep = keep_rejects
-        self._active: Generator[tuple[int, dict[str, Any]], None, None] | None = None
+        self._active: Generator[tuple[int, dict[str, Any] | Event], None, None] | None = None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return (event for _, event in self.numbered())
 
     def numbered(self) -> Iterator[tuple[int, dict[str, Any]]]:
         """Iterate ``(line_number, event)`` pairs: the line the event's source record is on."""
+        return (
+            (line, event if type(event) is dict else event_to_dict(cast(Event, event)))
+            for line, event in self._start()
+        )
+
+    def events(self) -> Iterator[Event]:
+        """Iterate the typed events (``parse_event`` of what ``__iter__`` yields, equal to it,
+        without the round trip through a dict for a parser that yields them typed)."""
+        return (
+            parse_event(event) if type(event) is dict else cast(Event, event)
+            for _, event in self._start()
+        )
+
+    def _start(self) -> Generator[tuple[int, dict[str, Any] | Event], None, None]:
         if self._active is not None:
             raise ImporterError("an ImportRun can be iterated once; call the importer again")
         self._active = self._run()
         return self._active
 
-    def _run(self) -> Generator[tuple[int, dict[str, Any]], None, None]:
+    def _run(self) -> Generator[tuple[int, dict[str, Any] | Event], None, None]:
         stats = self.stats
         by_kind = stats.emitted_by_kind
         emitted = out_of_order = 0
@@ -298,10 +316,14 @@ class ImportRun:
                     self._reject(item)
                     continue
                 event = item[1]
-                kind = event["type"]
-                by_kind[event["action"] if kind == "browse" else kind] += 1
+                if type(event) is dict:
+                    kind, ts = event["type"], event["ts"]
+                    by_kind[event["action"] if kind == "browse" else kind] += 1
+                else:
+                    typed = cast(Event, event)
+                    kind, ts = typed.type, typed.ts
+                    by_kind[typed.action if isinstance(typed, BrowseEvent) else kind] += 1
                 emitted += 1
-                ts = event["ts"]
                 if ts >= high:
                     high = ts
                     if low < 0:

@@ -2,7 +2,8 @@
 
 Each line is validated with :func:`engine.events.parse_event`; valid events are emitted in
 their canonical form (:func:`engine.events.event_to_dict`: ``schema_version`` set, unknown
-extra fields dropped), invalid ones are rejected with the ``InvalidEvent`` code as reason.
+extra fields dropped; typed, as parsed, to ``ImportRun.events``), invalid ones are rejected
+with the ``InvalidEvent`` code as reason.
 
 >>> run = import_jsonl(['{"event_id": "e1", "user_id": "u1", "type": "search", "ts": 5, '
 ...                     '"query": "tea"}', '{"event_id": "e2"}'])
@@ -17,7 +18,7 @@ from collections.abc import Iterable, Iterator
 import orjson
 
 from engine.errors import InvalidEvent
-from engine.events import EVENT_TYPES, event_to_dict, parse_event
+from engine.events import EVENT_TYPES, parse_event
 from engine.importers.base import (
     DEFAULT_KEEP_REJECTS,
     ImportRun,
@@ -67,7 +68,7 @@ def parse_jsonl(
                 detail = f"ts {event.ts} ({describe_ts(event.ts)}) is outside {window}"
                 yield Reject(lineno, "ts_out_of_range", detail, excerpt(raw))
                 continue
-            yield lineno, event_to_dict(event)
+            yield lineno, event
     finally:
         stats.lines += lineno
 

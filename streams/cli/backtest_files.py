@@ -23,7 +23,7 @@ from engine.analysis.reporting.html import render_html
 from engine.analysis.reporting.ope_section import ope_sections
 from engine.analysis.reporting.report import build_report, dumps_report
 from engine.campaigns import Campaign, load_campaigns
-from engine.events import Event, parse_event
+from engine.events import Event
 from engine.importers import import_events
 from engine.importers.base import ImporterError
 from engine.pipeline import EngineConfig
@@ -96,7 +96,7 @@ def run_backtest_command(
     partial = out_dir / "decisions.jsonl.partial"
     started = time.perf_counter()
     with run, partial.open("wb") as decisions_out:
-        events = _progress((parse_event(event) for event in run), started)
+        events = _progress(run.events(), started)
         result = run_backtest(
             events,
             campaign_sets if len(campaign_sets) > 1 else next(iter(campaign_sets.values())),

@@ -339,6 +339,29 @@ def test_jsonl_round_trips_simulated_events(tmp_path: Path) -> None:
     assert run.stats.out_of_order == 0
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "taobao", "otto"])
+def test_typed_events_are_the_parsed_dicts_with_the_same_counts(fmt: str, tmp_path: Path) -> None:
+    """``events()`` (the backtest's input: JSONL events stay typed, other formats' dicts are
+    parsed) yields what ``parse_event`` makes of ``__iter__``'s dicts, and counts the same."""
+    if fmt == "jsonl":
+        source = list(open_loop(users=20, events=300, seed=7))
+        lines: list[str | bytes] = [orjson.dumps(e) for e in source] + [b'{"event_id": 1}']
+    else:
+        lines = list(TAOBAO_LINES if fmt == "taobao" else OTTO_LINES)
+    path = tmp_path / f"input.{fmt}"
+    path.write_bytes(
+        b"\n".join(line if isinstance(line, bytes) else line.encode() for line in lines)
+    )
+    as_dicts, typed = import_events(path, fmt), import_events(path, fmt)
+    dicts = list(as_dicts)
+    events = list(typed.events())
+    assert events and events == [parse_event(d) for d in dicts]
+    assert typed.stats.to_dict() == as_dicts.stats.to_dict()
+    assert typed.stats.rejected == (1 if fmt == "jsonl" else as_dicts.stats.rejected)
+    with pytest.raises(ImporterError, match="iterated once"):
+        typed.events()
+
+
 def test_jsonl_rejects_use_the_invalid_event_codes() -> None:
     good = {"event_id": "e1", "user_id": "u1", "type": "search", "ts": 5, "query": "tea"}
     lines = [

@@ -278,3 +278,61 @@ def test_random_outcomes_rarely_stop_a_campaign_that_does_not_lose() -> None:
         treated, holdout = sums(outcomes[:200], 100), sums(outcomes[200:], 30)
         stops += evaluate(treated, holdout, config, StopLossStatus(), T0).stopped
     assert stops / 400 < 0.06
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["decide", "outcome", "update"]),
+            st.sampled_from(["T", "H"]),
+            st.integers(0, 5),
+            st.integers(-3000, 3000),
+            st.integers(0, 40 * 60_000),
+        ),
+        max_size=300,
+    )
+)
+def test_an_update_with_nothing_recorded_returns_what_an_evaluation_would(
+    steps: list[tuple[str, str, int, int, int]],
+) -> None:
+    """``update`` keeps its status while nothing is recorded in the epoch (the ledger updates
+    after every call): exactly the status a fresh evaluation gives, stop or resume."""
+    config = StopLoss(window_ms=2 * HOUR, min_decisions=4, min_users=2)
+    kept, fresh = CampaignStopLoss(config, 0.3), CampaignStopLoss(config, 0.3)
+    now = T0
+    for action, arm, user, cents, advance in steps:
+        now += advance
+        epoch = config.epoch(now)
+        for campaign in (kept, fresh):
+            if action == "decide":
+                campaign.record_decision(epoch, arm, f"{arm}{user}")
+            elif action == "outcome":
+                bias = -1500 if (now // HOUR) % 3 else 1500  # turns losing and winning
+                campaign.record_outcome(epoch, arm, f"{arm}{user}", cents + bias * (arm == "T"))
+        if action == "update":
+            fresh.settled_epoch = None  # always evaluated
+            assert kept.update(now) == fresh.update(now)
+            assert kept.sums == fresh.sums and kept.users == fresh.users
+
+
+def test_a_status_held_by_the_half_window_rule_is_evaluated_again_when_it_may_change() -> None:
+    """Nothing recorded since, same epoch: a status kept only because the last change was
+    recent must still change once it no longer is."""
+    config = StopLoss(window_ms=2 * HOUR, min_decisions=1, min_users=2)
+    campaign = CampaignStopLoss(config, 0.3)
+    epoch = config.epoch(T0)
+    for user in ("a", "b", "c"):
+        campaign.record_decision(epoch, "T", user)
+        campaign.record_outcome(epoch, "T", user, -900)
+        campaign.record_decision(epoch, "H", user + "h")
+        campaign.record_outcome(epoch, "H", user + "h", 900)
+    stop = T0 + 9 * HOUR // 10
+    assert campaign.update(stop).since_ms == stop and campaign.status.stopped
+    for user in ("a", "b", "c"):  # the treated arm now wins by far
+        campaign.record_outcome(config.epoch(T0 + HOUR), "T", user, 50_000)
+    held = campaign.update(T0 + 12 * HOUR // 10)
+    assert held.stopped and held.incremental_margin is not None and held.incremental_margin > 0
+    assert config.epoch(T0 + 19 * HOUR // 10) == config.epoch(T0 + 12 * HOUR // 10)
+    resumed = campaign.update(T0 + 19 * HOUR // 10)
+    assert not resumed.stopped and resumed.since_ms == T0 + 19 * HOUR // 10

@@ -59,7 +59,11 @@ class OfferCounts:
 
 def activity_count(features: Mapping[str, float]) -> int:
     """The user's events over 30 days, from a decision's features."""
-    return max(round(sum(features.get(name, 0.0) for name in ACTIVITY_FIELDS)), 0)
+    get = features.get
+    total: float = 0  # added as ``sum`` adds (from int 0, left to right), without a generator
+    for name in ACTIVITY_FIELDS:
+        total += get(name, 0.0)
+    return max(round(total), 0)
 
 
 def activity_bin(count: int) -> int:

@@ -231,7 +231,15 @@ class CampaignStats:
             segment.converted += label
 
 
+def _p_segment_name(decile: int) -> str:
+    return f"p_purchase:{decile / 10:.1f}-{(decile + 1) / 10:.1f}"
+
+
+_P_SEGMENTS = tuple(_p_segment_name(decile) for decile in range(10))
+"""The names of the deciles of a probability, built once (one per decision is looked up)."""
+
+
 def p_segment(p: float) -> str:
     """The P(purchase) decile a decision falls in, as a segment name."""
     decile = min(int(p * 10), 9)
-    return f"p_purchase:{decile / 10:.1f}-{(decile + 1) / 10:.1f}"
+    return _P_SEGMENTS[decile] if decile >= 0 else _p_segment_name(decile)

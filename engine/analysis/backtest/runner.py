@@ -33,7 +33,7 @@ from engine.analysis.backtest.stop_loss import StopLossLog, track_transitions
 from engine.campaigns import Campaign
 from engine.decisions import Offer
 from engine.errors import EngineError
-from engine.events import Event, PurchaseEvent
+from engine.events import BROWSE_ACTIONS, Event, PurchaseEvent
 from engine.features.state import event_kind, trigger_category
 from engine.features.store import InMemoryFeatureStore, UpdateStatus
 from engine.labels import LabelKind
@@ -48,6 +48,8 @@ PENDING = 2
 REWARD_PLACEHOLDER = b'"reward":-1'
 """Written in place of the reward until it is known; ``finalize_decision_lines`` fills it."""
 _DUMPS_OPTIONS = orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE
+_TRIGGER_SEGMENTS = {kind: f"trigger:{kind}" for kind in (*BROWSE_ACTIONS, "search")}
+"""Segment names of the trigger kinds, built once (``_absorb`` names three per decision)."""
 
 OffersHook = Callable[[list[dict[str, object]]], None]
 T = TypeVar("T")
@@ -179,10 +181,12 @@ def _absorb(
         if holdout:
             stats.holdout_decisions += 1
         else:
-            customer = "returning" if features.get("purchase_count_30d", 0.0) > 0 else "new"
+            returning = features.get("purchase_count_30d", 0.0) > 0
+            kind = event_kind(event)
+            trigger = _TRIGGER_SEGMENTS.get(kind) or f"trigger:{kind}"
             segments = (
-                f"customer:{customer}",
-                f"trigger:{event_kind(event)}",
+                "customer:returning" if returning else "customer:new",
+                trigger,
                 p_segment(p_purchase),
             )
             for name in segments:
@@ -293,13 +297,17 @@ async def _run(
     for events in _batches(source, result.batch_size):
         incoming = [Incoming(event) for event in events]
         triggers: dict[str, Event] = {}
-        for event in events:
+        low = high = events[0].ts
+        for event in events:  # one pass: kinds, triggers, the batch's time range
             kinds[event_kind(event)] += 1
             if not isinstance(event, PurchaseEvent):
                 triggers[event.event_id] = event
+            ts = event.ts
+            if ts < low:
+                low = ts
+            elif ts > high:
+                high = ts
         result.events += len(events)
-        low = min(event.ts for event in events)
-        high = max(event.ts for event in events)
         result.first_ts = low if result.first_ts is None else min(result.first_ts, low)
         result.last_ts = high if result.last_ts is None else max(result.last_ts, high)
         offers: list[dict[str, object]] = []
