@@ -15,11 +15,12 @@
 --            than escaped JSON, cut out only for decisions that are recorded
 -- Every op is checked before anything is written: a malformed batch is refused with an error
 -- reply ('ledger: ' and what is wrong) and changes nothing.
--- Returns { outcomes, events, stop_loss, epoch } where outcomes[i] is, for a decision: 0 rate-limited,
--- 1 offer granted, 2 decided without an offer, 3 denied by cooldown, 4 by max offers per day,
--- 5 by budget; for a purchase: -1. events is a flat list of (kind, record, converted_at or '',
--- at) with kind 'C' converted, 'E' elapsed, 'X' closed. stop_loss is a flat list of (name,
--- stopped 0/1, since or '', decisions, incremental margin, upper, lower ('' when unknown)).
+-- Returns { outcomes, events, stop_loss, epoch } where outcomes[i] is, for a decision:
+-- 0 rate-limited, 1 offer granted, 2 decided without an offer, 3 denied by cooldown, 4 by max
+-- offers per day, 5 by budget; for a purchase: -1. events is a flat list of (kind, record,
+-- converted_at or '', at) with kind 'C' converted, 'E' elapsed, 'X' closed. stop_loss is a flat
+-- list of (name, stopped 0/1, since or '', decisions, incremental margin, upper, lower ('' when
+-- unknown)).
 -- epoch is the state epoch <p>se ('' when unset): `dealstream forget` bumps it, and a worker
 -- that sees it change forgets the decision times it remembers (redis_ledger.py).
 --
