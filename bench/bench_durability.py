@@ -28,26 +28,21 @@ import asyncio
 import json
 import os
 import resource
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import orjson
-import redis
 import redis.asyncio as aioredis
 
 from bench.e2e.common import CAMPAIGNS, load_average
-from bench.e2e.inprocess import NullSink
-from engine.analysis.simulation.world import open_loop
-from streams.adapters.decode import DecodeLimits, RawRecord
+from bench.e2e.inprocess import NullSink, simulated_records
+from bench.private_redis import private_redis
+from streams.adapters.decode import DecodeLimits
 from streams.settings import Settings
 from streams.worker.batch_worker import BatchWorker
 from streams.worker.faust_app import bootstrap
@@ -67,52 +62,6 @@ def cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-@contextmanager
-def private_redis(mode: str, parent: Path | None) -> Iterator[str]:
-    """``redis-server deploy/redis/redis.conf`` with ``mode``'s overrides, on a free port, in a
-    temporary directory (removed after)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not on PATH")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    with tempfile.TemporaryDirectory(prefix="bench-durability-", dir=parent) as workdir:
-        argv = [binary, str(CONF), "--port", str(port), "--bind", "127.0.0.1"]
-        argv += ["--dir", workdir, "--daemonize", "no", *MODES[mode]]
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            client = redis.Redis(port=port, socket_timeout=1)
-            for _ in range(200):
-                try:
-                    client.ping()
-                    break
-                except redis.ConnectionError:
-                    time.sleep(0.05)
-            client.close()
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def records(events: int, users: int, topics: Any) -> list[RawRecord]:
-    by_kind = {"browse": topics.browse, "search": topics.search, "purchase": topics.purchase}
-    start_ms = int(time.time() * 1000) - events - 5_000
-    out = []
-    for offset, event in enumerate(
-        open_loop(users=users, events=events, seed=11, start_ms=start_ms, mean_gap_ms=1.0)
-    ):
-        user = str(event["user_id"])
-        topic = by_kind[str(event["type"])]
-        out.append(RawRecord(topic, 0, offset, user.encode(), orjson.dumps(event)))
-    return out
-
-
 async def server_cpu(client: aioredis.Redis) -> tuple[float, float]:
     """(all threads, main thread) CPU seconds of the server."""
     info = await client.info("cpu")
@@ -126,7 +75,7 @@ async def one_pass(url: str, events: int, users: int, batch: int) -> dict[str, f
         {"DEALSTREAM_REDIS_URL": url, "DEALSTREAM_CAMPAIGNS": str(CAMPAIGNS)}
     )
     runtime = bootstrap(settings)
-    feed = records(events, users, settings.topics)
+    feed = simulated_records(events, users, settings.topics)
     worker = BatchWorker(runtime.engine, NullSink(), topics=settings.topics, limits=DecodeLimits())
     client = runtime.redis
     latencies: list[float] = []
@@ -164,7 +113,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     loads: list[float] = [load_average()]
     for run in range(args.runs):
         for mode in args.modes:
-            with private_redis(mode, args.dir) as url:
+            with private_redis([str(CONF), *MODES[mode]], parent=args.dir) as url:
+                if url is None:
+                    raise SystemExit("redis-server is not on PATH")
                 figures = await one_pass(url, args.events, args.users, args.batch)
             results[mode].append(figures)
             loads.append(load_average())

@@ -34,16 +34,13 @@ import io
 import os
 import platform
 import pstats
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import tracemalloc
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata, resources
 from pathlib import Path
@@ -53,6 +50,7 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 
+from bench.private_redis import private_redis
 from engine.analysis.simulation.world import DEFAULT_MEAN_GAP_MS, open_loop
 from engine.events import Event, PurchaseEvent, parse_event
 from engine.features.catalogue import compute_features
@@ -275,39 +273,6 @@ async def server_cpu(client: aioredis.Redis) -> float:
 
 async def used_memory(client: aioredis.Redis) -> int:
     return int((await client.info("memory"))["used_memory"])
-
-
-@contextlib.contextmanager
-def private_redis() -> Iterator[str | None]:
-    """A throw-away ``redis-server`` (no persistence) on a free port; ``None`` without one."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        yield None
-        return
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    with tempfile.TemporaryDirectory(prefix="bench-redis-") as workdir:
-        argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", workdir]
-        argv += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            probe_client = redis.Redis(port=port, socket_timeout=1)
-            for _ in range(100):
-                try:
-                    probe_client.ping()
-                    break
-                except redis.ConnectionError:
-                    time.sleep(0.05)
-            probe_client.close()
-            yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 class Prefixes:
@@ -699,7 +664,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         info_server = await client.info("server")
         private_version = None
         if args.memory_redis == "private":
-            url = exits.enter_context(private_redis())
+            url = exits.enter_context(private_redis(["--save", "", "--appendonly", "no"]))
             if url is None:
                 print("no redis-server on PATH: measuring memory on the shared Redis")
             else:

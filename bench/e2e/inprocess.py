@@ -19,7 +19,7 @@ import orjson
 from bench.e2e.common import CAMPAIGNS, Names, load_average
 from engine.analysis.simulation.world import open_loop
 from streams.adapters.decode import DecodeLimits, RawRecord
-from streams.settings import Settings
+from streams.settings import Settings, Topics
 from streams.worker.batch_worker import BatchWorker
 from streams.worker.faust_app import bootstrap
 
@@ -52,6 +52,22 @@ def _cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def simulated_records(events: int, users: int, topics: Topics) -> list[RawRecord]:
+    """The open-loop world's events as the consumer hands them to the worker (one partition,
+    event times ending just before now)."""
+    by_kind = {"browse": topics.browse, "search": topics.search, "purchase": topics.purchase}
+    start_ms = int(time.time() * 1000) - events - 5_000
+    records = []
+    for offset, event in enumerate(
+        open_loop(users=users, events=events, seed=11, start_ms=start_ms, mean_gap_ms=1.0)
+    ):
+        user = str(event["user_id"])
+        records.append(
+            RawRecord(by_kind[str(event["type"])], 0, offset, user.encode(), orjson.dumps(event))
+        )
+    return records
+
+
 async def measure_inprocess(
     *, redis_url: str, names: Names, events: int, users: int, batch: int
 ) -> dict[str, Any]:
@@ -65,16 +81,7 @@ async def measure_inprocess(
     )
     runtime = bootstrap(settings)
     topics = settings.topics
-    by_kind = {"browse": topics.browse, "search": topics.search, "purchase": topics.purchase}
-    start_ms = int(time.time() * 1000) - events - 5_000
-    records = []
-    for offset, event in enumerate(
-        open_loop(users=users, events=events, seed=11, start_ms=start_ms, mean_gap_ms=1.0)
-    ):
-        user = str(event["user_id"])
-        records.append(
-            RawRecord(by_kind[str(event["type"])], 0, offset, user.encode(), orjson.dumps(event))
-        )
+    records = simulated_records(events, users, topics)
     sink = NullSink()
     worker = BatchWorker(
         runtime.engine, sink, topics=topics, limits=DecodeLimits(), metrics=runtime.metrics
