@@ -196,6 +196,17 @@ async def poll_until(
     return False
 
 
+async def committed_offsets(services: Services, group: str) -> dict[tuple[str, int], int]:
+    """The consumer group's committed offset of every partition it committed."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=services.kafka_bootstrap)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return {(tp.topic, tp.partition): meta.offset for tp, meta in offsets.items()}
+
+
 async def clean_up(services: Services, isolation: Isolation) -> None:
     """Delete this test's Redis keys and topics (never anything outside its prefixes)."""
     client = aioredis.Redis.from_url(services.redis_url)

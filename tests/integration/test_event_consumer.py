@@ -20,7 +20,6 @@ from typing import Any, NamedTuple
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import OffsetAndMetadata
 
 from streams.adapters.decode import RawRecord
@@ -29,7 +28,7 @@ from streams.settings import Topics
 from streams.worker.consumer import EventConsumer
 from tests.conftest import Isolation, Services
 from tests.sinks import ListSink
-from tests.worker_process import clean_up, poll_until
+from tests.worker_process import clean_up, committed_offsets, poll_until
 
 pytestmark = pytest.mark.integration
 
@@ -222,16 +221,6 @@ async def produce(services: Services, topics: Topics, count: int) -> None:
         await producer.stop()
 
 
-async def committed(services: Services, group: str) -> dict[tuple[str, int], int]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=services.kafka_bootstrap)
-    await admin.start()
-    try:
-        offsets = await admin.list_consumer_group_offsets(group)
-    finally:
-        await admin.close()
-    return {(tp.topic, tp.partition): meta.offset for tp, meta in offsets.items()}
-
-
 def make_consumer(
     services: Services,
     isolation: Isolation,
@@ -342,7 +331,7 @@ async def test_a_batch_whose_flush_fails_is_not_committed_and_is_read_again(
         await broken.stop()
     assert first, "the first batch was handled"
     assert isinstance(failures[0], OSError)
-    assert await committed(services, isolation.group_id) == {}, "nothing committed"
+    assert await committed_offsets(services, isolation.group_id) == {}, "nothing committed"
 
     again: list[RawRecord] = []
     sink = ListSink()  # this one delivers
@@ -359,7 +348,7 @@ async def test_a_batch_whose_flush_fails_is_not_committed_and_is_read_again(
     seen = {(r.topic, r.partition, r.offset) for r in again}
     assert len(seen) == 300 == len(again)
     assert {(r.topic, r.partition, r.offset) for r in first} <= seen, "the failed batch again"
-    offsets = await committed(services, isolation.group_id)
+    offsets = await committed_offsets(services, isolation.group_id)
     assert sum(offsets.values()) == 300, "every record committed once handled and flushed"
     assert sink.flushes >= consumer.batches_committed
 
@@ -388,7 +377,8 @@ async def test_a_failed_delivery_commits_nothing_of_its_batch_nor_of_the_batch_h
     assert len(recorder.batches) >= 3
     assert broken.commits == [next_offsets(recorder.batches[0])], "only the first batch"
     assert not broken.unacknowledged
-    assert await committed(services, isolation.group_id) == next_offsets(recorder.batches[0])
+    first_done = next_offsets(recorder.batches[0])
+    assert await committed_offsets(services, isolation.group_id) == first_done
 
     again: list[RawRecord] = []
     consumer = make_consumer(services, isolation, topics, again, ListSink())
@@ -406,7 +396,7 @@ async def test_a_failed_delivery_commits_nothing_of_its_batch_nor_of_the_batch_h
     assert not {where(r) for r in recorder.batches[0]} & set(seen), "the first batch stays done"
     for batch in recorder.batches[1:3]:
         assert {where(r) for r in batch} <= set(seen), "the failed batch and the next, again"
-    assert sum((await committed(services, isolation.group_id)).values()) == total
+    assert sum((await committed_offsets(services, isolation.group_id)).values()) == total
 
 
 async def test_commits_follow_batch_order_and_the_acknowledgements(
@@ -437,7 +427,7 @@ async def test_commits_follow_batch_order_and_the_acknowledgements(
     assert all(done >= index - 1 for index, done in enumerate(recorder.committed_before)), (
         "never more than one batch ahead"
     )
-    assert sum((await committed(services, isolation.group_id)).values()) == total
+    assert sum((await committed_offsets(services, isolation.group_id)).values()) == total
 
 
 async def test_revoke_waits_for_the_batches_in_flight_to_be_delivered_and_committed(
@@ -486,5 +476,5 @@ async def test_revoke_waits_for_the_batches_in_flight_to_be_delivered_and_commit
     assert not a.unacknowledged
     keys = [where(r) for r in recorder_a.handled() + handled_b]
     assert len(keys) == len(set(keys)) == total, "nothing handled twice, nothing skipped"
-    offsets = await committed(services, isolation.group_id)
+    offsets = await committed_offsets(services, isolation.group_id)
     assert sum(offsets.values()) == total

@@ -22,7 +22,6 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
 from engine.analysis.simulation.world import open_loop
@@ -40,6 +39,7 @@ from tests.conftest import REPO, Isolation, Services
 from tests.worker_process import (
     WorkerProcess,
     clean_up,
+    committed_offsets,
     produce_events,
     read_states,
     worker_env,
@@ -134,14 +134,9 @@ async def applied_positions(client: aioredis.Redis, isolation: Isolation) -> int
 
 
 async def committed_positions(services: Services, isolation: Isolation, topics: Topics) -> int:
-    admin = AIOKafkaAdminClient(bootstrap_servers=services.kafka_bootstrap)
-    await admin.start()
-    try:
-        offsets = await admin.list_consumer_group_offsets(isolation.group_id)
-    finally:
-        await admin.close()
+    offsets = await committed_offsets(services, isolation.group_id)
     return sum(
-        meta.offset for tp, meta in offsets.items() if tp.topic in topics.events and meta.offset > 0
+        offset for (topic, _), offset in offsets.items() if topic in topics.events and offset > 0
     )
 
 

@@ -25,7 +25,6 @@ from typing import Any
 
 import pytest
 import redis
-from aiokafka.admin import AIOKafkaAdminClient
 
 from engine.analysis.simulation.world import open_loop
 from streams.adapters.kafka_io import ensure_topics
@@ -35,6 +34,7 @@ from tests.reliability.test_kill9 import ALLOWED_LATENESS_S, differences, refere
 from tests.worker_process import (
     WorkerProcess,
     clean_up,
+    committed_offsets,
     log_entries,
     produce_events,
     read_states,
@@ -96,13 +96,8 @@ class PrivateRedis:
 
 
 async def committed_total(services: Services, group: str) -> int:
-    admin = AIOKafkaAdminClient(bootstrap_servers=services.kafka_bootstrap)
-    await admin.start()
-    try:
-        offsets = await admin.list_consumer_group_offsets(group)
-    finally:
-        await admin.close()
-    return sum(max(0, meta.offset) for meta in offsets.values())
+    offsets = await committed_offsets(services, group)
+    return sum(max(0, offset) for offset in offsets.values())
 
 
 async def wait_committed(services: Services, group: str, total: int) -> None:
