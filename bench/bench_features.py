@@ -3,7 +3,7 @@
 What ``DiscountEngine.process`` does before scoring, single process: build ``StateUpdate``s with
 ``event_ops``, call ``RedisFeatureStore.apply_batch`` (records held in memory, applied with the
 engine's ``apply_updates``, every touched user's record written with the batch's watermark in
-one ``commit_state.lua`` call), and replay the batch on the returned ``before`` states with
+one ``commit_batch.lua`` call), and replay the batch on the returned ``before`` states with
 ``apply_ops`` + ``compute_features``. The same passes run on ``InMemoryFeatureStore`` (the
 difference is what Redis costs), and a *cold* pass gives every ``--cold-every`` batches a fresh
 store that holds nothing, so it reads its users' records from Redis: what a worker pays after a
@@ -575,11 +575,11 @@ def code_info() -> dict[str, Any]:
         return done.stdout.rstrip("\n")
 
     dirty = git("status", "--porcelain", "--", "engine", "streams")
-    script = resources.files("streams.adapters").joinpath("commit_state.lua").read_text()
+    script = resources.files("streams.adapters").joinpath("commit_batch.lua").read_text()
     return {
         "git_head": git("rev-parse", "--short", "HEAD") or None,
         "uncommitted_product_files": [line[3:] for line in dirty.splitlines()],
-        "commit_state_lua_sha1": hashlib.sha1(script.encode()).hexdigest(),
+        "commit_batch_lua_sha1": hashlib.sha1(script.encode()).hexdigest(),
     }
 
 

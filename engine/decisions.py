@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from engine.campaigns import Campaign
@@ -368,6 +368,49 @@ def make_decision(
         order_value=proposal.order_value,
         cost_cents=proposal.cost_cents if offer_id is not None else 0,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionDraft:
+    """A proposal's outputs before the ledger settles it: what the decision publishes if the
+    ledger grants its offer, and what a denial changes.
+
+    Built before the ledger call, so that a ledger that keeps an outbox can store a batch's
+    outputs in the same atomic step as its guardrail effects (``streams/adapters/outbox.py``):
+    after a crash they are published from there, and ``settled`` gives the same records the
+    batch would have published.
+    """
+
+    decision: Decision
+    """The decision as proposed: with its offer when it has one."""
+    offer: Offer | None
+    """The offer, if the proposal makes one and the ledger grants it."""
+    p_no_offer: float
+    """The model's P(purchase) without a discount (unrounded): a denied decision's."""
+
+    def settled(self, granted: bool, denied_by: str | None) -> tuple[Offer | None, Decision]:
+        """The offer (if granted) and the decision, once the ledger decided."""
+        if granted or self.offer is None:
+            return self.offer, self.decision
+        decision = self.decision
+        rules, propensity, p_purchase = decision.rules, decision.propensity, decision.p_purchase
+        if denied_by is not None:
+            # A guardrail, not the policy, chose "no discount": that action was certain. The
+            # policy's own proposal stays in the record for analysis.
+            rules = (*rules, f"{DENIED_RULE_PREFIX}{denied_by}")
+            propensity = 1.0
+            p_purchase = round(self.p_no_offer, 6)
+        denied = replace(
+            decision,
+            offer_id=None,
+            discount_pct=0.0,
+            propensity=propensity,
+            p_purchase=p_purchase,
+            rules=rules,
+            denied_by=denied_by,
+            cost_cents=0,
+        )
+        return None, denied
 
 
 # -- reading messages back ------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from engine.decisions import DecisionDraft
 from engine.features.state import DAY_MS
 from engine.labels import Arm, LabelEvent, PendingDecision, PendingLabels
 from engine.stop_loss import CampaignStopLoss, StopLoss, StopLossStatus, purchase_margin_cents
@@ -37,6 +38,9 @@ class DecisionRequest:
     """The decision as proposed: the offer's discount and id when ``offer`` is set."""
     decision_interval_ms: int = 0
     offer: OfferLimits | None = None
+    draft: DecisionDraft | None = None
+    """What the decision publishes once settled; a ledger with an outbox stores it with its
+    effect (``RedisLedger``), others ignore it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +112,7 @@ def without_offer(decision: PendingDecision) -> PendingDecision:
 
 
 class InMemoryLedger:
-    """Dict-backed ledger; the same rules as ``streams/ledger.lua``."""
+    """Dict-backed ledger; the same rules as ``streams/adapters/commit_batch.lua``."""
 
     def __init__(self, config: LedgerConfig | None = None) -> None:
         self.config = config if config is not None else LedgerConfig()

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from engine.campaigns import Campaign, default_campaigns
 from engine.decisions import (
-    DENIED_RULE_PREFIX,
     Decision,
+    DecisionDraft,
     Offer,
     Proposal,
     in_holdout,
@@ -196,7 +196,14 @@ class DiscountEngine:
             self.stop_loss.update(await self.ledger.stop_loss_status())
             self._started = True
         order = event_time_order(batch)
-        result = await self._process([batch[i] for i in order])
+        offer_updates = self._offer_updates
+        try:
+            result = await self._process([batch[i] for i in order])
+        except BaseException:
+            # The batch runs again (or the process stops): the previous batch's offers must
+            # still join their users' state with it.
+            self._offer_updates = offer_updates
+            raise
         statuses = [UpdateStatus.APPLIED] * len(batch)
         for position, index in enumerate(order):
             statuses[index] = result.statuses[position]
@@ -222,7 +229,6 @@ class DiscountEngine:
         result = BatchResult(statuses=statuses)
         states = outcome.before
         ops: list[LedgerOp] = []
-        proposals: list[Proposal | None] = []
         learn_inline = self.config.learn_inline
         applied = UpdateStatus.APPLIED
         # A user's state is brought up to an event only when that event needs features:
@@ -257,7 +263,6 @@ class DiscountEngine:
                         ),
                     )
                 )
-                proposals.append(None)
             else:
                 category = trigger_category(event)
                 kind = event_kind(event)
@@ -273,30 +278,33 @@ class DiscountEngine:
                         if is_eligible(campaign, event, features, kind):
                             proposal = self._propose(campaign, event, features, scorer)
                             ops.append(self._request(proposal))
-                            proposals.append(proposal)
             if learn_inline:
                 # Settle event by event so that what the model learns from this event's
                 # labels shapes the next decision: results do not depend on batch size.
                 if ops or self.ledger.labels_due(self.clock_ms):
-                    await self._settle(ops, proposals, result)
-                ops, proposals = [], []
-        if ops:
-            await self._settle(ops, proposals, result)
+                    await self._settle(ops, result)
+                ops = []
+        if ops or (not learn_inline and batch and self.ledger.labels_due(self.clock_ms)):
+            # Live, a remote ledger sees every batch: its call also carries the batch's
+            # feature records and outbox entry (``DecisionLedger.labels_due``).
+            await self._settle(ops, result)
         result.stop_loss = dict(self.stop_loss)
         return result
 
-    async def _settle(
-        self, ops: list[LedgerOp], proposals: list[Proposal | None], result: BatchResult
-    ) -> None:
+    async def _settle(self, ops: list[LedgerOp], result: BatchResult) -> None:
         settled = await self.ledger.settle(ops, now_ms=self.clock_ms)
-        self._apply_settled(settled, proposals, result)
+        drafts = [op.draft if isinstance(op, DecisionRequest) else None for op in ops]
+        self._apply_settled(settled, drafts, result)
 
     def _apply_settled(
-        self, settled: LedgerResult, proposals: list[Proposal | None], result: BatchResult
+        self,
+        settled: LedgerResult,
+        drafts: Sequence[DecisionDraft | None],
+        result: BatchResult,
     ) -> None:
-        for proposal, decided in zip(proposals, settled.outcomes, strict=True):
-            if proposal is not None and decided is not None and decided.decided:
-                self._emit(proposal, decided, result)
+        for draft, decided in zip(drafts, settled.outcomes, strict=True):
+            if draft is not None and decided is not None and decided.decided:
+                self._emit(draft, decided, result)
         for event in settled.events:
             result.labels.append(event)
             decision = event.decision
@@ -314,6 +322,31 @@ class DiscountEngine:
                 result,
             )
         self.stop_loss.update(settled.stop_loss)
+
+    def settled_outputs(
+        self,
+        drafts: Sequence[DecisionDraft | None],
+        settled: LedgerResult,
+        *,
+        owns: Callable[[str], bool],
+    ) -> BatchResult:
+        """The outputs of a batch an earlier call settled, as that batch published them.
+
+        ``drafts`` (one per ledger op, None for a purchase) and ``settled`` come from the
+        batch's outbox entry, kept with its ledger effect (``streams/adapters/outbox.py``).
+        Granted offers join their users' state with the next batch, for the users this engine
+        owns (``owns``); an offer already applied is recognised by its id and skipped.
+        """
+        result = BatchResult(statuses=[])
+        queued = len(self._offer_updates)
+        unapplied, self._unapplied = self._unapplied, {}
+        try:
+            self._apply_settled(settled, drafts, result)
+        finally:
+            self._unapplied = unapplied
+        recovered = self._offer_updates[queued:]
+        self._offer_updates[queued:] = [u for u in recovered if owns(u.user_id)]
+        return result
 
     def _train(self, example: TrainingExample, result: BatchResult) -> None:
         """Publish the example if the feedback method wants it, and learn it inline if so."""
@@ -482,61 +515,58 @@ class DiscountEngine:
             ),
             decision_interval_ms=campaign.decision_interval_ms,
             offer=limits,
+            draft=self._draft(proposal),
         )
 
-    def _emit(self, proposal: Proposal, decided: DecisionOutcome, result: BatchResult) -> None:
-        campaign, choice = proposal.campaign, proposal.choice
-        rules = list(proposal.rules)
-        offer_id = proposal.offer_id if decided.granted else None
-        discount = choice.discount_pct if decided.granted else 0.0
-        propensity = choice.propensity
-        p_purchase = proposal.p_purchase
-        if decided.denied_by is not None:
-            # A guardrail, not the policy, chose "no discount": that action was certain. The
-            # policy's own proposal stays in the record for analysis.
-            propensity = 1.0
-            rules.append(f"{DENIED_RULE_PREFIX}{decided.denied_by}")
-            result.denied[decided.denied_by] = result.denied.get(decided.denied_by, 0) + 1
-            p_purchase = proposal.predict(0.0)
+    def _draft(self, proposal: Proposal) -> DecisionDraft:
+        """The proposal's outputs as if the ledger grants it (``DecisionDraft``)."""
+        choice, offer_id = proposal.choice, proposal.offer_id
+        discount = choice.discount_pct if offer_id is not None else 0.0
+        rules = proposal.rules
+        offer = None
         if offer_id is not None:
-            spent = result.spend_cents.get(campaign.name, 0)
-            result.spend_cents[campaign.name] = spent + proposal.cost_cents
-            event = proposal.event
-            ops = offer_ops(event.ts, discount)
-            # Stored with the next batch; seen at once by the user's later events in this one.
-            self._offer_updates.append(
-                StateUpdate(
-                    user_id=event.user_id,
-                    event_id=f"offer:{offer_id}",
-                    ts=event.ts,
-                    ops=ops,
-                    on_time=True,
-                )
-            )
-            self._unapplied.setdefault(event.user_id, []).append(ops)
             scorer = proposal.scorer
             reasons = (
                 scorer.contributions(discount)
                 if scorer.model is self.model
                 else self.model.contributions(proposal.features, discount)
             )
-            result.offers.append(
-                make_offer(proposal, offer_id, discount, p_purchase, rules, reasons)
-            )
-        result.decisions.append(
-            make_decision(
-                proposal, offer_id, discount, propensity, p_purchase, rules, decided.denied_by
-            )
+            offer = make_offer(proposal, offer_id, discount, proposal.p_purchase, rules, reasons)
+        decision = make_decision(
+            proposal, offer_id, discount, choice.propensity, proposal.p_purchase, rules, None
         )
+        return DecisionDraft(decision, offer, proposal.predict(0.0))
+
+    def _emit(self, draft: DecisionDraft, decided: DecisionOutcome, result: BatchResult) -> None:
+        offer, decision = draft.settled(decided.granted, decided.denied_by)
+        if decided.denied_by is not None:
+            result.denied[decided.denied_by] = result.denied.get(decided.denied_by, 0) + 1
+        if offer is not None:
+            spent = result.spend_cents.get(decision.campaign, 0)
+            result.spend_cents[decision.campaign] = spent + (decision.cost_cents or 0)
+            ops = offer_ops(offer.issued_at, offer.discount_pct)
+            # Stored with the next batch; seen at once by the user's later events in this one.
+            self._offer_updates.append(
+                StateUpdate(
+                    user_id=offer.user_id,
+                    event_id=f"offer:{offer.offer_id}",
+                    ts=offer.issued_at,
+                    ops=ops,
+                    on_time=True,
+                )
+            )
+            self._unapplied.setdefault(offer.user_id, []).append(ops)
+            result.offers.append(offer)
+        result.decisions.append(decision)
         self._train(
             TrainingExample(
-                decision_id=proposal.decision_id,
-                features=proposal.features,
-                discount_pct=discount,
+                decision_id=decision.decision_id,
+                features=decision.features,
+                discount_pct=decision.discount_pct,
                 label=0,
-                labeled_at=proposal.event.ts,
+                labeled_at=decision.ts,
                 kind=DECIDED,
-                decided_at=proposal.event.ts,
+                decided_at=decision.ts,
             ),
             result,
         )

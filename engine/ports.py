@@ -61,9 +61,11 @@ class DecisionLedger(Protocol):
     def labels_due(self, now_ms: int) -> bool:
         """Whether a ``settle`` without operations at ``now_ms`` may emit label events.
 
-        An engine that learns inline settles after every event; it skips a call that has
-        nothing to decide when this says no label is due (the stop-loss is then re-evaluated
-        at the next call that settles something). A remote ledger answers ``True``."""
+        An engine that learns inline settles after every event, a live engine after every
+        batch; either skips a call that has nothing to decide when this says no label is due
+        (the stop-loss is then re-evaluated at the next call that settles something). A remote
+        ledger answers ``True``: it sees every batch (``RedisLedger`` commits the batch's
+        feature records and outbox entry with it)."""
         ...
 
     def rate_limited(self, user_id: str, campaign: str, ts: int, interval_ms: int) -> bool:

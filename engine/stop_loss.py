@@ -34,7 +34,7 @@ count with what they have earned so far in both arms alike: the comparison is ne
 by the delay, only a little conservative.
 
 The arithmetic is integer sums and one square root, the same in Python (``InMemoryLedger``)
-and in ``streams/ledger.lua`` (several workers share the state in Redis).
+and in ``streams/adapters/commit_batch.lua`` (several workers share the state in Redis).
 """
 
 from __future__ import annotations

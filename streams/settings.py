@@ -170,6 +170,9 @@ class Settings:
     (``DEALSTREAM_FEEDBACK_WAIT_S``): worker and learner must agree."""
     state_dir: Path = Path(".dealstream")
     """Local state of the command line (``DEALSTREAM_STATE``): replay checkpoints, demo logs."""
+    crash_at: str | None = None
+    """Fault tests only: stop the worker dead at a step of a batch (``DEALSTREAM_CRASH_AT``,
+    ``streams/worker/crash_points.py``)."""
 
     @property
     def topics(self) -> Topics:
@@ -248,6 +251,7 @@ class Settings:
             ),
             # Read as it always was: set but empty means the working directory.
             state_dir=Path(env.get(ENV_PREFIX + "STATE", str(defaults.state_dir))),
+            crash_at=get("CRASH_AT"),
         )
 
 

@@ -2,8 +2,13 @@
 
 Budgets are plain Redis counters checked and incremented inside the script, so any number of
 workers share them without ever overspending; the stop-loss sums and state live next to them,
-so every worker sees the same campaign state. See ``ledger.lua`` (next to this module) for the
-key layout.
+so every worker sees the same campaign state. See ``commit_batch.lua`` (next to this module)
+for the key layout.
+
+In the worker the call is the batch's whole Redis effect: given the feature store
+(``features``) and an outbox, it also writes the feature records the store staged and the
+outbox entry of the batch's outputs, atomically (``batch_commit.py``, ``outbox.py``). A call
+whose reply is lost is resolved through its outbox entry, never run twice.
 
 The ledger remembers the decision times it settled (``rate_limited``), so that the engine does
 not compute features and scores for decisions the script would drop: most intent events of a
@@ -12,12 +17,15 @@ browsing session fall inside the decision interval of the session's first.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Sequence
-from importlib import resources
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from engine.labels import LabelEvent, LabelKind, PendingDecision
 from engine.ledger import (
@@ -30,7 +38,18 @@ from engine.ledger import (
     without_offer,
 )
 from engine.stop_loss import StopLossStatus
-from streams.adapters.redis_store import hash_tag, state_epoch_key
+from streams.adapters.batch_commit import (
+    BatchCommit,
+    CommitReply,
+    FeatureWrite,
+    OutboxWrite,
+    StateEpochMoved,
+)
+from streams.adapters.outbox import Outbox
+from streams.adapters.redis_store import RedisFeatureStore, hash_tag, state_epoch_key
+from streams.errors import StreamsError
+
+log = logging.getLogger("dealstream.worker")
 
 _OUTCOMES: dict[int, DecisionOutcome] = {
     0: RATE_LIMITED,
@@ -77,14 +96,65 @@ def _optional_float(value: bytes | str) -> float | None:
     return None if value in (b"", "") else float(_text(value))
 
 
+CONFIRM_DEADLINE_S = 30.0
+"""How long a ledger whose call lost its reply keeps asking Redis whether it landed."""
+
+
+class OutcomeUnknown(StreamsError):
+    """A batch's call lost its reply and Redis stayed unreachable: whether it landed is unknown.
+    The worker stops; after its restart the batch's outbox entry (if the call landed) is
+    published again and its records are recognised as redelivered."""
+
+
+def ledger_result(
+    outcomes_raw: Sequence[Any], events_raw: Sequence[Any], statuses_raw: Sequence[Any]
+) -> LedgerResult:
+    """The ledger section's reply (or an outbox entry's copy of it) as a ``LedgerResult``."""
+    outcomes = [None if int(code) < 0 else _OUTCOMES[int(code)] for code in outcomes_raw]
+    events = [
+        LabelEvent(
+            _pending_from_stored(events_raw[k + 1], events_raw[k + 2]),
+            _KINDS[events_raw[k]],
+            int(float(events_raw[k + 3])),
+        )
+        for k in range(0, len(events_raw), 4)
+    ]
+    stop_loss: dict[str, StopLossStatus] = {}
+    for k in range(0, len(statuses_raw), 7):
+        name, stopped, since, decisions, diff, upper, lower = statuses_raw[k : k + 7]
+        stop_loss[_text(name)] = StopLossStatus(
+            stopped=int(stopped) == 1,
+            since_ms=None if since in (b"", "") else int(float(_text(since))),
+            decisions=int(decisions),
+            incremental_margin=_optional_float(diff),
+            upper_bound=_optional_float(upper),
+            lower_bound=_optional_float(lower),
+        )
+    return LedgerResult(outcomes=outcomes, events=events, stop_loss=stop_loss)
+
+
 class RedisLedger:
-    def __init__(self, client: aioredis.Redis, *, prefix: str, config: LedgerConfig) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        prefix: str,
+        config: LedgerConfig,
+        features: RedisFeatureStore | None = None,
+        outbox: Outbox | None = None,
+        confirm_deadline_s: float = CONFIRM_DEADLINE_S,
+    ) -> None:
         self._client = client
         self._prefix = prefix
         self.config = config
         self.attribution_window_ms = config.attribution_window_ms
-        source = resources.files("streams.adapters").joinpath("ledger.lua").read_text()
-        self._script = client.register_script(source)
+        self._commit = BatchCommit(client, prefix=prefix)
+        self._features = features
+        """The store whose staged writes each call carries (it must have ``defer_writes``)."""
+        self._outbox = outbox
+        """Where each call keeps its batch's outputs (with ``features`` only: an entry is
+        matched to Kafka's commits by the partitions the store's write covers)."""
+        self._confirm_deadline_s = confirm_deadline_s
         self._last_decision: dict[tuple[str, str], int] = {}
         """The latest decision time this ledger settled per (user, campaign), oldest entries
         first: never later than the script's own (which only grows, whoever decides), so a
@@ -99,13 +169,13 @@ class RedisLedger:
             )
 
     def labels_due(self, now_ms: int) -> bool:
-        """Unknown without a round trip: ``ledger.lua`` expires what is due at ``settle``."""
+        """Unknown without a round trip: ``commit_batch.lua`` expires what is due at ``settle``."""
         del now_ms
         return True
 
     def rate_limited(self, user_id: str, campaign: str, ts: int, interval_ms: int) -> bool:
         """Whether the decision interval certainly has not passed: by the decision times this
-        ledger settled itself. ``ledger.lua`` checks every decision again, atomically for all
+        ledger settled itself. ``commit_batch.lua`` checks every decision again, atomically for all
         workers; this only spares the engine proposing what it would drop."""
         last = self._last_decision.get((user_id, campaign))
         return interval_ms > 0 and last is not None and ts - last < interval_ms
@@ -125,9 +195,40 @@ class RedisLedger:
             del remembered[next(iter(remembered))]
 
     async def settle(self, ops: Sequence[LedgerOp], *, now_ms: int) -> LedgerResult:
+        features = self._features.take_staged() if self._features is not None else None
+        outbox = None
+        if self._outbox is not None and features is not None:
+            drafts = [op.draft if isinstance(op, DecisionRequest) else None for op in ops]
+            outbox = self._outbox.write(drafts, features.marks)
+        ledger = self._ledger_args(ops, now_ms)
+        try:
+            reply = await self._call(features, ledger, outbox)
+        except StateEpochMoved:
+            if self._features is not None:
+                self._features.refused_as_stale()
+            if outbox is not None and self._outbox is not None:
+                self._outbox.failed(outbox)
+            raise
+        except BaseException:
+            if self._features is not None:
+                self._features.failed()
+            raise
+        if self._features is not None:
+            self._features.written(features)
+        if reply.epoch != self._epoch:
+            # A user was forgotten (or this is the first call, or the epoch is unknown): what
+            # was remembered may name decisions the script no longer knows.
+            self._last_decision.clear()
+            self._epoch = reply.epoch
+        result = ledger_result(reply.outcomes, reply.events, reply.statuses)
+        self._remember(ops, result.outcomes)
+        return result
+
+    def _ledger_args(self, ops: Sequence[LedgerOp], now_ms: int) -> list[Any]:
+        """The script's ledger section: two arguments for the whole batch (``commit_batch.lua``
+        says the layout): one argument per field cost redis-py more CPU to encode than the rest
+        of the call."""
         config = self.config
-        # Two arguments for the whole batch (``ledger.lua`` says the layout): one argument per
-        # field cost redis-py more CPU to encode than the rest of the call.
         fields: list[Any] = []
         records: list[bytes] = []
         for op in ops:
@@ -160,8 +261,7 @@ class RedisLedger:
                 )
             else:
                 fields.extend(("P", hash_tag(op.user_id), op.ts, op.amount_cents, op.gross_cents))
-        args: list[Any] = [
-            self._prefix,
+        return [
             now_ms,
             config.attribution_window_ms,
             config.elapsed_ms,
@@ -171,35 +271,39 @@ class RedisLedger:
             # each record as stored when the decision is recorded as proposed: 'G' + JSON
             b"G" + b"G".join(records) if records else b"",
         ]
-        outcomes_raw, events_raw, statuses_raw, epoch = await self._script(keys=[], args=args)
-        outcomes = [None if int(code) < 0 else _OUTCOMES[int(code)] for code in outcomes_raw]
-        epoch = epoch.encode() if isinstance(epoch, str) else epoch
-        if epoch != self._epoch:
-            # A user was forgotten (or this is the first call): what was remembered may name
-            # decisions the script no longer knows.
-            self._last_decision.clear()
-            self._epoch = epoch
-        self._remember(ops, outcomes)
-        events = [
-            LabelEvent(
-                _pending_from_stored(events_raw[k + 1], events_raw[k + 2]),
-                _KINDS[events_raw[k]],
-                int(float(events_raw[k + 3])),
-            )
-            for k in range(0, len(events_raw), 4)
-        ]
-        stop_loss: dict[str, StopLossStatus] = {}
-        for k in range(0, len(statuses_raw), 7):
-            name, stopped, since, decisions, diff, upper, lower = statuses_raw[k : k + 7]
-            stop_loss[_text(name)] = StopLossStatus(
-                stopped=int(stopped) == 1,
-                since_ms=None if since in (b"", "") else int(float(_text(since))),
-                decisions=int(decisions),
-                incremental_margin=_optional_float(diff),
-                upper_bound=_optional_float(upper),
-                lower_bound=_optional_float(lower),
-            )
-        return LedgerResult(outcomes=outcomes, events=events, stop_loss=stop_loss)
+
+    async def _call(
+        self, features: FeatureWrite | None, ledger: list[Any], outbox: OutboxWrite | None
+    ) -> CommitReply:
+        """The script call; one whose reply is lost is resolved through its outbox entry."""
+        try:
+            return await self._commit(features=features, ledger=ledger, outbox=outbox)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            if outbox is None:
+                raise
+            log.warning("batch call lost its reply (%s); asking Redis whether it landed", exc)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._confirm_deadline_s
+        delay = 0.1
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                entry = await self._outbox.read_one(outbox.entry_id) if self._outbox else None
+                if entry is None:
+                    # It never ran (its entry is written in the same atomic call): run it now.
+                    return await self._commit(features=features, ledger=ledger, outbox=outbox)
+                log.info("batch call %s had landed; its reply is read back", outbox.entry_id)
+                # The epoch is unknown: b"" makes the ledger forget what it remembers.
+                return CommitReply(entry.outcomes, entry.events, (), b"")
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                if loop.time() >= deadline:
+                    raise OutcomeUnknown(
+                        f"Redis stayed unreachable for {self._confirm_deadline_s:.0f} s after a "
+                        f"batch call lost its reply ({exc}); whether it landed is unknown, so the "
+                        "worker stops: after a restart its outbox entry, if any, is published "
+                        "again"
+                    ) from exc
+                delay = min(delay * 2, 2.0)
 
     async def stop_loss_status(self) -> dict[str, StopLossStatus]:
         statuses: dict[str, StopLossStatus] = {}

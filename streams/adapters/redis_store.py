@@ -5,9 +5,11 @@ carry (the event topics are co-partitioned by user id). So it keeps those users'
 memory (bounded, least recently used out), applies each micro-batch with the engine's own
 ``apply_updates`` (``engine/features/store.py``: the one implementation of the rules), and
 writes every changed user's compact record (``feature_record.py``) and the batch's partition
-watermarks to Redis in one atomic script call (``commit_state.lua``). It reads Redis only for a
-user it does not hold (after a start, a rebalance or an eviction). Redis stays the serving
-store: ``dealstream features`` and other services read the same records.
+watermarks to Redis in one atomic script call (``commit_batch.lua``). In the worker that call
+is the ledger's (``defer_writes``: the store stages its write, ``RedisLedger`` carries it with
+the ledger's effect and the batch's outbox entry); alone, the store makes the call itself.
+It reads Redis only for a user it does not hold (after a start, a rebalance or an eviction).
+Redis stays the serving store: ``dealstream features`` and other services read the same records.
 
 Keys (``P`` = the configured key prefix, ``V`` = the feature catalogue version):
 
@@ -22,8 +24,8 @@ Two writers can never interleave: a store claims each partition it writes (``P o
 first sees it after an assignment, and the script refuses a batch of a partition another store
 has claimed since (``PartitionFenced``: a worker that lost its partitions without noticing must
 stop, not overwrite the new owner's records). ``forget`` deletes a user's record and bumps the
-epoch; the write script then refuses every store's next batch as stale, and the store drops
-what it holds, reads it again and retries the batch.
+epoch; the script then refuses every store's next batch as stale (``StateEpochMoved``), and the
+store drops what it holds, reads it again and the batch runs again.
 
 The ``{user}`` part of a record key is a Redis Cluster hash tag; the script still touches many
 users' keys per call, so this store needs a single Redis node (or a primary with replicas).
@@ -34,12 +36,12 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
-from importlib import resources
 
 import redis.asyncio as aioredis
 
 from engine.features.state import CATALOGUE_VERSION, LONGEST_WINDOW_MS, State
 from engine.features.store import BatchOutcome, StateUpdate, UserRecord, apply_updates
+from streams.adapters.batch_commit import BatchCommit, FeatureWrite, StateEpochMoved
 from streams.adapters.feature_record import decode_record, encode_record
 from streams.errors import StreamsError
 
@@ -49,10 +51,6 @@ DEFAULT_MAX_CACHED_USERS = 200_000
 """Users whose records a worker keeps in memory (the least recently used go first)."""
 _STALE_RETRIES = 5
 PartitionKey = tuple[str, int]
-
-
-class PartitionFenced(StreamsError):
-    """Another store claimed a partition this one was writing: this one must stop."""
 
 
 def hash_tag(user_id: str) -> str:
@@ -91,13 +89,17 @@ class RedisFeatureStore:
         prefix: str = "ds:",
         max_cached_users: int = DEFAULT_MAX_CACHED_USERS,
         clock: Callable[[], float] = time.monotonic,
+        defer_writes: bool = False,
     ) -> None:
         if max_cached_users < 1:
             raise ValueError("max_cached_users must be at least 1")
         self._client = client
         self._prefix = prefix
-        source = resources.files("streams.adapters").joinpath("commit_state.lua").read_text()
-        self._commit = client.register_script(source)
+        self._commit = BatchCommit(client, prefix=prefix)
+        self.defer_writes = defer_writes
+        """True: ``apply_batch`` stages its write and the ledger's call carries it
+        (``RedisLedger(features=...)``), so that features, ledger and outputs land together."""
+        self._staged: FeatureWrite | None = None
         self.ttl_seconds = LONGEST_WINDOW_MS // 1000 + TTL_MARGIN_S
         self.max_cached_users = max_cached_users
         self._clock = clock
@@ -196,16 +198,30 @@ class RedisFeatureStore:
     async def apply_batch(
         self, updates: Sequence[StateUpdate], *, allowed_lateness_ms: int
     ) -> BatchOutcome:
+        """Apply the batch to the held records; write them (``defer_writes=False``) or stage
+        the write for the ledger's call (``take_staged``)."""
+        if self._staged is not None:
+            # The last batch's write never reached Redis (its batch failed before the ledger
+            # call): what is held is ahead of Redis.
+            self._staged = None
+            self._drop_after_failure()
         if not updates:
             return BatchOutcome(statuses=[], before={})
         for _ in range(_STALE_RETRIES):
             try:
-                outcome = await self._apply_once(updates, allowed_lateness_ms)
+                outcome, write = await self._apply_once(updates, allowed_lateness_ms)
+                if self.defer_writes:
+                    self._staged = write
+                    return outcome
+                if write is not None:
+                    await self._commit(features=write)
+                    self.written(write)
+                return outcome
+            except StateEpochMoved:
+                self.refused_as_stale()
             except BaseException:
                 self._drop_after_failure()
                 raise
-            if outcome is not None:
-                return outcome
         raise StreamsError(
             f"feature state epoch kept moving during {_STALE_RETRIES} attempts to write a batch "
             "(is `dealstream forget` running in a loop?)"
@@ -213,8 +229,8 @@ class RedisFeatureStore:
 
     async def _apply_once(
         self, updates: Sequence[StateUpdate], allowed_lateness_ms: int
-    ) -> BatchOutcome | None:
-        """One attempt; None when the state epoch moved (everything held was dropped)."""
+    ) -> tuple[BatchOutcome, FeatureWrite | None]:
+        """The batch applied in memory, and the write that stores it (None: nothing to write)."""
         client = self._client
         if self._epoch is None:
             self._epoch = _text(await client.get(self.epoch_key) or b"0")
@@ -230,40 +246,49 @@ class RedisFeatureStore:
         )
         users = list(touched)
         if not users and not partitions:
-            return outcome
-        args: list[str | int | bytes] = [self._token, self._epoch, self.ttl_seconds * 1000]
-        args.append(len(partitions))
-        for partition in sorted(partitions):
-            args.append(_field(partition))
-            args.append(self._watermarks[partition])
-        args.extend(encode_record(records[user]) for user in users)
-        keys = [self.owner_key, self.watermark_key, self.epoch_key]
-        keys.extend(self.record_key(user) for user in users)
-        reply = await self._commit(keys=keys, args=args)
-        verdict = _text(reply[0])
-        if verdict == "stale":
-            # Records were rewritten behind this store (``forget``): read them again. What the
-            # attempt applied in memory is dropped with them; the watermarks only moved here.
-            self._drop_records()
-            self._watermarks.clear()
-            self._marks_loaded = False
-            self._epoch = None
-            return None
-        if verdict == "fenced":
-            raise PartitionFenced(
-                f"partition {_text(reply[1])} is now written by another worker (owner token "
-                f"{_text(reply[2]) or 'none'}); this worker lost it without a rebalance "
-                "callback (session timeout?) and stops rather than overwrite its records"
-            )
+            return outcome, None
+        return outcome, FeatureWrite(
+            token=self._token,
+            epoch=self._epoch,
+            ttl_ms=self.ttl_seconds * 1000,
+            marks=[(_field(p), self._watermarks[p]) for p in sorted(partitions)],
+            users=users,
+            keys=[self.record_key(user) for user in users],
+            records=[encode_record(records[user]) for user in users],
+        )
+
+    # -- the staged write (``defer_writes``: the ledger's call carries it) ---------------------
+
+    def take_staged(self) -> FeatureWrite | None:
+        """The last batch's write, for the ledger's call; the store then waits to hear how it
+        went (``written``, ``refused_as_stale`` or ``failed``)."""
+        write, self._staged = self._staged, None
+        return write
+
+    def written(self, write: FeatureWrite | None) -> None:
+        """The write reached Redis: its records are the most recently written."""
+        if write is None:
+            return
+        records, written = self._records, self._written
         now = self._clock()
-        written = self._written
-        for user in users:
+        for user in write.users:
             # Most recently written last: re-insert so that eviction takes the oldest first.
             records[user] = records.pop(user)
             written.pop(user, None)
             written[user] = now
         self._evict()
-        return outcome
+
+    def refused_as_stale(self) -> None:
+        """Records were rewritten behind this store (``forget``): read them again. What the
+        batch applied in memory is dropped with them; the watermarks only moved here."""
+        self._drop_records()
+        self._watermarks.clear()
+        self._marks_loaded = False
+        self._epoch = None
+
+    def failed(self) -> None:
+        """The write's call failed: nothing held can be trusted to match Redis."""
+        self._drop_after_failure()
 
     async def _load_missing(self, updates: Sequence[StateUpdate]) -> None:
         """Read the records of the batch's users this store does not hold (or holds too long)."""

@@ -48,8 +48,8 @@ class FaustSink:
     offsets only when it completes. A
     delivery that fails for good (after the producer's own retries) also stops the worker at
     once (exit 70) instead of carrying on without that output. Its inputs are read again after
-    the restart but skipped as redelivered (their features are already applied), so, as after
-    a kill -9, the outputs of that last batch are lost (docs/delivery.md, "Known limitation").
+    the restart and skipped as redelivered (their features are already applied); their outputs
+    are published again from the batch's outbox entry (docs/delivery.md).
     """
 
     def __init__(self, app: faust.App) -> None:

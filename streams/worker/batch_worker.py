@@ -2,6 +2,7 @@
 
 Every consumed record ends in exactly one bucket of ``WorkerCounters``:
 consumed = applied + redelivered + duplicates + late + dead-lettered.
+Outputs published again from the outbox after a crash are counted apart (``republished``).
 """
 
 from __future__ import annotations
@@ -17,12 +18,17 @@ import orjson
 from engine.features.store import UpdateStatus
 from engine.pipeline import BatchResult, DiscountEngine, Incoming
 from engine.ports import RecordSink
+from streams.adapters.batch_commit import StateEpochMoved
 from streams.adapters.decode import DeadLetter, DecodeLimits, RawRecord, decode_record
 from streams.operations.logs import DeadLetterLog, log_outputs
 from streams.operations.metrics import WorkerMetrics
 from streams.settings import Topics
+from streams.worker.crash_points import CrashPoints
 
 log = logging.getLogger("dealstream.worker")
+
+STALE_RETRIES = 5
+"""Attempts at a batch while `dealstream forget` keeps moving the state epoch."""
 
 
 @dataclass(slots=True)
@@ -37,6 +43,8 @@ class WorkerCounters:
     decisions: int = 0
     training: int = 0
     batches: int = 0
+    republished: int = 0
+    """Offers, decisions and training examples published again from the outbox."""
 
     def balanced(self) -> bool:
         """The accounting invariant: nothing consumed went unaccounted for."""
@@ -61,6 +69,7 @@ class WorkerCounters:
             "decisions": self.decisions,
             "training": self.training,
             "batches": self.batches,
+            "republished": self.republished,
         }
 
 
@@ -88,6 +97,7 @@ class BatchWorker:
         limits: DecodeLimits,
         wall_clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         metrics: WorkerMetrics | None = None,
+        crash_points: CrashPoints | None = None,
     ) -> None:
         self.engine = engine
         self.sink = sink
@@ -97,6 +107,7 @@ class BatchWorker:
         self.metrics = metrics if metrics is not None else WorkerMetrics()
         self._wall_clock_ms = wall_clock_ms
         self._dead_letter_log = DeadLetterLog(log)
+        self._crash_points = crash_points if crash_points is not None else CrashPoints()
 
     async def handle(self, records: Sequence[RawRecord]) -> BatchResult:
         now_ms = self._wall_clock_ms()
@@ -108,8 +119,18 @@ class BatchWorker:
                 dead.append(decoded)
             else:
                 incoming.append(decoded)
-        result = await self.engine.process(incoming)
+        for attempt in range(1, STALE_RETRIES + 1):
+            try:
+                result = await self.engine.process(incoming)
+                break
+            except StateEpochMoved:
+                # `dealstream forget` ran meanwhile: nothing was written, and the batch runs
+                # again on records read afresh.
+                if attempt == STALE_RETRIES:
+                    raise
+        self._crash_points.reached("after_batch_call")
         await self._emit(result, dead)
+        self._crash_points.reached("after_send")
         if dead:
             self._dead_letter_log.log(dead, now_ms / 1000)
         log_outputs(log, result.offers, result.decisions)
@@ -133,6 +154,12 @@ class BatchWorker:
             spend_cents=result.spend_cents,
         )
         return result
+
+    async def republish(self, result: BatchResult) -> None:
+        """Send the outputs of a batch settled before a crash (its outbox entry) again."""
+        await self._emit(result, ())
+        self.counters.republished += len(result.offers) + len(result.decisions)
+        self.counters.republished += len(result.training)
 
     async def _emit(self, result: BatchResult, dead: Sequence[DeadLetter]) -> None:
         topics = self.topics

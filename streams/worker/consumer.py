@@ -62,14 +62,18 @@ from mode import Service
 from engine.ports import RecordSink
 from streams.adapters.decode import RawRecord
 from streams.errors import EXIT_INTERNAL_ERROR
+from streams.worker.crash_points import CrashPoints
 
 log = logging.getLogger("dealstream.worker")
 
 BatchHandler = Callable[[Sequence[RawRecord]], Awaitable[None]]
 FatalHandler = Callable[[BaseException], None]
 AssignedHook = Callable[[AIOKafkaConsumer, Sequence[TopicPartition]], Awaitable[None]]
-"""Runs on every assignment before any record of it is fetched; may seek (``ResumeFromRedis``)."""
+"""Runs on every assignment before any record of it is fetched; may seek (``ResumeFromRedis``)
+and publish (``RepublishOutbox``)."""
 TopicPartitionKey = tuple[str, int]
+CommittedHook = Callable[[Mapping[TopicPartitionKey, int]], None]
+"""Told of every successful commit: the next offset to read per partition (``Outbox``)."""
 
 
 class AssignmentObserver(Protocol):
@@ -151,6 +155,8 @@ class EventConsumer(Service):
         client_options: dict[str, Any] | None = None,
         on_fatal: FatalHandler = exit_worker,
         on_assigned: AssignedHook | None = None,
+        on_committed: CommittedHook | None = None,
+        crash_points: CrashPoints | None = None,
     ) -> None:
         super().__init__()
         self.bootstrap = bootstrap
@@ -165,6 +171,8 @@ class EventConsumer(Service):
         self.client_options = dict(client_options or {})
         self.on_fatal = on_fatal
         self.on_assigned = on_assigned
+        self.on_committed = on_committed
+        self._crash_points = crash_points if crash_points is not None else CrashPoints()
         self.batches_committed = 0
         self._consumer: AIOKafkaConsumer | None = None
         self._in_flight = asyncio.Lock()
@@ -177,6 +185,8 @@ class EventConsumer(Service):
         """Between a revoke and the next assignment: records fetched now are not handled (the
         partitions' next owner reads them from the committed offsets)."""
         self._loop_task: asyncio.Task[None] | None = None
+        self._generation = 0
+        """Counts assignments: records fetched under an earlier one are not handled."""
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -223,10 +233,17 @@ class EventConsumer(Service):
                 # Everything the fetcher holds (bounded by the fetch sizes): a max_records limit
                 # would fill the batch from the first partitions alone.
                 fetched = await consumer.getmany(timeout_ms=self.batch_timeout_ms)
-                for batch in in_time_order(fetched, self.topics, self.batch_max):
+                generation = self._generation
+                batches = in_time_order(fetched, self.topics, self.batch_max)
+                for batch in batches:
                     async with self._in_flight:
-                        if self._stopping or self._rebalancing:
+                        if self._stopping:
                             break  # the rest is read again from the committed offsets
+                        if self._rebalancing or generation != self._generation:
+                            # Fetched before or during a rebalance: read again by whoever
+                            # owns the partitions now (this worker too).
+                            await self._unread(consumer, itertools.chain(batch, *batches))
+                            break
                         await self._process(consumer, batch)
             await self._finished()
         except Exception as exc:
@@ -254,6 +271,21 @@ class EventConsumer(Service):
             self._finish(consumer, delivered, offsets), name="dealstream-event-commit"
         )
 
+    async def _unread(self, consumer: AIOKafkaConsumer, records: Iterable[Any]) -> None:
+        """Put the fetcher of each assigned partition back to the first of ``records`` it has
+        moved past: records fetched while the assignment changed are dropped, and those of a
+        partition this worker (still or now) owns must be read again. Only ever backwards: a
+        record read twice is recognised as redelivered, one skipped would be lost."""
+        first: dict[TopicPartition, int] = {}
+        for record in records:
+            tp = TopicPartition(record.topic, record.partition)
+            if record.offset < first.get(tp, record.offset + 1):
+                first[tp] = record.offset
+        assigned = consumer.assignment()
+        for tp, offset in first.items():
+            if tp in assigned and offset < await consumer.position(tp):
+                consumer.seek(tp, offset)
+
     async def _finish(
         self,
         consumer: AIOKafkaConsumer,
@@ -261,6 +293,7 @@ class EventConsumer(Service):
         offsets: dict[TopicPartition, OffsetAndMetadata],
     ) -> None:
         await delivered  # raises if an output could not be delivered: no commit
+        self._crash_points.reached("after_delivery")
         await self._commit(consumer, offsets)
 
     async def _finished(self) -> None:
@@ -290,6 +323,8 @@ class EventConsumer(Service):
             log.warning("offset commit failed (%s); records will be redelivered", exc)
             return
         self.batches_committed += 1
+        if self.on_committed is not None:
+            self.on_committed({(tp.topic, tp.partition): meta.offset for tp, meta in mine.items()})
 
     # -- rebalances ----------------------------------------------------------------------------
 
@@ -300,6 +335,20 @@ class EventConsumer(Service):
         keys = [(tp.topic, tp.partition) for tp in revoked]
         if self.observer is not None:
             self.observer.on_revoked(keys)
+
+    async def partitions_assigning(self, assigned: Sequence[TopicPartition]) -> None:
+        """The assignment's hook (``on_assigned``) runs before any batch is handled: a batch
+        fetched meanwhile waits for it (``_in_flight``), and one fetched before it is dropped
+        and read again (``_generation``)."""
+        async with self._in_flight:
+            self._generation += 1
+            if self.on_assigned is not None and self._consumer is not None:
+                try:
+                    await self.on_assigned(self._consumer, assigned)
+                except Exception as exc:  # aiokafka would log it and carry on
+                    self.on_fatal(exc)
+                    return
+            self.partitions_assigned(assigned)
 
     def partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         self._rebalancing = False
@@ -317,12 +366,4 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._consumer.partitions_revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        consumer = self._consumer
-        assigned = list(assigned)
-        if consumer.on_assigned is not None and consumer._consumer is not None:
-            try:
-                await consumer.on_assigned(consumer._consumer, assigned)
-            except Exception as exc:  # aiokafka would log it and carry on
-                consumer.on_fatal(exc)
-                return
-        consumer.partitions_assigned(assigned)
+        await self._consumer.partitions_assigning(list(assigned))

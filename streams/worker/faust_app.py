@@ -21,6 +21,7 @@ from typing import Any
 
 import faust
 import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.app.base import BootStrategy
 from faust.transport.drivers.aiokafka import Producer as AIOKafkaDriverProducer
 
@@ -29,6 +30,7 @@ from engine.pipeline import DiscountEngine
 from streams.adapters.decode import DecodeLimits, RawRecord
 from streams.adapters.kafka_io import PRODUCER_MAX_REQUEST_BYTES
 from streams.adapters.model_store import ModelReloader, ModelStore
+from streams.adapters.outbox import Outbox
 from streams.adapters.redis_ledger import RedisLedger
 from streams.adapters.redis_store import RedisFeatureStore
 from streams.adapters.sinks import FaustSink
@@ -38,7 +40,9 @@ from streams.operations.metrics import TimedFeatureStore, TimedLedger, WorkerMet
 from streams.settings import Secret, Settings
 from streams.worker.batch_worker import BatchWorker
 from streams.worker.consumer import AssignmentObserver, EventConsumer, TopicPartitionKey
+from streams.worker.crash_points import CrashPoints
 from streams.worker.http_endpoints import REFRESH_INTERVAL_S, WorkerStatus, install_routes
+from streams.worker.recovery import RepublishOutbox
 from streams.worker.resume import ResumeFromRedis
 
 log = logging.getLogger("dealstream.worker")
@@ -52,11 +56,15 @@ class Runtime:
     redis: aioredis.Redis
     features: RedisFeatureStore
     """The engine's feature store, which follows the event consumer's assignment."""
+    outbox: Outbox
+    """The batches' outputs kept until Kafka commits them; republished after a crash."""
     engine: DiscountEngine
     reloader: ModelReloader | None
     """Picks up models the learner publishes; None without a model key (no hot reload)."""
     metrics: WorkerMetrics
     """This worker's Prometheus registry and metrics (served on ``/metrics``)."""
+    crash_points: CrashPoints
+    """Fault tests only (``DEALSTREAM_CRASH_AT``); by default none."""
 
 
 MODEL_POLL_INTERVAL_S = 2.0
@@ -77,14 +85,26 @@ def bootstrap(
         else default_campaigns()
     )
     client = redis_client or aioredis.Redis.from_url(settings.redis_url.reveal())
+    # One Redis call per batch: the ledger's carries the records the store staged and the
+    # outbox entry of the batch's outputs (streams/adapters/outbox.py).
     features = RedisFeatureStore(
-        client, prefix=settings.redis_prefix, max_cached_users=settings.state_cache_users
+        client,
+        prefix=settings.redis_prefix,
+        max_cached_users=settings.state_cache_users,
+        defer_writes=True,
     )
+    outbox = Outbox(client, prefix=settings.redis_prefix)
     metrics.feature_records_held.set_function(features.held_users)
     store = TimedFeatureStore(features, redis_seconds.labels("features").observe)
     config = settings.engine_config()
     ledger = TimedLedger(
-        RedisLedger(client, prefix=settings.redis_prefix, config=config.ledger_config(campaigns)),
+        RedisLedger(
+            client,
+            prefix=settings.redis_prefix,
+            config=config.ledger_config(campaigns),
+            features=features,
+            outbox=outbox,
+        ),
         redis_seconds.labels("ledger").observe,
     )
     engine = DiscountEngine(store, ledger=ledger, campaigns=campaigns, config=config)
@@ -97,9 +117,11 @@ def bootstrap(
         settings=settings,
         redis=client,
         features=features,
+        outbox=outbox,
         engine=engine,
         reloader=reloader,
         metrics=metrics,
+        crash_points=CrashPoints(settings.crash_at),
     )
 
 
@@ -237,6 +259,7 @@ def create_app(runtime: Runtime) -> faust.App:
             max_clock_skew_ms=int(settings.max_clock_skew_s * 1000),
         ),
         metrics=runtime.metrics,
+        crash_points=runtime.crash_points,
     )
     status = WorkerStatus(
         worker,
@@ -251,6 +274,15 @@ def create_app(runtime: Runtime) -> faust.App:
     async def handle(records: Sequence[RawRecord]) -> None:
         await _handle_until_done(worker, records)
 
+    resume = ResumeFromRedis(runtime.features.watermarks)
+    republish = RepublishOutbox(runtime.outbox, runtime.engine, worker)
+
+    async def on_assigned(consumer: AIOKafkaConsumer, partitions: Sequence[TopicPartition]) -> None:
+        # Rewinds first (Redis lost writes: those batches run again, entries and all), then
+        # the outputs of batches Redis has but Kafka did not commit.
+        await resume(consumer, partitions)
+        await republish(consumer, partitions)
+
     # Faust starts it (an instance is accepted, though typed as a class) once its producer and
     # web server run, and stops it before the producer: the last batches are delivered and committed
     # while the producer is still up.
@@ -264,8 +296,10 @@ def create_app(runtime: Runtime) -> faust.App:
             batch_max=settings.batch_max,
             batch_within_s=settings.batch_within_s,
             session_timeout_s=settings.session_timeout_s,
-            observer=_FollowAssignment(runtime.features, status),
-            on_assigned=ResumeFromRedis(runtime.features.watermarks),
+            observer=_FollowAssignment(runtime.features, runtime.outbox, status),
+            on_assigned=on_assigned,
+            on_committed=runtime.outbox.committed,
+            crash_points=runtime.crash_points,
         )
     )
 

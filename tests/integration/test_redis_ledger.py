@@ -1,4 +1,4 @@
-"""The Redis decision ledger (streams/adapters/redis_ledger.py + ledger.lua) against a real Redis.
+"""The Redis decision ledger (redis_ledger.py + commit_batch.lua) against a real Redis.
 
 1. Parity: random sequences of decision requests and purchases, settled in random batches with
    an advancing ``now_ms``, give the same outcomes, label events (in the same order), stop-loss
@@ -22,7 +22,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from importlib import resources
+from typing import Any
 
 import orjson
 import pytest
@@ -30,9 +30,11 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import event as label
 from hypothesis import strategies as st
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from engine.features.state import HOUR_MS, MINUTE_MS
+from engine.features.store import Position, StateUpdate
 from engine.labels import Arm, LabelKind, PendingDecision
 from engine.ledger import (
     DecisionOutcome,
@@ -46,8 +48,10 @@ from engine.ledger import (
     event_day,
 )
 from engine.stop_loss import StopLoss
+from streams.adapters.batch_commit import BatchCommit, CommitReply
+from streams.adapters.outbox import Outbox
 from streams.adapters.redis_ledger import RedisLedger
-from streams.adapters.redis_store import hash_tag
+from streams.adapters.redis_store import RedisFeatureStore, hash_tag
 from tests.conftest import Isolation, Services
 from tests.integration.conftest import delete_prefix, keys_under
 
@@ -251,7 +255,7 @@ def _outcome_name(outcome: DecisionOutcome) -> str:
 
 
 def ledger_keys(prefix: str, days: Sequence[int]) -> list[str]:
-    """Every key the ledger can write for ``USERS``, ``CAMPAIGNS`` and ``days`` (ledger.lua)."""
+    """Every key the ledger can write for ``USERS``, ``CAMPAIGNS``, ``days`` (commit_batch.lua)."""
     keys = [f"{prefix}pq", f"{prefix}pe"]
     keys += [f"{prefix}sl:{campaign}" for campaign in CAMPAIGNS]
     keys += [f"{prefix}{kind}:{{{hash_tag(user)}}}" for user in USERS for kind in ("g", "p")]
@@ -489,9 +493,10 @@ async def test_the_stop_loss_stops_a_losing_campaign_and_lets_it_recover(
 # -- packed ops ---------------------------------------------------------------------------------
 
 
-def _packed(prefix: str, *ops: list[object], records: bytes) -> list[object]:
-    """``ledger.lua``'s arguments for a plain config: the flat ops JSON and the records."""
-    return [prefix, T0, WINDOW, 0, 0, orjson.dumps([f for op in ops for f in op]), records]
+def _packed(*ops: list[object], records: bytes) -> list[object]:
+    """``commit_batch.lua``'s ledger section for a plain config: the flat ops JSON and the
+    records."""
+    return [T0, WINDOW, 0, 0, orjson.dumps([f for op in ops for f in op]), records]
 
 
 RECORD = b"G" + orjson.dumps(_request("d1", "u1", T0).decision.to_compact())
@@ -540,16 +545,14 @@ async def test_a_malformed_packed_op_is_refused_before_anything_is_written(
     (a budget spent, no outcome returned), so a bad op after a good one writes nothing."""
     client = aioredis.Redis.from_url(services.redis_url)
     prefix = isolation.redis_prefix
-    script = client.register_script(
-        resources.files("streams.adapters").joinpath("ledger.lua").read_text()
-    )
+    commit = BatchCommit(client, prefix=prefix)
     try:
         # the good op alone is granted: the packing above is the one the script expects
-        outcomes, _, _, _ = await script(keys=[], args=_packed(prefix, GOOD, records=RECORD))
-        assert outcomes == [1]
+        reply = await commit(ledger=_packed(GOOD, records=RECORD))
+        assert list(reply.outcomes) == [1]
         await delete_prefix(client, prefix)
         with pytest.raises(ResponseError, match=re.escape(f"ledger: {refusal}")) as refused:
-            await script(keys=[], args=_packed(prefix, *ops, records=records))
+            await commit(ledger=_packed(*ops, records=records))
         assert "nothing was written" in str(refused.value)
         assert await keys_under(client, prefix) == set()
     finally:
@@ -744,6 +747,55 @@ async def test_concurrent_workers_grant_exactly_what_fits(
         assert len({i for i, worker in enumerate(results) if any(ok for _, ok, _ in worker)}) > 1
         ledger = RedisLedger(client, prefix=prefix, config=PLAIN)
         assert await ledger.budget_spent_cents("alpha", event_day(T0)) == 994
+    finally:
+        await delete_prefix(client, prefix)
+        await client.aclose()
+
+
+# -- the worker's one call per batch: a lost reply ---------------------------------------------
+
+
+@pytest.mark.parametrize("landed", [True, False], ids=["landed", "never-ran"])
+async def test_a_call_whose_reply_is_lost_is_read_back_from_its_outbox_entry_or_run_once(
+    services: Services, isolation: Isolation, landed: bool
+) -> None:
+    """The connection drops around the batch's call (features, ledger and outbox entry in
+    one): if the call had landed, its reply is read back from its entry; if it never ran, it
+    runs now. Either way the offer is granted once and the budget charged once."""
+    prefix = isolation.redis_prefix
+    client = aioredis.Redis.from_url(services.redis_url)
+    store = RedisFeatureStore(client, prefix=prefix, defer_writes=True)
+    ledger = RedisLedger(
+        client,
+        prefix=prefix,
+        config=PLAIN,
+        features=store,
+        outbox=Outbox(client, prefix=prefix),
+        confirm_deadline_s=10,
+    )
+    real = ledger._commit
+    calls = 0
+
+    async def lossy(**sections: Any) -> CommitReply:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            if landed:
+                await real(**sections)
+            raise RedisConnectionError("the reply was lost (test)")
+        return await real(**sections)
+
+    ledger._commit = lossy  # type: ignore[assignment]
+    try:
+        update = StateUpdate("u1", "e1", T0, [], position=Position("b", 0, 41))
+        await store.apply_batch([update], allowed_lateness_ms=HOUR_MS)
+        offer = OfferLimits(250, budget_cents=1000)
+        settled = await ledger.settle([_request("d1", "u1", T0, offer=offer)], now_ms=T0)
+        assert settled.outcomes == [DecisionOutcome(decided=True, granted=True)]
+        assert calls == (1 if landed else 2)
+        assert await ledger.budget_spent_cents("alpha", T0 // (24 * HOUR_MS)) == 250
+        assert await store.watermarks() == {("b", 0): 41}
+        assert await client.hlen(f"{prefix}ob") == 1, "the batch's entry waits for its commit"
     finally:
         await delete_prefix(client, prefix)
         await client.aclose()

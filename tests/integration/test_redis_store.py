@@ -47,7 +47,8 @@ from engine.features.store import (
     UserRecord,
     seen_key,
 )
-from streams.adapters.redis_store import PartitionFenced, RedisFeatureStore, hash_tag
+from streams.adapters.batch_commit import PartitionFenced
+from streams.adapters.redis_store import RedisFeatureStore, hash_tag
 from tests.conftest import Isolation, Services
 from tests.integration.conftest import RedisEnv, delete_prefix, keys_under
 

@@ -588,8 +588,9 @@ async def test_a_partition_read_ahead_does_not_expire_other_users_decisions(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="streams/adapters/ledger.lua purchase() / engine/labels.py on_purchase: a purchase only "
-    "labels decisions already pending, so one read before the (earlier) decision it follows "
+    reason="streams/adapters/commit_batch.lua purchase() / engine/labels.py on_purchase: "
+    "a purchase only labels decisions already pending, so one read before the (earlier) "
+    "decision it follows "
     "labels nothing and the decision later expires as 0",
 )
 async def test_a_purchase_read_before_the_decision_it_follows_still_labels_it(

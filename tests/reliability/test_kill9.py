@@ -343,13 +343,6 @@ async def output_ids(services: Services, topic: str, field: str, timeout_s: floa
     raise AssertionError(f"could not read {topic} to its end within {timeout_s:.0f} s")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: outputs are at-most-once across a crash: the Lua call advances the Redis "
-    "watermarks before the batch's offers and decisions are delivered (FaustSink.delivery), so a "
-    "SIGKILL in between loses them for good; the redelivered events are then skipped as "
-    "REDELIVERED and produce no output",
-)
 async def test_kill9_loses_no_offers(
     services: Services, isolation: Isolation, free_port: int, tmp_path: Path
 ) -> None:

@@ -1,10 +1,23 @@
--- Settle one micro-batch of decisions and purchases atomically; mirrors engine/ledger.py
--- (InMemoryLedger), engine/labels.py (PendingLabels) and engine/stop_loss.py.
+-- One micro-batch's whole Redis effect, atomically: the feature records and partition
+-- watermarks (the records are computed in Python: engine/features/store.py), the decision
+-- ledger (mirrors engine/ledger.py's InMemoryLedger, engine/labels.py's PendingLabels and
+-- engine/stop_loss.py), and the outbox entry that keeps the batch's outputs until Kafka has
+-- them (streams/adapters/outbox.py). Each of the three sections may be left out ('' where it
+-- starts): the feature store alone (`RedisFeatureStore` without a ledger), the ledger alone
+-- (`RedisLedger` without a store), or all three (the worker).
 --
--- ARGV: prefix, now_ms, attribution_window_ms, elapsed_ms (0 = none), n_campaigns, then per
---   stop-loss campaign: name, margin, window_ms, min_decisions, min_users; then the batch's ops
---   packed in two arguments (two bulk strings instead of 13 per decision: packing and unpacking
---   many small arguments cost more client and server CPU than the ledger's own work):
+-- KEYS[1]   hash of partition owners: field "<source>:<partition>" -> owner token
+-- KEYS[2]   hash of partition watermarks: field "<source>:<partition>" -> offset
+-- KEYS[3]   the state epoch (a counter `dealstream forget` increments)
+-- KEYS[4..] the feature record keys of the batch's users
+-- ARGV[1]   prefix of the ledger's and the outbox's keys
+-- features: token ('' = no features section), epoch, ttl_ms, n_partitions,
+--           n_partitions x (field, offset), then one record per record key (KEYS[4..] order)
+-- ledger:   now_ms ('' = no ledger section), attribution_window_ms, elapsed_ms (0 = none),
+--           n_campaigns, then per stop-loss campaign: name, margin, window_ms, min_decisions,
+--           min_users; then the batch's ops packed in two arguments (two bulk strings instead
+--           of 13 per decision: packing and unpacking many small arguments cost more client
+--           and server CPU than the ledger's own work):
 --   ops      one flat JSON array, per op either
 --            'D', user, campaign, ts, decision_interval_ms, has_offer (0/1), cost_cents,
 --                 cooldown_ms, max_per_day (-1 = none), budget_cents (-1 = none), decision_id,
@@ -13,18 +26,26 @@
 --   records  each decision's record as stored when it is recorded as proposed ('G' and
 --            PendingDecision.to_compact as JSON), concatenated in op order: raw bytes rather
 --            than escaped JSON, cut out only for decisions that are recorded
--- Every op is checked before anything is written: a malformed batch is refused with an error
--- reply ('ledger: ' and what is wrong) and changes nothing.
--- Returns { outcomes, events, stop_loss, epoch } where outcomes[i] is, for a decision:
--- 0 rate-limited, 1 offer granted, 2 decided without an offer, 3 denied by cooldown, 4 by max
--- offers per day, 5 by budget; for a purchase: -1. events is a flat list of (kind, record,
--- converted_at or '', at) with kind 'C' converted, 'E' elapsed, 'X' closed. stop_loss is a flat
--- list of (name, stopped 0/1, since or '', decisions, incremental margin, upper, lower ('' when
--- unknown)).
--- epoch is the state epoch <p>se ('' when unset): `dealstream forget` bumps it, and a worker
--- that sees it change forgets the decision times it remembers (redis_ledger.py).
+-- outbox:   entry id ('' = no outbox section), coverage (JSON, stored as is), drafts (bytes,
+--           stored as is), n_acked, then n_acked ids of entries to delete (their batches are
+--           committed in Kafka)
 --
--- Keys are built from the prefix (this script is for a single Redis node, like features.lua):
+-- Everything is checked before anything is written: the state epoch and the partitions'
+-- owners (refusals, below), then every ledger op (a malformed batch is refused with an error
+-- reply, 'ledger: ' and what is wrong, and changes nothing).
+-- Returns {'stale', epoch} (the epoch moved: the store drops every record it holds and the
+-- batch runs again), {'fenced', field, owner} (another writer claimed the partition: stop
+-- writing), or {'ok', outcomes, events, stop_loss, epoch} where outcomes[i] is, for a
+-- decision: 0 rate-limited, 1 offer granted, 2 decided without an offer, 3 denied by cooldown,
+-- 4 by max offers per day, 5 by budget; for a purchase: -1. events is a flat list of (kind,
+-- record, converted_at or '', at) with kind 'C' converted, 'E' elapsed, 'X' closed.
+-- stop_loss is a flat list of (name, stopped 0/1, since or '', decisions, incremental margin,
+-- upper, lower ('' when unknown)). epoch is the state epoch <p>se ('' when unset):
+-- `dealstream forget` bumps it, and a ledger that sees it change forgets the decision times it
+-- remembers (redis_ledger.py).
+--
+-- Keys built from the prefix (this script touches many users' keys per call, so it needs a
+-- single Redis node, or a primary with replicas):
 --   <p>g:{user}   hash  <campaign>|d last decision ts, <campaign>|o last offer ts,
 --                       <campaign>|n<day> offers that day,
 --                       <campaign>|s<epoch><arm> the user's stop-loss sums "decisions cents"
@@ -36,33 +57,86 @@
 --   <p>se         string  the state epoch (read only; written by `dealstream forget`)
 --   <p>sl:<campaign>      hash  <epoch>|<arm>|<sum> stop-loss sums (n y yy yn nn u), and
 --                       state, since, decisions, diff, upper, lower (the last evaluation)
+--   <p>ob         hash  entry id -> the call's outcomes and label events (JSON) and, after a
+--                       newline, the drafts as given
+--   <p>obc        hash  entry id -> its coverage as given
 
 local prefix = ARGV[1]
-local now = tonumber(ARGV[2])
-local window = tonumber(ARGV[3])
-local elapsed = tonumber(ARGV[4])
-local n_campaigns = tonumber(ARGV[5])
+local at = 2
+local function arg()
+  local value = ARGV[at]
+  at = at + 1
+  return value
+end
+
+-- features section
+local token = arg()
+local features = token ~= nil and token ~= ''
+local state_epoch, ttl, partitions, first_record
+if features then
+  state_epoch, ttl = arg(), arg()
+  partitions = {}
+  for k = 1, tonumber(arg()) do
+    partitions[k] = { field = arg(), offset = arg() }
+  end
+  first_record = at
+  at = at + #KEYS - 3
+end
+
+-- ledger section
+local now_arg = arg()
+local settling = now_arg ~= nil and now_arg ~= ''
+local now, window, elapsed = 0, 0, 0
+local stop_loss = {}
+local stop_loss_order = {}
+local packed_ops, records = '[]', ''
+if settling then
+  now, window, elapsed = tonumber(now_arg), tonumber(arg()), tonumber(arg())
+  for n = 1, tonumber(arg()) do
+    local name = arg()
+    stop_loss[name] = {
+      margin = tonumber(arg()),
+      epoch_ms = math.max(math.floor(tonumber(arg()) / 2), 1),
+      min_decisions = tonumber(arg()),
+      min_users = tonumber(arg()),
+    }
+    stop_loss_order[n] = name
+  end
+  packed_ops, records = arg(), arg()
+end
+
+-- outbox section
+local entry_id = arg()
+local boxing = entry_id ~= nil and entry_id ~= ''
+local coverage, drafts, acked = '', '', {}
+if boxing then
+  coverage, drafts = arg(), arg()
+  for k = 1, tonumber(arg()) do
+    acked[k] = arg()
+  end
+end
+
 local DAY_MS = 86400000
 local SEP = '\31'
 local Z95 = 1.959964
 local close_key = prefix .. 'pq'
 local elapsed_key = prefix .. 'pe'
 
-local stop_loss = {}
-local stop_loss_order = {}
-local i = 6
-for n = 1, n_campaigns do
-  local name = ARGV[i]
-  stop_loss[name] = {
-    margin = tonumber(ARGV[i + 1]),
-    epoch_ms = math.max(math.floor(tonumber(ARGV[i + 2]) / 2), 1),
-    min_decisions = tonumber(ARGV[i + 3]),
-    min_users = tonumber(ARGV[i + 4]),
-  }
-  stop_loss_order[n] = name
-  i = i + 5
+-- Refusals first: nothing is written unless this writer still owns every partition of the
+-- batch and nobody rewrote feature state behind its back.
+local current_epoch = redis.call('GET', KEYS[3])
+if features then
+  if (current_epoch or '0') ~= state_epoch then
+    return {'stale', current_epoch or '0'}
+  end
+  for _, partition in ipairs(partitions) do
+    local owner = redis.call('HGET', KEYS[1], partition.field)
+    if owner ~= token then
+      return {'fenced', partition.field, owner or ''}
+    end
+  end
 end
-local packed_ops, records = ARGV[i], ARGV[i + 1]
+
 
 -- Order must match Python's str comparison whatever the server's collation locale is.
 local function bytewise_less(a, b)
@@ -154,6 +228,21 @@ if not checked then problem = 'a field of the wrong type' end
 if problem then
   local where = checking > 0 and ('op ' .. checking .. ': ') or ''
   return redis.error_reply('ledger: ' .. where .. problem .. '; nothing was written')
+end
+
+-- Every check passed: the writes. First the outbox entries whose batches Kafka committed,
+-- then the feature records and watermarks, then the ledger, then this batch's entry.
+for _, id in ipairs(acked) do
+  redis.call('HDEL', prefix .. 'ob', id)
+  redis.call('HDEL', prefix .. 'obc', id)
+end
+if features then
+  for _, partition in ipairs(partitions) do
+    redis.call('HSET', KEYS[2], partition.field, partition.offset)
+  end
+  for k = 4, #KEYS do
+    redis.call('SET', KEYS[k], ARGV[first_record + k - 4], 'PX', ttl)
+  end
 end
 
 local outcomes = {}
@@ -341,136 +430,152 @@ end
 for budget_key in pairs(budget_keys) do
   redis.call('EXPIRE', budget_key, 3 * 86400)
 end
--- One ZADD per queue for up to 500 decisions (nothing reads the queues before the expiry below).
-local function enqueue(key, delay)
-  for first = 1, #queued, 1000 do
-    local args = {}
-    for k = first, math.min(first + 999, #queued), 2 do
-      args[#args + 1] = queued[k] + delay
-      args[#args + 1] = queued[k + 1]
-    end
-    redis.call('ZADD', key, unpack(args))
-  end
-end
-enqueue(close_key, window)
-if elapsed > 0 then enqueue(elapsed_key, elapsed) end
-
--- Label events due before now, in event-time order (elapsed before closed on a tie, like
--- PendingLabels' heap of (time, 0 elapsed / 1 closed, decision_id, user)).
-local due = {}
-local function collect(key, closing)
-  local found = redis.call('ZRANGEBYSCORE', key, '-inf', '(' .. int(now), 'WITHSCORES')
-  if #found == 0 then return end
-  -- every member read here is due: remove them all at once (the same range)
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. int(now))
-  for k = 1, #found, 2 do
-    local member = found[k]
-    local sep_at = string.find(member, SEP, 1, true)
-    due[#due + 1] = {
-      at = tonumber(found[k + 1]), closing = closing,
-      id = string.sub(member, 1, sep_at - 1), user = string.sub(member, sep_at + 1),
-    }
-  end
-end
-if elapsed > 0 then collect(elapsed_key, 0) end
-collect(close_key, 1)
-table.sort(due, function(a, b)
-  if a.at ~= b.at then return a.at < b.at end
-  if a.closing ~= b.closing then return a.closing < b.closing end
-  if a.id ~= b.id then return bytewise_less(a.id, b.id) end
-  return bytewise_less(a.user, b.user)
-end)
-for _, entry in ipairs(due) do
-  local pkey = pending_key(entry.user)
-  local converted_field = entry.id .. '|c'
-  local stored = redis.call('HMGET', pkey, entry.id, converted_field)
-  local record, converted_at = stored[1], stored[2]
-  if record then
-    if entry.closing == 1 then
-      redis.call('HDEL', pkey, entry.id, converted_field)
-      emit('X', record, converted_at, int(entry.at))
-    else
-      emit('E', record, converted_at, int(entry.at))
-    end
-  end
-end
-
--- Stop-loss: evaluate each campaign over the current and the previous epoch.
-local function arm_stats(campaign, epochs, arm)
-  local s = { n = 0, y = 0, yy = 0, yn = 0, nn = 0, u = 0 }
-  local key = sl_key(campaign)
-  for _, epoch in ipairs(epochs) do
-    local field = epoch .. '|' .. arm .. '|'
-    local values = redis.call('HMGET', key, field .. 'n', field .. 'y', field .. 'yy',
-      field .. 'yn', field .. 'nn', field .. 'u')
-    s.n = s.n + (tonumber(values[1]) or 0)
-    s.y = s.y + (tonumber(values[2]) or 0)
-    s.yy = s.yy + (tonumber(values[3]) or 0)
-    s.yn = s.yn + (tonumber(values[4]) or 0)
-    s.nn = s.nn + (tonumber(values[5]) or 0)
-    s.u = s.u + (tonumber(values[6]) or 0)
-  end
-  return s
-end
-
-local function mean_and_variance(s)
-  if s.u < 2 or s.n == 0 then return nil end
-  local mean = s.y / s.n
-  local spread = s.yy - 2.0 * mean * s.yn + mean * mean * s.nn
-  if spread < 0 then spread = 0 end
-  return mean, s.u / (s.u - 1) * spread / (s.n * s.n)
-end
 
 local statuses = {}
-for _, campaign in ipairs(stop_loss_order) do
-  local config = stop_loss[campaign]
-  local key = sl_key(campaign)
-  local current = math.floor(now / config.epoch_ms)
-  local epochs = { current, current - 1 }
-  local t, h = arm_stats(campaign, epochs, 'T'), arm_stats(campaign, epochs, 'H')
-  local state = redis.call('HMGET', key, 'state', 'since')
-  local stopped = state[1] == '1'
-  local since = state[2] or ''
-  local settled = since == '' or now - tonumber(since) >= config.epoch_ms
-  local decisions = t.n + h.n
-  local diff, upper, lower = '', '', ''
-  local t_mean, t_var = mean_and_variance(t)
-  local h_mean, h_var = mean_and_variance(h)
-  if t_mean and h_mean then
-    local d = (t_mean - h_mean) / 100.0
-    local half = Z95 * math.sqrt(t_var + h_var) / 100.0
-    diff, upper, lower = d, d + half, d - half
-    if settled and decisions >= config.min_decisions and t.u >= config.min_users
-        and h.u >= config.min_users then
-      -- stop on the bound, resume on the estimate (engine/stop_loss.py says why)
-      local now_stopped
-      if stopped then now_stopped = d < 0.0 else now_stopped = upper < 0.0 end
-      if now_stopped ~= stopped then
-        stopped = now_stopped
-        since = int(now)
+if settling then
+  -- One ZADD per queue for up to 500 decisions (nothing reads the queues before the expiry below).
+  local function enqueue(key, delay)
+    for first = 1, #queued, 1000 do
+      local args = {}
+      for k = first, math.min(first + 999, #queued), 2 do
+        args[#args + 1] = queued[k] + delay
+        args[#args + 1] = queued[k + 1]
+      end
+      redis.call('ZADD', key, unpack(args))
+    end
+  end
+  enqueue(close_key, window)
+  if elapsed > 0 then enqueue(elapsed_key, elapsed) end
+
+  -- Label events due before now, in event-time order (elapsed before closed on a tie, like
+  -- PendingLabels' heap of (time, 0 elapsed / 1 closed, decision_id, user)).
+  local due = {}
+  local function collect(key, closing)
+    local found = redis.call('ZRANGEBYSCORE', key, '-inf', '(' .. int(now), 'WITHSCORES')
+    if #found == 0 then return end
+    -- every member read here is due: remove them all at once (the same range)
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. int(now))
+    for k = 1, #found, 2 do
+      local member = found[k]
+      local sep_at = string.find(member, SEP, 1, true)
+      due[#due + 1] = {
+        at = tonumber(found[k + 1]), closing = closing,
+        id = string.sub(member, 1, sep_at - 1), user = string.sub(member, sep_at + 1),
+      }
+    end
+  end
+  if elapsed > 0 then collect(elapsed_key, 0) end
+  collect(close_key, 1)
+  table.sort(due, function(a, b)
+    if a.at ~= b.at then return a.at < b.at end
+    if a.closing ~= b.closing then return a.closing < b.closing end
+    if a.id ~= b.id then return bytewise_less(a.id, b.id) end
+    return bytewise_less(a.user, b.user)
+  end)
+  for _, entry in ipairs(due) do
+    local pkey = pending_key(entry.user)
+    local converted_field = entry.id .. '|c'
+    local stored = redis.call('HMGET', pkey, entry.id, converted_field)
+    local record, converted_at = stored[1], stored[2]
+    if record then
+      if entry.closing == 1 then
+        redis.call('HDEL', pkey, entry.id, converted_field)
+        emit('X', record, converted_at, int(entry.at))
+      else
+        emit('E', record, converted_at, int(entry.at))
       end
     end
   end
-  local function figure(x) return x == '' and '' or string.format('%.17g', x) end
-  redis.call('HSET', key, 'state', stopped and '1' or '0', 'since', since,
-    'decisions', int(decisions), 'diff', figure(diff), 'upper', figure(upper),
-    'lower', figure(lower))
-  -- sums of decisions older than the window no longer change the statistic
-  local stale = current - 3
-  local fields = {}
-  for _, arm in ipairs({ 'T', 'H' }) do
-    for _, sum in ipairs({ 'n', 'y', 'yy', 'yn', 'nn', 'u' }) do
-      fields[#fields + 1] = stale .. '|' .. arm .. '|' .. sum
+
+  -- Stop-loss: evaluate each campaign over the current and the previous epoch.
+  local function arm_stats(campaign, epochs, arm)
+    local s = { n = 0, y = 0, yy = 0, yn = 0, nn = 0, u = 0 }
+    local key = sl_key(campaign)
+    for _, epoch in ipairs(epochs) do
+      local field = epoch .. '|' .. arm .. '|'
+      local values = redis.call('HMGET', key, field .. 'n', field .. 'y', field .. 'yy',
+        field .. 'yn', field .. 'nn', field .. 'u')
+      s.n = s.n + (tonumber(values[1]) or 0)
+      s.y = s.y + (tonumber(values[2]) or 0)
+      s.yy = s.yy + (tonumber(values[3]) or 0)
+      s.yn = s.yn + (tonumber(values[4]) or 0)
+      s.nn = s.nn + (tonumber(values[5]) or 0)
+      s.u = s.u + (tonumber(values[6]) or 0)
     end
+    return s
   end
-  redis.call('HDEL', key, unpack(fields))
-  statuses[#statuses + 1] = campaign
-  statuses[#statuses + 1] = stopped and 1 or 0
-  statuses[#statuses + 1] = since
-  statuses[#statuses + 1] = decisions
-  statuses[#statuses + 1] = figure(diff)
-  statuses[#statuses + 1] = figure(upper)
-  statuses[#statuses + 1] = figure(lower)
+
+  local function mean_and_variance(s)
+    if s.u < 2 or s.n == 0 then return nil end
+    local mean = s.y / s.n
+    local spread = s.yy - 2.0 * mean * s.yn + mean * mean * s.nn
+    if spread < 0 then spread = 0 end
+    return mean, s.u / (s.u - 1) * spread / (s.n * s.n)
+  end
+
+  for _, campaign in ipairs(stop_loss_order) do
+    local config = stop_loss[campaign]
+    local key = sl_key(campaign)
+    local current = math.floor(now / config.epoch_ms)
+    local epochs = { current, current - 1 }
+    local t, h = arm_stats(campaign, epochs, 'T'), arm_stats(campaign, epochs, 'H')
+    local state = redis.call('HMGET', key, 'state', 'since')
+    local stopped = state[1] == '1'
+    local since = state[2] or ''
+    local settled = since == '' or now - tonumber(since) >= config.epoch_ms
+    local decisions = t.n + h.n
+    local diff, upper, lower = '', '', ''
+    local t_mean, t_var = mean_and_variance(t)
+    local h_mean, h_var = mean_and_variance(h)
+    if t_mean and h_mean then
+      local d = (t_mean - h_mean) / 100.0
+      local half = Z95 * math.sqrt(t_var + h_var) / 100.0
+      diff, upper, lower = d, d + half, d - half
+      if settled and decisions >= config.min_decisions and t.u >= config.min_users
+          and h.u >= config.min_users then
+        -- stop on the bound, resume on the estimate (engine/stop_loss.py says why)
+        local now_stopped
+        if stopped then now_stopped = d < 0.0 else now_stopped = upper < 0.0 end
+        if now_stopped ~= stopped then
+          stopped = now_stopped
+          since = int(now)
+        end
+      end
+    end
+    local function figure(x) return x == '' and '' or string.format('%.17g', x) end
+    redis.call('HSET', key, 'state', stopped and '1' or '0', 'since', since,
+      'decisions', int(decisions), 'diff', figure(diff), 'upper', figure(upper),
+      'lower', figure(lower))
+    -- sums of decisions older than the window no longer change the statistic
+    local stale = current - 3
+    local fields = {}
+    for _, arm in ipairs({ 'T', 'H' }) do
+      for _, sum in ipairs({ 'n', 'y', 'yy', 'yn', 'nn', 'u' }) do
+        fields[#fields + 1] = stale .. '|' .. arm .. '|' .. sum
+      end
+    end
+    redis.call('HDEL', key, unpack(fields))
+    statuses[#statuses + 1] = campaign
+    statuses[#statuses + 1] = stopped and 1 or 0
+    statuses[#statuses + 1] = since
+    statuses[#statuses + 1] = decisions
+    statuses[#statuses + 1] = figure(diff)
+    statuses[#statuses + 1] = figure(upper)
+    statuses[#statuses + 1] = figure(lower)
+  end
+end  -- settling
+
+-- The outbox entry: everything needed to publish this batch's outputs again (the drafts as
+-- given, with the outcomes and label events decided here), numbers written as integers.
+if boxing then
+  local stored_events = {}
+  for k = 1, #events do
+    local value = events[k]
+    stored_events[k] = type(value) == 'number' and int(value) or value
+  end
+  local reply = cjson.encode({ outcomes = outcomes, events = stored_events })
+  redis.call('HSET', prefix .. 'ob', entry_id, reply .. '\n' .. drafts)
+  redis.call('HSET', prefix .. 'obc', entry_id, coverage)
 end
 
-return { outcomes, events, statuses, redis.call('GET', prefix .. 'se') or '' }
+return { 'ok', outcomes, events, statuses, current_epoch or '' }

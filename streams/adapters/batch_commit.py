@@ -1,0 +1,132 @@
+"""One Redis call per micro-batch (``commit_batch.lua``): feature records, ledger, outbox entry.
+
+The script has three sections, each optional: the feature store's records and partition
+watermarks (``RedisFeatureStore``), the decision ledger's operations (``RedisLedger``) and the
+outbox entry that keeps the batch's outputs until Kafka has them (``outbox.py``). The worker
+sends all three in one call, so a batch's effect on Redis is all or nothing: a crash can never
+leave features applied without the ledger, or the ledger charged without the outputs kept.
+This module builds the call's arguments and reads its refusals; the sections' contents belong
+to the modules named.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from streams.errors import StreamsError
+
+
+class PartitionFenced(StreamsError):
+    """Another store claimed a partition this one was writing: this one must stop."""
+
+
+class StateEpochMoved(StreamsError):
+    """Feature state was rewritten behind this writer (``dealstream forget``): it drops what it
+    holds and the batch runs again. Nothing of the refused call was written."""
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureWrite:
+    """The feature section: changed users' records and the batch's partition watermarks."""
+
+    token: str
+    """The writer's owner token: the script refuses partitions someone else claimed since."""
+    epoch: str
+    """The state epoch the records were read at: the script refuses the batch if it moved."""
+    ttl_ms: int
+    marks: Sequence[tuple[str, int]]
+    """(``<topic>:<partition>``, watermark) of every partition of the batch."""
+    users: Sequence[str]
+    keys: Sequence[str]
+    records: Sequence[bytes]
+    """Encoded records, in the order of ``keys`` (and ``users``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxWrite:
+    """The outbox section: this batch's entry and the entries Kafka has since committed."""
+
+    entry_id: str
+    coverage: bytes
+    drafts: bytes
+    acked: Sequence[str]
+
+
+@dataclass(frozen=True, slots=True)
+class CommitReply:
+    """What an accepted call returns: the ledger's raw reply (empty without a ledger section)."""
+
+    outcomes: Sequence[Any]
+    events: Sequence[Any]
+    statuses: Sequence[Any]
+    epoch: bytes
+
+
+class BatchCommit:
+    """``commit_batch.lua`` registered on one client, called with any of its sections."""
+
+    def __init__(self, client: aioredis.Redis, *, prefix: str) -> None:
+        source = resources.files("streams.adapters").joinpath("commit_batch.lua").read_text()
+        self._script = client.register_script(source)
+        self.prefix = prefix
+        self._fixed_keys = [f"{prefix}own", f"{prefix}wm", f"{prefix}se"]
+
+    async def __call__(
+        self,
+        *,
+        features: FeatureWrite | None = None,
+        ledger: Sequence[Any] | None = None,
+        outbox: OutboxWrite | None = None,
+    ) -> CommitReply:
+        """Run the call; raises ``StateEpochMoved`` or ``PartitionFenced`` when the script
+        refused it (nothing was written), ``redis.ResponseError`` for a malformed ledger batch
+        (nothing written either). ``ledger``: the section's arguments from ``now_ms`` on."""
+        keys = list(self._fixed_keys)
+        args: list[Any] = [self.prefix]
+        if features is None:
+            args.append("")
+        else:
+            keys.extend(features.keys)
+            args.extend((features.token, features.epoch, features.ttl_ms, len(features.marks)))
+            for field, offset in features.marks:
+                args.append(field)
+                args.append(offset)
+            args.extend(features.records)
+        if ledger is None:
+            args.append("")
+        else:
+            args.extend(ledger)
+        if outbox is None:
+            args.append("")
+        else:
+            args.extend((outbox.entry_id, outbox.coverage, outbox.drafts, len(outbox.acked)))
+            args.extend(outbox.acked)
+        reply = await self._script(keys=keys, args=args)
+        verdict = _text(reply[0])
+        if verdict == "stale":
+            raise StateEpochMoved(
+                f"feature state epoch moved to {_text(reply[1])} (`dealstream forget` ran): "
+                "the batch runs again on records read afresh"
+            )
+        if verdict == "fenced":
+            raise PartitionFenced(
+                f"partition {_text(reply[1])} is now written by another worker (owner token "
+                f"{_text(reply[2]) or 'none'}); this worker lost it without a rebalance "
+                "callback (session timeout?) and stops rather than overwrite its records"
+            )
+        epoch = reply[4]
+        return CommitReply(
+            outcomes=reply[1],
+            events=reply[2],
+            statuses=reply[3],
+            epoch=epoch.encode() if isinstance(epoch, str) else epoch,
+        )

@@ -1,0 +1,231 @@
+"""The outbox: a batch's outputs kept in Redis, with its effect, until Kafka has committed it.
+
+The worker's one call per batch (``commit_batch.lua``) writes the feature records, settles
+the ledger and stores an entry holding what the batch publishes: the decision drafts (the
+records each decision publishes, ``DecisionDraft``) and the outcomes and label events the
+ledger decided. The offers, decisions and training examples are a pure function of those
+(``DiscountEngine.settled_outputs``), so they can be published again, with the same ids,
+whenever a crash may have lost them:
+
+- a call whose reply was lost (a connection error or a timeout) is resolved by reading its
+  entry: there, it landed and its reply is taken from the entry; absent, it never ran and it
+  is sent again (``RedisLedger``);
+- on every assignment, an entry that covers one of the worker's partitions and whose batch
+  Kafka has not committed (a committed offset at or below the entry's watermark) is published
+  again before any record is read (``streams/worker/recovery.py``), then deleted.
+
+Entries live until every partition they cover is committed past them: the event consumer
+reports its commits (``committed``), and the next call deletes what they acknowledge. Keys:
+``<prefix>ob`` (entry id -> outcomes and events as JSON, a newline, the drafts) and
+``<prefix>obc`` (entry id -> coverage: ``{"<topic>:<partition>": watermark}``). An entry id
+is ``<writer token>:<sequence>``, so the entries of one writer sort in batch order.
+
+Consumers see a re-published output twice when the first publication made it to Kafka
+before the crash: offers dedup by ``offer_id``, decisions by ``decision_id``, the learner by
+example (docs/delivery.md).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from engine.decisions import Decision, DecisionDraft, Offer
+from streams.adapters.batch_commit import OutboxWrite
+from streams.errors import StreamsError
+
+TopicPartitionKey = tuple[str, int]
+
+
+def encode_drafts(drafts: Sequence[DecisionDraft | None]) -> bytes:
+    """One JSON array, one item per ledger op: null for a purchase, else [decision message,
+    offer message or null, P(purchase) without an offer, order value, cost in cents] (the
+    last two are not part of the decision's message)."""
+    items: list[Any] = []
+    for draft in drafts:
+        if draft is None:
+            items.append(None)
+            continue
+        decision, offer = draft.decision, draft.offer
+        items.append(
+            [
+                decision.to_message(),
+                None if offer is None else offer.to_message(),
+                draft.p_no_offer,
+                decision.order_value,
+                decision.cost_cents,
+            ]
+        )
+    return orjson.dumps(items)
+
+
+def decode_drafts(blob: bytes) -> list[DecisionDraft | None]:
+    drafts: list[DecisionDraft | None] = []
+    for item in orjson.loads(blob):
+        if item is None:
+            drafts.append(None)
+            continue
+        decision_message, offer_message, p_no_offer, order_value, cost_cents = item
+        decision = replace(
+            Decision.from_message(decision_message),
+            order_value=order_value,
+            cost_cents=cost_cents,
+        )
+        offer = None if offer_message is None else Offer.from_message(offer_message)
+        drafts.append(DecisionDraft(decision, offer, p_no_offer))
+    return drafts
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """One batch's entry as stored: the drafts and the ledger's raw reply."""
+
+    entry_id: str
+    coverage: Mapping[str, int]
+    drafts: Sequence[DecisionDraft | None]
+    outcomes: Sequence[int]
+    events: Sequence[str]
+    """Flat (kind, record, converted_at or '', at), as ``commit_batch.lua`` returns them."""
+
+
+def parse_entry(entry_id: str, coverage: Mapping[str, int], raw: bytes | str) -> OutboxEntry:
+    blob = raw.encode() if isinstance(raw, str) else raw
+    reply_json, _, drafts = blob.partition(b"\n")
+    reply = orjson.loads(reply_json)
+    if not isinstance(reply, dict):
+        raise StreamsError(f"outbox entry {entry_id} is not an outcomes/events object")
+    # cjson writes an empty Lua table as an object: {} is an empty list here
+    outcomes = reply.get("outcomes") or []
+    events = reply.get("events") or []
+    return OutboxEntry(
+        entry_id=entry_id,
+        coverage=coverage,
+        drafts=decode_drafts(drafts),
+        outcomes=[int(code) for code in outcomes],
+        events=[str(value) for value in events],
+    )
+
+
+def entry_order(entry_id: str) -> tuple[str, int]:
+    """Sort key: a writer's entries in batch order."""
+    token, _, sequence = entry_id.rpartition(":")
+    return token, int(sequence)
+
+
+def _field(partition: TopicPartitionKey) -> str:
+    return f"{partition[0]}:{partition[1]}"
+
+
+class Outbox:
+    """This worker's outbox entries: the ids its calls write, and which Kafka committed."""
+
+    def __init__(self, client: aioredis.Redis, *, prefix: str) -> None:
+        self._client = client
+        self.entries_key = f"{prefix}ob"
+        self.coverage_key = f"{prefix}obc"
+        self._token = secrets.token_hex(8)
+        self._sequence = 0
+        self._own: dict[str, dict[str, int]] = {}
+        """Entries this worker wrote that Kafka has not committed yet, by id: their coverage."""
+        self._committed: dict[str, int] = {}
+        """The offset committed last per partition field (the next one to read)."""
+        self._acked: list[str] = []
+        """Entries Kafka committed: deleted by the next call."""
+
+    def write(
+        self, drafts: Sequence[DecisionDraft | None], marks: Sequence[tuple[str, int]]
+    ) -> OutboxWrite | None:
+        """The next call's outbox section; None for a batch that covers no partition (it
+        could never be matched to a commit)."""
+        if not marks:
+            return None
+        self._sequence += 1
+        entry_id = f"{self._token}:{self._sequence}"
+        coverage = dict(marks)
+        self._own[entry_id] = coverage
+        acked, self._acked = self._acked, []
+        return OutboxWrite(
+            entry_id=entry_id,
+            coverage=orjson.dumps(coverage),
+            drafts=encode_drafts(drafts),
+            acked=acked,
+        )
+
+    def failed(self, write: OutboxWrite) -> None:
+        """The call did not run: its entry does not exist and its acknowledgements wait."""
+        self._own.pop(write.entry_id, None)
+        self._acked.extend(write.acked)
+
+    def committed(self, offsets: Mapping[TopicPartitionKey, int]) -> None:
+        """Kafka committed these offsets (the next to read, per partition): entries fully
+        behind them are deleted with the next call."""
+        committed = self._committed
+        for partition, offset in offsets.items():
+            field = _field(partition)
+            committed[field] = max(offset, committed.get(field, offset))
+        done = [
+            entry_id
+            for entry_id, coverage in self._own.items()
+            if all(committed.get(field, -1) > mark for field, mark in coverage.items())
+        ]
+        for entry_id in done:
+            del self._own[entry_id]
+        self._acked.extend(done)
+
+    def outstanding(self) -> int:
+        """Entries this worker wrote that Kafka has not committed yet."""
+        return len(self._own)
+
+    # -- assignment: the entries' next owner finds what is left (streams/worker/recovery.py) --
+
+    def on_assigned(self, partitions: Iterable[TopicPartitionKey]) -> None:
+        del partitions
+
+    def on_revoked(self, partitions: Iterable[TopicPartitionKey]) -> None:
+        """Forget the entries written so far: whoever is assigned their partitions next (this
+        worker too) deletes them, or publishes them again if Kafka did not commit them."""
+        del partitions
+        self._own.clear()
+        self._committed.clear()
+
+    # -- reads for recovery ---------------------------------------------------------------------
+
+    async def coverage(self) -> dict[str, dict[str, int]]:
+        """Every entry in Redis (every worker's), by id: the partitions and watermarks it covers."""
+        raw = await self._client.hgetall(self.coverage_key)
+        return {
+            (k.decode() if isinstance(k, bytes) else k): {
+                str(field): int(mark) for field, mark in orjson.loads(v).items()
+            }
+            for k, v in raw.items()
+        }
+
+    async def read(self, coverage: Mapping[str, Mapping[str, int]]) -> list[OutboxEntry]:
+        """The entries named (with their coverage), in each writer's batch order; an entry
+        deleted meanwhile is left out."""
+        ids = sorted(coverage, key=entry_order)
+        if not ids:
+            return []
+        raws = await self._client.hmget(self.entries_key, ids)
+        return [
+            parse_entry(entry_id, coverage[entry_id], raw)
+            for entry_id, raw in zip(ids, raws, strict=True)
+            if raw is not None
+        ]
+
+    async def read_one(self, entry_id: str) -> OutboxEntry | None:
+        """The entry, if its call landed (``RedisLedger`` asks after a lost reply)."""
+        raw = await self._client.hget(self.entries_key, entry_id)
+        return None if raw is None else parse_entry(entry_id, {}, raw)
+
+    async def delete(self, entry_ids: Sequence[str]) -> None:
+        if entry_ids:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hdel(self.entries_key, *entry_ids)
+                pipe.hdel(self.coverage_key, *entry_ids)
+                await pipe.execute()

@@ -1,0 +1,188 @@
+"""The outbox's pure parts: drafts encoded and decoded exactly, a batch's outputs rebuilt from
+its drafts and ledger reply exactly as the batch published them, and the acknowledgements.
+
+The Redis side (the entry written in the batch's one call, published again after a kill) is
+tested against real services in tests/reliability/test_kill9.py and
+tests/reliability/test_batch_faults.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+from engine.decisions import DecisionDraft
+from engine.features.store import InMemoryFeatureStore
+from engine.ledger import DecisionRequest, InMemoryLedger, LedgerOp, LedgerResult
+from engine.pipeline import BatchResult, DiscountEngine, EngineConfig, Incoming
+from engine.stop_loss import StopLossStatus
+from streams.adapters.outbox import Outbox, decode_drafts, encode_drafts, entry_order
+from tests.unit.test_engine_golden import campaigns, golden_input
+
+
+@dataclass
+class Settled:
+    drafts: list[DecisionDraft | None]
+    result: LedgerResult
+
+
+class RecordingLedger:
+    """The in-memory ledger, keeping what each call was given and answered: what an outbox
+    entry holds."""
+
+    def __init__(self) -> None:
+        self.inner = InMemoryLedger()
+        self.calls: list[Settled] = []
+
+    async def settle(self, ops: Sequence[LedgerOp], *, now_ms: int) -> LedgerResult:
+        result = await self.inner.settle(ops, now_ms=now_ms)
+        drafts = [op.draft if isinstance(op, DecisionRequest) else None for op in ops]
+        self.calls.append(Settled(drafts, result))
+        return result
+
+    def labels_due(self, now_ms: int) -> bool:
+        return self.inner.labels_due(now_ms)
+
+    def rate_limited(self, user_id: str, campaign: str, ts: int, interval_ms: int) -> bool:
+        return self.inner.rate_limited(user_id, campaign, ts, interval_ms)
+
+    async def stop_loss_status(self) -> dict[str, StopLossStatus]:
+        return await self.inner.stop_loss_status()
+
+    async def budget_spent_cents(self, campaign: str, day: int) -> int:
+        return await self.inner.budget_spent_cents(campaign, day)
+
+    async def pending_count(self) -> int:
+        return await self.inner.pending_count()
+
+
+def _published(result: BatchResult) -> tuple[object, ...]:
+    return (
+        [offer.to_message() for offer in result.offers],
+        [decision.to_message() for decision in result.decisions],
+        [(d.order_value, d.cost_cents, d.denied_by) for d in result.decisions],
+        [example.to_message() for example in result.training],
+        result.denied,
+        result.spend_cents,
+    )
+
+
+async def test_a_batch_rebuilt_from_its_outbox_entry_publishes_what_the_batch_did() -> None:
+    """Live engine (labels to the learner), campaigns with every guardrail, holdouts and
+    exploration: each batch's outputs equal those rebuilt by a fresh engine from the drafts
+    (through their encoding) and the ledger's reply."""
+    ledger = RecordingLedger()
+    engine = DiscountEngine(
+        InMemoryFeatureStore(),
+        ledger=ledger,
+        campaigns=campaigns("extra"),
+        config=EngineConfig(learn_inline=False),
+    )
+    restarted = DiscountEngine(
+        InMemoryFeatureStore(), campaigns=campaigns("extra"), config=EngineConfig()
+    )
+    stream = golden_input()
+    compared = denied = offers = 0
+    for start in range(0, len(stream), 400):
+        ledger.calls.clear()
+        result = await engine.process([Incoming(e, p) for e, p in stream[start : start + 400]])
+        assert len(ledger.calls) == 1, "a live engine settles once per batch"
+        (call,) = ledger.calls
+        settled = LedgerResult(outcomes=call.result.outcomes, events=call.result.events)
+        rebuilt = restarted.settled_outputs(
+            decode_drafts(encode_drafts(call.drafts)), settled, owns=lambda user: True
+        )
+        assert _published(rebuilt) == _published(result)
+        compared += len(result.decisions)
+        denied += sum(result.denied.values())
+        offers += len(result.offers)
+    assert compared > 200 and denied > 20 and offers > 50, (compared, denied, offers)
+
+
+async def test_rebuilt_offers_join_only_the_owned_users_state() -> None:
+    ledger = RecordingLedger()
+    engine = DiscountEngine(
+        InMemoryFeatureStore(),
+        ledger=ledger,
+        campaigns=campaigns("extra"),
+        config=EngineConfig(learn_inline=False),
+    )
+    stream = golden_input()
+    result = await engine.process([Incoming(e, p) for e, p in stream[:2000]])
+    granted = {offer.user_id for offer in result.offers}
+    assert len(granted) > 2
+    kept = sorted(granted)[0]
+    restarted = DiscountEngine(InMemoryFeatureStore(), campaigns=campaigns("extra"))
+    (call,) = ledger.calls
+    restarted.settled_outputs(
+        call.drafts,
+        LedgerResult(outcomes=call.result.outcomes, events=call.result.events),
+        owns=lambda user: user == kept,
+    )
+    queued = restarted._offer_updates
+    assert queued and {update.user_id for update in queued} == {kept}
+    assert all(update.event_id.startswith("offer:o-") for update in queued)
+
+
+async def test_drafts_round_trip_exactly() -> None:
+    ledger = RecordingLedger()
+    engine = DiscountEngine(
+        InMemoryFeatureStore(),
+        ledger=ledger,
+        campaigns=campaigns("extra"),
+        config=EngineConfig(learn_inline=False),
+    )
+    stream = golden_input()
+    await engine.process([Incoming(e, p) for e, p in stream[:3000]])
+    drafts = [d for call in ledger.calls for d in call.drafts]
+    assert any(d is None for d in drafts) and any(d and d.offer for d in drafts)
+    assert decode_drafts(encode_drafts(drafts)) == drafts
+
+
+async def test_a_denied_draft_publishes_no_offer_and_says_which_guardrail() -> None:
+    ledger = RecordingLedger()
+    engine = DiscountEngine(
+        InMemoryFeatureStore(),
+        ledger=ledger,
+        campaigns=campaigns("extra"),
+        config=EngineConfig(learn_inline=False),
+    )
+    await engine.process([Incoming(e, p) for e, p in golden_input()[:3000]])
+    draft = next(d for call in ledger.calls for d in call.drafts if d and d.offer)
+    assert draft.offer is not None
+    offer, decision = draft.settled(True, None)
+    assert offer is draft.offer and decision is draft.decision
+    assert decision.offer_id == offer.offer_id and decision.discount_pct > 0
+
+    none, denied = draft.settled(False, "budget")
+    assert none is None
+    assert denied.offer_id is None and denied.discount_pct == 0.0 and denied.cost_cents == 0
+    assert denied.propensity == 1.0 and denied.denied_by == "budget"
+    assert denied.rules == (*draft.decision.rules, "denied:budget")
+    assert denied.p_purchase == round(draft.p_no_offer, 6)
+    # what the policy proposed stays on the record
+    assert denied.proposed_discount_pct == draft.decision.proposed_discount_pct
+    assert denied.uplift_score == draft.decision.uplift_score
+
+
+def test_entries_are_acknowledged_once_kafka_committed_every_partition_they_cover() -> None:
+    outbox = Outbox(aioredis.Redis(), prefix="t:")  # no connection is made: pure bookkeeping
+    first = outbox.write([], [("b:0", 10), ("p:0", 4)])
+    second = outbox.write([], [("b:0", 20)])
+    assert first is not None and second is not None and first.acked == []
+    assert entry_order(first.entry_id) < entry_order(second.entry_id)
+    assert outbox.write([], []) is None, "an entry no commit can match is never written"
+
+    outbox.committed({("b", 0): 11})  # p:0 not yet
+    assert outbox.outstanding() == 2
+    outbox.committed({("p", 0): 5})
+    assert outbox.outstanding() == 1
+    third = outbox.write([], [("b:0", 30)])
+    assert third is not None and third.acked == [first.entry_id]
+
+    outbox.failed(third)  # the call never ran: its acknowledgements wait for the next
+    outbox.committed({("b", 0): 21})
+    fourth = outbox.write([], [("b:0", 40)])
+    assert fourth is not None and fourth.acked == [first.entry_id, second.entry_id]
