@@ -350,6 +350,8 @@ def require_model_key(environ: Mapping[str, str] | None = None) -> Secret:
 DEFAULT_KEEP = 5
 """Model versions kept in Redis: the learner's ``keep_versions``, ``ModelStore``'s default."""
 DEFAULT_LEARNER_HTTP_PORT = 6067
+DEFAULT_DEDUP_WINDOW = 100_000
+"""About 17 MB per partition when every offset holds a distinct example (167 bytes each)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,11 +368,15 @@ class LearnerSettings:
     poll_timeout_s: float = 0.2
     http_port: int = DEFAULT_LEARNER_HTTP_PORT
     """``/metrics``, ``/health``, ``/ready`` of the learner; 0 turns them off."""
+    dedup_window: int = DEFAULT_DEDUP_WINDOW
+    """Offsets per partition within which a copy of an example is recognised and skipped
+    (``streams.learner.dedup``)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> LearnerSettings:
         """``DEALSTREAM_MODEL_KEY`` (required), ``DEALSTREAM_LEARNER_SNAPSHOT_EVERY`` (1000),
-        ``DEALSTREAM_LEARNER_SNAPSHOT_INTERVAL_S`` (10), ``DEALSTREAM_LEARNER_HTTP_PORT`` (6067)."""
+        ``DEALSTREAM_LEARNER_SNAPSHOT_INTERVAL_S`` (10), ``DEALSTREAM_LEARNER_HTTP_PORT`` (6067),
+        ``DEALSTREAM_LEARNER_DEDUP_WINDOW`` (100000)."""
         env = os.environ if environ is None else environ
         key = require_model_key(env)
         every = _positive(env, "LEARNER_SNAPSHOT_EVERY", 1000, int)
@@ -380,6 +386,7 @@ class LearnerSettings:
             snapshot_every=int(every),
             snapshot_interval_s=interval,
             http_port=_port_or_off(env, "LEARNER_HTTP_PORT", DEFAULT_LEARNER_HTTP_PORT),
+            dedup_window=int(_positive(env, "LEARNER_DEDUP_WINDOW", DEFAULT_DEDUP_WINDOW, int)),
         )
 
 

@@ -42,11 +42,12 @@ class LearnerMetrics:
         self.registry = r
         self.records = Counter(
             "dealstream_learner_records",
-            "Training records read, by result: learned, or invalid (skipped, logged).",
+            "Training records read, by result: learned, invalid or duplicate (a copy of an "
+            "example read before: skipped, logged).",
             ["result"],
             registry=r,
         )
-        for result in ("learned", "invalid"):
+        for result in ("learned", "invalid", "duplicate"):
             self.records.labels(result=result)
         self.snapshots = Counter(
             "dealstream_learner_snapshots", "Model snapshots published.", registry=r

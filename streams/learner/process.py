@@ -10,6 +10,11 @@ the learner seeks every partition to the checkpoint's offsets, so examples learn
 last snapshot are learned again exactly once, whether or not their offsets reached Kafka.
 The Kafka commit keeps consumer-lag tools honest; the checkpoint is what the learner trusts.
 
+Each example once: a copy of an example read within the last ``dedup_window`` offsets of its
+partition (a worker re-published its batch after a crash) is skipped and counted as a
+duplicate (``streams.learner.dedup``). On start the learner reads those offsets before its
+checkpoint's again, remembering without learning, so a restart recognises the same copies.
+
 One learner at a time: a Redis lease (renewed while running, checked atomically by every
 publish) makes a second learner wait, and a stalled one stop, instead of both publishing.
 The learner assigns itself every partition of the topic at start (no group rebalances);
@@ -35,10 +40,12 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from engine.errors import InvalidEvent
+from engine.model.feedback import TrainingExample
 from engine.model.prequential import OnlineLearner, PrequentialMetrics
 from streams.adapters.kafka_io import check_kafka, check_redis, ensure_topics
 from streams.adapters.model_store import LeaseLost, ModelStore
 from streams.errors import ConfigError
+from streams.learner.dedup import RecentExamples, example_key
 from streams.learner.http_endpoints import (
     LearnerHealth,
     LearnerMetrics,
@@ -51,13 +58,18 @@ log = logging.getLogger("dealstream.learner")
 
 _LOGGED_INVALID = 20
 """Invalid training records logged one by one; later ones only count."""
+_LOGGED_DUPLICATES = 20
+"""Duplicates logged one by one; later ones only count (a crash brings a batch of them)."""
 
 
 @dataclass(slots=True)
 class LearnerCounters:
     consumed: int = 0
+    """Records read to learn: learned + invalid + duplicates."""
     learned: int = 0
     invalid: int = 0
+    duplicates: int = 0
+    """Copies of an example already read within the dedup window: skipped."""
     snapshots: int = 0
 
 
@@ -120,6 +132,7 @@ class Learner:
         self.online: OnlineLearner | None = None
         self.positions: dict[TopicPartition, int] = {}
         """Next offset to read per partition: everything before it has been learned."""
+        self.recent = RecentExamples(learner_settings.dedup_window)
         self._clock = clock
         self._token = uuid.uuid4().hex
         self._key = learner_settings.model_key
@@ -143,6 +156,7 @@ class Learner:
             await consumer.start()
             try:
                 await self._assign(consumer, trust_checkpoint)
+                await self._recall(consumer, stop)
                 await self._loop(consumer, stop)
                 if self._since_snapshot:
                     await self._snapshot(consumer)
@@ -225,6 +239,51 @@ class Learner:
                 await consumer.seek_to_beginning(tp)
             # else: the group's committed offset, or the earliest one
 
+    async def _recall(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
+        """Remember (without learning) the records of the ``dedup_window`` offsets before
+        each partition's position: the window the learner had when it stopped there."""
+        assigned = list(consumer.assignment())
+        starts = {tp: await consumer.position(tp) for tp in assigned}
+        firsts = await consumer.beginning_offsets(assigned)
+        ends = await consumer.end_offsets(assigned)
+        pending: dict[TopicPartition, int] = {}
+        for tp, start in starts.items():
+            stop_at = min(start, ends[tp])  # a position past the log's end: a recreated topic
+            first = max(firsts[tp], start - self.recent.window)
+            self.recent.advance(tp, first)
+            if first < stop_at:
+                consumer.seek(tp, first)
+                pending[tp] = stop_at
+        read = 0
+        began = time.monotonic()
+        while pending and not stop.is_set():
+            batches = await consumer.getmany(
+                *pending, timeout_ms=int(self.config.poll_timeout_s * 1000)
+            )
+            for tp, records in batches.items():
+                stop_at = pending.get(tp, -1)
+                for record in records:
+                    if record.offset >= stop_at:
+                        break
+                    self.recent.add(tp, record.offset, self._key_of(record))
+                    read += 1
+            for tp, stop_at in list(pending.items()):
+                if await consumer.position(tp) >= stop_at:
+                    del pending[tp]
+            if self._clock() - self._last_renew >= self.config.lease_ttl_s / 3:
+                await self._renew()  # a long recall (many partitions) must keep the lease
+        for tp, start in starts.items():
+            self.recent.advance(tp, start)
+            consumer.seek(tp, start)
+        if read:
+            log.info(
+                "recalled %d training records (%d examples) before the resume offsets in %.1f s "
+                "to recognise their copies",
+                read,
+                len(self.recent),
+                time.monotonic() - began,
+            )
+
     # -- the loop -----------------------------------------------------------------------------
 
     async def _loop(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
@@ -235,7 +294,7 @@ class Learner:
             )
             for tp, records in batches.items():
                 for record in records:
-                    self._learn(tp, record)
+                    self.learn_record(tp, record)
                     if self._since_snapshot >= self.config.snapshot_every:
                         await self._snapshot(consumer)
             self._observe_lag(consumer)
@@ -257,11 +316,13 @@ class Learner:
                 lags[tp.partition] = end - self.positions.get(tp, end)
         self.metrics.observe_lag(lags)
 
-    def _learn(self, tp: TopicPartition, record: ConsumerRecord[Any, Any]) -> None:
+    def learn_record(self, tp: TopicPartition, record: ConsumerRecord[Any, Any]) -> None:
+        """The learner step: learn one record of the training topic, unless it is invalid or
+        a copy of an example read within the dedup window (both counted and skipped)."""
         assert self.online is not None
         self.counters.consumed += 1
         try:
-            self.online.learn(orjson.loads(record.value or b""))
+            example = TrainingExample.from_message(orjson.loads(record.value or b""))
         except (InvalidEvent, orjson.JSONDecodeError) as exc:
             self.counters.invalid += 1
             self.metrics.records.labels(result="invalid").inc()
@@ -275,11 +336,41 @@ class Learner:
                 record.offset,
                 exc,
             )
+            key = None
         else:
-            self.counters.learned += 1
-            self.metrics.records.labels(result="learned").inc()
+            key = example_key(example)
+            if key in self.recent:
+                self.counters.duplicates += 1
+                self.metrics.records.labels(result="duplicate").inc()
+                level = (
+                    logging.WARNING
+                    if self.counters.duplicates <= _LOGGED_DUPLICATES
+                    else logging.DEBUG
+                )
+                log.log(
+                    level,
+                    "skipping training record %s:%d@%d: decision %s (%s) was read before",
+                    tp.topic,
+                    tp.partition,
+                    record.offset,
+                    example.decision_id,
+                    example.kind,
+                )
+            else:
+                self.online.learn(example)
+                self.counters.learned += 1
+                self.metrics.records.labels(result="learned").inc()
+        self.recent.add(tp, record.offset, key)
         self.positions[tp] = record.offset + 1
         self._since_snapshot += 1
+
+    @staticmethod
+    def _key_of(record: ConsumerRecord[Any, Any]) -> str | None:
+        """``example_key`` of a record's example; None when it holds no valid one."""
+        try:
+            return example_key(TrainingExample.from_message(orjson.loads(record.value or b"")))
+        except (InvalidEvent, orjson.JSONDecodeError):
+            return None
 
     async def _renew(self) -> None:
         if not await self.store.renew_lease(self._token, self.config.lease_ttl_s):
@@ -321,6 +412,7 @@ class Learner:
             "consumed": self.counters.consumed,
             "learned": self.counters.learned,
             "invalid": self.counters.invalid,
+            "duplicates": self.counters.duplicates,
             "snapshots": self.counters.snapshots,
         }
 

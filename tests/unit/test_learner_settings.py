@@ -16,6 +16,7 @@ def test_defaults_with_only_the_key() -> None:
     config = LearnerSettings.from_env({"DEALSTREAM_MODEL_KEY": KEY})
     assert config.model_key.reveal() == KEY
     assert (config.snapshot_every, config.snapshot_interval_s) == (1000, 10.0)
+    assert config.dedup_window == 100_000
 
 
 def test_each_variable_is_read() -> None:
@@ -24,9 +25,11 @@ def test_each_variable_is_read() -> None:
             "DEALSTREAM_MODEL_KEY": KEY,
             "DEALSTREAM_LEARNER_SNAPSHOT_EVERY": "250",
             "DEALSTREAM_LEARNER_SNAPSHOT_INTERVAL_S": "2.5",
+            "DEALSTREAM_LEARNER_DEDUP_WINDOW": "5000",
         }
     )
     assert (config.snapshot_every, config.snapshot_interval_s) == (250, 2.5)
+    assert config.dedup_window == 5000
 
 
 def test_a_missing_key_refuses_to_start_with_advice() -> None:
@@ -57,6 +60,8 @@ def test_the_key_never_shows_in_reprs() -> None:
         ("LEARNER_SNAPSHOT_INTERVAL_S", "-1"),
         ("LEARNER_SNAPSHOT_INTERVAL_S", "inf"),
         ("LEARNER_SNAPSHOT_INTERVAL_S", "nan"),
+        ("LEARNER_DEDUP_WINDOW", "0"),
+        ("LEARNER_DEDUP_WINDOW", "1e5"),
     ],
 )
 def test_bad_numbers_name_the_variable(name: str, raw: str) -> None:
