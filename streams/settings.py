@@ -140,7 +140,7 @@ class Settings:
     redis_timeout_s: float = 5.0
     """How long any Redis client of ours waits to connect and for each reply
     (``DEALSTREAM_REDIS_TIMEOUT_S``): a hung Redis fails the call instead of holding the process.
-    A 2,000-event batch's script takes about 25 ms in Redis (docs/delivery.md)."""
+    The slowest script of 2,000-event batches took 27 ms in Redis (docs/delivery.md)."""
     redis_retry_deadline_s: float = 120.0
     """How long the worker retries a batch that fails on Redis for a reason that can heal
     (unreachable, timeouts, loading, failover, OOM) before it stops

@@ -3,8 +3,8 @@
 - ``socket_timeout`` and ``socket_connect_timeout``: ``Settings.redis_timeout_s``
   (``DEALSTREAM_REDIS_TIMEOUT_S``, default 5 s), so that a hung Redis (stopped, swapping, behind
   a dead network path) fails the call with a ``TimeoutError`` instead of holding the process.
-  A 2,000-event batch's script takes about 25 ms in Redis (docs/delivery.md, "Redis errors"):
-  the default leaves a wide margin for a loaded server.
+  The slowest script of 2,000-event batches took 27 ms in Redis (docs/delivery.md, "Redis
+  errors"): the default leaves a wide margin for a loaded server.
 - No retries inside the client: a command whose reply was lost may still have run (a
   timed-out script runs once a stopped server continues), so redis-py must not send it again
   on its own. The worker retries the whole batch instead, up to
