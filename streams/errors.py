@@ -4,6 +4,14 @@ from __future__ import annotations
 
 EXIT_INTERNAL_ERROR = 70
 """A process's exit status when it stops on an error it cannot handle (``EX_SOFTWARE``)."""
+EXIT_REDIS_UNAVAILABLE = 69
+"""The worker's exit status when Redis failed its batch for longer than
+``DEALSTREAM_REDIS_RETRY_DEADLINE_S`` in ways that can heal (unreachable, timeouts, loading,
+read-only, out of memory): ``EX_UNAVAILABLE``."""
+EXIT_REDIS_REFUSED = 78
+"""The worker's exit status when Redis refused its batch for a reason no retry fixes (a
+permission, the password, a key of another type, a script error): ``EX_CONFIG``, as most of
+them are fixed in the configuration of Redis or of the worker."""
 
 
 class StreamsError(Exception):

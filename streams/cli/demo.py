@@ -40,11 +40,10 @@ def run_demo_command(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _forget_previous_run(settings: Settings) -> None:
     """Delete the demo namespace's Redis keys: each run starts from an untrained model."""
-    import redis.asyncio as aioredis
-
     from streams.adapters.kafka_io import check_redis
+    from streams.adapters.redis_client import redis_from_settings
 
-    client = aioredis.Redis.from_url(settings.redis_url.reveal())
+    client = redis_from_settings(settings)
     try:
         await check_redis(client, settings.redis_url.reveal())
         keys = [k async for k in client.scan_iter(match=f"{settings.redis_prefix}*", count=1000)]

@@ -37,12 +37,11 @@ def run_features_command(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def read_feature_states(settings: Settings, user_ids: Sequence[str]) -> dict[str, State]:
-    import redis.asyncio as aioredis
-
     from streams.adapters.kafka_io import check_redis
+    from streams.adapters.redis_client import redis_from_settings
     from streams.adapters.redis_store import RedisFeatureStore
 
-    client = aioredis.Redis.from_url(settings.redis_url.reveal())
+    client = redis_from_settings(settings)
     try:
         await check_redis(client, settings.redis_url.reveal())
         store = RedisFeatureStore(client, prefix=settings.redis_prefix)

@@ -24,13 +24,12 @@ def run_forget_command(settings: Settings, args: argparse.Namespace) -> int:
 
 async def forget_user(settings: Settings, user_id: str) -> dict[str, int]:
     """Delete the user's features, dedup set, guard state and pending decisions."""
-    import redis.asyncio as aioredis
-
     from streams.adapters.kafka_io import check_redis
+    from streams.adapters.redis_client import redis_from_settings
     from streams.adapters.redis_ledger import RedisLedger
     from streams.adapters.redis_store import RedisFeatureStore
 
-    client = aioredis.Redis.from_url(settings.redis_url.reveal())
+    client = redis_from_settings(settings)
     try:
         await check_redis(client, settings.redis_url.reveal())
         store = RedisFeatureStore(client, prefix=settings.redis_prefix)

@@ -44,6 +44,7 @@ from engine.model.feedback import TrainingExample
 from engine.model.prequential import OnlineLearner, PrequentialMetrics
 from streams.adapters.kafka_io import check_kafka, check_redis, ensure_topics
 from streams.adapters.model_store import LeaseLost, ModelStore
+from streams.adapters.redis_client import redis_from_settings
 from streams.errors import ConfigError
 from streams.learner.dedup import RecentExamples, example_key
 from streams.learner.http_endpoints import (
@@ -427,7 +428,7 @@ def run_learner(settings: Settings, learner_settings: LearnerSettings) -> int:
 
 
 async def _main(settings: Settings, config: LearnerSettings) -> int:
-    client = aioredis.Redis.from_url(settings.redis_url.reveal())
+    client = redis_from_settings(settings)
     try:
         await check_redis(client, settings.redis_url.reveal())
         await check_kafka(settings.kafka_bootstrap)

@@ -14,7 +14,8 @@ import asyncio
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,17 @@ from streams.adapters.decode import DecodeLimits, RawRecord
 from streams.adapters.kafka_io import PRODUCER_MAX_REQUEST_BYTES
 from streams.adapters.model_store import ModelReloader, ModelStore
 from streams.adapters.outbox import Outbox
+from streams.adapters.redis_client import redis_from_settings
+from streams.adapters.redis_errors import RedisFailure, classify_redis_error
 from streams.adapters.redis_ledger import RedisLedger
 from streams.adapters.redis_store import RedisFeatureStore
 from streams.adapters.sinks import FaustSink
-from streams.errors import EXIT_INTERNAL_ERROR
+from streams.errors import (
+    EXIT_INTERNAL_ERROR,
+    EXIT_REDIS_REFUSED,
+    EXIT_REDIS_UNAVAILABLE,
+    StreamsError,
+)
 from streams.operations.lag import LagProbe
 from streams.operations.metrics import TimedFeatureStore, TimedLedger, WorkerMetrics
 from streams.settings import Secret, Settings
@@ -84,7 +92,7 @@ def bootstrap(
         if settings.campaigns_path is not None
         else default_campaigns()
     )
-    client = redis_client or aioredis.Redis.from_url(settings.redis_url.reveal())
+    client = redis_client or redis_from_settings(settings)
     # One Redis call per batch: the ledger's carries the records the store staged and the
     # outbox entry of the batch's outputs (streams/adapters/outbox.py).
     features = RedisFeatureStore(
@@ -139,34 +147,108 @@ async def reload_model(runtime: Runtime) -> None:
         engine.model = model
 
 
+REDIS_RETRY_FIRST_S = 0.5
 REDIS_RETRY_MAX_S = 10.0
-"""Exit status when a batch fails for a reason that is neither bad input nor Redis being away."""
+"""The wait before the first retry of a batch that failed on Redis, doubled up to this."""
 
 
-async def _handle_until_done(worker: BatchWorker, records: Sequence[RawRecord]) -> None:
-    """Run one batch; while Redis is unreachable, wait and retry the same batch.
+class RedisBatchFailed(StreamsError):
+    """A batch failed on Redis for good: refused (``failure`` is deterministic), or failing
+    past the retry deadline. The worker stops with ``exit_code``."""
 
-    Bad input never raises here (it is dead-lettered). Anything else is a bug: the worker
-    exits non-zero so that its supervisor restarts it, instead of staying up without
-    consuming.
+    def __init__(self, failure: RedisFailure, message: str) -> None:
+        super().__init__(message)
+        self.failure = failure
+        self.exit_code = EXIT_REDIS_UNAVAILABLE if failure.transient else EXIT_REDIS_REFUSED
+
+
+async def retry_on_redis(
+    attempt: Callable[[], Awaitable[object]],
+    *,
+    deadline_s: float,
+) -> None:
+    """Run ``attempt`` until it succeeds, retrying it while Redis fails it in a way that can
+    heal (``streams/adapters/redis_errors.py``).
+
+    Waits 0.5 s before the first retry, doubled up to ``REDIS_RETRY_MAX_S``; the last wait is
+    cut so that one attempt falls on the deadline. Raises ``RedisBatchFailed`` at once on a
+    deterministic failure, and when an attempt fails ``deadline_s`` or more after the first
+    failure (``deadline_s`` 0: never). Any other exception propagates unchanged.
     """
-    delay = 0.5
+    delay = REDIS_RETRY_FIRST_S
+    first_failure: float | None = None
+    attempts = 0
     while True:
+        attempts += 1
         try:
-            # Outputs are handed to the producer here; the event consumer waits for their
-            # delivery (FaustSink.delivery) before it commits the batch's offsets.
-            await worker.handle(records)
-            return
-        except (OSError, aioredis.RedisError) as exc:
-            log.warning(
-                "batch failed (%s: Redis unreachable?); retry in %.1f s", type(exc).__name__, delay
+            await attempt()
+        except Exception as exc:
+            failure = classify_redis_error(exc)
+            if failure is None:
+                raise
+            if not failure.transient:
+                raise RedisBatchFailed(
+                    failure, f"Redis refused the batch ({failure.detail}): {failure.advice}"
+                ) from exc
+            now = time.monotonic()
+            first_failure = now if first_failure is None else first_failure
+            failing_s = now - first_failure
+            if deadline_s > 0 and failing_s >= deadline_s:
+                raise RedisBatchFailed(
+                    failure,
+                    f"Redis failed the batch for {failing_s:.0f} s ({attempts} attempts, "
+                    f"DEALSTREAM_REDIS_RETRY_DEADLINE_S={deadline_s:g}); last: "
+                    f"{failure.detail}: {failure.advice}",
+                ) from exc
+            wait = delay if deadline_s <= 0 else min(delay, deadline_s - failing_s)
+            log.log(
+                logging.ERROR if failure.needs_operator else logging.WARNING,
+                "batch failed on Redis; retrying",
+                extra={
+                    "code": failure.code,
+                    "reason": f"{failure.detail}: {failure.advice}; retry in {wait:.1f} s",
+                },
             )
-            await asyncio.sleep(delay)
+            await asyncio.sleep(wait)
             delay = min(delay * 2, REDIS_RETRY_MAX_S)
-        except Exception:
-            log.critical("batch failed unexpectedly; stopping the worker", exc_info=True)
-            logging.shutdown()
-            os._exit(EXIT_INTERNAL_ERROR)
+        else:
+            if first_failure is not None:
+                log.info("batch done after Redis failures", extra={"count": attempts - 1})
+            return
+
+
+async def _handle_until_done(
+    worker: BatchWorker, records: Sequence[RawRecord], *, deadline_s: float
+) -> None:
+    """Run one batch, retried while Redis fails it in a way that can heal (``retry_on_redis``).
+
+    Any other outcome stops the worker at once (``os._exit``), non-zero so that its supervisor
+    restarts it, rather than staying up without consuming: exit ``EXIT_REDIS_REFUSED`` (78)
+    when Redis refuses the batch for good (a permission, the password, a key of another type, a
+    script error), ``EXIT_REDIS_UNAVAILABLE`` (69) when it failed past the deadline, and
+    ``EXIT_INTERNAL_ERROR`` (70) on anything else (a bug: bad input is dead-lettered, never
+    raised). The log line says why and what to do. Nothing of the failed batch is committed:
+    the event consumer commits a batch's offsets only after this returns and the batch's
+    outputs were delivered, so the batch is read again after the restart (what an attempt did
+    write is recognised by the feature watermark, and its outputs are published again from its
+    outbox entry: docs/delivery.md).
+    """
+    try:
+        # Outputs are handed to the producer here; the event consumer waits for their
+        # delivery (FaustSink.delivery) before it commits the batch's offsets.
+        await retry_on_redis(lambda: worker.handle(records), deadline_s=deadline_s)
+    except RedisBatchFailed as stop:
+        log.critical(
+            "Redis failed the batch; stopping the worker",
+            extra={"code": stop.failure.code, "reason": str(stop)},
+            exc_info=True,
+        )
+        logging.shutdown()
+        os._exit(stop.exit_code)
+    except Exception:
+        log.critical("batch failed unexpectedly; stopping the worker", exc_info=True)
+        logging.shutdown()
+        os._exit(EXIT_INTERNAL_ERROR)
 
 
 class _FollowAssignment:
@@ -272,7 +354,7 @@ def create_app(runtime: Runtime) -> faust.App:
     install_routes(app, status)
 
     async def handle(records: Sequence[RawRecord]) -> None:
-        await _handle_until_done(worker, records)
+        await _handle_until_done(worker, records, deadline_s=settings.redis_retry_deadline_s)
 
     resume = ResumeFromRedis(runtime.features.watermarks)
     republish = RepublishOutbox(runtime.outbox, runtime.engine, worker)

@@ -67,6 +67,9 @@ def test_unrelated_and_empty_variables_are_ignored() -> None:
         ("KAFKA_BOOTSTRAP", "k1:9092,k2:9092", "kafka_bootstrap", "k1:9092,k2:9092"),
         ("TOPIC_PREFIX", "staging.", "topic_prefix", "staging."),
         ("REDIS_PREFIX", "dsx:", "redis_prefix", "dsx:"),
+        ("REDIS_TIMEOUT_S", "0.5", "redis_timeout_s", 0.5),
+        ("REDIS_RETRY_DEADLINE_S", "30", "redis_retry_deadline_s", 30.0),
+        ("REDIS_RETRY_DEADLINE_S", "0", "redis_retry_deadline_s", 0.0),
         ("CAMPAIGNS", "/etc/ds/campaigns.toml", "campaigns_path", Path("/etc/ds/campaigns.toml")),
         ("HTTP_PORT", "8080", "http_port", 8080),
         ("GROUP_ID", "dealstream-canary", "group_id", "dealstream-canary"),
@@ -177,6 +180,8 @@ NUMERIC = [
     "ATTRIBUTION_WINDOW_S",
     "MAX_CLOCK_SKEW_S",
     "MAX_MESSAGE_BYTES",
+    "REDIS_TIMEOUT_S",
+    "REDIS_RETRY_DEADLINE_S",
 ]
 
 
@@ -203,7 +208,13 @@ def test_negative_number_names_the_variable(name: str) -> None:
 
 @pytest.mark.parametrize(
     ("name", "raw"),
-    [("HTTP_PORT", "70000"), ("ALLOWED_LATENESS_S", "nan"), ("ATTRIBUTION_WINDOW_S", "inf")],
+    [
+        ("HTTP_PORT", "70000"),
+        ("ALLOWED_LATENESS_S", "nan"),
+        ("ATTRIBUTION_WINDOW_S", "inf"),
+        ("REDIS_TIMEOUT_S", "0"),
+        ("REDIS_RETRY_DEADLINE_S", "inf"),
+    ],
 )
 def test_out_of_range_numbers_name_the_variable(name: str, raw: str) -> None:
     with pytest.raises(ConfigError, match=f"DEALSTREAM_{name}"):

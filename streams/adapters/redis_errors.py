@@ -1,0 +1,216 @@
+"""Which Redis failures a retry can fix.
+
+redis-py raises one hierarchy for a Redis that is away and for one that refuses what we ask.
+The worker retries a batch only when retrying can help (up to a deadline) and stops at once
+otherwise, saying why and what to do (``streams/worker/faust_app.py``). A refused call wrote
+nothing: a command is refused before it runs, and our scripts validate before their first write.
+
+Transient (it can heal without touching the worker):
+
+- ``unreachable``: connection refused or reset, too many clients, a network error;
+- ``timeout``: no reply within ``DEALSTREAM_REDIS_TIMEOUT_S`` (a hung or overloaded server);
+- ``loading``: Redis is loading its data set after a restart;
+- ``busy``: another client's script runs past ``lua-time-limit``;
+- ``readonly``: a replica answered, as during a failover; it heals once the URL leads to the new
+  primary (Sentinel, a proxy, DNS), and never when it names a replica: the deadline ends that;
+- ``oom``: ``maxmemory`` reached under ``noeviction``: writes are refused until memory is freed
+  or ``maxmemory`` raised, which takes an operator but not a worker restart;
+- ``misconf``: Redis refuses writes because it cannot persist (``stop-writes-on-bgsave-error``);
+- ``noreplicas``: fewer replicas than ``min-replicas-to-write``;
+- ``cluster_down``: ``CLUSTERDOWN``, ``MASTERDOWN``, ``TRYAGAIN``;
+- ``protocol``: a reply that is not Redis's protocol (the connection is dropped and opened again;
+  a URL naming another kind of server ends at the deadline).
+
+Deterministic (the same call fails the same way until someone changes something):
+
+- ``auth``: the user name or password of ``DEALSTREAM_REDIS_URL`` is refused;
+- ``noperm``: the ACL user lacks a command or key the worker needs;
+- ``wrongtype``: a key the worker writes holds another type (another application shares the
+  key prefix);
+- ``noscript``: a script vanished again right after it was loaded;
+- ``cluster_node``: ``MOVED``, ``ASK``, ``CROSSSLOT``: the URL names a Redis Cluster node, and the
+  worker's scripts need a single node (or a primary with replicas);
+- ``refused``: any other error reply, such as a script's own (``ledger: ...``) or a Lua error:
+  a bug to report with the message;
+- ``client``: redis-py refused the call before sending it (a value it cannot encode): a bug.
+
+Redis 7 passes an error raised inside a script on with its own code; Redis 6 wraps it in
+``ERR Error running script ...: -CODE message``: both are read.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+from redis import exceptions as rx
+
+DETAIL_MAX_CHARS = 300
+"""Redis's message is kept to this length in a failure's ``detail`` (and so in logs)."""
+
+
+class FailureKind(Enum):
+    TRANSIENT = "transient"
+    """A retry may succeed: retried with backoff up to the deadline."""
+    DETERMINISTIC = "deterministic"
+    """Every retry would fail alike: stop and tell the operator."""
+
+
+@dataclass(frozen=True, slots=True)
+class RedisFailure:
+    """One failed Redis call, classified."""
+
+    kind: FailureKind
+    code: str
+    """A short stable name (module docstring), for logs and alerts."""
+    detail: str
+    """The exception's class and Redis's message (cut to ``DETAIL_MAX_CHARS``)."""
+    advice: str
+    """What to do about it."""
+
+    @property
+    def transient(self) -> bool:
+        return self.kind is FailureKind.TRANSIENT
+
+    @property
+    def needs_operator(self) -> bool:
+        """Whether someone must act (deterministic, or a transient failure that waits for an
+        operator: memory, disk, replicas): logged as an error, not a warning, while retried."""
+        return not self.transient or self.code in _OPERATOR_CODES
+
+
+_TRANSIENT_ADVICE = {
+    "unreachable": "check that Redis runs and DEALSTREAM_REDIS_URL reaches it",
+    "timeout": (
+        "Redis did not answer within DEALSTREAM_REDIS_TIMEOUT_S: check that it is not hung, "
+        "swapping or blocked by a long command (SLOWLOG GET)"
+    ),
+    "loading": "Redis is loading its data after a restart; wait",
+    "busy": "a script of another client runs too long; SCRIPT KILL it if it never ends",
+    "readonly": (
+        "a replica answered (failover?): point DEALSTREAM_REDIS_URL at the primary, or at "
+        "what follows it (Sentinel, a proxy)"
+    ),
+    "oom": (
+        "Redis is at maxmemory and refuses writes (noeviction): raise maxmemory or free "
+        "memory; see the bytes per user in docs/performance.md"
+    ),
+    "misconf": "Redis cannot write its snapshot or AOF: fix its disk (see the Redis log)",
+    "noreplicas": "fewer replicas are connected than min-replicas-to-write asks",
+    "cluster_down": "the Redis cluster is down or resharding; wait",
+    "protocol": "the server at DEALSTREAM_REDIS_URL does not speak Redis's protocol",
+}
+_DETERMINISTIC_ADVICE = {
+    "auth": "the user or password in DEALSTREAM_REDIS_URL is refused: fix them",
+    "noperm": (
+        "the Redis ACL user lacks a command or key the worker needs: grant it the commands of "
+        "docs/delivery.md ('Redis errors') on the keys under DEALSTREAM_REDIS_PREFIX"
+    ),
+    "wrongtype": (
+        "a key under DEALSTREAM_REDIS_PREFIX holds another type than the worker writes: "
+        "another application shares the prefix; give the worker its own prefix or database"
+    ),
+    "noscript": (
+        "a script vanished from Redis right after it was loaded: is something running SCRIPT "
+        "FLUSH, or a proxy spreading calls over several servers?"
+    ),
+    "cluster_node": (
+        "DEALSTREAM_REDIS_URL names a Redis Cluster node: the worker needs a single Redis "
+        "(or a primary with replicas)"
+    ),
+    "refused": "Redis refused the batch's command: report it with this message (a bug)",
+    "client": "the client could not send the command: report it with this message (a bug)",
+}
+_OPERATOR_CODES = frozenset({"oom", "misconf", "noreplicas"})
+_TRANSIENT_CODES = {
+    "BUSY": "busy",
+    "LOADING": "loading",
+    "READONLY": "readonly",
+    "OOM": "oom",
+    "MISCONF": "misconf",
+    "NOREPLICAS": "noreplicas",
+    "CLUSTERDOWN": "cluster_down",
+    "MASTERDOWN": "cluster_down",
+    "TRYAGAIN": "cluster_down",
+}
+_DETERMINISTIC_CODES = {
+    "NOPERM": "noperm",
+    "WRONGTYPE": "wrongtype",
+    "NOSCRIPT": "noscript",
+    "MOVED": "cluster_node",
+    "ASK": "cluster_node",
+    "CROSSSLOT": "cluster_node",
+}
+_REPLY_CODE = re.compile(r"(?:^|of pipeline caused error: \(?['\"]?|: -)([A-Z]+) ")
+"""Where an error reply's code is: first; after redis-py's note on a pipeline's command
+(``Command # 2 (HMGET ...) of pipeline caused error: ('CODE message',)``); after the ``-`` of
+an error inside a script on Redis 6 (``Error running script ...: @user_script: 1: -CODE ...``)."""
+_KNOWN_CODES = _TRANSIENT_CODES.keys() | _DETERMINISTIC_CODES.keys()
+_SCRIPT_NOPERM = "can't run this command or subcommand"
+"""A script's call that the ACL refuses (Redis 7 sends it without a code)."""
+
+
+def classify_redis_error(exc: BaseException) -> RedisFailure | None:
+    """What ``exc`` says about Redis; None when it is no Redis or network failure (a bug).
+
+    >>> classify_redis_error(rx.NoPermissionError("no permissions to run 'evalsha'")).code
+    'noperm'
+    >>> classify_redis_error(rx.ResponseError("BUSY Redis is busy running a script")).kind
+    <FailureKind.TRANSIENT: 'transient'>
+    >>> classify_redis_error(ValueError("a bug")) is None
+    True
+    """
+    if isinstance(exc, rx.AuthenticationError | rx.AuthorizationError):
+        return _deterministic("auth", exc)  # before ConnectionError: they derive from it
+    if isinstance(exc, rx.BusyLoadingError):
+        return _transient("loading", exc)
+    if isinstance(exc, rx.TimeoutError | TimeoutError):
+        return _transient("timeout", exc)  # before OSError: TimeoutError derives from it
+    if isinstance(exc, rx.ConnectionError | OSError):
+        return _transient("unreachable", exc)
+    if isinstance(exc, rx.NoPermissionError):
+        return _deterministic("noperm", exc)
+    if isinstance(exc, rx.ReadOnlyError):
+        return _transient("readonly", exc)
+    if isinstance(exc, rx.OutOfMemoryError):
+        return _transient("oom", exc)
+    if isinstance(exc, rx.NoScriptError):
+        return _deterministic("noscript", exc)
+    if isinstance(exc, rx.TryAgainError | rx.ClusterDownError):
+        return _transient("cluster_down", exc)
+    if isinstance(exc, rx.AskError | rx.ClusterCrossSlotError):
+        return _deterministic("cluster_node", exc)
+    if isinstance(exc, rx.ResponseError):
+        return _from_reply(exc)
+    if isinstance(exc, rx.InvalidResponse):
+        return _transient("protocol", exc)
+    if isinstance(exc, rx.RedisError):
+        return _deterministic("client", exc)
+    return None
+
+
+def _from_reply(exc: rx.ResponseError) -> RedisFailure:
+    """An error reply redis-py has no class for, by its code (``_REPLY_CODE``)."""
+    message = str(exc)
+    code = next((c for c in _REPLY_CODE.findall(message) if c in _KNOWN_CODES), "")
+    if code in _TRANSIENT_CODES:
+        return _transient(_TRANSIENT_CODES[code], exc)
+    if code in _DETERMINISTIC_CODES or _SCRIPT_NOPERM in message:
+        return _deterministic(_DETERMINISTIC_CODES.get(code, "noperm"), exc)
+    return _deterministic("refused", exc)
+
+
+def _detail(exc: BaseException) -> str:
+    message = " ".join(str(exc).split())
+    if len(message) > DETAIL_MAX_CHARS:
+        message = message[: DETAIL_MAX_CHARS - 1] + "…"
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def _transient(code: str, exc: BaseException) -> RedisFailure:
+    return RedisFailure(FailureKind.TRANSIENT, code, _detail(exc), _TRANSIENT_ADVICE[code])
+
+
+def _deterministic(code: str, exc: BaseException) -> RedisFailure:
+    return RedisFailure(FailureKind.DETERMINISTIC, code, _detail(exc), _DETERMINISTIC_ADVICE[code])
