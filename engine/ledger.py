@@ -30,6 +30,10 @@ class OfferLimits:
     cooldown_ms: int = 0
     max_per_day: int | None = None
     budget_cents: int | None = None
+    day: int | None = None
+    """The day (days since the epoch, UTC) whose budget and offers-per-day cap the offer counts
+    against; None: the decision's event-time day. Live workers count by the wall-clock day
+    (``EngineConfig.budget_clock``), so that a replay of history spends today's budget."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +185,7 @@ class InMemoryLedger:
         granted, denied_by = False, None
         limits = request.offer
         if limits is not None:
-            day = event_day(ts)
+            day = limits.day if limits.day is not None else event_day(ts)
             last_offer = self._last_offer.get(key)
             spent = self._spent.get((decision.campaign, day), 0)
             if (

@@ -23,6 +23,7 @@ import dataclasses
 import heapq
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from engine.campaigns import Campaign, default_campaigns
 from engine.decisions import (
@@ -54,6 +55,7 @@ from engine.ledger import (
     OfferLimits,
     PurchaseNotice,
     StopLossSetting,
+    event_day,
 )
 from engine.model.feedback import DECIDED, Feedback, TrainingExample
 from engine.model.prequential import OnlineLearner
@@ -72,6 +74,10 @@ __all__ = [
 ]
 
 _HOLDOUT_CACHE_MAX = 100_000
+BudgetClock = Literal["event", "wall"]
+EVENT_TIME: BudgetClock = "event"
+WALL_CLOCK: BudgetClock = "wall"
+BUDGET_CLOCKS: tuple[BudgetClock, ...] = (EVENT_TIME, WALL_CLOCK)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +95,15 @@ class EngineConfig:
     feedback: Feedback = field(default_factory=Feedback)
     """How the model learns under delayed labels (the learner must use the same). A wait that
     does not fit inside the attribution window becomes half the window."""
+    budget_clock: BudgetClock = EVENT_TIME
+    """Which day a granted offer counts against (daily budget, offers per day): the decision's
+    event-time day (``event``, backtests: history replays its own days) or the wall-clock
+    day of the batch (``wall``, live workers: ``process(..., wall_clock_ms=...)``), so that
+    a replay of history into a live worker cannot open fresh budgets."""
 
     def __post_init__(self) -> None:
+        if self.budget_clock not in BUDGET_CLOCKS:
+            raise ValueError(f"budget_clock must be one of {BUDGET_CLOCKS}: {self.budget_clock!r}")
         if self.feedback.ledger_elapsed_ms >= self.attribution_window_ms:
             wait = max(self.attribution_window_ms // 2, 1)
             object.__setattr__(
@@ -185,12 +198,25 @@ class DiscountEngine:
         self._started = False
         self.clock_ms = 0
         """Event-time clock: the latest event time this engine has seen."""
+        self._budget_day: int | None = None
+        """The day this batch's offers count against; None: each decision's event-time day."""
         self._holdout: dict[tuple[str, float, str], bool] = {}
         """``in_holdout`` by (campaign name, holdout fraction, user): a pure function of these
         three, so it is memoised (bounded; cleared when full)."""
 
-    async def process(self, batch: Sequence[Incoming]) -> BatchResult:
-        """Run one micro-batch; ``statuses`` come back in the order of ``batch``."""
+    async def process(
+        self, batch: Sequence[Incoming], *, wall_clock_ms: int | None = None
+    ) -> BatchResult:
+        """Run one micro-batch; ``statuses`` come back in the order of ``batch``.
+
+        ``wall_clock_ms``: when the batch runs, required with ``budget_clock="wall"`` (the day
+        granted offers count against)."""
+        if self.config.budget_clock == WALL_CLOCK:
+            if wall_clock_ms is None:
+                raise ValueError("budget_clock='wall' needs the batch's wall_clock_ms")
+            self._budget_day = event_day(wall_clock_ms)
+        else:
+            self._budget_day = None
         if not self._started:
             # A restarted worker takes up the campaigns' stop-loss state where it was left.
             self.stop_loss.update(await self.ledger.stop_loss_status())
@@ -499,6 +525,7 @@ class DiscountEngine:
                 cooldown_ms=campaign.cooldown_ms,
                 max_per_day=campaign.max_offers_per_day,
                 budget_cents=campaign.daily_budget_cents,
+                day=self._budget_day,
             )
         return DecisionRequest(
             decision=PendingDecision(

@@ -195,6 +195,8 @@ class Settings:
             attribution_window_ms=int(self.attribution_window_s * 1000),
             learn_inline=self.learn_inline,
             feedback=self.feedback,
+            # live: today's budgets, whatever the events' times (a replay of history included)
+            budget_clock="wall",
         )
 
     @classmethod

@@ -16,12 +16,13 @@
 -- ledger:   now_ms ('' = no ledger section), attribution_window_ms, elapsed_ms (0 = none),
 --           n_campaigns, then per stop-loss campaign: name, margin, window_ms, min_decisions,
 --           min_users; then the batch's ops packed in two arguments (two bulk strings instead
---           of 13 per decision: packing and unpacking many small arguments cost more client
+--           of one per field: packing and unpacking many small arguments cost more client
 --           and server CPU than the ledger's own work):
 --   ops      one flat JSON array, per op either
 --            'D', user, campaign, ts, decision_interval_ms, has_offer (0/1), cost_cents,
 --                 cooldown_ms, max_per_day (-1 = none), budget_cents (-1 = none), decision_id,
---                 arm ('' T H), length of its record in bytes ('G' included)
+--                 arm ('' T H), day of the budget and offers-per-day cap (-1 = the event-time
+--                 day of ts), length of its record in bytes ('G' included)
 --            'P', user, ts, amount_cents, gross_cents
 --   records  each decision's record as stored when it is recorded as proposed ('G' and
 --            PendingDecision.to_compact as JSON), concatenated in op order: raw bytes rather
@@ -155,7 +156,7 @@ local function int(x) return string.format('%d', x) end
 
 -- Unpack and check every op before anything is written: a script that fails halfway keeps
 -- its writes (budget spent, nothing returned), so a malformed batch must fail here, whole.
-local D_FIELDS, P_FIELDS = 13, 5
+local D_FIELDS, P_FIELDS = 14, 5
 local ARMS = { [''] = true, T = true, H = true }
 if type(packed_ops) ~= 'string' or type(records) ~= 'string' then
   return redis.error_reply('ledger: expected the packed ops and records after the stop-loss '
@@ -187,12 +188,14 @@ local function check_ops()
         return 'user, campaign and decision_id must be strings'
       end
       local ts, interval, has_offer, cost = ops[j + 3], ops[j + 4], ops[j + 5], ops[j + 6]
-      local cooldown, max_per_day, budget, length = ops[j + 7], ops[j + 8], ops[j + 9], ops[j + 12]
+      local cooldown, max_per_day, budget = ops[j + 7], ops[j + 8], ops[j + 9]
+      local day, length = ops[j + 12], ops[j + 13]
       if ts - ts % 1 ~= ts or interval - interval % 1 ~= interval or cost - cost % 1 ~= cost
           or cooldown - cooldown % 1 ~= cooldown or max_per_day - max_per_day % 1 ~= max_per_day
-          or budget - budget % 1 ~= budget or length - length % 1 ~= length then
-        return 'ts, decision_interval_ms, cost_cents, cooldown_ms, max_per_day, budget_cents '
-          .. 'and the record length must be integers'
+          or budget - budget % 1 ~= budget or day - day % 1 ~= day
+          or length - length % 1 ~= length then
+        return 'ts, decision_interval_ms, cost_cents, cooldown_ms, max_per_day, budget_cents, '
+          .. 'day and the record length must be integers'
       end
       if has_offer ~= 0 and has_offer ~= 1 then return 'has_offer must be 0 or 1' end
       if not ARMS[ops[j + 11]] then return 'arm must be "", "T" or "H"' end
@@ -316,7 +319,8 @@ local function decide(j, offset)
 
   local outcome = 2
   if has_offer then
-    local day = math.floor(ts / DAY_MS)
+    local day = ops[j + 12]
+    if day < 0 then day = math.floor(ts / DAY_MS) end
     local last_offer = tonumber(redis.call('HGET', gkey, campaign .. '|o'))
     local count_field = campaign .. '|n' .. day
     local budget_key = prefix .. 'b:' .. campaign .. ':' .. day
@@ -349,7 +353,7 @@ local function decide(j, offset)
   -- 'G': recorded as proposed (as it came); 'N': the proposed offer was denied, so the
   -- decision is recorded as no discount and no offer (the reader applies that; no JSON
   -- re-encoding here). Cut from the records only now: a rate-limited decision needs none.
-  local last_byte = offset + ops[j + 12] - 1
+  local last_byte = offset + ops[j + 13] - 1
   local record
   if outcome == 1 or not has_offer then
     record = string.sub(records, offset, last_byte)
@@ -418,7 +422,7 @@ local j = 1
 while j <= n_fields do
   if ops[j] == 'D' then
     outcomes[n] = decide(j, offset)
-    offset = offset + ops[j + 12]
+    offset = offset + ops[j + 13]
     j = j + D_FIELDS
   else
     purchase(ops[j + 1], ops[j + 2], ops[j + 3], ops[j + 4])

@@ -59,8 +59,9 @@ _OUTCOMES: dict[int, DecisionOutcome] = {
     4: DecisionOutcome(decided=True, denied_by="max_offers_per_day"),
     5: DecisionOutcome(decided=True, denied_by="budget"),
 }
-_NO_OFFER = (0, 0, 0, -1, -1)
-"""has_offer, cost_cents, cooldown_ms, max_per_day, budget_cents of a decision without an offer."""
+_NO_OFFER = (0, 0, 0, -1, -1, -1)
+"""has_offer, cost_cents, cooldown_ms, max_per_day, budget_cents, day of a decision without an
+offer."""
 _KINDS: dict[bytes | str, LabelKind] = {
     b"C": LabelKind.CONVERTED,
     b"E": LabelKind.ELAPSED,
@@ -245,7 +246,9 @@ class RedisLedger:
                         limits.cooldown_ms,
                         -1 if limits.max_per_day is None else limits.max_per_day,
                         -1 if limits.budget_cents is None else limits.budget_cents,
+                        -1 if limits.day is None else limits.day,
                     )
+                has_offer, cost, cooldown, max_per_day, budget, day = offer
                 fields.extend(
                     (
                         "D",
@@ -253,9 +256,14 @@ class RedisLedger:
                         decision.campaign,
                         decision.ts,
                         op.decision_interval_ms,
-                        *offer,
+                        has_offer,
+                        cost,
+                        cooldown,
+                        max_per_day,
+                        budget,
                         decision.decision_id,
                         str(decision.arm),
+                        day,
                         len(record) + 1,
                     )
                 )

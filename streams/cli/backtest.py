@@ -71,8 +71,12 @@ def run_backtest_subcommand(settings: Settings, args: argparse.Namespace) -> int
         out_dir=args.out,
         seed=args.seed,
         input_format=args.format,
+        # history spends its own days' budgets
         config=replace(
-            settings.engine_config(), learn_inline=True, feedback=chosen_feedback(settings, args)
+            settings.engine_config(),
+            learn_inline=True,
+            feedback=chosen_feedback(settings, args),
+            budget_clock="event",
         ),
         batch_size=args.batch_size,
     )

@@ -121,7 +121,7 @@ class BatchWorker:
                 incoming.append(decoded)
         for attempt in range(1, STALE_RETRIES + 1):
             try:
-                result = await self.engine.process(incoming)
+                result = await self.engine.process(incoming, wall_clock_ms=now_ms)
                 break
             except StateEpochMoved:
                 # `dealstream forget` ran meanwhile: nothing was written, and the batch runs

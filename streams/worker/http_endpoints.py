@@ -227,7 +227,11 @@ class WorkerStatus:
 
     async def _refresh_ledger(self) -> None:
         engine = self.worker.engine
-        clock_ms = engine.clock_ms or self._wall_clock_ms()
+        # the day granted offers count against now (EngineConfig.budget_clock)
+        if engine.config.budget_clock == "wall":
+            clock_ms = self._wall_clock_ms()
+        else:
+            clock_ms = engine.clock_ms or self._wall_clock_ms()
         day = event_day(clock_ms)
         budgets = []
         for campaign in engine.campaigns:

@@ -500,7 +500,7 @@ def _packed(*ops: list[object], records: bytes) -> list[object]:
 
 
 RECORD = b"G" + orjson.dumps(_request("d1", "u1", T0).decision.to_compact())
-GOOD = ["D", "u1", "alpha", T0, 0, 1, 100, 0, -1, 1000, "d1", "", len(RECORD)]
+GOOD = ["D", "u1", "alpha", T0, 0, 1, 100, 0, -1, 1000, "d1", "", -1, len(RECORD)]
 """A decision with an offer, packed as ``RedisLedger.settle`` packs it."""
 
 
@@ -508,22 +508,22 @@ GOOD = ["D", "u1", "alpha", T0, 0, 1, 100, 0, -1, 1000, "d1", "", len(RECORD)]
     ("ops", "records", "refusal"),
     [
         (
-            [GOOD, ["D", "u2", "alpha", T0, 0, 1, 1.5, 0, -1, 1000, "d2", "", len(RECORD)]],
+            [GOOD, ["D", "u2", "alpha", T0, 0, 1, 1.5, 0, -1, 1000, "d2", "", -1, len(RECORD)]],
             RECORD * 2,
             "op 2: ts, decision_interval_ms, cost_cents",
         ),
         (
-            [GOOD, ["D", None, "alpha", T0, 0, 0, 0, 0, -1, -1, "d2", "", len(RECORD)]],
+            [GOOD, ["D", None, "alpha", T0, 0, 0, 0, 0, -1, -1, "d2", "", -1, len(RECORD)]],
             RECORD * 2,
             "op 2: user, campaign and decision_id must be strings",
         ),
         (
-            [GOOD, ["D", "u2", "alpha", None, 0, 0, 0, 0, -1, -1, "d2", "", len(RECORD)]],
+            [GOOD, ["D", "u2", "alpha", None, 0, 0, 0, 0, -1, -1, "d2", "", -1, len(RECORD)]],
             RECORD * 2,
             "op 2: a field of the wrong type",
         ),
         (
-            [GOOD, ["D", "u2", "alpha", T0, 0, 0, 0, 0, -1, -1, "d2", "X", len(RECORD)]],
+            [GOOD, ["D", "u2", "alpha", T0, 0, 0, 0, 0, -1, -1, "d2", "X", -1, len(RECORD)]],
             RECORD * 2,
             'op 2: arm must be "", "T" or "H"',
         ),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ policy = "threshold"
 threshold = 0.0
 discount_pct = 10
 decision_interval_s = 0
-daily_budget = 100000.0
+daily_budget = 1000000.0
 """
 
 
@@ -127,13 +128,23 @@ def _offers_in(state: State) -> int:
     return int(sum(v for f, v in state.items() if f.startswith(OFFERS) and f != LAST_OFFER_FIELD))
 
 
-@pytest.mark.parametrize("step", STEPS)
-async def test_a_worker_stopped_dead_at_a_step_of_a_batch_loses_and_doubles_nothing(
-    services: Services, isolation: Isolation, free_port: int, tmp_path: Path, step: str
-) -> None:
-    campaigns = tmp_path / "campaigns.toml"
-    campaigns.write_text(CAMPAIGNS)
-    events = fault_events()
+@dataclass(frozen=True)
+class Wanted:
+    """What the in-order reference engine publishes for the events and the closing purchases."""
+
+    campaigns: Path
+    events: list[dict[str, Any]]
+    closing: list[dict[str, Any]]
+    offers: set[str]
+    decisions: set[str]
+    training: set[str]
+    states: dict[str, State]
+    cost: int
+    """The reference's spend (the worker's may differ a little: features at decision time
+    depend on how the three topics interleave in its batches)."""
+
+
+async def wanted(campaigns: Path, events: list[dict[str, Any]]) -> Wanted:
     closing = closing_purchases(events)
     engine = DiscountEngine(
         InMemoryFeatureStore(),
@@ -141,14 +152,105 @@ async def test_a_worker_stopped_dead_at_a_step_of_a_batch_loses_and_doubles_noth
         config=EngineConfig(allowed_lateness_ms=ALLOWED_LATENESS_S * 1000),
     )
     expected = await engine.process([Incoming(parse_event(e)) for e in events + closing])
-    want_offers = {o.offer_id for o in expected.offers}
-    want_decisions = {d.decision_id for d in expected.decisions}
-    want_cost = sum(d.cost_cents or 0 for d in expected.decisions if d.offer_id)
-    # (the worker's costs may differ a little: features at decision time depend on how the
-    # three topics interleave in its batches)
-    want_training = {t.decision_id for t in expected.training}
-    want_states = await reference_states(events + closing)
-    assert want_offers and want_cost > 0
+    return Wanted(
+        campaigns=campaigns,
+        events=events,
+        closing=closing,
+        offers={o.offer_id for o in expected.offers},
+        decisions={d.decision_id for d in expected.decisions},
+        training={t.decision_id for t in expected.training},
+        states=await reference_states(events + closing),
+        cost=sum(d.cost_cents or 0 for d in expected.decisions if d.offer_id),
+    )
+
+
+@dataclass(frozen=True)
+class Published:
+    """What the worker left on the output topics and in Redis."""
+
+    offers: Counter[str]
+    decisions: Counter[str]
+    decision_messages: list[dict[str, Any]]
+    training: Counter[str]
+    spent: int
+    states: dict[str, State]
+
+    @classmethod
+    async def read(
+        cls, services: Services, isolation: Isolation, want: Wanted, partitions: int = PARTITIONS
+    ) -> Published:
+        topics = Topics(isolation.topic_prefix)
+        return cls(
+            offers=await output_ids(services, topics.offers, "offer_id", 30, partitions),
+            decisions=await output_ids(services, topics.decisions, "decision_id", 30, partitions),
+            decision_messages=await read_topic(services, topics.decisions),
+            training=await output_ids(services, topics.training, "decision_id", 30, partitions),
+            spent=await spent_cents(services, isolation),
+            states=await read_states(services, isolation, want.states),
+        )
+
+    def delivered_cost(self, want: Wanted) -> int:
+        """What the ledger should have charged: each delivered offer's cost, from the features
+        its decision published (the order value depends on them: ``order_value``)."""
+        campaign = load_campaigns(want.campaigns)[0]
+        triggers = {parse_event(e).event_id: parse_event(e) for e in want.events}
+        costs = {
+            m["offer_id"]: offer_cost_cents(
+                m["discount_pct"],
+                order_value(campaign, triggers[m["trigger_event_id"]], m["features"]),
+            )
+            for m in self.decision_messages
+            if m["offer_id"] is not None
+        }
+        assert set(costs) == want.offers
+        return sum(costs.values())
+
+    def report(self, want: Wanted) -> str:
+        twice = sum(n - 1 for n in self.offers.values())
+        return (
+            f"offers: {len(want.offers)} expected, {len(want.offers - set(self.offers))} lost, "
+            f"{twice} published twice; spent {self.spent} cents for offers costing "
+            f"{self.delivered_cost(want)} (the reference's: {want.cost})"
+        )
+
+    def check(self, want: Wanted) -> None:
+        """Nothing lost, nothing unexpected, charged exactly once, every event and offer once."""
+        assert not want.offers - set(self.offers), "offers lost"
+        assert not set(self.offers) - want.offers, "offers for events that should trigger none"
+        assert not want.decisions - set(self.decisions), "decisions lost"
+        assert not set(self.decisions) - want.decisions, "unexpected decisions"
+        assert set(self.training) == want.training, "training examples lost or unexpected"
+        assert self.spent == self.delivered_cost(want), "budget charged other than the offers' cost"
+        # the events' part of every user's state is exact; each delivered offer is in it once
+        events_only = {user: _without_offers(state) for user, state in self.states.items()}
+        assert not differences(events_only, want.states, None), "users' event counts differ"
+        granted_to = {m["offer_id"]: m["user_id"] for m in self.decision_messages if m["offer_id"]}
+        offers_by_user = Counter(granted_to.values())
+        in_state = {user: _offers_in(state) for user, state in self.states.items()}
+        assert in_state == {user: offers_by_user.get(user, 0) for user in self.states}, (
+            "offers applied to the users' state other than once each"
+        )
+
+
+async def finish_with_closing_purchases(
+    services: Services, isolation: Isolation, want: Wanted, total: int
+) -> None:
+    """Once the worker committed ``total`` records, the closing purchases (``closing_purchases``),
+    then until it committed those too."""
+    topics = Topics(isolation.topic_prefix)
+    await wait_committed(services, isolation, total)
+    total += await produce_events(services, topics, want.closing)
+    await wait_committed(services, isolation, total)
+
+
+@pytest.mark.parametrize("step", STEPS)
+async def test_a_worker_stopped_dead_at_a_step_of_a_batch_loses_and_doubles_nothing(
+    services: Services, isolation: Isolation, free_port: int, tmp_path: Path, step: str
+) -> None:
+    campaigns = tmp_path / "campaigns.toml"
+    campaigns.write_text(CAMPAIGNS)
+    want = await wanted(campaigns, fault_events())
+    assert want.offers and want.cost > 0
 
     topics = Topics(isolation.topic_prefix)
     log_path = tmp_path / "worker.log"
@@ -159,7 +261,7 @@ async def test_a_worker_stopped_dead_at_a_step_of_a_batch_loses_and_doubles_noth
     worker = kill9_worker(services, isolation, free_port, log_path, **settings)
     try:
         await ensure_topics(services.kafka_bootstrap, topics.all, partitions=PARTITIONS)
-        total = await produce_events(services, topics, events)
+        total = await produce_events(services, topics, want.events)
         crashing.start()
         assert crashing.process is not None
         code = await asyncio.to_thread(crashing.process.wait, 120)
@@ -168,62 +270,21 @@ async def test_a_worker_stopped_dead_at_a_step_of_a_batch_loses_and_doubles_noth
         left = await outbox_entries(services, isolation)
 
         worker.start()
-        await wait_committed(services, isolation, total)
-        total += await produce_events(services, topics, closing)
-        await wait_committed(services, isolation, total)
+        await finish_with_closing_purchases(services, isolation, want, total)
         final = await worker.wait_progress(lambda line: line["batches"] > 0, 30)
-        offers = await output_ids(services, topics.offers, "offer_id", 30)
-        decisions = await output_ids(services, topics.decisions, "decision_id", 30)
-        decision_messages = await read_topic(services, topics.decisions)
-        training = await output_ids(services, topics.training, "decision_id", 30)
-        spent = await spent_cents(services, isolation)
-        states = await read_states(services, isolation, want_states)
+        published = await Published.read(services, isolation, want)
         assert worker.stop() == 0, worker.tail()
     finally:
         if worker.alive():
             worker.stop()
         await clean_up(services, isolation)
-    restart_log = worker.run_log_text()
-    twice = sum(n - 1 for n in offers.values())
-    # What the ledger should have charged: each delivered offer's cost, from the features its
-    # decision published (the order value depends on them: offer_cost_cents, order_value).
-    campaign = load_campaigns(campaigns)[0]
-    triggers = {parse_event(e).event_id: parse_event(e) for e in events}
-    granted = {
-        m["offer_id"]: offer_cost_cents(
-            m["discount_pct"],
-            order_value(campaign, triggers[m["trigger_event_id"]], m["features"]),
-        )
-        for m in decision_messages
-        if m["offer_id"] is not None
-    }
-    delivered_cost = sum(granted.values())
     print(
         f"\n{step} at batch {CRASH_AT_BATCH}: {left} outbox entr(ies) left by the crash; "
-        f"republished {final['republished']} outputs; offers: {len(want_offers)} expected, "
-        f"{len(want_offers - set(offers))} lost, {twice} published twice; spent {spent} cents "
-        f"for offers costing {delivered_cost} (the reference's: {want_cost})"
+        f"republished {final['republished']} outputs; {published.report(want)}"
     )
     assert left >= 1, "the crash should leave the batch's outbox entry"
-    assert "again from the outbox" in restart_log, worker.tail()
-    assert not want_offers - set(offers), "offers lost"
-    assert not set(offers) - want_offers, "offers for events that should trigger none"
-    assert not want_decisions - set(decisions), "decisions lost"
-    assert not set(decisions) - want_decisions, "unexpected decisions"
-    assert set(training) == want_training, "training examples lost or unexpected"
-    assert set(granted) == want_offers
-    assert spent == delivered_cost, "the budget was charged other than the offers' cost"
-    # the events' part of every user's state is exact; each delivered offer is in it once
-    events_only = {user: _without_offers(state) for user, state in states.items()}
-    assert not differences(events_only, want_states, None), "users' event counts differ"
-    offers_by_user = Counter(
-        m["user_id"]
-        for m in {m["offer_id"]: m for m in decision_messages if m["offer_id"]}.values()
-    )
-    in_state = {user: _offers_in(state) for user, state in states.items()}
-    assert in_state == {user: offers_by_user.get(user, 0) for user in states}, (
-        "offers applied to the users' state other than once each"
-    )
+    assert "again from the outbox" in worker.run_log_text(), worker.tail()
+    published.check(want)
     # at most the crashed batch and the one before it (its commit may still have been in
     # flight) are published a second time
-    assert max(decisions.values()) <= 2
+    assert max(published.decisions.values()) <= 2

@@ -316,8 +316,10 @@ decision_interval_s = 0
 """
 
 
-async def output_ids(services: Services, topic: str, field: str, timeout_s: float) -> Counter[str]:
-    """How often each id appears on an output topic, read to its end."""
+async def output_ids(
+    services: Services, topic: str, field: str, timeout_s: float, partitions: int = PARTITIONS
+) -> Counter[str]:
+    """How often each id appears on an output topic (``partitions`` of them), read to its end."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=services.kafka_bootstrap,
         auto_offset_reset="earliest",
@@ -326,14 +328,14 @@ async def output_ids(services: Services, topic: str, field: str, timeout_s: floa
     await consumer.start()
     ids: Counter[str] = Counter()
     try:
-        partitions = [TopicPartition(topic, p) for p in range(PARTITIONS)]  # ensure_topics
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        end = await consumer.end_offsets(partitions)
+        assigned = [TopicPartition(topic, p) for p in range(partitions)]
+        consumer.assign(assigned)
+        await consumer.seek_to_beginning(*assigned)
+        end = await consumer.end_offsets(assigned)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            positions = [await consumer.position(tp) for tp in partitions]
-            if all(pos >= end[tp] for pos, tp in zip(positions, partitions, strict=True)):
+            positions = [await consumer.position(tp) for tp in assigned]
+            if all(pos >= end[tp] for pos, tp in zip(positions, assigned, strict=True)):
                 return ids
             batch = await consumer.getmany(timeout_ms=500)
             for records in batch.values():

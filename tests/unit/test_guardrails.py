@@ -446,6 +446,36 @@ async def test_daily_budget_in_cents_and_its_reset_on_the_next_day() -> None:
     assert await ledger.budget_spent_cents("spring", event_day(day2)) == 400
 
 
+async def test_live_budgets_count_by_the_wall_clock_day_whatever_the_events_times() -> None:
+    """A replay of a week of history into a live worker spends today's budget: it cannot open
+    a fresh budget for every day of the past (``budget_clock="wall"``)."""
+    today = T0 + 30 * DAY_MS + 9 * HOUR_MS
+    history = [view(f"v{day}", T0 + day * DAY_MS, user_id=f"u{day}") for day in range(5)]
+    live = DiscountEngine(
+        InMemoryFeatureStore(),
+        campaigns=(campaign(daily_budget_cents=500),),
+        config=EngineConfig(budget_clock="wall"),
+    )
+    granted = []
+    for minute, event in enumerate(history):  # one batch per event, all on one wall-clock day
+        result = await live.process([Incoming(event)], wall_clock_ms=today + minute * 60_000)
+        granted.extend(offer.trigger_event_id for offer in result.offers)
+    # 200 cents per offer, 500 a day: two offers today, whatever day the events are from
+    assert granted == ["v0", "v1"]
+    assert await live.ledger.budget_spent_cents("spring", event_day(today)) == 400
+    assert await live.ledger.budget_spent_cents("spring", event_day(T0)) == 0
+
+    backtest = engine_with(campaign(daily_budget_cents=500))
+    out = await run(backtest, history, batch_size=1)
+    assert out.offered() == [f"v{day}" for day in range(5)], "each event-time day its own"
+
+
+async def test_a_wall_clock_budget_needs_the_batch_wall_clock() -> None:
+    live = DiscountEngine(InMemoryFeatureStore(), config=EngineConfig(budget_clock="wall"))
+    with pytest.raises(ValueError, match="wall_clock_ms"):
+        await live.process([Incoming(view("a", T0))])
+
+
 async def test_budgets_are_per_campaign() -> None:
     engine = engine_with(
         campaign("a", daily_budget_cents=200), campaign("b", daily_budget_cents=400)
