@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
 
-from engine.decisions import Decision, DecisionDraft, Offer
+from engine.decisions import Decision, DecisionDraft, Offer, Reason
+from engine.features.catalogue import FEATURE_NAMES
 from streams.adapters.batch_commit import OutboxWrite
 from streams.errors import StreamsError
 
@@ -43,24 +44,32 @@ TopicPartitionKey = tuple[str, int]
 
 
 def encode_drafts(drafts: Sequence[DecisionDraft | None]) -> bytes:
-    """One JSON array, one item per ledger op: null for a purchase, else [decision message,
-    offer message or null, P(purchase) without an offer, order value, cost in cents] (the
-    last two are not part of the decision's message)."""
+    """One JSON array, one item per ledger op: null for a purchase, else the draft as a flat
+    list (``_DECISION_FIELDS``, then P(purchase) without an offer, then the offer).
+
+    Compact because every batch writes it to Redis (and its append-only file): the features are
+    their values in catalogue order (the names would be two thirds of the bytes), and the offer
+    is what the decision does not already say (its expiry and reasons) whenever the rest of it
+    follows from the decision, as the engine builds them (``make_offer``); otherwise whole."""
     items: list[Any] = []
     for draft in drafts:
         if draft is None:
             items.append(None)
             continue
         decision, offer = draft.decision, draft.offer
-        items.append(
-            [
-                decision.to_message(),
-                None if offer is None else offer.to_message(),
-                draft.p_no_offer,
-                decision.order_value,
-                decision.cost_cents,
-            ]
+        item = [getattr(decision, name) for name in _DECISION_FIELDS]
+        features = decision.features
+        item[_FEATURES_AT] = (
+            list(features.values()) if tuple(features) == FEATURE_NAMES else dict(features)
         )
+        item.append(draft.p_no_offer)
+        if offer is None:
+            item.append(None)
+        elif _offer_of(decision, offer.expires_at, offer.reasons) == offer:
+            item.append([offer.expires_at, [list(reason) for reason in offer.reasons]])
+        else:
+            item.append(offer.to_message())
+        items.append(item)
     return orjson.dumps(items)
 
 
@@ -70,15 +79,50 @@ def decode_drafts(blob: bytes) -> list[DecisionDraft | None]:
         if item is None:
             drafts.append(None)
             continue
-        decision_message, offer_message, p_no_offer, order_value, cost_cents = item
-        decision = replace(
-            Decision.from_message(decision_message),
-            order_value=order_value,
-            cost_cents=cost_cents,
-        )
-        offer = None if offer_message is None else Offer.from_message(offer_message)
+        fields = dict(zip(_DECISION_FIELDS, item, strict=False))
+        features = fields["features"]
+        if isinstance(features, list):
+            fields["features"] = dict(zip(FEATURE_NAMES, features, strict=True))
+        fields["rules"] = tuple(fields["rules"])
+        decision = Decision(**fields, denied_by=None)
+        p_no_offer, offer_item = item[len(_DECISION_FIELDS)], item[len(_DECISION_FIELDS) + 1]
+        offer: Offer | None
+        if offer_item is None:
+            offer = None
+        elif isinstance(offer_item, list):
+            expires_at, reasons = offer_item
+            offer = _offer_of(decision, expires_at, tuple(Reason(*r) for r in reasons))
+        else:
+            offer = Offer.from_message(offer_item)
         drafts.append(DecisionDraft(decision, offer, p_no_offer))
     return drafts
+
+
+_DECISION_FIELDS = tuple(name for name in Decision.__dataclass_fields__ if name != "denied_by")
+"""A draft's decision, field by field (``denied_by`` is always None in a draft)."""
+_FEATURES_AT = _DECISION_FIELDS.index("features")
+
+
+def _offer_of(decision: Decision, expires_at: int, reasons: tuple[Reason, ...]) -> Offer | None:
+    """The offer ``make_offer`` builds beside this decision, given what only the offer says."""
+    if decision.offer_id is None:
+        return None
+    return Offer(
+        offer_id=decision.offer_id,
+        user_id=decision.user_id,
+        campaign=decision.campaign,
+        discount_pct=decision.discount_pct,
+        issued_at=decision.ts,
+        expires_at=expires_at,
+        trigger_event_id=decision.trigger_event_id,
+        p_purchase=decision.p_purchase,
+        model_version=decision.model_version,
+        policy=decision.policy,
+        propensity=decision.propensity,
+        explore=decision.explore,
+        reasons=reasons,
+        rules=decision.rules,
+    )
 
 
 @dataclass(frozen=True, slots=True)

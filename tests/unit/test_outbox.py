@@ -9,8 +9,9 @@ tests/reliability/test_batch_faults.py.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import orjson
 import redis.asyncio as aioredis
 
 from engine.decisions import DecisionDraft
@@ -139,6 +140,18 @@ async def test_drafts_round_trip_exactly() -> None:
     drafts = [d for call in ledger.calls for d in call.drafts]
     assert any(d is None for d in drafts) and any(d and d.offer for d in drafts)
     assert decode_drafts(encode_drafts(drafts)) == drafts
+    # the compact form (features by catalogue position, the offer as what the decision does
+    # not say) falls back to whole records for anything else
+    draft = next(d for d in drafts if d and d.offer)
+    assert draft.offer is not None
+    odd = DecisionDraft(
+        replace(draft.decision, features={"only_this": 1.5}),
+        replace(draft.offer, rules=("something else",)),
+        draft.p_no_offer,
+    )
+    assert decode_drafts(encode_drafts([odd])) == [odd]
+    whole = orjson.dumps([draft.decision.to_message(), draft.offer.to_message()])
+    assert len(encode_drafts([draft])) < len(whole) / 2
 
 
 async def test_a_denied_draft_publishes_no_offer_and_says_which_guardrail() -> None:
