@@ -37,9 +37,12 @@ On a rebalance, ``on_partitions_revoked``, in this order: waits for the batch be
 (nothing else is uncommitted; the fetched records not yet handled are dropped and read again
 by the partitions' next owner); stops handling until the next assignment; tells the observer
 (the feature store, which drops the records it held, and the status page).
-``on_partitions_assigned`` first runs ``on_assigned`` (the worker's rewinds the partitions
-Redis is behind on, or stops it: ``streams/worker/resume.py``), then gives the observer the new
-full assignment.
+``on_partitions_assigned`` holds the same lock while it runs ``on_assigned`` (the worker's
+rewinds the partitions Redis is behind on, or stops it: ``streams/worker/resume.py``; then
+publishes again what the outbox holds uncommitted: ``streams/worker/recovery.py``), so no batch
+is handled before it; then it gives the observer the new full assignment. Records the fetcher
+returned under an earlier assignment are dropped (``_generation``); a dropped record of a
+partition this worker owns is read again (the fetch position is put back, never forward).
 ``stop`` finishes the same way and leaves the group.
 """
 
