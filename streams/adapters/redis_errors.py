@@ -40,11 +40,21 @@ Redis 7 passes an error raised inside a script on with its own code; Redis 6 wra
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import TypeVar
 
 from redis import exceptions as rx
+
+from streams.errors import EXIT_REDIS_REFUSED, EXIT_REDIS_UNAVAILABLE, StreamsError
+
+log = logging.getLogger("dealstream.worker")
+T = TypeVar("T")
 
 DETAIL_MAX_CHARS = 300
 """Redis's message is kept to this length in a failure's ``detail`` (and so in logs)."""
@@ -214,3 +224,74 @@ def _transient(code: str, exc: BaseException) -> RedisFailure:
 
 def _deterministic(code: str, exc: BaseException) -> RedisFailure:
     return RedisFailure(FailureKind.DETERMINISTIC, code, _detail(exc), _DETERMINISTIC_ADVICE[code])
+
+
+REDIS_RETRY_FIRST_S = 0.5
+REDIS_RETRY_MAX_S = 10.0
+"""The wait before the first retry of a batch that failed on Redis, doubled up to this."""
+
+
+class RedisBatchFailed(StreamsError):
+    """A batch failed on Redis for good: refused (``failure`` is deterministic), or failing
+    past the retry deadline. The worker stops with ``exit_code``."""
+
+    def __init__(self, failure: RedisFailure, message: str) -> None:
+        super().__init__(message)
+        self.failure = failure
+        self.exit_code = EXIT_REDIS_UNAVAILABLE if failure.transient else EXIT_REDIS_REFUSED
+
+
+async def retry_on_redis(
+    attempt: Callable[[], Awaitable[T]],
+    *,
+    deadline_s: float,
+) -> T:
+    """Run ``attempt`` until it succeeds and return its result, retrying it while Redis fails
+    it in a way that can heal (above). The worker retries whole batches with it; the ledger, a
+    batch call whose reply was lost (``RedisLedger``).
+
+    Waits 0.5 s before the first retry, doubled up to ``REDIS_RETRY_MAX_S``; the last wait is
+    cut so that one attempt falls on the deadline. Raises ``RedisBatchFailed`` at once on a
+    deterministic failure, and when an attempt fails ``deadline_s`` or more after the first
+    failure (``deadline_s`` 0: never). Any other exception propagates unchanged.
+    """
+    delay = REDIS_RETRY_FIRST_S
+    first_failure: float | None = None
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            result = await attempt()
+        except Exception as exc:
+            failure = classify_redis_error(exc)
+            if failure is None:
+                raise
+            if not failure.transient:
+                raise RedisBatchFailed(
+                    failure, f"Redis refused the batch ({failure.detail}): {failure.advice}"
+                ) from exc
+            now = time.monotonic()
+            first_failure = now if first_failure is None else first_failure
+            failing_s = now - first_failure
+            if deadline_s > 0 and failing_s >= deadline_s:
+                raise RedisBatchFailed(
+                    failure,
+                    f"Redis failed the batch for {failing_s:.0f} s ({attempts} attempts, "
+                    f"DEALSTREAM_REDIS_RETRY_DEADLINE_S={deadline_s:g}); last: "
+                    f"{failure.detail}: {failure.advice}",
+                ) from exc
+            wait = delay if deadline_s <= 0 else min(delay, deadline_s - failing_s)
+            log.log(
+                logging.ERROR if failure.needs_operator else logging.WARNING,
+                "batch failed on Redis; retrying",
+                extra={
+                    "code": failure.code,
+                    "reason": f"{failure.detail}: {failure.advice}; retry in {wait:.1f} s",
+                },
+            )
+            await asyncio.sleep(wait)
+            delay = min(delay * 2, REDIS_RETRY_MAX_S)
+        else:
+            if first_failure is not None:
+                log.info("batch done after Redis failures", extra={"count": attempts - 1})
+            return result

@@ -17,7 +17,6 @@ browsing session fall inside the decision interval of the session's first.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -46,8 +45,8 @@ from streams.adapters.batch_commit import (
     StateEpochMoved,
 )
 from streams.adapters.outbox import Outbox
+from streams.adapters.redis_errors import retry_on_redis
 from streams.adapters.redis_store import RedisFeatureStore, hash_tag, state_epoch_key
-from streams.errors import StreamsError
 
 log = logging.getLogger("dealstream.worker")
 
@@ -97,16 +96,6 @@ def _optional_float(value: bytes | str) -> float | None:
     return None if value in (b"", "") else float(_text(value))
 
 
-CONFIRM_DEADLINE_S = 30.0
-"""How long a ledger whose call lost its reply keeps asking Redis whether it landed."""
-
-
-class OutcomeUnknown(StreamsError):
-    """A batch's call lost its reply and Redis stayed unreachable: whether it landed is unknown.
-    The worker stops; after its restart the batch's outbox entry (if the call landed) is
-    published again and its records are recognised as redelivered."""
-
-
 def ledger_result(
     outcomes_raw: Sequence[Any], events_raw: Sequence[Any], statuses_raw: Sequence[Any]
 ) -> LedgerResult:
@@ -143,7 +132,7 @@ class RedisLedger:
         config: LedgerConfig,
         features: RedisFeatureStore | None = None,
         outbox: Outbox | None = None,
-        confirm_deadline_s: float = CONFIRM_DEADLINE_S,
+        retry_deadline_s: float = 120.0,
     ) -> None:
         self._client = client
         self._prefix = prefix
@@ -155,7 +144,9 @@ class RedisLedger:
         self._outbox = outbox
         """Where each call keeps its batch's outputs (with ``features`` only: an entry is
         matched to Kafka's commits by the partitions the store's write covers)."""
-        self._confirm_deadline_s = confirm_deadline_s
+        self._retry_deadline_s = retry_deadline_s
+        """How long a call whose reply was lost is retried (0: for ever), as the worker retries
+        batches (``DEALSTREAM_REDIS_RETRY_DEADLINE_S``)."""
         self._last_decision: dict[tuple[str, str], int] = {}
         """The latest decision time this ledger settled per (user, campaign), oldest entries
         first: never later than the script's own (which only grows, whoever decides), so a
@@ -204,15 +195,16 @@ class RedisLedger:
         ledger = self._ledger_args(ops, now_ms)
         try:
             reply = await self._call(features, ledger, outbox)
-        except StateEpochMoved:
+        except BaseException as exc:
             if self._features is not None:
-                self._features.refused_as_stale()
+                if isinstance(exc, StateEpochMoved):
+                    self._features.refused_as_stale()
+                else:
+                    self._features.failed()
             if outbox is not None and self._outbox is not None:
+                # Refused, or the worker stops (RedisBatchFailed): its acknowledgements wait
+                # for the next call (deleting an entry twice is harmless).
                 self._outbox.failed(outbox)
-            raise
-        except BaseException:
-            if self._features is not None:
-                self._features.failed()
             raise
         if self._features is not None:
             self._features.written(features)
@@ -283,35 +275,27 @@ class RedisLedger:
     async def _call(
         self, features: FeatureWrite | None, ledger: list[Any], outbox: OutboxWrite | None
     ) -> CommitReply:
-        """The script call; one whose reply is lost is resolved through its outbox entry."""
+        """The script call; one whose reply is lost is resolved through its outbox entry, with
+        the worker's retry policy (``retry_on_redis``: until ``retry_deadline_s``, then
+        ``RedisBatchFailed`` stops the worker, and the restart publishes the entry)."""
         try:
             return await self._commit(features=features, ledger=ledger, outbox=outbox)
         except (RedisConnectionError, RedisTimeoutError) as exc:
-            if outbox is None:
+            if outbox is None or self._outbox is None:
                 raise
             log.warning("batch call lost its reply (%s); asking Redis whether it landed", exc)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._confirm_deadline_s
-        delay = 0.1
-        while True:
-            await asyncio.sleep(delay)
-            try:
-                entry = await self._outbox.read_one(outbox.entry_id) if self._outbox else None
-                if entry is None:
-                    # It never ran (its entry is written in the same atomic call): run it now.
-                    return await self._commit(features=features, ledger=ledger, outbox=outbox)
-                log.info("batch call %s had landed; its reply is read back", outbox.entry_id)
-                # The epoch is unknown: b"" makes the ledger forget what it remembers.
-                return CommitReply(entry.outcomes, entry.events, (), b"")
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                if loop.time() >= deadline:
-                    raise OutcomeUnknown(
-                        f"Redis stayed unreachable for {self._confirm_deadline_s:.0f} s after a "
-                        f"batch call lost its reply ({exc}); whether it landed is unknown, so the "
-                        "worker stops: after a restart its outbox entry, if any, is published "
-                        "again"
-                    ) from exc
-                delay = min(delay * 2, 2.0)
+            box = self._outbox
+
+        async def resolve() -> CommitReply:
+            entry = await box.read_one(outbox.entry_id)
+            if entry is None:
+                # It never ran (its entry is written in the same atomic call): run it now.
+                return await self._commit(features=features, ledger=ledger, outbox=outbox)
+            log.info("batch call %s had landed; its reply is read back", outbox.entry_id)
+            # The epoch is unknown: b"" makes the ledger forget what it remembers.
+            return CommitReply(entry.outcomes, entry.events, (), b"")
+
+        return await retry_on_redis(resolve, deadline_s=self._retry_deadline_s)
 
     async def stop_loss_status(self) -> dict[str, StopLossStatus]:
         statuses: dict[str, StopLossStatus] = {}

@@ -10,12 +10,10 @@ itself consumes nothing. Nothing here runs at import time.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import tempfile
-import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,15 +31,12 @@ from streams.adapters.kafka_io import PRODUCER_MAX_REQUEST_BYTES
 from streams.adapters.model_store import ModelReloader, ModelStore
 from streams.adapters.outbox import Outbox
 from streams.adapters.redis_client import redis_from_settings
-from streams.adapters.redis_errors import RedisFailure, classify_redis_error
+from streams.adapters.redis_errors import RedisBatchFailed, retry_on_redis
 from streams.adapters.redis_ledger import RedisLedger
 from streams.adapters.redis_store import RedisFeatureStore
 from streams.adapters.sinks import FaustSink
 from streams.errors import (
     EXIT_INTERNAL_ERROR,
-    EXIT_REDIS_REFUSED,
-    EXIT_REDIS_UNAVAILABLE,
-    StreamsError,
 )
 from streams.operations.lag import LagProbe
 from streams.operations.metrics import TimedFeatureStore, TimedLedger, WorkerMetrics
@@ -112,6 +107,7 @@ def bootstrap(
             config=config.ledger_config(campaigns),
             features=features,
             outbox=outbox,
+            retry_deadline_s=settings.redis_retry_deadline_s,
         ),
         redis_seconds.labels("ledger").observe,
     )
@@ -145,76 +141,6 @@ async def reload_model(runtime: Runtime) -> None:
         return
     if model is not None:
         engine.model = model
-
-
-REDIS_RETRY_FIRST_S = 0.5
-REDIS_RETRY_MAX_S = 10.0
-"""The wait before the first retry of a batch that failed on Redis, doubled up to this."""
-
-
-class RedisBatchFailed(StreamsError):
-    """A batch failed on Redis for good: refused (``failure`` is deterministic), or failing
-    past the retry deadline. The worker stops with ``exit_code``."""
-
-    def __init__(self, failure: RedisFailure, message: str) -> None:
-        super().__init__(message)
-        self.failure = failure
-        self.exit_code = EXIT_REDIS_UNAVAILABLE if failure.transient else EXIT_REDIS_REFUSED
-
-
-async def retry_on_redis(
-    attempt: Callable[[], Awaitable[object]],
-    *,
-    deadline_s: float,
-) -> None:
-    """Run ``attempt`` until it succeeds, retrying it while Redis fails it in a way that can
-    heal (``streams/adapters/redis_errors.py``).
-
-    Waits 0.5 s before the first retry, doubled up to ``REDIS_RETRY_MAX_S``; the last wait is
-    cut so that one attempt falls on the deadline. Raises ``RedisBatchFailed`` at once on a
-    deterministic failure, and when an attempt fails ``deadline_s`` or more after the first
-    failure (``deadline_s`` 0: never). Any other exception propagates unchanged.
-    """
-    delay = REDIS_RETRY_FIRST_S
-    first_failure: float | None = None
-    attempts = 0
-    while True:
-        attempts += 1
-        try:
-            await attempt()
-        except Exception as exc:
-            failure = classify_redis_error(exc)
-            if failure is None:
-                raise
-            if not failure.transient:
-                raise RedisBatchFailed(
-                    failure, f"Redis refused the batch ({failure.detail}): {failure.advice}"
-                ) from exc
-            now = time.monotonic()
-            first_failure = now if first_failure is None else first_failure
-            failing_s = now - first_failure
-            if deadline_s > 0 and failing_s >= deadline_s:
-                raise RedisBatchFailed(
-                    failure,
-                    f"Redis failed the batch for {failing_s:.0f} s ({attempts} attempts, "
-                    f"DEALSTREAM_REDIS_RETRY_DEADLINE_S={deadline_s:g}); last: "
-                    f"{failure.detail}: {failure.advice}",
-                ) from exc
-            wait = delay if deadline_s <= 0 else min(delay, deadline_s - failing_s)
-            log.log(
-                logging.ERROR if failure.needs_operator else logging.WARNING,
-                "batch failed on Redis; retrying",
-                extra={
-                    "code": failure.code,
-                    "reason": f"{failure.detail}: {failure.advice}; retry in {wait:.1f} s",
-                },
-            )
-            await asyncio.sleep(wait)
-            delay = min(delay * 2, REDIS_RETRY_MAX_S)
-        else:
-            if first_failure is not None:
-                log.info("batch done after Redis failures", extra={"count": attempts - 1})
-            return
 
 
 async def _handle_until_done(

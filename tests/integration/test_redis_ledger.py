@@ -771,7 +771,7 @@ async def test_a_call_whose_reply_is_lost_is_read_back_from_its_outbox_entry_or_
         config=PLAIN,
         features=store,
         outbox=Outbox(client, prefix=prefix),
-        confirm_deadline_s=10,
+        retry_deadline_s=10,
     )
     real = ledger._commit
     calls = 0

@@ -38,12 +38,18 @@ from engine.analysis.simulation.world import open_loop
 from streams.adapters.decode import DecodeLimits, RawRecord
 from streams.adapters.kafka_io import ensure_topics
 from streams.adapters.redis_client import redis_from_settings
-from streams.adapters.redis_errors import FailureKind, RedisFailure, classify_redis_error
+from streams.adapters.redis_errors import (
+    FailureKind,
+    RedisBatchFailed,
+    RedisFailure,
+    classify_redis_error,
+    retry_on_redis,
+)
 from streams.adapters.redis_store import state_epoch_key
 from streams.errors import EXIT_REDIS_REFUSED, EXIT_REDIS_UNAVAILABLE
 from streams.settings import Secret, Settings, Topics
 from streams.worker.batch_worker import BatchWorker
-from streams.worker.faust_app import RedisBatchFailed, Runtime, bootstrap, retry_on_redis
+from streams.worker.faust_app import Runtime, bootstrap
 from tests.conftest import Isolation, Services, unused_port
 from tests.reliability.test_kill9 import ALLOWED_LATENESS_S, differences, reference_states
 from tests.reliability.test_redis_behind import (

@@ -14,11 +14,12 @@ from streams.adapters.redis_client import HEALTH_CHECK_INTERVAL_S, redis_from_se
 from streams.adapters.redis_errors import (
     DETAIL_MAX_CHARS,
     FailureKind,
+    RedisBatchFailed,
     classify_redis_error,
+    retry_on_redis,
 )
 from streams.errors import EXIT_REDIS_REFUSED, EXIT_REDIS_UNAVAILABLE
 from streams.settings import Secret, Settings
-from streams.worker.faust_app import RedisBatchFailed, retry_on_redis
 
 SCRIPT = "script: 3f204980c96dccec13a9d5869f6c5edfff098f55, on @user_script:1."
 WRAPPED = "Error running script (call to f_3f204980c96dccec): @user_script:1: @user_script: 1: "
