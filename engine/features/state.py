@@ -279,7 +279,7 @@ def parsed_field(field: str) -> ParsedField:
     day = category_day(field)
     if day is not None:
         parsed = (CATEGORY_SLOT, day, field[field.index(":") + 1 :], _expiry(CATEGORY_SLOT, day))
-    elif len(field) > 2 and field[1] in GRAIN_SLOT and field[2:].isdigit():
+    elif len(field) > 2 and field[1] in GRAIN_SLOT and field[2:].isascii() and field[2:].isdigit():
         slot, index = GRAIN_SLOT[field[1]], int(field[2:])
         parsed = (slot, index, field[0], _expiry(slot, index))
     else:
