@@ -304,31 +304,27 @@ class Decision:
         )
 
 
-def make_offer(
-    proposal: Proposal,
-    offer_id: str,
-    discount: float,
-    p_purchase: float,
-    rules: Sequence[str],
-    reasons: Sequence[tuple[str, float]],
+def offer_beside(
+    decision: Decision, expires_at: int, reasons: Sequence[tuple[str, float]]
 ) -> Offer:
-    """The offer of a granted proposal."""
-    campaign, event, choice = proposal.campaign, proposal.event, proposal.choice
+    """The offer published beside a decision that grants one: everything but its expiry and
+    its reasons is the decision's (the outbox stores only those two: streams/adapters/outbox.py)."""
+    assert decision.offer_id is not None, "a decision without an offer has no offer beside it"
     return Offer(
-        offer_id=offer_id,
-        user_id=event.user_id,
-        campaign=campaign.name,
-        discount_pct=discount,
-        issued_at=event.ts,
-        expires_at=event.ts + campaign.offer_ttl_ms,
-        trigger_event_id=event.event_id,
-        p_purchase=round(p_purchase, 6),
-        model_version=proposal.model_version,
-        policy=campaign.policy.name,
-        propensity=round(choice.propensity, 6),
-        explore=choice.explore,
+        offer_id=decision.offer_id,
+        user_id=decision.user_id,
+        campaign=decision.campaign,
+        discount_pct=decision.discount_pct,
+        issued_at=decision.ts,
+        expires_at=expires_at,
+        trigger_event_id=decision.trigger_event_id,
+        p_purchase=decision.p_purchase,
+        model_version=decision.model_version,
+        policy=decision.policy,
+        propensity=decision.propensity,
+        explore=decision.explore,
         reasons=tuple(Reason(feature, contribution) for feature, contribution in reasons),
-        rules=tuple(rules),
+        rules=decision.rules,
     )
 
 

@@ -34,7 +34,7 @@ from engine.decisions import (
     in_holdout,
     is_eligible,
     make_decision,
-    make_offer,
+    offer_beside,
     offer_cost_cents,
     order_value,
     stable_id,
@@ -549,7 +549,15 @@ class DiscountEngine:
         """The proposal's outputs as if the ledger grants it (``DecisionDraft``)."""
         choice, offer_id = proposal.choice, proposal.offer_id
         discount = choice.discount_pct if offer_id is not None else 0.0
-        rules = proposal.rules
+        decision = make_decision(
+            proposal,
+            offer_id,
+            discount,
+            choice.propensity,
+            proposal.p_purchase,
+            proposal.rules,
+            None,
+        )
         offer = None
         if offer_id is not None:
             scorer = proposal.scorer
@@ -558,10 +566,7 @@ class DiscountEngine:
                 if scorer.model is self.model
                 else self.model.contributions(proposal.features, discount)
             )
-            offer = make_offer(proposal, offer_id, discount, proposal.p_purchase, rules, reasons)
-        decision = make_decision(
-            proposal, offer_id, discount, choice.propensity, proposal.p_purchase, rules, None
-        )
+            offer = offer_beside(decision, decision.ts + proposal.campaign.offer_ttl_ms, reasons)
         return DecisionDraft(decision, offer, proposal.predict(0.0))
 
     def _emit(self, draft: DecisionDraft, decided: DecisionOutcome, result: BatchResult) -> None:

@@ -25,6 +25,10 @@ class PartitionFenced(StreamsError):
     """Another store claimed a partition this one was writing: this one must stop."""
 
 
+STALE_RETRIES = 5
+"""Attempts at a batch while ``dealstream forget`` keeps moving the state epoch."""
+
+
 class StateEpochMoved(StreamsError):
     """Feature state was rewritten behind this writer (``dealstream forget``): it drops what it
     holds and the batch runs again. Nothing of the refused call was written."""

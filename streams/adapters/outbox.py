@@ -35,7 +35,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from engine.decisions import Decision, DecisionDraft, Offer, Reason
+from engine.decisions import Decision, DecisionDraft, offer_beside
 from engine.features.catalogue import FEATURE_NAMES
 from streams.adapters.batch_commit import OutboxWrite
 from streams.errors import StreamsError
@@ -48,9 +48,9 @@ def encode_drafts(drafts: Sequence[DecisionDraft | None]) -> bytes:
     list (``_DECISION_FIELDS``, then P(purchase) without an offer, then the offer).
 
     Compact because every batch writes it to Redis (and its append-only file): the features are
-    their values in catalogue order (the names would be two thirds of the bytes), and the offer
-    is what the decision does not already say (its expiry and reasons) whenever the rest of it
-    follows from the decision, as the engine builds them (``make_offer``); otherwise whole."""
+    their values in catalogue order (the names would be two thirds of the bytes; a vector that
+    is not the catalogue's goes whole), and the offer is its expiry and reasons: the rest is
+    the decision's (``offer_beside``, as the engine builds it)."""
     items: list[Any] = []
     for draft in drafts:
         if draft is None:
@@ -63,12 +63,7 @@ def encode_drafts(drafts: Sequence[DecisionDraft | None]) -> bytes:
             list(features.values()) if tuple(features) == FEATURE_NAMES else dict(features)
         )
         item.append(draft.p_no_offer)
-        if offer is None:
-            item.append(None)
-        elif _offer_of(decision, offer.expires_at, offer.reasons) == offer:
-            item.append([offer.expires_at, [list(reason) for reason in offer.reasons]])
-        else:
-            item.append(offer.to_message())
+        item.append(None if offer is None else [offer.expires_at, [list(r) for r in offer.reasons]])
         items.append(item)
     return orjson.dumps(items)
 
@@ -86,14 +81,10 @@ def decode_drafts(blob: bytes) -> list[DecisionDraft | None]:
         fields["rules"] = tuple(fields["rules"])
         decision = Decision(**fields, denied_by=None)
         p_no_offer, offer_item = item[len(_DECISION_FIELDS)], item[len(_DECISION_FIELDS) + 1]
-        offer: Offer | None
-        if offer_item is None:
-            offer = None
-        elif isinstance(offer_item, list):
+        offer = None
+        if offer_item is not None:
             expires_at, reasons = offer_item
-            offer = _offer_of(decision, expires_at, tuple(Reason(*r) for r in reasons))
-        else:
-            offer = Offer.from_message(offer_item)
+            offer = offer_beside(decision, expires_at, reasons)
         drafts.append(DecisionDraft(decision, offer, p_no_offer))
     return drafts
 
@@ -101,28 +92,6 @@ def decode_drafts(blob: bytes) -> list[DecisionDraft | None]:
 _DECISION_FIELDS = tuple(name for name in Decision.__dataclass_fields__ if name != "denied_by")
 """A draft's decision, field by field (``denied_by`` is always None in a draft)."""
 _FEATURES_AT = _DECISION_FIELDS.index("features")
-
-
-def _offer_of(decision: Decision, expires_at: int, reasons: tuple[Reason, ...]) -> Offer | None:
-    """The offer ``make_offer`` builds beside this decision, given what only the offer says."""
-    if decision.offer_id is None:
-        return None
-    return Offer(
-        offer_id=decision.offer_id,
-        user_id=decision.user_id,
-        campaign=decision.campaign,
-        discount_pct=decision.discount_pct,
-        issued_at=decision.ts,
-        expires_at=expires_at,
-        trigger_event_id=decision.trigger_event_id,
-        p_purchase=decision.p_purchase,
-        model_version=decision.model_version,
-        policy=decision.policy,
-        propensity=decision.propensity,
-        explore=decision.explore,
-        reasons=reasons,
-        rules=decision.rules,
-    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,7 +41,12 @@ import redis.asyncio as aioredis
 
 from engine.features.state import CATALOGUE_VERSION, LONGEST_WINDOW_MS, State
 from engine.features.store import BatchOutcome, StateUpdate, UserRecord, apply_updates
-from streams.adapters.batch_commit import BatchCommit, FeatureWrite, StateEpochMoved
+from streams.adapters.batch_commit import (
+    STALE_RETRIES,
+    BatchCommit,
+    FeatureWrite,
+    StateEpochMoved,
+)
 from streams.adapters.feature_record import decode_record, encode_record
 from streams.errors import StreamsError
 
@@ -49,7 +54,6 @@ TTL_MARGIN_S = 24 * 3600
 """Records outlive the longest window by a day, so a quiet user's history expires on its own."""
 DEFAULT_MAX_CACHED_USERS = 200_000
 """Users whose records a worker keeps in memory (the least recently used go first)."""
-_STALE_RETRIES = 5
 PartitionKey = tuple[str, int]
 
 
@@ -207,7 +211,7 @@ class RedisFeatureStore:
             self._drop_after_failure()
         if not updates:
             return BatchOutcome(statuses=[], before={})
-        for _ in range(_STALE_RETRIES):
+        for _ in range(STALE_RETRIES):
             try:
                 outcome, write = await self._apply_once(updates, allowed_lateness_ms)
                 if self.defer_writes:
@@ -223,7 +227,7 @@ class RedisFeatureStore:
                 self._drop_after_failure()
                 raise
         raise StreamsError(
-            f"feature state epoch kept moving during {_STALE_RETRIES} attempts to write a batch "
+            f"feature state epoch kept moving during {STALE_RETRIES} attempts to write a batch "
             "(is `dealstream forget` running in a loop?)"
         )
 

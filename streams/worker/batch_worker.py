@@ -18,7 +18,7 @@ import orjson
 from engine.features.store import UpdateStatus
 from engine.pipeline import BatchResult, DiscountEngine, Incoming
 from engine.ports import RecordSink
-from streams.adapters.batch_commit import StateEpochMoved
+from streams.adapters.batch_commit import STALE_RETRIES, StateEpochMoved
 from streams.adapters.decode import DeadLetter, DecodeLimits, RawRecord, decode_record
 from streams.operations.logs import DeadLetterLog, log_outputs
 from streams.operations.metrics import WorkerMetrics
@@ -26,9 +26,6 @@ from streams.settings import Topics
 from streams.worker.crash_points import CrashPoints
 
 log = logging.getLogger("dealstream.worker")
-
-STALE_RETRIES = 5
-"""Attempts at a batch while `dealstream forget` keeps moving the state epoch."""
 
 
 @dataclass(slots=True)

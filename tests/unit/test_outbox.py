@@ -59,6 +59,19 @@ class RecordingLedger:
         return await self.inner.pending_count()
 
 
+def live_engine() -> tuple[DiscountEngine, RecordingLedger]:
+    """A live engine (labels to the learner) under campaigns with every guardrail, holdouts
+    and exploration, recording its ledger calls."""
+    ledger = RecordingLedger()
+    engine = DiscountEngine(
+        InMemoryFeatureStore(),
+        ledger=ledger,
+        campaigns=campaigns("extra"),
+        config=EngineConfig(learn_inline=False),
+    )
+    return engine, ledger
+
+
 def _published(result: BatchResult) -> tuple[object, ...]:
     return (
         [offer.to_message() for offer in result.offers],
@@ -74,13 +87,7 @@ async def test_a_batch_rebuilt_from_its_outbox_entry_publishes_what_the_batch_di
     """Live engine (labels to the learner), campaigns with every guardrail, holdouts and
     exploration: each batch's outputs equal those rebuilt by a fresh engine from the drafts
     (through their encoding) and the ledger's reply."""
-    ledger = RecordingLedger()
-    engine = DiscountEngine(
-        InMemoryFeatureStore(),
-        ledger=ledger,
-        campaigns=campaigns("extra"),
-        config=EngineConfig(learn_inline=False),
-    )
+    engine, ledger = live_engine()
     restarted = DiscountEngine(
         InMemoryFeatureStore(), campaigns=campaigns("extra"), config=EngineConfig()
     )
@@ -103,13 +110,7 @@ async def test_a_batch_rebuilt_from_its_outbox_entry_publishes_what_the_batch_di
 
 
 async def test_rebuilt_offers_join_only_the_owned_users_state() -> None:
-    ledger = RecordingLedger()
-    engine = DiscountEngine(
-        InMemoryFeatureStore(),
-        ledger=ledger,
-        campaigns=campaigns("extra"),
-        config=EngineConfig(learn_inline=False),
-    )
+    engine, ledger = live_engine()
     stream = golden_input()
     result = await engine.process([Incoming(e, p) for e, p in stream[:2000]])
     granted = {offer.user_id for offer in result.offers}
@@ -128,26 +129,18 @@ async def test_rebuilt_offers_join_only_the_owned_users_state() -> None:
 
 
 async def test_drafts_round_trip_exactly() -> None:
-    ledger = RecordingLedger()
-    engine = DiscountEngine(
-        InMemoryFeatureStore(),
-        ledger=ledger,
-        campaigns=campaigns("extra"),
-        config=EngineConfig(learn_inline=False),
-    )
+    engine, ledger = live_engine()
     stream = golden_input()
     await engine.process([Incoming(e, p) for e, p in stream[:3000]])
     drafts = [d for call in ledger.calls for d in call.drafts]
     assert any(d is None for d in drafts) and any(d and d.offer for d in drafts)
     assert decode_drafts(encode_drafts(drafts)) == drafts
-    # the compact form (features by catalogue position, the offer as what the decision does
-    # not say) falls back to whole records for anything else
+    # the compact form (features by catalogue position, the offer as its expiry and reasons)
+    # keeps a feature vector that is not the catalogue's whole
     draft = next(d for d in drafts if d and d.offer)
     assert draft.offer is not None
     odd = DecisionDraft(
-        replace(draft.decision, features={"only_this": 1.5}),
-        replace(draft.offer, rules=("something else",)),
-        draft.p_no_offer,
+        replace(draft.decision, features={"only_this": 1.5}), None, draft.p_no_offer
     )
     assert decode_drafts(encode_drafts([odd])) == [odd]
     whole = orjson.dumps([draft.decision.to_message(), draft.offer.to_message()])
@@ -155,13 +148,7 @@ async def test_drafts_round_trip_exactly() -> None:
 
 
 async def test_a_denied_draft_publishes_no_offer_and_says_which_guardrail() -> None:
-    ledger = RecordingLedger()
-    engine = DiscountEngine(
-        InMemoryFeatureStore(),
-        ledger=ledger,
-        campaigns=campaigns("extra"),
-        config=EngineConfig(learn_inline=False),
-    )
+    engine, ledger = live_engine()
     await engine.process([Incoming(e, p) for e, p in golden_input()[:3000]])
     draft = next(d for call in ledger.calls for d in call.drafts if d and d.offer)
     assert draft.offer is not None
