@@ -48,7 +48,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from engine.campaigns import parse_campaigns
 from engine.events import parse_event
-from engine.features.store import InMemoryFeatureStore
+from engine.features.store import InMemoryFeatureStore, Position
 from engine.ledger import InMemoryLedger
 from engine.model.feedback import TrainingExample
 from engine.model.inputs import model_inputs
@@ -557,45 +557,51 @@ async def make_engine(
         await clean_up(services, isolation)
 
 
-async def labels_of(engine: DiscountEngine, batches: list[list[dict[str, Any]]]) -> dict[str, int]:
-    """The label of each user's decision (user id -> 0/1) once ``batches`` are processed."""
+async def labels_of(
+    engine: DiscountEngine,
+    batches: list[list[dict[str, Any]]],
+    partitions: dict[str, int] | None = None,
+) -> dict[str, int]:
+    """The label of each user's decision (user id -> 0/1) once ``batches`` are processed.
+
+    ``partitions``: each user's partition (the worker's positions: the event's topic, that
+    partition, the next offset there); None: no positions, as a backtest reads."""
     decided: dict[str, str] = {}
     labelled: dict[str, int] = {}
+    offsets: dict[tuple[str, int], int] = {}
+
+    def incoming(event: dict[str, Any]) -> Incoming:
+        if partitions is None:
+            return Incoming(parse_event(event))
+        where = (f"events.{event['type']}", partitions[event["user_id"]])
+        offsets[where] = offsets.get(where, -1) + 1
+        return Incoming(parse_event(event), Position(*where, offsets[where]))
+
     for batch in batches:
-        result = await engine.process([Incoming(parse_event(e)) for e in batch])
+        result = await engine.process([incoming(e) for e in batch])
         decided.update({d.decision_id: d.user_id for d in result.decisions})
         # The last word on a decision: its conversion, then its window closing.
         labelled.update({t.decision_id: t.label for t in result.training})
     return {decided[d]: label for d, label in labelled.items()}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine/pipeline.py DiscountEngine.process: clock_ms (the 'now' of label expiry) is "
-    "the max event time over every partition and topic read, so one partition read ahead "
-    "expires the open decisions of the others before their purchases are read",
-)
 async def test_a_partition_read_ahead_does_not_expire_other_users_decisions(
     make_engine: EngineFactory,
 ) -> None:
+    """Each partition number is a lane with its own clock (engine/labels.py)."""
     a_view, a_buy = view("a", T0), purchase("a", T0 + MINUTE_MS)
     b_later = view("b", T0 + 120 * MINUTE_MS)  # on another partition, read first
-    in_event_time = await labels_of(make_engine(), [[a_view], [a_buy], [b_later]])
-    as_read = await labels_of(make_engine(), [[b_later], [a_view], [a_buy]])
+    lanes = {"a": 0, "b": 1}
+    in_event_time = await labels_of(make_engine(), [[a_view], [a_buy], [b_later]], lanes)
+    as_read = await labels_of(make_engine(), [[b_later], [a_view], [a_buy]], lanes)
     assert in_event_time == {"a": 1}
     assert as_read == in_event_time
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="streams/adapters/commit_batch.lua purchase() / engine/labels.py on_purchase: "
-    "a purchase only labels decisions already pending, so one read before the (earlier) "
-    "decision it follows "
-    "labels nothing and the decision later expires as 0",
-)
 async def test_a_purchase_read_before_the_decision_it_follows_still_labels_it(
     make_engine: EngineFactory,
 ) -> None:
+    """A purchase is remembered for the allowed lateness (engine/labels.py)."""
     a_view, a_buy = view("a", T0), purchase("a", T0 + MINUTE_MS)
     c_later = view("c", T0 + 120 * MINUTE_MS)  # event time moves on: open windows expire
     in_event_time = await labels_of(make_engine(), [[a_view], [a_buy], [c_later]])
