@@ -324,13 +324,15 @@ class DiscountEngine:
                 if ops or self.ledger.settle_due(lane, lane_clock):
                     await self._settle(ops, result, {lane: lane_clock})
                 ops = []
+        # Live, a remote ledger sees every batch, even one that applied nothing (all
+        # redelivered): its call also carries the batch's feature records (offers granted
+        # earlier among them) and outbox entry (``DecisionLedger.settle_due``).
+        clocks = lanes.items() or ((0, self.clock_ms),)
         if ops or (
             not learn_inline
             and batch
-            and any(self.ledger.settle_due(lane, clock) for lane, clock in lanes.items())
+            and any(self.ledger.settle_due(lane, clock) for lane, clock in clocks)
         ):
-            # Live, a remote ledger sees every batch: its call also carries the batch's
-            # feature records and outbox entry (``DecisionLedger.settle_due``).
             await self._settle(ops, result, lanes)
         result.stop_loss = dict(self.stop_loss)
         return result
