@@ -3,16 +3,28 @@
 ``EventConsumer`` is a mode ``Service`` the Faust app starts with its other services (Faust
 itself consumes nothing: ``streams/worker/faust_app.py``). One loop, one batch ahead:
 
-1. ``getmany(timeout_ms=batch_within_s)`` over the three event topics, merged by Kafka
-   timestamp (``in_time_order``) into batches of up to ``batch_max`` records;
+1. ``getmany(timeout_ms=batch_within_s)`` over the three event topics, cut into pieces of up
+   to ``batch_max`` records (``in_time_order``: by Kafka timestamp, so the topics are handed
+   over together), with the partitions that lag (below);
 2. batch k+1 goes to the handler (``BatchWorker.handle`` with its retry/exit policy) while
-   batch k's outputs are acknowledged and its offsets committed (step 4, in a task);
+   batch k's outputs are acknowledged and its offsets committed (step 4, in a task); the
+   handler's aligner releases at most ``batch_max`` events per call, and the loop calls again
+   with no records while it has more ready;
 3. ``sink.delivery()`` hands over batch k+1's outputs: what it returns completes once Kafka
    acknowledged every one of them (or raises), whatever is sent after;
 4. the loop waits until batch k is committed (and stops the worker if batch k's delivery
    failed: nothing later is committed either), then starts batch k+1's task: wait for its
    delivery, then commit the next offset of each partition in the batch, to the group
    ``settings.group_id`` (the one ``dealstream lag``, the metrics and the alerts read).
+
+Event-time alignment (``engine/alignment.py``, docs/delivery.md): the handler holds each
+decoded event until no *lagging* partition of its lane (partition n of every topic) can still
+deliver an earlier one. After each fetch the consumer says which assigned partitions lag: the
+fetch position is below the last fetch response's high watermark (no response yet: unknown,
+counted as caught up so that nothing stalls), or records fetched are not handed over yet. A
+partition is committed only up to its first held event (``HeldEvents.first_held``), and paused
+while it holds more than ``hold_max`` events (4 batches), resumed at half; a loop that fetched
+nothing still calls the handler while events are held (a partition may have caught up).
 
 Commits are therefore in batch order, and each only after its batch's outputs, and every
 earlier batch's, were acknowledged. A kill at any point leaves the committed offsets at or
@@ -34,9 +46,10 @@ not guarantee that. ``tests/integration/test_event_consumer.py`` checks it with 
 
 On a rebalance, ``on_partitions_revoked``, in this order: waits for the batch being handled
 (the ``_in_flight`` lock), then for it and the batch before it to be delivered and committed
-(nothing else is uncommitted; the fetched records not yet handled are dropped and read again
-by the partitions' next owner); stops handling until the next assignment; tells the observer
-(the feature store, which drops the records it held, and the status page).
+(nothing else is uncommitted but held events and fetched records not yet handled: both are
+dropped and read again by the partitions' next owner); stops handling until the next
+assignment; tells the observer (the feature store, which drops the records it held, the batch
+worker, which drops the events its aligner held, and the status page).
 ``on_partitions_assigned`` holds the same lock while it runs ``on_assigned`` (the worker's
 rewinds the partitions Redis is behind on, or stops it: ``streams/worker/resume.py``; then
 publishes again what the outbox holds uncommitted: ``streams/worker/recovery.py``), so no batch
