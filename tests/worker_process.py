@@ -58,13 +58,16 @@ def dead_lettered_total(counters: Mapping[str, Any]) -> int:
 
 
 def accounted(counters: Mapping[str, Any]) -> int:
-    """applied + redelivered + duplicates + late + dead-lettered: should equal consumed."""
+    """applied + redelivered + duplicates + late + dead-lettered + held (by the aligner, now)
+    + handed back (held, dropped on a revoke): should equal consumed."""
     return (
         int(counters["applied"])
         + int(counters["redelivered"])
         + int(counters["duplicates"])
         + int(counters["late"])
         + dead_lettered_total(counters)
+        + int(counters["held"])
+        + int(counters["handed_back"])
     )
 
 

@@ -240,6 +240,12 @@ class WorkerMetrics:
             "bounded by DEALSTREAM_STATE_CACHE_USERS, about 2.2 KB each).",
             registry=r,
         )
+        self.events_held = Gauge(
+            "dealstream_events_held",
+            "Events consumed and held back until every lagging topic of their partition has "
+            "caught up with their event time (docs/delivery.md); bounded by pausing.",
+            registry=r,
+        )
         self.pending_labels = Gauge(
             "dealstream_pending_labels",
             "Decisions waiting for a label (purchase or window expiry), all campaigns; shared.",

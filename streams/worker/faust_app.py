@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,7 +144,11 @@ async def reload_model(runtime: Runtime) -> None:
 
 
 async def _handle_until_done(
-    worker: BatchWorker, records: Sequence[RawRecord], *, deadline_s: float
+    worker: BatchWorker,
+    records: Sequence[RawRecord],
+    lagging: Collection[TopicPartitionKey],
+    *,
+    deadline_s: float,
 ) -> None:
     """Run one batch, retried while Redis fails it in a way that can heal (``retry_on_redis``).
 
@@ -162,7 +166,7 @@ async def _handle_until_done(
     try:
         # Outputs are handed to the producer here; the event consumer waits for their
         # delivery (FaustSink.delivery) before it commits the batch's offsets.
-        await retry_on_redis(lambda: worker.handle(records), deadline_s=deadline_s)
+        await retry_on_redis(lambda: worker.handle(records, lagging), deadline_s=deadline_s)
     except RedisBatchFailed as stop:
         log.critical(
             "Redis failed the batch; stopping the worker",
@@ -268,7 +272,9 @@ def create_app(runtime: Runtime) -> faust.App:
         ),
         metrics=runtime.metrics,
         crash_points=runtime.crash_points,
+        batch_max=settings.batch_max,
     )
+    runtime.metrics.events_held.set_function(worker.aligner.held)
     status = WorkerStatus(
         worker,
         redis=runtime.redis,
@@ -279,8 +285,10 @@ def create_app(runtime: Runtime) -> faust.App:
     app.boot_strategy = _ServingOnly(app)
     install_routes(app, status)
 
-    async def handle(records: Sequence[RawRecord]) -> None:
-        await _handle_until_done(worker, records, deadline_s=settings.redis_retry_deadline_s)
+    async def handle(records: Sequence[RawRecord], lagging: Collection[TopicPartitionKey]) -> None:
+        await _handle_until_done(
+            worker, records, lagging, deadline_s=settings.redis_retry_deadline_s
+        )
 
     resume = ResumeFromRedis(runtime.features.watermarks)
     republish = RepublishOutbox(runtime.outbox, runtime.engine, worker)
@@ -304,10 +312,12 @@ def create_app(runtime: Runtime) -> faust.App:
             batch_max=settings.batch_max,
             batch_within_s=settings.batch_within_s,
             session_timeout_s=settings.session_timeout_s,
-            observer=_FollowAssignment(runtime.features, runtime.outbox, status),
+            # The worker drops the events its aligner held of revoked partitions.
+            observer=_FollowAssignment(runtime.features, worker, runtime.outbox, status),
             on_assigned=on_assigned,
             on_committed=runtime.outbox.committed,
             crash_points=runtime.crash_points,
+            held=worker.aligner,
         )
     )
 
