@@ -463,7 +463,8 @@ async def test_a_huge_amount_is_dead_lettered_and_does_not_stop_the_worker(
     )
     worker.start()
     try:
-        final = await worker.wait_progress(lambda line: line["consumed"] >= len(events), 15)
+        # 30 s: a loaded machine, or the TLS and SCRAM handshakes of `make test-secure`.
+        final = await worker.wait_progress(lambda line: line["consumed"] >= len(events), 30)
         state = (await read_states(services, isolation, [user]))[user]
         assert worker.alive(), "the worker died" + worker.tail()
         code = worker.stop()
