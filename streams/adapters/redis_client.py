@@ -26,14 +26,15 @@ Options in the URL's query string (``?socket_timeout=...``) take precedence, as 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from streams.settings import RedisSecurity, Settings
+from streams.settings import RedisSecurity, Secret, Settings
 
 HEALTH_CHECK_INTERVAL_S = 30.0
 """A connection idle this long is PINGed before its next command."""
@@ -44,9 +45,15 @@ def redis_from_settings(settings: Settings) -> aioredis.Redis:
     timeout = settings.redis_timeout_s
     url = settings.redis_url.reveal()
     security = settings.redis_security
-    if security.username is not None or security.password is not None:
-        # redis-py lets the URL's user and password win over arguments: drop them.
-        parts = urlsplit(url)
+    parts = urlsplit(url)
+    if (security.username is not None or security.password is not None) and "@" in parts.netloc:
+        # redis-py lets the URL's user and password win over arguments: take them out of the
+        # URL, keeping whichever of the two the settings do not set.
+        security = replace(
+            security,
+            username=security.username or _unquoted(parts.username),
+            password=security.password or _secret(_unquoted(parts.password)),
+        )
         url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
     return aioredis.Redis.from_url(
         url,
@@ -56,6 +63,14 @@ def redis_from_settings(settings: Settings) -> aioredis.Redis:
         retry=Retry(NoBackoff(), 0),
         **_security_options(security, tls=urlsplit(url).scheme == "rediss"),
     )
+
+
+def _unquoted(part: str | None) -> str | None:
+    return unquote(part) if part else None
+
+
+def _secret(value: str | None) -> Secret | None:
+    return Secret(value) if value is not None else None
 
 
 def _security_options(security: RedisSecurity, *, tls: bool) -> dict[str, Any]:

@@ -164,6 +164,17 @@ def test_redis_user_password_and_tls_files_reach_the_connection(pki: Path) -> No
     assert kwargs["ssl_cert_reqs"] == "required" and kwargs["ssl_check_hostname"] is True
 
 
+def test_the_url_keeps_what_the_settings_do_not_set() -> None:
+    settings = Settings.from_env(
+        {
+            "DEALSTREAM_REDIS_URL": "redis://url-user:p%40ss@127.0.0.1:6379/0",
+            "DEALSTREAM_REDIS_USERNAME": "dealstream-worker",
+        }
+    )
+    kwargs = redis_from_settings(settings).connection_pool.connection_kwargs
+    assert (kwargs["username"], kwargs["password"]) == ("dealstream-worker", "p@ss")
+
+
 def test_a_plain_redis_url_gets_no_tls_options() -> None:
     kwargs = redis_from_settings(Settings.from_env({})).connection_pool.connection_kwargs
     assert not any(name.startswith("ssl_") for name in kwargs)
