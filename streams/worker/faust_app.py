@@ -27,7 +27,7 @@ from faust.transport.drivers.aiokafka import Producer as AIOKafkaDriverProducer
 from engine.campaigns import default_campaigns, load_campaigns
 from engine.pipeline import DiscountEngine
 from streams.adapters.decode import DecodeLimits, RawRecord
-from streams.adapters.kafka_io import PRODUCER_MAX_REQUEST_BYTES
+from streams.adapters.kafka_io import PRODUCER_MAX_REQUEST_BYTES, kafka_client_options
 from streams.adapters.model_store import ModelReloader, ModelStore
 from streams.adapters.outbox import Outbox
 from streams.adapters.redis_client import redis_from_settings
@@ -40,7 +40,7 @@ from streams.errors import (
 )
 from streams.operations.lag import LagProbe
 from streams.operations.metrics import TimedFeatureStore, TimedLedger, WorkerMetrics
-from streams.settings import Secret, Settings
+from streams.settings import KafkaSecurity, Secret, Settings
 from streams.worker.batch_worker import BatchWorker
 from streams.worker.consumer import AssignmentObserver, EventConsumer, TopicPartitionKey
 from streams.worker.crash_points import CrashPoints
@@ -223,6 +223,22 @@ class IdempotentProducer(AIOKafkaDriverProducer):
         return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
 
 
+def faust_credentials(security: KafkaSecurity) -> faust.types.auth.CredentialsT | None:
+    """Faust's ``broker_credentials`` for ``security``: the same TLS context and SASL login
+    as every other client of ours (``kafka_client_options``); None for plaintext."""
+    options = kafka_client_options(security)
+    if options.sasl_mechanism is not None:
+        return faust.SASLCredentials(
+            username=options.sasl_plain_username,
+            password=options.sasl_plain_password,
+            ssl_context=options.ssl_context,
+            mechanism=options.sasl_mechanism,
+        )
+    if options.ssl_context is not None:
+        return faust.SSLCredentials(options.ssl_context)
+    return None
+
+
 def faust_app_id(group_id: str) -> str:
     """The Faust app's id, apart from the events' consumer group.
 
@@ -240,6 +256,7 @@ def create_app(runtime: Runtime) -> faust.App:
     app = faust.App(
         faust_app_id(settings.group_id),
         broker=f"kafka://{settings.kafka_bootstrap}",
+        broker_credentials=faust_credentials(settings.kafka_security),
         key_serializer="raw",
         value_serializer="raw",
         store="memory://",
@@ -279,7 +296,7 @@ def create_app(runtime: Runtime) -> faust.App:
         worker,
         redis=runtime.redis,
         group=settings.group_id,
-        probe=LagProbe(settings.kafka_bootstrap),
+        probe=LagProbe(settings.kafka_bootstrap, security=settings.kafka_security),
         model_store=ModelStore(runtime.redis, prefix=settings.redis_prefix),
     )
     app.boot_strategy = _ServingOnly(app)
@@ -318,6 +335,7 @@ def create_app(runtime: Runtime) -> faust.App:
             on_committed=runtime.outbox.committed,
             crash_points=runtime.crash_points,
             held=worker.aligner,
+            client_options=kafka_client_options(settings.kafka_security).kwargs(),
         )
     )
 

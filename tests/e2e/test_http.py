@@ -145,7 +145,11 @@ def running_worker(
     events = list(
         open_loop(users=80, events=EVENTS, seed=5, start_ms=now_ms - 600_000, mean_gap_ms=500)
     )
-    asyncio.run(ensure_topics(services.kafka_bootstrap, topics.all, partitions=2))
+    asyncio.run(
+        ensure_topics(
+            services.kafka_bootstrap, topics.all, partitions=2, security=services.kafka_security
+        )
+    )
     poison = (topics.browse, b"poison", b"{not json")  # one dead letter
     asyncio.run(produce_events(services, topics, events, raw=[poison]))
     worker = WorkerProcess(

@@ -23,7 +23,7 @@ import redis
 
 from streams.adapters.kafka_io import ensure_topics
 from streams.settings import Topics
-from tests.conftest import Isolation, Services
+from tests.conftest import Isolation, Services, without_redis_security
 from tests.worker_process import WorkerProcess, clean_up, worker_env
 
 pytestmark = pytest.mark.e2e
@@ -128,9 +128,13 @@ def test_readiness_turns_false_when_redis_stops_and_true_when_it_returns(
     services: Services, isolation: Isolation, private_redis: PrivateRedis, tmp_path: Path
 ) -> None:
     topics = Topics(isolation.topic_prefix)
-    asyncio.run(ensure_topics(services.kafka_bootstrap, topics.all, partitions=1))
+    asyncio.run(
+        ensure_topics(
+            services.kafka_bootstrap, topics.all, partitions=1, security=services.kafka_security
+        )
+    )
     http_port = another_port(private_redis.port)
-    env = worker_env(services, isolation, http_port=http_port)
+    env = without_redis_security(worker_env(services, isolation, http_port=http_port))
     env["DEALSTREAM_REDIS_URL"] = private_redis.url
     worker = WorkerProcess(env, tmp_path / "worker.log")
     worker.start()
