@@ -21,6 +21,7 @@ from typing import Any
 import faust
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from faust.app.base import BootStrategy
 from faust.transport.drivers.aiokafka import Producer as AIOKafkaDriverProducer
 
@@ -40,7 +41,7 @@ from streams.errors import (
 )
 from streams.operations.lag import LagProbe
 from streams.operations.metrics import TimedFeatureStore, TimedLedger, WorkerMetrics
-from streams.settings import Secret, Settings
+from streams.settings import Settings
 from streams.worker.batch_worker import BatchWorker
 from streams.worker.consumer import AssignmentObserver, EventConsumer, TopicPartitionKey
 from streams.worker.crash_points import CrashPoints
@@ -63,7 +64,7 @@ class Runtime:
     """The batches' outputs kept until Kafka commits them; republished after a crash."""
     engine: DiscountEngine
     reloader: ModelReloader | None
-    """Picks up models the learner publishes; None without a model key (no hot reload)."""
+    """Picks up models the learner publishes; None without a verify key (no hot reload)."""
     metrics: WorkerMetrics
     """This worker's Prometheus registry and metrics (served on ``/metrics``)."""
     crash_points: CrashPoints
@@ -76,7 +77,7 @@ MODEL_POLL_INTERVAL_S = 2.0
 def bootstrap(
     settings: Settings,
     *,
-    model_key: Secret | None = None,
+    verify_key: Ed25519PublicKey | None = None,
     redis_client: aioredis.Redis | None = None,
     metrics: WorkerMetrics | None = None,
 ) -> Runtime:
@@ -113,8 +114,8 @@ def bootstrap(
     )
     engine = DiscountEngine(store, ledger=ledger, campaigns=campaigns, config=config)
     reloader = (
-        ModelReloader(ModelStore(client, prefix=settings.redis_prefix), model_key)
-        if model_key is not None
+        ModelReloader(ModelStore(client, prefix=settings.redis_prefix, verify_key=verify_key))
+        if verify_key is not None
         else None
     )
     return Runtime(

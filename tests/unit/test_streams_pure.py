@@ -14,6 +14,7 @@ from engine.errors import INVALID_EVENT_CODES
 from engine.events import BrowseEvent
 from engine.features.store import InMemoryFeatureStore, Position
 from engine.model.feedback import TrainingExample
+from engine.model.signing import signing_key_from_pem, verify_key_from_pem
 from engine.pipeline import DiscountEngine, Incoming
 from engine.policies.threshold import ThresholdPolicy
 from streams.adapters.decode import (
@@ -26,7 +27,6 @@ from streams.adapters.decode import (
 from streams.adapters.kafka_io import default_partition
 from streams.errors import ConfigError, StreamsError
 from streams.settings import (
-    DEMO_MODEL_KEY,
     DemoSettings,
     Secret,
     Settings,
@@ -35,6 +35,7 @@ from streams.settings import (
     redact_url,
 )
 from streams.worker.batch_worker import BatchWorker, WorkerCounters
+from tests.model_keys import learner_key_env, worker_key_env
 from tests.sinks import ListSink
 
 T0 = 1_767_225_600_000
@@ -142,19 +143,29 @@ def test_the_demo_moves_into_its_namespace_and_tunes_its_processes() -> None:
     assert env["DEALSTREAM_LEARNER_SNAPSHOT_EVERY"] == "200"
     assert env["DEALSTREAM_LEARNER_HTTP_PORT"] == "7001", "next to the worker's port"
     assert env["DEALSTREAM_CAMPAIGNS"] == "demo.toml"
-    assert demo.uses_demo_model_key and env["DEALSTREAM_MODEL_KEY"] == DEMO_MODEL_KEY
+    # A fresh pair for this run: the learner signs, the worker holds only the public half.
+    assert demo.uses_demo_model_keys
+    signing = signing_key_from_pem(env["DEALSTREAM_MODEL_SIGNING_KEY"].encode())
+    verify = verify_key_from_pem(env["DEALSTREAM_MODEL_VERIFY_KEY"].encode())
+    assert signing.public_key().public_bytes_raw() == verify.public_bytes_raw()
+    worker = demo.worker_environment
+    assert "DEALSTREAM_MODEL_SIGNING_KEY" not in worker
+    assert worker["DEALSTREAM_MODEL_VERIFY_KEY"] == env["DEALSTREAM_MODEL_VERIFY_KEY"]
+    again = DemoSettings.from_env(Path("demo.toml"), {}).process_environment
+    assert again["DEALSTREAM_MODEL_SIGNING_KEY"] != env["DEALSTREAM_MODEL_SIGNING_KEY"]
 
 
 def test_the_demo_keeps_what_the_operator_set() -> None:
-    key = "0123456789abcdef-secret"
     given = {
-        "DEALSTREAM_MODEL_KEY": key,
+        **learner_key_env(),
+        **worker_key_env(),
         "DEALSTREAM_ATTRIBUTION_WINDOW_S": "120",
         "DEALSTREAM_CAMPAIGNS": "mine.toml",
     }
     demo = DemoSettings.from_env(Path("demo.toml"), given)
     env = demo.process_environment
-    assert not demo.uses_demo_model_key and env["DEALSTREAM_MODEL_KEY"] == key
+    assert not demo.uses_demo_model_keys
+    assert env["DEALSTREAM_MODEL_SIGNING_KEY"] == learner_key_env()["DEALSTREAM_MODEL_SIGNING_KEY"]
     assert env["DEALSTREAM_ATTRIBUTION_WINDOW_S"] == "120"
     assert env["DEALSTREAM_CAMPAIGNS"] == "mine.toml"
     assert demo.settings.attribution_window_s == 120.0
