@@ -468,6 +468,39 @@ def test_our_dead_letter_headers_replace_a_producers_of_the_same_name() -> None:
     assert dict(headers)["dealstream.source.offset"] == b"17"
 
 
+@pytest.mark.parametrize("max_bytes", [1_000_000, 400], ids=["whole", "cut"])
+def test_the_dead_letter_message_carries_only_our_error_headers(max_bytes: int) -> None:
+    """What reaches the DLQ topic, whole or cut to fit: a producer's ``dealstream.error.*`` /
+    ``dealstream.source.*`` headers, in any letter case, are replaced by ours."""
+    spoofed = (
+        *HEADERS,
+        ("dealstream.error.class", b"nothing_wrong"),
+        ("DealStream.Error.Reason", b"all good"),
+        ("dealstream.source.topic", b"elsewhere"),
+        ("dealstream.error.original_size", b"1"),
+        ("dealstream.errors", b"kept: not our prefix"),
+    )
+    letter = decode(raw(b"{oops" + b"x" * 300, headers=spoofed))
+    assert isinstance(letter, DeadLetter)
+    message = letter.message(max_bytes)
+    assert message.truncated is (max_bytes == 400)
+    ours = [(n, v) for n, v in message.headers if n.lower().startswith("dealstream.")]
+    names = [n.lower() for n, _ in ours]
+    assert len(names) == len(set(names)), names
+    found = dict(ours)
+    assert found["dealstream.error.class"] == b"invalid_json"
+    assert found["dealstream.error.reason"] == letter.reason.encode()
+    assert found["dealstream.source.topic"] == letter.record.topic.encode()
+    assert "DealStream.Error.Reason" not in found
+    if message.truncated:
+        assert (
+            found["dealstream.error.original_size"] == str(len(letter.record.value or b"")).encode()
+        )
+    else:
+        assert "dealstream.error.original_size" not in found
+        assert found["dealstream.errors"] == b"kept: not our prefix"
+
+
 def test_a_dead_letter_that_fits_goes_whole() -> None:
     letter = decode(raw(b"{oops"))
     assert isinstance(letter, DeadLetter)
