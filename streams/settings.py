@@ -1,13 +1,14 @@
 """Settings: frozen, typed objects read from ``DEALSTREAM_*`` environment variables.
 
 This is the only module that reads the environment: ``Settings`` (shared by every command),
-``LearnerSettings``, the model key and ``DemoSettings``. Only the command line
+``LearnerSettings``, the model keys and ``DemoSettings``. Only the command line
 (``streams/cli/``) calls their ``from_env`` readers; everything else receives the objects it
 needs as arguments.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -157,6 +158,11 @@ class Settings:
     (``DEALSTREAM_REDIS_RETRY_DEADLINE_S``; 0: forever)."""
     campaigns_path: Path | None = None
     http_port: int = 6066
+    http_bind: str = "127.0.0.1"
+    """Address the HTTP endpoints listen on (``DEALSTREAM_HTTP_BIND``): loopback for local
+    runs; containers set ``0.0.0.0`` (docs/security.md)."""
+    http_token: Secret | None = None
+    """Bearer token the status JSON requires (``DEALSTREAM_HTTP_TOKEN``, 16+ characters)."""
     group_id: str = "dealstream"
     partitions: int = 4
     replication: TopicReplication = field(default_factory=TopicReplication)
@@ -248,6 +254,8 @@ class Settings:
             ),
             campaigns_path=Path(campaigns) if campaigns else None,
             http_port=_port(int(number("HTTP_PORT", defaults.http_port, int))),
+            http_bind=_bind_address(get("HTTP_BIND") or defaults.http_bind),
+            http_token=_http_token(get("HTTP_TOKEN")),
             group_id=get("GROUP_ID") or defaults.group_id,
             partitions=max(1, int(number("PARTITIONS", defaults.partitions, int))),
             replication=TopicReplication.of(
@@ -334,6 +342,34 @@ def _above_zero(name: str, value: float) -> float:
     if value <= 0:
         raise ConfigError(f"{ENV_PREFIX}{name} must be above 0, got {value:g}")
     return value
+
+
+def _bind_address(raw: str) -> str:
+    address = raw.strip()
+    if address == "localhost":
+        return address
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise ConfigError(
+            f"{ENV_PREFIX}HTTP_BIND={raw!r} is not an IP address (127.0.0.1 for this machine "
+            "only, 0.0.0.0 for every interface)"
+        ) from None
+    return address
+
+
+MIN_HTTP_TOKEN_CHARS = 16
+
+
+def _http_token(raw: str | None) -> Secret | None:
+    if raw is None:
+        return None
+    if len(raw) < MIN_HTTP_TOKEN_CHARS or not raw.isprintable() or raw != raw.strip():
+        raise ConfigError(
+            f"{ENV_PREFIX}HTTP_TOKEN must be at least {MIN_HTTP_TOKEN_CHARS} printable "
+            "characters without surrounding spaces (e.g. `openssl rand -hex 32`)"
+        )
+    return Secret(raw)
 
 
 def _port(value: int) -> int:

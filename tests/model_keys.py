@@ -20,3 +20,20 @@ def learner_key_env() -> dict[str, str]:
 def worker_key_env() -> dict[str, str]:
     """The workers' key variable (the public key only)."""
     return {"DEALSTREAM_MODEL_VERIFY_KEY": VERIFY_PEM}
+
+
+async def publish_trained(redis_url: str, prefix: str, examples: int = 3) -> str:
+    """Publish a model trained on ``examples`` examples, as the learner would; its version."""
+    import redis.asyncio as aioredis
+
+    from engine.model.purchase_model import PurchaseModel
+    from streams.adapters.model_store import ModelStore
+
+    model = PurchaseModel()
+    for i in range(examples):
+        model.learn_one({"cart_count_24h": float(i)}, 10.0, i % 2)
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        return await ModelStore(client, prefix=prefix, signing_key=SIGNING_KEY).publish(model)
+    finally:
+        await client.aclose()

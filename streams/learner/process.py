@@ -447,9 +447,11 @@ async def _main(settings: Settings, config: LearnerSettings) -> int:
         learner = Learner(settings, config, redis=client)
         runner = None
         if config.http_port:
-            routes = learner_routes(learner.metrics, learner.health, learner.status)
+            routes = learner_routes(
+                learner.metrics, learner.health, learner.status, settings.http_token
+            )
             try:
-                runner = await serve_learner_http(routes, config.http_port)
+                runner = await serve_learner_http(routes, config.http_port, settings.http_bind)
             except OSError as exc:
                 raise ConfigError(
                     f"cannot serve the learner's /metrics on port {config.http_port} ({exc}); "

@@ -10,6 +10,7 @@ itself consumes nothing. Nothing here runs at import time.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import tempfile
@@ -45,7 +46,12 @@ from streams.settings import Settings
 from streams.worker.batch_worker import BatchWorker
 from streams.worker.consumer import AssignmentObserver, EventConsumer, TopicPartitionKey
 from streams.worker.crash_points import CrashPoints
-from streams.worker.http_endpoints import REFRESH_INTERVAL_S, WorkerStatus, install_routes
+from streams.worker.http_endpoints import (
+    HEARTBEAT_INTERVAL_S,
+    REFRESH_INTERVAL_S,
+    WorkerStatus,
+    install_routes,
+)
 from streams.worker.recovery import RepublishOutbox
 from streams.worker.resume import ResumeFromRedis
 
@@ -243,7 +249,7 @@ def create_app(runtime: Runtime) -> faust.App:
         topic_replication_factor=settings.replication.factor,
         topic_partitions=settings.partitions,
         web_port=settings.http_port,
-        web_bind="0.0.0.0",
+        web_bind=settings.http_bind,
         consumer_auto_offset_reset="earliest",
         autodiscover=False,
         # Tables live in memory; keep Faust's (empty) data folder out of the working directory.
@@ -278,10 +284,15 @@ def create_app(runtime: Runtime) -> faust.App:
         model_store=ModelStore(runtime.redis, prefix=settings.redis_prefix),
     )
     app.boot_strategy = _ServingOnly(app)
-    install_routes(app, status)
+    install_routes(app, status, settings.http_token)
+
+    stopping: list[asyncio.Future[None]] = []
+    """Fault tests only (``stop_consumer``): the consumer's stop, kept referenced."""
 
     async def handle(records: Sequence[RawRecord]) -> None:
         await _handle_until_done(worker, records, deadline_s=settings.redis_retry_deadline_s)
+        if runtime.crash_points.stop_consumer_now():
+            stopping.append(asyncio.ensure_future(consumer.stop()))
 
     resume = ResumeFromRedis(runtime.features.watermarks)
     republish = RepublishOutbox(runtime.outbox, runtime.engine, worker)
@@ -295,22 +306,26 @@ def create_app(runtime: Runtime) -> faust.App:
     # Faust starts it (an instance is accepted, though typed as a class) once its producer and
     # web server run, and stops it before the producer: the last batches are delivered and committed
     # while the producer is still up.
-    app.service(
-        EventConsumer(  # type: ignore[arg-type]
-            bootstrap=settings.kafka_bootstrap,
-            group_id=settings.group_id,
-            topics=settings.topics.events,
-            handle=handle,
-            sink=sink,
-            batch_max=settings.batch_max,
-            batch_within_s=settings.batch_within_s,
-            session_timeout_s=settings.session_timeout_s,
-            observer=_FollowAssignment(runtime.features, runtime.outbox, status),
-            on_assigned=on_assigned,
-            on_committed=runtime.outbox.committed,
-            crash_points=runtime.crash_points,
-        )
+    consumer = EventConsumer(
+        bootstrap=settings.kafka_bootstrap,
+        group_id=settings.group_id,
+        topics=settings.topics.events,
+        handle=handle,
+        sink=sink,
+        batch_max=settings.batch_max,
+        batch_within_s=settings.batch_within_s,
+        session_timeout_s=settings.session_timeout_s,
+        observer=_FollowAssignment(runtime.features, runtime.outbox, status),
+        on_assigned=on_assigned,
+        on_committed=runtime.outbox.committed,
+        crash_points=runtime.crash_points,
     )
+    status.consumer = consumer
+    app.service(consumer)  # type: ignore[arg-type]
+
+    @app.timer(interval=HEARTBEAT_INTERVAL_S)  # type: ignore[untyped-decorator]
+    async def heartbeat() -> None:
+        status.heartbeat.beat()
 
     @app.timer(interval=MODEL_POLL_INTERVAL_S)  # type: ignore[untyped-decorator]
     async def poll_model() -> None:

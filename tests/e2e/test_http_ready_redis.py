@@ -24,6 +24,7 @@ import redis
 from streams.adapters.kafka_io import ensure_topics
 from streams.settings import Topics
 from tests.conftest import Isolation, Services
+from tests.model_keys import publish_trained, worker_key_env
 from tests.worker_process import WorkerProcess, clean_up, worker_env
 
 pytestmark = pytest.mark.e2e
@@ -130,8 +131,10 @@ def test_readiness_turns_false_when_redis_stops_and_true_when_it_returns(
     topics = Topics(isolation.topic_prefix)
     asyncio.run(ensure_topics(services.kafka_bootstrap, topics.all, partitions=1))
     http_port = another_port(private_redis.port)
-    env = worker_env(services, isolation, http_port=http_port)
+    env = {**worker_env(services, isolation, http_port=http_port), **worker_key_env()}
     env["DEALSTREAM_REDIS_URL"] = private_redis.url
+    # A learner's model, without which the worker would not be ready at all.
+    asyncio.run(publish_trained(private_redis.url, isolation.redis_prefix))
     worker = WorkerProcess(env, tmp_path / "worker.log")
     worker.start()
     try:
