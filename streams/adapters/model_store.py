@@ -150,15 +150,19 @@ class ModelStore:
     def can_sign(self) -> bool:
         return self._signing_key is not None
 
-    def _sign(self, model: PurchaseModel) -> bytes:
+    def _signer(self) -> Ed25519PrivateKey:
         if self._signing_key is None:
             raise CannotSign(
                 "this process holds no model signing key (only the learner and `dealstream "
                 "model rollback` do); it can verify snapshots but not publish them"
             )
+        return self._signing_key
+
+    def _sign(self, model: PurchaseModel) -> bytes:
+        key = self._signer()
         signed_at = max(self._wall_clock_ms(), self._last_signed_at + 1)
         self._last_signed_at = signed_at
-        return model.snapshot(self._signing_key, signed_at_ms=signed_at)
+        return model.snapshot(key, signed_at_ms=signed_at)
 
     def _verifier(self) -> Ed25519PublicKey:
         if self._verify_key is None:
@@ -247,8 +251,7 @@ class ModelStore:
         would replace the rollback: stop it first; restarted, it learns on from this model.
         ``ModelSnapshotError`` when the stored bytes do not verify (nothing is changed).
         """
-        if self._signing_key is None:
-            self._sign(PurchaseModel())  # raises CannotSign
+        self._signer()  # CannotSign before anything is read
         latest = await self.load_latest()
         if latest is not None:
             self._last_signed_at = max(self._last_signed_at, latest.signed_at_ms)
@@ -364,11 +367,12 @@ class ModelStore:
 class ModelReloader:
     """Lets a worker pick up the newest published model without stopping.
 
-    ``poll`` costs one GET while nothing changed. A snapshot that does not verify, or was
-    signed before the one served (someone pointed ``model:latest`` back by hand: a real
-    rollback signs anew), is refused, logged once per (version, signature time), and the
-    worker keeps its current model. Redis connection errors are raised to the caller (the
-    worker's timer logs them and tries again later).
+    ``poll`` costs one GET while nothing changed (and a short GETRANGE while a refused
+    snapshot is the latest). A snapshot that does not verify, or was signed before the one
+    served (someone pointed ``model:latest`` back by hand: a real rollback signs anew), is
+    refused, logged once per (version, signature time), and the worker keeps its model.
+    Redis connection errors are raised to the caller (the worker's timer logs them and tries
+    again later).
     """
 
     def __init__(self, store: ModelStore) -> None:
