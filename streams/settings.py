@@ -579,4 +579,9 @@ class DemoSettings:
             key = generate_signing_key()
             processes[MODEL_SIGNING_KEY_ENV] = signing_key_pem(key).decode("ascii")
             processes[MODEL_VERIFY_KEY_ENV] = verify_key_pem(key.public_key()).decode("ascii")
+        elif _pem_from_env(processes, MODEL_VERIFY_KEY_ENV) is None:
+            # Only the private key given: the demo's worker gets its public half.
+            pem = require_signing_key(processes).reveal().encode("utf-8")
+            public = signing_key_from_pem(pem).public_key()
+            processes[MODEL_VERIFY_KEY_ENV] = verify_key_pem(public).decode("ascii")
         return cls(settings, processes, uses_demo_model_keys)

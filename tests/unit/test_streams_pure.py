@@ -166,6 +166,11 @@ def test_the_demo_keeps_what_the_operator_set() -> None:
     env = demo.process_environment
     assert not demo.uses_demo_model_keys
     assert env["DEALSTREAM_MODEL_SIGNING_KEY"] == learner_key_env()["DEALSTREAM_MODEL_SIGNING_KEY"]
+    # Only the private key given: the worker still gets the public half, and only that.
+    only_private = DemoSettings.from_env(Path("demo.toml"), learner_key_env())
+    worker = only_private.worker_environment
+    assert worker["DEALSTREAM_MODEL_VERIFY_KEY"] == worker_key_env()["DEALSTREAM_MODEL_VERIFY_KEY"]
+    assert "DEALSTREAM_MODEL_SIGNING_KEY" not in worker and not only_private.uses_demo_model_keys
     assert env["DEALSTREAM_ATTRIBUTION_WINDOW_S"] == "120"
     assert env["DEALSTREAM_CAMPAIGNS"] == "mine.toml"
     assert demo.settings.attribution_window_s == 120.0
