@@ -8,7 +8,7 @@ RATE ?= 200
 
 .DEFAULT_GOAL := help
 .PHONY: help install services services-stop services-status topics demo test test-unit \
-	test-integration lint bench clean
+	test-integration test-secure lint bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -44,6 +44,13 @@ test-unit: $(BIN)/dealstream ## unit tests only (no services needed)
 
 test-integration: services ## integration and e2e tests only
 	$(BIN)/pytest -q tests/integration tests/e2e
+
+test-secure: $(BIN)/dealstream ## tests/e2e against a TLS/SASL Kafka and a TLS + ACL Redis made for the run
+	@dir=$$(mktemp -d /tmp/dealstream-secure.XXXXXX); \
+	trap 'bash deploy/secure-services.sh stop "$$dir"; rm -rf "$$dir"' EXIT; \
+	bash deploy/secure-services.sh start "$$dir" && \
+	set -a && . "$$dir/env" && set +a && \
+	$(BIN)/pytest -q tests/e2e
 
 lint: $(BIN)/dealstream ## ruff and mypy (strict)
 	$(BIN)/ruff check engine streams tests bench deploy

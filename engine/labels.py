@@ -15,11 +15,20 @@ A decision stays open until its window closes, and produces label events in even
 - ``closed`` when the window ends: the final label.
 
 Expiry follows event-time progress, never the wall clock, so a live run and a backtest of the
-same events produce the same events.
+same events produce the same events. Each *lane* has its own clock: a lane is a partition number,
+whose browse, search and purchase partitions hold the same users (co-partitioned by user id), so
+a purchase that can convert a decision always arrives on the decision's own lane. A lane read
+ahead of another therefore closes none of the other's windows. A backtest has one lane.
+
+A purchase is remembered for ``purchase_memory_ms`` of its user's event time (the allowed
+lateness: no later event of the user older than that is applied), so a decision read after a
+purchase that followed it is still converted by it: labels do not depend on which of the two
+was read first.
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -139,39 +148,92 @@ class LabelEvent:
         return self.kind is not LabelKind.ELAPSED or self.label == 1
 
 
-class PendingLabels:
-    """Open decisions per user, converted by purchases, closed by the passing of event time."""
+@dataclass(frozen=True, slots=True)
+class PurchaseSeen:
+    """What the labels remember of a purchase: when, and what it was worth (the stop-loss
+    measures a converted decision by its first purchase's margin)."""
 
-    def __init__(self, attribution_window_ms: int = 24 * 3600 * 1000, elapsed_ms: int = 0) -> None:
+    ts: int
+    amount_cents: int = 0
+    gross_cents: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Conversion:
+    """A decision converted when it was recorded, by a purchase remembered from before."""
+
+    event: LabelEvent
+    purchase: PurchaseSeen
+
+
+class PendingLabels:
+    """Open decisions per user, converted by purchases, closed by the passing of event time on
+    their lane."""
+
+    def __init__(
+        self,
+        attribution_window_ms: int = 24 * 3600 * 1000,
+        elapsed_ms: int = 0,
+        purchase_memory_ms: int = 0,
+    ) -> None:
         if elapsed_ms < 0 or (elapsed_ms and elapsed_ms >= attribution_window_ms):
             raise ValueError(
                 f"elapsed_ms must be 0 (off) or within (0, {attribution_window_ms}), "
                 f"got {elapsed_ms}"
             )
+        if purchase_memory_ms < 0:
+            raise ValueError(f"purchase_memory_ms must be >= 0, got {purchase_memory_ms}")
         self.attribution_window_ms = attribution_window_ms
         self.elapsed_ms = elapsed_ms
+        self.purchase_memory_ms = purchase_memory_ms
         self._by_user: dict[str, dict[str, PendingDecision]] = {}
-        self._due: list[tuple[int, int, str, str]] = []
-        """(event time, 0 elapsed / 1 closed, decision_id, user_id): a heap."""
+        self._due: dict[int, list[tuple[int, int, str, str]]] = {}
+        """Per lane, (event time, 0 elapsed / 1 closed, decision_id, user_id): a heap."""
+        self._purchases: dict[str, list[PurchaseSeen]] = {}
+        """Each user's purchases within ``purchase_memory_ms`` of their latest, by time."""
 
     def __len__(self) -> int:
         return sum(len(items) for items in self._by_user.values())
 
-    def add(self, decision: PendingDecision) -> None:
+    def add(self, decision: PendingDecision, lane: int = 0) -> Conversion | None:
+        """Open ``decision`` on ``lane``; if a remembered purchase falls in its window, the
+        first one converts it at once (returned)."""
+        conversion = self._remembered_conversion(decision)
+        if conversion is not None:
+            decision = conversion.event.decision
         self._by_user.setdefault(decision.user_id, {})[decision.decision_id] = decision
-        due = self._due
+        due = self._due.get(lane)
+        if due is None:
+            due = self._due[lane] = []
         deadline = decision.ts + self.attribution_window_ms
         heapq.heappush(due, (deadline, 1, decision.decision_id, decision.user_id))
         if self.elapsed_ms:
             heapq.heappush(
                 due, (decision.ts + self.elapsed_ms, 0, decision.decision_id, decision.user_id)
             )
+        return conversion
+
+    def _remembered_conversion(self, decision: PendingDecision) -> Conversion | None:
+        purchases = self._purchases.get(decision.user_id)
+        if not purchases:
+            return None
+        first = bisect.bisect_left(purchases, decision.ts, key=_purchase_time)
+        if first == len(purchases):
+            return None
+        purchase = purchases[first]
+        if purchase.ts - decision.ts > self.attribution_window_ms:
+            return None
+        converted = replace(decision, converted_at=purchase.ts)
+        return Conversion(LabelEvent(converted, LabelKind.CONVERTED, purchase.ts), purchase)
 
     def open_decisions(self, user_id: str) -> list[PendingDecision]:
         return list(self._by_user.get(user_id, {}).values())
 
-    def on_purchase(self, user_id: str, ts: int) -> list[LabelEvent]:
-        """Convert every open decision of the user whose window holds ``ts``; in (ts, id) order."""
+    def on_purchase(self, user_id: str, purchase: PurchaseSeen) -> list[LabelEvent]:
+        """Convert every open decision of the user whose window holds the purchase, in
+        (ts, id) order, and remember the purchase for decisions read after it."""
+        ts = purchase.ts
+        self._remember(user_id, purchase)
         pending = self._by_user.get(user_id)
         if not pending:
             return []
@@ -184,16 +246,33 @@ class PendingLabels:
                 events.append(LabelEvent(converted, LabelKind.CONVERTED, ts))
         return events
 
-    def due(self, now: int) -> bool:
-        """Whether ``expire(now)`` has anything to emit (it may still emit nothing)."""
-        return bool(self._due) and self._due[0][0] < now
+    def _remember(self, user_id: str, purchase: PurchaseSeen) -> None:
+        purchases = self._purchases.get(user_id)
+        if purchases is None:
+            self._purchases[user_id] = [purchase]
+            return
+        bisect.insort(purchases, purchase, key=_purchase_time)
+        horizon = purchases[-1].ts - self.purchase_memory_ms
+        if purchases[0].ts < horizon:
+            del purchases[: bisect.bisect_left(purchases, horizon, key=_purchase_time)]
 
-    def expire(self, now: int) -> list[LabelEvent]:
-        """``elapsed`` and ``closed`` events for every point in event time before ``now``."""
+    def due(self, lane: int, now: int) -> bool:
+        """Whether ``expire({lane: now})`` has anything to emit (it may still emit nothing)."""
+        due = self._due.get(lane)
+        return due is not None and bool(due) and due[0][0] < now
+
+    def expire(self, lanes: Mapping[int, int]) -> list[LabelEvent]:
+        """``elapsed`` and ``closed`` events for every point in event time before each lane's
+        clock (``lanes``: lane -> now), in event-time order across the lanes."""
+        popped: list[tuple[int, int, str, str]] = []
+        for lane, now in lanes.items():
+            due = self._due.get(lane)
+            while due and due[0][0] < now:
+                popped.append(heapq.heappop(due))
+        if len(lanes) > 1:
+            popped.sort()
         events: list[LabelEvent] = []
-        due = self._due
-        while due and due[0][0] < now:
-            at, closing, decision_id, user_id = heapq.heappop(due)
+        for at, closing, decision_id, user_id in popped:
             pending = self._by_user.get(user_id)
             decision = pending.get(decision_id) if pending else None
             if decision is None or pending is None:
@@ -206,3 +285,7 @@ class PendingLabels:
             else:
                 events.append(LabelEvent(decision, LabelKind.ELAPSED, at))
         return events
+
+
+def _purchase_time(purchase: PurchaseSeen) -> int:
+    return purchase.ts

@@ -4,7 +4,8 @@ The engine proposes decisions for a micro-batch; the ledger settles them in even
 call: it drops decisions inside the user's decision interval, grants or denies each proposed
 offer (cooldown, offers per day, daily budget — the budget check and the spend are one atomic
 step, so concurrent workers can never overspend), records every decision as pending, labels
-pending decisions with the batch's purchases, and expires windows that ended before ``now``.
+pending decisions with the batch's purchases (and remembered ones), and expires the windows
+that ended before their lane's clock (``engine.labels`` says what a lane is).
 
 ``InMemoryLedger`` serves backtests and tests; ``streams/adapters/redis_ledger.py`` implements
 the same contract (the port: ``engine.ports.DecisionLedger``) in one Redis Lua call, held to the
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field, replace
 
 from engine.decisions import DecisionDraft
 from engine.features.state import DAY_MS
-from engine.labels import Arm, LabelEvent, PendingDecision, PendingLabels
+from engine.labels import Arm, LabelEvent, PendingDecision, PendingLabels, PurchaseSeen
 from engine.stop_loss import CampaignStopLoss, StopLoss, StopLossStatus, purchase_margin_cents
 
 
@@ -45,6 +46,8 @@ class DecisionRequest:
     draft: DecisionDraft | None = None
     """What the decision publishes once settled; a ledger with an outbox stores it with its
     effect (``RedisLedger``), others ignore it."""
+    lane: int = 0
+    """The lane (partition number) of its trigger event, whose clock closes its window."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,8 +81,9 @@ class LedgerResult:
     outcomes: list[DecisionOutcome | None]
     """One per op: the outcome of a ``DecisionRequest``, None for a ``PurchaseNotice``."""
     events: list[LabelEvent] = field(default_factory=list)
-    """Label events in the order they happened: conversions by the call's purchases, then
-    windows that elapsed or closed before ``now``."""
+    """Label events in the order they happened: conversions by the call's purchases (and by
+    remembered purchases, as decisions are recorded), then windows that elapsed or closed
+    before their lane's clock."""
     stop_loss: dict[str, StopLossStatus] = field(default_factory=dict)
     """Each stop-loss campaign's status after the call."""
 
@@ -96,6 +100,9 @@ class LedgerConfig:
     attribution_window_ms: int = 24 * 3600 * 1000
     elapsed_ms: int = 0
     """Emit an ``elapsed`` label event this long after each decision (0: none)."""
+    purchase_memory_ms: int = 0
+    """How long, in a user's event time, a purchase is remembered to convert decisions read
+    after it (the engine's allowed lateness: no older event of the user is decided)."""
     stop_loss: Mapping[str, StopLossSetting] = field(default_factory=dict)
     """Campaigns with a stop-loss, by name."""
 
@@ -120,7 +127,11 @@ class InMemoryLedger:
 
     def __init__(self, config: LedgerConfig | None = None) -> None:
         self.config = config if config is not None else LedgerConfig()
-        self.labels = PendingLabels(self.config.attribution_window_ms, self.config.elapsed_ms)
+        self.labels = PendingLabels(
+            self.config.attribution_window_ms,
+            self.config.elapsed_ms,
+            self.config.purchase_memory_ms,
+        )
         self.stop_loss = {
             name: CampaignStopLoss(setting.config, setting.margin)
             for name, setting in self.config.stop_loss.items()
@@ -130,17 +141,20 @@ class InMemoryLedger:
         self._offers_per_day: dict[tuple[str, str, int], int] = {}
         self._spent: dict[tuple[str, int], int] = {}
 
-    async def settle(self, ops: Sequence[LedgerOp], *, now_ms: int) -> LedgerResult:
+    async def settle(
+        self, ops: Sequence[LedgerOp], *, now_ms: int, lanes: Mapping[int, int] | None = None
+    ) -> LedgerResult:
         result = LedgerResult(outcomes=[])
         for op in ops:
             if isinstance(op, PurchaseNotice):
                 result.outcomes.append(None)
                 if self.stop_loss:
                     self._purchase_outcomes(op)
-                result.events.extend(self.labels.on_purchase(op.user_id, op.ts))
+                seen = PurchaseSeen(op.ts, op.amount_cents, op.gross_cents)
+                result.events.extend(self.labels.on_purchase(op.user_id, seen))
                 continue
-            result.outcomes.append(self._decide(op))
-        result.events.extend(self.labels.expire(now_ms))
+            result.outcomes.append(self._decide(op, result.events))
+        result.events.extend(self.labels.expire({0: now_ms} if lanes is None else lanes))
         for name, campaign in self.stop_loss.items():
             result.stop_loss[name] = campaign.update(now_ms)
         return result
@@ -162,8 +176,9 @@ class InMemoryLedger:
     async def stop_loss_status(self) -> dict[str, StopLossStatus]:
         return {name: campaign.status for name, campaign in self.stop_loss.items()}
 
-    def labels_due(self, now_ms: int) -> bool:
-        return self.labels.due(now_ms)
+    def settle_due(self, lane: int, now_ms: int) -> bool:
+        # A stop-loss status follows event time: it is evaluated at every settle.
+        return bool(self.stop_loss) or self.labels.due(lane, now_ms)
 
     def rate_limited(self, user_id: str, campaign: str, ts: int, interval_ms: int) -> bool:
         """Whether a decision at ``ts`` would fall inside the user's decision interval now.
@@ -174,7 +189,7 @@ class InMemoryLedger:
         last = self._last_decision.get((user_id, campaign))
         return interval_ms > 0 and last is not None and ts - last < interval_ms
 
-    def _decide(self, request: DecisionRequest) -> DecisionOutcome:
+    def _decide(self, request: DecisionRequest, events: list[LabelEvent]) -> DecisionOutcome:
         decision = request.decision
         key = (decision.user_id, decision.campaign)
         ts = decision.ts
@@ -209,10 +224,21 @@ class InMemoryLedger:
                 self._offers_per_day[(*key, day)] = self._offers_per_day.get((*key, day), 0) + 1
                 self._spent[(decision.campaign, day)] = spent + limits.cost_cents
         recorded = final_decision(request, granted)
-        self.labels.add(recorded)
         campaign = self.stop_loss.get(decision.campaign)
-        if campaign is not None and decision.arm is not Arm.NONE:
+        sampled = campaign is not None and decision.arm is not Arm.NONE
+        if campaign is not None and sampled:
             campaign.record_decision(campaign.config.epoch(ts), decision.arm, decision.user_id)
+        conversion = self.labels.add(recorded, request.lane)
+        if conversion is not None:
+            events.append(conversion.event)
+            if campaign is not None and sampled:
+                purchase = conversion.purchase
+                cents = purchase_margin_cents(
+                    purchase.amount_cents, purchase.gross_cents, campaign.margin
+                )
+                campaign.record_outcome(
+                    campaign.config.epoch(ts), decision.arm, decision.user_id, cents
+                )
         return DecisionOutcome(decided=True, granted=granted, denied_by=denied_by)
 
     async def budget_spent_cents(self, campaign: str, day: int) -> int:

@@ -9,7 +9,8 @@
    a discount (holdout users get none; a campaign its stop-loss has stopped makes only a
    random share of its offers), capped by the campaign's maximum;
 3. settle all proposals and the batch's purchases with the decision ledger (one call): decision
-   interval, cooldown, offers per day, daily budget, pending labels and their label events,
+   interval, cooldown, offers per day, daily budget, pending labels and their label events
+   (windows close by the event-time clock of each lane the batch touched: ``engine.labels``),
    the stop-loss sums;
 4. emit offers, decisions and training examples as typed records (which examples:
    ``engine.model.feedback``); the edges turn them into messages with ``to_message``. With
@@ -115,6 +116,7 @@ class EngineConfig:
         return LedgerConfig(
             attribution_window_ms=self.attribution_window_ms,
             elapsed_ms=self.feedback.ledger_elapsed_ms,
+            purchase_memory_ms=self.allowed_lateness_ms,
             stop_loss={
                 c.name: StopLossSetting(c.stop_loss, c.margin)
                 for c in campaigns
@@ -197,7 +199,11 @@ class DiscountEngine:
         """The batch being processed: operations not yet replayed into each user's state."""
         self._started = False
         self.clock_ms = 0
-        """Event-time clock: the latest event time this engine has seen."""
+        """Event-time clock: the latest event time this engine has seen on any lane (the
+        stop-loss's clock)."""
+        self.lane_clocks: dict[int, int] = {}
+        """Each lane's event-time clock (``engine.labels``): the latest event time processed
+        on that partition number; it closes the attribution windows of the lane's decisions."""
         self._budget_day: int | None = None
         """The day this batch's offers count against; None: each decision's event-time day."""
         self._holdout: dict[tuple[str, float, str], bool] = {}
@@ -257,6 +263,9 @@ class DiscountEngine:
         ops: list[LedgerOp] = []
         learn_inline = self.config.learn_inline
         applied = UpdateStatus.APPLIED
+        lane_clocks = self.lane_clocks
+        lanes: dict[int, int] = {}
+        """The clocks of the lanes this batch moved, as of the latest event."""
         # A user's state is brought up to an event only when that event needs features:
         # operations wait here, in order, so events that decide nothing cost no replay.
         # (Offers granted during the batch join them: a later event sees the offer.)
@@ -277,6 +286,11 @@ class DiscountEngine:
                 waiting.append(update.ops)
             if event.ts > self.clock_ms:
                 self.clock_ms = event.ts
+            lane = item.position.partition if item.position is not None else 0
+            lane_clock = lane_clocks.get(lane, 0)
+            if event.ts > lane_clock:
+                lane_clock = lane_clocks[lane] = event.ts
+            lanes[lane] = lane_clock
             if isinstance(event, PurchaseEvent):
                 ops.append(
                     PurchaseNotice(
@@ -303,22 +317,30 @@ class DiscountEngine:
                     for campaign in candidates:
                         if is_eligible(campaign, event, features, kind):
                             proposal = self._propose(campaign, event, features, scorer)
-                            ops.append(self._request(proposal))
+                            ops.append(self._request(proposal, lane))
             if learn_inline:
                 # Settle event by event so that what the model learns from this event's
                 # labels shapes the next decision: results do not depend on batch size.
-                if ops or self.ledger.labels_due(self.clock_ms):
-                    await self._settle(ops, result)
+                if ops or self.ledger.settle_due(lane, lane_clock):
+                    await self._settle(ops, result, {lane: lane_clock})
                 ops = []
-        if ops or (not learn_inline and batch and self.ledger.labels_due(self.clock_ms)):
-            # Live, a remote ledger sees every batch: its call also carries the batch's
-            # feature records and outbox entry (``DecisionLedger.labels_due``).
-            await self._settle(ops, result)
+        # Live, a remote ledger sees every batch, even one that applied nothing (all
+        # redelivered): its call also carries the batch's feature records (offers granted
+        # earlier among them) and outbox entry (``DecisionLedger.settle_due``).
+        clocks = lanes.items() or ((0, self.clock_ms),)
+        if ops or (
+            not learn_inline
+            and batch
+            and any(self.ledger.settle_due(lane, clock) for lane, clock in clocks)
+        ):
+            await self._settle(ops, result, lanes)
         result.stop_loss = dict(self.stop_loss)
         return result
 
-    async def _settle(self, ops: list[LedgerOp], result: BatchResult) -> None:
-        settled = await self.ledger.settle(ops, now_ms=self.clock_ms)
+    async def _settle(
+        self, ops: list[LedgerOp], result: BatchResult, lanes: dict[int, int]
+    ) -> None:
+        settled = await self.ledger.settle(ops, now_ms=self.clock_ms, lanes=lanes)
         drafts = [op.draft if isinstance(op, DecisionRequest) else None for op in ops]
         self._apply_settled(settled, drafts, result)
 
@@ -516,7 +538,7 @@ class DiscountEngine:
             offer_propensity=explore * offering,
         )
 
-    def _request(self, proposal: Proposal) -> DecisionRequest:
+    def _request(self, proposal: Proposal, lane: int) -> DecisionRequest:
         campaign, event = proposal.campaign, proposal.event
         limits = None
         if proposal.offer_id is not None:
@@ -543,6 +565,7 @@ class DiscountEngine:
             decision_interval_ms=campaign.decision_interval_ms,
             offer=limits,
             draft=self._draft(proposal),
+            lane=lane,
         )
 
     def _draft(self, proposal: Proposal) -> DecisionDraft:

@@ -56,14 +56,21 @@ class DecisionLedger(Protocol):
     """Rate limits, stateful guardrails and pending labels; ``settle`` once per micro-batch
     (or per event, when the engine learns inline)."""
 
-    async def settle(self, ops: Sequence[LedgerOp], *, now_ms: int) -> LedgerResult: ...
+    async def settle(
+        self, ops: Sequence[LedgerOp], *, now_ms: int, lanes: Mapping[int, int] | None = None
+    ) -> LedgerResult:
+        """Settle ``ops`` in order, then expire the pending labels due before each lane's
+        clock (``lanes``: lane -> event time; None: one lane, 0, at ``now_ms``). ``now_ms``,
+        the latest event time seen on any lane, is the stop-loss's clock."""
+        ...
 
-    def labels_due(self, now_ms: int) -> bool:
-        """Whether a ``settle`` without operations at ``now_ms`` may emit label events.
+    def settle_due(self, lane: int, now_ms: int) -> bool:
+        """Whether a ``settle`` without operations, with ``lane`` at ``now_ms``, may change
+        anything: emit label events, or move a stop-loss status (which follows event time).
 
         An engine that learns inline settles after every event, a live engine after every
-        batch; either skips a call that has nothing to decide when this says no label is due
-        (the stop-loss is then re-evaluated at the next call that settles something). A remote
+        batch; either skips a call that has nothing to decide when this says nothing is due. A
+        remote
         ledger answers ``True``: it sees every batch (``RedisLedger`` commits the batch's
         feature records and outbox entry with it)."""
         ...

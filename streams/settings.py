@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -142,6 +142,59 @@ class TopicReplication:
         return {"min.insync.replicas": str(self.min_insync)}
 
 
+KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """What a TLS client trusts and shows: the CA bundle (None: the system's), an optional
+    client certificate and key (PEM) and whether the server's name must match its
+    certificate. Read by ``streams.adapters.kafka_io`` and ``streams.adapters.redis_client``."""
+
+    cafile: Path | None = None
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    key_password: Secret | None = None
+    check_hostname: bool = True
+
+    @property
+    def configured(self) -> bool:
+        return any((self.cafile, self.certfile, self.keyfile, self.key_password))
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaSecurity:
+    """How every Kafka client of ours connects (``DEALSTREAM_KAFKA_SECURITY_PROTOCOL`` and
+    the ``DEALSTREAM_KAFKA_SASL_*`` / ``DEALSTREAM_KAFKA_SSL_*`` settings,
+    docs/security-transport.md); the default is a plaintext connection without login."""
+
+    protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    username: str | None = None
+    password: Secret | None = None
+    tls: TlsFiles = field(default_factory=TlsFiles)
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.protocol in ("SSL", "SASL_SSL")
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self.protocol.startswith("SASL_")
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSecurity:
+    """The Redis ACL user and TLS files (``DEALSTREAM_REDIS_USERNAME``,
+    ``DEALSTREAM_REDIS_PASSWORD``, ``DEALSTREAM_REDIS_SSL_*``); TLS itself is the URL's
+    ``rediss://`` scheme. A username or password set here wins over one in the URL."""
+
+    username: str | None = None
+    password: Secret | None = None
+    tls: TlsFiles = field(default_factory=TlsFiles)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     kafka_bootstrap: str = "127.0.0.1:9092"
@@ -197,6 +250,10 @@ class Settings:
     crash_at: str | None = None
     """Fault tests only: stop the worker dead at a step of a batch (``DEALSTREAM_CRASH_AT``,
     ``streams/worker/crash_points.py``)."""
+    kafka_security: KafkaSecurity = field(default_factory=KafkaSecurity)
+    """TLS and SASL of every Kafka client (``DEALSTREAM_KAFKA_SECURITY_PROTOCOL`` ...)."""
+    redis_security: RedisSecurity = field(default_factory=RedisSecurity)
+    """ACL user and TLS files of every Redis client (``DEALSTREAM_REDIS_USERNAME`` ...)."""
 
     @property
     def topics(self) -> Topics:
@@ -286,7 +343,97 @@ class Settings:
             # Read as it always was: set but empty means the working directory.
             state_dir=Path(env.get(ENV_PREFIX + "STATE", str(defaults.state_dir))),
             crash_at=get("CRASH_AT"),
+            kafka_security=_kafka_security(get),
+            redis_security=_redis_security(get, get("REDIS_URL") or defaults.redis_url.reveal()),
         )
+
+
+def _tls_files(get: Callable[[str], str | None], scope: str) -> TlsFiles:
+    """``DEALSTREAM_<scope>_SSL_CAFILE``, ``_CERTFILE``, ``_KEYFILE``, ``_KEY_PASSWORD``,
+    ``_CHECK_HOSTNAME`` (default true)."""
+
+    def path(name: str) -> Path | None:
+        raw = get(f"{scope}_SSL_{name}")
+        if raw is None:
+            return None
+        if not Path(raw).is_file():
+            raise ConfigError(f"{ENV_PREFIX}{scope}_SSL_{name}={raw!r}: no such file")
+        return Path(raw)
+
+    files = TlsFiles(
+        cafile=path("CAFILE"),
+        certfile=path("CERTFILE"),
+        keyfile=path("KEYFILE"),
+        key_password=Secret(raw) if (raw := get(f"{scope}_SSL_KEY_PASSWORD")) else None,
+        check_hostname=_flag(
+            get(f"{scope}_SSL_CHECK_HOSTNAME") or "true", f"{scope}_SSL_CHECK_HOSTNAME"
+        ),
+    )
+    if files.keyfile is not None and files.certfile is None:
+        raise ConfigError(
+            f"{ENV_PREFIX}{scope}_SSL_KEYFILE is set without {ENV_PREFIX}{scope}_SSL_CERTFILE: "
+            "set both (a client certificate and its key)"
+        )
+    return files
+
+
+def _kafka_security(get: Callable[[str], str | None]) -> KafkaSecurity:
+    protocol = (get("KAFKA_SECURITY_PROTOCOL") or "PLAINTEXT").strip().upper()
+    if protocol not in KAFKA_SECURITY_PROTOCOLS:
+        raise ConfigError(
+            f"{ENV_PREFIX}KAFKA_SECURITY_PROTOCOL={protocol!r} is not one of "
+            f"{', '.join(KAFKA_SECURITY_PROTOCOLS)}"
+        )
+    tls = _tls_files(get, "KAFKA")
+    security = KafkaSecurity(
+        protocol=protocol,
+        sasl_mechanism=(get("KAFKA_SASL_MECHANISM") or "").strip().upper() or None,
+        username=get("KAFKA_SASL_USERNAME"),
+        password=Secret(raw) if (raw := get("KAFKA_SASL_PASSWORD")) else None,
+        tls=tls,
+    )
+    if tls.configured and not security.uses_tls:
+        raise ConfigError(
+            f"{ENV_PREFIX}KAFKA_SSL_* is set but {ENV_PREFIX}KAFKA_SECURITY_PROTOCOL is "
+            f"{protocol}: set it to SSL or SASL_SSL (or unset the SSL files)"
+        )
+    if not security.uses_sasl:
+        if security.sasl_mechanism or security.username or security.password:
+            raise ConfigError(
+                f"{ENV_PREFIX}KAFKA_SASL_* is set but {ENV_PREFIX}KAFKA_SECURITY_PROTOCOL is "
+                f"{protocol}: set it to SASL_SSL or SASL_PLAINTEXT (or unset the SASL settings)"
+            )
+        return security
+    if security.sasl_mechanism not in KAFKA_SASL_MECHANISMS:
+        raise ConfigError(
+            f"{ENV_PREFIX}KAFKA_SASL_MECHANISM={security.sasl_mechanism!r} must be one of "
+            f"{', '.join(KAFKA_SASL_MECHANISMS)} with {protocol}"
+        )
+    if security.username is None or security.password is None:
+        raise ConfigError(
+            f"{protocol} needs {ENV_PREFIX}KAFKA_SASL_USERNAME and {ENV_PREFIX}KAFKA_SASL_PASSWORD"
+        )
+    return security
+
+
+def _redis_security(get: Callable[[str], str | None], url: str) -> RedisSecurity:
+    tls = _tls_files(get, "REDIS")
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(
+            f"{ENV_PREFIX}REDIS_URL must start with redis://, rediss:// (TLS) or unix://, "
+            f"got {scheme or 'no scheme'}"
+        )
+    if tls.configured and scheme != "rediss":
+        raise ConfigError(
+            f"{ENV_PREFIX}REDIS_SSL_* is set but {ENV_PREFIX}REDIS_URL is {scheme}://: use "
+            "rediss:// for TLS (or unset the SSL files)"
+        )
+    return RedisSecurity(
+        username=get("REDIS_USERNAME"),
+        password=Secret(raw) if (raw := get("REDIS_PASSWORD")) else None,
+        tls=tls,
+    )
 
 
 def _feedback(method: str | None, wait_s: float | None, window_s: float) -> Feedback:

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
@@ -58,13 +57,16 @@ def dead_lettered_total(counters: Mapping[str, Any]) -> int:
 
 
 def accounted(counters: Mapping[str, Any]) -> int:
-    """applied + redelivered + duplicates + late + dead-lettered: should equal consumed."""
+    """applied + redelivered + duplicates + late + dead-lettered + held (by the aligner, now)
+    + handed back (held, dropped on a revoke): should equal consumed."""
     return (
         int(counters["applied"])
         + int(counters["redelivered"])
         + int(counters["duplicates"])
         + int(counters["late"])
         + dead_lettered_total(counters)
+        + int(counters["held"])
+        + int(counters["handed_back"])
     )
 
 
@@ -177,7 +179,7 @@ def worker_env(services: Services, isolation: Isolation, **settings: object) -> 
 async def read_states(
     services: Services, isolation: Isolation, user_ids: Iterable[str]
 ) -> dict[str, State]:
-    client = aioredis.Redis.from_url(services.redis_url)
+    client = services.redis()
     try:
         store = RedisFeatureStore(client, prefix=isolation.redis_prefix)
         return await store.read_states(list(user_ids))
@@ -198,7 +200,9 @@ async def poll_until(
 
 async def committed_offsets(services: Services, group: str) -> dict[tuple[str, int], int]:
     """The consumer group's committed offset of every partition it committed."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=services.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=services.kafka_bootstrap, **services.kafka_options()
+    )
     await admin.start()
     try:
         offsets = await admin.list_consumer_group_offsets(group)
@@ -209,14 +213,16 @@ async def committed_offsets(services: Services, group: str) -> dict[tuple[str, i
 
 async def clean_up(services: Services, isolation: Isolation) -> None:
     """Delete this test's Redis keys and topics (never anything outside its prefixes)."""
-    client = aioredis.Redis.from_url(services.redis_url)
+    client = services.redis()
     try:
         keys = [k async for k in client.scan_iter(match=f"{isolation.redis_prefix}*", count=1000)]
         for start in range(0, len(keys), 1000):
             await client.delete(*keys[start : start + 1000])
     finally:
         await client.aclose()
-    admin = AIOKafkaAdminClient(bootstrap_servers=services.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=services.kafka_bootstrap, **services.kafka_options()
+    )
     await admin.start()
     try:
         mine = [
@@ -239,7 +245,12 @@ async def produce_events(
 ) -> int:
     """Produce event v1 dicts as a shop would (topic by type, key = user id), then any ``raw``
     (topic, key, value) records, e.g. poison pills. Returns the count."""
-    producer = AIOKafkaProducer(bootstrap_servers=services.kafka_bootstrap, acks="all", linger_ms=5)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=services.kafka_bootstrap,
+        **services.kafka_options(),
+        acks="all",
+        linger_ms=5,
+    )
     await producer.start()
     try:
         pending = []
@@ -258,7 +269,10 @@ async def produce_events(
 async def read_topic(services: Services, topic: str, idle_s: float = 5.0) -> list[dict[str, Any]]:
     """Every JSON value on a topic, read until nothing new arrived for ``idle_s`` seconds."""
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=services.kafka_bootstrap, auto_offset_reset="earliest"
+        topic,
+        bootstrap_servers=services.kafka_bootstrap,
+        **services.kafka_options(),
+        auto_offset_reset="earliest",
     )
     await consumer.start()
     values: list[dict[str, Any]] = []

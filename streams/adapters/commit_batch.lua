@@ -13,7 +13,9 @@
 -- ARGV[1]   prefix of the ledger's and the outbox's keys
 -- features: token ('' = no features section), epoch, ttl_ms, n_partitions,
 --           n_partitions x (field, offset), then one record per record key (KEYS[4..] order)
--- ledger:   now_ms ('' = no ledger section), attribution_window_ms, elapsed_ms (0 = none),
+-- ledger:   now_ms ('' = no ledger section; the stop-loss's clock), attribution_window_ms,
+--           elapsed_ms (0 = none), purchase_memory_ms, n_lanes, then per lane whose labels may
+--           expire: lane, its event-time clock (engine/labels.py: a lane is a partition number);
 --           n_campaigns, then per stop-loss campaign: name, margin, window_ms, min_decisions,
 --           min_users; then the batch's ops packed in two arguments (two bulk strings instead
 --           of one per field: packing and unpacking many small arguments cost more client
@@ -22,7 +24,7 @@
 --            'D', user, campaign, ts, decision_interval_ms, has_offer (0/1), cost_cents,
 --                 cooldown_ms, max_per_day (-1 = none), budget_cents (-1 = none), decision_id,
 --                 arm ('' T H), day of the budget and offers-per-day cap (-1 = the event-time
---                 day of ts), length of its record in bytes ('G' included)
+--                 day of ts), length of its record in bytes ('G' included), lane
 --            'P', user, ts, amount_cents, gross_cents
 --   records  each decision's record as stored when it is recorded as proposed ('G' and
 --            PendingDecision.to_compact as JSON), concatenated in op order: raw bytes rather
@@ -51,9 +53,12 @@
 --                       <campaign>|n<day> offers that day,
 --                       <campaign>|s<epoch><arm> the user's stop-loss sums "decisions cents"
 --   <p>p:{user}   hash  decision_id -> 'G' or 'N' (offer denied) + pending decision JSON array
---                       (PendingDecision.to_compact); decision_id|c -> first conversion ts
---   <p>pq         zset  decision_id \x1f user, scored by the end of the attribution window
---   <p>pe         zset  the same members, scored by decision ts + elapsed_ms
+--                       (PendingDecision.to_compact); decision_id|c -> first conversion ts;
+--                       '|p' -> the user's purchases within purchase_memory_ms of the latest,
+--                       by time: 'ts amount_cents gross_cents' joined by ';'
+--   <p>pq:<lane>  zset  decision_id \x1f user, scored by the end of the attribution window
+--   <p>pe:<lane>  zset  the same members, scored by decision ts + elapsed_ms
+--   <p>lanes      set   the lanes that have had queues (what pending_count and forget read)
 --   <p>b:<campaign>:<day>  discount spent that day, in cents
 --   <p>se         string  the state epoch (read only; written by `dealstream forget`)
 --   <p>sl:<campaign>      hash  <epoch>|<arm>|<sum> stop-loss sums (n y yy yn nn u), and
@@ -87,12 +92,17 @@ end
 -- ledger section
 local now_arg = arg()
 local settling = now_arg ~= nil and now_arg ~= ''
-local now, window, elapsed = 0, 0, 0
+local now, window, elapsed, memory = 0, 0, 0, 0
+local lane_clocks = {}
 local stop_loss = {}
 local stop_loss_order = {}
 local packed_ops, records = '[]', ''
 if settling then
   now, window, elapsed = tonumber(now_arg), tonumber(arg()), tonumber(arg())
+  memory = tonumber(arg())
+  for k = 1, tonumber(arg()) do
+    lane_clocks[k] = { lane = tonumber(arg()), now = tonumber(arg()) }
+  end
   for n = 1, tonumber(arg()) do
     local name = arg()
     stop_loss[name] = {
@@ -120,8 +130,7 @@ end
 local DAY_MS = 86400000
 local SEP = '\31'
 local Z95 = 1.959964
-local close_key = prefix .. 'pq'
-local elapsed_key = prefix .. 'pe'
+local PURCHASES = '|p'
 
 -- Refusals first: nothing is written unless this writer still owns every partition of the
 -- batch and nobody rewrote feature state behind its back.
@@ -156,7 +165,7 @@ local function int(x) return string.format('%d', x) end
 
 -- Unpack and check every op before anything is written: a script that fails halfway keeps
 -- its writes (budget spent, nothing returned), so a malformed batch must fail here, whole.
-local D_FIELDS, P_FIELDS = 14, 5
+local D_FIELDS, P_FIELDS = 15, 5
 local ARMS = { [''] = true, T = true, H = true }
 if type(packed_ops) ~= 'string' or type(records) ~= 'string' then
   return redis.error_reply('ledger: expected the packed ops and records after the stop-loss '
@@ -189,14 +198,15 @@ local function check_ops()
       end
       local ts, interval, has_offer, cost = ops[j + 3], ops[j + 4], ops[j + 5], ops[j + 6]
       local cooldown, max_per_day, budget = ops[j + 7], ops[j + 8], ops[j + 9]
-      local day, length = ops[j + 12], ops[j + 13]
+      local day, length, lane = ops[j + 12], ops[j + 13], ops[j + 14]
       if ts - ts % 1 ~= ts or interval - interval % 1 ~= interval or cost - cost % 1 ~= cost
           or cooldown - cooldown % 1 ~= cooldown or max_per_day - max_per_day % 1 ~= max_per_day
           or budget - budget % 1 ~= budget or day - day % 1 ~= day
-          or length - length % 1 ~= length then
+          or length - length % 1 ~= length or lane - lane % 1 ~= lane then
         return 'ts, decision_interval_ms, cost_cents, cooldown_ms, max_per_day, budget_cents, '
-          .. 'day and the record length must be integers'
+          .. 'day, the record length and the lane must be integers'
       end
+      if lane < 0 then return 'lane must be >= 0' end
       if has_offer ~= 0 and has_offer ~= 1 then return 'has_offer must be 0 or 1' end
       if not ARMS[ops[j + 11]] then return 'arm must be "", "T" or "H"' end
       -- each record is 'G' and a JSON array: the lengths must line up with the brackets, so
@@ -251,7 +261,8 @@ end
 local outcomes = {}
 local events = {}
 local budget_keys = {}  -- the budgets spent by this call, given their TTL once after the ops
-local queued = {}  -- ts, member of each recorded decision: added to the queues after the ops
+local queued = {}  -- per lane: ts, member of each recorded decision, queued after the ops
+local queued_lanes = {}  -- the lanes of `queued`, in first-seen order
 
 local function emit(kind, record, converted_at, at)
   events[#events + 1] = kind
@@ -300,6 +311,45 @@ local function record_outcome(user, campaign, decision_ts, arm, amount, gross)
   local n, y = user_sums(user, campaign, epoch, arm)
   add_sums(campaign, epoch, arm, { y = cents, yy = 2 * y * cents + cents * cents, yn = cents * n })
   set_user_sums(user, campaign, epoch, arm, n, y + cents)
+end
+
+-- A user's remembered purchases ('|p' of the pending hash) as a list sorted by ts.
+local function parse_purchases(raw)
+  local list = {}
+  if raw then
+    for ts, amount, gross in string.gmatch(raw, '(%-?%d+) (%-?%d+) (%-?%d+)') do
+      list[#list + 1] = { ts = tonumber(ts), amount = tonumber(amount), gross = tonumber(gross) }
+    end
+  end
+  return list
+end
+
+-- The first remembered purchase at or after ts (nil when none).
+local function first_purchase_from(raw, ts)
+  for _, bought in ipairs(parse_purchases(raw)) do
+    if bought.ts >= ts then return bought end
+  end
+  return nil
+end
+
+-- Remember a purchase (after those of the same time), forgetting those older than the
+-- newest minus purchase_memory_ms, like PendingLabels._remember.
+local function remember_purchase(pkey, raw, ts, amount, gross)
+  local list = parse_purchases(raw)
+  local at = #list + 1
+  while at > 1 and list[at - 1].ts > ts do at = at - 1 end
+  table.insert(list, at, { ts = ts, amount = amount, gross = gross })
+  local horizon = list[#list].ts - memory
+  local kept = {}
+  for _, bought in ipairs(list) do
+    if bought.ts >= horizon then
+      kept[#kept + 1] = int(bought.ts) .. ' ' .. int(bought.amount) .. ' ' .. int(bought.gross)
+    end
+  end
+  redis.call('HSET', pkey, PURCHASES, table.concat(kept, ';'))
+  -- a wall-clock safety net: memory + a day (never shortening a pending decision's)
+  local ttl, left = memory + DAY_MS, redis.call('PTTL', pkey)
+  if left == -1 or left < ttl then redis.call('PEXPIRE', pkey, ttl) end
 end
 
 -- ops[j] is the decision's 'D'; its record starts at records[offset].
@@ -365,10 +415,25 @@ local function decide(j, offset)
   local pkey = pending_key(user)
   redis.call('HSET', pkey, decision_id, record)
   -- a wall-clock safety net only: labels follow event time, which may run slower (replays)
-  redis.call('EXPIRE', pkey, math.floor((window + 7 * DAY_MS) / 1000))
-  local member = decision_id .. SEP .. user
-  queued[#queued + 1] = ts
-  queued[#queued + 1] = member
+  redis.call('EXPIRE', pkey, math.floor((math.max(window, memory) + 7 * DAY_MS) / 1000))
+  -- a purchase remembered from before, in the window: the first converts the decision now
+  local bought = first_purchase_from(redis.call('HGET', pkey, PURCHASES), ts)
+  if bought and bought.ts - ts <= window then
+    redis.call('HSET', pkey, decision_id .. '|c', bought.ts)
+    if stop_loss[campaign] and arm ~= '' then
+      record_outcome(user, campaign, ts, arm, bought.amount, bought.gross)
+    end
+    emit('C', record, bought.ts, bought.ts)
+  end
+  local lane = ops[j + 14]
+  local lane_queue = queued[lane]
+  if not lane_queue then
+    lane_queue = {}
+    queued[lane] = lane_queue
+    queued_lanes[#queued_lanes + 1] = lane
+  end
+  lane_queue[#lane_queue + 1] = ts
+  lane_queue[#lane_queue + 1] = decision_id .. SEP .. user
   return outcome
 end
 
@@ -381,15 +446,18 @@ end
 local function purchase(user, ts, amount, gross)
   local pkey = pending_key(user)
   local flat = redis.call('HGETALL', pkey)
-  local stored, converted = {}, {}
+  local stored, converted, remembered = {}, {}, nil
   for k = 1, #flat, 2 do
     local field = flat[k]
-    if string.sub(field, -2) == '|c' then
+    if field == PURCHASES then
+      remembered = flat[k + 1]
+    elseif string.sub(field, -2) == '|c' then
       converted[string.sub(field, 1, -3)] = true
     else
       stored[#stored + 1] = { id = field, record = flat[k + 1] }
     end
   end
+  remember_purchase(pkey, remembered, ts, amount, gross)
   -- every open decision whose window holds the purchase converts (first purchase only), in
   -- (ts, decision_id) order, like PendingLabels.on_purchase
   local hits = {}
@@ -438,27 +506,31 @@ end
 local statuses = {}
 if settling then
   -- One ZADD per queue for up to 500 decisions (nothing reads the queues before the expiry below).
-  local function enqueue(key, delay)
-    for first = 1, #queued, 1000 do
+  local function enqueue(key, lane_queue, delay)
+    for first = 1, #lane_queue, 1000 do
       local args = {}
-      for k = first, math.min(first + 999, #queued), 2 do
-        args[#args + 1] = queued[k] + delay
-        args[#args + 1] = queued[k + 1]
+      for k = first, math.min(first + 999, #lane_queue), 2 do
+        args[#args + 1] = lane_queue[k] + delay
+        args[#args + 1] = lane_queue[k + 1]
       end
       redis.call('ZADD', key, unpack(args))
     end
   end
-  enqueue(close_key, window)
-  if elapsed > 0 then enqueue(elapsed_key, elapsed) end
+  for _, lane in ipairs(queued_lanes) do
+    local suffix = int(lane)
+    redis.call('SADD', prefix .. 'lanes', suffix)
+    enqueue(prefix .. 'pq:' .. suffix, queued[lane], window)
+    if elapsed > 0 then enqueue(prefix .. 'pe:' .. suffix, queued[lane], elapsed) end
+  end
 
-  -- Label events due before now, in event-time order (elapsed before closed on a tie, like
-  -- PendingLabels' heap of (time, 0 elapsed / 1 closed, decision_id, user)).
+  -- Label events due before their lane's clock, in event-time order across the lanes (elapsed
+  -- before closed on a tie, like PendingLabels: (time, 0 elapsed / 1 closed, decision_id, user)).
   local due = {}
-  local function collect(key, closing)
-    local found = redis.call('ZRANGEBYSCORE', key, '-inf', '(' .. int(now), 'WITHSCORES')
+  local function collect(key, closing, lane_now)
+    local found = redis.call('ZRANGEBYSCORE', key, '-inf', '(' .. int(lane_now), 'WITHSCORES')
     if #found == 0 then return end
     -- every member read here is due: remove them all at once (the same range)
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. int(now))
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. int(lane_now))
     for k = 1, #found, 2 do
       local member = found[k]
       local sep_at = string.find(member, SEP, 1, true)
@@ -468,8 +540,11 @@ if settling then
       }
     end
   end
-  if elapsed > 0 then collect(elapsed_key, 0) end
-  collect(close_key, 1)
+  for _, clock in ipairs(lane_clocks) do
+    local suffix = int(clock.lane)
+    if elapsed > 0 then collect(prefix .. 'pe:' .. suffix, 0, clock.now) end
+    collect(prefix .. 'pq:' .. suffix, 1, clock.now)
+  end
   table.sort(due, function(a, b)
     if a.at ~= b.at then return a.at < b.at end
     if a.closing ~= b.closing then return a.closing < b.closing end

@@ -1,24 +1,31 @@
-"""Kafka plumbing shared by the CLI, the worker and the tools: admin, preflight, producing."""
+"""Kafka plumbing shared by the CLI, the worker and the tools: admin, preflight, producing,
+and the one place that turns ``KafkaSecurity`` into client options (``kafka_client_options``)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+from aiokafka.conn import create_conn
+from aiokafka.errors import (
+    AuthenticationFailedError,
+    KafkaError,
+    SaslAuthenticationFailed,
+    TopicAlreadyExistsError,
+    UnsupportedSaslMechanismError,
+    for_code,
+)
 from aiokafka.partitioner import murmur2
 
 from streams.errors import ConfigError, ServiceUnavailable
-from streams.settings import TopicReplication, redact_url
-
-PRODUCER_MAX_REQUEST_BYTES = 1_000_000
-"""The largest record our producers send (their ``max_request_size``, Faust's default; the
-broker's default ``message.max.bytes`` is 1,048,588): dead letters are cut to fit it."""
+from streams.settings import KafkaSecurity, TlsFiles, TopicReplication, redact_url
 
 PRODUCER_MAX_REQUEST_BYTES = 1_000_000
 """The largest record our producers send (their ``max_request_size``, Faust's default; the
@@ -39,6 +46,78 @@ def default_partition(key: bytes, partitions: int) -> int:
     return hashed % partitions
 
 
+@dataclass(frozen=True, slots=True)
+class KafkaClientOptions:
+    """The security options every aiokafka client of ours (consumer, producer, admin) is
+    given; ``kwargs`` spreads them into a client's constructor."""
+
+    security_protocol: str = "PLAINTEXT"
+    ssl_context: ssl.SSLContext | None = None
+    sasl_mechanism: str | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: str | None = field(default=None, repr=False)
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``AIOKafkaConsumer``/``AIOKafkaProducer``/
+        ``AIOKafkaAdminClient`` (only the ones that differ from aiokafka's defaults)."""
+        if self.security_protocol == "PLAINTEXT":
+            return {}
+        options: dict[str, Any] = {"security_protocol": self.security_protocol}
+        if self.ssl_context is not None:
+            options["ssl_context"] = self.ssl_context
+        if self.sasl_mechanism is not None:
+            options["sasl_mechanism"] = self.sasl_mechanism
+            options["sasl_plain_username"] = self.sasl_plain_username
+            options["sasl_plain_password"] = self.sasl_plain_password
+        return options
+
+
+def kafka_client_options(security: KafkaSecurity | None) -> KafkaClientOptions:
+    """The options of ``security`` (None: plaintext) for aiokafka; unreadable certificate
+    files are a ``ConfigError`` that names the setting."""
+    if security is None or security.protocol == "PLAINTEXT":
+        return KafkaClientOptions()
+    context = tls_context(security.tls, "KAFKA") if security.uses_tls else None
+    return KafkaClientOptions(
+        security_protocol=security.protocol,
+        ssl_context=context,
+        sasl_mechanism=security.sasl_mechanism if security.uses_sasl else None,
+        sasl_plain_username=security.username if security.uses_sasl else None,
+        sasl_plain_password=(
+            security.password.reveal() if security.uses_sasl and security.password else None
+        ),
+    )
+
+
+def tls_context(files: TlsFiles, scope: str) -> ssl.SSLContext:
+    """A client TLS context: the server's certificate verified against ``files.cafile`` (or
+    the system's CAs), its name checked unless ``check_hostname`` is off, and the client
+    certificate shown when one is set."""
+    try:
+        context = ssl.create_default_context(
+            cafile=str(files.cafile) if files.cafile is not None else None
+        )
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"DEALSTREAM_{scope}_SSL_CAFILE={str(files.cafile)!r} is not a readable PEM CA "
+            f"bundle ({exc})"
+        ) from None
+    context.check_hostname = files.check_hostname
+    if files.certfile is not None:
+        try:
+            context.load_cert_chain(
+                str(files.certfile),
+                str(files.keyfile) if files.keyfile is not None else None,
+                files.key_password.reveal() if files.key_password is not None else None,
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"DEALSTREAM_{scope}_SSL_CERTFILE / _KEYFILE: cannot load the client "
+                f"certificate {str(files.certfile)!r} ({exc})"
+            ) from None
+    return context
+
+
 @contextlib.contextmanager
 def _quiet(logger_name: str) -> Iterator[None]:
     """Silence a library's own error logs while we turn its failure into one clear line."""
@@ -51,31 +130,99 @@ def _quiet(logger_name: str) -> Iterator[None]:
         logger.setLevel(previous)
 
 
-async def check_kafka(bootstrap: str, *, timeout_s: float = 10.0) -> None:
-    """Raise ``ServiceUnavailable`` with advice unless a broker answers a metadata request."""
+async def check_kafka(
+    bootstrap: str, *, security: KafkaSecurity | None = None, timeout_s: float = 10.0
+) -> None:
+    """Raise ``ServiceUnavailable`` with advice unless a broker answers a metadata request;
+    a refused login or TLS handshake is said as such, in one line."""
     with _quiet("aiokafka"):
-        await _check_kafka(bootstrap, timeout_s)
+        await _check_kafka(bootstrap, security, timeout_s)
 
 
-async def _check_kafka(bootstrap: str, timeout_s: float) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+async def _check_kafka(bootstrap: str, security: KafkaSecurity | None, timeout_s: float) -> None:
+    options = kafka_client_options(security)
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=5000, **options.kwargs()
+    )
     try:
         await asyncio.wait_for(admin.start(), timeout_s)
         await asyncio.wait_for(admin.list_topics(), timeout_s)
     except (TimeoutError, KafkaError, OSError) as exc:
+        # aiokafka reports every failed bootstrap as "Unable to bootstrap": ask one broker
+        # ourselves to tell a wrong password or certificate from a broker that is down.
+        why = await _why_refused(bootstrap, options, timeout_s)
         raise ServiceUnavailable(
-            f"cannot reach Kafka at {bootstrap} ({type(exc).__name__}): start it with "
-            "`make services` or set DEALSTREAM_KAFKA_BOOTSTRAP"
+            why
+            or f"cannot reach Kafka at {bootstrap} ({type(exc).__name__}): start it with "
+            "`make services` or set DEALSTREAM_KAFKA_BOOTSTRAP (and "
+            "DEALSTREAM_KAFKA_SECURITY_PROTOCOL when its listener wants TLS or SASL)"
         ) from None
     finally:
         await admin.close()
 
 
+async def _why_refused(bootstrap: str, options: KafkaClientOptions, timeout_s: float) -> str | None:
+    """Why the first broker of ``bootstrap`` refuses us, when it is the login or TLS."""
+    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
+    if not port.isdigit():
+        return None
+    settings = "DEALSTREAM_KAFKA_SECURITY_PROTOCOL and DEALSTREAM_KAFKA_SSL_*"
+    try:
+        conn = await asyncio.wait_for(
+            create_conn(
+                host or "localhost", int(port), request_timeout_ms=5000, **options.kwargs()
+            ),
+            timeout_s,
+        )
+    except (SaslAuthenticationFailed, AuthenticationFailedError):
+        return (
+            f"Kafka at {bootstrap} refused the login of user {options.sasl_plain_username!r} "
+            f"({options.sasl_mechanism}): check DEALSTREAM_KAFKA_SASL_USERNAME and "
+            "DEALSTREAM_KAFKA_SASL_PASSWORD"
+        )
+    except UnsupportedSaslMechanismError:
+        return (
+            f"Kafka at {bootstrap} does not offer SASL {options.sasl_mechanism}: set "
+            "DEALSTREAM_KAFKA_SASL_MECHANISM to one the listener enables"
+        )
+    except ssl.SSLCertVerificationError as exc:
+        return (
+            f"Kafka at {bootstrap}: its TLS certificate is not trusted ({exc.verify_message}): "
+            "check DEALSTREAM_KAFKA_SSL_CAFILE (and DEALSTREAM_KAFKA_SSL_CHECK_HOSTNAME)"
+        )
+    except ssl.SSLError as exc:
+        return f"Kafka at {bootstrap}: the TLS handshake failed ({exc.reason}): check {settings}"
+    except (TimeoutError, KafkaError, OSError):
+        return None  # down, or a listener of another protocol: the caller's advice stands
+    conn.close()
+    return None
+
+
 async def check_redis(client: aioredis.Redis, url: str, *, timeout_s: float = 5.0) -> None:
-    """Raise ``ServiceUnavailable`` with advice unless Redis answers PING."""
+    """Raise ``ServiceUnavailable`` with advice unless Redis answers PING; a refused login or
+    TLS handshake is said as such."""
     try:
         await asyncio.wait_for(client.ping(), timeout_s)
+    except aioredis.AuthenticationError:
+        raise ServiceUnavailable(
+            f"Redis at {redact_url(url)} refused the login (wrong username or password): check "
+            "DEALSTREAM_REDIS_USERNAME and DEALSTREAM_REDIS_PASSWORD"
+        ) from None
+    except aioredis.ResponseError as exc:
+        if not str(exc).startswith(("NOAUTH", "NOPERM")):
+            raise
+        raise ServiceUnavailable(
+            f"Redis at {redact_url(url)} refused us ({str(exc).splitlines()[0]}): set "
+            "DEALSTREAM_REDIS_USERNAME / DEALSTREAM_REDIS_PASSWORD to an ACL user allowed to "
+            "connect (deploy/redis/acl/)"
+        ) from None
     except (TimeoutError, OSError, aioredis.RedisError) as exc:
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, ssl.SSLError) or isinstance(exc, ssl.SSLError):
+            raise ServiceUnavailable(
+                f"Redis at {redact_url(url)}: the TLS handshake failed "
+                f"({getattr(cause, 'reason', None) or exc}): check DEALSTREAM_REDIS_SSL_*"
+            ) from None
         raise ServiceUnavailable(
             f"cannot reach Redis at {redact_url(url)} ({type(exc).__name__}): start it with "
             "`make services` or set DEALSTREAM_REDIS_URL"
@@ -88,12 +235,17 @@ async def ensure_topics(
     *,
     partitions: int,
     replication: TopicReplication | None = None,
+    security: KafkaSecurity | None = None,
 ) -> list[str]:
     """Create the topics that do not exist yet, replicated as ``replication`` says (with its
     ``min.insync.replicas``; default: one replica, for a local broker); returns the names it
     created. Existing topics are left as they are."""
     replication = replication or TopicReplication()
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap,
+        request_timeout_ms=15000,
+        **kafka_client_options(security).kwargs(),
+    )
     await admin.start()
     try:
         existing = set(await admin.list_topics())

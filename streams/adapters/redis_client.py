@@ -14,16 +14,27 @@
   by a proxy or a server ``timeout`` meanwhile) is checked with a PING before a command is sent
   on it, so that the failure, if any, comes before the command and not after.
 
+- TLS and the ACL user (``Settings.redis_security``): a ``rediss://`` URL is verified against
+  ``DEALSTREAM_REDIS_SSL_CAFILE`` (else the system's CAs), shows the client certificate of
+  ``DEALSTREAM_REDIS_SSL_CERTFILE``/``_KEYFILE`` when set and checks the server's name unless
+  ``DEALSTREAM_REDIS_SSL_CHECK_HOSTNAME=false``; ``DEALSTREAM_REDIS_USERNAME`` and
+  ``DEALSTREAM_REDIS_PASSWORD`` win over the URL's user and password, so the password need
+  not sit in a URL (docs/security-transport.md).
+
 Options in the URL's query string (``?socket_timeout=...``) take precedence, as in redis-py.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
+
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from streams.settings import Settings
+from streams.settings import RedisSecurity, Secret, Settings
 
 HEALTH_CHECK_INTERVAL_S = 30.0
 """A connection idle this long is PINGed before its next command."""
@@ -32,10 +43,53 @@ HEALTH_CHECK_INTERVAL_S = 30.0
 def redis_from_settings(settings: Settings) -> aioredis.Redis:
     """A client of ``settings.redis_url`` with the options above; connects on first use."""
     timeout = settings.redis_timeout_s
+    url = settings.redis_url.reveal()
+    security = settings.redis_security
+    parts = urlsplit(url)
+    if (security.username is not None or security.password is not None) and "@" in parts.netloc:
+        # redis-py lets the URL's user and password win over arguments: take them out of the
+        # URL, keeping whichever of the two the settings do not set.
+        security = replace(
+            security,
+            username=security.username or _unquoted(parts.username),
+            password=security.password or _secret(_unquoted(parts.password)),
+        )
+        url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
     return aioredis.Redis.from_url(
-        settings.redis_url.reveal(),
+        url,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         health_check_interval=HEALTH_CHECK_INTERVAL_S,
         retry=Retry(NoBackoff(), 0),
+        **_security_options(security, tls=urlsplit(url).scheme == "rediss"),
     )
+
+
+def _unquoted(part: str | None) -> str | None:
+    return unquote(part) if part else None
+
+
+def _secret(value: str | None) -> Secret | None:
+    return Secret(value) if value is not None else None
+
+
+def _security_options(security: RedisSecurity, *, tls: bool) -> dict[str, Any]:
+    """redis-py keyword arguments for the ACL user and, on a ``rediss://`` URL, the TLS files."""
+    options: dict[str, Any] = {}
+    if security.username is not None:
+        options["username"] = security.username
+    if security.password is not None:
+        options["password"] = security.password.reveal()
+    if tls:
+        files = security.tls
+        options["ssl_cert_reqs"] = "required"
+        options["ssl_check_hostname"] = files.check_hostname
+        if files.cafile is not None:
+            options["ssl_ca_certs"] = str(files.cafile)
+        if files.certfile is not None:
+            options["ssl_certfile"] = str(files.certfile)
+            if files.keyfile is not None:
+                options["ssl_keyfile"] = str(files.keyfile)
+            if files.key_password is not None:
+                options["ssl_password"] = files.key_password.reveal()
+    return options

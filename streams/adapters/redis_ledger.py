@@ -18,7 +18,7 @@ browsing session fall inside the decision interval of the session's first.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -160,9 +160,9 @@ class RedisLedger:
                 (name, repr(setting.margin), stop.window_ms, stop.min_decisions, stop.min_users)
             )
 
-    def labels_due(self, now_ms: int) -> bool:
+    def settle_due(self, lane: int, now_ms: int) -> bool:
         """Unknown without a round trip: ``commit_batch.lua`` expires what is due at ``settle``."""
-        del now_ms
+        del lane, now_ms
         return True
 
     def rate_limited(self, user_id: str, campaign: str, ts: int, interval_ms: int) -> bool:
@@ -186,13 +186,15 @@ class RedisLedger:
         while len(remembered) > _REMEMBERED_DECISIONS_MAX:
             del remembered[next(iter(remembered))]
 
-    async def settle(self, ops: Sequence[LedgerOp], *, now_ms: int) -> LedgerResult:
+    async def settle(
+        self, ops: Sequence[LedgerOp], *, now_ms: int, lanes: Mapping[int, int] | None = None
+    ) -> LedgerResult:
         features = self._features.take_staged() if self._features is not None else None
         outbox = None
         if self._outbox is not None and features is not None:
             drafts = [op.draft if isinstance(op, DecisionRequest) else None for op in ops]
             outbox = self._outbox.write(drafts, features.marks)
-        ledger = self._ledger_args(ops, now_ms)
+        ledger = self._ledger_args(ops, now_ms, {0: now_ms} if lanes is None else lanes)
         try:
             reply = await self._call(features, ledger, outbox)
         except BaseException as exc:
@@ -217,7 +219,9 @@ class RedisLedger:
         self._remember(ops, result.outcomes)
         return result
 
-    def _ledger_args(self, ops: Sequence[LedgerOp], now_ms: int) -> list[Any]:
+    def _ledger_args(
+        self, ops: Sequence[LedgerOp], now_ms: int, lanes: Mapping[int, int]
+    ) -> list[Any]:
         """The script's ledger section: two arguments for the whole batch (``commit_batch.lua``
         says the layout): one argument per field cost redis-py more CPU to encode than the rest
         of the call."""
@@ -257,14 +261,21 @@ class RedisLedger:
                         str(decision.arm),
                         day,
                         len(record) + 1,
+                        op.lane,
                     )
                 )
             else:
                 fields.extend(("P", hash_tag(op.user_id), op.ts, op.amount_cents, op.gross_cents))
+        clocks: list[int] = []
+        for lane, clock in lanes.items():
+            clocks.extend((lane, clock))
         return [
             now_ms,
             config.attribution_window_ms,
             config.elapsed_ms,
+            config.purchase_memory_ms,
+            len(lanes),
+            *clocks,
             len(config.stop_loss),
             *self._head,
             orjson.dumps(fields),
@@ -318,19 +329,30 @@ class RedisLedger:
         raw = await self._client.get(f"{self._prefix}b:{campaign}:{day}")
         return int(raw) if raw is not None else 0
 
+    async def _lanes(self) -> list[str]:
+        """Every lane that has had a pending-label queue (``commit_batch.lua``'s ``lanes``)."""
+        return sorted(_text(lane) for lane in await self._client.smembers(f"{self._prefix}lanes"))
+
     async def pending_count(self) -> int:
-        return int(await self._client.zcard(f"{self._prefix}pq"))
+        total = 0
+        for lane in await self._lanes():
+            total += int(await self._client.zcard(f"{self._prefix}pq:{lane}"))
+        return total
 
     async def forget(self, user_id: str) -> int:
         """Delete the user's guard state and pending decisions; returns keys removed."""
         tag = hash_tag(user_id)
         pending_key = f"{self._prefix}p:{{{tag}}}"
         fields = await self._client.hkeys(pending_key)
-        decision_ids = [_text(f) for f in fields if not _text(f).endswith("|c")]
+        # Decision ids only: not their conversions (``|c``) or the purchases (``|p``).
+        decision_ids = [
+            name for name in map(_text, fields) if not name.endswith("|c") and name[:1] != "|"
+        ]
         if decision_ids:
             members = [f"{d}\x1f{tag}" for d in decision_ids]
-            await self._client.zrem(f"{self._prefix}pq", *members)
-            await self._client.zrem(f"{self._prefix}pe", *members)
+            for lane in await self._lanes():
+                await self._client.zrem(f"{self._prefix}pq:{lane}", *members)
+                await self._client.zrem(f"{self._prefix}pe:{lane}", *members)
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.delete(f"{self._prefix}g:{{{tag}}}", pending_key)
             # After the deletion: a worker whose next call sees the new epoch forgets the

@@ -33,8 +33,9 @@ from typing import Any
 import faust
 from aiokafka import AIOKafkaProducer
 
-from streams.adapters.kafka_io import default_partition
+from streams.adapters.kafka_io import default_partition, kafka_client_options
 from streams.errors import EXIT_INTERNAL_ERROR, SinkError
+from streams.settings import KafkaSecurity
 
 log = logging.getLogger("dealstream.worker")
 
@@ -98,10 +99,13 @@ class ProducerSink:
         self._pending: list[asyncio.Future[Any]] = []
 
     @classmethod
-    def create(cls, bootstrap: str, **options: Any) -> ProducerSink:
+    def create(
+        cls, bootstrap: str, *, security: KafkaSecurity | None = None, **options: Any
+    ) -> ProducerSink:
         options.setdefault("linger_ms", 5)
         options.setdefault("acks", "all")
         options.setdefault("enable_idempotence", True)
+        options.update(kafka_client_options(security).kwargs())
         return cls(AIOKafkaProducer(bootstrap_servers=bootstrap, **options))
 
     async def start(self) -> None:
@@ -145,11 +149,14 @@ BATCH_BYTES = 512 * 1024
 class BatchSink:
     """An idempotent ``acks=all`` producer fed whole batches; see the module docstring."""
 
-    def __init__(self, bootstrap: str, **options: Any) -> None:
+    def __init__(
+        self, bootstrap: str, *, security: KafkaSecurity | None = None, **options: Any
+    ) -> None:
         options.setdefault("acks", "all")
         options.setdefault("enable_idempotence", True)
         options.setdefault("max_batch_size", BATCH_BYTES)
         options.setdefault("max_request_size", 2 * BATCH_BYTES)
+        options.update(kafka_client_options(security).kwargs())
         self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **options)
         self._partitions: dict[str, int] = {}
         self._open: dict[tuple[str, int], Any] = {}

@@ -66,18 +66,19 @@ def _format_offer(offer: dict[str, object]) -> str:
 async def _demo(demo: DemoSettings, duration_s: float, rate: float, users: int) -> int:
     from aiokafka import AIOKafkaConsumer
 
-    from streams.adapters.kafka_io import check_kafka, ensure_topics
+    from streams.adapters.kafka_io import check_kafka, ensure_topics, kafka_client_options
     from streams.cli.simulation import simulate_to_kafka
     from streams.operations.lag import LagProbe, total_lag
 
     settings = demo.settings
-    await check_kafka(settings.kafka_bootstrap)
+    await check_kafka(settings.kafka_bootstrap, security=settings.kafka_security)
     await _forget_previous_run(settings)
     await ensure_topics(
         settings.kafka_bootstrap,
         settings.topics.all,
         partitions=settings.partitions,
         replication=settings.replication,
+        security=settings.kafka_security,
     )
     log_dir = settings.state_dir
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -110,10 +111,13 @@ async def _demo(demo: DemoSettings, duration_s: float, rate: float, users: int) 
         bootstrap_servers=settings.kafka_bootstrap,
         auto_offset_reset="latest",
         enable_auto_commit=False,
+        **kafka_client_options(settings.kafka_security).kwargs(),
     )
     await consumer.start()
     await consumer.seek_to_end()
-    probe = LagProbe(settings.kafka_bootstrap)  # one set of clients for every summary line
+    probe = LagProbe(
+        settings.kafka_bootstrap, security=settings.kafka_security
+    )  # one set of clients for every summary line
     run_id = int(time.time())  # fresh users each run: no cooldowns left over from the last
     events_total = max(1, int(rate * duration_s)) if duration_s > 0 else 10**12
     simulator = asyncio.create_task(
@@ -122,6 +126,7 @@ async def _demo(demo: DemoSettings, duration_s: float, rate: float, users: int) 
             events=events_total,
             seed=run_id,
             bootstrap=settings.kafka_bootstrap,
+            security=settings.kafka_security,
             topics=settings.topics,
             rate=rate,
             user_prefix=f"demo{run_id}-u",

@@ -31,8 +31,13 @@ def run_lag_command(settings: Settings, args: argparse.Namespace) -> int:
     group = args.group or settings.group_id
 
     async def run() -> list[PartitionLag]:
-        await check_kafka(settings.kafka_bootstrap)
-        return await consumer_lag(settings.kafka_bootstrap, group, settings.topics.events)
+        await check_kafka(settings.kafka_bootstrap, security=settings.kafka_security)
+        return await consumer_lag(
+            settings.kafka_bootstrap,
+            group,
+            settings.topics.events,
+            security=settings.kafka_security,
+        )
 
     rows = asyncio.run(run())
     if args.json:

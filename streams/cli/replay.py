@@ -142,10 +142,11 @@ async def _run(settings: Settings, args: argparse.Namespace, err: TextIO) -> int
             )
         if args.source_from_offset < 0 or (args.source_to_offset or 0) < 0:
             raise ReplayError("--source-from-offset and --source-to-offset must be >= 0")
-        await check_kafka(settings.kafka_bootstrap)
+        await check_kafka(settings.kafka_bootstrap, security=settings.kafka_security)
         source = TopicSource(
             settings.kafka_bootstrap,
             args.source_topic,
+            security=settings.kafka_security,
             partitions=args.source_partition,
             from_offset=args.source_from_offset,
             to_offset=args.source_to_offset,
@@ -188,15 +189,16 @@ async def _run(settings: Settings, args: argparse.Namespace, err: TextIO) -> int
 
     sink: BatchSink | None = None
     if not options.dry_run:
-        await check_kafka(settings.kafka_bootstrap)
+        await check_kafka(settings.kafka_bootstrap, security=settings.kafka_security)
         await ensure_topics(
             settings.kafka_bootstrap,
             settings.topics.all,
             partitions=settings.partitions,
             replication=settings.replication,
+            security=settings.kafka_security,
         )
         write_checkpoint(cp_path, checkpoint)  # fails now, not after the first batch
-        sink = BatchSink(settings.kafka_bootstrap)
+        sink = BatchSink(settings.kafka_bootstrap, security=settings.kafka_security)
         await sink.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

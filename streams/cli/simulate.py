@@ -60,18 +60,20 @@ def run_simulate_command(settings: Settings, args: argparse.Namespace) -> int:
         from streams.adapters.kafka_io import check_kafka, ensure_topics
 
         async def run() -> int:
-            await check_kafka(settings.kafka_bootstrap)
+            await check_kafka(settings.kafka_bootstrap, security=settings.kafka_security)
             await ensure_topics(
                 settings.kafka_bootstrap,
                 settings.topics.all,
                 partitions=settings.partitions,
                 replication=settings.replication,
+                security=settings.kafka_security,
             )
             return await simulate_to_kafka(
                 users=args.users,
                 events=args.events,
                 seed=args.seed,
                 bootstrap=settings.kafka_bootstrap,
+                security=settings.kafka_security,
                 topics=settings.topics,
                 rate=args.rate,
                 params=world.params,

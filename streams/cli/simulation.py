@@ -29,7 +29,7 @@ from engine.analysis.simulation.params import WorldParams
 from engine.analysis.simulation.world import DEFAULT_MEAN_GAP_MS, open_loop
 from engine.campaigns import Campaign, load_campaigns
 from streams.adapters.sinks import ProducerSink
-from streams.settings import Topics
+from streams.settings import KafkaSecurity, Topics
 
 
 def write_jsonl(events: Iterator[dict[str, object]], out: IO[bytes]) -> int:
@@ -69,11 +69,12 @@ async def simulate_to_kafka(
     rate: float | None,
     user_prefix: str = "u",
     params: WorldParams | None = None,
+    security: KafkaSecurity | None = None,
 ) -> int:
     """Produce events keyed by user id; event time is the wall clock, paced at ``rate``/s."""
     start_ms = int(time.time() * 1000)
     gap_ms = 1000.0 / rate if rate else 1.0
-    sink = ProducerSink.create(bootstrap)
+    sink = ProducerSink.create(bootstrap, security=security)
     await sink.start()
     started = time.monotonic()
     sent = 0

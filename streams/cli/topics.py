@@ -18,12 +18,13 @@ def run_topics_command(settings: Settings, args: argparse.Namespace) -> int:
     from streams.adapters.kafka_io import check_kafka, ensure_topics
 
     async def run() -> list[str]:
-        await check_kafka(settings.kafka_bootstrap)
+        await check_kafka(settings.kafka_bootstrap, security=settings.kafka_security)
         return await ensure_topics(
             settings.kafka_bootstrap,
             settings.topics.all,
             partitions=settings.partitions,
             replication=settings.replication,
+            security=settings.kafka_security,
         )
 
     created = asyncio.run(run())

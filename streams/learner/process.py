@@ -43,7 +43,12 @@ from engine.errors import InvalidEvent
 from engine.model.feedback import TrainingExample
 from engine.model.prequential import OnlineLearner, PrequentialMetrics
 from engine.model.signing import signing_key_from_pem
-from streams.adapters.kafka_io import check_kafka, check_redis, ensure_topics
+from streams.adapters.kafka_io import (
+    check_kafka,
+    check_redis,
+    ensure_topics,
+    kafka_client_options,
+)
 from streams.adapters.model_store import LeaseLost, ModelStore
 from streams.adapters.redis_client import redis_from_settings
 from streams.errors import ConfigError
@@ -54,7 +59,7 @@ from streams.learner.http_endpoints import (
     learner_routes,
     serve_learner_http,
 )
-from streams.settings import ENV_PREFIX, LearnerSettings, Settings
+from streams.settings import ENV_PREFIX, KafkaSecurity, LearnerSettings, Settings
 
 log = logging.getLogger("dealstream.learner")
 
@@ -89,9 +94,15 @@ def _parse_offsets(raw: object) -> dict[TopicPartition, int]:
     return offsets
 
 
-async def topic_partitions(bootstrap: str, topic: str) -> list[int]:
+async def topic_partitions(
+    bootstrap: str, topic: str, *, security: KafkaSecurity | None = None
+) -> list[int]:
     """The partition ids of ``topic`` (empty when it does not exist)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap,
+        request_timeout_ms=15000,
+        **kafka_client_options(security).kwargs(),
+    )
     await admin.start()
     try:
         described = await admin.describe_topics([topic])
@@ -152,6 +163,7 @@ class Learner:
         try:
             trust_checkpoint = await self._resume()
             consumer = AIOKafkaConsumer(
+                **kafka_client_options(self.settings.kafka_security).kwargs(),
                 bootstrap_servers=self.settings.kafka_bootstrap,
                 group_id=self.group_id,
                 enable_auto_commit=False,
@@ -231,7 +243,9 @@ class Learner:
         return PrequentialMetrics(self.config.metrics_window)
 
     async def _assign(self, consumer: AIOKafkaConsumer, trust_checkpoint: bool) -> None:
-        partitions = await topic_partitions(self.settings.kafka_bootstrap, self.topic)
+        partitions = await topic_partitions(
+            self.settings.kafka_bootstrap, self.topic, security=self.settings.kafka_security
+        )
         if not partitions:
             raise ConfigError(f"topic {self.topic} does not exist; run `dealstream topics`")
         assigned = [TopicPartition(self.topic, p) for p in partitions]
@@ -433,12 +447,13 @@ async def _main(settings: Settings, config: LearnerSettings) -> int:
     client = redis_from_settings(settings)
     try:
         await check_redis(client, settings.redis_url.reveal())
-        await check_kafka(settings.kafka_bootstrap)
+        await check_kafka(settings.kafka_bootstrap, security=settings.kafka_security)
         await ensure_topics(
             settings.kafka_bootstrap,
             [settings.topics.training],
             partitions=settings.partitions,
             replication=settings.replication,
+            security=settings.kafka_security,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

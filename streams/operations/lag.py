@@ -24,6 +24,9 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from streams.adapters.kafka_io import kafka_client_options
+from streams.settings import KafkaSecurity
+
 FETCH_TIMEOUT_S = 3.0
 """How long a measurement waits for the records whose timestamps give the time lag."""
 
@@ -92,8 +95,10 @@ class LagProbe:
         request_timeout_ms: int = 10_000,
         fetch_timeout_s: float = FETCH_TIMEOUT_S,
         wall_clock_ms: Callable[[], int] = _wall_ms,
+        security: KafkaSecurity | None = None,
     ) -> None:
         self._bootstrap = bootstrap
+        self._security = security
         self._request_timeout_ms = request_timeout_ms
         self._fetch_timeout_s = fetch_timeout_s
         self._wall_clock_ms = wall_clock_ms
@@ -103,10 +108,14 @@ class LagProbe:
     async def start(self) -> None:
         if self._clients is not None:
             return
+        options = kafka_client_options(self._security).kwargs()
         admin = AIOKafkaAdminClient(
-            bootstrap_servers=self._bootstrap, request_timeout_ms=self._request_timeout_ms
+            bootstrap_servers=self._bootstrap,
+            request_timeout_ms=self._request_timeout_ms,
+            **options,
         )
         consumer = AIOKafkaConsumer(
+            **options,
             bootstrap_servers=self._bootstrap,
             enable_auto_commit=False,
             request_timeout_ms=self._request_timeout_ms,
@@ -223,9 +232,11 @@ class LagProbe:
             consumer.pause(*positions)
 
 
-async def consumer_lag(bootstrap: str, group: str, topics: Sequence[str]) -> list[PartitionLag]:
+async def consumer_lag(
+    bootstrap: str, group: str, topics: Sequence[str], *, security: KafkaSecurity | None = None
+) -> list[PartitionLag]:
     """One measurement of ``group``'s lag on ``topics`` (opens and closes its own clients)."""
-    probe = LagProbe(bootstrap)
+    probe = LagProbe(bootstrap, security=security)
     try:
         return await probe.measure(group, topics)
     finally:

@@ -240,6 +240,12 @@ class WorkerMetrics:
             "bounded by DEALSTREAM_STATE_CACHE_USERS, about 2.2 KB each).",
             registry=r,
         )
+        self.events_held = Gauge(
+            "dealstream_events_held",
+            "Events consumed and held back until every lagging topic of their partition has "
+            "caught up with their event time (docs/delivery.md); bounded by pausing.",
+            registry=r,
+        )
         self.pending_labels = Gauge(
             "dealstream_pending_labels",
             "Decisions waiting for a label (purchase or window expiry), all campaigns; shared.",
@@ -428,15 +434,17 @@ class TimedLedger:
         self.inner = inner
         self._observe = observe
 
-    async def settle(self, ops: Sequence[LedgerOp], *, now_ms: int) -> LedgerResult:
+    async def settle(
+        self, ops: Sequence[LedgerOp], *, now_ms: int, lanes: Mapping[int, int] | None = None
+    ) -> LedgerResult:
         started = time.perf_counter()
         try:
-            return await self.inner.settle(ops, now_ms=now_ms)
+            return await self.inner.settle(ops, now_ms=now_ms, lanes=lanes)
         finally:
             self._observe(time.perf_counter() - started)
 
-    def labels_due(self, now_ms: int) -> bool:
-        return self.inner.labels_due(now_ms)
+    def settle_due(self, lane: int, now_ms: int) -> bool:
+        return self.inner.settle_due(lane, now_ms)
 
     def rate_limited(self, user_id: str, campaign: str, ts: int, interval_ms: int) -> bool:
         return self.inner.rate_limited(user_id, campaign, ts, interval_ms)

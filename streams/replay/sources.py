@@ -23,7 +23,9 @@ from engine.importers import FORMATS, detect_format
 from engine.importers.base import ImportRun, UnknownFormat
 from engine.importers.dunnhumby import PRODUCTS_FILE, import_dunnhumby
 from engine.ports import SourceItem
+from streams.adapters.kafka_io import kafka_client_options
 from streams.replay.checkpoint import ReplayError, file_identity
+from streams.settings import KafkaSecurity
 
 __all__ = ["FileSource", "TopicSource"]
 
@@ -128,8 +130,10 @@ class TopicSource:
         partitions: list[int] | None = None,
         from_offset: int = 0,
         to_offset: int | None = None,
+        security: KafkaSecurity | None = None,
     ) -> None:
         self.bootstrap = bootstrap
+        self._security = security
         self.topic = topic
         self.name = topic
         self._partitions = partitions
@@ -146,7 +150,11 @@ class TopicSource:
         if saved is not None and saved.get("ranges"):
             self.ranges = {str(p): [int(a), int(b)] for p, a, b in _triples(saved["ranges"])}
             return
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False)
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            enable_auto_commit=False,
+            **kafka_client_options(self._security).kwargs(),
+        )
         await consumer.start()
         try:
             known = consumer.partitions_for_topic(self.topic)
@@ -194,7 +202,10 @@ class TopicSource:
         if not todo:
             return
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, enable_auto_commit=False, max_poll_records=5000
+            bootstrap_servers=self.bootstrap,
+            enable_auto_commit=False,
+            max_poll_records=5000,
+            **kafka_client_options(self._security).kwargs(),
         )
         await consumer.start()
         try:

@@ -1,7 +1,9 @@
-"""The worker's batch step, independent of Faust: decode, run the engine, emit the results.
+"""The worker's batch step, independent of Faust: decode, align, run the engine, emit.
 
+Decoded events go through the event-time aligner (``engine/alignment.py``): the engine runs on
+what it releases, so a decision never sees an event a lagging topic had not delivered yet.
 Every consumed record ends in exactly one bucket of ``WorkerCounters``:
-consumed = applied + redelivered + duplicates + late + dead-lettered.
+consumed = applied + redelivered + duplicates + late + dead-lettered + held + handed back.
 Outputs published again from the outbox after a crash are counted apart (``republished``).
 """
 
@@ -10,11 +12,12 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import orjson
 
+from engine.alignment import EventTimeAligner, SourcePartition
 from engine.features.store import UpdateStatus
 from engine.pipeline import BatchResult, DiscountEngine, Incoming
 from engine.ports import RecordSink
@@ -42,6 +45,10 @@ class WorkerCounters:
     batches: int = 0
     republished: int = 0
     """Offers, decisions and training examples published again from the outbox."""
+    held: int = 0
+    """Consumed events the aligner holds now, waiting for a lagging topic of their lane."""
+    handed_back: int = 0
+    """Held events dropped on a revoke: the partitions' next owner reads them again."""
 
     def balanced(self) -> bool:
         """The accounting invariant: nothing consumed went unaccounted for."""
@@ -51,6 +58,8 @@ class WorkerCounters:
             + self.duplicates
             + self.late
             + sum(self.dead_lettered.values())
+            + self.held
+            + self.handed_back
         )
         return accounted == self.consumed
 
@@ -67,7 +76,19 @@ class WorkerCounters:
             "training": self.training,
             "batches": self.batches,
             "republished": self.republished,
+            "held": self.held,
+            "handed_back": self.handed_back,
         }
+
+
+@dataclass(slots=True)
+class _Admitted:
+    """One call's records, decoded and pushed into the aligner, and what it released: kept
+    until the engine ran them, so that a retried call runs the same events again."""
+
+    records: Sequence[RawRecord]
+    dead: list[DeadLetter]
+    released: list[Incoming]
 
 
 _STATUS_FIELD = {
@@ -82,7 +103,10 @@ class BatchWorker:
     """Runs one micro-batch of raw records through the engine and sends what comes out.
 
     ``metrics`` (built by the composition root) receives every batch's counts; without one the
-    worker keeps a private ``WorkerMetrics`` nobody scrapes.
+    worker keeps a private ``WorkerMetrics`` nobody scrapes. ``aligner`` holds decoded events
+    until their lane's low watermark passes them (by default one over ``topics.events``; the
+    event consumer reads its held offsets and counts); ``batch_max`` caps what one call releases
+    to the engine (None: no cap).
     """
 
     def __init__(
@@ -95,6 +119,8 @@ class BatchWorker:
         wall_clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         metrics: WorkerMetrics | None = None,
         crash_points: CrashPoints | None = None,
+        aligner: EventTimeAligner | None = None,
+        batch_max: int | None = None,
     ) -> None:
         self.engine = engine
         self.sink = sink
@@ -105,17 +131,40 @@ class BatchWorker:
         self._wall_clock_ms = wall_clock_ms
         self._dead_letter_log = DeadLetterLog(log)
         self._crash_points = crash_points if crash_points is not None else CrashPoints()
+        self.aligner = aligner if aligner is not None else EventTimeAligner(topics.events)
+        self.batch_max = batch_max
+        self._admitted: _Admitted | None = None
 
-    async def handle(self, records: Sequence[RawRecord]) -> BatchResult:
+    async def handle(
+        self, records: Sequence[RawRecord], lagging: Collection[SourcePartition] = ()
+    ) -> BatchResult:
+        """Decode ``records``, push them into the aligner and run the engine on what it
+        releases (at most ``batch_max``; the consumer calls again while more is ready).
+
+        ``lagging``: the (topic, partition)s the consumer knows have records it has not fetched
+        yet (their lanes wait for them); every other one counts as caught up. A call that
+        raised, made again with the same ``records`` object (``retry_on_redis``), runs the same
+        released events again instead of pushing the records twice.
+        """
         now_ms = self._wall_clock_ms()
-        incoming: list[Incoming] = []
-        dead: list[DeadLetter] = []
-        for record in records:
-            decoded = decode_record(record, topics=self.topics, limits=self.limits, now_ms=now_ms)
-            if isinstance(decoded, DeadLetter):
-                dead.append(decoded)
-            else:
-                incoming.append(decoded)
+        admitted = self._admitted
+        if admitted is None or admitted.records is not records:
+            admitted = self._admitted = self._admit(records, lagging, now_ms)
+        incoming, dead = admitted.released, admitted.dead
+        if not incoming and not dead:  # all held (or nothing new): no engine call
+            self._admitted = None
+            empty = BatchResult(statuses=[])
+            self._count(admitted, empty)
+            if records:
+                self.metrics.record_batch(
+                    records,
+                    empty,
+                    (),
+                    type_of=self.topics.event_type_of,
+                    now_ms=now_ms,
+                    spend_cents={},
+                )
+            return empty
         for attempt in range(1, STALE_RETRIES + 1):
             try:
                 result = await self.engine.process(incoming, wall_clock_ms=now_ms)
@@ -125,23 +174,15 @@ class BatchWorker:
                 # again on records read afresh.
                 if attempt == STALE_RETRIES:
                     raise
+        self._admitted = None
         self._crash_points.reached("after_batch_call")
         await self._emit(result, dead)
         self._crash_points.reached("after_send")
         if dead:
             self._dead_letter_log.log(dead, now_ms / 1000)
         log_outputs(log, result.offers, result.decisions)
-        counters = self.counters
-        counters.consumed += len(records)
-        counters.batches += 1
-        for status in result.statuses:
-            name = _STATUS_FIELD[status]
-            setattr(counters, name, getattr(counters, name) + 1)
-        for letter in dead:
-            counters.dead_lettered[letter.code] += 1
-        counters.offers += len(result.offers)
-        counters.decisions += len(result.decisions)
-        counters.training += len(result.training)
+        self._count(admitted, result)
+        self.counters.batches += 1
         self.metrics.record_batch(
             records,
             result,
@@ -151,6 +192,43 @@ class BatchWorker:
             spend_cents=result.spend_cents,
         )
         return result
+
+    def on_assigned(self, partitions: Iterable[SourcePartition]) -> None:
+        """Nothing to do: a new assignment's records arrive by the consumer."""
+
+    def on_revoked(self, partitions: Iterable[SourcePartition]) -> None:
+        """Drop the held events of the revoked partitions: they are beyond the committed
+        offsets, so their next owner (maybe this worker) reads them again."""
+        counters = self.counters
+        counters.handed_back += self.aligner.drop(partitions)
+        counters.held = self.aligner.held()
+
+    def _admit(
+        self, records: Sequence[RawRecord], lagging: Collection[SourcePartition], now_ms: int
+    ) -> _Admitted:
+        incoming: list[Incoming] = []
+        dead: list[DeadLetter] = []
+        for record in records:
+            decoded = decode_record(record, topics=self.topics, limits=self.limits, now_ms=now_ms)
+            if isinstance(decoded, DeadLetter):
+                dead.append(decoded)
+            else:
+                incoming.append(decoded)
+        self.aligner.push(incoming, lagging=lagging)
+        return _Admitted(records, dead, self.aligner.release(self.batch_max))
+
+    def _count(self, admitted: _Admitted, result: BatchResult) -> None:
+        counters = self.counters
+        counters.consumed += len(admitted.records)
+        for status in result.statuses:
+            name = _STATUS_FIELD[status]
+            setattr(counters, name, getattr(counters, name) + 1)
+        for letter in admitted.dead:
+            counters.dead_lettered[letter.code] += 1
+        counters.offers += len(result.offers)
+        counters.decisions += len(result.decisions)
+        counters.training += len(result.training)
+        counters.held = self.aligner.held()
 
     async def republish(self, result: BatchResult) -> None:
         """Send the outputs of a batch settled before a crash (its outbox entry) again."""

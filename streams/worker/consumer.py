@@ -3,16 +3,28 @@
 ``EventConsumer`` is a mode ``Service`` the Faust app starts with its other services (Faust
 itself consumes nothing: ``streams/worker/faust_app.py``). One loop, one batch ahead:
 
-1. ``getmany(timeout_ms=batch_within_s)`` over the three event topics, merged by Kafka
-   timestamp (``in_time_order``) into batches of up to ``batch_max`` records;
+1. ``getmany(timeout_ms=batch_within_s)`` over the three event topics, cut into pieces of up
+   to ``batch_max`` records (``in_time_order``: by Kafka timestamp, so the topics are handed
+   over together), with the partitions that lag (below);
 2. batch k+1 goes to the handler (``BatchWorker.handle`` with its retry/exit policy) while
-   batch k's outputs are acknowledged and its offsets committed (step 4, in a task);
+   batch k's outputs are acknowledged and its offsets committed (step 4, in a task); the
+   handler's aligner releases at most ``batch_max`` events per call, and the loop calls again
+   with no records while it has more ready;
 3. ``sink.delivery()`` hands over batch k+1's outputs: what it returns completes once Kafka
    acknowledged every one of them (or raises), whatever is sent after;
 4. the loop waits until batch k is committed (and stops the worker if batch k's delivery
    failed: nothing later is committed either), then starts batch k+1's task: wait for its
    delivery, then commit the next offset of each partition in the batch, to the group
    ``settings.group_id`` (the one ``dealstream lag``, the metrics and the alerts read).
+
+Event-time alignment (``engine/alignment.py``, docs/delivery.md): the handler holds each
+decoded event until no *lagging* partition of its lane (partition n of every topic) can still
+deliver an earlier one. After each fetch the consumer says which assigned partitions lag: the
+fetch position is below the last fetch response's high watermark (no response yet: unknown,
+counted as caught up so that nothing stalls), or records fetched are not handed over yet. A
+partition is committed only up to its first held event (``HeldEvents.first_held``), and paused
+while it holds more than ``hold_max`` events (4 batches), resumed at half; a loop that fetched
+nothing still calls the handler while events are held (a partition may have caught up).
 
 Commits are therefore in batch order, and each only after its batch's outputs, and every
 earlier batch's, were acknowledged. A kill at any point leaves the committed offsets at or
@@ -34,9 +46,10 @@ not guarantee that. ``tests/integration/test_event_consumer.py`` checks it with 
 
 On a rebalance, ``on_partitions_revoked``, in this order: waits for the batch being handled
 (the ``_in_flight`` lock), then for it and the batch before it to be delivered and committed
-(nothing else is uncommitted; the fetched records not yet handled are dropped and read again
-by the partitions' next owner); stops handling until the next assignment; tells the observer
-(the feature store, which drops the records it held, and the status page).
+(nothing else is uncommitted but held events and fetched records not yet handled: both are
+dropped and read again by the partitions' next owner); stops handling until the next
+assignment; tells the observer (the feature store, which drops the records it held, the batch
+worker, which drops the events its aligner held, and the status page).
 ``on_partitions_assigned`` holds the same lock while it runs ``on_assigned`` (the worker's
 rewinds the partitions Redis is behind on, or stops it: ``streams/worker/resume.py``; then
 publishes again what the outbox holds uncommitted: ``streams/worker/recovery.py``), so no batch
@@ -53,12 +66,21 @@ import heapq
 import itertools
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.errors import CommitFailedError, KafkaError
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.structs import OffsetAndMetadata
 from mode import Service
 
@@ -69,14 +91,28 @@ from streams.worker.crash_points import CrashPoints
 
 log = logging.getLogger("dealstream.worker")
 
-BatchHandler = Callable[[Sequence[RawRecord]], Awaitable[None]]
+TopicPartitionKey = tuple[str, int]
+BatchHandler = Callable[[Sequence[RawRecord], Collection[TopicPartitionKey]], Awaitable[object]]
+"""Handles records; the second argument names the partitions known to have records not yet
+handed over (``BatchWorker.handle``: its aligner holds back what they may precede)."""
 FatalHandler = Callable[[BaseException], None]
 AssignedHook = Callable[[AIOKafkaConsumer, Sequence[TopicPartition]], Awaitable[None]]
 """Runs on every assignment before any record of it is fetched; may seek (``ResumeFromRedis``)
 and publish (``RepublishOutbox``)."""
-TopicPartitionKey = tuple[str, int]
 CommittedHook = Callable[[Mapping[TopicPartitionKey, int]], None]
 """Told of every successful commit: the next offset to read per partition (``Outbox``)."""
+
+
+class HeldEvents(Protocol):
+    """What the handler holds back (``engine.alignment.EventTimeAligner``): the consumer commits
+    no further than it, pauses partitions that hold too much, and calls again while more is
+    ready."""
+
+    def first_held(self) -> dict[TopicPartitionKey, int]: ...
+
+    def held_per_partition(self) -> dict[TopicPartitionKey, int]: ...
+
+    def ready(self) -> int: ...
 
 
 class AssignmentObserver(Protocol):
@@ -115,12 +151,13 @@ def exit_worker(exc: BaseException) -> None:
 def in_time_order(
     fetched: Mapping[TopicPartition, Sequence[Any]], topics: Sequence[str], batch_max: int
 ) -> Iterator[list[Any]]:
-    """The fetched records merged by Kafka timestamp into batches of ``batch_max``.
+    """The fetched records merged by Kafka timestamp into batches of ``batch_max``: the order
+    they are handed over in.
 
-    A user's view and the purchase that follows it are on two topics: handled in fetch order,
-    a whole partition of purchases could come before the views they follow (and then label no
-    decision). Each partition keeps its own order (``heapq.merge`` never reorders an input);
-    on equal timestamps the topics come in the order given (browse, search, purchase).
+    Event-time order is the aligner's job (``engine/alignment.py``); handing the topics over
+    together, by when they were produced, keeps what it must hold small. Each partition keeps
+    its own order (``heapq.merge`` never reorders an input); on equal timestamps the topics
+    come in the order given (browse, search, purchase).
 
     >>> from types import SimpleNamespace as R
     >>> views = [R(topic="b", timestamp=t, offset=t) for t in (1, 3, 5)]
@@ -138,6 +175,10 @@ def in_time_order(
 
 def _timestamp(record: Any) -> int:
     return int(record.timestamp or 0)
+
+
+HOLD_BATCHES = 4
+"""A partition whose held events exceed this many batches is paused (``hold_max``)."""
 
 
 class EventConsumer(Service):
@@ -160,6 +201,8 @@ class EventConsumer(Service):
         on_assigned: AssignedHook | None = None,
         on_committed: CommittedHook | None = None,
         crash_points: CrashPoints | None = None,
+        held: HeldEvents | None = None,
+        hold_max: int | None = None,
     ) -> None:
         super().__init__()
         self.bootstrap = bootstrap
@@ -190,6 +233,14 @@ class EventConsumer(Service):
         self._loop_task: asyncio.Task[None] | None = None
         self._generation = 0
         """Counts assignments: records fetched under an earlier one are not handled."""
+        self.held = held
+        self.hold_max = hold_max if hold_max is not None else HOLD_BATCHES * batch_max
+        """A partition holding more than this is paused until it holds half as much."""
+        self._paused: set[TopicPartition] = set()
+        self._handed_to: dict[TopicPartition, int] = {}
+        """Per partition, the offset after the last record handed to ``handle``."""
+        self._commit_to: dict[TopicPartition, int] = {}
+        """Per partition, the offset last sent to commit (or the first one handed over)."""
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -237,42 +288,111 @@ class EventConsumer(Service):
                 # would fill the batch from the first partitions alone.
                 fetched = await consumer.getmany(timeout_ms=self.batch_timeout_ms)
                 generation = self._generation
-                batches = in_time_order(fetched, self.topics, self.batch_max)
-                for batch in batches:
+                batches = list(in_time_order(fetched, self.topics, self.batch_max))
+                if not batches and self.held is not None and self.held.held_per_partition():
+                    batches = [[]]  # nothing fetched: what became releasable still goes
+                lagging = await self._lagging(consumer) if batches else frozenset()
+                # Records fetched but not handed over yet: their partitions lag too.
+                unhanded = Counter((r.topic, r.partition) for batch in batches for r in batch)
+                for index, batch in enumerate(batches):
                     async with self._in_flight:
                         if self._stopping:
                             break  # the rest is read again from the committed offsets
                         if self._rebalancing or generation != self._generation:
                             # Fetched before or during a rebalance: read again by whoever
                             # owns the partitions now (this worker too).
-                            await self._unread(consumer, itertools.chain(batch, *batches))
+                            await self._unread(consumer, itertools.chain(*batches[index:]))
                             break
-                        await self._process(consumer, batch)
+                        unhanded.subtract((r.topic, r.partition) for r in batch)
+                        behind = lagging | {key for key, n in unhanded.items() if n > 0}
+                        await self._process(consumer, batch, behind)
+                        while self.held is not None and self.held.ready() and not self._stopping:
+                            await self._process(consumer, [], behind)
+                        self._pause_or_resume(consumer)
             await self._finished()
         except Exception as exc:
             self.on_fatal(exc)
 
-    async def _process(self, consumer: AIOKafkaConsumer, batch: Sequence[Any]) -> None:
+    async def _process(
+        self,
+        consumer: AIOKafkaConsumer,
+        batch: Sequence[Any],
+        lagging: Collection[TopicPartitionKey] = frozenset(),
+    ) -> None:
         # A rebalance may have revoked partitions between the fetch and now: their records
         # belong to whoever owns them next.
         assigned = consumer.assignment()
         counts = {topic: len(consumer.partitions_for_topic(topic) or ()) for topic in self.topics}
         records: list[RawRecord] = []
-        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
         for record in batch:
             tp = TopicPartition(record.topic, record.partition)
             if tp not in assigned:
                 continue
             records.append(raw_record(record, counts.get(record.topic) or None))
-            offsets[tp] = OffsetAndMetadata(record.offset + 1, "")
-        if not records:
+            self._commit_to.setdefault(tp, record.offset)
+            self._handed_to[tp] = record.offset + 1
+        if not records and self.held is None:
             return
-        await self.handle(records)
+        await self.handle(records, lagging)
+        offsets = self._commit_points(assigned)
+        if not offsets:
+            return  # all held: outputs sent meanwhile (dead letters) go with the next delivery
         delivered = await self.sink.delivery()
         await self._finished()  # the batch before: committed, or its failure raised here
         self._finishing = asyncio.create_task(
             self._finish(consumer, delivered, offsets), name="dealstream-event-commit"
         )
+
+    def _commit_points(
+        self, assigned: Collection[TopicPartition]
+    ) -> dict[TopicPartition, OffsetAndMetadata]:
+        """The partitions whose commit can move: to the first event held, or past the last
+        record handed over when none is held (a held event must be read again after a crash)."""
+        first_held = self.held.first_held() if self.held is not None else {}
+        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        for tp, end in self._handed_to.items():
+            point = min(end, first_held.get((tp.topic, tp.partition), end))
+            if tp in assigned and point > self._commit_to.get(tp, point):
+                offsets[tp] = OffsetAndMetadata(point, "")
+                self._commit_to[tp] = point
+        return offsets
+
+    async def _lagging(self, consumer: AIOKafkaConsumer) -> frozenset[TopicPartitionKey]:
+        """The assigned partitions known to have records past the fetch position (the last
+        fetch response's high watermark). Unknown (no fetch response yet) counts as caught up:
+        a quiet or slow-to-answer partition must never stall the others."""
+        if self.held is None:
+            return frozenset()
+        behind: set[TopicPartitionKey] = set()
+        for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            if highwater is None:
+                continue
+            try:
+                position = await consumer.position(tp)
+            except IllegalStateError:  # revoked meanwhile
+                continue
+            if position < highwater:
+                behind.add((tp.topic, tp.partition))
+        return frozenset(behind)
+
+    def _pause_or_resume(self, consumer: AIOKafkaConsumer) -> None:
+        """Backpressure: stop fetching a partition while it holds more than ``hold_max``
+        events (a replay of history must not fill memory); fetch again at half of it."""
+        if self.held is None:
+            return
+        held = self.held.held_per_partition()
+        assigned = consumer.assignment()
+        for key, count in held.items():
+            tp = TopicPartition(*key)
+            if count > self.hold_max and tp not in self._paused and tp in assigned:
+                consumer.pause(tp)
+                self._paused.add(tp)
+        for tp in list(self._paused):
+            if held.get((tp.topic, tp.partition), 0) <= self.hold_max // 2:
+                if tp in assigned:
+                    consumer.resume(tp)
+                self._paused.discard(tp)
 
     async def _unread(self, consumer: AIOKafkaConsumer, records: Iterable[Any]) -> None:
         """Put the fetcher of each assigned partition back to the first of ``records`` it has
@@ -335,6 +455,11 @@ class EventConsumer(Service):
         async with self._in_flight:  # 1. the batch being handled is handled
             await self._settled()  # 2. it (and the one before) delivered and committed
             self._rebalancing = True  # 3. nothing more handled until the next assignment
+            # Held events are beyond the committed offsets: read again from there.
+            for tp in revoked:
+                self._handed_to.pop(tp, None)
+                self._commit_to.pop(tp, None)
+                self._paused.discard(tp)
         keys = [(tp.topic, tp.partition) for tp in revoked]
         if self.observer is not None:
             self.observer.on_revoked(keys)

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from faust.transport.drivers.aiokafka import Producer as AIOKafkaDriverProducer
 from engine.campaigns import default_campaigns, load_campaigns
 from engine.pipeline import DiscountEngine
 from streams.adapters.decode import DecodeLimits, RawRecord
-from streams.adapters.kafka_io import PRODUCER_MAX_REQUEST_BYTES
+from streams.adapters.kafka_io import PRODUCER_MAX_REQUEST_BYTES, kafka_client_options
 from streams.adapters.model_store import ModelReloader, ModelStore
 from streams.adapters.outbox import Outbox
 from streams.adapters.redis_client import redis_from_settings
@@ -42,7 +42,7 @@ from streams.errors import (
 )
 from streams.operations.lag import LagProbe
 from streams.operations.metrics import TimedFeatureStore, TimedLedger, WorkerMetrics
-from streams.settings import Settings
+from streams.settings import KafkaSecurity, Settings
 from streams.worker.batch_worker import BatchWorker
 from streams.worker.consumer import AssignmentObserver, EventConsumer, TopicPartitionKey
 from streams.worker.crash_points import CrashPoints
@@ -151,7 +151,11 @@ async def reload_model(runtime: Runtime) -> None:
 
 
 async def _handle_until_done(
-    worker: BatchWorker, records: Sequence[RawRecord], *, deadline_s: float
+    worker: BatchWorker,
+    records: Sequence[RawRecord],
+    lagging: Collection[TopicPartitionKey],
+    *,
+    deadline_s: float,
 ) -> None:
     """Run one batch, retried while Redis fails it in a way that can heal (``retry_on_redis``).
 
@@ -169,7 +173,7 @@ async def _handle_until_done(
     try:
         # Outputs are handed to the producer here; the event consumer waits for their
         # delivery (FaustSink.delivery) before it commits the batch's offsets.
-        await retry_on_redis(lambda: worker.handle(records), deadline_s=deadline_s)
+        await retry_on_redis(lambda: worker.handle(records, lagging), deadline_s=deadline_s)
     except RedisBatchFailed as stop:
         log.critical(
             "Redis failed the batch; stopping the worker",
@@ -226,6 +230,22 @@ class IdempotentProducer(AIOKafkaDriverProducer):
         return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
 
 
+def faust_credentials(security: KafkaSecurity) -> faust.types.auth.CredentialsT | None:
+    """Faust's ``broker_credentials`` for ``security``: the same TLS context and SASL login
+    as every other client of ours (``kafka_client_options``); None for plaintext."""
+    options = kafka_client_options(security)
+    if options.sasl_mechanism is not None:
+        return faust.SASLCredentials(
+            username=options.sasl_plain_username,
+            password=options.sasl_plain_password,
+            ssl_context=options.ssl_context,
+            mechanism=options.sasl_mechanism,
+        )
+    if options.ssl_context is not None:
+        return faust.SSLCredentials(options.ssl_context)
+    return None
+
+
 def faust_app_id(group_id: str) -> str:
     """The Faust app's id, apart from the events' consumer group.
 
@@ -243,6 +263,7 @@ def create_app(runtime: Runtime) -> faust.App:
     app = faust.App(
         faust_app_id(settings.group_id),
         broker=f"kafka://{settings.kafka_bootstrap}",
+        broker_credentials=faust_credentials(settings.kafka_security),
         key_serializer="raw",
         value_serializer="raw",
         store="memory://",
@@ -275,12 +296,14 @@ def create_app(runtime: Runtime) -> faust.App:
         ),
         metrics=runtime.metrics,
         crash_points=runtime.crash_points,
+        batch_max=settings.batch_max,
     )
+    runtime.metrics.events_held.set_function(worker.aligner.held)
     status = WorkerStatus(
         worker,
         redis=runtime.redis,
         group=settings.group_id,
-        probe=LagProbe(settings.kafka_bootstrap),
+        probe=LagProbe(settings.kafka_bootstrap, security=settings.kafka_security),
         model_store=ModelStore(runtime.redis, prefix=settings.redis_prefix),
     )
     app.boot_strategy = _ServingOnly(app)
@@ -289,8 +312,10 @@ def create_app(runtime: Runtime) -> faust.App:
     stopping: list[asyncio.Future[None]] = []
     """Fault tests only (``stop_consumer``): the consumer's stop, kept referenced."""
 
-    async def handle(records: Sequence[RawRecord]) -> None:
-        await _handle_until_done(worker, records, deadline_s=settings.redis_retry_deadline_s)
+    async def handle(records: Sequence[RawRecord], lagging: Collection[TopicPartitionKey]) -> None:
+        await _handle_until_done(
+            worker, records, lagging, deadline_s=settings.redis_retry_deadline_s
+        )
         if runtime.crash_points.stop_consumer_now():
             stopping.append(asyncio.ensure_future(consumer.stop()))
 
@@ -315,10 +340,13 @@ def create_app(runtime: Runtime) -> faust.App:
         batch_max=settings.batch_max,
         batch_within_s=settings.batch_within_s,
         session_timeout_s=settings.session_timeout_s,
-        observer=_FollowAssignment(runtime.features, runtime.outbox, status),
+        # The worker drops the events its aligner held of revoked partitions.
+        observer=_FollowAssignment(runtime.features, worker, runtime.outbox, status),
         on_assigned=on_assigned,
         on_committed=runtime.outbox.committed,
         crash_points=runtime.crash_points,
+        held=worker.aligner,
+        client_options=kafka_client_options(settings.kafka_security).kwargs(),
     )
     status.consumer = consumer
     app.service(consumer)  # type: ignore[arg-type]

@@ -30,12 +30,13 @@ def run_worker(settings: Settings, verify_key: Ed25519PublicKey | None = None) -
 
     async def preflight() -> None:
         await check_redis(runtime.redis, settings.redis_url.reveal())
-        await check_kafka(settings.kafka_bootstrap)
+        await check_kafka(settings.kafka_bootstrap, security=settings.kafka_security)
         created = await ensure_topics(
             settings.kafka_bootstrap,
             settings.topics.all,
             partitions=settings.partitions,
             replication=settings.replication,
+            security=settings.kafka_security,
         )
         if created:
             log.info("created topics %s", ", ".join(created))

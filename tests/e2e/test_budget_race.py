@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-import redis.asyncio as aioredis
 
 from engine.analysis.simulation.world import open_loop
 from engine.campaigns import load_campaigns
@@ -59,7 +58,11 @@ def test_two_workers_never_overspend_a_shared_budget(
     start_ms = max(now - 3600 * 1000, now // 86_400_000 * 86_400_000)
     events = list(open_loop(users=200, events=3000, seed=11, start_ms=start_ms, mean_gap_ms=5))
     by_id = {str(e["event_id"]): parse_event(e) for e in events}
-    asyncio.run(ensure_topics(services.kafka_bootstrap, topics.all, partitions=4))
+    asyncio.run(
+        ensure_topics(
+            services.kafka_bootstrap, topics.all, partitions=4, security=services.kafka_security
+        )
+    )
 
     workers = [
         WorkerProcess(
@@ -112,7 +115,7 @@ def test_two_workers_never_overspend_a_shared_budget(
     ]
 
     async def spent() -> int:
-        client = aioredis.Redis.from_url(services.redis_url)
+        client = services.redis()
         try:
             ledger = RedisLedger(
                 client, prefix=isolation.redis_prefix, config=LedgerConfig(attribution_window_ms=1)

@@ -157,10 +157,14 @@ def running_worker(
     events = list(
         open_loop(users=80, events=EVENTS, seed=5, start_ms=now_ms - 600_000, mean_gap_ms=500)
     )
-    asyncio.run(ensure_topics(services.kafka_bootstrap, topics.all, partitions=2))
+    asyncio.run(
+        ensure_topics(
+            services.kafka_bootstrap, topics.all, partitions=2, security=services.kafka_security
+        )
+    )
     poison = (topics.browse, b"poison", b"{not json")  # one dead letter
     asyncio.run(produce_events(services, topics, events, raw=[poison]))
-    assert asyncio.run(publish_trained(services.redis_url, isolation.redis_prefix)) == PUBLISHED
+    assert asyncio.run(publish_trained(services.redis(), isolation.redis_prefix)) == PUBLISHED
     env = worker_env(
         services, isolation, http_port=free_port, campaigns=campaigns, http_token=TOKEN
     )

@@ -25,7 +25,6 @@ from typing import Any
 
 import orjson
 import pytest
-import redis.asyncio as aioredis
 
 from engine.analysis.simulation.world import open_loop
 from engine.model.prequential import PrequentialMetrics
@@ -171,7 +170,7 @@ async def publish_learner_checkpoint(services: Services, isolation: Isolation) -
     metrics = PrequentialMetrics(window=100)
     for p, y in [(0.9, 1), (0.3, 0), (0.8, 1), (0.4, 0), (0.6, 1), (0.2, 0), (0.7, 0)]:
         metrics.update(p, y)
-    client = aioredis.Redis.from_url(services.redis_url)
+    client = services.redis()
     try:
         store = ModelStore(client, prefix=isolation.redis_prefix)
         checkpoint = {"version": "lr-7", "offsets": {}, "metrics": metrics.to_state()}
@@ -187,7 +186,11 @@ def live_worker(
     campaigns = tmp_path / "campaigns.toml"
     campaigns.write_text(CAMPAIGNS)
     topics = Topics(isolation.topic_prefix)
-    asyncio.run(ensure_topics(services.kafka_bootstrap, topics.all, partitions=2))
+    asyncio.run(
+        ensure_topics(
+            services.kafka_bootstrap, topics.all, partitions=2, security=services.kafka_security
+        )
+    )
     asyncio.run(publish_learner_checkpoint(services, isolation))
     worker = WorkerProcess(
         worker_env(services, isolation, http_port=free_port, campaigns=campaigns),

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import orjson
 import pytest
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer
 
 from engine.analysis.simulation.world import open_loop
@@ -31,7 +30,7 @@ def version_number(version: str) -> int:
 
 
 async def latest_version(services: Services, isolation: Isolation) -> str | None:
-    client = aioredis.Redis.from_url(services.redis_url)
+    client = services.redis()
     try:
         return await ModelStore(client, prefix=isolation.redis_prefix).latest_version()
     finally:
@@ -52,7 +51,10 @@ async def wait_for_version(
 
 async def decisions_after(services: Services, topic: str, after_ts: int) -> list[dict]:
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=services.kafka_bootstrap, auto_offset_reset="earliest"
+        topic,
+        bootstrap_servers=services.kafka_bootstrap,
+        **services.kafka_options(),
+        auto_offset_reset="earliest",
     )
     await consumer.start()
     out: list[dict] = []
@@ -98,7 +100,11 @@ def test_labels_train_the_learner_and_restarts_keep_the_model_version(
     services: Services, isolation: Isolation, tmp_path: Path, free_port: int
 ) -> None:
     topics = Topics(isolation.topic_prefix)
-    asyncio.run(ensure_topics(services.kafka_bootstrap, topics.all, partitions=4))
+    asyncio.run(
+        ensure_topics(
+            services.kafka_bootstrap, topics.all, partitions=4, security=services.kafka_security
+        )
+    )
     env = worker_env(
         services,
         isolation,
@@ -115,9 +121,12 @@ def test_labels_train_the_learner_and_restarts_keep_the_model_version(
     second = list(
         open_loop(users=100, events=300, seed=6, start_ms=now - 1800_000, mean_gap_ms=100)
     )
-    # The learner holds the private key, the worker only the public one.
+    # The learner holds the private key, the worker only the public one; the learner runs as
+    # its own Redis ACL user when the services have them (make test-secure).
     worker = WorkerProcess({**env, **worker_key_env()}, tmp_path / "worker.log")
-    learner = Learner({**env, **learner_key_env()}, tmp_path / "learner.log")
+    learner = Learner(
+        {**env, **services.env("learner"), **learner_key_env()}, tmp_path / "learner.log"
+    )
     try:
         learner.start()
         worker.start()

@@ -273,7 +273,10 @@ Produced = dict[tuple[str, int, int], Message]
 async def produce(services: Services, messages: list[Message]) -> Produced:
     """Send in order (one producer, awaited per record); returns records by position."""
     producer = AIOKafkaProducer(
-        bootstrap_servers=services.kafka_bootstrap, acks="all", max_request_size=2_000_000
+        bootstrap_servers=services.kafka_bootstrap,
+        **services.kafka_options(),
+        acks="all",
+        max_request_size=2_000_000,
     )
     await producer.start()
     positions: Produced = {}
@@ -298,6 +301,7 @@ async def consume_dlq(
     consumer = AIOKafkaConsumer(
         topic,
         bootstrap_servers=services.kafka_bootstrap,
+        **services.kafka_options(),
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         fetch_max_bytes=4_000_000,
@@ -332,7 +336,9 @@ async def test_poison_pills_go_to_the_dlq_and_good_events_are_applied(
     bad = bad_messages(topics, "u0000003", now_ms)
     assert len({m.code for m in bad}) >= 10
     messages = interleave(good, bad)
-    await ensure_topics(services.kafka_bootstrap, topics.all, partitions=4)
+    await ensure_topics(
+        services.kafka_bootstrap, topics.all, partitions=4, security=services.kafka_security
+    )
     produced = await produce(services, messages)
 
     worker = WorkerProcess(
@@ -447,7 +453,9 @@ async def test_a_huge_amount_is_dead_lettered_and_does_not_stop_the_worker(
     messages = [
         Message(str(e["event_id"]), topics.purchase, user.encode(), orjson.dumps(e)) for e in events
     ]
-    await ensure_topics(services.kafka_bootstrap, topics.all, partitions=1)
+    await ensure_topics(
+        services.kafka_bootstrap, topics.all, partitions=1, security=services.kafka_security
+    )
     await produce(services, messages)
     worker = WorkerProcess(
         worker_env(services, isolation, http_port=free_port, batch_max=1),
@@ -455,7 +463,8 @@ async def test_a_huge_amount_is_dead_lettered_and_does_not_stop_the_worker(
     )
     worker.start()
     try:
-        final = await worker.wait_progress(lambda line: line["consumed"] >= len(events), 15)
+        # 30 s: a loaded machine, or the TLS and SCRAM handshakes of `make test-secure`.
+        final = await worker.wait_progress(lambda line: line["consumed"] >= len(events), 30)
         state = (await read_states(services, isolation, [user]))[user]
         assert worker.alive(), "the worker died" + worker.tail()
         code = worker.stop()

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 
 from engine.campaigns import load_campaigns
 from engine.decisions import in_holdout
@@ -74,7 +73,7 @@ def ticks(start_ms: int) -> list[dict[str, Any]]:
 
 
 async def stored_state(services: Services, isolation: Isolation) -> dict[bytes, bytes]:
-    client = aioredis.Redis.from_url(services.redis_url)
+    client = services.redis()
     try:
         return dict(await client.hgetall(f"{isolation.redis_prefix}sl:deep-cut"))
     finally:
@@ -127,7 +126,11 @@ def test_two_workers_share_the_stop_loss_and_a_restart_keeps_it(
     held_out = {f"u{i:03d}" for i in range(USERS) if in_holdout(campaign, f"u{i:03d}")}
     assert 10 <= len(held_out) <= 40
     topics = Topics(isolation.topic_prefix)
-    asyncio.run(ensure_topics(services.kafka_bootstrap, topics.all, partitions=4))
+    asyncio.run(
+        ensure_topics(
+            services.kafka_bootstrap, topics.all, partitions=4, security=services.kafka_security
+        )
+    )
     start_ms = int(time.time() * 1000) - 3_600_000
 
     def env() -> dict[str, str]:

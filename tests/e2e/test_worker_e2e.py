@@ -14,7 +14,6 @@ from pathlib import Path
 
 import orjson
 import pytest
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer
 from jsonschema import Draft202012Validator
 
@@ -63,6 +62,7 @@ async def consume_all(
     consumer = AIOKafkaConsumer(
         topic,
         bootstrap_servers=services.kafka_bootstrap,
+        **services.kafka_options(),
         auto_offset_reset="earliest",
         enable_auto_commit=False,
     )
@@ -99,7 +99,11 @@ def test_worker_turns_events_into_valid_offers_and_redis_counts(
     want_offers, want_decisions = asyncio.run(expected_outputs(events, campaigns_path))
     assert want_offers, "the campaign should offer something to this traffic"
 
-    asyncio.run(ensure_topics(services.kafka_bootstrap, topics.all, partitions=4))
+    asyncio.run(
+        ensure_topics(
+            services.kafka_bootstrap, topics.all, partitions=4, security=services.kafka_security
+        )
+    )
     asyncio.run(produce_events(services, topics, events))
 
     env = {
@@ -157,7 +161,7 @@ def test_worker_turns_events_into_valid_offers_and_redis_counts(
         expected_counts.setdefault(event.user_id, Counter())[KIND_CODE[event_kind(event)]] += 1
 
     async def read_counts() -> dict[str, dict[str, float]]:
-        client = aioredis.Redis.from_url(services.redis_url)
+        client = services.redis()
         try:
             store = RedisFeatureStore(client, prefix=isolation.redis_prefix)
             return await store.read_states(list(expected_counts))

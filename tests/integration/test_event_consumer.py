@@ -76,7 +76,7 @@ class Recorder:
         self.committed_before: list[int] = []
         self.consumer: ProbedConsumer | None = None
 
-    async def __call__(self, records: Sequence[RawRecord]) -> None:
+    async def __call__(self, records: Sequence[RawRecord], lagging: object = ()) -> None:
         if self.consumer is not None:
             self.committed_before.append(len(self.consumer.commits))
         if self.delay_s:
@@ -232,7 +232,7 @@ def make_consumer(
     delay_s: float = 0.0,
     failures: list[BaseException] | None = None,
 ) -> EventConsumer:
-    async def handle(records: Sequence[RawRecord]) -> None:
+    async def handle(records: Sequence[RawRecord], lagging: object = ()) -> None:
         if delay_s:
             await asyncio.sleep(delay_s)
         handled.extend(records)

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 async def client(services: Services, isolation: Isolation) -> AsyncIterator[aioredis.Redis]:
-    redis = aioredis.Redis.from_url(services.redis_url)
+    redis = services.redis()
     try:
         yield redis
     finally:
@@ -39,7 +39,10 @@ def trained(examples: int) -> PurchaseModel:
 
 
 def cli(services: Services, isolation: Isolation, *args: str, signing: bool) -> tuple[int, str]:
-    env = {**os.environ, **isolation.env(services), **worker_key_env()}
+    # Rollback runs where the learner's key is, as the learner's Redis user when there are
+    # ACL users (the worker's may not write model snapshots).
+    role = "learner" if signing else "worker"
+    env = {**os.environ, **isolation.env(services, role), **worker_key_env()}
     env.pop("DEALSTREAM_MODEL_SIGNING_KEY", None)
     if signing:
         env.update(learner_key_env())

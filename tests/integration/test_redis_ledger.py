@@ -1,9 +1,10 @@
 """The Redis decision ledger (redis_ledger.py + commit_batch.lua) against a real Redis.
 
-1. Parity: random sequences of decision requests and purchases, settled in random batches with
-   an advancing ``now_ms``, give the same outcomes, label events (in the same order), stop-loss
-   statuses (state and figures, to the last bit), budget counters and pending counts as
-   ``InMemoryLedger``.
+1. Parity: random sequences of decision requests and purchases (some out of event-time order,
+   so remembered purchases convert later-read decisions), settled in random batches with an
+   advancing ``now_ms`` on two lanes (one trailing the other), give the same outcomes, label
+   events (in the same order), stop-loss statuses (state and figures, to the last bit),
+   budget counters and pending counts as ``InMemoryLedger``.
    What the Redis ledger remembers of its own decisions (``rate_limited``) agrees with the
    in-memory ledger after every settle.
 2. ``forget`` removes a user's guard and pending keys and their queue members, nothing else,
@@ -35,7 +36,7 @@ from redis.exceptions import ResponseError
 
 from engine.features.state import HOUR_MS, MINUTE_MS
 from engine.features.store import Position, StateUpdate
-from engine.labels import Arm, LabelKind, PendingDecision
+from engine.labels import Arm, LabelEvent, LabelKind, PendingDecision
 from engine.ledger import (
     DecisionOutcome,
     DecisionRequest,
@@ -66,6 +67,7 @@ CAMPAIGNS = ("alpha", "beta", "gamma")
 CONFIG = LedgerConfig(
     attribution_window_ms=WINDOW,
     elapsed_ms=40 * MINUTE_MS,
+    purchase_memory_ms=HOUR_MS,
     # Small windows and thresholds, so that scenarios of a few dozen ops flip the state.
     stop_loss={
         "alpha": StopLossSetting(StopLoss(2 * HOUR_MS, min_decisions=3, min_users=2), 0.3),
@@ -216,7 +218,7 @@ def scenarios(draw: st.DrawFn) -> Scenario:
                 arm=Arm(spec.arm),
             )
             decisions.append(decision)
-            ops.append(DecisionRequest(decision, spec.interval_ms, spec.offer))
+            ops.append(DecisionRequest(decision, spec.interval_ms, spec.offer, lane=index % 2))
         else:
             offer_id = None
             own = [d.offer_id for d in decisions if d.user_id == USERS[spec.user] and d.offer_id]
@@ -246,6 +248,26 @@ def scenarios(draw: st.DrawFn) -> Scenario:
     return Scenario(batches)
 
 
+def _remembered_conversions(ops: Sequence[LedgerOp], events: Sequence[LabelEvent]) -> int:
+    """Conversions of this call's decisions by no purchase read after them in the call."""
+    order = {
+        op.decision.decision_id: k for k, op in enumerate(ops) if isinstance(op, DecisionRequest)
+    }
+    count = 0
+    for event in events:
+        at = order.get(event.decision.decision_id)
+        if event.kind is not LabelKind.CONVERTED or at is None:
+            continue
+        if not any(
+            isinstance(op, PurchaseNotice)
+            and op.user_id == event.decision.user_id
+            and op.ts == event.ts
+            for op in ops[at + 1 :]
+        ):
+            count += 1
+    return count
+
+
 def _outcome_name(outcome: DecisionOutcome) -> str:
     if not outcome.decided:
         return "rate-limited"
@@ -254,9 +276,16 @@ def _outcome_name(outcome: DecisionOutcome) -> str:
     return "granted" if outcome.granted else "no offer"
 
 
+def lane_clocks(number: int, now: int) -> dict[int, int]:
+    """Two lanes (decisions alternate between them): lane 1 trails lane 0 by 0 to 60 minutes,
+    as a partition read behind another does."""
+    return {0: now, 1: now - number % 3 * 30 * MINUTE_MS}
+
+
 def ledger_keys(prefix: str, days: Sequence[int]) -> list[str]:
     """Every key the ledger can write for ``USERS``, ``CAMPAIGNS``, ``days`` (commit_batch.lua)."""
-    keys = [f"{prefix}pq", f"{prefix}pe"]
+    keys = [f"{prefix}{queue}:{lane}" for queue in ("pq", "pe") for lane in (0, 1)]
+    keys.append(f"{prefix}lanes")
     keys += [f"{prefix}sl:{campaign}" for campaign in CAMPAIGNS]
     keys += [f"{prefix}{kind}:{{{hash_tag(user)}}}" for user in USERS for kind in ("g", "p")]
     keys += [f"{prefix}b:{campaign}:{day}" for campaign in CAMPAIGNS for day in days]
@@ -270,8 +299,9 @@ async def check_parity(redis_url: str, prefix: str, scenario: Scenario) -> None:
         memory = InMemoryLedger(CONFIG)
         days = scenario.days
         for number, (ops, now) in enumerate(scenario.batches):
-            expected = await memory.settle(ops, now_ms=now)
-            actual = await redis_ledger.settle(ops, now_ms=now)
+            lanes = lane_clocks(number, now)
+            expected = await memory.settle(ops, now_ms=now, lanes=lanes)
+            actual = await redis_ledger.settle(ops, now_ms=now, lanes=lanes)
             where = f"settle #{number}"
             assert actual.outcomes == expected.outcomes, where
             assert [(e.decision.decision_id, e.kind, e.ts, e.label) for e in actual.events] == [
@@ -300,6 +330,8 @@ async def check_parity(redis_url: str, prefix: str, scenario: Scenario) -> None:
                     label(f"outcome {_outcome_name(outcome)}")
             for event in expected.events:
                 label(f"event {event.kind} {event.label}")
+            if _remembered_conversions(ops, expected.events):
+                label("a remembered purchase converts a decision")
             for status in expected.stop_loss.values():
                 if status.stopped:
                     label("a campaign is stopped")
@@ -433,6 +465,63 @@ async def test_a_hand_written_scenario_gives_the_expected_outcomes(
         await client.aclose()
 
 
+async def test_purchases_read_first_convert_later_read_decisions_and_lanes_close_apart(
+    services: Services, isolation: Isolation
+) -> None:
+    """Order independence, both ledgers: a purchase read before the (earlier) decision it
+    follows converts it when it is recorded; a lane read far ahead closes only its own
+    windows. (The stop-loss outcome of such a conversion is held to the in-memory ledger by
+    the parity property.)"""
+    prefix = isolation.redis_prefix
+    memory_ms = HOUR_MS
+    config = LedgerConfig(
+        attribution_window_ms=WINDOW,
+        purchase_memory_ms=memory_ms,
+        stop_loss={"alpha": StopLossSetting(StopLoss(2 * HOUR_MS), 0.5)},
+    )
+    ahead = T0 + 3 * WINDOW
+    client = aioredis.Redis.from_url(services.redis_url)
+    try:
+        for ledger in (InMemoryLedger(config), RedisLedger(client, prefix=prefix, config=config)):
+            name = type(ledger).__name__
+            first = await ledger.settle(
+                [
+                    PurchaseNotice("u1", T0 + 10 * MINUTE_MS, None, 900, 1000),
+                    PurchaseNotice("u1", T0 + 20 * MINUTE_MS, None, 400, 500),
+                    PurchaseNotice("u2", T0 - 2 * HOUR_MS),  # to be forgotten below
+                    PurchaseNotice("u2", T0 + MINUTE_MS),
+                ],
+                now_ms=T0 + 20 * MINUTE_MS,
+            )
+            assert first.events == [], name
+            b_req = _request("b", "u3", ahead)
+            ops: list[LedgerOp] = [
+                DecisionRequest(b_req.decision, lane=1),  # lane 1, far ahead
+                _request("a", "u1", T0, arm=Arm.TREATED),  # lane 0, read after its purchase
+                _request("late", "u1", T0 + 15 * MINUTE_MS),
+                _request("u2-old", "u2", T0 - 3 * HOUR_MS),  # its purchase is forgotten
+            ]
+            # now_ms, the stop-loss's clock, stays near T0: its epochs hold decision a
+            result = await ledger.settle(ops, now_ms=T0 + HOUR_MS, lanes={1: ahead, 0: T0})
+            assert [(e.decision.decision_id, e.kind, e.ts) for e in result.events] == [
+                ("a", LabelKind.CONVERTED, T0 + 10 * MINUTE_MS),
+                ("late", LabelKind.CONVERTED, T0 + 20 * MINUTE_MS),
+            ], name
+            assert (await ledger.stop_loss_status())["alpha"].decisions == 1, name
+            assert await ledger.pending_count() == 4, name  # lane 0 is behind: all still open
+            later = await ledger.settle([], now_ms=ahead, lanes={0: ahead})
+            assert {(e.decision.decision_id, e.label) for e in later.events} == {
+                ("a", 1),
+                ("late", 1),
+                ("u2-old", 0),
+            }, name
+            assert await ledger.pending_count() == 1, name  # b: lane 1 not past its window
+            await delete_prefix(client, prefix)
+    finally:
+        await delete_prefix(client, prefix)
+        await client.aclose()
+
+
 async def test_the_stop_loss_stops_a_losing_campaign_and_lets_it_recover(
     services: Services, isolation: Isolation
 ) -> None:
@@ -494,13 +583,13 @@ async def test_the_stop_loss_stops_a_losing_campaign_and_lets_it_recover(
 
 
 def _packed(*ops: list[object], records: bytes) -> list[object]:
-    """``commit_batch.lua``'s ledger section for a plain config: the flat ops JSON and the
-    records."""
-    return [T0, WINDOW, 0, 0, orjson.dumps([f for op in ops for f in op]), records]
+    """``commit_batch.lua``'s ledger section for a plain config (lane 0 at ``T0``): the flat
+    ops JSON and the records."""
+    return [T0, WINDOW, 0, 0, 1, 0, T0, 0, orjson.dumps([f for op in ops for f in op]), records]
 
 
 RECORD = b"G" + orjson.dumps(_request("d1", "u1", T0).decision.to_compact())
-GOOD = ["D", "u1", "alpha", T0, 0, 1, 100, 0, -1, 1000, "d1", "", -1, len(RECORD)]
+GOOD = ["D", "u1", "alpha", T0, 0, 1, 100, 0, -1, 1000, "d1", "", -1, len(RECORD), 0]
 """A decision with an offer, packed as ``RedisLedger.settle`` packs it."""
 
 
@@ -508,31 +597,46 @@ GOOD = ["D", "u1", "alpha", T0, 0, 1, 100, 0, -1, 1000, "d1", "", -1, len(RECORD
     ("ops", "records", "refusal"),
     [
         (
-            [GOOD, ["D", "u2", "alpha", T0, 0, 1, 1.5, 0, -1, 1000, "d2", "", -1, len(RECORD)]],
+            [GOOD, ["D", "u2", "alpha", T0, 0, 1, 1.5, 0, -1, 1000, "d2", "", -1, len(RECORD), 0]],
             RECORD * 2,
             "op 2: ts, decision_interval_ms, cost_cents",
         ),
         (
-            [GOOD, ["D", None, "alpha", T0, 0, 0, 0, 0, -1, -1, "d2", "", -1, len(RECORD)]],
+            [GOOD, ["D", None, "alpha", T0, 0, 0, 0, 0, -1, -1, "d2", "", -1, len(RECORD), 0]],
             RECORD * 2,
             "op 2: user, campaign and decision_id must be strings",
         ),
         (
-            [GOOD, ["D", "u2", "alpha", None, 0, 0, 0, 0, -1, -1, "d2", "", -1, len(RECORD)]],
+            [GOOD, ["D", "u2", "alpha", None, 0, 0, 0, 0, -1, -1, "d2", "", -1, len(RECORD), 0]],
             RECORD * 2,
             "op 2: a field of the wrong type",
         ),
         (
-            [GOOD, ["D", "u2", "alpha", T0, 0, 0, 0, 0, -1, -1, "d2", "X", -1, len(RECORD)]],
+            [GOOD, ["D", "u2", "alpha", T0, 0, 0, 0, 0, -1, -1, "d2", "X", -1, len(RECORD), 0]],
             RECORD * 2,
             'op 2: arm must be "", "T" or "H"',
         ),
+        (
+            [GOOD, ["D", "u2", "alpha", T0, 0, 0, 0, 0, -1, -1, "d2", "", -1, len(RECORD), -1]],
+            RECORD * 2,
+            "op 2: lane must be >= 0",
+        ),
         ([GOOD, ["P", "u1", T0, 100]], RECORD, "op 2: a purchase needs 5 fields"),
         ([GOOD, ["Q", "u1", T0, 100, 100]], RECORD, 'op 2: kind must be "D" or "P"'),
-        ([[*GOOD[:-1], len(RECORD) - 1], GOOD], RECORD * 2, "op 1: its record is not"),
+        ([[*GOOD[:-2], len(RECORD) - 1, 0], GOOD], RECORD * 2, "op 1: its record is not"),
         ([GOOD], RECORD + b"G[]", "the records are"),
     ],
-    ids=["fraction", "null user", "null ts", "arm", "short", "kind", "misaligned", "extra"],
+    ids=[
+        "fraction",
+        "null user",
+        "null ts",
+        "arm",
+        "lane",
+        "short",
+        "kind",
+        "misaligned",
+        "extra",
+    ],
 )
 async def test_a_malformed_packed_op_is_refused_before_anything_is_written(
     services: Services,
@@ -595,7 +699,7 @@ async def test_forget_removes_guard_and_pending_keys_and_queue_members(
 
         after = await keys_under(client, prefix)
         assert before - after == {f"{prefix}g:{{{gone_tag}}}", f"{prefix}p:{{{gone_tag}}}"}
-        raw_members = await client.zrange(f"{prefix}pq", 0, -1)
+        raw_members = await client.zrange(f"{prefix}pq:0", 0, -1)
         members = [m.decode() if isinstance(m, bytes) else str(m) for m in raw_members]
         assert len(members) == 6
         assert all(m.endswith(f"\x1f{kept_tag}") for m in members)

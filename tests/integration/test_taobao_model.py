@@ -21,8 +21,10 @@ Every figure is given over all examples and over the "steady state": examples la
 whole attribution window of data has passed. Before that only purchases can label a decision
 (a 0 needs its window to run out), so the stream starts with positives only.
 
-The xfail tests at the end pin down why the events are produced in event-time slices instead
-of all at once. Figures and what they mean: ``docs/model-quality.md``.
+The tests at the end pin down three ways the labels and features used to depend on the order
+in which the worker read its topics (strict xfails until fixed). Since they pass, the excerpt is
+produced all at once, as a bulk replay of history would be, and gives the figures the paced
+replay gave. Figures and what they mean: ``docs/model-quality.md``.
 """
 
 from __future__ import annotations
@@ -46,9 +48,10 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from engine.alignment import EventTimeAligner
 from engine.campaigns import parse_campaigns
 from engine.events import parse_event
-from engine.features.store import InMemoryFeatureStore
+from engine.features.store import InMemoryFeatureStore, Position
 from engine.ledger import InMemoryLedger
 from engine.model.feedback import TrainingExample
 from engine.model.inputs import model_inputs
@@ -69,8 +72,9 @@ SCHEMA = REPO / "schemas" / "training.v1.json"
 
 ROWS: int | None = None
 """Events replayed (the first ``ROWS`` of the import); None = all of them (96,168)."""
-SLICE_S = 60
-"""Events are produced one minute of event time at a time (see ``replay_in_slices``)."""
+SLICE_S: int | None = None
+"""None: the events are produced all at once; a number: that many seconds of event time at a
+time (``replay_in_slices``)."""
 ATTRIBUTION_WINDOW_S = 1800
 """Half an hour of event time, so that windows opened in the first 85 minutes expire within
 the 115 minutes of data (with the default 24 h no decision would ever be labelled 0)."""
@@ -157,9 +161,12 @@ class LearnerProcess:
 
 
 def event_time_slices(
-    events: Sequence[dict[str, Any]], slice_ms: int
+    events: Sequence[dict[str, Any]], slice_ms: int | None
 ) -> list[list[dict[str, Any]]]:
-    """``events`` (sorted by event time) cut at every multiple of ``slice_ms``."""
+    """``events`` (sorted by event time) cut at every multiple of ``slice_ms`` (None: one
+    slice)."""
+    if slice_ms is None:
+        return [list(events)]
     slices: list[list[dict[str, Any]]] = []
     end: int | None = None
     for event in events:
@@ -175,7 +182,7 @@ async def replay_in_slices(
     isolation: Isolation,
     events: Sequence[dict[str, Any]],
     *,
-    slice_ms: int,
+    slice_ms: int | None,
     timeout_s: float,
 ) -> int:
     """Produce ``events`` one slice of event time at a time, each once the worker has applied
@@ -183,9 +190,9 @@ async def replay_in_slices(
     number of slices.
 
     A shop publishes its events about when they happen, so the worker sees the topics advance
-    together. Produced all at once, history would let the worker read the small purchase topic
-    far ahead of the browse topic, and the labels come out wrong (see the xfail tests below).
-    Slices bound that skew to ``slice_ms``.
+    together; produced all at once, history lets the worker read the small purchase topic far
+    ahead of the browse topic, which the worker's event-time alignment and per-lane label
+    clocks make harmless (the tests below). Slices bound that skew to ``slice_ms``.
     """
     topics = Topics(isolation.topic_prefix)
     producer = AIOKafkaProducer(bootstrap_servers=services.kafka_bootstrap, acks="all", linger_ms=2)
@@ -370,7 +377,11 @@ async def test_taobao_prequential_model_next_to_a_hindsight_sklearn_reference(
         worker.start()
         replay_started = time.monotonic()
         slices = await replay_in_slices(
-            services, isolation, events, slice_ms=SLICE_S * 1000, timeout_s=240
+            services,
+            isolation,
+            events,
+            slice_ms=None if SLICE_S is None else SLICE_S * 1000,
+            timeout_s=240,
         )
         replay_s = time.monotonic() - replay_started
         final = await worker.wait_progress(lambda line: line["consumed"] >= total, 30)
@@ -452,8 +463,9 @@ async def test_taobao_prequential_model_next_to_a_hindsight_sklearn_reference(
     offers = sum(1 for e in examples if e["discount_pct"] > 0)
     print(
         f"\nTaobao excerpt: {total} events of {users} users over "
-        f"{(last_ts - first_ts) / 60_000:.0f} min of event time, produced in {slices} slices of "
-        f"{SLICE_S} s; the worker applied them in {replay_s:.0f} s "
+        f"{(last_ts - first_ts) / 60_000:.0f} min of event time, produced "
+        + ("all at once" if SLICE_S is None else f"in {slices} slices of {SLICE_S} s")
+        + f"; the worker applied them in {replay_s:.0f} s "
         f"({total / replay_s:.0f} events/s); whole test so far {time.monotonic() - started:.0f} s"
         f"\nworker: {final}\nlearner, last snapshot: {last}\n"
         f"training examples: {len(examples)} ({sum(labels)} labelled 1, {offers} with a "
@@ -475,13 +487,13 @@ async def test_taobao_prequential_model_next_to_a_hindsight_sklearn_reference(
     assert (rows[1].auc or 0.0) > 0.5, f"prequential AUC {rows[1].auc}: no better than chance"
 
 
-# -- known bugs: labels depend on how the worker interleaves partitions and topics -------------
+# -- labels and features do not depend on how the worker interleaves partitions and topics ----
 #
-# A worker reads its partitions (and the browse and purchase topics) at their own pace. Feature
-# states are built to be order-independent within the allowed lateness, and engine/labels.py
-# promises that live runs and backtests give the same labels; they do not. Both tests feed
-# the same events to the engine in event-time order and in an order a worker can see
-# (partition A read ahead of partition B), over the in-memory and the Redis backends.
+# A worker reads its partitions (and the browse and purchase topics) at their own pace. These
+# tests feed the same events in event-time order and in an order a worker can see (one
+# partition or topic read ahead of another), over the in-memory and the Redis backends, and
+# expect the same labels and features (they were strict xfails until issue 13 fixed them:
+# per-lane label clocks, remembered purchases, the event-time aligner).
 
 T0 = 1_511_658_000_000
 """2017-11-26 01:00 UTC, where the Taobao excerpt starts."""
@@ -558,45 +570,51 @@ async def make_engine(
         await clean_up(services, isolation)
 
 
-async def labels_of(engine: DiscountEngine, batches: list[list[dict[str, Any]]]) -> dict[str, int]:
-    """The label of each user's decision (user id -> 0/1) once ``batches`` are processed."""
+async def labels_of(
+    engine: DiscountEngine,
+    batches: list[list[dict[str, Any]]],
+    partitions: dict[str, int] | None = None,
+) -> dict[str, int]:
+    """The label of each user's decision (user id -> 0/1) once ``batches`` are processed.
+
+    ``partitions``: each user's partition (the worker's positions: the event's topic, that
+    partition, the next offset there); None: no positions, as a backtest reads."""
     decided: dict[str, str] = {}
     labelled: dict[str, int] = {}
+    offsets: dict[tuple[str, int], int] = {}
+
+    def incoming(event: dict[str, Any]) -> Incoming:
+        if partitions is None:
+            return Incoming(parse_event(event))
+        where = (f"events.{event['type']}", partitions[event["user_id"]])
+        offsets[where] = offsets.get(where, -1) + 1
+        return Incoming(parse_event(event), Position(*where, offsets[where]))
+
     for batch in batches:
-        result = await engine.process([Incoming(parse_event(e)) for e in batch])
+        result = await engine.process([incoming(e) for e in batch])
         decided.update({d.decision_id: d.user_id for d in result.decisions})
         # The last word on a decision: its conversion, then its window closing.
         labelled.update({t.decision_id: t.label for t in result.training})
     return {decided[d]: label for d, label in labelled.items()}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine/pipeline.py DiscountEngine.process: clock_ms (the 'now' of label expiry) is "
-    "the max event time over every partition and topic read, so one partition read ahead "
-    "expires the open decisions of the others before their purchases are read",
-)
 async def test_a_partition_read_ahead_does_not_expire_other_users_decisions(
     make_engine: EngineFactory,
 ) -> None:
+    """Each partition number is a lane with its own clock (engine/labels.py)."""
     a_view, a_buy = view("a", T0), purchase("a", T0 + MINUTE_MS)
     b_later = view("b", T0 + 120 * MINUTE_MS)  # on another partition, read first
-    in_event_time = await labels_of(make_engine(), [[a_view], [a_buy], [b_later]])
-    as_read = await labels_of(make_engine(), [[b_later], [a_view], [a_buy]])
+    lanes = {"a": 0, "b": 1}
+    in_event_time = await labels_of(make_engine(), [[a_view], [a_buy], [b_later]], lanes)
+    as_read = await labels_of(make_engine(), [[b_later], [a_view], [a_buy]], lanes)
     assert in_event_time == {"a": 1}
     assert as_read == in_event_time
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="streams/adapters/commit_batch.lua purchase() / engine/labels.py on_purchase: "
-    "a purchase only labels decisions already pending, so one read before the (earlier) "
-    "decision it follows "
-    "labels nothing and the decision later expires as 0",
-)
 async def test_a_purchase_read_before_the_decision_it_follows_still_labels_it(
     make_engine: EngineFactory,
 ) -> None:
+    """A purchase is remembered for the allowed lateness (engine/labels.py)."""
     a_view, a_buy = view("a", T0), purchase("a", T0 + MINUTE_MS)
     c_later = view("c", T0 + 120 * MINUTE_MS)  # event time moves on: open windows expire
     in_event_time = await labels_of(make_engine(), [[a_view], [a_buy], [c_later]])
@@ -608,20 +626,29 @@ async def test_a_purchase_read_before_the_decision_it_follows_still_labels_it(
 async def features_of(
     engine: DiscountEngine, batches: list[list[dict[str, Any]]]
 ) -> dict[str, Any]:
-    """The features of each user's decision (user id -> features)."""
+    """The features of each user's decision (user id -> features), the batches fed through
+    the event-time aligner as the worker does: each event at the next offset of its topic's
+    partition 0, browse and purchase lagging while batches remain, all caught up at the end."""
+    topics = Topics()
+    aligner = EventTimeAligner(topics.events)
+    offsets: dict[str, int] = {}
+    lagging = {(topics.browse, 0), (topics.purchase, 0)}
     features: dict[str, Any] = {}
-    for batch in batches:
-        result = await engine.process([Incoming(parse_event(e)) for e in batch])
-        features.update({d.user_id: d.features for d in result.decisions})
+    for batch, last in [*((b, False) for b in batches), ([], True)]:
+        incoming = []
+        for doc in batch:
+            topic = f"{topics.prefix}events.{doc['type']}"
+            offset = offsets[topic] = offsets.get(topic, -1) + 1
+            incoming.append(Incoming(parse_event(doc), Position(topic, 0, offset)))
+        aligner.push(incoming, lagging=() if last else lagging)
+        released = aligner.release()
+        if released:
+            result = await engine.process(released)
+            features.update({d.user_id: d.features for d in result.decisions})
+    assert aligner.held() == 0
     return features
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine/pipeline.py DiscountEngine.process: features are computed from a state "
-    "that already holds the user's later events read before the trigger, as of the user's "
-    "latest event time (compute_features' default), not as of the trigger's event time",
-)
 async def test_a_decision_sees_no_purchase_made_after_it(make_engine: EngineFactory) -> None:
     a_view, a_buy = view("a", T0), purchase("a", T0 + MINUTE_MS)
     in_event_time = await features_of(make_engine(), [[a_view], [a_buy]])

@@ -13,7 +13,14 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from engine.features.catalogue import FEATURE_NAMES
-from engine.labels import Arm, LabelEvent, LabelKind, PendingDecision, PendingLabels
+from engine.labels import (
+    Arm,
+    LabelEvent,
+    LabelKind,
+    PendingDecision,
+    PendingLabels,
+    PurchaseSeen,
+)
 from engine.model.feedback import TrainingExample
 
 SCHEMAS = Path(__file__).resolve().parents[2] / "schemas"
@@ -69,7 +76,7 @@ def test_a_purchase_converts_every_open_decision_of_the_user_in_its_window() -> 
         decision("d2", T0 + 200, campaign="b"),
         decision("other", T0 + 100, user_id="u2"),
     )
-    events = labels.on_purchase("u1", T0 + 500)
+    events = labels.on_purchase("u1", PurchaseSeen(T0 + 500))
     assert [(e.decision.decision_id, e.kind, e.label, e.ts) for e in events] == [
         ("d1", LabelKind.CONVERTED, 1, T0 + 500),
         ("d2", LabelKind.CONVERTED, 1, T0 + 500),
@@ -86,23 +93,23 @@ def test_an_offer_does_not_claim_the_purchase_for_its_own_decision() -> None:
         decision("offered", T0, offer_id="o-1", discount_pct=20.0),
         decision("plain", T0 + 100),
     )
-    assert ids(labels.on_purchase("u1", T0 + 200)) == ["offered", "plain"]
+    assert ids(labels.on_purchase("u1", PurchaseSeen(T0 + 200))) == ["offered", "plain"]
 
 
 def test_a_purchase_outside_the_window_converts_nothing() -> None:
     labels = labels_with(decision("d1", T0))
-    assert labels.on_purchase("u1", T0 + WINDOW + 1) == []
-    assert labels.on_purchase("u1", T0 - 1) == []  # before the decision
-    assert labels.on_purchase("u2", T0 + 1) == []  # another user
+    assert labels.on_purchase("u1", PurchaseSeen(T0 + WINDOW + 1)) == []
+    assert labels.on_purchase("u1", PurchaseSeen(T0 - 1)) == []  # before the decision
+    assert labels.on_purchase("u2", PurchaseSeen(T0 + 1)) == []  # another user
     # The window is inclusive at its end.
-    assert ids(labels.on_purchase("u1", T0 + WINDOW)) == ["d1"]
+    assert ids(labels.on_purchase("u1", PurchaseSeen(T0 + WINDOW))) == ["d1"]
 
 
 def test_only_the_first_purchase_converts() -> None:
     labels = labels_with(decision("d1", T0), decision("d2", T0 + 10))
-    assert ids(labels.on_purchase("u1", T0 + 20)) == ["d1", "d2"]
-    assert labels.on_purchase("u1", T0 + 30) == []
-    (closed,) = labels.expire(T0 + WINDOW + 1)
+    assert ids(labels.on_purchase("u1", PurchaseSeen(T0 + 20))) == ["d1", "d2"]
+    assert labels.on_purchase("u1", PurchaseSeen(T0 + 30)) == []
+    (closed,) = labels.expire({0: T0 + WINDOW + 1})
     assert closed.decision.converted_at == T0 + 20 and closed.label == 1
 
 
@@ -111,9 +118,9 @@ def test_only_the_first_purchase_converts() -> None:
 
 def test_windows_close_after_their_end_with_the_final_label() -> None:
     labels = labels_with(decision("d1", T0), decision("d2", T0 + 100, user_id="u2"))
-    labels.on_purchase("u2", T0 + 150)
-    assert labels.expire(T0 + WINDOW) == []  # deadline == now: still open
-    (first,) = labels.expire(T0 + WINDOW + 1)
+    labels.on_purchase("u2", PurchaseSeen(T0 + 150))
+    assert labels.expire({0: T0 + WINDOW}) == []  # deadline == now: still open
+    (first,) = labels.expire({0: T0 + WINDOW + 1})
     assert (first.decision.decision_id, first.kind, first.label, first.ts) == (
         "d1",
         LabelKind.CLOSED,
@@ -121,7 +128,7 @@ def test_windows_close_after_their_end_with_the_final_label() -> None:
         T0 + WINDOW,
     )
     assert len(labels) == 1
-    (second,) = labels.expire(T0 + WINDOW + 101)
+    (second,) = labels.expire({0: T0 + WINDOW + 101})
     assert (second.decision.decision_id, second.label) == ("d2", 1)
     assert len(labels) == 0
 
@@ -129,19 +136,19 @@ def test_windows_close_after_their_end_with_the_final_label() -> None:
 def test_elapsed_events_say_what_was_known_after_the_wait() -> None:
     wait = WINDOW // 4
     labels = labels_with(decision("early", T0), decision("late", T0 + 1), elapsed_ms=wait)
-    labels.on_purchase("u1", T0 + 10)  # converts both, within the wait
+    labels.on_purchase("u1", PurchaseSeen(T0 + 10))  # converts both, within the wait
     labels.add(decision("never", T0 + 2, user_id="u2"))
     labels.add(decision("after", T0 + 3, user_id="u3"))
-    elapsed = labels.expire(T0 + wait + 10)
+    elapsed = labels.expire({0: T0 + wait + 10})
     assert [(e.decision.decision_id, e.kind, e.label, e.final) for e in elapsed] == [
         ("early", LabelKind.ELAPSED, 1, True),
         ("late", LabelKind.ELAPSED, 1, True),
         ("never", LabelKind.ELAPSED, 0, False),
         ("after", LabelKind.ELAPSED, 0, False),
     ]
-    (converted,) = labels.on_purchase("u3", T0 + wait + 100)
+    (converted,) = labels.on_purchase("u3", PurchaseSeen(T0 + wait + 100))
     assert converted.kind is LabelKind.CONVERTED and converted.decision.decision_id == "after"
-    closed = labels.expire(T0 + 2 * WINDOW)
+    closed = labels.expire({0: T0 + 2 * WINDOW})
     assert [(e.decision.decision_id, e.label) for e in closed] == [
         ("early", 1),
         ("late", 1),
@@ -156,7 +163,7 @@ def test_events_come_in_event_time_order_elapsed_before_closed_on_a_tie() -> Non
     labels = PendingLabels(attribution_window_ms=WINDOW, elapsed_ms=wait)
     for index, ts in enumerate(stamps):
         labels.add(decision(f"d{index}", ts, user_id=f"u{index % 3}"))
-    events = labels.expire(T0 + 10 * WINDOW)
+    events = labels.expire({0: T0 + 10 * WINDOW})
     assert [e.ts for e in events] == sorted(e.ts for e in events)
     tie = [e for e in events if e.ts == T0 + WINDOW + 10]
     assert [e.kind for e in tie] == [LabelKind.ELAPSED, LabelKind.CLOSED]
@@ -181,12 +188,14 @@ operations = st.lists(
 )
 
 
-@settings(max_examples=100, deadline=None)
-@given(operations, st.sampled_from([0, WINDOW // 3]))
+@settings(max_examples=150, deadline=None)
+@given(operations, st.sampled_from([0, WINDOW // 3]), st.sampled_from([0, WINDOW // 2]))
 def test_every_decision_closes_once_with_the_truth(
-    ops: list[tuple[str, str, int]], elapsed_ms: int
+    ops: list[tuple[str, str, int]], elapsed_ms: int, memory_ms: int
 ) -> None:
-    labels = PendingLabels(attribution_window_ms=WINDOW, elapsed_ms=elapsed_ms)
+    labels = PendingLabels(
+        attribution_window_ms=WINDOW, elapsed_ms=elapsed_ms, purchase_memory_ms=memory_ms
+    )
     added: dict[str, tuple[int, PendingDecision]] = {}
     purchases: list[tuple[int, str, int]] = []
     closed: dict[str, tuple[int, LabelEvent]] = {}
@@ -194,20 +203,22 @@ def test_every_decision_closes_once_with_the_truth(
     for index, (op, user, ts) in enumerate(ops):
         if op == "add":
             item = decision(f"d{index}", T0 + ts, user_id=user)
-            labels.add(item)
+            conversion = labels.add(item)
+            if conversion is not None:
+                converted.append(item.decision_id)
             added[item.decision_id] = (index, item)
         elif op == "buy":
             purchases.append((index, user, T0 + ts))
-            for event in labels.on_purchase(user, T0 + ts):
+            for event in labels.on_purchase(user, PurchaseSeen(T0 + ts)):
                 assert event.label == 1 and 0 <= T0 + ts - event.decision.ts <= WINDOW
                 converted.append(event.decision.decision_id)
         else:
-            for event in labels.expire(T0 + ts):
+            for event in labels.expire({0: T0 + ts}):
                 assert event.ts < T0 + ts
                 if event.kind is LabelKind.CLOSED:
                     assert event.decision.decision_id not in closed, "closed twice"
                     closed[event.decision.decision_id] = (index, event)
-    for event in labels.expire(T0 + 10 * WINDOW):
+    for event in labels.expire({0: T0 + 10 * WINDOW}):
         if event.kind is LabelKind.CLOSED:
             closed[event.decision.decision_id] = (len(ops), event)
     assert len(converted) == len(set(converted)), "a decision converted twice"
@@ -215,14 +226,71 @@ def test_every_decision_closes_once_with_the_truth(
     assert len(labels) == 0
     for decision_id, (closed_at, event) in closed.items():
         added_at, item = added[decision_id]
-        # A purchase read while the decision was open and within its window converts it.
-        hits = [
+        # The user's purchases read before the decision, still remembered: the first at or
+        # after it converts it when it is recorded, if within its window.
+        before = [t for at, user, t in purchases if at < added_at and user == item.user_id]
+        remembered = sorted(t for t in before if t >= max(before, default=0) - memory_ms)
+        later = [t for t in remembered if t >= item.ts]
+        hits = later[:1] if later and later[0] - item.ts <= WINDOW else []
+        # Otherwise, the first purchase read while it was open and within its window.
+        hits += [
             t
             for at, user, t in purchases
             if added_at < at < closed_at and user == item.user_id and 0 <= t - item.ts <= WINDOW
         ]
         assert event.label == (1 if hits else 0)
         assert event.decision.converted_at == (hits[0] if hits else None)
+
+
+def test_a_purchase_read_before_the_decision_it_follows_converts_it_when_recorded() -> None:
+    labels = PendingLabels(attribution_window_ms=WINDOW, purchase_memory_ms=5_000)
+    assert labels.on_purchase("u1", PurchaseSeen(T0 + 300, 1_000, 1_200)) == []
+    conversion = labels.add(decision("d1", T0 + 100))
+    assert conversion is not None
+    assert conversion.purchase == PurchaseSeen(T0 + 300, 1_000, 1_200)
+    assert conversion.event.kind is LabelKind.CONVERTED and conversion.event.ts == T0 + 300
+    assert conversion.event.decision.converted_at == T0 + 300
+    (closed,) = labels.expire({0: T0 + 100 + WINDOW + 1})
+    assert closed.label == 1 and closed.decision.converted_at == T0 + 300
+
+
+def test_a_remembered_purchase_converts_only_decisions_it_follows_within_their_window() -> None:
+    labels = PendingLabels(attribution_window_ms=WINDOW, purchase_memory_ms=2 * WINDOW)
+    labels.on_purchase("u1", PurchaseSeen(T0 + WINDOW + 500))
+    labels.on_purchase("u1", PurchaseSeen(T0 + 50))
+    assert labels.add(decision("after", T0 + WINDOW + 501)) is None  # bought before it
+    assert labels.add(decision("other user", T0, user_id="u2")) is None
+    early = labels.add(decision("early", T0 + 10))
+    assert early is not None and early.purchase.ts == T0 + 50  # the first one after it
+    late = labels.add(decision("late", T0 + 600))
+    assert late is not None and late.purchase.ts == T0 + WINDOW + 500  # within the window
+    assert labels.add(decision("too early", T0 - WINDOW)) is None  # T0 + 50 is past its window
+
+
+def test_purchases_are_remembered_for_the_memory_behind_the_users_latest() -> None:
+    labels = PendingLabels(attribution_window_ms=WINDOW, purchase_memory_ms=1_000)
+    labels.on_purchase("u1", PurchaseSeen(T0))
+    labels.on_purchase("u1", PurchaseSeen(T0 + 999))
+    assert labels.add(decision("kept", T0 - 5)) is not None
+    labels.on_purchase("u1", PurchaseSeen(T0 + 1_001))  # T0 is now older than the memory
+    conversion = labels.add(decision("forgotten", T0 - 5))
+    assert conversion is not None and conversion.purchase.ts == T0 + 999
+
+
+def test_each_lane_closes_windows_by_its_own_clock() -> None:
+    labels = PendingLabels(attribution_window_ms=WINDOW)
+    labels.add(decision("a", T0, user_id="a"), lane=0)
+    labels.add(decision("b", T0 + 5, user_id="b"), lane=1)
+    assert not labels.due(0, T0 + WINDOW)
+    assert labels.due(1, T0 + 10 * WINDOW)
+    # lane 1 read far ahead closes its own decision only
+    (closed,) = labels.expire({1: T0 + 10 * WINDOW, 0: T0 + 1})
+    assert closed.decision.decision_id == "b"
+    assert ids(labels.on_purchase("a", PurchaseSeen(T0 + 7))) == ["a"]
+    # closed across lanes in event-time order, whatever order the lanes come in
+    labels.add(decision("c", T0 + 2, user_id="c"), lane=1)
+    events = labels.expire({1: T0 + 10 * WINDOW, 0: T0 + 10 * WINDOW})
+    assert [(e.decision.decision_id, e.label) for e in events] == [("a", 1), ("c", 0)]
 
 
 # -- the training example message ---------------------------------------------------------------

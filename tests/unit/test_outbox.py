@@ -8,7 +8,7 @@ tests/reliability/test_batch_faults.py.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import orjson
@@ -37,14 +37,16 @@ class RecordingLedger:
         self.inner = InMemoryLedger()
         self.calls: list[Settled] = []
 
-    async def settle(self, ops: Sequence[LedgerOp], *, now_ms: int) -> LedgerResult:
-        result = await self.inner.settle(ops, now_ms=now_ms)
+    async def settle(
+        self, ops: Sequence[LedgerOp], *, now_ms: int, lanes: Mapping[int, int] | None = None
+    ) -> LedgerResult:
+        result = await self.inner.settle(ops, now_ms=now_ms, lanes=lanes)
         drafts = [op.draft if isinstance(op, DecisionRequest) else None for op in ops]
         self.calls.append(Settled(drafts, result))
         return result
 
-    def labels_due(self, now_ms: int) -> bool:
-        return self.inner.labels_due(now_ms)
+    def settle_due(self, lane: int, now_ms: int) -> bool:
+        return self.inner.settle_due(lane, now_ms)
 
     def rate_limited(self, user_id: str, campaign: str, ts: int, interval_ms: int) -> bool:
         return self.inner.rate_limited(user_id, campaign, ts, interval_ms)

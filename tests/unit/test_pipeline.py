@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -21,6 +21,7 @@ from engine.decisions import Decision, Offer, stable_id
 from engine.events import BrowseEvent, Event, PurchaseEvent, PurchaseItem, SearchEvent, parse_event
 from engine.features.state import event_ops
 from engine.features.store import InMemoryFeatureStore, Position, StateUpdate, UpdateStatus
+from engine.ledger import InMemoryLedger, LedgerOp, LedgerResult
 from engine.model.feedback import Feedback, FeedbackMethod, TrainingExample
 from engine.model.purchase_model import PurchaseModel
 from engine.pipeline import DiscountEngine, EngineConfig, Incoming
@@ -279,6 +280,43 @@ async def test_redelivered_positions_are_skipped_without_a_second_decision() -> 
     assert again.statuses == [UpdateStatus.REDELIVERED] * len(events)
     assert again.offers == again.decisions == again.training == []
     assert engine.model.version == version
+
+
+class SeeingLedger(InMemoryLedger):
+    """An in-memory ledger that, like the Redis one, wants every batch (``settle_due``), and
+    records the calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[dict[int, int] | None] = []
+
+    def settle_due(self, lane: int, now_ms: int) -> bool:
+        return True
+
+    async def settle(
+        self, ops: Sequence[LedgerOp], *, now_ms: int, lanes: Mapping[int, int] | None = None
+    ) -> LedgerResult:
+        self.calls.append(None if lanes is None else dict(lanes))
+        return await super().settle(ops, now_ms=now_ms, lanes=lanes)
+
+
+async def test_a_live_batch_settles_even_when_every_event_was_redelivered() -> None:
+    """The Redis ledger's call carries the batch's feature writes (the previous batch's offers
+    among them): a batch that applied nothing must still make it."""
+    ledger = SeeingLedger()
+    engine = DiscountEngine(
+        InMemoryFeatureStore(),
+        ledger=ledger,
+        campaigns=(spring(),),
+        config=EngineConfig(learn_inline=False),
+    )
+    events = [browse("e1", T0, "u1"), browse("e2", T0 + MINUTE, "u2")]
+    first = [Incoming(e, Position("events.browse", 1, n)) for n, e in enumerate(events)]
+    await engine.process(first)
+    assert ledger.calls == [{1: T0 + MINUTE}]  # the lane of the batch, at its clock
+    again = await engine.process(first)
+    assert again.statuses == [UpdateStatus.REDELIVERED] * 2
+    assert ledger.calls[1:] == [{}]  # a call, though it moves no lane
 
 
 async def test_redelivery_within_one_batch_is_skipped() -> None:
