@@ -358,7 +358,14 @@ def test_health_fails_once_the_event_consumer_stopped(
     topics = Topics(isolation.topic_prefix)
     now_ms = int(time.time() * 1000)
     events = list(open_loop(users=20, events=50, seed=9, start_ms=now_ms - 60_000))
-    asyncio.run(ensure_topics(services.kafka_bootstrap, topics.all, partitions=2))
+    asyncio.run(
+        ensure_topics(
+            services.kafka_bootstrap,
+            topics.all,
+            partitions=2,
+            security=services.kafka_security,
+        )
+    )
     asyncio.run(produce_events(services, topics, events))
     env = worker_env(services, isolation, http_port=free_port, crash_at="stop_consumer:1")
     worker = WorkerProcess(env, tmp_path / "worker.log")
