@@ -73,5 +73,5 @@ class ModelSnapshotError(EngineError):
     """A model snapshot cannot be used: wrong key, truncated, tampered or incompatible bytes.
 
     Raised before anything is unpickled; keep serving the model you have and check that the
-    worker and the learner share the same ``DEALSTREAM_MODEL_KEY``.
+    worker's ``DEALSTREAM_MODEL_VERIFY_KEY`` is the public half of the learner's signing key.
     """

@@ -1,13 +1,14 @@
 """Settings: frozen, typed objects read from ``DEALSTREAM_*`` environment variables.
 
 This is the only module that reads the environment: ``Settings`` (shared by every command),
-``LearnerSettings``, the model key and ``DemoSettings``. Only the command line
+``LearnerSettings``, the model keys and ``DemoSettings``. Only the command line
 (``streams/cli/``) calls their ``from_env`` readers; everything else receives the objects it
 needs as arguments.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -15,7 +16,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from engine.errors import ModelSnapshotError
 from engine.model.feedback import Feedback, FeedbackMethod
+from engine.model.signing import (
+    generate_signing_key,
+    signing_key_from_pem,
+    signing_key_pem,
+    verify_key_from_pem,
+    verify_key_pem,
+)
 from streams.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -200,6 +211,11 @@ class Settings:
     (``DEALSTREAM_REDIS_RETRY_DEADLINE_S``; 0: forever)."""
     campaigns_path: Path | None = None
     http_port: int = 6066
+    http_bind: str = "127.0.0.1"
+    """Address the HTTP endpoints listen on (``DEALSTREAM_HTTP_BIND``): loopback for local
+    runs; containers set ``0.0.0.0`` (docs/security.md)."""
+    http_token: Secret | None = None
+    """Bearer token the status JSON requires (``DEALSTREAM_HTTP_TOKEN``, 16+ characters)."""
     group_id: str = "dealstream"
     partitions: int = 4
     replication: TopicReplication = field(default_factory=TopicReplication)
@@ -295,6 +311,8 @@ class Settings:
             ),
             campaigns_path=Path(campaigns) if campaigns else None,
             http_port=_port(int(number("HTTP_PORT", defaults.http_port, int))),
+            http_bind=_bind_address(get("HTTP_BIND") or defaults.http_bind),
+            http_token=_http_token(get("HTTP_TOKEN")),
             group_id=get("GROUP_ID") or defaults.group_id,
             partitions=max(1, int(number("PARTITIONS", defaults.partitions, int))),
             replication=TopicReplication.of(
@@ -473,44 +491,109 @@ def _above_zero(name: str, value: float) -> float:
     return value
 
 
+def _bind_address(raw: str) -> str:
+    address = raw.strip()
+    if address == "localhost":
+        return address
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise ConfigError(
+            f"{ENV_PREFIX}HTTP_BIND={raw!r} is not an IP address (127.0.0.1 for this machine "
+            "only, 0.0.0.0 for every interface)"
+        ) from None
+    return address
+
+
+MIN_HTTP_TOKEN_CHARS = 16
+
+
+def _http_token(raw: str | None) -> Secret | None:
+    if raw is None:
+        return None
+    if len(raw) < MIN_HTTP_TOKEN_CHARS or not raw.isprintable() or raw != raw.strip():
+        raise ConfigError(
+            f"{ENV_PREFIX}HTTP_TOKEN must be at least {MIN_HTTP_TOKEN_CHARS} printable "
+            "characters without surrounding spaces (e.g. `openssl rand -hex 32`)"
+        )
+    return Secret(raw)
+
+
 def _port(value: int) -> int:
     if not 0 < value < 65536:
         raise ConfigError(f"{ENV_PREFIX}HTTP_PORT must be within 1-65535, got {value}")
     return value
 
 
-# -- the model key -------------------------------------------------------------------------------
+# -- the model keys ------------------------------------------------------------------------------
 
-MODEL_KEY_ENV = f"{ENV_PREFIX}MODEL_KEY"
-MIN_MODEL_KEY_BYTES = 16
+MODEL_SIGNING_KEY_ENV = f"{ENV_PREFIX}MODEL_SIGNING_KEY"
+"""The learner's Ed25519 private key, PEM (or ``..._FILE``: a path to it). Only the learner
+and ``dealstream model rollback`` hold it."""
+MODEL_VERIFY_KEY_ENV = f"{ENV_PREFIX}MODEL_VERIFY_KEY"
+"""Its public key, PEM (or ``..._FILE``), which workers verify snapshots with."""
+_KEYGEN_HINT = "generate a pair with `dealstream model keygen --out DIR` (docs/security.md)"
 
 
-def model_key_from_env(environ: Mapping[str, str] | None = None) -> Secret | None:
-    """The HMAC key shared by worker and learner (``DEALSTREAM_MODEL_KEY``), or ``None``.
+def _pem_from_env(env: Mapping[str, str], name: str) -> str | None:
+    """``name``'s value, or the text of the file ``name_FILE`` names; never both."""
+    value = env.get(name) or None
+    path = env.get(f"{name}_FILE") or None
+    if value is not None and path is not None:
+        raise ConfigError(f"set {name} or {name}_FILE, not both")
+    if path is None:
+        return value
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f"{name}_FILE={path}: cannot read it ({type(exc).__name__}: {exc.strerror or exc})"
+            if isinstance(exc, OSError)
+            else f"{name}_FILE={path}: not a PEM text file"
+        ) from None
 
-    Raises ``ConfigError`` when it is set but shorter than 16 bytes. There is no default: a
-    key everyone knows would let anyone with Redis access plant a model (and code) in workers.
+
+def model_verify_key_from_env(environ: Mapping[str, str] | None = None) -> Ed25519PublicKey | None:
+    """The public key workers verify snapshots with (``DEALSTREAM_MODEL_VERIFY_KEY`` or
+    ``_FILE``), or ``None`` when unset (the worker then never loads the learner's models).
+
+    ``ConfigError`` when it is set but not an Ed25519 public key in PEM.
     """
     env = os.environ if environ is None else environ
-    raw = env.get(MODEL_KEY_ENV) or None
-    if raw is None:
+    pem = _pem_from_env(env, MODEL_VERIFY_KEY_ENV)
+    if pem is None:
         return None
-    if len(raw.encode("utf-8")) < MIN_MODEL_KEY_BYTES:
-        raise ConfigError(
-            f"{MODEL_KEY_ENV} must be at least {MIN_MODEL_KEY_BYTES} bytes; generate one with "
-            "`openssl rand -hex 32`"
-        )
-    return Secret(raw)
+    try:
+        return verify_key_from_pem(pem.encode("utf-8"))
+    except ModelSnapshotError as exc:
+        raise ConfigError(f"{MODEL_VERIFY_KEY_ENV}: {exc}; {_KEYGEN_HINT}") from None
 
 
-def require_model_key(environ: Mapping[str, str] | None = None) -> Secret:
-    """``model_key_from_env``, but a missing key is a ``ConfigError`` that says what to do."""
-    key = model_key_from_env(environ)
-    if key is None:
+def model_signing_key_in_env(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the private key is set here (a worker warns: it must not hold it)."""
+    env = os.environ if environ is None else environ
+    return bool(env.get(MODEL_SIGNING_KEY_ENV) or env.get(f"{MODEL_SIGNING_KEY_ENV}_FILE"))
+
+
+def require_signing_key(environ: Mapping[str, str] | None = None) -> Secret:
+    """The learner's private key as PEM text (checked to be an Ed25519 private key).
+
+    ``ConfigError`` that says what to do when it is missing or not such a key. There is no
+    default: a key everyone knows would let anyone with Redis access plant a model (and
+    code) in workers.
+    """
+    env = os.environ if environ is None else environ
+    pem = _pem_from_env(env, MODEL_SIGNING_KEY_ENV)
+    if pem is None:
         raise ConfigError(
-            f"{MODEL_KEY_ENV} is not set: set it to the same secret for the worker and the "
-            "learner (e.g. `export DEALSTREAM_MODEL_KEY=$(openssl rand -hex 32)`)"
+            f"{MODEL_SIGNING_KEY_ENV} (or {MODEL_SIGNING_KEY_ENV}_FILE) is not set: the learner "
+            f"signs the models it publishes with it; {_KEYGEN_HINT}"
         )
+    key = Secret(pem)
+    try:
+        signing_key_from_pem(pem.encode("utf-8"))
+    except ModelSnapshotError as exc:
+        raise ConfigError(f"{MODEL_SIGNING_KEY_ENV}: {exc}; {_KEYGEN_HINT}") from None
     return key
 
 
@@ -527,7 +610,8 @@ DEFAULT_DEDUP_WINDOW = 100_000
 class LearnerSettings:
     """The learner's own settings (the shared ones come from ``Settings``)."""
 
-    model_key: Secret = field(repr=False)
+    signing_key: Secret = field(repr=False)
+    """The Ed25519 private key (PEM) the learner signs its snapshots with."""
     snapshot_every: int = 1000
     snapshot_interval_s: float = 10.0
     keep_versions: int = DEFAULT_KEEP
@@ -543,15 +627,16 @@ class LearnerSettings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> LearnerSettings:
-        """``DEALSTREAM_MODEL_KEY`` (required), ``DEALSTREAM_LEARNER_SNAPSHOT_EVERY`` (1000),
-        ``DEALSTREAM_LEARNER_SNAPSHOT_INTERVAL_S`` (10), ``DEALSTREAM_LEARNER_HTTP_PORT`` (6067),
-        ``DEALSTREAM_LEARNER_DEDUP_WINDOW`` (100000)."""
+        """``DEALSTREAM_MODEL_SIGNING_KEY`` or ``_FILE`` (required),
+        ``DEALSTREAM_LEARNER_SNAPSHOT_EVERY`` (1000), ``DEALSTREAM_LEARNER_SNAPSHOT_INTERVAL_S``
+        (10), ``DEALSTREAM_LEARNER_HTTP_PORT`` (6067), ``DEALSTREAM_LEARNER_DEDUP_WINDOW``
+        (100000)."""
         env = os.environ if environ is None else environ
-        key = require_model_key(env)
+        key = require_signing_key(env)
         every = _positive(env, "LEARNER_SNAPSHOT_EVERY", 1000, int)
         interval = _positive(env, "LEARNER_SNAPSHOT_INTERVAL_S", 10.0, float)
         return cls(
-            model_key=key,
+            signing_key=key,
             snapshot_every=int(every),
             snapshot_interval_s=interval,
             http_port=_port_or_off(env, "LEARNER_HTTP_PORT", DEFAULT_LEARNER_HTTP_PORT),
@@ -592,7 +677,6 @@ DEMO_NAMESPACE = {
 }
 """The demo's own topics, keys and group, so it never touches a real deployment's data and
 can start every run from a fresh model."""
-DEMO_MODEL_KEY = "dealstream-demo-model-key-not-for-production"
 
 
 @dataclass(frozen=True, slots=True)
@@ -602,9 +686,16 @@ class DemoSettings:
     settings: Settings
     """The demo's own settings (``DEMO_NAMESPACE`` applied)."""
     process_environment: dict[str, str] = field(repr=False)
-    """The environment of the worker and learner the demo starts."""
-    uses_demo_model_key: bool
-    """No ``DEALSTREAM_MODEL_KEY`` was set: the processes share the fixed ``DEMO_MODEL_KEY``."""
+    """The environment of the learner the demo starts (the signing key included)."""
+    uses_demo_model_keys: bool
+    """No model keys were set: the demo made a fresh pair for this run (its namespace is
+    emptied at each start, so nothing signed with an older pair is left)."""
+
+    @property
+    def worker_environment(self) -> dict[str, str]:
+        """The worker's environment: the learner's without the signing key."""
+        drop = (MODEL_SIGNING_KEY_ENV, f"{MODEL_SIGNING_KEY_ENV}_FILE")
+        return {k: v for k, v in self.process_environment.items() if k not in drop}
 
     @classmethod
     def from_env(
@@ -628,7 +719,16 @@ class DemoSettings:
             ),
         }
         processes.setdefault("DEALSTREAM_CAMPAIGNS", str(demo_campaigns))
-        uses_demo_model_key = not processes.get(MODEL_KEY_ENV)
-        if uses_demo_model_key:
-            processes[MODEL_KEY_ENV] = DEMO_MODEL_KEY
-        return cls(settings, processes, uses_demo_model_key)
+        uses_demo_model_keys = not (
+            model_signing_key_in_env(processes) or _pem_from_env(processes, MODEL_VERIFY_KEY_ENV)
+        )
+        if uses_demo_model_keys:
+            key = generate_signing_key()
+            processes[MODEL_SIGNING_KEY_ENV] = signing_key_pem(key).decode("ascii")
+            processes[MODEL_VERIFY_KEY_ENV] = verify_key_pem(key.public_key()).decode("ascii")
+        elif _pem_from_env(processes, MODEL_VERIFY_KEY_ENV) is None:
+            # Only the private key given: the demo's worker gets its public half.
+            pem = require_signing_key(processes).reveal().encode("utf-8")
+            public = signing_key_from_pem(pem).public_key()
+            processes[MODEL_VERIFY_KEY_ENV] = verify_key_pem(public).decode("ascii")
+        return cls(settings, processes, uses_demo_model_keys)

@@ -152,7 +152,8 @@ class Worker:
             "DEALSTREAM_LOG_LEVEL": "WARNING",
             **extra,
         }
-        self.env.pop("DEALSTREAM_MODEL_KEY", None)
+        for name in ("DEALSTREAM_MODEL_VERIFY_KEY", "DEALSTREAM_MODEL_VERIFY_KEY_FILE"):
+            self.env.pop(name, None)  # no hot reload: the bench measures one fixed model
         self.process: subprocess.Popen[bytes] | None = None
         self._session: aiohttp.ClientSession | None = None
 

@@ -10,25 +10,31 @@ them) and the snapshot format (the parameters are written back into them).
 
 A model travels between processes (learner -> Redis -> workers) as a signed snapshot::
 
-    header   b"DSMODEL" + format byte                           8 bytes
-    version  length byte + UTF-8 version id                     1 + n bytes
-    mac      HMAC-SHA256(key, header + version + payload)       32 bytes
-    payload  pickle of the River pipelines and counters         the rest
+    header     b"DSMODEL" + format byte                                 8 bytes
+    version    length byte + UTF-8 version id                           1 + n bytes
+    signed_at  when it was signed, epoch ms, unsigned big-endian        8 bytes
+    signature  Ed25519(header + version + signed_at + payload)          64 bytes
+    payload    pickle of the River pipelines and counters               the rest
 
-``PurchaseModel.restore`` checks the header, then the MAC with ``hmac.compare_digest``, before
-it unpickles anything: bytes signed with another key, truncated or altered raise
-``ModelSnapshotError`` and never reach pickle. Even verified bytes are unpickled through an
-allow-list (River classes, a few containers and builtins), a second line of defence.
+The learner signs with its private key; workers hold only the public key (``engine.model.
+signing``), so a worker can verify but never sign. ``PurchaseModel.restore`` checks the header,
+then the signature, before it unpickles anything: bytes signed with another key, truncated or
+altered raise ``ModelSnapshotError`` and never reach pickle. Even verified bytes are unpickled
+through an exact allow-list of (module, class) pairs, the classes a model is made of; a dotted
+name (protocol 4 resolves ``river.datasets.base`` / ``os.getcwd`` through a module's imports)
+is refused, a second line of defence should the signing key leak.
 
+>>> from engine.model.signing import generate_signing_key
+>>> key = generate_signing_key()
 >>> model = PurchaseModel()
 >>> model.learn_one({"cart_count_24h": 2}, 10, 1)
->>> blob = model.snapshot(b"a shared secret key")
->>> twin = PurchaseModel.restore(blob, b"a shared secret key")
+>>> blob = model.snapshot(key, signed_at_ms=1)
+>>> twin = PurchaseModel.restore(blob, key.public_key())
 >>> features = {"cart_count_24h": 2}
 >>> twin.version, twin.predict_one(features, 5) == model.predict_one(features, 5)
 ('lr-1', True)
 >>> try:
-...     PurchaseModel.restore(blob, b"another key")
+...     PurchaseModel.restore(blob, generate_signing_key().public_key())
 ... except ModelSnapshotError as exc:
 ...     print(type(exc).__name__)
 ModelSnapshotError
@@ -36,8 +42,6 @@ ModelSnapshotError
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import io
 import pickle
 from collections.abc import Mapping, Sequence
@@ -45,19 +49,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import river
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from river import compose, linear_model, optim, preprocessing
 
 from engine.errors import ModelSnapshotError
 from engine.model.inputs import input_row
 from engine.model.logistic import ScaledLogistic, UnsupportedPipeline
 from engine.model.scoring import FallbackScorer, LinearTerms, Scorer
+from engine.model.signing import SIGNATURE_SIZE
 
 SNAPSHOT_MAGIC = b"DSMODEL"
-SNAPSHOT_FORMAT = 2
-"""Bump when the payload layout changes; ``restore`` refuses formats it does not know."""
+SNAPSHOT_FORMAT = 3
+"""Bump when the layout changes; ``restore`` refuses formats it does not know (3: Ed25519)."""
 _HEADER = SNAPSHOT_MAGIC + bytes([SNAPSHOT_FORMAT])
-_MAC_SIZE = hashlib.sha256().digest_size
+_SIGNED_AT_SIZE = 8
 _MAX_VERSION_BYTES = 255
+SNAPSHOT_HEADER_MAX = len(_HEADER) + 1 + _MAX_VERSION_BYTES + _SIGNED_AT_SIZE + SIGNATURE_SIZE
+"""Bytes that hold any snapshot's header and signature (what ``snapshot_claims`` reads)."""
 _PICKLE_PROTOCOL = 5
 _RIVER_VERSION = str(getattr(river, "__version__", "unknown"))
 
@@ -202,9 +211,15 @@ class PurchaseModel:
 
     # -- snapshots ----------------------------------------------------------------------------
 
-    def snapshot(self, key: bytes) -> bytes:
-        """The model as signed bytes (see the module docstring); ``key`` is the HMAC key."""
-        _check_key(key)
+    def snapshot(self, key: Ed25519PrivateKey, *, signed_at_ms: int) -> bytes:
+        """The model as bytes signed with the learner's private ``key`` (see the module
+        docstring). ``signed_at_ms`` orders snapshots: a worker never moves to one signed
+        before the one it serves (``streams.adapters.model_store.ModelReloader``)."""
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ModelSnapshotError(
+                "signing a model snapshot takes the learner's Ed25519 private key, not a "
+                f"{type(key).__name__}"
+            )
         pipelines = self.river_pipelines()
         state = {
             "format": SNAPSHOT_FORMAT,
@@ -218,16 +233,21 @@ class PurchaseModel:
             "never": pipelines.never,
         }
         payload = pickle.dumps(state, protocol=_PICKLE_PROTOCOL)
-        version = _encode_version(self.version)
-        mac = hmac.new(key, _HEADER + version + payload, hashlib.sha256).digest()
-        return _HEADER + version + mac + payload
+        signed = _HEADER + _encode_version(self.version) + _encode_signed_at(signed_at_ms)
+        return signed + key.sign(signed + payload) + payload
 
     @classmethod
-    def restore(cls, blob: bytes, key: bytes) -> PurchaseModel:
+    def restore(cls, blob: bytes, key: Ed25519PublicKey) -> PurchaseModel:
         """The model in a ``snapshot``; ``ModelSnapshotError`` unless it verifies with ``key``."""
-        version, payload = verify_snapshot(blob, key)
+        return cls.restore_verified(verify_snapshot(blob, key))
+
+    @classmethod
+    def restore_verified(cls, snapshot: VerifiedSnapshot) -> PurchaseModel:
+        """The model in a snapshot ``verify_snapshot`` returned (unpickled through the
+        allow-list)."""
+        version = snapshot.version
         try:
-            state = _AllowListUnpickler(io.BytesIO(payload)).load()
+            state = _AllowListUnpickler(io.BytesIO(snapshot.payload)).load()
         except Exception as exc:
             raise ModelSnapshotError(
                 f"model snapshot {version} verifies but cannot be loaded ({type(exc).__name__}: "
@@ -272,29 +292,49 @@ class PurchaseModel:
 
 def snapshot_version(blob: bytes) -> str:
     """The version id a snapshot's header claims, UNVERIFIED (for messages and logs only)."""
-    version, _, _ = _split(blob)
-    return version
+    return _split(blob)[0]
 
 
-def verify_snapshot(blob: bytes, key: bytes) -> tuple[str, bytes]:
-    """``(version, payload)`` of a snapshot whose MAC verifies with ``key``.
+def snapshot_claims(blob: bytes) -> tuple[str, int]:
+    """``(version, signed_at_ms)`` as a snapshot's header claims them, UNVERIFIED: enough to
+    recognise a snapshot already refused without reading it whole. ``blob`` may stop after
+    the signature (``SNAPSHOT_HEADER_MAX`` bytes)."""
+    version, signed_at_ms, _, _ = _split(blob)
+    return version, signed_at_ms
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedSnapshot:
+    """A snapshot whose signature verified: its header fields and its (still pickled) payload."""
+
+    version: str
+    signed_at_ms: int
+    payload: bytes
+
+
+def verify_snapshot(blob: bytes, key: Ed25519PublicKey) -> VerifiedSnapshot:
+    """The parts of a snapshot whose signature verifies with the public ``key``.
 
     Raises ``ModelSnapshotError`` otherwise. Nothing is unpickled here.
     """
-    _check_key(key)
-    version, mac, payload = _split(blob)
-    signed = _HEADER + _encode_version(version) + payload
-    expected = hmac.new(key, signed, hashlib.sha256).digest()
-    if not hmac.compare_digest(mac, expected):
+    if not isinstance(key, Ed25519PublicKey):
+        raise ModelSnapshotError(
+            f"verifying a model snapshot takes an Ed25519 public key, not a {type(key).__name__}"
+        )
+    version, signed_at_ms, signature, payload = _split(blob)
+    signed = _HEADER + _encode_version(version) + _encode_signed_at(signed_at_ms)
+    try:
+        key.verify(signature, signed + payload)
+    except InvalidSignature:
         raise ModelSnapshotError(
             f"model snapshot {version} does not verify: it was signed with another key, or "
-            "altered or truncated; check that the worker and the learner share "
-            "DEALSTREAM_MODEL_KEY"
-        )
-    return version, payload
+            "altered or truncated; check that DEALSTREAM_MODEL_VERIFY_KEY is the public half "
+            "of the learner's DEALSTREAM_MODEL_SIGNING_KEY"
+        ) from None
+    return VerifiedSnapshot(version, signed_at_ms, payload)
 
 
-def _split(blob: bytes) -> tuple[str, bytes, bytes]:
+def _split(blob: bytes) -> tuple[str, int, bytes, bytes]:
     if not isinstance(blob, bytes | bytearray | memoryview):
         raise ModelSnapshotError(f"a model snapshot is bytes, not {type(blob).__name__}")
     data = bytes(blob)
@@ -305,17 +345,28 @@ def _split(blob: bytes) -> tuple[str, bytes, bytes]:
     if data[len(SNAPSHOT_MAGIC)] != SNAPSHOT_FORMAT:
         raise ModelSnapshotError(
             f"model snapshot format {data[len(SNAPSHOT_MAGIC)]} is not supported (this "
-            f"dealstream reads format {SNAPSHOT_FORMAT}); upgrade the reader"
+            f"dealstream reads format {SNAPSHOT_FORMAT}); publish the model again"
         )
     start = len(_HEADER) + 1
     end = start + data[len(_HEADER)]
-    if len(data) < end + _MAC_SIZE:
+    stamp_end = end + _SIGNED_AT_SIZE
+    if len(data) < stamp_end + SIGNATURE_SIZE:
         raise ModelSnapshotError("model snapshot is truncated (header)")
     try:
         version = data[start:end].decode("utf-8")
     except UnicodeDecodeError:
         raise ModelSnapshotError("model snapshot has a malformed version id") from None
-    return version, data[end : end + _MAC_SIZE], data[end + _MAC_SIZE :]
+    signed_at_ms = int.from_bytes(data[end:stamp_end], "big")
+    signature = data[stamp_end : stamp_end + SIGNATURE_SIZE]
+    return version, signed_at_ms, signature, data[stamp_end + SIGNATURE_SIZE :]
+
+
+def _encode_signed_at(signed_at_ms: int) -> bytes:
+    if type(signed_at_ms) is not int or not 0 <= signed_at_ms < 2**64:
+        raise ModelSnapshotError(
+            f"signed_at_ms must be an int within 0 and 2**64, got {signed_at_ms!r}"
+        )
+    return signed_at_ms.to_bytes(_SIGNED_AT_SIZE, "big")
 
 
 def _encode_version(version: str) -> bytes:
@@ -325,26 +376,30 @@ def _encode_version(version: str) -> bytes:
     return bytes([len(raw)]) + raw
 
 
-def _check_key(key: bytes) -> None:
-    if not isinstance(key, bytes | bytearray) or not key:
-        raise ModelSnapshotError("the model snapshot key must be non-empty bytes")
-
-
-_ALLOWED_GLOBALS: dict[str, frozenset[str] | None] = {
-    "builtins": frozenset(
-        {"bool", "bytes", "complex", "dict", "float", "frozenset", "int", "list", "set", "str"}
-        | {"tuple"}
-    ),
-    "collections": frozenset({"Counter", "OrderedDict", "defaultdict", "deque"}),
-}
-"""Module -> names a snapshot payload may reference; ``river`` and its submodules are allowed."""
+_ALLOWED_GLOBALS = frozenset(
+    {
+        ("builtins", "float"),
+        ("collections", "Counter"),
+        ("collections", "OrderedDict"),
+        ("collections", "defaultdict"),
+        ("river._river_rust.vectordict", "VectorDict"),
+        ("river.compose.pipeline", "Pipeline"),
+        ("river.linear_model.log_reg", "LogisticRegression"),
+        ("river.optim.initializers", "Zeros"),
+        ("river.optim.losses", "Log"),
+        ("river.optim.schedulers", "Constant"),
+        ("river.optim.sgd", "SGD"),
+        ("river.preprocessing.scale", "StandardScaler"),
+    }
+)
+"""Exactly the (module, qualified name) pairs a snapshot of ``_logistic`` pipelines pickles
+(River 0.26). A River upgrade that moves a class makes old snapshots unloadable, with a clear
+error (the test suite pins this list to what the pipelines pickle)."""
 
 
 class _AllowListUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        allowed = _ALLOWED_GLOBALS.get(module)
-        if (module == "river" or module.startswith("river.")) or (
-            allowed is not None and name in allowed
-        ):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a model snapshot")
+        # An exact pair: never resolved through a module's attributes (a dotted ``name``).
+        if "." in name or (module, name) not in _ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a model snapshot")
+        return super().find_class(module, name)

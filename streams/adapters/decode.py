@@ -33,8 +33,9 @@ class RawRecord:
 
 
 RESERVED_HEADER_PREFIXES = ("dealstream.source.", "dealstream.error.")
-"""Header names only the worker sets on a dead letter: a producer's headers under them are
-dropped, so that no one can spoof where a dead letter came from or why it was rejected."""
+"""Header names only the worker sets on a dead letter: a producer's headers under them, in any
+letter case (HTTP bridges and some clients fold it), are dropped, so that no one can spoof
+where a dead letter came from or why it was rejected."""
 TRUNCATED_HEADER = "dealstream.error.truncated"
 ORIGINAL_SIZE_HEADER = "dealstream.error.original_size"
 
@@ -68,7 +69,9 @@ class DeadLetter:
         return [*self._original_headers(), *self._our_headers()]
 
     def _original_headers(self) -> list[tuple[str, bytes]]:
-        return [h for h in self.record.headers if not h[0].startswith(RESERVED_HEADER_PREFIXES)]
+        return [
+            h for h in self.record.headers if not h[0].lower().startswith(RESERVED_HEADER_PREFIXES)
+        ]
 
     def _our_headers(self) -> list[tuple[str, bytes]]:
         return [

@@ -84,12 +84,15 @@ async def _demo(demo: DemoSettings, duration_s: float, rate: float, users: int) 
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / "demo-worker.log"
     env = demo.process_environment
-    if demo.uses_demo_model_key:
-        print("demo: using a fixed demo DEALSTREAM_MODEL_KEY (never use it in production)")
+    if demo.uses_demo_model_keys:
+        print("demo: signing models with a key pair made for this run")
     learner_log = log_dir / "demo-learner.log"
     with log_path.open("ab") as log, learner_log.open("ab") as learner_out:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", "worker"], env=env, stdout=log, stderr=log
+            [sys.executable, "-m", "streams.cli", "worker"],
+            env=demo.worker_environment,
+            stdout=log,
+            stderr=log,
         )
         learner = subprocess.Popen(
             [sys.executable, "-m", "streams.cli", "learner"],

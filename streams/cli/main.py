@@ -18,6 +18,7 @@ from streams.cli import (
     forget,
     lag,
     learner,
+    model,
     ope,
     replay,
     simulate,
@@ -31,6 +32,7 @@ from streams.settings import Settings
 SUBCOMMANDS = (
     worker,
     learner,
+    model,
     topics,
     simulate,
     replay,

@@ -4,7 +4,9 @@
 and publishes, and ``serve_learner_http`` exposes it with aiohttp on
 ``DEALSTREAM_LEARNER_HTTP_PORT`` (default 6067; 0 turns the endpoint off). Metric names start
 with ``dealstream_learner_`` so that a dashboard can tell the learner's figures from the
-worker's copy of the published model's quality (``dealstream_model_*``).
+worker's copy of the published model's quality (``dealstream_model_*``). It listens on
+``DEALSTREAM_HTTP_BIND`` (127.0.0.1 by default), and with ``DEALSTREAM_HTTP_TOKEN`` set,
+``/status.json`` needs ``Authorization: Bearer <token>``, as on the worker.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from prometheus_client import (
     Info,
     generate_latest,
 )
+
+from streams.operations.http_auth import CHALLENGE, UNAUTHORIZED, bearer_ok
+from streams.settings import Secret
 
 QUALITY = (
     ("log_loss", "log loss"),
@@ -141,9 +146,13 @@ class LearnerHealth:
 
 
 def learner_routes(
-    metrics: LearnerMetrics, health: LearnerHealth, status: Callable[[], Mapping[str, Any]]
+    metrics: LearnerMetrics,
+    health: LearnerHealth,
+    status: Callable[[], Mapping[str, Any]],
+    token: Secret | None = None,
 ) -> web.Application:
-    """The aiohttp application: /metrics, /health, /ready and /status.json."""
+    """The aiohttp application: /metrics, /health, /ready and /status.json (which needs
+    ``token`` when there is one)."""
 
     async def get_metrics(request: web.Request) -> web.Response:
         return web.Response(
@@ -159,6 +168,8 @@ def learner_routes(
         return _json(body, 200 if ready else 503)
 
     async def get_status(request: web.Request) -> web.Response:
+        if not bearer_ok(request.headers.get("Authorization"), token):
+            return _json(UNAUTHORIZED, 401, CHALLENGE)
         return _json(dict(status()), 200)
 
     app = web.Application()
@@ -169,15 +180,21 @@ def learner_routes(
     return app
 
 
-def _json(body: Mapping[str, Any], status: int) -> web.Response:
+def _json(
+    body: Mapping[str, Any], status: int, headers: Mapping[str, str] | None = None
+) -> web.Response:
     payload = orjson.dumps(body, default=str)
-    return web.Response(body=payload, status=status, content_type="application/json")
+    return web.Response(
+        body=payload, status=status, content_type="application/json", headers=headers
+    )
 
 
-async def serve_learner_http(app: web.Application, port: int) -> web.AppRunner:
-    """Start the endpoint on 0.0.0.0:``port``; the caller cleans the runner up."""
+async def serve_learner_http(
+    app: web.Application, port: int, host: str = "127.0.0.1"
+) -> web.AppRunner:
+    """Start the endpoint on ``host``:``port``; the caller cleans the runner up."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "0.0.0.0", port)
+    site = web.TCPSite(runner, host, port)
     await site.start()
     return runner

@@ -42,6 +42,7 @@ from aiokafka.errors import KafkaError
 from engine.errors import InvalidEvent
 from engine.model.feedback import TrainingExample
 from engine.model.prequential import OnlineLearner, PrequentialMetrics
+from engine.model.signing import signing_key_from_pem
 from streams.adapters.kafka_io import (
     check_kafka,
     check_redis,
@@ -134,7 +135,10 @@ class Learner:
         self.settings = settings
         self.config = learner_settings
         self.store = ModelStore(
-            redis, prefix=settings.redis_prefix, keep=learner_settings.keep_versions
+            redis,
+            prefix=settings.redis_prefix,
+            keep=learner_settings.keep_versions,
+            signing_key=signing_key_from_pem(learner_settings.signing_key.reveal().encode()),
         )
         self.topic = settings.topics.training
         self.group_id = f"{settings.group_id}-learner"
@@ -147,7 +151,6 @@ class Learner:
         self.recent = RecentExamples(learner_settings.dedup_window)
         self._clock = clock
         self._token = uuid.uuid4().hex
-        self._key = learner_settings.model_key
         self._since_snapshot = 0
         self._last_snapshot = clock()
         self._last_renew = clock()
@@ -203,13 +206,14 @@ class Learner:
 
     async def _resume(self) -> bool:
         """Load the latest model and its checkpoint; True when the checkpoint is to be trusted."""
-        model = await self.store.load_latest(self._key)
-        if model is None:
+        loaded = await self.store.load_latest()
+        if loaded is None:
             self.online = OnlineLearner(
                 window=self.config.metrics_window, feedback=self.settings.feedback
             )
             log.info("no published model under %s: starting a fresh one", self.store.latest_key)
             return True  # nothing learned yet: read every partition from its beginning
+        model = loaded.model
         checkpoint = await self.store.checkpoint()
         if checkpoint is None or checkpoint.get("version") != model.version:
             self.online = OnlineLearner(
@@ -404,9 +408,7 @@ class Learner:
             "metrics": self.online.metrics.to_state(),
             "last_labeled_at": self.online.last_labeled_at,
         }
-        await self.store.publish(
-            self.online.model, self._key, checkpoint=checkpoint, lease_token=self._token
-        )
+        await self.store.publish(self.online.model, checkpoint=checkpoint, lease_token=self._token)
         self.counters.snapshots += 1
         self._since_snapshot = 0
         self._last_snapshot = self._clock()
@@ -460,9 +462,11 @@ async def _main(settings: Settings, config: LearnerSettings) -> int:
         learner = Learner(settings, config, redis=client)
         runner = None
         if config.http_port:
-            routes = learner_routes(learner.metrics, learner.health, learner.status)
+            routes = learner_routes(
+                learner.metrics, learner.health, learner.status, settings.http_token
+            )
             try:
-                runner = await serve_learner_http(routes, config.http_port)
+                runner = await serve_learner_http(routes, config.http_port, settings.http_bind)
             except OSError as exc:
                 raise ConfigError(
                     f"cannot serve the learner's /metrics on port {config.http_port} ({exc}); "

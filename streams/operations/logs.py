@@ -11,7 +11,12 @@ correlates lines of the same user without revealing the id, unless debug logging
 ``Settings.log_salt`` (``DEALSTREAM_LOG_SALT``, a secret: the same salt across processes makes
 their refs comparable), else a random per-process salt.
 
-``DEALSTREAM_LOG_FORMAT=text`` gives classic one-line text logs for a terminal.
+``DEALSTREAM_LOG_FORMAT=text`` gives classic one-line text logs for a terminal. Ids and
+reasons come from producers, so a text line escapes what it did not write itself
+(``escape_text``): a newline or control character in an ``event_id`` cannot start a forged
+line, and a context value with a space, ``=`` or ``"`` is quoted so it cannot forge a field.
+Traceback lines are escaped and indented: only a record's first line starts at column 0.
+JSON lines escape the same characters (``json_line``).
 """
 
 from __future__ import annotations
@@ -95,21 +100,102 @@ class JsonFormatter(_ContextFormatter):
         }
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+        return json_line(orjson.dumps(entry, default=str).decode())
+
+
+def json_line(encoded: str) -> str:
+    r"""JSON text with the non-printable characters JSON allows raw (line and paragraph
+    separators, bidirectional overrides; the encoder escapes the controls) as ``\uXXXX``
+    escapes, so that a terminal or a line-based tool shows one honest line.
+
+    >>> print(json_line('{"event_id":"a\u2028b"}'))
+    {"event_id":"a\u2028b"}
+    """
+    if encoded.isprintable():
+        return encoded
+    out = []
+    for char in encoded:
+        if char.isprintable():
+            out.append(char)
+            continue
+        code = ord(char)
+        if code >= 0x10000:  # a surrogate pair, as JSON spells characters beyond the BMP
+            code -= 0x10000
+            out.append(f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}")
+        else:
+            out.append(f"\\u{code:04x}")
+    return "".join(out)
+
+
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape_text(text: str) -> str:
+    r"""``text`` on one line of printable characters: backslash, newline, carriage return and
+    tab as ``\\``, ``\n``, ``\r``, ``\t``; any other non-printable character (controls, line
+    and paragraph separators, bidirectional overrides) as ``\xNN``, ``\uNNNN`` or
+    ``\UNNNNNNNN``.
+
+    >>> print(escape_text("e-1\n2026-01-01 ERROR forged\u202e"))
+    e-1\n2026-01-01 ERROR forged\u202e
+    """
+    if text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for char in text:
+        if char in _ESCAPES:
+            out.append(_ESCAPES[char])
+        elif char.isprintable():
+            out.append(char)
+        else:
+            code = ord(char)
+            if code < 0x100:
+                out.append(f"\\x{code:02x}")
+            elif code < 0x10000:
+                out.append(f"\\u{code:04x}")
+            else:
+                out.append(f"\\U{code:08x}")
+    return "".join(out)
+
+
+def text_value(value: Any) -> str:
+    """A context value for a text line: escaped, and quoted when it holds a space, ``=`` or
+    ``"`` (or is empty), so that it reads as one ``key=value`` field."""
+    text = escape_text(value if isinstance(value, str) else str(value))
+    if text and not any(c in text for c in ' ="'):
+        return text
+    return '"' + text.replace('"', '\\"') + '"'
 
 
 class TextFormatter(_ContextFormatter):
-    """Classic text lines; context fields are appended as ``key=value``; user ids as refs."""
+    """Classic text lines; context fields are appended as ``key=value``; user ids as refs;
+    everything a producer could have written escaped (see the module docstring)."""
 
     def __init__(self, *, salt: bytes, raw_user_ids: bool) -> None:
         super().__init__(
             "%(asctime)s %(levelname)s %(name)s %(message)s", salt=salt, raw_user_ids=raw_user_ids
         )
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return self._style._fmt % {**record.__dict__, "message": escape_text(record.message)}
+
+    def formatException(self, ei: Any) -> str:
+        return _indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _indented(super().formatStack(stack_info))
+
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        context = " ".join(f"{k}={v}" for k, v in self.context(record).items())
-        return f"{line} {context}" if context else line
+        context = " ".join(f"{k}={text_value(v)}" for k, v in self.context(record).items())
+        if not context:
+            return line
+        first, newline, rest = line.partition("\n")
+        return f"{first} {context}{newline}{rest}"
+
+
+def _indented(text: str) -> str:
+    return "\n".join("  " + escape_text(line) for line in text.splitlines())
 
 
 def configure_logging(

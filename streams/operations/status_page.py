@@ -3,7 +3,9 @@
 It fetches ``/status.json`` every 2 s and renders readiness (with the reasons), partitions with
 lag and time lag, rates, the model, the budgets and each stop-loss campaign's state (since
 when, in event time, and its incremental margin per decision with the 95 % interval). Values
-are inserted as text, never as HTML.
+are inserted as text, never as HTML. With ``DEALSTREAM_HTTP_TOKEN`` set, open the page as
+``/#token=<token>``: the fragment never leaves the browser, and the page sends it as a bearer
+token.
 """
 
 from __future__ import annotations
@@ -204,7 +206,10 @@ function render(s) {
 }
 async function refresh() {
   try {
-    const response = await fetch("status.json", { cache: "no-store" });
+    const token = new URLSearchParams(location.hash.slice(1)).get("token");
+    const headers = token ? { Authorization: "Bearer " + token } : {};
+    const response = await fetch("status.json", { cache: "no-store", headers: headers });
+    if (response.status === 401) throw new Error("HTTP 401: open this page as /#token=<token>");
     if (!response.ok) throw new Error("HTTP " + response.status);
     render(await response.json());
   } catch (err) {

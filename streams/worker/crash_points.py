@@ -9,7 +9,9 @@ SIGKILL gives: no cleanup, no commit, no flush) the n-th time it reaches ``step`
 - ``after_delivery``: Kafka acknowledged them, the batch's offsets not yet committed.
 
 A kill anywhere before the Redis call leaves nothing of the batch behind, so it needs no
-point of its own. Unset (the default), every check is a comparison of two strings.
+point of its own. ``stop_consumer:<n>`` does not exit: after the n-th batch it stops the event
+consumer and leaves the process serving HTTP (``/health`` must then fail). Unset (the
+default), every check is a comparison of two strings.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from streams.errors import ConfigError
 log = logging.getLogger("dealstream.worker")
 
 STEPS = ("after_batch_call", "after_send", "after_delivery")
+STOP_CONSUMER = "stop_consumer"
 EXIT_CRASHED = 137
 """The exit status of a process killed by SIGKILL, which a crash point imitates."""
 
@@ -34,10 +37,10 @@ class CrashPoints:
         if not spec:
             return
         step, _, count = spec.partition(":")
-        if step not in STEPS or not count.isdigit() or int(count) < 1:
+        if step not in (*STEPS, STOP_CONSUMER) or not count.isdigit() or int(count) < 1:
             raise ConfigError(
                 f"DEALSTREAM_CRASH_AT={spec!r}: expected <step>:<n> with step one of "
-                f"{', '.join(STEPS)} and n a positive integer"
+                f"{', '.join((*STEPS, STOP_CONSUMER))} and n a positive integer"
             )
         self.step, self.at = step, int(count)
 
@@ -51,3 +54,13 @@ class CrashPoints:
             for handler in logging.getLogger().handlers:
                 handler.flush()
             os._exit(EXIT_CRASHED)
+
+    def stop_consumer_now(self) -> bool:
+        """True once, after the n-th batch, when the chosen step is ``stop_consumer``."""
+        if self.step != STOP_CONSUMER:
+            return False
+        self._reached += 1
+        if self._reached != self.at:
+            return False
+        log.critical("crash point %s reached: stopping the event consumer", STOP_CONSUMER)
+        return True

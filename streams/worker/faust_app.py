@@ -10,6 +10,7 @@ itself consumes nothing. Nothing here runs at import time.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import tempfile
@@ -21,6 +22,7 @@ from typing import Any
 import faust
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from faust.app.base import BootStrategy
 from faust.transport.drivers.aiokafka import Producer as AIOKafkaDriverProducer
 
@@ -40,11 +42,16 @@ from streams.errors import (
 )
 from streams.operations.lag import LagProbe
 from streams.operations.metrics import TimedFeatureStore, TimedLedger, WorkerMetrics
-from streams.settings import KafkaSecurity, Secret, Settings
+from streams.settings import KafkaSecurity, Settings
 from streams.worker.batch_worker import BatchWorker
 from streams.worker.consumer import AssignmentObserver, EventConsumer, TopicPartitionKey
 from streams.worker.crash_points import CrashPoints
-from streams.worker.http_endpoints import REFRESH_INTERVAL_S, WorkerStatus, install_routes
+from streams.worker.http_endpoints import (
+    HEARTBEAT_INTERVAL_S,
+    REFRESH_INTERVAL_S,
+    WorkerStatus,
+    install_routes,
+)
 from streams.worker.recovery import RepublishOutbox
 from streams.worker.resume import ResumeFromRedis
 
@@ -63,7 +70,7 @@ class Runtime:
     """The batches' outputs kept until Kafka commits them; republished after a crash."""
     engine: DiscountEngine
     reloader: ModelReloader | None
-    """Picks up models the learner publishes; None without a model key (no hot reload)."""
+    """Picks up models the learner publishes; None without a verify key (no hot reload)."""
     metrics: WorkerMetrics
     """This worker's Prometheus registry and metrics (served on ``/metrics``)."""
     crash_points: CrashPoints
@@ -76,7 +83,7 @@ MODEL_POLL_INTERVAL_S = 2.0
 def bootstrap(
     settings: Settings,
     *,
-    model_key: Secret | None = None,
+    verify_key: Ed25519PublicKey | None = None,
     redis_client: aioredis.Redis | None = None,
     metrics: WorkerMetrics | None = None,
 ) -> Runtime:
@@ -113,8 +120,8 @@ def bootstrap(
     )
     engine = DiscountEngine(store, ledger=ledger, campaigns=campaigns, config=config)
     reloader = (
-        ModelReloader(ModelStore(client, prefix=settings.redis_prefix), model_key)
-        if model_key is not None
+        ModelReloader(ModelStore(client, prefix=settings.redis_prefix, verify_key=verify_key))
+        if verify_key is not None
         else None
     )
     return Runtime(
@@ -263,7 +270,7 @@ def create_app(runtime: Runtime) -> faust.App:
         topic_replication_factor=settings.replication.factor,
         topic_partitions=settings.partitions,
         web_port=settings.http_port,
-        web_bind="0.0.0.0",
+        web_bind=settings.http_bind,
         consumer_auto_offset_reset="earliest",
         autodiscover=False,
         # Tables live in memory; keep Faust's (empty) data folder out of the working directory.
@@ -300,12 +307,17 @@ def create_app(runtime: Runtime) -> faust.App:
         model_store=ModelStore(runtime.redis, prefix=settings.redis_prefix),
     )
     app.boot_strategy = _ServingOnly(app)
-    install_routes(app, status)
+    install_routes(app, status, settings.http_token)
+
+    stopping: list[asyncio.Future[None]] = []
+    """Fault tests only (``stop_consumer``): the consumer's stop, kept referenced."""
 
     async def handle(records: Sequence[RawRecord], lagging: Collection[TopicPartitionKey]) -> None:
         await _handle_until_done(
             worker, records, lagging, deadline_s=settings.redis_retry_deadline_s
         )
+        if runtime.crash_points.stop_consumer_now():
+            stopping.append(asyncio.ensure_future(consumer.stop()))
 
     resume = ResumeFromRedis(runtime.features.watermarks)
     republish = RepublishOutbox(runtime.outbox, runtime.engine, worker)
@@ -319,25 +331,29 @@ def create_app(runtime: Runtime) -> faust.App:
     # Faust starts it (an instance is accepted, though typed as a class) once its producer and
     # web server run, and stops it before the producer: the last batches are delivered and committed
     # while the producer is still up.
-    app.service(
-        EventConsumer(  # type: ignore[arg-type]
-            bootstrap=settings.kafka_bootstrap,
-            group_id=settings.group_id,
-            topics=settings.topics.events,
-            handle=handle,
-            sink=sink,
-            batch_max=settings.batch_max,
-            batch_within_s=settings.batch_within_s,
-            session_timeout_s=settings.session_timeout_s,
-            # The worker drops the events its aligner held of revoked partitions.
-            observer=_FollowAssignment(runtime.features, worker, runtime.outbox, status),
-            on_assigned=on_assigned,
-            on_committed=runtime.outbox.committed,
-            crash_points=runtime.crash_points,
-            held=worker.aligner,
-            client_options=kafka_client_options(settings.kafka_security).kwargs(),
-        )
+    consumer = EventConsumer(
+        bootstrap=settings.kafka_bootstrap,
+        group_id=settings.group_id,
+        topics=settings.topics.events,
+        handle=handle,
+        sink=sink,
+        batch_max=settings.batch_max,
+        batch_within_s=settings.batch_within_s,
+        session_timeout_s=settings.session_timeout_s,
+        # The worker drops the events its aligner held of revoked partitions.
+        observer=_FollowAssignment(runtime.features, worker, runtime.outbox, status),
+        on_assigned=on_assigned,
+        on_committed=runtime.outbox.committed,
+        crash_points=runtime.crash_points,
+        held=worker.aligner,
+        client_options=kafka_client_options(settings.kafka_security).kwargs(),
     )
+    status.consumer = consumer
+    app.service(consumer)  # type: ignore[arg-type]
+
+    @app.timer(interval=HEARTBEAT_INTERVAL_S)  # type: ignore[untyped-decorator]
+    async def heartbeat() -> None:
+        status.heartbeat.beat()
 
     @app.timer(interval=MODEL_POLL_INTERVAL_S)  # type: ignore[untyped-decorator]
     async def poll_model() -> None:

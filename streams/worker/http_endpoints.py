@@ -7,10 +7,19 @@ answers readiness. ``install_routes`` serves, on
 Faust's web server:
 
 - ``/metrics``      Prometheus exposition of the worker's own registry;
-- ``/health``       200 while the process and its event loop are alive;
-- ``/ready``        200 or 503, with a JSON body giving each check and why it failed;
+- ``/health``       200 while the event loop turns and the event consumer runs, else 503: a
+                    heartbeat ticks every second, and a tick missing or late by more than
+                    ``LOOP_STALL_S`` means the loop was wedged;
+- ``/ready``        200 or 503, with a JSON body giving each check and why it failed (Kafka
+                    not answered for ``KAFKA_STALE_S``, an untrained model a campaign scores
+                    with, Redis, partitions, progress);
 - ``/status.json``  everything the status page shows;
 - ``/``             a self-contained status page (no external assets) refreshing itself.
+
+With ``DEALSTREAM_HTTP_TOKEN`` set, ``/status.json`` answers only requests bearing it
+(``Authorization: Bearer <token>``; the page sends what follows ``#token=`` in its address).
+``/``, ``/health``, ``/ready`` and ``/metrics`` stay open: the page is static, probes and
+scrapers carry no secrets, and none of them shows a user id (docs/security.md).
 """
 
 from __future__ import annotations
@@ -33,9 +42,11 @@ from engine.ledger import event_day
 from engine.model.prequential import PrequentialMetrics
 from engine.stop_loss import StopLossStatus
 from streams.adapters.model_store import ModelStore
+from streams.operations.http_auth import CHALLENGE, UNAUTHORIZED, bearer_ok
 from streams.operations.lag import PartitionLag, total_lag
 from streams.operations.metrics import RateWindow
 from streams.operations.status_page import STATUS_PAGE_HTML
+from streams.settings import Secret
 from streams.worker.batch_worker import BatchWorker
 from streams.worker.consumer import TopicPartitionKey
 
@@ -47,6 +58,12 @@ STALL_TIMEOUT_S = 60.0
 """Not ready when assigned partitions have lag but no batch was handled for this long."""
 REDIS_PING_TIMEOUT_S = 1.0
 LAG_TIMEOUT_S = 15.0
+HEARTBEAT_INTERVAL_S = 1.0
+LOOP_STALL_S = 10.0
+"""``/health`` fails when the heartbeat has not ticked, or last ticked late, by this much."""
+KAFKA_STALE_S = 20.0
+"""Not ready when Kafka has not answered the lag probe (every ``REFRESH_INTERVAL_S``) for this
+long: false within 20 s of Kafka stopping, whatever the probe's own timeout."""
 
 
 class LagSource(Protocol):
@@ -55,6 +72,35 @@ class LagSource(Protocol):
     async def measure(self, group: str, topics: Sequence[str]) -> list[PartitionLag]: ...
 
     async def close(self) -> None: ...
+
+
+class ServiceState(Protocol):
+    """What ``/health`` reads of the event consumer (a mode ``Service``)."""
+
+    @property
+    def should_stop(self) -> bool: ...
+
+    @property
+    def crashed(self) -> bool: ...
+
+
+class Heartbeat:
+    """Ticks on the event loop (a Faust timer); how long the loop went without turning."""
+
+    def __init__(self, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._monotonic = monotonic
+        self.last = monotonic()
+        self.last_gap = 0.0
+
+    def beat(self) -> None:
+        now = self._monotonic()
+        self.last_gap = now - self.last
+        self.last = now
+
+    def stalled_s(self) -> float:
+        """The longer of the time since the last tick and the gap before it: a loop wedged
+        then freed still shows until the next tick."""
+        return max(self._monotonic() - self.last, self.last_gap)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +182,9 @@ class WorkerStatus:
         self.redis_timeout_s = redis_timeout_s
         self._monotonic = monotonic
         self._wall_clock_ms = wall_clock_ms
+        self.heartbeat = Heartbeat(monotonic)
+        self.consumer: ServiceState | None = None
+        """The event consumer, once created; ``/health`` fails when it stopped or crashed."""
         self.started_at = monotonic()
         self.assignment: frozenset[TopicPartitionKey] | None = None
         """None until the first assignment (an empty set then means: explicitly none)."""
@@ -297,10 +346,58 @@ class WorkerStatus:
         return Check(True, f"PING answered in {(self._monotonic() - started) * 1000:.1f} ms")
 
     def _model_check(self) -> Check:
-        model = self.worker.engine.model
-        if model is None:
-            return Check(False, "no model loaded")
+        """An untrained model scores everyone alike: not ready while a campaign's policy uses
+        it (``Policy.uses_model``), unless the worker learns inline (it trains itself)."""
+        engine = self.worker.engine
+        model = engine.model
+        scoring = [c.name for c in engine.campaigns if c.policy.uses_model]
+        if model.examples_learned == 0 and scoring and not engine.config.learn_inline:
+            return Check(
+                False,
+                f"model {model.version} is untrained and campaign(s) {', '.join(scoring)} "
+                "score with it: waiting for the learner's first model "
+                "(DEALSTREAM_MODEL_VERIFY_KEY)",
+            )
         return Check(True, f"serving {model.version}")
+
+    def _kafka_check(self) -> Check:
+        """Kafka answered the lag probe recently (the preflight reached it at start)."""
+        if self.probe is None:
+            return Check(True, "no lag probe")
+        since = self.lag_measured_at if self.lag_measured_at is not None else self.started_at
+        age = self._monotonic() - since
+        if age > KAFKA_STALE_S:
+            why = self.lag_error or "no answer yet"
+            return Check(False, f"Kafka not answering for {age:.0f} s ({why})")
+        return Check(True, f"answered {age:.0f} s ago")
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Liveness: the event loop turns and the event consumer has not stopped."""
+        stalled = self.heartbeat.stalled_s()
+        checks = {
+            "event_loop": Check(
+                stalled <= LOOP_STALL_S,
+                f"heartbeat {stalled:.1f} s ago (limit {LOOP_STALL_S:g} s)",
+            ),
+            "consumer": self._consumer_check(),
+        }
+        ok = all(c.ok for c in checks.values())
+        return ok, {
+            "status": "ok" if ok else "failing",
+            "pid": os.getpid(),
+            "uptime_s": round(self.uptime_s(), 1),
+            "checks": {name: c.as_dict() for name, c in checks.items()},
+        }
+
+    def _consumer_check(self) -> Check:
+        consumer = self.consumer
+        if consumer is None:
+            return Check(True, "not started yet")
+        if consumer.crashed:
+            return Check(False, "the event consumer crashed")
+        if consumer.should_stop:
+            return Check(False, "the event consumer stopped")
+        return Check(True, "running")
 
     def assigned_lag(self) -> int | None:
         """Lag on this worker's partitions at the last measurement; None if unknown."""
@@ -329,6 +426,7 @@ class WorkerStatus:
         checks = {
             "partitions": self._partitions_check(),
             "redis": await self._redis_check(),
+            "kafka": self._kafka_check(),
             "model": self._model_check(),
             "progress": self._progress_check(),
         }
@@ -391,8 +489,9 @@ class WorkerStatus:
         ]
 
 
-def install_routes(app: faust.App, status: WorkerStatus) -> None:
-    """``/``, ``/metrics``, ``/health``, ``/ready`` and ``/status.json`` on Faust's server.
+def install_routes(app: faust.App, status: WorkerStatus, token: Secret | None = None) -> None:
+    """``/``, ``/metrics``, ``/health``, ``/ready`` and ``/status.json`` on Faust's server;
+    with ``token``, ``/status.json`` needs it.
 
     ``/`` goes first: Faust later mounts its own index at ``/`` (the production index
     blueprint); aiohttp serves the first route that matches, and refuses a second GET on the
@@ -411,9 +510,8 @@ def install_routes(app: faust.App, status: WorkerStatus) -> None:
 
     @app.page("/health")
     async def health(view: View, request: Request) -> Response:
-        return view.json(
-            {"status": "ok", "pid": os.getpid(), "uptime_s": round(status.uptime_s(), 1)}
-        )
+        ok, body = status.health()
+        return view.json(body, status=200 if ok else 503)
 
     @app.page("/ready")
     async def ready(view: View, request: Request) -> Response:
@@ -422,4 +520,6 @@ def install_routes(app: faust.App, status: WorkerStatus) -> None:
 
     @app.page("/status.json")
     async def status_json(view: View, request: Request) -> Response:
+        if not bearer_ok(request.headers.get("Authorization"), token):
+            return view.json(UNAUTHORIZED, status=401, headers=CHALLENGE)
         return view.json(await status.status(), headers={"Cache-Control": "no-store"})

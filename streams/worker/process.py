@@ -6,9 +6,10 @@ import asyncio
 import logging
 
 import faust
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from streams.adapters.kafka_io import check_kafka, check_redis, ensure_topics
-from streams.settings import Secret, Settings
+from streams.settings import Settings
 from streams.worker.faust_app import bootstrap, create_app, reload_model
 
 log = logging.getLogger("dealstream.worker")
@@ -17,15 +18,15 @@ KEEP_HANDLERS_CONFIG = {"version": 1, "disable_existing_loggers": False}
 """A logging config that changes nothing; Faust adds back the handlers it is given."""
 
 
-def run_worker(settings: Settings, model_key: Secret | None = None) -> int:
+def run_worker(settings: Settings, verify_key: Ed25519PublicKey | None = None) -> int:
     """Run until SIGINT/SIGTERM. Unreachable services fail fast with a one-line error.
 
-    Without a model key the worker cannot verify the learner's snapshots, so it scores with
+    Without the learner's public key the worker cannot verify its snapshots, so it scores with
     its own (untrained, or inline-learning) model and says so once.
     """
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    runtime = bootstrap(settings, model_key=model_key)
+    runtime = bootstrap(settings, verify_key=verify_key)
 
     async def preflight() -> None:
         await check_redis(runtime.redis, settings.redis_url.reveal())
@@ -39,8 +40,10 @@ def run_worker(settings: Settings, model_key: Secret | None = None) -> int:
         )
         if created:
             log.info("created topics %s", ", ".join(created))
-        if model_key is None:
-            log.warning("DEALSTREAM_MODEL_KEY is not set: no model hot reload from the learner")
+        if verify_key is None:
+            log.warning(
+                "DEALSTREAM_MODEL_VERIFY_KEY is not set: no model hot reload from the learner"
+            )
         await reload_model(runtime)
         log.info("scoring with model %s", runtime.engine.model.version)
 

@@ -1,6 +1,6 @@
 """The worker's HTTP endpoints, on a running worker subprocess with real Kafka and Redis:
-``/health``, ``/ready`` (JSON reasons), ``/metrics`` (names, no user ids in labels), ``/`` and
-``/status.json``."""
+``/health`` (503 once the event consumer stopped), ``/ready`` (JSON reasons), ``/metrics``
+(names, no user ids in labels), ``/`` and ``/status.json`` (behind a bearer token)."""
 
 from __future__ import annotations
 
@@ -24,12 +24,16 @@ from engine.ledger import event_day
 from streams.adapters.kafka_io import ensure_topics
 from streams.settings import Topics
 from tests.conftest import Isolation, Services
+from tests.model_keys import publish_trained, worker_key_env
 from tests.worker_process import WorkerProcess, clean_up, produce_events, worker_env
 
 pytestmark = pytest.mark.e2e
 
 EVENTS = 600
 READY_TIMEOUT_S = 90.0
+TOKEN = "e2e-http-token-0123456789"
+PUBLISHED = "lr-3"
+"""The learner's model the worker loads (an untrained one would keep it not ready)."""
 CAMPAIGNS = """
 [[campaign]]
 name = "http-budgeted"
@@ -95,10 +99,12 @@ class Reply:
         return json.loads(self.body)
 
 
-def get(port: int, path: str, accept: str | None = None) -> Reply:
+def get(port: int, path: str, accept: str | None = None, token: str | None = None) -> Reply:
     request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
     if accept is not None:
         request.add_header("Accept", accept)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
             return Reply(
@@ -109,13 +115,19 @@ def get(port: int, path: str, accept: str | None = None) -> Reply:
 
 
 def wait_for(
-    port: int, path: str, accept: Any, worker: WorkerProcess, timeout_s: float, what: str
+    port: int,
+    path: str,
+    accept: Any,
+    worker: WorkerProcess,
+    timeout_s: float,
+    what: str,
+    token: str | None = None,
 ) -> Reply:
     deadline = time.monotonic() + timeout_s
     last: Reply | OSError | None = None
     while time.monotonic() < deadline:
         try:
-            last = get(port, path)
+            last = get(port, path, token=token)
         except OSError as exc:  # not listening yet
             last = exc
         else:
@@ -152,10 +164,11 @@ def running_worker(
     )
     poison = (topics.browse, b"poison", b"{not json")  # one dead letter
     asyncio.run(produce_events(services, topics, events, raw=[poison]))
-    worker = WorkerProcess(
-        worker_env(services, isolation, http_port=free_port, campaigns=campaigns),
-        tmp_path / "worker.log",
+    assert asyncio.run(publish_trained(services.redis(), isolation.redis_prefix)) == PUBLISHED
+    env = worker_env(
+        services, isolation, http_port=free_port, campaigns=campaigns, http_token=TOKEN
     )
+    worker = WorkerProcess({**env, **worker_key_env()}, tmp_path / "worker.log")
     worker.start()
     try:
         yield worker, events
@@ -173,12 +186,16 @@ def test_health_ready_metrics_and_status_page(
     body = ready.json()
     assert ready.content_type.startswith("application/json")
     assert body["ready"] is True and body["reasons"] == []
-    assert set(body["checks"]) == {"partitions", "redis", "model", "progress"}
+    assert set(body["checks"]) == {"partitions", "redis", "kafka", "model", "progress"}
     assert all(check["ok"] and check["detail"] for check in body["checks"].values())
     assert body["checks"]["partitions"]["detail"] == "6 partition(s) assigned"
 
     health = get(port, "/health")
     assert health.status == 200 and health.json()["status"] == "ok"
+    assert {name: c["ok"] for name, c in health.json()["checks"].items()} == {
+        "event_loop": True,
+        "consumer": True,
+    }
 
     # Every event consumed, and the periodic refresh (lag, budgets) has run since.
     metrics = wait_for(
@@ -218,7 +235,7 @@ def test_health_ready_metrics_and_status_page(
     assert value("dealstream_rebalances_total") >= 1
     assert value("dealstream_redis_call_seconds_count", script="features") > 0
     assert value("dealstream_redis_call_seconds_count", script="ledger") > 0
-    assert value("dealstream_model_version_info", version="lr-0") == 1
+    assert value("dealstream_model_version_info", version=PUBLISHED) == 1
     # Only the campaign with a stop-loss has its series; its decisions were sampled.
     stop_loss = {lab["campaign"] for n, lab, _ in parsed if n.startswith("dealstream_stop_loss")}
     assert stop_loss == {"http-control"}
@@ -238,7 +255,10 @@ def test_health_ready_metrics_and_status_page(
     assert openmetrics.content_type.startswith("application/openmetrics-text")
     assert openmetrics.body.rstrip().endswith("# EOF")
 
-    status = get(port, "/status.json")
+    refused = get(port, "/status.json")
+    assert refused.status == 401 and TOKEN not in refused.body
+    assert get(port, "/status.json", token=TOKEN + "x").status == 401
+    status = get(port, "/status.json", token=TOKEN)
     assert status.status == 200
     state = status.json()
     assert state["readiness"]["ready"] is True
@@ -247,7 +267,7 @@ def test_health_ready_metrics_and_status_page(
     assert [b["campaign"] for b in state["budgets"]] == ["http-budgeted"]
     (stop_loss_row,) = state["stop_loss"]
     assert stop_loss_row["campaign"] == "http-control" and stop_loss_row["decisions"] > 0
-    assert state["model"]["version"] == "lr-0"
+    assert state["model"]["version"] == PUBLISHED
     assert state["counters"]["consumed"] == len(events) + 1
 
     page = get(port, "/")
@@ -287,7 +307,7 @@ def test_status_page_renders_in_headless_chromium(
     if CHROMIUM is None:
         pytest.skip("no Chromium (apt-get install chromium)")
     worker, events = running_worker
-    url = f"http://127.0.0.1:{free_port}/"
+    url = f"http://127.0.0.1:{free_port}/#token={TOKEN}"  # the page sends it as a bearer
     wait_for(
         free_port,
         "/status.json",
@@ -301,6 +321,7 @@ def test_status_page_renders_in_headless_chromium(
         worker,
         READY_TIMEOUT_S,
         "a ready worker with everything consumed and refreshed",
+        token=TOKEN,
     )
 
     dom = chromium("--dump-dom", url, cwd=tmp_path)
@@ -317,7 +338,7 @@ def test_status_page_renders_in_headless_chromium(
     assert stop_loss.count("<tr") == 1 + 1 and "http-control" in stop_loss
     assert "active" in stop_loss or "stopped (explore only)" in stop_loss
     assert " / 100<" in stop_loss  # sampled decisions against min_decisions
-    assert "lr-0" in html.split('<dl id="model">', 1)[1].split("</dl>", 1)[0]
+    assert PUBLISHED in html.split('<dl id="model">', 1)[1].split("</dl>", 1)[0]
     assert "partitions: 6 partition(s) assigned" in html
     assert '<span id="error"></span>' in html  # no fetch error shown
 
@@ -327,3 +348,43 @@ def test_status_page_renders_in_headless_chromium(
     data = screenshot.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 20_000
     print(f"status page screenshot: {screenshot}")
+
+
+def test_health_fails_once_the_event_consumer_stopped(
+    services: Services, isolation: Isolation, free_port: int, tmp_path: Path
+) -> None:
+    """A real worker whose event consumer stops after its first batch (the fault-test point
+    ``stop_consumer``) while the process keeps serving HTTP: ``/health`` says 503 and why."""
+    topics = Topics(isolation.topic_prefix)
+    now_ms = int(time.time() * 1000)
+    events = list(open_loop(users=20, events=50, seed=9, start_ms=now_ms - 60_000))
+    asyncio.run(
+        ensure_topics(
+            services.kafka_bootstrap,
+            topics.all,
+            partitions=2,
+            security=services.kafka_security,
+        )
+    )
+    asyncio.run(produce_events(services, topics, events))
+    env = worker_env(services, isolation, http_port=free_port, crash_at="stop_consumer:1")
+    worker = WorkerProcess(env, tmp_path / "worker.log")
+    worker.start()
+    try:
+        failing = wait_for(
+            free_port,
+            "/health",
+            lambda r: r.status == 503,
+            worker,
+            READY_TIMEOUT_S,
+            "/health 503 after the consumer stopped",
+        )
+        body = failing.json()
+        assert body["status"] == "failing"
+        assert body["checks"]["consumer"] == {"ok": False, "detail": "the event consumer stopped"}
+        assert body["checks"]["event_loop"]["ok"] is True
+        assert worker.alive()
+    finally:
+        worker.stop()
+        asyncio.run(clean_up(services, isolation))
+    assert "stopping the event consumer" in worker.log_text()

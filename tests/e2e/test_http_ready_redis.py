@@ -20,10 +20,12 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from streams.adapters.kafka_io import ensure_topics
 from streams.settings import Topics
 from tests.conftest import Isolation, Services, without_redis_security
+from tests.model_keys import publish_trained, worker_key_env
 from tests.worker_process import WorkerProcess, clean_up, worker_env
 
 pytestmark = pytest.mark.e2e
@@ -134,8 +136,14 @@ def test_readiness_turns_false_when_redis_stops_and_true_when_it_returns(
         )
     )
     http_port = another_port(private_redis.port)
-    env = without_redis_security(worker_env(services, isolation, http_port=http_port))
+    env = {
+        **without_redis_security(worker_env(services, isolation, http_port=http_port)),
+        **worker_key_env(),
+    }
     env["DEALSTREAM_REDIS_URL"] = private_redis.url
+    # A learner's model, without which the worker would not be ready at all.
+    plain = aioredis.Redis.from_url(private_redis.url)
+    asyncio.run(publish_trained(plain, isolation.redis_prefix))
     worker = WorkerProcess(env, tmp_path / "worker.log")
     worker.start()
     try:

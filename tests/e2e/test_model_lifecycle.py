@@ -19,11 +19,10 @@ from streams.adapters.kafka_io import ensure_topics
 from streams.adapters.model_store import ModelStore
 from streams.settings import Settings, Topics
 from tests.conftest import REPO, Isolation, Services
+from tests.model_keys import SIGNING_PEM, learner_key_env, worker_key_env
 from tests.worker_process import WorkerProcess, clean_up, produce_events, read_topic, worker_env
 
 pytestmark = pytest.mark.e2e
-
-MODEL_KEY = "e2e-test-model-key-0123456789abcdef"
 
 
 def version_number(version: str) -> int:
@@ -109,7 +108,6 @@ def test_labels_train_the_learner_and_restarts_keep_the_model_version(
     env = worker_env(
         services,
         isolation,
-        model_key=MODEL_KEY,
         attribution_window_s=120,
         learner_snapshot_every=100,
         learner_snapshot_interval_s=1,
@@ -123,9 +121,12 @@ def test_labels_train_the_learner_and_restarts_keep_the_model_version(
     second = list(
         open_loop(users=100, events=300, seed=6, start_ms=now - 1800_000, mean_gap_ms=100)
     )
-    worker = WorkerProcess(env, tmp_path / "worker.log")
-    # The learner as its own Redis ACL user when the services have them (make test-secure).
-    learner = Learner({**env, **services.env("learner")}, tmp_path / "learner.log")
+    # The learner holds the private key, the worker only the public one; the learner runs as
+    # its own Redis ACL user when the services have them (make test-secure).
+    worker = WorkerProcess({**env, **worker_key_env()}, tmp_path / "worker.log")
+    learner = Learner(
+        {**env, **services.env("learner"), **learner_key_env()}, tmp_path / "learner.log"
+    )
     try:
         learner.start()
         worker.start()
@@ -164,4 +165,6 @@ def test_labels_train_the_learner_and_restarts_keep_the_model_version(
         worker.stop()
         asyncio.run(clean_up(services, isolation))
     assert "scoring with model lr-" in worker.log_text()
-    assert MODEL_KEY not in worker.log_text() + learner.log_path.read_text()
+    logs = worker.log_text() + learner.log_path.read_text()
+    assert SIGNING_PEM.splitlines()[1] not in logs
+    assert "MODEL_SIGNING_KEY is set in the worker" not in logs

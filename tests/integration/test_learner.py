@@ -23,6 +23,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from engine.errors import ModelSnapshotError
 from streams.adapters.kafka_io import ensure_topics
@@ -30,12 +31,12 @@ from streams.adapters.model_store import ModelReloader, ModelStore
 from streams.learner.process import Learner
 from streams.settings import LearnerSettings, Secret, Settings
 from tests.conftest import REPO, Isolation, Services
+from tests.model_keys import SIGNING_PEM, VERIFY_KEY, learner_key_env
 from tests.synthetic_training import SYNTHETIC_FEEDBACK, training_examples
 from tests.worker_process import log_entries
 
 pytestmark = pytest.mark.integration
 
-KEY = "integration-learner-key-0123456789"
 PARTITIONS = 3
 POISON = (b"not json at all", orjson.dumps({"decision_id": "bad", "features": {}}))
 
@@ -164,14 +165,14 @@ async def test_learn_publish_crash_resume_exactly_once_and_reload(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
     config = LearnerSettings(
-        model_key=Secret(KEY),
+        signing_key=Secret(SIGNING_PEM),
         snapshot_every=700,
         snapshot_interval_s=3600.0,  # phase 1: only count-based snapshots
         keep_versions=3,
         metrics_window=1000,
         lease_ttl_s=5.0,
     )
-    store = ModelStore(redis_client, prefix=settings.redis_prefix, keep=3)
+    store = ModelStore(redis_client, prefix=settings.redis_prefix, keep=3, verify_key=VERIFY_KEY)
     first = encoded(3000, seed=7)
     await produce(settings, [*first[:1000], POISON[0], *first[1000:2000], POISON[1], *first[2000:]])
 
@@ -209,7 +210,7 @@ async def test_learn_publish_crash_resume_exactly_once_and_reload(
     print(f"\nafter 3,000: {orjson.dumps(metrics.as_dict()).decode()}")
 
     # A worker's reloader picks the model up, and only when it changes.
-    reloader = ModelReloader(store, Secret(KEY))
+    reloader = ModelReloader(store)
     served = await reloader.poll(None)
     assert served is not None and served.version == "lr-3000"
     assert await reloader.poll(served.version) is None
@@ -248,8 +249,10 @@ async def test_learn_publish_crash_resume_exactly_once_and_reload(
 async def test_snapshots_that_do_not_verify_are_refused(
     settings: Settings, redis_client: aioredis.Redis
 ) -> None:
-    config = LearnerSettings(model_key=Secret(KEY), snapshot_interval_s=0.1, lease_ttl_s=5.0)
-    store = ModelStore(redis_client, prefix=settings.redis_prefix)
+    config = LearnerSettings(
+        signing_key=Secret(SIGNING_PEM), snapshot_interval_s=0.1, lease_ttl_s=5.0
+    )
+    store = ModelStore(redis_client, prefix=settings.redis_prefix, verify_key=VERIFY_KEY)
     await produce(settings, encoded(50, seed=1))
     learner = Learner(settings, config, redis=redis_client)
     stop = asyncio.Event()
@@ -258,20 +261,26 @@ async def test_snapshots_that_do_not_verify_are_refused(
     await stop_task(task, stop)
 
     # Signed with another key: refused by the store, the reloader and a restarting learner.
-    other = ModelReloader(store, Secret("a-different-key-0123456789"))
+    stranger = ModelStore(
+        redis_client,
+        prefix=settings.redis_prefix,
+        verify_key=Ed25519PrivateKey.generate().public_key(),
+    )
+    other = ModelReloader(stranger)
     assert await other.poll(None) is None
-    assert "lr-50" in other.refused
+    assert [version for version, _ in other.refused] == ["lr-50"]
     with pytest.raises(ModelSnapshotError):
-        await store.load_latest(Secret("a-different-key-0123456789"))
+        await stranger.load_latest()
 
     # Tampered in Redis (one byte): same.
     blob = await redis_client.get(store.snapshot_key("lr-50"))
     assert isinstance(blob, bytes)
     await redis_client.set(store.snapshot_key("lr-50"), blob[:-1] + bytes([blob[-1] ^ 1]))
     with pytest.raises(ModelSnapshotError, match="does not verify"):
-        await store.load_latest(Secret(KEY))
-    reloader = ModelReloader(store, Secret(KEY))
-    assert await reloader.poll("lr-0") is None and "lr-50" in reloader.refused
+        await store.load_latest()
+    reloader = ModelReloader(store)
+    assert await reloader.poll("lr-0") is None
+    assert [version for version, _ in reloader.refused] == ["lr-50"]
     with pytest.raises(ModelSnapshotError):
         await Learner(settings, config, redis=redis_client).run(asyncio.Event())
 
@@ -279,7 +288,7 @@ async def test_snapshots_that_do_not_verify_are_refused(
     await redis_client.set(store.snapshot_key("lr-50"), blob)
     await redis_client.set(store.snapshot_key("lr-60"), blob)
     with pytest.raises(ModelSnapshotError, match="holds model lr-50"):
-        await store.load("lr-60", Secret(KEY))
+        await store.load("lr-60")
 
 
 async def test_run_learner_stops_on_sigterm_after_publishing(
@@ -294,7 +303,7 @@ async def test_run_learner_stops_on_sigterm_after_publishing(
         **os.environ,
         **isolation.env(services),
         "DEALSTREAM_PARTITIONS": str(PARTITIONS),
-        "DEALSTREAM_MODEL_KEY": KEY,
+        **learner_key_env(),
         "DEALSTREAM_LEARNER_SNAPSHOT_EVERY": "100000",
         "DEALSTREAM_LEARNER_SNAPSHOT_INTERVAL_S": "3600",
         "DEALSTREAM_LEARNER_HTTP_PORT": str(free_port),
@@ -336,7 +345,7 @@ async def test_run_learner_stops_on_sigterm_after_publishing(
             process.kill()
     assert process.returncode == 0, stderr
     assert await store.latest_version() == "lr-300"
-    assert KEY not in stderr
+    assert SIGNING_PEM.splitlines()[1] not in stderr
     snapshots = log_entries(stderr, "snapshot")
     assert snapshots and snapshots[-1]["status"]["model_version"] == "lr-300"
 

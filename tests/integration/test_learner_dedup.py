@@ -27,11 +27,10 @@ from streams.adapters.model_store import ModelStore
 from streams.learner.process import Learner
 from streams.settings import LearnerSettings, Secret, Settings
 from tests.conftest import Isolation, Services
+from tests.model_keys import SIGNING_PEM, VERIFY_KEY
 from tests.synthetic_training import SYNTHETIC_FEEDBACK, training_examples
 
 pytestmark = pytest.mark.integration
-
-KEY = "integration-learner-dedup-key-0123456789"
 
 
 @pytest.fixture
@@ -163,14 +162,14 @@ async def test_copies_across_a_learner_crash_are_learned_once(
         reference.learn(example)
 
     config = LearnerSettings(
-        model_key=Secret(KEY),
+        signing_key=Secret(SIGNING_PEM),
         snapshot_every=400,
         snapshot_interval_s=3600.0,  # only count-based snapshots: the checkpoint is at 800
         metrics_window=1000,
         lease_ttl_s=5.0,
         dedup_window=200,
     )
-    store = ModelStore(redis_client, prefix=isolation.redis_prefix)
+    store = ModelStore(redis_client, prefix=isolation.redis_prefix, verify_key=VERIFY_KEY)
     async with training_topic(services, isolation, partitions=1) as settings:
         await produce(settings, stream[:1000])
         first = Learner(settings, config, redis=redis_client)
@@ -203,8 +202,8 @@ async def test_copies_across_a_learner_crash_are_learned_once(
     assert learned.model.version == reference.model.version == f"lr-{len(examples)}"
     assert parameters(learned.model) == parameters(reference.model)
     assert learned.metrics.to_state() == reference.metrics.to_state()
-    published = await store.load_latest(Secret(KEY))
-    assert published is not None and parameters(published) == parameters(reference.model)
+    published = await store.load_latest()
+    assert published is not None and parameters(published.model) == parameters(reference.model)
     assert second.status()["duplicates"] == counters.duplicates
 
 
@@ -228,7 +227,7 @@ async def test_copies_on_several_partitions_are_learned_once(
     examples = [d.example for d in training_examples(900, seed=23)]
     stream, originals = with_copies([orjson.dumps(e) for e in examples], seed=5, share=0.4, lag=100)
     config = LearnerSettings(
-        model_key=Secret(KEY), snapshot_interval_s=0.2, lease_ttl_s=5.0, dedup_window=500
+        signing_key=Secret(SIGNING_PEM), snapshot_interval_s=0.2, lease_ttl_s=5.0, dedup_window=500
     )
     async with training_topic(services, isolation, partitions=3) as settings:
         await produce(settings, stream)

@@ -62,13 +62,13 @@ from streams.adapters.redis_ledger import RedisLedger
 from streams.adapters.redis_store import RedisFeatureStore
 from streams.settings import LearnerSettings, Settings, Topics
 from tests.conftest import REPO, Isolation, Services
+from tests.model_keys import SIGNING_PEM, VERIFY_PEM
 from tests.worker_process import WorkerProcess, clean_up, log_entries, worker_env
 
 pytestmark = pytest.mark.integration
 
 TAOBAO = REPO.parent / "shared" / "data" / "taobao-userbehavior-excerpt.csv.gz"
 SCHEMA = REPO / "schemas" / "training.v1.json"
-MODEL_KEY = "taobao-model-quality-test-key-0123456789"
 
 ROWS: int | None = None
 """Events replayed (the first ``ROWS`` of the import); None = all of them (96,168)."""
@@ -363,7 +363,8 @@ async def test_taobao_prequential_model_next_to_a_hindsight_sklearn_reference(
         isolation,
         http_port=free_port,
         campaigns=campaigns,
-        model_key=MODEL_KEY,
+        model_signing_key=SIGNING_PEM,
+        model_verify_key=VERIFY_PEM,
         attribution_window_s=ATTRIBUTION_WINDOW_S,
         allowed_lateness_s=ALLOWED_LATENESS_S,
         learner_snapshot_every=SNAPSHOT_EVERY,

@@ -22,6 +22,7 @@ from engine.model.prequential import OnlineLearner
 from streams.learner.dedup import RecentExamples, example_key
 from streams.learner.process import Learner
 from streams.settings import LearnerSettings, Secret, Settings
+from tests.model_keys import SIGNING_PEM
 
 TOPIC = "training"
 T0 = 1_767_225_600_000
@@ -85,9 +86,7 @@ def record(partition: int, offset: int, value: bytes) -> ConsumerRecord[bytes, b
 
 def learner(feedback: Feedback, window: int) -> Learner:
     settings = Settings(feedback=feedback)
-    config = LearnerSettings(
-        model_key=Secret("unit-test-model-key-0123456789"), dedup_window=window
-    )
+    config = LearnerSettings(signing_key=Secret(SIGNING_PEM), dedup_window=window)
     subject = Learner(settings, config, redis=aioredis.Redis())  # never connected
     subject.online = OnlineLearner(window=config.metrics_window, feedback=feedback)
     return subject

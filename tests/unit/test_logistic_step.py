@@ -39,9 +39,9 @@ from engine.model.inputs import INPUT_NAMES, MODEL_FEATURES, input_row, model_in
 from engine.model.logistic import ScaledLogistic, UnsupportedPipeline
 from engine.model.prequential import OnlineLearner
 from engine.model.purchase_model import PurchaseModel, _logistic, verify_snapshot
+from tests.model_keys import SIGNING_KEY, VERIFY_KEY
 
 INPUTS = len(INPUT_NAMES)
-KEY = b"a test key for the learning step"
 
 
 def same(a: object, b: object) -> bool:
@@ -346,14 +346,14 @@ def test_the_model_and_its_auxiliary_classifiers_learn_as_river_did(
         if step % 3 == 0:
             assert_model_is_river(model, refs, features, discount, restored=step > 600)
         if step == 600:
-            blob = model.snapshot(KEY)
-            _, payload = verify_snapshot(blob, KEY)
+            blob = model.snapshot(SIGNING_KEY, signed_at_ms=1)
+            payload = verify_snapshot(blob, VERIFY_KEY).payload
             # The payload River's pipelines would have given, byte for byte (keys interned as
             # the snapshot's literals are, so that pickle's memo treats them alike).
             state = {sys.intern(k): v for k, v in pickle.loads(payload).items()}
             state.update(pipeline=refs.purchase, late=refs.late, never=refs.never)
             assert payload == pickle.dumps(state, protocol=5)
-            model = PurchaseModel.restore(blob, KEY)
+            model = PurchaseModel.restore(blob, VERIFY_KEY)
     assert_model_is_river(model, refs, {}, 10.0, restored=True)
     reached.assert_all("clipped", "loss z > 18", "loss z < -18", "sigmoid cut-off")
 
@@ -444,9 +444,10 @@ def test_a_snapshot_with_an_unsupported_pipeline_is_refused() -> None:
     model = PurchaseModel()
     model._late = ScaledLogistic(_logistic(0.003, 0.02, 0.0))
     model._late.pipeline = UNSUPPORTED["Adam"]()
-    blob = model.snapshot(KEY)
-    with pytest.raises(ModelSnapshotError, match="SGD with a constant learning rate"):
-        PurchaseModel.restore(blob, KEY)
+    blob = model.snapshot(SIGNING_KEY, signed_at_ms=1)
+    # The exact allow-list refuses the optimizer's class before the pipeline is even built.
+    with pytest.raises(ModelSnapshotError, match=r"river\.optim\.adam\.Adam is not allowed"):
+        PurchaseModel.restore(blob, VERIFY_KEY)
 
 
 def test_a_row_of_the_wrong_length_changes_nothing() -> None:

@@ -16,6 +16,7 @@ from streams.errors import ConfigError
 from streams.operations.logs import (
     DeadLetterLog,
     configure_logging,
+    escape_text,
     event_id_of,
     log_outputs,
     user_ref,
@@ -163,3 +164,56 @@ def test_the_log_salt_is_a_secret_setting() -> None:
     assert settings.log_salt is not None and settings.log_salt.reveal() == "pepper-0123456789"
     assert "pepper" not in repr(settings)
     assert Settings.from_env({}).log_salt is None
+
+
+FORGED = "e-1\n2026-12-05 08:00:00,000 ERROR dealstream.worker forged line\r\x1b[2J\u2028\u202e"
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_dead_letters_event_id_cannot_forge_a_log_line(captured: io.StringIO, fmt: str) -> None:
+    """The real path: a producer's event_id with newlines, a terminal escape, a line separator
+    and a bidirectional override reaches the log through the dead-letter logger."""
+    configure_logging("INFO", fmt, salt=SALT, stream=captured)
+    dead_log = DeadLetterLog(logging.getLogger("dealstream.test.dlq"), burst=3, interval_s=60)
+    value = orjson.dumps({"event_id": FORGED, "user_id": "u", "type": "nope"})
+    dead_log.log([DeadLetter(RawRecord("t", 0, 5, b"u", value), "bad_type", "why\nnot")], 1.0)
+    text = captured.getvalue()
+    assert text.count("\n") == 1 and text.endswith("\n")
+    assert not any(c in text[:-1] for c in "\r\x1b\u2028\u202e")
+    if fmt == "json":
+        (entry,) = lines(captured)
+        assert entry["event_id"] == FORGED  # escaped by JSON, read back intact
+    else:
+        assert (
+            'event_id="e-1\\n2026-12-05 08:00:00,000 ERROR dealstream.worker forged '
+            'line\\r\\x1b[2J\\u2028\\u202e"'
+        ) in text
+        assert "reason=why\\nnot " in text
+
+
+def test_text_values_that_look_like_fields_are_quoted(captured: io.StringIO) -> None:
+    configure_logging("INFO", "text", salt=SALT, stream=captured)
+    logging.getLogger("t").warning(
+        "got %s", "a\nb", extra={"event_id": 'x level=ERROR "y"', "code": "", "offset": 3}
+    )
+    line = captured.getvalue()
+    assert line.count("\n") == 1
+    assert "got a\\nb " in line
+    assert 'event_id="x level=ERROR \\"y\\""' in line and 'code=""' in line and "offset=3" in line
+
+
+def test_a_text_traceback_is_indented_under_its_line(captured: io.StringIO) -> None:
+    configure_logging("INFO", "text", salt=SALT, stream=captured)
+    try:
+        raise ValueError("bad\n2026-12-05 forged")
+    except ValueError:
+        logging.getLogger("t").exception("failed", extra={"event_id": "e-2"})
+    first, *rest = captured.getvalue().splitlines()
+    assert first.endswith("failed event_id=e-2")
+    assert rest and all(line.startswith("  ") for line in rest)
+
+
+def test_escape_text_leaves_plain_text_alone_and_is_reversible_for_backslashes() -> None:
+    assert escape_text("e-1 café") == "e-1 café"
+    assert escape_text("a\\nb") == "a\\\\nb"  # a literal backslash-n is not a newline
+    assert escape_text("\x00\U0001f600\U000e0001") == "\\x00\U0001f600\\U000e0001"

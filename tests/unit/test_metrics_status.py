@@ -14,7 +14,9 @@ from engine.campaigns import Campaign
 from engine.features.store import InMemoryFeatureStore
 from engine.ledger import InMemoryLedger, event_day
 from engine.model.prequential import PrequentialMetrics
+from engine.model.purchase_model import PurchaseModel
 from engine.pipeline import DiscountEngine, EngineConfig
+from engine.policies.rules import Rule, RulesPolicy
 from engine.policies.threshold import ThresholdPolicy
 from engine.stop_loss import StopLoss, StopLossStatus
 from streams.adapters.decode import DecodeLimits, RawRecord
@@ -23,7 +25,12 @@ from streams.operations.metrics import RateWindow, WorkerMetrics
 from streams.operations.status_page import STATUS_PAGE_HTML
 from streams.settings import Topics
 from streams.worker.batch_worker import BatchWorker
-from streams.worker.http_endpoints import WorkerStatus, current_stop_loss
+from streams.worker.http_endpoints import (
+    KAFKA_STALE_S,
+    LOOP_STALL_S,
+    WorkerStatus,
+    current_stop_loss,
+)
 from tests.sinks import ListSink
 
 T0 = 1_767_225_600_000
@@ -140,18 +147,27 @@ class Clock:
 
 
 def make_status(
-    *campaigns: Campaign, stall_timeout_s: float = 60.0
+    *campaigns: Campaign,
+    stall_timeout_s: float = 60.0,
+    trained: bool = True,
+    learn_inline: bool = False,
 ) -> tuple[WorkerStatus, FakeRedis, FakeProbe, Clock, BatchWorker]:
+    """A worker's status; by default serving a model trained on one example (``lr-1``), as
+    one that loaded the learner's would."""
     clock = Clock()
     metrics = WorkerMetrics(monotonic=clock)
     campaigns = campaigns or (Campaign("spring", ThresholdPolicy(threshold=0.0)),)
-    config = EngineConfig(learn_inline=False)
+    config = EngineConfig(learn_inline=learn_inline)
     engine = DiscountEngine(
         InMemoryFeatureStore(),
         ledger=InMemoryLedger(config.ledger_config(campaigns)),
         campaigns=campaigns,
         config=config,
     )
+    if trained:
+        model = PurchaseModel()
+        model.learn_one({"cart_count_24h": 1.0}, 10.0, 1)
+        engine.model = model
 
     worker = BatchWorker(
         engine,
@@ -221,6 +237,7 @@ async def test_a_stalled_worker_with_lag_is_not_ready_but_an_idle_caught_up_one_
     probe.rows = [PartitionLag(BROWSE, 0, 10, 10), PartitionLag(BROWSE, 1, 5, 5)]
     await status.refresh()
     clock.now += 3600  # idle for an hour, but nothing to do
+    await status.refresh_lag()  # Kafka answers the probe every few seconds meanwhile
     assert (await status.readiness())["ready"] is True
 
     probe.rows = [PartitionLag(BROWSE, 0, 30, 10), PartitionLag(BROWSE, 1, 5, 5)]
@@ -233,8 +250,10 @@ async def test_a_stalled_worker_with_lag_is_not_ready_but_an_idle_caught_up_one_
     await worker.handle([record])
     assert (await status.readiness())["ready"] is True
     clock.now += 59
+    await status.refresh_lag()
     assert (await status.readiness())["ready"] is True
     clock.now += 2
+    await status.refresh_lag()
     assert (await status.readiness())["ready"] is False
 
 
@@ -244,6 +263,7 @@ async def test_lag_on_partitions_of_other_workers_does_not_make_this_one_not_rea
     probe.rows = [PartitionLag(BROWSE, 0, 10, 10), PartitionLag(BROWSE, 1, 500, 0)]
     await status.refresh()
     clock.now += 3600
+    await status.refresh_lag()
     body = await status.readiness()
     assert body["ready"] is True, body
     assert (
@@ -294,7 +314,7 @@ async def test_refresh_reports_budgets_pending_labels_and_the_model() -> None:
     registry = status.metrics.registry
     assert registry.get_sample_value("dealstream_budget_remaining", {"campaign": "capped"}) == 96.0
     assert registry.get_sample_value("dealstream_pending_labels") == 1
-    assert registry.get_sample_value("dealstream_model_version_info", {"version": "lr-0"}) == 1
+    assert registry.get_sample_value("dealstream_model_version_info", {"version": "lr-1"}) == 1
     body = await status.status()
     assert body["budgets"] == [
         {
@@ -306,7 +326,7 @@ async def test_refresh_reports_budgets_pending_labels_and_the_model() -> None:
         }
     ]
     assert body["pending_labels"] == 1
-    assert body["model"]["version"] == "lr-0"
+    assert body["model"]["version"] == "lr-1"
     orjson.dumps(body)
 
 
@@ -494,3 +514,82 @@ async def test_refresh_reports_the_stop_loss_in_metrics_and_status() -> None:
     margin = registry.get_sample_value("dealstream_stop_loss_incremental_margin", labels)
     assert margin is not None and math.isnan(margin)
     orjson.dumps(body)
+
+
+# -- health, Kafka and the model in readiness ----------------------------------------------------
+
+
+async def test_an_untrained_model_a_campaign_scores_with_is_not_ready() -> None:
+    status, *_ = make_status(trained=False)
+    status.on_assigned([])
+    body = await status.readiness()
+    assert body["ready"] is False
+    assert body["reasons"] == [
+        "model: model lr-0 is untrained and campaign(s) spring score with it: waiting for the "
+        "learner's first model (DEALSTREAM_MODEL_VERIFY_KEY)"
+    ]
+    # A campaign that does not score (rules only) needs no model; a worker learning inline
+    # trains its own.
+    rules = Campaign("rules-only", RulesPolicy(rules=(Rule("cart_count_24h", ">=", 1, 5.0),)))
+    for unneeded, inline in (((rules,), False), ((), True)):
+        other, *_ = make_status(*unneeded, trained=False, learn_inline=inline)
+        other.on_assigned([])
+        assert (await other.readiness())["ready"] is True
+
+
+async def test_kafka_not_answering_makes_the_worker_not_ready_within_the_bound() -> None:
+    status, _, probe, clock, _ = make_status()
+    status.on_assigned([])
+    await status.refresh()
+    assert (await status.readiness())["checks"]["kafka"]["ok"] is True
+    probe.fail = TimeoutError()
+    clock.now += KAFKA_STALE_S  # every refresh since failed: still within the bound
+    await status.refresh()
+    assert (await status.readiness())["ready"] is True
+    clock.now += 1
+    body = await status.readiness()
+    assert body["ready"] is False
+    assert body["reasons"] == [
+        f"kafka: Kafka not answering for {KAFKA_STALE_S + 1:.0f} s (TimeoutError: )"
+    ]
+    probe.fail = None
+    await status.refresh()
+    assert (await status.readiness())["ready"] is True
+
+
+async def test_without_any_answer_since_start_kafka_is_stale_after_the_bound() -> None:
+    status, _, probe, clock, _ = make_status()
+    status.on_assigned([])
+    probe.fail = OSError("refused")
+    clock.now += KAFKA_STALE_S + 0.5
+    await status.refresh()
+    assert "Kafka not answering" in (await status.readiness())["reasons"][0]
+
+
+class FakeConsumer:
+    def __init__(self) -> None:
+        self.should_stop = False
+        self.crashed = False
+
+
+def test_health_fails_when_the_loop_stalls_or_the_consumer_stops() -> None:
+    status, _, _, clock, _ = make_status()
+    consumer = FakeConsumer()
+    status.consumer = consumer
+    assert status.health()[0] is True
+    clock.now += LOOP_STALL_S + 1  # no tick: the loop was busy elsewhere
+    ok, body = status.health()
+    assert ok is False and body["checks"]["event_loop"]["ok"] is False
+    status.heartbeat.beat()  # the loop turns again, but the late tick still shows once
+    assert status.health()[0] is False
+    clock.now += 1
+    status.heartbeat.beat()
+    assert status.health()[0] is True
+    consumer.should_stop = True
+    ok, body = status.health()
+    assert ok is False and body["checks"]["consumer"] == {
+        "ok": False,
+        "detail": "the event consumer stopped",
+    }
+    consumer.should_stop, consumer.crashed = False, True
+    assert status.health()[1]["checks"]["consumer"]["detail"] == "the event consumer crashed"

@@ -4,13 +4,14 @@ River's common checks in spirit (pure ``learn``/``predict``, pickling, feature o
 from __future__ import annotations
 
 import copy
-import hashlib
-import hmac
+import io
+import os
 import pickle
 import random
 from collections.abc import Iterator
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,13 +21,18 @@ from engine.model.purchase_model import (
     SNAPSHOT_FORMAT,
     SNAPSHOT_MAGIC,
     PurchaseModel,
+    snapshot_claims,
     snapshot_version,
     verify_snapshot,
 )
+from engine.model.signing import signing_key_pem, verify_key_pem
 from tests.synthetic_training import training_examples
 
-KEY = b"unit-test-model-key-0123456789"
-OTHER_KEY = b"some-other-key-9876543210"
+KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+"""The learner's private key (fixed: snapshots are compared byte for byte)."""
+PUBLIC = KEY.public_key()
+OTHER_PUBLIC = Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33))).public_key()
+SIGNED_AT = 1_700_000_000_000
 
 PROBES: list[tuple[dict[str, float], float]] = [
     ({}, 0.0),
@@ -48,13 +54,13 @@ def predictions(model: PurchaseModel) -> list[float]:
     return [model.predict_one(features, discount) for features, discount in PROBES]
 
 
-def craft(version: str, payload: bytes, key: bytes) -> bytes:
-    """A well-formed snapshot of arbitrary ``payload`` bytes, signed with ``key``."""
+def craft(version: str, payload: bytes, key: Ed25519PrivateKey) -> bytes:
+    """A well-formed snapshot of arbitrary ``payload`` bytes, signed with ``key`` (by hand, as
+    an attacker holding the key would)."""
     header = SNAPSHOT_MAGIC + bytes([SNAPSHOT_FORMAT])
     raw = version.encode()
-    signed = header + bytes([len(raw)]) + raw + payload
-    mac = hmac.new(key, signed, hashlib.sha256).digest()
-    return header + bytes([len(raw)]) + raw + mac + payload
+    signed = header + bytes([len(raw)]) + raw + SIGNED_AT.to_bytes(8, "big")
+    return signed + key.sign(signed + payload) + payload
 
 
 # -- a payload that would run code if it were ever unpickled ------------------------------------
@@ -96,8 +102,8 @@ def unpickle_spy(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bytes]]:
 
 def test_round_trip_keeps_predictions_version_and_counters() -> None:
     model = trained()
-    blob = model.snapshot(KEY)
-    restored = PurchaseModel.restore(blob, KEY)
+    blob = model.snapshot(KEY, signed_at_ms=SIGNED_AT)
+    restored = PurchaseModel.restore(blob, PUBLIC)
     assert restored.version == model.version == "lr-300"
     assert restored.examples_learned == 300
     assert predictions(restored) == predictions(model)
@@ -108,7 +114,7 @@ def test_round_trip_keeps_predictions_version_and_counters() -> None:
 
 def test_restored_model_keeps_learning_exactly_like_the_original() -> None:
     model = trained(200)
-    restored = PurchaseModel.restore(model.snapshot(KEY), KEY)
+    restored = PurchaseModel.restore(model.snapshot(KEY, signed_at_ms=SIGNED_AT), PUBLIC)
     for drawn in training_examples(200, seed=11):
         ex = drawn.example
         for m in (model, restored):
@@ -118,34 +124,38 @@ def test_restored_model_keeps_learning_exactly_like_the_original() -> None:
 
 
 def test_snapshot_of_a_fresh_model_round_trips() -> None:
-    restored = PurchaseModel.restore(PurchaseModel().snapshot(KEY), KEY)
+    restored = PurchaseModel.restore(PurchaseModel().snapshot(KEY, signed_at_ms=SIGNED_AT), PUBLIC)
     assert restored.version == "lr-0"
     assert predictions(restored) == [0.5] * len(PROBES)
 
 
 def test_snapshot_bytes_are_deterministic_for_the_same_training() -> None:
-    assert trained(150).snapshot(KEY) == trained(150).snapshot(KEY)
+    assert trained(150).snapshot(KEY, signed_at_ms=SIGNED_AT) == trained(150).snapshot(
+        KEY, signed_at_ms=SIGNED_AT
+    )
 
 
 def test_the_header_names_the_version_and_the_payload_is_signed() -> None:
-    blob = trained(7).snapshot(KEY)
+    blob = trained(7).snapshot(KEY, signed_at_ms=SIGNED_AT)
     assert blob.startswith(SNAPSHOT_MAGIC + bytes([SNAPSHOT_FORMAT]))
     assert snapshot_version(blob) == "lr-7"
-    version, payload = verify_snapshot(blob, KEY)
-    assert version == "lr-7"
-    assert blob.endswith(payload)
+    verified = verify_snapshot(blob, PUBLIC)
+    assert (verified.version, verified.signed_at_ms) == ("lr-7", SIGNED_AT)
+    assert snapshot_claims(blob) == ("lr-7", SIGNED_AT)
+    assert blob.endswith(verified.payload)
 
 
 # -- refusals: nothing is unpickled ---------------------------------------------------------------
 
 
 def test_a_wrong_key_is_refused_without_unpickling(unpickle_spy: list[bytes]) -> None:
-    blob = trained(20).snapshot(KEY)
+    blob = trained(20).snapshot(KEY, signed_at_ms=SIGNED_AT)
     with pytest.raises(ModelSnapshotError, match="does not verify") as info:
-        PurchaseModel.restore(blob, OTHER_KEY)
+        PurchaseModel.restore(blob, OTHER_PUBLIC)
     assert isinstance(info.value, EngineError)
-    assert "DEALSTREAM_MODEL_KEY" in str(info.value)
-    assert OTHER_KEY.decode() not in str(info.value) and KEY.decode() not in str(info.value)
+    assert "DEALSTREAM_MODEL_VERIFY_KEY" in str(info.value)
+    for pem in (signing_key_pem(KEY), verify_key_pem(OTHER_PUBLIC)):
+        assert pem.decode().splitlines()[1] not in str(info.value)
     assert unpickle_spy == []
 
 
@@ -158,9 +168,9 @@ def test_a_malicious_payload_signed_with_another_key_never_runs(
     assert EXPLOITED == ["ran"]
     EXPLOITED.clear()
 
-    blob = craft("lr-1", evil, OTHER_KEY)
+    blob = craft("lr-1", evil, Ed25519PrivateKey.generate())
     with pytest.raises(ModelSnapshotError, match="does not verify"):
-        PurchaseModel.restore(blob, KEY)
+        PurchaseModel.restore(blob, PUBLIC)
     assert EXPLOITED == []
     assert unpickle_spy == []
 
@@ -170,20 +180,20 @@ def test_a_malicious_payload_signed_with_the_right_key_is_stopped_by_the_allow_l
     EXPLOITED.clear()
     blob = craft("lr-1", pickle.dumps(Exploit(), protocol=5), KEY)
     with pytest.raises(ModelSnapshotError, match="cannot be loaded"):
-        PurchaseModel.restore(blob, KEY)
+        PurchaseModel.restore(blob, PUBLIC)
     assert EXPLOITED == []
 
 
 def test_a_verified_payload_of_the_wrong_shape_is_refused() -> None:
     for payload in (pickle.dumps([1, 2, 3]), pickle.dumps({"format": 1})):
         with pytest.raises(ModelSnapshotError):
-            PurchaseModel.restore(craft("lr-1", payload, KEY), KEY)
+            PurchaseModel.restore(craft("lr-1", payload, KEY), PUBLIC)
 
 
 def test_a_header_version_that_disagrees_with_the_payload_is_refused() -> None:
-    _, payload = verify_snapshot(trained(5).snapshot(KEY), KEY)
+    payload = verify_snapshot(trained(5).snapshot(KEY, signed_at_ms=SIGNED_AT), PUBLIC).payload
     with pytest.raises(ModelSnapshotError, match="lr-999"):
-        PurchaseModel.restore(craft("lr-999", payload, KEY), KEY)
+        PurchaseModel.restore(craft("lr-999", payload, KEY), PUBLIC)
 
 
 @settings(max_examples=300, deadline=None)
@@ -202,39 +212,102 @@ def test_any_flipped_byte_is_refused_without_unpickling(data: st.DataObject) -> 
     engine.model.purchase_model._AllowListUnpickler.load = spy  # type: ignore[method-assign]
     try:
         with pytest.raises(ModelSnapshotError):
-            PurchaseModel.restore(bytes(blob), KEY)
+            PurchaseModel.restore(bytes(blob), PUBLIC)
     finally:
         engine.model.purchase_model._AllowListUnpickler.load = original  # type: ignore[method-assign]
     assert calls == []
 
 
-SMALL_BLOB = trained(12).snapshot(KEY)
+SMALL_BLOB = trained(12).snapshot(KEY, signed_at_ms=SIGNED_AT)
 
 
 def test_every_truncation_is_refused_without_unpickling(unpickle_spy: list[bytes]) -> None:
     for length in range(len(SMALL_BLOB)):
         with pytest.raises(ModelSnapshotError):
-            PurchaseModel.restore(SMALL_BLOB[:length], KEY)
+            PurchaseModel.restore(SMALL_BLOB[:length], PUBLIC)
     with pytest.raises(ModelSnapshotError):  # and an appended byte
-        PurchaseModel.restore(SMALL_BLOB + b"\x00", KEY)
+        PurchaseModel.restore(SMALL_BLOB + b"\x00", PUBLIC)
     assert unpickle_spy == []
 
 
 def test_foreign_bytes_and_formats_are_refused_with_clear_messages() -> None:
     with pytest.raises(ModelSnapshotError, match="not a dealstream model snapshot"):
-        PurchaseModel.restore(b"\x80\x05garbage", KEY)
+        PurchaseModel.restore(b"\x80\x05garbage", PUBLIC)
     future = SNAPSHOT_MAGIC + bytes([SNAPSHOT_FORMAT + 1]) + SMALL_BLOB[len(SNAPSHOT_MAGIC) + 1 :]
     with pytest.raises(ModelSnapshotError, match=f"format {SNAPSHOT_FORMAT + 1} is not supported"):
-        PurchaseModel.restore(future, KEY)
+        PurchaseModel.restore(future, PUBLIC)
     with pytest.raises(ModelSnapshotError, match="bytes"):
-        PurchaseModel.restore("a string", KEY)  # type: ignore[arg-type]
+        PurchaseModel.restore("a string", PUBLIC)  # type: ignore[arg-type]
 
 
-def test_an_empty_key_is_refused_both_ways() -> None:
-    with pytest.raises(ModelSnapshotError, match="key"):
-        PurchaseModel().snapshot(b"")
-    with pytest.raises(ModelSnapshotError, match="key"):
-        PurchaseModel.restore(SMALL_BLOB, b"")
+def test_a_key_of_the_wrong_kind_is_refused_both_ways() -> None:
+    """The old shared secret (bytes) or the public key cannot sign; the private key is not
+    what verifies."""
+    with pytest.raises(ModelSnapshotError, match="private key"):
+        PurchaseModel().snapshot(b"a shared secret", signed_at_ms=1)  # type: ignore[arg-type]
+    with pytest.raises(ModelSnapshotError, match="private key"):
+        PurchaseModel().snapshot(PUBLIC, signed_at_ms=1)  # type: ignore[arg-type]
+    with pytest.raises(ModelSnapshotError, match="public key"):
+        PurchaseModel.restore(SMALL_BLOB, KEY)  # type: ignore[arg-type]
+    with pytest.raises(ModelSnapshotError, match="signed_at_ms"):
+        PurchaseModel().snapshot(KEY, signed_at_ms=-1)
+
+
+# -- the exact allow-list -------------------------------------------------------------------------
+
+
+def _stack_global(module: str, name: str) -> bytes:
+    """A protocol-4 pickle that calls ``module``/``name`` with no arguments, built by hand:
+    PROTO 4, two SHORT_BINUNICODE, STACK_GLOBAL, EMPTY_TUPLE, REDUCE, STOP."""
+
+    def text(value: str) -> bytes:
+        raw = value.encode()
+        return b"\x8c" + bytes([len(raw)]) + raw
+
+    return b"\x80\x04" + text(module) + text(name) + b"\x93)R."
+
+
+def test_a_signed_dotted_name_through_a_river_module_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``river.datasets.base`` imports ``os``: protocol 4 resolves ``os.getcwd`` through it.
+    Signed with the right key (a leaked key), it must still not run."""
+    calls: list[str] = []
+    monkeypatch.setattr(os, "getcwd", lambda: calls.append("getcwd") or "/")
+    evil = _stack_global("river.datasets.base", "os.getcwd")
+    # Sanity: plain pickle resolves the dotted name and calls it.
+    assert pickle.loads(evil) == "/" and calls == ["getcwd"]
+    calls.clear()
+    refused = r"river\.datasets\.base\.os\.getcwd is not allowed"
+    with pytest.raises(ModelSnapshotError, match=refused):
+        PurchaseModel.restore(craft("lr-1", evil, KEY), PUBLIC)
+    assert calls == []
+
+
+def test_a_river_class_outside_the_exact_list_is_refused() -> None:
+    """Any class of a ``river`` module used to load; now only the pairs a model is made of."""
+    for module, name in (
+        ("river.linear_model.lin_reg", "LinearRegression"),
+        ("river.compose.func", "FuncTransformer"),
+        ("builtins", "eval"),
+    ):
+        with pytest.raises(ModelSnapshotError, match=f"{module}.{name} is not allowed"):
+            PurchaseModel.restore(craft("lr-1", _stack_global(module, name), KEY), PUBLIC)
+
+
+def test_the_allow_list_is_exactly_what_a_trained_model_pickles() -> None:
+    """Every pair allowed is used (no slack for an attacker), and every pair used is allowed."""
+    seen: set[tuple[str, str]] = set()
+
+    class Recorder(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> object:
+            seen.add((module, name))
+            return super().find_class(module, name)
+
+    Recorder(
+        io.BytesIO(verify_snapshot(trained(300).snapshot(KEY, signed_at_ms=1), PUBLIC).payload)
+    ).load()
+    assert seen == engine.model.purchase_model._ALLOWED_GLOBALS
 
 
 # -- determinism and River's common checks, in spirit ---------------------------------------------

@@ -14,6 +14,7 @@ from engine.errors import INVALID_EVENT_CODES
 from engine.events import BrowseEvent
 from engine.features.store import InMemoryFeatureStore, Position
 from engine.model.feedback import TrainingExample
+from engine.model.signing import signing_key_from_pem, verify_key_from_pem
 from engine.pipeline import DiscountEngine, Incoming
 from engine.policies.threshold import ThresholdPolicy
 from streams.adapters.decode import (
@@ -26,7 +27,6 @@ from streams.adapters.decode import (
 from streams.adapters.kafka_io import default_partition
 from streams.errors import ConfigError, StreamsError
 from streams.settings import (
-    DEMO_MODEL_KEY,
     DemoSettings,
     Secret,
     Settings,
@@ -35,6 +35,7 @@ from streams.settings import (
     redact_url,
 )
 from streams.worker.batch_worker import BatchWorker, WorkerCounters
+from tests.model_keys import learner_key_env, worker_key_env
 from tests.sinks import ListSink
 
 T0 = 1_767_225_600_000
@@ -142,19 +143,34 @@ def test_the_demo_moves_into_its_namespace_and_tunes_its_processes() -> None:
     assert env["DEALSTREAM_LEARNER_SNAPSHOT_EVERY"] == "200"
     assert env["DEALSTREAM_LEARNER_HTTP_PORT"] == "7001", "next to the worker's port"
     assert env["DEALSTREAM_CAMPAIGNS"] == "demo.toml"
-    assert demo.uses_demo_model_key and env["DEALSTREAM_MODEL_KEY"] == DEMO_MODEL_KEY
+    # A fresh pair for this run: the learner signs, the worker holds only the public half.
+    assert demo.uses_demo_model_keys
+    signing = signing_key_from_pem(env["DEALSTREAM_MODEL_SIGNING_KEY"].encode())
+    verify = verify_key_from_pem(env["DEALSTREAM_MODEL_VERIFY_KEY"].encode())
+    assert signing.public_key().public_bytes_raw() == verify.public_bytes_raw()
+    worker = demo.worker_environment
+    assert "DEALSTREAM_MODEL_SIGNING_KEY" not in worker
+    assert worker["DEALSTREAM_MODEL_VERIFY_KEY"] == env["DEALSTREAM_MODEL_VERIFY_KEY"]
+    again = DemoSettings.from_env(Path("demo.toml"), {}).process_environment
+    assert again["DEALSTREAM_MODEL_SIGNING_KEY"] != env["DEALSTREAM_MODEL_SIGNING_KEY"]
 
 
 def test_the_demo_keeps_what_the_operator_set() -> None:
-    key = "0123456789abcdef-secret"
     given = {
-        "DEALSTREAM_MODEL_KEY": key,
+        **learner_key_env(),
+        **worker_key_env(),
         "DEALSTREAM_ATTRIBUTION_WINDOW_S": "120",
         "DEALSTREAM_CAMPAIGNS": "mine.toml",
     }
     demo = DemoSettings.from_env(Path("demo.toml"), given)
     env = demo.process_environment
-    assert not demo.uses_demo_model_key and env["DEALSTREAM_MODEL_KEY"] == key
+    assert not demo.uses_demo_model_keys
+    assert env["DEALSTREAM_MODEL_SIGNING_KEY"] == learner_key_env()["DEALSTREAM_MODEL_SIGNING_KEY"]
+    # Only the private key given: the worker still gets the public half, and only that.
+    only_private = DemoSettings.from_env(Path("demo.toml"), learner_key_env())
+    worker = only_private.worker_environment
+    assert worker["DEALSTREAM_MODEL_VERIFY_KEY"] == worker_key_env()["DEALSTREAM_MODEL_VERIFY_KEY"]
+    assert "DEALSTREAM_MODEL_SIGNING_KEY" not in worker and not only_private.uses_demo_model_keys
     assert env["DEALSTREAM_ATTRIBUTION_WINDOW_S"] == "120"
     assert env["DEALSTREAM_CAMPAIGNS"] == "mine.toml"
     assert demo.settings.attribution_window_s == 120.0
@@ -455,6 +471,39 @@ def test_our_dead_letter_headers_replace_a_producers_of_the_same_name() -> None:
     assert "dealstream.error.truncated" not in names
     assert dict(headers)["dealstream.error.class"] == b"invalid_json"
     assert dict(headers)["dealstream.source.offset"] == b"17"
+
+
+@pytest.mark.parametrize("max_bytes", [1_000_000, 400], ids=["whole", "cut"])
+def test_the_dead_letter_message_carries_only_our_error_headers(max_bytes: int) -> None:
+    """What reaches the DLQ topic, whole or cut to fit: a producer's ``dealstream.error.*`` /
+    ``dealstream.source.*`` headers, in any letter case, are replaced by ours."""
+    spoofed = (
+        *HEADERS,
+        ("dealstream.error.class", b"nothing_wrong"),
+        ("DealStream.Error.Reason", b"all good"),
+        ("dealstream.source.topic", b"elsewhere"),
+        ("dealstream.error.original_size", b"1"),
+        ("dealstream.errors", b"kept: not our prefix"),
+    )
+    letter = decode(raw(b"{oops" + b"x" * 300, headers=spoofed))
+    assert isinstance(letter, DeadLetter)
+    message = letter.message(max_bytes)
+    assert message.truncated is (max_bytes == 400)
+    ours = [(n, v) for n, v in message.headers if n.lower().startswith("dealstream.")]
+    names = [n.lower() for n, _ in ours]
+    assert len(names) == len(set(names)), names
+    found = dict(ours)
+    assert found["dealstream.error.class"] == b"invalid_json"
+    assert found["dealstream.error.reason"] == letter.reason.encode()
+    assert found["dealstream.source.topic"] == letter.record.topic.encode()
+    assert "DealStream.Error.Reason" not in found
+    if message.truncated:
+        assert (
+            found["dealstream.error.original_size"] == str(len(letter.record.value or b"")).encode()
+        )
+    else:
+        assert "dealstream.error.original_size" not in found
+        assert found["dealstream.errors"] == b"kept: not our prefix"
 
 
 def test_a_dead_letter_that_fits_goes_whole() -> None:
