@@ -181,6 +181,17 @@ class Settings:
     crash_at: str | None = None
     """Fault tests only: stop the worker dead at a step of a batch (``DEALSTREAM_CRASH_AT``,
     ``streams/worker/crash_points.py``)."""
+    # -- privacy (docs/privacy.md) --
+    pseudonym_key: Secret | None = None
+    """Key of the user ids' pseudonyms in Redis and on ``decisions``
+    (``DEALSTREAM_PSEUDONYM_KEY``, at least 16 bytes; never logged)."""
+    pseudonym_key_id: str = "k1"
+    """Prefix of every pseudonym (``DEALSTREAM_PSEUDONYM_KEY_ID``): a new key, a new id."""
+    raw_user_ids: bool = False
+    """``DEALSTREAM_PSEUDONYMS=off``: store raw user ids (local demos; the worker logs it)."""
+    forget_ttl_s: float = 7 * 24 * 3600.0
+    """How long ``dealstream forget``'s tombstone stops a profile being rebuilt
+    (``DEALSTREAM_FORGET_TTL_S``; default Kafka's default retention, 7 days)."""
 
     @property
     def topics(self) -> Topics:
@@ -268,7 +279,40 @@ class Settings:
             # Read as it always was: set but empty means the working directory.
             state_dir=Path(env.get(ENV_PREFIX + "STATE", str(defaults.state_dir))),
             crash_at=get("CRASH_AT"),
+            pseudonym_key=_pseudonym_key(get("PSEUDONYM_KEY"), get("PSEUDONYMS")),
+            pseudonym_key_id=get("PSEUDONYM_KEY_ID") or defaults.pseudonym_key_id,
+            raw_user_ids=_raw_user_ids(get("PSEUDONYMS")),
+            forget_ttl_s=_above_zero(
+                "FORGET_TTL_S", number("FORGET_TTL_S", defaults.forget_ttl_s, float)
+            ),
         )
+
+
+MIN_PSEUDONYM_KEY_BYTES = 16
+
+
+def _raw_user_ids(mode: str | None) -> bool:
+    """``DEALSTREAM_PSEUDONYMS``: ``on`` (the default) or ``off``, the explicit raw-id choice."""
+    if mode is None or mode.strip().lower() == "on":
+        return False
+    if mode.strip().lower() == "off":
+        return True
+    raise ConfigError(f"{ENV_PREFIX}PSEUDONYMS={mode!r} must be on or off")
+
+
+def _pseudonym_key(key: str | None, mode: str | None) -> Secret | None:
+    if key is None:
+        return None
+    if _raw_user_ids(mode):
+        raise ConfigError(
+            f"{ENV_PREFIX}PSEUDONYMS=off and {ENV_PREFIX}PSEUDONYM_KEY are both set: unset one"
+        )
+    if len(key.encode()) < MIN_PSEUDONYM_KEY_BYTES:
+        raise ConfigError(
+            f"{ENV_PREFIX}PSEUDONYM_KEY must be at least {MIN_PSEUDONYM_KEY_BYTES} bytes; "
+            "generate one with `openssl rand -hex 32`"
+        )
+    return Secret(key)
 
 
 def _feedback(method: str | None, wait_s: float | None, window_s: float) -> Feedback:
@@ -458,6 +502,9 @@ class DemoSettings:
     """The environment of the worker and learner the demo starts."""
     uses_demo_model_key: bool
     """No ``DEALSTREAM_MODEL_KEY`` was set: the processes share the fixed ``DEMO_MODEL_KEY``."""
+    uses_raw_user_ids: bool = False
+    """No ``DEALSTREAM_PSEUDONYM_KEY`` was set: the demo stores raw user ids
+    (``DEALSTREAM_PSEUDONYMS=off``, said when it starts and in the worker's log)."""
 
     @classmethod
     def from_env(
@@ -466,6 +513,9 @@ class DemoSettings:
         """The demo's settings and its processes' environment, where ``DEALSTREAM_CAMPAIGNS``
         defaults to ``demo_campaigns``."""
         env = {**(os.environ if environ is None else environ), **DEMO_NAMESPACE}
+        uses_raw_user_ids = not env.get(f"{ENV_PREFIX}PSEUDONYM_KEY")
+        if uses_raw_user_ids:
+            env[f"{ENV_PREFIX}PSEUDONYMS"] = "off"
         settings = Settings.from_env(env)
         processes = {
             **env,
@@ -484,4 +534,4 @@ class DemoSettings:
         uses_demo_model_key = not processes.get(MODEL_KEY_ENV)
         if uses_demo_model_key:
             processes[MODEL_KEY_ENV] = DEMO_MODEL_KEY
-        return cls(settings, processes, uses_demo_model_key)
+        return cls(settings, processes, uses_demo_model_key, uses_raw_user_ids)

@@ -18,7 +18,16 @@ from pathlib import Path
 
 import pytest
 
+from streams.adapters.pseudonyms import Pseudonyms
+
 REPO = Path(__file__).resolve().parents[1]
+TEST_PSEUDONYM_KEY = "test-pseudonym-key-0123456789abcdef"
+"""The pseudonym key every test process runs with (``DEALSTREAM_PSEUDONYM_KEY``)."""
+
+
+def worker_pseudonyms() -> Pseudonyms:
+    """The pseudonyms a worker started with ``Isolation.env`` stores user ids under."""
+    return Pseudonyms(TEST_PSEUDONYM_KEY.encode())
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,7 @@ class Isolation:
             "DEALSTREAM_TOPIC_PREFIX": self.topic_prefix,
             "DEALSTREAM_REDIS_PREFIX": self.redis_prefix,
             "DEALSTREAM_GROUP_ID": self.group_id,
+            "DEALSTREAM_PSEUDONYM_KEY": TEST_PSEUDONYM_KEY,
         }
 
 

@@ -30,6 +30,7 @@ from streams.adapters.decode import DecodeLimits, RawRecord
 from streams.adapters.kafka_io import PRODUCER_MAX_REQUEST_BYTES
 from streams.adapters.model_store import ModelReloader, ModelStore
 from streams.adapters.outbox import Outbox
+from streams.adapters.pseudonyms import Pseudonyms, pseudonyms_from_settings
 from streams.adapters.redis_client import redis_from_settings
 from streams.adapters.redis_errors import RedisBatchFailed, retry_on_redis
 from streams.adapters.redis_ledger import RedisLedger
@@ -68,6 +69,8 @@ class Runtime:
     """This worker's Prometheus registry and metrics (served on ``/metrics``)."""
     crash_points: CrashPoints
     """Fault tests only (``DEALSTREAM_CRASH_AT``); by default none."""
+    pseudonyms: Pseudonyms
+    """How user ids are stored in Redis and published on ``decisions`` (docs/privacy.md)."""
 
 
 MODEL_POLL_INTERVAL_S = 2.0
@@ -79,7 +82,12 @@ def bootstrap(
     model_key: Secret | None = None,
     redis_client: aioredis.Redis | None = None,
     metrics: WorkerMetrics | None = None,
+    pseudonyms: Pseudonyms | None = None,
 ) -> Runtime:
+    """Wire the worker; ``pseudonyms`` default to the settings' (a ``ConfigError`` without a key
+    unless raw ids were chosen: ``pseudonyms_from_settings``)."""
+    if pseudonyms is None:
+        pseudonyms = pseudonyms_from_settings(settings)
     metrics = metrics if metrics is not None else WorkerMetrics()
     redis_seconds = metrics.redis_call
     campaigns = (
@@ -95,8 +103,9 @@ def bootstrap(
         prefix=settings.redis_prefix,
         max_cached_users=settings.state_cache_users,
         defer_writes=True,
+        pseudonyms=pseudonyms,
     )
-    outbox = Outbox(client, prefix=settings.redis_prefix)
+    outbox = Outbox(client, prefix=settings.redis_prefix, pseudonyms=pseudonyms)
     metrics.feature_records_held.set_function(features.held_users)
     store = TimedFeatureStore(features, redis_seconds.labels("features").observe)
     config = settings.engine_config()
@@ -108,6 +117,7 @@ def bootstrap(
             features=features,
             outbox=outbox,
             retry_deadline_s=settings.redis_retry_deadline_s,
+            pseudonyms=pseudonyms,
         ),
         redis_seconds.labels("ledger").observe,
     )
@@ -126,6 +136,7 @@ def bootstrap(
         reloader=reloader,
         metrics=metrics,
         crash_points=CrashPoints(settings.crash_at),
+        pseudonyms=pseudonyms,
     )
 
 
@@ -268,6 +279,7 @@ def create_app(runtime: Runtime) -> faust.App:
         ),
         metrics=runtime.metrics,
         crash_points=runtime.crash_points,
+        pseudonyms=runtime.pseudonyms,
     )
     status = WorkerStatus(
         worker,

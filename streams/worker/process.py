@@ -40,6 +40,11 @@ def run_worker(settings: Settings, model_key: Secret | None = None) -> int:
             log.info("created topics %s", ", ".join(created))
         if model_key is None:
             log.warning("DEALSTREAM_MODEL_KEY is not set: no model hot reload from the learner")
+        if not runtime.pseudonyms.keyed:
+            log.warning(
+                "DEALSTREAM_PSEUDONYMS=off: raw user ids are stored in Redis and published on "
+                "decisions (local demos only; docs/privacy.md)"
+            )
         await reload_model(runtime)
         log.info("scoring with model %s", runtime.engine.model.version)
 

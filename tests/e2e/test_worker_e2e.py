@@ -28,7 +28,7 @@ from engine.pipeline import DiscountEngine, Incoming
 from streams.adapters.kafka_io import ensure_topics
 from streams.adapters.redis_store import RedisFeatureStore
 from streams.settings import Topics
-from tests.conftest import REPO, Isolation, Services
+from tests.conftest import REPO, Isolation, Services, worker_pseudonyms
 from tests.worker_process import produce_events
 
 pytestmark = pytest.mark.e2e
@@ -159,7 +159,9 @@ def test_worker_turns_events_into_valid_offers_and_redis_counts(
     async def read_counts() -> dict[str, dict[str, float]]:
         client = aioredis.Redis.from_url(services.redis_url)
         try:
-            store = RedisFeatureStore(client, prefix=isolation.redis_prefix)
+            store = RedisFeatureStore(
+                client, prefix=isolation.redis_prefix, pseudonyms=worker_pseudonyms()
+            )
             return await store.read_states(list(expected_counts))
         finally:
             keys = [k async for k in client.scan_iter(match=f"{isolation.redis_prefix}*")]
