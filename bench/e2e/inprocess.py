@@ -86,7 +86,12 @@ async def measure_inprocess(
     records = simulated_records(events, users, topics)
     sink = NullSink()
     worker = BatchWorker(
-        runtime.engine, sink, topics=topics, limits=DecodeLimits(), metrics=runtime.metrics
+        runtime.engine,
+        sink,
+        topics=topics,
+        limits=DecodeLimits(),
+        metrics=runtime.metrics,
+        pseudonyms=runtime.pseudonyms,
     )
     load = load_average()
     try:

@@ -138,7 +138,6 @@ def apply_updates(
         user_id = update.user_id
         if user_id in forgotten:
             statuses.append(_skip_forgotten(update, watermarks))
-            before.setdefault(user_id, {})
             continue
         record = records.get(user_id)
         if user_id not in before:

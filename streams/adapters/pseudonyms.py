@@ -18,7 +18,6 @@ with AES-256-GCM under a key derived from the pseudonym key (HKDF-SHA256), never
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 import re
@@ -39,7 +38,8 @@ KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,16}")
 _NONCE_BYTES = 12
 _CACHE_MAX = 200_000
 """Pseudonyms remembered per process (about 200 B each): a worker derives one per user per
-batch for the record key and one per ledger op, and HMAC costs about 1.5 µs."""
+batch for the record key and one per ledger op; derived 5 µs, remembered 0.25 µs (2 shared
+cores, load 2.5)."""
 _SEAL_INFO = b"dealstream outbox user id v1"
 
 
@@ -88,7 +88,7 @@ class Pseudonyms:
         cache = self._cache
         pseudonym = cache.get(user_id)
         if pseudonym is None:
-            digest = hmac.new(key, user_id.encode(), hashlib.sha256).digest()
+            digest = hmac.digest(key, user_id.encode(), "sha256")
             pseudonym = f"{self.key_id}.{_b64(digest[:PSEUDONYM_BYTES])}"
             if len(cache) >= _CACHE_MAX:
                 cache.clear()

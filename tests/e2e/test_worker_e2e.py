@@ -140,10 +140,13 @@ def test_worker_turns_events_into_valid_offers_and_redis_counts(
     held_out = {
         str(e["user_id"]) for e in events if in_holdout(holdout_campaign, str(e["user_id"]))
     }
+    # decisions name users by pseudonym, offers by the raw id (docs/privacy.md)
+    pseudonym = worker_pseudonyms().of
+    held_out_pseudonyms = {pseudonym(user) for user in held_out}
     assert held_out, "with 60 users and a 30 % holdout some users are held out"
     holdout_decisions = [d for d in decisions if d["campaign"] == "e2e-holdout"]
     for decision in holdout_decisions:
-        assert decision["holdout"] is (decision["user_id"] in held_out)
+        assert decision["holdout"] is (decision["user_id"] in held_out_pseudonyms)
         if decision["holdout"]:
             assert decision["offer_id"] is None and decision["discount_pct"] == 0
     assert not [o for o in offers if o["campaign"] == "e2e-holdout" and o["user_id"] in held_out], (
