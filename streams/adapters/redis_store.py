@@ -85,6 +85,15 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _tombstone_until(value: bytes | str) -> float:
+    """When a tombstone expires (epoch ms); one that does not say (not written by ``forget``)
+    holds until this store next drops what it holds."""
+    try:
+        return float(_text(value))
+    except ValueError:
+        return float("inf")
+
+
 def _blob(value: bytes | str) -> bytes:
     if not isinstance(value, bytes):
         raise StreamsError("feature records are binary: the Redis client must not decode replies")
@@ -345,16 +354,17 @@ class RedisFeatureStore:
         count = len(missing)
         for user, blob, tombstone in zip(missing, blobs[:count], blobs[count:], strict=True):
             if tombstone is not None:
-                forgotten[user] = float(_text(tombstone))
+                forgotten[user] = _tombstone_until(tombstone)
             elif blob is not None:
                 records[user] = decode_record(_blob(blob))
                 written[user] = now
-        if len(forgotten) > self.max_cached_users:
-            # Rare (a forget per user): the oldest go first and are read again when needed.
-            for user in list(forgotten)[: len(forgotten) - self.max_cached_users]:
-                del forgotten[user]
 
     def _evict(self) -> None:
+        forgotten = self._forgotten
+        if len(forgotten) > self.max_cached_users:
+            # Rare (one per `forget`): after the batch, the oldest go and are read again.
+            for user in list(forgotten)[: len(forgotten) - self.max_cached_users]:
+                del forgotten[user]
         records, written = self._records, self._written
         excess = len(records) - self.max_cached_users
         if excess <= 0:
