@@ -72,11 +72,21 @@ async def server_cpu(client: aioredis.Redis) -> tuple[float, float]:
 
 async def one_pass(url: str, events: int, users: int, batch: int) -> dict[str, float]:
     settings = Settings.from_env(
-        {"DEALSTREAM_REDIS_URL": url, "DEALSTREAM_CAMPAIGNS": str(CAMPAIGNS)}
+        {
+            "DEALSTREAM_REDIS_URL": url,
+            "DEALSTREAM_CAMPAIGNS": str(CAMPAIGNS),
+            "DEALSTREAM_PSEUDONYM_KEY": "bench-pseudonym-key-0123456789abcdef",
+        }
     )
     runtime = bootstrap(settings)
     feed = simulated_records(events, users, settings.topics)
-    worker = BatchWorker(runtime.engine, NullSink(), topics=settings.topics, limits=DecodeLimits())
+    worker = BatchWorker(
+        runtime.engine,
+        NullSink(),
+        topics=settings.topics,
+        limits=DecodeLimits(),
+        pseudonyms=runtime.pseudonyms,
+    )
     client = runtime.redis
     latencies: list[float] = []
     try:

@@ -254,6 +254,17 @@ class Settings:
     """TLS and SASL of every Kafka client (``DEALSTREAM_KAFKA_SECURITY_PROTOCOL`` ...)."""
     redis_security: RedisSecurity = field(default_factory=RedisSecurity)
     """ACL user and TLS files of every Redis client (``DEALSTREAM_REDIS_USERNAME`` ...)."""
+    # -- privacy (docs/privacy.md) --
+    pseudonym_key: Secret | None = None
+    """Key of the user ids' pseudonyms in Redis and on ``decisions``
+    (``DEALSTREAM_PSEUDONYM_KEY``, at least 16 bytes; never logged)."""
+    pseudonym_key_id: str = "k1"
+    """Prefix of every pseudonym (``DEALSTREAM_PSEUDONYM_KEY_ID``): a new key, a new id."""
+    raw_user_ids: bool = False
+    """``DEALSTREAM_PSEUDONYMS=off``: store raw user ids (local demos; the worker logs it)."""
+    forget_ttl_s: float = 7 * 24 * 3600.0
+    """How long ``dealstream forget``'s tombstone stops a profile being rebuilt
+    (``DEALSTREAM_FORGET_TTL_S``; default Kafka's default retention, 7 days)."""
 
     @property
     def topics(self) -> Topics:
@@ -345,6 +356,12 @@ class Settings:
             crash_at=get("CRASH_AT"),
             kafka_security=_kafka_security(get),
             redis_security=_redis_security(get, get("REDIS_URL") or defaults.redis_url.reveal()),
+            pseudonym_key=_pseudonym_key(get("PSEUDONYM_KEY"), get("PSEUDONYMS")),
+            pseudonym_key_id=get("PSEUDONYM_KEY_ID") or defaults.pseudonym_key_id,
+            raw_user_ids=_raw_user_ids(get("PSEUDONYMS")),
+            forget_ttl_s=_above_zero(
+                "FORGET_TTL_S", number("FORGET_TTL_S", defaults.forget_ttl_s, float)
+            ),
         )
 
 
@@ -434,6 +451,33 @@ def _redis_security(get: Callable[[str], str | None], url: str) -> RedisSecurity
         password=Secret(raw) if (raw := get("REDIS_PASSWORD")) else None,
         tls=tls,
     )
+
+
+MIN_PSEUDONYM_KEY_BYTES = 16
+
+
+def _raw_user_ids(mode: str | None) -> bool:
+    """``DEALSTREAM_PSEUDONYMS``: ``on`` (the default) or ``off``, the explicit raw-id choice."""
+    if mode is None or mode.strip().lower() == "on":
+        return False
+    if mode.strip().lower() == "off":
+        return True
+    raise ConfigError(f"{ENV_PREFIX}PSEUDONYMS={mode!r} must be on or off")
+
+
+def _pseudonym_key(key: str | None, mode: str | None) -> Secret | None:
+    if key is None:
+        return None
+    if _raw_user_ids(mode):
+        raise ConfigError(
+            f"{ENV_PREFIX}PSEUDONYMS=off and {ENV_PREFIX}PSEUDONYM_KEY are both set: unset one"
+        )
+    if len(key.encode()) < MIN_PSEUDONYM_KEY_BYTES:
+        raise ConfigError(
+            f"{ENV_PREFIX}PSEUDONYM_KEY must be at least {MIN_PSEUDONYM_KEY_BYTES} bytes; "
+            "generate one with `openssl rand -hex 32`"
+        )
+    return Secret(key)
 
 
 def _feedback(method: str | None, wait_s: float | None, window_s: float) -> Feedback:
@@ -690,6 +734,9 @@ class DemoSettings:
     uses_demo_model_keys: bool
     """No model keys were set: the demo made a fresh pair for this run (its namespace is
     emptied at each start, so nothing signed with an older pair is left)."""
+    uses_raw_user_ids: bool = False
+    """No ``DEALSTREAM_PSEUDONYM_KEY`` was set: the demo stores raw user ids
+    (``DEALSTREAM_PSEUDONYMS=off``, said when it starts and in the worker's log)."""
 
     @property
     def worker_environment(self) -> dict[str, str]:
@@ -704,6 +751,9 @@ class DemoSettings:
         """The demo's settings and its processes' environment, where ``DEALSTREAM_CAMPAIGNS``
         defaults to ``demo_campaigns``."""
         env = {**(os.environ if environ is None else environ), **DEMO_NAMESPACE}
+        uses_raw_user_ids = not env.get(f"{ENV_PREFIX}PSEUDONYM_KEY")
+        if uses_raw_user_ids:
+            env[f"{ENV_PREFIX}PSEUDONYMS"] = "off"
         settings = Settings.from_env(env)
         processes = {
             **env,
@@ -731,4 +781,4 @@ class DemoSettings:
             pem = require_signing_key(processes).reveal().encode("utf-8")
             public = signing_key_from_pem(pem).public_key()
             processes[MODEL_VERIFY_KEY_ENV] = verify_key_pem(public).decode("ascii")
-        return cls(settings, processes, uses_demo_model_keys)
+        return cls(settings, processes, uses_demo_model_keys, uses_raw_user_ids)

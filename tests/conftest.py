@@ -28,10 +28,19 @@ import pytest
 import redis.asyncio as aioredis
 
 from streams.adapters.kafka_io import kafka_client_options
+from streams.adapters.pseudonyms import Pseudonyms
 from streams.adapters.redis_client import redis_from_settings
 from streams.settings import KafkaSecurity, Settings
 
 REPO = Path(__file__).resolve().parents[1]
+TEST_PSEUDONYM_KEY = "test-pseudonym-key-0123456789abcdef"
+"""The pseudonym key every test process runs with (``DEALSTREAM_PSEUDONYM_KEY``)."""
+
+
+def worker_pseudonyms() -> Pseudonyms:
+    """The pseudonyms a worker started with ``Isolation.env`` stores user ids under."""
+    return Pseudonyms(TEST_PSEUDONYM_KEY.encode())
+
 
 SECURITY_SETTINGS = (
     "DEALSTREAM_KAFKA_SECURITY_PROTOCOL",
@@ -123,6 +132,7 @@ class Isolation:
             "DEALSTREAM_TOPIC_PREFIX": self.topic_prefix,
             "DEALSTREAM_REDIS_PREFIX": self.redis_prefix,
             "DEALSTREAM_GROUP_ID": self.group_id,
+            "DEALSTREAM_PSEUDONYM_KEY": TEST_PSEUDONYM_KEY,
         }
 
 

@@ -26,7 +26,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 from engine.features.state import State
 from streams.adapters.redis_store import RedisFeatureStore
 from streams.settings import Topics
-from tests.conftest import REPO, Isolation, Services
+from tests.conftest import REPO, Isolation, Services, worker_pseudonyms
 
 PROGRESS_INTERVAL_S = 5.0
 """How often the worker logs its counters (``streams/worker/faust_app.py``)."""
@@ -57,13 +57,14 @@ def dead_lettered_total(counters: Mapping[str, Any]) -> int:
 
 
 def accounted(counters: Mapping[str, Any]) -> int:
-    """applied + redelivered + duplicates + late + dead-lettered + held (by the aligner, now)
-    + handed back (held, dropped on a revoke): should equal consumed."""
+    """applied + redelivered + duplicates + late + forgotten + dead-lettered + held (by the
+    aligner, now) + handed back (held, dropped on a revoke): should equal consumed."""
     return (
         int(counters["applied"])
         + int(counters["redelivered"])
         + int(counters["duplicates"])
         + int(counters["late"])
+        + int(counters["forgotten"])
         + dead_lettered_total(counters)
         + int(counters["held"])
         + int(counters["handed_back"])
@@ -181,7 +182,9 @@ async def read_states(
 ) -> dict[str, State]:
     client = services.redis()
     try:
-        store = RedisFeatureStore(client, prefix=isolation.redis_prefix)
+        store = RedisFeatureStore(
+            client, prefix=isolation.redis_prefix, pseudonyms=worker_pseudonyms()
+        )
         return await store.read_states(list(user_ids))
     finally:
         await client.aclose()

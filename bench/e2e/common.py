@@ -147,6 +147,8 @@ class Worker:
             "DEALSTREAM_TOPIC_PREFIX": names.topic_prefix,
             "DEALSTREAM_REDIS_PREFIX": names.redis_prefix,
             "DEALSTREAM_GROUP_ID": names.group_id,
+            # the product's default: user ids pseudonymised (docs/privacy.md)
+            "DEALSTREAM_PSEUDONYM_KEY": "bench-pseudonym-key-0123456789abcdef",
             "DEALSTREAM_HTTP_PORT": str(self.port),
             "DEALSTREAM_CAMPAIGNS": str(CAMPAIGNS),
             "DEALSTREAM_LOG_LEVEL": "WARNING",

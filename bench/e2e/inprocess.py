@@ -77,6 +77,8 @@ async def measure_inprocess(
             "DEALSTREAM_REDIS_PREFIX": names.redis_prefix,
             "DEALSTREAM_TOPIC_PREFIX": names.topic_prefix,
             "DEALSTREAM_CAMPAIGNS": str(CAMPAIGNS),
+            # the product's default: user ids pseudonymised (docs/privacy.md)
+            "DEALSTREAM_PSEUDONYM_KEY": "bench-pseudonym-key-0123456789abcdef",
         }
     )
     runtime = bootstrap(settings)
@@ -84,7 +86,12 @@ async def measure_inprocess(
     records = simulated_records(events, users, topics)
     sink = NullSink()
     worker = BatchWorker(
-        runtime.engine, sink, topics=topics, limits=DecodeLimits(), metrics=runtime.metrics
+        runtime.engine,
+        sink,
+        topics=topics,
+        limits=DecodeLimits(),
+        metrics=runtime.metrics,
+        pseudonyms=runtime.pseudonyms,
     )
     load = load_average()
     try:

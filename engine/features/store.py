@@ -10,7 +10,7 @@ the records of the partitions its worker owns, which it then writes to Redis.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, MutableMapping, Sequence
+from collections.abc import Container, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from hashlib import blake2b
@@ -26,6 +26,9 @@ class UpdateStatus(IntEnum):
     """The event id was already applied within the allowed lateness."""
     LATE = 3
     """The event is older than the user's latest event minus the allowed lateness."""
+    FORGOTTEN = 4
+    """The user was forgotten (``dealstream forget``) and the tombstone still lives: skipped,
+    so that the profile is not rebuilt."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,18 +122,23 @@ def apply_updates(
     updates: Sequence[StateUpdate],
     *,
     allowed_lateness_ms: int,
+    forgotten: Container[str] = frozenset(),
 ) -> tuple[BatchOutcome, set[str]]:
     """Apply a micro-batch to ``records`` and ``watermarks`` in place: the one implementation
     of the store's contract, whichever store keeps the records.
 
     Users missing from ``records`` start empty. Returns the outcome and the users whose record
-    changed; a user who was created here but got nothing applied is removed again.
+    changed; a user who was created here but got nothing applied is removed again. The updates
+    of users in ``forgotten`` (a live tombstone) are skipped as ``FORGOTTEN`` unless redelivered.
     """
     before: dict[str, State] = {}
     statuses: list[UpdateStatus] = []
     touched: set[str] = set()
     for update in updates:
         user_id = update.user_id
+        if user_id in forgotten:
+            statuses.append(_skip_forgotten(update, watermarks))
+            continue
         record = records.get(user_id)
         if user_id not in before:
             before[user_id] = dict(record.state) if record else {}
@@ -173,6 +181,22 @@ def apply_updates(
         if not records[user_id].state:
             del records[user_id]
     return BatchOutcome(statuses=statuses, before=before), touched
+
+
+def _skip_forgotten(
+    update: StateUpdate, watermarks: MutableMapping[tuple[str, int], int]
+) -> UpdateStatus:
+    """A forgotten user's update: redelivered as any other, else forgotten (the watermark moves
+    past it, as past a late one)."""
+    position = update.position
+    if position is None:
+        return UpdateStatus.FORGOTTEN
+    wm_key = (position.source, position.partition)
+    watermark = watermarks.get(wm_key)
+    if watermark is not None and position.offset <= watermark:
+        return UpdateStatus.REDELIVERED
+    watermarks[wm_key] = position.offset
+    return UpdateStatus.FORGOTTEN
 
 
 class InMemoryFeatureStore:

@@ -49,6 +49,7 @@
 --
 -- Keys built from the prefix (this script touches many users' keys per call, so it needs a
 -- single Redis node, or a primary with replicas):
+-- (`user` is what the caller passes: the user's pseudonym, streams/adapters/pseudonyms.py)
 --   <p>g:{user}   hash  <campaign>|d last decision ts, <campaign>|o last offer ts,
 --                       <campaign>|n<day> offers that day,
 --                       <campaign>|s<epoch><arm> the user's stop-loss sums "decisions cents"

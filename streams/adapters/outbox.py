@@ -20,6 +20,10 @@ reports its commits (``committed``), and the next call deletes what they acknowl
 ``<prefix>obc`` (entry id -> coverage: ``{"<topic>:<partition>": watermark}``). An entry id
 is ``<writer token>:<sequence>``, so the entries of one writer sort in batch order.
 
+User ids: a draft's decision keeps its user id sealed (AES-GCM, ``Pseudonyms.seal``), never
+in the clear: the offer published again needs the raw id the shop knows, and the decision is
+pseudonymised as it is published. The ledger's label events in an entry hold pseudonyms.
+
 Consumers see a re-published output twice when the first publication made it to Kafka
 before the crash: offers dedup by ``offer_id``, decisions by ``decision_id``, the learner by
 example (docs/delivery.md).
@@ -38,19 +42,24 @@ import redis.asyncio as aioredis
 from engine.decisions import Decision, DecisionDraft, offer_beside
 from engine.features.catalogue import FEATURE_NAMES
 from streams.adapters.batch_commit import OutboxWrite
+from streams.adapters.pseudonyms import Pseudonyms
 from streams.errors import StreamsError
 
 TopicPartitionKey = tuple[str, int]
 
 
-def encode_drafts(drafts: Sequence[DecisionDraft | None]) -> bytes:
+def encode_drafts(
+    drafts: Sequence[DecisionDraft | None], pseudonyms: Pseudonyms | None = None
+) -> bytes:
     """One JSON array, one item per ledger op: null for a purchase, else the draft as a flat
     list (``_DECISION_FIELDS``, then P(purchase) without an offer, then the offer).
 
     Compact because every batch writes it to Redis (and its append-only file): the features are
     their values in catalogue order (the names would be two thirds of the bytes; a vector that
     is not the catalogue's goes whole), and the offer is its expiry and reasons: the rest is
-    the decision's (``offer_beside``, as the engine builds it)."""
+    the decision's (``offer_beside``, as the engine builds it). The user id is sealed
+    (``Pseudonyms.seal``; as is under ``Pseudonyms.raw()``)."""
+    seal = (pseudonyms if pseudonyms is not None else Pseudonyms.raw()).seal
     items: list[Any] = []
     for draft in drafts:
         if draft is None:
@@ -58,6 +67,7 @@ def encode_drafts(drafts: Sequence[DecisionDraft | None]) -> bytes:
             continue
         decision, offer = draft.decision, draft.offer
         item = [getattr(decision, name) for name in _DECISION_FIELDS]
+        item[_USER_AT] = seal(decision.user_id)
         features = decision.features
         item[_FEATURES_AT] = (
             list(features.values()) if tuple(features) == FEATURE_NAMES else dict(features)
@@ -68,13 +78,17 @@ def encode_drafts(drafts: Sequence[DecisionDraft | None]) -> bytes:
     return orjson.dumps(items)
 
 
-def decode_drafts(blob: bytes) -> list[DecisionDraft | None]:
+def decode_drafts(blob: bytes, pseudonyms: Pseudonyms | None = None) -> list[DecisionDraft | None]:
+    """``encode_drafts`` reversed; ``SealedIdError`` when a user id was sealed under a key
+    ``pseudonyms`` does not hold."""
+    unseal = (pseudonyms if pseudonyms is not None else Pseudonyms.raw()).unseal
     drafts: list[DecisionDraft | None] = []
     for item in orjson.loads(blob):
         if item is None:
             drafts.append(None)
             continue
         fields = dict(zip(_DECISION_FIELDS, item, strict=False))
+        fields["user_id"] = unseal(fields["user_id"])
         features = fields["features"]
         if isinstance(features, list):
             fields["features"] = dict(zip(FEATURE_NAMES, features, strict=True))
@@ -92,6 +106,7 @@ def decode_drafts(blob: bytes) -> list[DecisionDraft | None]:
 _DECISION_FIELDS = tuple(name for name in Decision.__dataclass_fields__ if name != "denied_by")
 """A draft's decision, field by field (``denied_by`` is always None in a draft)."""
 _FEATURES_AT = _DECISION_FIELDS.index("features")
+_USER_AT = _DECISION_FIELDS.index("user_id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +121,12 @@ class OutboxEntry:
     """Flat (kind, record, converted_at or '', at), as ``commit_batch.lua`` returns them."""
 
 
-def parse_entry(entry_id: str, coverage: Mapping[str, int], raw: bytes | str) -> OutboxEntry:
+def parse_entry(
+    entry_id: str,
+    coverage: Mapping[str, int],
+    raw: bytes | str,
+    pseudonyms: Pseudonyms | None = None,
+) -> OutboxEntry:
     blob = raw.encode() if isinstance(raw, str) else raw
     reply_json, _, drafts = blob.partition(b"\n")
     reply = orjson.loads(reply_json)
@@ -118,7 +138,7 @@ def parse_entry(entry_id: str, coverage: Mapping[str, int], raw: bytes | str) ->
     return OutboxEntry(
         entry_id=entry_id,
         coverage=coverage,
-        drafts=decode_drafts(drafts),
+        drafts=decode_drafts(drafts, pseudonyms),
         outcomes=[int(code) for code in outcomes],
         events=[str(value) for value in events],
     )
@@ -137,8 +157,11 @@ def _field(partition: TopicPartitionKey) -> str:
 class Outbox:
     """This worker's outbox entries: the ids its calls write, and which Kafka committed."""
 
-    def __init__(self, client: aioredis.Redis, *, prefix: str) -> None:
+    def __init__(
+        self, client: aioredis.Redis, *, prefix: str, pseudonyms: Pseudonyms | None = None
+    ) -> None:
         self._client = client
+        self.pseudonyms = pseudonyms if pseudonyms is not None else Pseudonyms.raw()
         self.entries_key = f"{prefix}ob"
         self.coverage_key = f"{prefix}obc"
         self._token = secrets.token_hex(8)
@@ -165,7 +188,7 @@ class Outbox:
         return OutboxWrite(
             entry_id=entry_id,
             coverage=orjson.dumps(coverage),
-            drafts=encode_drafts(drafts),
+            drafts=encode_drafts(drafts, self.pseudonyms),
             acked=acked,
         )
 
@@ -226,7 +249,7 @@ class Outbox:
             return []
         raws = await self._client.hmget(self.entries_key, ids)
         return [
-            parse_entry(entry_id, coverage[entry_id], raw)
+            parse_entry(entry_id, coverage[entry_id], raw, self.pseudonyms)
             for entry_id, raw in zip(ids, raws, strict=True)
             if raw is not None
         ]
@@ -234,7 +257,7 @@ class Outbox:
     async def read_one(self, entry_id: str) -> OutboxEntry | None:
         """The entry, if its call landed (``RedisLedger`` asks after a lost reply)."""
         raw = await self._client.hget(self.entries_key, entry_id)
-        return None if raw is None else parse_entry(entry_id, {}, raw)
+        return None if raw is None else parse_entry(entry_id, {}, raw, self.pseudonyms)
 
     async def delete(self, entry_ids: Sequence[str]) -> None:
         if entry_ids:

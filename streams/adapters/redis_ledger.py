@@ -10,6 +10,11 @@ In the worker the call is the batch's whole Redis effect: given the feature stor
 outbox entry of the batch's outputs, atomically (``batch_commit.py``, ``outbox.py``). A call
 whose reply is lost is resolved through its outbox entry, never run twice.
 
+Users appear in Redis by their pseudonyms (``pseudonyms.py``): the guard and pending keys, the
+label queues' members and the pending records (``PendingDecision.to_compact`` with the
+pseudonym in place of the user id), so the label events the script returns name pseudonyms
+too (training examples carry no user id).
+
 The ledger remembers the decision times it settled (``rate_limited``), so that the engine does
 not compute features and scores for decisions the script would drop: most intent events of a
 browsing session fall inside the decision interval of the session's first.
@@ -45,6 +50,7 @@ from streams.adapters.batch_commit import (
     StateEpochMoved,
 )
 from streams.adapters.outbox import Outbox
+from streams.adapters.pseudonyms import Pseudonyms
 from streams.adapters.redis_errors import retry_on_redis
 from streams.adapters.redis_store import RedisFeatureStore, hash_tag, state_epoch_key
 
@@ -71,6 +77,8 @@ _KINDS: dict[bytes | str, LabelKind] = {
     "X": LabelKind.CLOSED,
 }
 _DENIED = ord("N")
+_USER_AT = 4
+"""Where ``PendingDecision.to_compact`` puts the user id."""
 _REMEMBERED_DECISIONS_MAX = 200_000
 """Bound of the remembered decision times (one per user and campaign, about 200 bytes each);
 the oldest go first, and a forgotten time only means one proposal the script drops."""
@@ -133,8 +141,10 @@ class RedisLedger:
         features: RedisFeatureStore | None = None,
         outbox: Outbox | None = None,
         retry_deadline_s: float = 120.0,
+        pseudonyms: Pseudonyms | None = None,
     ) -> None:
         self._client = client
+        self.pseudonyms = pseudonyms if pseudonyms is not None else Pseudonyms.raw()
         self._prefix = prefix
         self.config = config
         self.attribution_window_ms = config.attribution_window_ms
@@ -226,12 +236,16 @@ class RedisLedger:
         says the layout): one argument per field cost redis-py more CPU to encode than the rest
         of the call."""
         config = self.config
+        pseudonym = self.pseudonyms.of
         fields: list[Any] = []
         records: list[bytes] = []
         for op in ops:
             if isinstance(op, DecisionRequest):
                 decision, limits = op.decision, op.offer
-                record = orjson.dumps(decision.to_compact())
+                user = pseudonym(decision.user_id)
+                compact = decision.to_compact()
+                compact[_USER_AT] = user
+                record = orjson.dumps(compact)
                 records.append(record)
                 if limits is None:
                     offer: tuple[int, ...] = _NO_OFFER
@@ -248,7 +262,7 @@ class RedisLedger:
                 fields.extend(
                     (
                         "D",
-                        hash_tag(decision.user_id),
+                        hash_tag(user),
                         decision.campaign,
                         decision.ts,
                         op.decision_interval_ms,
@@ -265,7 +279,9 @@ class RedisLedger:
                     )
                 )
             else:
-                fields.extend(("P", hash_tag(op.user_id), op.ts, op.amount_cents, op.gross_cents))
+                fields.extend(
+                    ("P", hash_tag(pseudonym(op.user_id)), op.ts, op.amount_cents, op.gross_cents)
+                )
         clocks: list[int] = []
         for lane, clock in lanes.items():
             clocks.extend((lane, clock))
@@ -341,7 +357,7 @@ class RedisLedger:
 
     async def forget(self, user_id: str) -> int:
         """Delete the user's guard state and pending decisions; returns keys removed."""
-        tag = hash_tag(user_id)
+        tag = hash_tag(self.pseudonyms.of(user_id))
         pending_key = f"{self._prefix}p:{{{tag}}}"
         fields = await self._client.hkeys(pending_key)
         # Decision ids only: not their conversions (``|c``) or the purchases (``|p``).

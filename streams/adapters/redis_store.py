@@ -14,6 +14,7 @@ Redis stays the serving store: ``dealstream features`` and other services read t
 Keys (``P`` = the configured key prefix, ``V`` = the feature catalogue version):
 
 - ``P s V :{user}`` the user's record (a string; it expires ``ttl_seconds`` after its last write)
+- ``P f:{user}``    ``dealstream forget``'s tombstone: its value is when it expires (epoch ms)
 - ``P wm``          hash of per-partition offset watermarks ``<topic>:<partition>``
 - ``P own``         hash of per-partition owner tokens ``<topic>:<partition>``
 - ``P se``          the state epoch, a counter ``forget`` increments
@@ -26,6 +27,12 @@ has claimed since (``PartitionFenced``: a worker that lost its partitions withou
 stop, not overwrite the new owner's records). ``forget`` deletes a user's record and bumps the
 epoch; the script then refuses every store's next batch as stale (``StateEpochMoved``), and the
 store drops what it holds, reads it again and the batch runs again.
+
+``user`` is the user's pseudonym (``pseudonyms.py``; the raw id under
+``DEALSTREAM_PSEUDONYMS=off``): the store holds raw ids in memory only. A tombstone stops a
+forgotten user's profile being rebuilt while it lives: the store reads it with the user's
+record (one ``MGET``, only for users it does not hold; ``forget`` bumps the epoch, so every
+store reads its users again) and the user's events count as ``FORGOTTEN``.
 
 The ``{user}`` part of a record key is a Redis Cluster hash tag; the script still touches many
 users' keys per call, so this store needs a single Redis node (or a primary with replicas).
@@ -48,6 +55,7 @@ from streams.adapters.batch_commit import (
     StateEpochMoved,
 )
 from streams.adapters.feature_record import decode_record, encode_record
+from streams.adapters.pseudonyms import Pseudonyms
 from streams.errors import StreamsError
 
 TTL_MARGIN_S = 24 * 3600
@@ -77,6 +85,15 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _tombstone_until(value: bytes | str) -> float:
+    """When a tombstone expires (epoch ms); one that does not say (not written by ``forget``)
+    holds until this store next drops what it holds."""
+    try:
+        return float(_text(value))
+    except ValueError:
+        return float("inf")
+
+
 def _blob(value: bytes | str) -> bytes:
     if not isinstance(value, bytes):
         raise StreamsError("feature records are binary: the Redis client must not decode replies")
@@ -94,6 +111,8 @@ class RedisFeatureStore:
         max_cached_users: int = DEFAULT_MAX_CACHED_USERS,
         clock: Callable[[], float] = time.monotonic,
         defer_writes: bool = False,
+        pseudonyms: Pseudonyms | None = None,
+        wall_clock_ms: Callable[[], float] = lambda: time.time() * 1000,
     ) -> None:
         if max_cached_users < 1:
             raise ValueError("max_cached_users must be at least 1")
@@ -118,11 +137,19 @@ class RedisFeatureStore:
         self._marks_loaded = True
         """False after a failure: the claimed partitions' watermarks must be read again."""
         self._epoch: str | None = None
+        self.pseudonyms = pseudonyms if pseudonyms is not None else Pseudonyms.raw()
+        """How user ids appear in keys (the composition root passes the settings' choice)."""
+        self._wall_clock_ms = wall_clock_ms
+        self._forgotten: dict[str, float] = {}
+        """Users whose tombstone this store read, and when it expires (epoch ms)."""
 
     # -- keys ---------------------------------------------------------------------------------
 
     def record_key(self, user_id: str) -> str:
-        return f"{self._prefix}s{CATALOGUE_VERSION}:{{{hash_tag(user_id)}}}"
+        return f"{self._prefix}s{CATALOGUE_VERSION}:{{{hash_tag(self.pseudonyms.of(user_id))}}}"
+
+    def tombstone_key(self, user_id: str) -> str:
+        return f"{self._prefix}f:{{{hash_tag(self.pseudonyms.of(user_id))}}}"
 
     @property
     def watermark_key(self) -> str:
@@ -161,6 +188,7 @@ class RedisFeatureStore:
     def _drop_records(self) -> None:
         self._records.clear()
         self._written.clear()
+        self._forgotten.clear()
 
     def _drop_after_failure(self) -> None:
         """After a failed write nothing held can be trusted to match Redis: records and
@@ -246,7 +274,11 @@ class RedisFeatureStore:
         await self._load_missing(updates)
         records = self._records
         outcome, touched = apply_updates(
-            records, self._watermarks, updates, allowed_lateness_ms=allowed_lateness_ms
+            records,
+            self._watermarks,
+            updates,
+            allowed_lateness_ms=allowed_lateness_ms,
+            forgotten=self._forgotten,
         )
         users = list(touched)
         if not users and not partitions:
@@ -295,28 +327,44 @@ class RedisFeatureStore:
         self._drop_after_failure()
 
     async def _load_missing(self, updates: Sequence[StateUpdate]) -> None:
-        """Read the records of the batch's users this store does not hold (or holds too long)."""
-        records, written = self._records, self._written
+        """Read the records of the batch's users this store does not hold (or holds too long),
+        and their tombstones in the same ``MGET``."""
+        records, written, forgotten = self._records, self._written, self._forgotten
         oldest = self._clock() - (self.ttl_seconds - TTL_MARGIN_S)
         missing: list[str] = []
+        wall_ms = self._wall_clock_ms() if forgotten else 0.0
         for update in updates:
             user = update.user_id
             if user in records:
                 if written.get(user, oldest) >= oldest:
                     continue
                 del records[user]
+            elif forgotten and user in forgotten:
+                if forgotten[user] > wall_ms:
+                    continue
+                del forgotten[user]
             if user not in missing:
                 missing.append(user)
         if not missing:
             return
-        blobs = await self._client.mget([self.record_key(user) for user in missing])
+        keys = [self.record_key(user) for user in missing]
+        keys.extend(self.tombstone_key(user) for user in missing)
+        blobs = await self._client.mget(keys)
         now = self._clock()
-        for user, blob in zip(missing, blobs, strict=True):
-            if blob is not None:
+        count = len(missing)
+        for user, blob, tombstone in zip(missing, blobs[:count], blobs[count:], strict=True):
+            if tombstone is not None:
+                forgotten[user] = _tombstone_until(tombstone)
+            elif blob is not None:
                 records[user] = decode_record(_blob(blob))
                 written[user] = now
 
     def _evict(self) -> None:
+        forgotten = self._forgotten
+        if len(forgotten) > self.max_cached_users:
+            # Rare (one per `forget`): after the batch, the oldest go and are read again.
+            for user in list(forgotten)[: len(forgotten) - self.max_cached_users]:
+                del forgotten[user]
         records, written = self._records, self._written
         excess = len(records) - self.max_cached_users
         if excess <= 0:
@@ -350,12 +398,22 @@ class RedisFeatureStore:
             marks[(source, int(partition))] = int(float(_text(offset)))
         return marks
 
-    async def forget(self, user_id: str) -> int:
-        """Delete the user's record; every store drops what it holds before its next write."""
+    async def forget(self, user_id: str, *, tombstone_ttl_s: float | None = None) -> int:
+        """Delete the user's record and, with ``tombstone_ttl_s``, write a tombstone that stops
+        it being rebuilt for that long; every store drops what it holds before its next write."""
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.delete(*self.user_keys(user_id))
+            if tombstone_ttl_s is not None:
+                ttl_ms = max(1, int(tombstone_ttl_s * 1000))
+                until = int(self._wall_clock_ms()) + ttl_ms
+                pipe.set(self.tombstone_key(user_id), str(until), px=ttl_ms)
             pipe.incr(self.epoch_key)
-            removed, _ = await pipe.execute()
+            replies = await pipe.execute()
         self._records.pop(user_id, None)
         self._written.pop(user_id, None)
-        return int(removed)
+        return int(replies[0])
+
+    async def forgotten_until(self, user_id: str) -> int | None:
+        """When the user's tombstone expires (epoch ms), or None without one."""
+        raw = await self._client.get(self.tombstone_key(user_id))
+        return None if raw is None else int(float(_text(raw)))

@@ -86,6 +86,8 @@ async def _demo(demo: DemoSettings, duration_s: float, rate: float, users: int) 
     env = demo.process_environment
     if demo.uses_demo_model_keys:
         print("demo: signing models with a key pair made for this run")
+    if demo.uses_raw_user_ids:
+        print("demo: DEALSTREAM_PSEUDONYM_KEY is not set: raw user ids are stored (demo only)")
     learner_log = log_dir / "demo-learner.log"
     with log_path.open("ab") as log, learner_log.open("ab") as learner_out:
         worker = subprocess.Popen(

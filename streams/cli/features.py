@@ -38,13 +38,16 @@ def run_features_command(settings: Settings, args: argparse.Namespace) -> int:
 
 async def read_feature_states(settings: Settings, user_ids: Sequence[str]) -> dict[str, State]:
     from streams.adapters.kafka_io import check_redis
+    from streams.adapters.pseudonyms import pseudonyms_from_settings
     from streams.adapters.redis_client import redis_from_settings
     from streams.adapters.redis_store import RedisFeatureStore
 
+    pseudonyms = pseudonyms_from_settings(settings)
     client = redis_from_settings(settings)
     try:
         await check_redis(client, settings.redis_url.reveal())
-        store = RedisFeatureStore(client, prefix=settings.redis_prefix)
+        # The records are keyed by the users' pseudonyms: the same key as the worker's.
+        store = RedisFeatureStore(client, prefix=settings.redis_prefix, pseudonyms=pseudonyms)
         return await store.read_states(user_ids)
     finally:
         await client.aclose()

@@ -52,6 +52,7 @@ SKIP_REASONS = {
     UpdateStatus.REDELIVERED: "redelivered",
     UpdateStatus.DUPLICATE: "duplicate",
     UpdateStatus.LATE: "late",
+    UpdateStatus.FORGOTTEN: "forgotten",
 }
 
 UNKNOWN_TYPE = "unknown"
@@ -84,7 +85,8 @@ class WorkerMetrics:
         self.events_skipped = Counter(
             "dealstream_events_skipped",
             "Valid events not applied: redelivered (at or below the partition watermark), "
-            "duplicate (event id already applied) or late (beyond the allowed lateness).",
+            "duplicate (event id already applied), late (beyond the allowed lateness) or "
+            "forgotten (the user's `dealstream forget` tombstone lives).",
             ["reason"],
             registry=r,
         )

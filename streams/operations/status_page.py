@@ -162,6 +162,7 @@ function render(s) {
     ["dead letters/s", fmt(r.dead_lettered)],
     ["consumed", fmt(c.consumed, 0)], ["offers", fmt(c.offers, 0)],
     ["duplicates / late", fmt(c.duplicates, 0) + " / " + fmt(c.late, 0)],
+    ["forgotten", fmt(c.forgotten, 0)],
   ]);
   const q = s.model.published || {};
   pairs("model", [["version", s.model.version], ["examples", fmt(s.model.examples, 0)],

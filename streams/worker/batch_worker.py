@@ -3,7 +3,8 @@
 Decoded events go through the event-time aligner (``engine/alignment.py``): the engine runs on
 what it releases, so a decision never sees an event a lagging topic had not delivered yet.
 Every consumed record ends in exactly one bucket of ``WorkerCounters``:
-consumed = applied + redelivered + duplicates + late + dead-lettered + held + handed back.
+consumed = applied + redelivered + duplicates + late + forgotten + dead-lettered + held +
+handed back.
 Outputs published again from the outbox after a crash are counted apart (``republished``).
 """
 
@@ -23,6 +24,7 @@ from engine.pipeline import BatchResult, DiscountEngine, Incoming
 from engine.ports import RecordSink
 from streams.adapters.batch_commit import STALE_RETRIES, StateEpochMoved
 from streams.adapters.decode import DeadLetter, DecodeLimits, RawRecord, decode_record
+from streams.adapters.pseudonyms import Pseudonyms
 from streams.operations.logs import DeadLetterLog, log_outputs
 from streams.operations.metrics import WorkerMetrics
 from streams.settings import Topics
@@ -38,6 +40,8 @@ class WorkerCounters:
     redelivered: int = 0
     duplicates: int = 0
     late: int = 0
+    forgotten: int = 0
+    """Events of users ``dealstream forget`` tombstoned: skipped, the profile not rebuilt."""
     dead_lettered: Counter[str] = field(default_factory=Counter)
     offers: int = 0
     decisions: int = 0
@@ -57,6 +61,7 @@ class WorkerCounters:
             + self.redelivered
             + self.duplicates
             + self.late
+            + self.forgotten
             + sum(self.dead_lettered.values())
             + self.held
             + self.handed_back
@@ -70,6 +75,7 @@ class WorkerCounters:
             "redelivered": self.redelivered,
             "duplicates": self.duplicates,
             "late": self.late,
+            "forgotten": self.forgotten,
             "dead_lettered": dict(self.dead_lettered),
             "offers": self.offers,
             "decisions": self.decisions,
@@ -96,6 +102,7 @@ _STATUS_FIELD = {
     UpdateStatus.REDELIVERED: "redelivered",
     UpdateStatus.DUPLICATE: "duplicates",
     UpdateStatus.LATE: "late",
+    UpdateStatus.FORGOTTEN: "forgotten",
 }
 
 
@@ -121,8 +128,11 @@ class BatchWorker:
         crash_points: CrashPoints | None = None,
         aligner: EventTimeAligner | None = None,
         batch_max: int | None = None,
+        pseudonyms: Pseudonyms | None = None,
     ) -> None:
         self.engine = engine
+        self.pseudonyms = pseudonyms if pseudonyms is not None else Pseudonyms.raw()
+        """Decisions go to Kafka under the user's pseudonym (offers keep the raw id)."""
         self.sink = sink
         self.topics = topics
         self.limits = limits
@@ -245,10 +255,12 @@ class BatchWorker:
             await self.sink.send(
                 topics.offers, offer.user_id.encode(), orjson.dumps(offer.to_message())
             )
+        pseudonym = self.pseudonyms.of
         for decision in result.decisions:
-            await self.sink.send(
-                topics.decisions, decision.user_id.encode(), orjson.dumps(decision.to_message())
-            )
+            user = pseudonym(decision.user_id)
+            published = decision.to_message()
+            published["user_id"] = user
+            await self.sink.send(topics.decisions, user.encode(), orjson.dumps(published))
         for example in result.training:
             await self.sink.send(
                 topics.training, example.decision_id.encode(), orjson.dumps(example.to_message())

@@ -32,6 +32,7 @@ from streams.adapters.decode import DecodeLimits, RawRecord
 from streams.adapters.kafka_io import PRODUCER_MAX_REQUEST_BYTES, kafka_client_options
 from streams.adapters.model_store import ModelReloader, ModelStore
 from streams.adapters.outbox import Outbox
+from streams.adapters.pseudonyms import Pseudonyms, pseudonyms_from_settings
 from streams.adapters.redis_client import redis_from_settings
 from streams.adapters.redis_errors import RedisBatchFailed, retry_on_redis
 from streams.adapters.redis_ledger import RedisLedger
@@ -75,6 +76,8 @@ class Runtime:
     """This worker's Prometheus registry and metrics (served on ``/metrics``)."""
     crash_points: CrashPoints
     """Fault tests only (``DEALSTREAM_CRASH_AT``); by default none."""
+    pseudonyms: Pseudonyms
+    """How user ids are stored in Redis and published on ``decisions`` (docs/privacy.md)."""
 
 
 MODEL_POLL_INTERVAL_S = 2.0
@@ -86,7 +89,12 @@ def bootstrap(
     verify_key: Ed25519PublicKey | None = None,
     redis_client: aioredis.Redis | None = None,
     metrics: WorkerMetrics | None = None,
+    pseudonyms: Pseudonyms | None = None,
 ) -> Runtime:
+    """Wire the worker; ``pseudonyms`` default to the settings' (a ``ConfigError`` without a key
+    unless raw ids were chosen: ``pseudonyms_from_settings``)."""
+    if pseudonyms is None:
+        pseudonyms = pseudonyms_from_settings(settings)
     metrics = metrics if metrics is not None else WorkerMetrics()
     redis_seconds = metrics.redis_call
     campaigns = (
@@ -102,8 +110,9 @@ def bootstrap(
         prefix=settings.redis_prefix,
         max_cached_users=settings.state_cache_users,
         defer_writes=True,
+        pseudonyms=pseudonyms,
     )
-    outbox = Outbox(client, prefix=settings.redis_prefix)
+    outbox = Outbox(client, prefix=settings.redis_prefix, pseudonyms=pseudonyms)
     metrics.feature_records_held.set_function(features.held_users)
     store = TimedFeatureStore(features, redis_seconds.labels("features").observe)
     config = settings.engine_config()
@@ -115,6 +124,7 @@ def bootstrap(
             features=features,
             outbox=outbox,
             retry_deadline_s=settings.redis_retry_deadline_s,
+            pseudonyms=pseudonyms,
         ),
         redis_seconds.labels("ledger").observe,
     )
@@ -133,6 +143,7 @@ def bootstrap(
         reloader=reloader,
         metrics=metrics,
         crash_points=CrashPoints(settings.crash_at),
+        pseudonyms=pseudonyms,
     )
 
 
@@ -297,6 +308,7 @@ def create_app(runtime: Runtime) -> faust.App:
         metrics=runtime.metrics,
         crash_points=runtime.crash_points,
         batch_max=settings.batch_max,
+        pseudonyms=runtime.pseudonyms,
     )
     runtime.metrics.events_held.set_function(worker.aligner.held)
     status = WorkerStatus(

@@ -44,6 +44,11 @@ def run_worker(settings: Settings, verify_key: Ed25519PublicKey | None = None) -
             log.warning(
                 "DEALSTREAM_MODEL_VERIFY_KEY is not set: no model hot reload from the learner"
             )
+        if not runtime.pseudonyms.keyed:
+            log.warning(
+                "DEALSTREAM_PSEUDONYMS=off: raw user ids are stored in Redis and published on "
+                "decisions (local demos only; docs/privacy.md)"
+            )
         await reload_model(runtime)
         log.info("scoring with model %s", runtime.engine.model.version)
 

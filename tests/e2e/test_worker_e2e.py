@@ -27,7 +27,7 @@ from engine.pipeline import DiscountEngine, Incoming
 from streams.adapters.kafka_io import ensure_topics
 from streams.adapters.redis_store import RedisFeatureStore
 from streams.settings import Topics
-from tests.conftest import REPO, Isolation, Services
+from tests.conftest import REPO, Isolation, Services, worker_pseudonyms
 from tests.worker_process import produce_events
 
 pytestmark = pytest.mark.e2e
@@ -144,10 +144,13 @@ def test_worker_turns_events_into_valid_offers_and_redis_counts(
     held_out = {
         str(e["user_id"]) for e in events if in_holdout(holdout_campaign, str(e["user_id"]))
     }
+    # decisions name users by pseudonym, offers by the raw id (docs/privacy.md)
+    pseudonym = worker_pseudonyms().of
+    held_out_pseudonyms = {pseudonym(user) for user in held_out}
     assert held_out, "with 60 users and a 30 % holdout some users are held out"
     holdout_decisions = [d for d in decisions if d["campaign"] == "e2e-holdout"]
     for decision in holdout_decisions:
-        assert decision["holdout"] is (decision["user_id"] in held_out)
+        assert decision["holdout"] is (decision["user_id"] in held_out_pseudonyms)
         if decision["holdout"]:
             assert decision["offer_id"] is None and decision["discount_pct"] == 0
     assert not [o for o in offers if o["campaign"] == "e2e-holdout" and o["user_id"] in held_out], (
@@ -163,7 +166,9 @@ def test_worker_turns_events_into_valid_offers_and_redis_counts(
     async def read_counts() -> dict[str, dict[str, float]]:
         client = services.redis()
         try:
-            store = RedisFeatureStore(client, prefix=isolation.redis_prefix)
+            store = RedisFeatureStore(
+                client, prefix=isolation.redis_prefix, pseudonyms=worker_pseudonyms()
+            )
             return await store.read_states(list(expected_counts))
         finally:
             keys = [k async for k in client.scan_iter(match=f"{isolation.redis_prefix}*")]

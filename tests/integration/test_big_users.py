@@ -35,7 +35,7 @@ from streams.adapters.feature_record import decode_record
 from streams.adapters.kafka_io import ensure_topics
 from streams.adapters.redis_store import RedisFeatureStore
 from streams.settings import Topics
-from tests.conftest import Isolation, Services
+from tests.conftest import Isolation, Services, worker_pseudonyms
 from tests.worker_process import (
     WorkerProcess,
     accounted,
@@ -91,7 +91,9 @@ class RedisRecords:
 
     def __init__(self, services: Services, isolation: Isolation) -> None:
         self.client = aioredis.Redis.from_url(services.redis_url)
-        self.store = RedisFeatureStore(self.client, prefix=isolation.redis_prefix)
+        self.store = RedisFeatureStore(
+            self.client, prefix=isolation.redis_prefix, pseudonyms=worker_pseudonyms()
+        )
 
     async def blob(self, user: str) -> bytes:
         blob = await self.client.get(self.store.record_key(user))

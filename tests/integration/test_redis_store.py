@@ -48,6 +48,7 @@ from engine.features.store import (
     seen_key,
 )
 from streams.adapters.batch_commit import PartitionFenced
+from streams.adapters.pseudonyms import Pseudonyms
 from streams.adapters.redis_store import RedisFeatureStore, hash_tag
 from tests.conftest import Isolation, Services
 from tests.integration.conftest import RedisEnv, delete_prefix, keys_under
@@ -846,3 +847,52 @@ async def test_forget_makes_every_store_drop_what_it_holds(redis_env: RedisEnv) 
     states = await worker.read_states(["u1", "u2"])
     assert states["u1"] == reference_state([make_event("cart", "e3", "u1", T0 + 3)])
     assert states["u2"]["nv"] == 1 and states["u2"]["nc"] == 1
+
+
+async def test_a_tombstone_stops_a_held_user_being_rebuilt_until_it_expires(
+    redis_env: RedisEnv,
+) -> None:
+    """A worker holds u1 under a pseudonym; `forget` with a tombstone: the worker's next batch
+    reads the tombstone with the record (one MGET) and skips u1's events as FORGOTTEN, the
+    watermark moving past them; once the tombstone expired, u1 starts afresh."""
+    client, prefix = redis_env.client, redis_env.prefix
+    now_ms = [1_000_000.0]
+    pseudonyms = Pseudonyms(b"integration-pseudonym-key-0123")
+    worker = RedisFeatureStore(
+        client, prefix=prefix, pseudonyms=pseudonyms, wall_clock_ms=lambda: now_ms[0]
+    )
+    first = [
+        to_update(make_event("view", f"e{k}", user, T0 + k), Position("events.browse", 0, k))
+        for k, user in enumerate(["u1", "u2"])
+    ]
+    await worker.apply_batch(first, allowed_lateness_ms=HOUR_MS)
+    assert not [k for k in await keys_under(client, prefix) if "{u1}" in k or "{u2}" in k]
+
+    cli = RedisFeatureStore(
+        client, prefix=prefix, pseudonyms=pseudonyms, wall_clock_ms=lambda: now_ms[0]
+    )
+    assert await cli.forget("u1", tombstone_ttl_s=60) == 1
+    assert await cli.forgotten_until("u1") == now_ms[0] + 60_000
+    assert 0 < await client.pttl(cli.tombstone_key("u1")) <= 60_000
+
+    later = [
+        to_update(make_event("cart", "e2", "u1", T0 + 2), Position("events.browse", 0, 2)),
+        to_update(make_event("cart", "e3", "u2", T0 + 3), Position("events.browse", 0, 3)),
+    ]
+    outcome = await worker.apply_batch(later, allowed_lateness_ms=HOUR_MS)
+    assert outcome.statuses == [UpdateStatus.FORGOTTEN, APPLIED]
+    assert await client.exists(worker.record_key("u1")) == 0
+    assert await worker.watermarks() == {("events.browse", 0): 3}
+    # Held as forgotten: a later batch needs no read to skip u1 again.
+    again = [to_update(make_event("view", "e4", "u1", T0 + 4), Position("events.browse", 0, 4))]
+    assert (await worker.apply_batch(again, allowed_lateness_ms=HOUR_MS)).statuses == [
+        UpdateStatus.FORGOTTEN
+    ]
+    # Redelivered stays redelivered, forgotten or not.
+    assert (await worker.apply_batch(again, allowed_lateness_ms=HOUR_MS)).statuses == [REDELIVERED]
+
+    now_ms[0] += 61_000  # the tombstone's time is up (Redis expires the key on its own)
+    await client.delete(cli.tombstone_key("u1"))
+    fresh = [to_update(make_event("view", "e5", "u1", T0 + 5), Position("events.browse", 0, 5))]
+    assert (await worker.apply_batch(fresh, allowed_lateness_ms=HOUR_MS)).statuses == [APPLIED]
+    assert (await worker.read_states(["u1"]))["u1"]["nv"] == 1

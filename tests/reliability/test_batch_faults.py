@@ -35,7 +35,7 @@ from engine.pipeline import DiscountEngine, EngineConfig, Incoming
 from streams.adapters.kafka_io import ensure_topics
 from streams.settings import Topics
 from streams.worker.crash_points import EXIT_CRASHED, STEPS
-from tests.conftest import Isolation, Services
+from tests.conftest import Isolation, Services, worker_pseudonyms
 from tests.reliability.test_kill9 import (
     ALLOWED_LATENESS_S,
     differences,
@@ -227,7 +227,9 @@ class Published:
         granted_to = {m["offer_id"]: m["user_id"] for m in self.decision_messages if m["offer_id"]}
         offers_by_user = Counter(granted_to.values())
         in_state = {user: _offers_in(state) for user, state in self.states.items()}
-        assert in_state == {user: offers_by_user.get(user, 0) for user in self.states}, (
+        # decisions name users by pseudonym (docs/privacy.md)
+        pseudonym = worker_pseudonyms().of
+        assert in_state == {user: offers_by_user.get(pseudonym(user), 0) for user in self.states}, (
             "offers applied to the users' state other than once each"
         )
 

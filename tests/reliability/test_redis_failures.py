@@ -50,7 +50,7 @@ from streams.errors import EXIT_REDIS_REFUSED, EXIT_REDIS_UNAVAILABLE
 from streams.settings import Secret, Settings, Topics
 from streams.worker.batch_worker import BatchWorker
 from streams.worker.faust_app import Runtime, bootstrap
-from tests.conftest import Isolation, Services, unused_port
+from tests.conftest import TEST_PSEUDONYM_KEY, Isolation, Services, unused_port
 from tests.reliability.test_kill9 import ALLOWED_LATENESS_S, differences, reference_states
 from tests.reliability.test_redis_behind import (
     REDIS_SERVER,
@@ -99,6 +99,7 @@ def private_settings(server: PrivateRedis, isolation: Isolation, **changes: Any)
         redis_prefix=isolation.redis_prefix,
         redis_timeout_s=TIMEOUT_S,
         allowed_lateness_s=ALLOWED_LATENESS_S,
+        pseudonym_key=Secret(TEST_PSEUDONYM_KEY),
         **changes,
     )
 

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 UNREACHABLE = {
     "DEALSTREAM_KAFKA_BOOTSTRAP": "127.0.0.1:1",
     "DEALSTREAM_REDIS_URL": "redis://127.0.0.1:1/0",
+    "DEALSTREAM_PSEUDONYM_KEY": "cli-test-pseudonym-key-0123456789",
 }
 
 
@@ -174,6 +175,19 @@ def test_bad_setting_gives_a_one_line_error(
     captured = capsys.readouterr()
     assert_one_line_error(captured.err, f"DEALSTREAM_{name}")
     assert captured.out == ""
+
+
+@pytest.mark.parametrize("command", [["worker"], ["forget", "u1"], ["features", "u1"]])
+def test_no_pseudonym_key_is_a_one_line_error_that_says_what_to_do(
+    command: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Privacy by default: nothing stores or looks up raw user ids unless told to."""
+    for variable, setting in UNREACHABLE.items():
+        if variable != "DEALSTREAM_PSEUDONYM_KEY":
+            monkeypatch.setenv(variable, setting)
+    assert main(command) == 2
+    captured = capsys.readouterr()
+    assert_one_line_error(captured.err, "DEALSTREAM_PSEUDONYM_KEY", "DEALSTREAM_PSEUDONYMS=off")
 
 
 # -- simulate -----------------------------------------------------------------------------------

@@ -6,12 +6,15 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 
 from streams.adapters.kafka_io import PRODUCER_MAX_REQUEST_BYTES
-from streams.settings import Settings, TopicReplication
+from streams.settings import Secret, Settings, TopicReplication
 from streams.worker.faust_app import IdempotentProducer, bootstrap, create_app
+from tests.conftest import TEST_PSEUDONYM_KEY
 
 
 async def test_the_workers_producer_is_idempotent_with_acks_all() -> None:
-    settings = Settings(replication=TopicReplication(3, 2))
+    settings = Settings(
+        replication=TopicReplication(3, 2), pseudonym_key=Secret(TEST_PSEUDONYM_KEY)
+    )
     client = aioredis.Redis()
     try:
         app = create_app(bootstrap(settings, redis_client=client))
