@@ -77,16 +77,8 @@ ssl.truststore.type=PEM
 ssl.truststore.location=$1/tls/ca.pem
 ssl.client.auth=none
 log.dirs=$dir/data
-num.partitions=4
-offsets.topic.replication.factor=1
-offsets.topic.num.partitions=4
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
-group.initial.rebalance.delay.ms=0
-auto.create.topics.enable=true
 EOF
+    cat "$HERE/kafka/single-node.properties" >>"$dir/server.properties"
     chmod 600 "$dir/server.properties"
     local java="${JAVA_HOME:+$JAVA_HOME/bin/}java"
     local cluster_id

@@ -116,18 +116,8 @@ controller.listener.names=CONTROLLER
 listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
 inter.broker.listener.name=PLAINTEXT
 log.dirs=$DATA
-num.partitions=4
-offsets.topic.replication.factor=1
-# Fewer internal partitions: the broker creates them on first use, so fewer means faster joins.
-offsets.topic.num.partitions=4
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
-# Tests join consumer groups all the time; the default 3 s delay would slow every one of them.
-group.initial.rebalance.delay.ms=0
-auto.create.topics.enable=true
 EOF
+    cat "$HERE/single-node.properties" >>"$CONFIG"
 }
 
 format_storage() {
