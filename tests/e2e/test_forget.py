@@ -11,7 +11,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer
 
 from engine.analysis.simulation.world import open_loop
@@ -43,7 +42,10 @@ decision_interval_s = 0
 async def read_raw(services: Services, topic: str, idle_s: float = 3.0) -> list[bytes]:
     """Every record's key and value bytes on a topic, read until nothing new for ``idle_s``."""
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=services.kafka_bootstrap, auto_offset_reset="earliest"
+        topic,
+        bootstrap_servers=services.kafka_bootstrap,
+        auto_offset_reset="earliest",
+        **services.kafka_options(),
     )
     await consumer.start()
     found: list[bytes] = []
@@ -61,7 +63,7 @@ async def read_raw(services: Services, topic: str, idle_s: float = 3.0) -> list[
 
 async def redis_dump(services: Services, prefix: str) -> dict[bytes, list[bytes]]:
     """Every key under the prefix with every byte string it holds (members, fields, values)."""
-    client = aioredis.Redis.from_url(services.redis_url)
+    client = services.redis()
     dump: dict[bytes, list[bytes]] = {}
     try:
         async for key in client.scan_iter(match=f"{prefix}*", count=1000):
@@ -131,7 +133,9 @@ async def test_forget_leaves_no_raw_id_and_a_tombstone_stops_the_rebuild(
     raw_ids = {user.encode() for user in users}
     pseudonym = worker_pseudonyms().of(target).encode()
 
-    await ensure_topics(services.kafka_bootstrap, topics.all, partitions=2)
+    await ensure_topics(
+        services.kafka_bootstrap, topics.all, partitions=2, security=services.kafka_security
+    )
     env = worker_env(
         services,
         isolation,
@@ -154,7 +158,9 @@ async def test_forget_leaves_no_raw_id_and_a_tombstone_stops_the_rebuild(
         assert naming(before, raw_ids) == []
         assert [d for d in decisions + training if any(r in d for r in raw_ids)] == []
 
-        said = forget(env, target)
+        # An operator runs `forget` (the worker's ACL user may not delete a user's state or
+        # write a tombstone): the tests' own Redis user.
+        said = forget(isolation.env(services, role=None), target)
         assert "tombstone" in said
         after = await redis_dump(services, isolation.redis_prefix)
         assert naming(after, raw_ids) == []
