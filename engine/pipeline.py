@@ -264,8 +264,7 @@ class DiscountEngine:
         learn_inline = self.config.learn_inline
         applied = UpdateStatus.APPLIED
         lane_clocks = self.lane_clocks
-        lanes: dict[int, int] = {}
-        """The clocks of the lanes this batch moved, as of the latest event."""
+        lanes: dict[int, int] = {}  # the clocks of the lanes this batch moved
         # A user's state is brought up to an event only when that event needs features:
         # operations wait here, in order, so events that decide nothing cost no replay.
         # (Offers granted during the batch join them: a later event sees the offer.)
