@@ -35,6 +35,7 @@ CONSUMED = re.compile(r"^dealstream_events_consumed_total\{[^}]*\} ([0-9.e+]+)$"
 REDELIVERED = re.compile(
     r'^dealstream_events_skipped_total\{reason="redelivered"\} ([0-9.e+]+)$', re.M
 )
+HELD = re.compile(r"^dealstream_events_held ([0-9.e+]+)$", re.M)
 
 
 def load_average() -> float:
@@ -190,8 +191,10 @@ class Worker:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     async def consumed(self) -> int | None:
-        """Records consumed so far, not counting redeliveries (a rebalance hands a partition
-        over before its last offsets were committed); None before the web server answers."""
+        """Records consumed and processed so far: not counting redeliveries (a rebalance hands
+        a partition over before its last offsets were committed), nor the events the worker's
+        event-time aligner holds right now (consumed, not yet applied); None before the web
+        server answers."""
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
         try:
@@ -200,7 +203,9 @@ class Worker:
         except (aiohttp.ClientError, OSError, TimeoutError):
             return None
         consumed = sum(float(v) for v in CONSUMED.findall(text))
-        return int(consumed - sum(float(v) for v in REDELIVERED.findall(text)))
+        redelivered = sum(float(v) for v in REDELIVERED.findall(text))
+        held = sum(float(v) for v in HELD.findall(text))
+        return int(consumed - redelivered - held)
 
     def tail(self, chars: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
