@@ -19,7 +19,10 @@ $(BIN)/dealstream: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	@touch $@
 
-install: $(BIN)/dealstream ## create .venv and install dealstream with the dev extras
+$(BIN)/kustomize: deploy/k8s/tools.sh $(BIN)/dealstream
+	bash deploy/k8s/tools.sh
+
+install: $(BIN)/dealstream $(BIN)/kustomize ## create .venv and install dealstream with the dev extras
 
 services: $(BIN)/dealstream ## start local Kafka (KRaft, from Maven Central jars) and Redis; idempotent
 	PYTHON=$(BIN)/python bash deploy/services.sh start
@@ -36,10 +39,10 @@ topics: services ## create the contract's topics
 demo: services ## worker + simulator on real Kafka/Redis, printing offers (DURATION=60 RATE=200)
 	$(BIN)/dealstream demo --duration $(DURATION) --rate $(RATE)
 
-test: services ## the whole suite: unit + integration + e2e against real services
+test: services $(BIN)/kustomize ## the whole suite: unit + integration + e2e against real services
 	$(BIN)/pytest -q
 
-test-unit: $(BIN)/dealstream ## unit tests only (no services needed)
+test-unit: $(BIN)/dealstream $(BIN)/kustomize ## unit tests only (no services needed)
 	$(BIN)/pytest -q tests/unit
 
 test-integration: services ## integration and e2e tests only
