@@ -13,13 +13,14 @@ RATE ?= 200
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
-$(BIN)/dealstream: pyproject.toml
+$(BIN)/dealstream: pyproject.toml native/pyproject.toml native/Cargo.toml native/Cargo.lock native/src/lib.rs
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q ./native
 	$(BIN)/pip install -q -e '.[dev]'
 	@touch $@
 
-install: $(BIN)/dealstream ## create .venv and install dealstream with the dev extras
+install: $(BIN)/dealstream ## create .venv; install dealstream (dev extras) and its compiled part (native/, needs cargo)
 
 services: $(BIN)/dealstream ## start local Kafka (KRaft, from Maven Central jars) and Redis; idempotent
 	PYTHON=$(BIN)/python bash deploy/services.sh start
