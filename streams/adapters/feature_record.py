@@ -33,10 +33,7 @@ test_feature_record.py``).
 
 from __future__ import annotations
 
-import struct
-from collections.abc import Sequence
-
-from dealstream_native import RecordEncoder
+from dealstream_native import RecordCodec
 
 from engine.features.state import (
     CATEGORY_SLOT,
@@ -44,10 +41,8 @@ from engine.features.state import (
     GRAIN_MS,
     KIND_CODE,
     LAST_OFFER_FIELD,
-    NEVER,
     OFFER_TIME_SCALE,
     PARSED,
-    State,
     parsed_field,
 )
 from engine.features.store import SEEN_KEY_BYTES, UserRecord
@@ -71,7 +66,6 @@ ANY = 255
 _TIME_TAG = {name: TIME + i for i, name in enumerate(_TIME_FIELDS)}
 _COUNT_TAG = {name: COUNT + i for i, name in enumerate(_COUNT_FIELDS)}
 _SLOT_MS = (GRAIN_MS["m"], GRAIN_MS["h"], GRAIN_MS["d"], DAY_MS)
-_DOUBLE = struct.Struct(">d")
 _MEMO_MAX = 200_000
 """Bound of each name memo: bucket indices move with time, so old names are dropped by
 clearing the memo now and then (it refills in one pass over the active users)."""
@@ -107,216 +101,61 @@ def field_code(name: str) -> _FieldCode:
     return (ANY, 0, 0, "")
 
 
-_ENCODER = RecordEncoder(
-    tags=(FORMAT, CATEGORY, COUNT, OFFER, LT, ANY),
+def _bucket(tag: int, index: int) -> tuple[str, float]:
+    """A bucket field's name and ``expires_at`` (KeyError: not a bucket tag, a corrupt record)."""
+    code, slot = _BUCKET_OF_TAG[tag]
+    name = f"{code}{_GRAINS[slot]}{index}"
+    return name, _expires_at(name)
+
+
+def _category_day(day: int, category: str) -> tuple[str, float]:
+    """A category-day field's name and ``expires_at``."""
+    name = f"k{day}:{category}"
+    return name, _expires_at(name)
+
+
+def _expires_at(name: str) -> float:
+    return (PARSED.get(name) or parsed_field(name))[3]
+
+
+_CODEC = RecordCodec(
+    tags=(FORMAT, CATEGORY, TIME, COUNT, OFFER, LT, ANY),
     slot_ms=_SLOT_MS,
+    tag_slot=tuple(
+        _BUCKET_OF_TAG[tag][1] if tag in _BUCKET_OF_TAG else 0 for tag in range(CATEGORY)
+    ),
     offer_time_scale=OFFER_TIME_SCALE,
+    seen_key_bytes=SEEN_KEY_BYTES,
+    time_fields=_TIME_FIELDS,
+    count_fields=_COUNT_FIELDS,
+    offer_field=LAST_OFFER_FIELD,
     memo_max=_MEMO_MAX,
     field_code=field_code,
+    bucket=_bucket,
+    category=_category_day,
+    expires_at=_expires_at,
 )
-"""The compiled encoder (``native/``, Rust): this loop in Python was about a sixth of the
-worker's CPU. It follows the layout above; the tags and grains are the ones declared here."""
+"""The compiled codec (``native/``, Rust): these loops in Python were about a sixth of the
+worker's CPU. It follows the layout above, with the tags, grains and field names declared
+here, and asks the functions above what a name means (once per name: it remembers)."""
 
 
 def encode_record(record: UserRecord) -> bytes:
     """The record as bytes (see the module docstring). Every value must be a number (a
     ``TypeError`` otherwise); integral values below 2**53 other than -0.0 are coded as
     integers, anything else as ``ANY`` with its double, so every state round-trips."""
-    return _ENCODER.encode(record.state, record.seen)
-
-
-# -- decoding ----------------------------------------------------------------------------------
-
-_AGES: dict[int, struct.Struct] = {}
-"""``>nI`` unpackers by count n: the dedup set's ages in one call, each format parsed once."""
-
-
-def _ages_struct(count: int) -> struct.Struct:
-    unpacker = _AGES.get(count)
-    if unpacker is None:
-        if len(_AGES) >= 1_000:
-            _AGES.clear()
-        unpacker = _AGES[count] = struct.Struct(f">{count}I")
-    return unpacker
-
-
-_ZIGZAG: tuple[int, ...] = tuple(b >> 1 if not b & 1 else -((b + 1) >> 1) for b in range(0x80))
-"""The value of each one-byte zvarint."""
-_ZIGZAG_FLOAT: tuple[float, ...] = tuple(map(float, _ZIGZAG))
-_TAG_SLOT: tuple[int, ...] = tuple(
-    _BUCKET_OF_TAG[tag][1] if tag in _BUCKET_OF_TAG else 0 for tag in range(CATEGORY)
-)
-"""The grain slot of each bucket tag (0 for the others below CATEGORY: ``_bucket`` refuses
-them)."""
-_BUCKETS: dict[int, tuple[str, float]] = {}
-"""``index << 6 | tag`` -> the bucket field's name and ``expires_at``: each name is built and
-parsed once, not once per record that holds it."""
-
-
-def _bucket(tag: int, index: int) -> tuple[str, float]:
-    code, slot = _BUCKET_OF_TAG[tag]  # KeyError: not a bucket tag, a corrupt record
-    name = f"{code}{_GRAINS[slot]}{index}"
-    entry = (name, (PARSED.get(name) or parsed_field(name))[3])
-    if len(_BUCKETS) >= _MEMO_MAX:
-        _BUCKETS.clear()
-    _BUCKETS[index << 6 | tag] = entry
-    return entry
-
-
-def _varint_at(data: bytes, pos: int) -> tuple[int, int]:
-    """The varint at ``pos`` and the position after it."""
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
-def _zvarint_at(data: bytes, pos: int) -> tuple[int, int]:
-    value, pos = _varint_at(data, pos)
-    return (value >> 1 if not value & 1 else -((value + 1) >> 1)), pos
+    return _CODEC.encode(record.state, record.seen)
 
 
 def decode_record(blob: bytes) -> UserRecord:
-    """The record ``encode_record`` wrote; ``FeatureRecordError`` for anything else.
-
-    One function over the bytes and a position (no reader object, no call per number): a byte
-    below 0x80 is a whole varint, looked up in a table; bucket names and their expiry come from
-    a memo; ``next_expiry`` and ``oldest_seen`` are gathered on the way, not parsed again."""
+    """The record ``encode_record`` wrote; ``FeatureRecordError`` for anything else."""
     if not blob or blob[0] != FORMAT:
         raise FeatureRecordError(
             f"not a feature record of format {FORMAT} (first byte {blob[:1]!r}); written by "
             "another dealstream version?"
         )
-    data = blob
-    size = len(data)
-    zigzag, zfloat, tag_slot, buckets, parsed = _ZIGZAG, _ZIGZAG_FLOAT, _TAG_SLOT, _BUCKETS, PARSED
-    pos = 1
     try:
-        lt, pos = _varint_at(data, pos)
-        refs = (lt // _SLOT_MS[0], lt // _SLOT_MS[1], lt // _SLOT_MS[2], lt // _SLOT_MS[3])
-        count = data[pos]
-        pos += 1
-        if count >= 0x80:
-            count, pos = _varint_at(data, pos - 1)
-        categories: list[str] = []
-        for _ in range(count):
-            length, pos = _varint_at(data, pos)
-            end = pos + length
-            if end > size:
-                raise IndexError("truncated")
-            categories.append(data[pos:end].decode())
-            pos = end
-        count = data[pos]
-        pos += 1
-        if count >= 0x80:
-            count, pos = _varint_at(data, pos - 1)
-        state: State = {}
-        next_expiry = NEVER
-        for _ in range(count):
-            tag = data[pos]
-            pos += 1
-            if tag < CATEGORY:
-                byte = data[pos]
-                pos += 1
-                if byte < 0x80:
-                    key = (refs[tag_slot[tag]] - zigzag[byte]) << 6 | tag
-                else:
-                    delta, pos = _zvarint_at(data, pos - 1)
-                    key = (refs[tag_slot[tag]] - delta) << 6 | tag
-                name, expiry = buckets.get(key) or _bucket(tag, key >> 6)
-                byte = data[pos]
-                pos += 1
-                if byte < 0x80:
-                    state[name] = zfloat[byte]
-                else:
-                    number, pos = _zvarint_at(data, pos - 1)
-                    state[name] = float(number)
-                if expiry < next_expiry:
-                    next_expiry = expiry
-                continue
-            if tag == CATEGORY:
-                number = data[pos]
-                pos += 1
-                if number >= 0x80:
-                    number, pos = _varint_at(data, pos - 1)
-                category = categories[number]
-                byte = data[pos]
-                pos += 1
-                if byte < 0x80:
-                    number = zigzag[byte]
-                else:
-                    number, pos = _zvarint_at(data, pos - 1)
-                name = f"k{refs[3] - number}:{category}"
-                expiry = (parsed.get(name) or parsed_field(name))[3]
-                if expiry < next_expiry:
-                    next_expiry = expiry
-                byte = data[pos]
-                pos += 1
-                if byte < 0x80:
-                    state[name] = zfloat[byte]
-                else:
-                    number, pos = _zvarint_at(data, pos - 1)
-                    state[name] = float(number)
-                continue
-            if tag == LT:
-                state["lt"] = float(lt)
-                continue
-            if tag == ANY:
-                length, pos = _varint_at(data, pos)
-                end = pos + length
-                if end + 8 > size:
-                    raise IndexError("truncated")
-                name = data[pos:end].decode()
-                state[name] = _DOUBLE.unpack_from(data, end)[0]
-                pos = end + 8
-                expiry = (parsed.get(name) or parsed_field(name))[3]
-                if expiry < next_expiry:
-                    next_expiry = expiry
-                continue
-            byte = data[pos]
-            pos += 1
-            if byte < 0x80:
-                number = zigzag[byte]
-            else:
-                number, pos = _zvarint_at(data, pos - 1)
-            if tag < COUNT:
-                state[_TIME_FIELDS[tag - TIME]] = float(lt - number)
-            elif tag < OFFER:
-                state[_COUNT_FIELDS[tag - COUNT]] = float(number)
-            elif tag == OFFER:
-                state[LAST_OFFER_FIELD] = float(lt * OFFER_TIME_SCALE - number)
-            else:
-                raise KeyError(tag)
-        header = data[pos]
-        pos += 1
-        if header >= 0x80:
-            header, pos = _varint_at(data, pos - 1)
-        count = header >> 1
-        end = pos + count * SEEN_KEY_BYTES
-        if end > size:
-            raise IndexError("truncated")
-        keys = [data[at : at + SEEN_KEY_BYTES] for at in range(pos, end, SEEN_KEY_BYTES)]
-        pos = end
-        ages: Sequence[int]
-        if header & 1:
-            ages = _ages_struct(count).unpack_from(data, pos)
-            pos += 4 * count
-        else:
-            ages = []
-            for _ in range(count):
-                number, pos = _zvarint_at(data, pos)
-                ages.append(number)
-        seen = dict(zip(keys, map(lt.__sub__, ages), strict=True))
-        if len(seen) != count:
-            raise FeatureRecordError("feature record repeats an event id digest")
-        if pos != size:
-            raise FeatureRecordError(f"feature record has {size - pos} extra bytes")
-    except (IndexError, KeyError, UnicodeDecodeError, struct.error) as exc:
-        raise FeatureRecordError(
-            f"feature record is corrupt ({type(exc).__name__} at byte {pos})"
-        ) from None
-    return UserRecord(state, seen, next_expiry, min(seen.values(), default=NEVER))
+        state, seen, next_expiry, oldest_seen = _CODEC.decode(blob)
+    except ValueError as exc:
+        raise FeatureRecordError(str(exc)) from None
+    return UserRecord(state, seen, next_expiry, oldest_seen)
