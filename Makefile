@@ -13,16 +13,17 @@ RATE ?= 200
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
 
-$(BIN)/dealstream: pyproject.toml
+$(BIN)/dealstream: pyproject.toml native/pyproject.toml native/Cargo.toml native/Cargo.lock native/src/lib.rs
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q ./native
 	$(BIN)/pip install -q -e '.[dev]'
 	@touch $@
 
 $(BIN)/kustomize: deploy/k8s/tools.sh $(BIN)/dealstream
 	bash deploy/k8s/tools.sh
 
-install: $(BIN)/dealstream $(BIN)/kustomize ## create .venv and install dealstream with the dev extras
+install: $(BIN)/dealstream $(BIN)/kustomize ## create .venv: dealstream (dev extras), native/ (needs cargo), kustomize
 
 services: $(BIN)/dealstream ## start local Kafka (KRaft, from Maven Central jars) and Redis; idempotent
 	PYTHON=$(BIN)/python bash deploy/services.sh start

@@ -134,3 +134,36 @@ def test_a_truncated_record_is_refused() -> None:
     for end in range(len(blob)):
         with pytest.raises(FeatureRecordError):
             decode_record(blob[:end])
+
+
+def test_the_layout_is_the_one_records_in_redis_were_written_in() -> None:
+    """Bytes written by the format's first encoder (Python, before the compiled one), pinned:
+    records already stored must read back, and new ones must read the same way."""
+    state = {
+        "lt": float(T0),
+        "vm29453760": 3.0,
+        "ch490896": 1.0,
+        "k20454:home": 2.0,
+        "k20453:toys": 1.0,
+        "fs": float(T0 - 86_400_000),
+        "lv": float(T0),
+        "nv": 7.0,
+        "od": float((T0 - 5000) * 1000 + 150),
+        "session_x": 0.25,
+        "vd20454": -0.0,
+    }
+    fields = (
+        "0180d0eab6b7330204686f6d6504746f79730b3d01000605000228000004280102022980f0b2522a00320e"
+        "3cd4aae204ff0973657373696f6e5f783fd0000000000000ff07766432303435348000000000000000"
+    )
+    packed = UserRecord(state=state, seen={seen_key("e1"): T0, seen_key("e2"): T0 - 1000})
+    assert encode_record(packed).hex() == fields + "05be920eda9bf58b108d6100000000000003e8"
+    negative_age = UserRecord(state=state, seen={seen_key("e3"): T0 + 5})
+    assert encode_record(negative_age).hex() == fields + "0240f86f811809"
+    assert_same(round_trip(packed), packed)
+
+
+@pytest.mark.parametrize("value", ["3", None, [1.0]])
+def test_a_value_that_is_not_a_number_is_refused(value: object) -> None:
+    with pytest.raises(TypeError):
+        encode_record(UserRecord(state={"vm1": value}))  # type: ignore[dict-item]
