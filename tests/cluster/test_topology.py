@@ -9,6 +9,7 @@ touch keys of one hash slot (``CROSSSLOT`` otherwise), so a user's keys share on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -276,8 +277,11 @@ async def test_kafka_rf3_idempotent_producer_through_a_broker_kill(cluster: Clus
         print(f"Kafka: broker {victim} restarted and back in every ISR within {rejoined:.1f} s")
         await held  # written once the three replicas are in sync again
     finally:
-        await producer.stop()
-        await plain.stop()
+        # Bounded: an idempotent producer flushes on stop, and a batch the cluster cannot take
+        # (a failed restart) would hold it for ever.
+        for client in (producer, plain):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(client.stop(), 30)
 
     records = await read_all(bootstrap, topic, 3, MESSAGES)
     values = [int(v) for values in records.values() for v in values]
