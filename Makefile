@@ -5,10 +5,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DURATION ?= 60
 RATE ?= 200
+CLUSTER_WORKERS ?= 0
 
 .DEFAULT_GOAL := help
-.PHONY: help install services services-stop services-status topics demo test test-unit \
-	test-integration test-secure lint bench clean
+.PHONY: help install services services-stop services-status cluster cluster-stop cluster-status \
+	topics demo test test-unit test-integration test-secure lint bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -33,6 +34,15 @@ services-stop: ## stop the local Kafka and Redis that `make services` started
 
 services-status: ## say whether Kafka and Redis are up and answering
 	bash deploy/services.sh status
+
+cluster: $(BIN)/dealstream ## 3 Kafka brokers (KRaft) + Redis Cluster (3 primaries, 3 replicas); CLUSTER_WORKERS=3 adds workers
+	PYTHON=$(BIN)/python DEALSTREAM_CLUSTER_WORKERS=$(CLUSTER_WORKERS) bash deploy/cluster.sh start
+
+cluster-stop: ## stop everything `make cluster` started (its data stays in .dealstream/cluster)
+	bash deploy/cluster.sh stop
+
+cluster-status: ## say which brokers, Redis nodes, workers of `make cluster` are up
+	PYTHON=$(BIN)/python bash deploy/cluster.sh status
 
 topics: services ## create the contract's topics
 	$(BIN)/dealstream topics

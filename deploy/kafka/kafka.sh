@@ -11,11 +11,8 @@ set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
-
-# The pom is the one place the Kafka version is written down.
-VERSION="$(grep -o '<kafka.version>[^<]*' "$HERE/pom.xml" | head -n1 | cut -d'>' -f2)"
-CACHE="${DEALSTREAM_CACHE:-$HOME/.cache/dealstream}"
-LIBS="$CACHE/kafka-$VERSION/libs"
+# KAFKA_VERSION, KAFKA_LIBS, kafka_fetch, kafka_find_java, kafka_launch, kafka_pid, port_open.
+source "$HERE/lib.sh"
 
 STATE="${DEALSTREAM_STATE:-$REPO/.dealstream}/kafka"
 DATA="$STATE/data"
@@ -31,76 +28,16 @@ START_TIMEOUT="${DEALSTREAM_KAFKA_START_TIMEOUT:-60}"
 log() { echo "kafka: $*"; }
 die() { echo "kafka: $*" >&2; exit 1; }
 
-# Prefer the repo's venv: it has aiokafka, which the readiness probe needs.
-python_bin() {
-    if [[ -n "${PYTHON:-}" ]]; then echo "$PYTHON"
-    elif [[ -x "$REPO/.venv/bin/python" ]]; then echo "$REPO/.venv/bin/python"
-    else echo python3
-    fi
-}
-
 # Exit 0 when a broker answers a metadata request; extra args go to wait_kafka.py (its exit
 # codes: 1 no answer, 3 the --pid process died). Without aiokafka we cannot tell, so stop here.
 answers() {
     local rc=0
-    "$(python_bin)" "$HERE/wait_kafka.py" "$BOOTSTRAP" "$@" || rc=$?
+    "$(kafka_python_bin)" "$HERE/wait_kafka.py" "$BOOTSTRAP" "$@" || rc=$?
     [[ "$rc" != 4 ]] || exit 2
     return "$rc"
 }
 
-# Is anything (Kafka or not) listening on 127.0.0.1:$1?
-port_open() { timeout 1 bash -c ": >/dev/tcp/127.0.0.1/$1" 2>/dev/null; }
-
-find_java() {
-    local java
-    if [[ -n "${JAVA_HOME:-}" && -x "$JAVA_HOME/bin/java" ]]; then java="$JAVA_HOME/bin/java"
-    else java="$(command -v java || true)"
-    fi
-    local major=0
-    if [[ -n "$java" ]]; then
-        # `java -version` prints e.g. `openjdk version "17.0.15" ...` (or "1.8.0_402" for Java 8).
-        local v
-        v="$("$java" -version 2>&1 | sed -n 's/.* version "\([^"]*\)".*/\1/p' | head -n1)"
-        major="${v%%.*}"
-        [[ "$major" == 1 ]] && major="$(echo "$v" | cut -d. -f2)"
-        [[ "$major" =~ ^[0-9]+$ ]] || major=0
-    fi
-    if (( major < 17 )); then
-        local found=""
-        [[ -n "$java" ]] && found=" (found Java ${major/#0/?} at $java)"
-        echo "dealstream: Java 17+ not found$found: install openjdk-17-jre-headless or set JAVA_HOME" >&2
-        exit 2
-    fi
-    JAVA="$java"
-}
-
-# Our broker's pid, or nothing. The pid must still be a JVM running our config: after a reboot
-# a stale pid file can point at an unrelated process.
-our_pid() {
-    [[ -f "$PIDFILE" ]] || return 0
-    local pid
-    pid="$(cat "$PIDFILE")"
-    if [[ "$pid" =~ ^[0-9]+$ ]] && tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" \
-            | grep -qF "kafka.Kafka $CONFIG"; then
-        echo "$pid"
-    fi
-}
-
-cmd_fetch() {
-    if compgen -G "$LIBS/kafka_2.13-*.jar" >/dev/null; then
-        return 0
-    fi
-    command -v mvn >/dev/null || die "Maven not found: install maven (apt-get install -y maven)"
-    log "resolving Kafka $VERSION jars from Maven Central into $LIBS"
-    # Copy into a scratch folder and rename: an interrupted download never looks complete.
-    local tmp="$LIBS.tmp.$$"
-    rm -rf "$tmp"
-    mkdir -p "$(dirname "$LIBS")"
-    mvn -q -B -f "$HERE/pom.xml" dependency:copy-dependencies \
-        -DincludeScope=runtime -DoutputDirectory="$tmp" || { rm -rf "$tmp"; die "mvn failed"; }
-    rm -rf "$LIBS"
-    mv "$tmp" "$LIBS"
-}
+our_pid() { kafka_pid "$PIDFILE" "$CONFIG"; }
 
 write_config() {
     mkdir -p "$DATA" "$LOGS"
@@ -125,11 +62,9 @@ format_storage() {
     # the single voter of a dynamic quorum (needs controller.quorum.bootstrap.servers).
     [[ -f "$DATA/meta.properties" ]] && return 0
     local cluster_id
-    cluster_id="$("$JAVA" -cp "$LIBS/*" kafka.tools.StorageTool random-uuid)"
+    cluster_id="$(kafka_storage "$LOGS" random-uuid)"
     log "formatting storage in $DATA (cluster id $cluster_id)"
-    "$JAVA" -cp "$LIBS/*" -Dlog4j2.configurationFile="$HERE/log4j2.properties" \
-        -Dkafka.logs.dir="$LOGS" \
-        kafka.tools.StorageTool format -t "$cluster_id" -c "$CONFIG" --standalone >/dev/null \
+    kafka_storage "$LOGS" format -t "$cluster_id" -c "$CONFIG" --standalone >/dev/null \
         || die "formatting $DATA failed (see the error above; '$0 reset' starts from scratch)"
 }
 
@@ -166,23 +101,16 @@ cmd_start() {
         done
     fi
 
-    find_java
-    cmd_fetch
+    kafka_find_java
+    kafka_fetch
     write_config
     format_storage
 
     if [[ -z "$pid" ]]; then
-        log "starting Kafka $VERSION on $BOOTSTRAP (state in $STATE)"
-        # setsid: own session, so Ctrl-C in the calling shell or the end of a CI step's process
-        # group does not take the broker down. nohup + redirects: no terminal needed.
-        # Heap fixed at 1 GiB (plenty for tests); a broker out of memory is better dead than limping.
-        setsid nohup "$JAVA" -Xms1g -Xmx1g -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
-            -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExitOnOutOfMemoryError \
-            -Djava.awt.headless=true \
-            -Dlog4j2.configurationFile="$HERE/log4j2.properties" -Dkafka.logs.dir="$LOGS" \
-            -cp "$LIBS/*" kafka.Kafka "$CONFIG" >"$LOGS/stdout.log" 2>&1 </dev/null &
-        pid=$!
-        echo "$pid" >"$PIDFILE"
+        log "starting Kafka $KAFKA_VERSION on $BOOTSTRAP (state in $STATE)"
+        # Heap fixed at 1 GiB (plenty for tests).
+        kafka_launch "$CONFIG" "$LOGS" "$PIDFILE" -Xms1g -Xmx1g
+        pid="$(cat "$PIDFILE")"
     else
         log "pid $pid is up but not answering yet; waiting"
     fi
@@ -206,17 +134,7 @@ cmd_stop() {
         log "not running (nothing of ours to stop)"
         return 0
     fi
-    # SIGTERM lets the broker flush and close its logs cleanly: the next start skips recovery.
-    kill -TERM "$pid" 2>/dev/null || true
-    local i
-    for ((i = 0; i < 300; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        log "pid $pid ignored SIGTERM for 30 s; sending SIGKILL"
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
+    kafka_stop_pid "$pid"
     rm -f "$PIDFILE"
     log "stopped (pid $pid)"
 }
@@ -254,7 +172,7 @@ case "${1:-}" in
     start) cmd_start ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
-    fetch) cmd_fetch ;;
+    fetch) kafka_fetch ;;
     reset) cmd_reset ;;
     *) echo "usage: $0 start|stop|status|fetch|reset" >&2; exit 64 ;;
 esac

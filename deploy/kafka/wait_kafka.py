@@ -1,10 +1,14 @@
-"""Wait until a Kafka broker answers a real metadata request (used by deploy/kafka/kafka.sh).
+"""Wait until a Kafka broker answers a real metadata request (used by deploy/kafka/kafka.sh
+and deploy/cluster.sh).
 
 An open TCP port is not enough: the broker listens before it can serve metadata, and a port can
 be held by something that is not Kafka at all. So we ask for the topic list, as clients will.
+With ``--brokers N`` the metadata must also list N live brokers (a cluster is only usable for
+topics of replication factor N once all N have registered).
 
     python wait_kafka.py 127.0.0.1:9092                  # one attempt
     python wait_kafka.py 127.0.0.1:9092 --timeout 60 --pid 1234
+    python wait_kafka.py 127.0.0.1:19201,127.0.0.1:19202 --brokers 3 --timeout 90
 
 Exit codes: 0 answered, 1 no answer before the deadline, 3 the watched process (--pid) died,
 4 aiokafka is not installed in this Python.
@@ -33,14 +37,18 @@ except ImportError:
     sys.exit(EXIT_NO_AIOKAFKA)
 
 
-async def probe(bootstrap: str, attempt_timeout: float) -> bool:
-    """One attempt: connect, list topics, close. True when metadata came back."""
+async def probe(bootstrap: str, attempt_timeout: float, brokers: int = 0) -> bool:
+    """One attempt: connect, list topics (and brokers), close. True when metadata came back
+    (listing at least ``brokers`` brokers)."""
     ms = max(int(attempt_timeout * 1000), 500)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=ms)
     try:
         # wait_for guards against a peer that accepts the connection but never replies.
         await asyncio.wait_for(admin.start(), attempt_timeout)
         await asyncio.wait_for(admin.list_topics(), attempt_timeout)
+        if brokers:
+            cluster = await asyncio.wait_for(admin.describe_cluster(), attempt_timeout)
+            return len(cluster["brokers"]) >= brokers
         return True
     except Exception:
         return False
@@ -77,15 +85,22 @@ async def main() -> int:
         "--attempt-timeout", type=float, default=2.0, help="seconds allowed for one attempt"
     )
     parser.add_argument(
-        "--pid", type=int, default=0, help="give up (exit 3) as soon as this process is gone"
+        "--pid",
+        type=int,
+        action="append",
+        default=[],
+        help="give up (exit 3) as soon as this process is gone (repeatable)",
+    )
+    parser.add_argument(
+        "--brokers", type=int, default=0, help="wait until the metadata lists this many brokers"
     )
     args = parser.parse_args()
 
     deadline = time.monotonic() + args.timeout
     while True:
-        if args.pid and not alive(args.pid):
+        if any(not alive(pid) for pid in args.pid):
             return EXIT_DIED
-        if await probe(args.bootstrap, args.attempt_timeout):
+        if await probe(args.bootstrap, args.attempt_timeout, args.brokers):
             return EXIT_OK
         if time.monotonic() >= deadline:
             return EXIT_TIMEOUT
