@@ -209,6 +209,11 @@ class Settings:
     """How long the worker retries a batch that fails on Redis for a reason that can heal
     (unreachable, timeouts, loading, failover, OOM) before it stops
     (``DEALSTREAM_REDIS_RETRY_DEADLINE_S``; 0: forever)."""
+    stop_timeout_s: float = 25.0
+    """How long the worker's graceful stop (SIGTERM, SIGINT) may take before it exits anyway
+    with status 75 (``DEALSTREAM_STOP_TIMEOUT_S``; 0: no limit): without Kafka, leaving the
+    group and the last commit can wait for minutes. Below Kubernetes' default grace period
+    (30 s), so the worker says why it stopped before the kubelet's SIGKILL would."""
     campaigns_path: Path | None = None
     http_port: int = 6066
     http_bind: str = "127.0.0.1"
@@ -319,6 +324,9 @@ class Settings:
             ),
             redis_retry_deadline_s=number(
                 "REDIS_RETRY_DEADLINE_S", defaults.redis_retry_deadline_s, float
+            ),
+            stop_timeout_s=_at_least_zero(
+                "STOP_TIMEOUT_S", number("STOP_TIMEOUT_S", defaults.stop_timeout_s, float)
             ),
             campaigns_path=Path(campaigns) if campaigns else None,
             http_port=_port(int(number("HTTP_PORT", defaults.http_port, int))),
@@ -532,6 +540,12 @@ def _flag(raw: str | None, name: str) -> bool:
 def _above_zero(name: str, value: float) -> float:
     if value <= 0:
         raise ConfigError(f"{ENV_PREFIX}{name} must be above 0, got {value:g}")
+    return value
+
+
+def _at_least_zero(name: str, value: float) -> float:
+    if value < 0:
+        raise ConfigError(f"{ENV_PREFIX}{name} must be 0 or more, got {value:g}")
     return value
 
 

@@ -20,6 +20,7 @@ import pytest
 
 from engine.analysis.simulation.world import open_loop
 from streams.adapters.kafka_io import ensure_topics
+from streams.errors import EXIT_STOP_TIMEOUT
 from streams.settings import Topics
 from streams.worker.http_endpoints import KAFKA_STALE_S, REFRESH_INTERVAL_S
 from tests.conftest import REPO, Isolation, Services, unused_port
@@ -56,7 +57,10 @@ def own_kafka(services: Services, tmp_path: Path) -> Iterator[tuple[str, dict[st
         subprocess.run(["bash", str(KAFKA_SH), "stop"], env=env, capture_output=True, timeout=120)
 
 
-def test_ready_turns_false_within_30_s_of_kafka_stopping(
+STOP_TIMEOUT_S = 5.0
+
+
+def test_ready_turns_false_within_30_s_of_kafka_stopping_and_the_worker_still_stops(
     services: Services,
     isolation: Isolation,
     own_kafka: tuple[str, dict[str, str]],
@@ -72,6 +76,7 @@ def test_ready_turns_false_within_30_s_of_kafka_stopping(
     asyncio.run(produce_events(own, topics, events))
     assert asyncio.run(publish_trained(services.redis(), isolation.redis_prefix)) == PUBLISHED
     env = worker_env(own, isolation, http_port=free_port)
+    env["DEALSTREAM_STOP_TIMEOUT_S"] = str(STOP_TIMEOUT_S)
     worker = WorkerProcess({**env, **worker_key_env()}, tmp_path / "worker.log")
     worker.start()
     try:
@@ -91,12 +96,16 @@ def test_ready_turns_false_within_30_s_of_kafka_stopping(
         )
         waited_s = time.monotonic() - stopped_at
         body = not_ready.json()
+        # Without a broker a graceful stop would wait minutes on the group's leave and the
+        # last commit; the stop deadline ends it (exit 75) unless it finishes first (0).
+        status = worker.stop(timeout_s=STOP_TIMEOUT_S + 30)
     finally:
-        # Without a broker a graceful stop can wait more than a minute on the group's leave
-        # and the last commit (noted in the closing note); its outputs are not at
-        # stake here.
-        worker.kill9()
+        if worker.alive():
+            worker.kill9()
         asyncio.run(clean_up(services, isolation))
+    assert status in (0, EXIT_STOP_TIMEOUT), worker.tail()
+    if status == EXIT_STOP_TIMEOUT:
+        assert "graceful stop did not finish within" in worker.run_log_text()
     assert body["ready"] is False
     assert body["checks"]["kafka"]["ok"] is False
     (reason,) = [r for r in body["reasons"] if r.startswith("kafka: ")]
@@ -107,3 +116,4 @@ def test_ready_turns_false_within_30_s_of_kafka_stopping(
     age_s = int(stated.group(1))
     assert KAFKA_STALE_S <= age_s <= KAFKA_STALE_S + REFRESH_INTERVAL_S + 1 <= READY_WITHIN_S
     print(f"\n/ready false {waited_s:.1f} s after Kafka stopped; the worker said: {reason}")
+    print(f"SIGTERM without a broker: exit status {status}")
