@@ -219,8 +219,9 @@ class Settings:
     committed (``DEALSTREAM_REDIS_WAIT_REPLICAS``; default 1 with ``redis_cluster``, else 0:
     no WAIT). docs/cluster.md."""
     redis_wait_timeout_s: float = 1.0
-    """How long one ``WAIT`` waits for them (``DEALSTREAM_REDIS_WAIT_TIMEOUT_S``); fewer within
-    it is a failure the worker retries like a lost reply."""
+    """How long one ``WAIT`` waits for them (``DEALSTREAM_REDIS_WAIT_TIMEOUT_S``; below
+    ``redis_timeout_s`` when replicas are waited for); fewer within it is a failure the worker
+    retries like a lost reply."""
     campaigns_path: Path | None = None
     http_port: int = 6066
     http_bind: str = "127.0.0.1"
@@ -334,7 +335,8 @@ class Settings:
             "REDIS_WAIT_TIMEOUT_S",
             number("REDIS_WAIT_TIMEOUT_S", defaults.redis_wait_timeout_s, float),
         )
-        if wait_timeout_s >= redis_timeout_s:
+        wait_replicas = int(number("REDIS_WAIT_REPLICAS", 1 if redis_cluster else 0, int))
+        if wait_replicas > 0 and wait_timeout_s >= redis_timeout_s:
             raise ConfigError(
                 f"{ENV_PREFIX}REDIS_WAIT_TIMEOUT_S ({wait_timeout_s:g}) must be below "
                 f"{ENV_PREFIX}REDIS_TIMEOUT_S ({redis_timeout_s:g}): the client would give up "
@@ -350,7 +352,7 @@ class Settings:
                 "REDIS_RETRY_DEADLINE_S", defaults.redis_retry_deadline_s, float
             ),
             redis_cluster=redis_cluster,
-            redis_wait_replicas=int(number("REDIS_WAIT_REPLICAS", 1 if redis_cluster else 0, int)),
+            redis_wait_replicas=wait_replicas,
             redis_wait_timeout_s=wait_timeout_s,
             campaigns_path=Path(campaigns) if campaigns else None,
             http_port=_port(int(number("HTTP_PORT", defaults.http_port, int))),

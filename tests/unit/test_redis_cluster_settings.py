@@ -67,8 +67,12 @@ def test_the_wait_settings() -> None:
         Settings.from_env({**tagged, "DEALSTREAM_REDIS_WAIT_REPLICAS": "0"}).redis_wait_replicas
         == 0
     )
+    # Checked against the client's timeout only when replicas are waited for.
+    assert Settings.from_env({"DEALSTREAM_REDIS_TIMEOUT_S": "0.5"}).redis_timeout_s == 0.5
     with pytest.raises(ConfigError, match="must be below DEALSTREAM_REDIS_TIMEOUT_S"):
-        Settings.from_env({"DEALSTREAM_REDIS_WAIT_TIMEOUT_S": "5"})
+        Settings.from_env(
+            {"DEALSTREAM_REDIS_WAIT_REPLICAS": "1", "DEALSTREAM_REDIS_TIMEOUT_S": "0.5"}
+        )
     with pytest.raises(ConfigError, match="above 0"):
         Settings.from_env({"DEALSTREAM_REDIS_WAIT_TIMEOUT_S": "0"})
     with pytest.raises(ConfigError, match="not be negative"):
