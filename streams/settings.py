@@ -118,8 +118,10 @@ class TopicReplication:
     for one local broker; ``DEALSTREAM_MIN_INSYNC_REPLICAS``, default 2 from a factor of 3 up,
     else 1). With the producers' ``acks=all``, a write is acknowledged once ``min_insync``
     replicas have it, so a record acknowledged survives the loss of ``min_insync - 1`` brokers;
-    when fewer replicas are in sync, producing fails (and the worker stops) instead of
-    writing what one broker could lose."""
+    when fewer replicas are in sync, nothing is acknowledged: the idempotent producer keeps
+    retrying and the worker waits (it commits no offsets) until enough replicas are back, or
+    until a delivery timeout of the producer gives the record up, which stops the worker
+    (docs/delivery.md)."""
 
     factor: int = 1
     min_insync: int = 1
@@ -214,6 +216,17 @@ class Settings:
     with status 75 (``DEALSTREAM_STOP_TIMEOUT_S``; 0: no limit): without Kafka, leaving the
     group and the last commit can wait for minutes. Below Kubernetes' default grace period
     (30 s), so the worker says why it stopped before the kubelet's SIGKILL would."""
+    redis_cluster: bool = False
+    """``DEALSTREAM_REDIS_CLUSTER``: ``DEALSTREAM_REDIS_URL`` names one node of a Redis Cluster.
+    Every key then carries the hash tag of ``redis_prefix`` (one slot: ``redis_cluster_tag``)."""
+    redis_wait_replicas: int = 0
+    """Replicas that must acknowledge each batch's Redis call before its Kafka offsets can be
+    committed (``DEALSTREAM_REDIS_WAIT_REPLICAS``; default 1 with ``redis_cluster``, else 0:
+    no WAIT). docs/cluster.md."""
+    redis_wait_timeout_s: float = 1.0
+    """How long one ``WAIT`` waits for them (``DEALSTREAM_REDIS_WAIT_TIMEOUT_S``; below
+    ``redis_timeout_s`` when replicas are waited for); fewer within it is a failure the worker
+    retries like a lost reply."""
     campaigns_path: Path | None = None
     http_port: int = 6066
     http_bind: str = "127.0.0.1"
@@ -314,20 +327,41 @@ class Settings:
 
         defaults = cls()
         campaigns = get("CAMPAIGNS")
+        redis_url = get("REDIS_URL") or defaults.redis_url.reveal()
+        redis_prefix = get("REDIS_PREFIX") or defaults.redis_prefix
+        redis_timeout_s = _above_zero(
+            "REDIS_TIMEOUT_S", number("REDIS_TIMEOUT_S", defaults.redis_timeout_s, float)
+        )
+        redis_security = _redis_security(get, redis_url)
+        redis_cluster = _flag(get("REDIS_CLUSTER"), "REDIS_CLUSTER")
+        if redis_cluster:
+            _check_redis_cluster(redis_url, redis_prefix, redis_security)
+        wait_timeout_s = _above_zero(
+            "REDIS_WAIT_TIMEOUT_S",
+            number("REDIS_WAIT_TIMEOUT_S", defaults.redis_wait_timeout_s, float),
+        )
+        wait_replicas = int(number("REDIS_WAIT_REPLICAS", 1 if redis_cluster else 0, int))
+        if wait_replicas > 0 and wait_timeout_s >= redis_timeout_s:
+            raise ConfigError(
+                f"{ENV_PREFIX}REDIS_WAIT_TIMEOUT_S ({wait_timeout_s:g}) must be below "
+                f"{ENV_PREFIX}REDIS_TIMEOUT_S ({redis_timeout_s:g}): the client would give up "
+                "on the WAIT before Redis answers it"
+            )
         return cls(
             kafka_bootstrap=get("KAFKA_BOOTSTRAP") or defaults.kafka_bootstrap,
-            redis_url=Secret(get("REDIS_URL") or defaults.redis_url.reveal()),
+            redis_url=Secret(redis_url),
             topic_prefix=get("TOPIC_PREFIX") or "",
-            redis_prefix=get("REDIS_PREFIX") or defaults.redis_prefix,
-            redis_timeout_s=_above_zero(
-                "REDIS_TIMEOUT_S", number("REDIS_TIMEOUT_S", defaults.redis_timeout_s, float)
-            ),
+            redis_prefix=redis_prefix,
+            redis_timeout_s=redis_timeout_s,
             redis_retry_deadline_s=number(
                 "REDIS_RETRY_DEADLINE_S", defaults.redis_retry_deadline_s, float
             ),
             stop_timeout_s=_at_least_zero(
                 "STOP_TIMEOUT_S", number("STOP_TIMEOUT_S", defaults.stop_timeout_s, float)
             ),
+            redis_cluster=redis_cluster,
+            redis_wait_replicas=wait_replicas,
+            redis_wait_timeout_s=wait_timeout_s,
             campaigns_path=Path(campaigns) if campaigns else None,
             http_port=_port(int(number("HTTP_PORT", defaults.http_port, int))),
             http_bind=_bind_address(get("HTTP_BIND") or defaults.http_bind),
@@ -363,7 +397,7 @@ class Settings:
             state_dir=Path(env.get(ENV_PREFIX + "STATE", str(defaults.state_dir))),
             crash_at=get("CRASH_AT"),
             kafka_security=_kafka_security(get),
-            redis_security=_redis_security(get, get("REDIS_URL") or defaults.redis_url.reveal()),
+            redis_security=redis_security,
             pseudonym_key=_pseudonym_key(get("PSEUDONYM_KEY"), get("PSEUDONYMS")),
             pseudonym_key_id=get("PSEUDONYM_KEY_ID") or defaults.pseudonym_key_id,
             raw_user_ids=_raw_user_ids(get("PSEUDONYMS")),
@@ -459,6 +493,53 @@ def _redis_security(get: Callable[[str], str | None], url: str) -> RedisSecurity
         password=Secret(raw) if (raw := get("REDIS_PASSWORD")) else None,
         tls=tls,
     )
+
+
+def redis_cluster_tag(prefix: str) -> str | None:
+    """The hash tag a key beginning with ``prefix`` hashes on in a Redis Cluster, when the
+    prefix decides it: Redis hashes only the text between the first ``{`` of a key and the
+    first ``}`` after it, when that is not empty; None when the prefix has no such tag (each
+    key would then hash on its own tag, e.g. the user's).
+
+    >>> redis_cluster_tag("dealstream:{ds}:")
+    'ds'
+    >>> redis_cluster_tag("ds:") is None, redis_cluster_tag("ds:{}:{x}") is None
+    (True, True)
+    """
+    opening = prefix.find("{")
+    closing = prefix.find("}", opening + 1) if opening >= 0 else -1
+    if closing <= opening + 1:
+        return None
+    return prefix[opening + 1 : closing]
+
+
+def _check_redis_cluster(url: str, prefix: str, security: RedisSecurity) -> None:
+    """What ``DEALSTREAM_REDIS_CLUSTER`` needs: one hash tag in the prefix (every key of the
+    deployment in one slot, so that each script call stays on one node), a TCP URL of
+    database 0, and no key password (redis-py's ``RedisCluster`` takes none)."""
+    if redis_cluster_tag(prefix) is None:
+        raise ConfigError(
+            f"{ENV_PREFIX}REDIS_CLUSTER is on but {ENV_PREFIX}REDIS_PREFIX={prefix!r} has no "
+            "hash tag: every key must hash to one slot; set e.g. "
+            f"{ENV_PREFIX}REDIS_PREFIX='dealstream:{{ds}}:' (docs/cluster.md)"
+        )
+    parts = urlsplit(url)
+    if parts.scheme.lower() == "unix":
+        raise ConfigError(
+            f"{ENV_PREFIX}REDIS_CLUSTER is on but {ENV_PREFIX}REDIS_URL is a unix:// socket: "
+            "name one node of the cluster as redis:// or rediss://host:port"
+        )
+    if parts.path.strip("/") not in ("", "0"):
+        raise ConfigError(
+            f"{ENV_PREFIX}REDIS_CLUSTER is on but {ENV_PREFIX}REDIS_URL names database "
+            f"{parts.path.strip('/')}: a Redis Cluster has database 0 only"
+        )
+    if security.tls.key_password is not None:
+        raise ConfigError(
+            f"{ENV_PREFIX}REDIS_SSL_KEY_PASSWORD is not supported with {ENV_PREFIX}REDIS_CLUSTER "
+            "(redis-py's cluster client takes no key password): use an unencrypted key file "
+            "readable by this process only"
+        )
 
 
 MIN_PSEUDONYM_KEY_BYTES = 16

@@ -7,6 +7,14 @@ sends all three in one call, so a batch's effect on Redis is all or nothing: a c
 leave features applied without the ledger, or the ledger charged without the outputs kept.
 This module builds the call's arguments and reads its refusals; the sections' contents belong
 to the modules named.
+
+With a ``ReplicaWait`` (``DEALSTREAM_REDIS_WAIT_REPLICAS`` > 0, the default in a Redis
+Cluster) the call is followed by ``WAIT`` on its connection, and a call that too few replicas
+acknowledged raises ``ReplicationShortfall`` after it ran (``replica_wait.py``).
+
+Every key the script touches starts with the prefix, the ones it builds itself included, so
+in a Redis Cluster they all hash to the slot of the prefix's hash tag and the call runs on
+that slot's primary (routed by its first key).
 """
 
 from __future__ import annotations
@@ -16,8 +24,10 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-import redis.asyncio as aioredis
+from redis import exceptions as rx
 
+from streams.adapters.redis_client import RedisClient
+from streams.adapters.replica_wait import ReplicaWait
 from streams.errors import StreamsError
 
 
@@ -78,11 +88,15 @@ class CommitReply:
 class BatchCommit:
     """``commit_batch.lua`` registered on one client, called with any of its sections."""
 
-    def __init__(self, client: aioredis.Redis, *, prefix: str) -> None:
+    def __init__(
+        self, client: RedisClient, *, prefix: str, replication: ReplicaWait | None = None
+    ) -> None:
         source = resources.files("streams.adapters").joinpath("commit_batch.lua").read_text()
+        self._client = client
         self._script = client.register_script(source)
         self.prefix = prefix
         self._fixed_keys = [f"{prefix}own", f"{prefix}wm", f"{prefix}se"]
+        self.replication = replication
 
     async def __call__(
         self,
@@ -114,7 +128,11 @@ class BatchCommit:
         else:
             args.extend((outbox.entry_id, outbox.coverage, outbox.drafts, len(outbox.acked)))
             args.extend(outbox.acked)
-        reply = await self._script(keys=keys, args=args)
+        acked = 0
+        if self.replication is None:
+            reply = await self._script(keys=keys, args=args)
+        else:
+            reply, acked = await self._run_and_wait(self.replication, keys, args)
         verdict = _text(reply[0])
         if verdict == "stale":
             raise StateEpochMoved(
@@ -127,6 +145,9 @@ class BatchCommit:
                 f"{_text(reply[2]) or 'none'}); this worker lost it without a rebalance "
                 "callback (session timeout?) and stops rather than overwrite its records"
             )
+        if self.replication is not None:
+            what = f"batch call {outbox.entry_id}" if outbox is not None else "a batch call"
+            self.replication.check(acked, what)
         epoch = reply[4]
         return CommitReply(
             outcomes=reply[1],
@@ -134,3 +155,16 @@ class BatchCommit:
             statuses=reply[3],
             epoch=epoch.encode() if isinstance(epoch, str) else epoch,
         )
+
+    async def _run_and_wait(
+        self, replication: ReplicaWait, keys: Sequence[str], args: Sequence[Any]
+    ) -> tuple[Any, int]:
+        """The script by its SHA, then ``WAIT``, on one connection; loaded first when the
+        server does not know it (``NOSCRIPT``: nothing ran)."""
+        command = ("EVALSHA", self._script.sha, len(keys), *keys, *args)
+        try:
+            (reply,), acked = await replication.run(command)
+        except rx.NoScriptError:
+            await self._client.script_load(self._script.script)
+            (reply,), acked = await replication.run(command)
+        return reply, acked

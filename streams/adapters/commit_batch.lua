@@ -47,8 +47,8 @@
 -- `dealstream forget` bumps it, and a ledger that sees it change forgets the decision times it
 -- remembers (redis_ledger.py).
 --
--- Keys built from the prefix (this script touches many users' keys per call, so it needs a
--- single Redis node, or a primary with replicas):
+-- Keys built from the prefix (this script touches many users' keys per call: on a Redis
+-- Cluster the prefix carries the one hash tag of them all, docs/cluster.md):
 -- (`user` is what the caller passes: the user's pseudonym, streams/adapters/pseudonyms.py)
 --   <p>g:{user}   hash  <campaign>|d last decision ts, <campaign>|o last offer ts,
 --                       <campaign>|n<day> offers that day,

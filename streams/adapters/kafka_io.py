@@ -23,7 +23,9 @@ from aiokafka.errors import (
     for_code,
 )
 from aiokafka.partitioner import murmur2
+from redis.exceptions import RedisClusterException
 
+from streams.adapters.redis_client import RedisClient
 from streams.errors import ConfigError, ServiceUnavailable
 from streams.settings import KafkaSecurity, TlsFiles, TopicReplication, redact_url
 
@@ -198,11 +200,20 @@ async def _why_refused(bootstrap: str, options: KafkaClientOptions, timeout_s: f
     return None
 
 
-async def check_redis(client: aioredis.Redis, url: str, *, timeout_s: float = 5.0) -> None:
+async def check_redis(client: RedisClient, url: str, *, timeout_s: float = 5.0) -> None:
     """Raise ``ServiceUnavailable`` with advice unless Redis answers PING; a refused login or
-    TLS handshake is said as such."""
+    TLS handshake is said as such. A Redis Cluster client reads the slot map first; its own
+    error (no node answered, no cluster mode) carries the cause, judged as above."""
     try:
-        await asyncio.wait_for(client.ping(), timeout_s)
+        try:
+            await asyncio.wait_for(client.ping(), timeout_s)
+        except RedisClusterException as exc:
+            if exc.__cause__ is not None and not isinstance(exc.__cause__, RedisClusterException):
+                raise exc.__cause__ from None
+            raise ServiceUnavailable(
+                f"Redis Cluster at {redact_url(url)}: {exc} (is DEALSTREAM_REDIS_CLUSTER right "
+                "for this server?)"
+            ) from None
     except aioredis.AuthenticationError:
         raise ServiceUnavailable(
             f"Redis at {redact_url(url)} refused the login (wrong username or password): check "

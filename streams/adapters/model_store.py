@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from engine.errors import ModelSnapshotError
@@ -44,6 +43,7 @@ from engine.model.purchase_model import (
     snapshot_claims,
     verify_snapshot,
 )
+from streams.adapters.redis_client import RedisClient
 from streams.errors import StreamsError
 from streams.settings import DEFAULT_KEEP
 
@@ -120,7 +120,7 @@ class ModelStore:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         *,
         prefix: str = "ds:",
         keep: int = DEFAULT_KEEP,

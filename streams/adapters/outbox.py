@@ -37,12 +37,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 
 from engine.decisions import Decision, DecisionDraft, offer_beside
 from engine.features.catalogue import FEATURE_NAMES
 from streams.adapters.batch_commit import OutboxWrite
 from streams.adapters.pseudonyms import Pseudonyms
+from streams.adapters.redis_client import RedisClient
+from streams.adapters.replica_wait import ReplicaWait
 from streams.errors import StreamsError
 
 TopicPartitionKey = tuple[str, int]
@@ -158,9 +159,16 @@ class Outbox:
     """This worker's outbox entries: the ids its calls write, and which Kafka committed."""
 
     def __init__(
-        self, client: aioredis.Redis, *, prefix: str, pseudonyms: Pseudonyms | None = None
+        self,
+        client: RedisClient,
+        *,
+        prefix: str,
+        pseudonyms: Pseudonyms | None = None,
+        replication: ReplicaWait | None = None,
     ) -> None:
         self._client = client
+        self._replication = replication
+        """With replicas to wait for, ``read_one`` reads from the primary and waits for them."""
         self.pseudonyms = pseudonyms if pseudonyms is not None else Pseudonyms.raw()
         self.entries_key = f"{prefix}ob"
         self.coverage_key = f"{prefix}obc"
@@ -255,8 +263,12 @@ class Outbox:
         ]
 
     async def read_one(self, entry_id: str) -> OutboxEntry | None:
-        """The entry, if its call landed (``RedisLedger`` asks after a lost reply)."""
-        raw = await self._client.hget(self.entries_key, entry_id)
+        """The entry, if its call landed (``RedisLedger`` asks after a lost reply); with a
+        ``ReplicaWait``, only once replicated (``ReplicationShortfall`` otherwise)."""
+        if self._replication is not None:
+            raw = await self._replication.landed(self.entries_key, entry_id)
+        else:
+            raw = await self._client.hget(self.entries_key, entry_id)
         return None if raw is None else parse_entry(entry_id, {}, raw, self.pseudonyms)
 
     async def delete(self, entry_ids: Sequence[str]) -> None:

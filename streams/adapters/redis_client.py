@@ -22,26 +22,43 @@
   not sit in a URL (docs/security-transport.md).
 
 Options in the URL's query string (``?socket_timeout=...``) take precedence, as in redis-py.
+
+Redis Cluster (``DEALSTREAM_REDIS_CLUSTER``): ``redis.asyncio.cluster.RedisCluster`` from the
+one node in the URL (it learns the others), with the same timeouts, TLS and ACL options. Its
+own retries are off too (``retry`` with 0 retries: ``cluster_error_retry_attempts`` is the
+deprecated spelling of the same): after a connection error or a timeout it would send the
+command again to the slot's new owner, and the command may have run. It still follows
+``MOVED`` and ``ASK`` redirections (and waits out ``TRYAGAIN``) by itself: those are refusals,
+nothing ran. After a connection error it re-reads the slot map before its next command, so a
+failover ends once the replica is promoted. Every key of a deployment hashes to the slot of
+the prefix's hash tag (``redis_cluster_tag``), so each script call and ``MULTI`` stays on the
+one primary of that slot (``deployment_node``); keyless commands are sent there too where the
+answer matters (``ping``), instead of to the client's default node.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeAlias
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from streams.settings import RedisSecurity, Secret, Settings
 
+RedisClient: TypeAlias = aioredis.Redis | RedisCluster
+"""What ``redis_from_settings`` builds: one Redis (or a primary), or a Redis Cluster."""
+
 HEALTH_CHECK_INTERVAL_S = 30.0
 """A connection idle this long is PINGed before its next command."""
 
 
-def redis_from_settings(settings: Settings) -> aioredis.Redis:
-    """A client of ``settings.redis_url`` with the options above; connects on first use."""
+def redis_from_settings(settings: Settings) -> RedisClient:
+    """A client of ``settings.redis_url`` with the options above (a ``RedisCluster`` with
+    ``settings.redis_cluster``); connects on first use."""
     timeout = settings.redis_timeout_s
     url = settings.redis_url.reveal()
     security = settings.redis_security
@@ -55,14 +72,43 @@ def redis_from_settings(settings: Settings) -> aioredis.Redis:
             password=security.password or _secret(_unquoted(parts.password)),
         )
         url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    options = _security_options(security, tls=urlsplit(url).scheme == "rediss")
+    if settings.redis_cluster:
+        return RedisCluster.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            health_check_interval=HEALTH_CHECK_INTERVAL_S,
+            retry=Retry(NoBackoff(), 0),
+            **options,
+        )
     return aioredis.Redis.from_url(
         url,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         health_check_interval=HEALTH_CHECK_INTERVAL_S,
         retry=Retry(NoBackoff(), 0),
-        **_security_options(security, tls=urlsplit(url).scheme == "rediss"),
+        **options,
     )
+
+
+async def deployment_node(client: RedisCluster, prefix: str) -> ClusterNode:
+    """The primary that serves every key under ``prefix`` (the slot of its hash tag), as the
+    client's slot map says; reads the map first when the client has none yet."""
+    await client.initialize()
+    node = client.get_node_from_key(prefix)
+    if node is None:  # pragma: no cover - get_node_from_key raises when the slot is uncovered
+        raise RuntimeError(f"no node serves the slot of {prefix!r}")
+    return node
+
+
+async def ping(client: RedisClient, prefix: str) -> None:
+    """PING where the deployment's keys are: the one Redis, or in a cluster the primary of the
+    prefix's slot (a PING of the client's default node says nothing about that one)."""
+    if isinstance(client, RedisCluster):
+        await client.ping(target_nodes=await deployment_node(client, prefix))
+    else:
+        await client.ping()
 
 
 def _unquoted(part: str | None) -> str | None:

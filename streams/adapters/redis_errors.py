@@ -17,7 +17,12 @@ Transient (it can heal without touching the worker):
   or ``maxmemory`` raised, which takes an operator but not a worker restart;
 - ``misconf``: Redis refuses writes because it cannot persist (``stop-writes-on-bgsave-error``);
 - ``noreplicas``: fewer replicas than ``min-replicas-to-write``;
-- ``cluster_down``: ``CLUSTERDOWN``, ``MASTERDOWN``, ``TRYAGAIN``;
+- ``cluster_down``: ``CLUSTERDOWN``, ``MASTERDOWN``, ``TRYAGAIN``; in a Redis Cluster, a slot
+  that moved under a call sent to its old primary (``SlotMoved``: nothing ran), a slot map the
+  client cannot read (no node answers, slots not covered) or redirections that never end;
+- ``replication``: fewer replicas acknowledged a batch's call than
+  ``DEALSTREAM_REDIS_WAIT_REPLICAS`` (``ReplicationShortfall``): a replica down or behind, or a
+  failover whose new primary has no replica yet;
 - ``protocol``: a reply that is not Redis's protocol (the connection is dropped and opened again;
   a URL naming another kind of server ends at the deadline).
 
@@ -28,8 +33,11 @@ Deterministic (the same call fails the same way until someone changes something)
 - ``wrongtype``: a key the worker writes holds another type (another application shares the
   key prefix);
 - ``noscript``: a script vanished again right after it was loaded;
-- ``cluster_node``: ``MOVED``, ``ASK``, ``CROSSSLOT``: the URL names a Redis Cluster node, and the
-  worker's scripts need a single node (or a primary with replicas);
+- ``cluster_node``: ``MOVED``, ``ASK``, ``CROSSSLOT``: the URL names a Redis Cluster node but
+  ``DEALSTREAM_REDIS_CLUSTER`` is off (a cluster client follows ``MOVED`` and ``ASK`` itself,
+  and keys under a prefix with a hash tag share one slot);
+- ``not_cluster``: ``DEALSTREAM_REDIS_CLUSTER`` is on but the URL names a Redis without
+  cluster mode;
 - ``refused``: any other error reply, such as a script's own (``ledger: ...``) or a Lua error:
   a bug to report with the message;
 - ``client``: redis-py refused the call before sending it (a value it cannot encode): a bug.
@@ -108,7 +116,12 @@ _TRANSIENT_ADVICE = {
     ),
     "misconf": "Redis cannot write its snapshot or AOF: fix its disk (see the Redis log)",
     "noreplicas": "fewer replicas are connected than min-replicas-to-write asks",
-    "cluster_down": "the Redis cluster is down or resharding; wait",
+    "cluster_down": "the Redis cluster is down, failing over or resharding; wait",
+    "replication": (
+        "fewer Redis replicas acknowledged the batch than DEALSTREAM_REDIS_WAIT_REPLICAS: "
+        "a replica is down or behind, or a failover left the new primary without one; "
+        "bring the replica back (the batch is not committed meanwhile)"
+    ),
     "protocol": "the server at DEALSTREAM_REDIS_URL does not speak Redis's protocol",
 }
 _DETERMINISTIC_ADVICE = {
@@ -126,13 +139,17 @@ _DETERMINISTIC_ADVICE = {
         "FLUSH, or a proxy spreading calls over several servers?"
     ),
     "cluster_node": (
-        "DEALSTREAM_REDIS_URL names a Redis Cluster node: the worker needs a single Redis "
-        "(or a primary with replicas)"
+        "DEALSTREAM_REDIS_URL names a Redis Cluster node: set DEALSTREAM_REDIS_CLUSTER=1 and a "
+        "hash tag in DEALSTREAM_REDIS_PREFIX (docs/cluster.md)"
+    ),
+    "not_cluster": (
+        "DEALSTREAM_REDIS_CLUSTER is on but DEALSTREAM_REDIS_URL names a Redis without cluster "
+        "mode: unset DEALSTREAM_REDIS_CLUSTER"
     ),
     "refused": "Redis refused the batch's command: report it with this message (a bug)",
     "client": "the client could not send the command: report it with this message (a bug)",
 }
-_OPERATOR_CODES = frozenset({"oom", "misconf", "noreplicas"})
+_OPERATOR_CODES = frozenset({"oom", "misconf", "noreplicas", "replication"})
 _TRANSIENT_CODES = {
     "BUSY": "busy",
     "LOADING": "loading",
@@ -161,6 +178,27 @@ _SCRIPT_NOPERM = "can't run this command or subcommand"
 """A script's call that the ACL refuses (Redis 7 sends it without a code)."""
 
 
+class ReplicationShortfall(StreamsError):
+    """Fewer replicas acknowledged a write than asked within the WAIT's timeout
+    (``replica_wait.py``). The write may be lost in a failover: nothing that depends on it is
+    committed until a later WAIT covers it."""
+
+    def __init__(self, acked: int, wanted: int, what: str) -> None:
+        super().__init__(f"{acked} of {wanted} replica(s) acknowledged {what} in time")
+        self.acked = acked
+        self.wanted = wanted
+
+
+class SlotMoved(StreamsError):
+    """A Redis Cluster answered ``MOVED`` or ``ASK`` to commands sent to the node the client's
+    slot map named (``replica_wait.py`` sends them so, on one connection): nothing ran, and the
+    client reads the slot map again before the next attempt."""
+
+
+_NOT_CLUSTER = "Cluster mode is not enabled"
+"""redis-py's message when the URL of a cluster client names a Redis without cluster mode."""
+
+
 def classify_redis_error(exc: BaseException) -> RedisFailure | None:
     """What ``exc`` says about Redis; None when it is no Redis or network failure (a bug).
 
@@ -171,6 +209,21 @@ def classify_redis_error(exc: BaseException) -> RedisFailure | None:
     >>> classify_redis_error(ValueError("a bug")) is None
     True
     """
+    if isinstance(exc, ReplicationShortfall):
+        return _transient("replication", exc)
+    if isinstance(exc, SlotMoved):
+        return _transient("cluster_down", exc)
+    if isinstance(exc, rx.RedisClusterException):
+        # Not a RedisError: the cluster client could not read the slot map (no node answered,
+        # slots not covered), or the URL's node is no cluster node. A cause says which.
+        cause = exc.__cause__
+        if cause is not None and (found := classify_redis_error(cause)) is not None:
+            return found
+        if _NOT_CLUSTER in str(exc):
+            return _deterministic("not_cluster", exc)
+        if isinstance(exc, rx.SlotNotCoveredError) or "cannot be connected" in str(exc):
+            return _transient("cluster_down", exc)
+        return _deterministic("client", exc)
     if isinstance(exc, rx.AuthenticationError | rx.AuthorizationError):
         return _deterministic("auth", exc)  # before ConnectionError: they derive from it
     if isinstance(exc, rx.BusyLoadingError):
@@ -191,6 +244,8 @@ def classify_redis_error(exc: BaseException) -> RedisFailure | None:
         return _transient("cluster_down", exc)
     if isinstance(exc, rx.AskError | rx.ClusterCrossSlotError):
         return _deterministic("cluster_node", exc)
+    if isinstance(exc, rx.ClusterError):
+        return _transient("cluster_down", exc)  # "TTL exhausted": redirections that never end
     if isinstance(exc, rx.ResponseError):
         return _from_reply(exc)
     if isinstance(exc, rx.InvalidResponse):

@@ -27,7 +27,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -51,8 +50,10 @@ from streams.adapters.batch_commit import (
 )
 from streams.adapters.outbox import Outbox
 from streams.adapters.pseudonyms import Pseudonyms
-from streams.adapters.redis_errors import retry_on_redis
+from streams.adapters.redis_client import RedisClient
+from streams.adapters.redis_errors import ReplicationShortfall, SlotMoved, retry_on_redis
 from streams.adapters.redis_store import RedisFeatureStore, hash_tag, state_epoch_key
+from streams.adapters.replica_wait import ReplicaWait
 
 log = logging.getLogger("dealstream.worker")
 
@@ -134,7 +135,7 @@ def ledger_result(
 class RedisLedger:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         *,
         prefix: str,
         config: LedgerConfig,
@@ -142,13 +143,16 @@ class RedisLedger:
         outbox: Outbox | None = None,
         retry_deadline_s: float = 120.0,
         pseudonyms: Pseudonyms | None = None,
+        replication: ReplicaWait | None = None,
     ) -> None:
         self._client = client
         self.pseudonyms = pseudonyms if pseudonyms is not None else Pseudonyms.raw()
         self._prefix = prefix
         self.config = config
         self.attribution_window_ms = config.attribution_window_ms
-        self._commit = BatchCommit(client, prefix=prefix)
+        self._commit = BatchCommit(client, prefix=prefix, replication=replication)
+        """With ``replication``, each call waits for replicas; too few is resolved like a lost
+        reply (``_call``), so no output of the batch leaves before it is replicated."""
         self._features = features
         """The store whose staged writes each call carries (it must have ``defer_writes``)."""
         self._outbox = outbox
@@ -304,13 +308,22 @@ class RedisLedger:
     ) -> CommitReply:
         """The script call; one whose reply is lost is resolved through its outbox entry, with
         the worker's retry policy (``retry_on_redis``: until ``retry_deadline_s``, then
-        ``RedisBatchFailed`` stops the worker, and the restart publishes the entry)."""
+        ``RedisBatchFailed`` stops the worker, and the restart publishes the entry).
+
+        So is a call that fewer replicas acknowledged than asked (``ReplicationShortfall``:
+        it ran, but a failover could lose it) or that met a moved slot (``SlotMoved``: it did
+        not run): the entry is read from the slot's primary, and found there it is waited for
+        again (a barrier write and ``WAIT`` on the reading connection); absent (never ran, or
+        lost with the old primary) the call runs again. Its outputs leave only after that."""
         try:
             return await self._commit(features=features, ledger=ledger, outbox=outbox)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
+        except (RedisConnectionError, RedisTimeoutError, ReplicationShortfall, SlotMoved) as exc:
             if outbox is None or self._outbox is None:
                 raise
-            log.warning("batch call lost its reply (%s); asking Redis whether it landed", exc)
+            if isinstance(exc, ReplicationShortfall):
+                log.warning("batch call not replicated in time (%s); waiting for it again", exc)
+            else:
+                log.warning("batch call lost its reply (%s); asking Redis whether it landed", exc)
             box = self._outbox
 
         async def resolve() -> CommitReply:

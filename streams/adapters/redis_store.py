@@ -34,8 +34,10 @@ forgotten user's profile being rebuilt while it lives: the store reads it with t
 record (one ``MGET``, only for users it does not hold; ``forget`` bumps the epoch, so every
 store reads its users again) and the user's events count as ``FORGOTTEN``.
 
-The ``{user}`` part of a record key is a Redis Cluster hash tag; the script still touches many
-users' keys per call, so this store needs a single Redis node (or a primary with replicas).
+In a Redis Cluster every key carries the prefix's hash tag (``DEALSTREAM_REDIS_PREFIX`` must
+have one: ``redis_cluster_tag``), which wins over the ``{user}`` tag after it (Redis hashes the
+first tag of a key): all of a deployment's keys share one slot, so a call touching many
+users' keys stays on one node. docs/cluster.md.
 """
 
 from __future__ import annotations
@@ -43,8 +45,6 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
-
-import redis.asyncio as aioredis
 
 from engine.features.state import CATALOGUE_VERSION, LONGEST_WINDOW_MS, State
 from engine.features.store import BatchOutcome, StateUpdate, UserRecord, apply_updates
@@ -56,6 +56,7 @@ from streams.adapters.batch_commit import (
 )
 from streams.adapters.feature_record import decode_record, encode_record
 from streams.adapters.pseudonyms import Pseudonyms
+from streams.adapters.redis_client import RedisClient
 from streams.errors import StreamsError
 
 TTL_MARGIN_S = 24 * 3600
@@ -105,7 +106,7 @@ class RedisFeatureStore:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         *,
         prefix: str = "ds:",
         max_cached_users: int = DEFAULT_MAX_CACHED_USERS,

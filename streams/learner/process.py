@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
@@ -50,7 +49,7 @@ from streams.adapters.kafka_io import (
     kafka_client_options,
 )
 from streams.adapters.model_store import LeaseLost, ModelStore
-from streams.adapters.redis_client import redis_from_settings
+from streams.adapters.redis_client import RedisClient, redis_from_settings
 from streams.errors import ConfigError
 from streams.learner.dedup import RecentExamples, example_key
 from streams.learner.http_endpoints import (
@@ -128,7 +127,7 @@ class Learner:
         settings: Settings,
         learner_settings: LearnerSettings,
         *,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         clock: Callable[[], float] = time.monotonic,
         metrics: LearnerMetrics | None = None,
     ) -> None:

@@ -118,6 +118,13 @@ class WorkerMetrics:
             buckets=REDIS_CALL_BUCKETS,
             registry=r,
         )
+        self.redis_replication_shortfalls = Counter(
+            "dealstream_redis_replication_shortfalls",
+            "Batch calls that fewer Redis replicas acknowledged than "
+            "DEALSTREAM_REDIS_WAIT_REPLICAS "
+            "within DEALSTREAM_REDIS_WAIT_TIMEOUT_S (the batch is retried, never committed).",
+            registry=r,
+        )
         self.offers = Counter(
             "dealstream_offers", "Offers produced, by campaign.", ["campaign"], registry=r
         )

@@ -33,10 +33,11 @@ from streams.adapters.kafka_io import PRODUCER_MAX_REQUEST_BYTES, kafka_client_o
 from streams.adapters.model_store import ModelReloader, ModelStore
 from streams.adapters.outbox import Outbox
 from streams.adapters.pseudonyms import Pseudonyms, pseudonyms_from_settings
-from streams.adapters.redis_client import redis_from_settings
+from streams.adapters.redis_client import RedisClient, redis_from_settings
 from streams.adapters.redis_errors import RedisBatchFailed, retry_on_redis
 from streams.adapters.redis_ledger import RedisLedger
 from streams.adapters.redis_store import RedisFeatureStore
+from streams.adapters.replica_wait import ReplicaWait
 from streams.adapters.sinks import FaustSink
 from streams.errors import (
     EXIT_INTERNAL_ERROR,
@@ -64,7 +65,7 @@ class Runtime:
     """Everything the worker process owns, built once by ``bootstrap``."""
 
     settings: Settings
-    redis: aioredis.Redis
+    redis: RedisClient
     features: RedisFeatureStore
     """The engine's feature store, which follows the event consumer's assignment."""
     outbox: Outbox
@@ -87,7 +88,7 @@ def bootstrap(
     settings: Settings,
     *,
     verify_key: Ed25519PublicKey | None = None,
-    redis_client: aioredis.Redis | None = None,
+    redis_client: RedisClient | None = None,
     metrics: WorkerMetrics | None = None,
     pseudonyms: Pseudonyms | None = None,
 ) -> Runtime:
@@ -103,6 +104,19 @@ def bootstrap(
         else default_campaigns()
     )
     client = redis_client or redis_from_settings(settings)
+    # Each batch call waits for replicas before anything of it is published or committed
+    # (streams/adapters/replica_wait.py; DEALSTREAM_REDIS_WAIT_REPLICAS, 1 in a Redis Cluster).
+    replication = (
+        ReplicaWait(
+            client,
+            prefix=settings.redis_prefix,
+            replicas=settings.redis_wait_replicas,
+            timeout_ms=max(1, round(settings.redis_wait_timeout_s * 1000)),
+            on_shortfall=metrics.redis_replication_shortfalls.inc,
+        )
+        if settings.redis_wait_replicas > 0
+        else None
+    )
     # One Redis call per batch: the ledger's carries the records the store staged and the
     # outbox entry of the batch's outputs (streams/adapters/outbox.py).
     features = RedisFeatureStore(
@@ -112,7 +126,9 @@ def bootstrap(
         defer_writes=True,
         pseudonyms=pseudonyms,
     )
-    outbox = Outbox(client, prefix=settings.redis_prefix, pseudonyms=pseudonyms)
+    outbox = Outbox(
+        client, prefix=settings.redis_prefix, pseudonyms=pseudonyms, replication=replication
+    )
     metrics.feature_records_held.set_function(features.held_users)
     store = TimedFeatureStore(features, redis_seconds.labels("features").observe)
     config = settings.engine_config()
@@ -125,6 +141,7 @@ def bootstrap(
             outbox=outbox,
             retry_deadline_s=settings.redis_retry_deadline_s,
             pseudonyms=pseudonyms,
+            replication=replication,
         ),
         redis_seconds.labels("ledger").observe,
     )
@@ -315,6 +332,7 @@ def create_app(runtime: Runtime) -> faust.App:
         worker,
         redis=runtime.redis,
         group=settings.group_id,
+        redis_prefix=settings.redis_prefix,
         probe=LagProbe(settings.kafka_bootstrap, security=settings.kafka_security),
         model_store=ModelStore(runtime.redis, prefix=settings.redis_prefix),
     )

@@ -36,12 +36,14 @@ import faust
 import redis.asyncio as aioredis
 from faust.web import Request, Response, View
 from prometheus_client.exposition import choose_encoder
+from redis.exceptions import RedisClusterException
 
 from engine.campaigns import Campaign
 from engine.ledger import event_day
 from engine.model.prequential import PrequentialMetrics
 from engine.stop_loss import StopLossStatus
 from streams.adapters.model_store import ModelStore
+from streams.adapters.redis_client import RedisClient, ping
 from streams.operations.http_auth import CHALLENGE, UNAUTHORIZED, bearer_ok
 from streams.operations.lag import PartitionLag, total_lag
 from streams.operations.metrics import RateWindow
@@ -159,8 +161,9 @@ class WorkerStatus:
         self,
         worker: BatchWorker,
         *,
-        redis: aioredis.Redis,
+        redis: RedisClient,
         group: str,
+        redis_prefix: str = "ds:",
         probe: LagSource | None,
         model_store: ModelStore | None = None,
         stall_timeout_s: float = STALL_TIMEOUT_S,
@@ -171,6 +174,8 @@ class WorkerStatus:
         self.worker = worker
         self.metrics = worker.metrics
         self.redis = redis
+        self.redis_prefix = redis_prefix
+        """Where the deployment's keys are: ``/ready`` PINGs the node that serves them."""
         self.group = group
         self.topics: tuple[str, ...] = tuple(worker.topics.events)
         self.probe = probe
@@ -338,10 +343,10 @@ class WorkerStatus:
     async def _redis_check(self) -> Check:
         started = self._monotonic()
         try:
-            await asyncio.wait_for(self.redis.ping(), self.redis_timeout_s)
+            await asyncio.wait_for(ping(self.redis, self.redis_prefix), self.redis_timeout_s)
         except TimeoutError:
             return Check(False, f"Redis did not answer PING within {self.redis_timeout_s:g} s")
-        except (OSError, aioredis.RedisError) as exc:
+        except (OSError, aioredis.RedisError, RedisClusterException) as exc:
             return Check(False, f"Redis unreachable ({type(exc).__name__})")
         return Check(True, f"PING answered in {(self._monotonic() - started) * 1000:.1f} ms")
 

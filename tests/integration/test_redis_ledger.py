@@ -51,8 +51,10 @@ from engine.ledger import (
 from engine.stop_loss import StopLoss
 from streams.adapters.batch_commit import BatchCommit, CommitReply
 from streams.adapters.outbox import Outbox
+from streams.adapters.redis_errors import RedisBatchFailed
 from streams.adapters.redis_ledger import RedisLedger
 from streams.adapters.redis_store import RedisFeatureStore, hash_tag
+from streams.adapters.replica_wait import ReplicaWait
 from tests.conftest import Isolation, Services
 from tests.integration.conftest import delete_prefix, keys_under
 
@@ -900,6 +902,48 @@ async def test_a_call_whose_reply_is_lost_is_read_back_from_its_outbox_entry_or_
         assert await ledger.budget_spent_cents("alpha", T0 // (24 * HOUR_MS)) == 250
         assert await store.watermarks() == {("b", 0): 41}
         assert await client.hlen(f"{prefix}ob") == 1, "the batch's entry waits for its commit"
+    finally:
+        await delete_prefix(client, prefix)
+        await client.aclose()
+
+
+async def test_a_call_no_replica_acknowledged_is_never_returned(
+    services: Services, isolation: Isolation
+) -> None:
+    """``WAIT 1`` on a Redis without replicas (the shared one): the call runs once, every
+    retry finds its entry and waits again, and at the deadline the worker's batch fails with
+    ``replication``: nothing of it was handed back to be published or committed."""
+    prefix = isolation.redis_prefix
+    client = aioredis.Redis.from_url(services.redis_url)
+    shortfalls = 0
+
+    def counted() -> None:
+        nonlocal shortfalls
+        shortfalls += 1
+
+    wait = ReplicaWait(client, prefix=prefix, replicas=1, timeout_ms=20, on_shortfall=counted)
+    store = RedisFeatureStore(client, prefix=prefix, defer_writes=True)
+    ledger = RedisLedger(
+        client,
+        prefix=prefix,
+        config=PLAIN,
+        features=store,
+        outbox=Outbox(client, prefix=prefix, replication=wait),
+        retry_deadline_s=1.2,
+        replication=wait,
+    )
+    try:
+        update = StateUpdate("u1", "e1", T0, [], position=Position("b", 0, 41))
+        await store.apply_batch([update], allowed_lateness_ms=HOUR_MS)
+        offer = OfferLimits(250, budget_cents=1000)
+        with pytest.raises(RedisBatchFailed) as failed:
+            await ledger.settle([_request("d1", "u1", T0, offer=offer)], now_ms=T0)
+        assert failed.value.failure.code == "replication"
+        assert shortfalls >= 2  # the call's own WAIT, then each read of its entry
+        # It ran once: charged once, its entry there for the restart to publish.
+        assert await ledger.budget_spent_cents("alpha", T0 // (24 * HOUR_MS)) == 250
+        assert await client.hlen(f"{prefix}ob") == 1
+        assert int(await client.get(wait.barrier_key)) >= 1
     finally:
         await delete_prefix(client, prefix)
         await client.aclose()

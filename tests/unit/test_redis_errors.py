@@ -9,17 +9,29 @@ import logging
 
 import pytest
 from redis import exceptions as rx
+from redis.asyncio.cluster import RedisCluster
 
 from streams.adapters.redis_client import HEALTH_CHECK_INTERVAL_S, redis_from_settings
 from streams.adapters.redis_errors import (
     DETAIL_MAX_CHARS,
     FailureKind,
     RedisBatchFailed,
+    ReplicationShortfall,
+    SlotMoved,
     classify_redis_error,
     retry_on_redis,
 )
 from streams.errors import EXIT_REDIS_REFUSED, EXIT_REDIS_UNAVAILABLE
 from streams.settings import Secret, Settings
+
+
+def cluster_error(cause: BaseException) -> rx.RedisClusterException:
+    """redis-py's cluster client's error when no startup node answered, with its cause."""
+    try:
+        raise rx.RedisClusterException(f"Redis Cluster cannot be connected: {cause}") from cause
+    except rx.RedisClusterException as exc:
+        return exc
+
 
 SCRIPT = "script: 3f204980c96dccec13a9d5869f6c5edfff098f55, on @user_script:1."
 WRAPPED = "Error running script (call to f_3f204980c96dccec): @user_script:1: @user_script: 1: "
@@ -54,6 +66,11 @@ WRONGTYPE = "WRONGTYPE Operation against a key holding the wrong kind of value"
         (rx.ResponseError(f"{WRAPPED}-OOM {OOM}"), "oom"),
         (rx.ResponseError(f"{PIPELINE}('BUSY Redis is busy running a script.',)"), "busy"),
         (rx.InvalidResponse("Protocol Error: b'H'"), "protocol"),
+        (ReplicationShortfall(0, 1, "batch call w:1"), "replication"),
+        (SlotMoved("the deployment's slot moved"), "cluster_down"),
+        (rx.ClusterError("TTL exhausted."), "cluster_down"),
+        (rx.SlotNotCoveredError('Slot "42" is not covered by the cluster.'), "cluster_down"),
+        (cluster_error(rx.ConnectionError("Error 111 connecting")), "unreachable"),
     ],
 )
 def test_failures_that_can_heal_are_transient(exc: BaseException, code: str) -> None:
@@ -93,6 +110,11 @@ def test_failures_that_can_heal_are_transient(exc: BaseException, code: str) -> 
         (rx.ResponseError(WRAPPED + "attempt to compare nil with number"), "refused"),
         (rx.ExecAbortError("Transaction discarded because of previous errors."), "refused"),
         (rx.DataError("Invalid input of type: 'dict'."), "client"),
+        (cluster_error(rx.AuthenticationError("invalid username-password pair")), "auth"),
+        (
+            cluster_error(rx.RedisClusterException("Cluster mode is not enabled on this node")),
+            "not_cluster",
+        ),
     ],
 )
 def test_failures_no_retry_fixes_are_deterministic(exc: BaseException, code: str) -> None:
@@ -116,6 +138,7 @@ def test_transient_failures_that_wait_for_an_operator_are_marked() -> None:
 
     assert needs_operator(rx.OutOfMemoryError("command not allowed"))
     assert needs_operator(rx.ResponseError("MISCONF Redis is configured to save RDB snapshots"))
+    assert needs_operator(ReplicationShortfall(0, 1, "a batch call"))
     assert not needs_operator(rx.TimeoutError("Timeout reading"))
     assert not needs_operator(rx.BusyLoadingError("loading"))
 
@@ -143,6 +166,33 @@ async def test_every_client_gets_the_timeouts_and_no_retries_of_its_own() -> Non
         assert connection.retry.get_retries() == 0
         assert (connection.host, connection.port, connection.db) == ("cache", 6380, 2)
         assert connection.password == "hunter2"
+    finally:
+        await client.aclose()
+
+
+async def test_in_cluster_mode_the_client_is_a_redis_cluster_with_the_same_options() -> None:
+    settings = Settings.from_env(
+        {
+            "DEALSTREAM_REDIS_URL": "redis://app:hunter2@node1:7001/0",
+            "DEALSTREAM_REDIS_CLUSTER": "1",
+            "DEALSTREAM_REDIS_PREFIX": "ds:{ds}:",
+            "DEALSTREAM_REDIS_TIMEOUT_S": "1.5",
+        }
+    )
+    client = redis_from_settings(settings)
+    try:
+        assert isinstance(client, RedisCluster)
+        assert client.retry.get_retries() == 0  # no resend after a lost reply
+        [node] = client.startup_nodes
+        assert (node.host, node.port) == ("node1", 7001)
+        kwargs = client.get_connection_kwargs()
+        assert kwargs["socket_timeout"] == kwargs["socket_connect_timeout"] == 1.5
+        assert kwargs["health_check_interval"] == HEALTH_CHECK_INTERVAL_S
+        assert (kwargs["username"], kwargs["password"]) == ("app", "hunter2")
+        # Every key of the deployment hashes to the prefix's slot, the users' tags after it
+        # notwithstanding.
+        slots = {client.keyslot(f"ds:{{ds}}:{k}") for k in ("own", "s1:{k1.abc}", "p:{u2}")}
+        assert slots == {client.keyslot("ds:{ds}:")}
     finally:
         await client.aclose()
 
