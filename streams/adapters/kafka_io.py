@@ -153,7 +153,7 @@ def tls_context(files: TlsFiles, scope: str) -> ssl.SSLContext:
 
 
 @contextlib.contextmanager
-def _quiet(logger_name: str) -> Iterator[None]:
+def quiet_logger(logger_name: str) -> Iterator[None]:
     """Silence a library's own error logs while we turn its failure into one clear line."""
     logger = logging.getLogger(logger_name)
     previous = logger.level
@@ -169,7 +169,7 @@ async def check_kafka(
 ) -> None:
     """Raise ``ServiceUnavailable`` with advice unless a broker answers a metadata request;
     a refused login or TLS handshake is said as such, in one line."""
-    with _quiet("aiokafka"):
+    with quiet_logger("aiokafka"):
         await _check_kafka(bootstrap, security, timeout_s)
 
 

@@ -37,6 +37,7 @@ from streams.adapters.kafka_io import (
     PRODUCER_MAX_REQUEST_BYTES,
     default_partition,
     kafka_client_options,
+    quiet_logger,
 )
 from streams.errors import EXIT_INTERNAL_ERROR, ConfigError, ServiceUnavailable, SinkError
 from streams.settings import KafkaSecurity
@@ -94,7 +95,7 @@ class RdKafkaSink:
             "message.timeout.ms": DELIVERY_TIMEOUT_MS,
             **kafka_client_options(security).librdkafka(),
             **config,
-            "logger": logging.getLogger("dealstream.librdkafka"),
+            "logger": logging.getLogger(LIBRDKAFKA_LOGGER),
             "error_cb": self._on_error,
         }
         self._on_failure = on_failure or stop_on_failed_delivery
@@ -106,7 +107,7 @@ class RdKafkaSink:
         self._sealed: list[_Batch] = []
         """Batches handed out by ``delivery`` and not yet complete."""
         self._errors: list[confluent_kafka.KafkaError] = []
-        """Client-wide errors librdkafka reported; the start says the first."""
+        """Client-wide errors librdkafka reported while starting; the start says the first."""
         self._failed = False
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -128,15 +129,24 @@ class RdKafkaSink:
                 "check DEALSTREAM_KAFKA_SECURITY_PROTOCOL, DEALSTREAM_KAFKA_SASL_* and "
                 "DEALSTREAM_KAFKA_SSL_*"
             ) from None
-        try:
-            await asyncio.to_thread(producer.list_topics, None, timeout_s)
-        except confluent_kafka.KafkaException as exc:
-            producer.poll(0)  # serves the errors librdkafka reported meanwhile (_on_error)
-            why = self._errors[0].str() if self._errors else exc.args[0].str()
+        # Metadata in a thread (librdkafka blocks); meanwhile the loop serves librdkafka's
+        # errors, so that a refused login or certificate fails the start at once.
+        metadata = asyncio.ensure_future(asyncio.to_thread(producer.list_topics, None, timeout_s))
+        refused: confluent_kafka.KafkaError | None = None
+        with quiet_logger(LIBRDKAFKA_LOGGER):  # a failed start says why in one line
+            while refused is None and not metadata.done():
+                await asyncio.wait((metadata,), timeout=POLL_IDLE_S)
+                producer.poll(0)
+                refused = next((e for e in self._errors if e.code() in _REFUSALS), None)
+        if refused is not None or metadata.exception() is not None:
+            if not metadata.done():
+                metadata.add_done_callback(lambda done: done.cancelled() or done.exception())
+            why = (refused or (self._errors or [_error_of(metadata.exception())])[0]).str()
             raise ServiceUnavailable(
-                f"Kafka at {self.bootstrap} did not answer the worker's producer ({why}): "
-                "check DEALSTREAM_KAFKA_BOOTSTRAP, DEALSTREAM_KAFKA_SECURITY_PROTOCOL, "
-                "DEALSTREAM_KAFKA_SASL_* and DEALSTREAM_KAFKA_SSL_*"
+                f"Kafka at {self.bootstrap} refused or did not answer the worker's producer "
+                f"({why}): check DEALSTREAM_KAFKA_BOOTSTRAP, "
+                "DEALSTREAM_KAFKA_SECURITY_PROTOCOL, DEALSTREAM_KAFKA_SASL_* and "
+                "DEALSTREAM_KAFKA_SSL_*"
             ) from None
         self._producer = producer
         self._arm()
@@ -242,13 +252,14 @@ class RdKafkaSink:
 
     def _on_error(self, error: confluent_kafka.KafkaError) -> None:
         """librdkafka's client-wide errors: a broker down, a refused login (it retries those
-        itself). A fatal one (the idempotent producer's state is lost) stops the worker."""
-        if len(self._errors) < 10:
-            self._errors.append(error)
+        itself, and its log, ``dealstream.librdkafka``, says them). A fatal one (the idempotent
+        producer's state is lost) stops the worker."""
+        if self._producer is None:  # starting: ``start`` says the first one
+            if len(self._errors) < 10:
+                self._errors.append(error)
+            return
         if error.fatal():
             self._fail(SinkError(f"the worker's Kafka producer failed for good ({error.str()})"))
-        else:
-            log.warning("Kafka producer: %s", error.str())
 
     def _settle(self) -> None:
         """Fail on any record's error, complete the batches fully acknowledged (not
@@ -296,6 +307,8 @@ class _Batch:
 
 FailureHandler = Callable[[BaseException], None]
 
+LIBRDKAFKA_LOGGER = "dealstream.librdkafka"
+"""librdkafka's own log lines (served by ``poll``, on the loop) go to this logger."""
 LINGER_MS = 5
 """How long librdkafka waits to fill a batch (as Faust's producer did: ``producer_linger``)."""
 DELIVERY_TIMEOUT_MS = 1_200_000
@@ -305,6 +318,23 @@ holds the commits back, then everything goes through."""
 POLL_BUSY_S = 0.001
 """How often the loop polls while a batch waits: at most this much is added to a delivery."""
 POLL_IDLE_S = 0.1
+_REFUSALS = frozenset(
+    {
+        confluent_kafka.KafkaError._AUTHENTICATION,
+        confluent_kafka.KafkaError._SSL,
+        confluent_kafka.KafkaError.SASL_AUTHENTICATION_FAILED,
+        confluent_kafka.KafkaError.UNSUPPORTED_SASL_MECHANISM,
+        confluent_kafka.KafkaError.ILLEGAL_SASL_STATE,
+    }
+)
+"""librdkafka's errors that no retry fixes: the start fails on the first one."""
+
+
+def _error_of(exc: BaseException | None) -> confluent_kafka.KafkaError:
+    arg = exc.args[0] if exc is not None and exc.args else None
+    if isinstance(arg, confluent_kafka.KafkaError):
+        return arg
+    return confluent_kafka.KafkaError(confluent_kafka.KafkaError._FAIL, str(exc))
 
 
 def stop_on_failed_delivery(exc: BaseException) -> None:
