@@ -30,7 +30,10 @@ from streams.settings import KafkaSecurity, TlsFiles, TopicReplication, redact_u
 
 PRODUCER_MAX_REQUEST_BYTES = 1_000_000
 """The largest record our producers send (their ``max_request_size``, Faust's default; the
-broker's default ``message.max.bytes`` is 1,048,588): dead letters are cut to fit it."""
+broker's default ``message.max.bytes`` is 1,048,588): dead letters are cut to fit it. The
+worker's librdkafka producer has it as ``message.max.bytes`` and counts a record as its key,
+value and headers plus at most about 40 bytes, less than aiokafka's estimate that dead
+letters are cut by (``record_bytes``): what fits one fits the other."""
 
 _KEY_HASHES: dict[bytes, int] = {}
 _KEY_HASHES_MAX = 200_000

@@ -113,6 +113,11 @@ class RdKafkaSink:
     # -- lifecycle -----------------------------------------------------------------------------
 
     @property
+    def config(self) -> dict[str, Any]:
+        """The librdkafka properties the producer is (or will be) created with."""
+        return dict(self._config)
+
+    @property
     def started(self) -> bool:
         return self._producer is not None
 
