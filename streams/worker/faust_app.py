@@ -368,9 +368,9 @@ def create_app(runtime: Runtime) -> faust.App:
         await resume(consumer, partitions)
         await republish(consumer, partitions)
 
-    # Faust starts it (an instance is accepted, though typed as a class) once its producer and
-    # web server run, and stops it before the producer: the last batches are delivered and committed
-    # while the producer is still up.
+    # Faust starts it (an instance is accepted, though typed as a class) after the outputs'
+    # producer (ProducerService, added first) and stops it before: the last batches are
+    # delivered and committed while the producer is still up.
     consumer = EventConsumer(
         bootstrap=settings.kafka_bootstrap,
         group_id=settings.group_id,

@@ -141,6 +141,31 @@ async def test_batches_complete_on_their_own_records(services: Services, topic: 
         await sink.stop()
 
 
+async def test_a_full_queue_is_waited_out_never_dropped(services: Services, topic: str) -> None:
+    """librdkafka's queue takes 10 records here: sends past that wait for deliveries."""
+    sink = RdKafkaSink(
+        services.kafka_bootstrap,
+        security=services.kafka_security,
+        **{"queue.buffering.max.messages": 10},
+    )
+    await sink.start()
+    try:
+        for i in range(300):
+            await sink.send(topic, f"u{i % 7}".encode(), str(i).encode())
+        await asyncio.wait_for(sink.flush(), 30)
+    finally:
+        await sink.stop()
+    records = await _read(services, topic, 300)
+    assert sorted(int(r.value) for r in records) == list(range(300))
+    for partition in range(PARTITIONS):
+        values = [
+            int(r.value)
+            for r in sorted(records, key=lambda r: r.offset)
+            if r.partition == partition
+        ]
+        assert values == sorted(values)
+
+
 async def test_a_record_the_broker_refuses_fails_the_delivery_and_stops_the_worker(
     services: Services, isolation: Isolation
 ) -> None:
