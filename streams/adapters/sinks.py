@@ -235,8 +235,13 @@ class RdKafkaSink:
     # -- delivery reports ----------------------------------------------------------------------
 
     def _poll(self) -> None:
-        """Run librdkafka's callbacks due now (without waiting), then settle the batches."""
-        if self._producer is not None and self._producer.poll(0):
+        """Run librdkafka's callbacks due now (without waiting), then settle the batches
+        (even when none ran now: a batch's records may all have been acknowledged by earlier
+        polls, before ``delivery`` sealed it)."""
+        if self._producer is None:
+            return
+        self._producer.poll(0)
+        if self._sealed or self._open.error is not None:
             self._settle()
 
     def _tick(self) -> None:

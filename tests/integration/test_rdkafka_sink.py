@@ -141,6 +141,21 @@ async def test_batches_complete_on_their_own_records(services: Services, topic: 
         await sink.stop()
 
 
+async def test_a_batch_acknowledged_before_it_is_sealed_completes(
+    services: Services, topic: str
+) -> None:
+    """The records' reports may all be served (by the idle poll) before ``delivery`` is
+    called: the delivery must complete all the same, with nothing sent after it."""
+    sink = RdKafkaSink(services.kafka_bootstrap, security=services.kafka_security)
+    await sink.start()
+    try:
+        await sink.send(topic, b"u1", b"early")
+        await asyncio.sleep(1.0)  # several idle polls: the acknowledgement is counted
+        await asyncio.wait_for(await sink.delivery(), 10)
+    finally:
+        await sink.stop()
+
+
 async def test_a_full_queue_is_waited_out_never_dropped(services: Services, topic: str) -> None:
     """librdkafka's queue takes 10 records here: sends past that wait for deliveries."""
     sink = RdKafkaSink(
