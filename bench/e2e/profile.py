@@ -18,7 +18,10 @@ BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("idle (event loop waiting)", ("EpollSelector.select",)),
     ("JSON encode of outputs", ("orjson",)),
     ("redis client + Lua reply decode", ("redis/", "redis_store.py", "redis_ledger.py")),
-    ("Kafka produce", ("FaustSink", "producer.py", "aiokafka.py", "ProducerSink")),
+    (
+        "Kafka produce",
+        ("sinks.py", "aiokafka/producer/", "producer.py", "aiokafka.py", "confluent_kafka"),
+    ),
     ("decode + validate", ("decode.py", "engine/events.py", "engine/validation.py")),
     ("metrics", ("metrics.py", "prometheus_client")),
     ("model (river)", ("river/", "engine/model/purchase_model.py")),

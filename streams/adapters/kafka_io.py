@@ -1,5 +1,6 @@
 """Kafka plumbing shared by the CLI, the worker and the tools: admin, preflight, producing,
-and the one place that turns ``KafkaSecurity`` into client options (``kafka_client_options``)."""
+and the one place that turns ``KafkaSecurity`` into client options (``kafka_client_options``:
+aiokafka's keyword arguments and librdkafka's configuration properties)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,10 @@ from streams.settings import KafkaSecurity, TlsFiles, TopicReplication, redact_u
 
 PRODUCER_MAX_REQUEST_BYTES = 1_000_000
 """The largest record our producers send (their ``max_request_size``, Faust's default; the
-broker's default ``message.max.bytes`` is 1,048,588): dead letters are cut to fit it."""
+broker's default ``message.max.bytes`` is 1,048,588): dead letters are cut to fit it. The
+worker's librdkafka producer has it as ``message.max.bytes`` and counts a record as its key,
+value and headers plus at most about 40 bytes, less than aiokafka's estimate that dead
+letters are cut by (``record_bytes``): what fits one fits the other."""
 
 _KEY_HASHES: dict[bytes, int] = {}
 _KEY_HASHES_MAX = 200_000
@@ -50,14 +54,18 @@ def default_partition(key: bytes, partitions: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class KafkaClientOptions:
-    """The security options every aiokafka client of ours (consumer, producer, admin) is
-    given; ``kwargs`` spreads them into a client's constructor."""
+    """The security options every Kafka client of ours is given: ``kwargs`` spreads them into
+    an aiokafka client's constructor (consumer, producer, admin), ``librdkafka`` gives them as
+    librdkafka configuration properties (the worker's output producer)."""
 
     security_protocol: str = "PLAINTEXT"
     ssl_context: ssl.SSLContext | None = None
     sasl_mechanism: str | None = None
     sasl_plain_username: str | None = None
     sasl_plain_password: str | None = field(default=None, repr=False)
+    tls_files: TlsFiles | None = None
+    """The files ``ssl_context`` was loaded from (librdkafka reads them itself); None
+    without TLS."""
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``AIOKafkaConsumer``/``AIOKafkaProducer``/
@@ -73,16 +81,45 @@ class KafkaClientOptions:
             options["sasl_plain_password"] = self.sasl_plain_password
         return options
 
+    def librdkafka(self) -> dict[str, str]:
+        """The same options as librdkafka configuration properties (only those that differ
+        from its defaults, but the host name check, said either way). The files were read once
+        already (``kafka_client_options`` built ``ssl_context`` from them), so a file that
+        cannot be read is a ``ConfigError`` before librdkafka sees it."""
+        if self.security_protocol == "PLAINTEXT":
+            return {}
+        config = {"security.protocol": self.security_protocol.lower()}
+        if self.sasl_mechanism is not None:
+            config["sasl.mechanism"] = self.sasl_mechanism
+            config["sasl.username"] = self.sasl_plain_username or ""
+            config["sasl.password"] = self.sasl_plain_password or ""
+        files = self.tls_files
+        if files is not None:
+            # "probe": the system's CA bundle, as ssl.create_default_context() trusts it.
+            config["ssl.ca.location"] = str(files.cafile) if files.cafile else "probe"
+            if files.certfile is not None:
+                config["ssl.certificate.location"] = str(files.certfile)
+                # Python's load_cert_chain reads the key from the certificate file when no
+                # key file is given; librdkafka wants it named.
+                config["ssl.key.location"] = str(files.keyfile or files.certfile)
+            if files.key_password is not None:
+                config["ssl.key.password"] = files.key_password.reveal()
+            config["ssl.endpoint.identification.algorithm"] = (
+                "https" if files.check_hostname else "none"
+            )
+        return config
+
 
 def kafka_client_options(security: KafkaSecurity | None) -> KafkaClientOptions:
-    """The options of ``security`` (None: plaintext) for aiokafka; unreadable certificate
-    files are a ``ConfigError`` that names the setting."""
+    """The options of ``security`` (None: plaintext) for aiokafka and librdkafka; unreadable
+    certificate files are a ``ConfigError`` that names the setting."""
     if security is None or security.protocol == "PLAINTEXT":
         return KafkaClientOptions()
     context = tls_context(security.tls, "KAFKA") if security.uses_tls else None
     return KafkaClientOptions(
         security_protocol=security.protocol,
         ssl_context=context,
+        tls_files=security.tls if security.uses_tls else None,
         sasl_mechanism=security.sasl_mechanism if security.uses_sasl else None,
         sasl_plain_username=security.username if security.uses_sasl else None,
         sasl_plain_password=(
@@ -121,7 +158,7 @@ def tls_context(files: TlsFiles, scope: str) -> ssl.SSLContext:
 
 
 @contextlib.contextmanager
-def _quiet(logger_name: str) -> Iterator[None]:
+def quiet_logger(logger_name: str) -> Iterator[None]:
     """Silence a library's own error logs while we turn its failure into one clear line."""
     logger = logging.getLogger(logger_name)
     previous = logger.level
@@ -137,7 +174,7 @@ async def check_kafka(
 ) -> None:
     """Raise ``ServiceUnavailable`` with advice unless a broker answers a metadata request;
     a refused login or TLS handshake is said as such, in one line."""
-    with _quiet("aiokafka"):
+    with quiet_logger("aiokafka"):
         await _check_kafka(bootstrap, security, timeout_s)
 
 

@@ -3,7 +3,8 @@
 ``bootstrap`` builds every client, the engine and the metrics registry once; ``create_app``
 wires them into a Faust app that runs the event consumer (``streams/worker/consumer.py``:
 aiokafka batches handed to ``BatchWorker``, offsets committed after the outputs are delivered)
-as one of its services, produces the outputs, runs the timers and serves ``/metrics``,
+as one of its services, produces the outputs (through librdkafka: ``RdKafkaSink``, not Faust's
+producer), runs the timers and serves ``/metrics``,
 ``/health``, ``/ready`` and the status page (``streams/worker/http_endpoints.py``). Faust
 itself consumes nothing. Nothing here runs at import time.
 """
@@ -25,6 +26,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from faust.app.base import BootStrategy
 from faust.transport.drivers.aiokafka import Producer as AIOKafkaDriverProducer
+from mode import Service
 
 from engine.campaigns import default_campaigns, load_campaigns
 from engine.pipeline import DiscountEngine
@@ -38,7 +40,7 @@ from streams.adapters.redis_errors import RedisBatchFailed, retry_on_redis
 from streams.adapters.redis_ledger import RedisLedger
 from streams.adapters.redis_store import RedisFeatureStore
 from streams.adapters.replica_wait import ReplicaWait
-from streams.adapters.sinks import FaustSink
+from streams.adapters.sinks import RdKafkaSink
 from streams.errors import (
     EXIT_INTERNAL_ERROR,
 )
@@ -79,6 +81,9 @@ class Runtime:
     """Fault tests only (``DEALSTREAM_CRASH_AT``); by default none."""
     pseudonyms: Pseudonyms
     """How user ids are stored in Redis and published on ``decisions`` (docs/privacy.md)."""
+    sink: RdKafkaSink
+    """The outputs' producer; built here, started by the preflight (``run_worker``) or, failing
+    that, with the app (``ProducerService``)."""
 
 
 MODEL_POLL_INTERVAL_S = 2.0
@@ -161,6 +166,7 @@ def bootstrap(
         metrics=metrics,
         crash_points=CrashPoints(settings.crash_at),
         pseudonyms=pseudonyms,
+        sink=RdKafkaSink(settings.kafka_bootstrap, security=settings.kafka_security),
     )
 
 
@@ -200,7 +206,7 @@ async def _handle_until_done(
     """
     try:
         # Outputs are handed to the producer here; the event consumer waits for their
-        # delivery (FaustSink.delivery) before it commits the batch's offsets.
+        # delivery (RdKafkaSink.delivery) before it commits the batch's offsets.
         await retry_on_redis(lambda: worker.handle(records, lagging), deadline_s=deadline_s)
     except RedisBatchFailed as stop:
         log.critical(
@@ -248,11 +254,34 @@ class _ServingOnly(BootStrategy):
     enable_kafka_consumer = False
 
 
+PRODUCER_STOP_S = 10.0
+"""How long a clean stop waits for the outputs still queued to be acknowledged."""
+
+
+class ProducerService(Service):
+    """The outputs' producer as one of the app's services, added before the event consumer:
+    Faust stops its services in reverse order, so the consumer's last batches are delivered
+    and committed before the producer flushes (within ``PRODUCER_STOP_S``) and goes."""
+
+    def __init__(self, sink: RdKafkaSink) -> None:
+        super().__init__()
+        self.sink = sink
+
+    async def on_start(self) -> None:
+        if not self.sink.started:
+            await self.sink.start()
+
+    async def on_stop(self) -> None:
+        await self.sink.stop(PRODUCER_STOP_S)
+
+
 class IdempotentProducer(AIOKafkaDriverProducer):
     """Faust's aiokafka producer, idempotent with ``acks=all``: a send the client retries
     (a lost acknowledgement, a leader change) is written once, in order. Faust turns
     idempotence on only with ``processing_guarantee="exactly_once"``, which needs its own
-    consumer and transactions; ``producer_acks`` is its only durability setting."""
+    consumer and transactions; ``producer_acks`` is its only durability setting. The worker's
+    outputs do not go through it (``RdKafkaSink``); nothing of ours sends through it now, but
+    Faust starts it with the app and would use it for anything it produces itself."""
 
     def _settings_extra(self) -> Mapping[str, Any]:
         return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
@@ -303,8 +332,7 @@ def create_app(runtime: Runtime) -> faust.App:
         autodiscover=False,
         # Tables live in memory; keep Faust's (empty) data folder out of the working directory.
         datadir=str(_faust_datadir(settings.group_id)),
-        # Each batch's outputs are acknowledged (FaustSink.delivery) before its offsets are
-        # committed.
+        # Faust's own producer (the outputs go through RdKafkaSink): durable all the same.
         producer_acks=-1,
         producer_linger=0.005,
         # Dead letters are cut to fit this (DecodeLimits.max_dead_letter_bytes).
@@ -313,7 +341,7 @@ def create_app(runtime: Runtime) -> faust.App:
         web_tables_enabled=False,
     )
     app.producer = IdempotentProducer(app.transport, loop=app.loop, beacon=app.beacon)
-    sink = FaustSink(app)
+    sink = runtime.sink
     worker = BatchWorker(
         runtime.engine,
         sink,
@@ -358,9 +386,9 @@ def create_app(runtime: Runtime) -> faust.App:
         await resume(consumer, partitions)
         await republish(consumer, partitions)
 
-    # Faust starts it (an instance is accepted, though typed as a class) once its producer and
-    # web server run, and stops it before the producer: the last batches are delivered and committed
-    # while the producer is still up.
+    # Faust starts it (an instance is accepted, though typed as a class) after the outputs'
+    # producer (ProducerService, added first) and stops it before: the last batches are
+    # delivered and committed while the producer is still up.
     consumer = EventConsumer(
         bootstrap=settings.kafka_bootstrap,
         group_id=settings.group_id,
@@ -379,6 +407,7 @@ def create_app(runtime: Runtime) -> faust.App:
         client_options=kafka_client_options(settings.kafka_security).kwargs(),
     )
     status.consumer = consumer
+    app.service(ProducerService(sink))  # type: ignore[arg-type]
     app.service(consumer)  # type: ignore[arg-type]
 
     @app.timer(interval=HEARTBEAT_INTERVAL_S)  # type: ignore[untyped-decorator]

@@ -81,6 +81,8 @@ def run_worker(settings: Settings, verify_key: Ed25519PublicKey | None = None) -
         )
         if created:
             log.info("created topics %s", ", ".join(created))
+        # The outputs' producer (librdkafka) logs in now: a refused login fails here, in one line.
+        await runtime.sink.start()
         if verify_key is None:
             log.warning(
                 "DEALSTREAM_MODEL_VERIFY_KEY is not set: no model hot reload from the learner"
@@ -96,6 +98,7 @@ def run_worker(settings: Settings, verify_key: Ed25519PublicKey | None = None) -
     try:
         loop.run_until_complete(preflight())
     except BaseException:
+        loop.run_until_complete(runtime.sink.stop(0))
         loop.run_until_complete(runtime.redis.aclose())
         loop.close()
         raise

@@ -9,6 +9,8 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,8 +20,9 @@ from aiokafka.errors import KafkaConnectionError
 
 from streams.adapters.kafka_io import check_kafka
 from streams.adapters.redis_client import redis_from_settings
+from streams.adapters.sinks import RdKafkaSink
 from streams.errors import ServiceUnavailable
-from streams.settings import Settings
+from streams.settings import Secret, Settings
 from tests.conftest import REPO, Isolation, Services
 
 NOPERM = r"NOPERM|no permissions"
@@ -169,3 +172,30 @@ def test_an_untrusted_certificate_is_refused(secured: Services, isolation: Isola
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0, done.stderr
     assert "TLS certificate is not trusted" in done.stderr
+
+
+def test_the_workers_producer_fails_its_start_on_a_refusal_without_hanging(
+    secured: Services,
+) -> None:
+    """The preflight (aiokafka) catches these first; librdkafka's producer must not hang the
+    start either should it be refused where aiokafka was let in."""
+    security = secured.kafka_security
+    untrusted = Path(secured.security_env["DEALSTREAM_KAFKA_SSL_CAFILE"]).with_name("untrusted.pem")
+    refusals = {
+        "SASL authentication error": replace(security, password=Secret("not-the-password")),
+        "certificate verify failed": replace(security, tls=replace(security.tls, cafile=untrusted)),
+    }
+
+    async def run() -> None:
+        sink = RdKafkaSink(secured.kafka_bootstrap, security=security)
+        await sink.start(timeout_s=30)
+        await sink.stop()
+        for why, wrong in refusals.items():
+            sink = RdKafkaSink(secured.kafka_bootstrap, security=wrong)
+            started = time.monotonic()
+            with pytest.raises(ServiceUnavailable, match=why) as refused:
+                await sink.start(timeout_s=30)
+            assert time.monotonic() - started < 20, "waited for the timeout: not told at once"
+            assert "\n" not in str(refused.value) and "not-the-password" not in str(refused.value)
+
+    asyncio.run(run())

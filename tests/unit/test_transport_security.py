@@ -52,6 +52,7 @@ def test_plaintext_is_the_default_and_adds_no_client_options() -> None:
     settings = Settings.from_env({})
     assert settings.kafka_security == KafkaSecurity()
     assert kafka_client_options(settings.kafka_security).kwargs() == {}
+    assert kafka_client_options(settings.kafka_security).librdkafka() == {}
     assert faust_credentials(settings.kafka_security) is None
 
 
@@ -72,6 +73,15 @@ def test_sasl_ssl_builds_one_context_and_the_login_for_every_client(pki: Path) -
     assert credentials.protocol.value == "SASL_SSL"
     assert credentials.mechanism.value == "SCRAM-SHA-512"
     assert credentials.username == "svc" and credentials.ssl_context is not None
+    # librdkafka (the worker's output producer) gets the same, as its properties.
+    assert kafka_client_options(security).librdkafka() == {
+        "security.protocol": "sasl_ssl",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "svc",
+        "sasl.password": "s3cret-kafka",
+        "ssl.ca.location": str(pki / "ca.pem"),
+        "ssl.endpoint.identification.algorithm": "https",
+    }
 
 
 def test_ssl_with_a_client_certificate_and_no_hostname_check(pki: Path) -> None:
@@ -88,6 +98,13 @@ def test_ssl_with_a_client_certificate_and_no_hostname_check(pki: Path) -> None:
     assert kwargs["security_protocol"] == "SSL" and "sasl_mechanism" not in kwargs
     assert kwargs["ssl_context"].check_hostname is False
     assert isinstance(faust_credentials(settings.kafka_security), faust.SSLCredentials)
+    assert kafka_client_options(settings.kafka_security).librdkafka() == {
+        "security.protocol": "ssl",
+        "ssl.ca.location": str(pki / "ca.pem"),
+        "ssl.certificate.location": str(pki / "client.pem"),
+        "ssl.key.location": str(pki / "client.key"),
+        "ssl.endpoint.identification.algorithm": "none",
+    }
 
 
 @pytest.mark.parametrize(

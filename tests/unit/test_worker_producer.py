@@ -1,5 +1,6 @@
-"""The worker's producer (Faust's, replaced in ``create_app``): idempotent, ``acks=all``, and
-the request limit that dead letters are cut to. Built, not started: no broker needed."""
+"""The worker's producers (its outputs' librdkafka producer, and Faust's, replaced in
+``create_app``): idempotent, ``acks=all``, and the request limit that dead letters are cut to.
+Built, not started: no broker needed."""
 
 from __future__ import annotations
 
@@ -26,5 +27,23 @@ async def test_the_workers_producer_is_idempotent_with_acks_all() -> None:
         assert producer._txn_manager is not None
         assert producer._sender._acks == -1
         assert producer._max_request_size == PRODUCER_MAX_REQUEST_BYTES
+    finally:
+        await client.aclose()
+
+
+async def test_the_outputs_producer_is_idempotent_with_acks_all_and_kafkas_partitioner() -> None:
+    """The outputs go through librdkafka (``RdKafkaSink``), not Faust's producer."""
+    settings = Settings(pseudonym_key=Secret(TEST_PSEUDONYM_KEY))
+    client = aioredis.Redis()
+    try:
+        runtime = bootstrap(settings, redis_client=client)
+        assert not runtime.sink.started  # built, not connected: the preflight starts it
+        config = runtime.sink.config
+        assert config["enable.idempotence"] is True and config["acks"] == "all"
+        # Kafka's default partitioner (aiokafka's and the Java client's); librdkafka's own
+        # default (CRC32) would put a user's outputs on another partition than before.
+        assert config["partitioner"] == "murmur2_random"
+        assert config["message.max.bytes"] == PRODUCER_MAX_REQUEST_BYTES
+        assert config["linger.ms"] == 5
     finally:
         await client.aclose()
