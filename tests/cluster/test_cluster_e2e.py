@@ -34,8 +34,6 @@ from engine.analysis.simulation.world import open_loop
 from engine.campaigns import load_campaigns
 from engine.decisions import offer_cost_cents, order_value
 from engine.events import parse_event
-from engine.features.state import State, event_ops
-from engine.features.store import InMemoryFeatureStore, StateUpdate, UpdateStatus
 from engine.ledger import LedgerConfig, event_day
 from streams.adapters.kafka_io import ensure_topics
 from streams.adapters.pseudonyms import pseudonyms_from_settings
@@ -46,6 +44,7 @@ from streams.settings import Settings, Topics
 from tests.cluster.conftest import Cluster
 from tests.cluster.test_topology import cluster_nodes
 from tests.conftest import REPO
+from tests.feature_reference import reference_states
 from tests.worker_process import WorkerProcess
 
 pytestmark = pytest.mark.cluster
@@ -88,18 +87,6 @@ def free_port() -> int:
 
 def simulated(seed: int, count: int, start_ms: int) -> list[dict[str, Any]]:
     return list(open_loop(users=USERS, events=count, seed=seed, start_ms=start_ms, mean_gap_ms=400))
-
-
-async def reference_states(events: list[dict[str, Any]]) -> dict[str, State]:
-    """The events applied in order, once each, to the engine's in-memory store."""
-    store = InMemoryFeatureStore()
-    updates = []
-    for raw in events:
-        event = parse_event(raw)
-        updates.append(StateUpdate(event.user_id, event.event_id, event.ts, event_ops(event)))
-    outcome = await store.apply_batch(updates, allowed_lateness_ms=ALLOWED_LATENESS_S * 1000)
-    assert set(outcome.statuses) == {UpdateStatus.APPLIED}
-    return await store.read_states(sorted({str(e["user_id"]) for e in events}))
 
 
 class Deployment:
@@ -255,7 +242,7 @@ async def check_everything(
     """Features exact, every decision once, offers only with their decision, budgets kept.
     Returns figures for the report."""
     settings = deployment.settings
-    want = await reference_states(events)
+    want = await reference_states(events, allowed_lateness_ms=ALLOWED_LATENESS_S * 1000)
     client = deployment.redis()
     try:
         store = RedisFeatureStore(

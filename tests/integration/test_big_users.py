@@ -27,15 +27,14 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from engine.events import parse_event
 from engine.features.catalogue import compute_features
-from engine.features.state import CATEGORY_SLOT, DAY_MS, State, event_ops, parsed_field
-from engine.features.store import InMemoryFeatureStore, StateUpdate, UpdateStatus
+from engine.features.state import CATEGORY_SLOT, DAY_MS, State, parsed_field
 from streams.adapters.feature_record import decode_record
 from streams.adapters.kafka_io import ensure_topics
 from streams.adapters.redis_store import RedisFeatureStore
 from streams.settings import Topics
 from tests.conftest import Isolation, Services, worker_pseudonyms
+from tests.feature_reference import reference_states
 from tests.worker_process import (
     WorkerProcess,
     accounted,
@@ -72,18 +71,6 @@ def browse(event_id: str, user: str, ts: int, category: str, action: str) -> dic
         "price": 12.5,
         "action": action,
     }
-
-
-async def reference_states(events: list[dict[str, Any]]) -> dict[str, State]:
-    """The events applied in order, once each, to the engine's in-memory store."""
-    store = InMemoryFeatureStore()
-    updates = []
-    for raw in events:
-        event = parse_event(raw)
-        updates.append(StateUpdate(event.user_id, event.event_id, event.ts, event_ops(event)))
-    outcome = await store.apply_batch(updates, allowed_lateness_ms=ALLOWED_LATENESS_S * 1000)
-    assert set(outcome.statuses) == {UpdateStatus.APPLIED}
-    return await store.read_states({str(e["user_id"]) for e in events})
 
 
 class RedisRecords:
@@ -145,7 +132,9 @@ async def test_a_5000_event_batch_of_one_user_is_applied_once_and_read_again_as_
         for i in range(BIG_BATCH)
     ]
     extra = [browse(f"x{i}", user, now_ms - 5_000 + i, "books", "cart") for i in range(FRESH)]
-    want = (await reference_states(big + extra))[user]
+    want = (await reference_states(big + extra, allowed_lateness_ms=ALLOWED_LATENESS_S * 1000))[
+        user
+    ]
     total = BIG_BATCH + FRESH
     settings: dict[str, object] = {
         "partitions": 1,
@@ -226,8 +215,12 @@ async def test_9000_stale_category_fields_are_dropped_by_the_first_fresh_batch(
         browse(f"h{i:05d}", user, old + i, f"cat-{i:05d}", "view") for i in range(STALE_CATEGORIES)
     ]
     fresh = [browse(f"f{i}", user, now_ms - 5_000 + i, "books", "view") for i in range(FRESH)]
-    want_old = (await reference_states(history))[user]
-    want = (await reference_states(history + fresh))[user]
+    want_old = (await reference_states(history, allowed_lateness_ms=ALLOWED_LATENESS_S * 1000))[
+        user
+    ]
+    want = (await reference_states(history + fresh, allowed_lateness_ms=ALLOWED_LATENESS_S * 1000))[
+        user
+    ]
     total = STALE_CATEGORIES + FRESH
     env = worker_env(
         services,

@@ -36,12 +36,12 @@ from streams.adapters.kafka_io import ensure_topics
 from streams.settings import Topics
 from streams.worker.crash_points import EXIT_CRASHED, STEPS
 from tests.conftest import Isolation, Services, worker_pseudonyms
+from tests.feature_reference import reference_states
 from tests.reliability.test_kill9 import (
     ALLOWED_LATENESS_S,
     differences,
     kill9_worker,
     output_ids,
-    reference_states,
 )
 from tests.worker_process import (
     clean_up,
@@ -159,7 +159,9 @@ async def wanted(campaigns: Path, events: list[dict[str, Any]]) -> Wanted:
         offers={o.offer_id for o in expected.offers},
         decisions={d.decision_id for d in expected.decisions},
         training={t.decision_id for t in expected.training},
-        states=await reference_states(events + closing),
+        states=await reference_states(
+            events + closing, allowed_lateness_ms=ALLOWED_LATENESS_S * 1000
+        ),
         cost=sum(d.cost_cents or 0 for d in expected.decisions if d.offer_id),
     )
 

@@ -28,14 +28,15 @@ from engine.analysis.simulation.world import open_loop
 from engine.campaigns import load_campaigns
 from engine.events import parse_event
 from engine.features.catalogue import compute_features
-from engine.features.state import KIND_CODE, State, event_ops
-from engine.features.store import InMemoryFeatureStore, StateUpdate, UpdateStatus
+from engine.features.state import KIND_CODE, State
+from engine.features.store import InMemoryFeatureStore
 from engine.importers.taobao import import_taobao
 from engine.pipeline import DiscountEngine, EngineConfig, Incoming
 from streams.adapters.kafka_io import ensure_topics
 from streams.adapters.redis_store import RedisFeatureStore
 from streams.settings import Topics
 from tests.conftest import REPO, Isolation, Services
+from tests.feature_reference import reference_states
 from tests.worker_process import (
     WorkerProcess,
     clean_up,
@@ -94,19 +95,6 @@ def taobao_events() -> list[dict[str, Any]]:
             yield event
 
     return list(first(EVENTS))
-
-
-async def reference_states(events: list[dict[str, Any]]) -> dict[str, State]:
-    """The same events applied in order, once each, to the in-memory store."""
-    store = InMemoryFeatureStore()
-    updates = []
-    for raw in events:
-        event = parse_event(raw)
-        updates.append(StateUpdate(event.user_id, event.event_id, event.ts, event_ops(event)))
-    outcome = await store.apply_batch(updates, allowed_lateness_ms=ALLOWED_LATENESS_S * 1000)
-    assert set(outcome.statuses) == {UpdateStatus.APPLIED}
-    users = sorted({str(e["user_id"]) for e in events})
-    return await store.read_states(users)
 
 
 @dataclass(frozen=True)
@@ -266,7 +254,7 @@ async def test_kill9_three_times_loses_nothing_and_applies_nothing_twice(
     services: Services, isolation: Isolation, free_port: int, tmp_path: Path, source: str
 ) -> None:
     events = simulated_events() if source == "simulated" else taobao_events()
-    want = await reference_states(events)
+    want = await reference_states(events, allowed_lateness_ms=ALLOWED_LATENESS_S * 1000)
     topics = Topics(isolation.topic_prefix)
     got: dict[str, State] = {}
 

@@ -28,12 +28,13 @@ from engine.features.catalogue import compute_features
 from streams.adapters.kafka_io import ensure_topics
 from streams.settings import Topics
 from tests.conftest import Isolation, Services, unused_port
+from tests.feature_reference import reference_states
 from tests.reliability.test_kill9 import (
+    ALLOWED_LATENESS_S,
     LIFETIME_FIELDS,
     PARTITIONS,
     differences,
     kill9_worker,
-    reference_states,
     simulated_events,
     wait_applied,
 )
@@ -59,7 +60,7 @@ async def test_partitions_moving_between_two_workers_keep_every_users_features_e
     services: Services, isolation: Isolation, free_port: int, tmp_path: Path
 ) -> None:
     events = simulated_events()
-    want = await reference_states(events)
+    want = await reference_states(events, allowed_lateness_ms=ALLOWED_LATENESS_S * 1000)
     topics = Topics(isolation.topic_prefix)
     first = kill9_worker(services, isolation, free_port, tmp_path / "a.log")
     second = kill9_worker(services, isolation, unused_port(), tmp_path / "b.log")

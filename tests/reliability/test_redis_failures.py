@@ -51,7 +51,8 @@ from streams.settings import Secret, Settings, Topics
 from streams.worker.batch_worker import BatchWorker
 from streams.worker.faust_app import Runtime, bootstrap
 from tests.conftest import TEST_PSEUDONYM_KEY, Isolation, Services, unused_port
-from tests.reliability.test_kill9 import ALLOWED_LATENESS_S, differences, reference_states
+from tests.feature_reference import reference_states
+from tests.reliability.test_kill9 import ALLOWED_LATENESS_S, differences
 from tests.reliability.test_redis_behind import (
     REDIS_SERVER,
     PrivateRedis,
@@ -263,7 +264,9 @@ async def test_a_hung_redis_times_out_and_the_retry_stops_at_its_deadline(
 
     assert gave_up.value.exit_code == EXIT_REDIS_UNAVAILABLE
     assert gave_up.value.failure.code == "timeout"
-    assert not differences(got, await reference_states(events), None)
+    assert not differences(
+        got, await reference_states(events, allowed_lateness_ms=ALLOWED_LATENESS_S * 1000), None
+    )
     assert again.counters.applied + again.counters.redelivered == len(failed) + len(rest)
 
 
@@ -298,7 +301,9 @@ async def test_a_redis_stopped_for_a_while_is_waited_for_and_the_batch_applied_o
     retries = [r for r in caplog.records if r.getMessage() == RETRYING]
     assert {getattr(r, "code", None) for r in retries} == {"timeout"}
     assert [r for r in caplog.records if r.getMessage() == "batch done after Redis failures"]
-    assert not differences(got, await reference_states(events), None)
+    assert not differences(
+        got, await reference_states(events, allowed_lateness_ms=ALLOWED_LATENESS_S * 1000), None
+    )
     counters = worker.counters
     assert counters.consumed == len(events)
     assert counters.applied + counters.redelivered == len(events)
@@ -406,7 +411,7 @@ async def test_a_worker_waits_for_a_stopped_redis_and_applies_every_event_once(
     private = Services(services.kafka_bootstrap, url)
     topics = Topics(isolation.topic_prefix)
     events = simulated(users=100, events=4000, seed=8)
-    want = await reference_states(events)
+    want = await reference_states(events, allowed_lateness_ms=ALLOWED_LATENESS_S * 1000)
     worker = WorkerProcess(
         worker_env(
             private,
