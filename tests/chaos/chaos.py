@@ -67,7 +67,7 @@ from tests.cluster.conftest import Cluster
 from tests.cluster.test_cluster_e2e import free_port, primary_pid, reference_states, role
 from tests.cluster.test_topology import all_isr, cluster_nodes
 from tests.conftest import REPO
-from tests.worker_process import WorkerProcess, log_entries
+from tests.worker_process import WorkerProcess, log_entries, progress
 
 PARTITIONS = 6
 BUDGET = 150.0
@@ -185,6 +185,12 @@ class ChaosReport:
     dead_letters: int = 0
     dead_letters_unique: int = 0
     dead_letters_logged_count: int = 0
+    redelivered: int = 0
+    """Records the workers read again after a fault and skipped by their watermark (at least:
+    a SIGKILLed run's counts since its last progress line are not logged)."""
+    republished: int = 0
+    """Outputs a worker sent again from a batch's outbox entry, the batch having been settled
+    in Redis before a crash or a lost reply (at least, likewise)."""
     final_lag: int = -1
     worker_exit_codes: list[int] = field(default_factory=list)
 
@@ -231,6 +237,10 @@ class ChaosReport:
                 ),
             ),
             ("learner: copies skipped", str(self.learner_duplicates_skipped)),
+            (
+                "workers: records redelivered / outputs sent from an outbox",
+                f"{self.redelivered:,} / {self.republished}",
+            ),
             (
                 "decisions / offers / training (unique)",
                 (f"{self.decisions:,} / {self.offers:,} / {self.training:,}"),
@@ -827,6 +837,20 @@ async def check(run: Run, days: set[int]) -> None:
     for worker in deployment.workers:
         logged |= dead_letters_logged(worker.log_text())
     report.dead_letters_logged_count = len(logged)
+    for worker in deployment.workers:
+        report.redelivered += counted_over_runs(worker.log_text(), "redelivered")
+        report.republished += counted_over_runs(worker.log_text(), "republished")
+
+
+def counted_over_runs(log_text: str, counter: str) -> int:
+    """A worker's counter summed over its runs, from its progress lines (each run counts from
+    0: a run begins where ``consumed`` drops)."""
+    total, last, consumed = 0, 0, -1
+    for counters in progress(log_text):
+        if int(counters["consumed"]) < consumed:
+            total += last
+        consumed, last = int(counters["consumed"]), int(counters[counter])
+    return total + last
 
 
 def dead_letters_logged(log_text: str) -> set[tuple[Any, Any, Any]]:
