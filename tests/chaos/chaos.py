@@ -178,6 +178,9 @@ class ChaosReport:
     training_published_twice: int = 0
     training_orphans: int = 0
     learner_duplicates_skipped: int = 0
+    learner_consumed: int = 0
+    """Training records the learner read (summed over its runs): it learns slower than the
+    workers produce, so at the end it may not have reached every copy."""
     windows_due: int = 0
     windows_closed_once: int = 0
     windows_not_closed: int = 0
@@ -236,7 +239,10 @@ class ChaosReport:
                     f"{self.training_published_twice}"
                 ),
             ),
-            ("learner: copies skipped", str(self.learner_duplicates_skipped)),
+            (
+                "learner: records read / copies skipped",
+                f"{self.learner_consumed:,} / {self.learner_duplicates_skipped}",
+            ),
             (
                 "workers: records redelivered / outputs sent from an outbox",
                 f"{self.redelivered:,} / {self.republished}",
@@ -694,10 +700,11 @@ def run_chaos(cluster: Cluster, tmp_path: Path, config: ChaosConfig) -> ChaosRep
         asyncio.run(check(run, days))
     finally:
         run.report.worker_exit_codes = deployment.stop()
+    last_lines = _last_per_run(deployment.learner_entries("snapshot"))
     run.report.learner_duplicates_skipped = sum(
-        int(run_last["status"].get("duplicates", 0))
-        for run_last in _last_per_run(deployment.learner_entries("snapshot"))
+        int(line["status"].get("duplicates", 0)) for line in last_lines
     )
+    run.report.learner_consumed = sum(int(line["status"].get("consumed", 0)) for line in last_lines)
     return run.report
 
 
