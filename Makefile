@@ -9,7 +9,7 @@ CLUSTER_WORKERS ?= 0
 
 .DEFAULT_GOAL := help
 .PHONY: help install services services-stop services-status cluster cluster-stop cluster-status \
-	topics demo test test-unit test-integration test-secure lint bench clean
+	topics demo test test-unit test-integration test-secure chaos chaos-short lint bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-18s %s\n", $$1, $$2}'
@@ -65,6 +65,14 @@ test-secure: $(BIN)/dealstream ## tests/e2e against a TLS/SASL Kafka and a TLS +
 	bash deploy/secure-services.sh start "$$dir" && \
 	set -a && . "$$dir/env" && set +a && \
 	$(BIN)/pytest -q tests/e2e
+
+chaos: $(BIN)/dealstream ## chaos suite: 500,000 events through `make cluster`'s topology with faults; bench/results/chaos.json
+	@mkdir -p bench/results
+	CHAOS_EVENTS=$${CHAOS_EVENTS:-500000} CHAOS_RESULTS=bench/results/chaos.json \
+		$(BIN)/pytest -q -s -m chaos tests/chaos
+
+chaos-short: $(BIN)/dealstream ## the chaos suite's short form: 30,000 events, one fault of each kind (about 3 min)
+	$(BIN)/pytest -q -s -m chaos tests/chaos
 
 lint: $(BIN)/dealstream ## ruff and mypy (strict)
 	$(BIN)/ruff check engine streams tests bench deploy

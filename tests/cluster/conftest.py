@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,8 +108,10 @@ def _kill_leftovers(cluster: Cluster) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+@contextmanager
+def own_cluster(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[Cluster]:
+    """A cluster in a new temporary dir on a free block of ports, stopped when the block
+    ends, failures included."""
     base = free_port_base()
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("DEALSTREAM_CLUSTER_")}
     script_env = {
@@ -116,7 +119,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         "DEALSTREAM_CLUSTER_PORT_BASE": str(base),
         "PYTHON": sys.executable,
     }
-    cluster = Cluster(tmp_path_factory.mktemp("cluster") / "cluster", base, script_env)
+    cluster = Cluster(tmp_path_factory.mktemp(name) / "cluster", base, script_env)
     try:
         cluster.start()
         yield cluster
@@ -124,3 +127,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         stopped = cluster.run("stop", timeout=180)
         _kill_leftovers(cluster)
         print(f"\ncluster.sh stop: {stopped.stdout}{stopped.stderr}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with own_cluster(tmp_path_factory, "cluster") as started:
+        yield started
