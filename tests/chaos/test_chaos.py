@@ -1,8 +1,8 @@
 """The chaos suite (issue 15) as a test: a replay through the local cluster with every kind of
 fault injected on a seeded schedule, checked against references computed in the test.
 
-Short form (``make chaos-short``): 30,000 events, one fault of each kind. ``make chaos`` runs the same
-test with ``CHAOS_EVENTS=500000`` and writes ``bench/results/chaos.json``. Settings (env):
+Short form (``make chaos-short``): 30,000 events, one fault of each kind. ``make chaos`` runs
+the same test with ``CHAOS_EVENTS=500000`` and writes ``bench/results/chaos.json``. Settings (env):
 ``CHAOS_EVENTS``, ``CHAOS_USERS``, ``CHAOS_SEED``, ``CHAOS_REPEATS`` (faults of each kind),
 ``CHAOS_RATE`` (events/s the producer keeps to at most, 0: as fast as the lag bound allows),
 ``CHAOS_MAX_LAG``, ``CHAOS_RESULTS`` (where to write the report as JSON).
