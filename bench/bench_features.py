@@ -87,7 +87,6 @@ INTERESTING = (
     "seen_key",
     "encode_record",
     "decode_record",
-    "_exact_ints",
     "_field_code",
     "record_key",
     "hash_tag",

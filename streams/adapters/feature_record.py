@@ -80,7 +80,7 @@ _FieldCode = tuple[int, int, int, str]
 CATEGORY field and empty otherwise; ``tag`` is ANY for a name no typed entry reproduces."""
 
 
-def field_code(name: str) -> _FieldCode:
+def _field_code(name: str) -> _FieldCode:
     """How a field name is encoded; the encoder asks once per distinct name and remembers."""
     slot, index, kind, _ = PARSED.get(name) or parsed_field(name)
     if 0 <= slot < CATEGORY_SLOT:
@@ -130,7 +130,7 @@ _CODEC = RecordCodec(
     count_fields=_COUNT_FIELDS,
     offer_field=LAST_OFFER_FIELD,
     memo_max=_MEMO_MAX,
-    field_code=field_code,
+    field_code=_field_code,
     bucket=_bucket,
     category=_category_day,
     expires_at=_expires_at,

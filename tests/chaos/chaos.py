@@ -35,23 +35,19 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import AIOKafkaProducer, ConsumerRecord
 from redis.asyncio.cluster import RedisCluster
 
 from engine.analysis.simulation.world import open_loop
-from engine.campaigns import load_campaigns
 from engine.decisions import offer_cost_cents, order_value
 from engine.events import parse_event
 from engine.features.catalogue import compute_features
@@ -61,12 +57,19 @@ from streams.adapters.pseudonyms import pseudonyms_from_settings
 from streams.adapters.redis_client import deployment_node, redis_from_settings
 from streams.adapters.redis_ledger import RedisLedger
 from streams.adapters.redis_store import RedisFeatureStore
-from streams.settings import Settings, Topics
 from tests.chaos.reference import expected_features
 from tests.cluster.conftest import Cluster
-from tests.cluster.test_cluster_e2e import free_port, primary_pid, reference_states, role
+from tests.cluster.deployment import (
+    Deployment,
+    committed_and_lag,
+    primary_pid,
+    read_records,
+    role,
+    try_committed_and_lag,
+    wait_until,
+)
 from tests.cluster.test_topology import all_isr, cluster_nodes
-from tests.conftest import REPO
+from tests.feature_reference import reference_states
 from tests.worker_process import WorkerProcess, log_entries, progress
 
 PARTITIONS = 6
@@ -286,139 +289,6 @@ class ChaosReport:
         return {**asdict(self), "lost": self.lost, "doubled": self.doubled}
 
 
-class Deployment:
-    """Workers and the learner of one dealstream deployment on the cluster, as processes."""
-
-    def __init__(self, cluster: Cluster, tmp_path: Path, workers: int) -> None:
-        campaigns = tmp_path / "campaigns.toml"
-        campaigns.write_text(CAMPAIGNS)
-        self.campaigns = load_campaigns(campaigns)
-        self.cluster = cluster
-        self.tmp_path = tmp_path
-        self.env = {
-            **cluster.settings_env(),
-            "DEALSTREAM_TOPIC_PREFIX": "ch.",
-            "DEALSTREAM_GROUP_ID": "ch-workers",
-            "DEALSTREAM_CAMPAIGNS": str(campaigns),
-            "DEALSTREAM_PARTITIONS": str(PARTITIONS),
-            "DEALSTREAM_BATCH_MAX": "500",
-            "DEALSTREAM_ALLOWED_LATENESS_S": str(ALLOWED_LATENESS_S),
-            "DEALSTREAM_ATTRIBUTION_WINDOW_S": str(ATTRIBUTION_WINDOW_S),
-            "DEALSTREAM_SESSION_TIMEOUT_S": "10",
-            "DEALSTREAM_LEARNER_HTTP_PORT": "0",
-            "DEALSTREAM_LEARNER_SNAPSHOT_INTERVAL_S": "3",
-            "DEALSTREAM_STATE": str(tmp_path / "state"),
-        }
-        self.settings = Settings.from_env(self.env)
-        self.topics = Topics(self.settings.topic_prefix)
-        self.ports = [free_port() for _ in range(workers)]
-        self.workers = [
-            WorkerProcess({**self.env, "DEALSTREAM_HTTP_PORT": str(port)}, tmp_path / f"w{n}.log")
-            for n, port in enumerate(self.ports, 1)
-        ]
-        self.learner: subprocess.Popen[bytes] | None = None
-        self.learner_log = tmp_path / "learner.log"
-
-    def start_learner(self) -> int:
-        """Start the learner; returns where its new output begins in the log."""
-        offset = self.learner_log.stat().st_size if self.learner_log.exists() else 0
-        keys = Path(self.env["DEALSTREAM_CLUSTER_DIR"]) / "keys"
-        with self.learner_log.open("ab") as log:
-            self.learner = subprocess.Popen(
-                [sys.executable, "-m", "streams.cli", "learner"],
-                env={
-                    **os.environ,
-                    **self.env,
-                    "DEALSTREAM_MODEL_SIGNING_KEY_FILE": str(keys / "model-signing.pem"),
-                },
-                cwd=REPO,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        return offset
-
-    def learner_entries(self, msg: str, since: int = 0) -> list[dict[str, Any]]:
-        if not self.learner_log.exists():
-            return []
-        with self.learner_log.open("rb") as log:
-            log.seek(since)
-            return log_entries(log.read().decode(errors="replace"), msg)
-
-    def stop(self) -> list[int]:
-        """SIGTERM to every process (SIGKILL after 60 s); the workers' exit statuses."""
-        if self.learner is not None and self.learner.poll() is None:
-            self.learner.send_signal(signal.SIGTERM)
-        codes = []
-        for worker in self.workers:
-            try:
-                codes.append(worker.stop())
-            except AssertionError:
-                codes.append(-9)
-        if self.learner is not None:
-            try:
-                self.learner.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.learner.kill()
-                self.learner.wait()
-        return codes
-
-    def tails(self) -> str:
-        return "".join(worker.tail(3000) for worker in self.workers)
-
-
-async def committed_and_lag(bootstrap: str, group: str, topics: Topics) -> tuple[int, int]:
-    """(records the group committed on the event topics, records it has not committed yet)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, request_timeout_ms=5000)
-    await admin.start()
-    await consumer.start()
-    try:
-        committed = await admin.list_consumer_group_offsets(group)
-        partitions = [TopicPartition(t, p) for t in topics.events for p in range(PARTITIONS)]
-        ends = await consumer.end_offsets(partitions)
-    finally:
-        await consumer.stop()
-        await admin.close()
-    done = {tp: max(meta.offset, 0) for tp, meta in committed.items()}
-    total = sum(done.get(tp, 0) for tp in ends)
-    return total, sum(end - done.get(tp, 0) for tp, end in ends.items())
-
-
-async def try_committed_and_lag(
-    bootstrap: str, group: str, topics: Topics
-) -> tuple[int, int] | None:
-    try:
-        return await committed_and_lag(bootstrap, group, topics)
-    except Exception:  # a broker or the coordinator not answering yet: ask again
-        return None
-
-
-async def wait_until(what: str, check: Callable[[], Awaitable[bool]], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout_s:.0f} s")
-        await asyncio.sleep(0.5)
-
-
-async def read_records(bootstrap: str, topic: str) -> list[ConsumerRecord[bytes, bytes]]:
-    """Every record of ``topic`` up to its end offsets now."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        partitions = [TopicPartition(topic, p) for p in range(PARTITIONS)]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        ends = await consumer.end_offsets(partitions)
-        records: list[ConsumerRecord[bytes, bytes]] = []
-        while any([await consumer.position(tp) < end for tp, end in ends.items()]):
-            for batch in (await consumer.getmany(timeout_ms=1000, max_records=10_000)).values():
-                records.extend(batch)
-        return records
-    finally:
-        await consumer.stop()
-
-
 def poison_records(count: int, user_ids: Sequence[str]) -> list[tuple[str, str, bytes]]:
     """(topic suffix, key, value): alternately bad JSON and an event missing its ``ts``."""
     out = []
@@ -438,7 +308,22 @@ class Run:
     def __init__(self, cluster: Cluster, tmp_path: Path, config: ChaosConfig) -> None:
         self.cluster = cluster
         self.config = config
-        self.deployment = Deployment(cluster, tmp_path, config.workers)
+        self.deployment = Deployment(
+            cluster,
+            tmp_path,
+            env={
+                "DEALSTREAM_TOPIC_PREFIX": "ch.",
+                "DEALSTREAM_GROUP_ID": "ch-workers",
+                "DEALSTREAM_PARTITIONS": str(PARTITIONS),
+                "DEALSTREAM_BATCH_MAX": "500",
+                "DEALSTREAM_ALLOWED_LATENESS_S": str(ALLOWED_LATENESS_S),
+                "DEALSTREAM_ATTRIBUTION_WINDOW_S": str(ATTRIBUTION_WINDOW_S),
+                "DEALSTREAM_SESSION_TIMEOUT_S": "10",
+                "DEALSTREAM_LEARNER_SNAPSHOT_INTERVAL_S": "3",
+            },
+            workers=config.workers,
+            campaigns=CAMPAIGNS,
+        )
         self.settings = self.deployment.settings
         self.bootstrap = self.settings.kafka_bootstrap
         self.topics = self.deployment.topics
@@ -519,7 +404,7 @@ class Run:
         if start % 5_000 == 0:
             while True:
                 found = await try_committed_and_lag(
-                    self.bootstrap, self.settings.group_id, self.topics
+                    self.bootstrap, self.settings.group_id, self.topics, PARTITIONS
                 )
                 if found is not None and found[1] < self.config.max_lag:
                     return
@@ -549,7 +434,9 @@ class Run:
         target, detail = await handlers[fault.kind]()
 
         async def progressed() -> bool:
-            found = await try_committed_and_lag(self.bootstrap, self.settings.group_id, self.topics)
+            found = await try_committed_and_lag(
+                self.bootstrap, self.settings.group_id, self.topics, PARTITIONS
+            )
             return found is not None and (found[0] > before or found[1] == 0)
 
         await wait_until(f"{fault.kind}: the group committing again", progressed, FAULT_TIMEOUT_S)
@@ -562,7 +449,7 @@ class Run:
     async def _committed(self) -> int:
         while (
             found := await try_committed_and_lag(
-                self.bootstrap, self.settings.group_id, self.topics
+                self.bootstrap, self.settings.group_id, self.topics, PARTITIONS
             )
         ) is None:
             await asyncio.sleep(0.5)
@@ -651,13 +538,15 @@ class Run:
         drained = time.monotonic()
 
         async def no_lag() -> bool:
-            found = await try_committed_and_lag(self.bootstrap, self.settings.group_id, self.topics)
+            found = await try_committed_and_lag(
+                self.bootstrap, self.settings.group_id, self.topics, PARTITIONS
+            )
             return found is not None and found[1] == 0
 
         await wait_until("lag 0 after the replay", no_lag, DRAIN_TIMEOUT_S)
         self.report.drain_s = time.monotonic() - drained
         self.report.final_lag = (
-            await committed_and_lag(self.bootstrap, self.settings.group_id, self.topics)
+            await committed_and_lag(self.bootstrap, self.settings.group_id, self.topics, PARTITIONS)
         )[1]
 
 
@@ -724,7 +613,7 @@ async def check(run: Run, days: set[int]) -> None:
     """Fill the report: features, outputs, budgets, training, dead letters."""
     report, settings, deployment = run.report, run.settings, run.deployment
     events = run.events
-    engine_states = await reference_states(events)
+    engine_states = await reference_states(events, allowed_lateness_ms=ALLOWED_LATENESS_S * 1000)
     client = redis_from_settings(settings)
     try:
         store = RedisFeatureStore(
@@ -763,13 +652,17 @@ async def check(run: Run, days: set[int]) -> None:
 
     bootstrap = run.bootstrap
     decision_list = [
-        orjson.loads(r.value) for r in await read_records(bootstrap, run.topics.decisions)
+        orjson.loads(r.value)
+        for r in await read_records(bootstrap, run.topics.decisions, PARTITIONS)
     ]
-    offer_list = [orjson.loads(r.value) for r in await read_records(bootstrap, run.topics.offers)]
+    offer_list = [
+        orjson.loads(r.value) for r in await read_records(bootstrap, run.topics.offers, PARTITIONS)
+    ]
     training_list = [
-        orjson.loads(r.value) for r in await read_records(bootstrap, run.topics.training)
+        orjson.loads(r.value)
+        for r in await read_records(bootstrap, run.topics.training, PARTITIONS)
     ]
-    dlq = await read_records(bootstrap, run.topics.dlq)
+    dlq = await read_records(bootstrap, run.topics.dlq, PARTITIONS)
 
     decisions = {d["decision_id"]: d for d in decision_list}
     report.decisions = len(decisions)

@@ -16,36 +16,37 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
-import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import AIOKafkaProducer
 
 from engine.analysis.simulation.world import open_loop
-from engine.campaigns import load_campaigns
 from engine.decisions import offer_cost_cents, order_value
 from engine.events import parse_event
 from engine.ledger import LedgerConfig, event_day
 from streams.adapters.kafka_io import ensure_topics
 from streams.adapters.pseudonyms import pseudonyms_from_settings
-from streams.adapters.redis_client import deployment_node, redis_from_settings
+from streams.adapters.redis_client import deployment_node
 from streams.adapters.redis_ledger import RedisLedger
 from streams.adapters.redis_store import RedisFeatureStore
-from streams.settings import Settings, Topics
+from streams.settings import Topics
 from tests.cluster.conftest import Cluster
+from tests.cluster.deployment import (
+    Deployment,
+    primary_pid,
+    read_records,
+    role,
+    try_committed_and_lag,
+    wait_until,
+)
 from tests.cluster.test_topology import cluster_nodes
-from tests.conftest import REPO
 from tests.feature_reference import reference_states
-from tests.worker_process import WorkerProcess
 
 pytestmark = pytest.mark.cluster
 
@@ -79,93 +80,13 @@ daily_budget = {BUDGET}
 DRAIN_TIMEOUT_S = 240
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def simulated(seed: int, count: int, start_ms: int) -> list[dict[str, Any]]:
     return list(open_loop(users=USERS, events=count, seed=seed, start_ms=start_ms, mean_gap_ms=400))
-
-
-class Deployment:
-    """The settings, clients and processes of one dealstream deployment on the cluster."""
-
-    def __init__(self, cluster: Cluster, tmp_path: Path) -> None:
-        campaigns = tmp_path / "campaigns.toml"
-        campaigns.write_text(CAMPAIGNS)
-        self.campaigns = load_campaigns(campaigns)
-        self.tmp_path = tmp_path
-        self.env = {
-            **cluster.settings_env(),
-            "DEALSTREAM_TOPIC_PREFIX": "cl.",
-            "DEALSTREAM_GROUP_ID": "cl-workers",
-            "DEALSTREAM_CAMPAIGNS": str(campaigns),
-            "DEALSTREAM_PARTITIONS": str(PARTITIONS),
-            "DEALSTREAM_BATCH_MAX": "200",
-            "DEALSTREAM_ALLOWED_LATENESS_S": str(ALLOWED_LATENESS_S),
-            "DEALSTREAM_SESSION_TIMEOUT_S": "10",
-            "DEALSTREAM_LEARNER_HTTP_PORT": "0",
-            "DEALSTREAM_STATE": str(tmp_path / "state"),
-        }
-        self.settings = Settings.from_env(self.env)
-        assert self.settings.redis_cluster and self.settings.redis_wait_replicas == 1
-        self.topics = Topics(self.settings.topic_prefix)
-        self.ports = [free_port() for _ in range(WORKERS)]
-        self.workers = [
-            WorkerProcess({**self.env, "DEALSTREAM_HTTP_PORT": str(port)}, tmp_path / f"w{n}.log")
-            for n, port in enumerate(self.ports, 1)
-        ]
-        self.learner: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        for worker in self.workers:
-            worker.start()
-        keys = Path(self.env["DEALSTREAM_CLUSTER_DIR"]) / "keys"
-        with (self.tmp_path / "learner.log").open("ab") as log:
-            self.learner = subprocess.Popen(
-                [sys.executable, "-m", "streams.cli", "learner"],
-                env={
-                    **os.environ,
-                    **self.env,
-                    "DEALSTREAM_MODEL_SIGNING_KEY_FILE": str(keys / "model-signing.pem"),
-                },
-                cwd=REPO,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    def stop(self) -> list[int]:
-        """SIGTERM to every process (SIGKILL after 60 s); the workers' exit statuses."""
-        if self.learner is not None and self.learner.poll() is None:
-            self.learner.send_signal(signal.SIGTERM)
-        codes = []
-        for worker in self.workers:
-            try:
-                codes.append(worker.stop())
-            except AssertionError:
-                codes.append(-9)
-        if self.learner is not None:
-            try:
-                self.learner.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.learner.kill()
-                self.learner.wait()
-        return codes
-
-    def tails(self) -> str:
-        return "".join(worker.tail(3000) for worker in self.workers)
-
-    def redis(self) -> Any:
-        return redis_from_settings(self.settings)
 
 
 async def produce(bootstrap: str, topics: Topics, events: list[dict[str, Any]]) -> None:
     """As a shop would: idempotent, acks=all, key = user id, topic by type; paced a little
     (about 1,000 events/s) so that the failover falls while events flow."""
-    import orjson
-
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=5
     )
@@ -186,54 +107,11 @@ async def produce(bootstrap: str, topics: Topics, events: list[dict[str, Any]]) 
         await producer.stop()
 
 
-async def lag(bootstrap: str, group: str, topics: Topics) -> int:
-    """Records of the event topics the group has not committed yet."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
-    await admin.start()
-    await consumer.start()
-    try:
-        committed = await admin.list_consumer_group_offsets(group)
-        partitions = [TopicPartition(t, p) for t in topics.events for p in range(PARTITIONS)]
-        ends = await consumer.end_offsets(partitions)
-    finally:
-        await consumer.stop()
-        await admin.close()
-    done = {tp: meta.offset for tp, meta in committed.items()}
-    return sum(end - max(done.get(tp, 0), 0) for tp, end in ends.items())
-
-
-async def wait_for(what: str, check: Callable[[], Awaitable[bool]], timeout_s: float) -> float:
-    started = time.monotonic()
-    while not await check():
-        if time.monotonic() - started > timeout_s:
-            raise AssertionError(f"{what}: not within {timeout_s:.0f} s")
-        await asyncio.sleep(0.5)
-    return time.monotonic() - started
-
-
-async def read_topic(bootstrap: str, topic: str) -> list[dict[str, Any]]:
+async def read_values(bootstrap: str, topic: str) -> list[dict[str, Any]]:
     """Every JSON value on ``topic``, up to its end offsets now."""
-    import orjson
-
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()
-    try:
-        partitions = [TopicPartition(topic, p) for p in range(PARTITIONS)]
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        ends = await consumer.end_offsets(partitions)
-        values: list[dict[str, Any]] = []
-
-        async def behind() -> bool:
-            return any([await consumer.position(tp) < end for tp, end in ends.items()])
-
-        while await behind():
-            for records in (await consumer.getmany(timeout_ms=1000)).values():
-                values.extend(orjson.loads(r.value) for r in records)
-        return values
-    finally:
-        await consumer.stop()
+    return [
+        orjson.loads(record.value) for record in await read_records(bootstrap, topic, PARTITIONS)
+    ]
 
 
 async def check_everything(
@@ -275,8 +153,8 @@ async def check_everything(
     assert not differ, f"{len(differ)} of {len(want)} users' features differ{example}"
 
     bootstrap = settings.kafka_bootstrap
-    decisions = await read_topic(bootstrap, deployment.topics.decisions)
-    offers = await read_topic(bootstrap, deployment.topics.offers)
+    decisions = await read_values(bootstrap, deployment.topics.decisions)
+    offers = await read_values(bootstrap, deployment.topics.offers)
     twice = [d for d, n in Counter(d["decision_id"] for d in decisions).items() if n > 1]
     assert not twice, f"{len(twice)} decisions published more than once, e.g. {twice[:3]}"
     offered = {d["offer_id"]: d for d in decisions if d["offer_id"] is not None}
@@ -317,30 +195,6 @@ async def check_everything(
     }
 
 
-def primary_pid(port: int) -> int:
-    async def read() -> int:
-        client = aioredis.Redis(host="127.0.0.1", port=port, decode_responses=True)
-        try:
-            return int((await client.info("server"))["process_id"])
-        finally:
-            await client.aclose()
-
-    return asyncio.run(read())
-
-
-def role(port: int) -> str:
-    async def read() -> str:
-        client = aioredis.Redis(host="127.0.0.1", port=port, decode_responses=True)
-        try:
-            return str((await client.execute_command("ROLE"))[0])
-        except (OSError, aioredis.RedisError):
-            return "down"
-        finally:
-            await client.aclose()
-
-    return asyncio.run(read())
-
-
 def metric_total(port: int, name: str) -> float:
     import urllib.request
 
@@ -355,7 +209,21 @@ def metric_total(port: int, name: str) -> float:
 
 @pytest.fixture
 def deployment(cluster: Cluster, tmp_path: Path) -> Iterator[Deployment]:
-    deployment = Deployment(cluster, tmp_path)
+    deployment = Deployment(
+        cluster,
+        tmp_path,
+        env={
+            "DEALSTREAM_TOPIC_PREFIX": "cl.",
+            "DEALSTREAM_GROUP_ID": "cl-workers",
+            "DEALSTREAM_PARTITIONS": str(PARTITIONS),
+            "DEALSTREAM_BATCH_MAX": "200",
+            "DEALSTREAM_ALLOWED_LATENESS_S": str(ALLOWED_LATENESS_S),
+            "DEALSTREAM_SESSION_TIMEOUT_S": "10",
+        },
+        workers=WORKERS,
+        campaigns=CAMPAIGNS,
+    )
+    assert deployment.settings.redis_cluster and deployment.settings.redis_wait_replicas == 1
     try:
         yield deployment
     finally:
@@ -388,7 +256,7 @@ def test_workers_on_the_redis_cluster_exact_through_a_primary_failover(
     produced_at = time.monotonic()
     asyncio.run(produce(bootstrap, topics, before))
     took = asyncio.run(
-        wait_for(
+        wait_until(
             "lag 0 before the failover",
             lambda: lag_is_zero(bootstrap, settings.group_id, topics),
             DRAIN_TIMEOUT_S,
@@ -426,7 +294,7 @@ def test_workers_on_the_redis_cluster_exact_through_a_primary_failover(
         async def promoted() -> bool:
             return await asyncio.to_thread(role, new_port) == "master"
 
-        await wait_for("the replica promoted", promoted, 60)
+        await wait_until("the replica promoted", promoted, 60)
         promoted_s = time.monotonic() - killed
         await producing
         return promoted_s
@@ -436,7 +304,7 @@ def test_workers_on_the_redis_cluster_exact_through_a_primary_failover(
     cluster.start()  # the old primary rejoins as the replica of the promoted one
     restart_s = time.monotonic() - restarted
     took = asyncio.run(
-        wait_for(
+        wait_until(
             "lag 0 after the failover",
             lambda: lag_is_zero(bootstrap, settings.group_id, topics),
             DRAIN_TIMEOUT_S,
@@ -463,7 +331,5 @@ def test_workers_on_the_redis_cluster_exact_through_a_primary_failover(
 
 
 async def lag_is_zero(bootstrap: str, group: str, topics: Topics) -> bool:
-    try:
-        return await lag(bootstrap, group, topics) == 0
-    except Exception:  # a broker or the coordinator not answering yet: ask again
-        return False
+    found = await try_committed_and_lag(bootstrap, group, topics, PARTITIONS)
+    return found is not None and found[1] == 0
