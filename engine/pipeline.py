@@ -395,6 +395,13 @@ class DiscountEngine:
         self._offer_updates[queued:] = [u for u in recovered if owns(u.user_id)]
         return result
 
+    def take_granted_offers(self) -> list[StateUpdate]:
+        """The granted offers waiting to join their users' state with the next batch, handed
+        over to be stored now (and no longer with that batch): a worker giving up its
+        partitions must store them before their next owner reads the users' records."""
+        updates, self._offer_updates = self._offer_updates, []
+        return updates
+
     def _train(self, example: TrainingExample, result: BatchResult) -> None:
         """Publish the example if the feedback method wants it, and learn it inline if so."""
         if not self.config.feedback.wants(example.kind):

@@ -10,9 +10,12 @@ whenever a crash may have lost them:
 - a call whose reply was lost (a connection error or a timeout) is resolved by reading its
   entry: there, it landed and its reply is taken from the entry; absent, it never ran and it
   is sent again (``RedisLedger``);
-- on every assignment, an entry that covers one of the worker's partitions and whose batch
-  Kafka has not committed (a committed offset at or below the entry's watermark) is published
-  again before any record is read (``streams/worker/recovery.py``), then deleted.
+- on every assignment, before any record is read, every entry that covers one of the worker's
+  partitions is recovered (``streams/worker/recovery.py``): published again if Kafka has not
+  committed its batch (a committed offset at or below the entry's watermark), its granted
+  offers stored in their users' state (the worker that granted them may have stopped before
+  its next batch carried them), and the worker's partitions released from its coverage
+  (``release``): the entry is deleted when nothing is left of it.
 
 Entries live until every partition they cover is committed past them: the event consumer
 reports its commits (``committed``), and the next call deletes what they acknowledge. Keys:
@@ -32,7 +35,7 @@ example (docs/delivery.md).
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,6 +154,28 @@ def entry_order(entry_id: str) -> tuple[str, int]:
     return token, int(sequence)
 
 
+_RELEASE = """
+-- KEYS[1] entries, KEYS[2] coverage; ARGV: n entry ids, then n JSON arrays of fields to release
+local n = #ARGV / 2
+for k = 1, n do
+  local id = ARGV[k]
+  local raw = redis.call('HGET', KEYS[2], id)
+  if raw then
+    local coverage = cjson.decode(raw)
+    for _, field in ipairs(cjson.decode(ARGV[n + k])) do coverage[field] = nil end
+    if next(coverage) == nil then
+      redis.call('HDEL', KEYS[1], id)
+      redis.call('HDEL', KEYS[2], id)
+    else
+      redis.call('HSET', KEYS[2], id, cjson.encode(coverage))
+    end
+  end
+end
+return n
+"""
+"""``Outbox.release``: one atomic step, so that two owners releasing at once lose nothing."""
+
+
 def _field(partition: TopicPartitionKey) -> str:
     return f"{partition[0]}:{partition[1]}"
 
@@ -180,6 +205,7 @@ class Outbox:
         """The offset committed last per partition field (the next one to read)."""
         self._acked: list[str] = []
         """Entries Kafka committed: deleted by the next call."""
+        self._release = client.register_script(_RELEASE)
 
     def write(
         self, drafts: Sequence[DecisionDraft | None], marks: Sequence[tuple[str, int]]
@@ -271,9 +297,11 @@ class Outbox:
             raw = await self._client.hget(self.entries_key, entry_id)
         return None if raw is None else parse_entry(entry_id, {}, raw, self.pseudonyms)
 
-    async def delete(self, entry_ids: Sequence[str]) -> None:
-        if entry_ids:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.hdel(self.entries_key, *entry_ids)
-                pipe.hdel(self.coverage_key, *entry_ids)
-                await pipe.execute()
+    async def release(self, entries: Mapping[str, Collection[str]]) -> None:
+        """Take the named partition fields out of each entry's coverage, and delete an entry
+        once nothing is left of it: each partition's owner releases its own share, so an entry
+        whose partitions went to several workers stays until every one of them has looked."""
+        ids = sorted(entries, key=entry_order)
+        if ids:
+            fields = [orjson.dumps(sorted(entries[entry_id])).decode() for entry_id in ids]
+            await self._release(keys=[self.entries_key, self.coverage_key], args=[*ids, *fields])

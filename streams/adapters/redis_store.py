@@ -42,6 +42,7 @@ users' keys stays on one node. docs/cluster.md.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -57,6 +58,7 @@ from streams.adapters.batch_commit import (
 from streams.adapters.feature_record import decode_record, encode_record
 from streams.adapters.pseudonyms import Pseudonyms
 from streams.adapters.redis_client import RedisClient
+from streams.adapters.replica_wait import ReplicaWait
 from streams.errors import StreamsError
 
 TTL_MARGIN_S = 24 * 3600
@@ -114,12 +116,15 @@ class RedisFeatureStore:
         defer_writes: bool = False,
         pseudonyms: Pseudonyms | None = None,
         wall_clock_ms: Callable[[], float] = lambda: time.time() * 1000,
+        replication: ReplicaWait | None = None,
     ) -> None:
         if max_cached_users < 1:
             raise ValueError("max_cached_users must be at least 1")
         self._client = client
         self._prefix = prefix
-        self._commit = BatchCommit(client, prefix=prefix)
+        self._commit = BatchCommit(client, prefix=prefix, replication=replication)
+        """The store's own calls (``store_now``; every batch without ``defer_writes``), which
+        wait for ``replication``'s replicas as the ledger's do."""
         self.defer_writes = defer_writes
         """True: ``apply_batch`` stages its write and the ledger's call carries it
         (``RedisLedger(features=...)``), so that features, ledger and outputs land together."""
@@ -199,6 +204,13 @@ class RedisFeatureStore:
         self._watermarks.clear()
         self._marks_loaded = False
         self._epoch = None
+
+    async def claim(self, partitions: Iterable[PartitionKey]) -> None:
+        """Become the writer of the ``partitions`` not claimed yet (an assignment: a store that
+        lost them can no longer write them) and read their watermarks."""
+        new = set(partitions) - self._claimed
+        if new:
+            await self._claim(new)
 
     async def _claim(self, partitions: set[PartitionKey]) -> None:
         """Become the writer of ``partitions`` and read their watermarks."""
@@ -292,6 +304,38 @@ class RedisFeatureStore:
             users=users,
             keys=[self.record_key(user) for user in users],
             records=[encode_record(records[user]) for user in users],
+        )
+
+    async def store_now(self, updates: Sequence[StateUpdate], *, allowed_lateness_ms: int) -> None:
+        """Apply ``updates`` (granted offers: no source position) and write them at once, in a
+        call fenced by every partition this store claims: a revoke or a stop stores the offers
+        its last batch granted before the partitions' next owner reads the users' records, and
+        an assignment stores those its outbox entries recovered (``streams/worker/recovery.py``).
+        Raises ``PartitionFenced`` when another store claimed one of them since."""
+        if not updates:
+            return
+        if self._staged is not None:
+            self._staged = None  # never carried by a ledger call: what is held is ahead of Redis
+            self._drop_after_failure()
+        for _ in range(STALE_RETRIES):
+            try:
+                _, write = await self._apply_once(updates, allowed_lateness_ms)
+                if write is None:
+                    return
+                marks = self._watermarks
+                fence = [(_field(p), marks[p]) for p in sorted(self._claimed) if p in marks]
+                write = dataclasses.replace(write, marks=fence)
+                await self._commit(features=write)
+                self.written(write)
+                return
+            except StateEpochMoved:
+                self.refused_as_stale()
+            except BaseException:
+                self._drop_after_failure()
+                raise
+        raise StateEpochMoved(
+            f"feature state epoch kept moving during {STALE_RETRIES} attempts to store "
+            "granted offers"
         )
 
     # -- the staged write (``defer_writes``: the ledger's call carries it) ---------------------

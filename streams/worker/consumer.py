@@ -47,12 +47,15 @@ not guarantee that. ``tests/integration/test_event_consumer.py`` checks it with 
 On a rebalance, ``on_partitions_revoked``, in this order: waits for the batch being handled
 (the ``_in_flight`` lock), then for it and the batch before it to be delivered and committed
 (nothing else is uncommitted but held events and fetched records not yet handled: both are
-dropped and read again by the partitions' next owner); stops handling until the next
-assignment; tells the observer (the feature store, which drops the records it held, the batch
-worker, which drops the events its aligner held, and the status page).
+dropped and read again by the partitions' next owner); runs ``on_revoking`` while the
+partitions are still its own (the worker stores the offers its last batch granted, which would
+otherwise join their users' state with its next batch, written to partitions it no longer
+owns); stops handling until the next assignment; tells the observer (the feature store, which
+drops the records it held, the batch worker, which drops the events its aligner held, and the
+status page). ``stop`` runs ``on_revoking`` too.
 ``on_partitions_assigned`` holds the same lock while it runs ``on_assigned`` (the worker's
 rewinds the partitions Redis is behind on, or stops it: ``streams/worker/resume.py``; then
-publishes again what the outbox holds uncommitted: ``streams/worker/recovery.py``), so no batch
+recovers what the outbox holds: ``streams/worker/recovery.py``), so no batch
 is handled before it; then it gives the observer the new full assignment. Records the fetcher
 returned under an earlier assignment are dropped (``_generation``); a dropped record of a
 partition this worker owns is read again (the fetch position is put back, never forward).
@@ -99,6 +102,9 @@ FatalHandler = Callable[[BaseException], None]
 AssignedHook = Callable[[AIOKafkaConsumer, Sequence[TopicPartition]], Awaitable[None]]
 """Runs on every assignment before any record of it is fetched; may seek (``ResumeFromRedis``)
 and publish (``RepublishOutbox``)."""
+RevokingHook = Callable[[], Awaitable[None]]
+"""Runs when the worker gives its partitions up (a revoke, a stop), after its last batch is
+delivered and committed and while it still owns them (``store_granted_offers``)."""
 CommittedHook = Callable[[Mapping[TopicPartitionKey, int]], None]
 """Told of every successful commit: the next offset to read per partition (``Outbox``)."""
 
@@ -199,6 +205,7 @@ class EventConsumer(Service):
         client_options: dict[str, Any] | None = None,
         on_fatal: FatalHandler = exit_worker,
         on_assigned: AssignedHook | None = None,
+        on_revoking: RevokingHook | None = None,
         on_committed: CommittedHook | None = None,
         crash_points: CrashPoints | None = None,
         held: HeldEvents | None = None,
@@ -217,6 +224,7 @@ class EventConsumer(Service):
         self.client_options = dict(client_options or {})
         self.on_fatal = on_fatal
         self.on_assigned = on_assigned
+        self.on_revoking = on_revoking
         self.on_committed = on_committed
         self._crash_points = crash_points if crash_points is not None else CrashPoints()
         self.batches_committed = 0
@@ -266,6 +274,7 @@ class EventConsumer(Service):
         if self._loop_task is not None:
             await self._loop_task
         await self._settled()  # after a failure the loop left a commit running
+        await self._revoking()  # aiokafka's stop calls no revoke listener
         if self._consumer is not None:
             await self._consumer.stop()  # leaves the group
             self._consumer = None
@@ -446,6 +455,7 @@ class EventConsumer(Service):
             log.warning("offset commit failed (%s); records will be redelivered", exc)
             return
         self.batches_committed += 1
+        self._crash_points.reached("after_commit")
         if self.on_committed is not None:
             self.on_committed({(tp.topic, tp.partition): meta.offset for tp, meta in mine.items()})
 
@@ -454,7 +464,8 @@ class EventConsumer(Service):
     async def partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         async with self._in_flight:  # 1. the batch being handled is handled
             await self._settled()  # 2. it (and the one before) delivered and committed
-            self._rebalancing = True  # 3. nothing more handled until the next assignment
+            await self._revoking()  # 3. while the partitions are still this worker's
+            self._rebalancing = True  # 4. nothing more handled until the next assignment
             # Held events are beyond the committed offsets: read again from there.
             for tp in revoked:
                 self._handed_to.pop(tp, None)
@@ -463,6 +474,14 @@ class EventConsumer(Service):
         keys = [(tp.topic, tp.partition) for tp in revoked]
         if self.observer is not None:
             self.observer.on_revoked(keys)
+
+    async def _revoking(self) -> None:
+        if self.on_revoking is None:
+            return
+        try:
+            await self.on_revoking()
+        except Exception as exc:  # aiokafka would log it and carry on
+            self.on_fatal(exc)
 
     async def partitions_assigning(self, assigned: Sequence[TopicPartition]) -> None:
         """The assignment's hook (``on_assigned``) runs before any batch is handled: a batch

@@ -6,7 +6,9 @@ SIGKILL gives: no cleanup, no commit, no flush) the n-th time it reaches ``step`
 - ``after_batch_call``: the batch's one Redis call returned (features, ledger and outbox entry
   written), nothing sent to Kafka yet;
 - ``after_send``: its outputs handed to the producer, not yet acknowledged;
-- ``after_delivery``: Kafka acknowledged them, the batch's offsets not yet committed.
+- ``after_delivery``: Kafka acknowledged them, the batch's offsets not yet committed;
+- ``after_commit``: its offsets committed, the offers it granted not yet in their users' state
+  (they join it with the next batch's call).
 
 A kill anywhere before the Redis call leaves nothing of the batch behind, so it needs no
 point of its own. ``stop_consumer:<n>`` does not exit: after the n-th batch it stops the event
@@ -23,7 +25,7 @@ from streams.errors import ConfigError
 
 log = logging.getLogger("dealstream.worker")
 
-STEPS = ("after_batch_call", "after_send", "after_delivery")
+STEPS = ("after_batch_call", "after_send", "after_delivery", "after_commit")
 STOP_CONSUMER = "stop_consumer"
 EXIT_CRASHED = 137
 """The exit status of a process killed by SIGKILL, which a crash point imitates."""

@@ -43,6 +43,7 @@ from streams.adapters.replica_wait import ReplicaWait
 from streams.adapters.sinks import RdKafkaSink
 from streams.errors import (
     EXIT_INTERNAL_ERROR,
+    StreamsError,
 )
 from streams.operations.lag import LagProbe
 from streams.operations.metrics import TimedFeatureStore, TimedLedger, WorkerMetrics
@@ -56,7 +57,7 @@ from streams.worker.http_endpoints import (
     WorkerStatus,
     install_routes,
 )
-from streams.worker.recovery import RepublishOutbox
+from streams.worker.recovery import RecoverOutbox
 from streams.worker.resume import ResumeFromRedis
 
 log = logging.getLogger("dealstream.worker")
@@ -130,6 +131,7 @@ def bootstrap(
         max_cached_users=settings.state_cache_users,
         defer_writes=True,
         pseudonyms=pseudonyms,
+        replication=replication,
     )
     outbox = Outbox(
         client, prefix=settings.redis_prefix, pseudonyms=pseudonyms, replication=replication
@@ -220,6 +222,26 @@ async def _handle_until_done(
         log.critical("batch failed unexpectedly; stopping the worker", exc_info=True)
         logging.shutdown()
         os._exit(EXIT_INTERNAL_ERROR)
+
+
+async def store_granted_offers(runtime: Runtime) -> None:
+    """Store the offers the last batch granted, which would otherwise join their users' state
+    with the worker's next batch (a revoke or a stop: that batch would be of other partitions,
+    or never come). A failure is logged, not raised: the offers are still in the batch's
+    outbox entry, and the partitions' next owner stores them from there."""
+    engine = runtime.engine
+    offers = engine.take_granted_offers()
+    try:
+        await runtime.features.store_now(
+            offers, allowed_lateness_ms=engine.config.allowed_lateness_ms
+        )
+    except (StreamsError, OSError, aioredis.RedisError) as exc:
+        log.warning(
+            "could not store %d granted offer(s) before giving the partitions up (%s): their "
+            "next owner stores them from the outbox",
+            len(offers),
+            type(exc).__name__,
+        )
 
 
 class _FollowAssignment:
@@ -378,13 +400,16 @@ def create_app(runtime: Runtime) -> faust.App:
             stopping.append(asyncio.ensure_future(consumer.stop()))
 
     resume = ResumeFromRedis(runtime.features.watermarks)
-    republish = RepublishOutbox(runtime.outbox, runtime.engine, worker)
+    recover = RecoverOutbox(runtime.outbox, runtime.features, runtime.engine, worker)
 
     async def on_assigned(consumer: AIOKafkaConsumer, partitions: Sequence[TopicPartition]) -> None:
         # Rewinds first (Redis lost writes: those batches run again, entries and all), then
-        # the outputs of batches Redis has but Kafka did not commit.
+        # the outputs and granted offers of batches a stopped worker left behind.
         await resume(consumer, partitions)
-        await republish(consumer, partitions)
+        await recover(consumer, partitions)
+
+    async def on_revoking() -> None:
+        await store_granted_offers(runtime)
 
     # Faust starts it (an instance is accepted, though typed as a class) after the outputs'
     # producer (ProducerService, added first) and stops it before: the last batches are
@@ -401,6 +426,7 @@ def create_app(runtime: Runtime) -> faust.App:
         # The worker drops the events its aligner held of revoked partitions.
         observer=_FollowAssignment(runtime.features, worker, runtime.outbox, status),
         on_assigned=on_assigned,
+        on_revoking=on_revoking,
         on_committed=runtime.outbox.committed,
         crash_points=runtime.crash_points,
         held=worker.aligner,

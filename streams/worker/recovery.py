@@ -1,4 +1,4 @@
-"""Outputs a crash may have lost, published again from the outbox on every assignment.
+"""What a stopped worker may have left undone, recovered from the outbox on every assignment.
 
 A batch's outputs are kept in its outbox entry, written in the same Redis call as its feature
 records and ledger effect (``streams/adapters/outbox.py``), and deleted once Kafka committed
@@ -8,14 +8,20 @@ at or below its watermarks. The records in between are read again, but Redis has
 applied: they are redelivered and publish nothing. Their outputs come from the entry instead:
 
 - on every assignment, before any record is fetched, every entry covering one of the assigned
-  partitions is looked at: if Kafka committed past it on every partition it covers, it is
-  deleted; otherwise its outputs are published again (same ids), their delivery awaited, and
-  the entry deleted;
-- a granted offer joins its user's state with the next batch if this worker owns the user
-  (an offer that already did is recognised by its id and skipped).
+  partitions is looked at: unless Kafka committed past it on every partition it covers, its
+  outputs are published again (same ids) and their delivery awaited;
+- its granted offers are stored in the state of the users this worker owns, at once, in a
+  call fenced by the partitions just claimed: a granted offer joins its user's state with the
+  worker's next batch, and the worker that granted it may have stopped (SIGKILL) after Kafka
+  committed the batch and before that next one. An offer already stored is recognised by its
+  id and skipped;
+- then the assigned partitions are released from the entry (``Outbox.release``), which is
+  deleted once no partition is left: an entry whose partitions went to several workers is
+  recovered by each of them for its own users.
 
-An entry that covers partitions of two workers is published by whichever looks first, and
-may be published by both: consumers dedup by id (docs/delivery.md).
+An entry that covers partitions of two workers is published by each: consumers dedup by id
+(docs/delivery.md). A worker that crashes before it released an entry leaves it to the
+partitions' next owner, which does the same again (nothing twice: ids).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from engine.pipeline import DiscountEngine
 from streams.adapters.kafka_io import default_partition
 from streams.adapters.outbox import Outbox
 from streams.adapters.redis_ledger import ledger_result
+from streams.adapters.redis_store import RedisFeatureStore
 from streams.worker.batch_worker import BatchWorker
 
 log = logging.getLogger("dealstream.worker")
@@ -44,17 +51,27 @@ def _behind(committed: int | None, watermark: int) -> bool:
     return committed is None or committed <= watermark
 
 
-class RepublishOutbox:
+class RecoverOutbox:
     """The event consumer's assignment hook for the outbox (module docstring)."""
 
-    def __init__(self, outbox: Outbox, engine: DiscountEngine, worker: BatchWorker) -> None:
+    def __init__(
+        self,
+        outbox: Outbox,
+        store: RedisFeatureStore,
+        engine: DiscountEngine,
+        worker: BatchWorker,
+    ) -> None:
         self._outbox = outbox
+        self._store = store
         self._engine = engine
         self._worker = worker
 
     async def __call__(
         self, consumer: AIOKafkaConsumer, partitions: Sequence[TopicPartition]
     ) -> None:
+        # Claimed now, not when a batch first carries them: a worker that lost them without
+        # noticing can no longer write them (its stores of granted offers included).
+        await self._store.claim((tp.topic, tp.partition) for tp in partitions)
         assigned = {f"{tp.topic}:{tp.partition}" for tp in partitions}
         touching = {
             entry_id: coverage
@@ -66,34 +83,35 @@ class RepublishOutbox:
         committed: dict[str, int | None] = {}
         for field in sorted({field for coverage in touching.values() for field in coverage}):
             committed[field] = await consumer.committed(_partition(field))
-        done: list[str] = []
-        due: dict[str, dict[str, int]] = {}
-        for entry_id, coverage in touching.items():
-            if any(_behind(committed[field], mark) for field, mark in coverage.items()):
-                due[entry_id] = coverage
-            else:
-                done.append(entry_id)
-        entries = await self._outbox.read(due)
-        if entries:
-            owned = {tp.partition for tp in partitions}
-            # co-partitioned topics: one partition count, and a user's partition in each
-            count = max(len(consumer.partitions_for_topic(tp.topic) or ()) for tp in partitions)
+        owned = {tp.partition for tp in partitions}
+        # co-partitioned topics: one partition count, and a user's partition in each
+        count = max(len(consumer.partitions_for_topic(tp.topic) or ()) for tp in partitions)
 
-            def owns(user_id: str) -> bool:
-                return default_partition(user_id.encode(), count) in owned
+        def owns(user_id: str) -> bool:
+            return default_partition(user_id.encode(), count) in owned
 
-            published = 0
-            for entry in entries:
-                result = self._engine.settled_outputs(
-                    entry.drafts, ledger_result(entry.outcomes, entry.events, ()), owns=owns
-                )
+        engine = self._engine
+        published = republished = 0
+        for entry in await self._outbox.read(touching):
+            result = engine.settled_outputs(
+                entry.drafts, ledger_result(entry.outcomes, entry.events, ()), owns=owns
+            )
+            if any(_behind(committed[field], mark) for field, mark in entry.coverage.items()):
                 await self._worker.republish(result)
                 published += len(result.offers) + len(result.decisions) + len(result.training)
+                republished += 1
+        if republished:
             await self._worker.sink.flush()
             log.warning(
                 "published %d output(s) of %d batch(es) again from the outbox: Kafka had not "
                 "committed them (the worker that handled them stopped first)",
                 published,
-                len(entries),
+                republished,
             )
-        await self._outbox.delete(done + [entry.entry_id for entry in entries])
+        await self._store.store_now(
+            engine.take_granted_offers(),
+            allowed_lateness_ms=engine.config.allowed_lateness_ms,
+        )
+        await self._outbox.release(
+            {entry_id: assigned & coverage.keys() for entry_id, coverage in touching.items()}
+        )

@@ -171,6 +171,9 @@ class ChaosReport:
     offers: int = 0
     offers_published_twice: int = 0
     offers_applied_twice: int = 0
+    offers_missing_from_state: int = 0
+    """Offers published but not in their user's state (``od<day>`` counts), checked after the
+    workers stopped: a worker stores the offers its last batch granted as it stops."""
     offers_without_decision: int = 0
     decisions_without_offer: int = 0
     budget_spent_cents: int = 0
@@ -205,6 +208,7 @@ class ChaosReport:
         """Events, offers, decisions and closed windows whose effect is missing."""
         return (
             self.lost_events
+            + self.offers_missing_from_state
             + self.offers_without_decision
             + self.decisions_without_offer
             + self.windows_not_closed
@@ -228,6 +232,13 @@ class ChaosReport:
             ("faults injected", str(len(self.faults))),
             ("events (+ poison records)", f"{self.events:,} (+{self.poison})"),
             ("lost", str(self.lost)),
+            (
+                "  of them: events in features / offers in state / windows",
+                (
+                    f"{self.lost_events} / {self.offers_missing_from_state} / "
+                    f"{self.windows_not_closed}"
+                ),
+            ),
             ("doubled (applied twice)", str(self.doubled)),
             ("overspent cents", str(self.overspent_cents)),
             ("lag at the end", str(self.final_lag)),
@@ -586,9 +597,12 @@ def run_chaos(cluster: Cluster, tmp_path: Path, config: ChaosConfig) -> ChaosRep
             asyncio.run(worker.wait_progress(lambda p: True, timeout_s=180))
         asyncio.run(run.replay())
         days = set(range(days_from, event_day(int(time.time() * 1000)) + 1))
+        # Stopped first: a stopping worker stores the offers its last batch granted.
+        run.report.worker_exit_codes = deployment.stop()
         asyncio.run(check(run, days))
     finally:
-        run.report.worker_exit_codes = deployment.stop()
+        if not run.report.worker_exit_codes:
+            run.report.worker_exit_codes = deployment.stop()
     last_lines = _last_per_run(deployment.learner_entries("snapshot"))
     run.report.learner_duplicates_skipped = sum(
         int(line["status"].get("duplicates", 0)) for line in last_lines
@@ -674,12 +688,14 @@ async def check(run: Run, days: set[int]) -> None:
     report.offers_without_decision = len(offers.keys() - offered.keys())
     report.decisions_without_offer = len(offered.keys() - offers.keys())
 
-    # An offer joins its user's state once (od<day> counts): more than the user's unique
-    # offers is an offer applied twice.
+    # An offer joins its user's state once (od<day> counts; the run spans less than their 30
+    # days): more than the user's unique offers is an offer applied twice, fewer a lost one.
     per_user = Counter(str(o["user_id"]) for o in offers.values())
-    for user, state in got.items():
-        in_state = sum(v for k, v in state.items() if k.startswith("od") and k != "od")
-        report.offers_applied_twice += max(int(in_state) - per_user[user], 0)
+    for user in per_user.keys() | got.keys():
+        state = got.get(user, {})
+        in_state = int(sum(v for k, v in state.items() if k.startswith("od") and k != "od"))
+        report.offers_applied_twice += max(in_state - per_user[user], 0)
+        report.offers_missing_from_state += max(per_user[user] - in_state, 0)
 
     by_id = {str(e["event_id"]): e for e in events}
     budgeted = next(c for c in deployment.campaigns if c.name == "ch-budget")

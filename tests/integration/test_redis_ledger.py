@@ -907,6 +907,32 @@ async def test_a_call_whose_reply_is_lost_is_read_back_from_its_outbox_entry_or_
         await client.aclose()
 
 
+async def test_an_outbox_entry_goes_once_every_owner_of_its_partitions_released_it(
+    services: Services, isolation: Isolation
+) -> None:
+    """An entry's partitions may go to several workers after a crash: each recovers the entry
+    for its own users and releases its partitions; the last one deletes it."""
+    prefix = isolation.redis_prefix
+    client = aioredis.Redis.from_url(services.redis_url)
+    outbox = Outbox(client, prefix=prefix)
+    try:
+        write = outbox.write([None], [("b:0", 41), ("b:1", 7), ("s:1", 3)])
+        assert write is not None
+        await BatchCommit(client, prefix=prefix)(outbox=write)
+        other = f"{write.entry_id[:-1]}9"  # another writer's id: released alike
+        await client.hset(f"{prefix}ob", other, b'{"outcomes":[],"events":[]}\n[]')
+        await client.hset(f"{prefix}obc", other, b'{"b:1":5}')
+        await outbox.release({write.entry_id: {"b:1", "s:1"}, other: {"b:1"}})
+        assert await outbox.coverage() == {write.entry_id: {"b:0": 41}}
+        assert [e.entry_id for e in await outbox.read(await outbox.coverage())] == [write.entry_id]
+        await outbox.release({write.entry_id: {"b:0"}, "gone:1": {"b:0"}})
+        assert await outbox.coverage() == {}
+        assert await client.hlen(f"{prefix}ob") == 0
+    finally:
+        await delete_prefix(client, prefix)
+        await client.aclose()
+
+
 async def test_a_call_no_replica_acknowledged_is_never_returned(
     services: Services, isolation: Isolation
 ) -> None:

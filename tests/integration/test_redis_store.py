@@ -823,6 +823,53 @@ async def test_a_store_that_lost_its_partition_is_fenced_and_writes_nothing(
         await new.apply_batch([view("e", 3)], allowed_lateness_ms=HOUR_MS)
 
 
+async def test_granted_offers_stored_at_a_revoke_never_overwrite_the_next_owners_records(
+    redis_env: RedisEnv,
+) -> None:
+    """An offer granted by a worker's last batch before a revoke joins the user's state with
+    the worker's next batch, which would be of other partitions: written then, the user's
+    record read before the new owner's writes would go over them (the chaos suite lost four
+    views of a user that way). ``store_now`` stores it while the partition is still the
+    worker's, fenced by its claims: after the new owner claimed the partition it is refused."""
+    client, prefix = redis_env.client, redis_env.prefix
+    old = RedisFeatureStore(client, prefix=prefix, defer_writes=False)
+    new = RedisFeatureStore(client, prefix=prefix)
+
+    def view(event_id: str, user: str, offset: int, partition: int = 0) -> StateUpdate:
+        event = make_event("view", event_id, user, T0 + offset)
+        return to_update(event, Position("events.browse", partition, offset))
+
+    def offer(offer_id: str, user: str, at: int) -> StateUpdate:
+        return StateUpdate(user, f"offer:{offer_id}", at, offer_ops(at, 10.0), on_time=True)
+
+    await old.apply_batch([view("a", "u1", 0), view("z", "u9", 0, 1)], allowed_lateness_ms=HOUR_MS)
+    # the revoke: the offer granted by that batch is stored now, then the store lets go
+    await old.store_now([offer("o1", "u1", T0)], allowed_lateness_ms=HOUR_MS)
+    old.on_revoked([("events.browse", 0), ("events.browse", 1)])
+    await new.claim([("events.browse", 0)])
+    await new.apply_batch([view("b", "u1", 1)], allowed_lateness_ms=HOUR_MS)
+    # the old worker's next batch, of the partition it kept, carries nothing of u1
+    old.on_assigned([("events.browse", 1)])
+    await old.apply_batch([view("y", "u9", 1, 1)], allowed_lateness_ms=HOUR_MS)
+    state = (await new.read_states(["u1"]))["u1"]
+    assert state["nv"] == 2, "a view of the new owner's was overwritten"
+    assert compute_features(state)["offer_count_30d"] == 1
+
+    # A store that missed the revoke (its session expired) is fenced out of storing offers of
+    # the partition's users; a store that owns the partition stores an offer once.
+    stale = RedisFeatureStore(client, prefix=prefix)
+    await stale.claim([("events.browse", 0)])
+    await stale.apply_batch([view("c", "u1", 2)], allowed_lateness_ms=HOUR_MS)
+    await redis_env.store.claim([("events.browse", 0)])  # the partition moves on again
+    with pytest.raises(PartitionFenced):
+        await stale.store_now([offer("o2", "u1", T0 + 2)], allowed_lateness_ms=HOUR_MS)
+    owner = redis_env.store
+    await owner.store_now([offer("o2", "u1", T0 + 2)], allowed_lateness_ms=HOUR_MS)
+    await owner.store_now([offer("o2", "u1", T0 + 2)], allowed_lateness_ms=HOUR_MS)
+    state = (await owner.read_states(["u1"]))["u1"]
+    assert state["nv"] == 3 and compute_features(state)["offer_count_30d"] == 2
+
+
 async def test_forget_makes_every_store_drop_what_it_holds(redis_env: RedisEnv) -> None:
     """A worker holds u1's record; `dealstream forget` (another store) deletes it: the worker's
     next batch starts u1 afresh instead of writing the forgotten history back."""

@@ -3,11 +3,12 @@
 A batch's Redis effect (features, ledger, outbox entry) is one atomic call; its outputs are
 then sent, acknowledged by Kafka, and its offsets committed (``streams/worker/consumer.py``).
 ``DEALSTREAM_CRASH_AT`` (``streams/worker/crash_points.py``) makes the worker exit like a
-SIGKILL right after the call, after the sends, or after Kafka acknowledged them. The restarted
-worker publishes the batch's outputs again from the outbox, and then every decision and offer
-of the reference is on its topic, every training example too, each budget charged exactly the
-cost of the offers delivered, and every user's feature state holds each event and each offer
-exactly once.
+SIGKILL right after the call, after the sends, after Kafka acknowledged them, or after the
+batch's commit (its granted offers not yet in their users' state). The restarted worker
+publishes the batch's outputs again from the outbox and stores its offers, and then every
+decision and offer of the reference is on its topic, every training example too, each budget
+charged exactly the cost of the offers delivered, and every user's feature state holds each
+event and each offer exactly once.
 
 The other half, a call whose reply is lost, is tested against Redis in
 tests/integration/test_redis_ledger.py (``test_a_call_whose_reply_is_lost_...``).
@@ -287,8 +288,49 @@ async def test_a_worker_stopped_dead_at_a_step_of_a_batch_loses_and_doubles_noth
         f"republished {final['republished']} outputs; {published.report(want)}"
     )
     assert left >= 1, "the crash should leave the batch's outbox entry"
-    assert "again from the outbox" in worker.run_log_text(), worker.tail()
+    if step != "after_commit":  # after it, the next batch's call may not have run yet
+        assert "again from the outbox" in worker.run_log_text(), worker.tail()
     published.check(want)
     # at most the crashed batch and the one before it (its commit may still have been in
     # flight) are published a second time
     assert max(published.decisions.values()) <= 2
+
+
+async def test_a_worker_killed_while_idle_leaves_its_last_offers_to_the_next_one(
+    services: Services, isolation: Isolation, free_port: int, tmp_path: Path
+) -> None:
+    """A batch's granted offers join their users' state with the worker's next batch. Killed
+    once everything is committed (no next batch came), the worker leaves them in the batch's
+    outbox entry, committed in Kafka: the next worker stores them from there."""
+    campaigns = tmp_path / "campaigns.toml"
+    campaigns.write_text(CAMPAIGNS)
+    want = await wanted(campaigns, fault_events())
+    topics = Topics(isolation.topic_prefix)
+    log_path = tmp_path / "worker.log"
+    settings = {"campaigns": campaigns, "batch_max": 100}
+    killed = kill9_worker(services, isolation, free_port, log_path, **settings)
+    worker = kill9_worker(services, isolation, free_port, log_path, **settings)
+    try:
+        await ensure_topics(services.kafka_bootstrap, topics.all, partitions=PARTITIONS)
+        total = await produce_events(services, topics, want.events)
+        killed.start()
+        await wait_committed(services, isolation, total)
+        await killed.wait_progress(lambda line: line["consumed"] >= total, 30)
+        assert killed.process is not None
+        killed.process.kill()
+        assert killed.process.wait(30) == -9
+        left = await outbox_entries(services, isolation)
+
+        worker.start()
+        await finish_with_closing_purchases(services, isolation, want, total)
+        await worker.wait_progress(lambda line: line["batches"] > 0, 30)
+        published = await Published.read(services, isolation, want)
+        assert worker.stop() == 0, worker.tail()
+    finally:
+        for process in (killed, worker):
+            if process.alive():
+                process.stop()
+        await clean_up(services, isolation)
+    print(f"\nkilled while idle: {left} outbox entr(ies) left; {published.report(want)}")
+    assert left >= 1, "the last batches' entries wait for the next call"
+    published.check(want)
