@@ -324,12 +324,13 @@ class DiscountEngine:
                     await self._settle(ops, result, {lane: lane_clock})
                 ops = []
         # Live, a remote ledger sees every batch, even one that applied nothing (all
-        # redelivered): its call also carries the batch's feature records (offers granted
-        # earlier among them) and outbox entry (``DecisionLedger.settle_due``).
+        # redelivered) or had no event at all (its records were dead letters) but offers
+        # granted earlier: its call also carries the batch's feature records and outbox entry
+        # (``DecisionLedger.settle_due``).
         clocks = lanes.items() or ((0, self.clock_ms),)
         if ops or (
             not learn_inline
-            and batch
+            and (batch or offer_updates)
             and any(self.ledger.settle_due(lane, clock) for lane, clock in clocks)
         ):
             await self._settle(ops, result, lanes)

@@ -48,7 +48,13 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 
 from engine.features.state import CATALOGUE_VERSION, LONGEST_WINDOW_MS, State
-from engine.features.store import BatchOutcome, StateUpdate, UserRecord, apply_updates
+from engine.features.store import (
+    BatchOutcome,
+    StateUpdate,
+    UpdateStatus,
+    UserRecord,
+    apply_updates,
+)
 from streams.adapters.batch_commit import (
     STALE_RETRIES,
     BatchCommit,
@@ -306,28 +312,30 @@ class RedisFeatureStore:
             records=[encode_record(records[user]) for user in users],
         )
 
-    async def store_now(self, updates: Sequence[StateUpdate], *, allowed_lateness_ms: int) -> None:
+    async def store_now(self, updates: Sequence[StateUpdate], *, allowed_lateness_ms: int) -> int:
         """Apply ``updates`` (granted offers: no source position) and write them at once, in a
         call fenced by every partition this store claims: a revoke or a stop stores the offers
         its last batch granted before the partitions' next owner reads the users' records, and
         an assignment stores those its outbox entries recovered (``streams/worker/recovery.py``).
+        Returns how many were applied (the others were stored before: their ids are known).
         Raises ``PartitionFenced`` when another store claimed one of them since."""
         if not updates:
-            return
+            return 0
         if self._staged is not None:
             self._staged = None  # never carried by a ledger call: what is held is ahead of Redis
             self._drop_after_failure()
         for _ in range(STALE_RETRIES):
             try:
-                _, write = await self._apply_once(updates, allowed_lateness_ms)
+                outcome, write = await self._apply_once(updates, allowed_lateness_ms)
+                applied = outcome.statuses.count(UpdateStatus.APPLIED)
                 if write is None:
-                    return
+                    return applied
                 marks = self._watermarks
                 fence = [(_field(p), marks[p]) for p in sorted(self._claimed) if p in marks]
                 write = dataclasses.replace(write, marks=fence)
                 await self._commit(features=write)
                 self.written(write)
-                return
+                return applied
             except StateEpochMoved:
                 self.refused_as_stale()
             except BaseException:

@@ -101,7 +101,7 @@ handed over (``BatchWorker.handle``: its aligner holds back what they may preced
 FatalHandler = Callable[[BaseException], None]
 AssignedHook = Callable[[AIOKafkaConsumer, Sequence[TopicPartition]], Awaitable[None]]
 """Runs on every assignment before any record of it is fetched; may seek (``ResumeFromRedis``)
-and publish (``RepublishOutbox``)."""
+and publish (``RecoverOutbox``)."""
 RevokingHook = Callable[[], Awaitable[None]]
 """Runs when the worker gives its partitions up (a revoke, a stop), after its last batch is
 delivered and committed and while it still owns them (``store_granted_offers``)."""

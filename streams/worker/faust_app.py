@@ -231,9 +231,14 @@ async def store_granted_offers(runtime: Runtime) -> None:
     outbox entry, and the partitions' next owner stores them from there."""
     engine = runtime.engine
     offers = engine.take_granted_offers()
+    if not offers:
+        return
     try:
-        await runtime.features.store_now(
+        stored = await runtime.features.store_now(
             offers, allowed_lateness_ms=engine.config.allowed_lateness_ms
+        )
+        log.info(
+            "stored %d of %d granted offer(s) before giving the partitions up", stored, len(offers)
         )
     except (StreamsError, OSError, aioredis.RedisError) as exc:
         log.warning(

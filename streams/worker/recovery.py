@@ -108,9 +108,15 @@ class RecoverOutbox:
                 published,
                 republished,
             )
-        await self._store.store_now(
-            engine.take_granted_offers(),
-            allowed_lateness_ms=engine.config.allowed_lateness_ms,
+        offers = engine.take_granted_offers()
+        stored = await self._store.store_now(
+            offers, allowed_lateness_ms=engine.config.allowed_lateness_ms
+        )
+        log.info(
+            "recovered %d outbox entr(ies): %d of %d granted offer(s) stored (the others were)",
+            len(touching),
+            stored,
+            len(offers),
         )
         await self._outbox.release(
             {entry_id: assigned & coverage.keys() for entry_id, coverage in touching.items()}

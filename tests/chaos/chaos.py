@@ -691,11 +691,25 @@ async def check(run: Run, days: set[int]) -> None:
     # An offer joins its user's state once (od<day> counts; the run spans less than their 30
     # days): more than the user's unique offers is an offer applied twice, fewer a lost one.
     per_user = Counter(str(o["user_id"]) for o in offers.values())
-    for user in per_user.keys() | got.keys():
+    where = {str(e["event_id"]): n / len(events) for n, e in enumerate(events)}
+    for user in sorted(per_user.keys() | got.keys()):
         state = got.get(user, {})
         in_state = int(sum(v for k, v in state.items() if k.startswith("od") and k != "od"))
         report.offers_applied_twice += max(in_state - per_user[user], 0)
-        report.offers_missing_from_state += max(per_user[user] - in_state, 0)
+        missing = per_user[user] - in_state
+        report.offers_missing_from_state += max(missing, 0)
+        if missing > 0:
+            days = {k: v for k, v in state.items() if k.startswith("od")}
+            triggers = sorted(
+                (where.get(str(d["trigger_event_id"]), -1.0), d["ts"], d["offer_id"])
+                for d in offered.values()
+                if d["offer_id"] in offers and str(offers[d["offer_id"]]["user_id"]) == user
+            )
+            print(
+                f"chaos: {user} has {in_state} offers in state, {per_user[user]} published "
+                f"({days}); triggers at "
+                + ", ".join(f"{at:.1%} ts {ts} {offer_id}" for at, ts, offer_id in triggers)
+            )
 
     by_id = {str(e["event_id"]): e for e in events}
     budgeted = next(c for c in deployment.campaigns if c.name == "ch-budget")

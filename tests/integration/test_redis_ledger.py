@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import tomllib
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ from hypothesis import strategies as st
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from engine.campaigns import parse_campaigns
+from engine.events import BrowseEvent
+from engine.features.catalogue import compute_features
 from engine.features.state import HOUR_MS, MINUTE_MS
 from engine.features.store import Position, StateUpdate
 from engine.labels import Arm, LabelEvent, LabelKind, PendingDecision
@@ -48,6 +52,7 @@ from engine.ledger import (
     StopLossSetting,
     event_day,
 )
+from engine.pipeline import DiscountEngine, EngineConfig, Incoming
 from engine.stop_loss import StopLoss
 from streams.adapters.batch_commit import BatchCommit, CommitReply
 from streams.adapters.outbox import Outbox
@@ -970,6 +975,53 @@ async def test_a_call_no_replica_acknowledged_is_never_returned(
         assert await ledger.budget_spent_cents("alpha", T0 // (24 * HOUR_MS)) == 250
         assert await client.hlen(f"{prefix}ob") == 1
         assert int(await client.get(wait.barrier_key)) >= 1
+    finally:
+        await delete_prefix(client, prefix)
+        await client.aclose()
+
+
+async def test_a_batch_of_dead_letters_alone_still_stores_the_offers_granted_before_it(
+    services: Services, isolation: Isolation
+) -> None:
+    """The engine runs a batch that released no event (its records were all dead-lettered):
+    the offers the batch before granted must still reach their users' state with its call,
+    not be staged and dropped (found by the chaos suite: offers missing from users' state)."""
+    prefix = isolation.redis_prefix
+    client = aioredis.Redis.from_url(services.redis_url)
+    store = RedisFeatureStore(client, prefix=prefix, defer_writes=True)
+    campaigns = parse_campaigns(
+        tomllib.loads(
+            '[[campaign]]\nname = "everyone"\npolicy = "threshold"\nthreshold = 0.0\n'
+            "discount_pct = 10\ndecision_interval_s = 0\n"
+        )
+    )
+    config = EngineConfig(learn_inline=False)
+    engine = DiscountEngine(
+        store,
+        ledger=RedisLedger(
+            client,
+            prefix=prefix,
+            config=config.ledger_config(campaigns),
+            features=store,
+            outbox=Outbox(client, prefix=prefix),
+        ),
+        campaigns=campaigns,
+        config=config,
+    )
+
+    def cart(user: str, offset: int) -> Incoming:
+        event = BrowseEvent(f"e{offset}", user, T0 + offset, "i1", "c1", 20.0, action="cart")
+        return Incoming(event, Position("b", 0, offset))
+
+    try:
+        first = await engine.process([cart("u1", 0)])
+        assert len(first.offers) == 1
+        await engine.process([])  # the next batch: dead letters only
+        state = (await store.read_states(["u1"]))["u1"]
+        assert compute_features(state)["offer_count_30d"] == 1
+        await engine.process([cart("u2", 1)])
+        state = (await store.read_states(["u1"]))["u1"]
+        assert compute_features(state)["offer_count_30d"] == 1
     finally:
         await delete_prefix(client, prefix)
         await client.aclose()

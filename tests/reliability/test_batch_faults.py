@@ -334,3 +334,36 @@ async def test_a_worker_killed_while_idle_leaves_its_last_offers_to_the_next_one
     print(f"\nkilled while idle: {left} outbox entr(ies) left; {published.report(want)}")
     assert left >= 1, "the last batches' entries wait for the next call"
     published.check(want)
+
+
+async def test_a_stopped_worker_stores_the_offers_its_last_batch_granted(
+    services: Services, isolation: Isolation, free_port: int, tmp_path: Path
+) -> None:
+    """Stopped (SIGTERM) with nothing left to read, the worker has no next batch to carry the
+    offers its last batch granted: it stores them as it stops."""
+    campaigns = tmp_path / "campaigns.toml"
+    campaigns.write_text(CAMPAIGNS)
+    events = fault_events()
+    want = await wanted(campaigns, events)
+    topics = Topics(isolation.topic_prefix)
+    worker = kill9_worker(
+        services, isolation, free_port, tmp_path / "worker.log", campaigns=campaigns, batch_max=100
+    )
+    try:
+        await ensure_topics(services.kafka_bootstrap, topics.all, partitions=PARTITIONS)
+        total = await produce_events(services, topics, events)
+        worker.start()
+        await wait_committed(services, isolation, total)
+        await worker.wait_progress(lambda line: line["consumed"] >= total, 30)
+        assert worker.stop() == 0, worker.tail()
+        decisions = await read_topic(services, topics.decisions)
+        states = await read_states(services, isolation, want.states)
+    finally:
+        if worker.alive():
+            worker.stop()
+        await clean_up(services, isolation)
+    pseudonym = worker_pseudonyms().of
+    offers_by_user = Counter(m["user_id"] for m in decisions if m["offer_id"])
+    in_state = {user: _offers_in(state) for user, state in states.items()}
+    assert sum(offers_by_user.values()) > 0
+    assert in_state == {user: offers_by_user.get(pseudonym(user), 0) for user in states}
