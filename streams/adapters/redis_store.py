@@ -251,20 +251,35 @@ class RedisFeatureStore:
     ) -> BatchOutcome:
         """Apply the batch to the held records; write them (``defer_writes=False``) or stage
         the write for the ledger's call (``take_staged``)."""
-        if self._staged is not None:
-            # The last batch's write never reached Redis (its batch failed before the ledger
-            # call): what is held is ahead of Redis.
-            self._staged = None
-            self._drop_after_failure()
+        self._discard_staged()
         if not updates:
             return BatchOutcome(statuses=[], before={})
+        return await self._apply_and_write(
+            updates, allowed_lateness_ms, stage=self.defer_writes, fence_claimed=False
+        )
+
+    async def _apply_and_write(
+        self,
+        updates: Sequence[StateUpdate],
+        allowed_lateness_ms: int,
+        *,
+        stage: bool,
+        fence_claimed: bool,
+    ) -> BatchOutcome:
+        """Apply ``updates`` in memory, then stage the write (``stage``) or make it, its call
+        fenced by the batch's partitions or by every claimed one (``fence_claimed``); a call
+        refused as stale reads what it needs again and runs again."""
         for _ in range(STALE_RETRIES):
             try:
                 outcome, write = await self._apply_once(updates, allowed_lateness_ms)
-                if self.defer_writes:
+                if stage:
                     self._staged = write
                     return outcome
                 if write is not None:
+                    if fence_claimed:
+                        marks = self._watermarks
+                        fence = [(_field(p), marks[p]) for p in sorted(self._claimed) if p in marks]
+                        write = dataclasses.replace(write, marks=fence)
                     await self._commit(features=write)
                     self.written(write)
                 return outcome
@@ -277,6 +292,13 @@ class RedisFeatureStore:
             f"feature state epoch kept moving during {STALE_RETRIES} attempts to write a batch "
             "(is `dealstream forget` running in a loop?)"
         )
+
+    def _discard_staged(self) -> None:
+        """A staged write no ledger call carried (its batch failed first): what is held is
+        ahead of Redis, so it is read again."""
+        if self._staged is not None:
+            self._staged = None
+            self._drop_after_failure()
 
     async def _apply_once(
         self, updates: Sequence[StateUpdate], allowed_lateness_ms: int
@@ -319,32 +341,13 @@ class RedisFeatureStore:
         an assignment stores those its outbox entries recovered (``streams/worker/recovery.py``).
         Returns how many were applied (the others were stored before: their ids are known).
         Raises ``PartitionFenced`` when another store claimed one of them since."""
+        self._discard_staged()
         if not updates:
             return 0
-        if self._staged is not None:
-            self._staged = None  # never carried by a ledger call: what is held is ahead of Redis
-            self._drop_after_failure()
-        for _ in range(STALE_RETRIES):
-            try:
-                outcome, write = await self._apply_once(updates, allowed_lateness_ms)
-                applied = outcome.statuses.count(UpdateStatus.APPLIED)
-                if write is None:
-                    return applied
-                marks = self._watermarks
-                fence = [(_field(p), marks[p]) for p in sorted(self._claimed) if p in marks]
-                write = dataclasses.replace(write, marks=fence)
-                await self._commit(features=write)
-                self.written(write)
-                return applied
-            except StateEpochMoved:
-                self.refused_as_stale()
-            except BaseException:
-                self._drop_after_failure()
-                raise
-        raise StateEpochMoved(
-            f"feature state epoch kept moving during {STALE_RETRIES} attempts to store "
-            "granted offers"
+        outcome = await self._apply_and_write(
+            updates, allowed_lateness_ms, stage=False, fence_claimed=True
         )
+        return outcome.statuses.count(UpdateStatus.APPLIED)
 
     # -- the staged write (``defer_writes``: the ledger's call carries it) ---------------------
 
