@@ -7,8 +7,8 @@ SIGKILL gives: no cleanup, no commit, no flush) the n-th time it reaches ``step`
   written), nothing sent to Kafka yet;
 - ``after_send``: its outputs handed to the producer, not yet acknowledged;
 - ``after_delivery``: Kafka acknowledged them, the batch's offsets not yet committed;
-- ``after_commit``: its offsets committed, the offers it granted not yet in their users' state
-  (they join it with the next batch's call).
+- ``after_commit``: its offsets committed; the offers it granted join their users' state with
+  the next batch's call, which may or may not have run (the batches are pipelined).
 
 A kill anywhere before the Redis call leaves nothing of the batch behind, so it needs no
 point of its own. ``stop_consumer:<n>`` does not exit: after the n-th batch it stops the event
