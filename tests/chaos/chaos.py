@@ -699,7 +699,7 @@ async def check(run: Run, days: set[int]) -> None:
         missing = per_user[user] - in_state
         report.offers_missing_from_state += max(missing, 0)
         if missing > 0:
-            days = {k: v for k, v in state.items() if k.startswith("od")}
+            counts = {k: v for k, v in state.items() if k.startswith("od")}
             triggers = sorted(
                 (where.get(str(d["trigger_event_id"]), -1.0), d["ts"], d["offer_id"])
                 for d in offered.values()
@@ -707,7 +707,7 @@ async def check(run: Run, days: set[int]) -> None:
             )
             print(
                 f"chaos: {user} has {in_state} offers in state, {per_user[user]} published "
-                f"({days}); triggers at "
+                f"({counts}); triggers at "
                 + ", ".join(f"{at:.1%} ts {ts} {offer_id}" for at, ts, offer_id in triggers)
             )
 
