@@ -72,23 +72,14 @@ def redis_from_settings(settings: Settings) -> RedisClient:
             password=security.password or _secret(_unquoted(parts.password)),
         )
         url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-    options = _security_options(security, tls=urlsplit(url).scheme == "rediss")
-    if settings.redis_cluster:
-        return RedisCluster.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            health_check_interval=HEALTH_CHECK_INTERVAL_S,
-            retry=Retry(NoBackoff(), 0),
-            **options,
-        )
-    return aioredis.Redis.from_url(
+    client_from_url = RedisCluster.from_url if settings.redis_cluster else aioredis.Redis.from_url
+    return client_from_url(
         url,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         health_check_interval=HEALTH_CHECK_INTERVAL_S,
         retry=Retry(NoBackoff(), 0),
-        **options,
+        **_security_options(security, tls=urlsplit(url).scheme == "rediss"),
     )
 
 

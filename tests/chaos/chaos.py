@@ -51,12 +51,9 @@ from engine.analysis.simulation.world import open_loop
 from engine.decisions import offer_cost_cents, order_value
 from engine.events import parse_event
 from engine.features.catalogue import compute_features
-from engine.ledger import LedgerConfig, event_day
+from engine.ledger import event_day
 from streams.adapters.kafka_io import ensure_topics
-from streams.adapters.pseudonyms import pseudonyms_from_settings
 from streams.adapters.redis_client import deployment_node, redis_from_settings
-from streams.adapters.redis_ledger import RedisLedger
-from streams.adapters.redis_store import RedisFeatureStore
 from tests.chaos.reference import expected_features
 from tests.cluster.conftest import Cluster
 from tests.cluster.deployment import (
@@ -625,21 +622,10 @@ def _last_per_run(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 async def check(run: Run, days: set[int]) -> None:
     """Fill the report: features, outputs, budgets, training, dead letters."""
-    report, settings, deployment = run.report, run.settings, run.deployment
+    report, deployment = run.report, run.deployment
     events = run.events
     engine_states = await reference_states(events, allowed_lateness_ms=ALLOWED_LATENESS_S * 1000)
-    client = redis_from_settings(settings)
-    try:
-        store = RedisFeatureStore(
-            client, prefix=settings.redis_prefix, pseudonyms=pseudonyms_from_settings(settings)
-        )
-        got = await store.read_states(list(engine_states))
-        ledger = RedisLedger(
-            client, prefix=settings.redis_prefix, config=LedgerConfig(attribution_window_ms=1)
-        )
-        spent = {day: await ledger.budget_spent_cents("ch-budget", day) for day in days}
-    finally:
-        await client.aclose()
+    got, spent = await deployment.stored(engine_states, campaign="ch-budget", days=days)
 
     # Features: the engine's in-memory store on the same events (every field but the offers,
     # which join a user's state with the user's next batch), and the test's own reference.

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,12 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from engine.campaigns import Campaign, load_campaigns
+from engine.features.state import State
+from engine.ledger import LedgerConfig
+from streams.adapters.pseudonyms import pseudonyms_from_settings
 from streams.adapters.redis_client import redis_from_settings
+from streams.adapters.redis_ledger import RedisLedger
+from streams.adapters.redis_store import RedisFeatureStore
 from streams.settings import Settings, Topics
 from tests.cluster.conftest import Cluster
 from tests.conftest import REPO
@@ -120,6 +125,26 @@ class Deployment:
 
     def redis(self) -> Any:
         return redis_from_settings(self.settings)
+
+    async def stored(
+        self, users: Iterable[str], *, campaign: str, days: Iterable[int]
+    ) -> tuple[dict[str, State], dict[int, int]]:
+        """The users' feature states and ``campaign``'s spend (cents) on each of ``days``, as
+        the deployment's Redis holds them."""
+        settings = self.settings
+        client = self.redis()
+        try:
+            store = RedisFeatureStore(
+                client, prefix=settings.redis_prefix, pseudonyms=pseudonyms_from_settings(settings)
+            )
+            states = await store.read_states(list(users))
+            ledger = RedisLedger(
+                client, prefix=settings.redis_prefix, config=LedgerConfig(attribution_window_ms=1)
+            )
+            spent = {day: await ledger.budget_spent_cents(campaign, day) for day in days}
+        finally:
+            await client.aclose()
+        return states, spent
 
 
 async def committed_and_lag(

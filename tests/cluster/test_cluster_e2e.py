@@ -29,12 +29,9 @@ from aiokafka import AIOKafkaProducer
 from engine.analysis.simulation.world import open_loop
 from engine.decisions import offer_cost_cents, order_value
 from engine.events import parse_event
-from engine.ledger import LedgerConfig, event_day
+from engine.ledger import event_day
 from streams.adapters.kafka_io import ensure_topics
-from streams.adapters.pseudonyms import pseudonyms_from_settings
 from streams.adapters.redis_client import deployment_node
-from streams.adapters.redis_ledger import RedisLedger
-from streams.adapters.redis_store import RedisFeatureStore
 from streams.settings import Topics
 from tests.cluster.conftest import Cluster
 from tests.cluster.deployment import (
@@ -119,20 +116,8 @@ async def check_everything(
 ) -> Mapping[str, Any]:
     """Features exact, every decision once, offers only with their decision, budgets kept.
     Returns figures for the report."""
-    settings = deployment.settings
     want = await reference_states(events, allowed_lateness_ms=ALLOWED_LATENESS_S * 1000)
-    client = deployment.redis()
-    try:
-        store = RedisFeatureStore(
-            client, prefix=settings.redis_prefix, pseudonyms=pseudonyms_from_settings(settings)
-        )
-        got = await store.read_states(list(want))
-        ledger = RedisLedger(
-            client, prefix=settings.redis_prefix, config=LedgerConfig(attribution_window_ms=1)
-        )
-        spent = {day: await ledger.budget_spent_cents("cl-budget", day) for day in days}
-    finally:
-        await client.aclose()
+    got, spent = await deployment.stored(want, campaign="cl-budget", days=days)
     # Granted offers join a user's state too (od<day> buckets, od: the latest), with the
     # user's next batch: compared below against the offers published.
     received = {
@@ -152,7 +137,7 @@ async def check_everything(
         )
     assert not differ, f"{len(differ)} of {len(want)} users' features differ{example}"
 
-    bootstrap = settings.kafka_bootstrap
+    bootstrap = deployment.settings.kafka_bootstrap
     decisions = await read_values(bootstrap, deployment.topics.decisions)
     offers = await read_values(bootstrap, deployment.topics.offers)
     twice = [d for d, n in Counter(d["decision_id"] for d in decisions).items() if n > 1]
