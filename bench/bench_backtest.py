@@ -14,7 +14,7 @@
 Prints the figures and writes ``bench/results/backtest.json``; it never asserts on them.
 
     .venv/bin/python bench/bench_backtest.py [--events 1000000] [--users 20000]
-        [--campaigns deploy/campaigns/demo.toml] [--river-rows 300000]
+        [--campaigns deploy/campaigns/paper.toml] [--river-rows 300000]
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ from engine.analysis.simulation.world import open_loop
 from engine.model.inputs import model_inputs
 from engine.pipeline import EngineConfig
 from streams.cli.backtest_files import run_backtest_command
+from streams.operations.garbage_collector import tune_garbage_collector
+from streams.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "backtest.json"
@@ -86,10 +88,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--users", type=int, default=20_000)
-    parser.add_argument("--campaigns", type=Path, default=REPO / "deploy/campaigns/demo.toml")
+    parser.add_argument("--campaigns", type=Path, default=REPO / "deploy/campaigns/paper.toml")
     parser.add_argument("--river-rows", type=int, default=300_000)
     parser.add_argument("--no-write", action="store_true", help="do not write the results file")
     args = parser.parse_args()
+    tune_garbage_collector(Settings.from_env().gc_threshold)  # as `dealstream backtest` runs
 
     with tempfile.TemporaryDirectory(prefix="bench-backtest-") as tmp:
         root = Path(tmp)

@@ -28,6 +28,7 @@ from engine.model.signing import (
     verify_key_pem,
 )
 from streams.errors import ConfigError
+from streams.operations.garbage_collector import DEFAULT_GC_THRESHOLD
 
 if TYPE_CHECKING:
     from engine.pipeline import EngineConfig
@@ -283,6 +284,10 @@ class Settings:
     forget_ttl_s: float = 7 * 24 * 3600.0
     """How long ``dealstream forget``'s tombstone stops a profile being rebuilt
     (``DEALSTREAM_FORGET_TTL_S``; default Kafka's default retention, 7 days)."""
+    gc_threshold: int = DEFAULT_GC_THRESHOLD
+    """Net allocations between two young-generation collections of Python's garbage collector
+    (``DEALSTREAM_GC_THRESHOLD``; Python's own is 700; 0 leaves the collector as Python sets
+    it): ``streams/operations/garbage_collector.py``."""
 
     @property
     def topics(self) -> Topics:
@@ -404,6 +409,7 @@ class Settings:
             forget_ttl_s=_above_zero(
                 "FORGET_TTL_S", number("FORGET_TTL_S", defaults.forget_ttl_s, float)
             ),
+            gc_threshold=int(number("GC_THRESHOLD", defaults.gc_threshold, int)),
         )
 
 

@@ -101,31 +101,29 @@ def _key_kind(key: bytes, prefix: str) -> str:
 
 
 async def redis_bytes(client: aioredis.Redis, prefix: str, users: int) -> dict[str, Any]:
-    """Bytes per active user under ``prefix``: MEMORY USAGE of a random sample of the keys,
-    scaled to the key count, by key kind (the name after the prefix up to its first colon:
-    ``s<catalogue version>`` feature records, ``p`` pending decisions, ``g`` guardrails, ...)."""
+    """Bytes per active user under ``prefix``, by key kind (the name after the prefix up to its
+    first colon: ``s<catalogue version>`` feature records, ``p`` pending decisions, ``pq`` and
+    ``pe`` the label queues, ``g`` guardrails, ...): ``MEMORY USAGE`` of every key of a kind, or
+    of a random sample of ``MEMORY_SAMPLE_KEYS`` scaled to the kind's key count. Every kind is
+    measured: a kind of a few large keys (the label queues) counts as much as its bytes."""
     keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=5000)]
-    rng = random.Random(7)
-    sample = rng.sample(keys, min(MEMORY_SAMPLE_KEYS, len(keys)))
-    async with client.pipeline(transaction=False) as pipe:
-        for key in sample:
-            pipe.memory_usage(key, samples=0)
-        usages = await pipe.execute()
-    kinds: dict[str, list[int]] = {}
-    for key, usage in zip(sample, usages, strict=True):
-        kinds.setdefault(_key_kind(key, prefix), []).append(int(usage or 0))
-    counts: dict[str, int] = {}
+    by_kind_keys: dict[str, list[bytes]] = {}
     for key in keys:
-        kind = _key_kind(key, prefix)
-        counts[kind] = counts.get(kind, 0) + 1
-    by_kind = {
-        kind: {
-            "keys": counts[kind],
-            "avg_bytes": round(sum(v) / len(v), 1),
-            "bytes_per_user": round(sum(v) / len(v) * counts[kind] / max(users, 1), 1),
+        by_kind_keys.setdefault(_key_kind(key, prefix), []).append(key)
+    rng = random.Random(7)
+    by_kind: dict[str, dict[str, float]] = {}
+    for kind, kind_keys in sorted(by_kind_keys.items()):
+        sample = rng.sample(kind_keys, min(MEMORY_SAMPLE_KEYS, len(kind_keys)))
+        async with client.pipeline(transaction=False) as pipe:
+            for key in sample:
+                pipe.memory_usage(key, samples=0)
+            usages = [int(usage or 0) for usage in await pipe.execute()]
+        average = sum(usages) / len(usages)
+        by_kind[kind] = {
+            "keys": len(kind_keys),
+            "avg_bytes": round(average, 1),
+            "bytes_per_user": round(average * len(kind_keys) / max(users, 1), 1),
         }
-        for kind, v in sorted(kinds.items())
-    }
     total = sum(k["bytes_per_user"] for k in by_kind.values())
     return {"keys": len(keys), "bytes_per_user": round(total, 1), "by_kind": by_kind}
 

@@ -1,7 +1,8 @@
 """``dealstream``: the root parser, and the one place that reads the settings of a command.
 
 ``main`` calls ``Settings.from_env`` (``streams/settings.py`` is the only reader of the
-environment), configures logging and hands the settings to the subcommand's handler.
+environment), configures logging and the garbage collector, and hands the settings to the
+subcommand's handler.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from streams.cli import (
     worker,
 )
 from streams.errors import StreamsError
+from streams.operations.garbage_collector import tune_garbage_collector
 from streams.operations.logs import configure_logging
 from streams.settings import Settings
 
@@ -63,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.from_env()
         salt = settings.log_salt.reveal().encode() if settings.log_salt else None
         configure_logging(settings.log_level, settings.log_format, salt=salt)
+        tune_garbage_collector(settings.gc_threshold)
         return int(args.handler(settings, args))
     except (StreamsError, EngineError) as exc:
         print(f"dealstream: {exc}", file=sys.stderr)
