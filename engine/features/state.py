@@ -159,32 +159,68 @@ def _bucket_fields(code: str, ts: int) -> tuple[str, str, str]:
     return fields
 
 
-_KIND_FIELDS: dict[str, tuple[str, str]] = {
-    code: (f"n{code}", f"l{code}") for code in KIND_CODE.values()
-}
+_BUCKET_OPS: dict[tuple[str, int], tuple[Op, Op, Op]] = {}
+"""The increments of an event's minute, hour and day buckets, memoised per kind and minute:
+operations are immutable tuples, so every event of a kind in that minute shares them."""
+_CATEGORY_OPS: dict[tuple[int, str], Op] = {}
+"""``k<day>:<category>`` increments, memoised per day and category."""
+_OPS_MEMO_MAX = 50_000
+
+
+def _bucket_ops(code: str, ts: int) -> tuple[Op, Op, Op]:
+    key = (code, ts // MINUTE_MS)
+    ops = _BUCKET_OPS.get(key)
+    if ops is None:
+        if len(_BUCKET_OPS) >= _OPS_MEMO_MAX:
+            _BUCKET_OPS.clear()
+        minute, hour, day = _bucket_fields(code, ts)
+        ops = _BUCKET_OPS[key] = ((OP_INCR, minute, 1.0), (OP_INCR, hour, 1.0), (OP_INCR, day, 1.0))
+    return ops
+
+
+def _category_op(ts: int, category: str) -> Op:
+    key = (ts // DAY_MS, category)
+    op = _CATEGORY_OPS.get(key)
+    if op is None:
+        if len(_CATEGORY_OPS) >= _OPS_MEMO_MAX:
+            _CATEGORY_OPS.clear()
+        op = _CATEGORY_OPS[key] = (OP_INCR, f"{CATEGORY_PREFIX}{key[0]}:{category}", 1.0)
+    return op
+
+
+_COUNT_OP: dict[str, Op] = {code: (OP_INCR, f"n{code}", 1.0) for code in KIND_CODE.values()}
+_LAST_FIELD: dict[str, str] = {code: f"l{code}" for code in KIND_CODE.values()}
 
 
 def event_ops(event: Event) -> list[Op]:
-    """The state operations that apply one event; commutative by construction."""
-    code = KIND_CODE[event_kind(event)]
+    """The state operations that apply one event; commutative by construction.
+
+    (Their order is the order in which a new user's record lists its fields, so it stays
+    put: minute, hour and day, the kind's extras, categories, then count and times.)"""
     ts = event.ts
-    minute, hour, day = _bucket_fields(code, ts)
-    ops: list[Op] = [(OP_INCR, minute, 1.0), (OP_INCR, hour, 1.0), (OP_INCR, day, 1.0)]
-    if isinstance(event, BrowseEvent) and event.action == "cart":
-        cart_cents = float(round(event.price * 100))
-        ops.append((OP_INCR, bucket_field(CART_VALUE_CODE, "m", ts), cart_cents))
-    if isinstance(event, PurchaseEvent):
+    if isinstance(event, BrowseEvent):
+        code = KIND_CODE[event.action]
+        ops = list(_bucket_ops(code, ts))
+        if code == "c":
+            cart_cents = float(round(event.price * 100))
+            ops.append((OP_INCR, bucket_field(CART_VALUE_CODE, "m", ts), cart_cents))
+        ops.append(_category_op(ts, event.category))
+    elif isinstance(event, SearchEvent):
+        code = "s"
+        ops = list(_bucket_ops(code, ts))
+        if event.category is not None:
+            ops.append(_category_op(ts, event.category))
+    else:
+        code = "p"
+        ops = list(_bucket_ops(code, ts))
         cents = float(round(event.amount * 100))
         ops.extend((OP_INCR, field, cents) for field in _bucket_fields(SPEND_CODE, ts))
         if event.offer_id is not None:
             ops.append((OP_INCR, bucket_field(REDEEMED_CODE, "d", ts), 1.0))
-    prefix = f"{CATEGORY_PREFIX}{ts // DAY_MS}:"
-    for category in event_categories(event):
-        ops.append((OP_INCR, prefix + category, 1.0))
-    count_field, last_field = _KIND_FIELDS[code]
+        ops.extend(_category_op(ts, category) for category in event_categories(event))
     when = float(ts)
-    ops.append((OP_INCR, count_field, 1.0))
-    ops.append((OP_MAX, last_field, when))
+    ops.append(_COUNT_OP[code])
+    ops.append((OP_MAX, _LAST_FIELD[code], when))
     ops.append((OP_MAX, "lt", when))
     ops.append((OP_MIN, "fs", when))
     return ops
