@@ -43,6 +43,7 @@ users' keys stays on one node. docs/cluster.md.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -140,10 +141,11 @@ class RedisFeatureStore:
         self._clock = clock
         self._token = secrets.token_hex(8)
         self._records: dict[str, UserRecord] = {}
-        """Held records, least recently written first (a dict keeps insertion order)."""
+        """Held records; ``_written`` says which go first when there are too many."""
         self._written: dict[str, float] = {}
         """When each held record was last read or written (``clock``): one older than the key's
-        time to live may have expired in Redis, so it is read again."""
+        time to live may have expired in Redis, so it is read again, and the least recently
+        written are dropped first when the store holds more than ``max_cached_users``."""
         self._watermarks: dict[PartitionKey, int] = {}
         self._claimed: set[PartitionKey] = set()
         self._marks_loaded = True
@@ -361,12 +363,9 @@ class RedisFeatureStore:
         """The write reached Redis: its records are the most recently written."""
         if write is None:
             return
-        records, written = self._records, self._written
+        written = self._written
         now = self._clock()
         for user in write.users:
-            # Most recently written last: re-insert so that eviction takes the oldest first.
-            records[user] = records.pop(user)
-            written.pop(user, None)
             written[user] = now
         self._evict()
 
@@ -425,7 +424,10 @@ class RedisFeatureStore:
         excess = len(records) - self.max_cached_users
         if excess <= 0:
             return
-        for user in list(records)[:excess]:
+        # The least recently written go, and a tenth of the bound more: a full store then
+        # picks its victims once every many batches, not in every batch.
+        count = excess + self.max_cached_users // 10
+        for user in heapq.nsmallest(count, records, key=lambda user: written.get(user, 0.0)):
             del records[user]
             written.pop(user, None)
 

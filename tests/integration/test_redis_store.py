@@ -14,6 +14,7 @@ import zlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -682,6 +683,65 @@ async def test_one_script_call_per_batch(services: Services, redis_env: RedisEnv
         assert await store.apply_batch([], allowed_lateness_ms=HOUR_MS) == BatchOutcome([], {})
     finally:
         await client.aclose()
+
+
+class CountingReads:
+    """A Redis client that remembers the keys read with ``MGET`` (the store's only read of
+    records): which users a store held shows in which it had to read."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._client = client
+        self.read_keys: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def mget(self, keys: list[str]) -> list[bytes | None]:
+        self.read_keys.extend(keys)
+        return await self._client.mget(keys)
+
+
+async def test_a_full_store_drops_the_least_recently_written_and_reads_them_again(
+    redis_env: RedisEnv,
+) -> None:
+    now = [1.0]
+    reads = CountingReads(redis_env.client)
+    store = RedisFeatureStore(
+        reads, prefix=redis_env.prefix, max_cached_users=10, clock=lambda: now[0]
+    )
+    offset = 0
+
+    def views(users: Sequence[str]) -> list[StateUpdate]:
+        nonlocal offset
+        updates = []
+        for user in users:
+            event = make_event("view", f"e{offset}", user, T0 + offset)
+            updates.append(to_update(event, Position("events.browse", 0, offset)))
+            offset += 1
+        return updates
+
+    old = [f"u{i}" for i in range(10)]
+    recent = [*old[:5], "n0"]
+    await store.apply_batch(views(old), allowed_lateness_ms=HOUR_MS)
+    assert store.held_users() == 10
+    now[0] = 2.0
+    # 11 users: the least recently written one goes, and a tenth of the bound more
+    await store.apply_batch(views(recent), allowed_lateness_ms=HOUR_MS)
+    assert store.held_users() == 9
+    reads.read_keys.clear()
+    now[0] = 3.0
+    await store.apply_batch(views(recent), allowed_lateness_ms=HOUR_MS)
+    assert reads.read_keys == []  # every recently written user is held
+    await store.apply_batch(views(old[5:]), allowed_lateness_ms=HOUR_MS)
+    record_keys = {store.record_key(user): user for user in [*old, "n0"]}
+    dropped = [record_keys[key] for key in reads.read_keys if key in record_keys]
+    assert len(dropped) == 2 and set(dropped) <= set(old[5:])  # two of those written first
+    states = await store.read_states([*old, "n0"])
+    assert {user: state["nv"] for user, state in states.items()} == {
+        **{user: 3.0 for user in old[:5]},
+        **{user: 2.0 for user in old[5:]},
+        "n0": 2.0,
+    }
 
 
 # -- 7. memory per active user (a figure for the report, not an assertion) ----------------------
