@@ -57,8 +57,11 @@
 --                       (PendingDecision.to_compact); decision_id|c -> first conversion ts;
 --                       '|p' -> the user's purchases within purchase_memory_ms of the latest,
 --                       by time: 'ts amount_cents gross_cents' joined by ';'
---   <p>pq:<lane>  zset  decision_id \x1f user, scored by the end of the attribution window
---   <p>pe:<lane>  zset  the same members, scored by decision ts + elapsed_ms
+--   <p>pe:<lane>  zset  decision_id \x1f user of each decision waiting for its elapsed event,
+--                       scored by decision ts + elapsed_ms (empty when elapsed_ms is 0)
+--   <p>pq:<lane>  zset  the same members once their elapsed event went (at once when elapsed_ms
+--                       is 0), scored by the end of the attribution window: a decision is in
+--                       one queue at a time
 --   <p>lanes      set   the lanes that have had queues (what pending_count and forget read)
 --   <p>b:<campaign>:<day>  discount spent that day, in cents
 --   <p>se         string  the state epoch (read only; written by `dealstream forget`)
@@ -520,8 +523,11 @@ if settling then
   for _, lane in ipairs(queued_lanes) do
     local suffix = int(lane)
     redis.call('SADD', prefix .. 'lanes', suffix)
-    enqueue(prefix .. 'pq:' .. suffix, queued[lane], window)
-    if elapsed > 0 then enqueue(prefix .. 'pe:' .. suffix, queued[lane], elapsed) end
+    if elapsed > 0 then
+      enqueue(prefix .. 'pe:' .. suffix, queued[lane], elapsed)
+    else
+      enqueue(prefix .. 'pq:' .. suffix, queued[lane], window)
+    end
   end
 
   -- Label events due before their lane's clock, in event-time order across the lanes (elapsed
@@ -529,21 +535,42 @@ if settling then
   local due = {}
   local function collect(key, closing, lane_now)
     local found = redis.call('ZRANGEBYSCORE', key, '-inf', '(' .. int(lane_now), 'WITHSCORES')
-    if #found == 0 then return end
+    if #found == 0 then return {} end
     -- every member read here is due: remove them all at once (the same range)
     redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. int(lane_now))
+    local entries = {}
     for k = 1, #found, 2 do
       local member = found[k]
       local sep_at = string.find(member, SEP, 1, true)
-      due[#due + 1] = {
-        at = tonumber(found[k + 1]), closing = closing,
+      local entry = {
+        at = tonumber(found[k + 1]), closing = closing, member = member,
         id = string.sub(member, 1, sep_at - 1), user = string.sub(member, sep_at + 1),
       }
+      due[#due + 1] = entry
+      entries[#entries + 1] = entry
     end
+    return entries
   end
   for _, clock in ipairs(lane_clocks) do
     local suffix = int(clock.lane)
-    if elapsed > 0 then collect(prefix .. 'pe:' .. suffix, 0, clock.now) end
+    if elapsed > 0 then
+      -- An elapsed decision moves on to the closing queue, scored by the end of its window
+      -- (its ts is the first field of its record); one whose window ended too closes now.
+      for _, entry in ipairs(collect(prefix .. 'pe:' .. suffix, 0, clock.now)) do
+        local stored = redis.call('HMGET', pending_key(entry.user), entry.id, entry.id .. '|c')
+        entry.record, entry.converted_at = stored[1], stored[2]
+        if entry.record then
+          local closes_at = tonumber(string.match(entry.record, '^.%[(%-?%d+)')) + window
+          if closes_at < clock.now then
+            due[#due + 1] = {
+              at = closes_at, closing = 1, id = entry.id, user = entry.user,
+            }
+          else
+            redis.call('ZADD', prefix .. 'pq:' .. suffix, closes_at, entry.member)
+          end
+        end
+      end
+    end
     collect(prefix .. 'pq:' .. suffix, 1, clock.now)
   end
   table.sort(due, function(a, b)
@@ -553,17 +580,18 @@ if settling then
     return bytewise_less(a.user, b.user)
   end)
   for _, entry in ipairs(due) do
-    local pkey = pending_key(entry.user)
-    local converted_field = entry.id .. '|c'
-    local stored = redis.call('HMGET', pkey, entry.id, converted_field)
-    local record, converted_at = stored[1], stored[2]
-    if record then
-      if entry.closing == 1 then
+    if entry.closing == 1 then
+      local pkey = pending_key(entry.user)
+      local converted_field = entry.id .. '|c'
+      local stored = redis.call('HMGET', pkey, entry.id, converted_field)
+      local record, converted_at = stored[1], stored[2]
+      if record then
         redis.call('HDEL', pkey, entry.id, converted_field)
         emit('X', record, converted_at, int(entry.at))
-      else
-        emit('E', record, converted_at, int(entry.at))
       end
+    elseif entry.record then
+      -- read when it was collected: after this call's conversions, before any closing
+      emit('E', entry.record, entry.converted_at, int(entry.at))
     end
   end
 

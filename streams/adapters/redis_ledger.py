@@ -365,6 +365,8 @@ class RedisLedger:
     async def pending_count(self) -> int:
         total = 0
         for lane in await self._lanes():
+            # a decision waits in one of its lane's two queues (commit_batch.lua)
+            total += int(await self._client.zcard(f"{self._prefix}pe:{lane}"))
             total += int(await self._client.zcard(f"{self._prefix}pq:{lane}"))
         return total
 

@@ -529,6 +529,67 @@ async def test_purchases_read_first_convert_later_read_decisions_and_lanes_close
         await client.aclose()
 
 
+async def test_a_decision_waits_in_one_queue_at_a_time_and_is_labelled_as_in_memory(
+    services: Services, isolation: Isolation
+) -> None:
+    """With elapsed events, a decision waits in its lane's elapsed queue, then in its closing
+    queue (never in both: one member per pending decision); a clock that passes both its wait
+    and its window in one call gives both events, in order, as the in-memory ledger does."""
+    prefix = isolation.redis_prefix
+    config = LedgerConfig(attribution_window_ms=WINDOW, elapsed_ms=40 * MINUTE_MS)
+    ops: list[LedgerOp] = [
+        _request("slow", "u1", T0),
+        _request("jump", "u2", T0 + MINUTE_MS),
+        _request("bought", "u3", T0 + 2 * MINUTE_MS),
+        PurchaseNotice("u3", T0 + 3 * MINUTE_MS, None, 500, 500),
+    ]
+    steps = [
+        (ops, {0: T0 + 3 * MINUTE_MS}),
+        ([], {0: T0 + HOUR_MS}),  # past every wait, no window
+        ([], {0: T0 + WINDOW + 90 * MINUTE_MS}),  # past every window
+    ]
+    client = aioredis.Redis.from_url(services.redis_url)
+    try:
+        seen: dict[str, list[list[tuple[str, LabelKind, int]]]] = {}
+        for ledger in (InMemoryLedger(config), RedisLedger(client, prefix=prefix, config=config)):
+            name = type(ledger).__name__
+            labels = seen[name] = []
+            pending = []
+            for step_ops, lanes in steps:
+                result = await ledger.settle(step_ops, now_ms=max(lanes.values()), lanes=lanes)
+                labels.append([(e.decision.decision_id, e.kind, e.ts) for e in result.events])
+                pending.append(await ledger.pending_count())
+            assert pending == [3, 3, 0], name
+        assert seen["RedisLedger"] == seen["InMemoryLedger"]
+        assert seen["RedisLedger"][1] == [
+            ("slow", LabelKind.ELAPSED, T0 + 40 * MINUTE_MS),
+            ("jump", LabelKind.ELAPSED, T0 + 41 * MINUTE_MS),
+            ("bought", LabelKind.ELAPSED, T0 + 42 * MINUTE_MS),
+        ]
+
+        # One queue at a time: after the wait, the members are only in the closing queue.
+        ledger = RedisLedger(client, prefix=prefix, config=config)
+        await delete_prefix(client, prefix)
+        await ledger.settle(ops, now_ms=T0 + 3 * MINUTE_MS, lanes={0: T0 + 3 * MINUTE_MS})
+        assert (await client.zcard(f"{prefix}pe:0"), await client.zcard(f"{prefix}pq:0")) == (3, 0)
+        await ledger.settle([], now_ms=T0 + HOUR_MS, lanes={0: T0 + HOUR_MS})
+        assert (await client.zcard(f"{prefix}pe:0"), await client.zcard(f"{prefix}pq:0")) == (0, 3)
+        assert await client.zscore(f"{prefix}pq:0", "slow\x1fu1") == T0 + WINDOW
+        # A clock that jumps past wait and window at once: elapsed, then closed, in one call.
+        await delete_prefix(client, prefix)
+        jumped = await ledger.settle(ops, now_ms=T0 + 3 * MINUTE_MS, lanes={0: T0 + 2 * WINDOW})
+        in_memory = await InMemoryLedger(config).settle(
+            ops, now_ms=T0 + 3 * MINUTE_MS, lanes={0: T0 + 2 * WINDOW}
+        )
+        events = [(e.decision.decision_id, e.kind, e.ts) for e in jumped.events]
+        assert events == [(e.decision.decision_id, e.kind, e.ts) for e in in_memory.events]
+        assert [kind for _, kind, _ in events].count(LabelKind.CLOSED) == 3
+        assert await ledger.pending_count() == 0
+    finally:
+        await delete_prefix(client, prefix)
+        await client.aclose()
+
+
 async def test_the_stop_loss_stops_a_losing_campaign_and_lets_it_recover(
     services: Services, isolation: Isolation
 ) -> None:
