@@ -28,7 +28,6 @@ from engine.model.signing import (
     verify_key_pem,
 )
 from streams.errors import ConfigError
-from streams.operations.garbage_collector import DEFAULT_GC_THRESHOLD
 
 if TYPE_CHECKING:
     from engine.pipeline import EngineConfig
@@ -284,7 +283,7 @@ class Settings:
     forget_ttl_s: float = 7 * 24 * 3600.0
     """How long ``dealstream forget``'s tombstone stops a profile being rebuilt
     (``DEALSTREAM_FORGET_TTL_S``; default Kafka's default retention, 7 days)."""
-    gc_threshold: int = DEFAULT_GC_THRESHOLD
+    gc_threshold: int = 50_000
     """Net allocations between two young-generation collections of Python's garbage collector
     (``DEALSTREAM_GC_THRESHOLD``; Python's own is 700; 0 leaves the collector as Python sets
     it): ``streams/operations/garbage_collector.py``."""

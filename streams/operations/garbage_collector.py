@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import gc
 
-DEFAULT_GC_THRESHOLD = 50_000
-"""Net container allocations between two young-generation collections (Python's own: 700)."""
-
 
 def tune_garbage_collector(threshold: int) -> None:
     """Collect the young generation every ``threshold`` net allocations; ``0`` leaves

@@ -11,7 +11,7 @@ import pytest
 
 from streams.cli import main as cli_main
 from streams.errors import ConfigError
-from streams.operations.garbage_collector import DEFAULT_GC_THRESHOLD, tune_garbage_collector
+from streams.operations.garbage_collector import tune_garbage_collector
 from streams.settings import Settings
 
 
@@ -41,7 +41,7 @@ def test_a_negative_threshold_is_refused() -> None:
 
 
 def test_the_setting_is_read_from_the_environment() -> None:
-    assert Settings.from_env({}).gc_threshold == DEFAULT_GC_THRESHOLD
+    assert Settings.from_env({}).gc_threshold == 50_000
     assert Settings.from_env({"DEALSTREAM_GC_THRESHOLD": "0"}).gc_threshold == 0
     assert Settings.from_env({"DEALSTREAM_GC_THRESHOLD": "2000"}).gc_threshold == 2000
     with pytest.raises(ConfigError, match="GC_THRESHOLD"):
