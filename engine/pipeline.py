@@ -24,7 +24,7 @@ import dataclasses
 import heapq
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from engine.campaigns import Campaign, default_campaigns
 from engine.decisions import (
@@ -81,8 +81,9 @@ WALL_CLOCK: BudgetClock = "wall"
 BUDGET_CLOCKS: tuple[BudgetClock, ...] = (EVENT_TIME, WALL_CLOCK)
 
 
-@dataclass(frozen=True, slots=True)
-class Incoming:
+class Incoming(NamedTuple):
+    """An event and where it came from (a named tuple: one is built for every event)."""
+
     event: Event
     position: Position | None = None
 

@@ -14,6 +14,7 @@ from collections.abc import Container, Iterable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from hashlib import blake2b
+from typing import NamedTuple
 
 from engine.features.state import NEVER, Op, State, apply_ops, expires_at, trim_and_next_expiry
 
@@ -31,17 +32,18 @@ class UpdateStatus(IntEnum):
     so that the profile is not rebuilt."""
 
 
-@dataclass(frozen=True, slots=True)
-class Position:
-    """Where an event came from: a topic partition offset, or a file line."""
+class Position(NamedTuple):
+    """Where an event came from: a topic partition offset, or a file line.
+
+    (A named tuple, like ``StateUpdate``: records built for every event are built three times
+    faster than a frozen dataclass, and are as immutable.)"""
 
     source: str
     partition: int
     offset: int
 
 
-@dataclass(frozen=True, slots=True)
-class StateUpdate:
+class StateUpdate(NamedTuple):
     user_id: str
     event_id: str
     ts: int

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
@@ -15,9 +16,9 @@ from streams.adapters.kafka_io import PRODUCER_MAX_REQUEST_BYTES, default_partit
 from streams.settings import Topics
 
 
-@dataclass(frozen=True, slots=True)
-class RawRecord:
-    """The parts of a Kafka record the worker needs; independent of the client library."""
+class RawRecord(NamedTuple):
+    """The parts of a Kafka record the worker needs; independent of the client library (a
+    named tuple: one is built for every record consumed)."""
 
     topic: str
     partition: int
