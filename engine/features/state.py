@@ -140,25 +140,6 @@ def trigger_category(event: Event) -> str | None:
     return event.category
 
 
-_BUCKET_FIELDS: dict[tuple[str, int], tuple[str, str, str]] = {}
-_BUCKET_FIELDS_MAX = 50_000
-
-
-def _bucket_fields(code: str, ts: int) -> tuple[str, str, str]:
-    """``bucket_field`` for the minute, hour and day of ``ts``, memoised per code and minute."""
-    key = (code, ts // MINUTE_MS)
-    fields = _BUCKET_FIELDS.get(key)
-    if fields is None:
-        if len(_BUCKET_FIELDS) >= _BUCKET_FIELDS_MAX:
-            _BUCKET_FIELDS.clear()
-        fields = _BUCKET_FIELDS[key] = (
-            bucket_field(code, "m", ts),
-            bucket_field(code, "h", ts),
-            bucket_field(code, "d", ts),
-        )
-    return fields
-
-
 _BUCKET_OPS: dict[tuple[str, int], tuple[Op, Op, Op]] = {}
 """The increments of an event's minute, hour and day buckets, memoised per kind and minute:
 operations are immutable tuples, so every event of a kind in that minute shares them."""
@@ -173,8 +154,11 @@ def _bucket_ops(code: str, ts: int) -> tuple[Op, Op, Op]:
     if ops is None:
         if len(_BUCKET_OPS) >= _OPS_MEMO_MAX:
             _BUCKET_OPS.clear()
-        minute, hour, day = _bucket_fields(code, ts)
-        ops = _BUCKET_OPS[key] = ((OP_INCR, minute, 1.0), (OP_INCR, hour, 1.0), (OP_INCR, day, 1.0))
+        ops = _BUCKET_OPS[key] = (
+            (OP_INCR, bucket_field(code, "m", ts), 1.0),
+            (OP_INCR, bucket_field(code, "h", ts), 1.0),
+            (OP_INCR, bucket_field(code, "d", ts), 1.0),
+        )
     return ops
 
 
@@ -214,7 +198,7 @@ def event_ops(event: Event) -> list[Op]:
         code = "p"
         ops = list(_bucket_ops(code, ts))
         cents = float(round(event.amount * 100))
-        ops.extend((OP_INCR, field, cents) for field in _bucket_fields(SPEND_CODE, ts))
+        ops.extend((OP_INCR, field, cents) for _, field, _ in _bucket_ops(SPEND_CODE, ts))
         if event.offer_id is not None:
             ops.append((OP_INCR, bucket_field(REDEEMED_CODE, "d", ts), 1.0))
         ops.extend(_category_op(ts, category) for category in event_categories(event))
