@@ -65,6 +65,8 @@ def test_every_command_runs_with_the_configured_collector(
         return root
 
     monkeypatch.setattr(cli_main, "build_parser", parser)
+    # main also sets up the root logger: leave this test process's logging as pytest set it
+    monkeypatch.setattr(cli_main, "configure_logging", lambda *args, **kwargs: None)
     monkeypatch.setenv("DEALSTREAM_GC_THRESHOLD", "23456")
     assert cli_main.main([]) == 0
     assert seen["threshold"] == 23_456
