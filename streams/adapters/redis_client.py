@@ -34,6 +34,14 @@ failover ends once the replica is promoted. Every key of a deployment hashes to 
 the prefix's hash tag (``redis_cluster_tag``), so each script call and ``MULTI`` stays on the
 one primary of that slot (``deployment_node``); keyless commands are sent there too where the
 answer matters (``ping``), instead of to the client's default node.
+
+Commands are packed by hiredis's ``pack_command`` in C (``CPackedConnection`` and its TLS and
+Unix-socket siblings). redis-py's asyncio connection packs in Python, growing one buffer by
+copying it for every argument: the batch commit's script call of about 1,000 arguments took
+about 550 µs to pack, hiredis about 100 µs, byte for byte the same (``tests/unit/
+test_redis_client.py``). An argument hiredis refuses (a ``bytearray``, a ``bool``, ``None``) is
+left to redis-py's own packer, which packs it or raises its ``DataError`` as before. A Redis
+Cluster client keeps redis-py's packer: it builds its nodes' connections itself.
 """
 
 from __future__ import annotations
@@ -42,8 +50,16 @@ from dataclasses import replace
 from typing import Any, TypeAlias
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import (
+    AbstractConnection,
+    Connection,
+    ConnectionPool,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -72,15 +88,62 @@ def redis_from_settings(settings: Settings) -> RedisClient:
             password=security.password or _secret(_unquoted(parts.password)),
         )
         url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-    client_from_url = RedisCluster.from_url if settings.redis_cluster else aioredis.Redis.from_url
-    return client_from_url(
-        url,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        health_check_interval=HEALTH_CHECK_INTERVAL_S,
-        retry=Retry(NoBackoff(), 0),
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "health_check_interval": HEALTH_CHECK_INTERVAL_S,
+        "retry": Retry(NoBackoff(), 0),
         **_security_options(security, tls=urlsplit(url).scheme == "rediss"),
-    )
+    }
+    if settings.redis_cluster:
+        return RedisCluster.from_url(url, **options)
+    pool = ConnectionPool.from_url(url, **options)
+    pool.connection_class = C_PACKED[pool.connection_class]
+    return aioredis.Redis.from_pool(pool)
+
+
+def c_packed(args: tuple[Any, ...]) -> list[bytes] | None:
+    """``args`` as one command in the Redis protocol, packed by hiredis; None when hiredis
+    refuses an argument's type. The first argument is split at spaces as redis-py does
+    (``"CONFIG GET"`` is two words)."""
+    name = args[0]
+    if isinstance(name, str):
+        args = (*name.encode().split(), *args[1:])
+    elif b" " in name:
+        args = (*name.split(), *args[1:])
+    try:
+        return [hiredis.pack_command(args)]
+    except TypeError:
+        return None
+
+
+class CPackedConnection(Connection):
+    """A TCP connection whose commands hiredis packs."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        return c_packed(args) or super().pack_command(*args)
+
+
+class CPackedSSLConnection(SSLConnection):
+    """A TLS connection whose commands hiredis packs."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        return c_packed(args) or super().pack_command(*args)
+
+
+class CPackedUnixConnection(UnixDomainSocketConnection):
+    """A Unix-socket connection whose commands hiredis packs."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        return c_packed(args) or super().pack_command(*args)
+
+
+C_PACKED: dict[type[AbstractConnection], type[AbstractConnection]] = {
+    Connection: CPackedConnection,
+    SSLConnection: CPackedSSLConnection,
+    UnixDomainSocketConnection: CPackedUnixConnection,
+}
+"""The connection class redis-py chose for the URL's scheme -> the same with hiredis packing."""
 
 
 async def deployment_node(client: RedisCluster, prefix: str) -> ClusterNode:
