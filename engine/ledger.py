@@ -177,8 +177,13 @@ class InMemoryLedger:
         return {name: campaign.status for name, campaign in self.stop_loss.items()}
 
     def settle_due(self, lane: int, now_ms: int) -> bool:
-        # A stop-loss status follows event time: it is evaluated at every settle.
-        return bool(self.stop_loss) or self.labels.due(lane, now_ms)
+        # A stop-loss status follows event time, but stands while nothing is recorded within
+        # an epoch (``CampaignStopLoss.settled_at``). The engine settles at its own clock, which
+        # may be ahead of this lane's; it asks on the lane that moved its clock, so a status
+        # settled in this lane's epoch was settled in the epoch of the engine's clock too.
+        return self.labels.due(lane, now_ms) or any(
+            not campaign.settled_at(now_ms) for campaign in self.stop_loss.values()
+        )
 
     def rate_limited(self, user_id: str, campaign: str, ts: int, interval_ms: int) -> bool:
         """Whether a decision at ``ts`` would fall inside the user's decision interval now.

@@ -213,6 +213,10 @@ class CampaignStopLoss:
             found = self.sums[(epoch, arm)] = ArmSums()
         return found
 
+    def settled_at(self, now_ms: int) -> bool:
+        """Whether ``update(now_ms)`` would return ``status`` as it stands and change nothing."""
+        return self.settled_epoch == self.config.epoch(now_ms)
+
     def update(self, now_ms: int) -> StopLossStatus:
         """Re-evaluate as of ``now_ms`` and forget epochs older than the window.
 
