@@ -194,8 +194,7 @@ class ScaledLogistic:
         if len(x) != len(INPUT_NAMES):
             raise ValueError(f"an input row has {len(INPUT_NAMES)} values, not {len(x)}")
         terms = self.terms()
-        _, total = terms.products(x, 0, 0.0)
-        return sigmoid(total + terms.intercept)
+        return sigmoid(terms.total(x, 0, 0.0) + terms.intercept)
 
     def write_back(self) -> compose.Pipeline:
         """The pipeline, its state updated to this object's (River's own, key for key)."""

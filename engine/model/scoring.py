@@ -57,9 +57,10 @@ class LinearTerms:
         """The terms ``weight * scaled value`` of inputs ``start, start + 1, ...``, and ``total``
         plus their sum, added left to right (River's order).
 
-        The one implementation of the standard scaling and of the per-term contributions: the
-        linear score is the intercept plus the sum of these terms, and an offer's reasons are
-        the largest of them (``top_terms``).
+        The standard scaling and the per-term contributions: the linear score is the intercept
+        plus the sum of these terms, and an offer's reasons are the largest of them
+        (``top_terms``). ``total`` is the same sum without the list; the two must stay the same
+        arithmetic (``tests/unit/test_engine_fast_paths.py`` holds both to River).
         """
         means, sds, weights = self.means, self.sds, self.weights
         products: list[float] = []
@@ -71,6 +72,17 @@ class LinearTerms:
             total += product
             i += 1
         return products, total
+
+    def total(self, values: Iterable[float], start: int, total: float) -> float:
+        """``products(values, start, total)[1]`` without building the list of terms: the same
+        operations in the same order. Scores need only the sum, and most calls are scores."""
+        means, sds, weights = self.means, self.sds, self.weights
+        i = start
+        for x in values:
+            sd = sds[i]
+            total += weights[i] * ((x - means[i]) / sd if sd is not None else 0.0)
+            i += 1
+        return total
 
 
 class ScoredModel(Protocol):
@@ -127,8 +139,7 @@ class Scorer:
 
     def __call__(self, discount_pct: float) -> float:
         terms = self._prepare()
-        discount = discount_inputs(self._base, discount_pct)
-        _, total = terms.products(discount, DISCOUNT_SLOT, self._partial)
+        total = terms.total(discount_inputs(self._base, discount_pct), DISCOUNT_SLOT, self._partial)
         return sigmoid(total + terms.intercept)
 
     def contributions(self, discount_pct: float, top: int = 3) -> list[tuple[str, float]]:
