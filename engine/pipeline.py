@@ -621,15 +621,17 @@ class DiscountEngine:
             self._unapplied.setdefault(offer.user_id, []).append(ops)
             result.offers.append(offer)
         result.decisions.append(decision)
-        self._train(
-            TrainingExample(
-                decision_id=decision.decision_id,
-                features=decision.features,
-                discount_pct=decision.discount_pct,
-                label=0,
-                labeled_at=decision.ts,
-                kind=DECIDED,
-                decided_at=decision.ts,
-            ),
-            result,
-        )
+        if self.config.feedback.wants(DECIDED):
+            # Only ``fnw`` takes decisions as they are made: the others need no example here.
+            self._train(
+                TrainingExample(
+                    decision_id=decision.decision_id,
+                    features=decision.features,
+                    discount_pct=decision.discount_pct,
+                    label=0,
+                    labeled_at=decision.ts,
+                    kind=DECIDED,
+                    decided_at=decision.ts,
+                ),
+                result,
+            )
