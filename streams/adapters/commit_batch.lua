@@ -363,8 +363,19 @@ local function decide(j, offset)
   local max_per_day, budget, decision_id, arm = ops[j + 8], ops[j + 9], ops[j + 10], ops[j + 11]
   local gkey = guard_key(user)
   local decided_field = campaign .. '|d'
+  -- An offer's guards read three fields of the user's guard hash: one HMGET for all three
+  -- (every redis.call costs more than its command's own work).
+  local day, count_field, guards
+  if has_offer then
+    day = ops[j + 12]
+    if day < 0 then day = math.floor(ts / DAY_MS) end
+    count_field = campaign .. '|n' .. day
+    guards = redis.call('HMGET', gkey, decided_field, campaign .. '|o', count_field)
+  else
+    guards = { redis.call('HGET', gkey, decided_field) }
+  end
 
-  local last = tonumber(redis.call('HGET', gkey, decided_field))
+  local last = tonumber(guards[1])
   -- anything earlier than the last decision (a late event) counts as inside the interval
   if interval > 0 and last and ts - last < interval then
     return 0
@@ -373,14 +384,11 @@ local function decide(j, offset)
 
   local outcome = 2
   if has_offer then
-    local day = ops[j + 12]
-    if day < 0 then day = math.floor(ts / DAY_MS) end
-    local last_offer = tonumber(redis.call('HGET', gkey, campaign .. '|o'))
-    local count_field = campaign .. '|n' .. day
+    local last_offer = tonumber(guards[2])
     local budget_key = prefix .. 'b:' .. campaign .. ':' .. day
     if cooldown > 0 and last_offer and ts - last_offer < cooldown then
       outcome = 3
-    elseif max_per_day >= 0 and tonumber(redis.call('HGET', gkey, count_field) or '0') >= max_per_day then
+    elseif max_per_day >= 0 and tonumber(guards[3] or '0') >= max_per_day then
       outcome = 4
     elseif budget >= 0 and tonumber(redis.call('GET', budget_key) or '0') + cost > budget then
       outcome = 5
