@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 DURATION ?= 60
 RATE ?= 200
 CLUSTER_WORKERS ?= 0
+TEST_JOBS ?= 2
+PYTEST := $(BIN)/pytest -q -n $(TEST_JOBS) --dist loadfile
 
 .DEFAULT_GOAL := help
 .PHONY: help install services services-stop services-status cluster cluster-stop cluster-status \
@@ -50,21 +52,21 @@ topics: services ## create the contract's topics
 demo: services ## worker + simulator on real Kafka/Redis, printing offers (DURATION=60 RATE=200)
 	$(BIN)/dealstream demo --duration $(DURATION) --rate $(RATE)
 
-test: services $(BIN)/kustomize ## the whole suite: unit + integration + e2e against real services
-	$(BIN)/pytest -q
+test: services $(BIN)/kustomize ## the whole suite: unit + integration + e2e against real services (TEST_JOBS=2 processes)
+	$(PYTEST)
 
 test-unit: $(BIN)/dealstream $(BIN)/kustomize ## unit tests only (no services needed)
-	$(BIN)/pytest -q tests/unit
+	$(PYTEST) tests/unit
 
 test-integration: services ## integration and e2e tests only
-	$(BIN)/pytest -q tests/integration tests/e2e
+	$(PYTEST) tests/integration tests/e2e
 
 test-secure: $(BIN)/dealstream ## tests/e2e against a TLS/SASL Kafka and a TLS + ACL Redis made for the run
 	@dir=$$(mktemp -d /tmp/dealstream-secure.XXXXXX); \
 	trap 'bash deploy/secure-services.sh stop "$$dir"; rm -rf "$$dir"' EXIT; \
 	bash deploy/secure-services.sh start "$$dir" && \
 	set -a && . "$$dir/env" && set +a && \
-	$(BIN)/pytest -q tests/e2e
+	$(PYTEST) tests/e2e
 
 chaos: $(BIN)/dealstream ## chaos suite: 500,000 events through `make cluster`'s topology with faults; bench/results/chaos.json
 	@mkdir -p bench/results
