@@ -363,12 +363,17 @@ class RedisLedger:
         return sorted(_text(lane) for lane in await self._client.smembers(f"{self._prefix}lanes"))
 
     async def pending_count(self) -> int:
-        total = 0
-        for lane in await self._lanes():
-            # a decision waits in one of its lane's two queues (commit_batch.lua)
-            total += int(await self._client.zcard(f"{self._prefix}pe:{lane}"))
-            total += int(await self._client.zcard(f"{self._prefix}pq:{lane}"))
-        return total
+        lanes = await self._lanes()
+        if not lanes:
+            return 0
+        # A decision waits in one of its lane's two queues (commit_batch.lua) and a batch's
+        # script moves it from one to the other: counted in one MULTI, it is counted once.
+        async with self._client.pipeline(transaction=True) as pipe:
+            for lane in lanes:
+                pipe.zcard(f"{self._prefix}pe:{lane}")
+                pipe.zcard(f"{self._prefix}pq:{lane}")
+            counts = await pipe.execute()
+        return sum(int(count) for count in counts)
 
     async def forget(self, user_id: str) -> int:
         """Delete the user's guard state and pending decisions; returns keys removed."""
