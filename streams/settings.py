@@ -108,8 +108,20 @@ class Topics:
         return (*self.events, self.offers, self.decisions, self.training, self.dlq)
 
     def event_type_of(self, topic: str) -> str | None:
-        """The event type a topic carries (``browse`` for ``<prefix>events.browse``)."""
-        return {self.browse: "browse", self.search: "search", self.purchase: "purchase"}.get(topic)
+        """The event type a topic carries (``browse`` for ``<prefix>events.browse``). Asked
+        for every consumed record: read from the name, not from the three names built anew."""
+        prefix = self.prefix
+        if not topic.startswith(prefix):
+            return None
+        return _EVENT_TYPE_BY_NAME.get(topic[len(prefix) :])
+
+
+_EVENT_TYPE_BY_NAME = {
+    "events.browse": "browse",
+    "events.search": "search",
+    "events.purchase": "purchase",
+}
+"""An event topic's name after the prefix -> the event type it carries (``Topics``' names)."""
 
 
 @dataclass(frozen=True, slots=True)
