@@ -133,6 +133,7 @@ def raw_record(record: Any, partitions: int | None = None) -> RawRecord:
     """An aiokafka ``ConsumerRecord`` as the worker's ``RawRecord``; ``partitions``: how many
     partitions its topic has (``decode_record`` checks the record is on its key's partition)."""
     timestamp = record.timestamp
+    headers = record.headers  # most records have none: no generator for them
     return RawRecord(
         topic=record.topic,
         partition=record.partition,
@@ -140,7 +141,7 @@ def raw_record(record: Any, partitions: int | None = None) -> RawRecord:
         key=record.key,
         value=record.value,
         timestamp_ms=timestamp if timestamp is not None and timestamp > 0 else None,
-        headers=tuple((str(k), bytes(v or b"")) for k, v in record.headers or ()),
+        headers=tuple((str(k), bytes(v or b"")) for k, v in headers) if headers else (),
         partitions=partitions,
     )
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import orjson
 import pytest
+from aiokafka.structs import ConsumerRecord
 
 from engine.campaigns import Campaign
 from engine.decisions import Offer
@@ -35,6 +36,7 @@ from streams.settings import (
     redact_url,
 )
 from streams.worker.batch_worker import BatchWorker, WorkerCounters
+from streams.worker.consumer import raw_record
 from tests.model_keys import learner_key_env, worker_key_env
 from tests.sinks import ListSink
 
@@ -681,3 +683,18 @@ async def test_worker_uses_its_clock_for_the_skew_check() -> None:
     assert dict(worker.counters.dead_lettered) == {"clock_skew": 1}
     ((_, _, headers),) = sink.to("t1.events.dlq")
     assert dict(headers)["dealstream.error.class"] == b"clock_skew"
+
+
+@pytest.mark.parametrize("headers", [[], None])
+def test_a_consumed_record_without_headers_has_none(headers: Any) -> None:
+    consumed = ConsumerRecord("t", 1, 7, 1_700, 0, b"u1", b"{}", None, 2, 2, headers)
+    record = raw_record(consumed, partitions=4)
+    assert record == ("t", 1, 7, b"u1", b"{}", 1_700, (), 4)
+
+
+def test_a_consumed_record_keeps_its_headers_as_text_and_bytes() -> None:
+    headers = [("trace", b"abc"), ("empty", None)]
+    consumed = ConsumerRecord("t", 0, 1, -1, 0, b"u1", b"{}", None, 2, 3, headers)
+    record = raw_record(consumed)
+    assert record.headers == (("trace", b"abc"), ("empty", b""))
+    assert record.timestamp_ms is None  # Kafka's -1: no timestamp
