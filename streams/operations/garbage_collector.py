@@ -12,11 +12,18 @@ memory to speak of.
 the command starts. Only the young generation's threshold moves; the older generations keep
 their ratios (a middle-generation collection every 10 young ones, a full one every 10 of
 those, and only when the long-lived objects grew by a quarter).
+
+``CollectorPauses`` times every collection (``gc.callbacks``): while the collector runs the
+worker does nothing else, so a pause adds to the latency of every decision in flight. The
+worker observes them into ``dealstream_gc_pause_seconds`` (by generation).
 """
 
 from __future__ import annotations
 
 import gc
+import time
+from collections.abc import Callable
+from typing import Any
 
 
 def tune_garbage_collector(threshold: int) -> None:
@@ -28,3 +35,32 @@ def tune_garbage_collector(threshold: int) -> None:
         return
     _, middle, old = gc.get_threshold()
     gc.set_threshold(threshold, middle, old)
+
+
+class CollectorPauses:
+    """Reports how long each collection of Python's collector took: ``observe(generation,
+    seconds)`` after each one, from ``install`` until ``uninstall``."""
+
+    def __init__(
+        self,
+        observe: Callable[[int, float], None],
+        *,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self._observe = observe
+        self._clock = clock
+        self._started = 0.0
+
+    def install(self) -> None:
+        if self._on_collection not in gc.callbacks:
+            gc.callbacks.append(self._on_collection)
+
+    def uninstall(self) -> None:
+        if self._on_collection in gc.callbacks:
+            gc.callbacks.remove(self._on_collection)
+
+    def _on_collection(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = self._clock()
+        else:
+            self._observe(int(info["generation"]), self._clock() - self._started)

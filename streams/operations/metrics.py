@@ -46,6 +46,7 @@ DECISION_LATENCY_BUCKETS = (
 REDIS_CALL_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 )
+GC_PAUSE_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 # fmt: on
 
 SKIP_REASONS = {
@@ -118,6 +119,17 @@ class WorkerMetrics:
             buckets=REDIS_CALL_BUCKETS,
             registry=r,
         )
+        self.gc_pause = Histogram(
+            "dealstream_gc_pause_seconds",
+            "Collections of Python's cyclic garbage collector in this worker, by generation "
+            "(0 young, 2 full), and how long each paused the worker: a pause adds to the "
+            "latency of every decision in flight.",
+            ["generation"],
+            buckets=GC_PAUSE_BUCKETS,
+            registry=r,
+        )
+        for generation in ("0", "1", "2"):
+            self.gc_pause.labels(generation)
         self.redis_replication_shortfalls = Counter(
             "dealstream_redis_replication_shortfalls",
             "Batch calls that fewer Redis replicas acknowledged than "

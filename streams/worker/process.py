@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from streams.adapters.kafka_io import check_kafka, check_redis, ensure_topics
 from streams.errors import EXIT_STOP_TIMEOUT
+from streams.operations.garbage_collector import CollectorPauses
 from streams.settings import Settings
 from streams.worker.faust_app import bootstrap, create_app, reload_model
 
@@ -114,8 +115,15 @@ def run_worker(settings: Settings, verify_key: Ed25519PublicKey | None = None) -
         logging_config=KEEP_HANDLERS_CONFIG,
     )
     worker.stop_timeout_s = settings.stop_timeout_s
+    gc_pause = runtime.metrics.gc_pause
+    pauses = CollectorPauses(
+        lambda generation, seconds: gc_pause.labels(str(generation)).observe(seconds)
+    )
+    pauses.install()
     try:
         worker.execute_from_commandline()
     except SystemExit as exc:
         return int(exc.code or 0)
+    finally:
+        pauses.uninstall()
     return 0

@@ -60,6 +60,7 @@ METRIC_NAMES = (
     "dealstream_batch_size_bucket",
     "dealstream_decision_latency_seconds_bucket",
     "dealstream_redis_call_seconds_bucket",
+    "dealstream_gc_pause_seconds_bucket",
     "dealstream_offers_total",
     "dealstream_discount_spend_total",
     "dealstream_budget_remaining",
@@ -165,8 +166,15 @@ def running_worker(
     poison = (topics.browse, b"poison", b"{not json")  # one dead letter
     asyncio.run(produce_events(services, topics, events, raw=[poison]))
     assert asyncio.run(publish_trained(services.redis(), isolation.redis_prefix)) == PUBLISHED
+    # gc_threshold=0: Python's own collector settings, so that young collections certainly
+    # run (and show in dealstream_gc_pause_seconds) while the test looks.
     env = worker_env(
-        services, isolation, http_port=free_port, campaigns=campaigns, http_token=TOKEN
+        services,
+        isolation,
+        http_port=free_port,
+        campaigns=campaigns,
+        http_token=TOKEN,
+        gc_threshold=0,
     )
     worker = WorkerProcess({**env, **worker_key_env()}, tmp_path / "worker.log")
     worker.start()
@@ -235,6 +243,7 @@ def test_health_ready_metrics_and_status_page(
     assert value("dealstream_rebalances_total") >= 1
     assert value("dealstream_redis_call_seconds_count", script="features") > 0
     assert value("dealstream_redis_call_seconds_count", script="ledger") > 0
+    assert value("dealstream_gc_pause_seconds_count", generation="0") > 0
     assert value("dealstream_model_version_info", version=PUBLISHED) == 1
     # Only the campaign with a stop-loss has its series; its decisions were sampled.
     stop_loss = {lab["campaign"] for n, lab, _ in parsed if n.startswith("dealstream_stop_loss")}

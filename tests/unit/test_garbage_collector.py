@@ -11,7 +11,8 @@ import pytest
 
 from streams.cli import main as cli_main
 from streams.errors import ConfigError
-from streams.operations.garbage_collector import tune_garbage_collector
+from streams.operations.garbage_collector import CollectorPauses, tune_garbage_collector
+from streams.operations.metrics import WorkerMetrics
 from streams.settings import Settings
 
 
@@ -70,3 +71,45 @@ def test_every_command_runs_with_the_configured_collector(
     monkeypatch.setenv("DEALSTREAM_GC_THRESHOLD", "23456")
     assert cli_main.main([]) == 0
     assert seen["threshold"] == 23_456
+
+
+def test_every_collection_is_timed_by_generation_until_uninstalled() -> None:
+    ticks = iter(range(100))
+    seen: list[tuple[int, float]] = []
+    pauses = CollectorPauses(lambda g, s: seen.append((g, s)), clock=lambda: float(next(ticks)))
+    pauses.install()
+    pauses.install()  # once only
+    gc.disable()  # only the collections asked for below
+    try:
+        gc.collect(0)
+        gc.collect(2)
+    finally:
+        gc.enable()
+        pauses.uninstall()
+    assert seen == [(0, 1.0), (2, 1.0)]  # each call: start at tick n, stop at n + 1
+    gc.collect()
+    assert len(seen) == 2
+
+
+def test_the_worker_metric_counts_a_full_collection() -> None:
+    metrics = WorkerMetrics()
+    pause = metrics.gc_pause
+    pauses = CollectorPauses(lambda g, s: pause.labels(str(g)).observe(s))
+    before = metrics.registry.get_sample_value(
+        "dealstream_gc_pause_seconds_count", {"generation": "2"}
+    )
+    pauses.install()
+    gc.disable()
+    try:
+        gc.collect()
+    finally:
+        gc.enable()
+        pauses.uninstall()
+    after = metrics.registry.get_sample_value(
+        "dealstream_gc_pause_seconds_count", {"generation": "2"}
+    )
+    assert (before, after) == (0.0, 1.0)
+    assert (
+        metrics.registry.get_sample_value("dealstream_gc_pause_seconds_sum", {"generation": "2"})
+        > 0
+    )

@@ -228,6 +228,7 @@ def test_every_metric_follows_prometheus_naming() -> None:
         "dealstream_batch_size",
         "dealstream_decision_latency_seconds",
         "dealstream_redis_call_seconds",
+        "dealstream_gc_pause_seconds",
         "dealstream_offers",
         "dealstream_discount_spend",
         "dealstream_budget_remaining",
