@@ -125,6 +125,12 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 f"RSS growth {result.get('rss_growth_pct')} %, "
                 f"Redis CPU {result.get('redis_cpu_us_per_event')} us per event"
             )
+            for generation, pauses in result.get("gc_pauses_first_worker", {}).items():
+                _say(
+                    f"  collector generation {generation}: {pauses['collections']:.0f} "
+                    f"collections, mean {pauses['mean_ms']} ms, {pauses['over_25ms']:.0f} of "
+                    f"25 ms or more, {pauses['us_per_event']} us per event"
+                )
         inproc = []
         for run in range(args.runs):
             inproc.append(

@@ -36,6 +36,12 @@ REDELIVERED = re.compile(
     r'^dealstream_events_skipped_total\{reason="redelivered"\} ([0-9.e+]+)$', re.M
 )
 HELD = re.compile(r"^dealstream_events_held ([0-9.e+]+)$", re.M)
+GC_PAUSE = re.compile(
+    r'^dealstream_gc_pause_seconds_(count|sum)\{generation="(\d)"\} ([0-9.e+-]+)$', re.M
+)
+GC_PAUSE_OVER_25_MS = re.compile(
+    r'^dealstream_gc_pause_seconds_bucket\{generation="(\d)",le="0.025"\} ([0-9.e+]+)$', re.M
+)
 
 
 def load_average() -> float:
@@ -195,17 +201,37 @@ class Worker:
         a partition over before its last offsets were committed), nor the events the worker's
         event-time aligner holds right now (consumed, not yet applied); None before the web
         server answers."""
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
-        try:
-            async with self._session.get(f"http://127.0.0.1:{self.port}/metrics") as response:
-                text = await response.text()
-        except (aiohttp.ClientError, OSError, TimeoutError):
+        text = await self._metrics()
+        if text is None:
             return None
         consumed = sum(float(v) for v in CONSUMED.findall(text))
         redelivered = sum(float(v) for v in REDELIVERED.findall(text))
         held = sum(float(v) for v in HELD.findall(text))
         return int(consumed - redelivered - held)
+
+    async def gc_pauses(self) -> dict[str, dict[str, float]] | None:
+        """Per collector generation: collections so far, their seconds in all, and how many
+        paused the worker 25 ms or more (``dealstream_gc_pause_seconds``)."""
+        text = await self._metrics()
+        if text is None:
+            return None
+        pauses: dict[str, dict[str, float]] = {}
+        for kind, generation, value in GC_PAUSE.findall(text):
+            pauses.setdefault(generation, {})[kind] = float(value)
+        for generation, within in GC_PAUSE_OVER_25_MS.findall(text):
+            counts = pauses.setdefault(generation, {})
+            counts["over_25ms"] = counts.get("count", 0.0) - float(within)
+        return pauses
+
+    async def _metrics(self) -> str | None:
+        """The worker's ``/metrics`` text; None before its web server answers."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        try:
+            async with self._session.get(f"http://127.0.0.1:{self.port}/metrics") as response:
+                return await response.text()
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            return None
 
     def tail(self, chars: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""

@@ -153,6 +153,7 @@ async def drain_run(
             proc.start()
         rss_start: list[int] = []
         cpu_start: list[float] = []
+        gc_start: list[dict[str, dict[str, float]] | None] = []
         redis_start: list[RedisMark] = []
         spy: list[subprocess.Popen[bytes]] = []
 
@@ -165,6 +166,7 @@ async def drain_run(
             if not rss_start and total >= RSS_WARMUP_EVENTS:
                 rss_start.extend(p.rss_kib() for p in procs)
                 cpu_start.extend(p.cpu_seconds() for p in procs)
+                gc_start.append(await procs[0].gc_pauses())
                 redis_start.append(await RedisMark.read(client, total))
                 if config.profile is not None:
                     spy.append(start_py_spy(procs[0].pid, config.profile, config.profile_s))
@@ -177,6 +179,7 @@ async def drain_run(
         for profiler in spy:
             await asyncio.to_thread(profiler.wait)
         rss_end = [p.rss_kib() for p in procs]
+        gc_end = await procs[0].gc_pauses()
         cpu_end = [p.cpu_seconds() for p in procs]
         load_end = load_average()
         first = next(t for t, n in samples if n > 0)
@@ -205,6 +208,10 @@ async def drain_run(
                 1e6 * busy / max(consumed - RSS_WARMUP_EVENTS, 1), 1
             )
             result.update(redis_start[0].per_event(redis_end))
+            if gc_start[0] is not None and gc_end is not None:
+                result["gc_pauses_first_worker"] = gc_pause_delta(
+                    gc_start[0], gc_end, consumed - RSS_WARMUP_EVENTS
+                )
         if target < config.events:
             return result
         used_after = await _used_memory(client)
@@ -219,6 +226,25 @@ async def drain_run(
         for proc in procs:
             await proc.stop()
         await client.aclose()
+
+
+def gc_pause_delta(
+    start: dict[str, dict[str, float]], end: dict[str, dict[str, float]], events: int
+) -> dict[str, dict[str, float]]:
+    """Per generation, between two scrapes: collections, pauses of 25 ms or more, the mean
+    pause and the collector's time per event."""
+    delta: dict[str, dict[str, float]] = {}
+    for generation, counts in sorted(end.items()):
+        before = start.get(generation, {})
+        count = counts.get("count", 0.0) - before.get("count", 0.0)
+        seconds = counts.get("sum", 0.0) - before.get("sum", 0.0)
+        delta[generation] = {
+            "collections": count,
+            "over_25ms": counts.get("over_25ms", 0.0) - before.get("over_25ms", 0.0),
+            "mean_ms": round(1000 * seconds / count, 2) if count else 0.0,
+            "us_per_event": round(1e6 * seconds / max(events, 1), 2),
+        }
+    return delta
 
 
 def start_py_spy(pid: int, out: Path, seconds: int) -> subprocess.Popen[bytes]:
