@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import socket
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -19,65 +17,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 import redis.asyncio as aioredis
 
 from streams.adapters.kafka_io import ensure_topics
 from streams.settings import Topics
 from tests.conftest import Isolation, Services, without_redis_security
 from tests.model_keys import publish_trained, worker_key_env
+from tests.private_redis import REDIS_SERVER, PrivateRedis
 from tests.worker_process import WorkerProcess, clean_up, worker_env
 
 pytestmark = pytest.mark.e2e
 
-REDIS_SERVER = shutil.which("redis-server")
 READINESS_DEADLINE_S = 30.0
 """The issue's bound: readiness turns false within this long after Redis stops."""
 START_TIMEOUT_S = 90.0
-
-
-class PrivateRedis:
-    """A throwaway ``redis-server`` (no persistence) on a given port."""
-
-    def __init__(self, port: int, workdir: Path) -> None:
-        self.port = port
-        self.workdir = workdir
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        assert REDIS_SERVER is not None
-        self.process = subprocess.Popen(
-            [
-                REDIS_SERVER,
-                *("--port", str(self.port), "--bind", "127.0.0.1"),
-                *("--save", "", "--appendonly", "no", "--dir", str(self.workdir)),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port, socket_timeout=1)
-        deadline = time.monotonic() + 20
-        try:
-            while True:
-                try:
-                    if client.ping():
-                        return
-                except redis.ConnectionError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.1)
-        finally:
-            client.close()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=20)
-        self.process = None
 
 
 def ready(port: int) -> tuple[int, dict[str, Any]] | None:
@@ -109,7 +62,7 @@ def wait_ready(port: int, want: bool, timeout_s: float, worker: WorkerProcess) -
 def private_redis(tmp_path: Path, free_port: int) -> Iterator[PrivateRedis]:
     if REDIS_SERVER is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    server = PrivateRedis(free_port, tmp_path)
+    server = PrivateRedis(tmp_path, port=free_port)
     server.start()
     try:
         yield server

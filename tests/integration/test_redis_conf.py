@@ -19,7 +19,7 @@ from engine.ledger import DecisionRequest, LedgerConfig
 from streams.adapters.pseudonyms import Pseudonyms
 from streams.adapters.redis_ledger import RedisLedger
 from tests.conftest import REPO
-from tests.reliability.test_redis_behind import REDIS_SERVER, PrivateRedis
+from tests.private_redis import REDIS_SERVER, PrivateRedis
 
 T0 = 1_767_225_600_000 + 22 * HOUR_MS
 PREFIX = "conf:"

@@ -20,8 +20,6 @@ as a subprocess, the shared Kafka:
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,8 @@ import redis
 from engine.analysis.simulation.world import open_loop
 from streams.adapters.kafka_io import ensure_topics
 from streams.settings import Topics
-from tests.conftest import REPO, Isolation, Services, unused_port
+from tests.conftest import REPO, Isolation, Services
+from tests.private_redis import REDIS_SERVER, PrivateRedis
 from tests.reliability.test_batch_faults import (
     CAMPAIGNS,
     Published,
@@ -52,56 +51,7 @@ from tests.worker_process import (
 
 pytestmark = pytest.mark.reliability
 
-REDIS_SERVER = shutil.which("redis-server")
 TIMEOUT_S = 90.0
-
-
-class PrivateRedis:
-    """A memory-only redis-server of this test: SAVE writes ``dump.rdb``, which a restart loads."""
-
-    def __init__(self, workdir: Path, conf: Path | None = None) -> None:
-        assert REDIS_SERVER is not None
-        self.workdir = workdir
-        self.conf = conf
-        """A config file (the shipped one); without: memory only."""
-        self.port = unused_port()
-        self.process: subprocess.Popen[bytes] | None = None
-        workdir.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        assert REDIS_SERVER is not None
-        argv = [REDIS_SERVER, *([str(self.conf)] if self.conf else [])]
-        argv += ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.workdir)]
-        if self.conf is None:
-            argv += ["--save", "", "--appendonly", "no"]
-        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_timeout=1)
-        try:
-            for _ in range(200):
-                try:
-                    if client.ping():
-                        return
-                except redis.ConnectionError:
-                    time.sleep(0.05)
-            raise AssertionError("the private redis-server did not answer")
-        finally:
-            client.close()
-
-    def save(self) -> None:
-        client = redis.Redis(port=self.port)
-        try:
-            client.save()
-        finally:
-            client.close()
-
-    def kill9(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait(timeout=10)
 
 
 async def committed_total(services: Services, group: str) -> int:

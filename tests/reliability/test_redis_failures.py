@@ -52,10 +52,9 @@ from streams.worker.batch_worker import BatchWorker
 from streams.worker.faust_app import Runtime, bootstrap
 from tests.conftest import TEST_PSEUDONYM_KEY, Isolation, Services, unused_port
 from tests.feature_reference import reference_states
+from tests.private_redis import REDIS_SERVER, PrivateRedis
 from tests.reliability.test_kill9 import ALLOWED_LATENESS_S, differences
 from tests.reliability.test_redis_behind import (
-    REDIS_SERVER,
-    PrivateRedis,
     applied_total,
     wait_committed,
 )
