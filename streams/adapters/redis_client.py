@@ -117,25 +117,32 @@ def c_packed(args: tuple[Any, ...]) -> list[bytes] | None:
         return None
 
 
-class CPackedConnection(Connection):
+class _CPacked(AbstractConnection):
+    """Packs commands with hiredis; placed before a redis-py connection class, whose own packer
+    takes what hiredis refuses."""
+
+    __slots__ = ()
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        return c_packed(args) or super().pack_command(*args)
+
+
+class CPackedConnection(_CPacked, Connection):
     """A TCP connection whose commands hiredis packs."""
 
-    def pack_command(self, *args: Any) -> list[bytes]:
-        return c_packed(args) or super().pack_command(*args)
+    __slots__ = ()
 
 
-class CPackedSSLConnection(SSLConnection):
+class CPackedSSLConnection(_CPacked, SSLConnection):
     """A TLS connection whose commands hiredis packs."""
 
-    def pack_command(self, *args: Any) -> list[bytes]:
-        return c_packed(args) or super().pack_command(*args)
+    __slots__ = ()
 
 
-class CPackedUnixConnection(UnixDomainSocketConnection):
+class CPackedUnixConnection(_CPacked, UnixDomainSocketConnection):
     """A Unix-socket connection whose commands hiredis packs."""
 
-    def pack_command(self, *args: Any) -> list[bytes]:
-        return c_packed(args) or super().pack_command(*args)
+    __slots__ = ()
 
 
 C_PACKED: dict[type[AbstractConnection], type[AbstractConnection]] = {
