@@ -72,6 +72,7 @@ __all__ = [
     "EngineConfig",
     "Incoming",
     "event_time_order",
+    "state_update",
 ]
 
 _HOLDOUT_CACHE_MAX = 100_000
@@ -86,6 +87,20 @@ class Incoming(NamedTuple):
 
     event: Event
     position: Position | None = None
+    update: StateUpdate | None = None
+    """``state_update(event, position)``, when it was built with the event (the worker builds
+    it as it decodes, which it does ahead of the batch); else the engine builds it."""
+
+
+def state_update(event: Event, position: Position | None) -> StateUpdate:
+    """What an event does to its user's feature state."""
+    return StateUpdate(
+        user_id=event.user_id,
+        event_id=event.event_id,
+        ts=event.ts,
+        ops=event_ops(event),
+        position=position,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,13 +261,7 @@ class DiscountEngine:
     async def _process(self, batch: Sequence[Incoming]) -> BatchResult:
         offer_updates, self._offer_updates = self._offer_updates, []
         updates = [
-            StateUpdate(
-                user_id=item.event.user_id,
-                event_id=item.event.event_id,
-                ts=item.event.ts,
-                ops=event_ops(item.event),
-                position=item.position,
-            )
+            item.update if item.update is not None else state_update(item.event, item.position)
             for item in batch
         ]
         outcome = await self.store.apply_batch(

@@ -19,6 +19,7 @@ that slot's primary (routed by its first key).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -85,11 +86,41 @@ class CommitReply:
     epoch: bytes
 
 
+class ReplyWait:
+    """Open while a batch call waits for Redis's reply.
+
+    The worker's one thread has nothing else to do then (the batch's next step needs the
+    reply), so work that may run at any time waits for this to open: the next batch's
+    decoding (``BatchWorker.decode_ahead``) fills the wait instead of delaying a batch.
+    """
+
+    def __init__(self) -> None:
+        self._open = asyncio.Event()
+
+    async def opened(self) -> None:
+        """Return once a call is waiting (at once if one is)."""
+        await self._open.wait()
+
+    def is_open(self) -> bool:
+        return self._open.is_set()
+
+    def open(self) -> None:
+        self._open.set()
+
+    def close(self) -> None:
+        self._open.clear()
+
+
 class BatchCommit:
     """``commit_batch.lua`` registered on one client, called with any of its sections."""
 
     def __init__(
-        self, client: RedisClient, *, prefix: str, replication: ReplicaWait | None = None
+        self,
+        client: RedisClient,
+        *,
+        prefix: str,
+        replication: ReplicaWait | None = None,
+        reply_wait: ReplyWait | None = None,
     ) -> None:
         source = resources.files("streams.adapters").joinpath("commit_batch.lua").read_text()
         self._client = client
@@ -97,6 +128,8 @@ class BatchCommit:
         self.prefix = prefix
         self._fixed_keys = [f"{prefix}own", f"{prefix}wm", f"{prefix}se"]
         self.replication = replication
+        self.reply_wait = reply_wait
+        """Opened for the time each call waits (None: nobody waits for it)."""
 
     async def __call__(
         self,
@@ -129,10 +162,16 @@ class BatchCommit:
             args.extend((outbox.entry_id, outbox.coverage, outbox.drafts, len(outbox.acked)))
             args.extend(outbox.acked)
         acked = 0
-        if self.replication is None:
-            reply = await self._script(keys=keys, args=args)
-        else:
-            reply, acked = await self._run_and_wait(self.replication, keys, args)
+        if self.reply_wait is not None:
+            self.reply_wait.open()
+        try:
+            if self.replication is None:
+                reply = await self._script(keys=keys, args=args)
+            else:
+                reply, acked = await self._run_and_wait(self.replication, keys, args)
+        finally:
+            if self.reply_wait is not None:
+                self.reply_wait.close()
         verdict = _text(reply[0])
         if verdict == "stale":
             raise StateEpochMoved(

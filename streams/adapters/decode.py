@@ -11,7 +11,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from engine.errors import InvalidEvent
 from engine.events import Event, decode_event
 from engine.features.store import Position
-from engine.pipeline import Incoming
+from engine.pipeline import Incoming, state_update
 from streams.adapters.kafka_io import PRODUCER_MAX_REQUEST_BYTES, default_partition
 from streams.settings import Topics
 
@@ -182,4 +182,5 @@ def decode_record(
             f"event time is {ahead_s:.0f} s ahead of the worker clock "
             f"(allowed {limits.max_clock_skew_ms / 1000:.0f} s)",
         )
-    return Incoming(event, Position(record.topic, record.partition, record.offset))
+    position = Position(record.topic, record.partition, record.offset)
+    return Incoming(event, position, state_update(event, position))

@@ -46,6 +46,7 @@ from streams.adapters.batch_commit import (
     CommitReply,
     FeatureWrite,
     OutboxWrite,
+    ReplyWait,
     StateEpochMoved,
 )
 from streams.adapters.outbox import Outbox
@@ -144,13 +145,16 @@ class RedisLedger:
         retry_deadline_s: float = 120.0,
         pseudonyms: Pseudonyms | None = None,
         replication: ReplicaWait | None = None,
+        reply_wait: ReplyWait | None = None,
     ) -> None:
         self._client = client
         self.pseudonyms = pseudonyms if pseudonyms is not None else Pseudonyms.raw()
         self._prefix = prefix
         self.config = config
         self.attribution_window_ms = config.attribution_window_ms
-        self._commit = BatchCommit(client, prefix=prefix, replication=replication)
+        self._commit = BatchCommit(
+            client, prefix=prefix, replication=replication, reply_wait=reply_wait
+        )
         """With ``replication``, each call waits for replicas; too few is resolved like a lost
         reply (``_call``), so no output of the batch leaves before it is replicated."""
         self._features = features

@@ -10,6 +10,7 @@ Outputs published again from the outbox after a crash are counted apart (``repub
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -22,7 +23,7 @@ from engine.alignment import EventTimeAligner, SourcePartition
 from engine.features.store import UpdateStatus
 from engine.pipeline import BatchResult, DiscountEngine, Incoming
 from engine.ports import RecordSink
-from streams.adapters.batch_commit import STALE_RETRIES, StateEpochMoved
+from streams.adapters.batch_commit import STALE_RETRIES, ReplyWait, StateEpochMoved
 from streams.adapters.decode import DeadLetter, DecodeLimits, RawRecord, decode_record
 from streams.adapters.pseudonyms import Pseudonyms
 from streams.operations.logs import DeadLetterLog, log_outputs
@@ -53,6 +54,9 @@ class WorkerCounters:
     """Consumed events the aligner holds now, waiting for a lagging topic of their lane."""
     handed_back: int = 0
     """Held events dropped on a revoke: the partitions' next owner reads them again."""
+    decoded_ahead: int = 0
+    """Consumed records decoded while the batch before them waited on Redis or Kafka
+    (``BatchWorker.decode_ahead``); not an outcome, so not part of ``balanced``."""
 
     def balanced(self) -> bool:
         """The accounting invariant: nothing consumed went unaccounted for."""
@@ -84,6 +88,7 @@ class WorkerCounters:
             "republished": self.republished,
             "held": self.held,
             "handed_back": self.handed_back,
+            "decoded_ahead": self.decoded_ahead,
         }
 
 
@@ -95,6 +100,23 @@ class _Admitted:
     records: Sequence[RawRecord]
     dead: list[DeadLetter]
     released: list[Incoming]
+
+
+Decoded = Incoming | DeadLetter
+
+DECODE_AHEAD_CHUNK = 32
+"""Records decoded ahead between two turns of the event loop: a batch whose Redis reply has
+come waits for at most this many decodes (about 0.2 ms) before it goes on."""
+
+
+@dataclass(slots=True)
+class _DecodeJob:
+    """The next batch's records, decoded in order by ``task`` into ``decoded`` (a prefix of
+    ``records`` once the task is cancelled)."""
+
+    records: Sequence[RawRecord]
+    decoded: list[Decoded]
+    task: asyncio.Task[None]
 
 
 _STATUS_FIELD = {
@@ -129,6 +151,7 @@ class BatchWorker:
         aligner: EventTimeAligner | None = None,
         batch_max: int | None = None,
         pseudonyms: Pseudonyms | None = None,
+        reply_wait: ReplyWait | None = None,
     ) -> None:
         self.engine = engine
         self.pseudonyms = pseudonyms if pseudonyms is not None else Pseudonyms.raw()
@@ -144,6 +167,11 @@ class BatchWorker:
         self.aligner = aligner if aligner is not None else EventTimeAligner(topics.events)
         self.batch_max = batch_max
         self._admitted: _Admitted | None = None
+        self._decode_jobs: list[_DecodeJob] = []
+        """At most two: the batch about to be handled, and the one after it."""
+        self._reply_wait = reply_wait
+        """When decoding ahead may run: while the batch's Redis call waits (None: whenever the
+        event loop gets to it)."""
 
     async def handle(
         self, records: Sequence[RawRecord], lagging: Collection[SourcePartition] = ()
@@ -208,18 +236,70 @@ class BatchWorker:
 
     def on_revoked(self, partitions: Iterable[SourcePartition]) -> None:
         """Drop the held events of the revoked partitions: they are beyond the committed
-        offsets, so their next owner (maybe this worker) reads them again."""
+        offsets, so their next owner (maybe this worker) reads them again. Records being
+        decoded ahead were fetched under the old assignment: the consumer drops them too."""
         counters = self.counters
         counters.handed_back += self.aligner.drop(partitions)
         counters.held = self.aligner.held()
+        self._drop_decode_jobs(self._decode_jobs)
+
+    def decode_ahead(self, records: Sequence[RawRecord]) -> None:
+        """Start decoding the batch after the one about to be handled.
+
+        Decoding depends on nothing the batch before changes, so it runs while that batch's
+        Redis call waits for the reply (``reply_wait``) instead of adding to the next batch's
+        time. ``handle`` uses the results only for this very ``records`` object and decodes
+        whatever the task has not reached yet; the task yields to the event loop every
+        ``DECODE_AHEAD_CHUNK`` records.
+        """
+        jobs = self._decode_jobs
+        self._drop_decode_jobs(jobs[:-1])  # a job nobody handled (the loop moved on)
+        decoded: list[Decoded] = []
+        task = asyncio.get_running_loop().create_task(
+            self._decode_into(records, decoded), name="dealstream-decode-ahead"
+        )
+        jobs.append(_DecodeJob(records, decoded, task))
+
+    async def _decode_into(self, records: Sequence[RawRecord], decoded: list[Decoded]) -> None:
+        topics, limits, append = self.topics, self.limits, decoded.append
+        reply_wait = self._reply_wait
+        for start in range(0, len(records), DECODE_AHEAD_CHUNK):
+            if start:
+                await asyncio.sleep(0)  # the batch goes on as soon as its reply has come
+            if reply_wait is not None and not reply_wait.is_open():
+                await reply_wait.opened()
+            now_ms = self._wall_clock_ms()
+            for record in records[start : start + DECODE_AHEAD_CHUNK]:
+                append(decode_record(record, topics=topics, limits=limits, now_ms=now_ms))
+
+    def _decoded_ahead(self, records: Sequence[RawRecord]) -> list[Decoded]:
+        """What was decoded ahead of ``records`` (a prefix of them, maybe empty); the jobs of
+        ``records`` and of anything before them end here."""
+        jobs = self._decode_jobs
+        for index, job in enumerate(jobs):
+            if job.records is records:
+                self._drop_decode_jobs(jobs[: index + 1])
+                return job.decoded
+        return []
+
+    def _drop_decode_jobs(self, jobs: Sequence[_DecodeJob]) -> None:
+        for job in list(jobs):
+            job.task.cancel()  # a done task ignores it; a running one stops between chunks
+            self._decode_jobs.remove(job)
 
     def _admit(
         self, records: Sequence[RawRecord], lagging: Collection[SourcePartition], now_ms: int
     ) -> _Admitted:
         incoming: list[Incoming] = []
         dead: list[DeadLetter] = []
-        for record in records:
-            decoded = decode_record(record, topics=self.topics, limits=self.limits, now_ms=now_ms)
+        ahead = self._decoded_ahead(records)
+        self.counters.decoded_ahead += len(ahead)
+        for index, record in enumerate(records):
+            decoded = (
+                ahead[index]
+                if index < len(ahead)
+                else decode_record(record, topics=self.topics, limits=self.limits, now_ms=now_ms)
+            )
             if isinstance(decoded, DeadLetter):
                 dead.append(decoded)
             else:

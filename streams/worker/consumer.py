@@ -9,7 +9,9 @@ itself consumes nothing: ``streams/worker/faust_app.py``). One loop, one batch a
 2. batch k+1 goes to the handler (``BatchWorker.handle`` with its retry/exit policy) while
    batch k's outputs are acknowledged and its offsets committed (step 4, in a task); the
    handler's aligner releases at most ``batch_max`` events per call, and the loop calls again
-   with no records while it has more ready;
+   with no records while it has more ready. When the fetch holds a batch k+2, ``prepare`` is
+   told of it first (``BatchWorker.decode_ahead`` decodes it while batch k+1 waits on Redis
+   and Kafka), and that same list is handed over next;
 3. ``sink.delivery()`` hands over batch k+1's outputs: what it returns completes once Kafka
    acknowledged every one of them (or raises), whatever is sent after;
 4. the loop waits until batch k is committed (and stops the worker if batch k's delivery
@@ -107,6 +109,10 @@ RevokingHook = Callable[[], Awaitable[None]]
 delivered and committed and while it still owns them (``store_granted_offers``)."""
 CommittedHook = Callable[[Mapping[TopicPartitionKey, int]], None]
 """Told of every successful commit: the next offset to read per partition (``Outbox``)."""
+PrepareHook = Callable[[Sequence[RawRecord]], None]
+"""Told of the next batch's records just before the current batch is handled; that very
+object is handed to ``handle`` next unless the assignment changed
+(``BatchWorker.decode_ahead``)."""
 
 
 class HeldEvents(Protocol):
@@ -144,6 +150,18 @@ def raw_record(record: Any, partitions: int | None = None) -> RawRecord:
         headers=tuple((str(k), bytes(v or b"")) for k, v in headers) if headers else (),
         partitions=partitions,
     )
+
+
+def _raw(consumer: AIOKafkaConsumer, batch: Iterable[Any]) -> list[RawRecord]:
+    """A batch of fetched records as ``RawRecord``s (each with its topic's partition count)."""
+    counts: dict[str, int | None] = {}
+    records: list[RawRecord] = []
+    for record in batch:
+        topic = record.topic
+        if topic not in counts:
+            counts[topic] = len(consumer.partitions_for_topic(topic) or ()) or None
+        records.append(raw_record(record, counts[topic]))
+    return records
 
 
 def exit_worker(exc: BaseException) -> None:
@@ -211,6 +229,7 @@ class EventConsumer(Service):
         crash_points: CrashPoints | None = None,
         held: HeldEvents | None = None,
         hold_max: int | None = None,
+        prepare: PrepareHook | None = None,
     ) -> None:
         super().__init__()
         self.bootstrap = bootstrap
@@ -227,6 +246,7 @@ class EventConsumer(Service):
         self.on_assigned = on_assigned
         self.on_revoking = on_revoking
         self.on_committed = on_committed
+        self.prepare = prepare
         self._crash_points = crash_points if crash_points is not None else CrashPoints()
         self.batches_committed = 0
         self._consumer: AIOKafkaConsumer | None = None
@@ -304,6 +324,7 @@ class EventConsumer(Service):
                 lagging = await self._lagging(consumer) if batches else frozenset()
                 # Records fetched but not handed over yet: their partitions lag too.
                 unhanded = Counter((r.topic, r.partition) for batch in batches for r in batch)
+                upcoming: list[RawRecord] | None = None
                 for index, batch in enumerate(batches):
                     async with self._in_flight:
                         if self._stopping:
@@ -315,7 +336,12 @@ class EventConsumer(Service):
                             break
                         unhanded.subtract((r.topic, r.partition) for r in batch)
                         behind = lagging | {key for key, n in unhanded.items() if n > 0}
-                        await self._process(consumer, batch, behind)
+                        records = upcoming if upcoming is not None else _raw(consumer, batch)
+                        upcoming = None
+                        if self.prepare is not None and index + 1 < len(batches):
+                            upcoming = _raw(consumer, batches[index + 1])
+                            self.prepare(upcoming)
+                        await self._process(consumer, records, behind)
                         while self.held is not None and self.held.ready() and not self._stopping:
                             await self._process(consumer, [], behind)
                         self._pause_or_resume(consumer)
@@ -326,21 +352,22 @@ class EventConsumer(Service):
     async def _process(
         self,
         consumer: AIOKafkaConsumer,
-        batch: Sequence[Any],
+        batch: list[RawRecord],
         lagging: Collection[TopicPartitionKey] = frozenset(),
     ) -> None:
         # A rebalance may have revoked partitions between the fetch and now: their records
         # belong to whoever owns them next.
         assigned = consumer.assignment()
-        counts = {topic: len(consumer.partitions_for_topic(topic) or ()) for topic in self.topics}
-        records: list[RawRecord] = []
+        kept: list[RawRecord] = []
         for record in batch:
             tp = TopicPartition(record.topic, record.partition)
             if tp not in assigned:
                 continue
-            records.append(raw_record(record, counts.get(record.topic) or None))
+            kept.append(record)
             self._commit_to.setdefault(tp, record.offset)
             self._handed_to[tp] = record.offset + 1
+        # The batch object itself when nothing was left out: what ``prepare`` was told of.
+        records = batch if len(kept) == len(batch) else kept
         if not records and self.held is None:
             return
         await self.handle(records, lagging)

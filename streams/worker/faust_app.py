@@ -30,6 +30,7 @@ from mode import Service
 
 from engine.campaigns import default_campaigns, load_campaigns
 from engine.pipeline import DiscountEngine
+from streams.adapters.batch_commit import ReplyWait
 from streams.adapters.decode import DecodeLimits, RawRecord
 from streams.adapters.kafka_io import PRODUCER_MAX_REQUEST_BYTES, kafka_client_options
 from streams.adapters.model_store import ModelReloader, ModelStore
@@ -85,6 +86,8 @@ class Runtime:
     sink: RdKafkaSink
     """The outputs' producer; built here, started by the preflight (``run_worker``) or, failing
     that, with the app (``ProducerService``)."""
+    reply_wait: ReplyWait
+    """Open while the batch's Redis call waits: when the next batch is decoded."""
 
 
 MODEL_POLL_INTERVAL_S = 2.0
@@ -139,6 +142,7 @@ def bootstrap(
     metrics.feature_records_held.set_function(features.held_users)
     store = TimedFeatureStore(features, redis_seconds.labels("features").observe)
     config = settings.engine_config()
+    reply_wait = ReplyWait()
     ledger = TimedLedger(
         RedisLedger(
             client,
@@ -149,6 +153,7 @@ def bootstrap(
             retry_deadline_s=settings.redis_retry_deadline_s,
             pseudonyms=pseudonyms,
             replication=replication,
+            reply_wait=reply_wait,
         ),
         redis_seconds.labels("ledger").observe,
     )
@@ -169,6 +174,7 @@ def bootstrap(
         crash_points=CrashPoints(settings.crash_at),
         pseudonyms=pseudonyms,
         sink=RdKafkaSink(settings.kafka_bootstrap, security=settings.kafka_security),
+        reply_wait=reply_wait,
     )
 
 
@@ -381,6 +387,7 @@ def create_app(runtime: Runtime) -> faust.App:
         crash_points=runtime.crash_points,
         batch_max=settings.batch_max,
         pseudonyms=runtime.pseudonyms,
+        reply_wait=runtime.reply_wait,
     )
     runtime.metrics.events_held.set_function(worker.aligner.held)
     status = WorkerStatus(
@@ -435,6 +442,7 @@ def create_app(runtime: Runtime) -> faust.App:
         on_committed=runtime.outbox.committed,
         crash_points=runtime.crash_points,
         held=worker.aligner,
+        prepare=worker.decode_ahead,  # decodes batch k+1 while batch k waits on Redis
         client_options=kafka_client_options(settings.kafka_security).kwargs(),
     )
     status.consumer = consumer

@@ -7,6 +7,8 @@
   was being delivered (one batch ahead);
 - commits are in batch order, each only once every output of the records below it was
   acknowledged, even when deliveries complete out of order;
+- the handler is told of each fetched batch's next batch before it handles the current one
+  (``prepare``), and then gets that very list: every record handled once, in order;
 - on revoke, the batches in flight (the one being handled and the one being delivered) are
   handled, delivered and committed before the group moves on: the member that takes over
   starts after them, so no record is handled twice.
@@ -428,6 +430,51 @@ async def test_commits_follow_batch_order_and_the_acknowledgements(
         "never more than one batch ahead"
     )
     assert sum((await committed_offsets(services, isolation.group_id)).values()) == total
+
+
+async def test_the_next_batch_is_prepared_before_the_current_one_is_handled(
+    services: Services, isolation: Isolation, topics: Topics
+) -> None:
+    total = 1_500
+    await produce(services, topics, total)
+    events: list[tuple[str, Sequence[RawRecord]]] = []
+
+    async def handle(records: Sequence[RawRecord], lagging: object = ()) -> None:
+        events.append(("handle", records))
+
+    consumer = EventConsumer(
+        bootstrap=services.kafka_bootstrap,
+        group_id=isolation.group_id,
+        topics=topics.events,
+        handle=handle,
+        sink=ListSink(),
+        batch_max=50,
+        batch_within_s=0.05,
+        session_timeout_s=SESSION_S,
+        on_fatal=_raise,
+        prepare=lambda records: events.append(("prepare", records)),
+    )
+    await consumer.start()
+    try:
+
+        async def drained() -> bool:
+            return sum(len(r) for kind, r in events if kind == "handle") >= total
+
+        assert await poll_until(drained, TIMEOUT_S)
+    finally:
+        await consumer.stop()
+    handled = [records for kind, records in events if kind == "handle"]
+    prepared = [records for kind, records in events if kind == "prepare"]
+    assert prepared, "fetches of more than one batch prepare the next"
+    for index, (kind, records) in enumerate(events):
+        if kind == "prepare":
+            # Then the current batch is handled, then the prepared one itself (same object).
+            after = [later for later_kind, later in events[index + 1 :] if later_kind == "handle"]
+            assert after[1] is records
+    assert sorted(where(r) for batch in handled for r in batch) == sorted(
+        {where(r) for batch in handled for r in batch}
+    ), "every record handled once"
+    assert sum(len(batch) for batch in handled) == total
 
 
 async def test_revoke_waits_for_the_batches_in_flight_to_be_delivered_and_committed(

@@ -54,7 +54,7 @@ from engine.ledger import (
 )
 from engine.pipeline import DiscountEngine, EngineConfig, Incoming
 from engine.stop_loss import StopLoss
-from streams.adapters.batch_commit import BatchCommit, CommitReply
+from streams.adapters.batch_commit import BatchCommit, CommitReply, ReplyWait
 from streams.adapters.outbox import Outbox
 from streams.adapters.redis_errors import RedisBatchFailed
 from streams.adapters.redis_ledger import RedisLedger
@@ -727,6 +727,30 @@ async def test_a_malformed_packed_op_is_refused_before_anything_is_written(
             await commit(ledger=_packed(*ops, records=records))
         assert "nothing was written" in str(refused.value)
         assert await keys_under(client, prefix) == set()
+    finally:
+        await delete_prefix(client, prefix)
+        await client.aclose()
+
+
+async def test_the_reply_wait_is_open_exactly_while_a_call_waits_for_its_reply(
+    services: Services, isolation: Isolation
+) -> None:
+    """What the worker decodes its next batch in: open once the call is sent, closed when its
+    reply (or its failure) is back."""
+    client = aioredis.Redis.from_url(services.redis_url)
+    prefix = isolation.redis_prefix
+    reply_wait = ReplyWait()
+    commit = BatchCommit(client, prefix=prefix, reply_wait=reply_wait)
+    try:
+        call = asyncio.ensure_future(commit(ledger=_packed(GOOD, records=RECORD)))
+        await asyncio.wait_for(reply_wait.opened(), 10)
+        assert not call.done(), "opened while the call was waiting"
+        reply = await call
+        assert list(reply.outcomes) == [1]
+        assert not reply_wait.is_open()
+        with pytest.raises(ResponseError):
+            await commit(ledger=_packed(GOOD, records=b""))  # malformed: refused
+        assert not reply_wait.is_open(), "closed after a failed call too"
     finally:
         await delete_prefix(client, prefix)
         await client.aclose()

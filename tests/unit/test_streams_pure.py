@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +14,13 @@ from engine.campaigns import Campaign
 from engine.decisions import Offer
 from engine.errors import INVALID_EVENT_CODES
 from engine.events import BrowseEvent
+from engine.features.state import event_ops
 from engine.features.store import InMemoryFeatureStore, Position
 from engine.model.feedback import TrainingExample
 from engine.model.signing import signing_key_from_pem, verify_key_from_pem
-from engine.pipeline import DiscountEngine, Incoming
+from engine.pipeline import DiscountEngine, Incoming, state_update
 from engine.policies.threshold import ThresholdPolicy
+from streams.adapters.batch_commit import ReplyWait
 from streams.adapters.decode import (
     DeadLetter,
     DecodeLimits,
@@ -35,7 +38,7 @@ from streams.settings import (
     Topics,
     redact_url,
 )
-from streams.worker.batch_worker import BatchWorker, WorkerCounters
+from streams.worker.batch_worker import DECODE_AHEAD_CHUNK, BatchWorker, WorkerCounters
 from streams.worker.consumer import raw_record
 from tests.model_keys import learner_key_env, worker_key_env
 from tests.sinks import ListSink
@@ -357,6 +360,9 @@ def test_good_record_becomes_incoming_with_its_position() -> None:
     assert decoded.event == BrowseEvent(
         event_id="e-1", user_id="u-1", ts=T0, item_id="i-1", category="books", price=12.5
     )
+    # What it does to the user's state is built with it (ahead of the batch, in the worker).
+    assert decoded.update == state_update(decoded.event, decoded.position)
+    assert decoded.update.ops == event_ops(decoded.event)
     # On its key's default partition (what every Kafka client picks): accepted as well.
     home = default_partition(b"u-1", 8)
     assert isinstance(decode(raw(partition=home, partitions=8)), Incoming)
@@ -572,7 +578,9 @@ def test_huge_headers_and_key_are_cut_too() -> None:
 # -- BatchWorker --------------------------------------------------------------------------------
 
 
-def make_worker(prefix: str = "t1.") -> tuple[BatchWorker, ListSink]:
+def make_worker(
+    prefix: str = "t1.", reply_wait: ReplyWait | None = None
+) -> tuple[BatchWorker, ListSink]:
     engine = DiscountEngine(
         InMemoryFeatureStore(),
         campaigns=[Campaign("spring", ThresholdPolicy(threshold=0.3), decision_interval_ms=0)],
@@ -584,6 +592,7 @@ def make_worker(prefix: str = "t1.") -> tuple[BatchWorker, ListSink]:
         topics=Topics(prefix),
         limits=DecodeLimits(),
         wall_clock_ms=lambda: T0 + HOUR,
+        reply_wait=reply_wait,
     )
     return worker, sink
 
@@ -674,6 +683,105 @@ async def test_outputs_go_to_the_right_topics() -> None:
     assert example["label"] == 1
     assert key == str(example["decision_id"]).encode()
     assert example["decision_id"] == decisions[0]["decision_id"]
+
+
+def views(count: int, first_offset: int) -> list[RawRecord]:
+    """``count`` view records of five users, at offsets from ``first_offset``."""
+    return [
+        record(
+            browse_doc(event_id=f"v-{offset}", user_id=f"u-{offset % 5}", ts=T0 + offset),
+            "browse",
+            offset,
+            f"u-{offset % 5}".encode(),
+        )
+        for offset in range(first_offset, first_offset + count)
+    ]
+
+
+async def handled_inline(*batches: list[RawRecord]) -> tuple[WorkerCounters, ListSink]:
+    worker, sink = make_worker()
+    for batch in batches:
+        await worker.handle(batch)
+    return worker.counters, sink
+
+
+async def test_a_batch_decoded_ahead_gives_what_decoding_it_in_the_batch_gives() -> None:
+    first, second = mixed_batch(), views(20, 10)
+    worker, sink = make_worker()
+    worker.decode_ahead(second)  # the consumer: the next batch, then the current one
+    await worker.handle(first)
+    await asyncio.sleep(0)  # the loop's turn: 20 records are one chunk
+    await worker.handle(second)
+
+    inline, inline_sink = await handled_inline(first, second)
+    assert worker.counters.decoded_ahead == len(second)
+    assert inline.decoded_ahead == 0
+    worker.counters.decoded_ahead = 0
+    assert worker.counters == inline
+    assert sink.records == inline_sink.records
+
+
+async def test_what_the_task_has_not_reached_is_decoded_in_the_batch() -> None:
+    first, second = views(10, 0), views(2 * DECODE_AHEAD_CHUNK + 5, 10)
+    worker, sink = make_worker()
+    worker.decode_ahead(second)
+    await worker.handle(first)
+    await asyncio.sleep(0)  # one chunk decoded, then the task yields
+    await worker.handle(second)  # stops the task: the rest is decoded here
+
+    inline, inline_sink = await handled_inline(first, second)
+    assert worker.counters.decoded_ahead == DECODE_AHEAD_CHUNK
+    worker.counters.decoded_ahead = 0
+    assert worker.counters == inline
+    assert sink.records == inline_sink.records
+
+
+async def test_results_decoded_ahead_serve_only_the_records_object_they_were_made_for() -> None:
+    batch = mixed_batch()
+    worker, sink = make_worker()
+    worker.decode_ahead(batch)
+    await asyncio.sleep(0)
+    await worker.handle(list(batch))  # e.g. the consumer left out a revoked partition's record
+    assert worker.counters.decoded_ahead == 0
+    inline, inline_sink = await handled_inline(batch)
+    assert worker.counters == inline
+    assert sink.records == inline_sink.records
+
+
+async def test_decoding_ahead_runs_only_while_a_redis_call_waits() -> None:
+    reply_wait = ReplyWait()
+    batch = views(10, 0)
+    worker, _ = make_worker(reply_wait=reply_wait)
+    worker.decode_ahead(batch)
+    for _ in range(3):
+        await asyncio.sleep(0)  # the loop's turns, but no call waits
+    await worker.handle(batch)
+    assert worker.counters.decoded_ahead == 0
+
+    later = views(10, 10)
+    worker.decode_ahead(later)
+    reply_wait.open()  # what BatchCommit does while its reply is on the way
+    await asyncio.sleep(0)
+    reply_wait.close()
+    await worker.handle(later)
+    assert worker.counters.decoded_ahead == len(later)
+    assert worker.counters.applied == len(batch) + len(later)
+
+
+async def test_a_revoke_stops_the_decoding_ahead() -> None:
+    worker, _ = make_worker()
+    batch = views(3 * DECODE_AHEAD_CHUNK, 0)
+    worker.decode_ahead(batch)
+    await asyncio.sleep(0)
+    worker.on_revoked([("t1.events.browse", 0)])
+    await asyncio.sleep(0)
+    decoding = [
+        task for task in asyncio.all_tasks() if task.get_name() == "dealstream-decode-ahead"
+    ]
+    assert not decoding, "the task ended at its next chunk"
+    await worker.handle(batch)  # read again after the revoke: decoded here
+    assert worker.counters.decoded_ahead == 0
+    assert worker.counters.applied == len(batch)
 
 
 async def test_worker_uses_its_clock_for_the_skew_check() -> None:
