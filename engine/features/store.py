@@ -61,28 +61,6 @@ class BatchOutcome:
     """Each touched user's state before the batch (empty dict for a new user)."""
 
 
-def classify(
-    update: StateUpdate,
-    *,
-    watermark: int | None,
-    latest_ts: float | None,
-    seen: bool,
-    allowed_lateness_ms: int,
-) -> UpdateStatus:
-    """The skip rules, in order; ``seen``: the user's dedup set holds the event id."""
-    if (
-        update.position is not None
-        and watermark is not None
-        and update.position.offset <= watermark
-    ):
-        return UpdateStatus.REDELIVERED
-    if not update.on_time and latest_ts is not None and update.ts < latest_ts - allowed_lateness_ms:
-        return UpdateStatus.LATE
-    if seen:
-        return UpdateStatus.DUPLICATE
-    return UpdateStatus.APPLIED
-
-
 SEEN_KEY_BYTES = 5
 
 
@@ -129,45 +107,64 @@ def apply_updates(
     """Apply a micro-batch to ``records`` and ``watermarks`` in place: the one implementation
     of the store's contract, whichever store keeps the records.
 
+    Each update is, by the first rule that holds: ``FORGOTTEN`` (its user has a live
+    tombstone in ``forgotten``) unless redelivered; ``REDELIVERED`` (its offset is at or below
+    its partition's watermark); ``LATE`` (unless ``on_time``: older than the user's latest
+    event minus ``allowed_lateness_ms``); ``DUPLICATE`` (its event id is in the user's dedup
+    set); else ``APPLIED``. Every update but a redelivered one moves its partition's watermark.
+
     Users missing from ``records`` start empty. Returns the outcome and the users whose record
-    changed; a user who was created here but got nothing applied is removed again. The updates
-    of users in ``forgotten`` (a live tombstone) are skipped as ``FORGOTTEN`` unless redelivered.
+    changed; a user who was created here but got nothing applied is removed again.
     """
+    applied, redelivered, late, duplicate = (
+        UpdateStatus.APPLIED,
+        UpdateStatus.REDELIVERED,
+        UpdateStatus.LATE,
+        UpdateStatus.DUPLICATE,
+    )
     before: dict[str, State] = {}
     statuses: list[UpdateStatus] = []
+    status_of = statuses.append
     touched: set[str] = set()
     for update in updates:
         user_id = update.user_id
         if user_id in forgotten:
-            statuses.append(_skip_forgotten(update, watermarks))
+            status_of(_skip_forgotten(update, watermarks))
             continue
         record = records.get(user_id)
-        if user_id not in before:
-            before[user_id] = dict(record.state) if record else {}
         if record is None:
             record = records[user_id] = UserRecord()
+            before.setdefault(user_id, {})
+        elif user_id not in before:
+            before[user_id] = dict(record.state)
         position = update.position
-        wm_key = (position.source, position.partition) if position else None
-        key = seen_key(update.event_id)
-        status = classify(
-            update,
-            watermark=watermarks.get(wm_key) if wm_key else None,
-            latest_ts=record.state.get("lt"),
-            seen=key in record.seen,
-            allowed_lateness_ms=allowed_lateness_ms,
-        )
-        if status is not UpdateStatus.REDELIVERED and wm_key is not None:
-            assert position is not None
+        if position is not None:
+            wm_key = (position.source, position.partition)
+            watermark = watermarks.get(wm_key)
+            if watermark is not None and position.offset <= watermark:
+                status_of(redelivered)
+                continue
             watermarks[wm_key] = position.offset
-        if status is UpdateStatus.APPLIED:
-            expiry = apply_ops(record.state, update.ops)
-            if expiry < record.next_expiry:
-                record.next_expiry = expiry
-            record.seen[key] = update.ts
-            if update.ts < record.oldest_seen:
-                record.oldest_seen = update.ts
-            touched.add(user_id)
-        statuses.append(status)
+        state = record.state
+        if not update.on_time:
+            latest = state.get("lt")
+            if latest is not None and update.ts < latest - allowed_lateness_ms:
+                status_of(late)
+                continue
+        key = seen_key(update.event_id)
+        seen = record.seen
+        if key in seen:
+            status_of(duplicate)
+            continue
+        expiry = apply_ops(state, update.ops)
+        if expiry < record.next_expiry:
+            record.next_expiry = expiry
+        ts = update.ts
+        seen[key] = ts
+        if ts < record.oldest_seen:
+            record.oldest_seen = ts
+        touched.add(user_id)
+        status_of(applied)
     for user_id in touched:
         # Trim and prune only when something is due: both are scans of the whole record,
         # and skipping them when nothing would go leaves exactly the same record.
