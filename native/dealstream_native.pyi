@@ -24,3 +24,55 @@ class RecordCodec:
     ) -> None: ...
     def encode(self, state: Mapping[str, float], seen: Mapping[bytes, int]) -> bytes: ...
     def decode(self, blob: bytes) -> tuple[dict[str, float], dict[bytes, int], float, Any]: ...
+
+class LinearTerms:
+    """A model's parameters per input, frozen (``native/src/logistic.rs``): the linear score's
+    terms, computed as River computes them (``engine/model/scoring.py``)."""
+
+    intercept: float
+    means: tuple[float, ...]
+    sds: tuple[float | None, ...]
+    weights: tuple[float, ...]
+
+    def __init__(
+        self,
+        means: Sequence[float],
+        sds: Sequence[float | None],
+        weights: Sequence[float],
+        intercept: float,
+    ) -> None: ...
+    def total(self, values: Sequence[float], start: int, total: float) -> float: ...
+    def products(
+        self, values: Sequence[float], start: int, total: float
+    ) -> tuple[list[float], float]: ...
+
+class LogisticStep:
+    """River's ``StandardScaler | LogisticRegression`` learning step (``engine/model/
+    logistic.py`` says which operations, in which order)."""
+
+    intercept: float
+    n_iterations: int
+    counts: list[float]
+    means: list[float]
+    variances: list[float]
+    sds: list[float | None]
+    weights: list[float]
+
+    def __init__(
+        self,
+        *,
+        counts: Sequence[float],
+        means: Sequence[float],
+        variances: Sequence[float],
+        weights: Sequence[float],
+        intercept: float,
+        n_iterations: int,
+        lr: float,
+        intercept_lr: float,
+        l2: float,
+        clip: float,
+        weight_pos: float,
+        weight_neg: float,
+    ) -> None: ...
+    def learn(self, x: Sequence[float], y: bool, w: float) -> None: ...
+    def terms(self) -> LinearTerms: ...

@@ -25,13 +25,13 @@ identically.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
+from dealstream_native import LinearTerms, LogisticStep
 from river import compose, linear_model, optim, preprocessing
 
 from engine.model.inputs import INPUT_NAMES
-from engine.model.scoring import LinearTerms, sigmoid
+from engine.model.scoring import sigmoid
 
 
 class UnsupportedPipeline(ValueError):
@@ -68,27 +68,12 @@ class ScaledLogistic:
     """The parameters of one River pipeline in ``INPUT_NAMES`` order, and its learning step.
 
     Read from a pipeline once; from then on the pipeline is a mirror that ``write_back``
-    updates (the model learns and predicts with this object only).
+    updates (the model learns and predicts with this object only). The arithmetic is compiled
+    (``dealstream_native.LogisticStep``, ``native/src/logistic.rs``): the same operations in the
+    same order as listed above, with the C library's ``pow`` and ``exp`` that CPython calls.
     """
 
-    __slots__ = (
-        "_dirty",
-        "_terms",
-        "clip",
-        "counts",
-        "intercept",
-        "intercept_lr",
-        "l2",
-        "lr",
-        "means",
-        "n_iterations",
-        "pipeline",
-        "sds",
-        "variances",
-        "weight_neg",
-        "weight_pos",
-        "weights",
-    )
+    __slots__ = ("_dirty", "_step", "_terms", "pipeline")
 
     def __init__(self, pipeline: compose.Pipeline) -> None:
         reason = _unsupported(pipeline)
@@ -100,83 +85,56 @@ class ScaledLogistic:
         weights = classifier._weights
         # ``.get``: reading a defaultdict by key would insert the key. Counts are kept as
         # floats (exact below 2**53): River divides by the int, which converts it the same way.
-        self.counts: list[float] = [float(counts.get(name, 0)) for name in INPUT_NAMES]
-        self.means: list[float] = [means.get(name, 0.0) for name in INPUT_NAMES]
-        self.variances: list[float] = [variances.get(name, 0.0) for name in INPUT_NAMES]
-        self.sds: list[float | None] = [var**0.5 if var else None for var in self.variances]
-        self.weights: list[float] = [weights.get(name, 0.0) for name in INPUT_NAMES]
-        self.intercept: float = classifier.intercept
-        self.lr: float = classifier.optimizer.lr.learning_rate
-        self.intercept_lr: float = classifier.intercept_lr.learning_rate
-        self.l2: float = classifier.l2
-        self.clip: float = classifier.clip_gradient
-        self.weight_pos: float = classifier.loss.weight_pos
-        self.weight_neg: float = classifier.loss.weight_neg
-        self.n_iterations: int = classifier.optimizer.n_iterations
+        self._step = LogisticStep(
+            counts=[float(counts.get(name, 0)) for name in INPUT_NAMES],
+            means=[means.get(name, 0.0) for name in INPUT_NAMES],
+            variances=[variances.get(name, 0.0) for name in INPUT_NAMES],
+            weights=[weights.get(name, 0.0) for name in INPUT_NAMES],
+            intercept=classifier.intercept,
+            n_iterations=classifier.optimizer.n_iterations,
+            lr=classifier.optimizer.lr.learning_rate,
+            intercept_lr=classifier.intercept_lr.learning_rate,
+            l2=classifier.l2,
+            clip=classifier.clip_gradient,
+            weight_pos=classifier.loss.weight_pos,
+            weight_neg=classifier.loss.weight_neg,
+        )
         self._terms: LinearTerms | None = None
         self._dirty = False
 
+    def __reduce__(self) -> tuple[type[ScaledLogistic], tuple[compose.Pipeline]]:
+        """Pickled as its River pipeline, brought up to date (what a snapshot stores too)."""
+        return (ScaledLogistic, (self.write_back(),))
+
+    @property
+    def counts(self) -> list[float]:
+        return self._step.counts
+
+    @property
+    def means(self) -> list[float]:
+        return self._step.means
+
+    @property
+    def variances(self) -> list[float]:
+        return self._step.variances
+
+    @property
+    def weights(self) -> list[float]:
+        return self._step.weights
+
+    @property
+    def intercept(self) -> float:
+        return self._step.intercept
+
+    @property
+    def n_iterations(self) -> int:
+        return self._step.n_iterations
+
     def learn(self, x: Sequence[float], y: bool, w: float = 1.0) -> None:
-        """River's ``pipeline.learn_one(dict(zip(INPUT_NAMES, x)), y, w=w)``, bit for bit."""
-        if len(x) != len(INPUT_NAMES):
-            raise ValueError(f"an input row has {len(INPUT_NAMES)} values, not {len(x)}")
-        counts, means, variances, sds, weights = (
-            self.counts,
-            self.means,
-            self.variances,
-            self.sds,
-            self.weights,
-        )
-        scaled: list[float] = []
-        dot = 0.0
-        for i, xi in enumerate(x):
-            n = counts[i] + 1.0
-            counts[i] = n
-            old = means[i]
-            delta = xi - old
-            mean = means[i] = old + delta / n
-            var = variances[i]
-            var = variances[i] = var + (delta * (xi - mean) - var) / n
-            if var:
-                sd = sds[i] = var**0.5
-                value = (xi - mean) / sd
-            else:
-                sds[i] = None
-                value = 0.0
-            scaled.append(value)
-            dot += weights[i] * value
-        # optim.losses.Log.gradient(y_true=y, y_pred=raw), literally (y is -1 or 1).
-        if y:
-            sign, weight = 1, self.weight_pos
-        else:
-            sign, weight = -1, self.weight_neg
-        z = (dot + self.intercept) * sign
-        if z > 18.0:
-            gradient = weight * math.exp(-z) * -sign
-        elif z < -18.0:
-            gradient = weight * -sign
-        else:
-            gradient = weight * -sign / (math.exp(z) + 1.0)
-        gradient *= w
-        # utils.math.clamp: max(min(g, clip), -clip), spelled without the calls.
-        clip = self.clip
-        if clip < gradient:
-            gradient = clip
-        if -clip > gradient:
-            gradient = -clip
-        gradient = float(gradient)
-        self.intercept -= self.intercept_lr * gradient
-        lr, l2 = self.lr, self.l2
-        if l2:
-            self.weights = [
-                wi - lr * (value * gradient + l2 * wi)
-                for wi, value in zip(weights, scaled, strict=True)
-            ]
-        else:
-            self.weights = [
-                wi - lr * (value * gradient) for wi, value in zip(weights, scaled, strict=True)
-            ]
-        self.n_iterations += 1
+        """River's ``pipeline.learn_one(dict(zip(INPUT_NAMES, x)), y, w=w)``, bit for bit.
+
+        Raises ``ValueError`` (and changes nothing) when ``x`` is not one value per input."""
+        self._step.learn(x, y, w)
         self._terms = None
         self._dirty = True
 
@@ -184,9 +142,7 @@ class ScaledLogistic:
         """The parameters as they stand, for ``Scorer`` (a new object after each step)."""
         terms = self._terms
         if terms is None:
-            terms = self._terms = LinearTerms(
-                tuple(self.means), tuple(self.sds), tuple(self.weights), self.intercept
-            )
+            terms = self._terms = self._step.terms()
         return terms
 
     def predict(self, x: Sequence[float]) -> float:
@@ -203,17 +159,18 @@ class ScaledLogistic:
             scaler, classifier = pipeline.steps.values()
             counts, means, variances = scaler.counts, scaler.means, scaler.vars
             weights = classifier._weights
+            step = self._step
             # After a step every input has a count, as after River's learn_one; assigning in
             # input order keeps existing keys in place and appends new ones in River's order.
             for name, n, mean, var, weight in zip(
-                INPUT_NAMES, self.counts, self.means, self.variances, self.weights, strict=True
+                INPUT_NAMES, step.counts, step.means, step.variances, step.weights, strict=True
             ):
                 counts[name] = int(n)
                 means[name] = mean
                 variances[name] = var
                 weights[name] = weight
-            classifier.intercept = self.intercept
-            classifier.optimizer.n_iterations = self.n_iterations
+            classifier.intercept = step.intercept
+            classifier.optimizer.n_iterations = step.n_iterations
             if pipeline._plan is None:
                 pipeline._build_plan()  # River builds it on its first learn_one
             self._dirty = False

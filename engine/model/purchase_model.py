@@ -51,12 +51,13 @@ from typing import Any
 import river
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from dealstream_native import LinearTerms
 from river import compose, linear_model, optim, preprocessing
 
 from engine.errors import ModelSnapshotError
 from engine.model.inputs import input_row
 from engine.model.logistic import ScaledLogistic, UnsupportedPipeline
-from engine.model.scoring import FallbackScorer, LinearTerms, Scorer
+from engine.model.scoring import FallbackScorer, Scorer
 from engine.model.signing import SIGNATURE_SIZE
 
 SNAPSHOT_MAGIC = b"DSMODEL"

@@ -7,13 +7,21 @@ own arithmetic by hand; it is how ``PurchaseModel`` predicts and explains (``pre
 ``contributions``), so the linear score and its terms have this one implementation. River's
 ``predict_proba_one`` stays the reference: ``tests/unit/test_engine_fast_paths.py`` holds
 ``Scorer`` to it bit for bit.
+
+``LinearTerms`` (compiled: ``native/src/logistic.rs``) holds the model's parameters per input
+in ``INPUT_NAMES`` order and computes River's own arithmetic in River's order: each input
+scaled as ``(x - mean) / var ** 0.5`` (0 when the variance is 0), the products with the
+weights summed left to right, plus the intercept, through River's sigmoid. ``products`` gives
+the terms too (an offer's reasons are the largest: ``top_terms``); ``total`` only their sum.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Protocol
+
+from dealstream_native import LinearTerms
 
 from engine.model.inputs import DISCOUNT_SLOT, INPUT_NAMES, base_inputs, discount_inputs
 
@@ -25,64 +33,6 @@ def top_terms(products: list[float], top: int) -> list[tuple[str, float]]:
     terms = [(-abs(value), name, value) for name, value in zip(INPUT_NAMES, products, strict=True)]
     terms.sort()
     return [(name, round(value, 6)) for _, name, value in terms[:top]]
-
-
-class LinearTerms:
-    """The model's parameters per input, in ``INPUT_NAMES`` order, for hand-computed scores.
-
-    The score is River's own arithmetic, in River's order: each input scaled as
-    ``(x - mean) / var ** 0.5`` (0 when the variance is 0), the products with the weights
-    summed in input order, plus the intercept, through River's sigmoid. ``tests/unit/
-    test_engine_fast_paths.py`` checks bit-for-bit equality with ``predict_proba_one``.
-    """
-
-    __slots__ = ("intercept", "means", "sds", "weights")
-
-    def __init__(
-        self,
-        means: tuple[float, ...],
-        sds: tuple[float | None, ...],
-        weights: tuple[float, ...],
-        intercept: float,
-    ) -> None:
-        self.means = means
-        self.sds = sds
-        """``var ** 0.5``, or None where the variance is 0 (the input then scales to 0)."""
-        self.weights = weights
-        self.intercept = intercept
-
-    def products(
-        self, values: Iterable[float], start: int, total: float
-    ) -> tuple[list[float], float]:
-        """The terms ``weight * scaled value`` of inputs ``start, start + 1, ...``, and ``total``
-        plus their sum, added left to right (River's order).
-
-        The standard scaling and the per-term contributions: the linear score is the intercept
-        plus the sum of these terms, and an offer's reasons are the largest of them
-        (``top_terms``). ``total`` is the same sum without the list; the two must stay the same
-        arithmetic (``tests/unit/test_engine_fast_paths.py`` holds both to River).
-        """
-        means, sds, weights = self.means, self.sds, self.weights
-        products: list[float] = []
-        i = start
-        for x in values:
-            sd = sds[i]
-            product = weights[i] * ((x - means[i]) / sd if sd is not None else 0.0)
-            products.append(product)
-            total += product
-            i += 1
-        return products, total
-
-    def total(self, values: Iterable[float], start: int, total: float) -> float:
-        """``products(values, start, total)[1]`` without building the list of terms: the same
-        operations in the same order. Scores need only the sum, and most calls are scores."""
-        means, sds, weights = self.means, self.sds, self.weights
-        i = start
-        for x in values:
-            sd = sds[i]
-            total += weights[i] * ((x - means[i]) / sd if sd is not None else 0.0)
-            i += 1
-        return total
 
 
 class ScoredModel(Protocol):

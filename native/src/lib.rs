@@ -7,6 +7,10 @@
 //! codec asks the module's functions once per distinct name (or bucket, or category-day) and
 //! remembers the answer; the tag numbers, time grains and field names come from the Python
 //! module too, so the format is defined in one place.
+//!
+//! `logistic` holds the purchase model's arithmetic (River's learning step and linear score).
+
+mod logistic;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -601,5 +605,7 @@ impl RecordCodec {
 #[pymodule]
 fn dealstream_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<RecordCodec>()?;
+    module.add_class::<logistic::LinearTerms>()?;
+    module.add_class::<logistic::LogisticStep>()?;
     Ok(())
 }
