@@ -7,6 +7,7 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 
 from streams.adapters.kafka_io import PRODUCER_MAX_REQUEST_BYTES
+from streams.adapters.sinks import LINGER_MS
 from streams.settings import Secret, Settings, TopicReplication
 from streams.worker.faust_app import IdempotentProducer, bootstrap, create_app
 from tests.conftest import TEST_PSEUDONYM_KEY
@@ -44,6 +45,6 @@ async def test_the_outputs_producer_is_idempotent_with_acks_all_and_kafkas_parti
         # default (CRC32) would put a user's outputs on another partition than before.
         assert config["partitioner"] == "murmur2_random"
         assert config["message.max.bytes"] == PRODUCER_MAX_REQUEST_BYTES
-        assert config["linger.ms"] == 5
+        assert config["linger.ms"] == LINGER_MS == 1  # part of every batch's cycle at low rates
     finally:
         await client.aclose()
