@@ -55,7 +55,7 @@ class WorkerCounters:
     handed_back: int = 0
     """Held events dropped on a revoke: the partitions' next owner reads them again."""
     decoded_ahead: int = 0
-    """Consumed records decoded while the batch before them waited on Redis or Kafka
+    """Consumed records decoded while the batch before them waited for its Redis reply
     (``BatchWorker.decode_ahead``); not an outcome, so not part of ``balanced``."""
 
     def balanced(self) -> bool:

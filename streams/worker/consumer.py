@@ -10,8 +10,8 @@ itself consumes nothing: ``streams/worker/faust_app.py``). One loop, one batch a
    batch k's outputs are acknowledged and its offsets committed (step 4, in a task); the
    handler's aligner releases at most ``batch_max`` events per call, and the loop calls again
    with no records while it has more ready. When the fetch holds a batch k+2, ``prepare`` is
-   told of it first (``BatchWorker.decode_ahead`` decodes it while batch k+1 waits on Redis
-   and Kafka), and that same list is handed over next;
+   told of it first (``BatchWorker.decode_ahead`` decodes it while batch k+1 waits for its
+   Redis reply), and that same list is handed over next;
 3. ``sink.delivery()`` hands over batch k+1's outputs: what it returns completes once Kafka
    acknowledged every one of them (or raises), whatever is sent after;
 4. the loop waits until batch k is committed (and stops the worker if batch k's delivery
