@@ -30,8 +30,6 @@ class LinearTerms:
     terms, computed as River computes them (``engine/model/scoring.py``)."""
 
     intercept: float
-    means: tuple[float, ...]
-    sds: tuple[float | None, ...]
     weights: tuple[float, ...]
 
     def __init__(
@@ -55,7 +53,6 @@ class LogisticStep:
     counts: list[float]
     means: list[float]
     variances: list[float]
-    sds: list[float | None]
     weights: list[float]
 
     def __init__(

@@ -103,16 +103,6 @@ impl LinearTerms {
     }
 
     #[getter]
-    fn means<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
-        PyTuple::new(py, &self.means)
-    }
-
-    #[getter]
-    fn sds<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
-        PyTuple::new(py, &self.sds)
-    }
-
-    #[getter]
     fn weights<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
         PyTuple::new(py, &self.weights)
     }
@@ -284,11 +274,6 @@ impl LogisticStep {
     #[getter]
     fn variances(&self) -> Vec<f64> {
         self.variances.clone()
-    }
-
-    #[getter]
-    fn sds(&self) -> Vec<Option<f64>> {
-        self.sds.clone()
     }
 
     #[getter]

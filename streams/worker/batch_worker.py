@@ -266,8 +266,8 @@ class BatchWorker:
         for start in range(0, len(records), DECODE_AHEAD_CHUNK):
             if start:
                 await asyncio.sleep(0)  # the batch goes on as soon as its reply has come
-            if reply_wait is not None and not reply_wait.is_open():
-                await reply_wait.opened()
+            if reply_wait is not None:
+                await reply_wait.opened()  # at once while a call waits
             now_ms = self._wall_clock_ms()
             for record in records[start : start + DECODE_AHEAD_CHUNK]:
                 append(decode_record(record, topics=topics, limits=limits, now_ms=now_ms))
