@@ -7,17 +7,21 @@ itself consumes nothing: ``streams/worker/faust_app.py``). One loop, one batch a
    to ``batch_max`` records (``in_time_order``: by Kafka timestamp, so the topics are handed
    over together), with the partitions that lag (below);
 2. batch k+1 goes to the handler (``BatchWorker.handle`` with its retry/exit policy) while
-   batch k's outputs are acknowledged and its offsets committed (step 4, in a task); the
-   handler's aligner releases at most ``batch_max`` events per call, and the loop calls again
-   with no records while it has more ready. When the fetch holds a batch k+2, ``prepare`` is
-   told of it first (``BatchWorker.decode_ahead`` decodes it while batch k+1 waits for its
-   Redis reply), and that same list is handed over next;
+   batch k's outputs are acknowledged (step 4, in a task); the handler's aligner releases at
+   most ``batch_max`` events per call, and the loop calls again with no records while it has
+   more ready. When the fetch holds a batch k+2, ``prepare`` is told of it first
+   (``BatchWorker.decode_ahead`` decodes it while batch k+1 waits for its Redis reply), and
+   that same list is handed over next;
 3. ``sink.delivery()`` hands over batch k+1's outputs: what it returns completes once Kafka
    acknowledged every one of them (or raises), whatever is sent after;
-4. the loop waits until batch k is committed (and stops the worker if batch k's delivery
+4. the loop waits until batch k is delivered (and stops the worker if batch k's delivery
    failed: nothing later is committed either), then starts batch k+1's task: wait for its
-   delivery, then commit the next offset of each partition in the batch, to the group
-   ``settings.group_id`` (the one ``dealstream lag``, the metrics and the alerts read).
+   delivery, then hand the next offset of each partition in the batch to the committer;
+5. the committer commits, one request at a time, every offset handed to it since its last
+   request, to the group ``settings.group_id`` (the one ``dealstream lag``, the metrics and the
+   alerts read). A commit takes the broker's coordinator at least its append linger (5 ms by
+   default since Kafka 4.0): waiting for it in the loop made that the shortest batch cycle,
+   and the floor of every offer's latency at low rates.
 
 Event-time alignment (``engine/alignment.py``, docs/delivery.md): the handler holds each
 decoded event until no *lagging* partition of its lane (partition n of every topic) can still
@@ -30,14 +34,16 @@ nothing still calls the handler while events are held (a partition may have caug
 
 Commits are therefore in batch order, and each only after its batch's outputs, and every
 earlier batch's, were acknowledged. A kill at any point leaves the committed offsets at or
-behind what was applied and delivered: the records in between (up to two batches) are read
-again and recognised as redelivered.
+behind what was applied and delivered: the records in between (the batch being handled, the
+one being delivered, and those delivered during the commit request in flight) are read again
+and recognised as redelivered.
 
 Why one batch ahead and no more: batch k+1 cannot commit before batch k anyway, and one ahead
-already hides the whole wait whenever handling a batch takes longer than acknowledging and
-committing one (about 110 ms against 11 ms for 500 events: docs/performance.md, "Pipelined
-commits"). A deeper pipeline would give the one thread no more CPU to use, but would widen
-what a kill replays and loses (docs/delivery.md) and what a rebalance waits for.
+already hides the whole wait for acknowledgements (about 1 ms at low rates) whenever handling
+a batch takes longer. A deeper pipeline would give the one thread no more CPU to use, but
+would widen what a kill replays and loses (docs/delivery.md) and what a rebalance waits for.
+Commits are the exception: they only move offsets forward, so the committer coalesces them
+instead of holding batches back.
 
 Assignment is co-partitioned: every worker subscribes to the same three topics, all created
 with ``settings.partitions`` partitions, and ``RangePartitionAssignor`` lays out each topic's
@@ -47,7 +53,7 @@ id, meet on one worker). aiokafka's default (round robin over all partitions tog
 not guarantee that. ``tests/integration/test_event_consumer.py`` checks it with two members.
 
 On a rebalance, ``on_partitions_revoked``, in this order: waits for the batch being handled
-(the ``_in_flight`` lock), then for it and the batch before it to be delivered and committed
+(the ``_in_flight`` lock), then for it and every batch before it to be delivered and committed
 (nothing else is uncommitted but held events and fetched records not yet handled: both are
 dropped and read again by the partitions' next owner); runs ``on_revoking`` while the
 partitions are still its own (the worker stores the offers its last batch granted, which would
@@ -253,8 +259,12 @@ class EventConsumer(Service):
         self._in_flight = asyncio.Lock()
         """Held while a batch is handled (steps 2 to 4): a revoke waits for it."""
         self._finishing: asyncio.Task[None] | None = None
-        """The last handled batch's delivery and commit (step 4), running while the next batch
-        is handled; kept after a failure until the loop raises it."""
+        """The last handled batch's delivery (step 4), awaited while the next batch is handled;
+        kept after a failure until the loop raises it."""
+        self._to_commit: dict[TopicPartition, OffsetAndMetadata] = {}
+        """Offsets of delivered batches not yet sent to Kafka (the committer takes them all)."""
+        self._committing: asyncio.Task[None] | None = None
+        """The committer: commits ``_to_commit`` until it is empty, one request at a time."""
         self._stopping = False
         self._rebalancing = False
         """Between a revoke and the next assignment: records fetched now are not handled (the
@@ -313,7 +323,7 @@ class EventConsumer(Service):
         try:
             while not self._stopping:
                 if self._finishing is not None and self._finishing.done():
-                    await self._finished()  # an idle loop learns of a failed delivery too
+                    await self._delivered()  # an idle loop learns of a failed delivery too
                 # Everything the fetcher holds (bounded by the fetch sizes): a max_records limit
                 # would fill the batch from the first partitions alone.
                 fetched = await consumer.getmany(timeout_ms=self.batch_timeout_ms)
@@ -375,9 +385,9 @@ class EventConsumer(Service):
         if not offsets:
             return  # all held: outputs sent meanwhile (dead letters) go with the next delivery
         delivered = await self.sink.delivery()
-        await self._finished()  # the batch before: committed, or its failure raised here
+        await self._delivered()  # the batch before: delivered, or its failure raised here
         self._finishing = asyncio.create_task(
-            self._finish(consumer, delivered, offsets), name="dealstream-event-commit"
+            self._finish(consumer, delivered, offsets), name="dealstream-event-delivery"
         )
 
     def _commit_points(
@@ -454,19 +464,55 @@ class EventConsumer(Service):
     ) -> None:
         await delivered  # raises if an output could not be delivered: no commit
         self._crash_points.reached("after_delivery")
-        await self._commit(consumer, offsets)
+        self._commit_soon(consumer, offsets)
 
-    async def _finished(self) -> None:
-        """Wait until the last handled batch is delivered and committed; raise its failure."""
+    def _commit_soon(
+        self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, OffsetAndMetadata]
+    ) -> None:
+        """Hand a delivered batch's offsets to the committer (started if idle).
+
+        Batches are delivered in order, and a later batch's commit point of a partition is
+        never below an earlier one's, so the offsets taken together in one request cover
+        every batch delivered before it: one request in flight at a time, never behind."""
+        self._to_commit.update(offsets)
+        committing = self._committing
+        if committing is not None and committing.done():
+            committing.result()  # a failed committer: raised by the loop, which stops
+            committing = None
+        if committing is None:
+            self._committing = asyncio.create_task(
+                self._commit_delivered(consumer), name="dealstream-event-commit"
+            )
+
+    async def _commit_delivered(self, consumer: AIOKafkaConsumer) -> None:
+        while self._to_commit:
+            offsets, self._to_commit = self._to_commit, {}
+            await self._commit(consumer, offsets)
+
+    async def _delivered(self) -> None:
+        """Wait until the last handled batch is delivered; raise its failure, or the
+        committer's."""
         finishing, self._finishing = self._finishing, None
         if finishing is not None:
             await finishing
+        if self._committing is not None and self._committing.done():
+            committing, self._committing = self._committing, None
+            committing.result()
+
+    async def _finished(self) -> None:
+        """Wait until every handled batch is delivered and committed; raise a failure."""
+        await self._delivered()
+        committing, self._committing = self._committing, None
+        if committing is not None:
+            await committing
 
     async def _settled(self) -> None:
         """``_finished`` for the rebalance callback: waits the same, but leaves a failure for
         the loop to raise (it stops the worker; no later batch commits before it)."""
         if self._finishing is not None:
             await asyncio.wait((self._finishing,))
+        if self._committing is not None:
+            await asyncio.wait((self._committing,))
 
     async def _commit(
         self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, OffsetAndMetadata]
@@ -491,7 +537,7 @@ class EventConsumer(Service):
 
     async def partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
         async with self._in_flight:  # 1. the batch being handled is handled
-            await self._settled()  # 2. it (and the one before) delivered and committed
+            await self._settled()  # 2. it and every batch before delivered and committed
             await self._revoking()  # 3. while the partitions are still this worker's
             self._rebalancing = True  # 4. nothing more handled until the next assignment
             # Held events are beyond the committed offsets: read again from there.

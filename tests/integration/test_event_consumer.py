@@ -7,6 +7,8 @@
   was being delivered (one batch ahead);
 - commits are in batch order, each only once every output of the records below it was
   acknowledged, even when deliveries complete out of order;
+- a commit in flight does not hold the batches back: those delivered meanwhile go together in
+  the next commit;
 - the handler is told of each fetched batch's next batch before it handles the current one
   (``prepare``), and then gets that very list: every record handled once, in order;
 - on revoke, the batches in flight (the one being handled and the one being delivered) are
@@ -76,11 +78,13 @@ class Recorder:
         self.delay_s = delay_s
         self.batches: list[list[RawRecord]] = []
         self.committed_before: list[int] = []
+        self.delivered_before: list[int] = []
         self.consumer: ProbedConsumer | None = None
 
     async def __call__(self, records: Sequence[RawRecord], lagging: object = ()) -> None:
         if self.consumer is not None:
             self.committed_before.append(len(self.consumer.commits))
+            self.delivered_before.append(self.consumer.timed_sink.completed)
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         for record in records:
@@ -98,7 +102,7 @@ class TimedSink(ListSink):
     deliveries complete out of order; with a ``gate``, none completes before the gate is set.
     Delivery number ``fail_at`` raises instead, once ``fail_when()`` holds (or after TIMEOUT_S;
     ``failed_when`` says which): the failure comes after whatever the test waits for. ``acked``
-    holds the acknowledged outputs' keys."""
+    holds the acknowledged outputs' keys; ``completed`` counts the deliveries acknowledged."""
 
     def __init__(
         self,
@@ -115,6 +119,7 @@ class TimedSink(ListSink):
         self.fail_when = fail_when
         self.failed_when: bool | None = None
         self.acked: set[bytes | None] = set()
+        self.completed = 0
         self._handed = 0
 
     async def delivery(self) -> Awaitable[object]:
@@ -137,6 +142,7 @@ class TimedSink(ListSink):
             raise OSError("delivery failed (test)")
         self.acked.update(keys)
         self.delivered += len(keys)
+        self.completed += 1
 
 
 class Revoke(NamedTuple):
@@ -155,16 +161,26 @@ class ProbedConsumer(EventConsumer):
 
     Before each commit: what it commits (``commits``) and every input below it, handled by
     this consumer, whose output ``sink`` has not acknowledged (``unacknowledged``). A revoke
-    that takes partitions sets the ``gate`` (if any) and is recorded (``revokes``)."""
+    that takes partitions sets the ``gate`` (if any) and is recorded (``revokes``). With a
+    ``commit_gate``, the first commit request waits for it (a slow group coordinator)."""
 
     def __init__(
-        self, recorder: Recorder, sink: TimedSink, *, gate: asyncio.Event | None, **options: Any
+        self,
+        recorder: Recorder,
+        sink: TimedSink,
+        *,
+        gate: asyncio.Event | None,
+        commit_gate: asyncio.Event | None = None,
+        **options: Any,
     ) -> None:
         super().__init__(handle=recorder, sink=sink, **options)
         self.recorder = recorder
         self.timed_sink = sink
         self.gate = gate
+        self.commit_gate = commit_gate
         self.commits: list[dict[tuple[str, int], int]] = []
+        self.handled_at_commit: list[int] = []
+        """Batches handled when each commit request was sent."""
         self.unacknowledged: list[Where] = []
         self.revokes: list[Revoke] = []
         recorder.consumer = self
@@ -174,12 +190,15 @@ class ProbedConsumer(EventConsumer):
     ) -> None:
         nexts = {(tp.topic, tp.partition): meta.offset for tp, meta in offsets.items()}
         self.commits.append(nexts)
+        self.handled_at_commit.append(len(self.recorder.batches))
         self.unacknowledged += [
             where(record)
             for record in self.recorder.handled()
             if record.offset < nexts.get((record.topic, record.partition), 0)
             and output_key(record) not in self.timed_sink.acked
         ]
+        if self.commit_gate is not None and len(self.commits) == 1:
+            await asyncio.wait_for(self.commit_gate.wait(), TIMEOUT_S)
         await super()._commit(consumer, offsets)
 
     async def partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
@@ -201,6 +220,26 @@ def next_offsets(batch: Sequence[RawRecord]) -> dict[tuple[str, int], int]:
         key = (record.topic, record.partition)
         nexts[key] = max(nexts.get(key, 0), record.offset + 1)
     return nexts
+
+
+def covered(batches: Sequence[Sequence[RawRecord]]) -> list[dict[tuple[str, int], int]]:
+    """Per batch, the offsets that commit it and every batch before it."""
+    offsets: dict[tuple[str, int], int] = {}
+    result = []
+    for batch in batches:
+        offsets = {**offsets, **next_offsets(batch)}
+        result.append(offsets)
+    return result
+
+
+def merged(commits: Sequence[dict[tuple[str, int], int]]) -> list[dict[tuple[str, int], int]]:
+    """What the group has committed after each commit request."""
+    offsets: dict[tuple[str, int], int] = {}
+    result = []
+    for commit in commits:
+        offsets = {**offsets, **commit}
+        result.append(offsets)
+    return result
 
 
 @pytest.fixture
@@ -420,15 +459,72 @@ async def test_commits_follow_batch_order_and_the_acknowledgements(
     finally:
         await consumer.stop()  # the last batches are delivered and committed first
     assert len(recorder.batches) >= 10
-    in_order = [next_offsets(batch) for batch in recorder.batches]
-    assert consumer.commits == in_order, "one commit per batch, in batch order"
+    # Each commit request covers a run of batches in order: the group's offsets after it are
+    # those of every batch up to some batch, later with each request, up to the last.
+    after_each = merged(consumer.commits)
+    prefixes = covered(recorder.batches)
+    ends = [prefixes.index(offsets) for offsets in after_each]
+    assert ends == sorted(set(ends)), "commits in batch order, never backwards"
+    assert ends[-1] == len(recorder.batches) - 1
     assert not consumer.unacknowledged, "never past an output not yet acknowledged"
     assert len(sink.acked) == total
-    # One batch ahead: some batch was handled before the batch before it was committed.
-    assert any(done < index for index, done in enumerate(recorder.committed_before))
-    assert all(done >= index - 1 for index, done in enumerate(recorder.committed_before)), (
+    # One batch ahead: some batch was handled before the batch before it was delivered, but
+    # never before the one before that was.
+    assert any(done < index for index, done in enumerate(recorder.delivered_before))
+    assert all(done >= index - 1 for index, done in enumerate(recorder.delivered_before)), (
         "never more than one batch ahead"
     )
+    assert sum((await committed_offsets(services, isolation.group_id)).values()) == total
+
+
+async def test_a_commit_in_flight_does_not_hold_the_batches_back(
+    services: Services, isolation: Isolation, topics: Topics
+) -> None:
+    total = 600
+    await produce(services, topics, total)
+    commit_gate = asyncio.Event()
+    sink = TimedSink()
+    recorder = Recorder(sink)
+    consumer = ProbedConsumer(
+        recorder,
+        sink,
+        gate=None,
+        commit_gate=commit_gate,
+        bootstrap=services.kafka_bootstrap,
+        group_id=isolation.group_id,
+        topics=topics.events,
+        batch_max=50,
+        batch_within_s=0.05,
+        session_timeout_s=SESSION_S,
+        on_fatal=_raise,
+    )
+    await consumer.start()
+    try:
+
+        async def handled_while_committing() -> bool:
+            return len(recorder.batches) >= 5
+
+        # The first commit request waits for the gate; the loop goes on meanwhile.
+        assert await poll_until(handled_while_committing, TIMEOUT_S)
+        assert len(consumer.commits) == 1
+        commit_gate.set()
+
+        async def drained() -> bool:
+            return len(recorder.handled()) >= total
+
+        assert await poll_until(drained, TIMEOUT_S)
+    finally:
+        await consumer.stop()
+    prefixes = covered(recorder.batches)
+    after_each = merged(consumer.commits)
+    assert after_each[0] == prefixes[0], "the first commit: the first batch"
+    # The next request carries every batch delivered while the first was in flight.
+    assert consumer.handled_at_commit[1] >= 5
+    assert prefixes.index(after_each[1]) >= 3
+    ends = [prefixes.index(offsets) for offsets in after_each]
+    assert ends == sorted(set(ends)) and ends[-1] == len(recorder.batches) - 1
+    assert len(consumer.commits) < len(recorder.batches), "batches went together"
+    assert not consumer.unacknowledged
     assert sum((await committed_offsets(services, isolation.group_id)).values()) == total
 
 

@@ -291,8 +291,8 @@ async def test_a_worker_stopped_dead_at_a_step_of_a_batch_loses_and_doubles_noth
     if step != "after_commit":  # after it, the next batch's call may not have run yet
         assert "again from the outbox" in worker.run_log_text(), worker.tail()
     published.check(want)
-    # at most the crashed batch and the one before it (its commit may still have been in
-    # flight) are published a second time
+    # the batches not yet committed (the crashed one, the one before it, and those whose
+    # commit request was still in flight) are published a second time, each once
     assert max(published.decisions.values()) <= 2
 
 
