@@ -35,6 +35,8 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
+import orjson
+
 from engine.features.catalogue import FEATURE_NAMES
 
 
@@ -64,13 +66,15 @@ class PendingDecision:
     """Event time of the first purchase within the window, once there is one."""
 
     def to_compact(self) -> list[Any]:
-        """A positional JSON-ready record (what the Redis ledger stores).
+        """A positional JSON-ready record (what the Redis ledger stores, under its decision id
+        in its user's hash: neither is repeated in it).
 
-        ``[ts, campaign, offer_id, decision_id, user_id, discount_pct, propensity,
-        model_version, features, arm, converted_at]``: the fields the Redis ledger's script
-        reads come first; features are their values in catalogue order (the catalogue only
-        ever grows at its end) unless the names differ from the catalogue, when they stay a
-        mapping; the script sets ``converted_at`` in place.
+        ``[ts, campaign, arm, offer, discount_pct, propensity, model_version, features,
+        converted_at]``: the fields the Redis ledger's script reads come first. ``offer`` is
+        1 when the offer id is the one the decision id implies (``offer_id_of``), the id
+        itself when it is another, None when there is no offer. Features are their values in
+        catalogue order (the catalogue only ever grows at its end) unless the names differ
+        from the catalogue, when they stay a mapping.
         """
         names = tuple(self.features)
         features: Any = (
@@ -79,37 +83,67 @@ class PendingDecision:
         return [
             self.ts,
             self.campaign,
-            self.offer_id,
-            self.decision_id,
-            self.user_id,
+            str(self.arm),
+            self._stored_offer(),
             self.discount_pct,
             self.propensity,
             self.model_version,
             features,
-            str(self.arm),
             self.converted_at,
         ]
 
+    def compact_json(self) -> bytes:
+        """``to_compact`` as JSON, with integral feature values written as integers ("3" for
+        "3.0": a number orjson writes with ".0" is an integer, and reads back as the same
+        float; a vector with -0.0 stays as it is, to keep the sign)."""
+        if tuple(self.features) != FEATURE_NAMES:
+            return orjson.dumps(self.to_compact())
+        values = orjson.dumps(list(self.features.values()))
+        if b"-0.0" not in values:
+            values = values.replace(b".0,", b",").replace(b".0]", b"]")
+        head = orjson.dumps(
+            [
+                self.ts,
+                self.campaign,
+                str(self.arm),
+                self._stored_offer(),
+                self.discount_pct,
+                self.propensity,
+                self.model_version,
+            ]
+        )
+        converted = b"null" if self.converted_at is None else str(self.converted_at).encode()
+        return b"".join((head[:-1], b",", values, b",", converted, b"]"))
+
+    def _stored_offer(self) -> str | int | None:
+        """1 for the offer id the decision id implies, else the offer id (or None)."""
+        offer = self.offer_id
+        return 1 if offer is not None and offer == offer_id_of(self.decision_id) else offer
+
     @classmethod
     def from_compact(
-        cls, record: Sequence[Any], converted_at: int | None = None
+        cls,
+        record: Sequence[Any],
+        *,
+        decision_id: str,
+        user_id: str,
+        converted_at: int | None = None,
     ) -> PendingDecision:
-        """The decision ``to_compact`` wrote; ``converted_at``, when given, replaces the
-        record's (the Redis ledger keeps the first conversion beside the record)."""
-        (ts, campaign, offer_id, decision_id, user_id, discount, propensity, version, raw) = record[
-            :9
-        ]
-        arm = record[9]
+        """The decision ``to_compact`` wrote, stored under ``decision_id`` for ``user_id``;
+        ``converted_at``, when given, replaces the record's (the Redis ledger keeps the first
+        conversion beside the record)."""
+        ts, campaign, arm, offer, discount, propensity, version, raw = record[:8]
         if converted_at is None:
-            converted_at = record[10]
+            converted_at = record[8]
         features = (
             {str(k): float(v) for k, v in raw.items()}
             if isinstance(raw, dict)
             else dict(zip(FEATURE_NAMES, map(float, raw), strict=False))
         )
+        offer_id = offer_id_of(decision_id) if offer == 1 else offer
         return cls(
-            decision_id=str(decision_id),
-            user_id=str(user_id),
+            decision_id=decision_id,
+            user_id=user_id,
             campaign=str(campaign),
             ts=int(ts),
             features=features,
@@ -120,6 +154,12 @@ class PendingDecision:
             arm=Arm(arm),
             converted_at=None if converted_at is None else int(converted_at),
         )
+
+
+def offer_id_of(decision_id: str) -> str:
+    """The offer id a decision's id implies: both are ``stable_id`` of the same campaign and
+    trigger event (``engine/pipeline.py``), with prefixes ``o-`` and ``d-``."""
+    return "o-" + decision_id[2:] if decision_id.startswith("d-") else ""
 
 
 class LabelKind(StrEnum):

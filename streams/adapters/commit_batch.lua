@@ -41,7 +41,8 @@
 -- writing), or {'ok', outcomes, events, stop_loss, epoch} where outcomes[i] is, for a
 -- decision: 0 rate-limited, 1 offer granted, 2 decided without an offer, 3 denied by cooldown,
 -- 4 by max offers per day, 5 by budget; for a purchase: -1. events is a flat list of (kind,
--- record, converted_at or '', at) with kind 'C' converted, 'E' elapsed, 'X' closed.
+-- decision_id, user, record, converted_at or '', at) with kind 'C' converted, 'E' elapsed,
+-- 'X' closed.
 -- stop_loss is a flat list of (name, stopped 0/1, since or '', decisions, incremental margin,
 -- upper, lower ('' when unknown)). epoch is the state epoch <p>se ('' when unset):
 -- `dealstream forget` bumps it, and a ledger that sees it change forgets the decision times it
@@ -54,7 +55,8 @@
 --                       <campaign>|n<day> offers that day,
 --                       <campaign>|s<epoch><arm> the user's stop-loss sums "decisions cents"
 --   <p>p:{user}   hash  decision_id -> 'G' or 'N' (offer denied) + pending decision JSON array
---                       (PendingDecision.to_compact); decision_id|c -> first conversion ts;
+--                       (PendingDecision.compact_json: ts, campaign and arm first, neither the
+--                       decision id nor the user); decision_id|c -> first conversion ts;
 --                       '|p' -> the user's purchases within purchase_memory_ms of the latest,
 --                       by time: 'ts amount_cents gross_cents' joined by ';'
 --   <p>pe:<lane>  zset  decision_id \x1f user of each decision waiting for its elapsed event,
@@ -268,8 +270,10 @@ local budget_keys = {}  -- the budgets spent by this call, given their TTL once 
 local queued = {}  -- per lane: ts, member of each recorded decision, queued after the ops
 local queued_lanes = {}  -- the lanes of `queued`, in first-seen order
 
-local function emit(kind, record, converted_at, at)
+local function emit(kind, decision_id, user, record, converted_at, at)
   events[#events + 1] = kind
+  events[#events + 1] = decision_id
+  events[#events + 1] = user
   events[#events + 1] = record
   events[#events + 1] = converted_at or ''
   events[#events + 1] = at
@@ -435,7 +439,7 @@ local function decide(j, offset)
     if stop_loss[campaign] and arm ~= '' then
       record_outcome(user, campaign, ts, arm, bought.amount, bought.gross)
     end
-    emit('C', record, bought.ts, bought.ts)
+    emit('C', decision_id, user, record, bought.ts, bought.ts)
   end
   local lane = ops[j + 14]
   local lane_queue = queued[lane]
@@ -449,10 +453,10 @@ local function decide(j, offset)
   return outcome
 end
 
--- ts, campaign and arm of a stored record (PendingDecision.to_compact, after the 'G'/'N').
+-- ts, campaign and arm of a stored record (PendingDecision.compact_json, after the 'G'/'N').
 local function decision_fields(record)
   local d = cjson.decode(string.sub(record, 2))
-  return tonumber(d[1]), d[2], d[10]
+  return tonumber(d[1]), d[2], d[3]
 end
 
 local function purchase(user, ts, amount, gross)
@@ -491,7 +495,7 @@ local function purchase(user, ts, amount, gross)
   for _, entry in ipairs(hits) do
     if not converted[entry.id] then
       redis.call('HSET', pkey, entry.id .. '|c', ts)
-      emit('C', entry.record, ts, ts)
+      emit('C', entry.id, user, entry.record, ts, ts)
     end
   end
 end
@@ -595,11 +599,11 @@ if settling then
       local record, converted_at = stored[1], stored[2]
       if record then
         redis.call('HDEL', pkey, entry.id, converted_field)
-        emit('X', record, converted_at, int(entry.at))
+        emit('X', entry.id, entry.user, record, converted_at, int(entry.at))
       end
     elseif entry.record then
       -- read when it was collected: after this call's conversions, before any closing
-      emit('E', entry.record, entry.converted_at, int(entry.at))
+      emit('E', entry.id, entry.user, entry.record, entry.converted_at, int(entry.at))
     end
   end
 

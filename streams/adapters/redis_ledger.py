@@ -10,10 +10,10 @@ In the worker the call is the batch's whole Redis effect: given the feature stor
 outbox entry of the batch's outputs, atomically (``batch_commit.py``, ``outbox.py``). A call
 whose reply is lost is resolved through its outbox entry, never run twice.
 
-Users appear in Redis by their pseudonyms (``pseudonyms.py``): the guard and pending keys, the
-label queues' members and the pending records (``PendingDecision.to_compact`` with the
-pseudonym in place of the user id), so the label events the script returns name pseudonyms
-too (training examples carry no user id).
+Users appear in Redis by their pseudonyms (``pseudonyms.py``): the guard and pending keys and
+the label queues' members, so the label events the script returns name pseudonyms too
+(training examples carry no user id). A pending record (``PendingDecision.compact_json``)
+holds neither its decision id nor its user: the script returns both with each label event.
 
 The ledger remembers the decision times it settled (``rate_limited``), so that the engine does
 not compute features and scores for decisions the script would drop: most intent events of a
@@ -53,7 +53,12 @@ from streams.adapters.outbox import Outbox
 from streams.adapters.pseudonyms import Pseudonyms
 from streams.adapters.redis_client import RedisClient
 from streams.adapters.redis_errors import ReplicationShortfall, SlotMoved, retry_on_redis
-from streams.adapters.redis_store import RedisFeatureStore, hash_tag, state_epoch_key
+from streams.adapters.redis_store import (
+    RedisFeatureStore,
+    from_hash_tag,
+    hash_tag,
+    state_epoch_key,
+)
 from streams.adapters.replica_wait import ReplicaWait
 
 log = logging.getLogger("dealstream.worker")
@@ -79,8 +84,6 @@ _KINDS: dict[bytes | str, LabelKind] = {
     "X": LabelKind.CLOSED,
 }
 _DENIED = ord("N")
-_USER_AT = 4
-"""Where ``PendingDecision.to_compact`` puts the user id."""
 _REMEMBERED_DECISIONS_MAX = 200_000
 """Bound of the remembered decision times (one per user and campaign, about 200 bytes each);
 the oldest go first, and a forgotten time only means one proposal the script drops."""
@@ -90,14 +93,22 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _pending_from_stored(stored: bytes | str, converted_at: bytes | str | int) -> PendingDecision:
+def _pending_from_stored(
+    decision_id: bytes | str,
+    user: bytes | str,
+    stored: bytes | str,
+    converted_at: bytes | str | int,
+) -> PendingDecision:
     """Stored records are 'G' + JSON, or 'N' + JSON when the proposed offer was denied; the
-    JSON is ``PendingDecision.to_compact``'s array. The first conversion is kept beside it
-    (an integer reply for the call's own conversions, '' when there is none)."""
+    JSON is ``PendingDecision.compact_json``'s array, stored under ``decision_id`` for
+    ``user`` (as the script names users: ``hash_tag``). The first conversion is kept beside
+    it (an integer reply for the call's own conversions, '' when there is none)."""
     raw = stored.encode() if isinstance(stored, str) else stored
     decision = PendingDecision.from_compact(
         orjson.loads(memoryview(raw)[1:]),
-        None if converted_at in (b"", "") else int(float(converted_at)),
+        decision_id=_text(decision_id),
+        user_id=from_hash_tag(_text(user)),
+        converted_at=None if converted_at in (b"", "") else int(float(converted_at)),
     )
     return without_offer(decision) if raw[0] == _DENIED else decision
 
@@ -113,11 +124,11 @@ def ledger_result(
     outcomes = [None if int(code) < 0 else _OUTCOMES[int(code)] for code in outcomes_raw]
     events = [
         LabelEvent(
-            _pending_from_stored(events_raw[k + 1], events_raw[k + 2]),
+            _pending_from_stored(*events_raw[k + 1 : k + 5]),
             _KINDS[events_raw[k]],
-            int(float(events_raw[k + 3])),
+            int(float(events_raw[k + 5])),
         )
-        for k in range(0, len(events_raw), 4)
+        for k in range(0, len(events_raw), 6)
     ]
     stop_loss: dict[str, StopLossStatus] = {}
     for k in range(0, len(statuses_raw), 7):
@@ -251,9 +262,7 @@ class RedisLedger:
             if isinstance(op, DecisionRequest):
                 decision, limits = op.decision, op.offer
                 user = pseudonym(decision.user_id)
-                compact = decision.to_compact()
-                compact[_USER_AT] = user
-                record = orjson.dumps(compact)
+                record = decision.compact_json()
                 records.append(record)
                 if limits is None:
                     offer: tuple[int, ...] = _NO_OFFER

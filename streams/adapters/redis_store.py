@@ -81,6 +81,13 @@ def hash_tag(user_id: str) -> str:
     return user_id.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
 
 
+def from_hash_tag(tag: str) -> str:
+    """The user id ``hash_tag`` was given."""
+    if "%" not in tag:
+        return tag
+    return tag.replace("%7B", "{").replace("%7D", "}").replace("%25", "%")
+
+
 def state_epoch_key(prefix: str) -> str:
     """The state epoch: ``dealstream forget`` bumps it, so that every worker drops what it
     holds in memory of any user (feature records, remembered decision times) and reads again."""

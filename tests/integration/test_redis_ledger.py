@@ -656,7 +656,7 @@ def _packed(*ops: list[object], records: bytes) -> list[object]:
     return [T0, WINDOW, 0, 0, 1, 0, T0, 0, orjson.dumps([f for op in ops for f in op]), records]
 
 
-RECORD = b"G" + orjson.dumps(_request("d1", "u1", T0).decision.to_compact())
+RECORD = b"G" + _request("d1", "u1", T0).decision.compact_json()
 GOOD = ["D", "u1", "alpha", T0, 0, 1, 100, 0, -1, 1000, "d1", "", -1, len(RECORD), 0]
 """A decision with an offer, packed as ``RedisLedger.settle`` packs it."""
 

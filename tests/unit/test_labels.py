@@ -4,6 +4,7 @@ decision of the user; windows elapse and close in event time; nothing is labelle
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import orjson
@@ -342,26 +343,57 @@ def _pending(features: dict[str, float], offer_id: str | None = "o-1") -> Pendin
     )
 
 
+def _restored(compact: list[object], item: PendingDecision) -> PendingDecision:
+    return PendingDecision.from_compact(compact, decision_id=item.decision_id, user_id=item.user_id)
+
+
 def test_the_compact_record_round_trips_exactly() -> None:
     values = {name: (i * 0.1 + 1 / 3) for i, name in enumerate(FEATURE_NAMES)}
-    for offer_id in ("o-1", None):
+    for offer_id in ("o-1", "o-other", None):
         item = _pending(values, offer_id)
-        compact = orjson.loads(orjson.dumps(item.to_compact()))
-        assert PendingDecision.from_compact(compact) == item
-        assert compact[:3] == [item.ts, "spring", offer_id], "the script reads these"
-        assert compact[9] == "T", "and the stop-loss arm"
+        for compact in (
+            orjson.loads(orjson.dumps(item.to_compact())),
+            orjson.loads(item.compact_json()),
+        ):
+            assert _restored(compact, item) == item
+            assert compact[:3] == [item.ts, "spring", "T"], "the script reads these"
+            assert compact[3] == (1 if offer_id == "o-1" else offer_id), "implied by d-1"
+            assert item.decision_id not in orjson.dumps(compact).decode()
+            assert item.user_id not in orjson.dumps(compact).decode()
+
+
+def test_the_stored_record_writes_integral_features_as_integers_and_reads_the_same_floats() -> None:
+    special = [0.0, 1.0, 2_592_000.0, 9_007_199_254_740_992.0, 1e16, 1e300, 5e-6, 0.432, -3.0]
+    values = {name: special[i % len(special)] for i, name in enumerate(FEATURE_NAMES)}
+    item = _pending(values)
+    stored = item.compact_json()
+    assert b",2592000," in stored and b"2592000.0" not in stored
+    restored = _restored(orjson.loads(stored), item)
+    assert restored == item
+    assert all(type(v) is float for v in restored.features.values())
+    assert len(stored) < len(orjson.dumps(item.to_compact()))
+
+
+def test_a_negative_zero_feature_keeps_its_sign() -> None:
+    values = {name: (-0.0 if i == 3 else 1.0) for i, name in enumerate(FEATURE_NAMES)}
+    item = _pending(values)
+    restored = _restored(orjson.loads(item.compact_json()), item)
+    value = restored.features[FEATURE_NAMES[3]]
+    assert value == 0.0 and math.copysign(1.0, value) < 0
 
 
 def test_features_outside_the_catalogue_order_stay_named() -> None:
     item = _pending({"b": 1.0, "a": 2.0})
     compact = item.to_compact()
-    assert compact[8] == {"b": 1.0, "a": 2.0}
-    assert PendingDecision.from_compact(compact) == item
+    assert compact[7] == {"b": 1.0, "a": 2.0}
+    assert _restored(compact, item) == item
+    assert _restored(orjson.loads(item.compact_json()), item) == item
 
 
 def test_a_record_written_before_features_were_added_reads_the_ones_it_has() -> None:
     values = {name: 1.0 for name in FEATURE_NAMES}
-    compact = _pending(values).to_compact()
-    compact[8] = compact[8][:-2]  # as if the last two features did not exist yet
-    restored = PendingDecision.from_compact(compact)
+    item = _pending(values)
+    compact = item.to_compact()
+    compact[7] = compact[7][:-2]  # as if the last two features did not exist yet
+    restored = _restored(compact, item)
     assert tuple(restored.features) == FEATURE_NAMES[:-2]
