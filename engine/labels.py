@@ -96,22 +96,14 @@ class PendingDecision:
         """``to_compact`` as JSON, with integral feature values written as integers ("3" for
         "3.0": a number orjson writes with ".0" is an integer, and reads back as the same
         float; a vector with -0.0 stays as it is, to keep the sign)."""
-        if tuple(self.features) != FEATURE_NAMES:
-            return orjson.dumps(self.to_compact())
-        values = orjson.dumps(list(self.features.values()))
+        record = self.to_compact()
+        features = record[7]
+        if features.__class__ is not list:
+            return orjson.dumps(record)
+        values = orjson.dumps(features)
         if b"-0.0" not in values:
             values = values.replace(b".0,", b",").replace(b".0]", b"]")
-        head = orjson.dumps(
-            [
-                self.ts,
-                self.campaign,
-                str(self.arm),
-                self._stored_offer(),
-                self.discount_pct,
-                self.propensity,
-                self.model_version,
-            ]
-        )
+        head = orjson.dumps(record[:7])
         converted = b"null" if self.converted_at is None else str(self.converted_at).encode()
         return b"".join((head[:-1], b",", values, b",", converted, b"]"))
 

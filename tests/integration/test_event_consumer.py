@@ -300,6 +300,7 @@ def probed_consumer(
     sink: TimedSink,
     *,
     gate: asyncio.Event | None = None,
+    commit_gate: asyncio.Event | None = None,
     observer: Assignments | None = None,
     failures: list[BaseException] | None = None,
 ) -> ProbedConsumer:
@@ -307,6 +308,7 @@ def probed_consumer(
         recorder,
         sink,
         gate=gate,
+        commit_gate=commit_gate,
         bootstrap=services.kafka_bootstrap,
         group_id=isolation.group_id,
         topics=topics.events,
@@ -485,19 +487,7 @@ async def test_a_commit_in_flight_does_not_hold_the_batches_back(
     commit_gate = asyncio.Event()
     sink = TimedSink()
     recorder = Recorder(sink)
-    consumer = ProbedConsumer(
-        recorder,
-        sink,
-        gate=None,
-        commit_gate=commit_gate,
-        bootstrap=services.kafka_bootstrap,
-        group_id=isolation.group_id,
-        topics=topics.events,
-        batch_max=50,
-        batch_within_s=0.05,
-        session_timeout_s=SESSION_S,
-        on_fatal=_raise,
-    )
+    consumer = probed_consumer(services, isolation, topics, recorder, sink, commit_gate=commit_gate)
     await consumer.start()
     try:
 
