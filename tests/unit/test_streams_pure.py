@@ -9,6 +9,8 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka.structs import ConsumerRecord
+from hypothesis import given
+from hypothesis import strategies as st
 
 from engine.campaigns import Campaign
 from engine.decisions import Offer
@@ -29,6 +31,7 @@ from streams.adapters.decode import (
     record_bytes,
 )
 from streams.adapters.kafka_io import default_partition
+from streams.adapters.redis_store import from_hash_tag, hash_tag
 from streams.errors import ConfigError, StreamsError
 from streams.settings import (
     DemoSettings,
@@ -806,3 +809,16 @@ def test_a_consumed_record_keeps_its_headers_as_text_and_bytes() -> None:
     record = raw_record(consumed)
     assert record.headers == (("trace", b"abc"), ("empty", b""))
     assert record.timestamp_ms is None  # Kafka's -1: no timestamp
+
+
+@given(st.text())
+def test_a_hash_tag_gives_back_the_user_id(user_id: str) -> None:
+    """Label events name users as the ledger script keys them (``hash_tag``)."""
+    tag = hash_tag(user_id)
+    assert "{" not in tag and "}" not in tag
+    assert from_hash_tag(tag) == user_id
+
+
+def test_a_hash_tag_escapes_what_looks_like_an_escape() -> None:
+    for user_id in ("%7B", "a%25b", "{x}", "%", "%%7D}"):
+        assert from_hash_tag(hash_tag(user_id)) == user_id
