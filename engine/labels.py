@@ -104,8 +104,7 @@ class PendingDecision:
         if b"-0.0" not in values:
             values = values.replace(b".0,", b",").replace(b".0]", b"]")
         head = orjson.dumps(record[:7])
-        converted = b"null" if self.converted_at is None else str(self.converted_at).encode()
-        return b"".join((head[:-1], b",", values, b",", converted, b"]"))
+        return b"".join((head[:-1], b",", values, b",", orjson.dumps(record[8]), b"]"))
 
     def _stored_offer(self) -> str | int | None:
         """1 for the offer id the decision id implies, else the offer id (or None)."""
@@ -148,10 +147,11 @@ class PendingDecision:
         )
 
 
-def offer_id_of(decision_id: str) -> str:
+def offer_id_of(decision_id: str) -> str | None:
     """The offer id a decision's id implies: both are ``stable_id`` of the same campaign and
-    trigger event (``engine/pipeline.py``), with prefixes ``o-`` and ``d-``."""
-    return "o-" + decision_id[2:] if decision_id.startswith("d-") else ""
+    trigger event (``engine/pipeline.py``), with prefixes ``o-`` and ``d-``. None for an id
+    of another form."""
+    return "o-" + decision_id[2:] if decision_id.startswith("d-") else None
 
 
 class LabelKind(StrEnum):

@@ -20,7 +20,7 @@ itself consumes nothing: ``streams/worker/faust_app.py``). One loop, one batch a
 5. the committer commits, one request at a time, every offset handed to it since its last
    request, to the group ``settings.group_id`` (the one ``dealstream lag``, the metrics and the
    alerts read). A commit takes the broker's coordinator at least its append linger (5 ms by
-   default since Kafka 4.0): waiting for it in the loop made that the shortest batch cycle,
+   default in Kafka 4.1): waiting for it in the loop made that the shortest batch cycle,
    and the floor of every offer's latency at low rates.
 
 Event-time alignment (``engine/alignment.py``, docs/delivery.md): the handler holds each
