@@ -20,6 +20,20 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyFloat, PyString, PyTuple};
 
+/// Integral values decoding hands out as shared float objects (counts and most sums are small).
+const SHARED_FLOATS: usize = 1024;
+
+/// An empty dict with room for `count` items: a record's fields would otherwise grow it two
+/// or three times while they are set.
+fn presized_dict(py: Python<'_>, count: usize) -> PyResult<Bound<'_, PyDict>> {
+    let size = pyo3::ffi::Py_ssize_t::try_from(count).unwrap_or(0);
+    // SAFETY: the GIL is held (`py`); the call returns a new reference or NULL with an error set.
+    unsafe {
+        Bound::from_owned_ptr_or_err(py, pyo3::ffi::_PyDict_NewPresized(size))
+            .map(|dict| dict.cast_into_unchecked())
+    }
+}
+
 /// Integers a double holds exactly: what may be coded as an integer.
 const EXACT: f64 = 9_007_199_254_740_992.0; // 2**53
 
@@ -112,6 +126,9 @@ struct Memos {
     expiries: Memo<String, f64>,
 }
 
+/// What `decode` returns: `(state, seen, next_expiry, oldest_seen)`.
+type Decoded<'py> = (Bound<'py, PyDict>, Bound<'py, PyDict>, f64, Py<PyAny>);
+
 /// Encodes and decodes feature records; one per process (it memoises what names mean).
 #[pyclass(unsendable, module = "dealstream_native")]
 struct RecordCodec {
@@ -124,6 +141,8 @@ struct RecordCodec {
     count_fields: Vec<Py<PyString>>,
     offer_field: Py<PyString>,
     lt_field: Py<PyString>,
+    /// `0.0, 1.0, ...`: decoding shares these instead of allocating a float per field.
+    floats: Vec<Py<PyFloat>>,
     meanings: Meanings,
     memos: RefCell<Memos>,
 }
@@ -219,6 +238,14 @@ impl<'a> Reader<'a> {
 }
 
 impl RecordCodec {
+    /// A decoded integral value as a Python float (a shared one when it is small).
+    fn float<'py>(&self, py: Python<'py>, value: i128) -> Bound<'py, PyFloat> {
+        match usize::try_from(value) {
+            Ok(small) if small < self.floats.len() => self.floats[small].bind(py).clone(),
+            _ => PyFloat::new(py, value as f64),
+        }
+    }
+
     fn any(&self, out: &mut Vec<u8>, name: &[u8], value: f64) {
         out.push(self.tags.any);
         varint(out, name.len() as u128);
@@ -312,6 +339,9 @@ impl RecordCodec {
             count_fields: strings(count_fields),
             offer_field: PyString::intern(py, &offer_field).unbind(),
             lt_field: PyString::intern(py, "lt").unbind(),
+            floats: (0..SHARED_FLOATS)
+                .map(|value| PyFloat::new(py, value as f64).unbind())
+                .collect(),
             meanings: Meanings {
                 field_code,
                 bucket,
@@ -454,11 +484,7 @@ impl RecordCodec {
 
     /// `(state, seen, next_expiry, oldest_seen)` of a record `encode` wrote (its first byte
     /// already checked by the caller); ValueError, saying where, for anything else.
-    fn decode<'py>(
-        &self,
-        py: Python<'py>,
-        blob: &[u8],
-    ) -> PyResult<(Bound<'py, PyDict>, Bound<'py, PyDict>, f64, Py<PyAny>)> {
+    fn decode<'py>(&self, py: Python<'py>, blob: &[u8]) -> PyResult<Decoded<'py>> {
         let tags = self.tags;
         let mut data = Reader { data: blob, pos: 1 };
         let lt_raw = data.varint()?;
@@ -478,7 +504,7 @@ impl RecordCodec {
             categories.push(name);
         }
         let fields = data.varint()?;
-        let state = PyDict::new(py);
+        let state = presized_dict(py, usize::try_from(fields).unwrap_or(0).min(1 << 16))?;
         let mut next_expiry = f64::INFINITY;
         let mut memos = self.memos.borrow_mut();
         for _ in 0..fields {
@@ -493,7 +519,7 @@ impl RecordCodec {
                     memos.buckets.insert((tag, index), named);
                 }
                 let named = &memos.buckets.map[&(tag, index)];
-                let value = data.zvarint()? as f64;
+                let value = self.float(py, data.zvarint()?);
                 state.set_item(named.name.bind(py), value)?;
                 next_expiry = next_expiry.min(named.expires_at);
             } else if tag == tags.category {
@@ -511,7 +537,7 @@ impl RecordCodec {
                     memos.categories.insert(key.clone(), named);
                 }
                 let named = &memos.categories.map[&key];
-                let value = data.zvarint()? as f64;
+                let value = self.float(py, data.zvarint()?);
                 state.set_item(named.name.bind(py), value)?;
                 next_expiry = next_expiry.min(named.expires_at);
             } else if tag == tags.lt {
@@ -538,19 +564,20 @@ impl RecordCodec {
                 let number = data.zvarint()?;
                 let (field, value) = if tag >= tags.time && tag < tags.count {
                     let field = self.time_fields.get((tag - tags.time) as usize);
-                    (field, (lt as i128 - number) as f64)
+                    (field, lt as i128 - number)
                 } else if tag >= tags.count && tag < tags.offer {
                     let field = self.count_fields.get((tag - tags.count) as usize);
-                    (field, number as f64)
+                    (field, number)
                 } else if tag == tags.offer {
                     (
                         Some(&self.offer_field),
-                        (lt as i128 * self.offer_time_scale as i128 - number) as f64,
+                        lt as i128 * self.offer_time_scale as i128 - number,
                     )
                 } else {
-                    (None, 0.0)
+                    (None, 0)
                 };
                 let field = field.ok_or_else(|| corrupt("KeyError", at))?;
+                let value = self.float(py, value);
                 state.set_item(field.bind(py), value)?;
             }
         }
@@ -564,7 +591,7 @@ impl RecordCodec {
                 .checked_mul(self.seen_key_bytes)
                 .ok_or_else(|| corrupt("IndexError", digests_at))?,
         )?;
-        let seen = PyDict::new(py);
+        let seen = presized_dict(py, count.min(1 << 16))?;
         let mut oldest: Option<i128> = None;
         for (k, digest) in digests.chunks_exact(self.seen_key_bytes.max(1)).enumerate() {
             let age: i128 = if header & 1 == 1 {
