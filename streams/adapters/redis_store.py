@@ -2,10 +2,12 @@
 
 A worker owns the partitions Kafka assigned it, and with them every user whose events they
 carry (the event topics are co-partitioned by user id). So it keeps those users' records in
-memory (bounded, least recently used out), applies each micro-batch with the engine's own
+memory (bounded, least recently used out) as the very bytes it writes to Redis (the compact
+record of ``feature_record.py``, about 150 bytes, where the decoded dicts took about 2 KiB),
+decodes those a micro-batch touches, applies the batch with the engine's own
 ``apply_updates`` (``engine/features/store.py``: the one implementation of the rules), and
-writes every changed user's compact record (``feature_record.py``) and the batch's partition
-watermarks to Redis in one atomic script call (``commit_batch.lua``). In the worker that call
+writes every changed user's record and the batch's partition watermarks to Redis in one atomic
+script call (``commit_batch.lua``). In the worker that call
 is the ledger's (``defer_writes``: the store stages its write, ``RedisLedger`` carries it with
 the ledger's effect and the batch's outbox entry); alone, the store makes the call itself.
 It reads Redis only for a user it does not hold (after a start, a rebalance or an eviction).
@@ -147,8 +149,9 @@ class RedisFeatureStore:
         self.max_cached_users = max_cached_users
         self._clock = clock
         self._token = secrets.token_hex(8)
-        self._records: dict[str, UserRecord] = {}
-        """Held records; ``_written`` says which go first when there are too many."""
+        self._records: dict[str, bytes] = {}
+        """Held records, encoded as Redis keeps them (decoded only while a batch applies);
+        ``_written`` says which go first when there are too many."""
         self._written: dict[str, float] = {}
         """When each held record was last read or written (``clock``): one older than the key's
         time to live may have expired in Redis, so it is read again, and the least recently
@@ -191,6 +194,10 @@ class RedisFeatureStore:
     def held_users(self) -> int:
         """How many users' records this store holds in memory."""
         return len(self._records)
+
+    def held_record_bytes(self) -> int:
+        """The size of the records this store holds, as encoded (a scan: for a gauge)."""
+        return sum(map(len, self._records.values()))
 
     # -- ownership ----------------------------------------------------------------------------
 
@@ -322,7 +329,14 @@ class RedisFeatureStore:
         if not partitions <= self._claimed:
             await self._claim(partitions - self._claimed)
         await self._load_missing(updates)
-        records = self._records
+        held = self._records
+        records: dict[str, UserRecord] = {}
+        for update in updates:
+            user = update.user_id
+            if user not in records:
+                blob = held.get(user)
+                if blob is not None:
+                    records[user] = decode_record(blob)
         outcome, touched = apply_updates(
             records,
             self._watermarks,
@@ -333,6 +347,8 @@ class RedisFeatureStore:
         users = list(touched)
         if not users and not partitions:
             return outcome, None
+        blobs = [encode_record(records[user]) for user in users]
+        held.update(zip(users, blobs, strict=True))
         return outcome, FeatureWrite(
             token=self._token,
             epoch=self._epoch,
@@ -340,7 +356,7 @@ class RedisFeatureStore:
             marks=[(_field(p), self._watermarks[p]) for p in sorted(partitions)],
             users=users,
             keys=[self.record_key(user) for user in users],
-            records=[encode_record(records[user]) for user in users],
+            records=blobs,
         )
 
     async def store_now(self, updates: Sequence[StateUpdate], *, allowed_lateness_ms: int) -> int:
@@ -418,7 +434,7 @@ class RedisFeatureStore:
             if tombstone is not None:
                 forgotten[user] = _tombstone_until(tombstone)
             elif blob is not None:
-                records[user] = decode_record(_blob(blob))
+                records[user] = _blob(blob)
                 written[user] = now
 
     def _evict(self) -> None:

@@ -258,7 +258,13 @@ class WorkerMetrics:
         self.feature_records_held = Gauge(
             "dealstream_feature_records_held",
             "Users whose feature records this worker holds in memory (its own partitions' users; "
-            "bounded by DEALSTREAM_STATE_CACHE_USERS, about 2.2 KB each).",
+            "bounded by DEALSTREAM_STATE_CACHE_USERS).",
+            registry=r,
+        )
+        self.feature_record_bytes_held = Gauge(
+            "dealstream_feature_record_bytes_held",
+            "Bytes of the feature records this worker holds, encoded as Redis keeps them (decoded "
+            "only while a batch applies).",
             registry=r,
         )
         self.events_held = Gauge(

@@ -140,6 +140,7 @@ def bootstrap(
         client, prefix=settings.redis_prefix, pseudonyms=pseudonyms, replication=replication
     )
     metrics.feature_records_held.set_function(features.held_users)
+    metrics.feature_record_bytes_held.set_function(features.held_record_bytes)
     store = TimedFeatureStore(features, redis_seconds.labels("features").observe)
     config = settings.engine_config()
     reply_wait = ReplyWait()

@@ -72,6 +72,7 @@ METRIC_NAMES = (
     "dealstream_rebalances_total",
     "dealstream_assigned_partitions",
     "dealstream_feature_records_held",
+    "dealstream_feature_record_bytes_held",
     "dealstream_pending_labels",
     "dealstream_consumer_lag",
     "dealstream_consumer_lag_seconds",

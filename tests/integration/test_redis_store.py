@@ -744,6 +744,34 @@ async def test_a_full_store_drops_the_least_recently_written_and_reads_them_agai
     }
 
 
+async def test_the_store_holds_each_record_as_the_bytes_redis_has(redis_env: RedisEnv) -> None:
+    """Held records are kept encoded between batches: after each batch, what the store holds
+    is as large as what Redis has, and a user touched again is decoded, changed and re-encoded
+    (the states, read back, are the in-memory store's)."""
+    reads = CountingReads(redis_env.client)
+    store = RedisFeatureStore(reads, prefix=redis_env.prefix)
+    reference = InMemoryFeatureStore()
+    events = [parse_event(raw) for raw in open_loop(users=40, events=1_200, seed=23)]
+    users = sorted({event.user_id for event in events})
+    keys = [store.record_key(user) for user in users]
+    for start in range(0, len(events), 300):
+        updates = [
+            to_update(event, Position("events.browse", 0, start + i))
+            for i, event in enumerate(events[start : start + 300])
+        ]
+        outcome = await store.apply_batch(updates, allowed_lateness_ms=HOUR_MS)
+        expected = await reference.apply_batch(updates, allowed_lateness_ms=HOUR_MS)
+        assert outcome.statuses == expected.statuses
+        async with redis_env.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.strlen(key)
+            stored = sum(await pipe.execute())
+        assert store.held_record_bytes() == stored > 0
+    # each record was read once, when its user first came: after that the held bytes served
+    assert sorted(key for key in reads.read_keys if key in keys) == sorted(keys)
+    assert await store.read_states(users) == await reference.read_states(users)
+
+
 # -- 7. memory per active user (a figure for the report, not an assertion) ----------------------
 
 

@@ -240,6 +240,7 @@ def test_every_metric_follows_prometheus_naming() -> None:
         "dealstream_rebalances",
         "dealstream_assigned_partitions",
         "dealstream_feature_records_held",
+        "dealstream_feature_record_bytes_held",
         "dealstream_pending_labels",
         "dealstream_consumer_lag",
         "dealstream_consumer_lag_seconds",
