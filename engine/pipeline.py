@@ -222,9 +222,10 @@ class DiscountEngine:
         on that partition number; it closes the attribution windows of the lane's decisions."""
         self._budget_day: int | None = None
         """The day this batch's offers count against; None: each decision's event-time day."""
-        self._holdout: dict[tuple[str, float, str], bool] = {}
-        """``in_holdout`` by (campaign name, holdout fraction, user): a pure function of these
-        three, so it is memoised (bounded; cleared when full)."""
+        self._held_out: dict[str, tuple[str, ...]] = {}
+        """Per user, the names of the campaigns that hold the user out (``in_holdout``, a pure
+        function of campaign and user): memoised for all campaigns at once, so that a user
+        costs one entry, mostly the shared empty tuple (bounded; cleared when full)."""
 
     async def process(
         self, batch: Sequence[Incoming], *, wall_clock_ms: int | None = None
@@ -449,13 +450,14 @@ class DiscountEngine:
     def _in_holdout(self, campaign: Campaign, user_id: str) -> bool:
         if campaign.holdout <= 0:
             return False
-        key = (campaign.name, campaign.holdout, user_id)
-        held = self._holdout.get(key)
-        if held is None:
-            if len(self._holdout) >= _HOLDOUT_CACHE_MAX:
-                self._holdout.clear()
-            held = self._holdout[key] = in_holdout(campaign, user_id)
-        return held
+        held_out = self._held_out.get(user_id)
+        if held_out is None:
+            if len(self._held_out) >= _HOLDOUT_CACHE_MAX:
+                self._held_out.clear()
+            held_out = self._held_out[user_id] = tuple(
+                c.name for c in self.campaigns if in_holdout(c, user_id)
+            )
+        return campaign.name in held_out
 
     def _propose(
         self, campaign: Campaign, event: Event, features: dict[str, float], scorer: Scorer

@@ -85,7 +85,7 @@ _KINDS: dict[bytes | str, LabelKind] = {
 }
 _DENIED = ord("N")
 _REMEMBERED_DECISIONS_MAX = 200_000
-"""Bound of the remembered decision times (one per user and campaign, about 200 bytes each);
+"""Bound of the remembered decision times per campaign (one per user, about 100 bytes each);
 the oldest go first, and a forgotten time only means one proposal the script drops."""
 
 
@@ -176,8 +176,8 @@ class RedisLedger:
         self._retry_deadline_s = retry_deadline_s
         """How long a call whose reply was lost is retried (0: for ever), as the worker retries
         batches (``DEALSTREAM_REDIS_RETRY_DEADLINE_S``)."""
-        self._last_decision: dict[tuple[str, str], int] = {}
-        """The latest decision time this ledger settled per (user, campaign), oldest entries
+        self._last_decision: dict[str, dict[str, int]] = {}
+        """Per campaign, the latest decision time this ledger settled per user, oldest entries
         first: never later than the script's own (which only grows, whoever decides), so a
         decision it finds inside the interval the script finds inside it too."""
         self._epoch: bytes | None = None
@@ -198,7 +198,8 @@ class RedisLedger:
         """Whether the decision interval certainly has not passed: by the decision times this
         ledger settled itself. ``commit_batch.lua`` checks every decision again, atomically for all
         workers; this only spares the engine proposing what it would drop."""
-        last = self._last_decision.get((user_id, campaign))
+        times = self._last_decision.get(campaign)
+        last = times.get(user_id) if times is not None else None
         return interval_ms > 0 and last is not None and ts - last < interval_ms
 
     def _remember(
@@ -209,11 +210,14 @@ class RedisLedger:
             if outcome is None or not outcome.decided or not isinstance(op, DecisionRequest):
                 continue
             decision = op.decision
-            key = (decision.user_id, decision.campaign)
-            last = remembered.pop(key, None)
-            remembered[key] = decision.ts if last is None else max(last, decision.ts)
-        while len(remembered) > _REMEMBERED_DECISIONS_MAX:
-            del remembered[next(iter(remembered))]
+            times = remembered.get(decision.campaign)
+            if times is None:
+                times = remembered[decision.campaign] = {}
+            user = decision.user_id
+            last = times.pop(user, None)
+            times[user] = decision.ts if last is None else max(last, decision.ts)
+            while len(times) > _REMEMBERED_DECISIONS_MAX:
+                del times[next(iter(times))]
 
     async def settle(
         self, ops: Sequence[LedgerOp], *, now_ms: int, lanes: Mapping[int, int] | None = None
