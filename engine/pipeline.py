@@ -75,7 +75,6 @@ __all__ = [
     "state_update",
 ]
 
-_HOLDOUT_CACHE_MAX = 100_000
 BudgetClock = Literal["event", "wall"]
 EVENT_TIME: BudgetClock = "event"
 WALL_CLOCK: BudgetClock = "wall"
@@ -117,8 +116,13 @@ class EngineConfig:
     event-time day (``event``, backtests: history replays its own days) or the wall-clock
     day of the batch (``wall``, live workers: ``process(..., wall_clock_ms=...)``), so that
     a replay of history into a live worker cannot open fresh budgets."""
+    memo_users: int = 100_000
+    """Users whose holdout assignments the engine remembers (cleared when full; a live worker
+    sets its ``DEALSTREAM_STATE_CACHE_USERS``, so that one setting bounds its per-user memory)."""
 
     def __post_init__(self) -> None:
+        if self.memo_users < 1:
+            raise ValueError(f"memo_users must be at least 1, got {self.memo_users}")
         if self.budget_clock not in BUDGET_CLOCKS:
             raise ValueError(f"budget_clock must be one of {BUDGET_CLOCKS}: {self.budget_clock!r}")
         if self.feedback.ledger_elapsed_ms >= self.attribution_window_ms:
@@ -452,7 +456,7 @@ class DiscountEngine:
             return False
         held_out = self._held_out.get(user_id)
         if held_out is None:
-            if len(self._held_out) >= _HOLDOUT_CACHE_MAX:
+            if len(self._held_out) >= self.config.memo_users:
                 self._held_out.clear()
             held_out = self._held_out[user_id] = tuple(
                 c.name for c in self.campaigns if in_holdout(c, user_id)

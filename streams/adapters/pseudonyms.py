@@ -36,9 +36,10 @@ PSEUDONYM_BYTES = 16
 """128 bits of the HMAC: two users share a pseudonym with probability about n**2 / 2**129."""
 KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,16}")
 _NONCE_BYTES = 12
-_CACHE_MAX = 200_000
-"""Pseudonyms remembered per process (about 200 B each): a worker derives one per user per
-batch for the record key and one per ledger op; derived 5 µs, remembered 0.25 µs (2 shared
+DEFAULT_CACHE_USERS = 200_000
+"""Pseudonyms remembered per process by default (about 120 B each; a worker remembers as many
+as it holds feature records, ``DEALSTREAM_STATE_CACHE_USERS``): a worker derives one per user
+per batch for the record key and one per ledger op; derived 5 µs, remembered 0.25 µs (2 shared
 cores, load 2.5)."""
 _SEAL_INFO = b"dealstream outbox user id v1"
 
@@ -58,14 +59,20 @@ def _unb64(text: str) -> bytes:
 class Pseudonyms:
     """Turns raw user ids into pseudonyms, and seals ids the outbox must get back."""
 
-    def __init__(self, key: bytes | None, key_id: str = "k1") -> None:
+    def __init__(
+        self, key: bytes | None, key_id: str = "k1", *, cache_users: int = DEFAULT_CACHE_USERS
+    ) -> None:
         if key is not None and not KEY_ID.fullmatch(key_id):
             raise ConfigError(
                 f"pseudonym key id {key_id!r} must be 1-16 letters, digits, '_' or '-'"
             )
+        if cache_users < 1:
+            raise ValueError("cache_users must be at least 1")
         self._key = key
         self.key_id = key_id if key is not None else ""
         self._cache: dict[str, str] = {}
+        self._cache_users = cache_users
+        """The bound of ``_cache``: full, it is cleared (and refills with the active users)."""
         self._aead: AESGCM | None = None
         if key is not None:
             derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_SEAL_INFO)
@@ -90,7 +97,7 @@ class Pseudonyms:
         if pseudonym is None:
             digest = hmac.digest(key, user_id.encode(), "sha256")
             pseudonym = f"{self.key_id}.{_b64(digest[:PSEUDONYM_BYTES])}"
-            if len(cache) >= _CACHE_MAX:
+            if len(cache) >= self._cache_users:
                 cache.clear()
             cache[user_id] = pseudonym
         return pseudonym
@@ -137,7 +144,11 @@ def pseudonyms_from_settings(settings: Settings) -> Pseudonyms:
     """What the settings ask for; a ``ConfigError`` that says what to do when they ask for
     nothing (privacy by default: no process stores raw ids unless told to)."""
     if settings.pseudonym_key is not None:
-        return Pseudonyms(settings.pseudonym_key.reveal().encode(), settings.pseudonym_key_id)
+        return Pseudonyms(
+            settings.pseudonym_key.reveal().encode(),
+            settings.pseudonym_key_id,
+            cache_users=settings.state_cache_users,
+        )
     if settings.raw_user_ids:
         return Pseudonyms.raw()
     raise ConfigError(

@@ -84,9 +84,9 @@ _KINDS: dict[bytes | str, LabelKind] = {
     "X": LabelKind.CLOSED,
 }
 _DENIED = ord("N")
-_REMEMBERED_DECISIONS_MAX = 200_000
-"""Bound of the remembered decision times per campaign (one per user, about 100 bytes each);
-the oldest go first, and a forgotten time only means one proposal the script drops."""
+DEFAULT_REMEMBERED_USERS = 200_000
+"""Default bound of the remembered decision times per campaign (one per user, about 100 bytes
+each); the oldest go first, and a forgotten time only means one proposal the script drops."""
 
 
 def _text(value: bytes | str) -> str:
@@ -157,8 +157,13 @@ class RedisLedger:
         pseudonyms: Pseudonyms | None = None,
         replication: ReplicaWait | None = None,
         reply_wait: ReplyWait | None = None,
+        remembered_users: int = DEFAULT_REMEMBERED_USERS,
     ) -> None:
+        if remembered_users < 1:
+            raise ValueError("remembered_users must be at least 1")
         self._client = client
+        self._remembered_users = remembered_users
+        """Users whose latest decision time is remembered per campaign (``_last_decision``)."""
         self.pseudonyms = pseudonyms if pseudonyms is not None else Pseudonyms.raw()
         self._prefix = prefix
         self.config = config
@@ -216,7 +221,7 @@ class RedisLedger:
             user = decision.user_id
             last = times.pop(user, None)
             times[user] = decision.ts if last is None else max(last, decision.ts)
-            while len(times) > _REMEMBERED_DECISIONS_MAX:
+            while len(times) > self._remembered_users:
                 del times[next(iter(times))]
 
     async def settle(

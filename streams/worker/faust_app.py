@@ -155,6 +155,7 @@ def bootstrap(
             pseudonyms=pseudonyms,
             replication=replication,
             reply_wait=reply_wait,
+            remembered_users=settings.state_cache_users,
         ),
         redis_seconds.labels("ledger").observe,
     )

@@ -900,6 +900,34 @@ async def test_a_ledger_forgets_remembered_decision_times_when_a_user_is_forgott
         await client.aclose()
 
 
+async def test_a_ledger_remembers_decision_times_of_its_bound_of_users_per_campaign(
+    services: Services, isolation: Isolation
+) -> None:
+    """``remembered_users`` bounds the decision times per campaign, the oldest going first; a
+    time no longer remembered only means the script refuses the proposal instead."""
+    prefix = isolation.redis_prefix
+    client = aioredis.Redis.from_url(services.redis_url)
+    try:
+        ledger = RedisLedger(client, prefix=prefix, config=PLAIN, remembered_users=2)
+        for n, user in enumerate(("u1", "u2", "u3")):
+            request = _request(f"d{n}", user, T0, interval_ms=HOUR_MS)
+            await ledger.settle([request], now_ms=T0)
+        later = T0 + MINUTE_MS
+        assert [ledger.rate_limited(u, "alpha", later, HOUR_MS) for u in ("u1", "u2", "u3")] == [
+            False,
+            True,
+            True,
+        ]
+        again = _request("again", "u1", later, interval_ms=HOUR_MS)
+        result = await ledger.settle([again], now_ms=later)
+        assert result.outcomes == [DecisionOutcome(decided=False)]  # the script still knew
+        with pytest.raises(ValueError, match="remembered_users"):
+            RedisLedger(client, prefix=prefix, config=PLAIN, remembered_users=0)
+    finally:
+        await delete_prefix(client, prefix)
+        await client.aclose()
+
+
 @pytest.mark.parametrize("seed", [1, 2])
 async def test_concurrent_workers_never_overspend_a_shared_budget(
     services: Services, isolation: Isolation, seed: int

@@ -53,6 +53,20 @@ def test_different_users_get_different_pseudonyms() -> None:
     assert len(made) == 10_000
 
 
+def test_the_state_cache_setting_bounds_the_remembered_pseudonyms() -> None:
+    settings = Settings.from_env(
+        {"DEALSTREAM_PSEUDONYM_KEY": KEY.decode(), "DEALSTREAM_STATE_CACHE_USERS": "3"}
+    )
+    bounded, unbounded = pseudonyms_from_settings(settings), Pseudonyms(KEY)
+    for n in range(10):
+        assert bounded.of(f"u{n}") == unbounded.of(f"u{n}")
+        assert len(bounded._cache) <= 3  # the bound is the point of the test
+    assert len(unbounded._cache) == 10
+    assert settings.engine_config().memo_users == 3
+    with pytest.raises(ValueError, match="cache_users"):
+        Pseudonyms(KEY, cache_users=0)
+
+
 def test_raw_pseudonyms_keep_the_id() -> None:
     raw = Pseudonyms.raw()
     assert not raw.keyed
