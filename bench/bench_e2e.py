@@ -175,7 +175,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         }
         report["memory"] = memory_summary(one[0])
         _say(
-            f"after {one[0]['events']:,} events: RSS growth {one[0]['rss_growth_pct'][0]} %, "
+            f"after {one[0]['events']:,} events: RSS growth {one[0]['rss_growth_pct'][0]} % "
+            f"from 10,000 events, {report['memory']['rss_growth_from_100k_pct']} % from 100,000; "
             f"Redis {one[0]['redis']['bytes_per_user']} B per active user"
         )
         if two:

@@ -279,14 +279,22 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+RSS_TARGET_FROM_EVENTS = 100_000
+"""Issue 12's memory target: RSS growth from this many events to the end of the drain."""
+
+
 def memory_summary(run: dict[str, Any]) -> dict[str, Any]:
     """RSS and Redis figures of the run that consumed every preloaded event."""
+    series = run.get("rss_kib_first_worker_by_events", {})
+    end = run["rss_kib_end"][0]
+    start = series.get(str(RSS_TARGET_FROM_EVENTS))
     return {
         "events": run["events"],
         "rss_kib_after_warmup": run["rss_kib_after_warmup"][0],
-        "rss_kib_end": run["rss_kib_end"][0],
+        "rss_kib_end": end,
         "rss_growth_pct": run["rss_growth_pct"][0],
-        "rss_kib_by_events": run.get("rss_kib_first_worker_by_events", {}),
+        "rss_growth_from_100k_pct": round(100 * (end - start) / start, 2) if start else None,
+        "rss_kib_by_events": series,
         "load_average": run["load_average"],
         "redis": run["redis"],
     }
