@@ -253,12 +253,12 @@ def test_production_sizes_are_the_documented_ones() -> None:
     docs = render("production")
     worker = named(docs, "Deployment", "dealstream-worker")["spec"]["template"]["spec"]
     learner = named(docs, "Deployment", "dealstream-learner")["spec"]["template"]["spec"]
-    assert worker["containers"][0]["resources"]["requests"] == {"cpu": "1", "memory": "1152Mi"}
+    assert worker["containers"][0]["resources"]["requests"] == {"cpu": "1", "memory": "640Mi"}
     assert learner["containers"][0]["resources"]["requests"] == {"cpu": "250m", "memory": "384Mi"}
     # The worker's memory figure assumes the default cache of 200,000 users.
     assert config(docs)["DEALSTREAM_STATE_CACHE_USERS"] == "200000"
     doc = (REPO / "docs" / "kubernetes.md").read_text()
-    for figure in ("1152Mi", "1536Mi", "384Mi", "768Mi"):
+    for figure in ("640Mi", "896Mi", "384Mi", "768Mi"):
         assert figure in doc, f"docs/kubernetes.md does not explain {figure}"
 
 
