@@ -65,7 +65,7 @@ from engine.features.store import (
 from engine.pipeline import EngineConfig
 from engine.ports import FeatureStore
 from streams.adapters.feature_record import decode_record, encode_record
-from streams.adapters.redis_store import RedisFeatureStore
+from streams.adapters.redis_store import RECORD_FIELD, RedisFeatureStore
 
 RESULTS = Path(__file__).resolve().parent / "results" / "features.json"
 TARGET_EVENTS_PER_S = 40_000
@@ -88,7 +88,7 @@ INTERESTING = (
     "encode_record",
     "decode_record",
     "_field_code",
-    "record_key",
+    "user_key",
     "hash_tag",
     "pack_command",
     "execute_command",
@@ -369,18 +369,19 @@ async def record_figures(
 ) -> dict[str, Any]:
     """Every active user's record as Redis holds it: key bytes, blob bytes, contents, and the
     CPU cost of encoding and decoding it."""
-    keys = [store.record_key(user) for user in users]
+    keys = [store.user_key(user) for user in users]
     blobs: list[bytes] = []
     usages: list[int] = []
     for i in range(0, len(keys), CHUNK):
         chunk = keys[i : i + CHUNK]
         async with client.pipeline(transaction=False) as pipe:
-            pipe.mget(chunk)
+            for key in chunk:
+                pipe.hget(key, RECORD_FIELD)
             for key in chunk:
                 pipe.memory_usage(key, samples=0)
             replies = await pipe.execute()
-        blobs.extend(blob for blob in replies[0] if blob is not None)
-        usages.extend(int(usage) for usage in replies[1:] if usage is not None)
+        blobs.extend(blob for blob in replies[: len(chunk)] if blob is not None)
+        usages.extend(int(usage) for usage in replies[len(chunk) :] if usage is not None)
     records: list[UserRecord] = [decode_record(blob) for blob in blobs]
     encode_us = cpu_us_per_item(encode_record, records)
     decode_us = cpu_us_per_item(decode_record, blobs)
@@ -876,7 +877,8 @@ def print_report(report: dict[str, Any], profile_text: str) -> None:
     print(
         f"records ({server['redis_server']} redis-server), {rec['active_users']:,} active users,"
         f" {rec['records_found']:,} records:"
-        f" {rec['bytes_per_user_memory_usage']:.0f} B/user (MEMORY USAGE of the record keys),"
+        f" {rec['bytes_per_user_memory_usage']:.0f} B/user (MEMORY USAGE of the user keys,"
+        " which hold only the record here),"
         f" {rec['bytes_per_user_info']:.0f} B/user (INFO used_memory delta),"
         f" {rec['bytes_per_user_info_freed']:.0f} B/user (freed on delete)"
     )

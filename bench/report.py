@@ -119,13 +119,10 @@ def e2e_rows(r: dict[str, Any]) -> Iterator[Row]:
             "<= 1,000 B",
             "",
         )
-        records = [
-            v for k, v in redis.get("by_kind", {}).items() if k[:1] == "s" and k[1:].isdigit()
-        ]
-        if records:
+        if redis.get("feature_record_bytes_per_user") is not None:
             yield (
-                "e2e: Redis bytes per active user (feature records)",
-                _num(sum(v.get("bytes_per_user", 0) for v in records), " B", 0),
+                "e2e: Redis bytes per active user (feature record field)",
+                _num(redis["feature_record_bytes_per_user"], " B", 0),
                 "<= 300 B",
                 "",
             )

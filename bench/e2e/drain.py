@@ -31,6 +31,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from bench.e2e.common import Names, Worker, crossing, load_average, median, wait_consumed
+from streams.adapters.redis_store import RECORD_FIELD
 
 RSS_WARMUP_EVENTS = 10_000
 RSS_MARKS = (10_000, 100_000, 250_000, 500_000, 750_000, 1_000_000, 2_000_000)
@@ -102,16 +103,19 @@ def _key_kind(key: bytes, prefix: str) -> str:
 
 async def redis_bytes(client: aioredis.Redis, prefix: str, users: int) -> dict[str, Any]:
     """Bytes per active user under ``prefix``, by key kind (the name after the prefix up to its
-    first colon: ``s<catalogue version>`` feature records, ``p`` pending decisions, ``pq`` and
-    ``pe`` the label queues, ``g`` guardrails, ...): ``MEMORY USAGE`` of every key of a kind, or
-    of a random sample of ``MEMORY_SAMPLE_KEYS`` scaled to the kind's key count. Every kind is
-    measured: a kind of a few large keys (the label queues) counts as much as its bytes."""
+    first colon: ``u`` the user keys, ``pq`` and ``pe`` the label queues, ``b`` budgets, ...):
+    ``MEMORY USAGE`` of every key of a kind, or of a random sample of ``MEMORY_SAMPLE_KEYS``
+    scaled to the kind's key count. Every kind is measured: a kind of a few large keys (the
+    label queues) counts as much as its bytes. ``feature_record_bytes_per_user``: the feature
+    record's share of the user keys (its field's name and value, ``HSTRLEN``, over the same
+    sample), the issue's "feature state + dedup"."""
     keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=5000)]
     by_kind_keys: dict[str, list[bytes]] = {}
     for key in keys:
         by_kind_keys.setdefault(_key_kind(key, prefix), []).append(key)
     rng = random.Random(7)
     by_kind: dict[str, dict[str, float]] = {}
+    record_bytes = 0.0
     for kind, kind_keys in sorted(by_kind_keys.items()):
         sample = rng.sample(kind_keys, min(MEMORY_SAMPLE_KEYS, len(kind_keys)))
         async with client.pipeline(transaction=False) as pipe:
@@ -124,8 +128,21 @@ async def redis_bytes(client: aioredis.Redis, prefix: str, users: int) -> dict[s
             "avg_bytes": round(average, 1),
             "bytes_per_user": round(average * len(kind_keys) / max(users, 1), 1),
         }
+        if kind == "u":
+            async with client.pipeline(transaction=False) as pipe:
+                for key in sample:
+                    pipe.hstrlen(key, RECORD_FIELD)
+                lengths = [int(length or 0) for length in await pipe.execute()]
+            field = len(RECORD_FIELD)
+            average = sum(length + field * (length > 0) for length in lengths) / len(lengths)
+            record_bytes = average * len(kind_keys) / max(users, 1)
     total = sum(k["bytes_per_user"] for k in by_kind.values())
-    return {"keys": len(keys), "bytes_per_user": round(total, 1), "by_kind": by_kind}
+    return {
+        "keys": len(keys),
+        "bytes_per_user": round(total, 1),
+        "feature_record_bytes_per_user": round(record_bytes, 1),
+        "by_kind": by_kind,
+    }
 
 
 async def drain_run(

@@ -58,12 +58,17 @@ class FeatureWrite:
     epoch: str
     """The state epoch the records were read at: the script refuses the batch if it moved."""
     ttl_ms: int
+    """The user keys' time to live when it is set (``refresh``)."""
+    field: str
+    """The record's field in a user's hash (``<p>u:{user}``, ``commit_batch.lua``)."""
     marks: Sequence[tuple[str, int]]
     """(``<topic>:<partition>``, watermark) of every partition of the batch."""
     users: Sequence[str]
     keys: Sequence[str]
     records: Sequence[bytes]
     """Encoded records, in the order of ``keys`` (and ``users``)."""
+    refresh: bytes
+    """One byte per key, ``1``: set the key's time to live (``0``: it was set recently)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +152,16 @@ class BatchCommit:
             args.append("")
         else:
             keys.extend(features.keys)
-            args.extend((features.token, features.epoch, features.ttl_ms, len(features.marks)))
+            args.extend(
+                (
+                    features.token,
+                    features.epoch,
+                    features.ttl_ms,
+                    features.field,
+                    features.refresh,
+                    len(features.marks),
+                )
+            )
             for field, offset in features.marks:
                 args.append(field)
                 args.append(offset)

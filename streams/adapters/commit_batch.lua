@@ -9,10 +9,12 @@
 -- KEYS[1]   hash of partition owners: field "<source>:<partition>" -> owner token
 -- KEYS[2]   hash of partition watermarks: field "<source>:<partition>" -> offset
 -- KEYS[3]   the state epoch (a counter `dealstream forget` increments)
--- KEYS[4..] the feature record keys of the batch's users
+-- KEYS[4..] the user keys (<p>u:{user}) of the users whose feature records the batch writes
 -- ARGV[1]   prefix of the ledger's and the outbox's keys
--- features: token ('' = no features section), epoch, ttl_ms, n_partitions,
---           n_partitions x (field, offset), then one record per record key (KEYS[4..] order)
+-- features: token ('' = no features section), epoch, ttl_ms, the record's field in a user's
+--           hash, refresh (one byte per user key: '1' = set the key's time to live, '0' = it
+--           was set recently enough), n_partitions, n_partitions x (field, offset), then one
+--           record per user key (KEYS[4..] order)
 -- ledger:   now_ms ('' = no ledger section; the stop-loss's clock), attribution_window_ms,
 --           elapsed_ms (0 = none), purchase_memory_ms, n_lanes, then per lane whose labels may
 --           expire: lane, its event-time clock (engine/labels.py: a lane is a partition number);
@@ -51,14 +53,22 @@
 -- Keys built from the prefix (this script touches many users' keys per call: on a Redis
 -- Cluster the prefix carries the one hash tag of them all, docs/cluster.md):
 -- (`user` is what the caller passes: the user's pseudonym, streams/adapters/pseudonyms.py)
---   <p>g:{user}   hash  <campaign>|d last decision ts, <campaign>|o last offer ts,
+--   <p>u:{user}   hash  everything of one user, so that a decision reads and writes one key:
+--                       the feature record (field as given, '|s1'); the guards:
+--                       <campaign>|d last decision ts, <campaign>|o last offer ts,
 --                       <campaign>|n<day> offers that day,
---                       <campaign>|s<epoch><arm> the user's stop-loss sums "decisions cents"
---   <p>p:{user}   hash  decision_id -> 'G' or 'N' (offer denied) + pending decision JSON array
---                       (PendingDecision.compact_json: ts, campaign and arm first, neither the
---                       decision id nor the user); decision_id|c -> first conversion ts;
+--                       <campaign>|s<epoch><arm> the user's stop-loss sums "decisions cents";
+--                       the pending decisions: decision_id -> 'G' or 'N' (offer denied) +
+--                       pending decision JSON array (PendingDecision.compact_json: ts, campaign
+--                       and arm first, neither the decision id nor the user), decision_id|c ->
+--                       first conversion ts (a decision id never holds '|', so these are the
+--                       only fields without one, and the only ones ending in '|c' with one);
 --                       '|p' -> the user's purchases within purchase_memory_ms of the latest,
---                       by time: 'ts amount_cents gross_cents' joined by ';'
+--                       by time: 'ts amount_cents gross_cents' joined by ';'.
+--                       Its time to live is a wall-clock safety net (labels and windows follow
+--                       event time): set when the caller asks ('refresh') to
+--                       max(ttl_ms, max(window, purchase memory) + 7 days), and by a decision
+--                       whose guards need longer or whose user has no record in the call
 --   <p>pe:<lane>  zset  decision_id \x1f user of each decision waiting for its elapsed event,
 --                       scored by decision ts + elapsed_ms (empty when elapsed_ms is 0)
 --   <p>pq:<lane>  zset  the same members once their elapsed event went (at once when elapsed_ms
@@ -84,9 +94,9 @@ end
 -- features section
 local token = arg()
 local features = token ~= nil and token ~= ''
-local state_epoch, ttl, partitions, first_record
+local state_epoch, ttl, record_field, refresh, partitions, first_record
 if features then
-  state_epoch, ttl = arg(), arg()
+  state_epoch, ttl, record_field, refresh = arg(), tonumber(arg()), arg(), arg()
   partitions = {}
   for k = 1, tonumber(arg()) do
     partitions[k] = { field = arg(), offset = arg() }
@@ -151,6 +161,10 @@ if features then
       return {'fenced', partition.field, owner or ''}
     end
   end
+  if type(refresh) ~= 'string' or #refresh ~= #KEYS - 3 then
+    return redis.error_reply('features: expected one refresh byte per user key; nothing was '
+      .. 'written')
+  end
 end
 
 
@@ -164,8 +178,7 @@ local function bytewise_less(a, b)
   return #a < #b
 end
 
-local function guard_key(user) return prefix .. 'g:{' .. user .. '}' end
-local function pending_key(user) return prefix .. 'p:{' .. user .. '}' end
+local function user_key(user) return prefix .. 'u:{' .. user .. '}' end
 local function sl_key(campaign) return prefix .. 'sl:' .. campaign end
 local function int(x) return string.format('%d', x) end
 
@@ -201,6 +214,9 @@ local function check_ops()
       if type(ops[j + 1]) ~= 'string' or type(ops[j + 2]) ~= 'string'
           or type(ops[j + 10]) ~= 'string' then
         return 'user, campaign and decision_id must be strings'
+      end
+      if ops[j + 10] == '' or string.find(ops[j + 10], '|', 1, true) then
+        return 'decision_id must not be empty or hold a "|"'
       end
       local ts, interval, has_offer, cost = ops[j + 3], ops[j + 4], ops[j + 5], ops[j + 6]
       local cooldown, max_per_day, budget = ops[j + 7], ops[j + 8], ops[j + 9]
@@ -249,8 +265,22 @@ if problem then
   return redis.error_reply('ledger: ' .. where .. problem .. '; nothing was written')
 end
 
+-- The time to live a user key is given (the layout above), and the user keys whose feature
+-- record this call writes (so their time to live is looked after).
+local key_ttl = math.max(ttl or 0, settling and (math.max(window, memory) + 7 * DAY_MS) or 0)
+local in_call = {}  -- user key -> its record until written, then true
+local guard_ttls = {}  -- user key in the features section -> a longer time to live its guards need
+
+-- A user key's time to live made at least `want` (never shortened).
+local function extend_ttl(key, want)
+  local left = redis.call('PTTL', key)
+  if left == -1 or left < want then redis.call('PEXPIRE', key, want) end
+end
+
 -- Every check passed: the writes. First the outbox entries whose batches Kafka committed,
--- then the feature records and watermarks, then the ledger, then this batch's entry.
+-- then the watermarks, then the ledger (a decision writes its user's feature record with its
+-- own fields), then the other feature records and the keys' times to live, then the labels
+-- and stop-loss, then this batch's entry.
 for _, id in ipairs(acked) do
   redis.call('HDEL', prefix .. 'ob', id)
   redis.call('HDEL', prefix .. 'obc', id)
@@ -259,14 +289,38 @@ if features then
   for _, partition in ipairs(partitions) do
     redis.call('HSET', KEYS[2], partition.field, partition.offset)
   end
+  -- The records are written after the ledger's ops: a user's decision writes its record in
+  -- its own HSET (no op reads the record field).
   for k = 4, #KEYS do
-    redis.call('SET', KEYS[k], ARGV[first_record + k - 4], 'PX', ttl)
+    in_call[KEYS[k]] = ARGV[first_record + k - 4]
   end
 end
 
 local outcomes = {}
 local events = {}
-local budget_keys = {}  -- the budgets spent by this call, given their TTL once after the ops
+-- The budgets this call reads or spends: each is read at most once and incremented once,
+-- after the ops (the script runs alone, so what it read stays true while it runs).
+local budgets = {}
+local function budget_of(key)
+  local budget = budgets[key]
+  if not budget then
+    budget = { added = 0, spent = false }
+    budgets[key] = budget
+  end
+  return budget
+end
+local function budget_spent(key)
+  local budget = budget_of(key)
+  if not budget.read then
+    budget.read = tonumber(redis.call('GET', key) or '0')
+  end
+  return budget.read + budget.added
+end
+local function spend(key, cost)
+  local budget = budget_of(key)
+  budget.added = budget.added + cost
+  budget.spent = true
+end
 local queued = {}  -- per lane: ts, member of each recorded decision, queued after the ops
 local queued_lanes = {}  -- the lanes of `queued`, in first-seen order
 
@@ -281,14 +335,14 @@ end
 
 -- Stop-loss sums: the user's (decisions, cents) in the epoch and arm, then the campaign's sums.
 local function user_sums(user, campaign, epoch, arm)
-  local raw = redis.call('HGET', guard_key(user), campaign .. '|s' .. epoch .. arm)
+  local raw = redis.call('HGET', user_key(user), campaign .. '|s' .. epoch .. arm)
   if not raw then return 0, 0 end
   local n, y = string.match(raw, '^(%-?%d+) (%-?%d+)$')
   return tonumber(n), tonumber(y)
 end
 
 local function set_user_sums(user, campaign, epoch, arm, n, y)
-  local gkey = guard_key(user)
+  local gkey = user_key(user)
   redis.call('HSET', gkey, campaign .. '|s' .. epoch .. arm, int(n) .. ' ' .. int(y))
   redis.call('HDEL', gkey, campaign .. '|s' .. (epoch - 3) .. 'T', campaign .. '|s' .. (epoch - 3) .. 'H')
 end
@@ -342,7 +396,7 @@ end
 
 -- Remember a purchase (after those of the same time), forgetting those older than the
 -- newest minus purchase_memory_ms, like PendingLabels._remember.
-local function remember_purchase(pkey, raw, ts, amount, gross)
+local function remember_purchase(ukey, raw, ts, amount, gross)
   local list = parse_purchases(raw)
   local at = #list + 1
   while at > 1 and list[at - 1].ts > ts do at = at - 1 end
@@ -354,66 +408,60 @@ local function remember_purchase(pkey, raw, ts, amount, gross)
       kept[#kept + 1] = int(bought.ts) .. ' ' .. int(bought.amount) .. ' ' .. int(bought.gross)
     end
   end
-  redis.call('HSET', pkey, PURCHASES, table.concat(kept, ';'))
-  -- a wall-clock safety net: memory + a day (never shortening a pending decision's)
-  local ttl, left = memory + DAY_MS, redis.call('PTTL', pkey)
-  if left == -1 or left < ttl then redis.call('PEXPIRE', pkey, ttl) end
+  redis.call('HSET', ukey, PURCHASES, table.concat(kept, ';'))
+  -- a wall-clock safety net of memory + a day (a user key in the features section has one
+  -- longer than that)
+  if not in_call[ukey] then extend_ttl(ukey, memory + DAY_MS) end
 end
 
--- ops[j] is the decision's 'D'; its record starts at records[offset].
+-- ops[j] is the decision's 'D'; its record starts at records[offset]. One HMGET reads what
+-- the decision needs of the user's key and one HSET writes what it changes (every
+-- redis.call costs more than its command's own work).
 local function decide(j, offset)
   local user, campaign, ts, interval = ops[j + 1], ops[j + 2], ops[j + 3], ops[j + 4]
   local has_offer, cost, cooldown = ops[j + 5] == 1, ops[j + 6], ops[j + 7]
   local max_per_day, budget, decision_id, arm = ops[j + 8], ops[j + 9], ops[j + 10], ops[j + 11]
-  local gkey = guard_key(user)
+  local ukey = user_key(user)
   local decided_field = campaign .. '|d'
-  -- An offer's guards read three fields of the user's guard hash: one HMGET for all three
-  -- (every redis.call costs more than its command's own work).
-  local day, count_field, guards
+  local day, count_field, stored, remembered
   if has_offer then
     day = ops[j + 12]
     if day < 0 then day = math.floor(ts / DAY_MS) end
     count_field = campaign .. '|n' .. day
-    guards = redis.call('HMGET', gkey, decided_field, campaign .. '|o', count_field)
+    stored = redis.call('HMGET', ukey, decided_field, PURCHASES, campaign .. '|o', count_field)
   else
-    guards = { redis.call('HGET', gkey, decided_field) }
+    stored = redis.call('HMGET', ukey, decided_field, PURCHASES)
   end
+  remembered = stored[2]
 
-  local last = tonumber(guards[1])
+  local last = tonumber(stored[1])
   -- anything earlier than the last decision (a late event) counts as inside the interval
   if interval > 0 and last and ts - last < interval then
     return 0
   end
-  local newer = (not last) or ts > last
+  local writes = {}
+  if (not last) or ts > last then
+    writes[1], writes[2] = decided_field, ts
+  end
 
   local outcome = 2
   if has_offer then
-    local last_offer = tonumber(guards[2])
+    local last_offer, offers_today = tonumber(stored[3]), tonumber(stored[4] or '0')
     local budget_key = prefix .. 'b:' .. campaign .. ':' .. day
     if cooldown > 0 and last_offer and ts - last_offer < cooldown then
       outcome = 3
-    elseif max_per_day >= 0 and tonumber(guards[3] or '0') >= max_per_day then
+    elseif max_per_day >= 0 and offers_today >= max_per_day then
       outcome = 4
-    elseif budget >= 0 and tonumber(redis.call('GET', budget_key) or '0') + cost > budget then
+    elseif budget >= 0 and budget_spent(budget_key) + cost > budget then
       outcome = 5
     else
       outcome = 1
       if (not last_offer) or ts > last_offer then
-        -- one HSET for both fields when both move (the last decision is this one too)
-        if newer then
-          redis.call('HSET', gkey, decided_field, ts, campaign .. '|o', ts)
-          newer = false
-        else
-          redis.call('HSET', gkey, campaign .. '|o', ts)
-        end
+        writes[#writes + 1], writes[#writes + 2] = campaign .. '|o', ts
       end
-      redis.call('HINCRBY', gkey, count_field, 1)
-      redis.call('INCRBY', budget_key, cost)
-      budget_keys[budget_key] = true
+      writes[#writes + 1], writes[#writes + 2] = count_field, int(offers_today + 1)
+      spend(budget_key, cost)
     end
-  end
-  if newer then
-    redis.call('HSET', gkey, decided_field, ts)
   end
   record_decision(user, campaign, ts, arm)
   -- 'G': recorded as proposed (as it came); 'N': the proposed offer was denied, so the
@@ -426,20 +474,29 @@ local function decide(j, offset)
   else
     record = 'N' .. string.sub(records, offset + 1, last_byte)
   end
-  redis.call('EXPIRE', gkey, math.floor((math.max(interval, cooldown, window) + 3 * DAY_MS) / 1000))
-
-  local pkey = pending_key(user)
-  redis.call('HSET', pkey, decision_id, record)
-  -- a wall-clock safety net only: labels follow event time, which may run slower (replays)
-  redis.call('EXPIRE', pkey, math.floor((math.max(window, memory) + 7 * DAY_MS) / 1000))
+  writes[#writes + 1], writes[#writes + 2] = decision_id, record
   -- a purchase remembered from before, in the window: the first converts the decision now
-  local bought = first_purchase_from(redis.call('HGET', pkey, PURCHASES), ts)
+  local bought = first_purchase_from(remembered, ts)
   if bought and bought.ts - ts <= window then
-    redis.call('HSET', pkey, decision_id .. '|c', bought.ts)
+    writes[#writes + 1], writes[#writes + 2] = decision_id .. '|c', bought.ts
     if stop_loss[campaign] and arm ~= '' then
       record_outcome(user, campaign, ts, arm, bought.amount, bought.gross)
     end
     emit('C', decision_id, user, record, bought.ts, bought.ts)
+  end
+  local unwritten = in_call[ukey]
+  if unwritten and unwritten ~= true then
+    writes[#writes + 1], writes[#writes + 2] = record_field, unwritten
+    in_call[ukey] = true
+  end
+  redis.call('HSET', ukey, unpack(writes))
+  -- The key's time to live: the guards need max(interval, cooldown, window) + 3 days, the
+  -- pending decision key_ttl; a key in the features section already has key_ttl.
+  local guard_ttl = math.max(interval, cooldown, window) + 3 * DAY_MS
+  if not in_call[ukey] then
+    extend_ttl(ukey, math.max(guard_ttl, key_ttl))
+  elseif guard_ttl > key_ttl and guard_ttl > (guard_ttls[ukey] or 0) then
+    guard_ttls[ukey] = guard_ttl  -- set with the record's, after the ops
   end
   local lane = ops[j + 14]
   local lane_queue = queued[lane]
@@ -460,20 +517,21 @@ local function decision_fields(record)
 end
 
 local function purchase(user, ts, amount, gross)
-  local pkey = pending_key(user)
-  local flat = redis.call('HGETALL', pkey)
+  local ukey = user_key(user)
+  local flat = redis.call('HGETALL', ukey)
   local stored, converted, remembered = {}, {}, nil
   for k = 1, #flat, 2 do
     local field = flat[k]
-    if field == PURCHASES then
-      remembered = flat[k + 1]
-    elseif string.sub(field, -2) == '|c' then
-      converted[string.sub(field, 1, -3)] = true
-    else
+    local bar = string.find(field, '|', 1, true)
+    if not bar then
       stored[#stored + 1] = { id = field, record = flat[k + 1] }
+    elseif field == PURCHASES then
+      remembered = flat[k + 1]
+    elseif bar > 1 and bar == #field - 1 and string.byte(field, -1) == 99 then  -- '<id>|c'
+      converted[string.sub(field, 1, -3)] = true
     end
   end
-  remember_purchase(pkey, remembered, ts, amount, gross)
+  remember_purchase(ukey, remembered, ts, amount, gross)
   -- every open decision whose window holds the purchase converts (first purchase only), in
   -- (ts, decision_id) order, like PendingLabels.on_purchase
   local hits = {}
@@ -492,12 +550,15 @@ local function purchase(user, ts, amount, gross)
     if a.ts ~= b.ts then return a.ts < b.ts end
     return bytewise_less(a.id, b.id)
   end)
+  local conversions = {}
   for _, entry in ipairs(hits) do
     if not converted[entry.id] then
-      redis.call('HSET', pkey, entry.id .. '|c', ts)
+      conversions[#conversions + 1] = entry.id .. '|c'
+      conversions[#conversions + 1] = ts
       emit('C', entry.id, user, entry.record, ts, ts)
     end
   end
+  if #conversions > 0 then redis.call('HSET', ukey, unpack(conversions)) end
 end
 
 local offset = 1
@@ -515,8 +576,27 @@ while j <= n_fields do
   end
   n = n + 1
 end
-for budget_key in pairs(budget_keys) do
-  redis.call('EXPIRE', budget_key, 3 * 86400)
+if features then
+  for k = 4, #KEYS do
+    local key = KEYS[k]
+    local unwritten = in_call[key]
+    if unwritten ~= true then
+      redis.call('HSET', key, record_field, unwritten)
+      in_call[key] = true
+    end
+    local guard_ttl = guard_ttls[key]
+    if string.byte(refresh, k - 3) == 49 then  -- '1'
+      redis.call('PEXPIRE', key, math.max(key_ttl, guard_ttl or 0))
+    elseif guard_ttl then
+      extend_ttl(key, guard_ttl)
+    end
+  end
+end
+for key, budget in pairs(budgets) do
+  if budget.spent then
+    redis.call('INCRBY', key, budget.added)
+    redis.call('EXPIRE', key, 3 * 86400)
+  end
 end
 
 local statuses = {}
@@ -569,7 +649,7 @@ if settling then
       -- An elapsed decision moves on to the closing queue, scored by the end of its window
       -- (its ts is the first field of its record); one whose window ended too closes now.
       for _, entry in ipairs(collect(prefix .. 'pe:' .. suffix, 0, clock.now)) do
-        local stored = redis.call('HMGET', pending_key(entry.user), entry.id, entry.id .. '|c')
+        local stored = redis.call('HMGET', user_key(entry.user), entry.id, entry.id .. '|c')
         entry.record, entry.converted_at = stored[1], stored[2]
         if entry.record then
           local closes_at = tonumber(string.match(entry.record, '^.%[(%-?%d+)')) + window
@@ -593,7 +673,7 @@ if settling then
   end)
   for _, entry in ipairs(due) do
     if entry.closing == 1 then
-      local pkey = pending_key(entry.user)
+      local pkey = user_key(entry.user)
       local converted_field = entry.id .. '|c'
       local stored = redis.call('HMGET', pkey, entry.id, converted_field)
       local record, converted_at = stored[1], stored[2]

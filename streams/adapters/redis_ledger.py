@@ -10,7 +10,7 @@ In the worker the call is the batch's whole Redis effect: given the feature stor
 outbox entry of the batch's outputs, atomically (``batch_commit.py``, ``outbox.py``). A call
 whose reply is lost is resolved through its outbox entry, never run twice.
 
-Users appear in Redis by their pseudonyms (``pseudonyms.py``): the guard and pending keys and
+Users appear in Redis by their pseudonyms (``pseudonyms.py``): the user keys and
 the label queues' members, so the label events the script returns name pseudonyms too
 (training examples carry no user id). A pending record (``PendingDecision.compact_json``)
 holds neither its decision id nor its user: the script returns both with each label event.
@@ -58,6 +58,7 @@ from streams.adapters.redis_store import (
     from_hash_tag,
     hash_tag,
     state_epoch_key,
+    user_key,
 )
 from streams.adapters.replica_wait import ReplicaWait
 
@@ -398,21 +399,21 @@ class RedisLedger:
         return sum(int(count) for count in counts)
 
     async def forget(self, user_id: str) -> int:
-        """Delete the user's guard state and pending decisions; returns keys removed."""
-        tag = hash_tag(self.pseudonyms.of(user_id))
-        pending_key = f"{self._prefix}p:{{{tag}}}"
-        fields = await self._client.hkeys(pending_key)
-        # Decision ids only: not their conversions (``|c``) or the purchases (``|p``).
-        decision_ids = [
-            name for name in map(_text, fields) if not name.endswith("|c") and name[:1] != "|"
-        ]
+        """Delete the user's key (guard state, pending decisions, and the feature record they
+        share it with) and the pending decisions' label-queue members; returns keys removed."""
+        pseudonym = self.pseudonyms.of(user_id)
+        tag = hash_tag(pseudonym)
+        key = user_key(self._prefix, pseudonym)
+        fields = await self._client.hkeys(key)
+        # Decision ids are the only fields without a "|" (commit_batch.lua).
+        decision_ids = [name for name in map(_text, fields) if "|" not in name]
         if decision_ids:
             members = [f"{d}\x1f{tag}" for d in decision_ids]
             for lane in await self._lanes():
                 await self._client.zrem(f"{self._prefix}pq:{lane}", *members)
                 await self._client.zrem(f"{self._prefix}pe:{lane}", *members)
         async with self._client.pipeline(transaction=True) as pipe:
-            pipe.delete(f"{self._prefix}g:{{{tag}}}", pending_key)
+            pipe.delete(key)
             # After the deletion: a worker whose next call sees the new epoch forgets the
             # decision times it remembers, the deleted ones among them.
             pipe.incr(state_epoch_key(self._prefix))

@@ -15,7 +15,13 @@ Redis stays the serving store: ``dealstream features`` and other services read t
 
 Keys (``P`` = the configured key prefix, ``V`` = the feature catalogue version):
 
-- ``P s V :{user}`` the user's record (a string; it expires ``ttl_seconds`` after its last write)
+- ``P u:{user}``    the user's hash: the record in field ``|s V``, beside the ledger's guards
+                    and pending decisions (``commit_batch.lua``), so that a batch writes one
+                    key per user. Its time to live (``ttl_seconds``) is set when the record is
+                    first written or read by this store and whenever the user's latest event
+                    moves to another day, not on every write (one call less per user and
+                    batch): the key outlives the user's last write by the longest window and
+                    a day (``TTL_MARGIN_S``)
 - ``P f:{user}``    ``dealstream forget``'s tombstone: its value is when it expires (epoch ms)
 - ``P wm``          hash of per-partition offset watermarks ``<topic>:<partition>``
 - ``P own``         hash of per-partition owner tokens ``<topic>:<partition>``
@@ -50,7 +56,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from engine.features.state import CATALOGUE_VERSION, LONGEST_WINDOW_MS, State
+from engine.features.state import CATALOGUE_VERSION, DAY_MS, LONGEST_WINDOW_MS, State
 from engine.features.store import (
     BatchOutcome,
     StateUpdate,
@@ -72,6 +78,13 @@ from streams.errors import StreamsError
 
 TTL_MARGIN_S = 24 * 3600
 """Records outlive the longest window by a day, so a quiet user's history expires on its own."""
+TTL_REFRESH_S = 24 * 3600
+"""How much older than the last write a user key's time to live may have been set: it is set
+again when the user's latest event moves to another day (event time follows the wall clock
+live, and runs faster in a replay), so the key lives this much longer than the margin asks."""
+RECORD_FIELD = f"|s{CATALOGUE_VERSION}"
+"""The record's field in a user's hash (a field the ledger's never equal: theirs start with
+a campaign name or a decision id)."""
 DEFAULT_MAX_CACHED_USERS = 200_000
 """Users whose records a worker keeps in memory (the least recently used go first)."""
 PartitionKey = tuple[str, int]
@@ -88,6 +101,34 @@ def from_hash_tag(tag: str) -> str:
     if "%" not in tag:
         return tag
     return tag.replace("%7B", "{").replace("%7D", "}").replace("%25", "%")
+
+
+_READ_RECORDS = """
+local n = #KEYS / 2
+local replies = {}
+for k = 1, n do
+  replies[k] = redis.call('HGET', KEYS[k], ARGV[1])
+end
+for k = n + 1, #KEYS do
+  replies[k] = redis.call('GET', KEYS[k])
+end
+return replies
+"""
+"""Records (``ARGV[1]`` of the user keys, the first half of ``KEYS``) and tombstones (the
+second half), read in one call."""
+
+
+def user_key(prefix: str, pseudonym: str) -> str:
+    """The key of everything Redis keeps of one user: feature record, guards and pending
+    decisions (``commit_batch.lua`` builds the same name from the same parts)."""
+    return f"{prefix}u:{{{hash_tag(pseudonym)}}}"
+
+
+def _day_moved(before: State, after: State) -> bool:
+    """Whether the user's latest event is on another day than before the batch (or either
+    has none)."""
+    old, new = before.get("lt"), after.get("lt")
+    return old is None or new is None or int(old) // DAY_MS != int(new) // DAY_MS
 
 
 def state_epoch_key(prefix: str) -> str:
@@ -139,13 +180,14 @@ class RedisFeatureStore:
         self._client = client
         self._prefix = prefix
         self._commit = BatchCommit(client, prefix=prefix, replication=replication)
+        self._read_script = client.register_script(_READ_RECORDS)
         """The store's own calls (``store_now``; every batch without ``defer_writes``), which
         wait for ``replication``'s replicas as the ledger's do."""
         self.defer_writes = defer_writes
         """True: ``apply_batch`` stages its write and the ledger's call carries it
         (``RedisLedger(features=...)``), so that features, ledger and outputs land together."""
         self._staged: FeatureWrite | None = None
-        self.ttl_seconds = LONGEST_WINDOW_MS // 1000 + TTL_MARGIN_S
+        self.ttl_seconds = LONGEST_WINDOW_MS // 1000 + TTL_MARGIN_S + TTL_REFRESH_S
         self.max_cached_users = max_cached_users
         self._clock = clock
         self._token = secrets.token_hex(8)
@@ -169,8 +211,9 @@ class RedisFeatureStore:
 
     # -- keys ---------------------------------------------------------------------------------
 
-    def record_key(self, user_id: str) -> str:
-        return f"{self._prefix}s{CATALOGUE_VERSION}:{{{hash_tag(self.pseudonyms.of(user_id))}}}"
+    def user_key(self, user_id: str) -> str:
+        """The user's hash, whose field ``RECORD_FIELD`` holds the record."""
+        return user_key(self._prefix, self.pseudonyms.of(user_id))
 
     def tombstone_key(self, user_id: str) -> str:
         return f"{self._prefix}f:{{{hash_tag(self.pseudonyms.of(user_id))}}}"
@@ -189,7 +232,7 @@ class RedisFeatureStore:
 
     def user_keys(self, user_id: str) -> list[str]:
         """Every key this store keeps for a user (for ``dealstream forget``)."""
-        return [self.record_key(user_id)]
+        return [self.user_key(user_id)]
 
     def held_users(self) -> int:
         """How many users' records this store holds in memory."""
@@ -328,7 +371,7 @@ class RedisFeatureStore:
         partitions = {(u.position.source, u.position.partition) for u in updates if u.position}
         if not partitions <= self._claimed:
             await self._claim(partitions - self._claimed)
-        await self._load_missing(updates)
+        loaded = await self._load_missing(updates)
         held = self._records
         records: dict[str, UserRecord] = {}
         for update in updates:
@@ -349,14 +392,20 @@ class RedisFeatureStore:
             return outcome, None
         blobs = [encode_record(records[user]) for user in users]
         held.update(zip(users, blobs, strict=True))
+        before = outcome.before
         return outcome, FeatureWrite(
             token=self._token,
             epoch=self._epoch,
             ttl_ms=self.ttl_seconds * 1000,
+            field=RECORD_FIELD,
             marks=[(_field(p), self._watermarks[p]) for p in sorted(partitions)],
             users=users,
-            keys=[self.record_key(user) for user in users],
+            keys=[self.user_key(user) for user in users],
             records=blobs,
+            refresh=bytes(
+                49 if user in loaded or _day_moved(before[user], records[user].state) else 48
+                for user in users
+            ),
         )
 
     async def store_now(self, updates: Sequence[StateUpdate], *, allowed_lateness_ms: int) -> int:
@@ -404,11 +453,12 @@ class RedisFeatureStore:
         """The write's call failed: nothing held can be trusted to match Redis."""
         self._drop_after_failure()
 
-    async def _load_missing(self, updates: Sequence[StateUpdate]) -> None:
+    async def _load_missing(self, updates: Sequence[StateUpdate]) -> set[str]:
         """Read the records of the batch's users this store does not hold (or holds too long),
-        and their tombstones in the same ``MGET``."""
+        and their tombstones, in one round trip; returns the users read (whose keys' time to
+        live this store has not set)."""
         records, written, forgotten = self._records, self._written, self._forgotten
-        oldest = self._clock() - (self.ttl_seconds - TTL_MARGIN_S)
+        oldest = self._clock() - (self.ttl_seconds - TTL_MARGIN_S - TTL_REFRESH_S)
         missing: list[str] = []
         wall_ms = self._wall_clock_ms() if forgotten else 0.0
         for update in updates:
@@ -424,18 +474,26 @@ class RedisFeatureStore:
             if user not in missing:
                 missing.append(user)
         if not missing:
-            return
-        keys = [self.record_key(user) for user in missing]
-        keys.extend(self.tombstone_key(user) for user in missing)
-        blobs = await self._client.mget(keys)
+            return set()
+        blobs, tombstones = await self._read(missing)
         now = self._clock()
-        count = len(missing)
-        for user, blob, tombstone in zip(missing, blobs[:count], blobs[count:], strict=True):
+        for user, blob, tombstone in zip(missing, blobs, tombstones, strict=True):
             if tombstone is not None:
                 forgotten[user] = _tombstone_until(tombstone)
             elif blob is not None:
                 records[user] = _blob(blob)
                 written[user] = now
+        return set(missing)
+
+    async def _read(
+        self, users: Sequence[str]
+    ) -> tuple[list[bytes | str | None], list[bytes | str | None]]:
+        """The users' records and tombstones as Redis has them (None: none), in one call: a
+        pipeline of one ``HGET`` per user cost the client more than the batch's own write."""
+        keys = [self.user_key(user) for user in users]
+        keys.extend(self.tombstone_key(user) for user in users)
+        replies = await self._read_script(keys=keys, args=[RECORD_FIELD])
+        return replies[: len(users)], replies[len(users) :]
 
     def _evict(self) -> None:
         forgotten = self._forgotten
@@ -461,7 +519,7 @@ class RedisFeatureStore:
         ids = list(user_ids)
         if not ids:
             return {}
-        blobs = await self._client.mget([self.record_key(user) for user in ids])
+        blobs, _ = await self._read(ids)
         return {
             user: decode_record(_blob(blob)) if blob is not None else UserRecord()
             for user, blob in zip(ids, blobs, strict=True)

@@ -13,7 +13,6 @@ import orjson
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
-from engine.features.state import CATALOGUE_VERSION
 from tests.conftest import REPO, Services
 from tests.worker_process import poll_until
 
@@ -61,12 +60,13 @@ async def test_quick_bench_drains_every_event_and_cleans_up(
     assert len(two) == 1 and two[0]["workers"] == 2 and two[0]["events"] == QUICK_EVENTS
     memory = report["memory"]
     assert memory["events"] == QUICK_EVENTS and memory["rss_kib_end"] > 0
-    # Every active user has one feature record ("s<catalogue version>:{user}"), and no key of
-    # the old layout (state "f<version>", dedup "d<version>") is left.
+    # Every active user has one key ("u:{user}": feature record, guards, pending decisions),
+    # and no key of an old layout (records "s<version>", guards "g", pending "p") is left.
     users = report["preload"]["users_active"]
     by_kind = memory["redis"]["by_kind"]
-    assert by_kind[f"s{CATALOGUE_VERSION}"]["keys"] == users
-    assert not [kind for kind in by_kind if kind[:1] in ("f", "d") and kind[1:].isdigit()]
+    assert by_kind["u"]["keys"] == users
+    assert not [kind for kind in by_kind if kind in ("g", "p") or kind[1:].isdigit()]
+    assert 0 < memory["redis"]["feature_record_bytes_per_user"] < by_kind["u"]["bytes_per_user"]
     assert one[0]["redis_cpu_us_per_event"] > 0
     assert report["one_worker"]["redis_cpu_us_per_event"] == one[0]["redis_cpu_us_per_event"]
     assert set(report["latency"]) == {"200", "1000"}

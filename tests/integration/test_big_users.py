@@ -31,7 +31,7 @@ from engine.features.catalogue import compute_features
 from engine.features.state import CATEGORY_SLOT, DAY_MS, State, parsed_field
 from streams.adapters.feature_record import decode_record
 from streams.adapters.kafka_io import ensure_topics
-from streams.adapters.redis_store import RedisFeatureStore
+from streams.adapters.redis_store import RECORD_FIELD, RedisFeatureStore
 from streams.settings import Topics
 from tests.conftest import Isolation, Services, worker_pseudonyms
 from tests.feature_reference import reference_states
@@ -83,12 +83,12 @@ class RedisRecords:
         )
 
     async def blob(self, user: str) -> bytes:
-        blob = await self.client.get(self.store.record_key(user))
+        blob = await self.client.hget(self.store.user_key(user), RECORD_FIELD)
         assert isinstance(blob, bytes), f"no record of {user} in Redis"
         return blob
 
     async def memory_usage(self, user: str) -> int:
-        return int(await self.client.memory_usage(self.store.record_key(user), samples=0))
+        return int(await self.client.memory_usage(self.store.user_key(user), samples=0))
 
     async def state(self, user: str) -> State:
         return decode_record(await self.blob(user)).state

@@ -1,4 +1,5 @@
-"""The shipped ``deploy/redis/redis.conf`` keeps a user's pending decisions in one listpack.
+"""The shipped ``deploy/redis/redis.conf`` keeps a user's hash (``u:{user}``: pending decisions,
+guards, feature record) in one listpack.
 
 A pending decision's record is a few hundred bytes; with Redis's default 64-byte limit every
 user's hash of them becomes a hash table, an allocation per field. Two private servers, one
@@ -49,7 +50,8 @@ def decisions(user: str, count: int) -> list[DecisionRequest]:
 
 
 async def pending_hash(url: str) -> tuple[str, int]:
-    """The encoding and ``MEMORY USAGE`` of one user's hash of four pending decisions."""
+    """The encoding and ``MEMORY USAGE`` of one user's hash of four pending decisions (and the
+    campaign's last decision time)."""
     client = aioredis.Redis.from_url(url)
     try:
         ledger = RedisLedger(
@@ -60,8 +62,8 @@ async def pending_hash(url: str) -> tuple[str, int]:
         )
         result = await ledger.settle(decisions("shopper-1", 4), now_ms=T0)
         assert all(outcome is not None and outcome.decided for outcome in result.outcomes)
-        [key] = [key async for key in client.scan_iter(match=f"{PREFIX}p:*")]
-        assert await client.hlen(key) == 4
+        [key] = [key async for key in client.scan_iter(match=f"{PREFIX}u:*")]
+        assert await client.hlen(key) == 4 + 1
         encoding = await client.object("encoding", key)
         usage = await client.memory_usage(key, samples=0)
         return (encoding.decode() if isinstance(encoding, bytes) else str(encoding)), int(usage)

@@ -58,7 +58,7 @@ from streams.adapters.batch_commit import BatchCommit, CommitReply, ReplyWait
 from streams.adapters.outbox import Outbox
 from streams.adapters.redis_errors import RedisBatchFailed
 from streams.adapters.redis_ledger import RedisLedger
-from streams.adapters.redis_store import RedisFeatureStore, hash_tag
+from streams.adapters.redis_store import RedisFeatureStore, hash_tag, user_key
 from streams.adapters.replica_wait import ReplicaWait
 from tests.conftest import Isolation, Services
 from tests.integration.conftest import delete_prefix, keys_under
@@ -294,7 +294,7 @@ def ledger_keys(prefix: str, days: Sequence[int]) -> list[str]:
     keys = [f"{prefix}{queue}:{lane}" for queue in ("pq", "pe") for lane in (0, 1)]
     keys.append(f"{prefix}lanes")
     keys += [f"{prefix}sl:{campaign}" for campaign in CAMPAIGNS]
-    keys += [f"{prefix}{kind}:{{{hash_tag(user)}}}" for user in USERS for kind in ("g", "p")]
+    keys += [user_key(prefix, user) for user in USERS]
     keys += [f"{prefix}b:{campaign}:{day}" for campaign in CAMPAIGNS for day in days]
     return keys
 
@@ -785,12 +785,12 @@ async def test_forget_removes_guard_and_pending_keys_and_queue_members(
         assert await ledger.pending_count() == 12
         gone_tag, kept_tag = hash_tag(gone), hash_tag(kept)
         before = await keys_under(client, prefix)
-        assert {f"{prefix}g:{{{gone_tag}}}", f"{prefix}p:{{{gone_tag}}}"} <= before
+        assert f"{prefix}u:{{{gone_tag}}}" in before
 
-        assert await ledger.forget(gone) == 2
+        assert await ledger.forget(gone) == 1
 
         after = await keys_under(client, prefix)
-        assert before - after == {f"{prefix}g:{{{gone_tag}}}", f"{prefix}p:{{{gone_tag}}}"}
+        assert before - after == {f"{prefix}u:{{{gone_tag}}}"}
         raw_members = await client.zrange(f"{prefix}pq:0", 0, -1)
         members = [m.decode() if isinstance(m, bytes) else str(m) for m in raw_members]
         assert len(members) == 6

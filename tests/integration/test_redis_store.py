@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
 from hypothesis import HealthCheck, given, settings
 from hypothesis import event as label
 from hypothesis import strategies as st
@@ -50,7 +51,7 @@ from engine.features.store import (
 )
 from streams.adapters.batch_commit import PartitionFenced
 from streams.adapters.pseudonyms import Pseudonyms
-from streams.adapters.redis_store import RedisFeatureStore, hash_tag
+from streams.adapters.redis_store import RECORD_FIELD, RedisFeatureStore, hash_tag
 from tests.conftest import Isolation, Services
 from tests.integration.conftest import RedisEnv, delete_prefix, keys_under
 
@@ -62,7 +63,7 @@ KINDS = ("view", "cart", "favorite", "search", "purchase")
 CATEGORIES = (None, "home", "books", "books:used", "jouets é", "7")
 """Categories become parts of field names: include a colon, non-ASCII and a digit-only one."""
 BUCKET_FIELD = re.compile(r"^.[mhd]\d+$")
-EXPECTED_TTL_S = 31 * 24 * 3600
+EXPECTED_TTL_S = 32 * 24 * 3600
 """``LONGEST_WINDOW_MS`` (30 days) plus a day of margin."""
 
 APPLIED = UpdateStatus.APPLIED
@@ -395,7 +396,7 @@ async def test_watermarks_report_last_offset_and_a_resent_batch_changes_nothing(
     users = ["u1", "u2", "u3"]
     states = await store.read_states(users)
     seen = {u: r.seen for u, r in (await store.read_records(users)).items()}
-    ttls = {u: await client.pttl(store.record_key(u)) for u in users}
+    ttls = {u: await client.pttl(store.user_key(u)) for u in users}
     again = await store.apply_batch(batch, allowed_lateness_ms=HOUR_MS)
     assert again.statuses == [REDELIVERED] * 6
     assert again.before == states
@@ -403,7 +404,7 @@ async def test_watermarks_report_last_offset_and_a_resent_batch_changes_nothing(
     assert {u: r.seen for u, r in (await store.read_records(users)).items()} == seen
     assert await store.watermarks() == marks
     # Nothing was touched, so nothing was re-expired either.
-    assert all([await client.pttl(store.record_key(u)) <= ttls[u] for u in users])
+    assert all([await client.pttl(store.user_key(u)) <= ttls[u] for u in users])
 
     # A replay that overlaps the watermark: the old part is skipped, the new part applied.
     overlap = [batch[5], to_update(make_event("view", "g", "u1", T0 + 6000))]
@@ -508,7 +509,7 @@ async def test_offers_recorded_by_the_engine_are_never_late_and_apply_alike(
 # -- 4. keys, TTL and trimming ------------------------------------------------------------------
 
 
-async def test_keys_carry_version_and_hash_tag_expire_in_31_days_and_old_buckets_are_trimmed(
+async def test_keys_carry_version_and_hash_tag_expire_in_32_days_and_old_buckets_are_trimmed(
     redis_env: RedisEnv,
 ) -> None:
     store, client, prefix = redis_env.store, redis_env.client, redis_env.prefix
@@ -526,28 +527,40 @@ async def test_keys_carry_version_and_hash_tag_expire_in_31_days_and_old_buckets
         allowed_lateness_ms=lateness,
     )
 
-    record_key = f"{prefix}s{CATALOGUE_VERSION}:{{u1}}"
-    assert store.record_key("u1") == record_key and store.user_keys("u1") == [record_key]
+    user_key = f"{prefix}u:{{u1}}"
+    assert store.user_key("u1") == user_key and store.user_keys("u1") == [user_key]
     assert await keys_under(client, prefix) == {
-        record_key,
+        user_key,
         f"{prefix}wm",
         f"{prefix}own",
     }
-    assert await client.type(record_key) == b"string"
-    assert key_slot(record_key.encode()) == key_slot(b"u1")
+    assert await client.type(user_key) == b"hash"
+    assert await client.hkeys(user_key) == [f"|s{CATALOGUE_VERSION}".encode()]
+    assert key_slot(user_key.encode()) == key_slot(b"u1")
 
-    assert store.ttl_seconds == EXPECTED_TTL_S == LONGEST_WINDOW_MS // 1000 + 24 * 3600
-    assert EXPECTED_TTL_S - 5 <= await client.ttl(record_key) <= EXPECTED_TTL_S
+    # The longest window, a day of margin and a day between refreshes.
+    assert store.ttl_seconds == EXPECTED_TTL_S == LONGEST_WINDOW_MS // 1000 + 2 * 24 * 3600
+    assert EXPECTED_TTL_S - 5 <= await client.ttl(user_key) <= EXPECTED_TTL_S
     assert await client.ttl(f"{prefix}wm") == -1  # watermarks outlive any user
 
     async def stored() -> UserRecord:
         return (await store.read_records(["u1"]))["u1"]
 
-    # Every applied batch refreshes the TTL.
-    await client.expire(record_key, 100)
+    # A write on the same day as the user's latest event leaves the time to live alone ...
+    await client.expire(user_key, 1000)
+    same_day = make_event("view", "e3b", "u1", T0 + 61 * MINUTE_MS)
+    assert same_day.ts // DAY_MS == first[-1].ts // DAY_MS
+    await store.apply_batch([to_update(same_day)], allowed_lateness_ms=lateness)
+    assert 990 <= await client.ttl(user_key) <= 1000
+    # ... a store that reads the record from Redis sets it ...
+    fresh = RedisFeatureStore(client, prefix=prefix)
+    again = make_event("view", "e3c", "u1", T0 + 62 * MINUTE_MS)
+    await fresh.apply_batch([to_update(again)], allowed_lateness_ms=lateness)
+    assert EXPECTED_TTL_S - 5 <= await client.ttl(user_key) <= EXPECTED_TTL_S
+    # ... and so does the first write on a later day (below).
+    store = fresh
     later = make_event("view", "e4", "u1", T0 + 121 * MINUTE_MS)
     await store.apply_batch([to_update(later)], allowed_lateness_ms=lateness)
-    assert EXPECTED_TTL_S - 5 <= await client.ttl(record_key) <= EXPECTED_TTL_S
 
     # latest minute = T0 + 121: buckets at or before minute 1 are 120 minutes old, gone.
     fields = set((await stored()).state)
@@ -562,7 +575,9 @@ async def test_keys_carry_version_and_hash_tag_expire_in_31_days_and_old_buckets
 
     # A month and two days later: every old bucket of every grain is gone.
     far = make_event("cart", "e5", "u1", T0 + 32 * DAY_MS)
+    await client.expire(user_key, 1000)
     await store.apply_batch([to_update(far)], allowed_lateness_ms=lateness)
+    assert EXPECTED_TTL_S - 5 <= await client.ttl(user_key) <= EXPECTED_TTL_S
     fields = set((await stored()).state)
     far_buckets = {
         f"cm{far.ts // MINUTE_MS}",
@@ -575,7 +590,7 @@ async def test_keys_carry_version_and_hash_tag_expire_in_31_days_and_old_buckets
     assert not [f for f in fields if str(T0 // DAY_MS) in f]
     assert {"nv", "ns", "np", "nc", "lv", "ls", "lp", "lc", "lt", "fs"} <= fields
     state = (await store.read_states(["u1"]))["u1"]
-    assert state == reference_state([*first, later, far])
+    assert state == reference_state([*first, same_day, again, later, far])
     assert (await stored()).seen == {seen_key("e5"): far.ts}
 
 
@@ -596,11 +611,11 @@ async def test_a_users_record_key_is_tagged_with_the_whole_user_id(
     await store.apply_batch(
         [to_update(make_event("view", "e1", user_id, T0))], allowed_lateness_ms=MINUTE_MS
     )
-    assert await keys_under(client, prefix) == {store.record_key(user_id)}
+    assert await keys_under(client, prefix) == {store.user_key(user_id)}
     # The hash tag is the whole (escaped) user id, never empty or cut short at a brace.
     tag = hash_tag(user_id)
     assert "{" not in tag and "}" not in tag
-    assert key_slot(store.record_key(user_id).encode()) == key_slot(tag.encode())
+    assert key_slot(store.user_key(user_id).encode()) == key_slot(tag.encode())
 
 
 # -- 5. forget ----------------------------------------------------------------------------------
@@ -628,7 +643,7 @@ async def test_forget_removes_every_key_of_the_user_and_nothing_else(redis_env: 
     assert await keys_under(client, prefix) == keys - set(store.user_keys("u1")) | {f"{prefix}se"}
     assert await store.read_states(users) == {**states, "u1": {}}
     assert {u: r.seen for u, r in (await store.read_records(["u10", "u2"])).items()} == others
-    assert all([await client.ttl(store.record_key(u)) > 0 for u in ("u10", "u2")])
+    assert all([await client.ttl(store.user_key(u)) > 0 for u in ("u10", "u2")])
     assert await store.watermarks() == {("t", 0): len(updates) - 1}
     assert await store.forget("u1") == 0
     assert await store.forget("nobody") == 0
@@ -663,7 +678,9 @@ async def test_one_script_call_per_batch(services: Services, redis_env: RedisEnv
                 offset += 1
             return updates
 
-        await store.apply_batch(batch(3), allowed_lateness_ms=HOUR_MS)  # loads the script
+        # Loads the scripts and every user (a user the store does not hold is read first, by
+        # a script call of its own): from then on a batch is one call.
+        await store.apply_batch(batch(37), allowed_lateness_ms=HOUR_MS)
         for size in (1, 50, 500):
             # Other clients share this Redis and may run scripts too: retry until a clean
             # measurement; our own batch can never count for less than one call.
@@ -686,8 +703,9 @@ async def test_one_script_call_per_batch(services: Services, redis_env: RedisEnv
 
 
 class CountingReads:
-    """A Redis client that remembers the keys read with ``MGET`` (the store's only read of
-    records): which users a store held shows in which it had to read."""
+    """A Redis client that remembers the user keys whose record the store read (its read
+    script, the store's only read of records): which users a store held shows in which it
+    had to read."""
 
     def __init__(self, client: aioredis.Redis) -> None:
         self._client = client
@@ -696,9 +714,17 @@ class CountingReads:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
 
-    async def mget(self, keys: list[str]) -> list[bytes | None]:
-        self.read_keys.extend(keys)
-        return await self._client.mget(keys)
+    def register_script(self, script: str) -> AsyncScript:
+        registered = AsyncScript(self, script)
+        if "HGET" in script:
+            self._read_sha = registered.sha
+        return registered
+
+    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
+        if sha == self._read_sha:
+            users = numkeys // 2  # user keys, then as many tombstone keys
+            self.read_keys.extend(str(key) for key in keys_and_args[:users])
+        return await self._client.evalsha(sha, numkeys, *keys_and_args)
 
 
 async def test_a_full_store_drops_the_least_recently_written_and_reads_them_again(
@@ -733,7 +759,7 @@ async def test_a_full_store_drops_the_least_recently_written_and_reads_them_agai
     await store.apply_batch(views(recent), allowed_lateness_ms=HOUR_MS)
     assert reads.read_keys == []  # every recently written user is held
     await store.apply_batch(views(old[5:]), allowed_lateness_ms=HOUR_MS)
-    record_keys = {store.record_key(user): user for user in [*old, "n0"]}
+    record_keys = {store.user_key(user): user for user in [*old, "n0"]}
     dropped = [record_keys[key] for key in reads.read_keys if key in record_keys]
     assert len(dropped) == 2 and set(dropped) <= set(old[5:])  # two of those written first
     states = await store.read_states([*old, "n0"])
@@ -753,7 +779,7 @@ async def test_the_store_holds_each_record_as_the_bytes_redis_has(redis_env: Red
     reference = InMemoryFeatureStore()
     events = [parse_event(raw) for raw in open_loop(users=40, events=1_200, seed=23)]
     users = sorted({event.user_id for event in events})
-    keys = [store.record_key(user) for user in users]
+    keys = [store.user_key(user) for user in users]
     for start in range(0, len(events), 300):
         updates = [
             to_update(event, Position("events.browse", 0, start + i))
@@ -764,7 +790,7 @@ async def test_the_store_holds_each_record_as_the_bytes_redis_has(redis_env: Red
         assert outcome.statuses == expected.statuses
         async with redis_env.client.pipeline(transaction=False) as pipe:
             for key in keys:
-                pipe.strlen(key)
+                pipe.hstrlen(key, RECORD_FIELD)
             stored = sum(await pipe.execute())
         assert store.held_record_bytes() == stored > 0
     # each record was read once, when its user first came: after that the held bytes served
@@ -801,12 +827,15 @@ async def test_memory_per_active_user(redis_env: RedisEnv) -> None:
     users = sorted({event.user_id for event in events})
     async with client.pipeline(transaction=False) as pipe:
         for user in users:
-            pipe.memory_usage(store.record_key(user), samples=0)
+            pipe.memory_usage(store.user_key(user), samples=0)
         record_bytes = sum(await pipe.execute())
     records = await store.read_records(users)
     fields = sum(len(r.state) for r in records.values())
     ids = sum(len(r.seen) for r in records.values())
-    sizes = [len(blob) for blob in await client.mget([store.record_key(u) for u in users])]
+    async with client.pipeline(transaction=False) as pipe:
+        for user in users:
+            pipe.hstrlen(store.user_key(user), RECORD_FIELD)
+        sizes = await pipe.execute()
 
     n = len(users)
     print(
@@ -1016,7 +1045,7 @@ async def test_a_tombstone_stops_a_held_user_being_rebuilt_until_it_expires(
     ]
     outcome = await worker.apply_batch(later, allowed_lateness_ms=HOUR_MS)
     assert outcome.statuses == [UpdateStatus.FORGOTTEN, APPLIED]
-    assert await client.exists(worker.record_key("u1")) == 0
+    assert await client.exists(worker.user_key("u1")) == 0
     assert await worker.watermarks() == {("events.browse", 0): 3}
     # Held as forgotten: a later batch needs no read to skip u1 again.
     again = [to_update(make_event("view", "e4", "u1", T0 + 4), Position("events.browse", 0, 4))]
