@@ -101,14 +101,30 @@ def _key_kind(key: bytes, prefix: str) -> str:
     return key.decode(errors="replace")[len(prefix) :].split(":", 1)[0] or "?"
 
 
+async def _usage_without_record(
+    client: aioredis.Redis, prefix: str, keys: list[bytes]
+) -> list[int]:
+    """``MEMORY USAGE`` of each user key without its feature record: a copy of the key with
+    the record's field deleted (0 when the record was all it held)."""
+    scratch = f"{prefix}bench-scratch"
+    async with client.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.copy(key, scratch, replace=True)
+            pipe.hdel(scratch, RECORD_FIELD)
+            pipe.memory_usage(scratch, samples=0)
+            pipe.delete(scratch)
+        replies = await pipe.execute()
+    return [int(usage or 0) for usage in replies[2::4]]
+
+
 async def redis_bytes(client: aioredis.Redis, prefix: str, users: int) -> dict[str, Any]:
     """Bytes per active user under ``prefix``, by key kind (the name after the prefix up to its
     first colon: ``u`` the user keys, ``pq`` and ``pe`` the label queues, ``b`` budgets, ...):
     ``MEMORY USAGE`` of every key of a kind, or of a random sample of ``MEMORY_SAMPLE_KEYS``
     scaled to the kind's key count. Every kind is measured: a kind of a few large keys (the
     label queues) counts as much as its bytes. ``feature_record_bytes_per_user``: the feature
-    record's share of the user keys (its field's name and value, ``HSTRLEN``, over the same
-    sample), the issue's "feature state + dedup"."""
+    record's share of the user keys (``MEMORY USAGE`` of each sampled key minus that of a copy
+    without the record's field), the issue's "feature state + dedup"."""
     keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=5000)]
     by_kind_keys: dict[str, list[bytes]] = {}
     for key in keys:
@@ -129,13 +145,9 @@ async def redis_bytes(client: aioredis.Redis, prefix: str, users: int) -> dict[s
             "bytes_per_user": round(average * len(kind_keys) / max(users, 1), 1),
         }
         if kind == "u":
-            async with client.pipeline(transaction=False) as pipe:
-                for key in sample:
-                    pipe.hstrlen(key, RECORD_FIELD)
-                lengths = [int(length or 0) for length in await pipe.execute()]
-            field = len(RECORD_FIELD)
-            average = sum(length + field * (length > 0) for length in lengths) / len(lengths)
-            record_bytes = average * len(kind_keys) / max(users, 1)
+            without = await _usage_without_record(client, prefix, sample)
+            record_bytes = (sum(usages) - sum(without)) / len(sample) * len(kind_keys)
+            record_bytes /= max(users, 1)
     total = sum(k["bytes_per_user"] for k in by_kind.values())
     return {
         "keys": len(keys),
