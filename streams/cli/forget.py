@@ -24,18 +24,18 @@ def add_parser(subparsers: Subparsers) -> None:
 class Forgotten:
     """What ``forget`` removed, and until when the tombstone holds (epoch ms)."""
 
-    feature_keys: int
-    ledger_keys: int
+    keys: int
+    """Keys deleted: the user's hash (feature record, guards and pending decisions), under the
+    pseudonym and under the raw id."""
     tombstone_until_ms: int | None
 
 
 def run_forget_command(settings: Settings, args: argparse.Namespace) -> int:
     done = asyncio.run(forget_user(settings, args.user_id))
-    removed = done.feature_keys + done.ledger_keys
     print(
-        f"forget: removed {removed} key(s) for the user ({done.feature_keys} feature keys, "
-        f"{done.ledger_keys} ledger keys); tombstone for {settings.forget_ttl_s:g} s: the user's "
-        "later events are skipped (counted as forgotten) until it expires"
+        f"forget: removed {done.keys} key(s) for the user (feature record, guards and pending "
+        f"decisions share one); tombstone for {settings.forget_ttl_s:g} s: the user's later "
+        "events are skipped (counted as forgotten) until it expires"
     )
     return 0
 
@@ -56,20 +56,22 @@ async def forget_user(settings: Settings, user_id: str) -> Forgotten:
     try:
         await check_redis(client, settings.redis_url.reveal())
         config = settings.engine_config().ledger_config(())
-        feature_keys = ledger_keys = 0
+        keys = 0
         if pseudonyms.keyed:
             # Keys a worker wrote under the raw id (before pseudonyms were turned on).
             raw_store = RedisFeatureStore(client, prefix=settings.redis_prefix)
             raw_ledger = RedisLedger(client, prefix=settings.redis_prefix, config=config)
-            feature_keys += await raw_store.forget(user_id)
-            ledger_keys += await raw_ledger.forget(user_id)
+            keys += await raw_ledger.forget(user_id)
+            keys += await raw_store.forget(user_id)
+        # The ledger first: it removes the label-queue members of the pending decisions the
+        # user's hash names, then the hash.
         ledger = RedisLedger(
             client, prefix=settings.redis_prefix, config=config, pseudonyms=pseudonyms
         )
-        ledger_keys += await ledger.forget(user_id)
+        keys += await ledger.forget(user_id)
         # The tombstone last: written with the epoch bump that makes every worker read again.
         store = RedisFeatureStore(client, prefix=settings.redis_prefix, pseudonyms=pseudonyms)
-        feature_keys += await store.forget(user_id, tombstone_ttl_s=settings.forget_ttl_s)
-        return Forgotten(feature_keys, ledger_keys, await store.forgotten_until(user_id))
+        keys += await store.forget(user_id, tombstone_ttl_s=settings.forget_ttl_s)
+        return Forgotten(keys, await store.forgotten_until(user_id))
     finally:
         await client.aclose()

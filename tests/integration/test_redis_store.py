@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from redis.commands.core import AsyncScript
 from hypothesis import HealthCheck, given, settings
 from hypothesis import event as label
 from hypothesis import strategies as st
+from redis.commands.core import AsyncScript
 from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
