@@ -50,6 +50,7 @@ users' keys stays on one node. docs/cluster.md.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import heapq
 import secrets
@@ -103,19 +104,14 @@ def from_hash_tag(tag: str) -> str:
     return tag.replace("%7B", "{").replace("%7D", "}").replace("%25", "%")
 
 
-_READ_RECORDS = """
-local n = #KEYS / 2
+_READ_RECORDS = """#!lua flags=no-writes
 local replies = {}
-for k = 1, n do
+for k = 1, #KEYS do
   replies[k] = redis.call('HGET', KEYS[k], ARGV[1])
-end
-for k = n + 1, #KEYS do
-  replies[k] = redis.call('GET', KEYS[k])
 end
 return replies
 """
-"""Records (``ARGV[1]`` of the user keys, the first half of ``KEYS``) and tombstones (the
-second half), read in one call."""
+"""Field ``ARGV[1]`` (the record) of each user key, in one call."""
 
 
 def user_key(prefix: str, pseudonym: str) -> str:
@@ -488,12 +484,16 @@ class RedisFeatureStore:
     async def _read(
         self, users: Sequence[str]
     ) -> tuple[list[bytes | str | None], list[bytes | str | None]]:
-        """The users' records and tombstones as Redis has them (None: none), in one call: a
-        pipeline of one ``HGET`` per user cost the client more than the batch's own write."""
-        keys = [self.user_key(user) for user in users]
-        keys.extend(self.tombstone_key(user) for user in users)
-        replies = await self._read_script(keys=keys, args=[RECORD_FIELD])
-        return replies[: len(users)], replies[len(users) :]
+        """The users' records and tombstones as Redis has them (None: none): the records by
+        one script call (a pipeline of one ``HGET`` per user cost the client more than the
+        batch's own write), the tombstones by an ``MGET`` sent meanwhile (a script's keys must
+        be writable by its ACL user, and a worker may only read tombstones)."""
+        records = self._read_script(
+            keys=[self.user_key(user) for user in users], args=[RECORD_FIELD]
+        )
+        tombstones = self._client.mget([self.tombstone_key(user) for user in users])
+        blobs, marks = await asyncio.gather(records, tombstones)
+        return list(blobs), list(marks)
 
     def _evict(self) -> None:
         forgotten = self._forgotten
@@ -519,7 +519,11 @@ class RedisFeatureStore:
         ids = list(user_ids)
         if not ids:
             return {}
-        blobs, _ = await self._read(ids)
+        # One HGET per user: tools may read with an ACL user that runs no scripts.
+        async with self._client.pipeline(transaction=False) as pipe:
+            for user in ids:
+                pipe.hget(self.user_key(user), RECORD_FIELD)
+            blobs = await pipe.execute()
         return {
             user: decode_record(_blob(blob)) if blob is not None else UserRecord()
             for user, blob in zip(ids, blobs, strict=True)
@@ -538,8 +542,10 @@ class RedisFeatureStore:
         return marks
 
     async def forget(self, user_id: str, *, tombstone_ttl_s: float | None = None) -> int:
-        """Delete the user's record and, with ``tombstone_ttl_s``, write a tombstone that stops
-        it being rebuilt for that long; every store drops what it holds before its next write."""
+        """Delete the user's hash (the record, and the ledger's guards and pending decisions
+        beside it: ``RedisLedger.forget`` first removes their label-queue members) and, with
+        ``tombstone_ttl_s``, write a tombstone that stops the record being rebuilt for that
+        long; every store drops what it holds before its next write."""
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.delete(*self.user_keys(user_id))
             if tombstone_ttl_s is not None:
