@@ -38,9 +38,10 @@ store drops what it holds, reads it again and the batch runs again.
 
 ``user`` is the user's pseudonym (``pseudonyms.py``; the raw id under
 ``DEALSTREAM_PSEUDONYMS=off``): the store holds raw ids in memory only. A tombstone stops a
-forgotten user's profile being rebuilt while it lives: the store reads it with the user's
-record (one ``MGET``, only for users it does not hold; ``forget`` bumps the epoch, so every
-store reads its users again) and the user's events count as ``FORGOTTEN``.
+forgotten user's profile being rebuilt while it lives: the store reads it when it reads the
+user's record (an ``MGET`` beside the record script's call, only for users it does not hold;
+``forget`` bumps the epoch, so every store reads its users again) and the user's events count
+as ``FORGOTTEN``.
 
 In a Redis Cluster every key carries the prefix's hash tag (``DEALSTREAM_REDIS_PREFIX`` must
 have one: ``redis_cluster_tag``), which wins over the ``{user}`` tag after it (Redis hashes the
