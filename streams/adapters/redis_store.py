@@ -177,9 +177,9 @@ class RedisFeatureStore:
         self._client = client
         self._prefix = prefix
         self._commit = BatchCommit(client, prefix=prefix, replication=replication)
-        self._read_script = client.register_script(_READ_RECORDS)
         """The store's own calls (``store_now``; every batch without ``defer_writes``), which
         wait for ``replication``'s replicas as the ledger's do."""
+        self._read_script = client.register_script(_READ_RECORDS)
         self.defer_writes = defer_writes
         """True: ``apply_batch`` stages its write and the ledger's call carries it
         (``RedisLedger(features=...)``), so that features, ledger and outputs land together."""
@@ -452,8 +452,8 @@ class RedisFeatureStore:
 
     async def _load_missing(self, updates: Sequence[StateUpdate]) -> set[str]:
         """Read the records of the batch's users this store does not hold (or holds too long),
-        and their tombstones, in one round trip; returns the users read (whose keys' time to
-        live this store has not set)."""
+        and their tombstones (two calls sent together); returns the users read (whose keys'
+        time to live this store has not set)."""
         records, written, forgotten = self._records, self._written, self._forgotten
         oldest = self._clock() - (self.ttl_seconds - TTL_MARGIN_S - TTL_REFRESH_S)
         missing: list[str] = []
