@@ -53,7 +53,7 @@
 -- Keys built from the prefix (this script touches many users' keys per call: on a Redis
 -- Cluster the prefix carries the one hash tag of them all, docs/cluster.md):
 -- (`user` is what the caller passes: the user's pseudonym, streams/adapters/pseudonyms.py)
---   <p>u:{user}   hash  everything of one user, so that a decision reads and writes one key:
+--   <p>u:{user}   hash  everything of one user, so that a decision reads and writes one key of its user:
 --                       the feature record (field as given, '|s1'); the guards:
 --                       <campaign>|d last decision ts, <campaign>|o last offer ts,
 --                       <campaign>|n<day> offers that day,

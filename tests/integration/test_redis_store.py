@@ -51,7 +51,12 @@ from engine.features.store import (
 )
 from streams.adapters.batch_commit import PartitionFenced
 from streams.adapters.pseudonyms import Pseudonyms
-from streams.adapters.redis_store import RECORD_FIELD, RedisFeatureStore, hash_tag
+from streams.adapters.redis_store import (
+    _READ_RECORDS,
+    RECORD_FIELD,
+    RedisFeatureStore,
+    hash_tag,
+)
 from tests.conftest import Isolation, Services
 from tests.integration.conftest import RedisEnv, delete_prefix, keys_under
 
@@ -713,15 +718,13 @@ class CountingReads:
     def __init__(self, client: aioredis.Redis) -> None:
         self._client = client
         self.read_keys: list[str] = []
+        self._read_sha = AsyncScript(client, _READ_RECORDS).sha
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._client, name)
 
     def register_script(self, script: str) -> AsyncScript:
-        registered = AsyncScript(self, script)
-        if "HGET" in script:
-            self._read_sha = registered.sha
-        return registered
+        return AsyncScript(self, script)
 
     async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
         if sha == self._read_sha:
