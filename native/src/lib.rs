@@ -358,7 +358,7 @@ impl RecordCodec {
     }
 
     /// The record of `state` (field name -> value, in order) and `seen` (digest -> event
-    /// time), as bytes. Raises TypeError for a value that is not a number.
+    /// time in whole seconds), as bytes. Raises TypeError for a value that is not a number.
     fn encode<'py>(
         &self,
         py: Python<'py>,
@@ -443,7 +443,7 @@ impl RecordCodec {
         }
         drop(memos);
 
-        let mut out: Vec<u8> = Vec::with_capacity(body.len() + 16 + 9 * seen.len());
+        let mut out: Vec<u8> = Vec::with_capacity(body.len() + 16 + 7 * seen.len());
         out.push(tags.format);
         varint(&mut out, lt as u128);
         varint(&mut out, categories.len() as u128);
@@ -454,30 +454,38 @@ impl RecordCodec {
         varint(&mut out, state.len() as u128);
         out.extend_from_slice(&body);
 
-        let count = seen.len();
-        if count == 0 {
-            out.push(0);
-            return Ok(PyBytes::new(py, &out));
-        }
-        let mut ages: Vec<i128> = Vec::with_capacity(count);
-        let mut packed = true;
-        let mut digests: Vec<u8> = Vec::with_capacity(count * self.seen_key_bytes);
-        for (digest, ts) in seen.iter() {
-            digests.extend_from_slice(digest.cast::<PyBytes>()?.as_bytes());
-            let age = lt as i128 - ts.extract::<i64>()? as i128;
-            packed &= (0..(1i128 << 32)).contains(&age);
-            ages.push(age);
-        }
-        varint(&mut out, ((count as u128) << 1) | packed as u128);
-        out.extend_from_slice(&digests);
-        if packed {
-            for age in ages {
-                out.extend_from_slice(&(age as u32).to_be_bytes());
+        // The dedup set, newest first (ties by digest, so that equal sets give equal bytes):
+        // the digests, then each time as seconds before the previous one, the first relative
+        // to lt's second. Times within the allowed lateness are a few seconds apart, one byte.
+        let mut entries: Vec<(i64, Bound<'py, PyBytes>)> = Vec::with_capacity(seen.len());
+        for (digest, seconds) in seen.iter() {
+            let digest = digest.cast_into::<PyBytes>()?;
+            if digest.as_bytes().len() != self.seen_key_bytes {
+                return Err(PyValueError::new_err(format!(
+                    "an event id digest has {} bytes, not {}",
+                    digest.as_bytes().len(),
+                    self.seen_key_bytes
+                )));
             }
-        } else {
-            for age in ages {
-                zvarint(&mut out, age);
+            entries.push((seconds.extract::<i64>()?, digest));
+        }
+        entries.sort_unstable_by(|a, b| {
+            b.0.cmp(&a.0)
+                .then_with(|| a.1.as_bytes().cmp(b.1.as_bytes()))
+        });
+        varint(&mut out, entries.len() as u128);
+        for (_, digest) in &entries {
+            out.extend_from_slice(digest.as_bytes());
+        }
+        let mut previous = (lt / 1000) as i128;
+        for (k, (seconds, _)) in entries.iter().enumerate() {
+            let seconds = *seconds as i128;
+            if k == 0 {
+                zvarint(&mut out, previous - seconds);
+            } else {
+                varint(&mut out, (previous - seconds) as u128);
             }
+            previous = seconds;
         }
         Ok(PyBytes::new(py, &out))
     }
@@ -583,8 +591,8 @@ impl RecordCodec {
         }
         drop(memos);
 
-        let header = data.varint()?;
-        let count = (header >> 1) as usize;
+        let count =
+            usize::try_from(data.varint()?).map_err(|_| corrupt("OverflowError", data.pos))?;
         let digests_at = data.pos;
         let digests = data.bytes(
             count
@@ -592,24 +600,18 @@ impl RecordCodec {
                 .ok_or_else(|| corrupt("IndexError", digests_at))?,
         )?;
         let seen = presized_dict(py, count.min(1 << 16))?;
-        let mut oldest: Option<i128> = None;
+        let mut seconds = (lt / 1000) as i128;
         for (k, digest) in digests.chunks_exact(self.seen_key_bytes.max(1)).enumerate() {
-            let age: i128 = if header & 1 == 1 {
-                let at = digests_at + digests.len() + 4 * k;
-                let raw = blob
-                    .get(at..at + 4)
-                    .ok_or_else(|| corrupt("error", blob.len()))?;
-                u32::from_be_bytes(raw.try_into().expect("4 bytes")) as i128
-            } else {
+            seconds -= if k == 0 {
                 data.zvarint()?
+            } else {
+                i128::try_from(data.varint()?).map_err(|_| corrupt("OverflowError", data.pos))?
             };
-            let ts = lt as i128 - age;
-            oldest = Some(oldest.map_or(ts, |o| o.min(ts)));
-            seen.set_item(PyBytes::new(py, digest), ts)?;
+            let value = i64::try_from(seconds).map_err(|_| corrupt("OverflowError", data.pos))?;
+            seen.set_item(PyBytes::new(py, digest), value)?;
         }
-        if header & 1 == 1 {
-            data.bytes(4 * count)?;
-        }
+        // Newest first: the last is the oldest.
+        let oldest = if count > 0 { Some(seconds) } else { None };
         if seen.len() != count {
             return Err(PyValueError::new_err(
                 "feature record repeats an event id digest",

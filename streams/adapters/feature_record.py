@@ -12,8 +12,9 @@ Layout (varint: unsigned LEB128; zvarint: zig-zag varint)::
     lt        varint; 0 when the state has no positive integral ``lt``
     cats      varint n, then n x (varint length, UTF-8): the category names the fields use
     fields    varint n, then n x (tag byte, payload)
-    seen      varint 2n + packed, n digests of SEEN_KEY_BYTES, then each age ``lt - ts``: as
-              n big-endian uint32 when ``packed`` (every age fits), else n zvarints
+    seen      varint n, n digests of SEEN_KEY_BYTES newest first (ties by digest), then their
+              times in seconds (``UserRecord.seen``): the first as a zvarint ``lt // 1000 -
+              seconds``, each other as a varint, the seconds since the one before it
 
 Field tags and payloads (``ref``: the bucket index of ``lt`` in the field's grain):
 
@@ -48,7 +49,7 @@ from engine.features.state import (
 from engine.features.store import SEEN_KEY_BYTES, UserRecord
 from streams.errors import StreamsError
 
-FORMAT = 1
+FORMAT = 2
 _GRAINS = ("m", "h", "d")
 _CODES = ("v", "c", "f", "s", "p", "$", "r", "o", "w")
 _BUCKET_TAG: dict[tuple[str, int], int] = {

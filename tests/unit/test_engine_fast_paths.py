@@ -28,7 +28,7 @@ from engine.features.state import (
     expired_fields,
     trim,
 )
-from engine.features.store import InMemoryFeatureStore, StateUpdate, seen_key
+from engine.features.store import InMemoryFeatureStore, StateUpdate, seen_key, seen_second
 from engine.model import inputs
 from engine.model.inputs import (
     BEHAVIOUR_INPUTS,
@@ -252,11 +252,13 @@ async def test_store_skipping_trims_and_prunes_keeps_exactly_what_trimming_alway
         for update, status in zip(updates, outcome.statuses, strict=True):
             if status == 0:
                 apply_ops(reference.setdefault(update.user_id, {}), update.ops)
-                seen.setdefault(update.user_id, {})[seen_key(update.event_id)] = update.ts
+                seen.setdefault(update.user_id, {})[seen_key(update.event_id)] = seen_second(
+                    update.ts
+                )
                 touched.add(update.user_id)
         for user in touched:
             trim(reference[user])
-            horizon = reference[user]["lt"] - lateness
+            horizon = seen_second(int(reference[user]["lt"]) - lateness)
             seen[user] = {e: t for e, t in seen[user].items() if t >= horizon}
         states = await store.read_states(reference)
         assert states == reference

@@ -137,8 +137,9 @@ def test_a_truncated_record_is_refused() -> None:
 
 
 def test_the_layout_is_the_one_records_in_redis_were_written_in() -> None:
-    """Bytes written by the format's first encoder (Python, before the compiled one), pinned:
-    records already stored must read back, and new ones must read the same way."""
+    """FORMAT 2's bytes, pinned: records already stored must read back, and new ones must read
+    the same way. (The fields are as FORMAT 1's first encoder wrote them; FORMAT 2 changed
+    the dedup section: times in seconds, newest first, each after the one before it.)"""
     state = {
         "lt": float(T0),
         "vm29453760": 3.0,
@@ -153,14 +154,16 @@ def test_the_layout_is_the_one_records_in_redis_were_written_in() -> None:
         "vd20454": -0.0,
     }
     fields = (
-        "0180d0eab6b7330204686f6d6504746f79730b3d01000605000228000004280102022980f0b2522a00320e"
+        "0280d0eab6b7330204686f6d6504746f79730b3d01000605000228000004280102022980f0b2522a00320e"
         "3cd4aae204ff0973657373696f6e5f783fd0000000000000ff07766432303435348000000000000000"
     )
-    packed = UserRecord(state=state, seen={seen_key("e1"): T0, seen_key("e2"): T0 - 1000})
-    assert encode_record(packed).hex() == fields + "05be920eda9bf58b108d6100000000000003e8"
-    negative_age = UserRecord(state=state, seen={seen_key("e3"): T0 + 5})
-    assert encode_record(negative_age).hex() == fields + "0240f86f811809"
-    assert_same(round_trip(packed), packed)
+    second = T0 // 1000
+    # e2 first: newest first, whatever order the set is in
+    two = UserRecord(state=state, seen={seen_key("e1"): second - 1, seen_key("e2"): second})
+    assert encode_record(two).hex() == fields + "02f58b108d61be920eda9b0001"
+    ahead = UserRecord(state=state, seen={seen_key("e3"): second + 5})
+    assert encode_record(ahead).hex() == fields + "0140f86f811809"
+    assert_same(round_trip(two), two)
 
 
 @pytest.mark.parametrize("value", ["3", None, [1.0]])

@@ -1,11 +1,12 @@
-"""FORMAT 1 stays byte-identical: the encoder writes the bytes the first FORMAT 1 encoder wrote
-(for every state of floats, which is what ``State`` holds and the engine writes).
+"""FORMAT 2 stays byte-identical: the encoder writes the bytes the layout prescribes (for every
+state of floats, which is what ``State`` holds and the engine writes).
 
 Records already stored in Redis must decode, and a record must encode to the same bytes
 whichever version wrote it (the store compares nothing, but a changed encoding of the same
-state would be a new format under the old number). ``reference_encode`` below is a frozen copy
-of the first FORMAT 1 encoder (``streams/adapters/feature_record.py`` at ``a1c1e8a``, written
-straightforwardly), kept here only as the oracle; the module's encoder is free to be fast.
+state would be a new format under the old number). ``reference_encode`` below is the layout
+written straightforwardly (FORMAT 1's first encoder, ``streams/adapters/feature_record.py`` at
+``a1c1e8a``, with FORMAT 2's dedup section), kept here only as the oracle; the module's encoder
+is free to be fast.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from streams.adapters.feature_record import decode_record, encode_record
 T0 = 1_767_225_600_000
 DAY = 86_400_000
 
-# -- the reference: FORMAT 1 as first written (do not optimise; do not import these) --------
+# -- the reference: FORMAT 2 written plainly (do not optimise; do not import these) ---------
 
 _REF_CODES = ("v", "c", "f", "s", "p", "$", "r", "o", "w")
 _REF_GRAINS = ("m", "h", "d")
@@ -131,7 +132,7 @@ def reference_encode(record: UserRecord) -> bytes:
             body.append(_REF_OFFER)
             number = lt * 1000 - int(value)
         _ref_zvarint(body, number)
-    out = bytearray((1,))
+    out = bytearray((2,))
     _ref_varint(out, lt)
     _ref_varint(out, len(categories))
     for category in categories:
@@ -140,15 +141,16 @@ def reference_encode(record: UserRecord) -> bytes:
         out += raw
     _ref_varint(out, len(state))
     out += body
-    ages = [lt - ts for ts in record.seen.values()]
-    packed = all(0 <= age <= 2**32 - 1 for age in ages)
-    _ref_varint(out, len(ages) << 1 | (1 if packed and ages else 0))
-    out += b"".join(record.seen)
-    for age in ages:
-        if packed:
-            out += struct.pack(">I", age)
+    entries = sorted(record.seen.items(), key=lambda item: (-item[1], item[0]))
+    _ref_varint(out, len(entries))
+    out += b"".join(digest for digest, _ in entries)
+    previous = lt // 1000
+    for k, (_, seconds) in enumerate(entries):
+        if k == 0:
+            _ref_zvarint(out, previous - seconds)
         else:
-            _ref_zvarint(out, age)
+            _ref_varint(out, previous - seconds)
+        previous = seconds
     return bytes(out)
 
 
@@ -188,7 +190,7 @@ def test_simulated_records_encode_to_the_reference_bytes() -> None:
     assert digest == SIMULATED_DIGEST
 
 
-SIMULATED_DIGEST = "a2f267b22d317be9b67afd176d2cc879619d0f66f373fe2f4bc7b3acac411f21"
+SIMULATED_DIGEST = "48a8251d421fea95cd796cce1a86d3e9951b1a911ea1f1e0855bcbf32574fdef"
 
 
 # Typical fields near the latest event ``lt`` (what the engine writes), and odd ones.
@@ -252,11 +254,9 @@ def records(draw: st.DrawFn) -> UserRecord:
             value = draw(odd_values)
         pieces.append((name, value))
     state = dict(pieces)
-    ages = st.one_of(
-        st.integers(0, 3_600_000), st.integers(-(2**40), 2**40), st.just(2**32 - 1), st.just(2**32)
-    )
+    ages = st.one_of(st.integers(0, 3_600), st.integers(-(2**40), 2**40))
     keys = st.binary(min_size=SEEN_KEY_BYTES, max_size=SEEN_KEY_BYTES)
-    seen = {key: lt - draw(ages) for key in draw(st.lists(keys, max_size=25, unique=True))}
+    seen = {key: lt // 1000 - draw(ages) for key in draw(st.lists(keys, max_size=25, unique=True))}
     return UserRecord(state=state, seen=seen)
 
 

@@ -155,6 +155,42 @@ def test_duplicates_and_reordering_give_the_in_order_features(
         )
 
 
+@settings(max_examples=80, deadline=None)
+@given(
+    offsets=st.lists(st.integers(0, 3 * HOUR_MS), min_size=1, max_size=60),
+    repeats=st.lists(st.integers(0, 59), max_size=40),
+    batch=st.integers(1, 9),
+)
+def test_the_dedup_set_kept_by_the_second_changes_no_status(
+    offsets: list[int], repeats: list[int], batch: int
+) -> None:
+    """The dedup set keeps each event id by its second, rounded up, and drops it after the
+    lateness: every update gets the status it gets from a set that never forgets."""
+    events = [browse(f"e{i}", T0 + offset) for i, offset in enumerate(offsets)]
+    events += [events[i % len(events)] for i in repeats]  # redelivered: same id, same time
+    random.Random(len(offsets)).shuffle(events)
+    store = InMemoryFeatureStore()
+    statuses: list[UpdateStatus] = []
+    for start in range(0, len(events), batch):
+        outcome = asyncio.run(
+            store.apply_batch(
+                _updates(events[start : start + batch]), allowed_lateness_ms=LATENESS_MS
+            )
+        )
+        statuses += outcome.statuses
+    latest, applied, expected = None, set(), []
+    for event in events:
+        if latest is not None and event.ts < latest - LATENESS_MS:
+            expected.append(UpdateStatus.LATE)
+        elif event.event_id in applied:
+            expected.append(UpdateStatus.DUPLICATE)
+        else:
+            expected.append(UpdateStatus.APPLIED)
+            applied.add(event.event_id)
+            latest = event.ts if latest is None else max(latest, event.ts)
+    assert statuses == expected
+
+
 def test_category_and_purchase_features() -> None:
     redeemed = PurchaseEvent(
         event_id="r1",
