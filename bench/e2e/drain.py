@@ -119,10 +119,10 @@ async def _usage_without_record(
 
 async def redis_bytes(client: aioredis.Redis, prefix: str, users: int) -> dict[str, Any]:
     """Bytes per active user under ``prefix``, by key kind (the name after the prefix up to its
-    first colon: ``u`` the user keys, ``pq`` and ``pe`` the label queues, ``b`` budgets, ...):
+    first colon: ``u`` the user keys, ``lq`` the label indexes, ``b`` budgets, ...):
     ``MEMORY USAGE`` of every key of a kind, or of a random sample of ``MEMORY_SAMPLE_KEYS``
     scaled to the kind's key count. Every kind is measured: a kind of a few large keys (the
-    label queues) counts as much as its bytes. ``feature_record_bytes_per_user``: the feature
+    label indexes) counts as much as its bytes. ``feature_record_bytes_per_user``: the feature
     record's share of the user keys (``MEMORY USAGE`` of each sampled key minus that of a copy
     without the record's field), the issue's "feature state + dedup"."""
     keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=5000)]

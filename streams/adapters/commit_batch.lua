@@ -64,17 +64,20 @@
 --                       first conversion ts (a decision id never holds '|', so these are the
 --                       only fields without one, and the only ones ending in '|c' with one);
 --                       '|p' -> the user's purchases within purchase_memory_ms of the latest,
---                       by time: 'ts amount_cents gross_cents' joined by ';'.
+--                       by time: 'ts amount_cents gross_cents' joined by ';'; '|q<lane>' -> the
+--                       label events its pending decisions of that lane wait for, joined by
+--                       '|': 'e' (elapsed) or 'x' (closed), the time it is due, ' ', the
+--                       decision id (a decision waits for one at a time: its elapsed event,
+--                       when elapsed_ms is not 0, then its window's end).
 --                       Its time to live is a wall-clock safety net (labels and windows follow
 --                       event time): set when the caller asks ('refresh') to
 --                       max(ttl_ms, max(window, purchase memory) + 7 days), and by a decision
 --                       whose guards need longer or whose user has no record in the call
---   <p>pe:<lane>  zset  decision_id \x1f user of each decision waiting for its elapsed event,
---                       scored by decision ts + elapsed_ms (empty when elapsed_ms is 0)
---   <p>pq:<lane>  zset  the same members once their elapsed event went (at once when elapsed_ms
---                       is 0), scored by the end of the attribution window: a decision is in
---                       one queue at a time
---   <p>lanes      set   the lanes that have had queues (what pending_count and forget read)
+--   <p>lq:<lane>  zset  the users with decisions of the lane waiting for a label event, scored
+--                       by the earliest time one of theirs is due (at most: a score may be
+--                       early, never late): one member per user, not per decision
+--   <p>pn         hash  lane -> its decisions waiting for a label event (pending_count)
+--   <p>lanes      set   the lanes that have had label indexes (what forget reads)
 --   <p>b:<campaign>:<day>  discount spent that day, in cents
 --   <p>se         string  the state epoch (read only; written by `dealstream forget`)
 --   <p>sl:<campaign>      hash  <epoch>|<arm>|<sum> stop-loss sums (n y yy yn nn u), and
@@ -144,9 +147,9 @@ if boxing then
 end
 
 local DAY_MS = 86400000
-local SEP = '\31'
 local Z95 = 1.959964
 local PURCHASES = '|p'
+local SCHEDULE = '|q'
 
 -- Refusals first: nothing is written unless this writer still owns every partition of the
 -- batch and nobody rewrote feature state behind its back.
@@ -321,7 +324,7 @@ local function spend(key, cost)
   budget.added = budget.added + cost
   budget.spent = true
 end
-local queued = {}  -- per lane: ts, member of each recorded decision, queued after the ops
+local queued = {}  -- per lane: due time and user of each recorded decision, indexed after the ops
 local queued_lanes = {}  -- the lanes of `queued`, in first-seen order
 
 local function emit(kind, decision_id, user, record, converted_at, at)
@@ -421,16 +424,19 @@ local function decide(j, offset)
   local user, campaign, ts, interval = ops[j + 1], ops[j + 2], ops[j + 3], ops[j + 4]
   local has_offer, cost, cooldown = ops[j + 5] == 1, ops[j + 6], ops[j + 7]
   local max_per_day, budget, decision_id, arm = ops[j + 8], ops[j + 9], ops[j + 10], ops[j + 11]
+  local lane = ops[j + 14]
   local ukey = user_key(user)
   local decided_field = campaign .. '|d'
+  local schedule_field = SCHEDULE .. int(lane)
   local day, count_field, stored, remembered
   if has_offer then
     day = ops[j + 12]
     if day < 0 then day = math.floor(ts / DAY_MS) end
     count_field = campaign .. '|n' .. day
-    stored = redis.call('HMGET', ukey, decided_field, PURCHASES, campaign .. '|o', count_field)
+    stored = redis.call('HMGET', ukey, decided_field, PURCHASES, schedule_field,
+      campaign .. '|o', count_field)
   else
-    stored = redis.call('HMGET', ukey, decided_field, PURCHASES)
+    stored = redis.call('HMGET', ukey, decided_field, PURCHASES, schedule_field)
   end
   remembered = stored[2]
 
@@ -446,7 +452,7 @@ local function decide(j, offset)
 
   local outcome = 2
   if has_offer then
-    local last_offer, offers_today = tonumber(stored[3]), tonumber(stored[4] or '0')
+    local last_offer, offers_today = tonumber(stored[4]), tonumber(stored[5] or '0')
     local budget_key = prefix .. 'b:' .. campaign .. ':' .. day
     if cooldown > 0 and last_offer and ts - last_offer < cooldown then
       outcome = 3
@@ -484,6 +490,12 @@ local function decide(j, offset)
     end
     emit('C', decision_id, user, record, bought.ts, bought.ts)
   end
+  -- its label events: the elapsed one first when there is a wait, else the closing one
+  local stage, at = 'x', ts + window
+  if elapsed > 0 then stage, at = 'e', ts + elapsed end
+  local entry = stage .. int(at) .. ' ' .. decision_id
+  writes[#writes + 1] = schedule_field
+  writes[#writes + 1] = stored[3] and (stored[3] .. '|' .. entry) or entry
   local unwritten = in_call[ukey]
   if unwritten and unwritten ~= true then
     writes[#writes + 1], writes[#writes + 2] = record_field, unwritten
@@ -498,15 +510,14 @@ local function decide(j, offset)
   elseif guard_ttl > key_ttl and guard_ttl > (guard_ttls[ukey] or 0) then
     guard_ttls[ukey] = guard_ttl  -- set with the record's, after the ops
   end
-  local lane = ops[j + 14]
   local lane_queue = queued[lane]
   if not lane_queue then
     lane_queue = {}
     queued[lane] = lane_queue
     queued_lanes[#queued_lanes + 1] = lane
   end
-  lane_queue[#lane_queue + 1] = ts
-  lane_queue[#lane_queue + 1] = decision_id .. SEP .. user
+  lane_queue[#lane_queue + 1] = at
+  lane_queue[#lane_queue + 1] = user
   return outcome
 end
 
@@ -601,69 +612,86 @@ end
 
 local statuses = {}
 if settling then
-  -- One ZADD per queue for up to 500 decisions (nothing reads the queues before the expiry below).
-  local function enqueue(key, lane_queue, delay)
-    for first = 1, #lane_queue, 1000 do
-      local args = {}
-      for k = first, math.min(first + 999, #lane_queue), 2 do
-        args[#args + 1] = lane_queue[k] + delay
-        args[#args + 1] = lane_queue[k + 1]
-      end
-      redis.call('ZADD', key, unpack(args))
-    end
-  end
+  -- One ZADD per lane for up to 500 decisions; LT keeps each user's earliest due time.
   for _, lane in ipairs(queued_lanes) do
     local suffix = int(lane)
+    local lane_queue = queued[lane]
     redis.call('SADD', prefix .. 'lanes', suffix)
-    if elapsed > 0 then
-      enqueue(prefix .. 'pe:' .. suffix, queued[lane], elapsed)
-    else
-      enqueue(prefix .. 'pq:' .. suffix, queued[lane], window)
+    redis.call('HINCRBY', prefix .. 'pn', suffix, int(#lane_queue / 2))
+    for first = 1, #lane_queue, 1000 do
+      local args = { 'LT' }
+      for k = first, math.min(first + 999, #lane_queue), 2 do
+        args[#args + 1] = lane_queue[k]
+        args[#args + 1] = lane_queue[k + 1]
+      end
+      redis.call('ZADD', prefix .. 'lq:' .. suffix, unpack(args))
     end
   end
 
   -- Label events due before their lane's clock, in event-time order across the lanes (elapsed
   -- before closed on a tie, like PendingLabels: (time, 0 elapsed / 1 closed, decision_id, user)).
+  -- Each user whose earliest due time has passed leaves the lane's index; the entries of its
+  -- schedule that are due are collected, the others stay, and it is indexed again by the
+  -- earliest of them.
   local due = {}
-  local function collect(key, closing, lane_now)
-    local found = redis.call('ZRANGEBYSCORE', key, '-inf', '(' .. int(lane_now), 'WITHSCORES')
-    if #found == 0 then return {} end
-    -- every member read here is due: remove them all at once (the same range)
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. int(lane_now))
-    local entries = {}
-    for k = 1, #found, 2 do
-      local member = found[k]
-      local sep_at = string.find(member, SEP, 1, true)
-      local entry = {
-        at = tonumber(found[k + 1]), closing = closing, member = member,
-        id = string.sub(member, 1, sep_at - 1), user = string.sub(member, sep_at + 1),
-      }
-      due[#due + 1] = entry
-      entries[#entries + 1] = entry
-    end
-    return entries
-  end
   for _, clock in ipairs(lane_clocks) do
     local suffix = int(clock.lane)
-    if elapsed > 0 then
-      -- An elapsed decision moves on to the closing queue, scored by the end of its window
-      -- (its ts is the first field of its record); one whose window ended too closes now.
-      for _, entry in ipairs(collect(prefix .. 'pe:' .. suffix, 0, clock.now)) do
-        local stored = redis.call('HMGET', user_key(entry.user), entry.id, entry.id .. '|c')
-        entry.record, entry.converted_at = stored[1], stored[2]
-        if entry.record then
-          local closes_at = tonumber(string.match(entry.record, '^.%[(%-?%d+)')) + window
-          if closes_at < clock.now then
-            due[#due + 1] = {
-              at = closes_at, closing = 1, id = entry.id, user = entry.user,
-            }
+    local index = prefix .. 'lq:' .. suffix
+    local schedule_field = SCHEDULE .. suffix
+    local before = '(' .. int(clock.now)
+    local users = redis.call('ZRANGEBYSCORE', index, '-inf', before)
+    if #users > 0 then
+      redis.call('ZREMRANGEBYSCORE', index, '-inf', before)
+      local again, dropped = {}, 0
+      for _, user in ipairs(users) do
+        local ukey = user_key(user)
+        local kept, earliest = {}, nil
+        local function keep(stage, at, id)
+          kept[#kept + 1] = stage .. int(at) .. ' ' .. id
+          if not earliest or at < earliest then earliest = at end
+        end
+        for entry in string.gmatch(redis.call('HGET', ukey, schedule_field) or '', '[^|]+') do
+          local stage, at, id = string.match(entry, '^([ex])(%-?%d+) (.+)$')
+          at = tonumber(at)
+          if at >= clock.now then
+            keep(stage, at, id)
+          elseif stage == 'x' then
+            due[#due + 1] = { at = at, closing = 1, id = id, user = user }
+            dropped = dropped + 1
           else
-            redis.call('ZADD', prefix .. 'pq:' .. suffix, closes_at, entry.member)
+            -- An elapsed decision moves on to its closing entry, at the end of its window
+            -- (its ts is the first field of its record); one whose window ended too closes now.
+            local stored = redis.call('HMGET', ukey, id, id .. '|c')
+            if stored[1] then
+              due[#due + 1] = {
+                at = at, closing = 0, id = id, user = user,
+                record = stored[1], converted_at = stored[2],
+              }
+              local closes_at = tonumber(string.match(stored[1], '^.%[(%-?%d+)')) + window
+              if closes_at < clock.now then
+                due[#due + 1] = { at = closes_at, closing = 1, id = id, user = user }
+                dropped = dropped + 1
+              else
+                keep('x', closes_at, id)
+              end
+            else
+              dropped = dropped + 1
+            end
           end
         end
+        if earliest then
+          redis.call('HSET', ukey, schedule_field, table.concat(kept, '|'))
+          again[#again + 1] = earliest
+          again[#again + 1] = user
+        else
+          redis.call('HDEL', ukey, schedule_field)
+        end
       end
+      for first = 1, #again, 1000 do
+        redis.call('ZADD', index, unpack(again, first, math.min(first + 999, #again)))
+      end
+      if dropped > 0 then redis.call('HINCRBY', prefix .. 'pn', suffix, -dropped) end
     end
-    collect(prefix .. 'pq:' .. suffix, 1, clock.now)
   end
   table.sort(due, function(a, b)
     if a.at ~= b.at then return a.at < b.at end

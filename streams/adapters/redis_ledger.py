@@ -11,7 +11,7 @@ outbox entry of the batch's outputs, atomically (``batch_commit.py``, ``outbox.p
 whose reply is lost is resolved through its outbox entry, never run twice.
 
 Users appear in Redis by their pseudonyms (``pseudonyms.py``): the user keys and
-the label queues' members, so the label events the script returns name pseudonyms too
+the label indexes' members, so the label events the script returns name pseudonyms too
 (training examples carry no user id). A pending record (``PendingDecision.compact_json``)
 holds neither its decision id nor its user: the script returns both with each label event.
 
@@ -85,6 +85,8 @@ _KINDS: dict[bytes | str, LabelKind] = {
     "X": LabelKind.CLOSED,
 }
 _DENIED = ord("N")
+SCHEDULE = "|q"
+"""A user's field of label events its decisions of a lane wait for: ``|q<lane>``."""
 DEFAULT_REMEMBERED_USERS = 200_000
 """Default bound of the remembered decision times per campaign (one per user, about 100 bytes
 each); the oldest go first, and a forgotten time only means one proposal the script drops."""
@@ -381,41 +383,32 @@ class RedisLedger:
         raw = await self._client.get(f"{self._prefix}b:{campaign}:{day}")
         return int(raw) if raw is not None else 0
 
-    async def _lanes(self) -> list[str]:
-        """Every lane that has had a pending-label queue (``commit_batch.lua``'s ``lanes``)."""
-        return sorted(_text(lane) for lane in await self._client.smembers(f"{self._prefix}lanes"))
-
     async def pending_count(self) -> int:
-        lanes = await self._lanes()
-        if not lanes:
-            return 0
-        # A decision waits in one of its lane's two queues (commit_batch.lua) and a batch's
-        # script moves it from one to the other: counted in one MULTI, it is counted once.
-        async with self._client.pipeline(transaction=True) as pipe:
-            for lane in lanes:
-                pipe.zcard(f"{self._prefix}pe:{lane}")
-                pipe.zcard(f"{self._prefix}pq:{lane}")
-            counts = await pipe.execute()
+        """Decisions waiting for a label event, over every lane (``commit_batch.lua``'s ``pn``,
+        kept by the script that schedules and closes them)."""
+        counts = await self._client.hvals(f"{self._prefix}pn")
         return sum(int(count) for count in counts)
 
     async def forget(self, user_id: str) -> int:
-        """Delete the user's key (guard state, pending decisions, and the feature record they
-        share it with) and the pending decisions' label-queue members; returns keys removed."""
+        """Delete the user's key (guard state, pending decisions, their label schedules, and the
+        feature record they share it with), the user's place in the lanes' label indexes and
+        the decisions' count; returns keys removed."""
         pseudonym = self.pseudonyms.of(user_id)
-        tag = hash_tag(pseudonym)
         key = user_key(self._prefix, pseudonym)
-        fields = await self._client.hkeys(key)
-        # Decision ids are the only fields without a "|" (commit_batch.lua).
-        decision_ids = [name for name in map(_text, fields) if "|" not in name]
-        if decision_ids:
-            members = [f"{d}\x1f{tag}" for d in decision_ids]
-            for lane in await self._lanes():
-                await self._client.zrem(f"{self._prefix}pq:{lane}", *members)
-                await self._client.zrem(f"{self._prefix}pe:{lane}", *members)
+        fields = [_text(name) for name in await self._client.hkeys(key)]
+        # '|q<lane>': the labels the user's decisions of that lane wait for (commit_batch.lua).
+        lanes = [name[len(SCHEDULE) :] for name in fields if name.startswith(SCHEDULE)]
+        schedules = (
+            await self._client.hmget(key, [SCHEDULE + lane for lane in lanes]) if lanes else []
+        )
         async with self._client.pipeline(transaction=True) as pipe:
+            for lane, schedule in zip(lanes, schedules, strict=True):
+                pipe.zrem(f"{self._prefix}lq:{lane}", hash_tag(pseudonym))
+                if schedule:
+                    pipe.hincrby(f"{self._prefix}pn", lane, -len(_text(schedule).split("|")))
             pipe.delete(key)
             # After the deletion: a worker whose next call sees the new epoch forgets the
             # decision times it remembers, the deleted ones among them.
             pipe.incr(state_epoch_key(self._prefix))
-            removed, _ = await pipe.execute()
-        return int(removed)
+            replies = await pipe.execute()
+        return int(replies[-2])

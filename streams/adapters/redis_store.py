@@ -544,7 +544,7 @@ class RedisFeatureStore:
 
     async def forget(self, user_id: str, *, tombstone_ttl_s: float | None = None) -> int:
         """Delete the user's hash (the record, and the ledger's guards and pending decisions
-        beside it: ``RedisLedger.forget`` first removes their label-queue members) and, with
+        beside it: ``RedisLedger.forget`` first removes the user from the label indexes) and, with
         ``tombstone_ttl_s``, write a tombstone that stops the record being rebuilt for that
         long; every store drops what it holds before its next write."""
         async with self._client.pipeline(transaction=True) as pipe:

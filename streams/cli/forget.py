@@ -41,8 +41,8 @@ def run_forget_command(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def forget_user(settings: Settings, user_id: str) -> Forgotten:
-    """Delete the user's features, guard state and pending decisions (their label-queue
-    members too) under the user's pseudonym, and under the raw id in case a worker ran with
+    """Delete the user's features, guard state and pending decisions (their place in the
+    label indexes too) under the user's pseudonym, and under the raw id in case a worker ran with
     ``DEALSTREAM_PSEUDONYMS=off`` before; then tombstone the pseudonym for
     ``settings.forget_ttl_s``."""
     from streams.adapters.kafka_io import check_redis
@@ -63,8 +63,8 @@ async def forget_user(settings: Settings, user_id: str) -> Forgotten:
             raw_ledger = RedisLedger(client, prefix=settings.redis_prefix, config=config)
             keys += await raw_ledger.forget(user_id)
             keys += await raw_store.forget(user_id)
-        # The ledger first: it removes the label-queue members of the pending decisions the
-        # user's hash names, then the hash.
+        # The ledger first: it removes the user from the label indexes of the lanes the user's
+        # hash names, then the hash.
         ledger = RedisLedger(
             client, prefix=settings.redis_prefix, config=config, pseudonyms=pseudonyms
         )

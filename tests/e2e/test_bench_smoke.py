@@ -60,12 +60,15 @@ async def test_quick_bench_drains_every_event_and_cleans_up(
     assert len(two) == 1 and two[0]["workers"] == 2 and two[0]["events"] == QUICK_EVENTS
     memory = report["memory"]
     assert memory["events"] == QUICK_EVENTS and memory["rss_kib_end"] > 0
-    # Every active user has one key ("u:{user}": feature record, guards, pending decisions),
-    # and no key of an old layout (records "s<version>", guards "g", pending "p") is left.
+    # Every active user has one key ("u:{user}": feature record, guards, pending decisions and
+    # their label schedules), the pending labels one index per lane ("lq:<lane>"), and no key
+    # of an old layout (records "s<version>", guards "g", pending "p", queues "pe" "pq") is left.
     users = report["preload"]["users_active"]
     by_kind = memory["redis"]["by_kind"]
     assert by_kind["u"]["keys"] == users
-    assert not [kind for kind in by_kind if kind in ("g", "p") or kind[1:].isdigit()]
+    assert 1 <= by_kind["lq"]["keys"] <= report["config"]["partitions"]
+    old = ("g", "p", "pe", "pq")
+    assert not [kind for kind in by_kind if kind in old or kind[1:].isdigit()]
     assert 0 < memory["redis"]["feature_record_bytes_per_user"] < by_kind["u"]["bytes_per_user"]
     assert one[0]["redis_cpu_us_per_event"] > 0
     assert report["one_worker"]["redis_cpu_us_per_event"] == one[0]["redis_cpu_us_per_event"]

@@ -283,6 +283,10 @@ def _outcome_name(outcome: DecisionOutcome) -> str:
     return "granted" if outcome.granted else "no offer"
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def lane_clocks(number: int, now: int) -> dict[int, int]:
     """Two lanes (decisions alternate between them): lane 1 trails lane 0 by 0 to 60 minutes,
     as a partition read behind another does."""
@@ -291,8 +295,8 @@ def lane_clocks(number: int, now: int) -> dict[int, int]:
 
 def ledger_keys(prefix: str, days: Sequence[int]) -> list[str]:
     """Every key the ledger can write for ``USERS``, ``CAMPAIGNS``, ``days`` (commit_batch.lua)."""
-    keys = [f"{prefix}{queue}:{lane}" for queue in ("pq", "pe") for lane in (0, 1)]
-    keys.append(f"{prefix}lanes")
+    keys = [f"{prefix}lq:{lane}" for lane in (0, 1)]
+    keys += [f"{prefix}lanes", f"{prefix}pn"]
     keys += [f"{prefix}sl:{campaign}" for campaign in CAMPAIGNS]
     keys += [user_key(prefix, user) for user in USERS]
     keys += [f"{prefix}b:{campaign}:{day}" for campaign in CAMPAIGNS for day in days]
@@ -529,12 +533,13 @@ async def test_purchases_read_first_convert_later_read_decisions_and_lanes_close
         await client.aclose()
 
 
-async def test_a_decision_waits_in_one_queue_at_a_time_and_is_labelled_as_in_memory(
+async def test_a_decision_waits_for_one_label_at_a_time_and_is_labelled_as_in_memory(
     services: Services, isolation: Isolation
 ) -> None:
-    """With elapsed events, a decision waits in its lane's elapsed queue, then in its closing
-    queue (never in both: one member per pending decision); a clock that passes both its wait
-    and its window in one call gives both events, in order, as the in-memory ledger does."""
+    """With elapsed events, a decision waits in its user's schedule for its elapsed event,
+    then for its window's end (one entry per pending decision, one index member per user); a
+    clock that passes both its wait and its window in one call gives both events, in order,
+    as the in-memory ledger does."""
     prefix = isolation.redis_prefix
     config = LedgerConfig(attribution_window_ms=WINDOW, elapsed_ms=40 * MINUTE_MS)
     ops: list[LedgerOp] = [
@@ -567,14 +572,19 @@ async def test_a_decision_waits_in_one_queue_at_a_time_and_is_labelled_as_in_mem
             ("bought", LabelKind.ELAPSED, T0 + 42 * MINUTE_MS),
         ]
 
-        # One queue at a time: after the wait, the members are only in the closing queue.
+        # One label event at a time: after the wait, each decision waits for its window's end,
+        # and the lane's index holds each user once, by the earliest time one of theirs is due.
         ledger = RedisLedger(client, prefix=prefix, config=config)
         await delete_prefix(client, prefix)
         await ledger.settle(ops, now_ms=T0 + 3 * MINUTE_MS, lanes={0: T0 + 3 * MINUTE_MS})
-        assert (await client.zcard(f"{prefix}pe:0"), await client.zcard(f"{prefix}pq:0")) == (3, 0)
+        index = await client.zrange(f"{prefix}lq:0", 0, -1)
+        assert {_text(user) for user in index} == {"u1", "u2", "u3"}
+        schedule = await client.hget(user_key(prefix, "u1"), "|q0")
+        assert _text(schedule).split("|") == [f"e{T0 + 40 * MINUTE_MS} slow"]
         await ledger.settle([], now_ms=T0 + HOUR_MS, lanes={0: T0 + HOUR_MS})
-        assert (await client.zcard(f"{prefix}pe:0"), await client.zcard(f"{prefix}pq:0")) == (0, 3)
-        assert await client.zscore(f"{prefix}pq:0", "slow\x1fu1") == T0 + WINDOW
+        schedule = await client.hget(user_key(prefix, "u1"), "|q0")
+        assert _text(schedule).split("|") == [f"x{T0 + WINDOW} slow"]
+        assert await client.zscore(f"{prefix}lq:0", "u1") == T0 + WINDOW
         # A clock that jumps past wait and window at once: elapsed, then closed, in one call.
         await delete_prefix(client, prefix)
         jumped = await ledger.settle(ops, now_ms=T0 + 3 * MINUTE_MS, lanes={0: T0 + 2 * WINDOW})
@@ -791,10 +801,8 @@ async def test_forget_removes_guard_and_pending_keys_and_queue_members(
 
         after = await keys_under(client, prefix)
         assert before - after == {f"{prefix}u:{{{gone_tag}}}"}
-        raw_members = await client.zrange(f"{prefix}pq:0", 0, -1)
-        members = [m.decode() if isinstance(m, bytes) else str(m) for m in raw_members]
-        assert len(members) == 6
-        assert all(m.endswith(f"\x1f{kept_tag}") for m in members)
+        members = [_text(m) for m in await client.zrange(f"{prefix}lq:0", 0, -1)]
+        assert members == [kept_tag]
         assert await ledger.pending_count() == 6
         # Budgets are per campaign, not personal: they stay.
         assert await ledger.budget_spent_cents("alpha", event_day(T0)) == 200
