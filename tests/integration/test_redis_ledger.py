@@ -769,7 +769,7 @@ async def test_the_reply_wait_is_open_exactly_while_a_call_waits_for_its_reply(
 # -- forget -------------------------------------------------------------------------------------
 
 
-async def test_forget_removes_guard_and_pending_keys_and_queue_members(
+async def test_forget_removes_the_user_key_and_its_label_index_members(
     services: Services, isolation: Isolation
 ) -> None:
     prefix = isolation.redis_prefix
