@@ -646,19 +646,19 @@ if settling then
       for _, user in ipairs(users) do
         local ukey = user_key(user)
         local kept, earliest = {}, nil
-        local function keep(stage, at, id)
-          kept[#kept + 1] = stage .. int(at) .. ' ' .. id
-          if not earliest or at < earliest then earliest = at end
-        end
         for entry in string.gmatch(redis.call('HGET', ukey, schedule_field) or '', '[^|]+') do
-          local stage, at, id = string.match(entry, '^([ex])(%-?%d+) (.+)$')
-          at = tonumber(at)
+          local space = string.find(entry, ' ', 3, true)
+          local at = tonumber(string.sub(entry, 2, space - 1))
           if at >= clock.now then
-            keep(stage, at, id)
-          elseif stage == 'x' then
-            due[#due + 1] = { at = at, closing = 1, id = id, user = user }
+            kept[#kept + 1] = entry
+            if not earliest or at < earliest then earliest = at end
+          elseif string.byte(entry) == 120 then  -- 'x'
+            due[#due + 1] = {
+              at = at, closing = 1, id = string.sub(entry, space + 1), user = user,
+            }
             dropped = dropped + 1
           else
+            local id = string.sub(entry, space + 1)
             -- An elapsed decision moves on to its closing entry, at the end of its window
             -- (its ts is the first field of its record); one whose window ended too closes now.
             local stored = redis.call('HMGET', ukey, id, id .. '|c')
@@ -672,7 +672,8 @@ if settling then
                 due[#due + 1] = { at = closes_at, closing = 1, id = id, user = user }
                 dropped = dropped + 1
               else
-                keep('x', closes_at, id)
+                kept[#kept + 1] = 'x' .. int(closes_at) .. ' ' .. id
+                if not earliest or closes_at < earliest then earliest = closes_at end
               end
             else
               dropped = dropped + 1
