@@ -77,7 +77,6 @@
 --                       by the earliest time one of theirs is due (at most: a score may be
 --                       early, never late): one member per user, not per decision
 --   <p>pn         hash  lane -> its decisions waiting for a label event (pending_count)
---   <p>lanes      set   the lanes that have had label indexes (what forget reads)
 --   <p>b:<campaign>:<day>  discount spent that day, in cents
 --   <p>se         string  the state epoch (read only; written by `dealstream forget`)
 --   <p>sl:<campaign>      hash  <epoch>|<arm>|<sum> stop-loss sums (n y yy yn nn u), and
@@ -616,7 +615,6 @@ if settling then
   for _, lane in ipairs(queued_lanes) do
     local suffix = int(lane)
     local lane_queue = queued[lane]
-    redis.call('SADD', prefix .. 'lanes', suffix)
     redis.call('HINCRBY', prefix .. 'pn', suffix, int(#lane_queue / 2))
     for first = 1, #lane_queue, 1000 do
       local args = { 'LT' }

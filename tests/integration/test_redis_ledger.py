@@ -296,7 +296,7 @@ def lane_clocks(number: int, now: int) -> dict[int, int]:
 def ledger_keys(prefix: str, days: Sequence[int]) -> list[str]:
     """Every key the ledger can write for ``USERS``, ``CAMPAIGNS``, ``days`` (commit_batch.lua)."""
     keys = [f"{prefix}lq:{lane}" for lane in (0, 1)]
-    keys += [f"{prefix}lanes", f"{prefix}pn"]
+    keys.append(f"{prefix}pn")
     keys += [f"{prefix}sl:{campaign}" for campaign in CAMPAIGNS]
     keys += [user_key(prefix, user) for user in USERS]
     keys += [f"{prefix}b:{campaign}:{day}" for campaign in CAMPAIGNS for day in days]
