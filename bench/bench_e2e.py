@@ -41,7 +41,7 @@ from bench.e2e.common import (
 from bench.e2e.drain import DrainConfig, drain_run, memory_summary, run_names, summarise
 from bench.e2e.inprocess import measure_inprocess
 from bench.e2e.latency import measure_latency
-from bench.e2e.preload import preload, raw_consume
+from bench.e2e.preload import DEFAULT_GAP_MS, preload, raw_consume
 from streams.operations.garbage_collector import tune_garbage_collector
 from streams.settings import Settings
 
@@ -69,6 +69,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "users": args.users,
             "runs": args.runs,
             "partitions": PARTITIONS,
+            "gap_ms": args.gap_ms,
             "worker_env": worker_env,
             "campaigns": "bench/e2e/campaigns.toml",
             "rates": args.rates,
@@ -81,7 +82,12 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         await create_topics(args.bootstrap, base, PARTITIONS)
         _say(f"preloading {args.events:,} events for {args.users:,} users")
         loaded = await preload(
-            args.bootstrap, base.topics, events=args.events, users=args.users, seed=args.seed
+            args.bootstrap,
+            base.topics,
+            events=args.events,
+            users=args.users,
+            seed=args.seed,
+            gap_ms=args.gap_ms,
         )
         _say(f"preloaded in {loaded.seconds:.1f} s; {loaded.users_active:,} active users")
         report["preload"] = {
@@ -140,6 +146,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     events=min(args.timed_events, 100_000),
                     users=args.users,
                     batch=int(worker_env.get("DEALSTREAM_BATCH_MAX", "500")),
+                    gap_ms=args.gap_ms,
                 )
             )
             _say(
@@ -244,6 +251,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup-s", type=float, help="latency warm-up discarded per phase")
     parser.add_argument("--window-s", type=float, help="latency window measured per phase")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--gap-ms",
+        type=float,
+        default=DEFAULT_GAP_MS,
+        help="mean event-time gap of the preloaded events (default 1: 1,000,000 events span 17 "
+        "minutes and no label falls due; 10 spans about 3 hours, past the hour's wait)",
+    )
     parser.add_argument("--bootstrap", default="127.0.0.1:9092")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument(

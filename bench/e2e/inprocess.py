@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from bench.e2e.common import CAMPAIGNS, Names, load_average
+from bench.e2e.preload import DEFAULT_GAP_MS
 from engine.analysis.simulation.world import open_loop
 from streams.adapters.decode import DecodeLimits, RawRecord
 from streams.settings import Settings, Topics
@@ -54,14 +55,16 @@ def _cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def simulated_records(events: int, users: int, topics: Topics) -> list[RawRecord]:
+def simulated_records(
+    events: int, users: int, topics: Topics, gap_ms: float = DEFAULT_GAP_MS
+) -> list[RawRecord]:
     """The open-loop world's events as the consumer hands them to the worker (one partition,
-    event times ending just before now)."""
+    ``gap_ms`` apart on average, event times ending just before now)."""
     by_kind = {"browse": topics.browse, "search": topics.search, "purchase": topics.purchase}
-    start_ms = int(time.time() * 1000) - events - 5_000
+    start_ms = int(time.time() * 1000) - int(events * gap_ms) - 5_000
     records = []
     for offset, event in enumerate(
-        open_loop(users=users, events=events, seed=11, start_ms=start_ms, mean_gap_ms=1.0)
+        open_loop(users=users, events=events, seed=11, start_ms=start_ms, mean_gap_ms=gap_ms)
     ):
         user = str(event["user_id"])
         records.append(
@@ -71,7 +74,13 @@ def simulated_records(events: int, users: int, topics: Topics) -> list[RawRecord
 
 
 async def measure_inprocess(
-    *, redis_url: str, names: Names, events: int, users: int, batch: int
+    *,
+    redis_url: str,
+    names: Names,
+    events: int,
+    users: int,
+    batch: int,
+    gap_ms: float = DEFAULT_GAP_MS,
 ) -> dict[str, Any]:
     settings = Settings.from_env(
         {
@@ -85,7 +94,7 @@ async def measure_inprocess(
     )
     runtime = bootstrap(settings)
     topics = settings.topics
-    records = simulated_records(events, users, topics)
+    records = simulated_records(events, users, topics, gap_ms)
     sink = NullSink()
     worker = BatchWorker(
         runtime.engine,

@@ -18,8 +18,9 @@ from engine.analysis.simulation.world import open_loop
 from engine.events import decode_event
 from streams.settings import Topics
 
-GAP_MS = 1.0
-"""Mean event-time gap between preloaded events (1,000,000 events span about 17 minutes)."""
+DEFAULT_GAP_MS = 1.0
+"""Mean event-time gap between preloaded events by default (1,000,000 events span about 17
+minutes, so no label event falls due: the first wait is an hour; ``--gap-ms``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,9 +32,15 @@ class Preloaded:
 
 
 async def preload(
-    bootstrap: str, topics: Topics, *, events: int, users: int, seed: int
+    bootstrap: str,
+    topics: Topics,
+    *,
+    events: int,
+    users: int,
+    seed: int,
+    gap_ms: float = DEFAULT_GAP_MS,
 ) -> Preloaded:
-    start_ms = int(time.time() * 1000) - int(events * GAP_MS) - 5_000
+    start_ms = int(time.time() * 1000) - int(events * gap_ms) - 5_000
     by_topic = {"browse": topics.browse, "search": topics.search, "purchase": topics.purchase}
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap,
@@ -49,7 +56,7 @@ async def preload(
     try:
         pending: list[asyncio.Future[object]] = []
         for event in open_loop(
-            users=users, events=events, seed=seed, start_ms=start_ms, mean_gap_ms=GAP_MS
+            users=users, events=events, seed=seed, start_ms=start_ms, mean_gap_ms=gap_ms
         ):
             kind = str(event["type"])
             user = str(event["user_id"])
