@@ -395,17 +395,16 @@ class RedisLedger:
         the decisions' count; returns keys removed."""
         pseudonym = self.pseudonyms.of(user_id)
         key = user_key(self._prefix, pseudonym)
-        fields = [_text(name) for name in await self._client.hkeys(key)]
         # '|q<lane>': the labels the user's decisions of that lane wait for (commit_batch.lua).
-        lanes = [name[len(SCHEDULE) :] for name in fields if name.startswith(SCHEDULE)]
-        schedules = (
-            await self._client.hmget(key, [SCHEDULE + lane for lane in lanes]) if lanes else []
-        )
+        schedules = {
+            _text(name)[len(SCHEDULE) :]: _text(value)
+            for name, value in (await self._client.hgetall(key)).items()
+            if _text(name).startswith(SCHEDULE)
+        }
         async with self._client.pipeline(transaction=True) as pipe:
-            for lane, schedule in zip(lanes, schedules, strict=True):
+            for lane, schedule in schedules.items():
                 pipe.zrem(f"{self._prefix}lq:{lane}", hash_tag(pseudonym))
-                if schedule:
-                    pipe.hincrby(f"{self._prefix}pn", lane, -len(_text(schedule).split("|")))
+                pipe.hincrby(f"{self._prefix}pn", lane, -len(schedule.split("|")))
             pipe.delete(key)
             # After the deletion: a worker whose next call sees the new epoch forgets the
             # decision times it remembers, the deleted ones among them.
