@@ -36,6 +36,7 @@ from enum import StrEnum
 from typing import Any
 
 import orjson
+from dealstream_native import pack_values, unpack_values
 
 from engine.features.catalogue import FEATURE_NAMES
 
@@ -69,18 +70,21 @@ class PendingDecision:
         """A positional JSON-ready record (what the Redis ledger stores, under its decision id
         in its user's hash: neither is repeated in it).
 
-        ``[ts, campaign, arm, offer, discount_pct, propensity, model_version, features,
-        converted_at]``: the fields the Redis ledger's script reads come first. ``offer`` is
-        1 when the offer id is the one the decision id implies (``offer_id_of``), the id
-        itself when it is another, None when there is no offer. Features are their values in
-        catalogue order (the catalogue only ever grows at its end) unless the names differ
-        from the catalogue, when they stay a mapping.
+        ``[ts, campaign, arm, offer, discount_pct, propensity, model_version, features]``,
+        then ``converted_at`` when there is one: the fields the Redis ledger's script reads
+        come first. ``offer`` is 1 when the offer id is the one the decision id implies
+        (``offer_id_of``), the id itself when it is another, None when there is no offer.
+        Features are their values in catalogue order (the catalogue only ever grows at its
+        end) packed into short text (``pack_values``: about a third of their JSON) unless
+        the names differ from the catalogue, when they stay a mapping.
         """
         names = tuple(self.features)
         features: Any = (
-            list(self.features.values()) if names == FEATURE_NAMES else dict(self.features)
+            pack_values(list(self.features.values()))
+            if names == FEATURE_NAMES
+            else dict(self.features)
         )
-        return [
+        record = [
             self.ts,
             self.campaign,
             str(self.arm),
@@ -89,22 +93,14 @@ class PendingDecision:
             self.propensity,
             self.model_version,
             features,
-            self.converted_at,
         ]
+        if self.converted_at is not None:
+            record.append(self.converted_at)
+        return record
 
     def compact_json(self) -> bytes:
-        """``to_compact`` as JSON, with integral feature values written as integers ("3" for
-        "3.0": a number orjson writes with ".0" is an integer, and reads back as the same
-        float; a vector with -0.0 stays as it is, to keep the sign)."""
-        record = self.to_compact()
-        features = record[7]
-        if features.__class__ is not list:
-            return orjson.dumps(record)
-        values = orjson.dumps(features)
-        if b"-0.0" not in values:
-            values = values.replace(b".0,", b",").replace(b".0]", b"]")
-        head = orjson.dumps(record[:7])
-        return b"".join((head[:-1], b",", values, b",", orjson.dumps(record[8]), b"]"))
+        """``to_compact`` as JSON."""
+        return orjson.dumps(self.to_compact())
 
     def _stored_offer(self) -> str | int | None:
         """1 for the offer id the decision id implies, else the offer id (or None)."""
@@ -124,12 +120,12 @@ class PendingDecision:
         ``converted_at``, when given, replaces the record's (the Redis ledger keeps the first
         conversion beside the record)."""
         ts, campaign, arm, offer, discount, propensity, version, raw = record[:8]
-        if converted_at is None:
+        if converted_at is None and len(record) > 8:
             converted_at = record[8]
         features = (
             {str(k): float(v) for k, v in raw.items()}
             if isinstance(raw, dict)
-            else dict(zip(FEATURE_NAMES, map(float, raw), strict=False))
+            else dict(zip(FEATURE_NAMES, unpack_values(raw), strict=False))
         )
         offer_id = offer_id_of(decision_id) if offer == 1 else offer
         return cls(

@@ -73,3 +73,10 @@ class LogisticStep:
     ) -> None: ...
     def learn(self, x: Sequence[float], y: bool, w: float) -> None: ...
     def terms(self) -> LinearTerms: ...
+
+def pack_values(values: Sequence[float]) -> str:
+    """A feature vector as base64url text (``native/src/values.rs``): runs of equal values,
+    integral ones as varint differences, others as doubles. Bit for bit reversible."""
+
+def unpack_values(text: str) -> list[float]:
+    """The values ``pack_values`` packed; ``ValueError`` for any other text."""

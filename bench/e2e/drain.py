@@ -13,7 +13,9 @@ counters, and derives:
   ``used_cpu_user_main_thread`` + ``used_cpu_sys_main_thread``) from the warm-up to the end,
   divided by the records counted in between, and ``redis_command_us_per_event`` the busiest
   commands' execution time (``INFO commandstats``: wall clock inside the server, so time the
-  server thread was preempted on a busy machine counts) over the same window. The server is
+  server thread was preempted on a busy machine counts) over the same window, with their
+  calls per record in ``redis_command_calls_per_event`` (commands a script runs count as
+  calls of their own, besides the script's ``evalsha``). The server is
   shared: its other clients' work over the drain (other engineers, other benchmarks) counts
   too, so these are upper bounds.
 """
@@ -94,6 +96,12 @@ class RedisMark:
         return {
             "redis_cpu_us_per_event": round(1e6 * (end.cpu_s - self.cpu_s) / events, 2),
             "redis_command_us_per_event": {name: round(us / events, 2) for name, us in busiest},
+            "redis_command_calls_per_event": {
+                name: round(
+                    (end.commands[name][0] - self.commands.get(name, (0, 0))[0]) / events, 4
+                )
+                for name, _ in busiest
+            },
         }
 
 

@@ -8,9 +8,11 @@
 //! remembers the answer; the tag numbers, time grains and field names come from the Python
 //! module too, so the format is defined in one place.
 //!
-//! `logistic` holds the purchase model's arithmetic (River's learning step and linear score).
+//! `logistic` holds the purchase model's arithmetic (River's learning step and linear score);
+//! `values` packs a feature vector into the short text a pending decision keeps in Redis.
 
 mod logistic;
+mod values;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -181,13 +183,22 @@ fn number(value: &Bound<'_, PyAny>) -> PyResult<f64> {
 
 /// Why bytes are not a record: the Python module turns it into its own error.
 fn corrupt(what: &str, pos: usize) -> PyErr {
-    PyValueError::new_err(format!("feature record is corrupt ({what} at byte {pos})"))
+    invalid(RECORD, what, pos)
 }
 
-/// Reads a record's bytes front to back.
+const RECORD: &str = "feature record";
+
+/// Why bytes are not the `thing` they should be.
+fn invalid(thing: &str, what: &str, pos: usize) -> PyErr {
+    PyValueError::new_err(format!("{thing} is corrupt ({what} at byte {pos})"))
+}
+
+/// Reads a record's (or packed values') bytes front to back.
 struct Reader<'a> {
     data: &'a [u8],
     pos: usize,
+    /// What the bytes are, for the errors.
+    thing: &'static str,
 }
 
 impl<'a> Reader<'a> {
@@ -195,7 +206,7 @@ impl<'a> Reader<'a> {
         let byte = *self
             .data
             .get(self.pos)
-            .ok_or_else(|| corrupt("IndexError", self.pos))?;
+            .ok_or_else(|| invalid(self.thing, "IndexError", self.pos))?;
         self.pos += 1;
         Ok(byte)
     }
@@ -206,7 +217,7 @@ impl<'a> Reader<'a> {
         loop {
             let byte = self.byte()?;
             if shift >= 126 {
-                return Err(corrupt("OverflowError", self.pos));
+                return Err(invalid(self.thing, "OverflowError", self.pos));
             }
             value |= ((byte & 0x7F) as u128) << shift;
             if byte < 0x80 {
@@ -230,7 +241,7 @@ impl<'a> Reader<'a> {
             .pos
             .checked_add(length)
             .filter(|&end| end <= self.data.len());
-        let end = end.ok_or_else(|| corrupt("IndexError", self.pos))?;
+        let end = end.ok_or_else(|| invalid(self.thing, "IndexError", self.pos))?;
         let slice = &self.data[self.pos..end];
         self.pos = end;
         Ok(slice)
@@ -494,7 +505,11 @@ impl RecordCodec {
     /// already checked by the caller); ValueError, saying where, for anything else.
     fn decode<'py>(&self, py: Python<'py>, blob: &[u8]) -> PyResult<Decoded<'py>> {
         let tags = self.tags;
-        let mut data = Reader { data: blob, pos: 1 };
+        let mut data = Reader {
+            data: blob,
+            pos: 1,
+            thing: RECORD,
+        };
         let lt_raw = data.varint()?;
         let lt = i64::try_from(lt_raw).map_err(|_| corrupt("OverflowError", data.pos))?;
         let refs: [i64; 4] = [
@@ -636,5 +651,7 @@ fn dealstream_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<RecordCodec>()?;
     module.add_class::<logistic::LinearTerms>()?;
     module.add_class::<logistic::LogisticStep>()?;
+    module.add_function(wrap_pyfunction!(values::pack_values, module)?)?;
+    module.add_function(wrap_pyfunction!(values::unpack_values, module)?)?;
     Ok(())
 }

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from pathlib import Path
 
 import orjson
 import pytest
+from dealstream_native import pack_values, unpack_values
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
@@ -362,16 +364,53 @@ def test_the_compact_record_round_trips_exactly() -> None:
             assert item.user_id not in orjson.dumps(compact).decode()
 
 
-def test_the_stored_record_writes_integral_features_as_integers_and_reads_the_same_floats() -> None:
-    special = [0.0, 1.0, 2_592_000.0, 9_007_199_254_740_992.0, 1e16, 1e300, 5e-6, 0.432, -3.0]
-    values = {name: special[i % len(special)] for i, name in enumerate(FEATURE_NAMES)}
-    item = _pending(values)
+def test_the_stored_record_packs_the_features_into_a_third_of_their_json() -> None:
+    # a vector as the simulator's shoppers make them: counts, zeros, a repeated cap, fractions
+    typical = [1.0] * 4 + [0.0] * 21 + [2_592_000.0] * 4 + [0.0, 0.0, 1.0, 1.0, 2.0, 0.0]
+    typical += [6.261574074074074e-6, 1.0, 0.0, 1.0, 15.0, 0.541, 21.14]
+    item = _pending(dict(zip(FEATURE_NAMES, typical, strict=True)))
     stored = item.compact_json()
-    assert b",2592000," in stored and b"2592000.0" not in stored
+    packed = orjson.loads(stored)[7]
+    assert isinstance(packed, str) and orjson.dumps(packed) == b'"' + packed.encode() + b'"'
+    assert len(packed) * 2 < len(orjson.dumps(typical).replace(b".0,", b","))
     restored = _restored(orjson.loads(stored), item)
     assert restored == item
     assert all(type(v) is float for v in restored.features.values())
-    assert len(stored) < len(orjson.dumps(item.to_compact()))
+
+
+def _bits(values: list[float]) -> list[bytes]:
+    return [struct.pack("<d", value) for value in values]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.floats(allow_nan=True, allow_infinity=True),
+            st.integers(-(2**60), 2**60).map(float),
+            st.sampled_from([0.0, -0.0, 1.0, 2_592_000.0, 2.0**53, -(2.0**53), 0.1 + 0.2]),
+        ),
+        max_size=80,
+    )
+)
+def test_packed_values_come_back_bit_for_bit(values: list[float]) -> None:
+    assert _bits(unpack_values(pack_values(values))) == _bits(values)
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("A", "not base64url"),  # six bits are not a byte
+        ("AB", "not base64url"),  # leftover bits set
+        ("ab+/", "not base64url"),  # standard base64, not url-safe
+        ("_w", "IndexError"),  # a varint that never ends
+        ("Aw", "unknown run kind"),
+        ("_____wc", "OverflowError"),  # a run longer than any catalogue
+    ],
+)
+def test_unpacking_text_that_was_not_packed_says_why(text: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        unpack_values(text)
 
 
 def test_a_negative_zero_feature_keeps_its_sign() -> None:
@@ -394,6 +433,7 @@ def test_a_record_written_before_features_were_added_reads_the_ones_it_has() -> 
     values = {name: 1.0 for name in FEATURE_NAMES}
     item = _pending(values)
     compact = item.to_compact()
-    compact[7] = compact[7][:-2]  # as if the last two features did not exist yet
+    # as if the last two features did not exist yet
+    compact[7] = pack_values([1.0] * (len(FEATURE_NAMES) - 2))
     restored = _restored(compact, item)
     assert tuple(restored.features) == FEATURE_NAMES[:-2]
