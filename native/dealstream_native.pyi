@@ -80,3 +80,7 @@ def pack_values(values: Sequence[float]) -> str:
 
 def unpack_values(text: str) -> list[float]:
     """The values ``pack_values`` packed; ``ValueError`` for any other text."""
+
+def default_partition(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner gives a keyed record (``native/src/
+    partition.rs``): murmur2 of the key, made positive, modulo ``partitions``."""

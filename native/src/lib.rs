@@ -9,9 +9,11 @@
 //! module too, so the format is defined in one place.
 //!
 //! `logistic` holds the purchase model's arithmetic (River's learning step and linear score);
-//! `values` packs a feature vector into the short text a pending decision keeps in Redis.
+//! `values` packs a feature vector into the short text a pending decision keeps in Redis;
+//! `partition` is Kafka's default partitioner.
 
 mod logistic;
+mod partition;
 mod values;
 
 use std::cell::RefCell;
@@ -651,6 +653,7 @@ fn dealstream_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<RecordCodec>()?;
     module.add_class::<logistic::LinearTerms>()?;
     module.add_class::<logistic::LogisticStep>()?;
+    module.add_function(wrap_pyfunction!(partition::default_partition, module)?)?;
     module.add_function(wrap_pyfunction!(values::pack_values, module)?)?;
     module.add_function(wrap_pyfunction!(values::unpack_values, module)?)?;
     Ok(())

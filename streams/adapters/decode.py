@@ -7,12 +7,13 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
+from dealstream_native import default_partition
 
 from engine.errors import InvalidEvent
 from engine.events import Event, decode_event
 from engine.features.store import Position
 from engine.pipeline import Incoming, state_update
-from streams.adapters.kafka_io import PRODUCER_MAX_REQUEST_BYTES, default_partition
+from streams.adapters.kafka_io import PRODUCER_MAX_REQUEST_BYTES
 from streams.settings import Topics
 
 

@@ -23,7 +23,6 @@ from aiokafka.errors import (
     UnsupportedSaslMechanismError,
     for_code,
 )
-from aiokafka.partitioner import murmur2
 from redis.exceptions import RedisClusterException
 
 from streams.adapters.redis_client import RedisClient
@@ -36,20 +35,6 @@ broker's default ``message.max.bytes`` is 1,048,588): dead letters are cut to fi
 worker's librdkafka producer has it as ``message.max.bytes`` and counts a record as its key,
 value and headers plus at most about 40 bytes, less than aiokafka's estimate that dead
 letters are cut by (``record_bytes``): what fits one fits the other."""
-
-_KEY_HASHES: dict[bytes, int] = {}
-_KEY_HASHES_MAX = 200_000
-
-
-def default_partition(key: bytes, partitions: int) -> int:
-    """The partition Kafka's default partitioner (every client's: murmur2 of the key, made
-    positive, modulo the count) puts a keyed record on. Hashes are memoised per key (bounded)."""
-    hashed = _KEY_HASHES.get(key)
-    if hashed is None:
-        if len(_KEY_HASHES) >= _KEY_HASHES_MAX:
-            _KEY_HASHES.clear()
-        hashed = _KEY_HASHES[key] = murmur2(key) & 0x7FFFFFFF
-    return hashed % partitions
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,10 +32,10 @@ from typing import Any
 
 import confluent_kafka
 from aiokafka import AIOKafkaProducer
+from dealstream_native import default_partition
 
 from streams.adapters.kafka_io import (
     PRODUCER_MAX_REQUEST_BYTES,
-    default_partition,
     kafka_client_options,
     quiet_logger,
 )

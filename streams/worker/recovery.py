@@ -30,9 +30,9 @@ import logging
 from collections.abc import Sequence
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from dealstream_native import default_partition
 
 from engine.pipeline import DiscountEngine
-from streams.adapters.kafka_io import default_partition
 from streams.adapters.outbox import Outbox
 from streams.adapters.redis_ledger import ledger_result
 from streams.adapters.redis_store import RedisFeatureStore

@@ -13,8 +13,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import ConsumerRecord
+from dealstream_native import default_partition
 
-from streams.adapters.kafka_io import default_partition, ensure_topics
+from streams.adapters.kafka_io import ensure_topics
 from streams.adapters.sinks import RdKafkaSink
 from streams.errors import ServiceUnavailable, SinkError
 from tests.conftest import Isolation, Services, unused_port

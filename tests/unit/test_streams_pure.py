@@ -8,7 +8,9 @@ from typing import Any
 
 import orjson
 import pytest
+from aiokafka.partitioner import murmur2
 from aiokafka.structs import ConsumerRecord
+from dealstream_native import default_partition
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -30,7 +32,6 @@ from streams.adapters.decode import (
     decode_record,
     record_bytes,
 )
-from streams.adapters.kafka_io import default_partition
 from streams.adapters.redis_store import from_hash_tag, hash_tag
 from streams.errors import ConfigError, StreamsError
 from streams.settings import (
@@ -374,9 +375,23 @@ def test_good_record_becomes_incoming_with_its_position() -> None:
 def test_default_partition_is_kafkas() -> None:
     """``Utils.murmur2`` values from Kafka's own Java tests (signed 32-bit), made positive and
     taken modulo the partition count, as the default partitioner of every client does."""
-    java = {b"21": -973932308, b"foobar": -790332482, b"a-little-bit-long-string": -985981536}
+    java = {
+        b"21": -973932308,
+        b"foobar": -790332482,
+        b"a-little-bit-long-string": -985981536,
+        b"a-little-bit-longer-string": -1486304829,
+        b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8": -58897971,
+        b"abc": 479470107,
+    }
     for key, signed in java.items():
         assert default_partition(key, 1000) == (signed & 0x7FFFFFFF) % 1000
+    with pytest.raises(ValueError, match="at least one partition"):
+        default_partition(b"u-1", 0)
+
+
+@given(st.binary(max_size=64), st.integers(1, 10_000))
+def test_default_partition_agrees_with_aiokafkas_partitioner(key: bytes, partitions: int) -> None:
+    assert default_partition(key, partitions) == (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
 def test_event_within_the_allowed_skew_is_accepted() -> None:
