@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from dealstream_native import pack_values, unpack_values
 
 from engine.decisions import Decision, DecisionDraft, offer_beside
 from engine.features.catalogue import FEATURE_NAMES
@@ -59,8 +60,9 @@ def encode_drafts(
     list (``_DECISION_FIELDS``, then P(purchase) without an offer, then the offer).
 
     Compact because every batch writes it to Redis (and its append-only file): the features are
-    their values in catalogue order (the names would be two thirds of the bytes; a vector that
-    is not the catalogue's goes whole), and the offer is its expiry and reasons: the rest is
+    their values in catalogue order, packed as pending records pack them (``pack_values``; the
+    names would be two thirds of a JSON vector's bytes; a vector that is not the catalogue's
+    goes whole), and the offer is its expiry and reasons: the rest is
     the decision's (``offer_beside``, as the engine builds it). The user id is sealed
     (``Pseudonyms.seal``; as is under ``Pseudonyms.raw()``)."""
     seal = (pseudonyms if pseudonyms is not None else Pseudonyms.raw()).seal
@@ -74,7 +76,9 @@ def encode_drafts(
         item[_USER_AT] = seal(decision.user_id)
         features = decision.features
         item[_FEATURES_AT] = (
-            list(features.values()) if tuple(features) == FEATURE_NAMES else dict(features)
+            pack_values(list(features.values()))
+            if tuple(features) == FEATURE_NAMES
+            else dict(features)
         )
         item.append(draft.p_no_offer)
         item.append(None if offer is None else [offer.expires_at, [list(r) for r in offer.reasons]])
@@ -94,8 +98,8 @@ def decode_drafts(blob: bytes, pseudonyms: Pseudonyms | None = None) -> list[Dec
         fields = dict(zip(_DECISION_FIELDS, item, strict=False))
         fields["user_id"] = unseal(fields["user_id"])
         features = fields["features"]
-        if isinstance(features, list):
-            fields["features"] = dict(zip(FEATURE_NAMES, features, strict=True))
+        if isinstance(features, str):
+            fields["features"] = dict(zip(FEATURE_NAMES, unpack_values(features), strict=True))
         fields["rules"] = tuple(fields["rules"])
         decision = Decision(**fields, denied_by=None)
         p_no_offer, offer_item = item[len(_DECISION_FIELDS)], item[len(_DECISION_FIELDS) + 1]

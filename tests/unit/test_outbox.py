@@ -137,8 +137,8 @@ async def test_drafts_round_trip_exactly() -> None:
     drafts = [d for call in ledger.calls for d in call.drafts]
     assert any(d is None for d in drafts) and any(d and d.offer for d in drafts)
     assert decode_drafts(encode_drafts(drafts)) == drafts
-    # the compact form (features by catalogue position, the offer as its expiry and reasons)
-    # keeps a feature vector that is not the catalogue's whole
+    # the compact form (features packed by catalogue position, the offer as its expiry and
+    # reasons) keeps a feature vector that is not the catalogue's whole
     draft = next(d for d in drafts if d and d.offer)
     assert draft.offer is not None
     odd = DecisionDraft(
