@@ -9,7 +9,8 @@
 //! module too, so the format is defined in one place.
 //!
 //! `logistic` holds the purchase model's arithmetic (River's learning step and linear score);
-//! `values` packs a feature vector into the short text a pending decision keeps in Redis;
+//! `values` packs a feature vector into the short text pending decisions and outbox entries
+//! keep in Redis;
 //! `partition` is Kafka's default partitioner.
 
 mod logistic;
