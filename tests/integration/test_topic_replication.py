@@ -4,6 +4,9 @@ that says what to set, not topics silently missing."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -15,6 +18,21 @@ from tests.conftest import Isolation, Services
 from tests.worker_process import clean_up
 
 pytestmark = pytest.mark.integration
+
+
+async def _topic_configs(admin: AIOKafkaAdminClient, topic: str) -> dict[str, str]:
+    """A new topic's configuration as a broker describes it. The broker that answers may not
+    know the topic for a moment after it was created (its metadata follows the controller's),
+    and then describes it with an error and no entries: ask again, for up to 10 s."""
+    deadline = time.monotonic() + 10
+    while True:
+        [described] = await admin.describe_configs(
+            [ConfigResource(ConfigResourceType.TOPIC, topic)]
+        )
+        error_code, _, _, _, entries = described.resources[0][:5]
+        if (error_code == 0 and entries) or time.monotonic() > deadline:
+            return {entry[0]: entry[1] for entry in entries}
+        await asyncio.sleep(0.2)
 
 
 async def test_topics_get_their_min_insync_replicas_and_an_impossible_factor_is_refused(
@@ -32,10 +50,7 @@ async def test_topics_get_their_min_insync_replicas_and_an_impossible_factor_is_
             replication=TopicReplication.of(brokers),
         )
         assert created == [topics.offers]
-        [described] = await admin.describe_configs(
-            [ConfigResource(ConfigResourceType.TOPIC, topics.offers)]
-        )
-        configs = {entry[0]: entry[1] for entry in described.resources[0][4]}
+        configs = await _topic_configs(admin, topics.offers)
         expected = TopicReplication.of(brokers).min_insync
         assert configs["min.insync.replicas"] == str(expected)
 
