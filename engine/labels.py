@@ -36,9 +36,8 @@ from enum import StrEnum
 from typing import Any
 
 import orjson
-from dealstream_native import pack_values, unpack_values
 
-from engine.features.catalogue import FEATURE_NAMES
+from engine.features.catalogue import features_from_stored, stored_features
 
 
 class Arm(StrEnum):
@@ -74,17 +73,10 @@ class PendingDecision:
         then ``converted_at`` when there is one: the fields the Redis ledger's script reads
         come first. ``offer`` is 1 when the offer id is the one the decision id implies
         (``offer_id_of``), the id itself when it is another, None when there is no offer.
-        Features are their values in catalogue order (the catalogue only ever grows at its
-        end) packed into short text (``pack_values``: about a third of their JSON) unless
-        the names differ from the catalogue, when they stay a mapping.
+        Features are ``stored_features``: their values in catalogue order (the catalogue
+        only ever grows at its end) packed into short text.
         """
-        names = tuple(self.features)
-        features: Any = (
-            pack_values(list(self.features.values()))
-            if names == FEATURE_NAMES
-            else dict(self.features)
-        )
-        record = [
+        record: list[Any] = [
             self.ts,
             self.campaign,
             str(self.arm),
@@ -92,7 +84,7 @@ class PendingDecision:
             self.discount_pct,
             self.propensity,
             self.model_version,
-            features,
+            stored_features(self.features),
         ]
         if self.converted_at is not None:
             record.append(self.converted_at)
@@ -122,11 +114,7 @@ class PendingDecision:
         ts, campaign, arm, offer, discount, propensity, version, raw = record[:8]
         if converted_at is None and len(record) > 8:
             converted_at = record[8]
-        features = (
-            {str(k): float(v) for k, v in raw.items()}
-            if isinstance(raw, dict)
-            else dict(zip(FEATURE_NAMES, unpack_values(raw), strict=False))
-        )
+        features = features_from_stored(raw)
         offer_id = offer_id_of(decision_id) if offer == 1 else offer
         return cls(
             decision_id=decision_id,

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from dealstream_native import pack_values, unpack_values
+
 from engine.features.state import (
     ACTIVITY_CODES,
     ACTIVITY_KINDS,
@@ -38,8 +40,11 @@ __all__ = [
     "FEATURE_NAMES",
     "FeatureContext",
     "FeatureSpec",
+    "StoredFeatures",
     "build_context",
     "compute_features",
+    "features_from_stored",
+    "stored_features",
 ]
 
 
@@ -318,6 +323,26 @@ def _declare() -> tuple[FeatureSpec, ...]:
 
 CATALOGUE: tuple[FeatureSpec, ...] = _declare()
 FEATURE_NAMES: tuple[str, ...] = tuple(spec.name for spec in CATALOGUE)
+
+StoredFeatures = str | dict[str, float]
+"""A feature vector as the Redis ledger and the outbox keep it (``stored_features``)."""
+
+
+def stored_features(features: Mapping[str, float]) -> StoredFeatures:
+    """A vector as short text: its values in catalogue order, packed (``pack_values``,
+    ``native/src/values.rs``: a third to a half of their JSON); a vector whose names are not
+    the catalogue's stays a mapping."""
+    if tuple(features) == FEATURE_NAMES:
+        return pack_values(list(features.values()))
+    return dict(features)
+
+
+def features_from_stored(stored: StoredFeatures) -> dict[str, float]:
+    """The vector ``stored_features`` kept. Text written before features were added to the
+    catalogue's end gives the ones it has."""
+    if isinstance(stored, dict):
+        return {str(name): float(value) for name, value in stored.items()}
+    return dict(zip(FEATURE_NAMES, unpack_values(stored), strict=False))
 
 
 _PLAN: tuple[tuple[str, FeatureFn, str, int], ...] = tuple(

@@ -1,6 +1,5 @@
-//! A feature vector as short text: how a pending decision keeps its features in Redis
-//! (`engine/labels.py`, `PendingDecision.to_compact`), and an outbox entry its drafts'
-//! (`streams/adapters/outbox.py`).
+//! A feature vector as short text: how pending decisions and outbox entries keep their
+//! features in Redis (`stored_features`, `engine/features/catalogue.py`).
 //!
 //! Most of a vector's values are small counts, zeros, or the same cap repeated (a recency
 //! never seen), which JSON spells out one by one. Here the values go in runs of bitwise

@@ -40,10 +40,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from dealstream_native import pack_values, unpack_values
 
 from engine.decisions import Decision, DecisionDraft, offer_beside
-from engine.features.catalogue import FEATURE_NAMES
+from engine.features.catalogue import features_from_stored, stored_features
 from streams.adapters.batch_commit import OutboxWrite
 from streams.adapters.pseudonyms import Pseudonyms
 from streams.adapters.redis_client import RedisClient
@@ -60,9 +59,8 @@ def encode_drafts(
     list (``_DECISION_FIELDS``, then P(purchase) without an offer, then the offer).
 
     Compact because every batch writes it to Redis (and its append-only file): the features are
-    their values in catalogue order, packed as pending records pack them (``pack_values``; the
-    names would be two thirds of a JSON vector's bytes; a vector that is not the catalogue's
-    goes whole), and the offer is its expiry and reasons: the rest is
+    kept as pending records keep them (``stored_features``: their values packed in catalogue
+    order), and the offer is its expiry and reasons: the rest is
     the decision's (``offer_beside``, as the engine builds it). The user id is sealed
     (``Pseudonyms.seal``; as is under ``Pseudonyms.raw()``)."""
     seal = (pseudonyms if pseudonyms is not None else Pseudonyms.raw()).seal
@@ -74,12 +72,7 @@ def encode_drafts(
         decision, offer = draft.decision, draft.offer
         item = [getattr(decision, name) for name in _DECISION_FIELDS]
         item[_USER_AT] = seal(decision.user_id)
-        features = decision.features
-        item[_FEATURES_AT] = (
-            pack_values(list(features.values()))
-            if tuple(features) == FEATURE_NAMES
-            else dict(features)
-        )
+        item[_FEATURES_AT] = stored_features(decision.features)
         item.append(draft.p_no_offer)
         item.append(None if offer is None else [offer.expires_at, [list(r) for r in offer.reasons]])
         items.append(item)
@@ -97,9 +90,7 @@ def decode_drafts(blob: bytes, pseudonyms: Pseudonyms | None = None) -> list[Dec
             continue
         fields = dict(zip(_DECISION_FIELDS, item, strict=False))
         fields["user_id"] = unseal(fields["user_id"])
-        features = fields["features"]
-        if isinstance(features, str):
-            fields["features"] = dict(zip(FEATURE_NAMES, unpack_values(features), strict=True))
+        fields["features"] = features_from_stored(fields["features"])
         fields["rules"] = tuple(fields["rules"])
         decision = Decision(**fields, denied_by=None)
         p_no_offer, offer_item = item[len(_DECISION_FIELDS)], item[len(_DECISION_FIELDS) + 1]

@@ -364,7 +364,7 @@ def test_the_compact_record_round_trips_exactly() -> None:
             assert item.user_id not in orjson.dumps(compact).decode()
 
 
-def test_the_stored_record_packs_the_features_into_a_third_of_their_json() -> None:
+def test_the_stored_record_packs_the_features_into_under_half_of_their_json() -> None:
     # a vector as the simulator's shoppers make them: counts, zeros, a repeated cap, fractions
     typical = [1.0] * 4 + [0.0] * 21 + [2_592_000.0] * 4 + [0.0, 0.0, 1.0, 1.0, 2.0, 0.0]
     typical += [6.261574074074074e-6, 1.0, 0.0, 1.0, 15.0, 0.541, 21.14]
