@@ -37,6 +37,7 @@ from engine.analysis.simulation.world import open_loop
 from engine.model.inputs import model_inputs
 from engine.pipeline import EngineConfig
 from streams.cli.backtest_files import run_backtest_command
+from streams.operations.allocator import fix_mmap_threshold
 from streams.operations.garbage_collector import tune_garbage_collector
 from streams.settings import Settings
 
@@ -92,7 +93,10 @@ def main() -> int:
     parser.add_argument("--river-rows", type=int, default=300_000)
     parser.add_argument("--no-write", action="store_true", help="do not write the results file")
     args = parser.parse_args()
-    tune_garbage_collector(Settings.from_env().gc_threshold)  # as `dealstream backtest` runs
+    # the collector and the allocator as `dealstream backtest` sets them
+    settings = Settings.from_env()
+    tune_garbage_collector(settings.gc_threshold)
+    fix_mmap_threshold(settings.malloc_mmap_threshold)
 
     with tempfile.TemporaryDirectory(prefix="bench-backtest-") as tmp:
         root = Path(tmp)

@@ -42,6 +42,7 @@ from bench.e2e.drain import DrainConfig, drain_run, memory_summary, run_names, s
 from bench.e2e.inprocess import measure_inprocess
 from bench.e2e.latency import measure_latency
 from bench.e2e.preload import DEFAULT_GAP_MS, preload, raw_consume
+from streams.operations.allocator import fix_mmap_threshold
 from streams.operations.garbage_collector import tune_garbage_collector
 from streams.settings import Settings
 
@@ -304,8 +305,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    # the in-process batch step runs here: with the collector as `dealstream` sets it
-    tune_garbage_collector(Settings.from_env().gc_threshold)
+    # the in-process batch step runs here: with the collector and the allocator as `dealstream`
+    # sets them
+    settings = Settings.from_env()
+    tune_garbage_collector(settings.gc_threshold)
+    fix_mmap_threshold(settings.malloc_mmap_threshold)
     report = asyncio.run(bench(args))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")

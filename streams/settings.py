@@ -28,6 +28,7 @@ from engine.model.signing import (
     verify_key_pem,
 )
 from streams.errors import ConfigError
+from streams.operations.allocator import MAX_MMAP_THRESHOLD
 
 if TYPE_CHECKING:
     from engine.pipeline import EngineConfig
@@ -300,6 +301,11 @@ class Settings:
     """Net allocations between two young-generation collections of Python's garbage collector
     (``DEALSTREAM_GC_THRESHOLD``; Python's own is 700; 0 leaves the collector as Python sets
     it): ``streams/operations/garbage_collector.py``."""
+    malloc_mmap_threshold: int = 128 * 1024
+    """Bytes from which the C library serves an allocation with a mapping of its own, fixed
+    (``DEALSTREAM_MALLOC_MMAP_THRESHOLD``; at most 32 MiB; 0 leaves glibc to raise it as large
+    blocks are freed, which let the worker's heap grow with the events it processed):
+    ``streams/operations/allocator.py``."""
 
     @property
     def topics(self) -> Topics:
@@ -424,7 +430,19 @@ class Settings:
                 "FORGET_TTL_S", number("FORGET_TTL_S", defaults.forget_ttl_s, float)
             ),
             gc_threshold=int(number("GC_THRESHOLD", defaults.gc_threshold, int)),
+            malloc_mmap_threshold=_mmap_threshold(
+                int(number("MALLOC_MMAP_THRESHOLD", defaults.malloc_mmap_threshold, int))
+            ),
         )
+
+
+def _mmap_threshold(threshold: int) -> int:
+    if threshold > MAX_MMAP_THRESHOLD:
+        raise ConfigError(
+            f"{ENV_PREFIX}MALLOC_MMAP_THRESHOLD must be at most {MAX_MMAP_THRESHOLD} bytes "
+            f"(glibc's ceiling), got {threshold}"
+        )
+    return threshold
 
 
 def _tls_files(get: Callable[[str], str | None], scope: str) -> TlsFiles:

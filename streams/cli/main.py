@@ -27,6 +27,7 @@ from streams.cli import (
     worker,
 )
 from streams.errors import StreamsError
+from streams.operations.allocator import fix_mmap_threshold
 from streams.operations.garbage_collector import tune_garbage_collector
 from streams.operations.logs import configure_logging
 from streams.settings import Settings
@@ -66,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         salt = settings.log_salt.reveal().encode() if settings.log_salt else None
         configure_logging(settings.log_level, settings.log_format, salt=salt)
         tune_garbage_collector(settings.gc_threshold)
+        fix_mmap_threshold(settings.malloc_mmap_threshold)
         return int(args.handler(settings, args))
     except (StreamsError, EngineError) as exc:
         print(f"dealstream: {exc}", file=sys.stderr)
