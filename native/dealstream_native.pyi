@@ -74,12 +74,14 @@ class LogisticStep:
     def learn(self, x: Sequence[float], y: bool, w: float) -> None: ...
     def terms(self) -> LinearTerms: ...
 
-def pack_values(values: Sequence[float]) -> str:
-    """A feature vector as base64url text (``native/src/values.rs``): runs of equal values,
-    integral ones as varint differences, others as doubles. Bit for bit reversible."""
+def pack_features(features: dict[str, float], names: tuple[str, ...]) -> str | None:
+    """The feature vector's values as base64url text when its names are ``names``, in that
+    order (``native/src/values.rs``): runs of equal values, integral ones as varint
+    differences, others as doubles; bit for bit reversible. None for other names."""
 
-def unpack_values(text: str) -> list[float]:
-    """The values ``pack_values`` packed; ``ValueError`` for any other text."""
+def unpack_features(text: str, names: tuple[str, ...]) -> dict[str, float]:
+    """The vector ``pack_features`` packed, named by ``names`` (as many as the text has values);
+    ``ValueError`` for any other text."""
 
 def default_partition(key: bytes, partitions: int) -> int:
     """The partition Kafka's default partitioner gives a keyed record (``native/src/

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from dealstream_native import pack_values, unpack_values
+from dealstream_native import pack_features, unpack_features
 
 from engine.features.state import (
     ACTIVITY_CODES,
@@ -329,12 +329,12 @@ StoredFeatures = str | dict[str, float]
 
 
 def stored_features(features: Mapping[str, float]) -> StoredFeatures:
-    """A vector as short text: its values in catalogue order, packed (``pack_values``,
+    """A vector as short text: its values in catalogue order, packed (``pack_features``,
     ``native/src/values.rs``: a third to a half of their JSON); a vector whose names are not
     the catalogue's stays a mapping."""
-    if tuple(features) == FEATURE_NAMES:
-        return pack_values(list(features.values()))
-    return dict(features)
+    vector = features if isinstance(features, dict) else dict(features)
+    packed = pack_features(vector, FEATURE_NAMES)
+    return packed if packed is not None else dict(vector)
 
 
 def features_from_stored(stored: StoredFeatures) -> dict[str, float]:
@@ -342,7 +342,7 @@ def features_from_stored(stored: StoredFeatures) -> dict[str, float]:
     catalogue's end gives the ones it has."""
     if isinstance(stored, dict):
         return {str(name): float(value) for name, value in stored.items()}
-    return dict(zip(FEATURE_NAMES, unpack_values(stored), strict=False))
+    return unpack_features(stored, FEATURE_NAMES)
 
 
 _PLAN: tuple[tuple[str, FeatureFn, str, int], ...] = tuple(

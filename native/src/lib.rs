@@ -30,7 +30,7 @@ const SHARED_FLOATS: usize = 1024;
 
 /// An empty dict with room for `count` items: a record's fields would otherwise grow it two
 /// or three times while they are set.
-fn presized_dict(py: Python<'_>, count: usize) -> PyResult<Bound<'_, PyDict>> {
+pub(crate) fn presized_dict(py: Python<'_>, count: usize) -> PyResult<Bound<'_, PyDict>> {
     let size = pyo3::ffi::Py_ssize_t::try_from(count).unwrap_or(0);
     // SAFETY: the GIL is held (`py`); the call returns a new reference or NULL with an error set.
     unsafe {
@@ -40,7 +40,7 @@ fn presized_dict(py: Python<'_>, count: usize) -> PyResult<Bound<'_, PyDict>> {
 }
 
 /// Integers a double holds exactly: what may be coded as an integer.
-const EXACT: f64 = 9_007_199_254_740_992.0; // 2**53
+pub(crate) const EXACT: f64 = 9_007_199_254_740_992.0; // 2**53
 
 /// FNV-1a: the memos' keys are short, and SipHash (the default) cost more than the rest of a
 /// field's encoding. The keys are our own field names and numbers, so flooding is no concern.
@@ -655,7 +655,7 @@ fn dealstream_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<logistic::LinearTerms>()?;
     module.add_class::<logistic::LogisticStep>()?;
     module.add_function(wrap_pyfunction!(partition::default_partition, module)?)?;
-    module.add_function(wrap_pyfunction!(values::pack_values, module)?)?;
-    module.add_function(wrap_pyfunction!(values::unpack_values, module)?)?;
+    module.add_function(wrap_pyfunction!(values::pack_features, module)?)?;
+    module.add_function(wrap_pyfunction!(values::unpack_features, module)?)?;
     Ok(())
 }

@@ -12,10 +12,16 @@
 //!
 //! The bytes are written as base64url without padding, so the text needs no escaping in
 //! JSON. Every vector comes back bit for bit.
+//!
+//! Python sees a vector as the dict the catalogue computes (names in catalogue order):
+//! `pack_features` checks its names and packs its values in one pass, `unpack_features` builds
+//! the dict back (each about 2.5 µs in Python, where they ran twice per decision and once per
+//! label event).
 
 use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
 
-use crate::{exact_int, invalid, varint, zvarint, Reader};
+use crate::{exact_int, invalid, presized_dict, varint, zvarint, Reader, EXACT};
 
 const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 const PACKED: &str = "packed feature values";
@@ -25,9 +31,48 @@ const DOUBLE: u128 = 2;
 /// More values than any feature catalogue has: a corrupt run length cannot take the memory.
 const MAX_VALUES: usize = 1 << 16;
 
-/// `values` packed into base64url text (see the module docstring).
+/// The values of `features` packed (the module docstring) when its names are `names`, in that
+/// order; None when they are not (the caller keeps such a vector by name). A value that is
+/// not a number is a TypeError.
 #[pyfunction]
-pub fn pack_values(values: Vec<f64>) -> String {
+pub fn pack_features(
+    features: &Bound<'_, PyDict>,
+    names: &Bound<'_, PyTuple>,
+) -> PyResult<Option<String>> {
+    if features.len() != names.len() {
+        return Ok(None);
+    }
+    let mut values = Vec::with_capacity(names.len());
+    for (index, (name, value)) in features.iter().enumerate() {
+        let expected = names.get_item(index)?;
+        // The catalogue's dicts share its name objects: identity settles nearly every name.
+        if !name.is(&expected) && !name.eq(&expected)? {
+            return Ok(None);
+        }
+        values.push(value.extract::<f64>()?);
+    }
+    Ok(Some(pack_values(&values)))
+}
+
+/// The dict `pack_features` packed: `names` with the values `text` holds (a text with fewer
+/// values, written before names were added at the catalogue's end, gives the names it has);
+/// ValueError, saying where, for text that was not packed.
+#[pyfunction]
+pub fn unpack_features<'py>(
+    py: Python<'py>,
+    text: &str,
+    names: &Bound<'py, PyTuple>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let values = unpack_values(text)?;
+    let features = presized_dict(py, values.len().min(names.len()))?;
+    for (name, value) in names.iter().zip(values) {
+        features.set_item(name, value)?;
+    }
+    Ok(features)
+}
+
+/// `values` packed into base64url text (see the module docstring).
+fn pack_values(values: &[f64]) -> String {
     let mut out = Vec::with_capacity(values.len() + 8);
     let mut previous: i128 = 0;
     let mut i = 0;
@@ -58,8 +103,7 @@ pub fn pack_values(values: Vec<f64>) -> String {
 }
 
 /// The values `pack_values` packed; ValueError, saying where, for any other text.
-#[pyfunction]
-pub fn unpack_values(text: &str) -> PyResult<Vec<f64>> {
+fn unpack_values(text: &str) -> PyResult<Vec<f64>> {
     let data = from_base64url(text)?;
     let mut reader = Reader {
         data: &data,
@@ -93,9 +137,7 @@ pub fn unpack_values(text: &str) -> PyResult<Vec<f64>> {
                 if exponent.unsigned_abs() > 400 || mantissa.unsigned_abs() >= 1 << 64 {
                     return Err(invalid(PACKED, "OverflowError", at));
                 }
-                format!("{mantissa}e{exponent}")
-                    .parse::<f64>()
-                    .map_err(|_| invalid(PACKED, "ValueError", at))?
+                decimal(mantissa, exponent).ok_or_else(|| invalid(PACKED, "ValueError", at))?
             }
             DOUBLE => {
                 let raw: [u8; 8] = reader.bytes(8)?.try_into().expect("8 bytes");
@@ -108,11 +150,34 @@ pub fn unpack_values(text: &str) -> PyResult<Vec<f64>> {
     Ok(values)
 }
 
+/// Powers of ten a double holds exactly.
+const POW10: [f64; 23] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
+    1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+];
+
+/// `m * 10**e` as a double. For `-22 <= e <= 0` and `|m| < 2**53` both `m` and `10**-e` are
+/// exact, so the division is the correctly rounded value of the decimal, as parsing its text
+/// would give (and is one operation, not a formatted string and a parse).
+fn decimal(mantissa: i128, exponent: i128) -> Option<f64> {
+    if (-22..=0).contains(&exponent) && mantissa.unsigned_abs() < 1 << 53 {
+        return Some(mantissa as f64 / POW10[exponent.unsigned_abs() as usize]);
+    }
+    format!("{mantissa}e{exponent}").parse::<f64>().ok()
+}
+
 /// `(m, e)` with `m * 10**e` the shortest decimal that reads back as `value` (Rust prints
 /// floats that way), when it reads back bit for bit; None for -0.0, NaN and infinities.
+/// A fraction of up to 9 decimals (most features) is found by scaling, without formatting.
 fn shortest_decimal(value: f64) -> Option<(i64, i32)> {
     if !value.is_finite() || value == 0.0 {
         return None;
+    }
+    for (digits, power) in POW10.iter().enumerate().take(10).skip(1) {
+        let mantissa = (value * power).round();
+        if mantissa.abs() < EXACT && (mantissa / power).to_bits() == value.to_bits() {
+            return Some((mantissa as i64, -(digits as i32)));
+        }
     }
     let text = format!("{value:e}");
     let (digits, exponent) = text.split_once('e')?;

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from dealstream_native import pack_values, unpack_values
+from dealstream_native import pack_features, unpack_features
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
@@ -394,7 +394,31 @@ def _bits(values: list[float]) -> list[bytes]:
     )
 )
 def test_packed_values_come_back_bit_for_bit(values: list[float]) -> None:
-    assert _bits(unpack_values(pack_values(values))) == _bits(values)
+    names = tuple(f"f{i}" for i in range(len(values)))
+    packed = pack_features(dict(zip(names, values, strict=True)), names)
+    assert packed is not None
+    unpacked = unpack_features(packed, names)
+    assert tuple(unpacked) == names
+    assert _bits(list(unpacked.values())) == _bits(values)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(-(2**53) + 1, 2**53 - 1), st.integers(0, 22))
+def test_a_decimal_reads_back_as_its_text_parses(mantissa: int, digits: int) -> None:
+    # the decoder divides by a power of ten where it used to parse the decimal's text
+    value = float(f"{mantissa}e-{digits}")
+    names = ("x", "y")
+    packed = pack_features({"x": value, "y": value / 3}, names)
+    assert packed is not None
+    assert _bits(list(unpack_features(packed, names).values())) == _bits([value, value / 3])
+
+
+def test_a_vector_by_other_names_or_in_another_order_is_not_packed() -> None:
+    assert pack_features({"a": 1.0, "b": 2.0}, ("b", "a")) is None
+    assert pack_features({"a": 1.0}, ("a", "b")) is None
+    assert pack_features({"a": 1.0, "b": 2.0}, ("a", "b")) is not None
+    with pytest.raises(TypeError):
+        pack_features({"a": "one"}, ("a",))
 
 
 @pytest.mark.parametrize(
@@ -410,7 +434,7 @@ def test_packed_values_come_back_bit_for_bit(values: list[float]) -> None:
 )
 def test_unpacking_text_that_was_not_packed_says_why(text: str, why: str) -> None:
     with pytest.raises(ValueError, match=why):
-        unpack_values(text)
+        unpack_features(text, FEATURE_NAMES)
 
 
 def test_a_negative_zero_feature_keeps_its_sign() -> None:
@@ -434,6 +458,7 @@ def test_a_record_written_before_features_were_added_reads_the_ones_it_has() -> 
     item = _pending(values)
     compact = item.to_compact()
     # as if the last two features did not exist yet
-    compact[7] = pack_values([1.0] * (len(FEATURE_NAMES) - 2))
+    older = FEATURE_NAMES[:-2]
+    compact[7] = pack_features(dict.fromkeys(older, 1.0), older)
     restored = _restored(compact, item)
     assert tuple(restored.features) == FEATURE_NAMES[:-2]
