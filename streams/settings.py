@@ -28,12 +28,14 @@ from engine.model.signing import (
     verify_key_pem,
 )
 from streams.errors import ConfigError
-from streams.operations.allocator import MAX_MMAP_THRESHOLD
 
 if TYPE_CHECKING:
     from engine.pipeline import EngineConfig
 
 ENV_PREFIX = "DEALSTREAM_"
+MAX_MMAP_THRESHOLD = 32 * 1024 * 1024
+"""glibc's ceiling on its mmap threshold on 64-bit systems (``HEAP_MAX_SIZE / 2``): ``mallopt``
+refuses a larger one (``streams/operations/allocator.py``)."""
 
 
 @dataclass(frozen=True, slots=True)

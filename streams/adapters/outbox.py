@@ -23,9 +23,10 @@ reports its commits (``committed``), and the next call deletes what they acknowl
 ``<prefix>obc`` (entry id -> coverage: ``{"<topic>:<partition>": watermark}``). An entry id
 is ``<writer token>:<sequence>``, so the entries of one writer sort in batch order.
 
-User ids: a draft's decision keeps its user id sealed (AES-GCM, ``Pseudonyms.seal``), never
-in the clear: the offer published again needs the raw id the shop knows, and the decision is
-pseudonymised as it is published. The ledger's label events in an entry hold pseudonyms.
+User ids: a draft's decision keeps its raw user id (the offer published again needs the id
+the shop knows; the decision is pseudonymised as it is published), so an entry's drafts are
+sealed as a whole (AES-GCM, ``Pseudonyms.seal``), never stored in the clear. The ledger's label
+events in an entry hold pseudonyms.
 
 Consumers see a re-published output twice when the first publication made it to Kafka
 before the crash: offers dedup by ``offer_id``, decisions by ``decision_id``, the learner by
@@ -61,9 +62,8 @@ def encode_drafts(
     Compact because every batch writes it to Redis (and its append-only file): the features are
     kept as pending records keep them (``stored_features``: their values packed in catalogue
     order), and the offer is its expiry and reasons: the rest is
-    the decision's (``offer_beside``, as the engine builds it). The user id is sealed
-    (``Pseudonyms.seal``; as is under ``Pseudonyms.raw()``)."""
-    seal = (pseudonyms if pseudonyms is not None else Pseudonyms.raw()).seal
+    the decision's (``offer_beside``, as the engine builds it). The whole array is sealed
+    (``Pseudonyms.seal``; as is under ``Pseudonyms.raw()``): it holds raw user ids."""
     items: list[Any] = []
     for draft in drafts:
         if draft is None:
@@ -71,25 +71,29 @@ def encode_drafts(
             continue
         decision, offer = draft.decision, draft.offer
         item = [getattr(decision, name) for name in _DECISION_FIELDS]
-        item[_USER_AT] = seal(decision.user_id)
         item[_FEATURES_AT] = stored_features(decision.features)
         item.append(draft.p_no_offer)
         item.append(None if offer is None else [offer.expires_at, [list(r) for r in offer.reasons]])
         items.append(item)
-    return orjson.dumps(items)
+    return (pseudonyms if pseudonyms is not None else Pseudonyms.raw()).seal(orjson.dumps(items))
 
 
 def decode_drafts(blob: bytes, pseudonyms: Pseudonyms | None = None) -> list[DecisionDraft | None]:
-    """``encode_drafts`` reversed; ``SealedIdError`` when a user id was sealed under a key
+    """``encode_drafts`` reversed; ``SealedIdError`` when the drafts were sealed under a key
     ``pseudonyms`` does not hold."""
-    unseal = (pseudonyms if pseudonyms is not None else Pseudonyms.raw()).unseal
+    opened = (pseudonyms if pseudonyms is not None else Pseudonyms.raw()).unseal(blob)
     drafts: list[DecisionDraft | None] = []
-    for item in orjson.loads(blob):
+    for item in orjson.loads(opened):
         if item is None:
             drafts.append(None)
             continue
         fields = dict(zip(_DECISION_FIELDS, item, strict=False))
-        fields["user_id"] = unseal(fields["user_id"])
+        if not isinstance(fields.get("user_id"), str):
+            raise StreamsError(
+                "an outbox entry's draft has no user id in the clear inside its sealed drafts: "
+                "written by an earlier layout (user ids sealed one by one); stop workers cleanly "
+                "before an upgrade"
+            )
         fields["features"] = features_from_stored(fields["features"])
         fields["rules"] = tuple(fields["rules"])
         decision = Decision(**fields, denied_by=None)
@@ -105,7 +109,6 @@ def decode_drafts(blob: bytes, pseudonyms: Pseudonyms | None = None) -> list[Dec
 _DECISION_FIELDS = tuple(name for name in Decision.__dataclass_fields__ if name != "denied_by")
 """A draft's decision, field by field (``denied_by`` is always None in a draft)."""
 _FEATURES_AT = _DECISION_FIELDS.index("features")
-_USER_AT = _DECISION_FIELDS.index("user_id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,8 +129,9 @@ def parse_entry(
     raw: bytes | str,
     pseudonyms: Pseudonyms | None = None,
 ) -> OutboxEntry:
-    blob = raw.encode() if isinstance(raw, str) else raw
-    reply_json, _, drafts = blob.partition(b"\n")
+    if isinstance(raw, str):  # the drafts are sealed bytes, which a decoding client mangles
+        raise StreamsError("the outbox needs a Redis client without decode_responses")
+    reply_json, _, drafts = raw.partition(b"\n")
     reply = orjson.loads(reply_json)
     if not isinstance(reply, dict):
         raise StreamsError(f"outbox entry {entry_id} is not an outcomes/events object")

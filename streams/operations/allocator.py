@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import ctypes
 
+from streams.settings import MAX_MMAP_THRESHOLD
+
 M_MMAP_THRESHOLD = -3
 """glibc's ``mallopt`` parameter number (malloc.h)."""
-MAX_MMAP_THRESHOLD = 32 * 1024 * 1024
-"""glibc's ceiling on 64-bit systems (``HEAP_MAX_SIZE / 2``): it refuses a larger value."""
 
 
 def fix_mmap_threshold(threshold_bytes: int) -> bool:

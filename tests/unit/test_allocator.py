@@ -13,8 +13,8 @@ import pytest
 
 from streams.cli import main as cli_main
 from streams.errors import ConfigError
-from streams.operations.allocator import MAX_MMAP_THRESHOLD, fix_mmap_threshold
-from streams.settings import Settings
+from streams.operations.allocator import fix_mmap_threshold
+from streams.settings import MAX_MMAP_THRESHOLD, Settings
 
 GLIBC = platform.libc_ver()[0] == "glibc"
 

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import orjson
+import pytest
 import redis.asyncio as aioredis
 
 from engine.decisions import DecisionDraft
@@ -19,7 +20,9 @@ from engine.features.store import InMemoryFeatureStore
 from engine.ledger import DecisionRequest, InMemoryLedger, LedgerOp, LedgerResult
 from engine.pipeline import BatchResult, DiscountEngine, EngineConfig, Incoming
 from engine.stop_loss import StopLossStatus
-from streams.adapters.outbox import Outbox, decode_drafts, encode_drafts, entry_order
+from streams.adapters.outbox import Outbox, decode_drafts, encode_drafts, entry_order, parse_entry
+from streams.adapters.pseudonyms import Pseudonyms
+from streams.errors import StreamsError
 from tests.unit.test_engine_golden import campaigns, golden_input
 
 
@@ -188,3 +191,27 @@ def test_entries_are_acknowledged_once_kafka_committed_every_partition_they_cove
     outbox.committed({("b", 0): 21})
     fourth = outbox.write([], [("b:0", 40)])
     assert fourth is not None and fourth.acked == [first.entry_id, second.entry_id]
+
+
+def test_an_entry_whose_sealed_drafts_hold_newlines_parses_and_a_decoded_reply_is_refused() -> None:
+    pseudonyms = Pseudonyms(b"outbox-test-key-0123456789abcdef")
+    drafts: list[DecisionDraft | None] = [None] * 400
+    blob = encode_drafts(drafts, pseudonyms)
+    while b"\n" not in blob:  # sealed bytes: a newline is all but certain in 2 KB
+        blob = encode_drafts(drafts, pseudonyms)
+    raw = b'{"outcomes":[-1],"events":[]}\n' + blob  # as commit_batch.lua stores an entry
+    entry = parse_entry("t:1", {"browse:0": 5}, raw, pseudonyms)
+    assert entry.drafts == drafts and entry.outcomes == [-1] and entry.events == []
+    with pytest.raises(StreamsError, match="decode_responses"):
+        parse_entry("t:1", {}, raw.decode("latin-1"), pseudonyms)
+
+
+async def test_drafts_of_the_earlier_layout_are_refused_not_misread() -> None:
+    engine, ledger = live_engine()
+    await engine.process([Incoming(e, p) for e, p in golden_input()[:3000]])
+    draft = next(d for call in ledger.calls for d in call.drafts if d)
+    item = orjson.loads(encode_drafts([draft]))
+    user_at = item[0].index(draft.decision.user_id)
+    item[0][user_at] = ["k1", "c2VhbGVkLWlk"]  # a user id sealed on its own, as before
+    with pytest.raises(StreamsError, match="earlier layout"):
+        decode_drafts(orjson.dumps(item))
