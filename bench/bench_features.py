@@ -54,17 +54,11 @@ from bench.private_redis import private_redis
 from engine.analysis.simulation.world import DEFAULT_MEAN_GAP_MS, open_loop
 from engine.events import Event, PurchaseEvent, parse_event
 from engine.features.catalogue import compute_features
+from engine.features.record import UserRecord, decode_record, encode_record
 from engine.features.state import apply_ops, event_ops, trigger_category
-from engine.features.store import (
-    InMemoryFeatureStore,
-    Position,
-    StateUpdate,
-    UpdateStatus,
-    UserRecord,
-)
+from engine.features.store import InMemoryFeatureStore, Position, StateUpdate, UpdateStatus
 from engine.pipeline import EngineConfig
 from engine.ports import FeatureStore
-from streams.adapters.feature_record import decode_record, encode_record
 from streams.adapters.redis_store import RECORD_FIELD, RedisFeatureStore
 
 RESULTS = Path(__file__).resolve().parent / "results" / "features.json"

@@ -1,8 +1,10 @@
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Container, Mapping, Sequence
+from typing import Any, TypeVar
+
+_Status = TypeVar("_Status")
 
 class RecordCodec:
-    """Encodes and decodes feature records (streams/adapters/feature_record.py defines the
+    """Encodes, decodes and updates feature records (engine/features/record.py defines the
     format and passes in what each tag, grain and field name means)."""
 
     def __init__(
@@ -10,7 +12,8 @@ class RecordCodec:
         *,
         tags: tuple[int, int, int, int, int, int, int],
         slot_ms: tuple[int, int, int, int],
-        tag_slot: Sequence[int],
+        retention: tuple[int, int, int, int],
+        buckets: Sequence[tuple[str, int] | None],
         offer_time_scale: int,
         seen_key_bytes: int,
         time_fields: Sequence[str],
@@ -18,12 +21,35 @@ class RecordCodec:
         offer_field: str,
         memo_max: int,
         field_code: Callable[[str], tuple[int, int, int, str]],
-        bucket: Callable[[int, int], tuple[str, float]],
-        category: Callable[[int, str], tuple[str, float]],
+        bucket: Callable[[int, int], str],
+        category: Callable[[int, str], str],
         expires_at: Callable[[str], float],
+        windows: Sequence[tuple[int, int]],
+        activity_codes: Sequence[str],
+        purchase_code: str,
+        session_gap_minutes: int,
+        category_days: tuple[int, int],
+        purchase_days: int,
+        parsed: Callable[[str], tuple[int, int, str, float]],
     ) -> None: ...
     def encode(self, state: Mapping[str, float], seen: Mapping[bytes, int]) -> bytes: ...
     def decode(self, blob: bytes) -> tuple[dict[str, float], dict[bytes, int], float, Any]: ...
+    def decode_state(self, blob: bytes) -> dict[str, float]: ...
+    def latest_time(self, blob: bytes) -> int: ...
+    def seen_key(self, event_id: str) -> bytes: ...
+    def context(
+        self, state: dict[str, float], now: int
+    ) -> tuple[dict[str, list[float]], float, int, dict[str, float], dict[str, float]]: ...
+    def apply_updates(
+        self,
+        records: dict[str, bytes],
+        watermarks: dict[tuple[str, int], int],
+        updates: Sequence[Any],
+        *,
+        allowed_lateness_ms: int,
+        forgotten: Container[str],
+        statuses: Sequence[_Status],
+    ) -> tuple[list[_Status], dict[str, bytes | None], list[str]]: ...
 
 class LinearTerms:
     """A model's parameters per input, frozen (``native/src/logistic.rs``): the linear score's

@@ -12,27 +12,21 @@ from dataclasses import dataclass
 
 from dealstream_native import pack_features, unpack_features
 
+from engine.features.record import state_context
 from engine.features.state import (
-    ACTIVITY_CODES,
     ACTIVITY_KINDS,
     CART_VALUE_CODE,
-    CATEGORY_SLOT,
     DAY_MS,
-    HOUR_MS,
     KIND_CODE,
     LAST_OFFER_FIELD,
     LONGEST_WINDOW_MS,
-    MINUTE_MS,
     OFFER_CODE,
     OFFER_TIME_SCALE,
-    PARSED,
     RECENCY_DEFAULT_S,
     REDEEMED_CODE,
-    RETENTION_BUCKETS,
     SESSION_GAP_MINUTES,
     SPEND_CODE,
     WINDOWS,
-    parsed_field,
 )
 
 __all__ = [
@@ -49,10 +43,6 @@ __all__ = [
 
 
 WINDOW_INDEX: dict[str, int] = {window.name: i for i, window in enumerate(WINDOWS)}
-_GRAIN_WINDOWS: tuple[tuple[tuple[int, int], ...], ...] = tuple(
-    tuple((i, w.buckets) for i, w in enumerate(WINDOWS) if w.grain == grain) for grain in "mhd"
-)
-"""Per grain slot (minute, hour, day): the windows summing that grain, as (index, buckets)."""
 _NO_SUMS: tuple[float, ...] = (0.0,) * len(WINDOWS)
 
 
@@ -353,75 +343,23 @@ _PLAN: tuple[tuple[str, FeatureFn, str, int], ...] = tuple(
 def build_context(
     state: Mapping[str, float], now: int, category: str | None = None
 ) -> FeatureContext:
-    """One pass over the user's fields: window sums, session, categories, purchase days.
-
-    This runs for every trigger event, over every field of the user's state, so it reads
-    field names through the shared parse cache (``parsed_field``) and indexes grains by slot.
-    Bucket values are integral, so the sums are exact whatever the order of the fields.
-    """
-    current = (now // MINUTE_MS, now // HOUR_MS, now // DAY_MS)
-    today = current[2]
-    grain_windows = _GRAIN_WINDOWS
-    cache = PARSED
-    sums: dict[str, list[float]] = {}
-    activity_minutes: dict[int, float] = {}
-    categories_7d: dict[str, float] = {}
-    categories_30d: dict[str, float] = {}
-    purchase_days = 0
-    for field, value in state.items():
-        slot, index, code, _ = cache.get(field) or parsed_field(field)
-        if slot < 0:
-            continue
-        if slot == CATEGORY_SLOT:
-            age = today - index
-            if 0 <= age < 30:
-                categories_30d[code] = categories_30d.get(code, 0.0) + value
-                if age < 7:
-                    categories_7d[code] = categories_7d.get(code, 0.0) + value
-            continue
-        age = current[slot] - index
-        if age < 0:
-            continue
-        for window, buckets in grain_windows[slot]:
-            if age < buckets:
-                totals = sums.get(code)
-                if totals is None:
-                    totals = sums[code] = [0.0] * len(WINDOWS)
-                totals[window] += value
-        if slot == 0:
-            if code in ACTIVITY_CODES:
-                activity_minutes[index] = activity_minutes.get(index, 0.0) + value
-        elif slot == 2 and code == "p" and age < 30 and value > 0:
-            purchase_days += 1
+    """One pass over the user's fields as of event time ``now``: window sums, the session,
+    categories, purchase days (``engine.features.record.state_context``, compiled: this runs
+    for every trigger event over every field of the user's state). Bucket values are
+    integral, so the sums are exact whatever the order of the fields."""
+    if not isinstance(state, dict):
+        state = dict(state)
+    sums, session_events, purchase_days, categories_7d, categories_30d = state_context(state, now)
     return FeatureContext(
         now=now,
         state=state,
         sums=sums,
-        session_events=_session_events(activity_minutes, current[0]),
+        session_events=session_events,
         purchase_days_30d=purchase_days,
         categories_7d=categories_7d,
         categories_30d=categories_30d,
         category=category,
     )
-
-
-def _session_events(activity_minutes: Mapping[int, float], minute: int) -> float:
-    """Events in the run of minutes ending now with no inactivity gap of 30 minutes or more.
-
-    Walks the active minutes newest first (a handful) instead of every minute of the window."""
-    total = 0.0
-    previous = minute + 1
-    oldest = minute - RETENTION_BUCKETS["m"]
-    for index in sorted(activity_minutes, reverse=True):
-        if index > minute:
-            continue
-        if index <= oldest or previous - index - 1 >= SESSION_GAP_MINUTES:
-            break
-        count = activity_minutes[index]
-        if count:
-            total += count
-            previous = index
-    return total
 
 
 def compute_features(

@@ -5,7 +5,7 @@ list of commutative operations on that state (increment a time bucket, keep a ma
 so the result does not depend on the order in which events arrive within the allowed lateness,
 and the very same operations run in every store (``engine.features.store.apply_updates``).
 
-Field names (the Redis store keeps them relative to ``lt``, ``streams/adapters/feature_record.py``):
+Field names (the Redis store keeps them relative to ``lt``, ``engine/features/record.py``):
 
 ``<kind><grain><index>``  a time bucket, e.g. ``vm29384756`` = views in minute 29384756;
                           kind: v view, c cart, f favorite, s search, p purchase,
@@ -24,7 +24,7 @@ Field names (the Redis store keeps them relative to ``lt``, ``streams/adapters/f
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -89,8 +89,16 @@ WINDOWS: tuple[Window, ...] = (
     Window("30d", "d", 30),
 )
 
+CATEGORY_WINDOW_DAYS = (7, 30)
+"""The days of category activity a feature vector reads (``distinct_categories_7d``, and
+``category_affinity`` over 30)."""
+PURCHASE_DAYS_WINDOW = 30
+"""The days over which ``purchase_frequency_30d`` counts days with a purchase."""
+
 RETENTION_BUCKETS: dict[str, int] = {"m": 120, "h": 26, "d": 31}
-"""How many buckets of each grain a user keeps; older ones are trimmed.
+"""How many buckets of each grain a user keeps, counted back from the bucket of the user's
+latest event; older ones are dropped after each batch that changes the user
+(``ParsedField``'s ``expires_at``).
 
 Minutes are kept for two hours (the 1h window plus room for sessions and late events)."""
 
@@ -222,21 +230,14 @@ def offer_ops(issued_at: int, discount_pct: float) -> list[Op]:
     ]
 
 
-def apply_ops(state: State, ops: Iterable[Op]) -> float:
-    """Apply operations in place.
+def apply_ops(state: State, ops: Iterable[Op]) -> None:
+    """Apply operations in place: the engine's replay of a batch on a user's state dict (the
+    stores apply the same rules to their records: ``native/src/record.rs``).
 
-    Every operation value is integral (counts, cents, epoch ms), so sums are exact. Returns
-    the earliest ``expires_at`` of the fields this call created (``NEVER`` if none), which
-    lets a store skip ``trim`` while nothing can have expired."""
+    Every operation value is integral (counts, cents, epoch ms), so sums are exact."""
     get = state.get
-    parsed = PARSED
-    expiry = NEVER
     for op, field, value in ops:
         current = get(field)
-        if current is None:
-            field_expiry = (parsed.get(field) or parsed_field(field))[3]
-            if field_expiry < expiry:
-                expiry = field_expiry
         if op == OP_INCR:
             state[field] = (current or 0.0) + value
         elif op == OP_MAX:
@@ -247,7 +248,6 @@ def apply_ops(state: State, ops: Iterable[Op]) -> float:
                 state[field] = value
         else:  # pragma: no cover - ops are built above
             raise ValueError(f"unknown state operation {op!r}")
-    return expiry
 
 
 def category_day(field: str) -> int | None:
@@ -263,7 +263,12 @@ CATEGORY_SLOT = 3
 
 ParsedField = tuple[int, int, str, float]
 """``(slot, index, code, expires_at)`` of a bucket (slot 0-2 by grain),
-``(CATEGORY_SLOT, day, category, expires_at)`` of a category field, ``SCALAR`` otherwise."""
+``(CATEGORY_SLOT, day, category, expires_at)`` of a category field, ``SCALAR`` otherwise.
+
+``expires_at`` is the smallest latest-event time ``lt`` at which a store drops the field:
+``(index + retention) * grain_ms``, that is when ``index <= lt // grain_ms - retention``
+(``RETENTION_BUCKETS``; a category-day keeps as long as a day bucket). Fields that are not
+buckets never expire."""
 SCALAR: ParsedField = (-1, 0, "", NEVER)
 """``lt``, ``fs``, ``l<kind>``, ``n<kind>``: no bucket, no category."""
 
@@ -308,53 +313,3 @@ def parsed_field(field: str) -> ParsedField:
         PARSED.clear()
     PARSED[field] = parsed
     return parsed
-
-
-def retention_cutoffs(latest: float) -> tuple[int, int, int]:
-    """The newest expired bucket index per grain (minute, hour, day) at event time ``latest``."""
-    now = int(latest)
-    return (
-        now // MINUTE_MS - RETENTION_BUCKETS["m"],
-        now // HOUR_MS - RETENTION_BUCKETS["h"],
-        now // DAY_MS - RETENTION_BUCKETS["d"],
-    )
-
-
-def expired_fields(state: Mapping[str, float]) -> list[str]:
-    """Bucket fields older than their grain's retention, relative to the user's latest event."""
-    latest = state.get("lt")
-    if latest is None:
-        return []
-    cutoffs = retention_cutoffs(latest)
-    day_cutoff = cutoffs[2]
-    cache = PARSED
-    stale: list[str] = []
-    for field in state:
-        slot, index, _, _ = cache.get(field) or parsed_field(field)
-        if slot < 0:
-            continue
-        if index <= (day_cutoff if slot == CATEGORY_SLOT else cutoffs[slot]):
-            stale.append(field)
-    return stale
-
-
-def trim(state: State) -> None:
-    """Drop expired buckets in place (stores do it after each batch that touched the user)."""
-    for field in expired_fields(state):
-        del state[field]
-
-
-def expires_at(field: str) -> float:
-    """The smallest latest-event time ``lt`` at which ``trim`` would drop ``field``.
-
-    ``trim`` drops a bucket when ``index <= lt // grain_ms - retention``, that is when
-    ``lt >= (index + retention) * grain_ms``; fields that are not buckets never expire.
-    A store keeps the minimum over a user's fields and skips ``trim`` while ``lt`` is below it.
-    """
-    return (PARSED.get(field) or parsed_field(field))[3]
-
-
-def trim_and_next_expiry(state: State) -> float:
-    """``trim`` the state, then return ``min(expires_at(field))`` over the fields left."""
-    trim(state)
-    return min(map(expires_at, state), default=NEVER)

@@ -13,8 +13,10 @@
 //! keep in Redis;
 //! `partition` is Kafka's default partitioner.
 
+mod context;
 mod logistic;
 mod partition;
+mod record;
 mod values;
 
 use std::cell::RefCell;
@@ -110,25 +112,67 @@ struct Code {
     text: Vec<u8>,
 }
 
-/// A field name as decoding gives it back, and when the field expires.
-struct Named {
-    name: Py<PyString>,
-    expires_at: f64,
-}
-
 /// The Python module's functions the codec asks (once per distinct key).
 struct Meanings {
     field_code: Py<PyAny>,
     bucket: Py<PyAny>,
     category: Py<PyAny>,
     expires_at: Py<PyAny>,
+    /// `parsed_field`: what an odd name counts as in a feature vector
+    parsed: Py<PyAny>,
+}
+
+/// Byte strings (category names, odd field names) as small numbers, so that a record's keys
+/// are plain values. Cleared with the memos that hold its numbers, between calls.
+#[derive(Default)]
+struct Interner {
+    ids: HashMap<Box<[u8]>, u32, BuildHasherDefault<Fnv>>,
+    texts: Vec<Box<[u8]>>,
+}
+
+impl Interner {
+    fn id(&mut self, text: &[u8]) -> u32 {
+        if let Some(&id) = self.ids.get(text) {
+            return id;
+        }
+        let id = self.texts.len() as u32;
+        self.texts.push(text.into());
+        self.ids.insert(text.into(), id);
+        id
+    }
 }
 
 struct Memos {
-    codes: Memo<String, Code>,
-    buckets: Memo<(u8, i64), Named>,
-    categories: Memo<(i64, Vec<u8>), Named>,
-    expiries: Memo<String, f64>,
+    /// field name -> what it is and when it expires
+    keys: Memo<String, (record::Key, f64)>,
+    /// the names of buckets and category-days, as the state dicts have them
+    names: Memo<record::Key, Py<PyString>>,
+    texts: Interner,
+    /// interned text -> it as a Python string (category names in feature contexts)
+    text_names: Memo<u32, Py<PyString>>,
+    /// an odd name (interned) -> how a feature context counts it
+    parsed: Memo<u32, context::Kind>,
+    /// bucket codes the record has no tag for, as odd names use them
+    extra_codes: Vec<Py<PyString>>,
+    max: usize,
+}
+
+impl Memos {
+    /// Everything forgotten once the memos outgrow their bound (bucket indices move with
+    /// time): called where no record is alive, since records hold interned numbers.
+    fn bound(&mut self) {
+        if self.keys.map.len() >= self.max
+            || self.names.map.len() >= self.max
+            || self.texts.texts.len() >= self.max
+        {
+            self.keys.map.clear();
+            self.names.map.clear();
+            self.text_names.map.clear();
+            self.parsed.map.clear();
+            self.extra_codes.clear();
+            self.texts = Interner::default();
+        }
+    }
 }
 
 /// What `decode` returns: `(state, seen, next_expiry, oldest_seen)`.
@@ -139,7 +183,12 @@ type Decoded<'py> = (Bound<'py, PyDict>, Bound<'py, PyDict>, f64, Py<PyAny>);
 struct RecordCodec {
     tags: Tags,
     slot_ms: [i64; 4],
-    tag_slot: Vec<usize>,
+    /// Buckets kept per slot (minute, hour, day, category-day), counted back from the
+    /// bucket of the latest event: a field expires at `(index + retention) * slot_ms`.
+    retention: [i64; 4],
+    tag_slot: Vec<Option<usize>>,
+    /// The feature context's windows (`context.rs`).
+    context: context::ContextConfig,
     offer_time_scale: i64,
     seen_key_bytes: usize,
     time_fields: Vec<Py<PyString>>,
@@ -284,31 +333,24 @@ impl RecordCodec {
         }
         Ok(code)
     }
-
-    /// `(name, expires_at)` as the Python function gives it, or a corrupt-record error.
-    fn named(entry: PyResult<Bound<'_, PyAny>>, what: &str, pos: usize) -> PyResult<Named> {
-        let entry = entry.map_err(|_| corrupt(what, pos))?;
-        let entry = entry.cast::<PyTuple>()?;
-        Ok(Named {
-            name: entry.get_item(0)?.cast_into::<PyString>()?.unbind(),
-            expires_at: entry.get_item(1)?.extract()?,
-        })
-    }
 }
 
 #[pymethods]
 impl RecordCodec {
     #[new]
     #[pyo3(signature = (
-        *, tags, slot_ms, tag_slot, offer_time_scale, seen_key_bytes, time_fields,
-        count_fields, offer_field, memo_max, field_code, bucket, category, expires_at
+        *, tags, slot_ms, retention, buckets, offer_time_scale, seen_key_bytes, time_fields,
+        count_fields, offer_field, memo_max, field_code, bucket, category, expires_at,
+        windows, activity_codes, purchase_code, session_gap_minutes, category_days,
+        purchase_days, parsed
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         tags: (u8, u8, u8, u8, u8, u8, u8),
         slot_ms: [i64; 4],
-        tag_slot: Vec<usize>,
+        retention: [i64; 4],
+        buckets: Vec<Option<(String, usize)>>,
         offer_time_scale: i64,
         seen_key_bytes: usize,
         time_fields: Vec<String>,
@@ -319,16 +361,63 @@ impl RecordCodec {
         bucket: Py<PyAny>,
         category: Py<PyAny>,
         expires_at: Py<PyAny>,
+        windows: Vec<(usize, i64)>,
+        activity_codes: Vec<String>,
+        purchase_code: String,
+        session_gap_minutes: i64,
+        category_days: (i64, i64),
+        purchase_days: i64,
+        parsed: Py<PyAny>,
     ) -> PyResult<Self> {
         if slot_ms.iter().any(|&ms| ms <= 0) {
             return Err(PyValueError::new_err("slot_ms must be positive"));
         }
         let (format, category_tag, time, count, offer, lt, any) = tags;
-        if tag_slot.len() != category_tag as usize || tag_slot.iter().any(|&s| s >= 3) {
+        if buckets.len() != category_tag as usize
+            || buckets.iter().flatten().any(|(_, slot)| *slot >= 3)
+            || windows.iter().any(|(slot, _)| *slot >= 3)
+        {
             return Err(PyValueError::new_err(
-                "tag_slot: one grain slot (0-2) per tag below CATEGORY",
+                "buckets: per tag below CATEGORY, its (code, grain slot 0-2) or None; windows: \
+                 (grain slot 0-2, buckets)",
             ));
         }
+        let tag_slot: Vec<Option<usize>> =
+            buckets.iter().map(|b| b.as_ref().map(|b| b.1)).collect();
+        let mut codes: Vec<String> = Vec::new();
+        let code_of_tag = buckets
+            .iter()
+            .map(|b| match b {
+                Some((code, _)) => match codes.iter().position(|known| known == code) {
+                    Some(at) => at,
+                    None => {
+                        codes.push(code.clone());
+                        codes.len() - 1
+                    }
+                },
+                None => 0,
+            })
+            .collect();
+        let purchase = codes
+            .iter()
+            .position(|code| *code == purchase_code)
+            .ok_or_else(|| PyValueError::new_err("no bucket has the purchase code"))?;
+        let context = context::ContextConfig {
+            windows,
+            activity: codes
+                .iter()
+                .map(|code| activity_codes.contains(code))
+                .collect(),
+            codes: codes
+                .iter()
+                .map(|code| PyString::intern(py, code).unbind())
+                .collect(),
+            code_of_tag,
+            purchase,
+            session_gap_minutes,
+            category_days,
+            purchase_days,
+        };
         let strings = |names: Vec<String>| -> Vec<Py<PyString>> {
             names
                 .iter()
@@ -346,7 +435,9 @@ impl RecordCodec {
                 any,
             },
             slot_ms,
+            retention,
             tag_slot,
+            context,
             offer_time_scale,
             seen_key_bytes,
             time_fields: strings(time_fields),
@@ -361,12 +452,16 @@ impl RecordCodec {
                 bucket,
                 category,
                 expires_at,
+                parsed,
             },
             memos: RefCell::new(Memos {
-                codes: Memo::new(memo_max),
-                buckets: Memo::new(memo_max),
-                categories: Memo::new(memo_max),
-                expiries: Memo::new(memo_max),
+                keys: Memo::new(memo_max),
+                names: Memo::new(memo_max),
+                texts: Interner::default(),
+                text_names: Memo::new(memo_max),
+                parsed: Memo::new(memo_max),
+                extra_codes: Vec::new(),
+                max: memo_max.max(1),
             }),
         })
     }
@@ -379,273 +474,72 @@ impl RecordCodec {
         state: &Bound<'py, PyDict>,
         seen: &Bound<'py, PyDict>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let tags = self.tags;
-        let lt: i64 = match state.get_item("lt")? {
-            Some(value) => {
-                let value = number(&value)?;
-                if value > 0.0 && value < EXACT && value.fract() == 0.0 {
-                    value as i64
-                } else {
-                    0
-                }
-            }
-            None => 0,
-        };
-        let refs: [i64; 4] = [
-            lt / self.slot_ms[0],
-            lt / self.slot_ms[1],
-            lt / self.slot_ms[2],
-            lt / self.slot_ms[3],
-        ];
-        let mut categories: Vec<Vec<u8>> = Vec::new();
-        let mut body: Vec<u8> = Vec::with_capacity(8 * state.len() + 16);
-        let mut memos = self.memos.borrow_mut();
-        for (key, value) in state.iter() {
-            let name = key.cast::<PyString>()?.to_str()?;
-            if !memos.codes.map.contains_key(name) {
-                // A name not seen before (or since the memo was last cleared): rare.
-                let code = self.learn_code(py, name)?;
-                memos.codes.insert(name.to_owned(), code);
-            }
-            let code = &memos.codes.map[name];
-            let value = number(&value)?;
-            if code.tag == tags.any || !exact_int(value) {
-                self.any(&mut body, name.as_bytes(), value);
-                continue;
-            }
-            let integer = value as i128;
-            let tag = code.tag;
-            if tag < tags.category {
-                body.push(tag);
-                zvarint(&mut body, (refs[code.slot] - code.index) as i128);
-                zvarint(&mut body, integer);
-            } else if tag == tags.category {
-                let position = match categories.iter().position(|c| *c == code.text) {
-                    Some(position) => position,
-                    None => {
-                        categories.push(code.text.clone());
-                        categories.len() - 1
-                    }
-                };
-                body.push(tag);
-                varint(&mut body, position as u128);
-                zvarint(&mut body, (refs[3] - code.index) as i128);
-                zvarint(&mut body, integer);
-            } else if tag == tags.lt {
-                if value == lt as f64 {
-                    body.push(tag);
-                } else {
-                    self.any(&mut body, name.as_bytes(), value);
-                }
-            } else if tag < tags.count {
-                body.push(tag);
-                zvarint(&mut body, lt as i128 - integer);
-            } else if tag < tags.offer {
-                body.push(tag);
-                zvarint(&mut body, integer);
-            } else if tag == tags.offer {
-                body.push(tag);
-                zvarint(
-                    &mut body,
-                    lt as i128 * self.offer_time_scale as i128 - integer,
-                );
-            } else {
-                return Err(PyValueError::new_err(format!(
-                    "field {name:?}: tag {tag} has no coding"
-                )));
-            }
-        }
-        drop(memos);
-
-        let mut out: Vec<u8> = Vec::with_capacity(body.len() + 16 + 7 * seen.len());
-        out.push(tags.format);
-        varint(&mut out, lt as u128);
-        varint(&mut out, categories.len() as u128);
-        for category in &categories {
-            varint(&mut out, category.len() as u128);
-            out.extend_from_slice(category);
-        }
-        varint(&mut out, state.len() as u128);
-        out.extend_from_slice(&body);
-
-        // The dedup set, newest first (ties by digest, so that equal sets give equal bytes):
-        // the digests, then each time as seconds before the previous one, the first relative
-        // to lt's second. Times within the allowed lateness are a few seconds apart, one byte.
-        let mut entries: Vec<(i64, Bound<'py, PyBytes>)> = Vec::with_capacity(seen.len());
-        for (digest, seconds) in seen.iter() {
-            let digest = digest.cast_into::<PyBytes>()?;
-            if digest.as_bytes().len() != self.seen_key_bytes {
-                return Err(PyValueError::new_err(format!(
-                    "an event id digest has {} bytes, not {}",
-                    digest.as_bytes().len(),
-                    self.seen_key_bytes
-                )));
-            }
-            entries.push((seconds.extract::<i64>()?, digest));
-        }
-        entries.sort_unstable_by(|a, b| {
-            b.0.cmp(&a.0)
-                .then_with(|| a.1.as_bytes().cmp(b.1.as_bytes()))
-        });
-        varint(&mut out, entries.len() as u128);
-        for (_, digest) in &entries {
-            out.extend_from_slice(digest.as_bytes());
-        }
-        let mut previous = (lt / 1000) as i128;
-        for (k, (seconds, _)) in entries.iter().enumerate() {
-            let seconds = *seconds as i128;
-            if k == 0 {
-                zvarint(&mut out, previous - seconds);
-            } else {
-                varint(&mut out, (previous - seconds) as u128);
-            }
-            previous = seconds;
-        }
-        Ok(PyBytes::new(py, &out))
+        self.memos.borrow_mut().bound();
+        let record = self.record_of_dicts(py, state, seen)?;
+        Ok(PyBytes::new(py, &self.write(py, &record)?))
     }
 
     /// `(state, seen, next_expiry, oldest_seen)` of a record `encode` wrote (its first byte
     /// already checked by the caller); ValueError, saying where, for anything else.
     fn decode<'py>(&self, py: Python<'py>, blob: &[u8]) -> PyResult<Decoded<'py>> {
-        let tags = self.tags;
-        let mut data = Reader {
-            data: blob,
-            pos: 1,
-            thing: RECORD,
-        };
-        let lt_raw = data.varint()?;
-        let lt = i64::try_from(lt_raw).map_err(|_| corrupt("OverflowError", data.pos))?;
-        let refs: [i64; 4] = [
-            lt / self.slot_ms[0],
-            lt / self.slot_ms[1],
-            lt / self.slot_ms[2],
-            lt / self.slot_ms[3],
-        ];
-        let mut categories: Vec<&[u8]> = Vec::new();
-        for _ in 0..data.varint()? {
-            let length = data.varint()? as usize;
-            let name = data.bytes(length)?;
-            let pos = data.pos;
-            std::str::from_utf8(name).map_err(|_| corrupt("UnicodeDecodeError", pos))?;
-            categories.push(name);
-        }
-        let fields = data.varint()?;
-        let state = presized_dict(py, usize::try_from(fields).unwrap_or(0).min(1 << 16))?;
-        let mut next_expiry = f64::INFINITY;
-        let mut memos = self.memos.borrow_mut();
-        for _ in 0..fields {
-            let at = data.pos;
-            let tag = data.byte()?;
-            if tag < tags.category {
-                let index = refs[self.tag_slot[tag as usize]] as i128 - data.zvarint()?;
-                let index = i64::try_from(index).map_err(|_| corrupt("OverflowError", at))?;
-                if !memos.buckets.map.contains_key(&(tag, index)) {
-                    let entry = self.meanings.bucket.bind(py).call1((tag, index));
-                    let named = Self::named(entry, "KeyError", at)?;
-                    memos.buckets.insert((tag, index), named);
-                }
-                let named = &memos.buckets.map[&(tag, index)];
-                let value = self.float(py, data.zvarint()?);
-                state.set_item(named.name.bind(py), value)?;
-                next_expiry = next_expiry.min(named.expires_at);
-            } else if tag == tags.category {
-                let number = data.varint()? as usize;
-                let category = *categories
-                    .get(number)
-                    .ok_or_else(|| corrupt("IndexError", at))?;
-                let day = refs[3] as i128 - data.zvarint()?;
-                let day = i64::try_from(day).map_err(|_| corrupt("OverflowError", at))?;
-                let key = (day, category.to_vec());
-                if !memos.categories.map.contains_key(&key) {
-                    let text = std::str::from_utf8(category).expect("checked above");
-                    let entry = self.meanings.category.bind(py).call1((day, text));
-                    let named = Self::named(entry, "ValueError", at)?;
-                    memos.categories.insert(key.clone(), named);
-                }
-                let named = &memos.categories.map[&key];
-                let value = self.float(py, data.zvarint()?);
-                state.set_item(named.name.bind(py), value)?;
-                next_expiry = next_expiry.min(named.expires_at);
-            } else if tag == tags.lt {
-                state.set_item(self.lt_field.bind(py), lt as f64)?;
-            } else if tag == tags.any {
-                let length = data.varint()? as usize;
-                let raw = data.bytes(length)?;
-                let pos = data.pos;
-                let name =
-                    std::str::from_utf8(raw).map_err(|_| corrupt("UnicodeDecodeError", pos))?;
-                let value = f64::from_be_bytes(data.bytes(8)?.try_into().expect("8 bytes"));
-                if !memos.expiries.map.contains_key(name) {
-                    let expires_at: f64 = self
-                        .meanings
-                        .expires_at
-                        .bind(py)
-                        .call1((name,))?
-                        .extract()?;
-                    memos.expiries.insert(name.to_owned(), expires_at);
-                }
-                next_expiry = next_expiry.min(memos.expiries.map[name]);
-                state.set_item(name, value)?;
-            } else {
-                let number = data.zvarint()?;
-                let (field, value) = if tag >= tags.time && tag < tags.count {
-                    let field = self.time_fields.get((tag - tags.time) as usize);
-                    (field, lt as i128 - number)
-                } else if tag >= tags.count && tag < tags.offer {
-                    let field = self.count_fields.get((tag - tags.count) as usize);
-                    (field, number)
-                } else if tag == tags.offer {
-                    (
-                        Some(&self.offer_field),
-                        lt as i128 * self.offer_time_scale as i128 - number,
-                    )
-                } else {
-                    (None, 0)
-                };
-                let field = field.ok_or_else(|| corrupt("KeyError", at))?;
-                let value = self.float(py, value);
-                state.set_item(field.bind(py), value)?;
-            }
-        }
-        drop(memos);
+        self.memos.borrow_mut().bound();
+        let record = self.read(py, blob)?;
+        self.dicts_of(py, &record)
+    }
 
-        let count =
-            usize::try_from(data.varint()?).map_err(|_| corrupt("OverflowError", data.pos))?;
-        let digests_at = data.pos;
-        let digests = data.bytes(
-            count
-                .checked_mul(self.seen_key_bytes)
-                .ok_or_else(|| corrupt("IndexError", digests_at))?,
-        )?;
-        let seen = presized_dict(py, count.min(1 << 16))?;
-        let mut seconds = (lt / 1000) as i128;
-        for (k, digest) in digests.chunks_exact(self.seen_key_bytes.max(1)).enumerate() {
-            seconds -= if k == 0 {
-                data.zvarint()?
-            } else {
-                i128::try_from(data.varint()?).map_err(|_| corrupt("OverflowError", data.pos))?
-            };
-            let value = i64::try_from(seconds).map_err(|_| corrupt("OverflowError", data.pos))?;
-            seen.set_item(PyBytes::new(py, digest), value)?;
-        }
-        // Newest first: the last is the oldest.
-        let oldest = if count > 0 { Some(seconds) } else { None };
-        if seen.len() != count {
-            return Err(PyValueError::new_err(
-                "feature record repeats an event id digest",
-            ));
-        }
-        if data.pos != blob.len() {
-            return Err(PyValueError::new_err(format!(
-                "feature record has {} extra bytes",
-                blob.len() - data.pos
-            )));
-        }
-        let oldest_seen: Py<PyAny> = match oldest {
-            Some(ts) => ts.into_pyobject(py)?.into_any().unbind(),
-            None => PyFloat::new(py, f64::INFINITY).into_any().unbind(),
-        };
-        Ok((state, seen, next_expiry, oldest_seen))
+    /// `seen_key(event_id)`: what a dedup set remembers of an event id (BLAKE2b, as many
+    /// bytes as `seen_key_bytes`).
+    fn seen_key<'py>(&self, py: Python<'py>, event_id: &str) -> PyResult<Bound<'py, PyBytes>> {
+        self.seen_key_of(py, event_id)
+    }
+
+    /// The state dict alone of a record (no dedup set): what a reader of features needs.
+    fn decode_state<'py>(&self, py: Python<'py>, blob: &[u8]) -> PyResult<Bound<'py, PyDict>> {
+        self.memos.borrow_mut().bound();
+        self.decode_state_of(py, blob)
+    }
+
+    /// The latest event time a record's header holds (0: none, or not a whole positive ms).
+    fn latest_time(&self, blob: &[u8]) -> PyResult<i64> {
+        self.latest_time_of(blob)
+    }
+
+    /// The one pass over a state dict a feature vector reads, as of event time `now`
+    /// (`context.rs`): `(sums, session_events, purchase_days, categories_short,
+    /// categories_long)`.
+    fn context<'py>(
+        &self,
+        py: Python<'py>,
+        state: &Bound<'py, PyDict>,
+        now: i64,
+    ) -> PyResult<context::Context<'py>> {
+        self.memos.borrow_mut().bound();
+        self.context_of(py, state, now)
+    }
+
+    /// The store's rules applied to a micro-batch of records held as bytes (`record.rs`).
+    #[pyo3(signature = (records, watermarks, updates, *, allowed_lateness_ms, forgotten, statuses))]
+    #[allow(clippy::too_many_arguments)]
+    fn apply_updates<'py>(
+        &self,
+        py: Python<'py>,
+        records: &Bound<'py, PyDict>,
+        watermarks: &Bound<'py, PyDict>,
+        updates: &Bound<'py, PyAny>,
+        allowed_lateness_ms: i64,
+        forgotten: &Bound<'py, PyAny>,
+        statuses: [Bound<'py, PyAny>; 5],
+    ) -> PyResult<record::Applied<'py>> {
+        self.memos.borrow_mut().bound();
+        self.apply_batch(
+            py,
+            records,
+            watermarks,
+            updates,
+            allowed_lateness_ms,
+            forgotten,
+            statuses,
+        )
     }
 }
 

@@ -58,12 +58,13 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
 
+from engine.features.record import UserRecord, decode_record, latest_time
 from engine.features.state import CATALOGUE_VERSION, DAY_MS, LONGEST_WINDOW_MS, State
 from engine.features.store import (
     BatchOutcome,
+    StatesBefore,
     StateUpdate,
     UpdateStatus,
-    UserRecord,
     apply_updates,
 )
 from streams.adapters.batch_commit import (
@@ -72,7 +73,6 @@ from streams.adapters.batch_commit import (
     FeatureWrite,
     StateEpochMoved,
 )
-from streams.adapters.feature_record import decode_record, encode_record
 from streams.adapters.pseudonyms import Pseudonyms
 from streams.adapters.redis_client import RedisClient
 from streams.adapters.replica_wait import ReplicaWait
@@ -121,11 +121,12 @@ def user_key(prefix: str, pseudonym: str) -> str:
     return f"{prefix}u:{{{hash_tag(pseudonym)}}}"
 
 
-def _day_moved(before: State, after: State) -> bool:
+def _day_moved(before: bytes | None, after: bytes) -> bool:
     """Whether the user's latest event is on another day than before the batch (or either
-    has none)."""
-    old, new = before.get("lt"), after.get("lt")
-    return old is None or new is None or int(old) // DAY_MS != int(new) // DAY_MS
+    record has none)."""
+    old = latest_time(before) if before is not None else None
+    new = latest_time(after)
+    return old is None or new is None or old // DAY_MS != new // DAY_MS
 
 
 def state_epoch_key(prefix: str) -> str:
@@ -309,7 +310,7 @@ class RedisFeatureStore:
         the write for the ledger's call (``take_staged``)."""
         self._discard_staged()
         if not updates:
-            return BatchOutcome(statuses=[], before={})
+            return BatchOutcome(statuses=[], before=StatesBefore({}))
         return await self._apply_and_write(
             updates, allowed_lateness_ms, stage=self.defer_writes, fence_claimed=False
         )
@@ -370,26 +371,16 @@ class RedisFeatureStore:
             await self._claim(partitions - self._claimed)
         loaded = await self._load_missing(updates)
         held = self._records
-        records: dict[str, UserRecord] = {}
-        for update in updates:
-            user = update.user_id
-            if user not in records:
-                blob = held.get(user)
-                if blob is not None:
-                    records[user] = decode_record(blob)
-        outcome, touched = apply_updates(
-            records,
+        outcome, users = apply_updates(
+            held,
             self._watermarks,
             updates,
             allowed_lateness_ms=allowed_lateness_ms,
             forgotten=self._forgotten,
         )
-        users = list(touched)
         if not users and not partitions:
             return outcome, None
-        blobs = [encode_record(records[user]) for user in users]
-        held.update(zip(users, blobs, strict=True))
-        before = outcome.before
+        blobs = [held[user] for user in users]
         return outcome, FeatureWrite(
             token=self._token,
             epoch=self._epoch,
@@ -400,8 +391,8 @@ class RedisFeatureStore:
             keys=[self.user_key(user) for user in users],
             records=blobs,
             refresh=bytes(
-                49 if user in loaded or _day_moved(before[user], records[user].state) else 48
-                for user in users
+                49 if user in loaded or _day_moved(outcome.before.record(user), blob) else 48
+                for user, blob in zip(users, blobs, strict=True)
             ),
         )
 

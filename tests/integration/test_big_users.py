@@ -28,8 +28,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from engine.features.catalogue import compute_features
+from engine.features.record import decode_record
 from engine.features.state import CATEGORY_SLOT, DAY_MS, State, parsed_field
-from streams.adapters.feature_record import decode_record
 from streams.adapters.kafka_io import ensure_topics
 from streams.adapters.redis_store import RECORD_FIELD, RedisFeatureStore
 from streams.settings import Topics

@@ -28,6 +28,7 @@ from redis.exceptions import ResponseError
 from engine.analysis.simulation.world import DEFAULT_START_MS, open_loop
 from engine.events import BrowseEvent, Event, PurchaseEvent, PurchaseItem, SearchEvent, parse_event
 from engine.features.catalogue import compute_features
+from engine.features.record import UserRecord, seen_key, seen_second
 from engine.features.state import (
     CATALOGUE_VERSION,
     DAY_MS,
@@ -38,7 +39,6 @@ from engine.features.state import (
     apply_ops,
     event_ops,
     offer_ops,
-    trim,
 )
 from engine.features.store import (
     BatchOutcome,
@@ -46,9 +46,6 @@ from engine.features.store import (
     Position,
     StateUpdate,
     UpdateStatus,
-    UserRecord,
-    seen_key,
-    seen_second,
 )
 from streams.adapters.batch_commit import PartitionFenced
 from streams.adapters.pseudonyms import Pseudonyms
@@ -59,6 +56,7 @@ from streams.adapters.redis_store import (
     hash_tag,
 )
 from tests.conftest import Isolation, Services
+from tests.feature_reference import trim
 from tests.integration.conftest import RedisEnv, delete_prefix, keys_under
 
 pytestmark = pytest.mark.integration

@@ -19,7 +19,9 @@ from streams.settings import MAX_MMAP_THRESHOLD, Settings
 GLIBC = platform.libc_ver()[0] == "glibc"
 
 # Frees a 4 MiB block (glibc then raises a dynamic threshold to 4 MiB) and reports whether a
-# 256 KiB block allocated after it got a mapping of its own (mallinfo2's count of them).
+# 256 KiB block allocated after it got a mapping of its own (mallinfo2's count of them). The
+# heap's free top is given back first (malloc_trim): a block the top can hold comes from it
+# whatever the threshold, and how much is free there depends on what the imports allocated.
 _PROBE = textwrap.dedent(
     """
     import ctypes, sys
@@ -35,6 +37,7 @@ _PROBE = textwrap.dedent(
     libc.mallinfo2.restype = Info
     print(fix_mmap_threshold(int(sys.argv[1])))
     libc.free(libc.malloc(4 << 20))
+    libc.malloc_trim(0)
     before = libc.mallinfo2().hblks
     block = libc.malloc(256 << 10)
     print(libc.mallinfo2().hblks - before)

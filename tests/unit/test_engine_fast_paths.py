@@ -17,18 +17,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.features import state as state_module
-from engine.features.catalogue import _session_events as session_events
-from engine.features.catalogue import compute_features
+from engine.features.catalogue import build_context, compute_features
+from engine.features.record import decode_record, seen_key, seen_second
 from engine.features.state import (
     MINUTE_MS,
     RETENTION_BUCKETS,
     SESSION_GAP_MINUTES,
     Op,
     apply_ops,
-    expired_fields,
-    trim,
 )
-from engine.features.store import InMemoryFeatureStore, StateUpdate, seen_key, seen_second
+from engine.features.store import InMemoryFeatureStore, StateUpdate
 from engine.model import inputs
 from engine.model.inputs import (
     BEHAVIOUR_INPUTS,
@@ -39,6 +37,7 @@ from engine.model.inputs import (
     model_inputs,
 )
 from engine.model.purchase_model import PurchaseModel
+from tests.feature_reference import expired_fields, trim
 
 T0 = 1_767_225_600_000
 
@@ -197,7 +196,14 @@ def reference_session_events(activity_minutes: Mapping[int, float], minute: int)
 def test_session_from_active_minutes_equals_the_minute_scan(offsets: dict[int, float]) -> None:
     minute = 29_000_000
     activity = {minute + offset: count for offset, count in offsets.items() if offset <= 0}
-    assert session_events(activity, minute) == reference_session_events(activity, minute)
+    # as view and search buckets of those minutes (a session counts every activity kind)
+    state = {f"vm{minute + offset}": count for offset, count in offsets.items()}
+    state.update({f"sm{minute + offset}": 1.0 for offset in list(offsets)[::3]})
+    for offset in list(offsets)[::3]:
+        if offset <= 0:
+            activity[minute + offset] = activity[minute + offset] + 1.0
+    context = build_context(state, minute * MINUTE_MS + 59_999)
+    assert context.session_events == reference_session_events(activity, minute)
 
 
 def test_features_do_not_depend_on_the_parse_cache() -> None:
@@ -215,7 +221,6 @@ def test_features_do_not_depend_on_the_parse_cache() -> None:
     warm = compute_features(state, category="books")
     state_module.PARSED.clear()
     assert compute_features(state, category="books") == warm
-    assert expired_fields(state) == []
 
 
 def user_ops(rng: random.Random, ts: int) -> list[Op]:
@@ -263,5 +268,5 @@ async def test_store_skipping_trims_and_prunes_keeps_exactly_what_trimming_alway
         states = await store.read_states(reference)
         assert states == reference
         assert all(list(states[u]) == list(reference[u]) for u in reference)  # field order too
-        assert {u: store._users[u].seen for u in seen} == seen
+        assert {u: decode_record(store._users[u]).seen for u in seen} == seen
     assert any(expired_fields(s) == [] and len(s) > 10 for s in reference.values())

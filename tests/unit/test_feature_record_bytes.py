@@ -4,7 +4,7 @@ state of floats, which is what ``State`` holds and the engine writes).
 Records already stored in Redis must decode, and a record must encode to the same bytes
 whichever version wrote it (the store compares nothing, but a changed encoding of the same
 state would be a new format under the old number). ``reference_encode`` below is the layout
-written straightforwardly (FORMAT 1's first encoder, ``streams/adapters/feature_record.py`` at
+written straightforwardly (FORMAT 1's first encoder, ``engine/features/record.py`` at
 ``a1c1e8a``, with FORMAT 2's dedup section), kept here only as the oracle; the module's encoder
 is free to be fast.
 """
@@ -22,14 +22,9 @@ from hypothesis import strategies as st
 
 from engine.analysis.simulation.world import open_loop
 from engine.events import parse_event
+from engine.features.record import SEEN_KEY_BYTES, UserRecord, decode_record, encode_record
 from engine.features.state import PARSED, event_ops, offer_ops, parsed_field
-from engine.features.store import (
-    SEEN_KEY_BYTES,
-    InMemoryFeatureStore,
-    StateUpdate,
-    UserRecord,
-)
-from streams.adapters.feature_record import decode_record, encode_record
+from engine.features.store import InMemoryFeatureStore, StateUpdate
 
 T0 = 1_767_225_600_000
 DAY = 86_400_000
@@ -172,7 +167,7 @@ def simulated_records() -> list[UserRecord]:
             )
     for start in range(0, len(updates), 250):
         asyncio.run(store.apply_batch(updates[start : start + 250], allowed_lateness_ms=3_600_000))
-    return [store._users[user] for user in sorted(store._users)]
+    return [decode_record(store._users[user]) for user in sorted(store._users)]
 
 
 def test_simulated_records_encode_to_the_reference_bytes() -> None:

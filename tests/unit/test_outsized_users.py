@@ -14,15 +14,9 @@ from collections.abc import Sequence
 
 from engine.events import BrowseAction, BrowseEvent
 from engine.features.catalogue import compute_features
+from engine.features.record import decode_record, encode_record
 from engine.features.state import CATEGORY_SLOT, DAY_MS, State, event_ops, parsed_field
-from engine.features.store import (
-    Position,
-    StateUpdate,
-    UpdateStatus,
-    UserRecord,
-    apply_updates,
-)
-from streams.adapters.feature_record import decode_record, encode_record
+from engine.features.store import Position, StateUpdate, UpdateStatus, apply_updates
 
 T0 = 1_767_225_600_000
 LATENESS_MS = 3_600_000
@@ -42,7 +36,7 @@ def updates(
 
 
 def apply(
-    records: dict[str, UserRecord], marks: dict[tuple[str, int], int], batch: list[StateUpdate]
+    records: dict[str, bytes], marks: dict[tuple[str, int], int], batch: list[StateUpdate]
 ) -> list[UpdateStatus]:
     outcome, _ = apply_updates(records, marks, batch, allowed_lateness_ms=LATENESS_MS)
     return outcome.statuses
@@ -57,48 +51,53 @@ def test_a_5000_event_batch_of_one_user_is_applied_once_whole() -> None:
     events = [(f"b{i}", T0 + 500 * i, f"c{i % 7}", actions[i % 4]) for i in range(5_000)]
     batch = updates(events)
 
-    one: dict[str, UserRecord] = {}
+    one: dict[str, bytes] = {}
     marks: dict[tuple[str, int], int] = {}
     assert set(apply(one, marks, batch)) == {UpdateStatus.APPLIED}
-    each: dict[str, UserRecord] = {}
+    each: dict[str, bytes] = {}
     each_marks: dict[tuple[str, int], int] = {}
     for update in batch:
         apply(each, each_marks, [update])
-    assert one[USER].state == each[USER].state
-    assert one[USER].seen == each[USER].seen and len(one[USER].seen) == 5_000
+    whole, one_by_one = decode_record(one[USER]), decode_record(each[USER])
+    assert whole.state == one_by_one.state
+    assert whole.seen == one_by_one.seen and len(whole.seen) == 5_000
+    assert one[USER] == each[USER]
     assert marks == each_marks == {("b", 0): 4_999}
+    assert encode_record(whole) == one[USER]
 
-    blob = encode_record(one[USER])
-    stored = {USER: decode_record(blob)}
-    assert stored[USER].state == one[USER].state and stored[USER].seen == one[USER].seen
+    blob = one[USER]
+    stored = {USER: blob}
     # The same batch again (a crash before the commit): recognised, nothing changes.
     assert set(apply(stored, marks, batch)) == {UpdateStatus.REDELIVERED}
-    assert encode_record(stored[USER]) == blob
+    assert stored[USER] == blob
     # The same events at new offsets (a producer that wrote them twice): duplicates.
     assert set(apply(stored, marks, updates(events, 5_000))) == {UpdateStatus.DUPLICATE}
-    assert stored[USER].state == one[USER].state
-    assert stored[USER].state["nv"] == 2_500.0 and stored[USER].state["nc"] == 1_250.0
+    state = decode_record(stored[USER]).state
+    assert state == whole.state
+    assert state["nv"] == 2_500.0 and state["nc"] == 1_250.0
 
 
 def test_9000_stale_category_fields_go_with_the_first_fresh_batch() -> None:
     old = T0 - 40 * DAY_MS
     history = updates([(f"h{i}", old + i, f"cat-{i:05d}", "view") for i in range(9_000)])
     fresh = updates([(f"f{i}", T0 + i, "books", "view") for i in range(5)], 9_000)
-    records: dict[str, UserRecord] = {}
+    records: dict[str, bytes] = {}
     marks: dict[tuple[str, int], int] = {}
     apply(records, marks, history)
-    blob = encode_record(records[USER])
+    blob = records[USER]
     stored = decode_record(blob)  # 9,000 categories: two-byte category numbers in the record
-    assert stored.state == records[USER].state and stored.seen == records[USER].seen
+    assert encode_record(stored) == blob
     assert category_fields(stored.state) == 9_000
 
-    assert set(apply({USER: stored}, marks, fresh)) == {UpdateStatus.APPLIED}
-    reference: dict[str, UserRecord] = {}
+    held = {USER: blob}
+    assert set(apply(held, marks, fresh)) == {UpdateStatus.APPLIED}
+    stored = decode_record(held[USER])
+    reference: dict[str, bytes] = {}
     apply(reference, {}, history + fresh)
-    assert stored.state == reference[USER].state
+    assert stored.state == decode_record(reference[USER]).state
     assert category_fields(stored.state) == 1 and stored.state["nv"] == 9_005.0
     assert len(stored.seen) == 5, "the old event ids left the dedup set with the lateness"
-    assert compute_features(stored.state) == compute_features(reference[USER].state)
+    assert compute_features(stored.state) == compute_features(decode_record(reference[USER]).state)
     small = encode_record(stored)
     assert len(small) < 200, len(small)
     assert decode_record(small).state == stored.state
