@@ -110,6 +110,34 @@ impl RecordCodec {
         Ok(kind)
     }
 
+    /// Events in the run of active minutes ending at `minute` with no gap of
+    /// `session_gap_minutes` or more, newest first (`_session_events` said the same).
+    fn session_events(
+        &self,
+        minutes: &HashMap<i64, f64, BuildHasherDefault<Fnv>>,
+        minute: i64,
+    ) -> f64 {
+        let config = &self.context;
+        let mut active: Vec<(i64, f64)> = minutes.iter().map(|(&m, &c)| (m, c)).collect();
+        active.sort_unstable_by_key(|entry| std::cmp::Reverse(entry.0));
+        let mut total = 0.0;
+        let mut previous = minute + 1;
+        let oldest = minute - self.retention[0];
+        for (index, count) in active {
+            if index > minute {
+                continue;
+            }
+            if index <= oldest || previous - index > config.session_gap_minutes {
+                break;
+            }
+            if count != 0.0 {
+                total += count;
+                previous = index;
+            }
+        }
+        total
+    }
+
     /// An interned text as a Python string (remembered per text).
     fn text_name(&self, py: Python<'_>, id: u32) -> Py<PyString> {
         if let Some(name) = self.memos.borrow().text_names.map.get(&id) {
@@ -127,14 +155,19 @@ impl RecordCodec {
             .insert(id, name.clone_ref(py));
         name
     }
+}
 
-    /// The pass over `state` as of event time `now` (`Context`).
-    pub(crate) fn context_of<'py>(
+#[pymethods]
+impl RecordCodec {
+    /// The one pass over a state dict a feature vector reads, as of event time `now`:
+    /// `(sums, session_events, purchase_days, categories_short, categories_long)`.
+    fn context<'py>(
         &self,
         py: Python<'py>,
         state: &Bound<'py, PyDict>,
         now: i64,
     ) -> PyResult<Context<'py>> {
+        self.memos.borrow_mut().bound();
         let config = &self.context;
         let current = [
             now.div_euclid(self.slot_ms[0]),
@@ -237,33 +270,5 @@ impl RecordCodec {
             short,
             long,
         ))
-    }
-
-    /// Events in the run of active minutes ending at `minute` with no gap of
-    /// `session_gap_minutes` or more, newest first (`_session_events` said the same).
-    fn session_events(
-        &self,
-        minutes: &HashMap<i64, f64, BuildHasherDefault<Fnv>>,
-        minute: i64,
-    ) -> f64 {
-        let config = &self.context;
-        let mut active: Vec<(i64, f64)> = minutes.iter().map(|(&m, &c)| (m, c)).collect();
-        active.sort_unstable_by_key(|entry| std::cmp::Reverse(entry.0));
-        let mut total = 0.0;
-        let mut previous = minute + 1;
-        let oldest = minute - self.retention[0];
-        for (index, count) in active {
-            if index > minute {
-                continue;
-            }
-            if index <= oldest || previous - index > config.session_gap_minutes {
-                break;
-            }
-            if count != 0.0 {
-                total += count;
-                previous = index;
-            }
-        }
-        total
     }
 }

@@ -1,12 +1,13 @@
 //! dealstream's compiled hot-path pieces.
 //!
-//! `RecordCodec` writes and reads a user's feature record in the byte format that
-//! `streams/adapters/feature_record.py` defines. The worker encodes every user a micro-batch
-//! touches (the same loop in Python cost about a sixth of the worker's CPU) and decodes the
-//! records it keeps encoded between batches. What a field name means stays in Python: the
-//! codec asks the module's functions once per distinct name (or bucket, or category-day) and
-//! remembers the answer; the tag numbers, time grains and field names come from the Python
-//! module too, so the format is defined in one place.
+//! `RecordCodec` holds what the feature records' format means (this file: its
+//! configuration and memos); `record` reads and writes a user's record in the byte format
+//! that `engine/features/record.py` defines and applies a micro-batch to records held as
+//! bytes (the feature store's step); `context` is the pass over a user's state that a
+//! feature vector starts from. What a field name means stays in Python: the codec asks the
+//! module's functions once per distinct name and remembers the answer; the tag numbers, time
+//! grains, retention, windows and field names come from the Python module too, so the format
+//! is defined in one place.
 //!
 //! `logistic` holds the purchase model's arithmetic (River's learning step and linear score);
 //! `values` packs a feature vector into the short text pending decisions and outbox entries
@@ -485,61 +486,6 @@ impl RecordCodec {
         self.memos.borrow_mut().bound();
         let record = self.read(py, blob)?;
         self.dicts_of(py, &record)
-    }
-
-    /// `seen_key(event_id)`: what a dedup set remembers of an event id (BLAKE2b, as many
-    /// bytes as `seen_key_bytes`).
-    fn seen_key<'py>(&self, py: Python<'py>, event_id: &str) -> PyResult<Bound<'py, PyBytes>> {
-        self.seen_key_of(py, event_id)
-    }
-
-    /// The state dict alone of a record (no dedup set): what a reader of features needs.
-    fn decode_state<'py>(&self, py: Python<'py>, blob: &[u8]) -> PyResult<Bound<'py, PyDict>> {
-        self.memos.borrow_mut().bound();
-        self.decode_state_of(py, blob)
-    }
-
-    /// The latest event time a record's header holds (0: none, or not a whole positive ms).
-    fn latest_time(&self, blob: &[u8]) -> PyResult<i64> {
-        self.latest_time_of(blob)
-    }
-
-    /// The one pass over a state dict a feature vector reads, as of event time `now`
-    /// (`context.rs`): `(sums, session_events, purchase_days, categories_short,
-    /// categories_long)`.
-    fn context<'py>(
-        &self,
-        py: Python<'py>,
-        state: &Bound<'py, PyDict>,
-        now: i64,
-    ) -> PyResult<context::Context<'py>> {
-        self.memos.borrow_mut().bound();
-        self.context_of(py, state, now)
-    }
-
-    /// The store's rules applied to a micro-batch of records held as bytes (`record.rs`).
-    #[pyo3(signature = (records, watermarks, updates, *, allowed_lateness_ms, forgotten, statuses))]
-    #[allow(clippy::too_many_arguments)]
-    fn apply_updates<'py>(
-        &self,
-        py: Python<'py>,
-        records: &Bound<'py, PyDict>,
-        watermarks: &Bound<'py, PyDict>,
-        updates: &Bound<'py, PyAny>,
-        allowed_lateness_ms: i64,
-        forgotten: &Bound<'py, PyAny>,
-        statuses: [Bound<'py, PyAny>; 5],
-    ) -> PyResult<record::Applied<'py>> {
-        self.memos.borrow_mut().bound();
-        self.apply_batch(
-            py,
-            records,
-            watermarks,
-            updates,
-            allowed_lateness_ms,
-            forgotten,
-            statuses,
-        )
     }
 }
 

@@ -232,7 +232,7 @@ struct Entry {
 
 /// What `apply_updates` gives back: statuses, the users' bytes before the batch, the users
 /// whose record changed (their new bytes are in `records`).
-pub(crate) type Applied<'py> = (Bound<'py, PyList>, Bound<'py, PyDict>, Bound<'py, PyList>);
+type Applied<'py> = (Bound<'py, PyList>, Bound<'py, PyDict>, Bound<'py, PyList>);
 
 impl RecordCodec {
     /// What a field name means, and when the field expires (asked of the Python module once
@@ -769,14 +769,11 @@ fn seen_digest(event_id: &str, width: usize) -> PyResult<Vec<u8>> {
     Ok(out)
 }
 
-/// The methods `lib.rs` exposes (one `#[pymethods]` block per class).
+#[pymethods]
 impl RecordCodec {
-    /// `seen_key(event_id)`: what a dedup set remembers of an event id.
-    pub(crate) fn seen_key_of<'py>(
-        &self,
-        py: Python<'py>,
-        event_id: &str,
-    ) -> PyResult<Bound<'py, PyBytes>> {
+    /// `seen_key(event_id)`: what a dedup set remembers of an event id (BLAKE2b, as many
+    /// bytes as `seen_key_bytes`).
+    fn seen_key<'py>(&self, py: Python<'py>, event_id: &str) -> PyResult<Bound<'py, PyBytes>> {
         Ok(PyBytes::new(
             py,
             &seen_digest(event_id, self.seen_key_bytes)?,
@@ -784,18 +781,15 @@ impl RecordCodec {
     }
 
     /// The state dict alone of a record (no dedup set): what a reader of features needs.
-    pub(crate) fn decode_state_of<'py>(
-        &self,
-        py: Python<'py>,
-        blob: &[u8],
-    ) -> PyResult<Bound<'py, PyDict>> {
+    fn decode_state<'py>(&self, py: Python<'py>, blob: &[u8]) -> PyResult<Bound<'py, PyDict>> {
+        self.memos.borrow_mut().bound();
         self.check_format(blob)?;
         let record = self.read(py, blob)?;
         self.state_dict(py, &record)
     }
 
     /// The latest event time a record's header holds (0: none, or not a whole positive ms).
-    pub(crate) fn latest_time_of(&self, blob: &[u8]) -> PyResult<i64> {
+    fn latest_time(&self, blob: &[u8]) -> PyResult<i64> {
         self.check_format(blob)?;
         let mut data = Reader {
             data: blob,
@@ -814,8 +808,9 @@ impl RecordCodec {
     /// objects, by code. Returns the statuses, every user's bytes before the batch (None: a
     /// new user; forgotten users are left out) and the users whose record changed, in the
     /// order they were first changed.
+    #[pyo3(signature = (records, watermarks, updates, *, allowed_lateness_ms, forgotten, statuses))]
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn apply_batch<'py>(
+    fn apply_updates<'py>(
         &self,
         py: Python<'py>,
         records: &Bound<'py, PyDict>,
@@ -825,6 +820,7 @@ impl RecordCodec {
         forgotten: &Bound<'py, PyAny>,
         statuses: [Bound<'py, PyAny>; 5],
     ) -> PyResult<Applied<'py>> {
+        self.memos.borrow_mut().bound();
         let [applied, redelivered, duplicate, late, forgotten_status] = statuses;
         let check_forgotten = forgotten.is_truthy()?;
         let width = self.seen_key_bytes;

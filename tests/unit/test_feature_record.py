@@ -16,10 +16,11 @@ from engine.features.record import (
     UserRecord,
     decode_record,
     encode_record,
+    latest_time,
     seen_key,
 )
 from engine.features.state import event_ops, offer_ops, parsed_field
-from engine.features.store import InMemoryFeatureStore, StateUpdate
+from engine.features.store import InMemoryFeatureStore, Position, StateUpdate, apply_updates
 
 T0 = 1_767_225_600_000
 
@@ -173,3 +174,37 @@ def test_the_layout_is_the_one_records_in_redis_were_written_in() -> None:
 def test_a_value_that_is_not_a_number_is_refused(value: object) -> None:
     with pytest.raises(TypeError):
         encode_record(UserRecord(state={"vm1": value}))  # type: ignore[dict-item]
+
+
+def test_a_store_step_refuses_a_held_record_it_cannot_read_and_changes_nothing() -> None:
+    state = {"lt": float(T0), "vm1": 3.0, "fs": float(T0 - 5)}
+    good = encode_record(UserRecord(state=state, seen={seen_key("e"): T0 // 1000}))
+    update = StateUpdate("u1", "e2", T0 + 1, [("i", "vm1", 1.0)], Position("b", 0, 7))
+    for bad in (b"\x01" + good[1:], good[:-1], good + b"\x00"):
+        records, marks = {"u1": bad}, {("b", 0): 3}
+        with pytest.raises(FeatureRecordError):
+            apply_updates(records, marks, [update], allowed_lateness_ms=3_600_000)
+        assert records == {"u1": bad} and marks == {("b", 0): 3}
+
+
+def test_states_before_are_decoded_only_when_read() -> None:
+    minute = f"vm{T0 // 60_000}"
+    state = {"lt": float(T0), minute: 3.0, "fs": float(T0 - 5)}
+    held = encode_record(UserRecord(state=state, seen={}))
+    records = {"old": held}
+    updates = [
+        StateUpdate("old", "e1", T0 + 1, [("i", minute, 1.0), ("x", "lt", float(T0 + 1))]),
+        StateUpdate("new", "e2", T0 + 2, [("i", minute, 1.0), ("x", "lt", float(T0 + 2))]),
+    ]
+    outcome, touched = apply_updates(records, {}, updates, allowed_lateness_ms=3_600_000)
+    assert touched == ["old", "new"]
+    before = outcome.before
+    assert before.record("old") is held and before.record("new") is None
+    assert before["old"] == state and before["new"] == {}
+    assert before["old"] is before["old"]  # decoded once; the engine replays on that dict
+    assert decode_record(records["old"]).state == {
+        "lt": float(T0 + 1),
+        minute: 4.0,
+        "fs": T0 - 5,
+    }
+    assert latest_time(records["old"]) == T0 + 1 and latest_time(held) == T0
