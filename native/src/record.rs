@@ -141,6 +141,15 @@ impl Record {
     }
 }
 
+/// A decoded integer as a double (through i64 when it fits: i128's conversion is a slow
+/// library call; both round to nearest).
+fn whole(value: i128) -> f64 {
+    match i64::try_from(value) {
+        Ok(value) => value as f64,
+        Err(_) => value as f64,
+    }
+}
+
 /// `-(-x // 1000)` in Python: whole seconds, rounded up (`seen_second`).
 fn second_up(ms: i64) -> i64 {
     -((-ms).div_euclid(1000))
@@ -371,7 +380,7 @@ impl RecordCodec {
                 let key = Key::Bucket(tag, index);
                 Field {
                     key,
-                    value: data.zvarint()? as f64,
+                    value: whole(data.zvarint()?),
                     expires_at: self.expiry(key),
                 }
             } else if tag == tags.category {
@@ -384,7 +393,7 @@ impl RecordCodec {
                 let key = Key::Category(day, category);
                 Field {
                     key,
-                    value: data.zvarint()? as f64,
+                    value: whole(data.zvarint()?),
                     expires_at: self.expiry(key),
                 }
             } else if tag == tags.lt {
@@ -426,7 +435,7 @@ impl RecordCodec {
                 };
                 Field {
                     key: key.ok_or_else(|| corrupt("KeyError", at))?,
-                    value: value as f64,
+                    value: whole(value),
                     expires_at: f64::INFINITY,
                 }
             };
@@ -456,7 +465,8 @@ impl RecordCodec {
         }
         let distinct: HashSet<&[u8], BuildHasherDefault<Fnv>> =
             digests.chunks_exact(width).collect();
-        if distinct.len() != count {
+        let repeats = distinct.len() != count;
+        if repeats {
             return Err(PyValueError::new_err(
                 "feature record repeats an event id digest",
             ));
