@@ -3,13 +3,14 @@
 A worker owns the partitions Kafka assigned it, and with them every user whose events they
 carry (the event topics are co-partitioned by user id). So it keeps those users' records in
 memory (bounded, least recently used out) as the very bytes it writes to Redis (the compact
-record of ``feature_record.py``, about 150 bytes, where the decoded dicts took about 2 KiB),
-decodes those a micro-batch touches, applies the batch with the engine's own
-``apply_updates`` (``engine/features/store.py``: the one implementation of the rules), and
-writes every changed user's record and the batch's partition watermarks to Redis in one atomic
-script call (``commit_batch.lua``). In the worker that call is the ledger's (``defer_writes``:
-the store stages its write, ``RedisLedger`` carries it with the ledger's effect and the
-batch's outbox entry); alone, the store makes the call itself.
+record of ``engine/features/record.py``, about 150-250 bytes, where the decoded dicts took
+about 2 KiB), applies each micro-batch to those bytes with the engine's own ``apply_updates``
+(``engine/features/store.py``: the one implementation of the rules, compiled; a user's state
+becomes Python dicts only if the engine computes features for it), and writes every changed
+user's record and the batch's partition watermarks to Redis in one atomic script call
+(``commit_batch.lua``). In the worker that call is the ledger's (``defer_writes``: the store
+stages its write, ``RedisLedger`` carries it with the ledger's effect and the batch's outbox
+entry); alone, the store makes the call itself.
 It reads Redis only for a user it does not hold (after a start, a rebalance or an eviction).
 Redis stays the serving store: ``dealstream features`` and other services read the same records.
 
