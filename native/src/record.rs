@@ -291,6 +291,11 @@ impl RecordCodec {
         Ok((key, expires_at))
     }
 
+    /// The bucket index of `lt` in each slot: fields are stored relative to these.
+    fn refs(&self, lt: i64) -> [i64; 4] {
+        self.slot_ms.map(|ms| lt / ms)
+    }
+
     /// When a typed field expires: a bucket or category-day at `(index + retention) *
     /// slot_ms` of its slot, anything else never (`ParsedField` in `engine/features/state.py`).
     fn expiry(&self, key: Key) -> f64 {
@@ -352,12 +357,7 @@ impl RecordCodec {
         };
         let lt_raw = data.varint()?;
         let lt = i64::try_from(lt_raw).map_err(|_| corrupt("OverflowError", data.pos))?;
-        let refs: [i64; 4] = [
-            lt / self.slot_ms[0],
-            lt / self.slot_ms[1],
-            lt / self.slot_ms[2],
-            lt / self.slot_ms[3],
-        ];
+        let refs = self.refs(lt);
         let mut categories: Vec<u32> = Vec::new();
         for _ in 0..data.varint()? {
             let length = data.varint()? as usize;
@@ -373,24 +373,27 @@ impl RecordCodec {
         for _ in 0..count {
             let at = data.pos;
             let tag = data.byte()?;
-            let field = if tag < tags.category {
-                let slot = self.tag_slot[tag as usize].ok_or_else(|| corrupt("KeyError", at))?;
-                let index = refs[slot] as i128 - data.zvarint()?;
-                let index = i64::try_from(index).map_err(|_| corrupt("OverflowError", at))?;
-                let key = Key::Bucket(tag, index);
-                Field {
-                    key,
-                    value: whole(data.zvarint()?),
-                    expires_at: self.expiry(key),
-                }
-            } else if tag == tags.category {
-                let number = data.varint()? as usize;
-                let category = *categories
-                    .get(number)
-                    .ok_or_else(|| corrupt("IndexError", at))?;
-                let day = refs[3] as i128 - data.zvarint()?;
-                let day = i64::try_from(day).map_err(|_| corrupt("OverflowError", at))?;
-                let key = Key::Category(day, category);
+            let field = if tag <= tags.category {
+                // a bucket or a category-day: where it is relative to lt's, then its count
+                let key = if tag < tags.category {
+                    let slot =
+                        self.tag_slot[tag as usize].ok_or_else(|| corrupt("KeyError", at))?;
+                    let index = refs[slot] as i128 - data.zvarint()?;
+                    Key::Bucket(
+                        tag,
+                        i64::try_from(index).map_err(|_| corrupt("OverflowError", at))?,
+                    )
+                } else {
+                    let number = data.varint()? as usize;
+                    let category = *categories
+                        .get(number)
+                        .ok_or_else(|| corrupt("IndexError", at))?;
+                    let day = refs[3] as i128 - data.zvarint()?;
+                    Key::Category(
+                        i64::try_from(day).map_err(|_| corrupt("OverflowError", at))?,
+                        category,
+                    )
+                };
                 Field {
                     key,
                     value: whole(data.zvarint()?),
@@ -498,12 +501,7 @@ impl RecordCodec {
             Some(value) if value > 0.0 && value < EXACT && value.fract() == 0.0 => value as i64,
             _ => 0,
         };
-        let refs: [i64; 4] = [
-            lt / self.slot_ms[0],
-            lt / self.slot_ms[1],
-            lt / self.slot_ms[2],
-            lt / self.slot_ms[3],
-        ];
+        let refs = self.refs(lt);
         let mut categories: Vec<u32> = Vec::new();
         let mut body: Vec<u8> = Vec::with_capacity(8 * record.fields.len() + 16);
         for field in &record.fields {
