@@ -39,6 +39,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+# `python bench/x.py` puts bench/ on the path, not the repository that holds the bench package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from bench.e2e.common import CAMPAIGNS, load_average
 from bench.e2e.inprocess import NullSink, simulated_records
 from bench.private_redis import private_redis

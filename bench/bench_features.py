@@ -50,6 +50,9 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 
+# `python bench/x.py` puts bench/ on the path, not the repository that holds the bench package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from bench.private_redis import private_redis
 from engine.analysis.simulation.world import DEFAULT_MEAN_GAP_MS, open_loop
 from engine.events import Event, PurchaseEvent, parse_event
