@@ -3,6 +3,9 @@ from typing import Any, TypeVar
 
 _Status = TypeVar("_Status")
 
+class CorruptData(ValueError):
+    """Bytes that are not what they should be (a feature record, packed values)."""
+
 class RecordCodec:
     """Encodes, decodes and updates feature records (engine/features/record.py defines the
     format and passes in what each tag, grain and field name means)."""

@@ -40,7 +40,7 @@ from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from dealstream_native import RecordCodec
+from dealstream_native import CorruptData, RecordCodec
 
 from engine.errors import EngineError
 from engine.features.state import (
@@ -216,11 +216,11 @@ def encode_record(record: UserRecord) -> bytes:
 
 
 def decode_record(blob: bytes) -> UserRecord:
-    """The record ``encode_record`` wrote; ``FeatureRecordError`` for anything else."""
-    _check_format(blob)
+    """The record ``encode_record`` wrote; ``FeatureRecordError`` for anything else (bytes of
+    another format included)."""
     try:
         state, seen, next_expiry, oldest_seen = _CODEC.decode(blob)
-    except ValueError as exc:
+    except CorruptData as exc:
         raise FeatureRecordError(str(exc)) from None
     return UserRecord(state, seen, next_expiry, oldest_seen)
 
@@ -229,7 +229,7 @@ def decode_state(blob: bytes) -> State:
     """The feature state alone of a record (what reading features needs)."""
     try:
         return _CODEC.decode_state(blob)
-    except ValueError as exc:
+    except CorruptData as exc:
         raise FeatureRecordError(str(exc)) from None
 
 
@@ -237,7 +237,7 @@ def latest_time(blob: bytes) -> int | None:
     """The user's latest event time, read from the record's header (None: it has none)."""
     try:
         return _CODEC.latest_time(blob) or None
-    except ValueError as exc:
+    except CorruptData as exc:
         raise FeatureRecordError(str(exc)) from None
 
 
@@ -257,14 +257,6 @@ def state_context(state: State, now: int) -> StateContext:
     return _CODEC.context(state, now)
 
 
-def _check_format(blob: bytes) -> None:
-    if not blob or blob[0] != FORMAT:
-        raise FeatureRecordError(
-            f"not a feature record of format {FORMAT} (first byte {blob[:1]!r}); written by "
-            "another dealstream version?"
-        )
-
-
 def apply_records(
     records: dict[str, bytes],
     watermarks: dict[tuple[str, int], int],
@@ -277,7 +269,8 @@ def apply_records(
     """The compiled half of ``engine.features.store.apply_updates`` (``native/src/record.rs``):
     the batch applied to ``records`` (user -> bytes) in place. Returns the statuses (objects
     from ``statuses``, by code), each user's bytes before the batch (None: new), and the users
-    whose record changed, in the order they first changed."""
+    whose record changed, in the order they first changed. ``FeatureRecordError`` for a held
+    record it cannot read (and nothing changes)."""
     try:
         return _CODEC.apply_updates(
             records,
@@ -287,7 +280,5 @@ def apply_records(
             forgotten=forgotten,
             statuses=statuses,
         )
-    except ValueError as exc:
-        if "feature record" in str(exc):
-            raise FeatureRecordError(str(exc)) from None
-        raise
+    except CorruptData as exc:
+        raise FeatureRecordError(str(exc)) from None

@@ -241,9 +241,16 @@ fn corrupt(what: &str, pos: usize) -> PyErr {
 
 const RECORD: &str = "feature record";
 
+pyo3::create_exception!(
+    dealstream_native,
+    CorruptData,
+    PyValueError,
+    "Bytes that are not what they should be (a feature record, packed values)."
+);
+
 /// Why bytes are not the `thing` they should be.
 fn invalid(thing: &str, what: &str, pos: usize) -> PyErr {
-    PyValueError::new_err(format!("{thing} is corrupt ({what} at byte {pos})"))
+    CorruptData::new_err(format!("{thing} is corrupt ({what} at byte {pos})"))
 }
 
 /// Reads a record's (or packed values') bytes front to back.
@@ -484,6 +491,7 @@ impl RecordCodec {
     /// already checked by the caller); ValueError, saying where, for anything else.
     fn decode<'py>(&self, py: Python<'py>, blob: &[u8]) -> PyResult<Decoded<'py>> {
         self.memos.borrow_mut().bound();
+        self.check_format(blob)?;
         let record = self.read(py, blob)?;
         self.dicts_of(py, &record)
     }
@@ -491,6 +499,7 @@ impl RecordCodec {
 
 #[pymodule]
 fn dealstream_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    module.add("CorruptData", module.py().get_type::<CorruptData>())?;
     module.add_class::<RecordCodec>()?;
     module.add_class::<logistic::LinearTerms>()?;
     module.add_class::<logistic::LogisticStep>()?;

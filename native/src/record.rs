@@ -17,7 +17,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
 use super::{corrupt, exact_int, number, presized_dict, varint, zvarint, Reader, RecordCodec};
-use super::{Fnv, EXACT, RECORD, SHARED_FLOATS};
+use super::{CorruptData, Fnv, EXACT, RECORD};
 
 /// Fields beyond which a record keeps an index of them.
 const INDEXED: usize = 48;
@@ -47,7 +47,7 @@ pub(crate) struct Field {
 }
 
 /// One user's record: its fields in order, the dedup set, and the two bounds derived from
-/// them (`UserRecord` in `engine/features/store.py`).
+/// them (`UserRecord` in `engine/features/record.py`).
 pub(crate) struct Record {
     pub(crate) fields: Vec<Field>,
     /// Key -> position in `fields`, kept once a record has more than `INDEXED` fields (a
@@ -468,14 +468,13 @@ impl RecordCodec {
         }
         let distinct: HashSet<&[u8], BuildHasherDefault<Fnv>> =
             digests.chunks_exact(width).collect();
-        let repeats = distinct.len() != count;
-        if repeats {
-            return Err(PyValueError::new_err(
+        if distinct.len() != count {
+            return Err(CorruptData::new_err(
                 "feature record repeats an event id digest",
             ));
         }
         if data.pos != blob.len() {
-            return Err(PyValueError::new_err(format!(
+            return Err(CorruptData::new_err(format!(
                 "feature record has {} extra bytes",
                 blob.len() - data.pos
             )));
@@ -611,8 +610,8 @@ impl RecordCodec {
         for field in &record.fields {
             let value = field.value;
             let name = self.name_of(py, field.key)?;
-            // small whole values as shared float objects (`float`), the others as they are
-            if value.fract() == 0.0 && !value.is_sign_negative() && value < SHARED_FLOATS as f64 {
+            // whole values through `float` (small ones are shared objects)
+            if exact_int(value) {
                 state.set_item(name, self.float(py, value as i128))?;
             } else {
                 state.set_item(name, value)?;
@@ -635,19 +634,12 @@ impl RecordCodec {
             let value = number(&value)?;
             let (key, expires_at) = self.key_of(py, name)?;
             record.next_expiry = record.next_expiry.min(expires_at);
-            match record.find(&key) {
-                // two names of one field (a dict cannot repeat a name)
-                Some(_) => {
-                    return Err(PyValueError::new_err(format!(
-                        "field {name:?} repeats another"
-                    )))
-                }
-                None => record.push(Field {
-                    key,
-                    value,
-                    expires_at,
-                }),
-            }
+            // a key is its name's (`key_of`), so a dict's names give distinct keys
+            record.push(Field {
+                key,
+                value,
+                expires_at,
+            });
         }
         let width = self.seen_key_bytes;
         for (digest, seconds) in seen.iter() {
@@ -685,16 +677,18 @@ impl RecordCodec {
         Ok((state, seen, record.next_expiry, oldest_seen))
     }
 
-    fn check_format(&self, blob: &[u8]) -> PyResult<()> {
-        if blob.first() != Some(&self.tags.format) {
-            return Err(PyValueError::new_err(format!(
-                "not a feature record of format {} (first byte {:?}); written by another \
+    /// The first byte is the format this version reads (a record of another version is
+    /// refused, not misread).
+    pub(crate) fn check_format(&self, blob: &[u8]) -> PyResult<()> {
+        match blob.first() {
+            Some(&first) if first == self.tags.format => Ok(()),
+            first => Err(CorruptData::new_err(format!(
+                "not a feature record of format {} (first byte {}); written by another \
                  dealstream version?",
                 self.tags.format,
-                blob.first()
-            )));
+                first.map_or("none: empty".to_owned(), |byte| format!("{byte:#04x}"))
+            ))),
         }
-        Ok(())
     }
 
     /// Apply one update's operations; returns the earliest expiry of the fields it created.
@@ -713,14 +707,7 @@ impl RecordCodec {
             let name = op.get_item(1)?;
             let name = name.cast::<PyString>()?.to_str()?;
             let value = number(&op.get_item(2)?)?;
-            let known = {
-                let memos = self.memos.borrow();
-                memos.keys.map.get(name).cloned()
-            };
-            let (key, expires_at) = match known {
-                Some(known) => known,
-                None => self.key_of(py, name)?,
-            };
+            let (key, expires_at) = self.key_of(py, name)?;
             match record.find(&key) {
                 Some(position) => {
                     let field = &mut record.fields[position];

@@ -15,6 +15,7 @@ from engine.features.record import (
     FeatureRecordError,
     UserRecord,
     decode_record,
+    decode_state,
     encode_record,
     latest_time,
     seen_key,
@@ -208,3 +209,12 @@ def test_states_before_are_decoded_only_when_read() -> None:
         "fs": T0 - 5,
     }
     assert latest_time(records["old"]) == T0 + 1 and latest_time(held) == T0
+
+
+def test_a_record_of_another_format_says_which_byte_it_found() -> None:
+    blob = b"\x01" + encode_record(UserRecord(state={"lt": float(T0)}))[1:]
+    for read in (decode_record, decode_state, latest_time):
+        with pytest.raises(FeatureRecordError, match=r"format 2 \(first byte 0x01\)"):
+            read(blob)
+    with pytest.raises(FeatureRecordError, match=r"first byte none: empty"):
+        decode_record(b"")
