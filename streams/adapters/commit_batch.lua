@@ -58,24 +58,27 @@
 --                       <campaign>|d last decision ts, <campaign>|o last offer ts,
 --                       <campaign>|n<day> offers that day,
 --                       <campaign>|s<epoch><arm> the user's stop-loss sums "decisions cents";
---                       the pending decisions: decision_id -> 'G' or 'N' (offer denied) +
---                       pending decision JSON array (PendingDecision.compact_json: ts, campaign
---                       and arm first, neither the decision id nor the user), decision_id|c ->
---                       first conversion ts (a decision id never holds '|', so these are the
---                       only fields without one, and the only ones ending in '|c' with one);
+--                       the pending decisions: decision_id -> its stage ('e' waits for its
+--                       elapsed event, 'x' for its window's end: a decision waits for one
+--                       label event at a time, the elapsed one first when elapsed_ms is not 0),
+--                       its lane (decimal digits), then the record as the label events return
+--                       it: 'G' or 'N' (offer denied) + pending decision JSON array
+--                       (PendingDecision.compact_json: ts, campaign and arm first, neither the
+--                       decision id nor the user), so the label event a record waits for and
+--                       when it is due follow from the record itself; decision_id|c -> first
+--                       conversion ts (a decision id never holds '|', so these are the only
+--                       fields without one, and the only ones ending in '|c' with one);
 --                       '|p' -> the user's purchases within purchase_memory_ms of the latest,
---                       by time: 'ts amount_cents gross_cents' joined by ';'; '|q<lane>' -> the
---                       label events its pending decisions of that lane wait for, joined by
---                       '|': 'e' (elapsed) or 'x' (closed), the time it is due, ' ', the
---                       decision id (a decision waits for one at a time: its elapsed event,
---                       when elapsed_ms is not 0, then its window's end).
+--                       by time: 'ts amount_cents gross_cents' joined by ';'.
 --                       Its time to live is a wall-clock safety net (labels and windows follow
 --                       event time): set when the caller asks ('refresh') to
 --                       max(ttl_ms, max(window, purchase memory) + 7 days), and by a decision
 --                       whose guards need longer or whose user has no record in the call
 --   <p>lq:<lane>  zset  the users with decisions of the lane waiting for a label event, scored
 --                       by the earliest time one of theirs is due (at most: a score may be
---                       early, never late): one member per user, not per decision
+--                       early, never late): one member per user, not per decision; a user
+--                       popped from it is read whole (HGETALL) and indexed again by the
+--                       earliest due time of its records of the lane
 --   <p>pn         hash  lane -> its decisions waiting for a label event (pending_count)
 --   <p>b:<campaign>:<day>  discount spent that day, in cents
 --   <p>se         string  the state epoch (read only; written by `dealstream forget`)
@@ -148,7 +151,6 @@ end
 local DAY_MS = 86400000
 local Z95 = 1.959964
 local PURCHASES = '|p'
-local SCHEDULE = '|q'
 
 -- Refusals first: nothing is written unless this writer still owns every partition of the
 -- batch and nobody rewrote feature state behind its back.
@@ -325,6 +327,7 @@ local function spend(key, cost)
 end
 local queued = {}  -- per lane: due time and user of each recorded decision, indexed after the ops
 local queued_lanes = {}  -- the lanes of `queued`, in first-seen order
+local pending_added = {}  -- per lane: decisions recorded under a new id (the count `pn`)
 
 local function emit(kind, decision_id, user, record, converted_at, at)
   events[#events + 1] = kind
@@ -426,16 +429,15 @@ local function decide(j, offset)
   local lane = ops[j + 14]
   local ukey = user_key(user)
   local decided_field = campaign .. '|d'
-  local schedule_field = SCHEDULE .. int(lane)
   local day, count_field, stored, remembered
   if has_offer then
     day = ops[j + 12]
     if day < 0 then day = math.floor(ts / DAY_MS) end
     count_field = campaign .. '|n' .. day
-    stored = redis.call('HMGET', ukey, decided_field, PURCHASES, schedule_field,
-      campaign .. '|o', count_field)
+    stored = redis.call('HMGET', ukey, decided_field, PURCHASES, decision_id, campaign .. '|o',
+      count_field)
   else
-    stored = redis.call('HMGET', ukey, decided_field, PURCHASES, schedule_field)
+    stored = redis.call('HMGET', ukey, decided_field, PURCHASES, decision_id)
   end
   remembered = stored[2]
 
@@ -479,7 +481,10 @@ local function decide(j, offset)
   else
     record = 'N' .. string.sub(records, offset + 1, last_byte)
   end
-  writes[#writes + 1], writes[#writes + 2] = decision_id, record
+  -- its label events: the elapsed one first when there is a wait, else the closing one
+  local stage, at = 'x', ts + window
+  if elapsed > 0 then stage, at = 'e', ts + elapsed end
+  writes[#writes + 1], writes[#writes + 2] = decision_id, stage .. int(lane) .. record
   -- a purchase remembered from before, in the window: the first converts the decision now
   local bought = first_purchase_from(remembered, ts)
   if bought and bought.ts - ts <= window then
@@ -489,12 +494,6 @@ local function decide(j, offset)
     end
     emit('C', decision_id, user, record, bought.ts, bought.ts)
   end
-  -- its label events: the elapsed one first when there is a wait, else the closing one
-  local stage, at = 'x', ts + window
-  if elapsed > 0 then stage, at = 'e', ts + elapsed end
-  local entry = stage .. int(at) .. ' ' .. decision_id
-  writes[#writes + 1] = schedule_field
-  writes[#writes + 1] = stored[3] and (stored[3] .. '|' .. entry) or entry
   local unwritten = in_call[ukey]
   if unwritten and unwritten ~= true then
     writes[#writes + 1], writes[#writes + 2] = record_field, unwritten
@@ -517,12 +516,22 @@ local function decide(j, offset)
   end
   lane_queue[#lane_queue + 1] = at
   lane_queue[#lane_queue + 1] = user
+  if not stored[3] then  -- recorded again under the same id: still one pending decision
+    pending_added[lane] = (pending_added[lane] or 0) + 1
+  end
   return outcome
 end
 
--- ts, campaign and arm of a stored record (PendingDecision.compact_json, after the 'G'/'N').
-local function decision_fields(record)
-  local d = cjson.decode(string.sub(record, 2))
+-- A pending decision as stored (the layout above): its stage byte ('e' or 'x'), its lane, and
+-- where its record ('G' or 'N' and the JSON array) starts.
+local function stored_parts(value)
+  local start = string.find(value, '[GN]', 2)
+  return string.byte(value), tonumber(string.sub(value, 2, start - 1)), start
+end
+
+-- ts, campaign and arm of a pending decision's record (from `start`, its 'G' or 'N').
+local function decision_fields(value, start)
+  local d = cjson.decode(string.sub(value, start + 1))
   return tonumber(d[1]), d[2], d[3]
 end
 
@@ -534,7 +543,7 @@ local function purchase(user, ts, amount, gross)
     local field = flat[k]
     local bar = string.find(field, '|', 1, true)
     if not bar then
-      stored[#stored + 1] = { id = field, record = flat[k + 1] }
+      stored[#stored + 1] = { id = field, value = flat[k + 1] }
     elseif field == PURCHASES then
       remembered = flat[k + 1]
     elseif bar > 1 and bar == #field - 1 and string.byte(field, -1) == 99 then  -- '<id>|c'
@@ -546,10 +555,12 @@ local function purchase(user, ts, amount, gross)
   -- (ts, decision_id) order, like PendingLabels.on_purchase
   local hits = {}
   for _, entry in ipairs(stored) do
-    local d_ts, campaign, arm = decision_fields(entry.record)
+    local _, _, start = stored_parts(entry.value)
+    local d_ts, campaign, arm = decision_fields(entry.value, start)
     local age = ts - d_ts
     if age >= 0 and age <= window then
       entry.ts = d_ts
+      entry.record = string.sub(entry.value, start)
       hits[#hits + 1] = entry
       if stop_loss[campaign] and arm ~= '' and not converted[entry.id] then
         record_outcome(user, campaign, d_ts, arm, amount, gross)
@@ -615,7 +626,9 @@ if settling then
   for _, lane in ipairs(queued_lanes) do
     local suffix = int(lane)
     local lane_queue = queued[lane]
-    redis.call('HINCRBY', prefix .. 'pn', suffix, int(#lane_queue / 2))
+    if pending_added[lane] then
+      redis.call('HINCRBY', prefix .. 'pn', suffix, int(pending_added[lane]))
+    end
     for first = 1, #lane_queue, 1000 do
       local args = { 'LT' }
       for k = first, math.min(first + 999, #lane_queue), 2 do
@@ -628,14 +641,14 @@ if settling then
 
   -- Label events due before their lane's clock, in event-time order across the lanes (elapsed
   -- before closed on a tie, like PendingLabels: (time, 0 elapsed / 1 closed, decision_id, user)).
-  -- Each user whose earliest due time has passed leaves the lane's index; the entries of its
-  -- schedule that are due are collected, the others stay, and it is indexed again by the
-  -- earliest of them.
+  -- Each user whose earliest due time has passed leaves the lane's index and is read whole: of
+  -- its pending decisions of the lane, those due are collected (an elapsed one moves on to
+  -- its closing stage, or closes too when its window has ended), the others stay, and the user
+  -- is indexed again by the earliest time one of them is due.
   local due = {}
   for _, clock in ipairs(lane_clocks) do
     local suffix = int(clock.lane)
     local index = prefix .. 'lq:' .. suffix
-    local schedule_field = SCHEDULE .. suffix
     local before = '(' .. int(clock.now)
     local users = redis.call('ZRANGEBYSCORE', index, '-inf', before)
     if #users > 0 then
@@ -643,47 +656,54 @@ if settling then
       local again, dropped = {}, 0
       for _, user in ipairs(users) do
         local ukey = user_key(user)
-        local kept, earliest = {}, nil
-        for entry in string.gmatch(redis.call('HGET', ukey, schedule_field) or '', '[^|]+') do
-          local space = string.find(entry, ' ', 3, true)
-          local at = tonumber(string.sub(entry, 2, space - 1))
+        local flat = redis.call('HGETALL', ukey)
+        local converted, mine = {}, {}
+        for k = 1, #flat, 2 do
+          local field = flat[k]
+          local bar = string.find(field, '|', 1, true)
+          if not bar then
+            local stage, lane, start = stored_parts(flat[k + 1])
+            if lane == clock.lane then
+              mine[#mine + 1] = { id = field, value = flat[k + 1], stage = stage, start = start }
+            end
+          elseif bar > 1 and bar == #field - 1 and string.byte(field, -1) == 99 then  -- '<id>|c'
+            converted[string.sub(field, 1, -3)] = flat[k + 1]
+          end
+        end
+        local earliest, rewrites = nil, {}
+        for _, entry in ipairs(mine) do
+          local value, id = entry.value, entry.id
+          local ts = tonumber(string.match(value, '^%[(%-?%d+)', entry.start + 1))
+          local closes_at = ts + window
+          local at = entry.stage == 101 and ts + elapsed or closes_at  -- 'e'
           if at >= clock.now then
-            kept[#kept + 1] = entry
             if not earliest or at < earliest then earliest = at end
-          elseif string.byte(entry) == 120 then  -- 'x'
-            due[#due + 1] = {
-              at = at, closing = 1, id = string.sub(entry, space + 1), user = user,
-            }
-            dropped = dropped + 1
           else
-            local id = string.sub(entry, space + 1)
-            -- An elapsed decision moves on to its closing entry, at the end of its window
-            -- (its ts is the first field of its record); one whose window ended too closes now.
-            local stored = redis.call('HMGET', ukey, id, id .. '|c')
-            if stored[1] then
+            local record = string.sub(value, entry.start)
+            if entry.stage == 101 then
               due[#due + 1] = {
                 at = at, closing = 0, id = id, user = user,
-                record = stored[1], converted_at = stored[2],
+                record = record, converted_at = converted[id],
               }
-              local closes_at = tonumber(string.match(stored[1], '^.%[(%-?%d+)')) + window
-              if closes_at < clock.now then
-                due[#due + 1] = { at = closes_at, closing = 1, id = id, user = user }
-                dropped = dropped + 1
-              else
-                kept[#kept + 1] = 'x' .. int(closes_at) .. ' ' .. id
-                if not earliest or closes_at < earliest then earliest = closes_at end
-              end
-            else
+            end
+            if entry.stage ~= 101 or closes_at < clock.now then
+              due[#due + 1] = {
+                at = closes_at, closing = 1, id = id, user = user,
+                record = record, converted_at = converted[id],
+              }
               dropped = dropped + 1
+            else
+              -- elapsed: now it waits for its window's end
+              rewrites[#rewrites + 1] = id
+              rewrites[#rewrites + 1] = 'x' .. string.sub(value, 2)
+              if not earliest or closes_at < earliest then earliest = closes_at end
             end
           end
         end
+        if #rewrites > 0 then redis.call('HSET', ukey, unpack(rewrites)) end
         if earliest then
-          redis.call('HSET', ukey, schedule_field, table.concat(kept, '|'))
           again[#again + 1] = earliest
           again[#again + 1] = user
-        else
-          redis.call('HDEL', ukey, schedule_field)
         end
       end
       for first = 1, #again, 1000 do
@@ -700,15 +720,9 @@ if settling then
   end)
   for _, entry in ipairs(due) do
     if entry.closing == 1 then
-      local pkey = user_key(entry.user)
-      local converted_field = entry.id .. '|c'
-      local stored = redis.call('HMGET', pkey, entry.id, converted_field)
-      local record, converted_at = stored[1], stored[2]
-      if record then
-        redis.call('HDEL', pkey, entry.id, converted_field)
-        emit('X', entry.id, entry.user, record, converted_at, int(entry.at))
-      end
-    elseif entry.record then
+      redis.call('HDEL', user_key(entry.user), entry.id, entry.id .. '|c')
+      emit('X', entry.id, entry.user, entry.record, entry.converted_at, int(entry.at))
+    else
       -- read when it was collected: after this call's conversions, before any closing
       emit('E', entry.id, entry.user, entry.record, entry.converted_at, int(entry.at))
     end

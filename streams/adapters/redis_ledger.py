@@ -23,6 +23,7 @@ browsing session fall inside the decision interval of the session's first.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -85,8 +86,6 @@ _KINDS: dict[bytes | str, LabelKind] = {
     "X": LabelKind.CLOSED,
 }
 _DENIED = ord("N")
-SCHEDULE = "|q"
-"""A user's field of label events its decisions of a lane wait for: ``|q<lane>``."""
 DEFAULT_REMEMBERED_USERS = 200_000
 """Default bound of the remembered decision times per campaign (one per user, about 100 bytes
 each); the oldest go first, and a forgotten time only means one proposal the script drops."""
@@ -94,6 +93,23 @@ each); the oldest go first, and a forgotten time only means one proposal the scr
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value.encode() if isinstance(value, str) else value
+
+
+def pending_lane(stored: bytes | str) -> int | None:
+    """The lane of a pending decision as ``commit_batch.lua`` stores it under its decision id
+    (its stage 'e' or 'x', its lane's digits, then the record: 'G' or 'N' and the JSON); None
+    for a value of another form."""
+    raw = _bytes(stored)
+    end = 1
+    while raw[end : end + 1].isdigit():
+        end += 1
+    if end == 1 or raw[:1] not in (b"e", b"x") or raw[end : end + 1] not in (b"G", b"N"):
+        return None
+    return int(raw[1:end])
 
 
 def _pending_from_stored(
@@ -390,21 +406,23 @@ class RedisLedger:
         return sum(int(count) for count in counts)
 
     async def forget(self, user_id: str) -> int:
-        """Delete the user's key (guard state, pending decisions, their label schedules, and the
-        feature record they share it with), the user's place in the lanes' label indexes and
-        the decisions' count; returns keys removed."""
+        """Delete the user's key (guard state, pending decisions, and the feature record they
+        share it with), the user's place in the lanes' label indexes and the decisions' count;
+        returns keys removed."""
         pseudonym = self.pseudonyms.of(user_id)
         key = user_key(self._prefix, pseudonym)
-        # '|q<lane>': the labels the user's decisions of that lane wait for (commit_batch.lua).
-        schedules = {
-            _text(name)[len(SCHEDULE) :]: _text(value)
+        # Its pending decisions are the fields without a '|' (commit_batch.lua's layout); one
+        # of another form is deleted all the same, and counts nowhere.
+        lanes = (
+            pending_lane(value)
             for name, value in (await self._client.hgetall(key)).items()
-            if _text(name).startswith(SCHEDULE)
-        }
+            if b"|" not in _bytes(name)
+        )
+        pending = Counter(lane for lane in lanes if lane is not None)
         async with self._client.pipeline(transaction=True) as pipe:
-            for lane, schedule in schedules.items():
+            for lane, count in pending.items():
                 pipe.zrem(f"{self._prefix}lq:{lane}", hash_tag(pseudonym))
-                pipe.hincrby(f"{self._prefix}pn", lane, -len(schedule.split("|")))
+                pipe.hincrby(f"{self._prefix}pn", lane, -count)
             pipe.delete(key)
             # After the deletion: a worker whose next call sees the new epoch forgets the
             # decision times it remembers, the deleted ones among them.

@@ -51,7 +51,7 @@ def decisions(user: str, count: int) -> list[DecisionRequest]:
 
 async def pending_hash(url: str) -> tuple[str, int]:
     """The encoding and ``MEMORY USAGE`` of one user's hash of four pending decisions (and the
-    campaign's last decision time, and the decisions' label schedule)."""
+    campaign's last decision time)."""
     client = aioredis.Redis.from_url(url)
     try:
         ledger = RedisLedger(
@@ -63,7 +63,7 @@ async def pending_hash(url: str) -> tuple[str, int]:
         result = await ledger.settle(decisions("shopper-1", 4), now_ms=T0)
         assert all(outcome is not None and outcome.decided for outcome in result.outcomes)
         [key] = [key async for key in client.scan_iter(match=f"{PREFIX}u:*")]
-        assert await client.hlen(key) == 4 + 1 + 1
+        assert await client.hlen(key) == 4 + 1
         encoding = await client.object("encoding", key)
         usage = await client.memory_usage(key, samples=0)
         return (encoding.decode() if isinstance(encoding, bytes) else str(encoding)), int(usage)

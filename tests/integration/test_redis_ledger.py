@@ -18,6 +18,7 @@ Every test uses its own key prefix and deletes its keys at the end; nothing here
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import re
 import tomllib
@@ -536,8 +537,8 @@ async def test_purchases_read_first_convert_later_read_decisions_and_lanes_close
 async def test_a_decision_waits_for_one_label_at_a_time_and_is_labelled_as_in_memory(
     services: Services, isolation: Isolation
 ) -> None:
-    """With elapsed events, a decision waits in its user's schedule for its elapsed event,
-    then for its window's end (one entry per pending decision, one index member per user); a
+    """With elapsed events, a decision waits for its elapsed event, then for its window's end
+    (its record says which; one index member per user); a
     clock that passes both its wait and its window in one call gives both events, in order,
     as the in-memory ledger does."""
     prefix = isolation.redis_prefix
@@ -579,11 +580,13 @@ async def test_a_decision_waits_for_one_label_at_a_time_and_is_labelled_as_in_me
         await ledger.settle(ops, now_ms=T0 + 3 * MINUTE_MS, lanes={0: T0 + 3 * MINUTE_MS})
         index = await client.zrange(f"{prefix}lq:0", 0, -1)
         assert {_text(user) for user in index} == {"u1", "u2", "u3"}
-        schedule = await client.hget(user_key(prefix, "u1"), "|q0")
-        assert _text(schedule).split("|") == [f"e{T0 + 40 * MINUTE_MS} slow"]
+        # The stored record says what it waits for ('e' elapsed, 'x' closed) and its lane.
+        stored = await client.hget(user_key(prefix, "u1"), "slow")
+        assert stored is not None and stored.startswith(b"e0G[")
+        assert await client.zscore(f"{prefix}lq:0", "u1") == T0 + 40 * MINUTE_MS
+        assert await client.hkeys(user_key(prefix, "u1")) == [b"alpha|d", b"slow"]
         await ledger.settle([], now_ms=T0 + HOUR_MS, lanes={0: T0 + HOUR_MS})
-        schedule = await client.hget(user_key(prefix, "u1"), "|q0")
-        assert _text(schedule).split("|") == [f"x{T0 + WINDOW} slow"]
+        assert await client.hget(user_key(prefix, "u1"), "slow") == b"x" + stored[1:]
         assert await client.zscore(f"{prefix}lq:0", "u1") == T0 + WINDOW
         # A clock that jumps past wait and window at once: elapsed, then closed, in one call.
         await delete_prefix(client, prefix)
@@ -782,15 +785,16 @@ async def test_forget_removes_the_user_key_and_its_label_index_members(
         for k in range(3):
             for user in (gone, kept):
                 for campaign in ("alpha", "beta"):
-                    ops.append(
-                        _request(
-                            f"{campaign}-{user}-{k}",
-                            user,
-                            T0 + k * MINUTE_MS,
-                            campaign=campaign,
-                            offer=offer if k == 0 else None,
-                        )
+                    request = _request(
+                        f"{campaign}-{user}-{k}",
+                        user,
+                        T0 + k * MINUTE_MS,
+                        campaign=campaign,
+                        offer=offer if k == 0 else None,
                     )
+                    # the gone user's decisions on two lanes (as after a repartition)
+                    lane = k % 2 if user == gone else 0
+                    ops.append(dataclasses.replace(request, lane=lane))
         await ledger.settle(ops, now_ms=T0)
         assert await ledger.pending_count() == 12
         gone_tag, kept_tag = hash_tag(gone), hash_tag(kept)
@@ -800,9 +804,12 @@ async def test_forget_removes_the_user_key_and_its_label_index_members(
         assert await ledger.forget(gone) == 1
 
         after = await keys_under(client, prefix)
-        assert before - after == {f"{prefix}u:{{{gone_tag}}}"}
+        # lane 1's index held the gone user alone
+        assert before - after == {f"{prefix}u:{{{gone_tag}}}", f"{prefix}lq:1"}
         members = [_text(m) for m in await client.zrange(f"{prefix}lq:0", 0, -1)]
         assert members == [kept_tag]
+        counts = {_text(k): int(v) for k, v in (await client.hgetall(f"{prefix}pn")).items()}
+        assert counts == {"0": 6, "1": 0}
         assert await ledger.pending_count() == 6
         # Budgets are per campaign, not personal: they stay.
         assert await ledger.budget_spent_cents("alpha", event_day(T0)) == 200
