@@ -52,7 +52,7 @@ class RecordCodec:
         allowed_lateness_ms: int,
         forgotten: Container[str],
         statuses: Sequence[_Status],
-    ) -> tuple[list[_Status], dict[str, bytes | None], list[str]]: ...
+    ) -> tuple[list[_Status], dict[str, bytes | None], list[str], int]: ...
 
 class LinearTerms:
     """A model's parameters per input, frozen (``native/src/logistic.rs``): the linear score's

@@ -265,11 +265,12 @@ def apply_records(
     allowed_lateness_ms: int,
     forgotten: Container[str],
     statuses: Sequence[Status],
-) -> tuple[list[Status], dict[str, bytes | None], list[str]]:
+) -> tuple[list[Status], dict[str, bytes | None], list[str], int]:
     """The compiled half of ``engine.features.store.apply_updates`` (``native/src/record.rs``):
     the batch applied to ``records`` (user -> bytes) in place. Returns the statuses (objects
-    from ``statuses``, by code), each user's bytes before the batch (None: new), and the users
-    whose record changed, in the order they first changed. ``FeatureRecordError`` for a held
+    from ``statuses``, by code), each user's bytes before the batch (None: new), the users
+    whose record changed, in the order they first changed, and how many bytes their records
+    grew by in all. ``FeatureRecordError`` for a held
     record it cannot read (and nothing changes)."""
     try:
         return _CODEC.apply_updates(

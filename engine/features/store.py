@@ -94,6 +94,17 @@ _STATUSES = tuple(UpdateStatus)
 """The statuses by code, as the compiled step hands them out."""
 
 
+class AppliedBatch(NamedTuple):
+    """What ``apply_updates`` did to the records it was given."""
+
+    outcome: BatchOutcome
+    changed: list[str]
+    """The users whose record changed, in the order they first changed."""
+    bytes_added: int
+    """How many bytes the changed records grew by in all (negative: they shrank), so that a
+    store can keep the size of what it holds without scanning it."""
+
+
 def apply_updates(
     records: dict[str, bytes],
     watermarks: dict[tuple[str, int], int],
@@ -101,7 +112,7 @@ def apply_updates(
     *,
     allowed_lateness_ms: int,
     forgotten: Container[str] = frozenset(),
-) -> tuple[BatchOutcome, list[str]]:
+) -> AppliedBatch:
     """Apply a micro-batch to ``records`` (user -> record bytes, ``engine/features/record.py``)
     and ``watermarks`` in place: the one implementation of the store's contract, whichever
     store keeps the records (compiled: ``native/src/record.rs``).
@@ -117,9 +128,8 @@ def apply_updates(
     latest event minus the lateness.
 
     Users missing from ``records`` start empty; one that got nothing applied is not added.
-    Returns the outcome and the users whose record changed, in the order they first changed.
     """
-    statuses, before, touched = apply_records(
+    statuses, before, changed, bytes_added = apply_records(
         records,
         watermarks,
         updates,
@@ -127,7 +137,7 @@ def apply_updates(
         forgotten=forgotten,
         statuses=_STATUSES,
     )
-    return BatchOutcome(statuses=statuses, before=StatesBefore(before)), touched
+    return AppliedBatch(BatchOutcome(statuses, StatesBefore(before)), changed, bytes_added)
 
 
 class InMemoryFeatureStore:
@@ -141,10 +151,9 @@ class InMemoryFeatureStore:
     async def apply_batch(
         self, updates: Sequence[StateUpdate], *, allowed_lateness_ms: int
     ) -> BatchOutcome:
-        outcome, _ = apply_updates(
+        return apply_updates(
             self._users, self._watermarks, updates, allowed_lateness_ms=allowed_lateness_ms
-        )
-        return outcome
+        ).outcome
 
     async def read_states(self, user_ids: Iterable[str]) -> dict[str, State]:
         users = self._users

@@ -241,7 +241,12 @@ struct Entry {
 
 /// What `apply_updates` gives back: statuses, the users' bytes before the batch, the users
 /// whose record changed (their new bytes are in `records`).
-type Applied<'py> = (Bound<'py, PyList>, Bound<'py, PyDict>, Bound<'py, PyList>);
+type Applied<'py> = (
+    Bound<'py, PyList>,
+    Bound<'py, PyDict>,
+    Bound<'py, PyList>,
+    i64,
+);
 
 impl RecordCodec {
     /// What a field name means, and when the field expires (asked of the Python module once
@@ -801,8 +806,8 @@ impl RecordCodec {
     /// `watermarks`: (source, partition) -> offset, updated in place; `updates`: the batch's
     /// `StateUpdate`s; `forgotten`: users with a live tombstone; `statuses`: the five status
     /// objects, by code. Returns the statuses, every user's bytes before the batch (None: a
-    /// new user; forgotten users are left out) and the users whose record changed, in the
-    /// order they were first changed.
+    /// new user; forgotten users are left out), the users whose record changed, in the
+    /// order they were first changed, and how many bytes their records grew by in all.
     #[pyo3(signature = (records, watermarks, updates, *, allowed_lateness_ms, forgotten, statuses))]
     #[allow(clippy::too_many_arguments)]
     fn apply_updates<'py>(
@@ -911,6 +916,7 @@ impl RecordCodec {
             }
         }
         let touched = PyList::empty(py);
+        let mut grown: i64 = 0;
         for &at in &order {
             // Trim and prune only when something is due: both scan the whole record, and
             // skipping them when nothing would go leaves exactly the same record.
@@ -928,7 +934,13 @@ impl RecordCodec {
             if record.oldest_seen.is_some_and(|oldest| oldest < horizon) {
                 record.prune(horizon, width);
             }
-            let blob = PyBytes::new(py, &self.write(py, record)?);
+            let written = self.write(py, record)?;
+            let old_len = entry
+                .before
+                .as_ref()
+                .map_or(0, |b| b.bind(py).as_bytes().len());
+            grown += written.len() as i64 - old_len as i64;
+            let blob = PyBytes::new(py, &written);
             let user = entry.user.bind(py);
             records.set_item(user, blob)?;
             touched.append(user)?;
@@ -940,6 +952,6 @@ impl RecordCodec {
                 entry.before.as_ref().map(|b| b.bind(py)),
             )?;
         }
-        Ok((out, before, touched))
+        Ok((out, before, touched, grown))
     }
 }

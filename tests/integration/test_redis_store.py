@@ -772,6 +772,12 @@ async def test_a_full_store_drops_the_least_recently_written_and_reads_them_agai
         **{user: 2.0 for user in old[5:]},
         "n0": 2.0,
     }
+    # the held size is kept as records come, change and go (the gauge never scans)
+    assert store.held_record_bytes() == sum(map(len, store._records.values())) > 0
+    await store.forget("n0")
+    assert store.held_record_bytes() == sum(map(len, store._records.values())) > 0
+    store.on_revoked([("events.browse", 0)])
+    assert store.held_record_bytes() == 0
 
 
 async def test_the_store_holds_each_record_as_the_bytes_redis_has(redis_env: RedisEnv) -> None:

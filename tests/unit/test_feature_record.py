@@ -197,8 +197,11 @@ def test_states_before_are_decoded_only_when_read() -> None:
         StateUpdate("old", "e1", T0 + 1, [("i", minute, 1.0), ("x", "lt", float(T0 + 1))]),
         StateUpdate("new", "e2", T0 + 2, [("i", minute, 1.0), ("x", "lt", float(T0 + 2))]),
     ]
-    outcome, touched = apply_updates(records, {}, updates, allowed_lateness_ms=3_600_000)
+    outcome, touched, bytes_added = apply_updates(
+        records, {}, updates, allowed_lateness_ms=3_600_000
+    )
     assert touched == ["old", "new"]
+    assert bytes_added == len(records["old"]) - len(held) + len(records["new"])
     before = outcome.before
     assert before.record("old") is held and before.record("new") is None
     assert before["old"] == state and before["new"] == {}

@@ -38,8 +38,7 @@ def updates(
 def apply(
     records: dict[str, bytes], marks: dict[tuple[str, int], int], batch: list[StateUpdate]
 ) -> list[UpdateStatus]:
-    outcome, _ = apply_updates(records, marks, batch, allowed_lateness_ms=LATENESS_MS)
-    return outcome.statuses
+    return apply_updates(records, marks, batch, allowed_lateness_ms=LATENESS_MS).outcome.statuses
 
 
 def category_fields(state: State) -> int:

@@ -149,7 +149,7 @@ def test_a_forgotten_users_events_are_skipped_and_move_the_watermark() -> None:
     records: dict[str, bytes] = {}
     marks = {("events.browse", 0): 4}
     batch = [_update("gone", "e1", 4), _update("gone", "e2", 5), _update("kept", "e3", 6)]
-    outcome, touched = apply_updates(
+    outcome, touched, _ = apply_updates(
         records, marks, batch, allowed_lateness_ms=3_600_000, forgotten={"gone"}
     )
     assert outcome.statuses == [
