@@ -9,11 +9,12 @@ edges, the Kafka sinks and the backtest's decision log, need it).
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple
+
+from dealstream_native import unit_hash
 
 from engine.campaigns import Campaign
 from engine.errors import InvalidEvent
@@ -27,19 +28,9 @@ SCHEMA_VERSION = 1
 """Of the offer and decision messages."""
 
 
-def stable_id(prefix: str, *parts: str) -> str:
-    """A short deterministic id: the same campaign and trigger event always give the same id."""
-    digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=12).hexdigest()
-    return f"{prefix}{digest}"
-
-
-def unit_hash(*parts: str) -> float:
-    """A deterministic uniform number in [0, 1) from the given strings."""
-    digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
-
-
 def in_holdout(campaign: Campaign, user_id: str) -> bool:
+    """Whether the campaign holds the user out: a draw (``unit_hash``, BLAKE2b of campaign and
+    user) below its holdout share, the same for the user in every run."""
     return campaign.holdout > 0 and unit_hash("holdout", campaign.name, user_id) < campaign.holdout
 
 

@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
+from dealstream_native import stable_id, unit_hash
+
 from engine.campaigns import Campaign, default_campaigns
 from engine.decisions import (
     Decision,
@@ -38,8 +40,6 @@ from engine.decisions import (
     offer_beside,
     offer_cost_cents,
     order_value,
-    stable_id,
-    unit_hash,
 )
 from engine.events import Event, PurchaseEvent
 from engine.features.catalogue import compute_features
@@ -116,13 +116,8 @@ class EngineConfig:
     event-time day (``event``, backtests: history replays its own days) or the wall-clock
     day of the batch (``wall``, live workers: ``process(..., wall_clock_ms=...)``), so that
     a replay of history into a live worker cannot open fresh budgets."""
-    memo_users: int = 100_000
-    """Users whose holdout assignments the engine remembers (cleared when full; a live worker
-    sets its ``DEALSTREAM_STATE_CACHE_USERS``, so that one setting bounds its per-user memory)."""
 
     def __post_init__(self) -> None:
-        if self.memo_users < 1:
-            raise ValueError(f"memo_users must be at least 1, got {self.memo_users}")
         if self.budget_clock not in BUDGET_CLOCKS:
             raise ValueError(f"budget_clock must be one of {BUDGET_CLOCKS}: {self.budget_clock!r}")
         if self.feedback.ledger_elapsed_ms >= self.attribution_window_ms:
@@ -226,10 +221,6 @@ class DiscountEngine:
         on that partition number; it closes the attribution windows of the lane's decisions."""
         self._budget_day: int | None = None
         """The day this batch's offers count against; None: each decision's event-time day."""
-        self._held_out: dict[str, tuple[str, ...]] = {}
-        """Per user, the names of the campaigns that hold the user out (``in_holdout``, a pure
-        function of campaign and user): memoised for all campaigns at once, so that a user
-        costs one entry, mostly the shared empty tuple (bounded; cleared when full)."""
 
     async def process(
         self, batch: Sequence[Incoming], *, wall_clock_ms: int | None = None
@@ -451,24 +442,12 @@ class DiscountEngine:
             candidates.append(campaign)
         return candidates
 
-    def _in_holdout(self, campaign: Campaign, user_id: str) -> bool:
-        if campaign.holdout <= 0:
-            return False
-        held_out = self._held_out.get(user_id)
-        if held_out is None:
-            if len(self._held_out) >= self.config.memo_users:
-                self._held_out.clear()
-            held_out = self._held_out[user_id] = tuple(
-                c.name for c in self.campaigns if in_holdout(c, user_id)
-            )
-        return campaign.name in held_out
-
     def _propose(
         self, campaign: Campaign, event: Event, features: dict[str, float], scorer: Scorer
     ) -> Proposal:
         model = self.model
         decision_id = stable_id("d-", campaign.name, event.event_id)
-        holdout = self._in_holdout(campaign, event.user_id)
+        holdout = in_holdout(campaign, event.user_id)
         predictions: dict[float, float] = {}
 
         def predict(discount_pct: float) -> float:

@@ -115,3 +115,19 @@ def unpack_features(text: str, names: tuple[str, ...]) -> dict[str, float]:
 def default_partition(key: bytes, partitions: int) -> int:
     """The partition Kafka's default partitioner gives a keyed record (``native/src/
     partition.rs``): murmur2 of the key, made positive, modulo ``partitions``."""
+
+def stable_id(prefix: str, *parts: str) -> str:
+    """``prefix`` + the hex of a 12-byte BLAKE2b of the parts' UTF-8 joined by U+001F
+    (``native/src/hashing.rs``): a short deterministic id."""
+
+def unit_hash(*parts: str) -> float:
+    """An 8-byte BLAKE2b of the parts' UTF-8 joined by U+001F, big-endian, over 2**64: a
+    deterministic uniform draw in [0, 1)."""
+
+class PseudonymKey:
+    """A pseudonym key (``native/src/hashing.rs``): HMAC-SHA256 with the key's state kept."""
+
+    def __init__(self, key: bytes, key_id: str) -> None: ...
+    def of(self, user_id: str) -> str:
+        """``<key id>.`` + base64url (no padding) of the first 16 bytes of
+        HMAC-SHA256(key, user id's UTF-8)."""

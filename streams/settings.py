@@ -259,8 +259,7 @@ class Settings:
     state_cache_users: int = 200_000
     """Users whose feature records a worker keeps in memory (``DEALSTREAM_STATE_CACHE_USERS``;
     the least recently written go first and are read from Redis again when needed); it bounds
-    the worker's other per-user memos too (pseudonyms, holdout assignments, decision times):
-    about 0.8 KB of Python objects per user in all."""
+    the worker's other per-user memo too (the ledger's decision times)."""
     session_timeout_s: float = 10.0
     """The event consumer's group session: how long a worker that died without leaving the
     group (kill -9) keeps its partitions (``DEALSTREAM_SESSION_TIMEOUT_S``; the broker's
@@ -324,8 +323,6 @@ class Settings:
             feedback=self.feedback,
             # live: today's budgets, whatever the events' times (a replay of history included)
             budget_clock="wall",
-            # one setting bounds every per-user memory of a worker
-            memo_users=self.state_cache_users,
         )
 
     @classmethod

@@ -12,9 +12,11 @@
 //! `logistic` holds the purchase model's arithmetic (River's learning step and linear score);
 //! `values` packs a feature vector into the short text pending decisions and outbox entries
 //! keep in Redis;
-//! `partition` is Kafka's default partitioner.
+//! `partition` is Kafka's default partitioner;
+//! `hashing` holds the BLAKE2b ids and draws of decisions and the users' keyed pseudonyms.
 
 mod context;
+mod hashing;
 mod logistic;
 mod partition;
 mod record;
@@ -504,6 +506,9 @@ fn dealstream_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<logistic::LinearTerms>()?;
     module.add_class::<logistic::LogisticStep>()?;
     module.add_function(wrap_pyfunction!(partition::default_partition, module)?)?;
+    module.add_function(wrap_pyfunction!(hashing::stable_id, module)?)?;
+    module.add_function(wrap_pyfunction!(hashing::unit_hash, module)?)?;
+    module.add_class::<hashing::PseudonymKey>()?;
     module.add_function(wrap_pyfunction!(values::pack_features, module)?)?;
     module.add_function(wrap_pyfunction!(values::unpack_features, module)?)?;
     Ok(())

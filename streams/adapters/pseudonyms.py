@@ -7,8 +7,9 @@ the ``decisions`` topic (``streams/worker/batch_worker.py``). ``offers`` keep th
 shop needs.
 
 A pseudonym is ``<key id>.`` + the first 16 bytes of HMAC-SHA256(key, user id), base64url
-without padding (22 characters): stable for one key, unlinkable to the id without the key, and
-the key id makes a rotation visible (a new key gives every user a new pseudonym: docs/privacy.md).
+without padding (22 characters; 128 bits, so two of n users share one with probability about
+n**2 / 2**129): stable for one key, unlinkable to the id without the key, and the key id makes
+a rotation visible (a new key gives every user a new pseudonym: docs/privacy.md).
 The outbox must republish offers with the raw id after a crash, so it stores a batch's drafts
 sealed with AES-256-GCM under a key derived from the pseudonym key (HKDF-SHA256), never in the
 clear: one encryption per batch (sealing each decision's user id took about 4 µs apiece).
@@ -19,28 +20,20 @@ clear: one encryption per batch (sealing each decision's user id took about 4 µ
 
 from __future__ import annotations
 
-import hmac
 import os
 import re
-from base64 import urlsafe_b64encode
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from dealstream_native import PseudonymKey
 
 from streams.errors import ConfigError, StreamsError
 from streams.settings import Settings
 
-PSEUDONYM_BYTES = 16
-"""128 bits of the HMAC: two users share a pseudonym with probability about n**2 / 2**129."""
 KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,16}")
 _NONCE_BYTES = 12
-DEFAULT_CACHE_USERS = 200_000
-"""Pseudonyms remembered per process by default (about 120 B each; a worker remembers as many
-as it holds feature records, ``DEALSTREAM_STATE_CACHE_USERS``): a worker derives one per user
-per batch for the record key and one per ledger op; derived 5 µs, remembered 0.25 µs (2 shared
-cores, load 2.5)."""
 _SEAL_INFO = b"dealstream outbox drafts v1"
 
 
@@ -48,27 +41,18 @@ class SealedIdError(StreamsError):
     """A sealed outbox entry could not be opened: another key, or a damaged value."""
 
 
-def _b64(raw: bytes) -> str:
-    return urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
-
-
 class Pseudonyms:
     """Turns raw user ids into pseudonyms, and seals the outbox entries that hold raw ids."""
 
-    def __init__(
-        self, key: bytes | None, key_id: str = "k1", *, cache_users: int = DEFAULT_CACHE_USERS
-    ) -> None:
+    def __init__(self, key: bytes | None, key_id: str = "k1") -> None:
         if key is not None and not KEY_ID.fullmatch(key_id):
             raise ConfigError(
                 f"pseudonym key id {key_id!r} must be 1-16 letters, digits, '_' or '-'"
             )
-        if cache_users < 1:
-            raise ValueError("cache_users must be at least 1")
-        self._key = key
         self.key_id = key_id if key is not None else ""
-        self._cache: dict[str, str] = {}
-        self._cache_users = cache_users
-        """The bound of ``_cache``: full, it is cleared (and refills with the active users)."""
+        self._hmac = PseudonymKey(key, key_id) if key is not None else None
+        """Compiled (``native/src/hashing.rs``): about 0.2 µs a user, less than looking one up
+        in a memo of 100,000 users took in the worker, so nothing is remembered."""
         self._aead: AESGCM | None = None
         if key is not None:
             derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_SEAL_INFO)
@@ -81,22 +65,12 @@ class Pseudonyms:
 
     @property
     def keyed(self) -> bool:
-        return self._key is not None
+        return self._hmac is not None
 
     def of(self, user_id: str) -> str:
         """The user's pseudonym (the raw id itself without a key)."""
-        key = self._key
-        if key is None:
-            return user_id
-        cache = self._cache
-        pseudonym = cache.get(user_id)
-        if pseudonym is None:
-            digest = hmac.digest(key, user_id.encode(), "sha256")
-            pseudonym = f"{self.key_id}.{_b64(digest[:PSEUDONYM_BYTES])}"
-            if len(cache) >= self._cache_users:
-                cache.clear()
-            cache[user_id] = pseudonym
-        return pseudonym
+        keyed = self._hmac
+        return user_id if keyed is None else keyed.of(user_id)
 
     def seal(self, blob: bytes) -> bytes:
         """``blob`` as the outbox stores it: ``~<key id>~``, the nonce and the AES-GCM
@@ -136,11 +110,7 @@ def pseudonyms_from_settings(settings: Settings) -> Pseudonyms:
     """What the settings ask for; a ``ConfigError`` that says what to do when they ask for
     nothing (privacy by default: no process stores raw ids unless told to)."""
     if settings.pseudonym_key is not None:
-        return Pseudonyms(
-            settings.pseudonym_key.reveal().encode(),
-            settings.pseudonym_key_id,
-            cache_users=settings.state_cache_users,
-        )
+        return Pseudonyms(settings.pseudonym_key.reveal().encode(), settings.pseudonym_key_id)
     if settings.raw_user_ids:
         return Pseudonyms.raw()
     raise ConfigError(

@@ -163,14 +163,13 @@ async def canonical_run(
     positions: bool = True,
     learn_inline: bool = True,
     opaque_ledger: bool = False,
-    memo_users: int = EngineConfig().memo_users,
 ) -> bytes:
     ledger: DecisionLedger = OpaqueLedger() if opaque_ledger else InMemoryLedger()
     engine = DiscountEngine(
         InMemoryFeatureStore(),
         ledger=ledger,
         campaigns=campaigns(name),
-        config=EngineConfig(learn_inline=learn_inline, memo_users=memo_users),
+        config=EngineConfig(learn_inline=learn_inline),
     )
     stream = golden_input()
     batches: list[dict[str, Any]] = []
@@ -226,15 +225,6 @@ async def test_engine_output_matches_the_golden_digest(run: str) -> None:
 async def test_the_generic_ledger_path_gives_the_same_output(run: str) -> None:
     document = await canonical_run(**RUNS[run], opaque_ledger=True)
     assert hashlib.sha256(document).hexdigest() == GOLDEN[run]
-
-
-async def test_an_engine_that_remembers_one_users_holdouts_gives_the_same_output() -> None:
-    """The holdout memo (``EngineConfig.memo_users``) only saves work: cleared at every new
-    user, the run with holdouts is the golden one."""
-    document = await canonical_run(**RUNS["extra"], memo_users=1)
-    assert hashlib.sha256(document).hexdigest() == GOLDEN["extra"]
-    with pytest.raises(ValueError, match="memo_users"):
-        EngineConfig(memo_users=0)
 
 
 async def test_golden_runs_exercise_the_paths_they_guard() -> None:

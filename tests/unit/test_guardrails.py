@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dealstream_native import stable_id
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from engine.campaigns import Campaign
-from engine.decisions import Decision, Offer, in_holdout, offer_cost_cents, stable_id
+from engine.decisions import Decision, Offer, in_holdout, offer_cost_cents
 from engine.events import BrowseEvent, Event, PurchaseEvent, PurchaseItem, SearchEvent
 from engine.features.state import DAY_MS, HOUR_MS, MINUTE_MS
 from engine.features.store import InMemoryFeatureStore

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import orjson
 import pytest
+from dealstream_native import stable_id
 from jsonschema import Draft202012Validator
 
 from engine.analysis.simulation.world import open_loop
 from engine.campaigns import Campaign
-from engine.decisions import Decision, Offer, stable_id
+from engine.decisions import Decision, Offer
 from engine.events import BrowseEvent, Event, PurchaseEvent, PurchaseItem, SearchEvent, parse_event
 from engine.features.state import event_ops
 from engine.features.store import InMemoryFeatureStore, Position, StateUpdate, UpdateStatus

@@ -3,7 +3,9 @@ that choose them, and the FORGOTTEN skip of ``apply_updates``."""
 
 from __future__ import annotations
 
+import hmac
 import re
+from base64 import urlsafe_b64encode
 
 import pytest
 from hypothesis import given
@@ -36,7 +38,7 @@ def test_a_pseudonym_is_the_key_id_and_22_base64url_characters() -> None:
 @given(st.text(min_size=1, max_size=128))
 def test_pseudonyms_are_stable_keyed_and_never_the_id(user_id: str) -> None:
     first, again = Pseudonyms(KEY), Pseudonyms(KEY)
-    assert first.of(user_id) == again.of(user_id) == first.of(user_id)  # cached or not
+    assert first.of(user_id) == again.of(user_id) == first.of(user_id)
     assert first.of(user_id) != Pseudonyms(OTHER).of(user_id)
     assert user_id not in first.of(user_id)[3:] or len(user_id) < 4
 
@@ -47,18 +49,13 @@ def test_different_users_get_different_pseudonyms() -> None:
     assert len(made) == 10_000
 
 
-def test_the_state_cache_setting_bounds_the_remembered_pseudonyms() -> None:
-    settings = Settings.from_env(
-        {"DEALSTREAM_PSEUDONYM_KEY": KEY.decode(), "DEALSTREAM_STATE_CACHE_USERS": "3"}
-    )
-    bounded, unbounded = pseudonyms_from_settings(settings), Pseudonyms(KEY)
-    for n in range(10):
-        assert bounded.of(f"u{n}") == unbounded.of(f"u{n}")
-        assert len(bounded._cache) <= 3  # the bound is the point of the test
-    assert len(unbounded._cache) == 10
-    assert settings.engine_config().memo_users == 3
-    with pytest.raises(ValueError, match="cache_users"):
-        Pseudonyms(KEY, cache_users=0)
+@given(st.text(max_size=64), st.binary(min_size=1, max_size=80))
+def test_a_pseudonym_is_the_documented_hmac(user_id: str, key: bytes) -> None:
+    """The compiled HMAC gives what the module documents (and what Redis holds from before):
+    the key id, a dot and the first 16 bytes of HMAC-SHA256(key, id) in base64url."""
+    digest = hmac.digest(key, user_id.encode(), "sha256")[:16]
+    expected = "k3." + urlsafe_b64encode(digest).rstrip(b"=").decode()
+    assert Pseudonyms(key, "k3").of(user_id) == expected
 
 
 def test_raw_pseudonyms_keep_the_id() -> None:
