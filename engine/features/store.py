@@ -127,7 +127,9 @@ def apply_updates(
     (``RETENTION_BUCKETS``, by the user's latest event) and so do the ids older than the
     latest event minus the lateness.
 
-    Users missing from ``records`` start empty; one that got nothing applied is not added.
+    Users missing from ``records`` start empty; one that got nothing applied is not added. A
+    changed record moves to the end of ``records``, so the dict's order is the order of the
+    last writes (the least recently written first: what a bounded store drops first).
     """
     statuses, before, changed, bytes_added = apply_records(
         records,

@@ -802,7 +802,8 @@ impl RecordCodec {
     /// The store's rules applied to a micro-batch of records held as bytes
     /// (`engine/features/store.py` states them; `apply_updates` there is the caller).
     ///
-    /// `records`: user -> record bytes, updated in place for every user whose record changed;
+    /// `records`: user -> record bytes, updated in place for every user whose record changed
+    /// (and moved to the end, so that its order is the order of the last writes);
     /// `watermarks`: (source, partition) -> offset, updated in place; `updates`: the batch's
     /// `StateUpdate`s; `forgotten`: users with a live tombstone; `statuses`: the five status
     /// objects, by code. Returns the statuses, every user's bytes before the batch (None: a
@@ -942,6 +943,10 @@ impl RecordCodec {
             grown += written.len() as i64 - old_len as i64;
             let blob = PyBytes::new(py, &written);
             let user = entry.user.bind(py);
+            if entry.before.is_some() {
+                // to the end: the dict's order is the order its records were last written
+                records.del_item(user)?;
+            }
             records.set_item(user, blob)?;
             touched.append(user)?;
         }

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import heapq
+import itertools
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -85,6 +85,10 @@ TTL_REFRESH_S = 24 * 3600
 """How much older than the last write a user key's time to live may have been set: it is set
 again when the user's latest event moves to another day (event time follows the wall clock
 live, and runs faster in a replay), so the key lives this much longer than the margin asks."""
+GENERATION_S = LONGEST_WINDOW_MS // 1000 // 3
+"""How long a generation of held records lasts (``RedisFeatureStore._records``): a held
+record is used at most three generations, the longest window, after its last write; later the
+key's time to live may have run out in Redis, so it is read again."""
 RECORD_FIELD = f"|s{CATALOGUE_VERSION}"
 """The record's field in a user's hash (a field the ledger's never equal: theirs start with
 a campaign name or a decision id)."""
@@ -191,15 +195,18 @@ class RedisFeatureStore:
         self._clock = clock
         self._token = secrets.token_hex(8)
         self._records: dict[str, bytes] = {}
-        """Held records, encoded as Redis keeps them (decoded only while a batch applies);
-        ``_written`` says which go first when there are too many."""
+        """Held records read or written in the current generation, encoded as Redis keeps them
+        (decoded only while a batch applies), in the order of their last write (the compiled
+        step moves a record it changes to the end): the least recently written first."""
+        self._aged: dict[str, bytes] = {}
+        """Held records last written in the generation before; a batch moves its users' back
+        to ``_records``, and the turn of the next generation drops the rest. A store holding
+        more than ``max_cached_users`` drops these first, then the oldest of ``_records``.
+        (No time per user: that cost 65 B a user and a dict write per record written.)"""
+        self._generation_began = clock()
         self._record_bytes = 0
-        """The size of ``_records``' values, kept as they change: a gauge scraped while the
+        """The size of the held records, kept as they change: a gauge scraped while the
         store holds 100,000 users must not scan them (a few ms of the event loop each time)."""
-        self._written: dict[str, float] = {}
-        """When each held record was last read or written (``clock``): one older than the key's
-        time to live may have expired in Redis, so it is read again, and the least recently
-        written are dropped first when the store holds more than ``max_cached_users``."""
         self._watermarks: dict[PartitionKey, int] = {}
         self._claimed: set[PartitionKey] = set()
         self._marks_loaded = True
@@ -238,7 +245,7 @@ class RedisFeatureStore:
 
     def held_users(self) -> int:
         """How many users' records this store holds in memory."""
-        return len(self._records)
+        return len(self._records) + len(self._aged)
 
     def held_record_bytes(self) -> int:
         """The size of the records this store holds, as encoded."""
@@ -260,9 +267,25 @@ class RedisFeatureStore:
 
     def _drop_records(self) -> None:
         self._records.clear()
+        self._aged.clear()
         self._record_bytes = 0
-        self._written.clear()
         self._forgotten.clear()
+
+    def _turn_generation(self) -> None:
+        """After a generation, drop the aged records and age the current ones; after two (an
+        idle store), drop both: no record is used three generations after its last write."""
+        now = self._clock()
+        elapsed = now - self._generation_began
+        if elapsed < GENERATION_S:
+            return
+        self._generation_began = now
+        self._record_bytes -= sum(map(len, self._aged.values()))
+        if elapsed >= 2 * GENERATION_S:
+            self._aged = {}
+            self._records.clear()
+            self._record_bytes = 0
+        else:
+            self._aged, self._records = self._records, {}
 
     def _drop_after_failure(self) -> None:
         """After a failed write nothing held can be trusted to match Redis: records and
@@ -426,14 +449,10 @@ class RedisFeatureStore:
         return write
 
     def written(self, write: FeatureWrite | None) -> None:
-        """The write reached Redis: its records are the most recently written."""
-        if write is None:
-            return
-        written = self._written
-        now = self._clock()
-        for user in write.users:
-            written[user] = now
-        self._evict()
+        """The write reached Redis: a store holding too many records drops the least recently
+        written (the written ones are at the end already)."""
+        if write is not None:
+            self._evict()
 
     def refused_as_stale(self) -> None:
         """Records were rewritten behind this store (``forget``): read them again. What the
@@ -451,34 +470,33 @@ class RedisFeatureStore:
         """Read the records of the batch's users this store does not hold (or holds too long),
         and their tombstones (two calls sent together); returns the users read (whose keys'
         time to live this store has not set)."""
-        records, written, forgotten = self._records, self._written, self._forgotten
-        oldest = self._clock() - (self.ttl_seconds - TTL_MARGIN_S - TTL_REFRESH_S)
-        missing: list[str] = []
+        self._turn_generation()
+        records, aged, forgotten = self._records, self._aged, self._forgotten
+        missing: dict[str, None] = {}
         wall_ms = self._wall_clock_ms() if forgotten else 0.0
         for update in updates:
             user = update.user_id
             if user in records:
-                if written.get(user, oldest) >= oldest:
-                    continue
-                self._record_bytes -= len(records.pop(user))
-            elif forgotten and user in forgotten:
+                continue
+            if aged and (aged_record := aged.pop(user, None)) is not None:
+                records[user] = aged_record
+                continue
+            if forgotten and user in forgotten:
                 if forgotten[user] > wall_ms:
                     continue
                 del forgotten[user]
-            if user not in missing:
-                missing.append(user)
+            missing[user] = None
         if not missing:
             return set()
-        blobs, tombstones = await self._read(missing)
-        now = self._clock()
-        for user, blob, tombstone in zip(missing, blobs, tombstones, strict=True):
+        users = list(missing)
+        blobs, tombstones = await self._read(users)
+        for user, blob, tombstone in zip(users, blobs, tombstones, strict=True):
             if tombstone is not None:
                 forgotten[user] = _tombstone_until(tombstone)
             elif blob is not None:
                 record = records[user] = _blob(blob)
                 self._record_bytes += len(record)
-                written[user] = now
-        return set(missing)
+        return set(users)
 
     async def _read(
         self, users: Sequence[str]
@@ -500,16 +518,19 @@ class RedisFeatureStore:
             # Rare (one per `forget`): after the batch, the oldest go and are read again.
             for user in list(forgotten)[: len(forgotten) - self.max_cached_users]:
                 del forgotten[user]
-        records, written = self._records, self._written
-        excess = len(records) - self.max_cached_users
+        excess = len(self._records) + len(self._aged) - self.max_cached_users
         if excess <= 0:
             return
         # The least recently written go, and a tenth of the bound more: a full store then
         # picks its victims once every many batches, not in every batch.
         count = excess + self.max_cached_users // 10
-        for user in heapq.nsmallest(count, records, key=lambda user: written.get(user, 0.0)):
-            self._record_bytes -= len(records.pop(user))
-            written.pop(user, None)
+        for held in (self._aged, self._records):
+            victims = list(itertools.islice(held, count))
+            for user in victims:
+                self._record_bytes -= len(held.pop(user))
+            count -= len(victims)
+            if count <= 0:
+                break
 
     # -- reads for tools and tests ------------------------------------------------------------
 
@@ -554,7 +575,7 @@ class RedisFeatureStore:
             pipe.incr(self.epoch_key)
             replies = await pipe.execute()
         self._record_bytes -= len(self._records.pop(user_id, b""))
-        self._written.pop(user_id, None)
+        self._record_bytes -= len(self._aged.pop(user_id, b""))
         return int(replies[0])
 
     async def forgotten_until(self, user_id: str) -> int | None:

@@ -51,6 +51,7 @@ from streams.adapters.batch_commit import PartitionFenced
 from streams.adapters.pseudonyms import Pseudonyms
 from streams.adapters.redis_store import (
     _READ_RECORDS,
+    GENERATION_S,
     RECORD_FIELD,
     RedisFeatureStore,
     hash_tag,
@@ -731,6 +732,11 @@ class CountingReads:
         return await self._client.evalsha(sha, numkeys, *keys_and_args)
 
 
+def held_bytes(store: RedisFeatureStore) -> int:
+    """The held records' size by a scan (the store keeps it without one)."""
+    return sum(len(blob) for held in (store._records, store._aged) for blob in held.values())
+
+
 async def test_a_full_store_drops_the_least_recently_written_and_reads_them_again(
     redis_env: RedisEnv,
 ) -> None:
@@ -773,11 +779,52 @@ async def test_a_full_store_drops_the_least_recently_written_and_reads_them_agai
         "n0": 2.0,
     }
     # the held size is kept as records come, change and go (the gauge never scans)
-    assert store.held_record_bytes() == sum(map(len, store._records.values())) > 0
+    assert store.held_record_bytes() == held_bytes(store) > 0
     await store.forget("n0")
-    assert store.held_record_bytes() == sum(map(len, store._records.values())) > 0
+    assert store.held_record_bytes() == held_bytes(store) > 0
     store.on_revoked([("events.browse", 0)])
     assert store.held_record_bytes() == 0
+
+
+async def test_a_held_record_is_read_again_once_two_generations_passed_without_a_write(
+    redis_env: RedisEnv,
+) -> None:
+    """A held record not written for a generation ages, and goes at the next turn: it is read
+    from Redis again (its key's time to live may have run out there). A store idle for two
+    generations reads every user again."""
+    now = [0.0]
+    reads = CountingReads(redis_env.client)
+    store = RedisFeatureStore(reads, prefix=redis_env.prefix, clock=lambda: now[0])
+    offsets = iter(range(1_000))
+
+    async def view(*users: str) -> None:
+        updates = []
+        for user in users:
+            offset = next(offsets)
+            event = make_event("view", f"e{offset}", user, T0 + offset)
+            updates.append(to_update(event, Position("events.browse", 0, offset)))
+        reads.read_keys.clear()
+        await store.apply_batch(updates, allowed_lateness_ms=HOUR_MS)
+        assert store.held_record_bytes() == held_bytes(store)
+
+    def read() -> set[str]:
+        keys = {store.user_key(user): user for user in ("a", "b", "c")}
+        return {keys[key] for key in reads.read_keys if key in keys}
+
+    await view("a", "b")
+    now[0] = GENERATION_S + 1.0  # a and b age; b is written again, c is new
+    await view("b", "c")
+    assert read() == {"c"} and store.held_users() == 3
+    now[0] = 2 * GENERATION_S + 2.0  # a goes: not written for a whole generation
+    await view("c")
+    assert read() == set() and store.held_users() == 2
+    await view("a")
+    assert read() == {"a"}
+    states = await store.read_states(["a", "b", "c"])
+    assert {user: state["nv"] for user, state in states.items()} == {"a": 2.0, "b": 2.0, "c": 2.0}
+    now[0] += 2 * GENERATION_S  # idle for two generations: everything is read again
+    await view("b", "c")
+    assert read() == {"b", "c"} and store.held_users() == 2
 
 
 async def test_the_store_holds_each_record_as_the_bytes_redis_has(redis_env: RedisEnv) -> None:
