@@ -203,7 +203,11 @@ class RedisLedger:
         self._last_decision: dict[str, dict[str, int]] = {}
         """Per campaign, the latest decision time this ledger settled per user, oldest entries
         first: never later than the script's own (which only grows, whoever decides), so a
-        decision it finds inside the interval the script finds inside it too."""
+        decision it finds inside the interval the script finds inside it too. A time older
+        than the campaign's interval before the event-time clock goes (``_forget_passed``):
+        only a late event could still fall inside it, and the script drops that one anyway."""
+        self._intervals: dict[str, int] = {}
+        """Per campaign, the longest decision interval its decisions asked for."""
         self._epoch: bytes | None = None
         """The state epoch the last call returned; a change means ``dealstream forget`` ran."""
         self._head: list[Any] = []
@@ -229,11 +233,15 @@ class RedisLedger:
     def _remember(
         self, ops: Sequence[LedgerOp], outcomes: Sequence[DecisionOutcome | None]
     ) -> None:
-        remembered = self._last_decision
+        remembered, intervals = self._last_decision, self._intervals
         for op, outcome in zip(ops, outcomes, strict=True):
-            if outcome is None or not outcome.decided or not isinstance(op, DecisionRequest):
+            if not isinstance(op, DecisionRequest):
                 continue
             decision = op.decision
+            if op.decision_interval_ms > intervals.get(decision.campaign, 0):
+                intervals[decision.campaign] = op.decision_interval_ms
+            if outcome is None or not outcome.decided:
+                continue
             times = remembered.get(decision.campaign)
             if times is None:
                 times = remembered[decision.campaign] = {}
@@ -242,6 +250,19 @@ class RedisLedger:
             times[user] = decision.ts if last is None else max(last, decision.ts)
             while len(times) > self._remembered_users:
                 del times[next(iter(times))]
+
+    def _forget_passed(self, now_ms: int) -> None:
+        """Drop the remembered times whose interval has passed by the event-time clock
+        (``now_ms``): from the oldest remembered, up to the first still inside it."""
+        for campaign, times in self._last_decision.items():
+            horizon = now_ms - self._intervals.get(campaign, 0)
+            passed = []
+            for user, last in times.items():
+                if last >= horizon:
+                    break
+                passed.append(user)
+            for user in passed:
+                del times[user]
 
     async def settle(
         self, ops: Sequence[LedgerOp], *, now_ms: int, lanes: Mapping[int, int] | None = None
@@ -274,6 +295,7 @@ class RedisLedger:
             self._epoch = reply.epoch
         result = ledger_result(reply.outcomes, reply.events, reply.statuses)
         self._remember(ops, result.outcomes)
+        self._forget_passed(now_ms)
         return result
 
     def _ledger_args(
