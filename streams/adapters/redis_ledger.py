@@ -99,7 +99,7 @@ def _bytes(value: bytes | str) -> bytes:
     return value.encode() if isinstance(value, str) else value
 
 
-def pending_lane(stored: bytes | str) -> int | None:
+def _pending_lane(stored: bytes | str) -> int | None:
     """The lane of a pending decision as ``commit_batch.lua`` stores it under its decision id
     (its stage 'e' or 'x', its lane's digits, then the record: 'G' or 'N' and the JSON); None
     for a value of another form."""
@@ -436,7 +436,7 @@ class RedisLedger:
         # Its pending decisions are the fields without a '|' (commit_batch.lua's layout); one
         # of another form is deleted all the same, and counts nowhere.
         lanes = (
-            pending_lane(value)
+            _pending_lane(value)
             for name, value in (await self._client.hgetall(key)).items()
             if b"|" not in _bytes(name)
         )

@@ -467,9 +467,9 @@ class RedisFeatureStore:
         self._drop_after_failure()
 
     async def _load_missing(self, updates: Sequence[StateUpdate]) -> set[str]:
-        """Read the records of the batch's users this store does not hold (or holds too long),
-        and their tombstones (two calls sent together); returns the users read (whose keys'
-        time to live this store has not set)."""
+        """Read the records of the batch's users this store does not hold (the turn of a
+        generation drops those held too long), and their tombstones (two calls sent together);
+        returns the users read (whose keys' time to live this store has not set)."""
         self._turn_generation()
         records, aged, forgotten = self._records, self._aged, self._forgotten
         missing: dict[str, None] = {}
