@@ -269,9 +269,9 @@ def apply_records(
     """The compiled half of ``engine.features.store.apply_updates`` (``native/src/record.rs``):
     the batch applied to ``records`` (user -> bytes) in place. Returns the statuses (objects
     from ``statuses``, by code), each user's bytes before the batch (None: new), the users
-    whose record changed, in the order they first changed, and how many bytes their records
-    grew by in all. ``FeatureRecordError`` for a held
-    record it cannot read (and nothing changes)."""
+    whose record changed, in the order they first changed (each moved to the end of
+    ``records``), and how many bytes their records grew by in all. ``FeatureRecordError`` for
+    a held record it cannot read (and nothing changes)."""
     try:
         return _CODEC.apply_updates(
             records,

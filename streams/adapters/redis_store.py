@@ -279,12 +279,10 @@ class RedisFeatureStore:
         if elapsed < GENERATION_S:
             return
         self._generation_began = now
-        self._record_bytes -= sum(map(len, self._aged.values()))
         if elapsed >= 2 * GENERATION_S:
-            self._aged = {}
-            self._records.clear()
-            self._record_bytes = 0
+            self._aged, self._records, self._record_bytes = {}, {}, 0
         else:
+            self._record_bytes -= sum(map(len, self._aged.values()))
             self._aged, self._records = self._records, {}
 
     def _drop_after_failure(self) -> None:
