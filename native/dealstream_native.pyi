@@ -73,6 +73,13 @@ class LinearTerms:
         self, values: Sequence[float], start: int, total: float
     ) -> tuple[list[float], float]: ...
 
+class TermNames:
+    """The model's input names, held once (``native/src/logistic.rs``): ranks a score's terms."""
+
+    def __init__(self, names: Sequence[str]) -> None: ...
+    def top(self, products: Sequence[float], top: int) -> list[tuple[str, float]]:
+        """The ``top`` largest terms by magnitude, then name, each ``(name, round(term, 6))``."""
+
 class LogisticStep:
     """River's ``StandardScaler | LogisticRegression`` learning step (``engine/model/
     logistic.py`` says which operations, in which order)."""

@@ -21,18 +21,17 @@ import math
 from collections.abc import Mapping
 from typing import Protocol
 
-from dealstream_native import LinearTerms
+from dealstream_native import LinearTerms, TermNames
 
 from engine.model.inputs import DISCOUNT_SLOT, INPUT_NAMES, base_inputs, discount_inputs
 
+_TERM_NAMES = TermNames(INPUT_NAMES)
+
 
 def top_terms(products: list[float], top: int) -> list[tuple[str, float]]:
-    """The ``top`` largest terms w_i * x_i (``INPUT_NAMES`` order) by magnitude, then name."""
-    # Sorting (-|term|, name, term) tuples orders exactly as the key (-|term|, name) does:
-    # names are unique, so the third item never decides, and no key function is called.
-    terms = [(-abs(value), name, value) for name, value in zip(INPUT_NAMES, products, strict=True)]
-    terms.sort()
-    return [(name, round(value, 6)) for _, name, value in terms[:top]]
+    """The ``top`` largest terms w_i * x_i (``INPUT_NAMES`` order) by magnitude, then name,
+    each rounded to 6 decimals (compiled: ``TermNames.top``)."""
+    return _TERM_NAMES.top(products, top)
 
 
 class ScoredModel(Protocol):

@@ -505,6 +505,7 @@ fn dealstream_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<RecordCodec>()?;
     module.add_class::<logistic::LinearTerms>()?;
     module.add_class::<logistic::LogisticStep>()?;
+    module.add_class::<logistic::TermNames>()?;
     module.add_function(wrap_pyfunction!(partition::default_partition, module)?)?;
     module.add_function(wrap_pyfunction!(hashing::stable_id, module)?)?;
     module.add_function(wrap_pyfunction!(hashing::unit_hash, module)?)?;

@@ -9,11 +9,12 @@
 //! (`powf(0.5)` for the standard deviation, `exp`) are the C library's `pow` and `exp`, which
 //! CPython's `float.__pow__` and `math.exp` call too.
 
+use std::cmp::Ordering;
 use std::hint::black_box;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
+use pyo3::types::{PyString, PyTuple};
 
 /// `var ** 0.5` as CPython computes it: the C library's `pow`. LLVM would turn a visible
 /// `pow(x, 0.5)` into `sqrt(x)`, which can differ in the last bit.
@@ -105,6 +106,63 @@ impl LinearTerms {
     #[getter]
     fn weights<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
         PyTuple::new(py, &self.weights)
+    }
+}
+
+/// The model's input names, held once: ranks a score's terms by magnitude (an offer's reasons).
+#[pyclass(frozen, module = "dealstream_native")]
+pub struct TermNames {
+    names: Vec<String>,
+    objects: Vec<Py<PyString>>,
+}
+
+/// `round(x, 6)` as CPython computes it: the decimal correctly rounded (ties to even on the
+/// exact binary value), read back as the nearest double. Rust's fixed-precision formatting
+/// rounds the exact value the same way.
+fn round6(x: f64) -> f64 {
+    format!("{x:.6}").parse().unwrap_or(x)
+}
+
+#[pymethods]
+impl TermNames {
+    #[new]
+    fn new(py: Python<'_>, names: Vec<String>) -> Self {
+        let objects = names
+            .iter()
+            .map(|name| PyString::new(py, name).unbind())
+            .collect();
+        TermNames { names, objects }
+    }
+
+    /// The `top` largest terms (one per name, in the names' order) by magnitude, then by name,
+    /// each `(name, round(term, 6))`: what `sorted(..., key=lambda t: (-abs(t[1]), t[0]))`
+    /// gives.
+    fn top(
+        &self,
+        py: Python<'_>,
+        products: Vec<f64>,
+        top: usize,
+    ) -> PyResult<Vec<(Py<PyString>, f64)>> {
+        if products.len() != self.names.len() {
+            return Err(PyValueError::new_err(format!(
+                "{} terms for {} names",
+                products.len(),
+                self.names.len()
+            )));
+        }
+        let mut order: Vec<usize> = (0..products.len()).collect();
+        order.sort_by(|&a, &b| {
+            products[b]
+                .abs()
+                .partial_cmp(&products[a].abs())
+                .unwrap_or(Ordering::Equal)
+                .then_with(|| self.names[a].cmp(&self.names[b]))
+        });
+        Ok(order
+            .into_iter()
+            .take(top)
+            .map(|i| (self.objects[i].clone_ref(py), round6(products[i])))
+            .collect())
     }
 }
 

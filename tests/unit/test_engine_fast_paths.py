@@ -13,6 +13,7 @@ import math
 import random
 from collections.abc import Mapping
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -37,6 +38,7 @@ from engine.model.inputs import (
     model_inputs,
 )
 from engine.model.purchase_model import PurchaseModel
+from engine.model.scoring import top_terms
 from tests.feature_reference import expired_fields, trim
 
 T0 = 1_767_225_600_000
@@ -94,6 +96,25 @@ def test_scorer_is_river_bit_for_bit() -> None:
                     checked += 1
             model.learn_one(random_features(rng), rng.choice((0.0, 5.0, 20.0)), rng.random() < 0.3)
     assert checked == 450
+
+
+def test_top_terms_rank_and_round_as_python_does() -> None:
+    """The compiled ranking against Python's sort and ``round``: equal magnitudes (ranked by
+    name), signed zeros, and decimal ties at the 6th place (k/128), which round half to even."""
+    rng = random.Random(20261206)
+    for _ in range(3_000):
+        products = [
+            rng.choice((rng.gauss(0, 1), rng.randint(-9, 9) / 128, 0.0, -0.0, rng.gauss(0, 1e-7)))
+            for _ in INPUT_NAMES
+        ]
+        top = rng.randint(0, len(INPUT_NAMES) + 2)
+        terms = sorted(zip(INPUT_NAMES, products, strict=True), key=lambda t: (-abs(t[1]), t[0]))
+        expected = [(name, round(value, 6)) for name, value in terms[:top]]
+        got = top_terms(products, top)
+        assert got == expected
+        assert [repr(value) for _, value in got] == [repr(value) for _, value in expected]
+    with pytest.raises(ValueError, match="terms for"):
+        top_terms([1.0], 3)
 
 
 def test_a_scorer_follows_the_model_as_it_learns() -> None:
