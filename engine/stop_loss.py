@@ -60,10 +60,12 @@ class StopLoss:
     """Share of the policy's offers still made while stopped (to keep measuring)."""
     min_users: int = 20
     """Users each arm needs before the interval is trusted."""
+    epoch_ms: int = field(init=False, repr=False, compare=False)
+    """Half the window (at least 1 ms): the sums' epoch. Kept, not derived at each use: the
+    ledger asks for the epoch of every decision, purchase and settled event."""
 
-    @property
-    def epoch_ms(self) -> int:
-        return max(self.window_ms // 2, 1)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "epoch_ms", max(self.window_ms // 2, 1))
 
     def epoch(self, ts: int) -> int:
         return ts // self.epoch_ms
