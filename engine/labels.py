@@ -37,7 +37,7 @@ from typing import Any
 
 import orjson
 
-from engine.features.catalogue import features_from_stored, stored_features
+from engine.features.catalogue import StoredFeatures, features_from_stored, stored_features
 
 
 class Arm(StrEnum):
@@ -65,7 +65,7 @@ class PendingDecision:
     converted_at: int | None = None
     """Event time of the first purchase within the window, once there is one."""
 
-    def to_compact(self) -> list[Any]:
+    def to_compact(self, packed: StoredFeatures | None = None) -> list[Any]:
         """A positional JSON-ready record (what the Redis ledger stores, under its decision id
         in its user's hash: neither is repeated in it).
 
@@ -74,7 +74,8 @@ class PendingDecision:
         come first. ``offer`` is 1 when the offer id is the one the decision id implies
         (``offer_id_of``), the id itself when it is another, None when there is no offer.
         Features are ``stored_features``: their values in catalogue order (the catalogue
-        only ever grows at its end) packed into short text.
+        only ever grows at its end) packed into short text (``packed``, when the caller has
+        packed them already).
         """
         record: list[Any] = [
             self.ts,
@@ -84,15 +85,15 @@ class PendingDecision:
             self.discount_pct,
             self.propensity,
             self.model_version,
-            stored_features(self.features),
+            stored_features(self.features) if packed is None else packed,
         ]
         if self.converted_at is not None:
             record.append(self.converted_at)
         return record
 
-    def compact_json(self) -> bytes:
+    def compact_json(self, packed: StoredFeatures | None = None) -> bytes:
         """``to_compact`` as JSON."""
-        return orjson.dumps(self.to_compact())
+        return orjson.dumps(self.to_compact(packed))
 
     def _stored_offer(self) -> str | int | None:
         """1 for the offer id the decision id implies, else the offer id (or None)."""

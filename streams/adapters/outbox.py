@@ -35,6 +35,7 @@ example (docs/delivery.md).
 
 from __future__ import annotations
 
+import operator
 import secrets
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from typing import Any
 import orjson
 
 from engine.decisions import Decision, DecisionDraft, offer_beside
-from engine.features.catalogue import features_from_stored, stored_features
+from engine.features.catalogue import StoredFeatures, features_from_stored, stored_features
 from streams.adapters.batch_commit import OutboxWrite
 from streams.adapters.pseudonyms import Pseudonyms
 from streams.adapters.redis_client import RedisClient
@@ -54,7 +55,9 @@ TopicPartitionKey = tuple[str, int]
 
 
 def encode_drafts(
-    drafts: Sequence[DecisionDraft | None], pseudonyms: Pseudonyms | None = None
+    drafts: Sequence[DecisionDraft | None],
+    pseudonyms: Pseudonyms | None = None,
+    packed: Sequence[StoredFeatures | None] | None = None,
 ) -> bytes:
     """One JSON array, one item per ledger op: null for a purchase, else the draft as a flat
     list (``_DECISION_FIELDS``, then P(purchase) without an offer, then the offer).
@@ -65,13 +68,14 @@ def encode_drafts(
     the decision's (``offer_beside``, as the engine builds it). The whole array is sealed
     (``Pseudonyms.seal``; as is under ``Pseudonyms.raw()``): it holds raw user ids."""
     items: list[Any] = []
-    for draft in drafts:
+    for index, draft in enumerate(drafts):
         if draft is None:
             items.append(None)
             continue
         decision, offer = draft.decision, draft.offer
-        item = [getattr(decision, name) for name in _DECISION_FIELDS]
-        item[_FEATURES_AT] = stored_features(decision.features)
+        item = list(_decision_values(decision))
+        stored = packed[index] if packed is not None else None
+        item[_FEATURES_AT] = stored if stored is not None else stored_features(decision.features)
         item.append(draft.p_no_offer)
         item.append(None if offer is None else [offer.expires_at, [list(r) for r in offer.reasons]])
         items.append(item)
@@ -109,6 +113,7 @@ def decode_drafts(blob: bytes, pseudonyms: Pseudonyms | None = None) -> list[Dec
 _DECISION_FIELDS = tuple(name for name in Decision.__dataclass_fields__ if name != "denied_by")
 """A draft's decision, field by field (``denied_by`` is always None in a draft)."""
 _FEATURES_AT = _DECISION_FIELDS.index("features")
+_decision_values = operator.attrgetter(*_DECISION_FIELDS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,10 +212,13 @@ class Outbox:
         self._release = client.register_script(_RELEASE)
 
     def write(
-        self, drafts: Sequence[DecisionDraft | None], marks: Sequence[tuple[str, int]]
+        self,
+        drafts: Sequence[DecisionDraft | None],
+        marks: Sequence[tuple[str, int]],
+        packed: Sequence[StoredFeatures | None] | None = None,
     ) -> OutboxWrite | None:
         """The next call's outbox section; None for a batch that covers no partition (it
-        could never be matched to a commit)."""
+        could never be matched to a commit). ``packed``: as ``encode_drafts`` takes it."""
         if not marks:
             return None
         self._sequence += 1
@@ -221,7 +229,7 @@ class Outbox:
         return OutboxWrite(
             entry_id=entry_id,
             coverage=orjson.dumps(coverage),
-            drafts=encode_drafts(drafts, self.pseudonyms),
+            drafts=encode_drafts(drafts, self.pseudonyms, packed),
             acked=acked,
         )
 

@@ -31,6 +31,7 @@ import orjson
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from engine.features.catalogue import StoredFeatures, stored_features
 from engine.labels import LabelEvent, LabelKind, PendingDecision
 from engine.ledger import (
     RATE_LIMITED,
@@ -130,6 +131,23 @@ def _pending_from_stored(
         converted_at=None if converted_at in (b"", "") else int(float(converted_at)),
     )
     return without_offer(decision) if raw[0] == _DENIED else decision
+
+
+def _packed_features(ops: Sequence[LedgerOp]) -> list[StoredFeatures | None]:
+    """Each decision's features packed (``stored_features``) once for its record and its
+    draft, and once for the decisions of one event (its campaigns share one vector)."""
+    by_vector: dict[int, StoredFeatures] = {}  # the vectors are alive while ``ops`` is
+    packed: list[StoredFeatures | None] = []
+    for op in ops:
+        if not isinstance(op, DecisionRequest):
+            packed.append(None)
+            continue
+        vector = op.decision.features
+        stored = by_vector.get(id(vector))
+        if stored is None:
+            stored = by_vector[id(vector)] = stored_features(vector)
+        packed.append(stored)
+    return packed
 
 
 def _optional_float(value: bytes | str) -> float | None:
@@ -268,11 +286,12 @@ class RedisLedger:
         self, ops: Sequence[LedgerOp], *, now_ms: int, lanes: Mapping[int, int] | None = None
     ) -> LedgerResult:
         features = self._features.take_staged() if self._features is not None else None
+        packed = _packed_features(ops)
         outbox = None
         if self._outbox is not None and features is not None:
             drafts = [op.draft if isinstance(op, DecisionRequest) else None for op in ops]
-            outbox = self._outbox.write(drafts, features.marks)
-        ledger = self._ledger_args(ops, now_ms, {0: now_ms} if lanes is None else lanes)
+            outbox = self._outbox.write(drafts, features.marks, packed)
+        ledger = self._ledger_args(ops, packed, now_ms, {0: now_ms} if lanes is None else lanes)
         try:
             reply = await self._call(features, ledger, outbox)
         except BaseException as exc:
@@ -299,7 +318,11 @@ class RedisLedger:
         return result
 
     def _ledger_args(
-        self, ops: Sequence[LedgerOp], now_ms: int, lanes: Mapping[int, int]
+        self,
+        ops: Sequence[LedgerOp],
+        packed: Sequence[StoredFeatures | None],
+        now_ms: int,
+        lanes: Mapping[int, int],
     ) -> list[Any]:
         """The script's ledger section: two arguments for the whole batch (``commit_batch.lua``
         says the layout): one argument per field cost redis-py more CPU to encode than the rest
@@ -308,11 +331,11 @@ class RedisLedger:
         pseudonym = self.pseudonyms.of
         fields: list[Any] = []
         records: list[bytes] = []
-        for op in ops:
+        for op, stored in zip(ops, packed, strict=True):
             if isinstance(op, DecisionRequest):
                 decision, limits = op.decision, op.offer
                 user = pseudonym(decision.user_id)
-                record = decision.compact_json()
+                record = decision.compact_json(stored)
                 records.append(record)
                 if limits is None:
                     offer: tuple[int, ...] = _NO_OFFER

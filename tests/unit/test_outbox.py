@@ -16,6 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from engine.decisions import DecisionDraft
+from engine.features.catalogue import stored_features
 from engine.features.store import InMemoryFeatureStore
 from engine.ledger import DecisionRequest, InMemoryLedger, LedgerOp, LedgerResult
 from engine.pipeline import BatchResult, DiscountEngine, EngineConfig, Incoming
@@ -140,6 +141,11 @@ async def test_drafts_round_trip_exactly() -> None:
     drafts = [d for call in ledger.calls for d in call.drafts]
     assert any(d is None for d in drafts) and any(d and d.offer for d in drafts)
     assert decode_drafts(encode_drafts(drafts)) == drafts
+    # features the ledger packed already are taken as they are
+    packed = [stored_features(d.decision.features) if d else None for d in drafts]
+    assert encode_drafts(drafts, packed=packed) == encode_drafts(drafts)
+    first = [next(d for d in drafts if d)]
+    assert encode_drafts(first, packed=["taken as given"]) != encode_drafts(first)
     # the compact form (features packed by catalogue position, the offer as its expiry and
     # reasons) keeps a feature vector that is not the catalogue's whole
     draft = next(d for d in drafts if d and d.offer)
