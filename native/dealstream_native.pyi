@@ -72,6 +72,9 @@ class LinearTerms:
     def products(
         self, values: Sequence[float], start: int, total: float
     ) -> tuple[list[float], float]: ...
+    def discount_total(
+        self, interacting: Sequence[float], discount_pct: float, start: int, total: float
+    ) -> float: ...
 
 class TermNames:
     """The model's input names, held once (``native/src/logistic.rs``): ranks a score's terms."""

@@ -139,6 +139,12 @@ def base_inputs(features: Mapping[str, float]) -> list[float]:
     return values
 
 
+def interacting_inputs(base: list[float]) -> list[float]:
+    """The base inputs the discount interacts with, in ``INTERACTIONS`` order (what
+    ``discount_inputs`` multiplies by the discount)."""
+    return [base[i] for i in _INTERACTION_SLOTS]
+
+
 def discount_inputs(base: list[float], discount_pct: float) -> list[float]:
     """``discount`` and its interactions, in ``INPUT_NAMES`` order after the base inputs."""
     x = discount_pct / 100.0

@@ -23,7 +23,13 @@ from typing import Protocol
 
 from dealstream_native import LinearTerms, TermNames
 
-from engine.model.inputs import DISCOUNT_SLOT, INPUT_NAMES, base_inputs, discount_inputs
+from engine.model.inputs import (
+    DISCOUNT_SLOT,
+    INPUT_NAMES,
+    base_inputs,
+    discount_inputs,
+    interacting_inputs,
+)
 
 _TERM_NAMES = TermNames(INPUT_NAMES)
 
@@ -66,11 +72,12 @@ class Scorer:
     the model as it learns).
     """
 
-    __slots__ = ("_base", "_model", "_partial", "_products", "_terms")
+    __slots__ = ("_base", "_interacting", "_model", "_partial", "_products", "_terms")
 
     def __init__(self, model: ScoredModel, features: Mapping[str, float]) -> None:
         self._model = model
         self._base = base_inputs(features)
+        self._interacting = interacting_inputs(self._base)
         self._terms: LinearTerms | None = None
         self._products: list[float] = []
         self._partial = 0.0
@@ -88,7 +95,7 @@ class Scorer:
 
     def __call__(self, discount_pct: float) -> float:
         terms = self._prepare()
-        total = terms.total(discount_inputs(self._base, discount_pct), DISCOUNT_SLOT, self._partial)
+        total = terms.discount_total(self._interacting, discount_pct, DISCOUNT_SLOT, self._partial)
         return sigmoid(total + terms.intercept)
 
     def contributions(self, discount_pct: float, top: int = 3) -> list[tuple[str, float]]:

@@ -103,7 +103,12 @@ class ProfitPolicy(Policy):
     def greedy_index(self, margins: Sequence[float]) -> int:
         """The ladder index with the highest margin; ties go to the smaller discount."""
         levels = self.ladder
-        return max(range(len(levels)), key=lambda i: (round(margins[i], 9), -levels[i]))
+        best, best_key = 0, (round(margins[0], 9), -levels[0])
+        for index in range(1, len(levels)):
+            key = (round(margins[index], 9), -levels[index])
+            if key > best_key:
+                best, best_key = index, key
+        return best
 
     def probabilities(self, margins: Sequence[float], greedy: int) -> list[float]:
         """Each level's probability of being chosen, given the expected margins."""

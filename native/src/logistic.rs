@@ -103,6 +103,26 @@ impl LinearTerms {
         Ok((products, total))
     }
 
+    /// `total` plus the terms of the discount inputs at `discount_pct` (inputs `start`,
+    /// `start + 1, ...`): `x = discount_pct / 100` and `x * value` for each of `interacting`,
+    /// the base inputs the discount interacts with. `total` of `discount_inputs` in one call,
+    /// with the same operations in the same order.
+    fn discount_total(
+        &self,
+        interacting: Vec<f64>,
+        discount_pct: f64,
+        start: usize,
+        total: f64,
+    ) -> PyResult<f64> {
+        self.check(start, interacting.len() + 1)?;
+        let x = discount_pct / 100.0;
+        let mut total = total + self.term(start, x);
+        for (offset, value) in interacting.into_iter().enumerate() {
+            total += self.term(start + 1 + offset, x * value);
+        }
+        Ok(total)
+    }
+
     #[getter]
     fn weights<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
         PyTuple::new(py, &self.weights)
