@@ -83,6 +83,25 @@ class TermNames:
     def top(self, products: Sequence[float], top: int) -> list[tuple[str, float]]:
         """The ``top`` largest terms by magnitude, then name, each ``(name, round(term, 6))``."""
 
+class InputPlan:
+    """The purchase model's input row from a feature vector (``native/src/inputs.rs``;
+    ``engine/model/inputs.py`` says what each input is)."""
+
+    def __init__(
+        self,
+        *,
+        days: str,
+        days_max: float,
+        rates: Sequence[str],
+        logs: Sequence[str],
+        ratios: Sequence[tuple[str, str]],
+        plain: Sequence[str],
+        scaled: Sequence[tuple[str, float]],
+        interactions: Sequence[int],
+    ) -> None: ...
+    def base(self, features: dict[str, float]) -> list[float]: ...
+    def row(self, features: dict[str, float], discount_pct: float) -> list[float]: ...
+
 class LogisticStep:
     """River's ``StandardScaler | LogisticRegression`` learning step (``engine/model/
     logistic.py`` says which operations, in which order)."""

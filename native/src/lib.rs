@@ -10,6 +10,7 @@
 //! is defined in one place.
 //!
 //! `logistic` holds the purchase model's arithmetic (River's learning step and linear score);
+//! `inputs` builds its input row from a feature vector;
 //! `values` packs a feature vector into the short text pending decisions and outbox entries
 //! keep in Redis;
 //! `partition` is Kafka's default partitioner;
@@ -17,6 +18,7 @@
 
 mod context;
 mod hashing;
+mod inputs;
 mod logistic;
 mod partition;
 mod record;
@@ -506,6 +508,7 @@ fn dealstream_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<logistic::LinearTerms>()?;
     module.add_class::<logistic::LogisticStep>()?;
     module.add_class::<logistic::TermNames>()?;
+    module.add_class::<inputs::InputPlan>()?;
     module.add_function(wrap_pyfunction!(partition::default_partition, module)?)?;
     module.add_function(wrap_pyfunction!(hashing::stable_id, module)?)?;
     module.add_function(wrap_pyfunction!(hashing::unit_hash, module)?)?;
