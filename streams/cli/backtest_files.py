@@ -30,6 +30,9 @@ from engine.pipeline import EngineConfig
 from streams.errors import StreamsError
 
 PROGRESS_EVERY = 250_000
+LOG_BUFFER_BYTES = 1 << 20
+"""Buffer of the decision logs: a decision line is 1-2 KB, so the default 8 KiB buffer made
+a write system call every few decisions (1.6 us a line, against 0.35 with this one)."""
 
 
 class BacktestInputError(StreamsError):
@@ -95,7 +98,7 @@ def run_backtest_command(
         raise BacktestInputError(str(exc)) from None
     partial = out_dir / "decisions.jsonl.partial"
     started = time.perf_counter()
-    with run, partial.open("wb") as decisions_out:
+    with run, partial.open("wb", buffering=LOG_BUFFER_BYTES) as decisions_out:
         events = _progress(run.events(), started)
         result = run_backtest(
             events,
@@ -115,9 +118,9 @@ def run_backtest_command(
         )
     log_path = out_dir / "decisions.jsonl"
     with (
-        partial.open("rb") as source,
-        log_path.open("wb") as labelled,
-        (out_dir / "pending_decisions.jsonl").open("wb") as pending,
+        partial.open("rb", buffering=LOG_BUFFER_BYTES) as source,
+        log_path.open("wb", buffering=LOG_BUFFER_BYTES) as labelled,
+        (out_dir / "pending_decisions.jsonl").open("wb", buffering=LOG_BUFFER_BYTES) as pending,
     ):
         finalize_decision_lines(source, result.rewards, labelled, pending)
     partial.unlink()
