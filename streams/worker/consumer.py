@@ -76,6 +76,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+import operator
 import os
 from collections import Counter
 from collections.abc import (
@@ -146,15 +147,16 @@ def raw_record(record: Any, partitions: int | None = None) -> RawRecord:
     partitions its topic has (``decode_record`` checks the record is on its key's partition)."""
     timestamp = record.timestamp
     headers = record.headers  # most records have none: no generator for them
+    # Positional: built for every record, and a named tuple's keywords cost more.
     return RawRecord(
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        key=record.key,
-        value=record.value,
-        timestamp_ms=timestamp if timestamp is not None and timestamp > 0 else None,
-        headers=tuple((str(k), bytes(v or b"")) for k, v in headers) if headers else (),
-        partitions=partitions,
+        record.topic,
+        record.partition,
+        record.offset,
+        record.key,
+        record.value,
+        timestamp if timestamp is not None and timestamp > 0 else None,
+        tuple((str(k), bytes(v or b"")) for k, v in headers) if headers else (),
+        partitions,
     )
 
 
@@ -168,6 +170,10 @@ def _raw(consumer: AIOKafkaConsumer, batch: Iterable[Any]) -> list[RawRecord]:
             counts[topic] = len(consumer.partitions_for_topic(topic) or ()) or None
         records.append(raw_record(record, counts[topic]))
     return records
+
+
+_partition_of = operator.attrgetter("topic", "partition")
+"""A fetched record's (topic, partition)."""
 
 
 def exit_worker(exc: BaseException) -> None:
@@ -333,7 +339,7 @@ class EventConsumer(Service):
                     batches = [[]]  # nothing fetched: what became releasable still goes
                 lagging = await self._lagging(consumer) if batches else frozenset()
                 # Records fetched but not handed over yet: their partitions lag too.
-                unhanded = Counter((r.topic, r.partition) for batch in batches for r in batch)
+                unhanded = Counter(map(_partition_of, itertools.chain.from_iterable(batches)))
                 upcoming: list[RawRecord] | None = None
                 for index, batch in enumerate(batches):
                     async with self._in_flight:
@@ -344,7 +350,7 @@ class EventConsumer(Service):
                             # owns the partitions now (this worker too).
                             await self._unread(consumer, itertools.chain(*batches[index:]))
                             break
-                        unhanded.subtract((r.topic, r.partition) for r in batch)
+                        unhanded.subtract(map(_partition_of, batch))
                         behind = lagging | {key for key, n in unhanded.items() if n > 0}
                         records = upcoming if upcoming is not None else _raw(consumer, batch)
                         upcoming = None
@@ -368,14 +374,16 @@ class EventConsumer(Service):
         # A rebalance may have revoked partitions between the fetch and now: their records
         # belong to whoever owns them next.
         assigned = consumer.assignment()
+        owned = {(tp.topic, tp.partition): tp for tp in assigned}
         kept: list[RawRecord] = []
+        commit_to, handed_to = self._commit_to, self._handed_to
         for record in batch:
-            tp = TopicPartition(record.topic, record.partition)
-            if tp not in assigned:
+            tp = owned.get(record[:2])  # (topic, partition)
+            if tp is None:
                 continue
             kept.append(record)
-            self._commit_to.setdefault(tp, record.offset)
-            self._handed_to[tp] = record.offset + 1
+            commit_to.setdefault(tp, record.offset)
+            handed_to[tp] = record.offset + 1
         # The batch object itself when nothing was left out: what ``prepare`` was told of.
         records = batch if len(kept) == len(batch) else kept
         if not records and self.held is None:
