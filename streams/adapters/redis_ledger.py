@@ -133,21 +133,30 @@ def _pending_from_stored(
     return without_offer(decision) if raw[0] == _DENIED else decision
 
 
-def _packed_features(ops: Sequence[LedgerOp]) -> list[StoredFeatures | None]:
-    """Each decision's features packed (``stored_features``) once for its record and its
-    draft, and once for the decisions of one event (its campaigns share one vector)."""
+def _packed_features(
+    ops: Sequence[LedgerOp],
+) -> tuple[list[StoredFeatures | None], list[StoredFeatures | None]]:
+    """Each decision's features packed (``stored_features``) for its pending record and for
+    its draft, once per vector: a decision's record and draft share one, and so do the
+    decisions of one event (its campaigns)."""
     by_vector: dict[int, StoredFeatures] = {}  # the vectors are alive while ``ops`` is
-    packed: list[StoredFeatures | None] = []
-    for op in ops:
-        if not isinstance(op, DecisionRequest):
-            packed.append(None)
-            continue
-        vector = op.decision.features
+
+    def pack(vector: Mapping[str, float]) -> StoredFeatures:
         stored = by_vector.get(id(vector))
         if stored is None:
             stored = by_vector[id(vector)] = stored_features(vector)
-        packed.append(stored)
-    return packed
+        return stored
+
+    records: list[StoredFeatures | None] = []
+    drafts: list[StoredFeatures | None] = []
+    for op in ops:
+        if isinstance(op, DecisionRequest):
+            records.append(pack(op.decision.features))
+            drafts.append(None if op.draft is None else pack(op.draft.decision.features))
+        else:
+            records.append(None)
+            drafts.append(None)
+    return records, drafts
 
 
 def _optional_float(value: bytes | str) -> float | None:
@@ -286,11 +295,11 @@ class RedisLedger:
         self, ops: Sequence[LedgerOp], *, now_ms: int, lanes: Mapping[int, int] | None = None
     ) -> LedgerResult:
         features = self._features.take_staged() if self._features is not None else None
-        packed = _packed_features(ops)
+        packed, packed_drafts = _packed_features(ops)
         outbox = None
         if self._outbox is not None and features is not None:
             drafts = [op.draft if isinstance(op, DecisionRequest) else None for op in ops]
-            outbox = self._outbox.write(drafts, features.marks, packed)
+            outbox = self._outbox.write(drafts, features.marks, packed_drafts)
         ledger = self._ledger_args(ops, packed, now_ms, {0: now_ms} if lanes is None else lanes)
         try:
             reply = await self._call(features, ledger, outbox)

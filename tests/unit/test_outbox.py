@@ -23,6 +23,7 @@ from engine.pipeline import BatchResult, DiscountEngine, EngineConfig, Incoming
 from engine.stop_loss import StopLossStatus
 from streams.adapters.outbox import Outbox, decode_drafts, encode_drafts, entry_order, parse_entry
 from streams.adapters.pseudonyms import Pseudonyms
+from streams.adapters.redis_ledger import _packed_features
 from streams.errors import StreamsError
 from tests.unit.test_engine_golden import campaigns, golden_input
 
@@ -31,6 +32,7 @@ from tests.unit.test_engine_golden import campaigns, golden_input
 class Settled:
     drafts: list[DecisionDraft | None]
     result: LedgerResult
+    ops: list[LedgerOp]
 
 
 class RecordingLedger:
@@ -46,7 +48,7 @@ class RecordingLedger:
     ) -> LedgerResult:
         result = await self.inner.settle(ops, now_ms=now_ms, lanes=lanes)
         drafts = [op.draft if isinstance(op, DecisionRequest) else None for op in ops]
-        self.calls.append(Settled(drafts, result))
+        self.calls.append(Settled(drafts, result, list(ops)))
         return result
 
     def settle_due(self, lane: int, now_ms: int) -> bool:
@@ -156,6 +158,42 @@ async def test_drafts_round_trip_exactly() -> None:
     assert decode_drafts(encode_drafts([odd])) == [odd]
     whole = orjson.dumps([draft.decision.to_message(), draft.offer.to_message()])
     assert len(encode_drafts([draft])) < len(whole) / 2
+
+
+async def test_the_redis_ledger_packs_each_feature_vector_once() -> None:
+    """A decision's pending record and its draft get the features ``stored_features`` gives,
+    packed once: the record and the draft share one packing, and so do the campaigns of one
+    event; a draft with a vector of its own gets its own."""
+    engine, ledger = live_engine()
+    stream = golden_input()
+    await engine.process([Incoming(e, p) for e, p in stream[:3000]])
+    ops = [op for call in ledger.calls for op in call.ops]
+    records, drafts = _packed_features(ops)
+    requests = 0
+    for op, record, draft in zip(ops, records, drafts, strict=True):
+        if not isinstance(op, DecisionRequest):
+            assert record is None and draft is None
+            continue
+        requests += 1
+        assert record == stored_features(op.decision.features)
+        assert draft is record
+    assert requests > 100
+    by_vector: dict[int, list[object]] = {}
+    for op, record in zip(ops, records, strict=True):
+        if isinstance(op, DecisionRequest):
+            by_vector.setdefault(id(op.decision.features), []).append(record)
+    shared = [packed for packed in by_vector.values() if len(packed) > 1]
+    assert shared and all(all(p is packed[0] for p in packed) for packed in shared)
+    request = next(op for op in ops if isinstance(op, DecisionRequest) and op.draft is not None)
+    assert request.draft is not None
+    own = {"only_this": 1.5}
+    apart = replace(
+        request,
+        draft=replace(request.draft, decision=replace(request.draft.decision, features=own)),
+    )
+    (record,), (draft,) = _packed_features([apart])
+    assert record == stored_features(request.decision.features)
+    assert draft == stored_features(own)
 
 
 async def test_a_denied_draft_publishes_no_offer_and_says_which_guardrail() -> None:
