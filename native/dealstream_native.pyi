@@ -75,6 +75,9 @@ class LinearTerms:
     def discount_total(
         self, interacting: Sequence[float], discount_pct: float, start: int, total: float
     ) -> float: ...
+    def discount_products(
+        self, interacting: Sequence[float], discount_pct: float, start: int, total: float
+    ) -> tuple[list[float], float]: ...
 
 class TermNames:
     """The model's input names, held once (``native/src/logistic.rs``): ranks a score's terms."""

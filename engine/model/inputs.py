@@ -8,10 +8,11 @@ as log1p. The discount enters as the fraction x = d/100 and as x times every beh
 input, so the model can learn for whom a discount changes the purchase probability (an
 S-learner with interactions, ``INTERACTIONS``), not only whether it does on average.
 
-``base_inputs`` (the behavioural inputs) and ``discount_inputs`` (the discount and its
-interactions) are the one implementation of the transform: ``input_row`` (the list the model
-learns from), ``model_inputs`` (the same row as River's dict) and
-``engine.model.scoring.Scorer`` (with which the model predicts and explains) build on them.
+The transform has one implementation, compiled (``InputPlan``, ``native/src/inputs.rs``, with
+the discount's inputs in one helper there that ``LinearTerms`` uses too): ``base_inputs`` (the
+behavioural inputs), ``input_row`` (the list the model learns from), ``model_inputs`` (the
+same row as River's dict) and ``engine.model.scoring.Scorer`` (with which the model predicts
+and explains) build on it.
 """
 
 from __future__ import annotations
@@ -109,11 +110,6 @@ DISCOUNT_SLOT = len(BEHAVIOUR_INPUTS)
 _INTERACTION_SLOTS: tuple[int, ...] = tuple(BEHAVIOUR_INPUTS.index(n) for n in INTERACTIONS)
 
 
-_RATE_FEATURES: tuple[str, ...] = tuple(feature for _, feature in _RATE_INPUTS)
-_RATIO_FEATURES: tuple[tuple[str, str], ...] = tuple((n, d) for _, n, d in _RATIO_INPUTS)
-_SCALED_FEATURES: tuple[tuple[str, float], ...] = tuple((f, d) for _, f, d in _SCALED_INPUTS)
-
-
 _PLAN = InputPlan(
     days="days_since_first_seen",
     days_max=OBSERVED_DAYS_MAX,
@@ -138,22 +134,15 @@ def base_inputs(features: Mapping[str, float]) -> list[float]:
 
 
 def interacting_inputs(base: list[float]) -> list[float]:
-    """The base inputs the discount interacts with, in ``INTERACTIONS`` order (what
-    ``discount_inputs`` multiplies by the discount)."""
+    """The base inputs the discount interacts with, in ``INTERACTIONS`` order (what the
+    discount's inputs multiply by it: ``LinearTerms.discount_total``)."""
     return [base[i] for i in _INTERACTION_SLOTS]
-
-
-def discount_inputs(base: list[float], discount_pct: float) -> list[float]:
-    """``discount`` and its interactions, in ``INPUT_NAMES`` order after the base inputs."""
-    x = discount_pct / 100.0
-    row = [x * base[i] for i in _INTERACTION_SLOTS]
-    row.insert(0, x)
-    return row
 
 
 def input_row(features: Mapping[str, float], discount_pct: float) -> list[float]:
     """The model's input row as a list, in ``INPUT_NAMES`` order (what the model learns from):
-    ``base_inputs`` then ``discount_inputs``, in one compiled call."""
+    ``base_inputs``, then the discount as x = d/100 and x times each of ``INTERACTIONS``, in
+    one compiled call."""
     return _PLAN.row(features if isinstance(features, dict) else dict(features), discount_pct)
 
 

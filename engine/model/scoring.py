@@ -27,7 +27,6 @@ from engine.model.inputs import (
     DISCOUNT_SLOT,
     INPUT_NAMES,
     base_inputs,
-    discount_inputs,
     interacting_inputs,
 )
 
@@ -101,8 +100,8 @@ class Scorer:
     def contributions(self, discount_pct: float, top: int = 3) -> list[tuple[str, float]]:
         """The largest terms w_i * x_i of the linear score (x after scaling), by magnitude."""
         terms = self._prepare()
-        discount, _ = terms.products(
-            discount_inputs(self._base, discount_pct), DISCOUNT_SLOT, self._partial
+        discount, _ = terms.discount_products(
+            self._interacting, discount_pct, DISCOUNT_SLOT, self._partial
         )
         return top_terms(self._products + discount, top)
 

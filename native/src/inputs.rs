@@ -42,6 +42,20 @@ fn log1p_of_positive(value: f64) -> f64 {
     }
 }
 
+/// The discount's inputs at `discount_pct`, in the model's order: `x = discount_pct / 100`,
+/// then `x * value` for each input it interacts with (`interacting`, in `INTERACTIONS` order).
+/// The one spelling of them: the row the model learns from and the scorer's terms use it.
+pub(crate) fn discount_inputs(
+    discount_pct: f64,
+    interacting: impl ExactSizeIterator<Item = f64>,
+) -> Vec<f64> {
+    let x = discount_pct / 100.0;
+    let mut values = Vec::with_capacity(1 + interacting.len());
+    values.push(x);
+    values.extend(interacting.map(|value| x * value));
+    values
+}
+
 /// Which features make which inputs, with the names held as Python strings (the catalogue's
 /// dicts share them, so a lookup mostly compares pointers).
 #[pyclass(frozen, module = "dealstream_native")]
@@ -147,11 +161,8 @@ impl InputPlan {
     /// its products with the interacting inputs.
     fn row(&self, features: &Bound<'_, PyDict>, discount_pct: f64) -> PyResult<Vec<f64>> {
         let mut row = self.base_of(features, 1 + self.interactions.len())?;
-        let x = discount_pct / 100.0;
-        row.push(x);
-        for &slot in &self.interactions {
-            row.push(x * row[slot]);
-        }
+        let discount = discount_inputs(discount_pct, self.interactions.iter().map(|&i| row[i]));
+        row.extend(discount);
         Ok(row)
     }
 }

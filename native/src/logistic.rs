@@ -16,6 +16,8 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyString, PyTuple};
 
+use crate::inputs::discount_inputs;
+
 /// `var ** 0.5` as CPython computes it: the C library's `pow`. LLVM would turn a visible
 /// `pow(x, 0.5)` into `sqrt(x)`, which can differ in the last bit.
 #[inline]
@@ -103,10 +105,8 @@ impl LinearTerms {
         Ok((products, total))
     }
 
-    /// `total` plus the terms of the discount inputs at `discount_pct` (inputs `start`,
-    /// `start + 1, ...`): `x = discount_pct / 100` and `x * value` for each of `interacting`,
-    /// the base inputs the discount interacts with. `total` of `discount_inputs` in one call,
-    /// with the same operations in the same order.
+    /// `total` plus the terms of the discount's inputs at `discount_pct` (inputs `start`,
+    /// `start + 1, ...`; `interacting`: the base inputs the discount interacts with).
     fn discount_total(
         &self,
         interacting: Vec<f64>,
@@ -114,13 +114,26 @@ impl LinearTerms {
         start: usize,
         total: f64,
     ) -> PyResult<f64> {
-        self.check(start, interacting.len() + 1)?;
-        let x = discount_pct / 100.0;
-        let mut total = total + self.term(start, x);
-        for (offset, value) in interacting.into_iter().enumerate() {
-            total += self.term(start + 1 + offset, x * value);
-        }
-        Ok(total)
+        self.total(
+            discount_inputs(discount_pct, interacting.into_iter()),
+            start,
+            total,
+        )
+    }
+
+    /// `products` of the discount's inputs at `discount_pct` (as `discount_total` takes them).
+    fn discount_products(
+        &self,
+        interacting: Vec<f64>,
+        discount_pct: f64,
+        start: usize,
+        total: f64,
+    ) -> PyResult<(Vec<f64>, f64)> {
+        self.products(
+            discount_inputs(discount_pct, interacting.into_iter()),
+            start,
+            total,
+        )
     }
 
     #[getter]
